@@ -1,0 +1,361 @@
+//! What the loader hands the core, and the core's entry point ABI.
+//!
+//! The loader (`efi-app`) reserves one block of memory, loads the core's ELF
+//! into it, writes a [`Handoff`] there and calls the entry point:
+//!
+//! ```text
+//! extern "sysv64" fn thinhv_core_entry(op: u64, a0: u64, a1: u64, a2: u64) -> u64
+//! ```
+//!
+//! * [`CORE_OP_INIT`] (`a0` = physical address of the `Handoff`): global
+//!   set-up, once, on the bootstrap processor, before any CPU is virtualized.
+//! * [`CORE_OP_VIRTUALIZE`] (`a0` = CPU index, `a1` = resume RIP, `a2` =
+//!   resume RSP): virtualize the calling CPU. On success the call does not
+//!   return: the CPU continues **in guest mode** at `a1` with RSP = `a2` and
+//!   RAX = 0, so `a1` must be loader code (the core is invisible to the
+//!   guest). On failure it returns a nonzero [`CoreError`].
+//!
+//! Everything is identity-mapped: physical addresses are usable as pointers
+//! by both sides while the firmware's page tables are active.
+
+use crate::PhysRange;
+
+/// [`Handoff::magic`].
+pub const HANDOFF_MAGIC: u64 = u64::from_le_bytes(*b"THINHVHO");
+/// Most processors thinhv manages.
+pub const MAX_CPUS: usize = 256;
+/// Most RAM ranges passed to the core.
+pub const MAX_RAM_RANGES: usize = 128;
+/// Most read-only ranges of the core image covered by the integrity CRC.
+pub const MAX_RO_RANGES: usize = 4;
+
+/// Entry operation: global initialization.
+pub const CORE_OP_INIT: u64 = 1;
+/// Entry operation: virtualize this CPU.
+pub const CORE_OP_VIRTUALIZE: u64 = 2;
+
+/// Name of the core's entry symbol.
+pub const CORE_ENTRY_SYMBOL: &str = "thinhv_core_entry";
+
+/// Error returned by the core entry point. Zero is success.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CoreError(pub u64);
+
+impl CoreError {
+    /// Success.
+    pub const OK: Self = Self(0);
+    /// The hand-off is malformed (magic, version, size or ranges).
+    pub const BAD_HANDOFF: Self = Self(1);
+    /// The operation is unknown.
+    pub const BAD_OP: Self = Self(2);
+    /// CPU index out of range or CPU already virtualized.
+    pub const BAD_CPU: Self = Self(3);
+    /// `CORE_OP_VIRTUALIZE` before `CORE_OP_INIT`.
+    pub const NOT_INITIALIZED: Self = Self(4);
+    /// The reserved memory is too small.
+    pub const OUT_OF_MEMORY: Self = Self(5);
+    /// The processor refused to enable virtualization (EFER.SVME, VMXON).
+    pub const ENABLE_FAILED: Self = Self(6);
+    /// The CPU lacks a required feature.
+    pub const UNSUPPORTED_CPU: Self = Self(7);
+    /// Refused on purpose (`[debug] fail_cpu`, used by tests).
+    pub const INJECTED_FAILURE: Self = Self(8);
+    /// The first VM entry failed.
+    pub const ENTRY_FAILED: Self = Self(9);
+
+    /// Human-readable text.
+    pub const fn describe(self) -> &'static str {
+        match self.0 {
+            0 => "success",
+            1 => "malformed hand-off from the loader",
+            2 => "unknown core operation",
+            3 => "bad or duplicate CPU index",
+            4 => "core not initialized",
+            5 => "reserved memory too small",
+            6 => "the processor refused to enable virtualization",
+            7 => "processor lacks a required feature",
+            8 => "failure injected by [debug] fail_cpu",
+            9 => "the first VM entry failed",
+            _ => "unknown core error",
+        }
+    }
+}
+
+/// Settings the core needs from `thinhv.toml`.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    zerocopy::FromBytes,
+    zerocopy::IntoBytes,
+    zerocopy::Immutable,
+    zerocopy::KnownLayout,
+)]
+#[repr(C)]
+pub struct CoreConfig {
+    /// 0 off, 1 error, 2 warn, 3 info, 4 debug, 5 trace (0x00).
+    pub log_level: u8,
+    /// Nonzero: do not announce the hypervisor through CPUID (0x01).
+    pub hide_hypervisor: u8,
+    /// What a fatal error in the core does: [`ON_FATAL_HALT`] or
+    /// [`ON_FATAL_RESET`] (0x02).
+    pub on_fatal: u8,
+    /// Reserved (0x03).
+    pub reserved0: u8,
+    /// I/O port of the 16550 serial log, 0 for none (0x04).
+    pub serial_port: u16,
+    /// Reserved (0x06).
+    pub reserved1: u16,
+    /// For tests: CPU index on which `CORE_OP_VIRTUALIZE` fails on purpose,
+    /// `u32::MAX` for none (0x08).
+    pub debug_fail_cpu: u32,
+    /// Reserved (0x0C).
+    pub reserved2: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<CoreConfig>() == 16);
+
+/// [`CoreConfig::on_fatal`]: stop the CPU (print and halt).
+pub const ON_FATAL_HALT: u8 = 0;
+/// [`CoreConfig::on_fatal`]: print, then reset the platform.
+pub const ON_FATAL_RESET: u8 = 1;
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        Self {
+            log_level: 3,
+            hide_hypervisor: 0,
+            on_fatal: ON_FATAL_HALT,
+            reserved0: 0,
+            serial_port: 0x3f8,
+            reserved1: 0,
+            debug_fail_cpu: u32::MAX,
+            reserved2: 0,
+        }
+    }
+}
+
+/// One processor as the firmware reported it.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    zerocopy::FromBytes,
+    zerocopy::IntoBytes,
+    zerocopy::Immutable,
+    zerocopy::KnownLayout,
+)]
+#[repr(C)]
+pub struct CpuInfo {
+    /// Local APIC ID.
+    pub apic_id: u32,
+    /// Bit 0: bootstrap processor.
+    pub flags: u32,
+}
+
+/// [`CpuInfo::flags`]: the bootstrap processor.
+pub const CPU_FLAG_BSP: u32 = 1;
+
+/// CPU features the loader found ([`Handoff::features`]).
+pub mod features {
+    /// SVM: next-RIP saved on #VMEXIT.
+    pub const NRIP_SAVE: u32 = 1 << 0;
+    /// SVM: decode assists.
+    pub const DECODE_ASSISTS: u32 = 1 << 1;
+    /// 1 GiB pages (host and second level).
+    pub const PAGE_1G: u32 = 1 << 2;
+    /// No-execute.
+    pub const NX: u32 = 1 << 3;
+    /// SVM: flush by ASID.
+    pub const FLUSH_BY_ASID: u32 = 1 << 4;
+    /// x2APIC present.
+    pub const X2APIC: u32 = 1 << 5;
+}
+
+/// The hand-off block. Lives in the protected region; the core copies it
+/// during [`CORE_OP_INIT`].
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    zerocopy::FromBytes,
+    zerocopy::IntoBytes,
+    zerocopy::Immutable,
+    zerocopy::KnownLayout,
+)]
+#[repr(C)]
+pub struct Handoff {
+    /// [`HANDOFF_MAGIC`].
+    pub magic: u64,
+    /// [`crate::ABI_VERSION`].
+    pub abi_version: u32,
+    /// `size_of::<Handoff>()`.
+    pub size: u32,
+    /// Everything reserved from the OS: `protected` followed by `status`.
+    pub region: PhysRange,
+    /// The part the guest can neither read nor write.
+    pub protected: PhysRange,
+    /// The read-only status page (see [`crate::status`]).
+    pub status: PhysRange,
+    /// Where the core's image was loaded (inside `protected`).
+    pub image: PhysRange,
+    /// Free part of `protected` the core carves its structures from.
+    pub pool: PhysRange,
+    /// Read-only parts of the loaded image (after relocation), covered by
+    /// `ro_crc`.
+    pub ro_ranges: [PhysRange; MAX_RO_RANGES],
+    /// Number of valid `ro_ranges`.
+    pub ro_count: u32,
+    /// CRC-32 (IEEE) over the `ro_ranges`, in order.
+    pub ro_crc: u32,
+    /// 1 = AMD SVM, 2 = Intel VMX.
+    pub vendor: u32,
+    /// Number of valid `cpus`.
+    pub cpu_count: u32,
+    /// Processors in the firmware's numbering (index = MP services number).
+    pub cpus: [CpuInfo; MAX_CPUS],
+    /// Number of valid `ram`.
+    pub ram_count: u32,
+    /// [`features`] bits.
+    pub features: u32,
+    /// RAM ranges from the firmware memory map (sorted, merged): hypercall
+    /// buffers must lie inside one of them.
+    pub ram: [PhysRange; MAX_RAM_RANGES],
+    /// Highest address (exclusive) the firmware memory map describes.
+    pub phys_top: u64,
+    /// Physical address width (CPUID 0x8000_0008 EAX[7:0]).
+    pub phys_addr_bits: u32,
+    /// Reserved.
+    pub reserved: u32,
+    /// Settings.
+    pub config: CoreConfig,
+}
+
+impl Handoff {
+    /// A zeroed hand-off with magic, version and size filled in.
+    pub fn new() -> Self {
+        let mut h: Self = zerocopy::FromZeros::new_zeroed();
+        h.magic = HANDOFF_MAGIC;
+        h.abi_version = crate::ABI_VERSION;
+        h.size = u32::try_from(core::mem::size_of::<Self>()).unwrap_or(u32::MAX);
+        h.config = CoreConfig::default();
+        h
+    }
+
+    /// The valid CPU entries.
+    pub fn cpus(&self) -> &[CpuInfo] {
+        &self.cpus[..(self.cpu_count as usize).min(MAX_CPUS)]
+    }
+
+    /// The valid RAM ranges.
+    pub fn ram(&self) -> &[PhysRange] {
+        &self.ram[..(self.ram_count as usize).min(MAX_RAM_RANGES)]
+    }
+
+    /// The valid read-only ranges.
+    pub fn ro_ranges(&self) -> &[PhysRange] {
+        &self.ro_ranges[..(self.ro_count as usize).min(MAX_RO_RANGES)]
+    }
+
+    /// Checks what the core relies on before trusting the rest.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        if self.magic != HANDOFF_MAGIC {
+            return Err("bad magic");
+        }
+        if self.abi_version != crate::ABI_VERSION {
+            return Err("ABI version mismatch between loader and core");
+        }
+        if self.size as usize != core::mem::size_of::<Self>() {
+            return Err("hand-off size mismatch");
+        }
+        if self.cpu_count == 0 || self.cpu_count as usize > MAX_CPUS {
+            return Err("CPU count out of range");
+        }
+        if self.ram_count as usize > MAX_RAM_RANGES || self.ro_count as usize > MAX_RO_RANGES {
+            return Err("range count out of range");
+        }
+        let p = self.protected;
+        if p.is_empty() || p.base % 4096 != 0 || p.size % 4096 != 0 {
+            return Err("protected region not page-aligned");
+        }
+        if self.status.base % 4096 != 0 || self.status.size % 4096 != 0 || self.status.is_empty() {
+            return Err("status page not page-aligned");
+        }
+        if p.overlaps(self.status.base, self.status.size) {
+            return Err("status page overlaps the protected region");
+        }
+        for r in [self.image, self.pool] {
+            if !p.encloses(r.base, r.size) {
+                return Err("image or pool outside the protected region");
+            }
+        }
+        if self.image.overlaps(self.pool.base, self.pool.size) {
+            return Err("pool overlaps the image");
+        }
+        for r in self.ro_ranges() {
+            if !self.image.encloses(r.base, r.size) {
+                return Err("read-only range outside the image");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Default for Handoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> Handoff {
+        let mut h = Handoff::new();
+        h.protected = PhysRange::new(0x100_0000, 0x40_0000);
+        h.status = PhysRange::new(0x140_0000, 0x1_1000);
+        h.region = PhysRange::new(0x100_0000, 0x41_1000);
+        h.image = PhysRange::new(0x100_0000, 0x10_0000);
+        h.pool = PhysRange::new(0x110_0000, 0x30_0000);
+        h.ro_ranges[0] = PhysRange::new(0x100_0000, 0x8000);
+        h.ro_count = 1;
+        h.cpu_count = 2;
+        h
+    }
+
+    #[test]
+    fn accepts_a_consistent_handoff() {
+        assert_eq!(valid().validate(), Ok(()));
+    }
+
+    #[test]
+    fn rejects_inconsistent_handoffs() {
+        let mut h = valid();
+        h.magic = 0;
+        assert!(h.validate().is_err());
+        let mut h = valid();
+        h.cpu_count = 0;
+        assert!(h.validate().is_err());
+        let mut h = valid();
+        h.status = PhysRange::new(0x13f_f000, 0x2000);
+        assert_eq!(
+            h.validate(),
+            Err("status page overlaps the protected region")
+        );
+        let mut h = valid();
+        h.pool = PhysRange::new(0x10f_0000, 0x2000);
+        assert_eq!(h.validate(), Err("pool overlaps the image"));
+        let mut h = valid();
+        h.ro_ranges[0] = PhysRange::new(0x10f_f000, 0x2000);
+        assert!(h.validate().is_err());
+        let mut h = valid();
+        h.ram_count = 1000;
+        assert!(h.validate().is_err());
+    }
+}

@@ -1,0 +1,289 @@
+//! `thinhv.toml`: the configuration file beside `thinhv.efi` on the ESP.
+//!
+//! The same parser runs in the loader (UEFI, `no_std` + `alloc`) and in the
+//! host tool (`thinhv check`), so what an admin checks is what boots.
+//!
+//! Every key is documented in `docs/configuration.md`. Unknown keys, wrong
+//! types and bad values are errors that name the line. A file that cannot be
+//! parsed at all is still searched, line by line, for the three keys the
+//! boot depends on ([`salvage`]): `[hypervisor] required`, `[boot] next` and
+//! `[boot] options`, so a typo elsewhere never loses the admin's choice of OS
+//! or the demand that the hypervisor be present.
+#![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_code)]
+
+extern crate alloc;
+
+mod salvage;
+mod value;
+
+use alloc::format;
+use alloc::string::{String, ToString};
+use core::fmt;
+use serde::Deserialize;
+
+pub use salvage::{Salvaged, salvage};
+pub use value::{LogLevel, OnFatal, Serial};
+
+/// File name the loader looks for beside its own image.
+pub const FILE_NAME: &str = "thinhv.toml";
+
+/// Longest accepted `boot.options`, in characters.
+pub const MAX_OPTIONS_LEN: usize = 4096;
+
+/// The whole configuration, with defaults for anything absent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `[hypervisor]`.
+    pub hypervisor: Hypervisor,
+    /// `[boot]`.
+    pub boot: Boot,
+    /// `[cpu]`.
+    pub cpu: Cpu,
+    /// `[debug]` (for tests; not for production).
+    pub debug: Debug,
+}
+
+/// `[hypervisor]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Hypervisor {
+    /// Stop the boot rather than start the OS without thinhv.
+    pub required: bool,
+    /// Log verbosity of loader and core.
+    pub log_level: LogLevel,
+    /// Serial port for the log.
+    pub serial: Serial,
+    /// What a fatal error in the core does.
+    pub on_fatal: OnFatal,
+}
+
+impl Default for Hypervisor {
+    fn default() -> Self {
+        Self {
+            required: false,
+            log_level: LogLevel::Info,
+            serial: Serial::Port(0x3f8),
+            on_fatal: OnFatal::Halt,
+        }
+    }
+}
+
+/// `[boot]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Boot {
+    /// ESP path of the image to start next, e.g. `\EFI\Linux\vmlinuz.efi`.
+    /// Absent: the next `Boot####` in `BootOrder` after thinhv's own.
+    pub next: Option<String>,
+    /// Load options passed to `next` (e.g. a kernel command line).
+    pub options: Option<String>,
+}
+
+/// `[cpu]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Cpu {
+    /// Do not announce the hypervisor through CPUID.
+    pub hide_hypervisor: bool,
+}
+
+/// `[debug]`: switches for tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Debug {
+    /// Make the core refuse to virtualize the CPU with this index, to test
+    /// that a partial installation is rolled back.
+    pub fail_cpu: Option<u32>,
+}
+
+/// A configuration error, with its position in the file when known.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// 1-based line.
+    pub line: Option<usize>,
+    /// 1-based column.
+    pub column: Option<usize>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.column) {
+            (Some(l), Some(c)) => write!(f, "{FILE_NAME}:{l}:{c}: {}", self.message),
+            (Some(l), None) => write!(f, "{FILE_NAME}:{l}: {}", self.message),
+            _ => write!(f, "{FILE_NAME}: {}", self.message),
+        }
+    }
+}
+
+/// 1-based line and column of byte `offset` in `text`.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text.as_bytes()[..offset];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let col = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+    (line, col)
+}
+
+/// Line (1-based) of the first line `key = ...` inside `[section]`.
+fn key_line(text: &str, section: &str, key: &str) -> Option<usize> {
+    let mut current = String::new();
+    for (i, raw) in text.lines().enumerate() {
+        let l = raw.trim();
+        if let Some(rest) = l.strip_prefix('[') {
+            current = rest.trim_end_matches(']').trim().to_string();
+            continue;
+        }
+        if current == section
+            && let Some((k, _)) = l.split_once('=')
+            && k.trim() == key
+        {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+impl Config {
+    /// Parses and validates `text`.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text).map_err(|e| {
+            let (line, column) = match e.span() {
+                Some(span) => {
+                    let (l, c) = line_col(text, span.start);
+                    (Some(l), Some(c))
+                }
+                None => (None, None),
+            };
+            ConfigError {
+                line,
+                column,
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        cfg.validate(text)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, text: &str) -> Result<(), ConfigError> {
+        let err = |section: &str, key: &str, message: String| ConfigError {
+            line: key_line(text, section, key),
+            column: None,
+            message,
+        };
+        if let Some(next) = &self.boot.next {
+            check_esp_path(next).map_err(|m| err("boot", "next", m))?;
+        }
+        if let Some(opts) = &self.boot.options {
+            if opts.chars().count() > MAX_OPTIONS_LEN {
+                return Err(err(
+                    "boot",
+                    "options",
+                    format!("boot.options is longer than {MAX_OPTIONS_LEN} characters"),
+                ));
+            }
+            if opts.contains('\0') {
+                return Err(err(
+                    "boot",
+                    "options",
+                    "boot.options contains a NUL".to_string(),
+                ));
+            }
+            if self.boot.next.is_none() {
+                return Err(err(
+                    "boot",
+                    "options",
+                    "boot.options is set but boot.next is not: options are only passed to an \
+                     image named in boot.next"
+                        .to_string(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The path in `boot.next` in UEFI form (backslashes).
+    pub fn next_path(&self) -> Option<String> {
+        self.boot.next.as_deref().map(normalize_esp_path)
+    }
+
+    /// The effective settings, as TOML with every key spelled out.
+    pub fn effective(&self) -> String {
+        let mut s = String::new();
+        s.push_str("[hypervisor]\n");
+        s.push_str(&format!("required = {}\n", self.hypervisor.required));
+        s.push_str(&format!(
+            "log_level = \"{}\"\n",
+            self.hypervisor.log_level.name()
+        ));
+        s.push_str(&format!("serial = {}\n", self.hypervisor.serial));
+        s.push_str(&format!(
+            "on_fatal = \"{}\"\n",
+            self.hypervisor.on_fatal.name()
+        ));
+        s.push_str("\n[boot]\n");
+        match &self.boot.next {
+            Some(n) => s.push_str(&format!("next = {}\n", toml_string(&normalize_esp_path(n)))),
+            None => s.push_str("# next: unset (next Boot#### in BootOrder)\n"),
+        }
+        match &self.boot.options {
+            Some(o) => s.push_str(&format!("options = {}\n", toml_string(o))),
+            None => s.push_str("# options: unset\n"),
+        }
+        s.push_str("\n[cpu]\n");
+        s.push_str(&format!("hide_hypervisor = {}\n", self.cpu.hide_hypervisor));
+        if let Some(c) = self.debug.fail_cpu {
+            s.push_str(&format!("\n[debug]\nfail_cpu = {c}\n"));
+        }
+        s
+    }
+}
+
+fn toml_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Accepts `\EFI\x\y.efi` or `/EFI/x/y.efi`.
+fn check_esp_path(p: &str) -> Result<(), String> {
+    if p.is_empty() {
+        return Err("boot.next is empty".to_string());
+    }
+    if !(p.starts_with('\\') || p.starts_with('/')) {
+        return Err(format!(
+            "boot.next = {p:?} must be an absolute path on the ESP, like \\EFI\\Linux\\vmlinuz.efi"
+        ));
+    }
+    if p.len() > 512 {
+        return Err("boot.next is longer than 512 characters".to_string());
+    }
+    if p.chars().any(|c| c == '\0' || c.is_control()) {
+        return Err("boot.next contains control characters".to_string());
+    }
+    if p.split(['\\', '/']).any(|c| c == "..") {
+        return Err("boot.next must not contain '..'".to_string());
+    }
+    Ok(())
+}
+
+/// `/EFI/x` → `\EFI\x`.
+pub fn normalize_esp_path(p: &str) -> String {
+    p.replace('/', "\\")
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,128 @@
+use super::*;
+
+#[test]
+fn empty_file_gives_defaults() {
+    let c = Config::parse("").unwrap();
+    assert_eq!(c, Config::default());
+    assert!(!c.hypervisor.required);
+    assert_eq!(c.hypervisor.serial, Serial::Port(0x3f8));
+    assert_eq!(c.hypervisor.log_level, LogLevel::Info);
+    assert_eq!(c.boot.next, None);
+}
+
+#[test]
+fn full_file_parses() {
+    let text = r#"
+# thinhv configuration
+[hypervisor]
+required = true
+log_level = "debug"
+serial = 0x2f8
+on_fatal = "reset"
+
+[boot]
+next = '\EFI\Linux\vmlinuz.efi'
+options = "console=ttyS0 initrd=\\EFI\\Linux\\initrd.img"
+
+[cpu]
+hide_hypervisor = true
+"#;
+    let c = Config::parse(text).unwrap();
+    assert!(c.hypervisor.required);
+    assert_eq!(c.hypervisor.log_level, LogLevel::Debug);
+    assert_eq!(c.hypervisor.serial, Serial::Port(0x2f8));
+    assert_eq!(c.hypervisor.on_fatal, OnFatal::Reset);
+    assert_eq!(c.next_path().unwrap(), "\\EFI\\Linux\\vmlinuz.efi");
+    assert_eq!(
+        c.boot.options.as_deref(),
+        Some("console=ttyS0 initrd=\\EFI\\Linux\\initrd.img")
+    );
+    assert!(c.cpu.hide_hypervisor);
+    // The effective settings parse back to the same configuration.
+    assert_eq!(Config::parse(&c.effective()).unwrap(), c);
+}
+
+#[test]
+fn serial_spellings() {
+    for (v, want) in [
+        ("\"none\"", Serial::None),
+        ("\"COM2\"", Serial::Port(0x2f8)),
+        ("\"0x3e8\"", Serial::Port(0x3e8)),
+        ("1016", Serial::Port(0x3f8)),
+    ] {
+        let c = Config::parse(&format!("[hypervisor]\nserial = {v}\n")).unwrap();
+        assert_eq!(c.hypervisor.serial, want, "{v}");
+    }
+    for bad in ["0", "70000", "-1", "\"com9\"", "true"] {
+        let e = Config::parse(&format!("[hypervisor]\nserial = {bad}\n")).unwrap_err();
+        assert_eq!(e.line, Some(2), "{bad}: {e}");
+        assert!(
+            e.message.contains("serial") || e.message.contains("I/O port"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn syntax_error_names_the_line() {
+    let text = "[hypervisor]\nrequired = false\n\n[boot]\nnext = '\\EFI\\x.efi'\noptions = \"unterminated\n";
+    let e = Config::parse(text).unwrap_err();
+    assert_eq!(e.line, Some(6), "{e}");
+    assert!(e.to_string().starts_with("thinhv.toml:6:"), "{e}");
+}
+
+#[test]
+fn unknown_key_names_the_line_and_key() {
+    let text = "[hypervisor]\nrequired = false\nlog_levle = \"info\"\n";
+    let e = Config::parse(text).unwrap_err();
+    assert_eq!(e.line, Some(3), "{e}");
+    assert!(e.message.contains("log_levle"), "{e}");
+    let e = Config::parse("[hypervisr]\n").unwrap_err();
+    assert_eq!(e.line, Some(1), "{e}");
+    assert!(e.message.contains("hypervisr"), "{e}");
+}
+
+#[test]
+fn wrong_types_and_values_name_the_line() {
+    let cases = [
+        ("[hypervisor]\nrequired = \"yes\"\n", 2),
+        ("[hypervisor]\n\nlog_level = \"loud\"\n", 3),
+        ("[cpu]\nhide_hypervisor = 1\n", 2),
+        ("[boot]\nnext = 'EFI\\x.efi'\n", 2),
+        ("[boot]\nnext = '\\EFI\\..\\x.efi'\n", 2),
+        ("[boot]\noptions = \"console=ttyS0\"\n", 2),
+        ("[hypervisor]\non_fatal = \"reboot\"\n", 2),
+    ];
+    for (text, line) in cases {
+        let e = Config::parse(text).unwrap_err();
+        assert_eq!(e.line, Some(line), "{text:?}: {e}");
+    }
+}
+
+#[test]
+fn salvage_recovers_boot_keys_from_a_broken_file() {
+    let text = "[hypervisor]\nrequired = true\nlog_level = \"info\n\n[boot]\nnext = '\\EFI\\Linux\\vmlinuz.efi'\noptions = \"console=ttyS0 initrd=\\\\EFI\\\\Linux\\\\initrd.img\"\n";
+    assert!(Config::parse(text).is_err());
+    let s = salvage(text);
+    assert!(s.required);
+    assert_eq!(s.next.as_deref(), Some("\\EFI\\Linux\\vmlinuz.efi"));
+    assert_eq!(
+        s.options.as_deref(),
+        Some("console=ttyS0 initrd=\\EFI\\Linux\\initrd.img")
+    );
+}
+
+#[test]
+fn salvage_treats_unclear_required_as_true() {
+    assert!(salvage("[hypervisor]\nrequired = tru\n").required);
+    assert!(!salvage("[hypervisor]\nrequired = false # no\n").required);
+    assert!(!salvage("[boot]\nrequired = true\n").required);
+    assert!(!salvage("").required);
+}
+
+#[test]
+fn line_col_counts_from_one() {
+    assert_eq!(line_col("ab\ncd", 0), (1, 1));
+    assert_eq!(line_col("ab\ncd", 4), (2, 2));
+    assert_eq!(line_col("ab", 99), (1, 3));
+}
