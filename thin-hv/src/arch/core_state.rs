@@ -1,0 +1,250 @@
+//! The core's global state, built once by `CORE_OP_INIT` on the bootstrap
+//! processor before any CPU is virtualized.
+use super::instr::{cpuid, rdmsr};
+use super::percpu::PerCpu;
+use super::phys::IdentityMem;
+use super::status_page::StatusPage;
+use crate::hv::Hv;
+use crate::npt;
+use crate::svm::msrpm::{self, MSRPM_SIZE};
+use spin::{Mutex, Once};
+use thinhv_abi::PhysRange;
+use thinhv_abi::handoff::{CoreError, Handoff, features};
+use thinhv_abi::layout::{HEAP_SIZE, PAGE};
+use thinhv_abi::status::StatusPageHeader;
+use thinhv_paging::x86::{Flavor, X86Format};
+use thinhv_paging::{Attrs, BumpFrames, Mapper};
+
+/// Everything the core knows after initialization.
+pub struct Core {
+    /// Shared state for the handlers.
+    pub hv: Hv,
+    /// The loader's hand-off (copied).
+    pub handoff: Handoff,
+    /// Root of the nested page tables.
+    pub npt_root: u64,
+    /// Entry format of the nested tables.
+    pub npt_fmt: X86Format,
+    /// Frames for nested tables added later (first touches).
+    pub frames: Mutex<BumpFrames>,
+    /// The core's own CR3.
+    pub host_cr3: u64,
+    /// Host identity map covers `[0, host_top)`.
+    pub host_top: u64,
+    /// MSR permission map.
+    pub msrpm_pa: u64,
+    /// I/O permission map (all zero: no port exits).
+    pub iopm_pa: u64,
+    /// The blank frame the guest sees in place of the protected region.
+    pub blank_pa: u64,
+    /// The canary page.
+    pub canary_pa: u64,
+    /// First `PerCpu`.
+    pub percpu_base: u64,
+    /// Status page writer.
+    pub status: StatusPage,
+}
+
+static CORE: Once<Core> = Once::new();
+
+/// The core state, once initialized.
+pub fn get() -> Option<&'static Core> {
+    CORE.get()
+}
+
+/// Byte `i` of the canary page.
+pub fn canary_byte(i: usize) -> u8 {
+    (i as u8).wrapping_mul(0x9d) ^ 0x5a
+}
+
+/// The index of the CPU running this code, from its APIC ID.
+pub fn current_cpu() -> Option<usize> {
+    let core = CORE.get()?;
+    let apic_id = if cpuid(0, 0)[0] >= 0xb && cpuid(0xb, 0)[1] != 0 {
+        cpuid(0xb, 0)[3]
+    } else {
+        cpuid(1, 0)[1] >> 24
+    };
+    core.hv.cpu_by_apic_id(apic_id)
+}
+
+/// The `PerCpu` of CPU `i`.
+///
+/// # Safety
+/// Only CPU `i` itself may use the result mutably, and never two live
+/// `&mut` at once.
+pub unsafe fn percpu(core: &Core, i: usize) -> *mut PerCpu {
+    (core.percpu_base + i as u64 * core::mem::size_of::<PerCpu>() as u64) as *mut PerCpu
+}
+
+/// A bump allocator over the pool.
+struct Carver {
+    next: u64,
+    end: u64,
+}
+
+impl Carver {
+    fn take(&mut self, size: u64, align: u64) -> Result<u64, CoreError> {
+        let start = self.next.div_ceil(align) * align;
+        let end = start.checked_add(size).ok_or(CoreError::OUT_OF_MEMORY)?;
+        if end > self.end {
+            return Err(CoreError::OUT_OF_MEMORY);
+        }
+        self.next = end;
+        Ok(start)
+    }
+}
+
+/// `CORE_OP_INIT`.
+pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
+    if CORE.get().is_some() {
+        return Err(CoreError::BAD_OP);
+    }
+    if handoff_pa == 0 || handoff_pa % 8 != 0 {
+        return Err(CoreError::BAD_HANDOFF);
+    }
+    // SAFETY: the loader passes the physical (identity-mapped) address of a
+    // `Handoff` it wrote inside the protected region; it is copied out at once.
+    let h: Handoff = unsafe { core::ptr::read_volatile(handoff_pa as *const Handoff) };
+    h.validate().map_err(|_| CoreError::BAD_HANDOFF)?;
+    super::logger::LOGGER.init(h.config.serial_port, h.config.log_level);
+    log::info!(
+        "thinhv core {}.{}.{} starting: {} CPUs, protected {:#x}+{:#x}, status page {:#x}+{:#x}",
+        thinhv_abi::unpack_version(thinhv_abi::VERSION).0,
+        thinhv_abi::unpack_version(thinhv_abi::VERSION).1,
+        thinhv_abi::unpack_version(thinhv_abi::VERSION).2,
+        h.cpu_count,
+        h.protected.base,
+        h.protected.size,
+        h.status.base,
+        h.status.size
+    );
+
+    let mut carve = Carver {
+        next: h.pool.base,
+        end: h.pool.end(),
+    };
+    let heap = carve.take(HEAP_SIZE, PAGE)?;
+    let msrpm_pa = carve.take(MSRPM_SIZE as u64, PAGE)?;
+    let iopm_pa = carve.take(3 * PAGE, PAGE)?;
+    let blank_pa = carve.take(PAGE, PAGE)?;
+    let canary_pa = carve.take(PAGE, PAGE)?;
+    let per_cpu_size = core::mem::size_of::<PerCpu>() as u64;
+    let percpu_base = carve.take(per_cpu_size * u64::from(h.cpu_count), PAGE)?;
+    let tables = carve.take(0, PAGE)?;
+    let mut frames = BumpFrames::new(tables, h.pool.end() - tables);
+
+    // SAFETY: all these ranges were just carved from the pool, which the
+    // loader reserved for the core alone; zeroing them creates no aliasing.
+    unsafe {
+        core::ptr::write_bytes(heap as *mut u8, 0, (tables - heap) as usize);
+    }
+    super::entry::init_heap(heap, HEAP_SIZE);
+    // SAFETY: the canary page was carved above and belongs to the core.
+    let canary = unsafe { core::slice::from_raw_parts_mut(canary_pa as *mut u8, PAGE as usize) };
+    for (i, b) in canary.iter_mut().enumerate() {
+        *b = canary_byte(i);
+    }
+
+    // SAFETY: the IA32_APIC_BASE MSR exists on every x86-64 processor.
+    let apic_msr = unsafe { rdmsr(crate::apic::IA32_APIC_BASE) };
+    let apic_base = apic_msr & crate::apic::APIC_BASE_ADDR_MASK;
+    let page_1g = h.features & features::PAGE_1G != 0;
+    let nx = h.features & features::NX != 0;
+
+    // The core's own identity map (supervisor, no NX, APIC uncached).
+    let host_top = h.phys_top.max(4 << 30).div_ceil(1 << 30) << 30;
+    let host_fmt = X86Format {
+        flavor: Flavor::Host,
+        page_1g,
+        nx: false,
+    };
+    let mut mem = IdentityMem;
+    let host_cr3 = {
+        let mut m = Mapper::create(&host_fmt, &mut mem, &mut frames)
+            .map_err(|_| CoreError::OUT_OF_MEMORY)?;
+        m.map(0, 0, host_top, Attrs::RWX, &mut frames)
+            .map_err(|_| CoreError::OUT_OF_MEMORY)?;
+        m.map(apic_base, apic_base, PAGE, Attrs::MMIO_RW, &mut frames)
+            .map_err(|_| CoreError::OUT_OF_MEMORY)?;
+        m.root()
+    };
+
+    // The guest's second-level map.
+    let npt_fmt = X86Format {
+        flavor: Flavor::Nested,
+        page_1g,
+        nx,
+    };
+    let plan = npt::Plan {
+        top: host_top,
+        protected: h.protected,
+        blank: blank_pa,
+        status: h.status,
+        apic_page: Some(apic_base),
+    };
+    let npt_root =
+        npt::build(&npt_fmt, &mut mem, &mut frames, &plan).map_err(|_| CoreError::OUT_OF_MEMORY)?;
+    log::debug!(
+        "host tables {host_cr3:#x}, nested tables {npt_root:#x}, {} frames left",
+        frames.remaining()
+    );
+
+    // SAFETY: carved above, 8 KiB, zeroed.
+    let map = unsafe { &mut *(msrpm_pa as *mut [u8; MSRPM_SIZE]) };
+    use crate::handlers::msr::{MSR_EFER, MSR_VM_CR, MSR_VM_HSAVE_PA};
+    msrpm::intercept(map, MSR_EFER, true, true);
+    msrpm::intercept(map, MSR_VM_CR, true, true);
+    msrpm::intercept(map, MSR_VM_HSAVE_PA, true, true);
+    msrpm::intercept(map, crate::apic::X2APIC_ICR_MSR, false, true);
+
+    let status = StatusPage::new(h.status.base, h.status.size, h.cpu_count as usize)
+        .ok_or(CoreError::BAD_HANDOFF)?;
+    let header = StatusPageHeader {
+        abi_version: thinhv_abi::ABI_VERSION,
+        header_size: core::mem::size_of::<StatusPageHeader>() as u32,
+        version: thinhv_abi::VERSION,
+        vendor: h.vendor,
+        cpus_expected: h.cpu_count,
+        bytes_reserved: h.region.size,
+        protected_base: h.protected.base,
+        protected_size: h.protected.size,
+        flags: if h.config.hide_hypervisor != 0 {
+            thinhv_abi::status::FLAG_HIDDEN
+        } else {
+            0
+        },
+        ..Default::default()
+    };
+    let ids: [u32; thinhv_abi::handoff::MAX_CPUS] = core::array::from_fn(|i| h.cpus[i].apic_id);
+    status.init(&header, &ids[..h.cpu_count as usize]);
+    super::logger::LOGGER.attach_ring(status);
+
+    let hv = Hv::from_handoff(&h, apic_base);
+    CORE.call_once(|| Core {
+        hv,
+        handoff: h,
+        npt_root,
+        npt_fmt,
+        frames: Mutex::new(frames),
+        host_cr3,
+        host_top,
+        msrpm_pa,
+        iopm_pa,
+        blank_pa,
+        canary_pa,
+        percpu_base,
+        status,
+    });
+    log::info!(
+        "core ready: {} KiB reserved, nested paging with {} pages",
+        h.region.size / 1024,
+        if page_1g { "1 GiB" } else { "2 MiB" }
+    );
+    Ok(())
+}
+
+/// The integrity ranges as slices.
+pub fn ro_ranges(core: &Core) -> &[PhysRange] {
+    core.handoff.ro_ranges()
+}

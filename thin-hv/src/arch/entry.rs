@@ -1,0 +1,41 @@
+//! The entry point the loader calls, the panic handler and the heap.
+use super::core_state;
+use thinhv_abi::handoff::{CORE_OP_INIT, CORE_OP_VIRTUALIZE, CoreError};
+
+#[global_allocator]
+static HEAP: linked_list_allocator::LockedHeap = linked_list_allocator::LockedHeap::empty();
+
+/// Gives the heap its memory (once, from `CORE_OP_INIT`).
+pub fn init_heap(base: u64, size: u64) {
+    // SAFETY: `[base, base + size)` was carved from the reserved pool for
+    // the heap alone and is never used otherwise.
+    unsafe { HEAP.lock().init(base as *mut u8, size as usize) };
+}
+
+/// The core's entry point (see `thinhv_abi::handoff` for the contract).
+///
+/// # Safety
+/// Called by the loader only, at CPL 0 with the firmware's identity map, per
+/// the documented operations: `CORE_OP_INIT` once on the bootstrap processor
+/// with a valid hand-off, then `CORE_OP_VIRTUALIZE` once per CPU on that CPU.
+#[unsafe(no_mangle)]
+pub unsafe extern "sysv64" fn thinhv_core_entry(op: u64, a0: u64, a1: u64, a2: u64) -> u64 {
+    let r = match op {
+        CORE_OP_INIT => core_state::init(a0),
+        // SAFETY: forwarded contract: called on the CPU being virtualized.
+        CORE_OP_VIRTUALIZE => unsafe { super::svm::launch::virtualize(a0, a1, a2) },
+        _ => Err(CoreError::BAD_OP),
+    };
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            log::error!("core operation {op} failed: {}", e.describe());
+            e.0
+        }
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    super::idt::fatal(format_args!("panic: {info}"))
+}

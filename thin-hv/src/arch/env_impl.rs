@@ -1,0 +1,192 @@
+//! [`Env`] over real hardware.
+use super::core_state::{Core, canary_byte};
+use super::instr::{cpuid, rdmsr, wrmsr};
+use super::phys::IdentityMem;
+use crate::apic::{APIC_BASE_EXTD, IA32_APIC_BASE, X2APIC_ICR_MSR, nmi_icr, reg};
+use crate::env::{Env, Integrity};
+use crate::hv::Hv;
+use core::sync::atomic::Ordering;
+use thinhv_abi::exit::EXIT_REASON_COUNT;
+use thinhv_abi::hypercall::StatusReport;
+
+/// The environment of one CPU's exit handler.
+pub struct HwEnv {
+    /// Global state.
+    pub core: &'static Core,
+    /// This CPU.
+    pub cpu: usize,
+}
+
+/// ICR delivery-status bit (xAPIC): a previous IPI is still being sent.
+const ICR_BUSY: u32 = 1 << 12;
+
+impl HwEnv {
+    fn x2apic(&self) -> bool {
+        // SAFETY: IA32_APIC_BASE exists on every x86-64 processor.
+        unsafe { rdmsr(IA32_APIC_BASE) & APIC_BASE_EXTD != 0 }
+    }
+
+    fn mmio(&self, offset: u32) -> *mut u32 {
+        (self.core.hv.apic_base + u64::from(offset & 0xff0)) as *mut u32
+    }
+}
+
+impl Env for HwEnv {
+    fn hv(&self) -> &Hv {
+        &self.core.hv
+    }
+
+    fn cpu_index(&self) -> usize {
+        self.cpu
+    }
+
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
+        cpuid(leaf, subleaf)
+    }
+
+    fn read_phys(&self, pa: u64, buf: &mut [u8]) {
+        let len = buf.len() as u64;
+        if pa
+            .checked_add(len)
+            .is_none_or(|end| end > self.core.host_top)
+        {
+            buf.fill(0);
+            return;
+        }
+        // SAFETY: the range is inside the core's identity map (checked) and
+        // callers never pass protected memory (see `guest_mem`).
+        unsafe { core::ptr::copy_nonoverlapping(pa as *const u8, buf.as_mut_ptr(), buf.len()) };
+    }
+
+    fn write_phys(&mut self, pa: u64, data: &[u8]) {
+        let len = data.len() as u64;
+        if pa
+            .checked_add(len)
+            .is_none_or(|end| end > self.core.host_top)
+        {
+            return;
+        }
+        // SAFETY: callers validated the range as guest RAM outside the
+        // hypervisor (`guest_mem::check_buffer`); it is identity-mapped.
+        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), pa as *mut u8, data.len()) };
+    }
+
+    fn lapic_read(&self, offset: u32) -> u32 {
+        if self.x2apic() {
+            if offset == reg::ICR_HIGH {
+                return 0;
+            }
+            // SAFETY: x2APIC register MSRs 0x800..0x8ff exist in x2APIC mode.
+            return unsafe { rdmsr(0x800 + (offset >> 4)) } as u32;
+        }
+        // SAFETY: the APIC page is mapped uncached in the core's tables.
+        unsafe { core::ptr::read_volatile(self.mmio(offset)) }
+    }
+
+    fn lapic_write(&mut self, offset: u32, value: u32) {
+        if self.x2apic() {
+            if offset != reg::ICR_HIGH {
+                // SAFETY: as in `lapic_read`; writes are what the guest asked
+                // for on its own APIC.
+                unsafe { wrmsr(0x800 + (offset >> 4), u64::from(value)) };
+            }
+            return;
+        }
+        if offset == reg::ICR_LOW {
+            for _ in 0..100_000 {
+                // SAFETY: the APIC page is mapped uncached.
+                if unsafe { core::ptr::read_volatile(self.mmio(reg::ICR_LOW)) } & ICR_BUSY == 0 {
+                    break;
+                }
+                core::hint::spin_loop();
+            }
+        }
+        // SAFETY: the APIC page is mapped uncached; the guest asked for
+        // this write on its own APIC (or the core sends an IPI).
+        unsafe { core::ptr::write_volatile(self.mmio(offset), value) };
+    }
+
+    fn x2apic_icr_write(&mut self, value: u64) {
+        // SAFETY: the guest's own ICR write, passed on unchanged.
+        unsafe { wrmsr(X2APIC_ICR_MSR, value) };
+    }
+
+    fn send_nmi(&mut self, apic_id: u32) {
+        if self.x2apic() {
+            // SAFETY: an NMI IPI; every CPU under thinhv intercepts NMIs.
+            unsafe { wrmsr(X2APIC_ICR_MSR, nmi_icr(apic_id, true)) };
+        } else {
+            let v = nmi_icr(apic_id, false);
+            self.lapic_write(reg::ICR_HIGH, (v >> 32) as u32);
+            self.lapic_write(reg::ICR_LOW, v as u32);
+        }
+    }
+
+    fn demand_map(&mut self, gpa: u64) -> bool {
+        let mut frames = self.core.frames.lock();
+        let mut mem = IdentityMem;
+        let avoid = [self.core.hv.protected, self.core.hv.status];
+        crate::npt::demand_map(
+            &self.core.npt_fmt,
+            &mut mem,
+            &mut *frames,
+            self.core.npt_root,
+            gpa,
+            self.core.hv.phys_addr_bits,
+            &avoid,
+        )
+    }
+
+    fn status_report(&self) -> StatusReport {
+        let hv = &self.core.hv;
+        let h = &self.core.handoff;
+        let exits_total = (0..hv.cpus().len())
+            .filter_map(|c| self.core.status.counts(c))
+            .map(|a| a.iter().sum::<u64>())
+            .sum();
+        StatusReport {
+            size: core::mem::size_of::<StatusReport>() as u32,
+            abi_version: thinhv_abi::ABI_VERSION,
+            version: thinhv_abi::VERSION,
+            vendor: h.vendor,
+            cpus_expected: h.cpu_count,
+            cpus_virtualized: hv.cpus_virtualized.load(Ordering::Relaxed),
+            bytes_reserved: h.region.size,
+            protected_base: h.protected.base,
+            protected_size: h.protected.size,
+            status_page_base: h.status.base,
+            status_page_size: h.status.size,
+            exits_total,
+            blocked_writes: hv.blocked_writes.load(Ordering::Relaxed),
+            log_head: self.core.status.log_head(),
+            sealed: u32::from(hv.is_sealed()),
+            hidden: u32::from(hv.hidden()),
+        }
+    }
+
+    fn exit_counts(&self, cpu: usize) -> Option<[u64; EXIT_REASON_COUNT]> {
+        self.core.status.counts(cpu)
+    }
+
+    fn log_read(&self, pos: u64, out: &mut [u8]) -> (usize, u64, u64) {
+        self.core.status.log_read(pos, out)
+    }
+
+    fn integrity(&self) -> Integrity {
+        let mut h = crc32fast::Hasher::new();
+        for r in self.core.handoff.ro_ranges() {
+            // SAFETY: the read-only ranges lie inside the loaded image
+            // (validated hand-off), identity-mapped for the host.
+            let bytes =
+                unsafe { core::slice::from_raw_parts(r.base as *const u8, r.size as usize) };
+            h.update(bytes);
+        }
+        // SAFETY: the canary page was carved from the pool at start.
+        let canary = unsafe { core::slice::from_raw_parts(self.core.canary_pa as *const u8, 4096) };
+        Integrity {
+            expected_crc: self.core.handoff.ro_crc,
+            current_crc: h.finalize(),
+            canary_ok: canary.iter().enumerate().all(|(i, &b)| b == canary_byte(i)),
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! The exit dispatcher: called by the VMRUN loop after every #VMEXIT.
+use super::guest::SvmGuest;
+use super::world::{LeaveState, svm_leave};
+use crate::arch::core_state::{self, Core, percpu};
+use crate::arch::env_impl::HwEnv;
+use crate::arch::idt::fatal;
+use crate::arch::instr::{cpuid, drain_nmi, reset_platform};
+use crate::arch::percpu::RunState;
+use crate::handlers::{self, Outcome};
+use crate::svm::exit_code::{self, ExitCode};
+use crate::svm::state::{init_state, sipi_start};
+use crate::svm::vmcb::{EFER_SVME, event, tlb};
+use core::sync::atomic::Ordering;
+use thinhv_abi::exit::ExitReason;
+use thinhv_abi::handoff::{CoreError, features};
+use thinhv_abi::status::CpuState;
+
+/// Exits for which NRIP save reports the next instruction (APM §15.7.1:
+/// instruction intercepts).
+fn nrip_applies(code: u64) -> bool {
+    matches!(
+        ExitCode(code),
+        ExitCode::CPUID | ExitCode::VMMCALL | ExitCode::MSR
+    )
+}
+
+/// Handles one #VMEXIT on the current CPU.
+pub extern "sysv64" fn svm_exit(run: &mut RunState) {
+    let Some(core) = core_state::get() else {
+        fatal(format_args!("exit before initialization"))
+    };
+    let cpu = run.cpu as usize;
+    // SAFETY: `run` lives in this CPU's `PerCpu`; only this CPU touches it.
+    let pc = unsafe { &mut *percpu(core, cpu) };
+    let vmcb = &mut pc.guest_vmcb;
+    let first = run.exits == 0;
+    run.exits += 1;
+    vmcb.control.tlb_control = tlb::DO_NOTHING;
+    // An event the exit interrupted is re-delivered unless a handler
+    // replaces it (APM §15.7.2).
+    let pending = vmcb.control.exit_int_info;
+    vmcb.control.event_inj = if pending & event::VALID != 0 {
+        pending & !(0x7u64 << 12)
+    } else {
+        0
+    };
+
+    let code = vmcb.control.exit_code;
+    if ExitCode(code) == ExitCode::INVALID && first {
+        // The very first VMRUN failed: give the CPU back to the loader
+        // with an error, exactly where it called us.
+        log::error!("cpu {cpu}: first VMRUN failed its consistency checks; rolling back");
+        core.hv.cpus()[cpu].set_state(CpuState::OFFLINE);
+        core.status.set_cpu_state(cpu, CpuState::OFFLINE);
+        let n = core.hv.cpus_virtualized.fetch_sub(1, Ordering::SeqCst) - 1;
+        core.status.set_virtualized(n);
+        vmcb.save.rax = CoreError::ENTRY_FAILED.0;
+        leave(core, run);
+    }
+    if ExitCode(code) == ExitCode::NMI {
+        // SAFETY: host mode, SVME set, the host IDT's NMI handler returns.
+        unsafe { drain_nmi() };
+    }
+    let exit = exit_code::decode(
+        code,
+        vmcb.control.exit_info1,
+        vmcb.control.exit_info2,
+        run.regs[1],
+        vmcb.save.rax,
+        run.regs[2],
+    );
+    let nrip = core.handoff.features & features::NRIP_SAVE != 0 && nrip_applies(code);
+    let mut guest = SvmGuest {
+        vmcb,
+        regs: &mut run.regs,
+        next_rip_valid: nrip,
+    };
+    let mut env = HwEnv { core, cpu };
+    let handled = handlers::handle(&exit, &mut guest, &mut env);
+    core.status.count(cpu, handled.reason);
+    match handled.outcome {
+        Outcome::Resume => {}
+        Outcome::ResumeFlushTlb => vmcb_flush(core, &mut pc.guest_vmcb),
+        Outcome::WaitForSipi => wait_for_sipi(core, cpu, run),
+        Outcome::Devirtualize => {
+            log::info!("cpu {cpu}: leaving guest mode (roll-back)");
+            core.hv.cpus()[cpu].set_state(CpuState::OFFLINE);
+            core.status.set_cpu_state(cpu, CpuState::OFFLINE);
+            let n = core.hv.cpus_virtualized.fetch_sub(1, Ordering::SeqCst) - 1;
+            core.status.set_virtualized(n);
+            leave(core, run);
+        }
+        Outcome::Reset => {
+            log::error!("resetting the platform after a guest triple fault");
+            reset_platform();
+        }
+        Outcome::Fatal(why) => fatal(format_args!(
+            "{why} (exit {} {code:#x}, info {:#x} {:#x}, rip {:#x})",
+            exit_code::name(code),
+            pc.guest_vmcb.control.exit_info1,
+            pc.guest_vmcb.control.exit_info2,
+            pc.guest_vmcb.save.rip
+        )),
+    }
+}
+
+fn vmcb_flush(core: &Core, vmcb: &mut crate::svm::vmcb::Vmcb) {
+    vmcb.control.tlb_control = if core.handoff.features & features::FLUSH_BY_ASID != 0 {
+        tlb::FLUSH_ASID
+    } else {
+        tlb::FLUSH_ALL
+    };
+}
+
+/// INIT: the CPU waits in host mode for a SIPI, then starts in real mode
+/// at its vector (APM §15.21, Table 14-1).
+fn wait_for_sipi(core: &Core, cpu: usize, run: &mut RunState) {
+    let slot = &core.hv.cpus()[cpu];
+    slot.set_state(CpuState::WAIT_FOR_SIPI);
+    core.status.set_cpu_state(cpu, CpuState::WAIT_FOR_SIPI);
+    // SAFETY: this CPU's own `PerCpu`.
+    let pc = unsafe { &mut *percpu(core, cpu) };
+    init_state(&mut pc.guest_vmcb.save);
+    pc.guest_vmcb.control.event_inj = 0;
+    run.regs = [0; 16];
+    // RDX after INIT holds the processor signature (CPUID 1 EAX).
+    run.regs[2] = u64::from(cpuid(1, 0)[0]);
+    log::debug!("cpu {cpu}: INIT, waiting for SIPI");
+    let vector = loop {
+        // A further INIT while waiting changes nothing.
+        let _ = slot.mailbox.take_init();
+        if let Some(v) = slot.mailbox.take_sipi() {
+            break v;
+        }
+        core::hint::spin_loop();
+    };
+    sipi_start(&mut pc.guest_vmcb.save, vector);
+    debug_assert!(pc.guest_vmcb.save.efer & EFER_SVME != 0);
+    vmcb_flush(core, &mut pc.guest_vmcb);
+    slot.set_state(CpuState::RUNNING);
+    core.status.set_cpu_state(cpu, CpuState::RUNNING);
+    core.status.count(cpu, ExitReason::SIPI);
+    log::debug!(
+        "cpu {cpu}: SIPI {vector:#x}, starting at {:#x}",
+        u64::from(vector) << 12
+    );
+}
+
+/// Restores the guest's state natively and continues there.
+fn leave(core: &Core, run: &mut RunState) -> ! {
+    // SAFETY: this CPU's own `PerCpu`.
+    let pc = unsafe { &mut *percpu(core, run.cpu as usize) };
+    let s = &pc.guest_vmcb.save;
+    let st = LeaveState {
+        cr0: s.cr0,
+        cr3: s.cr3,
+        cr4: s.cr4,
+        efer: s.efer & !EFER_SVME,
+        gdt_limit: u64::from(s.gdtr.limit),
+        gdt_base: s.gdtr.base,
+        idt_limit: u64::from(s.idtr.limit),
+        idt_base: s.idtr.base,
+        cs: u64::from(s.cs.selector),
+        ss: u64::from(s.ss.selector),
+        ds: u64::from(s.ds.selector),
+        es: u64::from(s.es.selector),
+        rip: s.rip,
+        rsp: s.rsp,
+        rflags: s.rflags,
+        rax: s.rax,
+        cr2: s.cr2,
+        pat: s.g_pat,
+    };
+    // SAFETY: only reached before the loader seals the hypervisor, while
+    // the firmware's identity-mapped page tables (which map this code and
+    // stack) are the guest's.
+    unsafe { svm_leave(run, &st) }
+}

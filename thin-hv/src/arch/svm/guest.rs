@@ -1,0 +1,100 @@
+//! [`GuestCpu`] over a VMCB and the saved GPRs.
+use crate::arch::percpu::GuestRegs;
+use crate::guest::{CpuMode, Gpr, GuestCpu, PagingRegs};
+use crate::svm::vmcb::{EFER_SVME, Vmcb, event};
+
+const CR0_PE: u64 = 1;
+const EFER_LMA: u64 = 1 << 10;
+/// VMCB segment attribute bits (packed form): L and D/B.
+const ATTR_L: u16 = 1 << 9;
+const ATTR_DB: u16 = 1 << 10;
+
+/// A stopped SVM guest.
+pub struct SvmGuest<'a> {
+    /// Its control block.
+    pub vmcb: &'a mut Vmcb,
+    /// Its other registers.
+    pub regs: &'a mut GuestRegs,
+    /// The processor saved the next RIP for this exit (NRIP save, and an
+    /// instruction intercept).
+    pub next_rip_valid: bool,
+}
+
+impl GuestCpu for SvmGuest<'_> {
+    fn gpr(&self, r: Gpr) -> u64 {
+        match r {
+            Gpr::Rax => self.vmcb.save.rax,
+            Gpr::Rsp => self.vmcb.save.rsp,
+            _ => self.regs[r as usize],
+        }
+    }
+
+    fn set_gpr(&mut self, r: Gpr, value: u64) {
+        match r {
+            Gpr::Rax => self.vmcb.save.rax = value,
+            Gpr::Rsp => self.vmcb.save.rsp = value,
+            _ => self.regs[r as usize] = value,
+        }
+    }
+
+    fn rip(&self) -> u64 {
+        self.vmcb.save.rip
+    }
+
+    fn set_rip(&mut self, rip: u64) {
+        self.vmcb.save.rip = rip;
+    }
+
+    fn cpl(&self) -> u8 {
+        self.vmcb.save.cpl
+    }
+
+    fn next_rip_hint(&self) -> Option<u64> {
+        (self.next_rip_valid && self.vmcb.control.next_rip != 0)
+            .then_some(self.vmcb.control.next_rip)
+    }
+
+    fn mode(&self) -> CpuMode {
+        let s = &self.vmcb.save;
+        if s.cr0 & CR0_PE == 0 {
+            CpuMode::Bits16
+        } else if s.efer & EFER_LMA != 0 && s.cs.attrib & ATTR_L != 0 {
+            CpuMode::Bits64
+        } else if s.cs.attrib & ATTR_DB != 0 {
+            CpuMode::Bits32
+        } else {
+            CpuMode::Bits16
+        }
+    }
+
+    fn cs_base(&self) -> u64 {
+        self.vmcb.save.cs.base
+    }
+
+    fn paging(&self) -> PagingRegs {
+        let s = &self.vmcb.save;
+        PagingRegs {
+            cr0: s.cr0,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            efer: s.efer & !EFER_SVME,
+        }
+    }
+
+    fn guest_efer(&self) -> u64 {
+        self.vmcb.save.efer & !EFER_SVME
+    }
+
+    fn set_guest_efer(&mut self, value: u64) {
+        // VMRUN requires EFER.SVME in the guest state; the guest never sees it.
+        self.vmcb.save.efer = value | EFER_SVME;
+    }
+
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
+        self.vmcb.control.event_inj = event::exception(vector, error_code);
+    }
+
+    fn inject_nmi(&mut self) {
+        self.vmcb.control.event_inj = event::nmi();
+    }
+}

@@ -1,0 +1,175 @@
+//! `CORE_OP_VIRTUALIZE` on SVM: enable SVM on this CPU, build its VMCB
+//! from the state the firmware is running in, and launch.
+use super::world::{HostSwitch, svm_launch};
+use crate::arch::core_state::{self, percpu};
+use crate::arch::idt::idt_pointer;
+use crate::arch::instr::{
+    cpuid, rdmsr, read_cr0, read_cr2, read_cr3, read_cr4, read_cs, read_dr6, read_dr7, read_ds,
+    read_es, read_rflags, read_ss, sgdt, sidt, vmsave, wrmsr,
+};
+use crate::arch::percpu::{PerCpu, RunState, SEL_TSS};
+use crate::handlers::msr::{MSR_EFER, MSR_VM_CR, MSR_VM_HSAVE_PA};
+use crate::svm::state::{Captured, fill_from_captured};
+use crate::svm::vmcb::{EFER_SVME, NESTED_CTL_NP_ENABLE, misc1, misc2, tlb};
+use core::sync::atomic::Ordering;
+use thinhv_abi::handoff::{CoreError, features};
+use thinhv_abi::status::CpuState;
+
+const EFER_NXE: u64 = 1 << 11;
+/// VM_CR.SVMDIS (APM §15.30.1).
+const VM_CR_SVMDIS: u64 = 1 << 4;
+const IA32_PAT: u32 = 0x277;
+/// The guest's ASID (one guest per CPU; ASID 0 is the host's).
+const GUEST_ASID: u32 = 1;
+
+fn apic_id() -> u32 {
+    if cpuid(0, 0)[0] >= 0xb && cpuid(0xb, 0)[1] != 0 {
+        cpuid(0xb, 0)[3]
+    } else {
+        cpuid(1, 0)[1] >> 24
+    }
+}
+
+/// Virtualizes the calling CPU. Returns only on failure.
+///
+/// # Safety
+/// Called by the loader on CPU `cpu` itself, natively, with `resume_rip`
+/// pointing to loader code that expects RAX = status and RSP =
+/// `resume_rsp`.
+pub unsafe fn virtualize(cpu: u64, resume_rip: u64, resume_rsp: u64) -> Result<(), CoreError> {
+    let core = core_state::get().ok_or(CoreError::NOT_INITIALIZED)?;
+    let idx = usize::try_from(cpu).map_err(|_| CoreError::BAD_CPU)?;
+    let slot = core.hv.cpus().get(idx).ok_or(CoreError::BAD_CPU)?;
+    if slot.virtualized() || slot.apic_id != apic_id() {
+        log::error!(
+            "cpu {idx}: refused (state {}, APIC ID {} expected {})",
+            slot.state().name(),
+            apic_id(),
+            slot.apic_id
+        );
+        return Err(CoreError::BAD_CPU);
+    }
+    if core.handoff.config.debug_fail_cpu == cpu as u32 {
+        log::warn!("cpu {idx}: refusing on purpose ([debug] fail_cpu)");
+        return Err(CoreError::INJECTED_FAILURE);
+    }
+    // SAFETY: VM_CR exists on every processor with SVM (the loader checked).
+    if unsafe { rdmsr(MSR_VM_CR) } & VM_CR_SVMDIS != 0 {
+        return Err(CoreError::ENABLE_FAILED);
+    }
+
+    // SAFETY: only this CPU uses its `PerCpu`; it is not in use yet.
+    let pc: &mut PerCpu = unsafe { &mut *percpu(core, idx) };
+    // SAFETY: `pc` is plain memory carved from the pool for this CPU.
+    unsafe {
+        core::ptr::write_bytes(
+            core::ptr::from_mut(pc).cast::<u8>(),
+            0,
+            core::mem::size_of::<PerCpu>(),
+        )
+    };
+    pc.init_gdt();
+
+    // Enable SVM. NXE in the host's EFER makes the NX bits of the nested
+    // tables legal (APM §15.25.3); the guest keeps its own EFER.
+    // SAFETY: EFER exists; setting SVME (allowed: SVMDIS clear) and NXE (the
+    // loader checked NX support before asking for it) keeps the current
+    // mappings valid.
+    let guest_efer = unsafe { rdmsr(MSR_EFER) };
+    let nxe = if core.handoff.features & features::NX != 0 {
+        EFER_NXE
+    } else {
+        0
+    };
+    // SAFETY: see above.
+    unsafe { wrmsr(MSR_EFER, guest_efer | EFER_SVME | nxe) };
+    let host_save = PerCpu::pa_of(&pc.host_save);
+    // SAFETY: the host save area is a page of this CPU's `PerCpu`, owned by
+    // the processor from now on.
+    unsafe { wrmsr(MSR_VM_HSAVE_PA, host_save) };
+
+    // Capture the firmware's state as the guest's.
+    let gdtr = sgdt();
+    let idtr = sidt();
+    let captured = Captured {
+        cr0: read_cr0(),
+        cr2: read_cr2(),
+        cr3: read_cr3(),
+        cr4: read_cr4(),
+        efer: guest_efer | EFER_SVME,
+        rflags: read_rflags(),
+        dr6: read_dr6(),
+        dr7: read_dr7(),
+        // SAFETY: IA32_PAT exists on all x86-64 processors.
+        pat: unsafe { rdmsr(IA32_PAT) },
+        gdtr_base: gdtr.base,
+        gdtr_limit: gdtr.limit,
+        idtr_base: idtr.base,
+        idtr_limit: idtr.limit,
+        cs: read_cs(),
+        ss: read_ss(),
+        ds: read_ds(),
+        es: read_es(),
+        rip: resume_rip,
+        rsp: resume_rsp,
+    };
+    // SAFETY: the firmware's GDT is identity-mapped and GDTR.limit + 1
+    // bytes long.
+    let gdt =
+        unsafe { core::slice::from_raw_parts(gdtr.base as *const u8, usize::from(gdtr.limit) + 1) };
+    let vmcb = &mut pc.guest_vmcb;
+    fill_from_captured(&mut vmcb.save, &captured, gdt);
+    // FS, GS, TR, LDTR, KernelGsBase, STAR/LSTAR/CSTAR/SFMASK, SYSENTER_*.
+    // SAFETY: SVME is set; the VMCB is this CPU's, page-aligned.
+    unsafe { vmsave(PerCpu::pa_of(&pc.guest_vmcb)) };
+
+    let c = &mut pc.guest_vmcb.control;
+    c.intercept_misc1 = misc1::NMI
+        | misc1::INIT
+        | misc1::CPUID
+        | misc1::INVLPGA
+        | misc1::MSR_PROT
+        | misc1::SHUTDOWN;
+    c.intercept_misc2 = misc2::VMRUN
+        | misc2::VMMCALL
+        | misc2::VMLOAD
+        | misc2::VMSAVE
+        | misc2::STGI
+        | misc2::CLGI
+        | misc2::SKINIT;
+    c.iopm_base_pa = core.iopm_pa;
+    c.msrpm_base_pa = core.msrpm_pa;
+    c.guest_asid = GUEST_ASID;
+    c.tlb_control = tlb::FLUSH_ALL;
+    c.int_ctl = 0;
+    c.nested_ctl = NESTED_CTL_NP_ENABLE;
+    c.n_cr3 = core.npt_root;
+    c.clean_bits = 0;
+
+    let run: &mut RunState = &mut pc.misc.run;
+    run.regs = [0; 16];
+    run.guest_vmcb_pa = PerCpu::pa_of(&pc.guest_vmcb);
+    run.host_vmcb_pa = PerCpu::pa_of(&pc.host_vmcb);
+    run.cpu = cpu;
+    run.exits = 0;
+
+    let (idt_limit, idt_base) = idt_pointer();
+    let sw = HostSwitch {
+        cr3: core.host_cr3,
+        stack_top: pc.stack_top(),
+        gdt_limit: (core::mem::size_of_val(&pc.misc.gdt) - 1) as u64,
+        gdt_base: PerCpu::pa_of(&pc.misc.gdt),
+        idt_limit: u64::from(idt_limit),
+        idt_base,
+    };
+    let _ = SEL_TSS;
+
+    slot.set_state(CpuState::RUNNING);
+    core.status.set_cpu_state(idx, CpuState::RUNNING);
+    let n = core.hv.cpus_virtualized.fetch_add(1, Ordering::SeqCst) + 1;
+    core.status.set_virtualized(n);
+    log::info!("cpu {idx} (APIC {}): entering guest mode", slot.apic_id);
+    // SAFETY: SVM enabled, host save area set, VMCB and host structures
+    // complete; `sw` lives on this stack until the switch reads it.
+    unsafe { svm_launch(&raw mut pc.misc.run, &raw const sw) }
+}

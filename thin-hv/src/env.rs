@@ -1,0 +1,52 @@
+//! What the neutral exit handlers need from the host side: the shared
+//! state, raw physical memory, the local APIC, and the status page. The core
+//! implements it over real hardware; tests implement it with fakes.
+use crate::hv::Hv;
+use thinhv_abi::exit::EXIT_REASON_COUNT;
+use thinhv_abi::hypercall::StatusReport;
+
+/// Result of the integrity check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Integrity {
+    /// CRC the loader computed.
+    pub expected_crc: u32,
+    /// CRC now.
+    pub current_crc: u32,
+    /// The canary page still holds its pattern.
+    pub canary_ok: bool,
+}
+
+/// Host-side services for exit handlers.
+pub trait Env {
+    /// Shared hypervisor state.
+    fn hv(&self) -> &Hv;
+    /// Index of the CPU handling the exit.
+    fn cpu_index(&self) -> usize;
+    /// Executes CPUID on this processor.
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4];
+    /// Reads host-physical memory. Callers validate addresses first.
+    fn read_phys(&self, pa: u64, buf: &mut [u8]);
+    /// Writes host-physical memory. Callers validate addresses first.
+    fn write_phys(&mut self, pa: u64, data: &[u8]);
+    /// Reads a local APIC register of this CPU (xAPIC offset, e.g. 0x310).
+    fn lapic_read(&self, offset: u32) -> u32;
+    /// Writes a local APIC register of this CPU (xAPIC offset).
+    fn lapic_write(&mut self, offset: u32, value: u32);
+    /// Writes the x2APIC ICR (MSR 0x830).
+    fn x2apic_icr_write(&mut self, value: u64);
+    /// Sends an NMI to the CPU with this APIC ID.
+    fn send_nmi(&mut self, apic_id: u32);
+    /// Maps the 1 GiB around `gpa` identity into the second-level tables
+    /// (a first touch beyond what was mapped at start). Returns false when
+    /// that is not possible.
+    fn demand_map(&mut self, gpa: u64) -> bool;
+    /// The status report for the status hypercall.
+    fn status_report(&self) -> StatusReport;
+    /// Exit counters of a CPU.
+    fn exit_counts(&self, cpu: usize) -> Option<[u64; EXIT_REASON_COUNT]>;
+    /// Copies log bytes starting at log position `pos` into `out`. Returns
+    /// (bytes copied, position after them, current end of the log).
+    fn log_read(&self, pos: u64, out: &mut [u8]) -> (usize, u64, u64);
+    /// Recomputes the integrity check.
+    fn integrity(&self) -> Integrity;
+}

@@ -1,0 +1,80 @@
+//! The neutral exit: what happened in the guest, independent of vendor.
+use thinhv_abi::exit::ExitReason;
+
+/// Why the guest stopped, as the neutral handler sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// CPUID.
+    Cpuid,
+    /// VMMCALL or VMCALL.
+    Hypercall,
+    /// RDMSR of an intercepted MSR.
+    MsrRead {
+        /// ECX.
+        msr: u32,
+    },
+    /// WRMSR of an intercepted MSR.
+    MsrWrite {
+        /// ECX.
+        msr: u32,
+        /// EDX:EAX.
+        value: u64,
+    },
+    /// Nested (NPT) or extended (EPT) page fault.
+    NestedFault {
+        /// Guest-physical address.
+        gpa: u64,
+        /// The access was a write.
+        write: bool,
+        /// The access was an instruction fetch.
+        fetch: bool,
+        /// A translation existed (protection fault, not a missing entry).
+        present: bool,
+        /// The fault happened while walking the guest's own page tables.
+        guest_table_walk: bool,
+    },
+    /// An SVM/VMX instruction: the guest sees no virtualization, so #UD.
+    VirtInstruction,
+    /// A real INIT signal.
+    Init,
+    /// A physical NMI.
+    Nmi,
+    /// Triple fault.
+    Shutdown,
+    /// XSETBV.
+    Xsetbv,
+    /// The VM entry itself failed.
+    EntryFailed {
+        /// Vendor detail (VM-instruction error, or 0).
+        detail: u64,
+    },
+    /// Anything else.
+    Other {
+        /// Vendor exit code.
+        code: u64,
+        /// Vendor information.
+        info1: u64,
+        /// Vendor information.
+        info2: u64,
+    },
+}
+
+impl Exit {
+    /// The counter this exit is accounted under. Nested faults are split by
+    /// the handler (APIC, protected region, other), so this is the default.
+    pub const fn reason(&self) -> ExitReason {
+        match self {
+            Self::Cpuid => ExitReason::CPUID,
+            Self::Hypercall => ExitReason::HYPERCALL,
+            Self::MsrRead { .. } => ExitReason::MSR_READ,
+            Self::MsrWrite { .. } => ExitReason::MSR_WRITE,
+            Self::NestedFault { .. } => ExitReason::NESTED_FAULT,
+            Self::VirtInstruction => ExitReason::VIRT_INSN,
+            Self::Init => ExitReason::INIT,
+            Self::Nmi => ExitReason::NMI,
+            Self::Shutdown => ExitReason::SHUTDOWN,
+            Self::Xsetbv => ExitReason::XSETBV,
+            Self::EntryFailed { .. } | Self::Other { .. } => ExitReason::OTHER,
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! The vendor-neutral view of a stopped guest CPU.
+
+/// A general-purpose register, numbered as in instruction encodings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+#[allow(missing_docs)]
+pub enum Gpr {
+    Rax = 0,
+    Rcx = 1,
+    Rdx = 2,
+    Rbx = 3,
+    Rsp = 4,
+    Rbp = 5,
+    Rsi = 6,
+    Rdi = 7,
+    R8 = 8,
+    R9 = 9,
+    R10 = 10,
+    R11 = 11,
+    R12 = 12,
+    R13 = 13,
+    R14 = 14,
+    R15 = 15,
+}
+
+impl Gpr {
+    /// All registers in encoding order.
+    pub const ALL: [Self; 16] = [
+        Self::Rax,
+        Self::Rcx,
+        Self::Rdx,
+        Self::Rbx,
+        Self::Rsp,
+        Self::Rbp,
+        Self::Rsi,
+        Self::Rdi,
+        Self::R8,
+        Self::R9,
+        Self::R10,
+        Self::R11,
+        Self::R12,
+        Self::R13,
+        Self::R14,
+        Self::R15,
+    ];
+}
+
+/// Execution mode of the guest, which decides how its instructions decode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuMode {
+    /// Real mode or 16-bit protected mode.
+    Bits16,
+    /// 32-bit protected (or compatibility) mode.
+    Bits32,
+    /// 64-bit mode.
+    Bits64,
+}
+
+impl CpuMode {
+    /// Bitness as the decoder wants it.
+    pub const fn bitness(self) -> u32 {
+        match self {
+            Self::Bits16 => 16,
+            Self::Bits32 => 32,
+            Self::Bits64 => 64,
+        }
+    }
+}
+
+/// The control registers that decide how guest linear addresses translate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PagingRegs {
+    /// CR0.
+    pub cr0: u64,
+    /// CR3.
+    pub cr3: u64,
+    /// CR4.
+    pub cr4: u64,
+    /// EFER as the guest sees it.
+    pub efer: u64,
+}
+
+/// A guest CPU stopped at an exit. Implemented by the SVM and VMX backends
+/// over their control blocks, and by a fake in tests.
+pub trait GuestCpu {
+    /// Reads a general-purpose register.
+    fn gpr(&self, r: Gpr) -> u64;
+    /// Writes a general-purpose register.
+    fn set_gpr(&mut self, r: Gpr, value: u64);
+    /// RIP.
+    fn rip(&self) -> u64;
+    /// Sets RIP.
+    fn set_rip(&mut self, rip: u64);
+    /// Current privilege level.
+    fn cpl(&self) -> u8;
+    /// The next instruction's address if the hardware reported it for this
+    /// exit (SVM NRIP save, VMX instruction length).
+    fn next_rip_hint(&self) -> Option<u64>;
+    /// Decode mode.
+    fn mode(&self) -> CpuMode;
+    /// CS base (linear address of RIP = CS base + RIP outside 64-bit mode).
+    fn cs_base(&self) -> u64;
+    /// Paging registers.
+    fn paging(&self) -> PagingRegs;
+    /// EFER as the guest sees it (SVM: the SVME bit hidden).
+    fn guest_efer(&self) -> u64;
+    /// Sets EFER from a guest write that the handler has already checked.
+    fn set_guest_efer(&mut self, value: u64);
+    /// Queues an exception for the next entry.
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>);
+    /// Queues an NMI for the next entry.
+    fn inject_nmi(&mut self);
+}
+
+/// Exception vectors.
+pub mod vector {
+    /// #UD.
+    pub const UD: u8 = 6;
+    /// #GP.
+    pub const GP: u8 = 13;
+    /// #PF.
+    pub const PF: u8 = 14;
+}

@@ -1,0 +1,112 @@
+//! CPUID: announce thinhv, hide virtualization from the guest.
+use crate::env::Env;
+use crate::guest::{Gpr, GuestCpu};
+use thinhv_abi::cpuid as leaves;
+use thinhv_abi::exit::EXIT_REASON_COUNT;
+
+/// Leaf 1 ECX bit 5: VMX.
+const LEAF1_ECX_VMX: u32 = 1 << 5;
+/// Leaf 0x8000_0001 ECX bit 2: SVM.
+const EXT1_ECX_SVM: u32 = 1 << 2;
+/// Leaf 0x8000_0001 ECX bit 12: SKINIT/STGI.
+const EXT1_ECX_SKINIT: u32 = 1 << 12;
+/// SVM feature leaf.
+const LEAF_SVM_FEATURES: u32 = 0x8000_000a;
+
+/// What the hypervisor leaves report.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HvInfo {
+    /// CPUID presence hidden.
+    pub hidden: bool,
+    /// CPUs virtualized.
+    pub cpus_virtualized: u32,
+    /// CPUs expected.
+    pub cpus_expected: u32,
+    /// Bytes reserved.
+    pub bytes_reserved: u64,
+    /// Status page base.
+    pub status_base: u64,
+    /// Status page size.
+    pub status_size: u32,
+    /// Vendor code.
+    pub vendor: u32,
+    /// Sealed.
+    pub sealed: bool,
+}
+
+/// The CPUID result the guest sees, from the processor's own `raw` answer.
+pub fn filter_cpuid(leaf: u32, subleaf: u32, raw: [u32; 4], info: &HvInfo) -> [u32; 4] {
+    let _ = subleaf;
+    let [mut a, mut b, mut c, mut d] = raw;
+    if !info.hidden && (leaves::LEAF_SIGNATURE..=leaves::LEAF_SIGNATURE + 0xff).contains(&leaf) {
+        return match leaf {
+            leaves::LEAF_SIGNATURE => {
+                let (sb, sc, sd) = leaves::signature_regs();
+                [leaves::LEAF_MAX, sb, sc, sd]
+            }
+            leaves::LEAF_VERSION => [
+                thinhv_abi::VERSION,
+                thinhv_abi::ABI_VERSION,
+                info.cpus_virtualized,
+                info.cpus_expected,
+            ],
+            leaves::LEAF_MEMORY => [
+                (info.bytes_reserved & 0xffff_ffff) as u32,
+                (info.bytes_reserved >> 32) as u32,
+                (info.status_base & 0xffff_ffff) as u32,
+                (info.status_base >> 32) as u32,
+            ],
+            leaves::LEAF_INFO => [
+                info.status_size,
+                info.vendor,
+                EXIT_REASON_COUNT as u32,
+                u32::from(info.sealed),
+            ],
+            _ => [0; 4],
+        };
+    }
+    match leaf {
+        1 => {
+            c &= !LEAF1_ECX_VMX;
+            if !info.hidden {
+                c |= leaves::LEAF1_ECX_HYPERVISOR;
+            }
+        }
+        0x8000_0001 => c &= !(EXT1_ECX_SVM | EXT1_ECX_SKINIT),
+        LEAF_SVM_FEATURES => {
+            a = 0;
+            b = 0;
+            c = 0;
+            d = 0;
+        }
+        _ => {}
+    }
+    [a, b, c, d]
+}
+
+pub(super) fn info(env: &impl Env) -> HvInfo {
+    let hv = env.hv();
+    HvInfo {
+        hidden: hv.hidden(),
+        cpus_virtualized: hv
+            .cpus_virtualized
+            .load(core::sync::atomic::Ordering::Relaxed),
+        cpus_expected: u32::try_from(hv.cpus().len()).unwrap_or(u32::MAX),
+        bytes_reserved: hv.protected.size + hv.status.size,
+        status_base: hv.status.base,
+        status_size: u32::try_from(hv.status.size).unwrap_or(u32::MAX),
+        vendor: hv.vendor,
+        sealed: hv.is_sealed(),
+    }
+}
+
+pub(super) fn handle(cpu: &mut impl GuestCpu, env: &impl Env) {
+    let leaf = (cpu.gpr(Gpr::Rax) & 0xffff_ffff) as u32;
+    let sub = (cpu.gpr(Gpr::Rcx) & 0xffff_ffff) as u32;
+    let raw = env.cpuid(leaf, sub);
+    let r = filter_cpuid(leaf, sub, raw, &info(env));
+    cpu.set_gpr(Gpr::Rax, u64::from(r[0]));
+    cpu.set_gpr(Gpr::Rbx, u64::from(r[1]));
+    cpu.set_gpr(Gpr::Rcx, u64::from(r[2]));
+    cpu.set_gpr(Gpr::Rdx, u64::from(r[3]));
+}

@@ -1,0 +1,111 @@
+//! INIT and STARTUP IPIs aimed at virtualized CPUs become mailbox posts;
+//! every other IPI goes to the APIC unchanged.
+//!
+//! The target is woken with an NMI (which thinhv intercepts on every CPU);
+//! it then enters wait-for-SIPI in host mode and starts in real mode at the
+//! vector of the first SIPI. CPUs not (yet) under thinhv get the real IPI,
+//! addressed to them alone.
+use super::Outcome;
+use crate::apic::{DeliveryMode, Destination, Icr, physical_icr, reg};
+use crate::env::Env;
+
+/// Handles a guest write to the ICR (`value` as the 64-bit ICR; for xAPIC
+/// the destination sits in bits 56–63). Returns [`Outcome::WaitForSipi`]
+/// when the guest sent INIT to its own CPU.
+pub fn icr_write(env: &mut impl Env, value: u64, x2apic: bool) -> Outcome {
+    let icr = Icr::decode(value, x2apic);
+    if !icr.is_init_or_sipi() {
+        forward(env, value, x2apic);
+        return Outcome::Resume;
+    }
+    if icr.is_init_deassert() {
+        return Outcome::Resume;
+    }
+    let me = env.cpu_index();
+    let guest_high = (!x2apic).then(|| env.lapic_read(reg::ICR_HIGH));
+    let mut outcome = Outcome::Resume;
+    match icr.dest {
+        Destination::Logical(d) => {
+            log::warn!(
+                "cpu {me}: {} IPI in logical destination mode ({d:#x}) not virtualized; dropped",
+                if icr.mode == DeliveryMode::INIT {
+                    "INIT"
+                } else {
+                    "STARTUP"
+                }
+            );
+        }
+        Destination::SelfOnly => {
+            if icr.mode == DeliveryMode::INIT {
+                outcome = Outcome::WaitForSipi;
+            }
+        }
+        Destination::Physical(id) => {
+            if env.hv().cpu_by_apic_id(id) == Some(me) {
+                if icr.mode == DeliveryMode::INIT {
+                    outcome = Outcome::WaitForSipi;
+                }
+            } else {
+                deliver(env, id, &icr, x2apic);
+            }
+        }
+        Destination::AllIncludingSelf | Destination::AllExcludingSelf => {
+            let n = env.hv().cpus().len();
+            for i in (0..n).filter(|&i| i != me) {
+                let id = env.hv().cpus()[i].apic_id;
+                deliver(env, id, &icr, x2apic);
+            }
+            if icr.dest == Destination::AllIncludingSelf && icr.mode == DeliveryMode::INIT {
+                outcome = Outcome::WaitForSipi;
+            }
+        }
+    }
+    if let Some(high) = guest_high {
+        // Leave the destination register as the guest wrote it.
+        env.lapic_write(reg::ICR_HIGH, high);
+    }
+    outcome
+}
+
+fn deliver(env: &mut impl Env, apic_id: u32, icr: &Icr, x2apic: bool) {
+    let hv = env.hv();
+    match hv.cpu_by_apic_id(apic_id) {
+        Some(i) if hv.cpus()[i].virtualized() => {
+            let slot = &hv.cpus()[i];
+            if icr.mode == DeliveryMode::INIT {
+                slot.mailbox.post_init();
+                log::debug!("cpu {}: virtual INIT to apic {apic_id}", env.cpu_index());
+                env.send_nmi(apic_id);
+            } else {
+                let taken = slot.mailbox.post_sipi(icr.vector, slot.state());
+                log::debug!(
+                    "cpu {}: virtual SIPI {:#x} to apic {apic_id} ({})",
+                    env.cpu_index(),
+                    icr.vector,
+                    if taken { "taken" } else { "ignored" }
+                );
+            }
+        }
+        _ => {
+            // Not under thinhv (yet): the real IPI, to this CPU only.
+            forward(
+                env,
+                physical_icr(apic_id, icr.mode, icr.vector, x2apic) | level_bits(icr),
+                x2apic,
+            );
+        }
+    }
+}
+
+fn level_bits(icr: &Icr) -> u64 {
+    if icr.level_triggered { 1 << 15 } else { 0 }
+}
+
+fn forward(env: &mut impl Env, value: u64, x2apic: bool) {
+    if x2apic {
+        env.x2apic_icr_write(value);
+    } else {
+        env.lapic_write(reg::ICR_HIGH, ((value >> 32) & 0xffff_ffff) as u32);
+        env.lapic_write(reg::ICR_LOW, (value & 0xffff_ffff) as u32);
+    }
+}

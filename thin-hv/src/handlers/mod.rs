@@ -1,0 +1,170 @@
+//! Exit handling, written once for both vendors against [`GuestCpu`] and
+//! [`Env`].
+mod cpuid;
+mod hypercall;
+mod ipi;
+pub mod msr;
+mod npf;
+
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod tests;
+
+pub use cpuid::{HvInfo, filter_cpuid};
+pub use ipi::icr_write;
+
+use crate::env::Env;
+use crate::exit::Exit;
+use crate::guest::{CpuMode, GuestCpu, vector};
+use crate::guest_mem::fetch_instruction;
+use crate::insn::{Decoded, decode};
+use thinhv_abi::exit::ExitReason;
+
+/// What the vendor loop does after a handler returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Re-enter the guest.
+    Resume,
+    /// Re-enter the guest after flushing this CPU's guest TLB (the
+    /// second-level tables changed).
+    ResumeFlushTlb,
+    /// This CPU received INIT: put it in wait-for-SIPI, then start it in
+    /// real mode at the SIPI vector.
+    WaitForSipi,
+    /// Leave guest mode and continue natively (loader roll-back).
+    Devirtualize,
+    /// The guest triple-faulted: reset the platform.
+    Reset,
+    /// Nothing sensible can continue on this CPU.
+    Fatal(&'static str),
+}
+
+/// A handled exit: what to do next and which counter to bump.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Handled {
+    /// Next step.
+    pub outcome: Outcome,
+    /// Counter.
+    pub reason: ExitReason,
+}
+
+impl Handled {
+    const fn new(outcome: Outcome, reason: ExitReason) -> Self {
+        Self { outcome, reason }
+    }
+}
+
+/// Handles one exit. The caller has already drained a physical NMI for
+/// [`Exit::Nmi`] (vendor-specific).
+pub fn handle(exit: &Exit, cpu: &mut impl GuestCpu, env: &mut impl Env) -> Handled {
+    let reason = exit.reason();
+    match *exit {
+        Exit::Cpuid => {
+            cpuid::handle(cpu, env);
+            Handled::new(advance_or_fault(cpu, env), reason)
+        }
+        Exit::Hypercall => Handled::new(hypercall::handle(cpu, env), reason),
+        Exit::MsrRead { msr } => Handled::new(msr::read(cpu, env, msr), reason),
+        Exit::MsrWrite { msr, value } => Handled::new(msr::write(cpu, env, msr, value), reason),
+        Exit::NestedFault {
+            gpa,
+            write,
+            fetch,
+            present,
+            ..
+        } => npf::handle(cpu, env, gpa, write, fetch, present),
+        Exit::VirtInstruction => {
+            cpu.inject_exception(vector::UD, None);
+            Handled::new(Outcome::Resume, reason)
+        }
+        Exit::Init => Handled::new(Outcome::WaitForSipi, reason),
+        Exit::Nmi => {
+            let mb = &env.hv().cpus()[env.cpu_index()].mailbox;
+            let wakes = mb.take_wakes();
+            if mb.take_init() {
+                Handled::new(Outcome::WaitForSipi, ExitReason::INIT)
+            } else {
+                if wakes == 0 {
+                    // A real NMI: the guest owns it.
+                    cpu.inject_nmi();
+                }
+                Handled::new(Outcome::Resume, reason)
+            }
+        }
+        Exit::Shutdown => {
+            log::error!(
+                "guest triple fault on cpu {} at rip {:#x}: resetting the platform",
+                env.cpu_index(),
+                cpu.rip()
+            );
+            Handled::new(Outcome::Reset, reason)
+        }
+        Exit::Xsetbv => {
+            // Not intercepted by thinhv; if it arrives anyway, refuse it the
+            // way a CPU would refuse an invalid XCR0.
+            cpu.inject_exception(vector::GP, Some(0));
+            Handled::new(Outcome::Resume, reason)
+        }
+        Exit::EntryFailed { detail } => {
+            log::error!(
+                "VM entry failed on cpu {} (detail {detail:#x})",
+                env.cpu_index()
+            );
+            Handled::new(Outcome::Fatal("VM entry failed"), reason)
+        }
+        Exit::Other { code, info1, info2 } => {
+            log::error!(
+                "unexpected exit {code:#x} (info {info1:#x} {info2:#x}) on cpu {} at rip {:#x}",
+                env.cpu_index(),
+                cpu.rip()
+            );
+            Handled::new(Outcome::Fatal("unexpected exit"), reason)
+        }
+    }
+}
+
+/// Decodes the instruction at the guest's RIP.
+pub(crate) fn decode_current(cpu: &impl GuestCpu, env: &impl Env) -> Option<Decoded> {
+    let mut bytes = [0u8; 15];
+    let n = fetch_instruction(env, cpu, &mut bytes);
+    decode(&bytes[..n], cpu.mode(), cpu.rip())
+}
+
+fn wrap_ip(mode: CpuMode, ip: u64) -> u64 {
+    match mode {
+        CpuMode::Bits16 => ip & 0xffff,
+        CpuMode::Bits32 => ip & 0xffff_ffff,
+        CpuMode::Bits64 => ip,
+    }
+}
+
+/// Moves RIP past the current instruction (hardware hint, else decode).
+pub(crate) fn advance(cpu: &mut impl GuestCpu, env: &impl Env) -> bool {
+    if let Some(next) = cpu.next_rip_hint() {
+        cpu.set_rip(next);
+        return true;
+    }
+    match decode_current(cpu, env) {
+        Some(d) => {
+            let next = wrap_ip(cpu.mode(), cpu.rip().wrapping_add(d.len() as u64));
+            cpu.set_rip(next);
+            true
+        }
+        None => false,
+    }
+}
+
+/// [`advance`], or a #GP into the guest when the instruction cannot be read
+/// (so a broken guest mapping never loops).
+pub(crate) fn advance_or_fault(cpu: &mut impl GuestCpu, env: &impl Env) -> Outcome {
+    if !advance(cpu, env) {
+        log::warn!(
+            "cpu {}: cannot decode instruction at {:#x}; injecting #GP",
+            env.cpu_index(),
+            cpu.rip()
+        );
+        cpu.inject_exception(vector::GP, Some(0));
+    }
+    Outcome::Resume
+}

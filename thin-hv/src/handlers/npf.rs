@@ -1,0 +1,128 @@
+//! Nested page faults: writes to the hypervisor's memory (discarded), the
+//! local APIC page (emulated, for INIT/SIPI), and first touches of address
+//! space beyond the initial map.
+use super::{Handled, Outcome, advance, decode_current, ipi};
+use crate::apic::reg;
+use crate::env::Env;
+use crate::guest::{GuestCpu, vector};
+use crate::insn::StoreSource;
+use core::sync::atomic::Ordering;
+use thinhv_abi::exit::ExitReason;
+
+/// Protected-region writes logged in full before the log is thinned out.
+const LOG_FIRST: u64 = 8;
+
+pub(super) fn handle(
+    cpu: &mut impl GuestCpu,
+    env: &mut impl Env,
+    gpa: u64,
+    write: bool,
+    fetch: bool,
+    present: bool,
+) -> Handled {
+    let hv = env.hv();
+    if hv.touches_hypervisor(gpa, 1) {
+        return Handled {
+            outcome: protected(cpu, env, gpa, write, fetch),
+            reason: ExitReason::PROTECTED_ACCESS,
+        };
+    }
+    if write && present && gpa & !0xfff == hv.apic_base {
+        return Handled {
+            outcome: apic_write(cpu, env, gpa),
+            reason: ExitReason::APIC_ACCESS,
+        };
+    }
+    if !present && env.demand_map(gpa) {
+        log::debug!(
+            "cpu {}: mapped the GiB at {gpa:#x} on first touch",
+            env.cpu_index()
+        );
+        return Handled {
+            outcome: Outcome::ResumeFlushTlb,
+            reason: ExitReason::NESTED_FAULT,
+        };
+    }
+    log::error!(
+        "cpu {}: unexpected nested fault at {gpa:#x} (write {write}, fetch {fetch}, present {present}) rip {:#x}; injecting #GP",
+        env.cpu_index(),
+        cpu.rip()
+    );
+    cpu.inject_exception(vector::GP, Some(0));
+    Handled {
+        outcome: Outcome::Resume,
+        reason: ExitReason::NESTED_FAULT,
+    }
+}
+
+fn protected(
+    cpu: &mut impl GuestCpu,
+    env: &mut impl Env,
+    gpa: u64,
+    write: bool,
+    fetch: bool,
+) -> Outcome {
+    let me = env.cpu_index();
+    if fetch {
+        log::warn!(
+            "cpu {me}: guest tried to execute hypervisor memory at {gpa:#x} (rip {:#x}); #UD",
+            cpu.rip()
+        );
+        cpu.inject_exception(vector::UD, None);
+        return Outcome::Resume;
+    }
+    if write {
+        let n = env.hv().blocked_writes.fetch_add(1, Ordering::Relaxed) + 1;
+        if n <= LOG_FIRST || n % 1024 == 0 {
+            log::warn!(
+                "cpu {me}: write to hypervisor memory at {gpa:#x} discarded (rip {:#x}, {n} so far)",
+                cpu.rip()
+            );
+        }
+    }
+    if !advance(cpu, env) {
+        cpu.inject_exception(vector::GP, Some(0));
+    }
+    Outcome::Resume
+}
+
+fn apic_write(cpu: &mut impl GuestCpu, env: &mut impl Env, gpa: u64) -> Outcome {
+    let me = env.cpu_index();
+    let Some(d) = decode_current(cpu, env) else {
+        log::error!(
+            "cpu {me}: cannot decode the APIC write at rip {:#x}; #GP",
+            cpu.rip()
+        );
+        cpu.inject_exception(vector::GP, Some(0));
+        return Outcome::Resume;
+    };
+    let next = cpu.rip().wrapping_add(d.len() as u64);
+    let Some(store) = d.store().filter(|s| s.size == 4) else {
+        log::error!(
+            "cpu {me}: unsupported APIC access {:?} at rip {:#x}; skipped",
+            d.mnemonic(),
+            cpu.rip()
+        );
+        cpu.set_rip(next);
+        return Outcome::Resume;
+    };
+    let value = match store.source {
+        StoreSource::Immediate(v) => v,
+        StoreSource::Register(r) => cpu.gpr(r),
+    } & 0xffff_ffff;
+    let value = value as u32;
+    let offset = (gpa & 0xff0) as u32;
+    let old = store.exchange.then(|| env.lapic_read(offset));
+    let outcome = if offset == reg::ICR_LOW {
+        let high = env.lapic_read(reg::ICR_HIGH);
+        ipi::icr_write(env, (u64::from(high) << 32) | u64::from(value), false)
+    } else {
+        env.lapic_write(offset, value);
+        Outcome::Resume
+    };
+    if let (Some(old), StoreSource::Register(r)) = (old, store.source) {
+        cpu.set_gpr(r, u64::from(old));
+    }
+    cpu.set_rip(next);
+    outcome
+}

@@ -1,0 +1,185 @@
+//! State shared by all CPUs of the hypervisor: configuration, memory ranges,
+//! and per-CPU slots with the INIT/SIPI mailboxes.
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use thinhv_abi::PhysRange;
+use thinhv_abi::handoff::{CoreConfig, Handoff, MAX_CPUS, MAX_RAM_RANGES};
+use thinhv_abi::status::CpuState;
+
+/// Mailbox through which one CPU asks another to take an INIT or a SIPI.
+///
+/// The sender never delivers INIT or SIPI to a virtualized CPU through the
+/// APIC: an INIT that reaches a CPU in host mode resets it on processors
+/// (and emulators) without INIT redirection, and a SIPI to a CPU in host mode
+/// is dropped. Instead the sender posts here and wakes the target with an
+/// NMI, which every CPU under thinhv intercepts.
+#[derive(Debug, Default)]
+pub struct Mailbox {
+    /// An INIT is pending.
+    pub init_pending: AtomicBool,
+    /// `SIPI_VALID | vector` of the first SIPI after the INIT, or 0.
+    pub sipi: AtomicU32,
+    /// NMIs sent as wake-ups and not yet consumed.
+    pub wake_nmis: AtomicU32,
+}
+
+/// [`Mailbox::sipi`]: a vector is present.
+pub const SIPI_VALID: u32 = 0x100;
+
+impl Mailbox {
+    /// Posts an INIT. The caller then sends the wake-up NMI.
+    pub fn post_init(&self) {
+        self.sipi.store(0, Ordering::SeqCst);
+        self.init_pending.store(true, Ordering::SeqCst);
+        self.wake_nmis.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Posts a SIPI; only the first one after an INIT counts, as on
+    /// hardware. Returns whether it was taken.
+    pub fn post_sipi(&self, vector: u8, target_state: CpuState) -> bool {
+        let waiting =
+            self.init_pending.load(Ordering::SeqCst) || target_state == CpuState::WAIT_FOR_SIPI;
+        waiting
+            && self
+                .sipi
+                .compare_exchange(
+                    0,
+                    SIPI_VALID | u32::from(vector),
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                )
+                .is_ok()
+    }
+
+    /// Takes a pending INIT.
+    pub fn take_init(&self) -> bool {
+        self.init_pending.swap(false, Ordering::SeqCst)
+    }
+
+    /// Takes the SIPI vector, if one arrived.
+    pub fn take_sipi(&self) -> Option<u8> {
+        let v = self.sipi.swap(0, Ordering::SeqCst);
+        (v & SIPI_VALID != 0).then_some((v & 0xff) as u8)
+    }
+
+    /// Takes the count of wake-up NMIs sent.
+    pub fn take_wakes(&self) -> u32 {
+        self.wake_nmis.swap(0, Ordering::SeqCst)
+    }
+}
+
+/// One processor.
+#[derive(Debug)]
+pub struct CpuSlot {
+    /// Local APIC ID.
+    pub apic_id: u32,
+    /// [`CpuState`] value.
+    pub state: AtomicU32,
+    /// INIT/SIPI mailbox.
+    pub mailbox: Mailbox,
+}
+
+impl CpuSlot {
+    /// The state.
+    pub fn state(&self) -> CpuState {
+        CpuState(self.state.load(Ordering::SeqCst))
+    }
+
+    /// Sets the state.
+    pub fn set_state(&self, s: CpuState) {
+        self.state.store(s.0, Ordering::SeqCst);
+    }
+
+    /// Whether the CPU runs under thinhv (INIT/SIPI to it must be virtual).
+    pub fn virtualized(&self) -> bool {
+        self.state() != CpuState::OFFLINE
+    }
+}
+
+/// Global hypervisor state.
+#[derive(Debug)]
+pub struct Hv {
+    /// Settings.
+    pub config: CoreConfig,
+    /// The region the guest can neither read nor write.
+    pub protected: PhysRange,
+    /// The read-only status page.
+    pub status: PhysRange,
+    /// RAM the guest owns (hypercall buffers must lie inside).
+    ram: [PhysRange; MAX_RAM_RANGES],
+    ram_count: usize,
+    /// Physical address width.
+    pub phys_addr_bits: u32,
+    /// Physical base of the xAPIC MMIO page.
+    pub apic_base: u64,
+    /// Vendor backend (`thinhv_abi::hypercall::VENDOR_*`).
+    pub vendor: u32,
+    /// Processors.
+    cpus: [CpuSlot; MAX_CPUS],
+    cpu_count: usize,
+    /// The loader has handed over to the OS.
+    pub sealed: AtomicBool,
+    /// Writes to protected memory discarded.
+    pub blocked_writes: AtomicU64,
+    /// Processors virtualized.
+    pub cpus_virtualized: AtomicU32,
+}
+
+impl Hv {
+    /// Builds the state from a validated hand-off.
+    pub fn from_handoff(h: &Handoff, apic_base: u64) -> Self {
+        let mut ram = [PhysRange::default(); MAX_RAM_RANGES];
+        let n = h.ram().len();
+        ram[..n].copy_from_slice(h.ram());
+        let cpus = core::array::from_fn(|i| CpuSlot {
+            apic_id: h.cpus.get(i).map_or(u32::MAX, |c| c.apic_id),
+            state: AtomicU32::new(CpuState::OFFLINE.0),
+            mailbox: Mailbox::default(),
+        });
+        Self {
+            config: h.config,
+            protected: h.protected,
+            status: h.status,
+            ram,
+            ram_count: n,
+            phys_addr_bits: h.phys_addr_bits,
+            apic_base,
+            vendor: h.vendor,
+            cpus,
+            cpu_count: h.cpus().len(),
+            sealed: AtomicBool::new(false),
+            blocked_writes: AtomicU64::new(0),
+            cpus_virtualized: AtomicU32::new(0),
+        }
+    }
+
+    /// The processors.
+    pub fn cpus(&self) -> &[CpuSlot] {
+        &self.cpus[..self.cpu_count]
+    }
+
+    /// The RAM ranges.
+    pub fn ram(&self) -> &[PhysRange] {
+        &self.ram[..self.ram_count]
+    }
+
+    /// The CPU index for an APIC ID.
+    pub fn cpu_by_apic_id(&self, apic_id: u32) -> Option<usize> {
+        self.cpus().iter().position(|c| c.apic_id == apic_id)
+    }
+
+    /// Whether any byte of `[gpa, gpa + len)` belongs to the hypervisor
+    /// (protected region or status page).
+    pub fn touches_hypervisor(&self, gpa: u64, len: u64) -> bool {
+        self.protected.overlaps(gpa, len) || self.status.overlaps(gpa, len)
+    }
+
+    /// Whether CPUID presence is hidden.
+    pub fn hidden(&self) -> bool {
+        self.config.hide_hypervisor != 0
+    }
+
+    /// Whether the hypervisor has been sealed.
+    pub fn is_sealed(&self) -> bool {
+        self.sealed.load(Ordering::SeqCst)
+    }
+}

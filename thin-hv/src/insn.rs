@@ -1,0 +1,210 @@
+//! Just enough instruction decoding for a thin hypervisor, on top of
+//! `iced-x86`: the length of the instruction that caused an exit (when the
+//! processor does not report the next RIP, as QEMU's SVM does not), and the
+//! value a trapped MMIO write stores.
+use crate::guest::{CpuMode, Gpr};
+use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
+
+/// A decoded instruction.
+#[derive(Clone, Copy, Debug)]
+pub struct Decoded {
+    insn: Instruction,
+}
+
+/// What a store to memory writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreSource {
+    /// An immediate value.
+    Immediate(u64),
+    /// A register (its low `size` bytes).
+    Register(Gpr),
+}
+
+/// A decoded store to memory: `mov [mem], src` or `xchg [mem], reg`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Store {
+    /// Source of the value.
+    pub source: StoreSource,
+    /// Access size in bytes.
+    pub size: u8,
+    /// `xchg`: the register receives the old memory value.
+    pub exchange: bool,
+}
+
+/// Decodes the instruction in `bytes` in `mode`.
+pub fn decode(bytes: &[u8], mode: CpuMode, rip: u64) -> Option<Decoded> {
+    let mut d = Decoder::with_ip(mode.bitness(), bytes, rip, DecoderOptions::NONE);
+    let insn = d.decode();
+    if insn.is_invalid() {
+        return None;
+    }
+    Some(Decoded { insn })
+}
+
+impl Decoded {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.insn.len()
+    }
+
+    /// Whether the instruction is empty (never for a valid decode).
+    pub fn is_empty(&self) -> bool {
+        self.insn.len() == 0
+    }
+
+    /// Address of the next instruction.
+    pub fn next_ip(&self) -> u64 {
+        self.insn.next_ip()
+    }
+
+    /// The mnemonic, for logs.
+    pub fn mnemonic(&self) -> Mnemonic {
+        self.insn.mnemonic()
+    }
+
+    /// If this is a plain store (`mov` to memory or `xchg` with memory),
+    /// what it stores.
+    pub fn store(&self) -> Option<Store> {
+        let i = &self.insn;
+        let exchange = match i.mnemonic() {
+            Mnemonic::Mov => false,
+            Mnemonic::Xchg => true,
+            _ => return None,
+        };
+        if i.op_count() != 2 {
+            return None;
+        }
+        let (mem_op, src_op) = if i.op0_kind() == OpKind::Memory {
+            (0, 1)
+        } else if exchange && i.op1_kind() == OpKind::Memory {
+            (1, 0)
+        } else {
+            return None;
+        };
+        let _ = mem_op;
+        let size = u8::try_from(i.memory_size().size()).ok()?;
+        let source = match i.op_kind(src_op) {
+            OpKind::Register => StoreSource::Register(gpr_of(i.op_register(src_op))?),
+            OpKind::Immediate8
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64
+            | OpKind::Immediate64 => StoreSource::Immediate(i.immediate(src_op)),
+            _ => return None,
+        };
+        Some(Store {
+            source,
+            size,
+            exchange,
+        })
+    }
+}
+
+/// The general-purpose register an operand register belongs to.
+fn gpr_of(r: Register) -> Option<Gpr> {
+    if !r.is_gpr()
+        || r.is_gpr8() && matches!(r, Register::AH | Register::CH | Register::DH | Register::BH)
+    {
+        return None;
+    }
+    let full = r.full_register();
+    let idx = match full {
+        Register::RAX => 0,
+        Register::RCX => 1,
+        Register::RDX => 2,
+        Register::RBX => 3,
+        Register::RSP => 4,
+        Register::RBP => 5,
+        Register::RSI => 6,
+        Register::RDI => 7,
+        Register::R8 => 8,
+        Register::R9 => 9,
+        Register::R10 => 10,
+        Register::R11 => 11,
+        Register::R12 => 12,
+        Register::R13 => 13,
+        Register::R14 => 14,
+        Register::R15 => 15,
+        _ => return None,
+    };
+    Some(Gpr::ALL[idx])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lengths_of_exit_instructions() {
+        let cases: [(&[u8], CpuMode, usize); 6] = [
+            (&[0x0f, 0xa2], CpuMode::Bits64, 2),       // cpuid
+            (&[0x0f, 0x01, 0xd9], CpuMode::Bits64, 3), // vmmcall
+            (&[0x0f, 0x01, 0xc1], CpuMode::Bits32, 3), // vmcall
+            (&[0x0f, 0x30], CpuMode::Bits16, 2),       // wrmsr
+            (&[0x66, 0x0f, 0x32], CpuMode::Bits16, 3), // rdmsr with prefix
+            (&[0xf3, 0xa4], CpuMode::Bits64, 2),       // rep movsb
+        ];
+        for (b, m, n) in cases {
+            assert_eq!(decode(b, m, 0x1000).unwrap().len(), n, "{b:x?}");
+        }
+        assert!(decode(&[0x0f, 0xff], CpuMode::Bits64, 0).is_none());
+        assert!(decode(&[0x0f], CpuMode::Bits64, 0).is_none());
+    }
+
+    #[test]
+    fn stores_to_apic_registers() {
+        // mov dword [rdx+0x300], eax  (89 82 00 03 00 00)
+        let d = decode(&[0x89, 0x82, 0x00, 0x03, 0x00, 0x00], CpuMode::Bits64, 0).unwrap();
+        assert_eq!(
+            d.store(),
+            Some(Store {
+                source: StoreSource::Register(Gpr::Rax),
+                size: 4,
+                exchange: false
+            })
+        );
+        // mov dword [rip+x], r13d (44 89 2d xx xx xx xx)
+        let d = decode(&[0x44, 0x89, 0x2d, 0, 0, 0, 0], CpuMode::Bits64, 0).unwrap();
+        assert_eq!(d.store().unwrap().source, StoreSource::Register(Gpr::R13));
+        // mov dword [rax], 0xc4500  (c7 00 00 45 0c 00)
+        let d = decode(&[0xc7, 0x00, 0x00, 0x45, 0x0c, 0x00], CpuMode::Bits64, 0).unwrap();
+        assert_eq!(d.store().unwrap().source, StoreSource::Immediate(0xc4500));
+        // xchg [rdi], esi  (87 37)
+        let d = decode(&[0x87, 0x37], CpuMode::Bits64, 0).unwrap();
+        assert_eq!(
+            d.store(),
+            Some(Store {
+                source: StoreSource::Register(Gpr::Rsi),
+                size: 4,
+                exchange: true
+            })
+        );
+        // mov eax, [rdx] is a load, not a store.
+        assert!(
+            decode(&[0x8b, 0x02], CpuMode::Bits64, 0)
+                .unwrap()
+                .store()
+                .is_none()
+        );
+        // or dword [rax], 1 is a read-modify-write we do not emulate.
+        assert!(
+            decode(&[0x83, 0x08, 0x01], CpuMode::Bits64, 0)
+                .unwrap()
+                .store()
+                .is_none()
+        );
+        // 32-bit mode: mov [ebx+0x300], ecx (89 8b 00 03 00 00)
+        let d = decode(&[0x89, 0x8b, 0x00, 0x03, 0x00, 0x00], CpuMode::Bits32, 0).unwrap();
+        assert_eq!(d.store().unwrap().source, StoreSource::Register(Gpr::Rcx));
+        // mov [rax], ah: a high-byte register is not a GPR we can name.
+        assert!(
+            decode(&[0x88, 0x20], CpuMode::Bits64, 0)
+                .unwrap()
+                .store()
+                .is_none()
+        );
+    }
+}
