@@ -1,0 +1,356 @@
+//! Installing the core: reserve, load, start on every CPU, or roll back.
+use super::hypercall::vmmcall;
+use super::platform::{self, Processor};
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::arch::naked_asm;
+use core::ffi::c_void;
+use core::sync::atomic::{AtomicU64, Ordering};
+use core::time::Duration;
+use thinhv_abi::PhysRange;
+use thinhv_abi::handoff::{
+    CORE_OP_INIT, CORE_OP_VIRTUALIZE, CoreError, CpuInfo, Handoff, MAX_CPUS, MAX_RAM_RANGES,
+    MAX_RO_RANGES, ON_FATAL_HALT, ON_FATAL_RESET,
+};
+use thinhv_abi::hypercall::{Function, Status};
+use thinhv_config::{Config, OnFatal};
+use thinhv_efi::{blob, cpu_check, elf_load, memmap, plan};
+use uefi::boot::{self, AllocateType, MemoryType};
+use uefi::println;
+use uefi::proto::pi::mp::MpServices;
+
+/// The embedded core (header + ELF), see `build.rs`.
+static CORE_BLOB: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/core.blob"));
+
+/// How long all APs together may take to virtualize.
+const AP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `extern "sysv64" fn(op, a0, a1, a2) -> u64`.
+type CoreEntry = u64;
+
+/// Calls the core's entry to virtualize the calling CPU. Returns the core's
+/// status: 0 when the CPU now runs in guest mode (the call "returns" there,
+/// at label 2, with RAX = 0 from the guest state), nonzero on failure.
+///
+/// # Safety
+/// `entry` is the core's entry after `CORE_OP_INIT` succeeded; called on the
+/// CPU `cpu` describes, natively.
+#[unsafe(naked)]
+unsafe extern "sysv64" fn virtualize_this_cpu(entry: CoreEntry, cpu: u64) -> u64 {
+    naked_asm!(
+        "push rbx",
+        "push rbp",
+        "push r12",
+        "push r13",
+        "push r14",
+        "push r15",
+        "sub rsp, 8",
+        "mov rax, rdi",
+        "mov edi, {op}",
+        // rsi = cpu (already), rdx = resume RIP, rcx = resume RSP.
+        "lea rdx, [rip + 2f]",
+        "mov rcx, rsp",
+        "call rax",
+        // Failure: RAX = error code.
+        "2:",
+        // Success resumes here in guest mode with RSP = RCX above, RAX = 0.
+        "add rsp, 8",
+        "pop r15",
+        "pop r14",
+        "pop r13",
+        "pop r12",
+        "pop rbp",
+        "pop rbx",
+        "ret",
+        op = const CORE_OP_VIRTUALIZE,
+    );
+}
+
+/// Shared with the AP procedure (in loader memory, which stays visible to
+/// every CPU in guest mode).
+struct ApContext {
+    entry: CoreEntry,
+    apic_ids: [u32; MAX_CPUS],
+    numbers: [usize; MAX_CPUS],
+    count: usize,
+    results: [AtomicU64; MAX_CPUS],
+}
+
+/// Result slot not yet written.
+const NOT_RUN: u64 = u64::MAX;
+
+extern "efiapi" fn ap_virtualize(arg: *mut c_void) {
+    // SAFETY: `arg` is the `ApContext` the BSP passed, alive until
+    // `startup_all_aps` returns (it waits for every AP or times out; the
+    // context is leaked, never freed, for the timeout case).
+    let ctx = unsafe { &*arg.cast::<ApContext>() };
+    let me = platform::apic_id();
+    let Some(idx) = ctx.apic_ids[..ctx.count].iter().position(|&a| a == me) else {
+        return;
+    };
+    // SAFETY: this runs on the CPU `idx` names, natively; the core is
+    // initialized (the BSP did it before starting APs).
+    let r = unsafe { virtualize_this_cpu(ctx.entry, idx as u64) };
+    ctx.results[idx].store(r, Ordering::SeqCst);
+}
+
+extern "efiapi" fn ap_devirtualize(arg: *mut c_void) {
+    // SAFETY: as in `ap_virtualize`.
+    let ctx = unsafe { &*arg.cast::<ApContext>() };
+    let me = platform::apic_id();
+    let Some(idx) = ctx.apic_ids[..ctx.count].iter().position(|&a| a == me) else {
+        return;
+    };
+    if ctx.results[idx].load(Ordering::SeqCst) == 0 {
+        // SAFETY: this CPU is under thinhv (its result says so), before the seal.
+        let r = unsafe { vmmcall(Function::DEVIRTUALIZE.0, 0, 0, 0) };
+        if r[0] == Status::OK.0 {
+            ctx.results[idx].store(NOT_RUN, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Installs thinhv. `Ok` carries a one-line summary; `Err` the reason it
+/// is not running (with every CPU left native).
+pub fn install(config: &Config) -> Result<String, String> {
+    let probe = platform::probe();
+    let caps = cpu_check::assess(&probe).map_err(|u| String::from(u.message()))?;
+    println!(
+        "thinhv: processor: AMD-V with nested paging ({}), {}-bit physical addresses",
+        cpu_check::describe(caps.features),
+        caps.phys_addr_bits
+    );
+    let elf = blob::verify(CORE_BLOB).map_err(|e| format!("{e}"))?;
+    let layout =
+        elf_load::layout(elf).map_err(|e| format!("the embedded core is unusable: {e}"))?;
+
+    let mp = platform::mp_services();
+    let all = platform::processors(mp.as_deref());
+    let cpus: Vec<Processor> = all.iter().copied().filter(|p| p.enabled).collect();
+    if cpus.len() < all.len() {
+        println!(
+            "thinhv: warning: {} processor(s) disabled by the firmware stay outside the hypervisor",
+            all.len() - cpus.len()
+        );
+    }
+    if cpus.is_empty() || cpus.len() > MAX_CPUS {
+        return Err(format!(
+            "{} processors: thinhv handles 1 to {MAX_CPUS}",
+            cpus.len()
+        ));
+    }
+    let bsp_apic = platform::apic_id();
+    let mem = platform::memory().ok_or("cannot read the firmware memory map")?;
+    let page_1g = caps.features & thinhv_abi::handoff::features::PAGE_1G != 0;
+    let p = plan::plan(layout.span, cpus.len() as u64, mem.top, page_1g);
+
+    // The reservation: EfiReservedMemoryType, which no OS reclaims.
+    let pages = (p.total / 4096) as usize;
+    let region = boot::allocate_pages(AllocateType::AnyPages, MemoryType::RESERVED, pages)
+        .map_err(|e| format!("cannot reserve {} KiB: {:?}", p.total / 1024, e.status()))?;
+    let base = region.as_ptr() as u64;
+    let release = || {
+        // SAFETY: the pages were allocated above and no CPU uses them any
+        // more (all are native again when this runs).
+        let _ = unsafe { boot::free_pages(region, pages) };
+    };
+    // SAFETY: freshly allocated, `p.total` bytes, owned by the loader.
+    let all_bytes = unsafe { core::slice::from_raw_parts_mut(region.as_ptr(), p.total as usize) };
+    all_bytes.fill(0);
+    let (protected, status, image, pool) = p.ranges(base);
+    let image_bytes =
+        &mut all_bytes[p.image_offset as usize..(p.image_offset + p.image_size) as usize];
+    let loaded = match elf_load::load(elf, image_bytes, image.base) {
+        Ok(l) => l,
+        Err(e) => {
+            release();
+            return Err(format!("the embedded core cannot be loaded: {e}"));
+        }
+    };
+    if loaded.ro.len() > MAX_RO_RANGES {
+        release();
+        return Err(String::from(
+            "the embedded core has too many read-only segments",
+        ));
+    }
+    let ro_crc = elf_load::ro_crc(image_bytes, &loaded.ro);
+
+    // The hand-off, in the first page of the protected region.
+    let mut h = Handoff::new();
+    h.region = PhysRange::new(base, p.total);
+    h.protected = protected;
+    h.status = status;
+    h.image = image;
+    h.pool = pool;
+    for (i, &(off, len)) in loaded.ro.iter().enumerate() {
+        h.ro_ranges[i] = PhysRange::new(image.base + off, len);
+    }
+    h.ro_count = loaded.ro.len() as u32;
+    h.ro_crc = ro_crc;
+    h.vendor = caps.vendor;
+    h.cpu_count = cpus.len() as u32;
+    for (i, c) in cpus.iter().enumerate() {
+        h.cpus[i] = CpuInfo {
+            apic_id: c.apic_id,
+            flags: u32::from(c.apic_id == bsp_apic),
+        };
+    }
+    let ram = memmap::fit(mem.ram.clone(), MAX_RAM_RANGES);
+    for (i, r) in ram.iter().enumerate() {
+        h.ram[i] = *r;
+    }
+    h.ram_count = ram.len() as u32;
+    h.features = caps.features;
+    h.phys_top = mem.top;
+    h.phys_addr_bits = caps.phys_addr_bits;
+    h.config.log_level = config.hypervisor.log_level.as_u8();
+    h.config.serial_port = config.hypervisor.serial.port();
+    h.config.hide_hypervisor = u8::from(config.cpu.hide_hypervisor);
+    h.config.on_fatal = match config.hypervisor.on_fatal {
+        OnFatal::Halt => ON_FATAL_HALT,
+        OnFatal::Reset => ON_FATAL_RESET,
+    };
+    h.config.debug_fail_cpu = config.debug.fail_cpu.unwrap_or(u32::MAX);
+    if let Err(e) = h.validate() {
+        release();
+        return Err(format!("internal error: inconsistent hand-off ({e})"));
+    }
+    // SAFETY: the first page of the reservation is free for the hand-off,
+    // and `Handoff` (8-byte aligned, < 4 KiB... checked below) fits.
+    const _: () = assert!(core::mem::size_of::<Handoff>() <= 4096 * 2);
+    let handoff_pa = base;
+    // SAFETY: `base` is page-aligned memory the loader owns; the hand-off
+    // (under 8 KiB) fits before the image, which starts at `image_offset`.
+    unsafe { core::ptr::write(handoff_pa as *mut Handoff, h) };
+    let entry = image.base + loaded.entry;
+    println!(
+        "thinhv: core loaded at {:#x} ({} KiB, {} relocations), {} KiB reserved in all",
+        image.base,
+        p.image_size / 1024,
+        loaded.relocations,
+        p.total / 1024
+    );
+
+    // SAFETY: `entry` is the relocated entry of the verified core; the
+    // hand-off is complete. The call runs natively on the BSP.
+    let init: extern "sysv64" fn(u64, u64, u64, u64) -> u64 =
+        unsafe { core::mem::transmute(entry) };
+    let r = init(CORE_OP_INIT, handoff_pa, 0, 0);
+    if r != 0 {
+        release();
+        return Err(format!(
+            "the core refused to start: {}",
+            CoreError(r).describe()
+        ));
+    }
+
+    // BSP first: from now on its INIT/SIPI to the APs are seen by thinhv.
+    let bsp_idx = cpus.iter().position(|c| c.apic_id == bsp_apic).unwrap_or(0);
+    // SAFETY: on the BSP, natively, after a successful CORE_OP_INIT.
+    let r = unsafe { virtualize_this_cpu(entry, bsp_idx as u64) };
+    if r != 0 {
+        release();
+        return Err(format!(
+            "the boot processor could not be virtualized: {}",
+            CoreError(r).describe()
+        ));
+    }
+
+    let ctx = Box::leak(Box::new(ApContext {
+        entry,
+        apic_ids: core::array::from_fn(|i| cpus.get(i).map_or(u32::MAX, |c| c.apic_id)),
+        numbers: core::array::from_fn(|i| cpus.get(i).map_or(usize::MAX, |c| c.number)),
+        count: cpus.len(),
+        results: core::array::from_fn(|_| AtomicU64::new(NOT_RUN)),
+    }));
+    ctx.results[bsp_idx].store(0, Ordering::SeqCst);
+    let ctx_ptr = core::ptr::from_mut(ctx).cast::<c_void>();
+    if cpus.len() > 1 {
+        let Some(mp) = mp.as_deref() else {
+            rollback(None, ctx, ctx_ptr, bsp_idx);
+            release();
+            return Err(String::from(
+                "no MP services protocol to start the other processors",
+            ));
+        };
+        let started = mp.startup_all_aps(true, ap_virtualize, ctx_ptr, None, Some(AP_TIMEOUT));
+        let failed: Vec<(usize, u64)> = (0..cpus.len())
+            .map(|i| (i, ctx.results[i].load(Ordering::SeqCst)))
+            .filter(|&(_, r)| r != 0)
+            .collect();
+        if started.is_err() || !failed.is_empty() {
+            let why = match failed.first() {
+                Some(&(i, NOT_RUN)) => {
+                    format!("processor {i} (APIC {}) did not come up", cpus[i].apic_id)
+                }
+                Some(&(i, code)) => format!(
+                    "processor {i} (APIC {}) could not be virtualized: {}",
+                    cpus[i].apic_id,
+                    CoreError(code).describe()
+                ),
+                None => format!(
+                    "starting the processors failed: {:?}",
+                    started.err().map(|e| e.status())
+                ),
+            };
+            let left = rollback(Some(mp), ctx, ctx_ptr, bsp_idx);
+            if left > 0 {
+                // The region must stay reserved: some CPU still uses it.
+                return Err(format!(
+                    "{why}; {left} processor(s) could not be rolled back"
+                ));
+            }
+            release();
+            return Err(format!(
+                "{why}; every processor was returned to native mode"
+            ));
+        }
+    }
+
+    // SAFETY: the BSP is under thinhv; sealing closes the loader-only calls.
+    let r = unsafe { vmmcall(Function::SEAL.0, 0, 0, 0) };
+    if r[0] != Status::OK.0 {
+        log::warn!("seal returned {}", Status(r[0]).name());
+    }
+    // SAFETY: as above; the version call has no side effects.
+    let v = unsafe { vmmcall(Function::VERSION.0, 0, 0, 0) };
+    Ok(format!(
+        "{} of {} processors virtualized, {} KiB reserved, status page at {:#x}",
+        v[3],
+        cpus.len(),
+        p.total / 1024,
+        status.base
+    ))
+}
+
+/// Returns every virtualized CPU to native mode; returns how many could not.
+fn rollback(
+    mp: Option<&MpServices>,
+    ctx: &ApContext,
+    ctx_ptr: *mut c_void,
+    bsp_idx: usize,
+) -> usize {
+    if let Some(mp) = mp {
+        for i in 0..ctx.count {
+            if i != bsp_idx && ctx.results[i].load(Ordering::SeqCst) == 0 {
+                let _ = mp.startup_this_ap(
+                    ctx.numbers[i],
+                    ap_devirtualize,
+                    ctx_ptr,
+                    None,
+                    Some(Duration::from_secs(5)),
+                );
+            }
+        }
+    }
+    // SAFETY: the BSP is under thinhv (it was virtualized first), not sealed.
+    let r = unsafe { vmmcall(Function::DEVIRTUALIZE.0, 0, 0, 0) };
+    if r[0] == Status::OK.0 {
+        ctx.results[bsp_idx].store(NOT_RUN, Ordering::SeqCst);
+    }
+    (0..ctx.count)
+        .filter(|&i| ctx.results[i].load(Ordering::SeqCst) == 0)
+        .count()
+}
