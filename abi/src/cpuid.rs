@@ -23,8 +23,12 @@ pub const LEAF_MEMORY: u32 = 0x4000_0002;
 /// ([`crate::hypercall::VENDOR_AMD_SVM`] or `..._INTEL_VMX`),
 /// ECX ← number of exit reasons counted, EDX ← flags (bit 0: sealed).
 pub const LEAF_INFO: u32 = 0x4000_0003;
+/// Integrity: EAX ← CRC-32 of the core's read-only image recorded at load,
+/// EBX ← the same CRC computed now, ECX ← 1 if the canary page is intact.
+/// (Recomputed on every call; meant for self-tests and monitoring.)
+pub const LEAF_INTEGRITY: u32 = 0x4000_0004;
 /// Highest leaf thinhv answers.
-pub const LEAF_MAX: u32 = LEAF_INFO;
+pub const LEAF_MAX: u32 = LEAF_INTEGRITY;
 
 /// The 12-byte signature returned in EBX, ECX, EDX of [`LEAF_SIGNATURE`].
 pub const SIGNATURE: [u8; 12] = *b"ThinHVThinHV";

@@ -34,6 +34,10 @@ pub const CORE_OP_INIT: u64 = 1;
 /// Entry operation: virtualize this CPU.
 pub const CORE_OP_VIRTUALIZE: u64 = 2;
 
+/// Bytes the loader sets aside for the hand-off at the start of the
+/// protected region (the core image follows).
+pub const HANDOFF_AREA: u64 = (core::mem::size_of::<Handoff>() as u64).div_ceil(4096) * 4096;
+
 /// Name of the core's entry symbol.
 pub const CORE_ENTRY_SYMBOL: &str = "thinhv_core_entry";
 

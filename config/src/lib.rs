@@ -49,6 +49,9 @@ pub struct Config {
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Hypervisor {
+    /// Start the hypervisor at all. `false` turns thinhv into a plain
+    /// chain-loader (a way back that needs no change of boot entries).
+    pub enabled: bool,
     /// Stop the boot rather than start the OS without thinhv.
     pub required: bool,
     /// Log verbosity of loader and core.
@@ -62,6 +65,7 @@ pub struct Hypervisor {
 impl Default for Hypervisor {
     fn default() -> Self {
         Self {
+            enabled: true,
             required: false,
             log_level: LogLevel::Info,
             serial: Serial::Port(0x3f8),
@@ -174,6 +178,13 @@ impl Config {
             column: None,
             message,
         };
+        if self.hypervisor.required && !self.hypervisor.enabled {
+            return Err(err(
+                "hypervisor",
+                "enabled",
+                "enabled = false contradicts required = true".to_string(),
+            ));
+        }
         if let Some(next) = &self.boot.next {
             check_esp_path(next).map_err(|m| err("boot", "next", m))?;
         }
@@ -214,6 +225,7 @@ impl Config {
     pub fn effective(&self) -> String {
         let mut s = String::new();
         s.push_str("[hypervisor]\n");
+        s.push_str(&format!("enabled = {}\n", self.hypervisor.enabled));
         s.push_str(&format!("required = {}\n", self.hypervisor.required));
         s.push_str(&format!(
             "log_level = \"{}\"\n",

@@ -15,6 +15,7 @@ fn full_file_parses() {
     let text = r#"
 # thinhv configuration
 [hypervisor]
+enabled = true
 required = true
 log_level = "debug"
 serial = 0x2f8
@@ -125,4 +126,12 @@ fn line_col_counts_from_one() {
     assert_eq!(line_col("ab\ncd", 0), (1, 1));
     assert_eq!(line_col("ab\ncd", 4), (2, 2));
     assert_eq!(line_col("ab", 99), (1, 3));
+}
+
+#[test]
+fn disabled_hypervisor_and_contradictions() {
+    let c = Config::parse("[hypervisor]\nenabled = false\n").unwrap();
+    assert!(!c.hypervisor.enabled);
+    let e = Config::parse("[hypervisor]\nrequired = true\nenabled = false\n").unwrap_err();
+    assert_eq!(e.line, Some(3), "{e}");
 }

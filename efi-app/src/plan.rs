@@ -1,7 +1,7 @@
 //! The reservation: how big, and where each part goes.
 //!
 //! ```text
-//! base ─┬─ hand-off page
+//! base ─┬─ hand-off (HANDOFF_AREA bytes)
 //!       ├─ core image (ELF span)
 //!       ├─ pool (heap, permission maps, per-CPU blocks, page tables)
 //!       ├─ ─ ─ end of the protected region ─ ─ ─
@@ -34,7 +34,7 @@ const PAGE: u64 = 4096;
 
 /// Plans a reservation for an image of `image_span` bytes.
 pub fn plan(image_span: u64, cpus: u64, phys_top: u64, page_1g: bool) -> Plan {
-    let image_offset = PAGE;
+    let image_offset = thinhv_abi::handoff::HANDOFF_AREA;
     let image_size = image_span.div_ceil(PAGE) * PAGE;
     let pool_offset = image_offset + image_size;
     let pool = pool_size(cpus, phys_top, page_1g);
@@ -84,6 +84,10 @@ mod tests {
             h.cpu_count = cpus as u32;
             assert_eq!(h.validate(), Ok(()), "{cpus} cpus");
             assert_eq!(status.end(), 0x7e00_0000 + p.total);
+            assert!(
+                image.base - 0x7e00_0000 >= core::mem::size_of::<Handoff>() as u64,
+                "hand-off overlaps the image"
+            );
         }
     }
 

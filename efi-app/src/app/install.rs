@@ -217,12 +217,9 @@ pub fn install(config: &Config) -> Result<String, String> {
         release();
         return Err(format!("internal error: inconsistent hand-off ({e})"));
     }
-    // SAFETY: the first page of the reservation is free for the hand-off,
-    // and `Handoff` (8-byte aligned, < 4 KiB... checked below) fits.
-    const _: () = assert!(core::mem::size_of::<Handoff>() <= 4096 * 2);
     let handoff_pa = base;
-    // SAFETY: `base` is page-aligned memory the loader owns; the hand-off
-    // (under 8 KiB) fits before the image, which starts at `image_offset`.
+    // SAFETY: `base` is page-aligned memory the loader owns; the plan puts
+    // the image at `HANDOFF_AREA`, past the end of the hand-off.
     unsafe { core::ptr::write(handoff_pa as *mut Handoff, h) };
     let entry = image.base + loaded.entry;
     println!(

@@ -31,6 +31,7 @@ fn main() -> Status {
     if uefi::helpers::init().is_err() {
         return Status::ABORTED;
     }
+    log::set_max_level(log::LevelFilter::Info);
     println!(
         "thinhv {}: firmware-resident thin hypervisor",
         env!("CARGO_PKG_VERSION")
@@ -76,6 +77,9 @@ fn main() -> Status {
 
     let outcome = match config_error {
         Some(e) => Err(alloc::format!("configuration error: {e}")),
+        None if !config.hypervisor.enabled => Err(alloc::string::String::from(
+            "disabled in thinhv.toml ([hypervisor] enabled = false)",
+        )),
         None => install::install(&config),
     };
     match outcome {

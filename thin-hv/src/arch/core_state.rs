@@ -107,6 +107,28 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
     // `Handoff` it wrote inside the protected region; it is copied out at once.
     let h: Handoff = unsafe { core::ptr::read_volatile(handoff_pa as *const Handoff) };
     h.validate().map_err(|_| CoreError::BAD_HANDOFF)?;
+    // The status page first, so that the log ring holds every line.
+    let status = StatusPage::new(h.status.base, h.status.size, h.cpu_count as usize)
+        .ok_or(CoreError::BAD_HANDOFF)?;
+    let header = StatusPageHeader {
+        abi_version: thinhv_abi::ABI_VERSION,
+        header_size: core::mem::size_of::<StatusPageHeader>() as u32,
+        version: thinhv_abi::VERSION,
+        vendor: h.vendor,
+        cpus_expected: h.cpu_count,
+        bytes_reserved: h.region.size,
+        protected_base: h.protected.base,
+        protected_size: h.protected.size,
+        flags: if h.config.hide_hypervisor != 0 {
+            thinhv_abi::status::FLAG_HIDDEN
+        } else {
+            0
+        },
+        ..Default::default()
+    };
+    let ids: [u32; thinhv_abi::handoff::MAX_CPUS] = core::array::from_fn(|i| h.cpus[i].apic_id);
+    status.init(&header, &ids[..h.cpu_count as usize]);
+    super::logger::LOGGER.attach_ring(status);
     super::logger::LOGGER.init(h.config.serial_port, h.config.log_level);
     log::info!(
         "thinhv core {}.{}.{} starting: {} CPUs, protected {:#x}+{:#x}, status page {:#x}+{:#x}",
@@ -197,28 +219,6 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
     msrpm::intercept(map, MSR_VM_CR, true, true);
     msrpm::intercept(map, MSR_VM_HSAVE_PA, true, true);
     msrpm::intercept(map, crate::apic::X2APIC_ICR_MSR, false, true);
-
-    let status = StatusPage::new(h.status.base, h.status.size, h.cpu_count as usize)
-        .ok_or(CoreError::BAD_HANDOFF)?;
-    let header = StatusPageHeader {
-        abi_version: thinhv_abi::ABI_VERSION,
-        header_size: core::mem::size_of::<StatusPageHeader>() as u32,
-        version: thinhv_abi::VERSION,
-        vendor: h.vendor,
-        cpus_expected: h.cpu_count,
-        bytes_reserved: h.region.size,
-        protected_base: h.protected.base,
-        protected_size: h.protected.size,
-        flags: if h.config.hide_hypervisor != 0 {
-            thinhv_abi::status::FLAG_HIDDEN
-        } else {
-            0
-        },
-        ..Default::default()
-    };
-    let ids: [u32; thinhv_abi::handoff::MAX_CPUS] = core::array::from_fn(|i| h.cpus[i].apic_id);
-    status.init(&header, &ids[..h.cpu_count as usize]);
-    super::logger::LOGGER.attach_ring(status);
 
     let hv = Hv::from_handoff(&h, apic_base);
     CORE.call_once(|| Core {

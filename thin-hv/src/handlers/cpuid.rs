@@ -104,7 +104,13 @@ pub(super) fn handle(cpu: &mut impl GuestCpu, env: &impl Env) {
     let leaf = (cpu.gpr(Gpr::Rax) & 0xffff_ffff) as u32;
     let sub = (cpu.gpr(Gpr::Rcx) & 0xffff_ffff) as u32;
     let raw = env.cpuid(leaf, sub);
-    let r = filter_cpuid(leaf, sub, raw, &info(env));
+    let info = info(env);
+    let r = if leaf == leaves::LEAF_INTEGRITY && !info.hidden {
+        let i = env.integrity();
+        [i.expected_crc, i.current_crc, u32::from(i.canary_ok), 0]
+    } else {
+        filter_cpuid(leaf, sub, raw, &info)
+    };
     cpu.set_gpr(Gpr::Rax, u64::from(r[0]));
     cpu.set_gpr(Gpr::Rbx, u64::from(r[1]));
     cpu.set_gpr(Gpr::Rcx, u64::from(r[2]));

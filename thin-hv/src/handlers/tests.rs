@@ -55,6 +55,17 @@ fn cpuid_announces_thinhv_and_hides_virtualization() {
     assert_eq!(cpu.regs[Gpr::Rax as usize], PROTECTED.size + STATUS.size);
     assert_eq!(cpu.regs[Gpr::Rcx as usize], STATUS.base & 0xffff_ffff);
 
+    env.integrity.current_crc = 7;
+    let mut cpu = at(&mut env, CPUID);
+    cpu.regs[Gpr::Rax as usize] = 0x4000_0004;
+    handle(&Exit::Cpuid, &mut cpu, &mut env);
+    let r = |g: Gpr| cpu.regs[g as usize];
+    assert_eq!(
+        (r(Gpr::Rax), r(Gpr::Rbx), r(Gpr::Rcx)),
+        (1, 7, 1),
+        "expected, current, canary"
+    );
+
     let mut cpu = at(&mut env, CPUID);
     cpu.regs[Gpr::Rax as usize] = 0x8000_0001;
     handle(&Exit::Cpuid, &mut cpu, &mut env);

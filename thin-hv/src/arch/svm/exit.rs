@@ -78,6 +78,10 @@ pub extern "sysv64" fn svm_exit(run: &mut RunState) {
     let mut env = HwEnv { core, cpu };
     let handled = handlers::handle(&exit, &mut guest, &mut env);
     core.status.count(cpu, handled.reason);
+    if handled.reason == ExitReason::PROTECTED_ACCESS {
+        core.status
+            .set_blocked_writes(core.hv.blocked_writes.load(Ordering::Relaxed));
+    }
     match handled.outcome {
         Outcome::Resume => {}
         Outcome::ResumeFlushTlb => vmcb_flush(core, &mut pc.guest_vmcb),

@@ -1,0 +1,88 @@
+//! `thinhv`: the operator's command.
+//!
+//! Inside a guest (as root, no kernel module needed):
+//! * `thinhv status [--json]` — version, CPUs, memory reserved, exits by
+//!   reason, and the hypervisor log;
+//! * `thinhv log` — the hypervisor log alone;
+//! * `thinhv selftest` — checks, from user mode, that the hypervisor's
+//!   memory is out of reach and that hypercalls from user mode are refused.
+//!
+//! Anywhere: `thinhv check FILE` validates a `thinhv.toml`.
+//!
+//! Installed as `thinhv-status` (a link), it behaves as `thinhv status`.
+//!
+//! How it talks to thinhv without privileges in the kernel: CPUID leaves
+//! `0x4000_0000..` (any privilege level) give the version and the physical
+//! address of the read-only status page; `/dev/mem` (root) reads that page.
+//! See `docs/status-channel.md`.
+mod cpuid;
+mod devmem;
+mod report;
+mod selftest;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: thinhv <command>
+  status [--json]   show thinhv's state (inside a guest; root for counters and log)
+  log               print the hypervisor log (root)
+  selftest          check the hypervisor's protection from inside the guest (root)
+  check FILE        validate a thinhv.toml and print the effective settings
+  help              this text";
+
+/// Exit code when thinhv is not running.
+const NOT_PRESENT: u8 = 3;
+
+fn main() -> ExitCode {
+    let mut args: Vec<String> = std::env::args().collect();
+    let argv0 = args.first().cloned().unwrap_or_default();
+    if argv0.rsplit('/').next() == Some("thinhv-status") {
+        args.insert(1, "status".into());
+    }
+    let cmd = args.get(1).map_or("help", String::as_str);
+    let rest = &args[2.min(args.len())..];
+    match cmd {
+        "status" => report::status(rest.iter().any(|a| a == "--json")),
+        "log" => report::log(),
+        "selftest" => selftest::run(),
+        "check" => check(rest),
+        "help" | "-h" | "--help" => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        other => {
+            eprintln!("thinhv: unknown command {other:?}\n{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn check(rest: &[String]) -> ExitCode {
+    let Some(path) = rest.first() else {
+        eprintln!("usage: thinhv check FILE");
+        return ExitCode::from(2);
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("thinhv: {path}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match thinhv_config::Config::parse(&text) {
+        Ok(c) => {
+            println!("{path}: ok\n\n# effective settings\n{}", c.effective());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let shown = e.to_string().replacen(thinhv_config::FILE_NAME, path, 1);
+            eprintln!("{shown}");
+            let s = thinhv_config::salvage(&text);
+            eprintln!(
+                "at boot, thinhv would not start and would boot {} (required = {})",
+                s.next.as_deref().unwrap_or("the next BootOrder entry"),
+                s.required
+            );
+            ExitCode::FAILURE
+        }
+    }
+}

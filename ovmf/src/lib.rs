@@ -1,0 +1,17 @@
+//! Everything needed to boot thinhv in an emulator, shared by `xtask` (run,
+//! bench) and the integration tests:
+//!
+//! * [`firmware`] — where OVMF is;
+//! * [`qemu`] — QEMU command lines for the test profiles;
+//! * [`esp`] — an EFI system partition laid out as a server's would be;
+//! * [`linux`] — a Debian kernel (downloaded with `apt-get download`, never
+//!   installed) and a busybox initramfs;
+//! * [`cpio`] — the `newc` archive format for the initramfs;
+//! * [`runner`] — starts QEMU under a timeout, watches the serial port for
+//!   markers, and always kills the process it started (by PID) on drop.
+pub mod cpio;
+pub mod esp;
+pub mod firmware;
+pub mod linux;
+pub mod qemu;
+pub mod runner;

@@ -1,0 +1,160 @@
+//! A real Linux guest: Debian's kernel package, downloaded with `apt-get
+//! download` and unpacked with `dpkg-deb -x` (never installed), and a small
+//! initramfs with busybox and the `thinhv` tool.
+use crate::cpio::{Entry, archive};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The guest's `/init`.
+pub const INIT: &str = include_str!("../guest/init");
+/// The guest-side test reporter.
+pub const GUEST_TEST: &str = include_str!("../guest/thinhv-guest-test");
+
+/// Marker the guest prints when userspace starts.
+pub const USERSPACE_MARKER: &str = "THINHV-GUEST: userspace up";
+
+fn run(cmd: &mut Command) -> Result<String, String> {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().map_err(|e| format!("{shown}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{shown} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn find_vmlinuz(dir: &Path) -> Option<PathBuf> {
+    let boot = dir.join("boot");
+    std::fs::read_dir(boot)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-"))
+        })
+}
+
+/// The kernel (EFI stub image), fetched into `cache` on first use.
+pub fn kernel(cache: &Path) -> Result<PathBuf, String> {
+    let unpacked = cache.join("linux");
+    if let Some(k) = find_vmlinuz(&unpacked) {
+        return Ok(k);
+    }
+    let debs = cache.join("debs");
+    std::fs::create_dir_all(&debs).map_err(|e| e.to_string())?;
+    let hint = "needs Debian's apt sources; the command is \
+                `apt-get download linux-image-amd64` (run `sudo apt-get update` first if it fails)";
+    run(Command::new("apt-get")
+        .args(["download", "-q", "linux-image-amd64"])
+        .current_dir(&debs))
+    .map_err(|e| format!("{e}\n{hint}"))?;
+    let meta = newest(&debs, "linux-image-amd64_")?;
+    let depends = run(Command::new("dpkg-deb")
+        .args(["-f"])
+        .arg(&meta)
+        .arg("Depends"))?;
+    let pkg = depends
+        .split([',', '|'])
+        .map(|d| d.trim().split(' ').next().unwrap_or(""))
+        .find(|d| d.starts_with("linux-image-") && !d.ends_with("-amd64-unsigned"))
+        .ok_or_else(|| format!("no kernel package in {depends:?}"))?
+        .to_string();
+    run(Command::new("apt-get")
+        .args(["download", "-q", &pkg])
+        .current_dir(&debs))
+    .map_err(|e| format!("{e}\n{hint}"))?;
+    let deb = newest(&debs, &format!("{pkg}_"))?;
+    std::fs::create_dir_all(&unpacked).map_err(|e| e.to_string())?;
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+    find_vmlinuz(&unpacked).ok_or_else(|| format!("no boot/vmlinuz-* in {}", deb.display()))
+}
+
+fn newest(dir: &Path, prefix: &str) -> Result<PathBuf, String> {
+    std::fs::read_dir(dir)
+        .map_err(|e| e.to_string())?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(prefix) && n.ends_with(".deb"))
+        })
+        .max()
+        .ok_or_else(|| format!("no {prefix}*.deb in {}", dir.display()))
+}
+
+/// A statically linked busybox (Debian's `busybox-static` puts it at
+/// `/bin/busybox`).
+pub fn busybox() -> Result<PathBuf, String> {
+    let p = std::env::var_os("THINHV_BUSYBOX")
+        .map_or_else(|| PathBuf::from("/bin/busybox"), PathBuf::from);
+    let bytes = std::fs::read(&p).map_err(|_| {
+        format!(
+            "{} not found: install it with `sudo apt-get install busybox-static`",
+            p.display()
+        )
+    })?;
+    if bytes.windows(b"ld-linux".len()).any(|w| w == b"ld-linux") && bytes.len() < 1_500_000 {
+        return Err(format!(
+            "{} is dynamically linked; install the static one with `sudo apt-get install busybox-static`",
+            p.display()
+        ));
+    }
+    Ok(p)
+}
+
+/// Builds the initramfs: busybox, `/init`, the `thinhv` tool (also as
+/// `thinhv-status`) and the test reporter.
+pub fn initramfs(busybox: &Path, tool: &Path) -> Result<Vec<u8>, String> {
+    let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let entries = vec![
+        Entry::Dir("bin".into()),
+        Entry::Dir("dev".into()),
+        Entry::CharDev("dev/console".into(), 5, 1),
+        Entry::Dir("proc".into()),
+        Entry::Dir("sys".into()),
+        Entry::Dir("tmp".into()),
+        Entry::File("bin/busybox".into(), 0o755, read(busybox)?),
+        Entry::Symlink("bin/sh".into(), "busybox".into()),
+        Entry::File("init".into(), 0o755, INIT.as_bytes().to_vec()),
+        Entry::File("bin/thinhv".into(), 0o755, read(tool)?),
+        Entry::Symlink("bin/thinhv-status".into(), "thinhv".into()),
+        Entry::File(
+            "bin/thinhv-guest-test".into(),
+            0o755,
+            GUEST_TEST.as_bytes().to_vec(),
+        ),
+    ];
+    Ok(archive(&entries))
+}
+
+/// Kernel and initramfs on the host, ready to copy to an ESP.
+#[derive(Clone, Debug)]
+pub struct LinuxImage {
+    /// `vmlinuz` (EFI stub).
+    pub kernel: PathBuf,
+    /// The initramfs.
+    pub initrd: PathBuf,
+}
+
+/// Fetches the kernel (once) and builds the initramfs with `tool` into `cache`.
+pub fn prepare(cache: &Path, tool: &Path) -> Result<LinuxImage, String> {
+    let kernel = kernel(cache)?;
+    let bb = busybox()?;
+    let initrd = cache.join("initrd.img");
+    std::fs::write(&initrd, initramfs(&bb, tool)?)
+        .map_err(|e| format!("{}: {e}", initrd.display()))?;
+    Ok(LinuxImage { kernel, initrd })
+}
+
+impl crate::esp::Esp {
+    /// Copies kernel and initramfs to their ESP paths.
+    pub fn install_linux(&self, img: &LinuxImage) -> std::io::Result<()> {
+        self.put_file(crate::esp::KERNEL, &img.kernel)?;
+        self.put_file(crate::esp::INITRD, &img.initrd)
+    }
+}

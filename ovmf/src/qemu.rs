@@ -1,0 +1,164 @@
+//! QEMU command lines.
+use crate::firmware::Ovmf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Lowest QEMU thinhv's test beds need (the `igb` SR-IOV NIC arrived in 8.0).
+pub const MIN_QEMU: (u32, u32) = (8, 0);
+
+/// A machine to boot.
+#[derive(Clone, Debug)]
+pub struct Profile {
+    /// `-machine`.
+    pub machine: String,
+    /// `-cpu`.
+    pub cpu: String,
+    /// `-smp`.
+    pub smp: u32,
+    /// `-m` in MiB.
+    pub mem_mb: u32,
+    /// Further arguments (devices).
+    pub extra: Vec<String>,
+}
+
+impl Profile {
+    /// q35 with an AMD CPU that has SVM and NPT (`-cpu max` under TCG).
+    /// QEMU's own "hypervisor" CPUID bit is turned off so that what Linux
+    /// reports is thinhv's doing.
+    pub fn svm(smp: u32) -> Self {
+        Self {
+            machine: "q35".into(),
+            cpu: "max,hypervisor=off".into(),
+            smp,
+            mem_mb: 1024,
+            extra: Vec::new(),
+        }
+    }
+
+    /// The same machine with a CPU model without SVM.
+    pub fn no_svm(smp: u32) -> Self {
+        Self {
+            cpu: "max,hypervisor=off,svm=off".into(),
+            ..Self::svm(smp)
+        }
+    }
+}
+
+/// Where the serial port goes.
+#[derive(Clone, Debug)]
+pub enum Serial {
+    /// Into a file (tests).
+    File(PathBuf),
+    /// The terminal, with QEMU's monitor multiplexed (`cargo xtask run`).
+    Terminal,
+}
+
+/// The QEMU binary: `THINHV_QEMU` or `qemu-system-x86_64` on PATH.
+pub fn binary() -> PathBuf {
+    std::env::var_os("THINHV_QEMU")
+        .map_or_else(|| PathBuf::from("qemu-system-x86_64"), PathBuf::from)
+}
+
+/// Parses `QEMU emulator version X.Y.Z`.
+pub fn parse_version(text: &str) -> Option<(u32, u32)> {
+    let rest = text.split("version ").nth(1)?;
+    let mut it = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty());
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
+/// Checks that QEMU is there and new enough.
+pub fn check() -> Result<(u32, u32), String> {
+    let out = Command::new(binary())
+        .arg("--version")
+        .output()
+        .map_err(|e| {
+            format!(
+                "{}: {e}; install QEMU >= 8 with `sudo bash scripts/setup-debian.sh`",
+                binary().display()
+            )
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = parse_version(&text)
+        .ok_or_else(|| format!("cannot read the QEMU version from {text:?}"))?;
+    if v < MIN_QEMU {
+        return Err(format!(
+            "QEMU {}.{} is too old (need {}.{}+); Debian 12: `sudo bash scripts/setup-debian.sh` adds bookworm-backports",
+            v.0, v.1, MIN_QEMU.0, MIN_QEMU.1
+        ));
+    }
+    Ok(v)
+}
+
+/// Builds the command. `vars` is this run's writable copy of the variable store.
+pub fn command(ovmf: &Ovmf, vars: &Path, esp: &Path, p: &Profile, serial: &Serial) -> Command {
+    let mut c = Command::new(binary());
+    c.args(["-machine", &p.machine, "-accel", "tcg", "-cpu", &p.cpu]);
+    c.args(["-smp", &p.smp.to_string(), "-m", &p.mem_mb.to_string()]);
+    c.arg("-drive").arg(format!(
+        "if=pflash,format=raw,unit=0,readonly=on,file={}",
+        ovmf.code.display()
+    ));
+    c.arg("-drive").arg(format!(
+        "if=pflash,format=raw,unit=1,file={}",
+        vars.display()
+    ));
+    c.arg("-drive")
+        .arg(format!("format=raw,file=fat:rw:{}", esp.display()));
+    c.args(["-nic", "none", "-no-reboot"]);
+    match serial {
+        Serial::File(path) => {
+            c.args(["-display", "none", "-monitor", "none", "-serial"]);
+            c.arg(format!("file:{}", path.display()));
+        }
+        Serial::Terminal => {
+            c.arg("-nographic");
+        }
+    }
+    c.args(&p.extra);
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_parsing() {
+        assert_eq!(
+            parse_version("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2)"),
+            Some((10, 0))
+        );
+        assert_eq!(parse_version("QEMU emulator version 7.2.15"), Some((7, 2)));
+        assert_eq!(parse_version("nonsense"), None);
+    }
+
+    #[test]
+    fn command_line_has_the_essentials() {
+        let ovmf = Ovmf {
+            code: "/c.fd".into(),
+            vars: "/v.fd".into(),
+        };
+        let c = command(
+            &ovmf,
+            Path::new("/tmp/v"),
+            Path::new("/tmp/esp"),
+            &Profile::svm(4),
+            &Serial::File("/tmp/s".into()),
+        );
+        let args: Vec<String> = c
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let joined = args.join(" ");
+        assert!(joined.contains("-machine q35"));
+        assert!(joined.contains("-cpu max,hypervisor=off"));
+        assert!(joined.contains("-smp 4"));
+        assert!(joined.contains("readonly=on,file=/c.fd"));
+        assert!(joined.contains("file=fat:rw:/tmp/esp"));
+        assert!(joined.contains("-serial file:/tmp/s"));
+        assert!(joined.contains("-no-reboot"));
+        assert!(Profile::no_svm(1).cpu.contains("svm=off"));
+    }
+}

@@ -1,0 +1,216 @@
+//! Running QEMU under a timeout and reading its serial output.
+//!
+//! The process is always ended by its PID (`Child::kill`) when the
+//! [`Run`] is dropped, so a failing or panicking test never leaves an
+//! emulator behind. Nothing is ever killed by name.
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Why waiting ended without the marker.
+#[derive(Debug)]
+pub enum WaitError {
+    /// The deadline passed.
+    Timeout {
+        /// What was waited for.
+        marker: String,
+        /// How long.
+        after: Duration,
+    },
+    /// QEMU exited first.
+    Exited(ExitStatus),
+    /// I/O trouble.
+    Io(String),
+}
+
+impl std::fmt::Display for WaitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Timeout { marker, after } => write!(f, "no {marker:?} within {after:?}"),
+            Self::Exited(s) => write!(f, "QEMU exited ({s}) before the marker"),
+            Self::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// A running emulator.
+#[derive(Debug)]
+pub struct Run {
+    child: Child,
+    serial: PathBuf,
+    started: Instant,
+    pid: u32,
+}
+
+impl Run {
+    /// Starts `cmd`, whose serial port writes to `serial` (a file the
+    /// command line names). stdout/stderr go to `serial.qemu.log`.
+    pub fn start(mut cmd: Command, serial: &Path) -> std::io::Result<Self> {
+        let _ = fs::remove_file(serial);
+        fs::write(serial, b"")?;
+        let qlog = fs::File::create(serial.with_extension("qemu.log"))?;
+        cmd.stdin(Stdio::null())
+            .stdout(qlog.try_clone()?)
+            .stderr(qlog);
+        let child = cmd.spawn()?;
+        let pid = child.id();
+        Ok(Self {
+            child,
+            serial: serial.to_path_buf(),
+            started: Instant::now(),
+            pid,
+        })
+    }
+
+    /// The PID (for logs).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Time since start.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The serial output so far.
+    pub fn output(&self) -> String {
+        let bytes = fs::read(&self.serial).unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// What QEMU itself printed (errors).
+    pub fn qemu_messages(&self) -> String {
+        fs::read_to_string(self.serial.with_extension("qemu.log")).unwrap_or_default()
+    }
+
+    /// Waits until the serial output contains `marker`; returns the time
+    /// since start.
+    pub fn wait_for(&mut self, marker: &str, timeout: Duration) -> Result<Duration, WaitError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.output().contains(marker) {
+                return Ok(self.elapsed());
+            }
+            if let Some(status) = self
+                .child
+                .try_wait()
+                .map_err(|e| WaitError::Io(e.to_string()))?
+            {
+                // One last look: the marker may have been the last thing written.
+                if self.output().contains(marker) {
+                    return Ok(self.elapsed());
+                }
+                return Err(WaitError::Exited(status));
+            }
+            if Instant::now() >= deadline {
+                return Err(WaitError::Timeout {
+                    marker: marker.into(),
+                    after: timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for QEMU to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus, WaitError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self
+                .child
+                .try_wait()
+                .map_err(|e| WaitError::Io(e.to_string()))?
+            {
+                return Ok(s);
+            }
+            if Instant::now() >= deadline {
+                return Err(WaitError::Timeout {
+                    marker: "<exit>".into(),
+                    after: timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Ends the emulator now (by PID).
+    pub fn kill(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `key=value` lines between `begin` and `end` markers (first occurrence).
+pub fn section<'a>(text: &'a str, begin: &str, end: &str) -> Option<&'a str> {
+    let start = text.find(begin)? + begin.len();
+    let stop = text[start..].find(end)? + start;
+    Some(&text[start..stop])
+}
+
+/// The value of `key=` on its own line, last occurrence.
+pub fn value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    let prefix = format!("{key}=");
+    text.lines()
+        .filter_map(|l| {
+            l.trim_end_matches('\r')
+                .trim_start()
+                .strip_prefix(prefix.as_str())
+        })
+        .next_back()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parsing_helpers() {
+        let t = "noise\nA-BEGIN\nx=1\r\ny=two\nx=3\nA-END\n";
+        let s = section(t, "A-BEGIN", "A-END").unwrap();
+        assert_eq!(value(s, "x"), Some("3"));
+        assert_eq!(value(s, "y"), Some("two"));
+        assert_eq!(value(s, "z"), None);
+        assert!(section(t, "B-BEGIN", "A-END").is_none());
+    }
+
+    #[test]
+    fn a_hung_process_times_out_and_is_killed() {
+        let dir = std::env::temp_dir().join(format!("thinhv-runner-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let serial = dir.join("serial.txt");
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("echo hello > {}; sleep 30", serial.display()));
+        let mut run = Run::start(cmd, &serial).unwrap();
+        assert!(run.wait_for("hello", Duration::from_secs(10)).is_ok());
+        let e = run
+            .wait_for("never", Duration::from_millis(300))
+            .unwrap_err();
+        assert!(matches!(e, WaitError::Timeout { .. }));
+        let pid = run.pid();
+        drop(run);
+        // The process is gone (reaped), so no /proc entry remains for it.
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists()
+                || fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map_or(true, |s| s.contains(" Z "))
+        );
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg("exit 3");
+        let mut run = Run::start(cmd, &serial).unwrap();
+        assert!(matches!(
+            run.wait_for("x", Duration::from_secs(10)),
+            Err(WaitError::Exited(_))
+        ));
+        fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,353 @@
+//! The checks. Each prints `key=value`; nothing here decides pass or fail.
+use core::arch::{asm, naked_asm};
+use core::sync::atomic::{AtomicU64, Ordering};
+use thinhv_abi::cpuid::{LEAF_SIGNATURE, LEAF1_ECX_HYPERVISOR, signature_from_regs};
+use thinhv_abi::hypercall::{Function, Status, StatusReport};
+use uefi::println;
+use zerocopy::FromBytes;
+
+fn cpuid(leaf: u32, sub: u32) -> [u32; 4] {
+    let r = core::arch::x86_64::__cpuid_count(leaf, sub);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}
+
+fn intel() -> bool {
+    let l = cpuid(0, 0);
+    l[1] == u32::from_le_bytes(*b"Genu")
+}
+
+/// A hypercall (VMMCALL or VMCALL by vendor).
+fn hc(f: Function, a0: u64, a1: u64, a2: u64) -> [u64; 4] {
+    let (rax, rbx, rcx, rdx): (u64, u64, u64, u64);
+    // SAFETY: only called after the thinhv signature was seen; the call
+    // writes at most the buffer it names (guest memory the probe owns).
+    unsafe {
+        if intel() {
+            asm!("xchg {b}, rbx", "vmcall", "xchg {b}, rbx", b = inout(reg) a0 => rbx,
+                inout("rax") f.0 => rax, inout("rcx") a1 => rcx, inout("rdx") a2 => rdx);
+        } else {
+            asm!("xchg {b}, rbx", "vmmcall", "xchg {b}, rbx", b = inout(reg) a0 => rbx,
+                inout("rax") f.0 => rax, inout("rcx") a1 => rcx, inout("rdx") a2 => rdx);
+        }
+    }
+    [rax, rbx, rcx, rdx]
+}
+
+// ---- Catching #UD and #GP for one instruction at a time ---------------
+
+/// Vector of the last exception caught (0: none).
+static CAUGHT: AtomicU64 = AtomicU64::new(0);
+/// Bytes to skip when one is caught (the length of the probed instruction).
+static SKIP: AtomicU64 = AtomicU64::new(0);
+
+#[unsafe(naked)]
+extern "C" fn ud_stub() {
+    // Frame: RIP, CS, RFLAGS, RSP, SS (no error code for #UD).
+    naked_asm!(
+        "push rax",
+        "mov qword ptr [rip + {caught}], 6",
+        "mov rax, [rip + {skip}]",
+        "add [rsp + 8], rax",
+        "pop rax",
+        "iretq",
+        caught = sym CAUGHT, skip = sym SKIP,
+    );
+}
+
+#[unsafe(naked)]
+extern "C" fn gp_stub() {
+    // Frame: error code, RIP, CS, RFLAGS, RSP, SS.
+    naked_asm!(
+        "push rax",
+        "mov qword ptr [rip + {caught}], 13",
+        "mov rax, [rip + {skip}]",
+        "add [rsp + 16], rax",
+        "pop rax",
+        "add rsp, 8",
+        "iretq",
+        caught = sym CAUGHT, skip = sym SKIP,
+    );
+}
+
+#[repr(C, packed)]
+struct Dtr {
+    limit: u16,
+    base: u64,
+}
+
+/// Runs `f` (one instruction of `len` bytes) with #UD and #GP caught;
+/// returns the vector caught, 0 if none.
+fn catching(len: u64, f: impl FnOnce()) -> u64 {
+    let mut d = Dtr { limit: 0, base: 0 };
+    let cs: u16;
+    // SAFETY: SIDT stores into `d`; reading CS has no side effects.
+    unsafe {
+        asm!("sidt [{}]", in(reg) &raw mut d);
+        asm!("mov {:x}, cs", out(reg) cs);
+    }
+    let idt = d.base as *mut [u64; 2];
+    let gate = |h: u64| -> [u64; 2] {
+        let low =
+            (h & 0xffff) | (u64::from(cs) << 16) | (0x8eu64 << 40) | (((h >> 16) & 0xffff) << 48);
+        [low, h >> 32]
+    };
+    // SAFETY: the firmware's IDT is identity-mapped, writable boot-services
+    // memory; entries 6 and 13 are saved and restored around `f`, with
+    // interrupts disabled so nothing else sees the temporary gates.
+    unsafe {
+        asm!("cli");
+        let old6 = idt.add(6).read_volatile();
+        let old13 = idt.add(13).read_volatile();
+        idt.add(6).write_volatile(gate(ud_stub as *const () as u64));
+        idt.add(13)
+            .write_volatile(gate(gp_stub as *const () as u64));
+        CAUGHT.store(0, Ordering::SeqCst);
+        SKIP.store(len, Ordering::SeqCst);
+        f();
+        idt.add(6).write_volatile(old6);
+        idt.add(13).write_volatile(old13);
+        asm!("sti");
+    }
+    CAUGHT.load(Ordering::SeqCst)
+}
+
+fn rdmsr_caught(msr: u32) -> (u64, u64) {
+    let mut v = 0u64;
+    let caught = catching(2, || {
+        let (lo, hi): (u32, u32);
+        // SAFETY: a #GP for an absent MSR is caught; the instruction is
+        // 2 bytes (0F 32) and EAX/EDX are zeroed first.
+        unsafe {
+            asm!("xor eax, eax", "xor edx, edx", "rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi)
+        };
+        v = (u64::from(hi) << 32) | u64::from(lo);
+    });
+    (caught, v)
+}
+
+// ---- The checks ---------------------------------------------------------
+
+fn kv(key: &str, value: impl core::fmt::Display) {
+    println!("{key}={value}");
+}
+
+pub fn run() {
+    let l1 = cpuid(1, 0);
+    kv(
+        "hypervisor_bit",
+        u8::from(l1[2] & LEAF1_ECX_HYPERVISOR != 0),
+    );
+    let s = cpuid(LEAF_SIGNATURE, 0);
+    let sig = signature_from_regs(s[1], s[2], s[3]);
+    kv("signature", core::str::from_utf8(&sig).unwrap_or("?"));
+    kv("vmx_bit", (l1[2] >> 5) & 1);
+    let e1 = cpuid(0x8000_0001, 0);
+    kv("svm_bit", (e1[2] >> 2) & 1);
+    kv("svm_leaf_edx", cpuid(0x8000_000a, 0)[3]);
+    if sig != thinhv_abi::cpuid::SIGNATURE {
+        kv("thinhv", "absent");
+        return;
+    }
+    let (c, efer) = rdmsr_caught(0xc000_0080);
+    kv("efer_read_fault", c);
+    kv("efer_svme", (efer >> 12) & 1);
+    let (c, _) = rdmsr_caught(0xc001_0117);
+    kv("hsave_read_fault", c);
+    let (c, _) = rdmsr_caught(0x3a);
+    kv("feature_control_read_fault", c);
+    // VMRUN (0F 01 D8) and VMXON [mem] would be #UD for a guest without
+    // virtualization; VMRUN is 3 bytes.
+    let c = catching(3, || {
+        // SAFETY: the resulting #UD is caught and the instruction skipped;
+        // RAX points at the probe's own stack, never used as a VMCB.
+        unsafe { asm!("vmrun", in("rax") 0u64, options(nostack)) };
+    });
+    kv("vmrun_fault", c);
+    let c = catching(3, || {
+        // SAFETY: as above for STGI (0F 01 DC).
+        unsafe { asm!("stgi", options(nostack)) };
+    });
+    kv("stgi_fault", c);
+    xsetbv_check();
+
+    let v = hc(Function::VERSION, 0, 0, 0);
+    kv("hc_version_status", v[0]);
+    kv("hc_version", v[1]);
+    kv("hc_abi", v[2]);
+    kv("hc_cpus", v[3]);
+
+    let mut buf = [0u8; 256];
+    let r = hc(
+        Function::STATUS,
+        buf.as_mut_ptr() as u64,
+        buf.len() as u64,
+        0,
+    );
+    kv("hc_status_status", r[0]);
+    let Ok((report, _)) = StatusReport::read_from_prefix(&buf) else {
+        return;
+    };
+    kv("status_cpus_virtualized", report.cpus_virtualized);
+    kv("status_cpus_expected", report.cpus_expected);
+    kv("status_bytes_reserved", report.bytes_reserved);
+    kv(
+        "status_protected_base",
+        format_args!("{:#x}", report.protected_base),
+    );
+    kv("status_protected_size", report.protected_size);
+    kv("status_sealed", report.sealed);
+    let (pbase, psize) = (report.protected_base, report.protected_size);
+    let blocked_before = report.blocked_writes;
+
+    let mut log = [0u8; 4096];
+    let r = hc(
+        Function::LOG_READ,
+        log.as_mut_ptr() as u64,
+        log.len() as u64,
+        0,
+    );
+    kv("hc_log_status", r[0]);
+    kv("hc_log_bytes", r[1]);
+    let text = core::str::from_utf8(&log[..(r[1] as usize).min(log.len())]).unwrap_or("");
+    kv(
+        "hc_log_mentions_core",
+        u8::from(text.contains("thinhv core") && text.contains("core ready")),
+    );
+
+    // Pointers into the hypervisor: refused, nothing changes.
+    let cases = [
+        ("status_into_protected", Function::STATUS, pbase, 0x100),
+        ("status_straddling", Function::STATUS, pbase - 0x10, 0x100),
+        (
+            "log_into_protected",
+            Function::LOG_READ,
+            pbase + psize / 2,
+            0x100,
+        ),
+        (
+            "log_into_status_page",
+            Function::LOG_READ,
+            report.status_page_base,
+            0x100,
+        ),
+        (
+            "counts_into_protected",
+            Function::EXIT_COUNTS,
+            pbase + 0x2000,
+            0x1000,
+        ),
+    ];
+    for (name, f, gpa, len) in cases {
+        let r = hc(f, gpa, len, 0);
+        kv(name, r[0]);
+    }
+    let r = hc(Function::DEVIRTUALIZE, 0, 0, 0);
+    kv("devirtualize_after_seal", r[0]);
+    let r = hc(Function(0x7777), 0, 0, 0);
+    kv("unknown_function", r[0]);
+
+    // Reads of the protected region return none of its bytes.
+    let mut nonzero = 0u64;
+    let mut a = pbase;
+    while a < pbase + psize {
+        // SAFETY: the region is identity-mapped guest-physical memory; the
+        // hypervisor shows the guest a blank page there.
+        let v = unsafe { core::ptr::read_volatile(a as *const u64) };
+        nonzero += u64::from(v.count_ones() != 0);
+        a += 8;
+    }
+    kv("protected_nonzero_qwords", nonzero);
+
+    // Writes change nothing.
+    let targets = [pbase, pbase + (psize / 2 & !0xfff), pbase + psize - 8];
+    let mut visible = 0u64;
+    for t in targets {
+        // SAFETY: as above; the write is discarded by the hypervisor.
+        unsafe {
+            core::ptr::write_volatile(t as *mut u64, 0xdead_beef_cafe_f00d);
+            visible += u64::from(core::ptr::read_volatile(t as *const u64) != 0);
+        }
+    }
+    kv("protected_writes_visible", visible);
+    let r = hc(
+        Function::STATUS,
+        buf.as_mut_ptr() as u64,
+        buf.len() as u64,
+        0,
+    );
+    if r[0] == Status::OK.0
+        && let Ok((after, _)) = StatusReport::read_from_prefix(&buf)
+    {
+        kv(
+            "blocked_writes_delta",
+            after.blocked_writes - blocked_before,
+        );
+    }
+    let i = hc(Function::INTEGRITY, 0, 0, 0);
+    kv("integrity_status", i[0]);
+    kv("integrity_expected", format_args!("{:#010x}", i[1]));
+    kv("integrity_current", format_args!("{:#010x}", i[2]));
+    kv("integrity_canary", i[3]);
+    let mut counts = [0u64; thinhv_abi::exit::EXIT_REASON_COUNT];
+    let r = hc(
+        Function::EXIT_COUNTS,
+        counts.as_mut_ptr() as u64,
+        core::mem::size_of_val(&counts) as u64,
+        0,
+    );
+    kv("hc_counts_status", r[0]);
+    kv(
+        "cpu0_cpuid_exits",
+        counts[thinhv_abi::exit::ExitReason::CPUID.index()],
+    );
+    kv(
+        "cpu0_protected_exits",
+        counts[thinhv_abi::exit::ExitReason::PROTECTED_ACCESS.index()],
+    );
+}
+
+/// XSETBV works for the guest: with CR4.OSXSAVE on, set XCR0 to x87|SSE and
+/// read it back.
+fn xsetbv_check() {
+    if cpuid(1, 0)[2] & (1 << 26) == 0 {
+        kv("xsetbv", "no-xsave");
+        return;
+    }
+    let cr4: u64;
+    // SAFETY: reading CR4 at CPL 0.
+    unsafe { asm!("mov {}, cr4", out(reg) cr4) };
+    // SAFETY: setting OSXSAVE (supported, per CPUID) only enables XGETBV/
+    // XSETBV; it is restored below.
+    unsafe { asm!("mov cr4, {}", in(reg) cr4 | (1 << 18)) };
+    let mut xcr0 = 0u64;
+    let c = catching(3, || {
+        let (lo, hi): (u32, u32);
+        // SAFETY: XSETBV (0F 01 D1) with XCR0 = x87|SSE, a valid value; a
+        // fault is caught. Then XGETBV reads it back.
+        unsafe {
+            asm!("xsetbv", in("ecx") 0u32, in("eax") 3u32, in("edx") 0u32);
+            asm!("xgetbv", in("ecx") 0u32, out("eax") lo, out("edx") hi);
+        }
+        xcr0 = (u64::from(hi) << 32) | u64::from(lo);
+    });
+    // SAFETY: restores the firmware's CR4.
+    unsafe { asm!("mov cr4, {}", in(reg) cr4) };
+    kv("xsetbv_fault", c);
+    kv("xcr0_after_xsetbv", xcr0);
+}
+
+#[uefi::entry]
+fn main() -> uefi::Status {
+    if uefi::helpers::init().is_err() {
+        return uefi::Status::ABORTED;
+    }
+    println!("THINHV-PROBE-BEGIN");
+    run();
+    println!("THINHV-PROBE-END");
+    uefi::boot::stall(core::time::Duration::from_millis(200));
+    uefi::runtime::reset(
+        uefi::runtime::ResetType::SHUTDOWN,
+        uefi::Status::SUCCESS,
+        None,
+    )
+}

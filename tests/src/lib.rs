@@ -1,0 +1,225 @@
+//! Harness for the integration tests.
+//!
+//! The tests boot OVMF + QEMU with artifacts `cargo xtask build` made (in
+//! `THINHV_BUILD_DIR`, default `build/`). They are `#[ignore]`d so that a
+//! plain `cargo test` reports them as not run rather than passing them;
+//! `cargo xtask test` runs them with `--ignored`. Every boot has a timeout
+//! and passes only on an explicit end marker and checked values.
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use thinhv_ovmf::esp::{self, Esp};
+use thinhv_ovmf::firmware;
+use thinhv_ovmf::linux::LinuxImage;
+use thinhv_ovmf::qemu::{self, Profile, Serial};
+use thinhv_ovmf::runner::{Run, section, value};
+
+pub use thinhv_ovmf::esp::{KERNEL, PROBE};
+
+/// Where the build put things.
+#[derive(Clone, Debug)]
+pub struct Built {
+    /// `thinhv.efi`.
+    pub efi: PathBuf,
+    /// The probe.
+    pub probe: PathBuf,
+    /// Kernel + initramfs.
+    pub linux: LinuxImage,
+    /// Scratch space for this test run.
+    pub work: PathBuf,
+}
+
+/// The build directory's artifacts; panics with instructions when absent.
+pub fn built() -> Built {
+    let dir = std::env::var_os("THINHV_BUILD_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../build"),
+        PathBuf::from,
+    );
+    let need = |p: PathBuf| {
+        assert!(
+            p.exists(),
+            "{} is missing: run the integration tests through `cargo xtask test`",
+            p.display()
+        );
+        p
+    };
+    Built {
+        efi: need(dir.join("thinhv.efi")),
+        probe: need(dir.join("thinhv-probe.efi")),
+        linux: LinuxImage {
+            kernel: find_kernel(&dir.join("cache/linux/boot")),
+            initrd: need(dir.join("cache/initrd.img")),
+        },
+        work: dir.join("it"),
+    }
+}
+
+fn find_kernel(boot: &Path) -> PathBuf {
+    std::fs::read_dir(boot)
+        .ok()
+        .and_then(|d| {
+            d.filter_map(Result::ok).map(|e| e.path()).find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("vmlinuz-"))
+            })
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no kernel in {}: run through `cargo xtask test`",
+                boot.display()
+            )
+        })
+}
+
+/// One boot of the emulator.
+pub struct Boot {
+    /// Test name (directory under `work`).
+    pub name: String,
+    /// Machine.
+    pub profile: Profile,
+    /// The ESP directory.
+    pub esp: Esp,
+    serial: PathBuf,
+    vars: PathBuf,
+}
+
+impl Boot {
+    /// A fresh ESP for test `name`.
+    pub fn new(b: &Built, name: &str, profile: Profile) -> Self {
+        let dir = b.work.join(name);
+        let esp = Esp::create(&dir.join("esp")).expect("create ESP");
+        Self {
+            name: name.into(),
+            profile,
+            esp,
+            serial: dir.join("serial.txt"),
+            vars: dir.join("vars.fd"),
+        }
+    }
+
+    /// Starts QEMU.
+    pub fn start(&self) -> Run {
+        let ovmf = firmware::find().expect("OVMF");
+        std::fs::copy(&ovmf.vars, &self.vars).expect("copy OVMF variables");
+        let cmd = qemu::command(
+            &ovmf,
+            &self.vars,
+            self.esp.root(),
+            &self.profile,
+            &Serial::File(self.serial.clone()),
+        );
+        eprintln!("[{}] starting QEMU: {cmd:?}", self.name);
+        Run::start(cmd, &self.serial).expect("start QEMU")
+    }
+
+    /// Boots and waits for `end`; returns the serial output. Panics (with
+    /// the output) on timeout or early exit.
+    pub fn run_until(&self, end: &str, timeout: Duration) -> String {
+        let mut run = self.start();
+        match run.wait_for(end, timeout) {
+            Ok(t) => {
+                eprintln!("[{}] {end:?} after {:.1} s", self.name, t.as_secs_f64());
+                let out = run.output();
+                // Let a powering-off guest finish, but never wait long.
+                let _ = run.wait_exit(Duration::from_secs(20));
+                out
+            }
+            Err(e) => panic!(
+                "[{}] {e}\n----- serial -----\n{}\n----- qemu -----\n{}",
+                self.name,
+                run.output(),
+                run.qemu_messages()
+            ),
+        }
+    }
+}
+
+/// Linux's command line for test runs.
+pub fn test_options() -> String {
+    esp::kernel_options("quiet thinhv_test=1")
+}
+
+/// A configuration booting Linux in test mode, plus `extra` TOML.
+pub fn linux_config(extra: &str) -> String {
+    esp::config_booting(KERNEL, Some(&test_options()), extra)
+}
+
+/// The facts the guest reporter printed.
+#[derive(Debug)]
+pub struct Guest {
+    /// The whole serial log.
+    pub serial: String,
+    /// `THINHV-TEST-BEGIN`..`END`.
+    pub facts: String,
+    /// `thinhv status --json`, if thinhv was present.
+    pub status: Option<serde_json::Value>,
+    /// `thinhv selftest` output.
+    pub selftest: String,
+}
+
+impl Guest {
+    /// A value the reporter printed.
+    pub fn get(&self, key: &str) -> &str {
+        value(&self.facts, key)
+            .unwrap_or_else(|| panic!("guest did not report {key}:\n{}", self.facts))
+    }
+
+    /// A value `thinhv selftest` printed.
+    pub fn selftest(&self, key: &str) -> &str {
+        value(&self.selftest, key)
+            .unwrap_or_else(|| panic!("selftest did not report {key}:\n{}", self.selftest))
+    }
+}
+
+/// Timeout for a Linux boot under TCG (SMP 4 takes longest).
+pub const LINUX_TIMEOUT: Duration = Duration::from_secs(420);
+
+/// Boots Linux in test mode and collects the reporter's output.
+pub fn boot_linux(boot: &Boot) -> Guest {
+    let serial = boot.run_until("THINHV-TEST-END", LINUX_TIMEOUT);
+    let facts = section(&serial, "THINHV-TEST-BEGIN", "THINHV-TEST-END")
+        .expect("test section")
+        .to_string();
+    let status = section(&facts, "THINHV-STATUS-JSON-BEGIN", "THINHV-STATUS-JSON-END")
+        .and_then(|j| serde_json::from_str(j.trim()).ok());
+    let selftest = section(&facts, "THINHV-SELFTEST-BEGIN", "THINHV-SELFTEST-END")
+        .unwrap_or("")
+        .to_string();
+    Guest {
+        serial,
+        facts,
+        status,
+        selftest,
+    }
+}
+
+/// Runs the probe and returns its report.
+pub fn boot_probe(boot: &Boot) -> String {
+    let serial = boot.run_until("THINHV-PROBE-END", Duration::from_secs(240));
+    section(&serial, "THINHV-PROBE-BEGIN", "THINHV-PROBE-END")
+        .expect("probe section")
+        .to_string()
+}
+
+/// `0-3` → 4.
+pub fn cpu_list_len(list: &str) -> usize {
+    list.trim()
+        .split(',')
+        .map(|part| match part.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().unwrap_or(0) + 1 - a.parse::<usize>().unwrap_or(0),
+            None => usize::from(!part.is_empty()),
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_list_len;
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(cpu_list_len("0-3"), 4);
+        assert_eq!(cpu_list_len("0"), 1);
+        assert_eq!(cpu_list_len("0,2-3"), 3);
+    }
+}

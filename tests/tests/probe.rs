@@ -1,0 +1,101 @@
+//! The EFI probe, running under thinhv before any OS, checks the
+//! hypervisor from the inside: CPUID, hidden virtualization, hypercalls,
+//! pointer validation, and that its memory can be neither read nor written.
+use thinhv_ovmf::qemu::Profile;
+use thinhv_ovmf::runner::value;
+use thinhv_tests::{Boot, PROBE, boot_probe, built};
+
+fn get<'a>(report: &'a str, key: &str) -> &'a str {
+    value(report, key).unwrap_or_else(|| panic!("probe did not report {key}:\n{report}"))
+}
+
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn probe_under_thinhv() {
+    let b = built();
+    let boot = Boot::new(&b, "probe", Profile::svm(2));
+    boot.esp.put_file(PROBE, &b.probe).unwrap();
+    boot.esp
+        .install_thinhv(&b.efi, Some(&format!("[boot]\nnext = '{PROBE}'\n")))
+        .unwrap();
+    let r = boot_probe(&boot);
+
+    assert_eq!(get(&r, "signature"), "ThinHVThinHV");
+    assert_eq!(get(&r, "hypervisor_bit"), "1");
+    // The guest sees no virtualization extensions.
+    assert_eq!(get(&r, "svm_bit"), "0");
+    assert_eq!(get(&r, "vmx_bit"), "0");
+    assert_eq!(get(&r, "svm_leaf_edx"), "0");
+    assert_eq!(get(&r, "efer_svme"), "0");
+    assert_eq!(get(&r, "vmrun_fault"), "6", "VMRUN must raise #UD");
+    assert_eq!(get(&r, "stgi_fault"), "6", "STGI must raise #UD");
+    assert_eq!(
+        get(&r, "hsave_read_fault"),
+        "13",
+        "VM_HSAVE_PA must raise #GP"
+    );
+    // XSETBV works.
+    assert_eq!(get(&r, "xsetbv_fault"), "0");
+    assert_eq!(get(&r, "xcr0_after_xsetbv"), "3");
+    // Hypercalls.
+    assert_eq!(get(&r, "hc_version_status"), "0");
+    assert_eq!(get(&r, "hc_abi"), "1");
+    assert_eq!(get(&r, "hc_cpus"), "2");
+    assert_eq!(get(&r, "status_cpus_virtualized"), "2");
+    assert_eq!(get(&r, "status_sealed"), "1");
+    assert_eq!(get(&r, "hc_log_status"), "0");
+    assert_eq!(get(&r, "hc_log_mentions_core"), "1");
+    // Pointers into the hypervisor: BAD_ADDRESS (3), nothing changed.
+    for k in [
+        "status_into_protected",
+        "status_straddling",
+        "log_into_protected",
+        "log_into_status_page",
+        "counts_into_protected",
+    ] {
+        assert_eq!(get(&r, k), "3", "{k}");
+    }
+    assert_eq!(
+        get(&r, "devirtualize_after_seal"),
+        "2",
+        "NOT_PERMITTED after seal"
+    );
+    assert_eq!(get(&r, "unknown_function"), "1");
+    // The region reads as zeros and writes to it vanish.
+    assert_eq!(get(&r, "protected_nonzero_qwords"), "0");
+    assert_eq!(get(&r, "protected_writes_visible"), "0");
+    assert_eq!(get(&r, "blocked_writes_delta"), "3");
+    // And the core is intact afterwards (CRC via hypercall).
+    assert_eq!(get(&r, "integrity_status"), "0");
+    assert_eq!(get(&r, "integrity_expected"), get(&r, "integrity_current"));
+    assert_eq!(get(&r, "integrity_canary"), "1");
+    assert_eq!(get(&r, "cpu0_protected_exits"), "3");
+    assert!(get(&r, "cpu0_cpuid_exits").parse::<u64>().unwrap() > 0);
+}
+
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn probe_with_hidden_hypervisor() {
+    let b = built();
+    let boot = Boot::new(&b, "probe-hidden", Profile::svm(2));
+    boot.esp.put_file(PROBE, &b.probe).unwrap();
+    boot.esp
+        .install_thinhv(
+            &b.efi,
+            Some(&format!(
+                "[boot]\nnext = '{PROBE}'\n\n[cpu]\nhide_hypervisor = true\n"
+            )),
+        )
+        .unwrap();
+    let serial = boot.run_until("THINHV-PROBE-END", std::time::Duration::from_secs(240));
+    assert!(
+        serial.contains("thinhv: 2 of 2 processors virtualized"),
+        "{serial}"
+    );
+    let r =
+        thinhv_ovmf::runner::section(&serial, "THINHV-PROBE-BEGIN", "THINHV-PROBE-END").unwrap();
+    assert_eq!(get(r, "hypervisor_bit"), "0");
+    assert_ne!(get(r, "signature"), "ThinHVThinHV");
+    // Virtualization stays hidden even so.
+    assert_eq!(get(r, "svm_bit"), "0");
+}

@@ -1,0 +1,158 @@
+//! `cargo xtask bench`: boot time of the same Linux with and without
+//! thinhv (same QEMU command line, same loader; `[hypervisor] enabled`
+//! is the only difference), the exits taken during the boot, memory
+//! reserved, and binary sizes.
+use crate::{artifacts, root};
+use serde_json::Value;
+use std::time::Duration;
+use thinhv_ovmf::esp::{self, Esp};
+use thinhv_ovmf::qemu::{self, Profile, Serial};
+use thinhv_ovmf::runner::{Run, section};
+use thinhv_ovmf::{firmware, linux};
+
+const TIMEOUT: Duration = Duration::from_secs(300);
+
+struct Sample {
+    secs: f64,
+    status: Option<Value>,
+}
+
+fn boot_once(
+    a: &artifacts::Artifacts,
+    img: &linux::LinuxImage,
+    hv: bool,
+    smp: u32,
+    n: usize,
+) -> Result<Sample, String> {
+    let build = root().join("build").join("bench");
+    std::fs::create_dir_all(&build).map_err(|e| e.to_string())?;
+    let esp_dir = build.join(format!("esp-{}-{n}", if hv { "hv" } else { "native" }));
+    let esp = Esp::create(&esp_dir).map_err(|e| e.to_string())?;
+    esp.install_linux(img).map_err(|e| e.to_string())?;
+    let options = esp::kernel_options("quiet thinhv_bench=1");
+    let mut config = esp::config_booting(esp::KERNEL, Some(&options), "");
+    if !hv {
+        config = config.replace("[hypervisor]\n", "[hypervisor]\nenabled = false\n");
+    }
+    esp.install_thinhv(&a.efi, Some(&config))
+        .map_err(|e| e.to_string())?;
+    let ovmf = firmware::find()?;
+    let vars = esp_dir.with_extension("vars.fd");
+    std::fs::copy(&ovmf.vars, &vars).map_err(|e| e.to_string())?;
+    let serial = esp_dir.with_extension("serial.txt");
+    let cmd = qemu::command(
+        &ovmf,
+        &vars,
+        &esp_dir,
+        &Profile::svm(smp),
+        &Serial::File(serial.clone()),
+    );
+    let mut run = Run::start(cmd, &serial).map_err(|e| e.to_string())?;
+    let t = run
+        .wait_for(linux::USERSPACE_MARKER, TIMEOUT)
+        .map_err(|e| format!("{e}\n{}", run.output()))?;
+    run.wait_for("THINHV-BENCH-JSON-END", Duration::from_secs(60))
+        .map_err(|e| e.to_string())?;
+    let out = run.output();
+    let _ = run.wait_exit(Duration::from_secs(30));
+    let status = section(&out, "THINHV-BENCH-JSON-BEGIN", "THINHV-BENCH-JSON-END")
+        .and_then(|j| serde_json::from_str::<Value>(j.trim()).ok());
+    Ok(Sample {
+        secs: t.as_secs_f64(),
+        status,
+    })
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn run(args: &[String]) -> Result<(), String> {
+    let mut runs = 3usize;
+    let mut smp = 2u32;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--runs" => {
+                runs = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("--runs needs a number")?
+            }
+            "--smp" => {
+                smp = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("--smp needs a number")?
+            }
+            other => return Err(format!("unknown option {other:?}")),
+        }
+    }
+    crate::deps::ensure()?;
+    let a = artifacts::build()?;
+    let img = linux::prepare(&root().join("build/cache"), &a.tool)?;
+    let mut native = Vec::new();
+    let mut with = Vec::new();
+    let mut last_status = None;
+    for n in 0..runs {
+        // Interleave so that machine-load drift hits both sides alike.
+        let s = boot_once(&a, &img, false, smp, n)?;
+        println!("run {n}: without thinhv {:.2} s", s.secs);
+        native.push(s.secs);
+        let s = boot_once(&a, &img, true, smp, n)?;
+        println!("run {n}: with thinhv    {:.2} s", s.secs);
+        with.push(s.secs);
+        if s.status.is_some() {
+            last_status = s.status;
+        }
+    }
+    let (mn, mw) = (median(&mut native.clone()), median(&mut with.clone()));
+    let status = last_status.ok_or("the guest did not report thinhv's status")?;
+    let efi_size = std::fs::metadata(&a.efi).map(|m| m.len()).unwrap_or(0);
+    let core_size = std::fs::metadata(&a.core).map(|m| m.len()).unwrap_or(0);
+    println!();
+    println!("thinhv bench: QEMU TCG, q35, -cpu max, -smp {smp}, 1024 MiB; median of {runs} runs");
+    println!("  boot to Linux userspace without thinhv: {mn:6.2} s   {native:.2?}");
+    println!("  boot to Linux userspace with thinhv:    {mw:6.2} s   {with:.2?}");
+    println!("  ratio (with / without):                 {:6.3}", mw / mn);
+    println!("  exits during the boot (all CPUs, counted until userspace):");
+    let mut total = 0u64;
+    if let Some(ex) = status.get("exits_total").and_then(Value::as_object) {
+        for (k, v) in ex {
+            let n = v.as_u64().unwrap_or(0);
+            total += n;
+            if n > 0 {
+                println!("    {k:<18} {n:>10}");
+            }
+        }
+    }
+    println!("    {:<18} {total:>10}", "total");
+    let reserved = status
+        .get("bytes_reserved")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    println!(
+        "  memory reserved from the OS:            {reserved} bytes ({} KiB)",
+        reserved / 1024
+    );
+    println!("    (reference: Hyper-V's 32 MiB for the first GiB of guest memory)");
+    println!(
+        "  thinhv.efi:                             {efi_size} bytes (core ELF {core_size} bytes)"
+    );
+    let out = serde_json::json!({
+        "smp": smp, "runs": runs,
+        "boot_without_s": native, "boot_with_s": with,
+        "median_without_s": mn, "median_with_s": mw, "ratio": mw / mn,
+        "exits_total": status.get("exits_total"), "bytes_reserved": reserved,
+        "efi_size": efi_size, "core_elf_size": core_size,
+    });
+    let path = root().join("build/bench.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&out).unwrap_or_default(),
+    )
+    .map_err(|e| e.to_string())?;
+    println!("  (also in {})", path.display());
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! What the test beds need, checked (and installed when we are root on
+//! Debian, through `scripts/setup-debian.sh`).
+use crate::{root, sh};
+use std::process::Command;
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd} >/dev/null 2>&1"))
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// Missing pieces, as messages.
+fn missing() -> Vec<String> {
+    let mut m = Vec::new();
+    if let Err(e) = thinhv_ovmf::qemu::check() {
+        m.push(e);
+    }
+    if let Err(e) = thinhv_ovmf::firmware::find() {
+        m.push(e);
+    }
+    if let Err(e) = thinhv_ovmf::linux::busybox() {
+        m.push(e);
+    }
+    for tool in ["apt-get", "dpkg-deb"] {
+        if !have(tool) {
+            m.push(format!("{tool} not found (a Debian system is expected)"));
+        }
+    }
+    m
+}
+
+/// Makes sure the emulators and tools are there.
+pub fn ensure() -> Result<(), String> {
+    rust_targets()?;
+    let m = missing();
+    if m.is_empty() {
+        return Ok(());
+    }
+    if is_root() {
+        println!("xtask: installing test-bed packages ({})", m.join("; "));
+        setup()?;
+        let m = missing();
+        if m.is_empty() {
+            Ok(())
+        } else {
+            Err(m.join("\n"))
+        }
+    } else {
+        Err(format!(
+            "{}\n\nInstall what is missing with:\n  sudo bash {}/scripts/setup-debian.sh",
+            m.join("\n"),
+            root().display()
+        ))
+    }
+}
+
+/// Runs the setup script.
+pub fn setup() -> Result<(), String> {
+    sh(Command::new("bash").arg(root().join("scripts/setup-debian.sh")))
+}
+
+/// The two bare-metal targets (the toolchain file lists them; older rustup
+/// versions do not install them on their own).
+pub fn rust_targets() -> Result<(), String> {
+    let out = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .current_dir(root())
+        .output();
+    let Ok(out) = out else {
+        // No rustup: trust the toolchain to have them, cargo will say if not.
+        return Ok(());
+    };
+    let have = String::from_utf8_lossy(&out.stdout);
+    for t in ["x86_64-unknown-uefi", "x86_64-unknown-none"] {
+        if !have.lines().any(|l| l.trim() == t) {
+            sh(Command::new("rustup")
+                .args(["target", "add", t])
+                .current_dir(root()))?;
+        }
+    }
+    Ok(())
+}
