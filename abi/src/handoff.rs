@@ -284,10 +284,13 @@ impl Handoff {
             return Err("range count out of range");
         }
         let p = self.protected;
-        if p.is_empty() || p.base % 4096 != 0 || p.size % 4096 != 0 {
+        if p.is_empty() || !p.base.is_multiple_of(4096) || !p.size.is_multiple_of(4096) {
             return Err("protected region not page-aligned");
         }
-        if self.status.base % 4096 != 0 || self.status.size % 4096 != 0 || self.status.is_empty() {
+        if !self.status.base.is_multiple_of(4096)
+            || !self.status.size.is_multiple_of(4096)
+            || self.status.is_empty()
+        {
             return Err("status page not page-aligned");
         }
         if p.overlaps(self.status.base, self.status.size) {

@@ -126,7 +126,7 @@ mod tests {
         assert!(!r.overlaps(0x3000, 1));
         assert!(!r.overlaps(0x1800, 0));
         assert!(r.overlaps(0x0, u64::MAX));
-        assert!(r.overlaps(u64::MAX - 1, 2) == false);
+        assert!(!r.overlaps(u64::MAX - 1, 2));
         assert!(r.encloses(0x1000, 0x2000));
         assert!(!r.encloses(0x1000, 0x2001));
         assert!(!r.encloses(0x2000, u64::MAX));

@@ -48,7 +48,11 @@ pub fn read_page(p: &Presence) -> Result<Page, String> {
     let head = header.log_head;
     let start = head.saturating_sub(ls as u64);
     let text: Vec<u8> = (start..head)
-        .map(|i| ring[(i % ls as u64) as usize])
+        .filter_map(|i| {
+            usize::try_from(i % ls as u64)
+                .ok()
+                .and_then(|j| ring.get(j).copied())
+        })
         .collect();
     Ok(Page {
         header,

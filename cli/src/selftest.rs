@@ -65,7 +65,7 @@ pub fn run() -> ExitCode {
     let blocked_before = page.header.blocked_writes;
 
     // Reads: the whole region, through /dev/mem.
-    match devmem::read(base, size as usize) {
+    match devmem::read(base, usize::try_from(size).unwrap_or(0)) {
         Ok(bytes) => {
             let nonzero = bytes.iter().filter(|&&b| b != 0).count();
             println!("protected_read_bytes={}", bytes.len());
@@ -83,7 +83,7 @@ pub fn run() -> ExitCode {
 
     // Writes: a pattern at the start, the middle and the last page.
     let pattern = vec![0xa5u8; 4096];
-    let targets = [base, base + (size / 2 & !0xfff), base + size - 4096];
+    let targets = [base, base + ((size / 2) & !0xfff), base + size - 4096];
     for (i, &t) in targets.iter().enumerate() {
         match devmem::write(t, &pattern) {
             Ok(n) => println!("protected_write{i}_returned={n}"),
@@ -93,7 +93,7 @@ pub fn run() -> ExitCode {
             ),
         }
         let back = devmem::read(t, 4096).unwrap_or_default();
-        let seen = back.iter().filter(|&&b| b == 0xa5).count();
+        let seen = back.iter().filter(|b| **b == 0xa5).count();
         println!("protected_write{i}_visible={seen}");
         if seen != 0 {
             println!("FAIL: a write to the protected region at {t:#x} became visible");
@@ -102,9 +102,7 @@ pub fn run() -> ExitCode {
     }
     // Writes to the status page are refused too.
     let _ = devmem::write(p.status_page + 0x1000, &pattern);
-    let after = read_page(&p)
-        .map(|pg| pg.header.blocked_writes)
-        .unwrap_or(blocked_before);
+    let after = read_page(&p).map_or(blocked_before, |pg| pg.header.blocked_writes);
     println!(
         "blocked_writes_delta={}",
         after.saturating_sub(blocked_before)

@@ -20,6 +20,7 @@ mod value;
 use alloc::format;
 use alloc::string::{String, ToString};
 use core::fmt;
+use core::fmt::Write;
 use serde::Deserialize;
 
 pub use salvage::{Salvaged, salvage};
@@ -127,7 +128,7 @@ impl fmt::Display for ConfigError {
 pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
     let before = &text.as_bytes()[..offset];
-    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let line = before.split(|&b| b == b'\n').count();
     let col = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
     (line, col)
 }
@@ -223,32 +224,30 @@ impl Config {
 
     /// The effective settings, as TOML with every key spelled out.
     pub fn effective(&self) -> String {
+        let h = &self.hypervisor;
         let mut s = String::new();
-        s.push_str("[hypervisor]\n");
-        s.push_str(&format!("enabled = {}\n", self.hypervisor.enabled));
-        s.push_str(&format!("required = {}\n", self.hypervisor.required));
-        s.push_str(&format!(
-            "log_level = \"{}\"\n",
-            self.hypervisor.log_level.name()
-        ));
-        s.push_str(&format!("serial = {}\n", self.hypervisor.serial));
-        s.push_str(&format!(
-            "on_fatal = \"{}\"\n",
-            self.hypervisor.on_fatal.name()
-        ));
-        s.push_str("\n[boot]\n");
+        let _ = writeln!(s, "[hypervisor]");
+        let _ = writeln!(s, "enabled = {}", h.enabled);
+        let _ = writeln!(s, "required = {}", h.required);
+        let _ = writeln!(s, "log_level = \"{}\"", h.log_level.name());
+        let _ = writeln!(s, "serial = {}", h.serial);
+        let _ = writeln!(s, "on_fatal = \"{}\"", h.on_fatal.name());
+        let _ = writeln!(s, "\n[boot]");
         match &self.boot.next {
-            Some(n) => s.push_str(&format!("next = {}\n", toml_string(&normalize_esp_path(n)))),
+            Some(n) => {
+                let _ = writeln!(s, "next = {}", toml_string(&normalize_esp_path(n)));
+            }
             None => s.push_str("# next: unset (next Boot#### in BootOrder)\n"),
         }
         match &self.boot.options {
-            Some(o) => s.push_str(&format!("options = {}\n", toml_string(o))),
+            Some(o) => {
+                let _ = writeln!(s, "options = {}", toml_string(o));
+            }
             None => s.push_str("# options: unset\n"),
         }
-        s.push_str("\n[cpu]\n");
-        s.push_str(&format!("hide_hypervisor = {}\n", self.cpu.hide_hypervisor));
+        let _ = writeln!(s, "\n[cpu]\nhide_hypervisor = {}", self.cpu.hide_hypervisor);
         if let Some(c) = self.debug.fail_cpu {
-            s.push_str(&format!("\n[debug]\nfail_cpu = {c}\n"));
+            let _ = writeln!(s, "\n[debug]\nfail_cpu = {c}");
         }
         s
     }
@@ -262,7 +261,9 @@ fn toml_string(s: &str) -> String {
             '\\' => out.push_str("\\\\"),
             '\n' => out.push_str("\\n"),
             '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
             c => out.push(c),
         }
     }

@@ -91,7 +91,7 @@ mod tests {
 
     fn option(attr: u32, desc: &str, path: &[u8], data: &[u8]) -> Vec<u8> {
         let mut b = attr.to_le_bytes().to_vec();
-        b.extend_from_slice(&(path.len() as u16).to_le_bytes());
+        b.extend_from_slice(&u16::try_from(path.len()).unwrap().to_le_bytes());
         for u in crate::text::to_ucs2(desc).unwrap() {
             b.extend_from_slice(&u.to_le_bytes());
         }

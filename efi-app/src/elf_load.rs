@@ -138,7 +138,7 @@ pub fn layout(bytes: &[u8]) -> Result<Layout, ElfError> {
             .map_or(0, |r| r.r_type);
         return Err(ElfError::UnsupportedRelocation(t));
     }
-    for r in elf.dynrelas.iter() {
+    for r in &elf.dynrelas {
         if r.r_type != R_X86_64_RELATIVE {
             return Err(ElfError::UnsupportedRelocation(r.r_type));
         }
@@ -162,15 +162,18 @@ pub fn load(bytes: &[u8], dest: &mut [u8], base: u64) -> Result<Layout, ElfError
         return Err(ElfError::TooSmall);
     }
     let elf = parse(bytes)?;
-    dest[..lay.span as usize].fill(0);
+    // `layout` bounded every offset below by the image span (at most
+    // 64 MiB) and the file length, so the conversions cannot fail.
+    let idx = |v: u64| usize::try_from(v).map_err(|_| ElfError::BadSegment);
+    dest[..idx(lay.span)?].fill(0);
     for p in elf.program_headers.iter().filter(|p| p.p_type == PT_LOAD) {
-        let src = &bytes[p.p_offset as usize..(p.p_offset + p.p_filesz) as usize];
-        let at = p.p_vaddr as usize;
+        let src = &bytes[idx(p.p_offset)?..idx(p.p_offset + p.p_filesz)?];
+        let at = idx(p.p_vaddr)?;
         dest[at..at + src.len()].copy_from_slice(src);
     }
-    for r in elf.dynrelas.iter() {
+    for r in &elf.dynrelas {
         let value = base.wrapping_add_signed(r.r_addend.unwrap_or(0));
-        let at = r.r_offset as usize;
+        let at = idx(r.r_offset)?;
         dest[at..at + 8].copy_from_slice(&value.to_le_bytes());
     }
     Ok(lay)
@@ -180,14 +183,18 @@ pub fn load(bytes: &[u8], dest: &mut [u8], base: u64) -> Result<Layout, ElfError
 pub fn ro_crc(image: &[u8], ro: &[(u64, u64)]) -> u32 {
     let mut h = crc32fast::Hasher::new();
     for &(off, len) in ro {
-        let end = (off + len).min(image.len() as u64);
-        h.update(&image[off.min(end) as usize..end as usize]);
+        let end = usize::try_from(off.saturating_add(len))
+            .unwrap_or(usize::MAX)
+            .min(image.len());
+        let start = usize::try_from(off).unwrap_or(usize::MAX).min(end);
+        h.update(&image[start..end]);
     }
     h.finalize()
 }
 
 /// Builds small ELF images for tests (here and in other crates' tests).
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 pub mod testelf {
     use alloc::vec::Vec;
 
@@ -275,6 +282,7 @@ pub mod testelf {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::testelf::build;
     use super::*;

@@ -138,7 +138,7 @@ mod tests {
             ]
         );
         assert_eq!(s.top, 0x1_0000_0000);
-        assert!(MemType(0x8000_0001).is_os_ram() == false);
+        assert!(!MemType(0x8000_0001).is_os_ram());
     }
 
     #[test]

@@ -39,7 +39,7 @@ pub fn plan(image_span: u64, cpus: u64, phys_top: u64, page_1g: bool) -> Plan {
     let pool_offset = image_offset + image_size;
     let pool = pool_size(cpus, phys_top, page_1g);
     let protected_size = pool_offset + pool;
-    let (status, _) = status_area_layout(cpus as usize);
+    let (status, _) = status_area_layout(usize::try_from(cpus).unwrap_or(usize::MAX));
     let status_size = status as u64;
     Plan {
         total: protected_size + status_size,
@@ -81,7 +81,7 @@ mod tests {
             h.region = PhysRange::new(0x7e00_0000, p.total);
             h.image = image;
             h.pool = pool;
-            h.cpu_count = cpus as u32;
+            h.cpu_count = u32::try_from(cpus).unwrap();
             assert_eq!(h.validate(), Ok(()), "{cpus} cpus");
             assert_eq!(status.end(), 0x7e00_0000 + p.total);
             assert!(

@@ -6,11 +6,10 @@ use alloc::vec::Vec;
 pub fn to_ucs2(s: &str) -> Result<Vec<u16>, char> {
     let mut out = Vec::with_capacity(s.len() + 1);
     for c in s.chars() {
-        let v = u32::from(c);
-        if v > 0xffff || (0xd800..0xe000).contains(&v) || v == 0 {
-            return Err(c);
+        match u16::try_from(u32::from(c)) {
+            Ok(u) if u != 0 => out.push(u),
+            _ => return Err(c),
         }
-        out.push(v as u16);
     }
     out.push(0);
     Ok(out)

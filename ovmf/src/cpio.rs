@@ -15,7 +15,7 @@ pub enum Entry {
 }
 
 fn pad4(out: &mut Vec<u8>) {
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push(0);
     }
 }
@@ -63,7 +63,7 @@ pub fn archive(entries: &[Entry]) -> Vec<u8> {
                 pad4(&mut out);
             }
             Entry::CharDev(p, major, minor) => {
-                header(&mut out, ino, 0o020_600, 0, (*major, *minor), p)
+                header(&mut out, ino, 0o020_600, 0, (*major, *minor), p);
             }
         }
     }

@@ -8,6 +8,7 @@
 //! \EFI\thinhv\probe.efi     the EFI probe (tests)
 //! \startup.nsh              for the UEFI shell (BootOrder fallback)
 //! ```
+use std::fmt::Write;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -84,9 +85,9 @@ pub fn kernel_options(extra: &str) -> String {
 /// A `thinhv.toml` that boots `next` with `options`.
 pub fn config_booting(next: &str, options: Option<&str>, extra_sections: &str) -> String {
     let mut s = String::from("[hypervisor]\nlog_level = \"info\"\n\n[boot]\n");
-    s.push_str(&format!("next = '{next}'\n"));
+    let _ = writeln!(s, "next = '{next}'");
     if let Some(o) = options {
-        s.push_str(&format!("options = '{o}'\n"));
+        let _ = writeln!(s, "options = '{o}'");
     }
     s.push_str(extra_sections);
     s

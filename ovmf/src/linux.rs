@@ -79,9 +79,12 @@ fn newest(dir: &Path, prefix: &str) -> Result<PathBuf, String> {
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(prefix) && n.ends_with(".deb"))
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with(prefix)
+                    && Path::new(n)
+                        .extension()
+                        .is_some_and(|e| e.eq_ignore_ascii_case("deb"))
+            })
         })
         .max()
         .ok_or_else(|| format!("no {prefix}*.deb in {}", dir.display()))

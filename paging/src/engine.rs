@@ -77,7 +77,10 @@ impl<'a, F: EntryFormat, M: PhysMem> Mapper<'a, F, M> {
         attrs: Attrs,
         alloc: &mut impl FrameAlloc,
     ) -> Result<(), MapError> {
-        if virt % PAGE_SIZE != 0 || phys % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+        if !virt.is_multiple_of(PAGE_SIZE)
+            || !phys.is_multiple_of(PAGE_SIZE)
+            || !len.is_multiple_of(PAGE_SIZE)
+        {
             return Err(MapError::Unaligned);
         }
         let end = virt.checked_add(len).ok_or(MapError::OutOfRange)?;
@@ -105,7 +108,10 @@ impl<'a, F: EntryFormat, M: PhysMem> Mapper<'a, F, M> {
         attrs: Attrs,
         alloc: &mut impl FrameAlloc,
     ) -> Result<(), MapError> {
-        if virt % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || frame % PAGE_SIZE != 0 {
+        if !virt.is_multiple_of(PAGE_SIZE)
+            || !len.is_multiple_of(PAGE_SIZE)
+            || !frame.is_multiple_of(PAGE_SIZE)
+        {
             return Err(MapError::Unaligned);
         }
         let end = virt.checked_add(len).ok_or(MapError::OutOfRange)?;
@@ -124,7 +130,8 @@ impl<'a, F: EntryFormat, M: PhysMem> Mapper<'a, F, M> {
         let mut level = self.fmt.max_leaf_level().min(LEVELS - 2);
         loop {
             let size = level_size(level);
-            if level == 0 || (v % size == 0 && p % size == 0 && remaining >= size) {
+            if level == 0 || (v.is_multiple_of(size) && p.is_multiple_of(size) && remaining >= size)
+            {
                 return level;
             }
             level -= 1;

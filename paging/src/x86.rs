@@ -47,7 +47,7 @@ pub struct X86Format {
 }
 
 impl X86Format {
-    fn common(&self) -> u64 {
+    fn common(self) -> u64 {
         match self.flavor {
             Flavor::Host => P,
             Flavor::Nested => P | US,
@@ -240,7 +240,7 @@ mod tests {
             Err(MapError::OutOfRange)
         );
         assert_eq!(
-            m.map(u64::MAX & !0xfff, 0, 2 * PAGE_SIZE, Attrs::RWX, &mut frames),
+            m.map(!0xfff, 0, 2 * PAGE_SIZE, Attrs::RWX, &mut frames),
             Err(MapError::OutOfRange)
         );
         m.map(0, 0, PAGE_SIZE, Attrs::RWX, &mut frames).unwrap_err();

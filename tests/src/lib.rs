@@ -172,7 +172,7 @@ impl Guest {
 }
 
 /// Timeout for a Linux boot under TCG (SMP 4 takes longest).
-pub const LINUX_TIMEOUT: Duration = Duration::from_secs(420);
+pub const LINUX_TIMEOUT: Duration = Duration::from_mins(7);
 
 /// Boots Linux in test mode and collects the reporter's output.
 pub fn boot_linux(boot: &Boot) -> Guest {
@@ -195,7 +195,7 @@ pub fn boot_linux(boot: &Boot) -> Guest {
 
 /// Runs the probe and returns its report.
 pub fn boot_probe(boot: &Boot) -> String {
-    let serial = boot.run_until("THINHV-PROBE-END", Duration::from_secs(240));
+    let serial = boot.run_until("THINHV-PROBE-END", Duration::from_mins(4));
     section(&serial, "THINHV-PROBE-BEGIN", "THINHV-PROBE-END")
         .expect("probe section")
         .to_string()

@@ -73,7 +73,7 @@ fn unknown_key_names_the_line() {
     boot.esp.put_file(PROBE, &b.probe).unwrap();
     let text = format!("[boot]\nnext = '{PROBE}'\n\n[cpu]\nhide_hypervisr = true\n");
     boot.esp.install_thinhv(&b.efi, Some(&text)).unwrap();
-    let serial = boot.run_until("THINHV-PROBE-END", Duration::from_secs(240));
+    let serial = boot.run_until("THINHV-PROBE-END", Duration::from_mins(4));
     assert!(serial.contains("thinhv.toml:5:"), "{serial}");
     assert!(serial.contains("hide_hypervisr"), "{serial}");
     let r =
@@ -173,7 +173,7 @@ fn required_without_svm_stops_the_boot() {
         )
         .unwrap();
     let mut run = boot.start();
-    run.wait_for("THE SYSTEM IS STOPPED", Duration::from_secs(120))
+    run.wait_for("THE SYSTEM IS STOPPED", Duration::from_mins(2))
         .unwrap_or_else(|e| panic!("{e}\n{}", run.output()));
     // Give a wrongly continuing boot time to show itself.
     let r = run.wait_for("Linux version", Duration::from_secs(15));

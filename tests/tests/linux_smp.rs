@@ -3,9 +3,10 @@
 use thinhv_ovmf::qemu::Profile;
 use thinhv_tests::{Boot, boot_linux, built, cpu_list_len, linux_config};
 
-fn smp(n: usize) {
+fn smp(n: u32) {
     let b = built();
-    let boot = Boot::new(&b, &format!("linux-smp{n}"), Profile::svm(n as u32));
+    let boot = Boot::new(&b, &format!("linux-smp{n}"), Profile::svm(n));
+    let n = n as usize;
     boot.esp.install_linux(&b.linux).unwrap();
     boot.esp
         .install_thinhv(&b.efi, Some(&linux_config("")))

@@ -87,7 +87,7 @@ fn probe_with_hidden_hypervisor() {
             )),
         )
         .unwrap();
-    let serial = boot.run_until("THINHV-PROBE-END", std::time::Duration::from_secs(240));
+    let serial = boot.run_until("THINHV-PROBE-END", std::time::Duration::from_mins(4));
     assert!(
         serial.contains("thinhv: 2 of 2 processors virtualized"),
         "{serial}"

@@ -158,7 +158,7 @@ pub fn fetch_instruction(env: &impl Env, cpu: &impl GuestCpu, out: &mut [u8; 15]
         let Some(gpa) = translate(env, &regs, linear) else {
             break;
         };
-        let in_page = (0x1000 - (gpa & 0xfff)) as usize;
+        let in_page = 0x1000 - usize::from(u16::try_from(gpa & 0xfff).unwrap_or(0));
         let n = in_page.min(out.len() - done);
         if !read_guest_phys(env, gpa, &mut out[done..done + n]) {
             break;

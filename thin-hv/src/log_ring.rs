@@ -1,6 +1,12 @@
 //! The log ring: the last N bytes of the log, with a monotonically growing
 //! head (bytes ever written). See `thinhv_abi::status` for the reader's side.
 
+/// Position `pos` in a ring of `len` bytes (`len` > 0; the result is < `len`,
+/// which is a slice length, so it fits a `usize`).
+fn index(pos: u64, len: u64) -> usize {
+    usize::try_from(pos % len).unwrap_or(0)
+}
+
 /// Appends `data` to `ring` whose head is `head`; returns the new head.
 pub fn write(ring: &mut [u8], head: u64, data: &[u8]) -> u64 {
     let len = ring.len() as u64;
@@ -11,7 +17,7 @@ pub fn write(ring: &mut [u8], head: u64, data: &[u8]) -> u64 {
     let skip = data.len().saturating_sub(ring.len());
     let mut h = head + skip as u64;
     for &b in &data[skip..] {
-        ring[(h % len) as usize] = b;
+        ring[index(h, len)] = b;
         h += 1;
     }
     h
@@ -23,9 +29,11 @@ pub fn read(ring: &[u8], head: u64, pos: u64, out: &mut [u8]) -> (usize, u64, u6
     let len = ring.len() as u64;
     let oldest = head.saturating_sub(len);
     let pos = pos.clamp(oldest, head);
-    let n = (head - pos).min(out.len() as u64) as usize;
+    let n = usize::try_from(head - pos)
+        .unwrap_or(usize::MAX)
+        .min(out.len());
     for (i, o) in out.iter_mut().take(n).enumerate() {
-        *o = ring[((pos + i as u64) % len) as usize];
+        *o = ring[index(pos + i as u64, len)];
     }
     (n, pos + n as u64, head)
 }

@@ -30,7 +30,7 @@ impl Artifacts {
 
     /// Prints where they are.
     pub fn print(&self) {
-        let size = |p: &PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let size = |p: &PathBuf| std::fs::metadata(p).map_or(0, |m| m.len());
         println!("built:");
         println!(
             "  {}  ({} bytes; UEFI loader with the core embedded)",

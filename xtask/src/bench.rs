@@ -10,7 +10,7 @@ use thinhv_ovmf::qemu::{self, Profile, Serial};
 use thinhv_ovmf::runner::{Run, section};
 use thinhv_ovmf::{firmware, linux};
 
-const TIMEOUT: Duration = Duration::from_secs(300);
+const TIMEOUT: Duration = Duration::from_mins(5);
 
 struct Sample {
     secs: f64,
@@ -51,7 +51,7 @@ fn boot_once(
     let t = run
         .wait_for(linux::USERSPACE_MARKER, TIMEOUT)
         .map_err(|e| format!("{e}\n{}", run.output()))?;
-    run.wait_for("THINHV-BENCH-JSON-END", Duration::from_secs(60))
+    run.wait_for("THINHV-BENCH-JSON-END", Duration::from_mins(1))
         .map_err(|e| e.to_string())?;
     let out = run.output();
     let _ = run.wait_exit(Duration::from_secs(30));
@@ -78,13 +78,13 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 runs = it
                     .next()
                     .and_then(|v| v.parse().ok())
-                    .ok_or("--runs needs a number")?
+                    .ok_or("--runs needs a number")?;
             }
             "--smp" => {
                 smp = it
                     .next()
                     .and_then(|v| v.parse().ok())
-                    .ok_or("--smp needs a number")?
+                    .ok_or("--smp needs a number")?;
             }
             other => return Err(format!("unknown option {other:?}")),
         }
@@ -109,8 +109,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
     let (mn, mw) = (median(&mut native.clone()), median(&mut with.clone()));
     let status = last_status.ok_or("the guest did not report thinhv's status")?;
-    let efi_size = std::fs::metadata(&a.efi).map(|m| m.len()).unwrap_or(0);
-    let core_size = std::fs::metadata(&a.core).map(|m| m.len()).unwrap_or(0);
+    let efi_size = std::fs::metadata(&a.efi).map_or(0, |m| m.len());
+    let core_size = std::fs::metadata(&a.core).map_or(0, |m| m.len());
     println!();
     println!("thinhv bench: QEMU TCG, q35, -cpu max, -smp {smp}, 1024 MiB; median of {runs} runs");
     println!("  boot to Linux userspace without thinhv: {mn:6.2} s   {native:.2?}");

@@ -8,7 +8,7 @@ use thinhv_ovmf::{firmware, linux};
 
 /// Longest interactive session before QEMU is stopped (every emulator run
 /// sits under a timeout; `--timeout SECONDS` changes it).
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
+const DEFAULT_TIMEOUT: Duration = Duration::from_hours(1);
 
 pub fn run(args: &[String]) -> Result<(), String> {
     let mut smp = 2u32;
@@ -22,7 +22,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 smp = it
                     .next()
                     .and_then(|v| v.parse().ok())
-                    .ok_or("--smp needs a number")?
+                    .ok_or("--smp needs a number")?;
             }
             "--no-hv" => hv = false,
             "--append" => append = it.next().cloned().ok_or("--append needs arguments")?,

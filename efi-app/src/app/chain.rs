@@ -55,7 +55,7 @@ fn start_path(path: &str, options: Option<&str>) -> Result<(), alloc::string::St
     }
     let full = b
         .push(&FilePath { path_name: &name })
-        .and_then(|b| b.finalize())
+        .and_then(uefi::proto::device_path::build::DevicePathBuilder::finalize)
         .map_err(|_| "cannot build the device path")?;
     let handle = boot::load_image(
         boot::image_handle(),

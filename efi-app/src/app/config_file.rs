@@ -60,9 +60,8 @@ pub fn load() -> Loaded {
         return Loaded::Absent;
     };
     let mut fs = FileSystem::new(sfs);
-    let bytes = match fs.read(path16.as_ref()) {
-        Ok(b) => b,
-        Err(_) => return Loaded::Absent,
+    let Ok(bytes) = fs.read(path16.as_ref()) else {
+        return Loaded::Absent;
     };
     log::debug!("read {} bytes from {path}", bytes.len());
     let text = match core::str::from_utf8(&bytes) {

@@ -244,7 +244,11 @@ pub fn install(config: &Config) -> Result<String, String> {
     }
 
     // BSP first: from now on its INIT/SIPI to the APs are seen by thinhv.
-    let bsp_idx = cpus.iter().position(|c| c.apic_id == bsp_apic).unwrap_or(0);
+    let bsp_idx = cpus
+        .iter()
+        .position(|c| c.bsp)
+        .or_else(|| cpus.iter().position(|c| c.apic_id == bsp_apic))
+        .unwrap_or(0);
     // SAFETY: on the BSP, natively, after a successful CORE_OP_INIT.
     let r = unsafe { virtualize_this_cpu(entry, bsp_idx as u64) };
     if r != 0 {

@@ -7,6 +7,11 @@
 //! 4. if anything failed: roll back so that no CPU stays virtualized, say
 //!    why, and boot the OS without thinhv (unless `required`);
 //! 5. chain-load the OS.
+//!
+//! x86-64 UEFI only: `usize` is 64 bits, so the `u64`/`usize` conversions
+//! of addresses and sizes here cannot truncate, and counts converted to
+//! `u32` are bounded by `MAX_CPUS` / `MAX_RAM_RANGES` first.
+#![allow(clippy::cast_possible_truncation)]
 mod chain;
 mod config_file;
 mod hypercall;
@@ -122,7 +127,7 @@ fn stop_required(reason: &str) -> ! {
     );
     println!("thinhv: Press any key to restart.");
     loop {
-        let key = uefi::system::with_stdin(|stdin| stdin.read_key());
+        let key = uefi::system::with_stdin(uefi::proto::console::text::Input::read_key);
         if let Ok(Some(_)) = key {
             uefi::runtime::reset(uefi::runtime::ResetType::COLD, Status::ABORTED, None);
         }

@@ -8,6 +8,7 @@
 extern crate alloc;
 
 #[cfg(target_os = "uefi")]
+#[allow(clippy::cast_possible_truncation, clippy::many_single_char_names)]
 mod probe;
 
 #[cfg(not(target_os = "uefi"))]

@@ -118,7 +118,7 @@ fn rdmsr_caught(msr: u32) -> (u64, u64) {
         // SAFETY: a #GP for an absent MSR is caught; the instruction is
         // 2 bytes (0F 32) and EAX/EDX are zeroed first.
         unsafe {
-            asm!("xor eax, eax", "xor edx, edx", "rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi)
+            asm!("xor eax, eax", "xor edx, edx", "rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi);
         };
         v = (u64::from(hi) << 32) | u64::from(lo);
     });
@@ -259,7 +259,7 @@ pub fn run() {
     kv("protected_nonzero_qwords", nonzero);
 
     // Writes change nothing.
-    let targets = [pbase, pbase + (psize / 2 & !0xfff), pbase + psize - 8];
+    let targets = [pbase, pbase + ((psize / 2) & !0xfff), pbase + psize - 8];
     let mut visible = 0u64;
     for t in targets {
         // SAFETY: as above; the write is discarded by the hypervisor.

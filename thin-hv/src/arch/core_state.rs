@@ -100,7 +100,7 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
     if CORE.get().is_some() {
         return Err(CoreError::BAD_OP);
     }
-    if handoff_pa == 0 || handoff_pa % 8 != 0 {
+    if handoff_pa == 0 || !handoff_pa.is_multiple_of(8) {
         return Err(CoreError::BAD_HANDOFF);
     }
     // SAFETY: the loader passes the physical (identity-mapped) address of a

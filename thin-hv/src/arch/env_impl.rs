@@ -21,7 +21,7 @@ pub struct HwEnv {
 const ICR_BUSY: u32 = 1 << 12;
 
 impl HwEnv {
-    fn x2apic(&self) -> bool {
+    fn x2apic() -> bool {
         // SAFETY: IA32_APIC_BASE exists on every x86-64 processor.
         unsafe { rdmsr(IA32_APIC_BASE) & APIC_BASE_EXTD != 0 }
     }
@@ -72,7 +72,7 @@ impl Env for HwEnv {
     }
 
     fn lapic_read(&self, offset: u32) -> u32 {
-        if self.x2apic() {
+        if Self::x2apic() {
             if offset == reg::ICR_HIGH {
                 return 0;
             }
@@ -84,7 +84,7 @@ impl Env for HwEnv {
     }
 
     fn lapic_write(&mut self, offset: u32, value: u32) {
-        if self.x2apic() {
+        if Self::x2apic() {
             if offset != reg::ICR_HIGH {
                 // SAFETY: as in `lapic_read`; writes are what the guest asked
                 // for on its own APIC.
@@ -112,7 +112,7 @@ impl Env for HwEnv {
     }
 
     fn send_nmi(&mut self, apic_id: u32) {
-        if self.x2apic() {
+        if Self::x2apic() {
             // SAFETY: an NMI IPI; every CPU under thinhv intercepts NMIs.
             unsafe { wrmsr(X2APIC_ICR_MSR, nmi_icr(apic_id, true)) };
         } else {

@@ -11,7 +11,7 @@ pub unsafe fn rdmsr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: the caller guarantees the MSR exists; RDMSR has no memory effects.
     unsafe {
-        asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+        asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags));
     };
     (u64::from(hi) << 32) | u64::from(lo)
 }
@@ -110,7 +110,7 @@ read_sel!(read_es, "es");
 pub unsafe fn outb(port: u16, value: u8) {
     // SAFETY: guaranteed by the caller.
     unsafe {
-        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags));
     };
 }
 

@@ -84,14 +84,13 @@ impl CoreLogger {
 
     /// Writes raw text even if another CPU holds the lock (for fatal paths).
     pub fn emergency(&self, text: &str) {
-        let mut guard = match self.sink.try_lock() {
-            Some(g) => g,
-            None => {
-                // SAFETY: only used on the way to stopping this CPU; a torn
-                // line on the serial port is better than a silent hang.
-                unsafe { self.sink.force_unlock() };
-                self.sink.lock()
-            }
+        let mut guard = if let Some(g) = self.sink.try_lock() {
+            g
+        } else {
+            // SAFETY: only used on the way to stopping this CPU; a torn
+            // line on the serial port is better than a silent hang.
+            unsafe { self.sink.force_unlock() };
+            self.sink.lock()
         };
         if let Some(u) = guard.serial.as_mut() {
             send(u, text.as_bytes());
@@ -126,8 +125,13 @@ impl log::Log for CoreLogger {
             None => write!(line, "thinhv {:<5} {}", record.level(), record.args()),
         };
         let text = &line.buf[..line.len];
+        // Once the OS runs, the serial port is its console: only errors go
+        // there (a half line of ours inside the OS's output is the price);
+        // everything stays in the ring, readable with `thinhv log`.
+        let to_serial = record.level() <= log::Level::Error
+            || !super::core_state::get().is_some_and(|c| c.hv.is_sealed());
         let mut s = self.sink.lock();
-        if let Some(u) = s.serial.as_mut() {
+        if let Some(u) = s.serial.as_mut().filter(|_| to_serial) {
             send(u, text);
             send(u, b"\r\n");
         }

@@ -52,7 +52,7 @@ impl StatusPage {
                 state: CpuState::OFFLINE.0,
                 exits: [0; EXIT_REASON_COUNT],
             };
-            self.write(self.cpu_offset(i), rec.as_bytes());
+            self.write(Self::cpu_offset(i), rec.as_bytes());
         }
     }
 
@@ -68,12 +68,12 @@ impl StatusPage {
         }
     }
 
-    fn cpu_offset(&self, cpu: usize) -> u64 {
+    fn cpu_offset(cpu: usize) -> u64 {
         (CPUS_OFFSET + cpu * core::mem::size_of::<CpuRecord>()) as u64
     }
 
     fn u64_at(&self, offset: u64) -> &AtomicU64 {
-        assert!(offset % 8 == 0 && offset + 8 <= self.size);
+        assert!(offset.is_multiple_of(8) && offset + 8 <= self.size);
         // SAFETY: in bounds and 8-byte aligned (the base is page-aligned);
         // the memory lives as long as the hypervisor and is only accessed
         // atomically by the core (the guest can only read it).
@@ -81,7 +81,7 @@ impl StatusPage {
     }
 
     fn u32_at(&self, offset: u64) -> &AtomicU32 {
-        assert!(offset % 4 == 0 && offset + 4 <= self.size);
+        assert!(offset.is_multiple_of(4) && offset + 4 <= self.size);
         // SAFETY: as in `u64_at`, 4-byte aligned.
         unsafe { AtomicU32::from_ptr((self.base + offset) as *mut u32) }
     }
@@ -89,7 +89,7 @@ impl StatusPage {
     /// Counts an exit.
     pub fn count(&self, cpu: usize, reason: ExitReason) {
         if cpu < self.cpus {
-            let off = self.cpu_offset(cpu) + 8 + 8 * reason.index() as u64;
+            let off = Self::cpu_offset(cpu) + 8 + 8 * reason.index() as u64;
             self.u64_at(off).fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -98,7 +98,7 @@ impl StatusPage {
     pub fn counts(&self, cpu: usize) -> Option<[u64; EXIT_REASON_COUNT]> {
         (cpu < self.cpus).then(|| {
             core::array::from_fn(|i| {
-                self.u64_at(self.cpu_offset(cpu) + 8 + 8 * i as u64)
+                self.u64_at(Self::cpu_offset(cpu) + 8 + 8 * i as u64)
                     .load(Ordering::Relaxed)
             })
         })
@@ -107,7 +107,7 @@ impl StatusPage {
     /// Records a CPU's state.
     pub fn set_cpu_state(&self, cpu: usize, state: CpuState) {
         if cpu < self.cpus {
-            self.u32_at(self.cpu_offset(cpu) + 4)
+            self.u32_at(Self::cpu_offset(cpu) + 4)
                 .store(state.0, Ordering::Relaxed);
         }
     }

@@ -59,7 +59,7 @@ pub fn filter_cpuid(leaf: u32, subleaf: u32, raw: [u32; 4], info: &HvInfo) -> [u
             leaves::LEAF_INFO => [
                 info.status_size,
                 info.vendor,
-                EXIT_REASON_COUNT as u32,
+                u32::try_from(EXIT_REASON_COUNT).unwrap_or(u32::MAX),
                 u32::from(info.sealed),
             ],
             _ => [0; 4],

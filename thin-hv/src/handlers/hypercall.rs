@@ -70,7 +70,9 @@ pub(super) fn handle(cpu: &mut impl GuestCpu, env: &mut impl Env) -> Outcome {
             let mut pos = a2;
             let mut done = 0u64;
             let head = loop {
-                let want = ((a1 - done) as usize).min(chunk.len());
+                let want = usize::try_from(a1 - done)
+                    .unwrap_or(usize::MAX)
+                    .min(chunk.len());
                 let (n, next, head) = env.log_read(pos, &mut chunk[..want]);
                 pos = next;
                 if n == 0 {

@@ -7,8 +7,10 @@ pub mod msr;
 mod npf;
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod fake;
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests;
 
 pub use cpuid::{HvInfo, filter_cpuid};

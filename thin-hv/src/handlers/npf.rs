@@ -73,7 +73,7 @@ fn protected(
     }
     if write {
         let n = env.hv().blocked_writes.fetch_add(1, Ordering::Relaxed) + 1;
-        if n <= LOG_FIRST || n % 1024 == 0 {
+        if n <= LOG_FIRST || n.is_multiple_of(1024) {
             log::warn!(
                 "cpu {me}: write to hypervisor memory at {gpa:#x} discarded (rip {:#x}, {n} so far)",
                 cpu.rip()

@@ -18,7 +18,7 @@ fn position(msr: u32) -> Option<(usize, u8)> {
     RANGES.iter().find_map(|&(base, off)| {
         let rel = msr.checked_sub(base).filter(|&r| r < RANGE_LEN)?;
         let bit = rel as usize * 2;
-        Some((off + bit / 8, (bit % 8) as u8))
+        Some((off + bit / 8, u8::try_from(bit % 8).unwrap_or(0)))
     })
 }
 

@@ -422,6 +422,10 @@ pub const EFER_SVME: u64 = 1 << 12;
 /// Segment attributes in VMCB packed form from a descriptor's high dword
 /// (bits 32–63 of the 8-byte descriptor): type/S/DPL/P from bits 8–15,
 /// AVL/L/D/G from bits 20–23.
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "the value is masked to 12 bits"
+)]
 pub const fn attrib_from_descriptor_high(high: u32) -> u16 {
     (((high >> 8) & 0xff) | ((high >> 12) & 0xf00)) as u16
 }

@@ -178,5 +178,5 @@ fn leave(core: &Core, run: &mut RunState) -> ! {
     // SAFETY: only reached before the loader seals the hypervisor, while
     // the firmware's identity-mapped page tables (which map this code and
     // stack) are the guest's.
-    unsafe { svm_leave(run, &st) }
+    unsafe { svm_leave(run, &raw const st) }
 }

@@ -66,7 +66,7 @@ pub unsafe fn virtualize(cpu: u64, resume_rip: u64, resume_rsp: u64) -> Result<(
             core::ptr::from_mut(pc).cast::<u8>(),
             0,
             core::mem::size_of::<PerCpu>(),
-        )
+        );
     };
     pc.init_gdt();
 
