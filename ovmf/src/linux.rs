@@ -48,10 +48,7 @@ pub fn kernel(cache: &Path) -> Result<PathBuf, String> {
     std::fs::create_dir_all(&debs).map_err(|e| e.to_string())?;
     let hint = "needs Debian's apt sources; the command is \
                 `apt-get download linux-image-amd64` (run `sudo apt-get update` first if it fails)";
-    run(Command::new("apt-get")
-        .args(["download", "-q", "linux-image-amd64"])
-        .current_dir(&debs))
-    .map_err(|e| format!("{e}\n{hint}"))?;
+    apt_download(&debs, "linux-image-amd64").map_err(|e| format!("{e}\n{hint}"))?;
     let meta = newest(&debs, "linux-image-amd64_")?;
     let depends = run(Command::new("dpkg-deb")
         .args(["-f"])
@@ -63,14 +60,33 @@ pub fn kernel(cache: &Path) -> Result<PathBuf, String> {
         .find(|d| d.starts_with("linux-image-") && !d.ends_with("-amd64-unsigned"))
         .ok_or_else(|| format!("no kernel package in {depends:?}"))?
         .to_string();
-    run(Command::new("apt-get")
-        .args(["download", "-q", &pkg])
-        .current_dir(&debs))
-    .map_err(|e| format!("{e}\n{hint}"))?;
+    apt_download(&debs, &pkg).map_err(|e| format!("{e}\n{hint}"))?;
     let deb = newest(&debs, &format!("{pkg}_"))?;
     std::fs::create_dir_all(&unpacked).map_err(|e| e.to_string())?;
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
     find_vmlinuz(&unpacked).ok_or_else(|| format!("no boot/vmlinuz-* in {}", deb.display()))
+}
+
+/// `apt-get download PKG` into `dir`; when that fails and we are root, the
+/// package lists may be stale: `apt-get update` once and retry.
+fn apt_download(dir: &Path, pkg: &str) -> Result<String, String> {
+    let first = run(Command::new("apt-get")
+        .args(["download", "-q", pkg])
+        .current_dir(dir));
+    if first.is_ok() || !is_root() {
+        return first;
+    }
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["download", "-q", pkg])
+        .current_dir(dir))
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 fn newest(dir: &Path, prefix: &str) -> Result<PathBuf, String> {
