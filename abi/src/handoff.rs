@@ -106,8 +106,9 @@ pub struct CoreConfig {
     /// What a fatal error in the core does: [`ON_FATAL_HALT`] or
     /// [`ON_FATAL_RESET`] (0x02).
     pub on_fatal: u8,
-    /// Reserved (0x03).
-    pub reserved0: u8,
+    /// For tests: nonzero lets the loader ask for a deliberate exception in
+    /// host mode (`Function::DEBUG_HOST_FAULT`) before sealing (0x03).
+    pub debug_host_fault: u8,
     /// I/O port of the 16550 serial log, 0 for none (0x04).
     pub serial_port: u16,
     /// Reserved (0x06).
@@ -132,7 +133,7 @@ impl Default for CoreConfig {
             log_level: 3,
             hide_hypervisor: 0,
             on_fatal: ON_FATAL_HALT,
-            reserved0: 0,
+            debug_host_fault: 0,
             serial_port: 0x3f8,
             reserved1: 0,
             debug_fail_cpu: u32::MAX,

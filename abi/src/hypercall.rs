@@ -89,6 +89,10 @@ impl Function {
     /// Loader only: the OS is about to be started; closes
     /// [`Function::DEVIRTUALIZE`] and [`Function::SEAL`] for good.
     pub const SEAL: Self = Self(0x101);
+    /// Tests only (`[debug] host_fault`), before sealing: the core raises an
+    /// exception in host mode, to prove that such a fault is reported and
+    /// never hangs silently.
+    pub const DEBUG_HOST_FAULT: Self = Self(0x1ff);
 
     /// A short name for logs and tools.
     pub const fn name(self) -> &'static str {
@@ -100,6 +104,7 @@ impl Function {
             4 => "exit-counts",
             0x100 => "devirtualize",
             0x101 => "seal",
+            0x1ff => "debug-host-fault",
             _ => "unknown",
         }
     }

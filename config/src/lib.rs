@@ -101,6 +101,10 @@ pub struct Debug {
     /// Make the core refuse to virtualize the CPU with this index, to test
     /// that a partial installation is rolled back.
     pub fail_cpu: Option<u32>,
+    /// Raise an exception inside the hypervisor (host mode) once all CPUs
+    /// are virtualized, to test that it is reported and handled per
+    /// `on_fatal`.
+    pub host_fault: bool,
 }
 
 /// A configuration error, with its position in the file when known.
@@ -246,8 +250,14 @@ impl Config {
             None => s.push_str("# options: unset\n"),
         }
         let _ = writeln!(s, "\n[cpu]\nhide_hypervisor = {}", self.cpu.hide_hypervisor);
-        if let Some(c) = self.debug.fail_cpu {
-            let _ = writeln!(s, "\n[debug]\nfail_cpu = {c}");
+        if self.debug != Debug::default() {
+            let _ = writeln!(s, "\n[debug]");
+            if let Some(c) = self.debug.fail_cpu {
+                let _ = writeln!(s, "fail_cpu = {c}");
+            }
+            if self.debug.host_fault {
+                let _ = writeln!(s, "host_fault = true");
+            }
         }
         s
     }

@@ -129,6 +129,14 @@ fn line_col_counts_from_one() {
 }
 
 #[test]
+fn debug_keys_round_trip() {
+    let c = Config::parse("[debug]\nfail_cpu = 2\nhost_fault = true\n").unwrap();
+    assert_eq!(c.debug.fail_cpu, Some(2));
+    assert!(c.debug.host_fault);
+    assert_eq!(Config::parse(&c.effective()).unwrap(), c);
+}
+
+#[test]
 fn disabled_hypervisor_and_contradictions() {
     let c = Config::parse("[hypervisor]\nenabled = false\n").unwrap();
     assert!(!c.hypervisor.enabled);

@@ -162,6 +162,39 @@ fn failing_ap_rolls_back_every_cpu() {
 
 #[test]
 #[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn an_exception_in_the_hypervisor_is_reported_then_resets() {
+    let b = built();
+    let boot = Boot::new(&b, "host-fault", Profile::svm(2));
+    boot.esp.put_file(PROBE, &b.probe).unwrap();
+    let text = format!(
+        "[hypervisor]\non_fatal = \"reset\"\n\n[boot]\nnext = '{PROBE}'\n\n[debug]\nhost_fault = true\n"
+    );
+    boot.esp.install_thinhv(&b.efi, Some(&text)).unwrap();
+    let mut run = boot.start();
+    run.wait_for("resetting the platform", Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}\n{}", run.output()));
+    // The reset ends QEMU (-no-reboot): nothing hangs.
+    let status = run
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", run.output()));
+    let out = run.output();
+    assert!(status.success(), "{status}");
+    assert!(
+        out.contains("FATAL exception 6 (error 0x0) in host mode"),
+        "{out}"
+    );
+    assert!(
+        out.contains(" rax 0x") && out.contains(" r15 0x"),
+        "registers are printed: {out}"
+    );
+    assert!(
+        !out.contains("THINHV-PROBE-BEGIN"),
+        "nothing ran after the fault: {out}"
+    );
+}
+
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
 fn required_without_svm_stops_the_boot() {
     let b = built();
     let boot = Boot::new(&b, "required-no-svm", Profile::no_svm(1));

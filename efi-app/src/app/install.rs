@@ -213,6 +213,7 @@ pub fn install(config: &Config) -> Result<String, String> {
         OnFatal::Reset => ON_FATAL_RESET,
     };
     h.config.debug_fail_cpu = config.debug.fail_cpu.unwrap_or(u32::MAX);
+    h.config.debug_host_fault = u8::from(config.debug.host_fault);
     if let Err(e) = h.validate() {
         release();
         return Err(format!("internal error: inconsistent hand-off ({e})"));
@@ -310,6 +311,16 @@ pub fn install(config: &Config) -> Result<String, String> {
         }
     }
 
+    if config.debug.host_fault {
+        println!("thinhv: [debug] host_fault: asking the core for an exception in host mode");
+        // SAFETY: the BSP is under thinhv; the call does not return if the
+        // core honours it (the platform halts or resets).
+        let r = unsafe { vmmcall(Function::DEBUG_HOST_FAULT.0, 0, 0, 0) };
+        println!(
+            "thinhv: [debug] host_fault refused: {}",
+            Status(r[0]).name()
+        );
+    }
     // SAFETY: the BSP is under thinhv; sealing closes the loader-only calls.
     let r = unsafe { vmmcall(Function::SEAL.0, 0, 0, 0) };
     if r[0] != Status::OK.0 {

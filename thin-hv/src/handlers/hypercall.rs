@@ -149,6 +149,18 @@ pub(super) fn handle(cpu: &mut impl GuestCpu, env: &mut impl Env) -> Outcome {
             log::info!("sealed: the OS is being started; loader-only hypercalls are closed");
             finish(cpu, env, Status::OK, [None; 3])
         }
+        Function::DEBUG_HOST_FAULT => {
+            if hv.is_sealed() || hv.config.debug_host_fault == 0 {
+                return finish(cpu, env, Status::NOT_PERMITTED, [None; 3]);
+            }
+            log::warn!("[debug] host_fault: raising an exception in host mode on purpose");
+            let o = finish(cpu, env, Status::OK, [None; 3]);
+            if o == Outcome::Resume {
+                Outcome::HostFaultTest
+            } else {
+                o
+            }
+        }
         _ => finish(cpu, env, Status::UNKNOWN_FUNCTION, [None; 3]),
     }
 }

@@ -40,6 +40,9 @@ pub enum Outcome {
     Reset,
     /// Nothing sensible can continue on this CPU.
     Fatal(&'static str),
+    /// Tests only: raise an exception in host mode (see
+    /// `Function::DEBUG_HOST_FAULT`).
+    HostFaultTest,
 }
 
 /// A handled exit: what to do next and which counter to bump.

@@ -244,6 +244,23 @@ fn devirtualize_only_until_sealed() {
 }
 
 #[test]
+fn the_host_fault_test_hook_is_closed_unless_configured_and_before_seal() {
+    let mut env = FakeEnv::new();
+    let cpu = hypercall(&mut env, 0, Function::DEBUG_HOST_FAULT, [0; 3]);
+    assert_eq!(status(&cpu), Status::NOT_PERMITTED);
+    env.hv.config.debug_host_fault = 1;
+    let mut cpu = at(&mut env, VMMCALL);
+    cpu.regs[Gpr::Rax as usize] = Function::DEBUG_HOST_FAULT.0;
+    assert_eq!(
+        handle(&Exit::Hypercall, &mut cpu, &mut env).outcome,
+        Outcome::HostFaultTest
+    );
+    hypercall(&mut env, 0, Function::SEAL, [0; 3]);
+    let cpu = hypercall(&mut env, 0, Function::DEBUG_HOST_FAULT, [0; 3]);
+    assert_eq!(status(&cpu), Status::NOT_PERMITTED);
+}
+
+#[test]
 fn efer_hides_and_keeps_svme() {
     let mut env = FakeEnv::new();
     let mut cpu = at(&mut env, RDMSR);

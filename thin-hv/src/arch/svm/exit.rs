@@ -94,6 +94,11 @@ pub extern "sysv64" fn svm_exit(run: &mut RunState) {
             core.status.set_virtualized(n);
             leave(core, run);
         }
+        Outcome::HostFaultTest => {
+            // SAFETY: UD2 only raises #UD, which the host IDT reports before
+            // stopping or resetting per `on_fatal`; this is the test of it.
+            unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
+        }
         Outcome::Reset => {
             log::error!("resetting the platform after a guest triple fault");
             reset_platform();
