@@ -171,7 +171,7 @@ fn an_exception_in_the_hypervisor_is_reported_then_resets() {
     );
     boot.esp.install_thinhv(&b.efi, Some(&text)).unwrap();
     let mut run = boot.start();
-    run.wait_for("resetting the platform", Duration::from_secs(120))
+    run.wait_for("resetting the platform", Duration::from_mins(2))
         .unwrap_or_else(|e| panic!("{e}\n{}", run.output()));
     // The reset ends QEMU (-no-reboot): nothing hangs.
     let status = run
