@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 mod engine;
+pub mod ept;
 pub mod x86;
 
 pub use engine::{Leaf, MapError, Mapper};
