@@ -36,11 +36,15 @@ impl ExitReason {
     pub const SHUTDOWN: Self = Self(11);
     /// XSETBV.
     pub const XSETBV: Self = Self(12);
+    /// A guest write to a control register thinhv owns bits of (VMX).
+    pub const CR_ACCESS: Self = Self(13);
+    /// INVD (VMX: always exits; done as WBINVD).
+    pub const INVD: Self = Self(14);
     /// Anything else (logged).
-    pub const OTHER: Self = Self(13);
+    pub const OTHER: Self = Self(15);
 
     /// Number of reasons; the length of a counter array.
-    pub const COUNT: usize = 14;
+    pub const COUNT: usize = 16;
 
     /// All reasons in index order.
     pub const ALL: [Self; Self::COUNT] = [
@@ -57,6 +61,8 @@ impl ExitReason {
         Self::VIRT_INSN,
         Self::SHUTDOWN,
         Self::XSETBV,
+        Self::CR_ACCESS,
+        Self::INVD,
         Self::OTHER,
     ];
 
@@ -76,6 +82,8 @@ impl ExitReason {
             10 => "virt_insn",
             11 => "shutdown",
             12 => "xsetbv",
+            13 => "cr_access",
+            14 => "invd",
             _ => "other",
         }
     }

@@ -116,11 +116,24 @@ pub struct CoreConfig {
     /// For tests: CPU index on which `CORE_OP_VIRTUALIZE` fails on purpose,
     /// `u32::MAX` for none (0x08).
     pub debug_fail_cpu: u32,
-    /// Reserved (0x0C).
-    pub reserved2: u32,
+    /// How AP start-up (INIT/SIPI) is handled: [`INIT_SIPI_AUTO`],
+    /// [`INIT_SIPI_ACTIVITY`] or [`INIT_SIPI_INTERCEPT`] (0x0C).
+    pub init_sipi: u8,
+    /// Reserved (0x0D).
+    pub reserved2: [u8; 3],
 }
 
 const _: () = assert!(core::mem::size_of::<CoreConfig>() == 16);
+
+/// [`CoreConfig::init_sipi`]: the processor's wait-for-SIPI activity state
+/// where VMX has it, else intercepting the APIC's ICR.
+pub const INIT_SIPI_AUTO: u8 = 0;
+/// [`CoreConfig::init_sipi`]: VMX wait-for-SIPI activity state (INIT and
+/// SIPI VM exits).
+pub const INIT_SIPI_ACTIVITY: u8 = 1;
+/// [`CoreConfig::init_sipi`]: intercept ICR writes, deliver SIPIs through
+/// the hypervisor (always so on SVM).
+pub const INIT_SIPI_INTERCEPT: u8 = 2;
 
 /// [`CoreConfig::on_fatal`]: stop the CPU (print and halt).
 pub const ON_FATAL_HALT: u8 = 0;
@@ -137,7 +150,8 @@ impl Default for CoreConfig {
             serial_port: 0x3f8,
             reserved1: 0,
             debug_fail_cpu: u32::MAX,
-            reserved2: 0,
+            init_sipi: INIT_SIPI_AUTO,
+            reserved2: [0; 3],
         }
     }
 }

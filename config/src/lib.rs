@@ -24,7 +24,7 @@ use core::fmt::Write;
 use serde::Deserialize;
 
 pub use salvage::{Salvaged, salvage};
-pub use value::{LogLevel, OnFatal, Serial};
+pub use value::{InitSipi, LogLevel, OnFatal, Serial};
 
 /// File name the loader looks for beside its own image.
 pub const FILE_NAME: &str = "thinhv.toml";
@@ -92,6 +92,8 @@ pub struct Boot {
 pub struct Cpu {
     /// Do not announce the hypervisor through CPUID.
     pub hide_hypervisor: bool,
+    /// How application processors are started (INIT/SIPI) on Intel VT-x.
+    pub init_sipi: InitSipi,
 }
 
 /// `[debug]`: switches for tests.
@@ -250,6 +252,7 @@ impl Config {
             None => s.push_str("# options: unset\n"),
         }
         let _ = writeln!(s, "\n[cpu]\nhide_hypervisor = {}", self.cpu.hide_hypervisor);
+        let _ = writeln!(s, "init_sipi = \"{}\"", self.cpu.init_sipi.name());
         if self.debug != Debug::default() {
             let _ = writeln!(s, "\n[debug]");
             if let Some(c) = self.debug.fail_cpu {

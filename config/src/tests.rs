@@ -27,6 +27,7 @@ options = "console=ttyS0 initrd=\\EFI\\Linux\\initrd.img"
 
 [cpu]
 hide_hypervisor = true
+init_sipi = "intercept"
 "#;
     let c = Config::parse(text).unwrap();
     assert!(c.hypervisor.required);
@@ -39,6 +40,7 @@ hide_hypervisor = true
         Some("console=ttyS0 initrd=\\EFI\\Linux\\initrd.img")
     );
     assert!(c.cpu.hide_hypervisor);
+    assert_eq!(c.cpu.init_sipi, InitSipi::Intercept);
     // The effective settings parse back to the same configuration.
     assert_eq!(Config::parse(&c.effective()).unwrap(), c);
 }

@@ -61,6 +61,32 @@ impl OnFatal {
     }
 }
 
+/// `cpu.init_sipi`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InitSipi {
+    /// The VMX wait-for-SIPI activity state when the processor has it,
+    /// else interception (default).
+    #[default]
+    Auto,
+    /// Always the VMX wait-for-SIPI activity state.
+    Activity,
+    /// Intercept writes to the APIC's interrupt command register and start
+    /// APs from the hypervisor (what SVM always does).
+    Intercept,
+}
+
+impl InitSipi {
+    /// The spelling in the file.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Activity => "activity",
+            Self::Intercept => "intercept",
+        }
+    }
+}
+
 /// `hypervisor.serial`: an I/O port (`0x3f8`, `"0x2f8"`, `"com1"`..`"com4"`)
 /// or `"none"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
