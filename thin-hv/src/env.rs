@@ -34,8 +34,11 @@ pub trait Env {
     fn lapic_write(&mut self, offset: u32, value: u32);
     /// Writes the x2APIC ICR (MSR 0x830).
     fn x2apic_icr_write(&mut self, value: u64);
-    /// Sends an NMI to the CPU with this APIC ID.
-    fn send_nmi(&mut self, apic_id: u32);
+    /// Makes the (virtualized) CPU with this APIC ID leave guest mode to
+    /// take the INIT just posted to its mailbox: an NMI on SVM (which thinhv
+    /// intercepts), a real INIT on VMX (which always exits, and is held off
+    /// while a CPU is in VMX root operation).
+    fn kick_for_init(&mut self, apic_id: u32);
     /// Maps the 1 GiB around `gpa` identity into the second-level tables
     /// (a first touch beyond what was mapped at start). Returns false when
     /// that is not possible.
@@ -49,4 +52,10 @@ pub trait Env {
     fn log_read(&self, pos: u64, out: &mut [u8]) -> (usize, u64, u64);
     /// Recomputes the integrity check.
     fn integrity(&self) -> Integrity;
+    /// Reads an MSR of this processor (only MSRs that exist).
+    fn read_msr(&self, msr: u32) -> u64;
+    /// Sets XCR0 (the value has been checked).
+    fn xsetbv(&mut self, xcr0: u64);
+    /// Writes back and invalidates the caches.
+    fn wbinvd(&mut self);
 }

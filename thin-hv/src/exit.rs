@@ -37,6 +37,26 @@ pub enum Exit {
     VirtInstruction,
     /// A real INIT signal.
     Init,
+    /// A SIPI to a CPU in wait-for-SIPI (VMX reports it as an exit).
+    Sipi {
+        /// Start page (CS = vector << 8, IP = 0).
+        vector: u8,
+    },
+    /// INVD.
+    Invd,
+    /// MOV to a control register whose owned bits the write touches (VMX).
+    CrWrite {
+        /// Control register.
+        cr: u8,
+        /// Source register (encoding order).
+        gpr: u8,
+    },
+    /// The second-level tables are malformed at this address (EPT
+    /// misconfiguration): a hypervisor bug, never a guest's doing.
+    TableMisconfig {
+        /// Guest-physical address.
+        gpa: u64,
+    },
     /// A physical NMI.
     Nmi,
     /// Triple fault.
@@ -71,10 +91,15 @@ impl Exit {
             Self::NestedFault { .. } => ExitReason::NESTED_FAULT,
             Self::VirtInstruction => ExitReason::VIRT_INSN,
             Self::Init => ExitReason::INIT,
+            Self::Sipi { .. } => ExitReason::SIPI,
+            Self::Invd => ExitReason::INVD,
+            Self::CrWrite { .. } => ExitReason::CR_ACCESS,
             Self::Nmi => ExitReason::NMI,
             Self::Shutdown => ExitReason::SHUTDOWN,
             Self::Xsetbv => ExitReason::XSETBV,
-            Self::EntryFailed { .. } | Self::Other { .. } => ExitReason::OTHER,
+            Self::EntryFailed { .. } | Self::Other { .. } | Self::TableMisconfig { .. } => {
+                ExitReason::OTHER
+            }
         }
     }
 }

@@ -110,7 +110,15 @@ pub trait GuestCpu {
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>);
     /// Queues an NMI for the next entry.
     fn inject_nmi(&mut self);
+    /// Emulates MOV to CR `cr` (only vendors that intercept CR writes
+    /// implement it).
+    fn write_cr(&mut self, cr: u8, value: u64) -> Result<(), GpFault>;
 }
+
+/// An emulated write the processor would refuse: the guest gets #GP(0) and
+/// nothing changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GpFault;
 
 /// Exception vectors.
 pub mod vector {

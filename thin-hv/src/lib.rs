@@ -24,8 +24,10 @@ pub mod handlers;
 pub mod hv;
 pub mod insn;
 pub mod log_ring;
+pub mod mtrr;
 pub mod npt;
 pub mod svm;
+pub mod vmx;
 
 #[cfg(target_os = "none")]
 pub mod arch;

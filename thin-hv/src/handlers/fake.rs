@@ -1,6 +1,6 @@
 //! Fakes of the guest CPU and the host environment for handler tests.
 use crate::env::{Env, Integrity};
-use crate::guest::{CpuMode, Gpr, GuestCpu, PagingRegs};
+use crate::guest::{CpuMode, GpFault, Gpr, GuestCpu, PagingRegs};
 use crate::hv::Hv;
 use std::collections::HashMap;
 use thinhv_abi::PhysRange;
@@ -24,6 +24,7 @@ pub struct FakeCpu {
     pub efer: u64,
     pub exceptions: Vec<(u8, Option<u32>)>,
     pub nmis: usize,
+    pub crs: Vec<(u8, u64)>,
 }
 
 impl GuestCpu for FakeCpu {
@@ -69,6 +70,13 @@ impl GuestCpu for FakeCpu {
     fn inject_nmi(&mut self) {
         self.nmis += 1;
     }
+    fn write_cr(&mut self, cr: u8, value: u64) -> Result<(), GpFault> {
+        if cr == 4 && value & (1 << 13) != 0 {
+            return Err(GpFault);
+        }
+        self.crs.push((cr, value));
+        Ok(())
+    }
 }
 
 pub struct FakeEnv {
@@ -83,6 +91,9 @@ pub struct FakeEnv {
     pub demand_calls: Vec<u64>,
     pub integrity: Integrity,
     pub log: Vec<u8>,
+    pub xcr0: Option<u64>,
+    pub wbinvds: usize,
+    pub msrs: HashMap<u32, u64>,
 }
 
 impl FakeEnv {
@@ -124,6 +135,9 @@ impl FakeEnv {
                 canary_ok: true,
             },
             log: b"line one\nline two\n".to_vec(),
+            xcr0: None,
+            wbinvds: 0,
+            msrs: HashMap::from([(0x3a, 0x5)]),
         }
     }
 
@@ -158,6 +172,7 @@ impl Env for FakeEnv {
             0x8000_0001 => [0, 0, 0x0000_37ff, 0x2fd3_fbff],
             0x8000_000a => [1, 16, 0, 0x1],
             0x4000_0000 => [0x11, 0x22, 0x33, 0x44],
+            0xd => [0x7, 0x340, 0x340, 0],
             _ => [leaf, 0, 0, 0],
         }
     }
@@ -179,7 +194,7 @@ impl Env for FakeEnv {
     fn x2apic_icr_write(&mut self, v: u64) {
         self.x2apic_writes.push(v);
     }
-    fn send_nmi(&mut self, apic_id: u32) {
+    fn kick_for_init(&mut self, apic_id: u32) {
         self.nmis_sent.push(apic_id);
     }
     fn demand_map(&mut self, gpa: u64) -> bool {
@@ -203,5 +218,14 @@ impl Env for FakeEnv {
     }
     fn integrity(&self) -> Integrity {
         self.integrity
+    }
+    fn read_msr(&self, msr: u32) -> u64 {
+        self.msrs[&msr]
+    }
+    fn xsetbv(&mut self, xcr0: u64) {
+        self.xcr0 = Some(xcr0);
+    }
+    fn wbinvd(&mut self) {
+        self.wbinvds += 1;
     }
 }

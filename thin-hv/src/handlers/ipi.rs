@@ -1,9 +1,9 @@
 //! INIT and STARTUP IPIs aimed at virtualized CPUs become mailbox posts;
 //! every other IPI goes to the APIC unchanged.
 //!
-//! The target is woken with an NMI (which thinhv intercepts on every CPU);
-//! it then enters wait-for-SIPI in host mode and starts in real mode at the
-//! vector of the first SIPI. CPUs not (yet) under thinhv get the real IPI,
+//! The target is made to exit (an NMI on SVM, a real INIT on VMX, see
+//! `Env::kick_for_init`); it then waits for the SIPI in host mode and
+//! starts in real mode at the vector of the first SIPI. CPUs not (yet) under thinhv get the real IPI,
 //! addressed to them alone.
 use super::Outcome;
 use crate::apic::{DeliveryMode, Destination, Icr, physical_icr, reg};
@@ -75,7 +75,7 @@ fn deliver(env: &mut impl Env, apic_id: u32, icr: &Icr, x2apic: bool) {
             if icr.mode == DeliveryMode::INIT {
                 slot.mailbox.post_init();
                 log::debug!("cpu {}: virtual INIT to apic {apic_id}", env.cpu_index());
-                env.send_nmi(apic_id);
+                env.kick_for_init(apic_id);
             } else {
                 let taken = slot.mailbox.post_sipi(icr.vector, slot.state());
                 log::debug!(

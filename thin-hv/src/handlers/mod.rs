@@ -5,6 +5,7 @@ mod hypercall;
 mod ipi;
 pub mod msr;
 mod npf;
+mod xsetbv;
 
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
@@ -43,6 +44,9 @@ pub enum Outcome {
     /// Tests only: raise an exception in host mode (see
     /// `Function::DEBUG_HOST_FAULT`).
     HostFaultTest,
+    /// A SIPI arrived for this CPU in wait-for-SIPI: start it in real mode
+    /// at the vector's page (VMX).
+    StartAt(u8),
 }
 
 /// A handled exit: what to do next and which counter to bump.
@@ -84,6 +88,32 @@ pub fn handle(exit: &Exit, cpu: &mut impl GuestCpu, env: &mut impl Env) -> Handl
             Handled::new(Outcome::Resume, reason)
         }
         Exit::Init => Handled::new(Outcome::WaitForSipi, reason),
+        Exit::Sipi { vector } => Handled::new(Outcome::StartAt(vector), reason),
+        Exit::Invd => {
+            // Discarding the caches could lose the hypervisor's own data:
+            // write them back instead (INVD's effect, minus the loss).
+            env.wbinvd();
+            Handled::new(advance_or_fault(cpu, env), reason)
+        }
+        Exit::CrWrite { cr, gpr } => {
+            let value = cpu.gpr(crate::guest::Gpr::ALL[usize::from(gpr & 0xf)]);
+            if cpu.write_cr(cr, value).is_ok() {
+                Handled::new(advance_or_fault(cpu, env), reason)
+            } else {
+                cpu.inject_exception(vector::GP, Some(0));
+                Handled::new(Outcome::Resume, reason)
+            }
+        }
+        Exit::TableMisconfig { gpa } => {
+            log::error!(
+                "cpu {}: second-level table misconfigured at {gpa:#x}",
+                env.cpu_index()
+            );
+            Handled::new(
+                Outcome::Fatal("second-level table misconfiguration"),
+                reason,
+            )
+        }
         Exit::Nmi => {
             let mb = &env.hv().cpus()[env.cpu_index()].mailbox;
             let wakes = mb.take_wakes();
@@ -105,12 +135,7 @@ pub fn handle(exit: &Exit, cpu: &mut impl GuestCpu, env: &mut impl Env) -> Handl
             );
             Handled::new(Outcome::Reset, reason)
         }
-        Exit::Xsetbv => {
-            // Not intercepted by thinhv; if it arrives anyway, refuse it the
-            // way a CPU would refuse an invalid XCR0.
-            cpu.inject_exception(vector::GP, Some(0));
-            Handled::new(Outcome::Resume, reason)
-        }
+        Exit::Xsetbv => Handled::new(xsetbv::handle(cpu, env), reason),
         Exit::EntryFailed { detail } => {
             log::error!(
                 "VM entry failed on cpu {} (detail {detail:#x})",

@@ -13,6 +13,8 @@ pub const MSR_VM_HSAVE_PA: u32 = 0xc001_0117;
 /// IA32_FEATURE_CONTROL (Intel).
 pub const MSR_FEATURE_CONTROL: u32 = 0x3a;
 
+const FC_LOCK: u64 = 1 << 0;
+const FC_VMX: u64 = (1 << 1) | (1 << 2);
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 const EFER_SVME: u64 = 1 << 12;
@@ -26,6 +28,9 @@ fn gp(cpu: &mut impl GuestCpu) -> Outcome {
 pub(super) fn read(cpu: &mut impl GuestCpu, env: &impl Env, msr: u32) -> Outcome {
     let value = match msr {
         MSR_EFER => cpu.guest_efer() & !EFER_SVME,
+        // The guest sees VMX locked off, as firmware that disabled VT-x
+        // would leave it.
+        MSR_FEATURE_CONTROL => (env.read_msr(MSR_FEATURE_CONTROL) & !FC_VMX) | FC_LOCK,
         _ => {
             // VM_CR, VM_HSAVE_PA and anything else intercepted by accident:
             // a processor without SVM raises #GP for them.

@@ -673,3 +673,63 @@ fn guest_page_tables_inside_the_hypervisor_read_as_empty() {
     assert_eq!(n, 15);
     assert_eq!(&out[..2], &[0, 0]);
 }
+
+#[test]
+fn vmx_exits_go_through_the_neutral_handlers() {
+    let mut env = FakeEnv::new();
+    // SIPI: start at the vector.
+    let mut cpu = FakeCpu::default();
+    assert_eq!(
+        handle(&Exit::Sipi { vector: 0x9a }, &mut cpu, &mut env).outcome,
+        Outcome::StartAt(0x9a)
+    );
+    // INVD becomes WBINVD and is skipped (0F 08).
+    let mut cpu = at(&mut env, &[0x0f, 0x08]);
+    handle(&Exit::Invd, &mut cpu, &mut env);
+    assert_eq!((env.wbinvds, cpu.rip), (1, RIP + 2));
+    // MOV CR4, RBX (0F 22 E3): accepted, or #GP when it sets VMXE.
+    let mut cpu = at(&mut env, &[0x0f, 0x22, 0xe3]);
+    cpu.regs[Gpr::Rbx as usize] = 0x6f0;
+    handle(&Exit::CrWrite { cr: 4, gpr: 3 }, &mut cpu, &mut env);
+    assert_eq!((cpu.crs.clone(), cpu.rip), (vec![(4, 0x6f0)], RIP + 3));
+    let mut cpu = at(&mut env, &[0x0f, 0x22, 0xe3]);
+    cpu.regs[Gpr::Rbx as usize] = 0x6f0 | 1 << 13;
+    handle(&Exit::CrWrite { cr: 4, gpr: 3 }, &mut cpu, &mut env);
+    assert_eq!(
+        (cpu.exceptions.clone(), cpu.rip),
+        (vec![(13, Some(0))], RIP)
+    );
+    // IA32_FEATURE_CONTROL reads as locked with VMX off.
+    let mut cpu = at(&mut env, RDMSR);
+    handle(&Exit::MsrRead { msr: 0x3a }, &mut cpu, &mut env);
+    assert_eq!(cpu.regs[Gpr::Rax as usize], 0x1);
+    // Table misconfiguration is a hypervisor bug: stop, never loop.
+    let mut cpu = FakeCpu::default();
+    assert!(matches!(
+        handle(&Exit::TableMisconfig { gpa: 0x1000 }, &mut cpu, &mut env).outcome,
+        Outcome::Fatal(_)
+    ));
+}
+
+#[test]
+fn xsetbv_is_checked_then_done() {
+    let mut env = FakeEnv::new();
+    // xsetbv (0F 01 D1) with XCR0 = x87|SSE|AVX.
+    let mut cpu = at(&mut env, &[0x0f, 0x01, 0xd1]);
+    cpu.regs[Gpr::Rax as usize] = 0x7;
+    handle(&Exit::Xsetbv, &mut cpu, &mut env);
+    assert_eq!((env.xcr0, cpu.rip), (Some(0x7), RIP + 3));
+    for (rcx, rax, cpl) in [(0, 0x5, 0), (1, 0x3, 0), (0, 0x3, 3), (0, 0xf, 0)] {
+        let mut env = FakeEnv::new();
+        let mut cpu = at(&mut env, &[0x0f, 0x01, 0xd1]);
+        cpu.regs[Gpr::Rax as usize] = rax;
+        cpu.regs[Gpr::Rcx as usize] = rcx;
+        cpu.cpl = cpl;
+        handle(&Exit::Xsetbv, &mut cpu, &mut env);
+        assert_eq!(
+            (env.xcr0, cpu.exceptions.clone()),
+            (None, vec![(13, Some(0))]),
+            "{rcx} {rax:#x} {cpl}"
+        );
+    }
+}
