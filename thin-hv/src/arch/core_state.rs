@@ -5,15 +5,43 @@ use super::percpu::PerCpu;
 use super::phys::IdentityMem;
 use super::status_page::StatusPage;
 use crate::hv::Hv;
+use crate::mtrr::{FIXED_MSRS, MSR_DEF_TYPE, MSR_MTRRCAP, MSR_PHYSBASE0, Mtrrs, Variable};
 use crate::npt;
 use crate::svm::msrpm::{self, MSRPM_SIZE};
+use crate::vmx::caps::VmxCaps;
+use crate::vmx::msr_bitmap;
+use alloc::vec::Vec;
 use spin::{Mutex, Once};
 use thinhv_abi::PhysRange;
 use thinhv_abi::handoff::{CoreError, Handoff, features};
+use thinhv_abi::hypercall::VENDOR_INTEL_VMX;
 use thinhv_abi::layout::{HEAP_SIZE, PAGE};
 use thinhv_abi::status::StatusPageHeader;
+use thinhv_paging::ept::EptFormat;
 use thinhv_paging::x86::{Flavor, X86Format};
-use thinhv_paging::{Attrs, BumpFrames, Mapper};
+use thinhv_paging::{Attrs, BumpFrames, FrameAlloc, MapError, Mapper, PhysMem};
+
+/// The guest's second-level tables: AMD NPT or Intel EPT.
+#[derive(Clone, Copy, Debug)]
+pub enum Slat {
+    /// Nested page tables.
+    Npt(X86Format),
+    /// Extended page tables, with the MTRRs for memory types.
+    Ept(EptFormat),
+}
+
+/// VMX-wide state.
+pub struct VmxGlobal {
+    /// Capability MSRs.
+    pub caps: VmxCaps,
+    /// EPT pointer.
+    pub eptp: u64,
+    /// MTRRs at start (memory types of first touches above the initial map).
+    pub mtrrs: Mtrrs,
+    /// AP start-up through ICR interception instead of the wait-for-SIPI
+    /// activity state.
+    pub intercept_sipi: bool,
+}
 
 /// Everything the core knows after initialization.
 pub struct Core {
@@ -21,19 +49,21 @@ pub struct Core {
     pub hv: Hv,
     /// The loader's hand-off (copied).
     pub handoff: Handoff,
-    /// Root of the nested page tables.
-    pub npt_root: u64,
-    /// Entry format of the nested tables.
-    pub npt_fmt: X86Format,
+    /// Root of the second-level tables.
+    pub slat_root: u64,
+    /// Their format.
+    pub slat: Slat,
+    /// Intel only.
+    pub vmx: Option<VmxGlobal>,
     /// Frames for nested tables added later (first touches).
     pub frames: Mutex<BumpFrames>,
     /// The core's own CR3.
     pub host_cr3: u64,
     /// Host identity map covers `[0, host_top)`.
     pub host_top: u64,
-    /// MSR permission map.
-    pub msrpm_pa: u64,
-    /// I/O permission map (all zero: no port exits).
+    /// MSR permission map (SVM, 8 KiB) or MSR bitmap (VMX, 4 KiB).
+    pub msr_map_pa: u64,
+    /// I/O permission map (all zero: no port exits; SVM).
     pub iopm_pa: u64,
     /// The blank frame the guest sees in place of the protected region.
     pub blank_pa: u64,
@@ -192,12 +222,7 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
         m.root()
     };
 
-    // The guest's second-level map.
-    let npt_fmt = X86Format {
-        flavor: Flavor::Nested,
-        page_1g,
-        nx,
-    };
+    // The guest's second-level map, and the MSR map.
     let plan = npt::Plan {
         top: host_top,
         protected: h.protected,
@@ -205,31 +230,42 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
         status: h.status,
         apic_page: Some(apic_base),
     };
-    let npt_root =
-        npt::build(&npt_fmt, &mut mem, &mut frames, &plan).map_err(|_| CoreError::OUT_OF_MEMORY)?;
+    let (slat, slat_root, vmx) = if h.vendor == VENDOR_INTEL_VMX {
+        let (fmt, root, g) = init_vmx(&h, &plan, &mut frames, msrpm_pa)?;
+        (Slat::Ept(fmt), root, Some(g))
+    } else {
+        let fmt = X86Format {
+            flavor: Flavor::Nested,
+            page_1g,
+            nx,
+        };
+        let root =
+            npt::build(&fmt, &mut mem, &mut frames, &plan).map_err(|_| CoreError::OUT_OF_MEMORY)?;
+        // SAFETY: carved above, 8 KiB, zeroed.
+        let map = unsafe { &mut *(msrpm_pa as *mut [u8; MSRPM_SIZE]) };
+        use crate::handlers::msr::{MSR_EFER, MSR_VM_CR, MSR_VM_HSAVE_PA};
+        msrpm::intercept(map, MSR_EFER, true, true);
+        msrpm::intercept(map, MSR_VM_CR, true, true);
+        msrpm::intercept(map, MSR_VM_HSAVE_PA, true, true);
+        msrpm::intercept(map, crate::apic::X2APIC_ICR_MSR, false, true);
+        (Slat::Npt(fmt), root, None)
+    };
     log::debug!(
-        "host tables {host_cr3:#x}, nested tables {npt_root:#x}, {} frames left",
+        "host tables {host_cr3:#x}, second-level tables {slat_root:#x}, {} frames left",
         frames.remaining()
     );
-
-    // SAFETY: carved above, 8 KiB, zeroed.
-    let map = unsafe { &mut *(msrpm_pa as *mut [u8; MSRPM_SIZE]) };
-    use crate::handlers::msr::{MSR_EFER, MSR_VM_CR, MSR_VM_HSAVE_PA};
-    msrpm::intercept(map, MSR_EFER, true, true);
-    msrpm::intercept(map, MSR_VM_CR, true, true);
-    msrpm::intercept(map, MSR_VM_HSAVE_PA, true, true);
-    msrpm::intercept(map, crate::apic::X2APIC_ICR_MSR, false, true);
 
     let hv = Hv::from_handoff(&h, apic_base);
     CORE.call_once(|| Core {
         hv,
         handoff: h,
-        npt_root,
-        npt_fmt,
+        slat_root,
+        slat,
+        vmx,
         frames: Mutex::new(frames),
         host_cr3,
         host_top,
-        msrpm_pa,
+        msr_map_pa: msrpm_pa,
         iopm_pa,
         blank_pa,
         canary_pa,
@@ -237,8 +273,13 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
         status,
     });
     log::info!(
-        "core ready: {} KiB reserved, nested paging with {} pages",
+        "core ready: {} KiB reserved, {} with {} pages",
         h.region.size / 1024,
+        if h.vendor == VENDOR_INTEL_VMX {
+            "VMX, EPT"
+        } else {
+            "SVM, nested paging"
+        },
         if page_1g { "1 GiB" } else { "2 MiB" }
     );
     Ok(())
@@ -247,4 +288,173 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
 /// The integrity ranges as slices.
 pub fn ro_ranges(core: &Core) -> &[PhysRange] {
     core.handoff.ro_ranges()
+}
+
+/// Reads the MTRRs of this processor.
+fn read_mtrrs(phys_bits: u32) -> Mtrrs {
+    // SAFETY: the MTRR MSRs exist on every processor with VMX (CPUID.1:EDX
+    // MTRR is architectural on those); only the implemented variable ranges
+    // (MTRRCAP.VCNT) and, if MTRRCAP.FIX, the fixed ones are read.
+    unsafe {
+        let cap = rdmsr(MSR_MTRRCAP);
+        let fixed_supported = cap & (1 << 8) != 0;
+        let count = (cap & 0xff).min(32) as u32;
+        let mut fixed = [0u64; 11];
+        if fixed_supported {
+            for (i, m) in FIXED_MSRS.iter().enumerate() {
+                fixed[i] = rdmsr(*m);
+            }
+        }
+        let variable: Vec<Variable> = (0..count)
+            .map(|i| Variable {
+                base: rdmsr(MSR_PHYSBASE0 + 2 * i),
+                mask: rdmsr(MSR_PHYSBASE0 + 2 * i + 1),
+            })
+            .collect();
+        Mtrrs {
+            def_type: rdmsr(MSR_DEF_TYPE),
+            fixed_supported,
+            fixed,
+            variable,
+            phys_bits,
+        }
+    }
+}
+
+/// Maps `[start, end)` identity in the EPT with the MTRR memory types.
+pub fn ept_map_typed(
+    fmt: &EptFormat,
+    mem: &mut impl PhysMem,
+    frames: &mut impl FrameAlloc,
+    root: u64,
+    mtrrs: &Mtrrs,
+    start: u64,
+    end: u64,
+) -> Result<(), MapError> {
+    let mut m = Mapper::open(fmt, mem, root);
+    for (s, e, t) in mtrrs.segments(start, end) {
+        m.map(
+            s,
+            s,
+            e - s,
+            Attrs {
+                write: true,
+                exec: true,
+                mem_type: t,
+            },
+            frames,
+        )?;
+    }
+    Ok(())
+}
+
+/// VMX: capabilities, EPT with MTRR types, and the MSR bitmap.
+fn init_vmx(
+    h: &Handoff,
+    plan: &npt::Plan,
+    frames: &mut BumpFrames,
+    bitmap_pa: u64,
+) -> Result<(EptFormat, u64, VmxGlobal), CoreError> {
+    use crate::vmx::caps::{CAPABILITY_MSRS, MSR_FEATURE_CONTROL, ept_cap};
+    // SAFETY: the loader checked CPUID for VMX; the capability MSRs exist,
+    // and `from_msrs` reads the optional ones only when advertised.
+    let caps = VmxCaps::from_msrs(&|m| unsafe { rdmsr(m) }, h.phys_addr_bits);
+    log::debug!(
+        "VMX caps: basic {:#x} pin {:#x} proc {:#x} proc2 {:#x} exit {:#x} entry {:#x} misc {:#x} cr0 {:#x}/{:#x} cr4 {:#x}/{:#x} ept {:#x}",
+        caps.basic,
+        caps.pin.0,
+        caps.proc1.0,
+        caps.proc2.0,
+        caps.exit.0,
+        caps.entry.0,
+        caps.misc,
+        caps.cr0_fixed0,
+        caps.cr0_fixed1,
+        caps.cr4_fixed0,
+        caps.cr4_fixed1,
+        caps.ept_vpid
+    );
+    if !caps.ept_has(ept_cap::WALK_4 | ept_cap::WB) {
+        return Err(CoreError::UNSUPPORTED_CPU);
+    }
+    let fmt = EptFormat {
+        page_1g: caps.ept_has(ept_cap::PAGE_1G),
+        page_2m: caps.ept_has(ept_cap::PAGE_2M),
+    };
+    let mtrrs = read_mtrrs(h.phys_addr_bits);
+    let mut mem = IdentityMem;
+    let top = plan.top.max(4 << 30).div_ceil(1 << 30) << 30;
+    let root = Mapper::create(&fmt, &mut mem, frames)
+        .map_err(|_| CoreError::OUT_OF_MEMORY)?
+        .root();
+    ept_map_typed(&fmt, &mut mem, frames, root, &mtrrs, 0, top)
+        .map_err(|_| CoreError::OUT_OF_MEMORY)?;
+    {
+        let mut m = Mapper::open(&fmt, &mut mem, root);
+        let e = |_| CoreError::OUT_OF_MEMORY;
+        m.map_all_to_frame(
+            plan.protected.base,
+            plan.protected.size,
+            plan.blank,
+            Attrs::RO,
+            frames,
+        )
+        .map_err(e)?;
+        m.map(
+            plan.status.base,
+            plan.status.base,
+            plan.status.size,
+            Attrs::RO,
+            frames,
+        )
+        .map_err(e)?;
+    }
+    // SAFETY: carved from the pool (8 KiB, zeroed); the VMX bitmap uses 4.
+    let map = unsafe { &mut *(bitmap_pa as *mut [u8; msr_bitmap::SIZE]) };
+    msr_bitmap::intercept(map, MSR_FEATURE_CONTROL, true, true);
+    for m in CAPABILITY_MSRS {
+        msr_bitmap::intercept(map, m, true, true);
+    }
+    use thinhv_abi::handoff::INIT_SIPI_ACTIVITY;
+    // Intercepting is the default (`auto`) and `intercept`: the same
+    // mechanism as on SVM, and the one Bochs 2.7 can run (see
+    // docs/security.md, known limits).
+    let intercept_sipi = match h.config.init_sipi {
+        INIT_SIPI_ACTIVITY if !caps.wait_for_sipi_supported() => {
+            log::error!(
+                "init_sipi = \"activity\" but the processor has no wait-for-SIPI activity state"
+            );
+            return Err(CoreError::UNSUPPORTED_CPU);
+        }
+        INIT_SIPI_ACTIVITY => false,
+        _ => true,
+    };
+    if intercept_sipi {
+        // Writes to the xAPIC page and the x2APIC ICR trap, as on SVM.
+        if let Some(apic) = plan.apic_page {
+            Mapper::open(&fmt, &mut mem, root)
+                .map(apic, apic, PAGE, Attrs::MMIO_RO, frames)
+                .map_err(|_| CoreError::OUT_OF_MEMORY)?;
+        }
+        msr_bitmap::intercept(map, crate::apic::X2APIC_ICR_MSR, false, true);
+    }
+    log::info!(
+        "AP start-up: {}",
+        if intercept_sipi {
+            "INIT/SIPI intercepted at the APIC"
+        } else {
+            "wait-for-SIPI activity state"
+        }
+    );
+    let eptp = thinhv_paging::ept::eptp(root);
+    Ok((
+        fmt,
+        root,
+        VmxGlobal {
+            caps,
+            eptp,
+            mtrrs,
+            intercept_sipi,
+        },
+    ))
 }

@@ -23,7 +23,13 @@ pub unsafe extern "sysv64" fn thinhv_core_entry(op: u64, a0: u64, a1: u64, a2: u
     let r = match op {
         CORE_OP_INIT => core_state::init(a0),
         // SAFETY: forwarded contract: called on the CPU being virtualized.
-        CORE_OP_VIRTUALIZE => unsafe { super::svm::launch::virtualize(a0, a1, a2) },
+        CORE_OP_VIRTUALIZE => unsafe {
+            if super::core_state::get().is_some_and(|c| c.vmx.is_some()) {
+                super::vmx::launch::virtualize(a0, a1, a2)
+            } else {
+                super::svm::launch::virtualize(a0, a1, a2)
+            }
+        },
         _ => Err(CoreError::BAD_OP),
     };
     match r {

@@ -1,5 +1,5 @@
 //! [`Env`] over real hardware.
-use super::core_state::{Core, canary_byte};
+use super::core_state::{Core, Slat, canary_byte};
 use super::instr::{cpuid, rdmsr, wrmsr};
 use super::phys::IdentityMem;
 use crate::apic::{APIC_BASE_EXTD, IA32_APIC_BASE, X2APIC_ICR_MSR, nmi_icr, reg};
@@ -111,12 +111,18 @@ impl Env for HwEnv {
         unsafe { wrmsr(X2APIC_ICR_MSR, value) };
     }
 
-    fn send_nmi(&mut self, apic_id: u32) {
-        if Self::x2apic() {
-            // SAFETY: an NMI IPI; every CPU under thinhv intercepts NMIs.
-            unsafe { wrmsr(X2APIC_ICR_MSR, nmi_icr(apic_id, true)) };
+    fn kick_for_init(&mut self, apic_id: u32) {
+        let x2 = Self::x2apic();
+        // An NMI: every CPU under thinhv takes NMIs itself (SVM: NMI
+        // intercept, held by GIF in host mode; VMX: NMI exiting, recorded
+        // by the host handler in root mode). A real INIT would reset an SVM
+        // CPU in host mode, and on VMX stays latched while the CPU is in
+        // root operation (SDM Vol. 3C §26.2).
+        let v = nmi_icr(apic_id, x2);
+        if x2 {
+            // SAFETY: an IPI to a CPU under thinhv, which takes it as above.
+            unsafe { wrmsr(X2APIC_ICR_MSR, v) };
         } else {
-            let v = nmi_icr(apic_id, false);
             self.lapic_write(reg::ICR_HIGH, (v >> 32) as u32);
             self.lapic_write(reg::ICR_LOW, v as u32);
         }
@@ -126,15 +132,43 @@ impl Env for HwEnv {
         let mut frames = self.core.frames.lock();
         let mut mem = IdentityMem;
         let avoid = [self.core.hv.protected, self.core.hv.status];
-        crate::npt::demand_map(
-            &self.core.npt_fmt,
-            &mut mem,
-            &mut *frames,
-            self.core.npt_root,
-            gpa,
-            self.core.hv.phys_addr_bits,
-            &avoid,
-        )
+        let bits = self.core.hv.phys_addr_bits;
+        match (&self.core.slat, &self.core.vmx) {
+            (Slat::Npt(fmt), _) => crate::npt::demand_map(
+                fmt,
+                &mut mem,
+                &mut *frames,
+                self.core.slat_root,
+                gpa,
+                bits,
+                &avoid,
+            ),
+            (Slat::Ept(fmt), Some(vmx)) => {
+                let base = gpa & !((1u64 << 30) - 1);
+                if (bits < 64 && gpa >> bits.min(52) != 0)
+                    || avoid.iter().any(|r| r.overlaps(base, 1 << 30))
+                {
+                    return false;
+                }
+                if thinhv_paging::Mapper::open(fmt, &mut mem, self.core.slat_root)
+                    .translate(gpa)
+                    .is_some()
+                {
+                    return true;
+                }
+                super::core_state::ept_map_typed(
+                    fmt,
+                    &mut mem,
+                    &mut *frames,
+                    self.core.slat_root,
+                    &vmx.mtrrs,
+                    base,
+                    base + (1 << 30),
+                )
+                .is_ok()
+            }
+            (Slat::Ept(_), None) => false,
+        }
     }
 
     fn status_report(&self) -> StatusReport {
@@ -170,6 +204,28 @@ impl Env for HwEnv {
 
     fn log_read(&self, pos: u64, out: &mut [u8]) -> (usize, u64, u64) {
         self.core.status.log_read(pos, out)
+    }
+
+    fn read_msr(&self, msr: u32) -> u64 {
+        // SAFETY: the handlers only ask for MSRs that exist on this
+        // processor (IA32_FEATURE_CONTROL, read on Intel only).
+        unsafe { rdmsr(msr) }
+    }
+
+    fn xsetbv(&mut self, xcr0: u64) {
+        // SAFETY: the value passed the processor's own XSETBV rules
+        // (`handlers::xsetbv`); host CR4.OSXSAVE is set on VMX, the only
+        // backend that intercepts XSETBV. XCR0 belongs to the guest (the
+        // core uses no extended state).
+        unsafe {
+            core::arch::asm!("xsetbv", in("ecx") 0u32, in("eax") xcr0 as u32, in("edx") (xcr0 >> 32) as u32,
+                options(nomem, nostack));
+        }
+    }
+
+    fn wbinvd(&mut self) {
+        // SAFETY: writing back and invalidating caches loses no data.
+        unsafe { core::arch::asm!("wbinvd", options(nostack)) };
     }
 
     fn integrity(&self) -> Integrity {

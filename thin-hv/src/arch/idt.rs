@@ -1,12 +1,16 @@
 //! The host IDT: every exception in host mode prints the processor state
 //! and stops (or resets, per `[hypervisor] on_fatal`); it never hangs
-//! silently. NMIs taken in host mode (only while draining one that an
-//! #VMEXIT left pending) simply return.
+//! silently. An NMI taken in host mode is recorded for the CPU's next exit
+//! (on SVM only drained ones arrive, already being handled; on VMX any NMI
+//! can, and the handler also arms NMI-window exiting so that the next VM
+//! entry exits at once and the NMI reaches the guest or wakes the CPU).
 use super::core_state;
 use super::instr::{halt_forever, read_cr2, read_cr3, reset_platform};
 use super::logger::LOGGER;
+use super::percpu::{MiscPage, PerCpu};
 use core::arch::naked_asm;
 use core::fmt::Write;
+use core::sync::atomic::Ordering;
 use spin::Once;
 use thinhv_abi::handoff::ON_FATAL_RESET;
 use thinhv_abi::status::{CpuState, FLAG_FATAL};
@@ -115,7 +119,44 @@ stub!(vother, 255);
 
 #[unsafe(naked)]
 unsafe extern "C" fn nmi() {
-    naked_asm!("iretq");
+    // The CPU pushed 40 bytes on the 16-byte-aligned IST stack; nine more
+    // registers realign it for the call. Caller-saved registers only: the
+    // handler is ordinary `sysv64` code (no SSE on this target).
+    naked_asm!(
+        "push rax", "push rcx", "push rdx", "push rsi", "push rdi",
+        "push r8", "push r9", "push r10", "push r11",
+        "call {handler}",
+        "pop r11", "pop r10", "pop r9", "pop r8",
+        "pop rdi", "pop rsi", "pop rdx", "pop rcx", "pop rax",
+        "iretq",
+        handler = sym host_nmi,
+    );
+}
+
+/// Records an NMI taken in host mode in this CPU's `MiscPage`, found
+/// through GDTR (each CPU's host GDT opens its `MiscPage`).
+extern "sysv64" fn host_nmi() {
+    let Some(core) = core_state::get() else {
+        return;
+    };
+    let base = super::instr::sgdt().base;
+    let stride = core::mem::size_of::<PerCpu>() as u64;
+    let first = core.percpu_base + core::mem::offset_of!(PerCpu, misc) as u64;
+    let index = base.wrapping_sub(first) / stride;
+    if base < first
+        || !(base - first).is_multiple_of(stride)
+        || index >= core.hv.cpus().len() as u64
+    {
+        // Not thinhv's host GDT: nothing of ours to record into.
+        return;
+    }
+    // SAFETY: `base` is CPU `index`'s `MiscPage` (checked above); only
+    // its atomics are touched, which tolerate the interrupted code's use.
+    let misc = unsafe { &*(base as *const MiscPage) };
+    misc.host_nmis.fetch_add(1, Ordering::SeqCst);
+    if misc.vmx_live.load(Ordering::SeqCst) {
+        super::vmx::exit::arm_nmi_window();
+    }
 }
 
 /// One 16-byte interrupt gate.

@@ -126,9 +126,11 @@ impl log::Log for CoreLogger {
         };
         let text = &line.buf[..line.len];
         // Once the OS runs, the serial port is its console: only errors go
-        // there (a half line of ours inside the OS's output is the price);
-        // everything stays in the ring, readable with `thinhv log`.
+        // there (a half line of ours inside the OS's output is the price),
+        // unless the admin asked for debug output; everything stays in the
+        // ring, readable with `thinhv log`.
         let to_serial = record.level() <= log::Level::Error
+            || log::max_level() >= log::LevelFilter::Debug
             || !super::core_state::get().is_some_and(|c| c.hv.is_sealed());
         let mut s = self.sink.lock();
         if let Some(u) = s.serial.as_mut().filter(|_| to_serial) {

@@ -20,3 +20,4 @@ pub mod percpu;
 pub mod phys;
 pub mod status_page;
 pub mod svm;
+pub mod vmx;

@@ -60,6 +60,8 @@ pub extern "sysv64" fn svm_exit(run: &mut RunState) {
     if ExitCode(code) == ExitCode::NMI {
         // SAFETY: host mode, SVME set, the host IDT's NMI handler returns.
         unsafe { drain_nmi() };
+        // The handler recorded the drained NMI; this exit is its handling.
+        pc.misc.host_nmis.store(0, Ordering::SeqCst);
     }
     let exit = exit_code::decode(
         code,
@@ -94,6 +96,7 @@ pub extern "sysv64" fn svm_exit(run: &mut RunState) {
             core.status.set_virtualized(n);
             leave(core, run);
         }
+        Outcome::StartAt(_) => fatal(format_args!("SIPI exit on SVM")),
         Outcome::HostFaultTest => {
             // SAFETY: UD2 only raises #UD, which the host IDT reports before
             // stopping or resetting per `on_fatal`; this is the test of it.

@@ -1,6 +1,6 @@
 //! [`GuestCpu`] over a VMCB and the saved GPRs.
 use crate::arch::percpu::GuestRegs;
-use crate::guest::{CpuMode, Gpr, GuestCpu, PagingRegs};
+use crate::guest::{CpuMode, GpFault, Gpr, GuestCpu, PagingRegs};
 use crate::svm::vmcb::{EFER_SVME, Vmcb, event};
 
 const CR0_PE: u64 = 1;
@@ -96,5 +96,10 @@ impl GuestCpu for SvmGuest<'_> {
 
     fn inject_nmi(&mut self) {
         self.vmcb.control.event_inj = event::nmi();
+    }
+
+    fn write_cr(&mut self, _cr: u8, _value: u64) -> Result<(), GpFault> {
+        // The SVM backend intercepts no CR writes.
+        Err(GpFault)
     }
 }

@@ -138,12 +138,12 @@ pub unsafe fn virtualize(cpu: u64, resume_rip: u64, resume_rsp: u64) -> Result<(
         | misc2::CLGI
         | misc2::SKINIT;
     c.iopm_base_pa = core.iopm_pa;
-    c.msrpm_base_pa = core.msrpm_pa;
+    c.msrpm_base_pa = core.msr_map_pa;
     c.guest_asid = GUEST_ASID;
     c.tlb_control = tlb::FLUSH_ALL;
     c.int_ctl = 0;
     c.nested_ctl = NESTED_CTL_NP_ENABLE;
-    c.n_cr3 = core.npt_root;
+    c.n_cr3 = core.slat_root;
     c.clean_bits = 0;
 
     let run: &mut RunState = &mut pc.misc.run;
@@ -152,6 +152,7 @@ pub unsafe fn virtualize(cpu: u64, resume_rip: u64, resume_rsp: u64) -> Result<(
     run.host_vmcb_pa = PerCpu::pa_of(&pc.host_vmcb);
     run.cpu = cpu;
     run.exits = 0;
+    run.nmi_pending = 0;
 
     let (idt_limit, idt_base) = idt_pointer();
     let sw = HostSwitch {

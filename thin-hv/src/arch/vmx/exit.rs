@@ -1,0 +1,362 @@
+//! The VMX exit dispatcher.
+use super::guest::VmxGuest;
+use super::instr::{invept_all, vmread, vmwrite, vmxoff};
+use super::world::{VmxLeave, vmx_leave};
+use crate::arch::core_state::{self, Core};
+use crate::arch::env_impl::HwEnv;
+use crate::arch::idt::fatal;
+use crate::arch::instr::{read_cr4, reset_platform};
+use crate::arch::percpu::RunState;
+use crate::exit::Exit;
+use crate::handlers::{self, Outcome};
+use crate::vmx::controls::{entry, proc1};
+use crate::vmx::cr::CrRules;
+use crate::vmx::exit_reason::{self, ExitReason};
+use crate::vmx::fields::Field;
+use crate::vmx::state::{
+    INIT_CR0, INIT_LIMIT_FIELDS, INIT_ZERO_SEGMENTS, actual_cr, init_fields, sipi_cs,
+};
+use core::sync::atomic::{AtomicU32, Ordering};
+use thinhv_abi::exit::ExitReason as Counted;
+use thinhv_abi::handoff::CoreError;
+use thinhv_abi::status::CpuState;
+
+/// Guest activity state "wait-for-SIPI" (SDM Vol. 3C §25.4.2).
+const ACTIVITY_WAIT_SIPI: u64 = 3;
+
+fn write(f: Field, v: u64) {
+    // SAFETY: the current VMCS is this CPU's; the values are the
+    // architectural INIT/SIPI state or re-injected events.
+    if unsafe { vmwrite(f, v) }.is_err() {
+        log::error!("VMWRITE {} failed", f.name());
+    }
+}
+
+/// Exits whose instruction length the processor reports (SDM §28.2.5).
+fn has_insn_len(r: ExitReason) -> bool {
+    matches!(
+        r,
+        ExitReason::CPUID
+            | ExitReason::VMCALL
+            | ExitReason::RDMSR
+            | ExitReason::WRMSR
+            | ExitReason::XSETBV
+            | ExitReason::INVD
+            | ExitReason::CR_ACCESS
+    )
+}
+
+pub(crate) fn rules(core: &Core) -> CrRules {
+    let c = core.vmx.as_ref().map(|v| v.caps).unwrap_or_default();
+    CrRules {
+        cr0_fixed0: c.cr0_fixed0,
+        cr0_fixed1: c.cr0_fixed1,
+        cr4_fixed0: c.cr4_fixed0,
+        cr4_fixed1: c.cr4_fixed1,
+        unrestricted: true,
+    }
+}
+
+/// Handles one VM exit on the current CPU.
+pub extern "sysv64" fn vmx_exit(run: &mut RunState) {
+    let Some(core) = core_state::get() else {
+        fatal(format_args!("exit before initialization"))
+    };
+    let cpu = run.cpu as usize;
+    let first = run.exits == 0;
+    run.exits += 1;
+    let reason = vmread(Field::EXIT_REASON) as u32;
+    let basic = ExitReason((reason & 0xffff) as u16);
+    let qual = vmread(Field::EXIT_QUALIFICATION);
+
+    if reason & exit_reason::ENTRY_FAILURE != 0 && first {
+        log::error!(
+            "cpu {cpu}: VM entry failed ({}, qualification {qual:#x}); rolling back",
+            basic.name()
+        );
+        rollback_and_leave(core, run, CoreError::ENTRY_FAILED.0);
+    }
+    // An event whose delivery the exit interrupted is delivered again
+    // (SDM §28.2.4), unless a handler injects something else.
+    let idt = vmread(Field::IDT_VECTORING_INFO);
+    if idt & (1 << 31) != 0 {
+        write(Field::ENTRY_INTERRUPTION_INFO, idt & !(1 << 12));
+        if idt & (1 << 11) != 0 {
+            write(
+                Field::ENTRY_EXCEPTION_ERROR_CODE,
+                vmread(Field::IDT_VECTORING_ERROR_CODE),
+            );
+        }
+        write(
+            Field::ENTRY_INSTRUCTION_LENGTH,
+            vmread(Field::EXIT_INSTRUCTION_LENGTH),
+        );
+    }
+    // SAFETY: CPU `cpu`'s own `PerCpu`; only the atomic is borrowed (the
+    // host NMI handler updates it concurrently, atomically).
+    let host_nmis = unsafe { &(*core_state::percpu(core, cpu)).misc.host_nmis };
+    if basic == ExitReason::NMI_WINDOW {
+        set_nmi_window(false);
+    }
+    if host_nmis.swap(0, Ordering::SeqCst) != 0 {
+        // NMIs the host took since the last exit: a wake-up (an INIT for
+        // this CPU) or the guest's own, handled like an NMI exit.
+        let mut guest = VmxGuest {
+            regs: &mut run.regs,
+            insn_len: None,
+            rules: rules(core),
+            nmi_pending: &mut run.nmi_pending,
+        };
+        let mut env = HwEnv { core, cpu };
+        let h = handlers::handle(&Exit::Nmi, &mut guest, &mut env);
+        core.status.count(cpu, h.reason);
+        if h.outcome == Outcome::WaitForSipi {
+            // INIT discards whatever this exit was about.
+            init_and_wait(core, cpu, run);
+            finish(run, host_nmis);
+            return;
+        }
+    }
+    if basic == ExitReason::NMI_WINDOW {
+        // Only here to hand an NMI over: `finish` injects it.
+        finish(run, host_nmis);
+        return;
+    }
+    let exit = exit_reason::decode(
+        reason,
+        qual,
+        vmread(Field::GUEST_PHYSICAL_ADDRESS),
+        run.regs[1],
+        run.regs[0],
+        run.regs[2],
+        vmread(Field::EXIT_INTERRUPTION_INFO) as u32,
+    );
+    log::trace!(
+        "cpu {cpu}: exit {} ({reason:#x}) qual {qual:#x} rip {:#x} cs {:#x}",
+        basic.name(),
+        vmread(Field::GUEST_RIP),
+        vmread(Field::GUEST_CS_SELECTOR)
+    );
+    let insn_len = has_insn_len(basic).then(|| vmread(Field::EXIT_INSTRUCTION_LENGTH));
+    let mut guest = VmxGuest {
+        regs: &mut run.regs,
+        insn_len,
+        rules: rules(core),
+        nmi_pending: &mut run.nmi_pending,
+    };
+    let mut env = HwEnv { core, cpu };
+    let handled = handlers::handle(&exit, &mut guest, &mut env);
+    core.status.count(cpu, handled.reason);
+    if handled.reason == Counted::PROTECTED_ACCESS {
+        core.status
+            .set_blocked_writes(core.hv.blocked_writes.load(Ordering::Relaxed));
+    }
+    match handled.outcome {
+        Outcome::Resume => {}
+        Outcome::ResumeFlushTlb => {
+            // SAFETY: VMX root operation; INVEPT was checked at start.
+            unsafe { invept_all() };
+        }
+        Outcome::WaitForSipi => init_and_wait(core, cpu, run),
+        Outcome::StartAt(vector) => start_at(core, cpu, vector),
+        Outcome::Devirtualize => {
+            log::info!("cpu {cpu}: leaving guest mode (roll-back)");
+            rollback_and_leave(core, run, 0);
+        }
+        Outcome::Reset => reset_platform(),
+        Outcome::HostFaultTest => {
+            // SAFETY: UD2 only raises #UD, which the host IDT reports before
+            // stopping or resetting per `on_fatal`; this is the test of it.
+            unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
+        }
+        Outcome::Fatal(why) => fatal(format_args!(
+            "{why} (exit {} {reason:#x}, qualification {qual:#x}, rip {:#x}, VM-instruction error {})",
+            basic.name(),
+            vmread(Field::GUEST_RIP),
+            vmread(Field::VM_INSTRUCTION_ERROR)
+        )),
+    }
+    finish(run, host_nmis);
+}
+
+/// Before VM entry: hands a held NMI to the guest if it can take one now,
+/// else asks for an exit when it can; and if the host took an NMI that
+/// this exit did not see, makes the entry exit at once.
+fn finish(run: &mut RunState, host_nmis: &AtomicU32) {
+    if run.nmi_pending != 0 {
+        let busy = vmread(Field::ENTRY_INTERRUPTION_INFO) & (1 << 31) != 0;
+        // Blocking by STI, MOV SS or (virtual) NMI (§25.4.2, §27.3.1.5).
+        let blocked = vmread(Field::GUEST_INTERRUPTIBILITY) & 0b1011 != 0;
+        if busy || blocked {
+            set_nmi_window(true);
+        } else {
+            write(Field::ENTRY_INTERRUPTION_INFO, NMI_INJECTION);
+            run.nmi_pending = 0;
+        }
+    }
+    if host_nmis.load(Ordering::SeqCst) != 0 {
+        set_nmi_window(true);
+    }
+}
+
+/// Injection of an NMI: vector 2, type NMI, valid (§25.8.3).
+const NMI_INJECTION: u64 = 2 | (2 << 8) | (1 << 31);
+
+fn set_nmi_window(on: bool) {
+    let p1 = vmread(Field::PROC_BASED_CONTROLS);
+    let bit = u64::from(proc1::NMI_WINDOW);
+    write(
+        Field::PROC_BASED_CONTROLS,
+        if on { p1 | bit } else { p1 & !bit },
+    );
+}
+
+/// Arms NMI-window exiting from the host NMI handler: no logging (the
+/// interrupted code may hold the logger), failures ignored.
+pub(crate) fn arm_nmi_window() {
+    let p1 = vmread(Field::PROC_BASED_CONTROLS);
+    // SAFETY: only called while this CPU's VMCS is current (`vmx_live`);
+    // NMI-window exiting is an available control (checked at start).
+    let _ = unsafe {
+        vmwrite(
+            Field::PROC_BASED_CONTROLS,
+            p1 | u64::from(proc1::NMI_WINDOW),
+        )
+    };
+}
+
+/// INIT on this CPU: the INIT state; then either the processor's
+/// wait-for-SIPI activity state, or (SIPIs intercepted at the APIC) a wait
+/// here, as on SVM, for the SIPI posted to the mailbox.
+fn init_and_wait(core: &Core, cpu: usize, run: &mut RunState) {
+    wait_for_sipi(core, cpu, run);
+    if core.vmx.as_ref().is_some_and(|v| v.intercept_sipi) {
+        let slot = &core.hv.cpus()[cpu];
+        let vector = loop {
+            let _ = slot.mailbox.take_init();
+            if let Some(v) = slot.mailbox.take_sipi() {
+                break v;
+            }
+            core::hint::spin_loop();
+        };
+        core.status.count(cpu, Counted::SIPI);
+        start_at(core, cpu, vector);
+    }
+}
+
+/// INIT: the architectural INIT state, and activity "wait-for-SIPI"; the
+/// processor exits again when the SIPI arrives.
+fn wait_for_sipi(core: &Core, cpu: usize, run: &mut RunState) {
+    let r = rules(core);
+    for (f, v) in init_fields() {
+        write(f, v);
+    }
+    for f in INIT_ZERO_SEGMENTS {
+        write(f, 0);
+    }
+    for f in INIT_LIMIT_FIELDS {
+        write(f, 0xffff);
+    }
+    let (cr0, cr4) = actual_cr(INIT_CR0, 0, r.cr0_fixed0, r.cr4_fixed0, true);
+    write(Field::GUEST_CR0, cr0);
+    write(Field::CR0_READ_SHADOW, INIT_CR0);
+    write(Field::GUEST_CR4, cr4);
+    write(Field::CR4_READ_SHADOW, 0);
+    let ent = vmread(Field::ENTRY_CONTROLS) & !u64::from(entry::IA32E_GUEST);
+    write(Field::ENTRY_CONTROLS, ent);
+    write(Field::ENTRY_INTERRUPTION_INFO, 0);
+    write(Field::GUEST_ACTIVITY_STATE, ACTIVITY_WAIT_SIPI);
+    run.regs = [0; 16];
+    run.regs[2] = u64::from(crate::arch::instr::cpuid(1, 0)[0]);
+    // An NMI held for the guest does not outlive its INIT.
+    run.nmi_pending = 0;
+    set_nmi_window(false);
+    core.hv.cpus()[cpu].set_state(CpuState::WAIT_FOR_SIPI);
+    core.status.set_cpu_state(cpu, CpuState::WAIT_FOR_SIPI);
+    log::debug!("cpu {cpu}: INIT, waiting for SIPI");
+}
+
+/// SIPI: real mode at the vector's page.
+fn start_at(core: &Core, cpu: usize, vector: u8) {
+    let (sel, base) = sipi_cs(vector);
+    write(Field::GUEST_CS_SELECTOR, sel);
+    write(Field::GUEST_CS_BASE, base);
+    write(Field::GUEST_RIP, 0);
+    // What the SIPI exit saved of the waiting state does not carry over
+    // (Bochs saves "blocking by SMI" there, which VM entry then refuses).
+    write(Field::GUEST_INTERRUPTIBILITY, 0);
+    write(Field::GUEST_PENDING_DEBUG, 0);
+    write(Field::GUEST_ACTIVITY_STATE, 0);
+    core.hv.cpus()[cpu].set_state(CpuState::RUNNING);
+    core.status.set_cpu_state(cpu, CpuState::RUNNING);
+    log::debug!("cpu {cpu}: SIPI {vector:#x}");
+}
+
+/// VMRESUME failed (the VMCS was made invalid): report and stop.
+pub extern "sysv64" fn vmx_resume_failed(run: &RunState) -> ! {
+    fatal(format_args!(
+        "VMRESUME failed on cpu {}: VM-instruction error {}",
+        run.cpu,
+        vmread(Field::VM_INSTRUCTION_ERROR)
+    ))
+}
+
+/// Leaves VMX operation on this CPU and continues natively where the guest
+/// was, with RAX = `rax`.
+fn rollback_and_leave(core: &Core, run: &mut RunState, rax: u64) -> ! {
+    let cpu = run.cpu as usize;
+    // SAFETY: this CPU's own `PerCpu`; only the atomic is borrowed.
+    unsafe {
+        (*core_state::percpu(core, cpu))
+            .misc
+            .vmx_live
+            .store(false, Ordering::SeqCst);
+    };
+    core.hv.cpus()[cpu].set_state(CpuState::OFFLINE);
+    core.status.set_cpu_state(cpu, CpuState::OFFLINE);
+    let n = core.hv.cpus_virtualized.fetch_sub(1, Ordering::SeqCst) - 1;
+    core.status.set_virtualized(n);
+    run.regs[0] = rax;
+    let rd = vmread;
+    let st = VmxLeave {
+        cr0: (rd(Field::GUEST_CR0) & !rd(Field::CR0_GUEST_HOST_MASK))
+            | (rd(Field::CR0_READ_SHADOW) & rd(Field::CR0_GUEST_HOST_MASK)),
+        cr3: rd(Field::GUEST_CR3),
+        cr4: rd(Field::CR4_READ_SHADOW) | (rd(Field::GUEST_CR4) & !rd(Field::CR4_GUEST_HOST_MASK)),
+        efer: rd(Field::GUEST_IA32_EFER),
+        gdt_limit: rd(Field::GUEST_GDTR_LIMIT),
+        gdt_base: rd(Field::GUEST_GDTR_BASE),
+        idt_limit: rd(Field::GUEST_IDTR_LIMIT),
+        idt_base: rd(Field::GUEST_IDTR_BASE),
+        cs: rd(Field::GUEST_CS_SELECTOR),
+        ss: rd(Field::GUEST_SS_SELECTOR),
+        ds: rd(Field::GUEST_DS_SELECTOR),
+        es: rd(Field::GUEST_ES_SELECTOR),
+        rip: rd(Field::GUEST_RIP),
+        rsp: rd(Field::GUEST_RSP),
+        rflags: rd(Field::GUEST_RFLAGS),
+        fs: rd(Field::GUEST_FS_SELECTOR),
+        gs: rd(Field::GUEST_GS_SELECTOR),
+        tr: rd(Field::GUEST_TR_SELECTOR),
+        ldtr: rd(Field::GUEST_LDTR_SELECTOR),
+        fs_base: rd(Field::GUEST_FS_BASE),
+        gs_base: rd(Field::GUEST_GS_BASE),
+        pat: rd(Field::GUEST_IA32_PAT),
+    };
+    if st.tr & !7 != 0 {
+        // LTR needs an available TSS: clear the busy bit the guest's own
+        // LTR set in its GDT.
+        let desc = (st.gdt_base + (st.tr & !7) + 5) as *mut u8;
+        // SAFETY: the guest's GDT is identity-mapped firmware memory and the
+        // selector indexes it (it was loaded in TR); byte 5 holds the type.
+        unsafe { desc.write_volatile(desc.read_volatile() & !0x02) };
+    }
+    // SAFETY: this CPU is in VMX root operation and no guest runs on it
+    // any more; CR4.VMXE may only be cleared after VMXOFF.
+    unsafe {
+        vmxoff();
+        core::arch::asm!("mov cr4, {}", in(reg) read_cr4() & !(1u64 << 13), options(nostack));
+    }
+    // SAFETY: before the seal, on firmware page tables that map this code.
+    unsafe { vmx_leave(run, &raw const st) }
+}
