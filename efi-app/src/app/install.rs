@@ -117,8 +117,15 @@ extern "efiapi" fn ap_devirtualize(arg: *mut c_void) {
 pub fn install(config: &Config) -> Result<String, String> {
     let probe = platform::probe();
     let caps = cpu_check::assess(&probe).map_err(|u| String::from(u.message()))?;
+    let intel = caps.vendor == thinhv_abi::hypercall::VENDOR_INTEL_VMX;
+    super::hypercall::set_intel(intel);
     println!(
-        "thinhv: processor: AMD-V with nested paging ({}), {}-bit physical addresses",
+        "thinhv: processor: {} ({}), {}-bit physical addresses",
+        if intel {
+            "Intel VT-x with EPT and unrestricted guest"
+        } else {
+            "AMD-V with nested paging"
+        },
         cpu_check::describe(caps.features),
         caps.phys_addr_bits
     );
@@ -214,6 +221,11 @@ pub fn install(config: &Config) -> Result<String, String> {
     };
     h.config.debug_fail_cpu = config.debug.fail_cpu.unwrap_or(u32::MAX);
     h.config.debug_host_fault = u8::from(config.debug.host_fault);
+    h.config.init_sipi = match config.cpu.init_sipi {
+        thinhv_config::InitSipi::Auto => thinhv_abi::handoff::INIT_SIPI_AUTO,
+        thinhv_config::InitSipi::Activity => thinhv_abi::handoff::INIT_SIPI_ACTIVITY,
+        thinhv_config::InitSipi::Intercept => thinhv_abi::handoff::INIT_SIPI_INTERCEPT,
+    };
     if let Err(e) = h.validate() {
         release();
         return Err(format!("internal error: inconsistent hand-off ({e})"));

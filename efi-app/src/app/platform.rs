@@ -1,7 +1,7 @@
 //! Platform discovery: the processor, the processors, the memory map.
 use alloc::vec::Vec;
 use core::arch::asm;
-use thinhv_efi::cpu_check::Probe;
+use thinhv_efi::cpu_check::{Probe, VmxProbe};
 use thinhv_efi::memmap::{Descriptor, MemType, Summary, summarize};
 use uefi::boot::{self, ScopedProtocol};
 use uefi::mem::memory_map::MemoryMap;
@@ -18,8 +18,9 @@ const MSR_VM_CR: u32 = 0xc001_0114;
 
 fn rdmsr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);
-    // SAFETY: only called for VM_CR after CPUID reported SVM, where the MSR
-    // exists; reading it has no side effects.
+    // SAFETY: only called for VM_CR after CPUID reported SVM, or for the VMX
+    // MSRs after CPUID reported VMX (and the optional ones when advertised):
+    // the MSRs exist, and reading them has no side effects.
     unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
     (u64::from(hi) << 32) | u64::from(lo)
 }
@@ -44,6 +45,7 @@ pub fn probe() -> Probe {
     let ea = ext(0x8000_000a);
     let amd = &vendor == b"AuthenticAMD" || &vendor == b"HygonGenuine";
     let svm = amd && max_ext >= 0x8000_000a && e1[2] & (1 << 2) != 0;
+    let vmx = &vendor == b"GenuineIntel" && cpuid(1, 0)[2] & (1 << 5) != 0;
     Probe {
         vendor,
         max_ext_leaf: max_ext,
@@ -54,6 +56,32 @@ pub fn probe() -> Probe {
         svm_edx: ea[3],
         svm_asids: ea[1],
         vm_cr: svm.then(|| rdmsr(MSR_VM_CR)),
+        vmx: vmx.then(vmx_probe),
+    }
+}
+
+/// The VMX MSRs (they exist when CPUID reports VMX; the TRUE and
+/// secondary ones are read only when advertised).
+fn vmx_probe() -> VmxProbe {
+    let basic = rdmsr(0x480);
+    let proc1 = rdmsr(if basic & (1 << 55) != 0 { 0x48e } else { 0x482 });
+    let proc1_allowed1 = (proc1 >> 32) as u32;
+    let proc2_allowed1 = if proc1_allowed1 & (1 << 31) != 0 {
+        (rdmsr(0x48b) >> 32) as u32
+    } else {
+        0
+    };
+    let ept_vpid = if proc2_allowed1 & ((1 << 1) | (1 << 5)) != 0 {
+        rdmsr(0x48c)
+    } else {
+        0
+    };
+    VmxProbe {
+        feature_control: rdmsr(0x3a),
+        proc1_allowed1,
+        proc2_allowed1,
+        ept_vpid,
+        misc: rdmsr(0x485),
     }
 }
 
