@@ -6,12 +6,19 @@
 //! * [`esp`] — an EFI system partition laid out as a server's would be;
 //! * [`linux`] — a Debian kernel (downloaded with `apt-get download`, never
 //!   installed) and a busybox initramfs;
+//! * [`bochs`] — the Bochs test bed (Intel VMX + EPT);
 //! * [`cpio`] — the `newc` archive format for the initramfs;
 //! * [`runner`] — starts QEMU under a timeout, watches the serial port for
 //!   markers, and always kills the process it started (by PID) on drop.
+pub mod bochs;
 pub mod cpio;
 pub mod esp;
 pub mod firmware;
 pub mod linux;
 pub mod qemu;
 pub mod runner;
+
+/// File under the integration tests' work directory that collects the
+/// SKIPPED lines (a capability the test bed lacks); `cargo xtask it`
+/// prints them after the run.
+pub const SKIPPED_FILE: &str = "skipped.txt";

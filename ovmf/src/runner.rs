@@ -41,18 +41,32 @@ pub struct Run {
     serial: PathBuf,
     started: Instant,
     pid: u32,
+    group: bool,
 }
 
 impl Run {
     /// Starts `cmd`, whose serial port writes to `serial` (a file the
     /// command line names). stdout/stderr go to `serial.qemu.log`.
-    pub fn start(mut cmd: Command, serial: &Path) -> std::io::Result<Self> {
+    pub fn start(cmd: Command, serial: &Path) -> std::io::Result<Self> {
+        Self::spawn(cmd, serial, false)
+    }
+
+    /// Like [`Run::start`], in a new process group that is killed as a
+    /// whole (for wrappers such as `script` around the emulator).
+    pub fn start_group(cmd: Command, serial: &Path) -> std::io::Result<Self> {
+        Self::spawn(cmd, serial, true)
+    }
+
+    fn spawn(mut cmd: Command, serial: &Path, group: bool) -> std::io::Result<Self> {
         let _ = fs::remove_file(serial);
         fs::write(serial, b"")?;
         let qlog = fs::File::create(serial.with_extension("qemu.log"))?;
         cmd.stdin(Stdio::null())
             .stdout(qlog.try_clone()?)
             .stderr(qlog);
+        if group {
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        }
         let child = cmd.spawn()?;
         let pid = child.id();
         Ok(Self {
@@ -60,6 +74,7 @@ impl Run {
             serial: serial.to_path_buf(),
             started: Instant::now(),
             pid,
+            group,
         })
     }
 
@@ -134,9 +149,17 @@ impl Run {
         }
     }
 
-    /// Ends the emulator now (by PID).
+    /// Ends the emulator now: by PID, or by the process group it leads
+    /// (its own children only) for [`Run::start_group`].
     pub fn kill(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
+        if self.group {
+            // The group was created for this child: its ID is the child's PID.
+            // Quiet: the group is usually gone already ("No such process").
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", self.pid)])
+                .stderr(Stdio::null())
+                .status();
+        } else if matches!(self.child.try_wait(), Ok(None)) {
             let _ = self.child.kill();
         }
         let _ = self.child.wait();

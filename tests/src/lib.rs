@@ -28,6 +28,24 @@ pub struct Built {
     pub work: PathBuf,
 }
 
+/// Records that a test could not check what it is for because the test bed
+/// lacks a capability: `cargo xtask it` lists these as SKIPPED at the end
+/// (the test itself returns, so the harness counts it as run).
+pub fn skipped(test: &str, why: &str) {
+    use std::io::Write;
+    let line = format!("SKIPPED {test}: {why}\n");
+    eprint!("{line}");
+    let b = built();
+    let _ = std::fs::create_dir_all(&b.work);
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(b.work.join(thinhv_ovmf::SKIPPED_FILE))
+    {
+        let _ = f.write_all(line.as_bytes());
+    }
+}
+
 /// The build directory's artifacts; panics with instructions when absent.
 pub fn built() -> Built {
     let dir = std::env::var_os("THINHV_BUILD_DIR").map_or_else(

@@ -70,6 +70,12 @@ fn probe_under_thinhv() {
     assert_eq!(get(&r, "integrity_expected"), get(&r, "integrity_current"));
     assert_eq!(get(&r, "integrity_canary"), "1");
     assert_eq!(get(&r, "cpu0_protected_exits"), "3");
+    // The AP path: OVMF woke the virtualized AP with INIT-SIPI-SIPI, which
+    // thinhv turned into a virtual INIT and a real-mode start.
+    assert_eq!(get(&r, "ap_ran"), "1");
+    assert_eq!(get(&r, "ap_signature"), "ThinHVThinHV");
+    assert!(get(&r, "ap_init_exits").parse::<u64>().unwrap() >= 1);
+    assert!(get(&r, "ap_sipi_exits").parse::<u64>().unwrap() >= 1);
     assert!(get(&r, "cpu0_cpuid_exits").parse::<u64>().unwrap() > 0);
 }
 

@@ -30,6 +30,12 @@ fn missing() -> Vec<String> {
     if let Err(e) = thinhv_ovmf::linux::busybox() {
         m.push(e);
     }
+    if let Err(e) = thinhv_ovmf::bochs::check() {
+        m.push(e);
+    }
+    if let Err(e) = thinhv_ovmf::firmware::find_combined() {
+        m.push(e);
+    }
     for tool in ["apt-get", "dpkg-deb"] {
         if !have(tool) {
             m.push(format!("{tool} not found (a Debian system is expected)"));

@@ -125,6 +125,48 @@ fn rdmsr_caught(msr: u32) -> (u64, u64) {
     (caught, v)
 }
 
+// ---- An application processor, woken by the firmware -----------------
+
+static AP_RAN: AtomicU64 = AtomicU64::new(0);
+static AP_SIG: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+extern "efiapi" fn ap_procedure(_: *mut core::ffi::c_void) {
+    let s = cpuid(LEAF_SIGNATURE, 0);
+    AP_SIG[0].store(u64::from(s[1]) | (u64::from(s[2]) << 32), Ordering::SeqCst);
+    AP_SIG[1].store(u64::from(s[3]), Ordering::SeqCst);
+    AP_RAN.store(1, Ordering::SeqCst);
+}
+
+/// Runs a procedure on the first AP through MP services. OVMF wakes an AP
+/// with INIT-SIPI-SIPI, so this exercises thinhv's INIT/SIPI path on a CPU
+/// that is already in guest mode. Returns the AP's MP number.
+fn ap_check() -> Option<usize> {
+    use uefi::proto::pi::mp::MpServices;
+    let h = uefi::boot::get_handle_for_protocol::<MpServices>().ok()?;
+    let mp = uefi::boot::open_protocol_exclusive::<MpServices>(h).ok()?;
+    let count = mp.get_number_of_processors().ok()?;
+    kv("mp_processors", count.total);
+    let ap = (0..count.total).find(|&i| {
+        mp.get_processor_info(i)
+            .is_ok_and(|p| !p.is_bsp() && p.is_enabled())
+    })?;
+    let r = mp.startup_this_ap(
+        ap,
+        ap_procedure,
+        core::ptr::null_mut(),
+        None,
+        Some(core::time::Duration::from_secs(30)),
+    );
+    kv("ap_startup_status", if r.is_ok() { "ok" } else { "failed" });
+    kv("ap_ran", AP_RAN.load(Ordering::SeqCst));
+    let mut sig = [0u8; 12];
+    sig[..8].copy_from_slice(&AP_SIG[0].load(Ordering::SeqCst).to_le_bytes());
+    sig[8..].copy_from_slice(&AP_SIG[1].load(Ordering::SeqCst).to_le_bytes()[..4]);
+    let shown = sig.map(|b| if b.is_ascii_graphic() { b } else { b'.' });
+    kv("ap_signature", core::str::from_utf8(&shown).unwrap_or("?"));
+    Some(ap)
+}
+
 // ---- The checks ---------------------------------------------------------
 
 fn kv(key: &str, value: impl core::fmt::Display) {
@@ -139,7 +181,8 @@ pub fn run() {
     );
     let s = cpuid(LEAF_SIGNATURE, 0);
     let sig = signature_from_regs(s[1], s[2], s[3]);
-    kv("signature", core::str::from_utf8(&sig).unwrap_or("?"));
+    let shown: [u8; 12] = sig.map(|b| if b.is_ascii_graphic() { b } else { b'.' });
+    kv("signature", core::str::from_utf8(&shown).unwrap_or("?"));
     kv("vmx_bit", (l1[2] >> 5) & 1);
     let e1 = cpuid(0x8000_0001, 0);
     kv("svm_bit", (e1[2] >> 2) & 1);
@@ -168,6 +211,13 @@ pub fn run() {
         unsafe { asm!("stgi", options(nostack)) };
     });
     kv("stgi_fault", c);
+    if intel() {
+        vmx_hidden_checks();
+    }
+    let (c, fc) = rdmsr_caught(0x3a);
+    if c == 0 {
+        kv("feature_control", format_args!("{fc:#x}"));
+    }
     xsetbv_check();
 
     let v = hc(Function::VERSION, 0, 0, 0);
@@ -304,6 +354,47 @@ pub fn run() {
         "cpu0_protected_exits",
         counts[thinhv_abi::exit::ExitReason::PROTECTED_ACCESS.index()],
     );
+    if let Some(ap) = ap_check() {
+        let r = hc(
+            Function::EXIT_COUNTS,
+            counts.as_mut_ptr() as u64,
+            core::mem::size_of_val(&counts) as u64,
+            ap as u64,
+        );
+        if r[0] == Status::OK.0 {
+            use thinhv_abi::exit::ExitReason as R;
+            kv("ap_init_exits", counts[R::INIT.index()]);
+            kv("ap_sipi_exits", counts[R::SIPI.index()]);
+            kv("ap_cpuid_exits", counts[R::CPUID.index()]);
+        }
+    }
+}
+
+/// VMX-specific hiding (Intel only: on AMD these instructions and bits are
+/// reserved by the processor itself, and emulators differ in how they
+/// treat them).
+fn vmx_hidden_checks() {
+    // VMXON [rax] (F3 0F C7 30): #UD for a guest without VMX.
+    let region = [0u64; 2];
+    let c = catching(4, || {
+        // SAFETY: the #UD is caught and the 4-byte instruction skipped; the
+        // operand points at a buffer on the stack.
+        unsafe { asm!("vmxon qword ptr [rax]", in("rax") &raw const region, options(nostack)) };
+    });
+    kv("vmxon_fault", c);
+    let cr4: u64;
+    // SAFETY: reading CR4 at CPL 0.
+    unsafe { asm!("mov {}, cr4", out(reg) cr4) };
+    kv("cr4_vmxe", (cr4 >> 13) & 1);
+    let c = catching(3, || {
+        // SAFETY: setting CR4.VMXE must fault for a guest without VMX (the
+        // #GP is caught; MOV CR4, RAX is 3 bytes); if it did not, it is put
+        // back at once.
+        unsafe {
+            asm!("mov cr4, rax", "mov cr4, rcx", in("rax") cr4 | (1 << 13), in("rcx") cr4, options(nostack));
+        };
+    });
+    kv("cr4_vmxe_set_fault", c);
 }
 
 /// XSETBV works for the guest: with CR4.OSXSAVE on, set XCR0 to x87|SSE and
