@@ -197,6 +197,19 @@ mod tests {
         assert_eq!(v.get(Field::VMCS_LINK_POINTER), u64::MAX);
     }
 
+    #[test]
+    fn every_field_written_is_read_back_when_an_entry_fails() {
+        // After a failed VM entry the backend reads `Field::all()` back and
+        // runs the checker: it must see every field the builder writes.
+        let (v, _) = image();
+        let missing: Vec<String> = v
+            .iter()
+            .filter(|(f, _)| !Field::all().any(|g| g == *f))
+            .map(|(f, _)| format!("{:#06x}", f.0))
+            .collect();
+        assert!(missing.is_empty(), "written but not read back: {missing:?}");
+    }
+
     fn broken(f: impl FnOnce(&mut super::super::image::VmcsImage)) -> Vec<&'static str> {
         let (mut v, caps) = image();
         f(&mut v);

@@ -11,8 +11,10 @@ use crate::exit::Exit;
 use crate::handlers::{self, Outcome};
 use crate::vmx::controls::{entry, proc1};
 use crate::vmx::cr::CrRules;
+use crate::vmx::entry_check::check;
 use crate::vmx::exit_reason::{self, ExitReason};
 use crate::vmx::fields::Field;
+use crate::vmx::image::VmcsImage;
 use crate::vmx::state::{
     INIT_CR0, INIT_LIMIT_FIELDS, INIT_ZERO_SEGMENTS, actual_cr, init_fields, sipi_cs,
 };
@@ -69,12 +71,16 @@ pub extern "sysv64" fn vmx_exit(run: &mut RunState) {
     let basic = ExitReason((reason & 0xffff) as u16);
     let qual = vmread(Field::EXIT_QUALIFICATION);
 
-    if reason & exit_reason::ENTRY_FAILURE != 0 && first {
+    if reason & exit_reason::ENTRY_FAILURE != 0 {
         log::error!(
-            "cpu {cpu}: VM entry failed ({}, qualification {qual:#x}); rolling back",
+            "cpu {cpu}: VM entry failed ({}, qualification {qual:#x})",
             basic.name()
         );
-        rollback_and_leave(core, run, CoreError::ENTRY_FAILED.0);
+        diagnose(core);
+        if first {
+            log::error!("cpu {cpu}: rolling back");
+            rollback_and_leave(core, run, CoreError::ENTRY_FAILED.0);
+        }
     }
     // An event whose delivery the exit interrupted is delivered again
     // (SDM §28.2.4), unless a handler injects something else.
@@ -294,11 +300,37 @@ fn start_at(core: &Core, cpu: usize, vector: u8) {
 
 /// VMRESUME failed (the VMCS was made invalid): report and stop.
 pub extern "sysv64" fn vmx_resume_failed(run: &RunState) -> ! {
+    if let Some(core) = core_state::get() {
+        diagnose(core);
+    }
     fatal(format_args!(
         "VMRESUME failed on cpu {}: VM-instruction error {}",
         run.cpu,
         vmread(Field::VM_INSTRUCTION_ERROR)
     ))
+}
+
+/// After a failed VM entry: reads the current VMCS back and runs the
+/// entry checker on it, naming each field that breaks a rule.
+fn diagnose(core: &Core) {
+    let Some(v) = core.vmx.as_ref() else { return };
+    let mut image = VmcsImage::new();
+    for f in Field::all() {
+        image.set(f, vmread(f));
+    }
+    let found = check(&image, &v.caps);
+    if found.is_empty() {
+        log::error!("the VM-entry checker finds no broken rule in the current VMCS");
+    }
+    for x in found {
+        log::error!(
+            "VMCS check: {} ({:#06x}) = {:#x}: {}",
+            x.field.name(),
+            x.field.0,
+            image.get(x.field),
+            x.rule
+        );
+    }
 }
 
 /// Leaves VMX operation on this CPU and continues natively where the guest

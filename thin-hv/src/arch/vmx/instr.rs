@@ -63,7 +63,8 @@ pub fn vmread(f: Field) -> u64 {
     // would #UD, but this module is only used on CPUs in VMX root operation
     // with a current VMCS (the exit path and launch after VMPTRLD).
     unsafe {
-        asm!("vmread {v}, {f}", f = in(reg) u64::from(f.0), v = out(reg) v, options(nostack));
+        // A failing VMREAD leaves the destination alone: it stays 0.
+        asm!("vmread {v}, {f}", f = in(reg) u64::from(f.0), v = inout(reg) 0u64 => v, options(nostack));
     };
     v
 }
