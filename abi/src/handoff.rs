@@ -156,6 +156,96 @@ impl Default for CoreConfig {
     }
 }
 
+/// Most entries in [`CpuidProfile::masks`].
+pub const MAX_CPUID_MASKS: usize = 24;
+
+/// [`CpuidMask::subleaf`]: the mask applies whatever ECX is.
+pub const ANY_SUBLEAF: u32 = u32::MAX;
+
+/// AND-masks for one CPUID leaf (and sub-leaf).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    zerocopy::FromBytes,
+    zerocopy::IntoBytes,
+    zerocopy::Immutable,
+    zerocopy::KnownLayout,
+)]
+#[repr(C)]
+pub struct CpuidMask {
+    /// EAX on input.
+    pub leaf: u32,
+    /// ECX on input, or [`ANY_SUBLEAF`].
+    pub subleaf: u32,
+    /// Bits of EAX, EBX, ECX, EDX the guest may see.
+    pub regs: [u32; 4],
+}
+
+/// The processor compatibility profile (`[cpu] profile`), resolved by the
+/// loader into masks the core applies to every CPUID the guest executes.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    zerocopy::FromBytes,
+    zerocopy::IntoBytes,
+    zerocopy::Immutable,
+    zerocopy::KnownLayout,
+)]
+#[repr(C)]
+pub struct CpuidProfile {
+    /// Nonzero: masking is on (any profile but `host` without masks).
+    pub active: u32,
+    /// Number of valid `masks`.
+    pub count: u32,
+    /// XCR0 bits the guest may see in CPUID 0xD and set with XSETBV.
+    pub xcr0_allowed: u64,
+    /// The masks.
+    pub masks: [CpuidMask; MAX_CPUID_MASKS],
+}
+
+impl Default for CpuidProfile {
+    fn default() -> Self {
+        Self {
+            active: 0,
+            count: 0,
+            xcr0_allowed: u64::MAX,
+            masks: [CpuidMask::default(); MAX_CPUID_MASKS],
+        }
+    }
+}
+
+impl CpuidProfile {
+    /// The valid masks.
+    pub fn masks(&self) -> &[CpuidMask] {
+        &self.masks[..(self.count as usize).min(MAX_CPUID_MASKS)]
+    }
+
+    /// `raw` with every mask for (`leaf`, `subleaf`) applied.
+    pub fn apply(&self, leaf: u32, subleaf: u32, raw: [u32; 4]) -> [u32; 4] {
+        let mut r = raw;
+        if self.active == 0 {
+            return r;
+        }
+        for m in self
+            .masks()
+            .iter()
+            .filter(|m| m.leaf == leaf && (m.subleaf == ANY_SUBLEAF || m.subleaf == subleaf))
+        {
+            for (v, mask) in r.iter_mut().zip(m.regs) {
+                *v &= mask;
+            }
+        }
+        r
+    }
+}
+
 /// One processor as the firmware reported it.
 #[derive(
     Clone,
@@ -253,6 +343,8 @@ pub struct Handoff {
     pub reserved: u32,
     /// Settings.
     pub config: CoreConfig,
+    /// CPUID masking (processor compatibility profile).
+    pub cpuid: CpuidProfile,
 }
 
 impl Handoff {
@@ -263,6 +355,7 @@ impl Handoff {
         h.abi_version = crate::ABI_VERSION;
         h.size = u32::try_from(core::mem::size_of::<Self>()).unwrap_or(u32::MAX);
         h.config = CoreConfig::default();
+        h.cpuid = CpuidProfile::default();
         h
     }
 
@@ -295,7 +388,10 @@ impl Handoff {
         if self.cpu_count == 0 || self.cpu_count as usize > MAX_CPUS {
             return Err("CPU count out of range");
         }
-        if self.ram_count as usize > MAX_RAM_RANGES || self.ro_count as usize > MAX_RO_RANGES {
+        if self.ram_count as usize > MAX_RAM_RANGES
+            || self.ro_count as usize > MAX_RO_RANGES
+            || self.cpuid.count as usize > MAX_CPUID_MASKS
+        {
             return Err("range count out of range");
         }
         let p = self.protected;

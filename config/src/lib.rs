@@ -14,11 +14,13 @@
 
 extern crate alloc;
 
+pub mod profile;
 mod salvage;
 mod value;
 
 use alloc::format;
 use alloc::string::{String, ToString};
+use alloc::vec::Vec;
 use core::fmt;
 use core::fmt::Write;
 use serde::Deserialize;
@@ -87,13 +89,75 @@ pub struct Boot {
 }
 
 /// `[cpu]`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Cpu {
     /// Do not announce the hypervisor through CPUID.
     pub hide_hypervisor: bool,
     /// How application processors are started (INIT/SIPI) on Intel VT-x.
     pub init_sipi: InitSipi,
+    /// Processor compatibility profile: `host` or a name in
+    /// [`profile::PROFILES`].
+    pub profile: String,
+    /// Features to hide on top of the profile (Linux's names).
+    pub hide: Vec<String>,
+    /// Explicit per-leaf AND-masks, `[[cpu.mask]]`.
+    pub mask: Vec<CpuidMaskEntry>,
+}
+
+impl Default for Cpu {
+    fn default() -> Self {
+        Self {
+            hide_hypervisor: false,
+            init_sipi: InitSipi::default(),
+            profile: profile::HOST.to_string(),
+            hide: Vec::new(),
+            mask: Vec::new(),
+        }
+    }
+}
+
+/// One `[[cpu.mask]]`: bits of each register the guest may see (absent
+/// registers are not masked).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuidMaskEntry {
+    /// Leaf (EAX on input).
+    pub leaf: u32,
+    /// Sub-leaf (ECX on input); absent: any.
+    pub subleaf: Option<u32>,
+    /// Mask for EAX.
+    pub eax: Option<u32>,
+    /// Mask for EBX.
+    pub ebx: Option<u32>,
+    /// Mask for ECX.
+    pub ecx: Option<u32>,
+    /// Mask for EDX.
+    pub edx: Option<u32>,
+}
+
+impl Cpu {
+    fn explicit_masks(&self) -> Vec<profile::ExplicitMask> {
+        self.mask
+            .iter()
+            .map(|m| profile::ExplicitMask {
+                leaf: m.leaf,
+                subleaf: m.subleaf.unwrap_or(thinhv_abi::handoff::ANY_SUBLEAF),
+                regs: [
+                    m.eax.unwrap_or(u32::MAX),
+                    m.ebx.unwrap_or(u32::MAX),
+                    m.ecx.unwrap_or(u32::MAX),
+                    m.edx.unwrap_or(u32::MAX),
+                ],
+            })
+            .collect()
+    }
+
+    /// The masks the core applies (`Config::parse` has checked they
+    /// resolve).
+    pub fn cpuid_profile(&self) -> Result<thinhv_abi::handoff::CpuidProfile, String> {
+        profile::resolve(&self.profile, &self.hide, &self.explicit_masks())
+    }
 }
 
 /// `[debug]`: switches for tests.
@@ -145,7 +209,11 @@ fn key_line(text: &str, section: &str, key: &str) -> Option<usize> {
     for (i, raw) in text.lines().enumerate() {
         let l = raw.trim();
         if let Some(rest) = l.strip_prefix('[') {
-            current = rest.trim_end_matches(']').trim().to_string();
+            current = rest
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .trim()
+                .to_string();
             continue;
         }
         if current == section
@@ -185,6 +253,16 @@ impl Config {
             column: None,
             message,
         };
+        if let Err(m) = self.cpu.cpuid_profile() {
+            let key = if m.starts_with("cpu.hide") {
+                ("cpu", "hide")
+            } else if m.starts_with("cpu.mask") || m.contains("masked CPUID leaves") {
+                ("cpu.mask", "leaf")
+            } else {
+                ("cpu", "profile")
+            };
+            return Err(err(key.0, key.1, m));
+        }
         if self.hypervisor.required && !self.hypervisor.enabled {
             return Err(err(
                 "hypervisor",
@@ -253,6 +331,46 @@ impl Config {
         }
         let _ = writeln!(s, "\n[cpu]\nhide_hypervisor = {}", self.cpu.hide_hypervisor);
         let _ = writeln!(s, "init_sipi = \"{}\"", self.cpu.init_sipi.name());
+        let _ = writeln!(s, "profile = {}", toml_string(&self.cpu.profile));
+        let _ = write!(s, "hide = [");
+        for (i, h) in self.cpu.hide.iter().enumerate() {
+            let _ = write!(s, "{}{}", if i == 0 { "" } else { ", " }, toml_string(h));
+        }
+        let _ = writeln!(s, "]");
+        for m in &self.cpu.mask {
+            let _ = writeln!(s, "\n[[cpu.mask]]\nleaf = {:#x}", m.leaf);
+            if let Some(sl) = m.subleaf {
+                let _ = writeln!(s, "subleaf = {sl:#x}");
+            }
+            for (name, v) in [
+                ("eax", m.eax),
+                ("ebx", m.ebx),
+                ("ecx", m.ecx),
+                ("edx", m.edx),
+            ] {
+                if let Some(v) = v {
+                    let _ = writeln!(s, "{name} = {v:#010x}");
+                }
+            }
+        }
+        if let Ok(p) = self.cpu.cpuid_profile()
+            && p.active != 0
+        {
+            let _ = writeln!(s, "# resulting CPUID masks (bits the guest may see):");
+            for m in p.masks() {
+                let sub = if m.subleaf == thinhv_abi::handoff::ANY_SUBLEAF {
+                    "*".to_string()
+                } else {
+                    format!("{:#x}", m.subleaf)
+                };
+                let _ = writeln!(
+                    s,
+                    "#   leaf {:#x}.{sub}: eax {:#010x} ebx {:#010x} ecx {:#010x} edx {:#010x}",
+                    m.leaf, m.regs[0], m.regs[1], m.regs[2], m.regs[3]
+                );
+            }
+            let _ = writeln!(s, "#   XCR0 allowed: {:#x}", p.xcr0_allowed);
+        }
         if self.debug != Debug::default() {
             let _ = writeln!(s, "\n[debug]");
             if let Some(c) = self.debug.fail_cpu {

@@ -145,3 +145,38 @@ fn disabled_hypervisor_and_contradictions() {
     let e = Config::parse("[hypervisor]\nrequired = true\nenabled = false\n").unwrap_err();
     assert_eq!(e.line, Some(3), "{e}");
 }
+
+#[test]
+fn cpu_profile_hide_and_masks_parse_and_round_trip() {
+    let text = "[cpu]\nprofile = \"x86-64-v3\"\nhide = [\"avx2\"]\n\n[[cpu.mask]]\nleaf = 6\neax = 0xfffffffb\n";
+    let c = Config::parse(text).unwrap();
+    assert_eq!(c.cpu.profile, "x86-64-v3");
+    assert_eq!(c.cpu.hide, ["avx2"]);
+    assert_eq!(c.cpu.mask.len(), 1);
+    assert_eq!(c.cpu.mask[0].eax, Some(0xffff_fffb));
+    let p = c.cpu.cpuid_profile().unwrap();
+    assert_eq!(p.active, 1);
+    let eff = c.effective();
+    assert!(eff.contains("profile = \"x86-64-v3\""), "{eff}");
+    assert!(eff.contains("XCR0 allowed: 0x7"), "{eff}");
+    assert_eq!(Config::parse(&eff).unwrap(), c);
+    // Defaults: host, nothing masked.
+    let d = Config::parse("").unwrap();
+    assert_eq!(d.cpu.profile, "host");
+    assert_eq!(d.cpu.cpuid_profile().unwrap().active, 0);
+}
+
+#[test]
+fn cpu_profile_errors_name_the_line() {
+    let e = Config::parse("[boot]\n\n[cpu]\nprofile = \"pentium\"\n").unwrap_err();
+    assert_eq!(e.line, Some(4), "{e}");
+    assert!(e.message.contains("x86-64-v2"), "{e}");
+    let e = Config::parse("[cpu]\nhide_hypervisor = false\nhide = [\"avx9\"]\n").unwrap_err();
+    assert_eq!(e.line, Some(3), "{e}");
+    let e = Config::parse("[cpu]\n\n[[cpu.mask]]\nleaf = 0x40000001\necx = 0\n").unwrap_err();
+    assert_eq!(e.line, Some(4), "{e}");
+    let e = Config::parse("[[cpu.mask]]\nleaf = 7\nebx = 0x1ffffffff\n").unwrap_err();
+    assert_eq!(e.line, Some(3), "{e}");
+    let e = Config::parse("[[cpu.mask]]\nleaf = 7\nesi = 0\n").unwrap_err();
+    assert_eq!(e.line, Some(3), "{e}");
+}

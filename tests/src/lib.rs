@@ -219,6 +219,73 @@ pub fn boot_probe(boot: &Boot) -> String {
         .to_string()
 }
 
+/// Checks the EFI probe's report against the CPU profile `name` (resolved
+/// by the same code the loader uses): every governed register shows only
+/// bits the profile allows, AVX and AVX2 are absent, CPUID 0xD agrees with
+/// x87|SSE only, and XSETBV refuses the AVX state while accepting x87|SSE.
+/// `native` is the same probe's report without a profile, which must have
+/// shown AVX2 and accepted the AVX state, or this check would prove nothing.
+pub fn assert_probe_follows_profile(r: &str, native: Option<&str>, name: &str) {
+    use thinhv_config::profile::{EAX, EBX, ECX, EDX, resolve};
+    let p = resolve(name, &[], &[]).unwrap();
+    let hex = |key: &str| -> u32 {
+        let v = value(r, key).unwrap_or_else(|| {
+            panic!(
+                "probe did not report {key}:
+{r}"
+            )
+        });
+        u32::from_str_radix(v.trim_start_matches("0x"), 16).unwrap()
+    };
+    for (key, leaf, sub, reg) in [
+        ("cpuid1_ecx", 1, 0, ECX),
+        ("cpuid1_edx", 1, 0, EDX),
+        ("cpuid7_ebx", 7, 0, EBX),
+        ("cpuid7_ecx", 7, 0, ECX),
+        ("cpuid7_edx", 7, 0, EDX),
+        ("cpuid7_1_eax", 7, 1, EAX),
+        ("xsave_d1_eax", 0xd, 1, EAX),
+        ("ext1_ecx", 0x8000_0001, 0, ECX),
+        ("ext1_edx", 0x8000_0001, 0, EDX),
+    ] {
+        let allowed = p.apply(leaf, sub, [u32::MAX; 4])[reg];
+        let seen = hex(key);
+        assert_eq!(
+            seen & !allowed,
+            0,
+            "{key} = {seen:#x} shows bits {:#x} that profile {name} hides",
+            seen & !allowed
+        );
+    }
+    assert_eq!(hex("cpuid7_ebx") & (1 << 5), 0, "AVX2 visible");
+    assert_eq!(hex("cpuid1_ecx") & (1 << 28), 0, "AVX visible");
+    let get = |k: &str| {
+        value(r, k).unwrap_or_else(|| {
+            panic!(
+                "probe did not report {k}:
+{r}"
+            )
+        })
+    };
+    assert_eq!(get("xsave_xcr0_supported"), "0x3");
+    assert_eq!(get("xsave_max_size"), "576", "x87 + SSE + header");
+    assert_eq!(get("xsave_avx_leaf_eax"), "0", "AVX component hidden");
+    assert_eq!(get("xsetbv_fault"), "0", "x87|SSE must be accepted");
+    assert_eq!(get("xcr0_after_xsetbv"), "3");
+    assert_eq!(get("xsetbv_avx_fault"), "13", "XCR0.AVX must raise #GP");
+    assert_eq!(get("xsetbv_restore_fault"), "0");
+    if let Some(n) = native {
+        let v = value(n, "cpuid7_ebx").expect("native cpuid7_ebx");
+        let ebx = u32::from_str_radix(v.trim_start_matches("0x"), 16).unwrap();
+        assert_ne!(
+            ebx & (1 << 5),
+            0,
+            "the processor must have AVX2 for this test"
+        );
+        assert_eq!(value(n, "xsetbv_avx_fault"), Some("0"));
+    }
+}
+
 /// `0-3` → 4.
 pub fn cpu_list_len(list: &str) -> usize {
     list.trim()

@@ -110,6 +110,11 @@ fn vmx_probe_in_bochs() {
     // CPUID and XSETBV work (XSETBV exits on VMX and is emulated).
     assert_eq!(get(r, "xsetbv_fault"), "0");
     assert_eq!(get(r, "xcr0_after_xsetbv"), "3");
+    // Without a CPU profile the AVX state and AVX2 are the processor's
+    // (the reference for `vmx_cpu_profile_in_bochs`).
+    assert_eq!(get(r, "xsetbv_avx_fault"), "0");
+    let ebx = u32::from_str_radix(get(r, "cpuid7_ebx").trim_start_matches("0x"), 16).unwrap();
+    assert_ne!(ebx & (1 << 5), 0, "Bochs' tigerlake has AVX2");
     assert!(get(r, "cpu0_cpuid_exits").parse::<u64>().unwrap() > 0);
     // The hypervisor's region: unreadable, unwritable, core intact.
     assert_eq!(get(r, "protected_nonzero_qwords"), "0");
@@ -155,4 +160,21 @@ fn vmx_wait_for_sipi_activity_in_bochs() {
     );
     assert_eq!(get(&r, "signature"), "ThinHVThinHV");
     assert_ap_started(&r);
+}
+
+#[test]
+#[ignore = "boots Bochs; run with `cargo xtask test`"]
+fn vmx_cpu_profile_in_bochs() {
+    // The processor compatibility profile on the VMX backend: the same
+    // assertions as on SVM (`probe_with_cpu_profile_x86_64_v2`).
+    let (out, r) = boot_probe(
+        "bochs-vmx-profile",
+        &format!("[boot]\nnext = '{PROBE}'\n\n[cpu]\nprofile = \"x86-64-v2\"\n"),
+    );
+    assert!(out.contains("thinhv: CPU profile x86-64-v2:"), "{out}");
+    thinhv_tests::assert_probe_follows_profile(&r, None, "x86-64-v2");
+    assert_eq!(get(&r, "vmx_bit"), "0");
+    assert_ap_started(&r);
+    assert_eq!(get(&r, "ap_cpuid7_ebx"), get(&r, "cpuid7_ebx"));
+    assert_eq!(get(&r, "ap_cpuid1_ecx"), get(&r, "cpuid1_ecx"));
 }

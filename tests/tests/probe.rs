@@ -34,9 +34,11 @@ fn probe_under_thinhv() {
         "13",
         "VM_HSAVE_PA must raise #GP"
     );
-    // XSETBV works.
+    // XSETBV works, the AVX state included (no CPU profile).
     assert_eq!(get(&r, "xsetbv_fault"), "0");
     assert_eq!(get(&r, "xcr0_after_xsetbv"), "3");
+    assert_eq!(get(&r, "xsetbv_avx_fault"), "0");
+    assert_ne!(get(&r, "cpuid7_ebx"), "0x0");
     // Hypercalls.
     assert_eq!(get(&r, "hc_version_status"), "0");
     assert_eq!(get(&r, "hc_abi"), "1");
@@ -104,4 +106,44 @@ fn probe_with_hidden_hypervisor() {
     assert_ne!(get(r, "signature"), "ThinHVThinHV");
     // Virtualization stays hidden even so.
     assert_eq!(get(r, "svm_bit"), "0");
+}
+
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn probe_with_cpu_profile_x86_64_v2() {
+    // The same processor without and with the profile: AVX2 and the AVX
+    // state are there, then hidden and refused.
+    let b = built();
+    let native = Boot::new(&b, "probe-profile-host", Profile::svm(1));
+    native.esp.put_file(PROBE, &b.probe).unwrap();
+    native
+        .esp
+        .install_thinhv(&b.efi, Some(&format!("[boot]\nnext = '{PROBE}'\n")))
+        .unwrap();
+    let n = boot_probe(&native);
+    let boot = Boot::new(&b, "probe-profile-v2", Profile::svm(2));
+    boot.esp.put_file(PROBE, &b.probe).unwrap();
+    boot.esp
+        .install_thinhv(
+            &b.efi,
+            Some(&format!(
+                "[boot]\nnext = '{PROBE}'\n\n[cpu]\nprofile = \"x86-64-v2\"\n"
+            )),
+        )
+        .unwrap();
+    let serial = boot.run_until("THINHV-PROBE-END", std::time::Duration::from_mins(4));
+    assert!(
+        serial.contains("thinhv: CPU profile x86-64-v2:"),
+        "{serial}"
+    );
+    let r =
+        thinhv_ovmf::runner::section(&serial, "THINHV-PROBE-BEGIN", "THINHV-PROBE-END").unwrap();
+    thinhv_tests::assert_probe_follows_profile(r, Some(&n), "x86-64-v2");
+    // thinhv still announces itself and hides SVM under a profile.
+    assert_eq!(get(r, "signature"), "ThinHVThinHV");
+    assert_eq!(get(r, "svm_bit"), "0");
+    // The AP sees the same masked features.
+    assert_eq!(get(r, "ap_ran"), "1");
+    assert_eq!(get(r, "ap_cpuid7_ebx"), get(r, "cpuid7_ebx"));
+    assert_eq!(get(r, "ap_cpuid1_ecx"), get(r, "cpuid1_ecx"));
 }

@@ -2,7 +2,7 @@
 //! and per-CPU slots with the INIT/SIPI mailboxes.
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use thinhv_abi::PhysRange;
-use thinhv_abi::handoff::{CoreConfig, Handoff, MAX_CPUS, MAX_RAM_RANGES};
+use thinhv_abi::handoff::{CoreConfig, CpuidProfile, Handoff, MAX_CPUS, MAX_RAM_RANGES};
 use thinhv_abi::status::CpuState;
 
 /// Mailbox through which one CPU asks another to take an INIT or a SIPI.
@@ -100,6 +100,8 @@ impl CpuSlot {
 pub struct Hv {
     /// Settings.
     pub config: CoreConfig,
+    /// CPUID masking.
+    pub cpuid: CpuidProfile,
     /// The region the guest can neither read nor write.
     pub protected: PhysRange,
     /// The read-only status page.
@@ -137,6 +139,7 @@ impl Hv {
         });
         Self {
             config: h.config,
+            cpuid: h.cpuid,
             protected: h.protected,
             status: h.status,
             ram,

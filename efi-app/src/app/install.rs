@@ -221,6 +221,8 @@ pub fn install(config: &Config) -> Result<String, String> {
     };
     h.config.debug_fail_cpu = config.debug.fail_cpu.unwrap_or(u32::MAX);
     h.config.debug_host_fault = u8::from(config.debug.host_fault);
+    // `Config::parse` checked that the profile resolves.
+    h.cpuid = config.cpu.cpuid_profile().unwrap_or_default();
     h.config.init_sipi = match config.cpu.init_sipi {
         thinhv_config::InitSipi::Auto => thinhv_abi::handoff::INIT_SIPI_AUTO,
         thinhv_config::InitSipi::Activity => thinhv_abi::handoff::INIT_SIPI_ACTIVITY,
@@ -242,6 +244,19 @@ pub fn install(config: &Config) -> Result<String, String> {
         loaded.relocations,
         p.total / 1024
     );
+    if h.cpuid.active != 0 {
+        println!(
+            "thinhv: CPU profile {}: {} CPUID leaves masked, XCR0 limited to {:#x}{}",
+            config.cpu.profile,
+            h.cpuid.count,
+            h.cpuid.xcr0_allowed,
+            if config.cpu.hide.is_empty() && config.cpu.mask.is_empty() {
+                ""
+            } else {
+                " (with [cpu] hide/mask)"
+            }
+        );
+    }
 
     // SAFETY: `entry` is the relocated entry of the verified core; the
     // hand-off is complete. The call runs natively on the BSP.

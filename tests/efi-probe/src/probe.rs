@@ -129,11 +129,15 @@ fn rdmsr_caught(msr: u32) -> (u64, u64) {
 
 static AP_RAN: AtomicU64 = AtomicU64::new(0);
 static AP_SIG: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+/// The AP's CPUID 7.0 EBX and 1 ECX (a CPU profile must mask every CPU).
+static AP_FEATURES: AtomicU64 = AtomicU64::new(0);
 
 extern "efiapi" fn ap_procedure(_: *mut core::ffi::c_void) {
     let s = cpuid(LEAF_SIGNATURE, 0);
     AP_SIG[0].store(u64::from(s[1]) | (u64::from(s[2]) << 32), Ordering::SeqCst);
     AP_SIG[1].store(u64::from(s[3]), Ordering::SeqCst);
+    let f = (u64::from(cpuid(7, 0)[1]) << 32) | u64::from(cpuid(1, 0)[2]);
+    AP_FEATURES.store(f, Ordering::SeqCst);
     AP_RAN.store(1, Ordering::SeqCst);
 }
 
@@ -164,6 +168,9 @@ fn ap_check() -> Option<usize> {
     sig[8..].copy_from_slice(&AP_SIG[1].load(Ordering::SeqCst).to_le_bytes()[..4]);
     let shown = sig.map(|b| if b.is_ascii_graphic() { b } else { b'.' });
     kv("ap_signature", core::str::from_utf8(&shown).unwrap_or("?"));
+    let f = AP_FEATURES.load(Ordering::SeqCst);
+    kv("ap_cpuid7_ebx", format_args!("{:#x}", f >> 32));
+    kv("ap_cpuid1_ecx", format_args!("{:#x}", f & 0xffff_ffff));
     Some(ap)
 }
 
@@ -219,6 +226,7 @@ pub fn run() {
         kv("feature_control", format_args!("{fc:#x}"));
     }
     xsetbv_check();
+    feature_report();
 
     let v = hc(Function::VERSION, 0, 0, 0);
     kv("hc_version_status", v[0]);
@@ -397,19 +405,47 @@ fn vmx_hidden_checks() {
     kv("cr4_vmxe_set_fault", c);
 }
 
+/// The feature registers a CPU profile governs, and the XSAVE leaf.
+fn feature_report() {
+    let l1 = cpuid(1, 0);
+    let l7 = cpuid(7, 0);
+    let x1 = cpuid(0x8000_0001, 0);
+    let d0 = cpuid(0xd, 0);
+    kv("cpuid1_ecx", format_args!("{:#x}", l1[2]));
+    kv("cpuid1_edx", format_args!("{:#x}", l1[3]));
+    kv("cpuid7_ebx", format_args!("{:#x}", l7[1]));
+    kv("cpuid7_ecx", format_args!("{:#x}", l7[2]));
+    kv("cpuid7_edx", format_args!("{:#x}", l7[3]));
+    kv("cpuid7_1_eax", format_args!("{:#x}", cpuid(7, 1)[0]));
+    kv("xsave_d1_eax", format_args!("{:#x}", cpuid(0xd, 1)[0]));
+    kv("ext1_ecx", format_args!("{:#x}", x1[2]));
+    kv("ext1_edx", format_args!("{:#x}", x1[3]));
+    kv(
+        "xsave_xcr0_supported",
+        format_args!("{:#x}", u64::from(d0[0]) | (u64::from(d0[3]) << 32)),
+    );
+    kv("xsave_max_size", d0[2]);
+    kv("xsave_avx_leaf_eax", cpuid(0xd, 2)[0]);
+}
+
 /// XSETBV works for the guest: with CR4.OSXSAVE on, set XCR0 to x87|SSE and
-/// read it back.
+/// read it back; then try x87|SSE|AVX, which a CPU profile without AVX must
+/// refuse with #GP (`xsetbv_avx_fault`). OSXSAVE is set even when CPUID
+/// hides XSAVE: a profile hides the feature, the processor still has it.
 fn xsetbv_check() {
-    if cpuid(1, 0)[2] & (1 << 26) == 0 {
-        kv("xsetbv", "no-xsave");
-        return;
-    }
     let cr4: u64;
     // SAFETY: reading CR4 at CPL 0.
     unsafe { asm!("mov {}, cr4", out(reg) cr4) };
-    // SAFETY: setting OSXSAVE (supported, per CPUID) only enables XGETBV/
-    // XSETBV; it is restored below.
-    unsafe { asm!("mov cr4, {}", in(reg) cr4 | (1 << 18)) };
+    // `mov cr4, rax` (0F 22 E0, 3 bytes): a #GP (no XSAVE) is caught.
+    let c = catching(3, || {
+        // SAFETY: setting OSXSAVE only enables XGETBV/XSETBV; CR4 is
+        // restored below.
+        unsafe { asm!("mov cr4, rax", in("rax") cr4 | (1 << 18), options(nostack)) };
+    });
+    if c != 0 {
+        kv("xsetbv", "no-xsave");
+        return;
+    }
     let mut xcr0 = 0u64;
     let c = catching(3, || {
         let (lo, hi): (u32, u32);
@@ -421,10 +457,21 @@ fn xsetbv_check() {
         }
         xcr0 = (u64::from(hi) << 32) | u64::from(lo);
     });
+    let avx = catching(3, || {
+        // SAFETY: XSETBV (0F 01 D1) with x87|SSE|AVX: valid on a processor
+        // with AVX unless a CPU profile hides it; a fault is caught.
+        unsafe { asm!("xsetbv", in("ecx") 0u32, in("eax") 7u32, in("edx") 0u32) };
+    });
+    let back = catching(3, || {
+        // SAFETY: XCR0 back to x87|SSE before CR4.OSXSAVE is cleared.
+        unsafe { asm!("xsetbv", in("ecx") 0u32, in("eax") 3u32, in("edx") 0u32) };
+    });
     // SAFETY: restores the firmware's CR4.
     unsafe { asm!("mov cr4, {}", in(reg) cr4) };
     kv("xsetbv_fault", c);
     kv("xcr0_after_xsetbv", xcr0);
+    kv("xsetbv_avx_fault", avx);
+    kv("xsetbv_restore_fault", back);
 }
 
 #[uefi::entry]

@@ -214,8 +214,8 @@ impl Env for HwEnv {
 
     fn xsetbv(&mut self, xcr0: u64) {
         // SAFETY: the value passed the processor's own XSETBV rules
-        // (`handlers::xsetbv`); host CR4.OSXSAVE is set on VMX, the only
-        // backend that intercepts XSETBV. XCR0 belongs to the guest (the
+        // (`handlers::xsetbv`); host CR4.OSXSAVE is set on VMX and, when a
+        // CPU profile makes SVM intercept XSETBV, on SVM. XCR0 belongs to the guest (the
         // core uses no extended state).
         unsafe {
             core::arch::asm!("xsetbv", in("ecx") 0u32, in("eax") xcr0 as u32, in("edx") (xcr0 >> 32) as u32,

@@ -3,6 +3,60 @@ use crate::env::Env;
 use crate::guest::{Gpr, GuestCpu};
 use thinhv_abi::cpuid as leaves;
 use thinhv_abi::exit::EXIT_REASON_COUNT;
+use thinhv_abi::handoff::CpuidProfile;
+
+/// Bytes of the legacy XSAVE area plus the XSAVE header.
+const XSAVE_LEGACY_AND_HEADER: u32 = 512 + 64;
+
+/// What the processor compatibility profile makes of a CPUID result:
+/// the masks, plus the XSAVE leaf (0xD) kept consistent with the XCR0
+/// components the profile allows — the supported-component bitmap, the
+/// maximum area size recomputed from the components left (`host` answers
+/// CPUID 0xD.i with the processor's own size and offset), and the
+/// sub-leaves of hidden components reading as zeros.
+pub fn profile_cpuid(
+    p: &CpuidProfile,
+    leaf: u32,
+    subleaf: u32,
+    raw: [u32; 4],
+    host: impl Fn(u32, u32) -> [u32; 4],
+) -> [u32; 4] {
+    if p.active == 0 {
+        return raw;
+    }
+    let mut r = p.apply(leaf, subleaf, raw);
+    if leaf != 0xd {
+        return r;
+    }
+    let allowed = p.xcr0_allowed;
+    match subleaf {
+        0 => {
+            let user = (u64::from(r[0]) | (u64::from(r[3]) << 32)) & allowed;
+            r[0] = (user & 0xffff_ffff) as u32;
+            r[3] = (user >> 32) as u32;
+            let mut max = XSAVE_LEGACY_AND_HEADER;
+            for i in 2..64u32 {
+                if user & (1 << i) != 0 {
+                    let c = host(0xd, i);
+                    max = max.max(c[1].saturating_add(c[0]));
+                }
+            }
+            r[2] = max;
+        }
+        // 1: XSAVEOPT.. features (masked above) and the XSS components.
+        2..=63 => {
+            let d0 = host(0xd, 0);
+            let d1 = host(0xd, 1);
+            let user = (u64::from(d0[0]) | (u64::from(d0[3]) << 32)) & allowed;
+            let supervisor = u64::from(d1[2]) | (u64::from(d1[3]) << 32);
+            if (user | supervisor) & (1 << subleaf) == 0 {
+                r = [0; 4];
+            }
+        }
+        _ => {}
+    }
+    r
+}
 
 /// Leaf 1 ECX bit 5: VMX.
 const LEAF1_ECX_VMX: u32 = 1 << 5;
@@ -103,7 +157,9 @@ pub(super) fn info(env: &impl Env) -> HvInfo {
 pub(super) fn handle(cpu: &mut impl GuestCpu, env: &impl Env) {
     let leaf = (cpu.gpr(Gpr::Rax) & 0xffff_ffff) as u32;
     let sub = (cpu.gpr(Gpr::Rcx) & 0xffff_ffff) as u32;
-    let raw = env.cpuid(leaf, sub);
+    let raw = profile_cpuid(&env.hv().cpuid, leaf, sub, env.cpuid(leaf, sub), |l, s| {
+        env.cpuid(l, s)
+    });
     let info = info(env);
     let r = if leaf == leaves::LEAF_INTEGRITY && !info.hidden {
         let i = env.integrity();

@@ -161,7 +161,22 @@ impl Env for FakeEnv {
     fn cpu_index(&self) -> usize {
         self.cpu
     }
-    fn cpuid(&self, leaf: u32, _sub: u32) -> [u32; 4] {
+    fn cpuid(&self, leaf: u32, sub: u32) -> [u32; 4] {
+        match (leaf, sub) {
+            // XSAVE: x87, SSE, AVX and AVX-512 (opmask, ZMM_Hi256,
+            // Hi16_ZMM) with their sizes and offsets; XSAVEOPT..XSAVES.
+            (0xd, 0) => return [0xe7, 0x340, 0xa80, 0],
+            (0xd, 1) => return [0xf, 0x340, 0x100, 0],
+            (0xd, 2) => return [256, 576, 0, 0],
+            (0xd, 5) => return [64, 1088, 0, 0],
+            (0xd, 6) => return [512, 1152, 0, 0],
+            (0xd, 7) => return [1024, 1664, 0, 0],
+            (0xd, 8) => return [128, 0, 1, 0],
+            (0xd, _) => return [0; 4],
+            // AVX2, AVX-512F, BMI1.
+            (7, 0) => return [0, (1 << 5) | (1 << 16) | (1 << 3), 0, 0],
+            _ => {}
+        }
         match leaf {
             1 => [
                 0x00a0_0f11,
@@ -172,7 +187,6 @@ impl Env for FakeEnv {
             0x8000_0001 => [0, 0, 0x0000_37ff, 0x2fd3_fbff],
             0x8000_000a => [1, 16, 0, 0x1],
             0x4000_0000 => [0x11, 0x22, 0x33, 0x44],
-            0xd => [0x7, 0x340, 0x340, 0],
             _ => [leaf, 0, 0, 0],
         }
     }

@@ -14,7 +14,7 @@ mod fake;
 #[allow(clippy::cast_possible_truncation)]
 mod tests;
 
-pub use cpuid::{HvInfo, filter_cpuid};
+pub use cpuid::{HvInfo, filter_cpuid, profile_cpuid};
 pub use ipi::icr_write;
 
 use crate::env::Env;

@@ -733,3 +733,80 @@ fn xsetbv_is_checked_then_done() {
         );
     }
 }
+
+/// A profile like `x86-64-v2` on the fake processor: AVX2, AVX-512 and BMI1
+/// hidden in leaf 7, XSAVE limited to x87 and SSE.
+fn v2_like() -> thinhv_abi::handoff::CpuidProfile {
+    use thinhv_abi::handoff::{CpuidMask, CpuidProfile};
+    let mut p = CpuidProfile {
+        active: 1,
+        count: 1,
+        xcr0_allowed: 0b11,
+        ..CpuidProfile::default()
+    };
+    p.masks[0] = CpuidMask {
+        leaf: 7,
+        subleaf: 0,
+        regs: [u32::MAX, 0, 0, 0],
+    };
+    p
+}
+
+fn cpuid_of(env: &mut FakeEnv, leaf: u32, sub: u32) -> [u32; 4] {
+    let mut cpu = at(env, CPUID);
+    cpu.regs[Gpr::Rax as usize] = u64::from(leaf);
+    cpu.regs[Gpr::Rcx as usize] = u64::from(sub);
+    handle(&Exit::Cpuid, &mut cpu, env);
+    core::array::from_fn(|i| cpu.regs[[Gpr::Rax, Gpr::Rbx, Gpr::Rcx, Gpr::Rdx][i] as usize] as u32)
+}
+
+#[test]
+fn the_cpu_profile_masks_features_and_keeps_xsave_consistent() {
+    let mut env = FakeEnv::new();
+    // Without a profile: the processor's answer.
+    assert_eq!(cpuid_of(&mut env, 7, 0)[1], (1 << 5) | (1 << 16) | (1 << 3));
+    assert_eq!(cpuid_of(&mut env, 0xd, 0), [0xe7, 0x340, 0xa80, 0]);
+    env.hv.cpuid = v2_like();
+    assert_eq!(
+        cpuid_of(&mut env, 7, 0),
+        [0, 0, 0, 0],
+        "AVX2, AVX-512F, BMI1 hidden"
+    );
+    // XSAVE leaf: components, and the maximum size of what is left.
+    assert_eq!(cpuid_of(&mut env, 0xd, 0), [0x3, 0x340, 576, 0]);
+    // The AVX and AVX-512 sub-leaves read as absent; the supervisor
+    // component (8, in 0xD.1 ECX) and 0xD.1 itself stay.
+    for i in [2, 5, 6, 7] {
+        assert_eq!(cpuid_of(&mut env, 0xd, i), [0; 4], "0xd.{i}");
+    }
+    assert_eq!(cpuid_of(&mut env, 0xd, 8), [128, 0, 1, 0]);
+    assert_eq!(cpuid_of(&mut env, 0xd, 1), [0xf, 0x340, 0x100, 0]);
+    // Leaf 1 untouched by this profile, but still filtered by thinhv.
+    assert_eq!(cpuid_of(&mut env, 1, 0)[2] & (1 << 5), 0, "VMX hidden");
+    // Only AVX hidden: the maximum size is AVX-512's end without it.
+    let mut p = v2_like();
+    p.xcr0_allowed = 0xe3;
+    p.count = 0;
+    env.hv.cpuid = p;
+    assert_eq!(cpuid_of(&mut env, 0xd, 0)[2], 1664 + 1024);
+    p.xcr0_allowed = 0x7;
+    env.hv.cpuid = p;
+    assert_eq!(cpuid_of(&mut env, 0xd, 0)[2], 576 + 256);
+}
+
+#[test]
+fn xsetbv_refuses_state_the_profile_hides() {
+    let mut env = FakeEnv::new();
+    env.hv.cpuid = v2_like();
+    let mut cpu = at(&mut env, &[0x0f, 0x01, 0xd1]);
+    cpu.regs[Gpr::Rax as usize] = 0x7;
+    handle(&Exit::Xsetbv, &mut cpu, &mut env);
+    assert_eq!(
+        (env.xcr0, cpu.exceptions.clone()),
+        (None, vec![(13, Some(0))])
+    );
+    let mut cpu = at(&mut env, &[0x0f, 0x01, 0xd1]);
+    cpu.regs[Gpr::Rax as usize] = 0x3;
+    handle(&Exit::Xsetbv, &mut cpu, &mut env);
+    assert_eq!((env.xcr0, cpu.rip), (Some(0x3), RIP + 3));
+}

@@ -26,7 +26,8 @@ pub(super) fn handle(cpu: &mut impl GuestCpu, env: &mut impl Env) -> Outcome {
     let index = cpu.gpr(Gpr::Rcx) & 0xffff_ffff;
     let value = (cpu.gpr(Gpr::Rdx) << 32) | (cpu.gpr(Gpr::Rax) & 0xffff_ffff);
     let d = env.cpuid(0xd, 0);
-    let supported = u64::from(d[0]) | (u64::from(d[3]) << 32);
+    // The processor compatibility profile narrows what may be set.
+    let supported = (u64::from(d[0]) | (u64::from(d[3]) << 32)) & env.hv().cpuid.xcr0_allowed;
     if cpu.cpl() != 0 || index != 0 || !valid_xcr0(value, supported) {
         cpu.inject_exception(vector::GP, Some(0));
         return Outcome::Resume;

@@ -137,6 +137,18 @@ pub unsafe fn virtualize(cpu: u64, resume_rip: u64, resume_rsp: u64) -> Result<(
         | misc2::STGI
         | misc2::CLGI
         | misc2::SKINIT;
+    // A compatibility profile that narrows XCR0 needs XSETBV checked (VMX
+    // always exits on it). The handler executes XSETBV in host mode, which
+    // needs the host's CR4.OSXSAVE; the guest's CR4 is its own (VMCB).
+    if core.hv.cpuid.active != 0 && cpuid(1, 0)[2] & (1 << 26) != 0 {
+        c.intercept_misc2 |= misc2::XSETBV;
+        // SAFETY: XSAVE is supported (CPUID.1:ECX[26]); OSXSAVE only
+        // enables XGETBV/XSETBV and the XSAVE family in the host, which the
+        // host uses for nothing else. The guest's CR4 was captured above.
+        unsafe {
+            core::arch::asm!("mov cr4, {}", in(reg) read_cr4() | (1u64 << 18), options(nostack));
+        }
+    }
     c.iopm_base_pa = core.iopm_pa;
     c.msrpm_base_pa = core.msr_map_pa;
     c.guest_asid = GUEST_ASID;
