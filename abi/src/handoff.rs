@@ -345,6 +345,14 @@ pub struct Handoff {
     pub config: CoreConfig,
     /// CPUID masking (processor compatibility profile).
     pub cpuid: CpuidProfile,
+    /// Physical address of the loader's device inventory
+    /// ([`crate::status::DeviceRecord`] array, boot-services memory the
+    /// core copies into the status page during [`CORE_OP_INIT`]), or 0.
+    pub devices_pa: u64,
+    /// Records at `devices_pa`.
+    pub device_count: u32,
+    /// Functions found beyond what the inventory holds.
+    pub devices_dropped: u32,
 }
 
 impl Handoff {
@@ -391,6 +399,8 @@ impl Handoff {
         if self.ram_count as usize > MAX_RAM_RANGES
             || self.ro_count as usize > MAX_RO_RANGES
             || self.cpuid.count as usize > MAX_CPUID_MASKS
+            || self.device_count as usize > crate::status::MAX_DEVICES
+            || (self.device_count != 0 && self.devices_pa == 0)
         {
             return Err("range count out of range");
         }

@@ -15,6 +15,7 @@
 //! |-------------------------|----------------------------------------------|
 //! | 0                       | [`StatusPageHeader`]                         |
 //! | `cpus_offset`           | `max_cpus` × [`CpuRecord`]                   |
+//! | `devices_offset`        | `device_count` × [`DeviceRecord`]            |
 //! | `log_offset`            | log ring of `log_size` bytes                 |
 //!
 //! The log ring holds the last `log_size` bytes of the log; `log_head`
@@ -82,8 +83,16 @@ pub struct StatusPageHeader {
     pub flags: u32,
     /// Writes to the protected region discarded so far (low 32 bits) (0x64).
     pub blocked_writes: u32,
-    /// Reserved (0x68).
-    pub reserved: [u64; 3],
+    /// Offset of the first [`DeviceRecord`] (0x68).
+    pub devices_offset: u32,
+    /// Bytes per [`DeviceRecord`] (0x6C).
+    pub device_record_size: u32,
+    /// Number of valid [`DeviceRecord`]s (0x70).
+    pub device_count: u32,
+    /// PCI functions the loader found beyond [`MAX_DEVICES`] (0x74).
+    pub devices_dropped: u32,
+    /// Reserved (0x78).
+    pub reserved: u64,
 }
 
 const _: () = assert!(core::mem::size_of::<StatusPageHeader>() == 0x80);
@@ -144,18 +153,122 @@ impl CpuState {
     }
 }
 
+/// One PCI function of the device inventory (found by the loader through
+/// ECAM before the OS starts).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    zerocopy::FromBytes,
+    zerocopy::IntoBytes,
+    zerocopy::Immutable,
+    zerocopy::KnownLayout,
+)]
+#[repr(C)]
+pub struct DeviceRecord {
+    /// Segment group (0x00).
+    pub segment: u16,
+    /// Bus (0x02).
+    pub bus: u8,
+    /// Device << 3 | function (0x03).
+    pub devfn: u8,
+    /// Vendor ID (0x04).
+    pub vendor: u16,
+    /// Device ID (0x06).
+    pub device: u16,
+    /// Class code << 8 | revision (0x08).
+    pub class_rev: u32,
+    /// Subsystem vendor ID (0x0C).
+    pub subsys_vendor: u16,
+    /// Subsystem ID (0x0E).
+    pub subsys_device: u16,
+    /// Header type (0x10).
+    pub header_type: u8,
+    /// [`OWNER_OS`] or [`OWNER_HIDDEN`] (0x11).
+    pub owner: u8,
+    /// [`DEV_FLAG_PCIE`], [`DEV_FLAG_SRIOV`], [`DEV_FLAG_VFS_ENABLED`]
+    /// (0x12).
+    pub flags: u8,
+    /// Secondary bus of a bridge (0x13).
+    pub secondary_bus: u8,
+    /// SR-IOV TotalVFs as the device reports it (0x14).
+    pub sriov_total_vfs: u16,
+    /// SR-IOV TotalVFs as the OS sees it (0x16).
+    pub sriov_os_vfs: u16,
+    /// SR-IOV VF device ID (0x18).
+    pub sriov_vf_device: u16,
+    /// SR-IOV NumVFs at boot (0x1A).
+    pub sriov_num_vfs: u16,
+    /// Reserved (0x1C).
+    pub reserved: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<DeviceRecord>() == 32);
+
+/// [`DeviceRecord::owner`]: the OS drives the function directly.
+pub const OWNER_OS: u8 = 0;
+/// [`DeviceRecord::owner`]: hidden from the OS.
+pub const OWNER_HIDDEN: u8 = 1;
+/// [`DeviceRecord::flags`]: PCI Express function.
+pub const DEV_FLAG_PCIE: u8 = 1 << 0;
+/// [`DeviceRecord::flags`]: has an SR-IOV capability (a PF).
+pub const DEV_FLAG_SRIOV: u8 = 1 << 1;
+/// [`DeviceRecord::flags`]: VF Enable was set at boot.
+pub const DEV_FLAG_VFS_ENABLED: u8 = 1 << 2;
+
+/// Most devices the inventory holds.
+pub const MAX_DEVICES: usize = 512;
+
 /// Log ring size.
 pub const LOG_RING_SIZE: usize = 64 * 1024;
 
 /// Offset of the CPU records.
 pub const CPUS_OFFSET: usize = 0x80;
 
+/// Offset of the device records for `max_cpus` CPUs.
+pub const fn devices_offset(max_cpus: usize) -> usize {
+    let cpus_end = CPUS_OFFSET + max_cpus * core::mem::size_of::<CpuRecord>();
+    (cpus_end + 0x3f) & !0x3f
+}
+
 /// Size of the status area for `max_cpus` CPUs, page-aligned, and the
 /// offset of its log ring.
 pub const fn status_area_layout(max_cpus: usize) -> (usize, usize) {
-    let cpus_end = CPUS_OFFSET + max_cpus * core::mem::size_of::<CpuRecord>();
-    let log_offset = (cpus_end + 0xfff) & !0xfff;
+    let devices_end = devices_offset(max_cpus) + MAX_DEVICES * core::mem::size_of::<DeviceRecord>();
+    let log_offset = (devices_end + 0xfff) & !0xfff;
     (log_offset + LOG_RING_SIZE, log_offset)
+}
+
+/// A short name for a PCI class code (base class, subclass).
+pub const fn class_name(base: u8, sub: u8) -> &'static str {
+    match (base, sub) {
+        (0x01, 0x00) => "SCSI controller",
+        (0x01, 0x01) => "IDE controller",
+        (0x01, 0x04) => "RAID controller",
+        (0x01, 0x06) => "SATA controller",
+        (0x01, 0x07) => "SAS controller",
+        (0x01, 0x08) => "NVMe controller",
+        (0x01, _) => "storage controller",
+        (0x02, 0x00) => "Ethernet controller",
+        (0x02, _) => "network controller",
+        (0x03, _) => "display controller",
+        (0x04, _) => "multimedia controller",
+        (0x05, _) => "memory controller",
+        (0x06, 0x00) => "host bridge",
+        (0x06, 0x01) => "ISA bridge",
+        (0x06, 0x04) => "PCI bridge",
+        (0x06, _) => "bridge",
+        (0x07, _) => "communication controller",
+        (0x08, _) => "system peripheral",
+        (0x0c, 0x03) => "USB controller",
+        (0x0c, 0x05) => "SMBus controller",
+        (0x0c, _) => "serial bus controller",
+        (0x00, _) => "unclassified device",
+        _ => "device",
+    }
 }
 
 #[cfg(test)]
@@ -169,6 +282,8 @@ mod tests {
             assert_eq!(size % 4096, 0);
             assert_eq!(log % 4096, 0);
             assert!(log >= CPUS_OFFSET + n * core::mem::size_of::<CpuRecord>());
+            assert!(log >= devices_offset(n) + MAX_DEVICES * core::mem::size_of::<DeviceRecord>());
+            assert!(devices_offset(n) >= CPUS_OFFSET + n * core::mem::size_of::<CpuRecord>());
             assert_eq!(size - log, LOG_RING_SIZE);
         }
     }

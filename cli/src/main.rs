@@ -24,7 +24,8 @@ use std::process::ExitCode;
 
 const USAGE: &str = "usage: thinhv <command>
   status [--json]   show thinhv's state (inside a guest; root for counters and log)
-  log               print the hypervisor log (root)
+  log [--json]      print the hypervisor log (root)
+  devices [--json]  PCI functions thinhv found, their owner, IOMMU domain and SR-IOV state (root)
   selftest          check the hypervisor's protection from inside the guest (root)
   check FILE        validate a thinhv.toml and print the effective settings
   help              this text";
@@ -42,7 +43,8 @@ fn main() -> ExitCode {
     let rest = &args[2.min(args.len())..];
     match cmd {
         "status" => report::status(rest.iter().any(|a| a == "--json")),
-        "log" => report::log(),
+        "log" => report::log(rest.iter().any(|a| a == "--json")),
+        "devices" => report::devices(rest.iter().any(|a| a == "--json")),
         "selftest" => selftest::run(),
         "check" => check(rest),
         "help" | "-h" | "--help" => {

@@ -5,7 +5,10 @@ use crate::devmem;
 use serde_json::json;
 use std::process::ExitCode;
 use thinhv_abi::exit::{EXIT_REASON_COUNT, ExitReason};
-use thinhv_abi::status::{CpuRecord, CpuState, STATUS_MAGIC, StatusPageHeader};
+use thinhv_abi::status::{
+    CpuRecord, CpuState, DEV_FLAG_PCIE, DEV_FLAG_SRIOV, DEV_FLAG_VFS_ENABLED, DeviceRecord,
+    OWNER_HIDDEN, STATUS_MAGIC, StatusPageHeader, class_name,
+};
 use zerocopy::FromBytes;
 
 /// The status page, read.
@@ -16,6 +19,8 @@ pub struct Page {
     pub cpus: Vec<CpuRecord>,
     /// The log text held.
     pub log: String,
+    /// The device inventory.
+    pub devices: Vec<DeviceRecord>,
 }
 
 /// Reads and checks the status page.
@@ -54,9 +59,24 @@ pub fn read_page(p: &Presence) -> Result<Page, String> {
                 .and_then(|j| ring.get(j).copied())
         })
         .collect();
+    let mut devices = Vec::new();
+    let rec = header.device_record_size as usize;
+    if rec >= core::mem::size_of::<DeviceRecord>() {
+        for i in 0..header.device_count as usize {
+            let off = header.devices_offset as usize + i * rec;
+            let Some(d) = bytes
+                .get(off..)
+                .and_then(|b| DeviceRecord::read_from_prefix(b).ok())
+            else {
+                break;
+            };
+            devices.push(d.0);
+        }
+    }
     Ok(Page {
         header,
         cpus,
+        devices,
         log: String::from_utf8_lossy(&text).into_owned(),
     })
 }
@@ -130,6 +150,8 @@ pub fn status(json: bool) -> ExitCode {
                         .map(|(i, n)| (ExitReason::ALL[i].name().to_string(), json!(n)))
                         .collect::<serde_json::Map<_, _>>()
                 );
+                v["devices"] = json!(pg.devices.len());
+                v["iommu"] = iommu_json();
                 v["log"] = json!(pg.log);
             }
             Err(e) => v["status_page_error"] = json!(e),
@@ -182,6 +204,11 @@ pub fn status(json: bool) -> ExitCode {
                 }
                 println!("{:>12}", t[r.index()]);
             }
+            println!(
+                "\nPCI functions:      {} (thinhv devices lists them)",
+                pg.devices.len()
+            );
+            println!("IOMMU:              {IOMMU_TEXT}");
             println!("\nhypervisor log:\n{}", pg.log.trim_end());
         }
         Err(e) => println!("\n(counters and log unavailable: {e}; run as root)"),
@@ -199,20 +226,203 @@ fn totals(cpus: &[CpuRecord]) -> [u64; EXIT_REASON_COUNT] {
     t
 }
 
-/// `thinhv log`.
-pub fn log() -> ExitCode {
+/// What this version does with the IOMMU, for `status`.
+const IOMMU_TEXT: &str = "not driven by this thinhv version: no IOMMU units managed, no DMA protection (docs/security.md)";
+
+fn iommu_json() -> serde_json::Value {
+    json!({"managed": false, "units": [], "note": IOMMU_TEXT})
+}
+
+/// `SSSS:BB:DD.F` of a record.
+pub fn bdf(d: &DeviceRecord) -> String {
+    format!(
+        "{:04x}:{:02x}:{:02x}.{}",
+        d.segment,
+        d.bus,
+        d.devfn >> 3,
+        d.devfn & 7
+    )
+}
+
+fn owner_name(d: &DeviceRecord) -> &'static str {
+    if d.owner == OWNER_HIDDEN {
+        "hidden"
+    } else {
+        "os"
+    }
+}
+
+/// The inventory as JSON.
+pub fn devices_json(devs: &[DeviceRecord]) -> serde_json::Value {
+    let list: Vec<_> = devs
+        .iter()
+        .map(|d| {
+            let [base, sub, _, _] = d.class_rev.to_be_bytes();
+            let sriov = if d.flags & DEV_FLAG_SRIOV != 0 {
+                json!({
+                    "total_vfs": d.sriov_total_vfs,
+                    "total_vfs_seen_by_os": d.sriov_os_vfs,
+                    "num_vfs_at_boot": d.sriov_num_vfs,
+                    "vfs_enabled_at_boot": d.flags & DEV_FLAG_VFS_ENABLED != 0,
+                    "vf_device_id": format!("{:04x}", d.sriov_vf_device),
+                })
+            } else {
+                serde_json::Value::Null
+            };
+            json!({
+                "bdf": bdf(d),
+                "vendor_id": format!("{:04x}", d.vendor),
+                "device_id": format!("{:04x}", d.device),
+                "class": format!("{:06x}", d.class_rev >> 8),
+                "class_name": class_name(base, sub),
+                "pcie": d.flags & DEV_FLAG_PCIE != 0,
+                "owner": owner_name(d),
+                "iommu_domain": serde_json::Value::Null,
+                "sriov": sriov,
+            })
+        })
+        .collect();
+    json!({"devices": list, "iommu": iommu_json()})
+}
+
+/// The inventory as a table.
+pub fn devices_text(devs: &[DeviceRecord]) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<13} {:<9} {:<22} {:<6} {:<7} SR-IOV (TotalVFs device / seen by OS, NumVFs)",
+        "address", "id", "class", "owner", "IOMMU"
+    );
+    for d in devs {
+        let [base, sub, _, _] = d.class_rev.to_be_bytes();
+        let sriov = if d.flags & DEV_FLAG_SRIOV != 0 {
+            format!(
+                "PF {} / {}, {}",
+                d.sriov_total_vfs, d.sriov_os_vfs, d.sriov_num_vfs
+            )
+        } else {
+            "-".to_string()
+        };
+        let _ = writeln!(
+            s,
+            "{:<13} {:04x}:{:04x} {:<22} {:<6} {:<7} {}",
+            bdf(d),
+            d.vendor,
+            d.device,
+            class_name(base, sub),
+            owner_name(d),
+            "none",
+            sriov
+        );
+    }
+    let _ = writeln!(s, "{} functions; IOMMU: {IOMMU_TEXT}", devs.len());
+    s
+}
+
+/// `thinhv devices`.
+pub fn devices(json_out: bool) -> ExitCode {
     let p = presence();
     if !p.is_thinhv() {
-        return not_present(&p, false);
+        return not_present(&p, json_out);
     }
     match read_page(&p) {
         Ok(pg) => {
-            print!("{}", pg.log);
+            if json_out {
+                let mut v = devices_json(&pg.devices);
+                v["dropped"] = json!(pg.header.devices_dropped);
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                print!("{}", devices_text(&pg.devices));
+                if pg.header.devices_dropped > 0 {
+                    println!(
+                        "({} more functions did not fit the inventory)",
+                        pg.header.devices_dropped
+                    );
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("thinhv: {e} (run as root)");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `thinhv log`.
+pub fn log(json_out: bool) -> ExitCode {
+    let p = presence();
+    if !p.is_thinhv() {
+        return not_present(&p, json_out);
+    }
+    match read_page(&p) {
+        Ok(pg) => {
+            if json_out {
+                let v = json!({"log": pg.log, "bytes_written": pg.header.log_head,
+                    "ring_size": pg.header.log_size});
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                print!("{}", pg.log);
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("thinhv: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nic() -> DeviceRecord {
+        DeviceRecord {
+            bus: 2,
+            devfn: (1 << 3) | 1,
+            vendor: 0x8086,
+            device: 0x10c9,
+            class_rev: 0x0200_0001,
+            flags: DEV_FLAG_PCIE | DEV_FLAG_SRIOV,
+            sriov_total_vfs: 8,
+            sriov_os_vfs: 8,
+            sriov_vf_device: 0x10ca,
+            ..DeviceRecord::default()
+        }
+    }
+
+    #[test]
+    fn devices_as_json() {
+        let v = devices_json(&[nic()]);
+        let d = &v["devices"][0];
+        assert_eq!(d["bdf"], "0000:02:01.1");
+        assert_eq!(d["vendor_id"], "8086");
+        assert_eq!(d["class"], "020000");
+        assert_eq!(d["class_name"], "Ethernet controller");
+        assert_eq!(d["owner"], "os");
+        assert_eq!(d["pcie"], true);
+        assert_eq!(d["sriov"]["total_vfs"], 8);
+        assert_eq!(d["sriov"]["vf_device_id"], "10ca");
+        assert_eq!(v["iommu"]["managed"], false);
+        let mut plain = nic();
+        plain.flags = 0;
+        plain.owner = OWNER_HIDDEN;
+        let v = devices_json(&[plain]);
+        assert!(v["devices"][0]["sriov"].is_null());
+        assert_eq!(v["devices"][0]["owner"], "hidden");
+    }
+
+    #[test]
+    fn devices_as_text() {
+        let t = devices_text(&[nic()]);
+        let row = t.lines().nth(1).unwrap();
+        assert!(
+            row.starts_with("0000:02:01.1  8086:10c9 Ethernet controller"),
+            "{t}"
+        );
+        assert!(row.ends_with("PF 8 / 8, 0"), "{t}");
+        assert!(t.contains("1 functions"), "{t}");
     }
 }

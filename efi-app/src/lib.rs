@@ -12,6 +12,7 @@ pub mod blob;
 pub mod boot_option;
 pub mod cpu_check;
 pub mod elf_load;
+pub mod inventory;
 pub mod memmap;
 pub mod plan;
 pub mod text;

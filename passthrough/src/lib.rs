@@ -1,8 +1,14 @@
-//! Device pass-through: ACPI tables (DMAR, IVRS, MCFG, MADT), PCI/ECAM
-//! enumeration, device ownership policy and the VT-d / AMD-Vi drivers.
+//! Device pass-through: PCI/ECAM enumeration and the device inventory;
+//! later the ACPI IOMMU tables (DMAR, IVRS), device ownership policy and
+//! the VT-d / AMD-Vi drivers.
 //!
-//! Not built yet: the IOMMU issue fills this crate. Until then thinhv
-//! passes every device to the OS untouched and does **not** protect itself
-//! from DMA; `docs/security.md` says so.
+//! The IOMMU is not driven yet: thinhv passes every device to the OS
+//! untouched and does **not** protect itself from DMA; `docs/security.md`
+//! says so.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
+
+extern crate alloc;
+
+pub mod pci;
+pub use thinhv_sriov as sriov;

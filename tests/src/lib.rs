@@ -173,6 +173,10 @@ pub struct Guest {
     pub status: Option<serde_json::Value>,
     /// `thinhv selftest` output.
     pub selftest: String,
+    /// `thinhv devices --json`, if thinhv was present.
+    pub devices: Option<serde_json::Value>,
+    /// `thinhv log --json`, if thinhv was present.
+    pub log: Option<serde_json::Value>,
 }
 
 impl Guest {
@@ -203,11 +207,18 @@ pub fn boot_linux(boot: &Boot) -> Guest {
     let selftest = section(&facts, "THINHV-SELFTEST-BEGIN", "THINHV-SELFTEST-END")
         .unwrap_or("")
         .to_string();
+    let json = |begin: &str, end: &str| {
+        section(&facts, begin, end).and_then(|j| serde_json::from_str(j.trim()).ok())
+    };
+    let devices = json("THINHV-DEVICES-JSON-BEGIN", "THINHV-DEVICES-JSON-END");
+    let log = json("THINHV-LOG-JSON-BEGIN", "THINHV-LOG-JSON-END");
     Guest {
         serial,
         facts,
         status,
         selftest,
+        devices,
+        log,
     }
 }
 

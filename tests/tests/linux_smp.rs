@@ -3,6 +3,7 @@
 use thinhv_ovmf::qemu::Profile;
 use thinhv_tests::{Boot, boot_linux, built, cpu_list_len, linux_config};
 
+#[allow(clippy::many_single_char_names)]
 fn smp(n: u32) {
     let b = built();
     let boot = Boot::new(&b, &format!("linux-smp{n}"), Profile::svm(n));
@@ -83,6 +84,51 @@ fn smp(n: u32) {
     );
     assert_eq!(g.selftest("integrity_canary_ok"), "1");
     assert_eq!(g.selftest("selftest_failures"), "0");
+    // The device inventory thinhv took through ECAM before the OS matches
+    // what Linux enumerated, function for function; all owned by the OS.
+    let d = g.devices.as_ref().expect("thinhv devices --json");
+    let mut inventory: Vec<&str> = d["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["bdf"].as_str().unwrap())
+        .collect();
+    inventory.sort_unstable();
+    let mut linux: Vec<&str> = g.get("pci_sysfs").split_whitespace().collect();
+    linux.sort_unstable();
+    assert_eq!(
+        inventory, linux,
+        "thinhv's inventory vs /sys/bus/pci/devices"
+    );
+    assert!(
+        d["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x["owner"] == "os")
+    );
+    assert!(
+        d["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["bdf"] == "0000:00:00.0"
+                && x["vendor_id"] == "8086"
+                && x["class_name"] == "host bridge"),
+        "{d}"
+    );
+    assert_eq!(s["devices"], d["devices"].as_array().unwrap().len());
+    assert_eq!(s["iommu"]["managed"], false);
+    assert!(g.serial.contains("thinhv: PCI: "), "{}", g.serial);
+    // The log as JSON is the same ring as in the status.
+    let l = g.log.as_ref().expect("thinhv log --json");
+    assert!(l["log"].as_str().unwrap().contains("cpu 0 (APIC"));
+    assert!(l["bytes_written"].as_u64().unwrap() > 0);
+    assert!(
+        g.facts.contains("functions; IOMMU:"),
+        "thinhv devices table: {}",
+        g.facts
+    );
     // The human-readable status tool works too.
     assert!(
         g.facts.contains(&format!("CPUs virtualized:   {n} of {n}")),

@@ -184,8 +184,27 @@ pub fn install(config: &Config) -> Result<String, String> {
     }
     let ro_crc = elf_load::ro_crc(image_bytes, &loaded.ro);
 
+    // The device inventory (read-only PCI walk; a failure here costs the
+    // inventory, never the boot).
+    let (devices, devices_dropped) = match super::pci::ecam_regions() {
+        Ok(regions) => {
+            let fs = super::pci::functions(&regions);
+            for l in thinhv_efi::inventory::report(&fs) {
+                println!("thinhv: {l}");
+            }
+            thinhv_efi::inventory::records(&fs)
+        }
+        Err(e) => {
+            println!("thinhv: no PCI inventory: {e}");
+            (Vec::new(), 0)
+        }
+    };
+
     // The hand-off, in the first page of the protected region.
     let mut h = Handoff::new();
+    h.devices_pa = devices.as_ptr() as u64;
+    h.device_count = devices.len() as u32;
+    h.devices_dropped = devices_dropped;
     h.region = PhysRange::new(base, p.total);
     h.protected = protected;
     h.status = status;

@@ -16,6 +16,7 @@ use thinhv_abi::PhysRange;
 use thinhv_abi::handoff::{CoreError, Handoff, features};
 use thinhv_abi::hypercall::VENDOR_INTEL_VMX;
 use thinhv_abi::layout::{HEAP_SIZE, PAGE};
+use thinhv_abi::status::DeviceRecord;
 use thinhv_abi::status::StatusPageHeader;
 use thinhv_paging::ept::EptFormat;
 use thinhv_paging::x86::{Flavor, X86Format};
@@ -158,6 +159,20 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
     };
     let ids: [u32; thinhv_abi::handoff::MAX_CPUS] = core::array::from_fn(|i| h.cpus[i].apic_id);
     status.init(&header, &ids[..h.cpu_count as usize]);
+    let dev_bytes = u64::from(h.device_count) * core::mem::size_of::<DeviceRecord>() as u64;
+    if h.device_count != 0 && !h.region.overlaps(h.devices_pa, dev_bytes) {
+        // SAFETY: `validate` bounded the count; the loader passes the
+        // identity-mapped address of that many records in its own
+        // (boot-services) memory, outside the hypervisor's region (checked
+        // above). They are copied before the loader can free them.
+        let recs = unsafe {
+            core::slice::from_raw_parts(
+                h.devices_pa as *const DeviceRecord,
+                h.device_count as usize,
+            )
+        };
+        status.publish_devices(recs, h.devices_dropped);
+    }
     super::logger::LOGGER.attach_ring(status);
     super::logger::LOGGER.init(h.config.serial_port, h.config.log_level);
     log::info!(

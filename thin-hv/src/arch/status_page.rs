@@ -4,7 +4,8 @@
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use thinhv_abi::exit::{EXIT_REASON_COUNT, ExitReason};
 use thinhv_abi::status::{
-    CPUS_OFFSET, CpuRecord, CpuState, STATUS_MAGIC, StatusPageHeader, status_area_layout,
+    CPUS_OFFSET, CpuRecord, CpuState, DeviceRecord, MAX_DEVICES, STATUS_MAGIC, StatusPageHeader,
+    devices_offset, status_area_layout,
 };
 use zerocopy::IntoBytes;
 
@@ -44,6 +45,9 @@ impl StatusPage {
         h.exit_reason_count = EXIT_REASON_COUNT as u32;
         h.log_offset = self.log_offset as u32;
         h.log_size = self.log_size as u32;
+        h.devices_offset = devices_offset(self.cpus) as u32;
+        h.device_record_size = core::mem::size_of::<DeviceRecord>() as u32;
+        h.device_count = 0;
         h.area_size = self.size;
         self.write(0, h.as_bytes());
         for (i, id) in apic_ids.iter().enumerate().take(self.cpus) {
@@ -54,6 +58,27 @@ impl StatusPage {
             };
             self.write(Self::cpu_offset(i), rec.as_bytes());
         }
+    }
+
+    /// Publishes the device inventory (at most [`MAX_DEVICES`] records).
+    pub fn publish_devices(&self, records: &[DeviceRecord], dropped: u32) {
+        let n = records.len().min(MAX_DEVICES);
+        let base = devices_offset(self.cpus) as u64;
+        for (i, r) in records[..n].iter().enumerate() {
+            self.write(
+                base + (i * core::mem::size_of::<DeviceRecord>()) as u64,
+                r.as_bytes(),
+            );
+        }
+        let extra = dropped.saturating_add(u32::try_from(records.len() - n).unwrap_or(u32::MAX));
+        self.write(
+            core::mem::offset_of!(StatusPageHeader, device_count) as u64,
+            (n as u32).as_bytes(),
+        );
+        self.write(
+            core::mem::offset_of!(StatusPageHeader, devices_dropped) as u64,
+            extra.as_bytes(),
+        );
     }
 
     fn write(&self, offset: u64, bytes: &[u8]) {
