@@ -9,6 +9,9 @@
 //!
 //! Anywhere: `thinhv check FILE` validates a `thinhv.toml`.
 //!
+//! On a Linux host that boots through UEFI (root): `thinhv install` puts
+//! thinhv on the ESP and first in `BootOrder`; `thinhv uninstall` undoes it.
+//!
 //! Installed as `thinhv-status` (a link), it behaves as `thinhv status`.
 //!
 //! How it talks to thinhv without privileges in the kernel: CPUID leaves
@@ -17,17 +20,27 @@
 //! See `docs/status-channel.md`.
 mod cpuid;
 mod devmem;
+mod gpt;
+mod install;
 mod report;
 mod selftest;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: thinhv <command>
+pub(crate) const USAGE: &str = "usage: thinhv <command>
   status [--json]   show thinhv's state (inside a guest; root for counters and log)
   log [--json]      print the hypervisor log (root)
   devices [--json]  PCI functions thinhv found, their owner, IOMMU domain and SR-IOV state (root)
   selftest          check the hypervisor's protection from inside the guest (root)
   check FILE        validate a thinhv.toml and print the effective settings
+  install --esp DIR [--config FILE] [--efi FILE] [--dry-run]
+                    copy thinhv.efi (and the config) to DIR\\EFI\\thinhv and put a
+                    Boot#### entry first in BootOrder; the previous first entry
+                    is what thinhv starts next (root, UEFI host)
+  uninstall --esp DIR [--keep-files] [--dry-run]
+                    delete thinhv's boot entry and restore the previous BootOrder
+      (both also take --efivars DIR and --esp-partition gpt:GUID:N:START:SIZE,
+       for disk images and tests)
   help              this text";
 
 /// Exit code when thinhv is not running.
@@ -47,6 +60,8 @@ fn main() -> ExitCode {
         "devices" => report::devices(rest.iter().any(|a| a == "--json")),
         "selftest" => selftest::run(),
         "check" => check(rest),
+        "install" => install::run_install(rest),
+        "uninstall" => install::run_uninstall(rest),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             ExitCode::SUCCESS
