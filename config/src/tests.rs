@@ -180,3 +180,27 @@ fn cpu_profile_errors_name_the_line() {
     let e = Config::parse("[[cpu.mask]]\nleaf = 7\nesi = 0\n").unwrap_err();
     assert_eq!(e.line, Some(3), "{e}");
 }
+
+#[test]
+fn the_documented_example_parses_and_every_profile_is_documented() {
+    let doc = include_str!("../../docs/configuration.md");
+    let example = doc
+        .split("## Example")
+        .nth(1)
+        .and_then(|s| s.split("```toml").nth(1))
+        .and_then(|s| s.split("```").next())
+        .expect("example block");
+    let c = Config::parse(example).unwrap_or_else(|e| panic!("{e}\n{example}"));
+    assert_eq!(c.cpu.profile, "x86-64-v3");
+    let profiles = include_str!("../../docs/cpu-profiles.md");
+    for name in crate::profile::profile_names() {
+        assert!(
+            profiles.contains(&format!("`{name}`")),
+            "{name} undocumented"
+        );
+        assert!(
+            doc.contains(&format!("`{name}`")),
+            "{name} not in configuration.md"
+        );
+    }
+}

@@ -48,7 +48,7 @@ impl Artifacts {
             size(&self.probe)
         );
         println!(
-            "  {}  ({} bytes; static Linux tool: thinhv status/log/selftest/check)",
+            "  {}  ({} bytes; static Linux tool: thinhv status/devices/log/selftest/check/install)",
             self.tool.display(),
             size(&self.tool)
         );
