@@ -1,6 +1,6 @@
-//! Device pass-through: PCI/ECAM enumeration and the device inventory;
-//! later the ACPI IOMMU tables (DMAR, IVRS), device ownership policy and
-//! the VT-d / AMD-Vi drivers.
+//! Device pass-through: PCI/ECAM enumeration and the device inventory, the
+//! ACPI IOMMU tables (DMAR, IVRS); later device ownership policy and the
+//! VT-d / AMD-Vi drivers.
 //!
 //! The IOMMU is not driven yet: thinhv passes every device to the OS
 //! untouched and does **not** protect itself from DMA; `docs/security.md`
@@ -10,5 +10,9 @@
 
 extern crate alloc;
 
+pub mod acpi;
+pub mod dmar;
+pub mod ivrs;
 pub mod pci;
+
 pub use thinhv_sriov as sriov;

@@ -360,14 +360,14 @@ pub fn enumerate(regions: &[EcamRegion], cfg: &impl ConfigSpace) -> Vec<Function
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests_support {
     use super::*;
     use std::collections::BTreeMap;
 
     /// Configuration space as a map of dwords; everything else reads as
     /// all ones.
     #[derive(Default)]
-    pub(crate) struct FakeConfig {
+    pub struct FakeConfig {
         pub dwords: BTreeMap<(Bdf, u16), u32>,
     }
 
@@ -414,6 +414,12 @@ mod tests {
             }
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::FakeConfig;
+    use super::*;
 
     fn region() -> EcamRegion {
         EcamRegion {

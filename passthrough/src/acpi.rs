@@ -1,0 +1,184 @@
+//! What every ACPI table parser here checks first: the standard header
+//! (ACPI 6.5 §5.2.6), its signature, its length against the bytes at hand,
+//! and its checksum. The table bodies are firmware data: nothing in them is
+//! trusted before these checks, and every later offset is bounds-checked.
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, KnownLayout, Unaligned};
+
+/// The standard description header.
+#[derive(Clone, Copy, Debug, FromBytes, Immutable, KnownLayout, Unaligned)]
+#[repr(C)]
+pub struct SdtHeader {
+    /// Signature.
+    pub signature: [u8; 4],
+    /// Length of the whole table.
+    pub length: U32,
+    /// Revision.
+    pub revision: u8,
+    /// Checksum (the whole table sums to 0).
+    pub checksum: u8,
+    /// OEM ID.
+    pub oem_id: [u8; 6],
+    /// OEM table ID.
+    pub oem_table_id: [u8; 8],
+    /// OEM revision.
+    pub oem_revision: U32,
+    /// Creator ID.
+    pub creator_id: U32,
+    /// Creator revision.
+    pub creator_revision: U32,
+}
+
+/// Size of [`SdtHeader`].
+pub const SDT_HEADER_LEN: usize = 36;
+const _: () = assert!(core::mem::size_of::<SdtHeader>() == SDT_HEADER_LEN);
+
+/// Why a table is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableError {
+    /// Fewer bytes than a header (or the fixed part of the table).
+    TooShort,
+    /// Not the expected signature.
+    BadSignature,
+    /// The header's length disagrees with the bytes given.
+    BadLength {
+        /// Length in the header.
+        declared: u32,
+        /// Bytes available.
+        available: usize,
+    },
+    /// The bytes do not sum to zero.
+    BadChecksum,
+    /// A structure inside the table has an impossible length.
+    BadStructure {
+        /// Offset of the structure in the table.
+        offset: usize,
+        /// Its type.
+        kind: u16,
+        /// Its length field.
+        length: usize,
+    },
+    /// A device scope or entry inside a structure is malformed.
+    BadEntry {
+        /// Offset of the entry in the table.
+        offset: usize,
+    },
+}
+
+impl core::fmt::Display for TableError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::TooShort => write!(f, "table too short"),
+            Self::BadSignature => write!(f, "wrong signature"),
+            Self::BadLength {
+                declared,
+                available,
+            } => write!(f, "header says {declared} bytes, {available} available"),
+            Self::BadChecksum => write!(f, "bad checksum"),
+            Self::BadStructure {
+                offset,
+                kind,
+                length,
+            } => write!(
+                f,
+                "structure type {kind:#x} at offset {offset:#x} has impossible length {length}"
+            ),
+            Self::BadEntry { offset } => write!(f, "malformed entry at offset {offset:#x}"),
+        }
+    }
+}
+
+/// Sum of all bytes, modulo 256.
+pub fn checksum(bytes: &[u8]) -> u8 {
+    bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b))
+}
+
+/// Checks header, signature, length and checksum; returns the header and
+/// the table's bytes (exactly `length` of them; trailing bytes beyond the
+/// declared length are ignored).
+pub fn checked<'a>(
+    bytes: &'a [u8],
+    signature: &[u8; 4],
+) -> Result<(SdtHeader, &'a [u8]), TableError> {
+    let (h, _) = SdtHeader::read_from_prefix(bytes).map_err(|_| TableError::TooShort)?;
+    if &h.signature != signature {
+        return Err(TableError::BadSignature);
+    }
+    let declared = h.length.get();
+    let len = usize::try_from(declared).unwrap_or(usize::MAX);
+    if len < SDT_HEADER_LEN || len > bytes.len() {
+        return Err(TableError::BadLength {
+            declared,
+            available: bytes.len(),
+        });
+    }
+    let table = &bytes[..len];
+    if checksum(table) != 0 {
+        return Err(TableError::BadChecksum);
+    }
+    Ok((h, table))
+}
+
+/// Little-endian readers that return `None` past the end.
+pub(crate) fn u8_at(b: &[u8], off: usize) -> Option<u8> {
+    b.get(off).copied()
+}
+
+pub(crate) fn u16_at(b: &[u8], off: usize) -> Option<u16> {
+    U16::read_from_prefix(b.get(off..)?)
+        .ok()
+        .map(|(v, _)| v.get())
+}
+
+pub(crate) fn u32_at(b: &[u8], off: usize) -> Option<u32> {
+    U32::read_from_prefix(b.get(off..)?)
+        .ok()
+        .map(|(v, _)| v.get())
+}
+
+pub(crate) fn u64_at(b: &[u8], off: usize) -> Option<u64> {
+    U64::read_from_prefix(b.get(off..)?)
+        .ok()
+        .map(|(v, _)| v.get())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Fixes the checksum byte (offset 9) of a table built by hand.
+    pub fn fix_checksum(t: &mut [u8]) {
+        t[9] = 0;
+        t[9] = 0u8.wrapping_sub(checksum(t));
+    }
+
+    #[test]
+    fn header_checks() {
+        let mut t = vec![0u8; 40];
+        t[..4].copy_from_slice(b"DMAR");
+        t[4..8].copy_from_slice(&40u32.to_le_bytes());
+        fix_checksum(&mut t);
+        assert!(checked(&t, b"DMAR").is_ok());
+        assert_eq!(checked(&t, b"IVRS").unwrap_err(), TableError::BadSignature);
+        assert_eq!(
+            checked(&t[..20], b"DMAR").unwrap_err(),
+            TableError::TooShort
+        );
+        assert!(matches!(
+            checked(&t[..39], b"DMAR"),
+            Err(TableError::BadLength {
+                declared: 40,
+                available: 39
+            })
+        ));
+        let mut bad = t.clone();
+        bad[39] = 1;
+        assert_eq!(checked(&bad, b"DMAR").unwrap_err(), TableError::BadChecksum);
+        let mut short = t.clone();
+        short[4..8].copy_from_slice(&8u32.to_le_bytes());
+        assert!(matches!(
+            checked(&short, b"DMAR"),
+            Err(TableError::BadLength { .. })
+        ));
+    }
+}
