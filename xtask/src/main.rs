@@ -2,6 +2,7 @@
 mod artifacts;
 mod bench;
 mod deps;
+mod fuzz;
 mod guest;
 mod lint;
 mod test;
@@ -19,6 +20,8 @@ const HELP: &str = "cargo xtask <command>
   it [FILTER..]    only the QEMU integration tests (optionally those matching FILTER)
   bench            boot time with and without thinhv, exits, memory, binary size
   lint             rustfmt check and clippy on the host, UEFI and core targets
+  fuzz [SECONDS]   run each cargo-fuzz target (ACPI tables, PCI capabilities) for SECONDS
+                     (default 60; needs nightly Rust and cargo-fuzz)
   setup            install what the test beds need (Debian; root)";
 
 fn main() -> ExitCode {
@@ -32,6 +35,7 @@ fn main() -> ExitCode {
         "it" => crate::deps::ensure().and_then(|()| test::integration(rest)),
         "bench" => bench::run(rest),
         "lint" => lint::run(),
+        "fuzz" => fuzz::run(rest),
         "setup" => deps::setup(),
         "help" | "-h" | "--help" => {
             println!("{HELP}");
