@@ -177,7 +177,7 @@ impl<'a, F: EntryFormat, M: PhysMem> Mapper<'a, F, M> {
         let next = if !self.fmt.is_present(entry) {
             let t = alloc.alloc_frame().ok_or(MapError::OutOfFrames)?;
             self.mem.zero_frame(t);
-            self.mem.write_entry(table, idx, self.fmt.table(t));
+            self.mem.write_entry(table, idx, self.fmt.table(t, level));
             t
         } else if self.fmt.is_leaf(entry, level) {
             // Split the large page into the next level, preserving it.
@@ -190,7 +190,7 @@ impl<'a, F: EntryFormat, M: PhysMem> Mapper<'a, F, M> {
                 self.mem
                     .write_entry(t, i, self.fmt.leaf(base + i as u64 * step, level - 1, a));
             }
-            self.mem.write_entry(table, idx, self.fmt.table(t));
+            self.mem.write_entry(table, idx, self.fmt.table(t, level));
             t
         } else {
             self.fmt.address(entry, level)

@@ -52,7 +52,7 @@ impl EntryFormat for EptFormat {
         }
     }
 
-    fn table(&self, table: u64) -> u64 {
+    fn table(&self, table: u64, _level: usize) -> u64 {
         (table & ADDR_MASK) | R | W | X
     }
 
@@ -106,7 +106,7 @@ mod tests {
         let uc = FMT.leaf(0xfee0_0000, 0, Attrs::MMIO_RW);
         assert_eq!(FMT.leaf_attrs(uc, 0), Attrs::MMIO_RW);
         assert_eq!((uc >> 3) & 7, 0, "UC");
-        assert_eq!(FMT.table(0x5000), 0x5007);
+        assert_eq!(FMT.table(0x5000, 3), 0x5007);
         assert_eq!(eptp(0x12_3000), 0x12_301e);
     }
 

@@ -15,6 +15,7 @@
 
 mod engine;
 pub mod ept;
+pub mod iommu;
 pub mod x86;
 
 pub use engine::{Leaf, MapError, Mapper};
@@ -121,8 +122,9 @@ pub trait EntryFormat {
     fn is_leaf(&self, entry: u64, level: usize) -> bool;
     /// Physical address the entry points to (table or page).
     fn address(&self, entry: u64, level: usize) -> u64;
-    /// An entry pointing to a next-level table.
-    fn table(&self, table: u64) -> u64;
+    /// An entry at `level` (1..=3) pointing to a table of level
+    /// `level - 1`.
+    fn table(&self, table: u64, level: usize) -> u64;
     /// A leaf entry mapping `phys` at `level`.
     fn leaf(&self, phys: u64, level: usize, attrs: Attrs) -> u64;
     /// The attributes of a present leaf.

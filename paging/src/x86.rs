@@ -77,7 +77,7 @@ impl EntryFormat for X86Format {
         }
     }
 
-    fn table(&self, table: u64) -> u64 {
+    fn table(&self, table: u64, _level: usize) -> u64 {
         // Tables are writable and executable; leaves decide.
         (table & ADDR_MASK) | self.common() | RW | A
     }
@@ -266,7 +266,7 @@ mod tests {
             host.address(0x4000_0000 | PS | P | (1 << 12), 2),
             0x4000_0000
         );
-        assert_eq!(npt().table(0x5000) & (P | US | RW), P | US | RW);
+        assert_eq!(npt().table(0x5000, 1) & (P | US | RW), P | US | RW);
     }
 
     proptest! {
