@@ -14,5 +14,6 @@ pub mod acpi;
 pub mod dmar;
 pub mod ivrs;
 pub mod pci;
+pub mod vtd;
 
 pub use thinhv_sriov as sriov;
