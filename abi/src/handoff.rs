@@ -156,6 +156,93 @@ impl Default for CoreConfig {
     }
 }
 
+/// Most IOMMU units thinhv drives.
+pub const MAX_IOMMUS: usize = 8;
+/// Most reserved-memory (RMRR / IVMD unity) ranges kept mapped for DMA.
+pub const MAX_IOMMU_RESERVED: usize = 16;
+
+/// [`IommuHandoff::mode`]: leave the IOMMU to the OS.
+pub const IOMMU_MODE_OFF: u8 = 0;
+/// [`IommuHandoff::mode`]: thinhv owns the IOMMU; the OS does not see it.
+pub const IOMMU_MODE_PROTECT: u8 = 1;
+/// [`IommuHandoff::kind`]: none found.
+pub const IOMMU_KIND_NONE: u8 = 0;
+/// [`IommuHandoff::kind`]: Intel VT-d (DMAR).
+pub const IOMMU_KIND_VTD: u8 = 1;
+/// [`IommuHandoff::kind`]: AMD-Vi (IVRS).
+pub const IOMMU_KIND_AMDVI: u8 = 2;
+
+/// One remapping unit.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    zerocopy::FromBytes,
+    zerocopy::IntoBytes,
+    zerocopy::Immutable,
+    zerocopy::KnownLayout,
+)]
+#[repr(C)]
+pub struct IommuUnit {
+    /// Register base.
+    pub base: u64,
+    /// Register bytes.
+    pub size: u64,
+    /// PCI segment.
+    pub segment: u16,
+    /// Reserved.
+    pub reserved: [u16; 3],
+}
+
+/// The platform IOMMU as the loader found it in ACPI.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    zerocopy::FromBytes,
+    zerocopy::IntoBytes,
+    zerocopy::Immutable,
+    zerocopy::KnownLayout,
+)]
+#[repr(C)]
+pub struct IommuHandoff {
+    /// [`IOMMU_MODE_OFF`] or [`IOMMU_MODE_PROTECT`].
+    pub mode: u8,
+    /// [`IOMMU_KIND_NONE`], [`IOMMU_KIND_VTD`] or [`IOMMU_KIND_AMDVI`].
+    pub kind: u8,
+    /// Reserved.
+    pub reserved: [u8; 2],
+    /// Valid `units`.
+    pub count: u32,
+    /// The units.
+    pub units: [IommuUnit; MAX_IOMMUS],
+    /// Valid `reserved_ranges`.
+    pub reserved_count: u32,
+    /// Reserved.
+    pub reserved2: u32,
+    /// Memory devices use for DMA by firmware agreement (RMRR), kept
+    /// identity-mapped.
+    pub reserved_ranges: [PhysRange; MAX_IOMMU_RESERVED],
+}
+
+impl IommuHandoff {
+    /// The valid units.
+    pub fn units(&self) -> &[IommuUnit] {
+        &self.units[..(self.count as usize).min(MAX_IOMMUS)]
+    }
+
+    /// The valid reserved ranges.
+    pub fn reserved_ranges(&self) -> &[PhysRange] {
+        &self.reserved_ranges[..(self.reserved_count as usize).min(MAX_IOMMU_RESERVED)]
+    }
+}
+
 /// Most entries in [`CpuidProfile::masks`].
 pub const MAX_CPUID_MASKS: usize = 24;
 
@@ -353,6 +440,8 @@ pub struct Handoff {
     pub device_count: u32,
     /// Functions found beyond what the inventory holds.
     pub devices_dropped: u32,
+    /// The IOMMU.
+    pub iommu: IommuHandoff,
 }
 
 impl Handoff {
@@ -401,6 +490,8 @@ impl Handoff {
             || self.cpuid.count as usize > MAX_CPUID_MASKS
             || self.device_count as usize > crate::status::MAX_DEVICES
             || (self.device_count != 0 && self.devices_pa == 0)
+            || self.iommu.count as usize > MAX_IOMMUS
+            || self.iommu.reserved_count as usize > MAX_IOMMU_RESERVED
         {
             return Err("range count out of range");
         }

@@ -91,8 +91,10 @@ pub struct StatusPageHeader {
     pub device_count: u32,
     /// PCI functions the loader found beyond [`MAX_DEVICES`] (0x74).
     pub devices_dropped: u32,
-    /// Reserved (0x78).
-    pub reserved: u64,
+    /// Offset of the first [`IommuRecord`] (0x78).
+    pub iommu_offset: u32,
+    /// Number of [`IommuRecord`]s (0x7C).
+    pub iommu_count: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<StatusPageHeader>() == 0x80);
@@ -222,6 +224,56 @@ pub const DEV_FLAG_VFS_ENABLED: u8 = 1 << 2;
 /// Most devices the inventory holds.
 pub const MAX_DEVICES: usize = 512;
 
+/// One IOMMU unit in the status page.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    zerocopy::FromBytes,
+    zerocopy::IntoBytes,
+    zerocopy::Immutable,
+    zerocopy::KnownLayout,
+)]
+#[repr(C)]
+pub struct IommuRecord {
+    /// Register base (0x00).
+    pub base: u64,
+    /// `handoff::IOMMU_KIND_*` (0x08).
+    pub kind: u8,
+    /// [`IOMMU_STATE_OFF`], [`IOMMU_STATE_TRANSLATING`] or
+    /// [`IOMMU_STATE_FAILED`] (0x09).
+    pub state: u8,
+    /// PCI segment (0x0A).
+    pub segment: u16,
+    /// DMA faults seen (0x0C).
+    pub faults: u32,
+    /// Page address of the last fault (0x10).
+    pub last_fault_address: u64,
+    /// Requester of the last fault (0x18).
+    pub last_fault_source: u16,
+    /// Reason code of the last fault (0x1A).
+    pub last_fault_reason: u8,
+    /// 1 if the last fault was a write (0x1B).
+    pub last_fault_write: u8,
+    /// Faults lost to overflow of the unit's recording registers (0x1C).
+    pub overflows: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<IommuRecord>() == 32);
+
+/// [`IommuRecord::state`]: not translating (mode off, or not yet sealed).
+pub const IOMMU_STATE_OFF: u8 = 0;
+/// [`IommuRecord::state`]: translating: DMA into thinhv is blocked.
+pub const IOMMU_STATE_TRANSLATING: u8 = 1;
+/// [`IommuRecord::state`]: setting the unit up failed.
+pub const IOMMU_STATE_FAILED: u8 = 2;
+
+/// Most IOMMU records.
+pub const MAX_IOMMU_RECORDS: usize = 8;
+
 /// Log ring size.
 pub const LOG_RING_SIZE: usize = 64 * 1024;
 
@@ -234,11 +286,17 @@ pub const fn devices_offset(max_cpus: usize) -> usize {
     (cpus_end + 0x3f) & !0x3f
 }
 
+/// Offset of the IOMMU records for `max_cpus` CPUs.
+pub const fn iommu_offset(max_cpus: usize) -> usize {
+    devices_offset(max_cpus) + MAX_DEVICES * core::mem::size_of::<DeviceRecord>()
+}
+
 /// Size of the status area for `max_cpus` CPUs, page-aligned, and the
 /// offset of its log ring.
 pub const fn status_area_layout(max_cpus: usize) -> (usize, usize) {
-    let devices_end = devices_offset(max_cpus) + MAX_DEVICES * core::mem::size_of::<DeviceRecord>();
-    let log_offset = (devices_end + 0xfff) & !0xfff;
+    let iommu_end =
+        iommu_offset(max_cpus) + MAX_IOMMU_RECORDS * core::mem::size_of::<IommuRecord>();
+    let log_offset = (iommu_end + 0xfff) & !0xfff;
     (log_offset + LOG_RING_SIZE, log_offset)
 }
 

@@ -26,7 +26,7 @@ use core::fmt::Write;
 use serde::Deserialize;
 
 pub use salvage::{Salvaged, salvage};
-pub use value::{InitSipi, LogLevel, OnFatal, Serial};
+pub use value::{InitSipi, IommuMode, LogLevel, OnFatal, Serial};
 
 /// File name the loader looks for beside its own image.
 pub const FILE_NAME: &str = "thinhv.toml";
@@ -44,6 +44,8 @@ pub struct Config {
     pub boot: Boot,
     /// `[cpu]`.
     pub cpu: Cpu,
+    /// `[iommu]`.
+    pub iommu: Iommu,
     /// `[debug]` (for tests; not for production).
     pub debug: Debug,
 }
@@ -158,6 +160,14 @@ impl Cpu {
     pub fn cpuid_profile(&self) -> Result<thinhv_abi::handoff::CpuidProfile, String> {
         profile::resolve(&self.profile, &self.hide, &self.explicit_masks())
     }
+}
+
+/// `[iommu]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Iommu {
+    /// Who owns the IOMMU.
+    pub mode: IommuMode,
 }
 
 /// `[debug]`: switches for tests.
@@ -371,6 +381,7 @@ impl Config {
             }
             let _ = writeln!(s, "#   XCR0 allowed: {:#x}", p.xcr0_allowed);
         }
+        let _ = writeln!(s, "\n[iommu]\nmode = \"{}\"", self.iommu.mode.name());
         if self.debug != Debug::default() {
             let _ = writeln!(s, "\n[debug]");
             if let Some(c) = self.debug.fail_cpu {

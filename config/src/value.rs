@@ -87,6 +87,29 @@ impl InitSipi {
     }
 }
 
+/// `iommu.mode`: who owns the platform IOMMU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IommuMode {
+    /// The OS owns the IOMMU; thinhv is not protected from DMA (default
+    /// until the IOMMU work is complete; see docs/security.md).
+    #[default]
+    Off,
+    /// thinhv owns the IOMMU and hides it from the OS: no device can DMA
+    /// into the hypervisor.
+    Protect,
+}
+
+impl IommuMode {
+    /// The spelling in the file.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Protect => "protect",
+        }
+    }
+}
+
 /// `hypervisor.serial`: an I/O port (`0x3f8`, `"0x2f8"`, `"com1"`..`"com4"`)
 /// or `"none"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -13,6 +13,7 @@ pub mod boot_option;
 pub mod cpu_check;
 pub mod elf_load;
 pub mod inventory;
+pub mod iommu_plan;
 pub mod memmap;
 pub mod plan;
 pub mod text;

@@ -119,6 +119,54 @@ pub fn checked<'a>(
     Ok((h, table))
 }
 
+/// A copy of a root table (RSDT: `entry_size` 4, XSDT: 8) without the
+/// entries `drop` selects (by the table address), with length and checksum
+/// fixed. `None` if `root` is not a well-formed root table.
+pub fn root_without(
+    root: &[u8],
+    entry_size: usize,
+    drop: impl Fn(u64) -> bool,
+) -> Option<alloc::vec::Vec<u8>> {
+    let sig: &[u8; 4] = if entry_size == 8 { b"XSDT" } else { b"RSDT" };
+    let (_, t) = checked(root, sig).ok()?;
+    let body = &t[SDT_HEADER_LEN..];
+    if body.len() % entry_size != 0 || !(entry_size == 4 || entry_size == 8) {
+        return None;
+    }
+    let mut out = t[..SDT_HEADER_LEN].to_vec();
+    for e in body.chunks_exact(entry_size) {
+        let mut b = [0u8; 8];
+        b[..entry_size].copy_from_slice(e);
+        if !drop(u64::from_le_bytes(b)) {
+            out.extend_from_slice(e);
+        }
+    }
+    let len = u32::try_from(out.len()).ok()?;
+    out[4..8].copy_from_slice(&len.to_le_bytes());
+    out[9] = 0;
+    out[9] = 0u8.wrapping_sub(checksum(&out));
+    Some(out)
+}
+
+/// Points an RSDP (ACPI 2.0+, 36 bytes) at new root tables and fixes both
+/// checksums.
+pub fn patch_rsdp(rsdp: &mut [u8], rsdt: Option<u32>, xsdt: Option<u64>) -> bool {
+    if rsdp.len() < 36 || &rsdp[..8] != b"RSD PTR " {
+        return false;
+    }
+    if let Some(r) = rsdt {
+        rsdp[16..20].copy_from_slice(&r.to_le_bytes());
+    }
+    if let Some(x) = xsdt {
+        rsdp[24..32].copy_from_slice(&x.to_le_bytes());
+    }
+    rsdp[8] = 0;
+    rsdp[8] = 0u8.wrapping_sub(checksum(&rsdp[..20]));
+    rsdp[32] = 0;
+    rsdp[32] = 0u8.wrapping_sub(checksum(&rsdp[..36]));
+    true
+}
+
 /// Little-endian readers that return `None` past the end.
 pub(crate) fn u8_at(b: &[u8], off: usize) -> Option<u8> {
     b.get(off).copied()
@@ -150,6 +198,47 @@ pub(crate) mod tests {
     pub fn fix_checksum(t: &mut [u8]) {
         t[9] = 0;
         t[9] = 0u8.wrapping_sub(checksum(t));
+    }
+
+    #[test]
+    fn root_tables_lose_only_the_dropped_entries() {
+        let mut x = vec![0u8; SDT_HEADER_LEN];
+        x[..4].copy_from_slice(b"XSDT");
+        for a in [0x1f77_8000u64, 0x1f77_4000, 0x1f77_3000] {
+            x.extend_from_slice(&a.to_le_bytes());
+        }
+        let n = u32::try_from(x.len()).unwrap();
+        x[4..8].copy_from_slice(&n.to_le_bytes());
+        fix_checksum(&mut x);
+        let y = root_without(&x, 8, |a| a == 0x1f77_4000).unwrap();
+        assert_eq!(y.len(), SDT_HEADER_LEN + 16);
+        assert_eq!(checksum(&y), 0);
+        assert_eq!(u32::from_le_bytes([y[4], y[5], y[6], y[7]]), 52);
+        assert_eq!(&y[36..44], &0x1f77_8000u64.to_le_bytes());
+        assert_eq!(&y[44..52], &0x1f77_3000u64.to_le_bytes());
+        // An RSDT, and refusals.
+        let mut r = vec![0u8; SDT_HEADER_LEN];
+        r[..4].copy_from_slice(b"RSDT");
+        r.extend_from_slice(&0x1f77_4000u32.to_le_bytes());
+        r[4..8].copy_from_slice(&40u32.to_le_bytes());
+        fix_checksum(&mut r);
+        assert_eq!(root_without(&r, 4, |a| a == 0x1f77_4000).unwrap().len(), 36);
+        assert!(root_without(&r, 8, |_| false).is_none(), "not an XSDT");
+        let mut bad = x.clone();
+        bad[40] ^= 1;
+        assert!(root_without(&bad, 8, |_| false).is_none());
+    }
+
+    #[test]
+    fn rsdp_checksums_after_patching() {
+        let mut p = vec![0u8; 36];
+        p[..8].copy_from_slice(b"RSD PTR ");
+        p[15] = 2;
+        assert!(patch_rsdp(&mut p, Some(0x1234_0000), Some(0x5678_0000)));
+        assert_eq!(checksum(&p[..20]), 0);
+        assert_eq!(checksum(&p), 0);
+        assert_eq!(&p[24..32], &0x5678_0000u64.to_le_bytes());
+        assert!(!patch_rsdp(&mut [0u8; 36], None, None));
     }
 
     #[test]

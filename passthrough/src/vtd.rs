@@ -355,7 +355,10 @@ mod tests {
         fn write32(&mut self, offset: u64, value: u32) {
             match offset {
                 reg::GCMD => {
-                    assert_eq!(value & !gcmd::ONE_SHOT & !(gcmd::TE | gcmd::SRTP | gcmd::WBF), 0);
+                    assert_eq!(
+                        value & !gcmd::ONE_SHOT & !(gcmd::TE | gcmd::SRTP | gcmd::WBF),
+                        0
+                    );
                     let mut s = self.gsts();
                     if value & gcmd::SRTP != 0 {
                         self.log.push("srtp");
@@ -374,7 +377,8 @@ mod tests {
                 }
                 reg::FSTS => {
                     let v = self.regs.get(&reg::FSTS).copied().unwrap_or(0) as u32;
-                    self.regs.insert(reg::FSTS, u64::from(v & !value & !FSTS_PPF));
+                    self.regs
+                        .insert(reg::FSTS, u64::from(v & !value & !FSTS_PPF));
                 }
                 o if o >= 0x220 && (o - 0x220) % 16 == 12 => {
                     let hi = o - 4;
@@ -421,7 +425,11 @@ mod tests {
         assert_eq!(u.regs[&reg::RTADDR], 0x1234_5000);
         assert_eq!(u.log, ["srtp", "wbf", "ccmd", "iotlb", "te"]);
         assert_eq!(u.gsts() & gcmd::TE, gcmd::TE);
-        assert_eq!(u.regs[&reg::FECTL] as u32, FECTL_IM, "fault interrupts masked");
+        assert_eq!(
+            u.regs[&reg::FECTL] as u32,
+            FECTL_IM,
+            "fault interrupts masked"
+        );
         assert!(c.rwbf());
         // Enabling twice is refused; disabling turns it off.
         assert_eq!(enable(&mut u, 0x1000), Err(VtdError::AlreadyEnabled));

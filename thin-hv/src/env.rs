@@ -58,4 +58,9 @@ pub trait Env {
     fn xsetbv(&mut self, xcr0: u64);
     /// Writes back and invalidates the caches.
     fn wbinvd(&mut self);
+    /// Switches the IOMMU's translation on (at seal, `[iommu] mode =
+    /// "protect"`). Returns (units translating, units).
+    fn iommu_enable(&mut self) -> (u32, u32);
+    /// Collects DMA faults the IOMMU recorded (counted in the status page).
+    fn iommu_poll(&self);
 }

@@ -205,6 +205,7 @@ pub fn install(config: &Config) -> Result<String, String> {
     h.devices_pa = devices.as_ptr() as u64;
     h.device_count = devices.len() as u32;
     h.devices_dropped = devices_dropped;
+    h.iommu = super::iommu::prepare(config);
     h.region = PhysRange::new(base, p.total);
     h.protected = protected;
     h.status = status;
@@ -369,7 +370,9 @@ pub fn install(config: &Config) -> Result<String, String> {
     }
     // SAFETY: the BSP is under thinhv; sealing closes the loader-only calls.
     let r = unsafe { vmmcall(Function::SEAL.0, 0, 0, 0) };
-    if r[0] != Status::OK.0 {
+    if r[0] == Status::OK.0 {
+        super::iommu::after_seal(&h.iommu, r[1], r[2]);
+    } else {
         log::warn!("seal returned {}", Status(r[0]).name());
     }
     // SAFETY: as above; the version call has no side effects.

@@ -16,6 +16,7 @@ mod chain;
 mod config_file;
 mod hypercall;
 mod install;
+mod iommu;
 mod pci;
 mod platform;
 

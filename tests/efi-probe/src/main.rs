@@ -11,6 +11,10 @@ extern crate alloc;
 #[allow(clippy::cast_possible_truncation, clippy::many_single_char_names)]
 mod probe;
 
+#[cfg(target_os = "uefi")]
+#[allow(clippy::cast_possible_truncation)]
+mod dma;
+
 #[cfg(not(target_os = "uefi"))]
 fn main() {
     eprintln!("thinhv-probe is a UEFI application; `cargo xtask build` builds it");

@@ -17,7 +17,7 @@ fn intel() -> bool {
 }
 
 /// A hypercall (VMMCALL or VMCALL by vendor).
-fn hc(f: Function, a0: u64, a1: u64, a2: u64) -> [u64; 4] {
+pub(crate) fn hc(f: Function, a0: u64, a1: u64, a2: u64) -> [u64; 4] {
     let (rax, rbx, rcx, rdx): (u64, u64, u64, u64);
     // SAFETY: only called after the thinhv signature was seen; the call
     // writes at most the buffer it names (guest memory the probe owns).
@@ -176,7 +176,7 @@ fn ap_check() -> Option<usize> {
 
 // ---- The checks ---------------------------------------------------------
 
-fn kv(key: &str, value: impl core::fmt::Display) {
+pub(crate) fn kv(key: &str, value: impl core::fmt::Display) {
     println!("{key}={value}");
 }
 
@@ -376,6 +376,10 @@ pub fn run() {
             kv("ap_cpuid_exits", counts[R::CPUID.index()]);
         }
     }
+    crate::dma::check(
+        (pbase, psize),
+        (report.status_page_base, report.status_page_size),
+    );
 }
 
 /// VMX-specific hiding (Intel only: on AMD these instructions and bits are

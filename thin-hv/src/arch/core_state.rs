@@ -58,6 +58,8 @@ pub struct Core {
     pub vmx: Option<VmxGlobal>,
     /// Frames for nested tables added later (first touches).
     pub frames: Mutex<BumpFrames>,
+    /// The platform IOMMU.
+    pub iommu: super::iommu::Iommu,
     /// The core's own CR3.
     pub host_cr3: u64,
     /// Host identity map covers `[0, host_top)`.
@@ -270,6 +272,34 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
         frames.remaining()
     );
 
+    // The IOMMU's tables, and its register windows hidden from the guest
+    // (reads as zeros, writes discarded) so the OS cannot switch it off.
+    let iommu =
+        super::iommu::Iommu::init(&h.iommu, h.region, host_top, host_top, &mut frames, status)?;
+    if h.iommu.mode == thinhv_abi::handoff::IOMMU_MODE_PROTECT {
+        for u in h.iommu.units() {
+            let size = u.size.max(PAGE).div_ceil(PAGE) * PAGE;
+            let base = u.base & !(PAGE - 1);
+            let r = match slat {
+                Slat::Npt(fmt) => Mapper::open(&fmt, &mut mem, slat_root).map_all_to_frame(
+                    base,
+                    size,
+                    blank_pa,
+                    Attrs::RO,
+                    &mut frames,
+                ),
+                Slat::Ept(fmt) => Mapper::open(&fmt, &mut mem, slat_root).map_all_to_frame(
+                    base,
+                    size,
+                    blank_pa,
+                    Attrs::RO,
+                    &mut frames,
+                ),
+            };
+            r.map_err(|_| CoreError::OUT_OF_MEMORY)?;
+        }
+    }
+
     let hv = Hv::from_handoff(&h, apic_base);
     CORE.call_once(|| Core {
         hv,
@@ -277,6 +307,7 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
         slat_root,
         slat,
         vmx,
+        iommu,
         frames: Mutex::new(frames),
         host_cr3,
         host_top,

@@ -228,6 +228,14 @@ impl Env for HwEnv {
         unsafe { core::arch::asm!("wbinvd", options(nostack)) };
     }
 
+    fn iommu_enable(&mut self) -> (u32, u32) {
+        self.core.iommu.enable()
+    }
+
+    fn iommu_poll(&self) {
+        self.core.iommu.poll();
+    }
+
     fn integrity(&self) -> Integrity {
         let mut h = crc32fast::Hasher::new();
         for r in self.core.handoff.ro_ranges() {

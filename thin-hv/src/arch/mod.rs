@@ -15,6 +15,7 @@ pub mod entry;
 pub mod env_impl;
 pub mod idt;
 pub mod instr;
+pub mod iommu;
 pub mod logger;
 pub mod percpu;
 pub mod phys;

@@ -4,8 +4,8 @@
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use thinhv_abi::exit::{EXIT_REASON_COUNT, ExitReason};
 use thinhv_abi::status::{
-    CPUS_OFFSET, CpuRecord, CpuState, DeviceRecord, MAX_DEVICES, STATUS_MAGIC, StatusPageHeader,
-    devices_offset, status_area_layout,
+    CPUS_OFFSET, CpuRecord, CpuState, DeviceRecord, IommuRecord, MAX_DEVICES, MAX_IOMMU_RECORDS,
+    STATUS_MAGIC, StatusPageHeader, devices_offset, iommu_offset, status_area_layout,
 };
 use zerocopy::IntoBytes;
 
@@ -48,6 +48,8 @@ impl StatusPage {
         h.devices_offset = devices_offset(self.cpus) as u32;
         h.device_record_size = core::mem::size_of::<DeviceRecord>() as u32;
         h.device_count = 0;
+        h.iommu_offset = iommu_offset(self.cpus) as u32;
+        h.iommu_count = 0;
         h.area_size = self.size;
         self.write(0, h.as_bytes());
         for (i, id) in apic_ids.iter().enumerate().take(self.cpus) {
@@ -58,6 +60,23 @@ impl StatusPage {
             };
             self.write(Self::cpu_offset(i), rec.as_bytes());
         }
+    }
+
+    /// Writes IOMMU record `i`.
+    pub fn publish_iommu(&self, i: usize, r: &IommuRecord) {
+        if i < MAX_IOMMU_RECORDS {
+            let off = iommu_offset(self.cpus) + i * core::mem::size_of::<IommuRecord>();
+            self.write(off as u64, r.as_bytes());
+        }
+    }
+
+    /// Sets the number of IOMMU records.
+    pub fn set_iommu_count(&self, n: usize) {
+        let n = n.min(MAX_IOMMU_RECORDS) as u32;
+        self.write(
+            core::mem::offset_of!(StatusPageHeader, iommu_count) as u64,
+            n.as_bytes(),
+        );
     }
 
     /// Publishes the device inventory (at most [`MAX_DEVICES`] records).

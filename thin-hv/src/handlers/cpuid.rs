@@ -157,6 +157,10 @@ pub(super) fn info(env: &impl Env) -> HvInfo {
 pub(super) fn handle(cpu: &mut impl GuestCpu, env: &impl Env) {
     let leaf = (cpu.gpr(Gpr::Rax) & 0xffff_ffff) as u32;
     let sub = (cpu.gpr(Gpr::Rcx) & 0xffff_ffff) as u32;
+    if (leaves::LEAF_SIGNATURE..=leaves::LEAF_SIGNATURE + 0xff).contains(&leaf) {
+        // A status query: collect DMA faults first.
+        env.iommu_poll();
+    }
     let raw = profile_cpuid(&env.hv().cpuid, leaf, sub, env.cpuid(leaf, sub), |l, s| {
         env.cpuid(l, s)
     });

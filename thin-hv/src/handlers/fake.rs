@@ -94,6 +94,8 @@ pub struct FakeEnv {
     pub xcr0: Option<u64>,
     pub wbinvds: usize,
     pub msrs: HashMap<u32, u64>,
+    pub iommu_enables: u32,
+    pub iommu_polls: std::cell::Cell<u32>,
 }
 
 impl FakeEnv {
@@ -138,6 +140,8 @@ impl FakeEnv {
             xcr0: None,
             wbinvds: 0,
             msrs: HashMap::from([(0x3a, 0x5)]),
+            iommu_enables: 0,
+            iommu_polls: std::cell::Cell::new(0),
         }
     }
 
@@ -241,5 +245,12 @@ impl Env for FakeEnv {
     }
     fn wbinvd(&mut self) {
         self.wbinvds += 1;
+    }
+    fn iommu_enable(&mut self) -> (u32, u32) {
+        self.iommu_enables += 1;
+        (1, 1)
+    }
+    fn iommu_poll(&self) {
+        self.iommu_polls.set(self.iommu_polls.get() + 1);
     }
 }

@@ -23,6 +23,8 @@ fn finish(
 }
 
 pub(super) fn handle(cpu: &mut impl GuestCpu, env: &mut impl Env) -> Outcome {
+    // Any hypercall is an occasion to collect DMA faults.
+    env.iommu_poll();
     let func = Function(cpu.gpr(Gpr::Rax));
     let (a0, a1, a2) = (cpu.gpr(Gpr::Rbx), cpu.gpr(Gpr::Rcx), cpu.gpr(Gpr::Rdx));
     if cpu.cpl() != 0 {
@@ -147,7 +149,13 @@ pub(super) fn handle(cpu: &mut impl GuestCpu, env: &mut impl Env) -> Outcome {
                 return finish(cpu, env, Status::NOT_PERMITTED, [None; 3]);
             }
             log::info!("sealed: the OS is being started; loader-only hypercalls are closed");
-            finish(cpu, env, Status::OK, [None; 3])
+            let (on, total) = env.iommu_enable();
+            finish(
+                cpu,
+                env,
+                Status::OK,
+                [Some(u64::from(on)), Some(u64::from(total)), None],
+            )
         }
         Function::DEBUG_HOST_FAULT => {
             if hv.is_sealed() || hv.config.debug_host_fault == 0 {

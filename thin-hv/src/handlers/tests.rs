@@ -232,8 +232,19 @@ fn devirtualize_only_until_sealed() {
     assert_eq!(cpu.rip, RIP + 3);
     let cpu = hypercall(&mut env, 0, Function::SEAL, [0; 3]);
     assert_eq!(status(&cpu), Status::OK);
+    // Sealing switches the IOMMU on once and reports the units.
+    assert_eq!(env.iommu_enables, 1);
+    assert_eq!(
+        (cpu.regs[Gpr::Rbx as usize], cpu.regs[Gpr::Rcx as usize]),
+        (1, 1)
+    );
     let cpu = hypercall(&mut env, 0, Function::SEAL, [0; 3]);
     assert_eq!(status(&cpu), Status::NOT_PERMITTED);
+    assert_eq!(env.iommu_enables, 1);
+    assert!(
+        env.iommu_polls.get() >= 2,
+        "every hypercall polls DMA faults"
+    );
     let mut cpu = at(&mut env, VMMCALL);
     cpu.regs[Gpr::Rax as usize] = Function::DEVIRTUALIZE.0;
     assert_eq!(

@@ -1,0 +1,197 @@
+//! The platform IOMMU from the loader's side: find DMAR/IVRS (through the
+//! `acpi` crate), describe the units for the core, and — once the core has
+//! switched translation on at seal — take the table out of what the OS sees
+//! (XSDT and RSDT rewritten, checksums valid), so that the OS does not
+//! reprogram the IOMMU thinhv owns.
+use alloc::vec::Vec;
+use core::ptr::NonNull;
+use thinhv_abi::handoff::{IOMMU_KIND_VTD, IOMMU_MODE_PROTECT, IommuHandoff};
+use thinhv_config::{Config, IommuMode};
+use uefi::boot::{self, AllocateType, MemoryType};
+use uefi::println;
+use uefi::table::cfg::ConfigTableEntry;
+
+#[derive(Clone, Copy, Debug)]
+struct Identity;
+
+impl acpi::AcpiHandler for Identity {
+    unsafe fn map_physical_region<T>(
+        &self,
+        physical_address: usize,
+        size: usize,
+    ) -> acpi::PhysicalMapping<Self, T> {
+        // SAFETY: boot services identity-map the ACPI tables.
+        unsafe {
+            acpi::PhysicalMapping::new(
+                physical_address,
+                NonNull::new_unchecked(physical_address as *mut T),
+                size,
+                size,
+                Self,
+            )
+        }
+    }
+
+    fn unmap_physical_region<T>(_region: &acpi::PhysicalMapping<Self, T>) {}
+}
+
+macro_rules! raw_table {
+    ($name:ident, $sig:expr) => {
+        #[repr(C, packed)]
+        struct $name {
+            header: acpi::sdt::SdtHeader,
+        }
+        // SAFETY: the type is only the standard header, which every table
+        // starts with; its length field gives the rest.
+        unsafe impl acpi::AcpiTable for $name {
+            const SIGNATURE: acpi::sdt::Signature = $sig;
+            fn header(&self) -> &acpi::sdt::SdtHeader {
+                &self.header
+            }
+        }
+    };
+}
+raw_table!(RawDmar, acpi::sdt::Signature::DMAR);
+raw_table!(RawIvrs, acpi::sdt::Signature::IVRS);
+
+fn rsdp_address() -> Option<u64> {
+    uefi::system::with_config_table(|t| {
+        t.iter()
+            .find(|e| e.guid == ConfigTableEntry::ACPI2_GUID)
+            .map(|e| e.address as u64)
+    })
+}
+
+/// The bytes of a table, copied.
+fn table<T: acpi::AcpiTable>(tables: &acpi::AcpiTables<Identity>) -> Option<Vec<u8>> {
+    let m = tables.find_table::<T>().ok()?;
+    let len = m.get().header().length as usize;
+    let pa = m.physical_start();
+    // SAFETY: the table was found through the firmware's root table and
+    // validated by the acpi crate; it is `length` bytes of identity-mapped
+    // ACPI memory.
+    Some(unsafe { core::slice::from_raw_parts(pa as *const u8, len) }.to_vec())
+}
+
+/// Finds and describes the IOMMU for the core.
+pub fn prepare(config: &Config) -> IommuHandoff {
+    let off = IommuHandoff::default();
+    let Some(rsdp) = rsdp_address() else {
+        return off;
+    };
+    // SAFETY: the firmware's configuration table points at a valid RSDP.
+    let Ok(tables) = (unsafe { acpi::AcpiTables::from_rsdp(Identity, rsdp as usize) }) else {
+        return off;
+    };
+    let dmar = table::<RawDmar>(&tables);
+    let ivrs = table::<RawIvrs>(&tables);
+    let protect = config.iommu.mode == IommuMode::Protect;
+    match (&dmar, &ivrs, protect) {
+        (None, None, true) => println!(
+            "thinhv: IOMMU: none in ACPI (enable VT-d or AMD-Vi in firmware setup); DMA into thinhv is NOT blocked"
+        ),
+        (None, None, false) => {}
+        (_, _, false) => println!(
+            "thinhv: IOMMU: left to the OS ([iommu] mode = \"off\"); DMA into thinhv is NOT blocked"
+        ),
+        (Some(bytes), _, true) => match thinhv_passthrough::dmar::parse(bytes) {
+            Ok(d) => {
+                for s in &d.skipped {
+                    println!(
+                        "thinhv: IOMMU: DMAR structure type {} at offset {:#x} skipped",
+                        s.kind, s.offset
+                    );
+                }
+                match thinhv_efi::iommu_plan::vtd(&d) {
+                    Ok(h) => {
+                        println!(
+                            "thinhv: IOMMU: {}; thinhv takes it ([iommu] mode = \"protect\")",
+                            thinhv_efi::iommu_plan::describe(&h)
+                        );
+                        return h;
+                    }
+                    Err(e) => println!(
+                        "thinhv: IOMMU: {e}; left to the OS, DMA into thinhv is NOT blocked"
+                    ),
+                }
+            }
+            Err(e) => println!(
+                "thinhv: IOMMU: the DMAR table is malformed ({e}); left to the OS, DMA into thinhv is NOT blocked"
+            ),
+        },
+        (None, Some(_), true) => println!(
+            "thinhv: IOMMU: AMD-Vi is not driven by this version; left to the OS, DMA into thinhv is NOT blocked"
+        ),
+    }
+    off
+}
+
+/// After seal: report, and hide the table if every unit translates.
+pub fn after_seal(h: &IommuHandoff, on: u64, total: u64) {
+    if h.mode != IOMMU_MODE_PROTECT || h.kind != IOMMU_KIND_VTD || total == 0 {
+        return;
+    }
+    if on != total {
+        println!(
+            "thinhv: IOMMU: only {on} of {total} VT-d units translating (see the log); the DMAR stays visible and DMA into thinhv is NOT fully blocked"
+        );
+        return;
+    }
+    match hide(&[*b"DMAR"]) {
+        Ok(()) => println!(
+            "thinhv: IOMMU: {on} of {total} VT-d units translating; DMA into thinhv is blocked; DMAR hidden from the OS"
+        ),
+        Err(e) => println!(
+            "thinhv: IOMMU: translating, but the DMAR could not be hidden ({e}); the OS may take the IOMMU over"
+        ),
+    }
+}
+
+/// Rewrites the XSDT and RSDT without the tables whose signature is in
+/// `drop`, in new ACPI-reclaim memory, and points the RSDP at them.
+fn hide(drop: &[[u8; 4]]) -> Result<(), &'static str> {
+    let rsdp_pa = rsdp_address().ok_or("no RSDP")?;
+    // SAFETY: the ACPI 2.0 RSDP is 36 bytes of identity-mapped memory the
+    // firmware published; boot services are still running.
+    let rsdp = unsafe { core::slice::from_raw_parts_mut(rsdp_pa as *mut u8, 36) };
+    let xsdt_pa = u64::from_le_bytes(rsdp[24..32].try_into().map_err(|_| "RSDP")?);
+    let rsdt_pa = u64::from(u32::from_le_bytes(
+        rsdp[16..20].try_into().map_err(|_| "RSDP")?,
+    ));
+    let is_dropped = |pa: u64| {
+        if pa == 0 {
+            return false;
+        }
+        // SAFETY: entries of the firmware's root tables point at tables in
+        // identity-mapped ACPI memory; 4 bytes is their signature.
+        let sig: [u8; 4] = unsafe { core::ptr::read_unaligned(pa as *const [u8; 4]) };
+        drop.contains(&sig)
+    };
+    let rewrite = |pa: u64, entry: usize| -> Result<Option<u64>, &'static str> {
+        if pa == 0 {
+            return Ok(None);
+        }
+        // SAFETY: as above; the header's length field is read first.
+        let len = unsafe { core::ptr::read_unaligned((pa + 4) as *const u32) } as usize;
+        if !(36..=1 << 20).contains(&len) {
+            return Err("root table length");
+        }
+        // SAFETY: `len` bytes of the firmware's root table.
+        let old = unsafe { core::slice::from_raw_parts(pa as *const u8, len) };
+        let new = thinhv_passthrough::acpi::root_without(old, entry, is_dropped)
+            .ok_or("root table malformed")?;
+        let pages = new.len().div_ceil(4096);
+        let mem = boot::allocate_pages(AllocateType::AnyPages, MemoryType::ACPI_RECLAIM, pages)
+            .map_err(|_| "no memory for the new root table")?;
+        // SAFETY: freshly allocated, `pages` pages.
+        unsafe { core::ptr::copy_nonoverlapping(new.as_ptr(), mem.as_ptr(), new.len()) };
+        Ok(Some(mem.as_ptr() as u64))
+    };
+    let xsdt = rewrite(xsdt_pa, 8)?;
+    // An RSDT above 4 GiB cannot be referenced by the 32-bit field.
+    let rsdt = rewrite(rsdt_pa, 4)?.and_then(|a| u32::try_from(a).ok());
+    if !thinhv_passthrough::acpi::patch_rsdp(rsdp, rsdt, xsdt) {
+        return Err("RSDP malformed");
+    }
+    Ok(())
+}

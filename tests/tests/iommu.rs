@@ -1,0 +1,109 @@
+//! The IOMMU keeps devices out of thinhv: QEMU's `edu` device, driven by
+//! the EFI probe, copies a page by DMA into ordinary memory (allowed), into
+//! thinhv's status area and into the core's image (blocked, the fault
+//! counted with the device as requester, the core's CRC unchanged). The
+//! same machine with `[iommu] mode = "off"` shows the DMA landing in the
+//! status area, so the protected run is not passing by accident.
+use thinhv_ovmf::qemu::Profile;
+use thinhv_ovmf::runner::{section, value};
+use thinhv_tests::{Boot, PROBE, built};
+
+fn vtd_machine() -> Profile {
+    let mut p = Profile::svm(2);
+    p.extra = [
+        "-device",
+        "intel-iommu",
+        "-device",
+        "pcie-root-port,id=rp1,chassis=1,slot=1",
+        "-device",
+        "edu,bus=rp1,dma_mask=0xffffffffffffffff",
+    ]
+    .map(String::from)
+    .to_vec();
+    p
+}
+
+fn probe(name: &str, iommu_mode: &str) -> (String, String) {
+    let b = built();
+    let boot = Boot::new(&b, name, vtd_machine());
+    boot.esp.put_file(PROBE, &b.probe).unwrap();
+    boot.esp
+        .install_thinhv(
+            &b.efi,
+            Some(&format!(
+                "[boot]\nnext = '{PROBE}'\n\n[iommu]\nmode = \"{iommu_mode}\"\n"
+            )),
+        )
+        .unwrap();
+    let serial = boot.run_until("THINHV-PROBE-END", std::time::Duration::from_mins(4));
+    let r = section(&serial, "THINHV-PROBE-BEGIN", "THINHV-PROBE-END")
+        .unwrap()
+        .to_string();
+    (serial, r)
+}
+
+fn get<'a>(r: &'a str, k: &str) -> &'a str {
+    value(r, k).unwrap_or_else(|| panic!("probe did not report {k}:\n{r}"))
+}
+
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn vtd_blocks_dma_into_thinhv_and_allows_it_elsewhere() {
+    let (serial, r) = probe("iommu-vtd-protect", "protect");
+    assert!(
+        serial.contains("thinhv: IOMMU: 1 VT-d unit(s) at 0xfed90000; thinhv takes it"),
+        "{serial}"
+    );
+    assert!(
+        serial.contains("1 of 1 VT-d units translating; DMA into thinhv is blocked; DMAR hidden"),
+        "{serial}"
+    );
+    assert_eq!(get(&r, "edu_found"), "1");
+    assert_eq!(get(&r, "edu_ident"), "0x10000ed");
+    // Ordinary memory: the copy arrives whole.
+    assert_eq!(get(&r, "dma_completed"), "1");
+    assert_eq!(get(&r, "dma_ordinary_bytes"), "4096");
+    // thinhv's region: nothing arrives, the core is intact.
+    assert_eq!(get(&r, "dma_into_status_bytes"), "0");
+    assert_eq!(get(&r, "dma_core_crc_unchanged"), "1");
+    // Counted, with the edu device as requester, as writes, last at the
+    // core page.
+    assert_eq!(get(&r, "iommu_count"), "1");
+    assert_eq!(get(&r, "iommu_state"), "1", "translating");
+    let faults: u32 = get(&r, "iommu_faults").parse().unwrap();
+    assert!(faults >= 2, "two blocked pages, {faults} faults");
+    assert_eq!(get(&r, "iommu_last_fault_source"), get(&r, "edu_source_id"));
+    assert_eq!(get(&r, "iommu_last_fault_write"), "1");
+    assert_eq!(
+        get(&r, "iommu_last_fault_address"),
+        get(&r, "dma_core_target")
+    );
+    assert_eq!(
+        get(&r, "iommu_fault_logged"),
+        "1",
+        "the log names the blocked DMA"
+    );
+    // Everything else the probe checks still holds under the IOMMU.
+    assert_eq!(get(&r, "signature"), "ThinHVThinHV");
+    assert_eq!(get(&r, "integrity_status"), "0");
+    assert_eq!(get(&r, "ap_ran"), "1");
+}
+
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn without_the_iommu_dma_reaches_thinhv() {
+    let (serial, r) = probe("iommu-vtd-off", "off");
+    assert!(
+        serial.contains("left to the OS ([iommu] mode = \"off\"); DMA into thinhv is NOT blocked"),
+        "{serial}"
+    );
+    assert_eq!(get(&r, "edu_ident"), "0x10000ed");
+    assert_eq!(get(&r, "dma_ordinary_bytes"), "4096");
+    assert_eq!(
+        get(&r, "dma_into_status_bytes"),
+        "4096",
+        "the negative control: without the IOMMU the device writes thinhv's memory"
+    );
+    assert_eq!(get(&r, "dma_core_skipped"), "1");
+    assert_eq!(get(&r, "iommu_count"), "0");
+}

@@ -1,0 +1,311 @@
+//! The platform IOMMU, owned by thinhv (`[iommu] mode = "protect"`).
+//!
+//! Intel VT-d: at `CORE_OP_INIT` the tables are built (one domain for every
+//! requester, identity-mapping all memory except the hypervisor's region,
+//! reserved memory regions included); translation is switched on when the
+//! loader seals the hypervisor, right before the OS starts, so a roll-back
+//! before that never has to undo it. The register windows are hidden from
+//! the guest by the second-level tables (see `core_state`). Faults are
+//! polled whenever the guest makes a hypercall or asks thinhv's CPUID
+//! leaves, counted in the status page and logged.
+//!
+//! AMD-Vi is not driven yet: its units are reported as off.
+use super::phys::IdentityMem;
+use super::status_page::StatusPage;
+use spin::Mutex;
+use thinhv_abi::PhysRange;
+use thinhv_abi::handoff::{
+    CoreError, IOMMU_KIND_VTD, IOMMU_MODE_PROTECT, IommuHandoff, MAX_IOMMUS,
+};
+use thinhv_abi::layout::PAGE;
+use thinhv_abi::status::{IOMMU_STATE_FAILED, IOMMU_STATE_TRANSLATING, IommuRecord};
+use thinhv_paging::iommu::{ADDR_MASK, VtdFormat};
+use thinhv_paging::{Attrs, BumpFrames, Mapper, PhysMem};
+use thinhv_passthrough::vtd::{self, Caps, Mmio};
+
+/// A unit's registers through the identity map.
+struct Window {
+    base: u64,
+}
+
+impl Mmio for Window {
+    fn read32(&self, offset: u64) -> u32 {
+        // SAFETY: `base` is a DRHD register window from the DMAR, mapped
+        // uncached by the firmware's and the core's identity maps (checked
+        // against the core's map at init); offsets are inside the unit's
+        // register set and naturally aligned.
+        unsafe { core::ptr::read_volatile((self.base + offset) as *const u32) }
+    }
+    fn read64(&self, offset: u64) -> u64 {
+        // SAFETY: as in `read32`.
+        unsafe { core::ptr::read_volatile((self.base + offset) as *const u64) }
+    }
+    fn write32(&mut self, offset: u64, value: u32) {
+        // SAFETY: as in `read32`; only the VT-d driver's register sequences
+        // write here.
+        unsafe { core::ptr::write_volatile((self.base + offset) as *mut u32, value) }
+    }
+    fn write64(&mut self, offset: u64, value: u64) {
+        // SAFETY: as in `write32`.
+        unsafe { core::ptr::write_volatile((self.base + offset) as *mut u64, value) }
+    }
+}
+
+/// One unit's state.
+#[derive(Clone, Copy, Debug, Default)]
+struct Unit {
+    base: u64,
+    caps: Option<Caps>,
+    record: IommuRecord,
+}
+
+/// The IOMMU state.
+pub struct Iommu {
+    units: Mutex<([Unit; MAX_IOMMUS], usize)>,
+    root_table: u64,
+    protect: bool,
+    status: StatusPage,
+}
+
+/// Largest address the identity map for devices covers with 3-level tables.
+const THREE_LEVEL_LIMIT: u64 = 1 << 39;
+
+impl Iommu {
+    /// Builds the tables (VT-d, protect mode), or records why not. `top`
+    /// bounds the identity map; `region` is what devices must never reach.
+    pub fn init(
+        h: &IommuHandoff,
+        region: PhysRange,
+        top: u64,
+        host_top: u64,
+        frames: &mut BumpFrames,
+        status: StatusPage,
+    ) -> Result<Self, CoreError> {
+        let mut units = [Unit::default(); MAX_IOMMUS];
+        let n = h.units().len();
+        for (u, src) in units.iter_mut().zip(h.units()) {
+            u.base = src.base;
+            u.record = IommuRecord {
+                base: src.base,
+                kind: h.kind,
+                segment: src.segment,
+                ..IommuRecord::default()
+            };
+        }
+        let protect = h.mode == IOMMU_MODE_PROTECT && h.kind == IOMMU_KIND_VTD && n > 0;
+        let mut me = Self {
+            units: Mutex::new((units, n)),
+            root_table: 0,
+            protect,
+            status,
+        };
+        if protect {
+            match me.build(h, region, top, host_top, frames) {
+                Ok(root) => me.root_table = root,
+                Err(why) => {
+                    log::error!("IOMMU: {why}; DMA into thinhv is NOT blocked");
+                    me.protect = false;
+                    let mut g = me.units.lock();
+                    let (units, n) = &mut *g;
+                    for u in &mut units[..*n] {
+                        u.record.state = IOMMU_STATE_FAILED;
+                    }
+                }
+            }
+        }
+        me.publish_all();
+        Ok(me)
+    }
+
+    #[allow(clippy::many_single_char_names)]
+    fn build(
+        &self,
+        h: &IommuHandoff,
+        region: PhysRange,
+        top: u64,
+        host_top: u64,
+        frames: &mut BumpFrames,
+    ) -> Result<u64, &'static str> {
+        let mut g = self.units.lock();
+        let (units, n) = &mut *g;
+        let mut aw = 2u8;
+        let (mut p2m, mut p1g) = (true, true);
+        for u in &mut units[..*n] {
+            if u.base == 0 || u.base.saturating_add(PAGE) > host_top {
+                return Err("a VT-d register window lies outside the core's map");
+            }
+            let c = vtd::caps(&Window { base: u.base });
+            let a = c
+                .address_width()
+                .ok_or("a VT-d unit supports neither 3- nor 4-level tables")?;
+            aw = aw.min(a);
+            let (m, g1) = c.large_pages();
+            p2m &= m;
+            p1g &= g1;
+            log::info!(
+                "IOMMU: VT-d unit {:#x}: cap {:#x} ecap {:#x}, {}-level tables",
+                u.base,
+                c.cap,
+                c.ecap,
+                if a == 2 { 4 } else { 3 }
+            );
+            u.caps = Some(c);
+        }
+        if aw == 1 && top > THREE_LEVEL_LIMIT {
+            return Err("3-level VT-d tables cannot cover memory above 512 GiB");
+        }
+        let fmt = VtdFormat {
+            page_1g: p1g,
+            page_2m: p2m,
+        };
+        let mut mem = IdentityMem;
+        let oom = "out of memory for the IOMMU tables";
+        let sl4 = Mapper::create(&fmt, &mut mem, frames)
+            .map_err(|_| oom)?
+            .root();
+        {
+            let mut m = Mapper::open(&fmt, &mut mem, sl4);
+            m.map(0, 0, region.base, Attrs::RWX, frames)
+                .map_err(|_| oom)?;
+            if region.end() < top {
+                m.map(
+                    region.end(),
+                    region.end(),
+                    top - region.end(),
+                    Attrs::RWX,
+                    frames,
+                )
+                .map_err(|_| oom)?;
+            }
+            for r in h.reserved_ranges() {
+                if region.overlaps(r.base, r.size) {
+                    log::error!(
+                        "IOMMU: reserved range {:#x}+{:#x} overlaps thinhv; not mapped",
+                        r.base,
+                        r.size
+                    );
+                    continue;
+                }
+                let base = r.base & !(PAGE - 1);
+                let end = r.end().div_ceil(PAGE) * PAGE;
+                m.map(base, base, end - base, Attrs::RWX, frames)
+                    .map_err(|_| oom)?;
+            }
+        }
+        // 3-level: the table under the 4-level root's first entry.
+        let sl_root = if aw == 1 {
+            mem.read_entry(sl4, 0) & ADDR_MASK
+        } else {
+            sl4
+        };
+        let ctx = frames_take(frames)?;
+        let root = frames_take(frames)?;
+        for i in 0..256 {
+            let c = vtd::context_entry(sl_root, aw, 1);
+            mem.write_entry(ctx, 2 * i, c[0]);
+            mem.write_entry(ctx, 2 * i + 1, c[1]);
+            let r = vtd::root_entry(ctx);
+            mem.write_entry(root, 2 * i, r[0]);
+            mem.write_entry(root, 2 * i + 1, r[1]);
+        }
+        Ok(root)
+    }
+
+    /// Switches translation on (at seal). Returns (units translating,
+    /// units).
+    pub fn enable(&self) -> (u32, u32) {
+        let mut on = 0;
+        let total;
+        {
+            let mut g = self.units.lock();
+            let (units, n) = &mut *g;
+            total = *n as u32;
+            if self.protect {
+                // Table writes must reach memory before a non-coherent
+                // unit walks them.
+                // SAFETY: writing back caches loses nothing.
+                unsafe { core::arch::asm!("wbinvd", options(nostack)) };
+                for u in &mut units[..*n] {
+                    match vtd::enable(&mut Window { base: u.base }, self.root_table) {
+                        Ok(_) => {
+                            u.record.state = IOMMU_STATE_TRANSLATING;
+                            on += 1;
+                            log::info!(
+                                "IOMMU: VT-d unit {:#x} translating; DMA into thinhv is blocked",
+                                u.base
+                            );
+                        }
+                        Err(e) => {
+                            u.record.state = IOMMU_STATE_FAILED;
+                            log::error!("IOMMU: VT-d unit {:#x}: {e}", u.base);
+                        }
+                    }
+                }
+            }
+        }
+        self.publish_all();
+        (on, total)
+    }
+
+    /// Reads and clears recorded faults, counting them.
+    pub fn poll(&self) {
+        if !self.protect {
+            return;
+        }
+        let Some(mut g) = self.units.try_lock() else {
+            return;
+        };
+        let (units, n) = &mut *g;
+        for (i, u) in units[..*n].iter_mut().enumerate() {
+            let (Some(c), IOMMU_STATE_TRANSLATING) = (u.caps, u.record.state) else {
+                continue;
+            };
+            let (faults, overflow) = vtd::take_faults(&mut Window { base: u.base }, &c);
+            if faults.is_empty() && !overflow {
+                continue;
+            }
+            for f in &faults {
+                u.record.faults = u.record.faults.saturating_add(1);
+                u.record.last_fault_address = f.address;
+                u.record.last_fault_source = f.source;
+                u.record.last_fault_reason = f.reason;
+                u.record.last_fault_write = u8::from(f.write);
+                if u.record.faults <= 32 {
+                    log::warn!(
+                        "IOMMU {:#x}: DMA {} by {:02x}:{:02x}.{} at {:#x} blocked (reason {:#x}, {} so far)",
+                        u.base,
+                        if f.write { "write" } else { "read" },
+                        f.source >> 8,
+                        (f.source >> 3) & 0x1f,
+                        f.source & 7,
+                        f.address,
+                        f.reason,
+                        u.record.faults
+                    );
+                }
+            }
+            if overflow {
+                u.record.overflows = u.record.overflows.saturating_add(1);
+            }
+            self.status.publish_iommu(i, &u.record);
+        }
+    }
+
+    fn publish_all(&self) {
+        let g = self.units.lock();
+        let (units, n) = &*g;
+        for (i, u) in units[..*n].iter().enumerate() {
+            self.status.publish_iommu(i, &u.record);
+        }
+        self.status.set_iommu_count(*n);
+    }
+}
+
+fn frames_take(frames: &mut BumpFrames) -> Result<u64, &'static str> {
+    use thinhv_paging::FrameAlloc;
+    let f = frames
+        .alloc_frame()
+        .ok_or("out of memory for the IOMMU tables")?;
+    IdentityMem.zero_frame(f);
+    Ok(f)
+}
