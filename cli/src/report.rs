@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use thinhv_abi::exit::{EXIT_REASON_COUNT, ExitReason};
 use thinhv_abi::status::{
     CpuRecord, CpuState, DEV_FLAG_PCIE, DEV_FLAG_SRIOV, DEV_FLAG_VFS_ENABLED, DeviceRecord,
-    OWNER_HIDDEN, STATUS_MAGIC, StatusPageHeader, class_name,
+    IOMMU_STATE_FAILED, IOMMU_STATE_TRANSLATING, IommuRecord, OWNER_HIDDEN, STATUS_MAGIC,
+    StatusPageHeader, class_name,
 };
 use zerocopy::FromBytes;
 
@@ -21,6 +22,8 @@ pub struct Page {
     pub log: String,
     /// The device inventory.
     pub devices: Vec<DeviceRecord>,
+    /// The IOMMU units.
+    pub iommus: Vec<IommuRecord>,
 }
 
 /// Reads and checks the status page.
@@ -73,10 +76,22 @@ pub fn read_page(p: &Presence) -> Result<Page, String> {
             devices.push(d.0);
         }
     }
+    let mut iommus = Vec::new();
+    for i in 0..header.iommu_count.min(8) as usize {
+        let off = header.iommu_offset as usize + i * core::mem::size_of::<IommuRecord>();
+        let Some(r) = bytes
+            .get(off..)
+            .and_then(|b| IommuRecord::read_from_prefix(b).ok())
+        else {
+            break;
+        };
+        iommus.push(r.0);
+    }
     Ok(Page {
         header,
         cpus,
         devices,
+        iommus,
         log: String::from_utf8_lossy(&text).into_owned(),
     })
 }
@@ -151,7 +166,7 @@ pub fn status(json: bool) -> ExitCode {
                         .collect::<serde_json::Map<_, _>>()
                 );
                 v["devices"] = json!(pg.devices.len());
-                v["iommu"] = iommu_json();
+                v["iommu"] = iommu_json(&pg.iommus);
                 v["log"] = json!(pg.log);
             }
             Err(e) => v["status_page_error"] = json!(e),
@@ -208,7 +223,7 @@ pub fn status(json: bool) -> ExitCode {
                 "\nPCI functions:      {} (thinhv devices lists them)",
                 pg.devices.len()
             );
-            println!("IOMMU:              {IOMMU_TEXT}");
+            print!("{}", iommu_text(&pg.iommus));
             println!("\nhypervisor log:\n{}", pg.log.trim_end());
         }
         Err(e) => println!("\n(counters and log unavailable: {e}; run as root)"),
@@ -226,11 +241,100 @@ fn totals(cpus: &[CpuRecord]) -> [u64; EXIT_REASON_COUNT] {
     t
 }
 
-/// What this version does with the IOMMU, for `status`.
-const IOMMU_TEXT: &str = "not driven by this thinhv version: no IOMMU units managed, no DMA protection (docs/security.md)";
+/// Without units in protect mode: what that means.
+const NO_IOMMU: &str = "none driven by thinhv ([iommu] mode = \"off\", none found, or AMD-Vi): DMA into thinhv is not blocked (docs/security.md)";
 
-fn iommu_json() -> serde_json::Value {
-    json!({"managed": false, "units": [], "note": IOMMU_TEXT})
+fn kind_name(k: u8) -> &'static str {
+    match k {
+        thinhv_abi::handoff::IOMMU_KIND_VTD => "VT-d",
+        thinhv_abi::handoff::IOMMU_KIND_AMDVI => "AMD-Vi",
+        _ => "unknown",
+    }
+}
+
+fn state_name(s: u8) -> &'static str {
+    match s {
+        IOMMU_STATE_TRANSLATING => "translating",
+        IOMMU_STATE_FAILED => "failed",
+        _ => "off",
+    }
+}
+
+fn rid(r: u16) -> String {
+    format!("{:02x}:{:02x}.{}", r >> 8, (r >> 3) & 0x1f, r & 7)
+}
+
+/// The IOMMU units as JSON.
+pub fn iommu_json(units: &[IommuRecord]) -> serde_json::Value {
+    let list: Vec<_> = units
+        .iter()
+        .map(|u| {
+            let last = (u.faults > 0).then(|| {
+                json!({
+                    "address": u.last_fault_address,
+                    "source": rid(u.last_fault_source),
+                    "reason": u.last_fault_reason,
+                    "write": u.last_fault_write != 0,
+                })
+            });
+            json!({
+                "base": u.base,
+                "kind": kind_name(u.kind),
+                "segment": u.segment,
+                "state": state_name(u.state),
+                "faults": u.faults,
+                "overflows": u.overflows,
+                "last_fault": last,
+            })
+        })
+        .collect();
+    let managed = units.iter().any(|u| u.state == IOMMU_STATE_TRANSLATING);
+    json!({"managed": managed, "units": list})
+}
+
+/// The IOMMU units as text.
+pub fn iommu_text(units: &[IommuRecord]) -> String {
+    use std::fmt::Write;
+    if units.is_empty() {
+        return format!("IOMMU:              {NO_IOMMU}\n");
+    }
+    let mut s = String::new();
+    for u in units {
+        let _ = write!(
+            s,
+            "IOMMU:              {} unit {:#x} (segment {}): {}, {} DMA faults",
+            kind_name(u.kind),
+            u.base,
+            u.segment,
+            state_name(u.state),
+            u.faults
+        );
+        if u.faults > 0 {
+            let _ = write!(
+                s,
+                " (last: {} by {} at {:#x}, reason {:#x})",
+                if u.last_fault_write != 0 {
+                    "write"
+                } else {
+                    "read"
+                },
+                rid(u.last_fault_source),
+                u.last_fault_address,
+                u.last_fault_reason
+            );
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// thinhv puts every requester in one IOMMU domain (1) while a unit
+/// translates; none otherwise.
+fn shared_domain(iommus: &[IommuRecord]) -> Option<u16> {
+    iommus
+        .iter()
+        .any(|u| u.state == IOMMU_STATE_TRANSLATING)
+        .then_some(1)
 }
 
 /// `SSSS:BB:DD.F` of a record.
@@ -253,7 +357,8 @@ fn owner_name(d: &DeviceRecord) -> &'static str {
 }
 
 /// The inventory as JSON.
-pub fn devices_json(devs: &[DeviceRecord]) -> serde_json::Value {
+pub fn devices_json(devs: &[DeviceRecord], iommus: &[IommuRecord]) -> serde_json::Value {
+    let domain = shared_domain(iommus);
     let list: Vec<_> = devs
         .iter()
         .map(|d| {
@@ -277,16 +382,17 @@ pub fn devices_json(devs: &[DeviceRecord]) -> serde_json::Value {
                 "class_name": class_name(base, sub),
                 "pcie": d.flags & DEV_FLAG_PCIE != 0,
                 "owner": owner_name(d),
-                "iommu_domain": serde_json::Value::Null,
+                "iommu_domain": domain,
                 "sriov": sriov,
             })
         })
         .collect();
-    json!({"devices": list, "iommu": iommu_json()})
+    json!({"devices": list})
 }
 
 /// The inventory as a table.
-pub fn devices_text(devs: &[DeviceRecord]) -> String {
+pub fn devices_text(devs: &[DeviceRecord], iommus: &[IommuRecord]) -> String {
+    let domain = shared_domain(iommus).map_or_else(|| "none".to_string(), |d| d.to_string());
     use std::fmt::Write;
     let mut s = String::new();
     let _ = writeln!(
@@ -312,11 +418,11 @@ pub fn devices_text(devs: &[DeviceRecord]) -> String {
             d.device,
             class_name(base, sub),
             owner_name(d),
-            "none",
+            domain,
             sriov
         );
     }
-    let _ = writeln!(s, "{} functions; IOMMU: {IOMMU_TEXT}", devs.len());
+    let _ = writeln!(s, "{} functions", devs.len());
     s
 }
 
@@ -329,11 +435,13 @@ pub fn devices(json_out: bool) -> ExitCode {
     match read_page(&p) {
         Ok(pg) => {
             if json_out {
-                let mut v = devices_json(&pg.devices);
+                let mut v = devices_json(&pg.devices, &pg.iommus);
+                v["iommu"] = iommu_json(&pg.iommus);
                 v["dropped"] = json!(pg.header.devices_dropped);
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
             } else {
-                print!("{}", devices_text(&pg.devices));
+                print!("{}", devices_text(&pg.devices, &pg.iommus));
+                print!("{}", iommu_text(&pg.iommus));
                 if pg.header.devices_dropped > 0 {
                     println!(
                         "({} more functions did not fit the inventory)",
@@ -395,7 +503,7 @@ mod tests {
 
     #[test]
     fn devices_as_json() {
-        let v = devices_json(&[nic()]);
+        let v = devices_json(&[nic()], &[]);
         let d = &v["devices"][0];
         assert_eq!(d["bdf"], "0000:02:01.1");
         assert_eq!(d["vendor_id"], "8086");
@@ -405,18 +513,38 @@ mod tests {
         assert_eq!(d["pcie"], true);
         assert_eq!(d["sriov"]["total_vfs"], 8);
         assert_eq!(d["sriov"]["vf_device_id"], "10ca");
-        assert_eq!(v["iommu"]["managed"], false);
+        assert!(d["iommu_domain"].is_null());
+        let on = IommuRecord {
+            base: 0xfed9_0000,
+            kind: thinhv_abi::handoff::IOMMU_KIND_VTD,
+            state: IOMMU_STATE_TRANSLATING,
+            faults: 2,
+            last_fault_source: 0x0100,
+            last_fault_write: 1,
+            ..IommuRecord::default()
+        };
+        assert_eq!(
+            devices_json(&[nic()], &[on])["devices"][0]["iommu_domain"],
+            1
+        );
+        let j = iommu_json(&[on]);
+        assert_eq!(j["managed"], true);
+        assert_eq!(j["units"][0]["state"], "translating");
+        assert_eq!(j["units"][0]["last_fault"]["source"], "01:00.0");
+        assert_eq!(iommu_json(&[])["managed"], false);
+        let t = iommu_text(&[on]);
+        assert!(t.contains("VT-d unit 0xfed90000 (segment 0): translating, 2 DMA faults (last: write by 01:00.0"), "{t}");
         let mut plain = nic();
         plain.flags = 0;
         plain.owner = OWNER_HIDDEN;
-        let v = devices_json(&[plain]);
+        let v = devices_json(&[plain], &[]);
         assert!(v["devices"][0]["sriov"].is_null());
         assert_eq!(v["devices"][0]["owner"], "hidden");
     }
 
     #[test]
     fn devices_as_text() {
-        let t = devices_text(&[nic()]);
+        let t = devices_text(&[nic()], &[]);
         let row = t.lines().nth(1).unwrap();
         assert!(
             row.starts_with("0000:02:01.1  8086:10c9 Ethernet controller"),

@@ -107,3 +107,70 @@ fn without_the_iommu_dma_reaches_thinhv() {
     assert_eq!(get(&r, "dma_core_skipped"), "1");
     assert_eq!(get(&r, "iommu_count"), "0");
 }
+
+fn linux(name: &str, iommu_mode: &str) -> thinhv_tests::Guest {
+    let b = built();
+    let boot = Boot::new(&b, name, vtd_machine());
+    boot.esp.install_linux(&b.linux).unwrap();
+    boot.esp
+        .install_thinhv(
+            &b.efi,
+            Some(&thinhv_tests::linux_config(&format!(
+                "\n[iommu]\nmode = \"{iommu_mode}\"\n"
+            ))),
+        )
+        .unwrap();
+    thinhv_tests::boot_linux(&boot)
+}
+
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn linux_does_not_see_the_iommu_thinhv_owns() {
+    let g = linux("iommu-vtd-linux", "protect");
+    let tables: Vec<&str> = g.get("acpi_tables").split_whitespace().collect();
+    assert!(!tables.contains(&"DMAR"), "{tables:?}");
+    assert!(
+        tables.contains(&"MCFG") && tables.contains(&"APIC"),
+        "{tables:?}"
+    );
+    assert_eq!(
+        g.get("dmesg_dmar_lines"),
+        "0",
+        "Linux found no IOMMU to drive"
+    );
+    assert_eq!(g.get("nproc"), "2");
+    let s = g.status.as_ref().expect("status");
+    let u = &s["iommu"]["units"][0];
+    assert_eq!(s["iommu"]["managed"], true);
+    assert_eq!(u["kind"], "VT-d");
+    assert_eq!(u["state"], "translating");
+    assert_eq!(u["base"], 0xfed9_0000u64);
+    assert_eq!(u["faults"], 0, "no device was refused DMA during the boot");
+    let d = g.devices.as_ref().expect("devices");
+    assert!(
+        d["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x["iommu_domain"] == 1)
+    );
+    assert!(
+        g.facts
+            .contains("VT-d unit 0xfed90000 (segment 0): translating, 0 DMA faults")
+    );
+}
+
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn in_mode_off_linux_sees_the_iommu() {
+    let g = linux("iommu-vtd-linux-off", "off");
+    let tables: Vec<&str> = g.get("acpi_tables").split_whitespace().collect();
+    assert!(tables.contains(&"DMAR"), "{tables:?}");
+    assert_ne!(
+        g.get("dmesg_dmar_lines"),
+        "0",
+        "Linux drives the IOMMU itself"
+    );
+    let s = g.status.as_ref().expect("status");
+    assert_eq!(s["iommu"]["managed"], false);
+}
