@@ -224,8 +224,8 @@ pub struct IommuHandoff {
     pub units: [IommuUnit; MAX_IOMMUS],
     /// Valid `reserved_ranges`.
     pub reserved_count: u32,
-    /// Reserved.
-    pub reserved2: u32,
+    /// AMD-Vi: requester IDs the device table covers (0..device_ids).
+    pub device_ids: u32,
     /// Memory devices use for DMA by firmware agreement (RMRR), kept
     /// identity-mapped.
     pub reserved_ranges: [PhysRange; MAX_IOMMU_RESERVED],

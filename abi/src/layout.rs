@@ -36,16 +36,33 @@ pub const fn table_pages(top: u64, page_1g: bool) -> u64 {
     1 + pdpts + if page_1g { 0 } else { gibs }
 }
 
+/// Pages the IOMMU structures need besides their identity table: VT-d root
+/// and context table; AMD-Vi device table for `device_ids` requesters,
+/// command buffer, event log and completion-wait page.
+pub const fn iommu_pages(kind: u8, device_ids: u64) -> u64 {
+    match kind {
+        crate::handoff::IOMMU_KIND_VTD => 2,
+        crate::handoff::IOMMU_KIND_AMDVI => (device_ids * 32).div_ceil(PAGE) + 3,
+        _ => 0,
+    }
+}
+
 /// Size of the pool for `cpus` processors and a memory map ending at
-/// `phys_top` (the core maps at least 4 GiB).
-pub const fn pool_size(cpus: u64, phys_top: u64, page_1g: bool) -> u64 {
+/// `phys_top` (the core maps at least 4 GiB), plus `extra_pages` (the
+/// IOMMU's structures, with their own identity table).
+pub const fn pool_size(cpus: u64, phys_top: u64, page_1g: bool, extra_pages: u64) -> u64 {
     let top = if phys_top < (4 << 30) {
         4 << 30
     } else {
         phys_top
     };
     // Host tables and second-level tables, plus slack for splits.
-    let tables = 2 * table_pages(top, page_1g) + TABLE_SLACK_PAGES;
+    let iommu = if extra_pages > 0 {
+        extra_pages + table_pages(top, false)
+    } else {
+        0
+    };
+    let tables = 2 * table_pages(top, page_1g) + TABLE_SLACK_PAGES + iommu;
     HEAP_SIZE + (SHARED_PAGES + tables) * PAGE + cpus * per_cpu_bytes()
 }
 
@@ -60,7 +77,16 @@ mod tests {
         assert_eq!(table_pages(4 << 30, false), 6);
         assert_eq!(table_pages(1 << 40, true), 1 + 2);
         // A 4-CPU machine with 2 GiB: well under 2 MiB of pool.
-        assert!(pool_size(4, 2 << 30, true) < 2 << 20);
-        assert_eq!(pool_size(1, 0, true) % 4096, 0);
+        assert!(pool_size(4, 2 << 30, true, 0) < 2 << 20);
+        assert_eq!(pool_size(1, 0, true, 0) % 4096, 0);
+        // AMD-Vi for 16 buses: a 128 KiB device table and three pages.
+        assert_eq!(
+            iommu_pages(crate::handoff::IOMMU_KIND_AMDVI, 16 * 256),
+            32 + 3
+        );
+        assert_eq!(
+            pool_size(1, 0, true, 35) - pool_size(1, 0, true, 0),
+            (35 + table_pages(4 << 30, false)) * PAGE
+        );
     }
 }

@@ -4,9 +4,73 @@ use alloc::format;
 use alloc::string::String;
 use thinhv_abi::PhysRange;
 use thinhv_abi::handoff::{
-    IOMMU_KIND_VTD, IOMMU_MODE_PROTECT, IommuHandoff, IommuUnit, MAX_IOMMU_RESERVED, MAX_IOMMUS,
+    IOMMU_KIND_AMDVI, IOMMU_KIND_VTD, IOMMU_MODE_PROTECT, IommuHandoff, IommuUnit,
+    MAX_IOMMU_RESERVED, MAX_IOMMUS,
 };
 use thinhv_passthrough::dmar::Dmar;
+use thinhv_passthrough::ivrs::Ivrs;
+
+/// Bytes of an AMD-Vi register window thinhv hides from the guest (the
+/// registers it uses end below 0x2028).
+pub const AMDVI_WINDOW: u64 = 0x4000;
+
+/// Requester IDs an AMD-Vi device table covers when the highest bus found
+/// is `max_bus`: every bus up to it, at least 16 (room for buses that
+/// appear later), at most 256.
+pub fn amdvi_device_ids(max_bus: u8) -> u32 {
+    (u32::from(max_bus) + 1).clamp(16, 256) * 256
+}
+
+/// The hand-off for an AMD-Vi platform in protect mode.
+pub fn amdvi(r: &Ivrs, max_bus: u8) -> Result<IommuHandoff, String> {
+    let units = r.units();
+    if units.is_empty() {
+        return Err("the IVRS lists no IOMMU".into());
+    }
+    if units.len() > MAX_IOMMUS {
+        return Err(format!(
+            "the IVRS lists {} IOMMUs; thinhv handles {MAX_IOMMUS}",
+            units.len()
+        ));
+    }
+    if let Some(u) = units.iter().find(|u| u.segment != 0) {
+        return Err(format!(
+            "an IOMMU ({:#x}) serves PCI segment {}; thinhv handles segment 0 only",
+            u.base, u.segment
+        ));
+    }
+    let unity: alloc::vec::Vec<_> = r
+        .ivmds
+        .iter()
+        .filter(|m| m.unity() && m.length > 0)
+        .collect();
+    if unity.len() > MAX_IOMMU_RESERVED {
+        return Err(format!(
+            "the IVRS lists {} unity-mapped ranges; thinhv handles {MAX_IOMMU_RESERVED}",
+            unity.len()
+        ));
+    }
+    let mut h = IommuHandoff {
+        mode: IOMMU_MODE_PROTECT,
+        kind: IOMMU_KIND_AMDVI,
+        device_ids: amdvi_device_ids(max_bus),
+        ..IommuHandoff::default()
+    };
+    for (slot, u) in h.units.iter_mut().zip(&units) {
+        *slot = IommuUnit {
+            base: u.base,
+            size: AMDVI_WINDOW,
+            segment: u.segment,
+            reserved: [0; 3],
+        };
+    }
+    h.count = u32::try_from(units.len()).unwrap_or(0);
+    for (slot, m) in h.reserved_ranges.iter_mut().zip(&unity) {
+        *slot = PhysRange::new(m.start, m.length);
+    }
+    h.reserved_count = u32::try_from(unity.len()).unwrap_or(0);
+    Ok(h)
+}
 
 /// The hand-off for a VT-d platform in protect mode.
 pub fn vtd(d: &Dmar) -> Result<IommuHandoff, String> {
@@ -55,7 +119,12 @@ pub fn vtd(d: &Dmar) -> Result<IommuHandoff, String> {
 /// A line describing the units, for the boot console.
 pub fn describe(h: &IommuHandoff) -> String {
     use core::fmt::Write;
-    let mut s = format!("{} VT-d unit(s) at", h.count);
+    let kind = if h.kind == IOMMU_KIND_AMDVI {
+        "AMD-Vi IOMMU(s)"
+    } else {
+        "VT-d unit(s)"
+    };
+    let mut s = format!("{} {kind} at", h.count);
     for u in h.units() {
         let _ = write!(s, " {:#x}", u.base);
     }
@@ -82,6 +151,17 @@ mod tests {
         assert_eq!(h.units[0].base, 0xfed9_0000);
         assert_eq!(h.units[0].size, 4096);
         assert_eq!(describe(&h), "1 VT-d unit(s) at 0xfed90000");
+    }
+
+    #[test]
+    fn qemu_ivrs_becomes_one_iommu() {
+        let bytes = include_bytes!("../../passthrough/tests/data/qemu-q35-amd-iommu.ivrs");
+        let r = thinhv_passthrough::ivrs::parse(bytes).unwrap();
+        let h = amdvi(&r, 1).unwrap();
+        assert_eq!((h.count, h.units[0].base), (1, 0xfed8_0000));
+        assert_eq!(h.device_ids, 16 * 256);
+        assert_eq!(describe(&h), "1 AMD-Vi IOMMU(s) at 0xfed80000");
+        assert_eq!(amdvi_device_ids(255), 65536);
     }
 
     #[test]

@@ -33,11 +33,11 @@ pub struct Plan {
 const PAGE: u64 = 4096;
 
 /// Plans a reservation for an image of `image_span` bytes.
-pub fn plan(image_span: u64, cpus: u64, phys_top: u64, page_1g: bool) -> Plan {
+pub fn plan(image_span: u64, cpus: u64, phys_top: u64, page_1g: bool, iommu_pages: u64) -> Plan {
     let image_offset = thinhv_abi::handoff::HANDOFF_AREA;
     let image_size = image_span.div_ceil(PAGE) * PAGE;
     let pool_offset = image_offset + image_size;
-    let pool = pool_size(cpus, phys_top, page_1g);
+    let pool = pool_size(cpus, phys_top, page_1g, iommu_pages);
     let protected_size = pool_offset + pool;
     let (status, _) = status_area_layout(usize::try_from(cpus).unwrap_or(usize::MAX));
     let status_size = status as u64;
@@ -72,7 +72,7 @@ mod tests {
     #[test]
     fn plan_is_consistent_with_the_handoff_rules() {
         for cpus in [1, 2, 4, 64] {
-            let p = plan(0x5_0123, cpus, 2 << 30, true);
+            let p = plan(0x5_0123, cpus, 2 << 30, true, 0);
             assert_eq!(p.total % PAGE, 0);
             let (prot, status, image, pool) = p.ranges(0x7e00_0000);
             let mut h = Handoff::new();
@@ -94,7 +94,7 @@ mod tests {
     #[test]
     fn footprint_for_a_small_server() {
         // 4 CPUs, 4 GiB, a 400 KiB core: well under 2 MiB in total.
-        let p = plan(400 << 10, 4, 4 << 30, true);
+        let p = plan(400 << 10, 4, 4 << 30, true, 0);
         assert!(p.total < 2 << 20, "{}", p.total);
     }
 }

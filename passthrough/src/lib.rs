@@ -11,6 +11,7 @@
 extern crate alloc;
 
 pub mod acpi;
+pub mod amdvi;
 pub mod dmar;
 pub mod ivrs;
 pub mod pci;

@@ -151,7 +151,39 @@ pub fn install(config: &Config) -> Result<String, String> {
     let bsp_apic = platform::apic_id();
     let mem = platform::memory().ok_or("cannot read the firmware memory map")?;
     let page_1g = caps.features & thinhv_abi::handoff::features::PAGE_1G != 0;
-    let p = plan::plan(layout.span, cpus.len() as u64, mem.top, page_1g);
+    // The device inventory (read-only PCI walk; a failure here costs the
+    // inventory, never the boot).
+    let (devices, devices_dropped) = match super::pci::ecam_regions() {
+        Ok(regions) => {
+            let fs = super::pci::functions(&regions);
+            for l in thinhv_efi::inventory::report(&fs) {
+                println!("thinhv: {l}");
+            }
+            thinhv_efi::inventory::records(&fs)
+        }
+        Err(e) => {
+            println!("thinhv: no PCI inventory: {e}");
+            (Vec::new(), 0)
+        }
+    };
+
+    let max_bus = devices.iter().map(|d| d.bus).max().unwrap_or(0);
+    let iommu = super::iommu::prepare(config, max_bus);
+    let iommu_pages = thinhv_abi::layout::iommu_pages(
+        if iommu.mode == thinhv_abi::handoff::IOMMU_MODE_PROTECT {
+            iommu.kind
+        } else {
+            0
+        },
+        u64::from(iommu.device_ids),
+    );
+    let p = plan::plan(
+        layout.span,
+        cpus.len() as u64,
+        mem.top,
+        page_1g,
+        iommu_pages,
+    );
 
     // The reservation: EfiReservedMemoryType, which no OS reclaims.
     let pages = (p.total / 4096) as usize;
@@ -184,28 +216,12 @@ pub fn install(config: &Config) -> Result<String, String> {
     }
     let ro_crc = elf_load::ro_crc(image_bytes, &loaded.ro);
 
-    // The device inventory (read-only PCI walk; a failure here costs the
-    // inventory, never the boot).
-    let (devices, devices_dropped) = match super::pci::ecam_regions() {
-        Ok(regions) => {
-            let fs = super::pci::functions(&regions);
-            for l in thinhv_efi::inventory::report(&fs) {
-                println!("thinhv: {l}");
-            }
-            thinhv_efi::inventory::records(&fs)
-        }
-        Err(e) => {
-            println!("thinhv: no PCI inventory: {e}");
-            (Vec::new(), 0)
-        }
-    };
-
     // The hand-off, in the first page of the protected region.
     let mut h = Handoff::new();
     h.devices_pa = devices.as_ptr() as u64;
     h.device_count = devices.len() as u32;
     h.devices_dropped = devices_dropped;
-    h.iommu = super::iommu::prepare(config);
+    h.iommu = iommu;
     h.region = PhysRange::new(base, p.total);
     h.protected = protected;
     h.status = status;

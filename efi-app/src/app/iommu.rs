@@ -74,7 +74,7 @@ fn table<T: acpi::AcpiTable>(tables: &acpi::AcpiTables<Identity>) -> Option<Vec<
 }
 
 /// Finds and describes the IOMMU for the core.
-pub fn prepare(config: &Config) -> IommuHandoff {
+pub fn prepare(config: &Config, max_bus: u8) -> IommuHandoff {
     let off = IommuHandoff::default();
     let Some(rsdp) = rsdp_address() else {
         return off;
@@ -119,30 +119,58 @@ pub fn prepare(config: &Config) -> IommuHandoff {
                 "thinhv: IOMMU: the DMAR table is malformed ({e}); left to the OS, DMA into thinhv is NOT blocked"
             ),
         },
-        (None, Some(_), true) => println!(
-            "thinhv: IOMMU: AMD-Vi is not driven by this version; left to the OS, DMA into thinhv is NOT blocked"
-        ),
+        (None, Some(bytes), true) => match thinhv_passthrough::ivrs::parse(bytes) {
+            Ok(r) => {
+                for s in &r.skipped {
+                    println!(
+                        "thinhv: IOMMU: IVRS block type {:#x} at offset {:#x} skipped",
+                        s.kind, s.offset
+                    );
+                }
+                match thinhv_efi::iommu_plan::amdvi(&r, max_bus) {
+                    Ok(h) => {
+                        println!(
+                            "thinhv: IOMMU: {}; thinhv takes it ([iommu] mode = \"protect\")",
+                            thinhv_efi::iommu_plan::describe(&h)
+                        );
+                        return h;
+                    }
+                    Err(e) => println!(
+                        "thinhv: IOMMU: {e}; left to the OS, DMA into thinhv is NOT blocked"
+                    ),
+                }
+            }
+            Err(e) => println!(
+                "thinhv: IOMMU: the IVRS table is malformed ({e}); left to the OS, DMA into thinhv is NOT blocked"
+            ),
+        },
     }
     off
 }
 
 /// After seal: report, and hide the table if every unit translates.
 pub fn after_seal(h: &IommuHandoff, on: u64, total: u64) {
-    if h.mode != IOMMU_MODE_PROTECT || h.kind != IOMMU_KIND_VTD || total == 0 {
+    if h.mode != IOMMU_MODE_PROTECT || total == 0 {
         return;
     }
+    let (what, table) = if h.kind == IOMMU_KIND_VTD {
+        ("VT-d units", *b"DMAR")
+    } else {
+        ("AMD-Vi IOMMUs", *b"IVRS")
+    };
+    let name = core::str::from_utf8(&table).unwrap_or("?");
     if on != total {
         println!(
-            "thinhv: IOMMU: only {on} of {total} VT-d units translating (see the log); the DMAR stays visible and DMA into thinhv is NOT fully blocked"
+            "thinhv: IOMMU: only {on} of {total} {what} translating (see the log); the {name} stays visible and DMA into thinhv is NOT fully blocked"
         );
         return;
     }
-    match hide(&[*b"DMAR"]) {
+    match hide(&[table]) {
         Ok(()) => println!(
-            "thinhv: IOMMU: {on} of {total} VT-d units translating; DMA into thinhv is blocked; DMAR hidden from the OS"
+            "thinhv: IOMMU: {on} of {total} {what} translating; DMA into thinhv is blocked; {name} hidden from the OS"
         ),
         Err(e) => println!(
-            "thinhv: IOMMU: translating, but the DMAR could not be hidden ({e}); the OS may take the IOMMU over"
+            "thinhv: IOMMU: translating, but the {name} could not be hidden ({e}); the OS may take the IOMMU over"
         ),
     }
 }

@@ -9,19 +9,56 @@
 //! polled whenever the guest makes a hypercall or asks thinhv's CPUID
 //! leaves, counted in the status page and logged.
 //!
-//! AMD-Vi is not driven yet: its units are reported as off.
+//! AMD-Vi the same way: one device table whose entries all point to one
+//! I/O page table (identity, minus the hypervisor), the command buffer for
+//! invalidation with a completion wait, and the event log for faults.
 use super::phys::IdentityMem;
 use super::status_page::StatusPage;
 use spin::Mutex;
 use thinhv_abi::PhysRange;
 use thinhv_abi::handoff::{
-    CoreError, IOMMU_KIND_VTD, IOMMU_MODE_PROTECT, IommuHandoff, MAX_IOMMUS,
+    CoreError, IOMMU_KIND_AMDVI, IOMMU_KIND_VTD, IOMMU_MODE_PROTECT, IommuHandoff, MAX_IOMMUS,
 };
 use thinhv_abi::layout::PAGE;
 use thinhv_abi::status::{IOMMU_STATE_FAILED, IOMMU_STATE_TRANSLATING, IommuRecord};
-use thinhv_paging::iommu::{ADDR_MASK, VtdFormat};
-use thinhv_paging::{Attrs, BumpFrames, Mapper, PhysMem};
+use thinhv_paging::iommu::{ADDR_MASK, AmdViFormat, VtdFormat};
+use thinhv_paging::{Attrs, BumpFrames, EntryFormat, FrameAlloc, Mapper, PhysMem};
+use thinhv_passthrough::amdvi::{self, Ring};
 use thinhv_passthrough::vtd::{self, Caps, Mmio};
+
+/// A 256-entry ring of 16-byte entries in the core's memory.
+struct PhysRing {
+    base: u64,
+}
+
+impl Ring for PhysRing {
+    fn read(&self, i: usize) -> [u32; 4] {
+        // SAFETY: `base` is a page of the pool given to this ring; i < 256
+        // keeps the 16-byte entry inside it.
+        unsafe { core::ptr::read_volatile((self.base as *const [u32; 4]).add(i % 256)) }
+    }
+    fn write(&mut self, i: usize, e: [u32; 4]) {
+        // SAFETY: as in `read`.
+        unsafe { core::ptr::write_volatile((self.base as *mut [u32; 4]).add(i % 256), e) }
+    }
+}
+
+/// What the units were set up with.
+#[derive(Clone, Copy, Debug)]
+enum Hw {
+    /// Nothing to enable.
+    None,
+    /// VT-d root table.
+    Vtd { root_table: u64 },
+    /// AMD-Vi structures.
+    AmdVi {
+        dev_table: u64,
+        dev_table_pages: u64,
+        cmd_buf: u64,
+        event_log: u64,
+        sem: u64,
+    },
+}
 
 /// A unit's registers through the identity map.
 struct Window {
@@ -62,7 +99,7 @@ struct Unit {
 /// The IOMMU state.
 pub struct Iommu {
     units: Mutex<([Unit; MAX_IOMMUS], usize)>,
-    root_table: u64,
+    hw: Hw,
     protect: bool,
     status: StatusPage,
 }
@@ -92,16 +129,24 @@ impl Iommu {
                 ..IommuRecord::default()
             };
         }
-        let protect = h.mode == IOMMU_MODE_PROTECT && h.kind == IOMMU_KIND_VTD && n > 0;
+        let protect = h.mode == IOMMU_MODE_PROTECT
+            && (h.kind == IOMMU_KIND_VTD || h.kind == IOMMU_KIND_AMDVI)
+            && n > 0;
         let mut me = Self {
             units: Mutex::new((units, n)),
-            root_table: 0,
+            hw: Hw::None,
             protect,
             status,
         };
         if protect {
-            match me.build(h, region, top, host_top, frames) {
-                Ok(root) => me.root_table = root,
+            let built = if h.kind == IOMMU_KIND_VTD {
+                me.build(h, region, top, host_top, frames)
+                    .map(|root_table| Hw::Vtd { root_table })
+            } else {
+                me.build_amdvi(h, region, top, host_top, frames)
+            };
+            match built {
+                Ok(hw) => me.hw = hw,
                 Err(why) => {
                     log::error!("IOMMU: {why}; DMA into thinhv is NOT blocked");
                     me.protect = false;
@@ -159,39 +204,7 @@ impl Iommu {
             page_2m: p2m,
         };
         let mut mem = IdentityMem;
-        let oom = "out of memory for the IOMMU tables";
-        let sl4 = Mapper::create(&fmt, &mut mem, frames)
-            .map_err(|_| oom)?
-            .root();
-        {
-            let mut m = Mapper::open(&fmt, &mut mem, sl4);
-            m.map(0, 0, region.base, Attrs::RWX, frames)
-                .map_err(|_| oom)?;
-            if region.end() < top {
-                m.map(
-                    region.end(),
-                    region.end(),
-                    top - region.end(),
-                    Attrs::RWX,
-                    frames,
-                )
-                .map_err(|_| oom)?;
-            }
-            for r in h.reserved_ranges() {
-                if region.overlaps(r.base, r.size) {
-                    log::error!(
-                        "IOMMU: reserved range {:#x}+{:#x} overlaps thinhv; not mapped",
-                        r.base,
-                        r.size
-                    );
-                    continue;
-                }
-                let base = r.base & !(PAGE - 1);
-                let end = r.end().div_ceil(PAGE) * PAGE;
-                m.map(base, base, end - base, Attrs::RWX, frames)
-                    .map_err(|_| oom)?;
-            }
-        }
+        let sl4 = identity_tables(&fmt, h, region, top, frames)?;
         // 3-level: the table under the 4-level root's first entry.
         let sl_root = if aw == 1 {
             mem.read_entry(sl4, 0) & ADDR_MASK
@@ -211,6 +224,60 @@ impl Iommu {
         Ok(root)
     }
 
+    /// AMD-Vi: the I/O page table, the device table (every entry the same),
+    /// the command buffer, the event log and the completion-wait page.
+    fn build_amdvi(
+        &self,
+        h: &IommuHandoff,
+        region: PhysRange,
+        top: u64,
+        host_top: u64,
+        frames: &mut BumpFrames,
+    ) -> Result<Hw, &'static str> {
+        {
+            let g = self.units.lock();
+            let (units, n) = &*g;
+            for u in &units[..*n] {
+                if u.base == 0 || u.base.saturating_add(0x4000) > host_top {
+                    return Err("an AMD-Vi register window lies outside the core's map");
+                }
+                let efr = Window { base: u.base }.read64(amdvi::reg::EFR);
+                log::info!(
+                    "IOMMU: AMD-Vi unit {:#x}: extended features {efr:#x}",
+                    u.base
+                );
+            }
+        }
+        let pt_root = identity_tables(&AmdViFormat, h, region, top, frames)?;
+        let ids = u64::from(h.device_ids.clamp(256, 65536));
+        let pages = (ids * 32).div_ceil(PAGE);
+        // The bump allocator hands out consecutive frames: the device table
+        // is one contiguous block.
+        let dev_table = frames_take(frames)?;
+        for i in 1..pages {
+            let f = frames_take(frames)?;
+            if f != dev_table + i * PAGE {
+                return Err("the device table is not contiguous");
+            }
+        }
+        let mut mem = IdentityMem;
+        let e = amdvi::dte(pt_root, 1);
+        for id in 0..ids {
+            let at = dev_table + id * 32;
+            let (table, index) = (at & !(PAGE - 1), ((at & (PAGE - 1)) / 8) as usize);
+            for (k, q) in e.iter().enumerate() {
+                mem.write_entry(table, index + k, *q);
+            }
+        }
+        Ok(Hw::AmdVi {
+            dev_table,
+            dev_table_pages: pages,
+            cmd_buf: frames_take(frames)?,
+            event_log: frames_take(frames)?,
+            sem: frames_take(frames)?,
+        })
+    }
+
     /// Switches translation on (at seal). Returns (units translating,
     /// units).
     pub fn enable(&self) -> (u32, u32) {
@@ -226,18 +293,48 @@ impl Iommu {
                 // SAFETY: writing back caches loses nothing.
                 unsafe { core::arch::asm!("wbinvd", options(nostack)) };
                 for u in &mut units[..*n] {
-                    match vtd::enable(&mut Window { base: u.base }, self.root_table) {
-                        Ok(_) => {
+                    let r: Result<(), &'static str> = match self.hw {
+                        Hw::Vtd { root_table } => {
+                            vtd::enable(&mut Window { base: u.base }, root_table)
+                                .map(|_| ())
+                                .map_err(|e| match e {
+                                    vtd::VtdError::NoUsableAddressWidth => {
+                                        "no usable address width"
+                                    }
+                                    vtd::VtdError::Timeout(w) => w,
+                                    vtd::VtdError::AlreadyEnabled => {
+                                        "already enabled by the firmware"
+                                    }
+                                })
+                        }
+                        Hw::AmdVi {
+                            dev_table,
+                            dev_table_pages,
+                            cmd_buf,
+                            event_log,
+                            sem,
+                        } => amdvi_enable(
+                            u.base,
+                            dev_table,
+                            dev_table_pages,
+                            cmd_buf,
+                            event_log,
+                            sem,
+                        ),
+                        Hw::None => Err("not set up"),
+                    };
+                    match r {
+                        Ok(()) => {
                             u.record.state = IOMMU_STATE_TRANSLATING;
                             on += 1;
                             log::info!(
-                                "IOMMU: VT-d unit {:#x} translating; DMA into thinhv is blocked",
+                                "IOMMU: unit {:#x} translating; DMA into thinhv is blocked",
                                 u.base
                             );
                         }
                         Err(e) => {
                             u.record.state = IOMMU_STATE_FAILED;
-                            log::error!("IOMMU: VT-d unit {:#x}: {e}", u.base);
+                            log::error!("IOMMU: unit {:#x}: {e}", u.base);
                         }
                     }
                 }
@@ -257,10 +354,31 @@ impl Iommu {
         };
         let (units, n) = &mut *g;
         for (i, u) in units[..*n].iter_mut().enumerate() {
-            let (Some(c), IOMMU_STATE_TRANSLATING) = (u.caps, u.record.state) else {
+            if u.record.state != IOMMU_STATE_TRANSLATING {
                 continue;
+            }
+            let (faults, overflow) = match (self.hw, u.caps) {
+                (Hw::Vtd { .. }, Some(c)) => vtd::take_faults(&mut Window { base: u.base }, &c),
+                (Hw::AmdVi { event_log, .. }, _) => {
+                    let (ev, o) = amdvi::take_events(
+                        &mut Window { base: u.base },
+                        &PhysRing { base: event_log },
+                    );
+                    (
+                        ev.iter()
+                            .filter(|e| e.code == amdvi::EVENT_IO_PAGE_FAULT)
+                            .map(|e| vtd::Fault {
+                                source: e.device_id,
+                                reason: e.code,
+                                address: e.address & !0xfff,
+                                write: e.write,
+                            })
+                            .collect(),
+                        o,
+                    )
+                }
+                _ => continue,
             };
-            let (faults, overflow) = vtd::take_faults(&mut Window { base: u.base }, &c);
             if faults.is_empty() && !overflow {
                 continue;
             }
@@ -301,8 +419,82 @@ impl Iommu {
     }
 }
 
+/// The identity table for devices: everything below `top` except thinhv's
+/// region, plus the firmware's reserved ranges.
+fn identity_tables(
+    fmt: &impl EntryFormat,
+    h: &IommuHandoff,
+    region: PhysRange,
+    top: u64,
+    frames: &mut BumpFrames,
+) -> Result<u64, &'static str> {
+    let oom = "out of memory for the IOMMU tables";
+    let mut mem = IdentityMem;
+    let root = Mapper::create(fmt, &mut mem, frames)
+        .map_err(|_| oom)?
+        .root();
+    let mut m = Mapper::open(fmt, &mut mem, root);
+    m.map(0, 0, region.base, Attrs::RWX, frames)
+        .map_err(|_| oom)?;
+    if region.end() < top {
+        m.map(
+            region.end(),
+            region.end(),
+            top - region.end(),
+            Attrs::RWX,
+            frames,
+        )
+        .map_err(|_| oom)?;
+    }
+    for r in h.reserved_ranges() {
+        if region.overlaps(r.base, r.size) {
+            log::error!(
+                "IOMMU: reserved range {:#x}+{:#x} overlaps thinhv; not mapped",
+                r.base,
+                r.size
+            );
+            continue;
+        }
+        let base = r.base & !(PAGE - 1);
+        let end = r.end().div_ceil(PAGE) * PAGE;
+        m.map(base, base, end - base, Attrs::RWX, frames)
+            .map_err(|_| oom)?;
+    }
+    Ok(root)
+}
+
+/// Enables one AMD-Vi unit and checks that its command processing works:
+/// an invalidation of the domain followed by a completion wait that must
+/// store its value.
+fn amdvi_enable(
+    base: u64,
+    dev_table: u64,
+    pages: u64,
+    cmd_buf: u64,
+    event_log: u64,
+    sem: u64,
+) -> Result<(), &'static str> {
+    let mut w = Window { base };
+    amdvi::enable(&mut w, dev_table, pages, cmd_buf, event_log).map_err(|e| match e {
+        amdvi::AmdViError::AlreadyEnabled => "already enabled by the firmware",
+        amdvi::AmdViError::Timeout => "timeout",
+    })?;
+    // SAFETY: `sem` is a pool page reserved for completion waits.
+    unsafe { core::ptr::write_volatile(sem as *mut u64, 0) };
+    amdvi::submit(
+        &mut w,
+        &mut PhysRing { base: cmd_buf },
+        &[
+            amdvi::cmd_invalidate_domain(1),
+            amdvi::cmd_completion_wait(sem, 0x7468_696e),
+        ],
+    );
+    // SAFETY: as above; the IOMMU writes the value by DMA.
+    amdvi::wait(|| unsafe { core::ptr::read_volatile(sem as *const u64) } == 0x7468_696e)
+        .map_err(|_| "the command buffer did not complete")
+}
+
 fn frames_take(frames: &mut BumpFrames) -> Result<u64, &'static str> {
-    use thinhv_paging::FrameAlloc;
     let f = frames
         .alloc_frame()
         .ok_or("out of memory for the IOMMU tables")?;
