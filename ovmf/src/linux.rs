@@ -126,11 +126,55 @@ pub fn busybox() -> Result<PathBuf, String> {
     Ok(p)
 }
 
+/// Kernel modules the guest loads at start, in dependency order (paths
+/// under `lib/modules/VERSION/kernel`): the NVMe driver and its CRC
+/// helpers, and the e1000e NIC driver — devices whose DMA the IOMMU tests
+/// exercise.
+pub const MODULES: &[&str] = &[
+    "lib/crc64.ko",
+    "crypto/crct10dif_common.ko",
+    "crypto/crct10dif_generic.ko",
+    "lib/crc-t10dif.ko",
+    "crypto/crc64_rocksoft_generic.ko",
+    "lib/crc64-rocksoft.ko",
+    "block/t10-pi.ko",
+    "drivers/nvme/host/nvme-core.ko",
+    "drivers/nvme/host/nvme.ko",
+    "drivers/net/ethernet/intel/e1000e/e1000e.ko",
+];
+
+/// The modules directory (`.../lib/modules/VERSION/kernel`) of the unpacked
+/// kernel package `vmlinuz` came from.
+pub fn modules_dir(vmlinuz: &Path) -> Option<PathBuf> {
+    let ver = vmlinuz.file_name()?.to_str()?.strip_prefix("vmlinuz-")?;
+    Some(
+        vmlinuz
+            .parent()?
+            .parent()?
+            .join("lib/modules")
+            .join(ver)
+            .join("kernel"),
+    )
+}
+
+/// udhcpc's script: configure the address and default route it got.
+const UDHCPC_SCRIPT: &str = "#!/bin/sh
+case \"$1\" in
+  bound|renew)
+    ip addr flush dev \"$interface\"
+    ip addr add \"$ip/${mask:-24}\" dev \"$interface\"
+    [ -n \"$router\" ] && ip route add default via ${router%% *} dev \"$interface\"
+    ;;
+esac
+exit 0
+";
+
 /// Builds the initramfs: busybox, `/init`, the `thinhv` tool (also as
-/// `thinhv-status`) and the test reporter.
-pub fn initramfs(busybox: &Path, tool: &Path) -> Result<Vec<u8>, String> {
+/// `thinhv-status`), the test reporter, and the [`MODULES`] found in
+/// `modules` (with `modules.order` listing what is there).
+pub fn initramfs(busybox: &Path, tool: &Path, modules: Option<&Path>) -> Result<Vec<u8>, String> {
     let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-    let entries = vec![
+    let mut entries = vec![
         Entry::Dir("bin".into()),
         Entry::Dir("dev".into()),
         Entry::CharDev("dev/console".into(), 5, 1),
@@ -147,7 +191,34 @@ pub fn initramfs(busybox: &Path, tool: &Path) -> Result<Vec<u8>, String> {
             0o755,
             GUEST_TEST.as_bytes().to_vec(),
         ),
+        Entry::Dir("usr".into()),
+        Entry::Dir("usr/share".into()),
+        Entry::Dir("usr/share/udhcpc".into()),
+        Entry::File(
+            "usr/share/udhcpc/default.script".into(),
+            0o755,
+            UDHCPC_SCRIPT.as_bytes().to_vec(),
+        ),
+        Entry::Dir("lib".into()),
+        Entry::Dir("lib/modules".into()),
     ];
+    let mut order = String::new();
+    if let Some(dir) = modules {
+        for m in MODULES {
+            let p = dir.join(m);
+            if let Ok(bytes) = std::fs::read(&p) {
+                let name = m.rsplit('/').next().unwrap_or(m);
+                entries.push(Entry::File(format!("lib/modules/{name}"), 0o644, bytes));
+                order.push_str(name);
+                order.push('\n');
+            }
+        }
+    }
+    entries.push(Entry::File(
+        "lib/modules/modules.order".into(),
+        0o644,
+        order.into_bytes(),
+    ));
     Ok(archive(&entries))
 }
 
@@ -165,7 +236,8 @@ pub fn prepare(cache: &Path, tool: &Path) -> Result<LinuxImage, String> {
     let kernel = kernel(cache)?;
     let bb = busybox()?;
     let initrd = cache.join("initrd.img");
-    std::fs::write(&initrd, initramfs(&bb, tool)?)
+    let modules = modules_dir(&kernel);
+    std::fs::write(&initrd, initramfs(&bb, tool, modules.as_deref())?)
         .map_err(|e| format!("{}: {e}", initrd.display()))?;
     Ok(LinuxImage { kernel, initrd })
 }

@@ -248,3 +248,66 @@ fn linux_does_not_see_the_amdvi_thinhv_owns() {
     assert_eq!(s["iommu"]["units"][0]["kind"], "AMD-Vi");
     assert_eq!(s["iommu"]["units"][0]["state"], "translating");
 }
+
+/// A machine with the IOMMU, edu, an NVMe disk and an e1000e NIC on QEMU's
+/// user network.
+fn io_machine(iommu: &str, name: &str) -> Profile {
+    let b = built();
+    let disk = b.work.join(format!("{name}-nvme.img"));
+    let f = std::fs::File::create(&disk).unwrap();
+    f.set_len(64 << 20).unwrap();
+    let mut p = machine(iommu);
+    p.extra.extend(
+        [
+            "-drive",
+            &format!("file={},if=none,id=nv0,format=raw", disk.display()),
+            "-device",
+            "nvme,serial=thinhv0,drive=nv0",
+            "-netdev",
+            "user,id=n0",
+            "-device",
+            "e1000e,netdev=n0",
+        ]
+        .map(String::from),
+    );
+    p
+}
+
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn linux_devices_do_dma_through_vtd() {
+    let g = linux_on(
+        "iommu-vtd-io",
+        io_machine("intel-iommu", "iommu-vtd-io"),
+        "protect",
+    );
+    // NVMe: what was written (O_DIRECT, by DMA) reads back the same.
+    let w = g.get("nvme_written");
+    assert_ne!(w, "none", "no NVMe disk in the guest");
+    assert_eq!(g.get("nvme_read"), w);
+    // The NIC: an address from QEMU's DHCP, and the gateway answers.
+    assert!(g.get("eth0_addr").starts_with("10.0.2."), "{}", g.facts);
+    assert_eq!(g.get("ping_gateway"), "ok");
+    // All of it through thinhv's IOMMU, without a single refused DMA.
+    let s = g.status.as_ref().expect("status");
+    assert_eq!(s["iommu"]["units"][0]["state"], "translating");
+    assert_eq!(s["iommu"]["units"][0]["faults"], 0);
+    assert_eq!(g.get("dmesg_dmar_lines"), "0");
+}
+
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn linux_devices_do_dma_through_amdvi() {
+    let g = linux_on(
+        "iommu-amdvi-io",
+        io_machine("amd-iommu,pt=off", "iommu-amdvi-io"),
+        "protect",
+    );
+    let w = g.get("nvme_written");
+    assert_ne!(w, "none", "no NVMe disk in the guest");
+    assert_eq!(g.get("nvme_read"), w);
+    assert!(g.get("eth0_addr").starts_with("10.0.2."), "{}", g.facts);
+    assert_eq!(g.get("ping_gateway"), "ok");
+    let s = g.status.as_ref().expect("status");
+    assert_eq!(s["iommu"]["units"][0]["state"], "translating");
+}
