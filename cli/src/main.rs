@@ -20,6 +20,7 @@
 //! See `docs/status-channel.md`.
 mod cpuid;
 mod devmem;
+mod dma;
 mod gpt;
 mod install;
 mod report;
@@ -61,6 +62,8 @@ fn main() -> ExitCode {
         "selftest" => selftest::run(),
         "check" => check(rest),
         "install" => install::run_install(rest),
+        // Test tool for the guest (QEMU's edu device); not for operators.
+        "dma-probe" => dma::run(),
         "uninstall" => install::run_uninstall(rest),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");

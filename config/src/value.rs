@@ -91,19 +91,23 @@ impl InitSipi {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum IommuMode {
-    /// The OS owns the IOMMU; thinhv is not protected from DMA (default
-    /// until the IOMMU work is complete; see docs/security.md).
+    /// `protect`, unless a processor's APIC ID is above 254: such processors
+    /// need the OS's own interrupt remapping, which needs the IOMMU, so the
+    /// IOMMU is then left to the OS (with a warning).
     #[default]
-    Off,
+    Auto,
     /// thinhv owns the IOMMU and hides it from the OS: no device can DMA
     /// into the hypervisor.
     Protect,
+    /// The OS owns the IOMMU; thinhv is not protected from DMA.
+    Off,
 }
 
 impl IommuMode {
     /// The spelling in the file.
     pub const fn name(self) -> &'static str {
         match self {
+            Self::Auto => "auto",
             Self::Off => "off",
             Self::Protect => "protect",
         }

@@ -72,6 +72,27 @@ pub fn amdvi(r: &Ivrs, max_bus: u8) -> Result<IommuHandoff, String> {
     Ok(h)
 }
 
+/// Whether thinhv takes the IOMMU under `mode`, and what to tell the admin
+/// when `auto` leaves it to the OS: processors with APIC IDs above 254
+/// need the OS's interrupt remapping, which needs the IOMMU.
+pub fn take(
+    mode: thinhv_config::IommuMode,
+    max_apic_id: u32,
+    iommu_present: bool,
+) -> (bool, Option<&'static str>) {
+    use thinhv_config::IommuMode;
+    match mode {
+        IommuMode::Off => (false, None),
+        IommuMode::Auto if max_apic_id > 254 && iommu_present => (
+            false,
+            Some(
+                "processors with APIC IDs above 254 need the OS's interrupt remapping; leaving the IOMMU to the OS ([iommu] mode = \"protect\" takes it anyway)",
+            ),
+        ),
+        IommuMode::Protect | IommuMode::Auto => (true, None),
+    }
+}
+
 /// The hand-off for a VT-d platform in protect mode.
 pub fn vtd(d: &Dmar) -> Result<IommuHandoff, String> {
     if d.drhds.is_empty() {
@@ -151,6 +172,16 @@ mod tests {
         assert_eq!(h.units[0].base, 0xfed9_0000);
         assert_eq!(h.units[0].size, 4096);
         assert_eq!(describe(&h), "1 VT-d unit(s) at 0xfed90000");
+    }
+
+    #[test]
+    fn auto_takes_the_iommu_unless_x2apic_ids_need_it() {
+        use thinhv_config::IommuMode;
+        assert_eq!(take(IommuMode::Auto, 3, true), (true, None));
+        let (t, why) = take(IommuMode::Auto, 300, true);
+        assert!(!t && why.unwrap().contains("above 254"));
+        assert_eq!(take(IommuMode::Protect, 300, true), (true, None));
+        assert_eq!(take(IommuMode::Off, 0, true), (false, None));
     }
 
     #[test]

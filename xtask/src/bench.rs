@@ -63,6 +63,63 @@ fn boot_once(
     })
 }
 
+/// NVMe sequential read in the guest (128 MiB, O_DIRECT, 1 MiB blocks) on
+/// q35 with `intel-iommu`: with thinhv owning the IOMMU (every DMA
+/// translated) or without thinhv; same QEMU command line. Seconds.
+fn nvme_once(
+    a: &artifacts::Artifacts,
+    img: &linux::LinuxImage,
+    hv: bool,
+    n: usize,
+) -> Result<f64, String> {
+    let build = root().join("build").join("bench");
+    std::fs::create_dir_all(&build).map_err(|e| e.to_string())?;
+    let esp_dir = build.join(format!("nvme-{}-{n}", if hv { "hv" } else { "native" }));
+    let esp = Esp::create(&esp_dir).map_err(|e| e.to_string())?;
+    esp.install_linux(img).map_err(|e| e.to_string())?;
+    let options = esp::kernel_options("quiet thinhv_test=1 thinhv_nvme_bench=1");
+    let mut config = esp::config_booting(
+        esp::KERNEL,
+        Some(&options),
+        "\n[iommu]\nmode = \"protect\"\n",
+    );
+    if !hv {
+        config = config.replace("[hypervisor]\n", "[hypervisor]\nenabled = false\n");
+    }
+    esp.install_thinhv(&a.efi, Some(&config))
+        .map_err(|e| e.to_string())?;
+    let disk = build.join("nvme-bench.img");
+    std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(256 << 20))
+        .map_err(|e| e.to_string())?;
+    let ovmf = firmware::find()?;
+    let vars = esp_dir.with_extension("vars.fd");
+    std::fs::copy(&ovmf.vars, &vars).map_err(|e| e.to_string())?;
+    let serial = esp_dir.with_extension("serial.txt");
+    let mut p = Profile::svm(2);
+    p.extra = [
+        "-device".to_string(),
+        "intel-iommu".into(),
+        "-drive".into(),
+        format!("file={},if=none,id=nv0,format=raw", disk.display()),
+        "-device".into(),
+        "nvme,serial=bench0,drive=nv0".into(),
+    ]
+    .to_vec();
+    let cmd = qemu::command(&ovmf, &vars, &esp_dir, &p, &Serial::File(serial.clone()));
+    let mut run = Run::start(cmd, &serial).map_err(|e| e.to_string())?;
+    run.wait_for("THINHV-TEST-END", TIMEOUT)
+        .map_err(|e| format!("{e}\n{}", run.output()))?;
+    let out = run.output();
+    let _ = run.wait_exit(Duration::from_secs(30));
+    if hv && !out.contains("VT-d units translating") {
+        return Err(format!("thinhv did not take the IOMMU:\n{out}"));
+    }
+    thinhv_ovmf::runner::value(&out, "nvme_read_128m_seconds")
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .ok_or_else(|| format!("the guest did not time the NVMe read:\n{out}"))
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -107,6 +164,20 @@ pub fn run(args: &[String]) -> Result<(), String> {
             last_status = s.status;
         }
     }
+    let mut nvme_native = Vec::new();
+    let mut nvme_with = Vec::new();
+    for n in 0..runs {
+        let s = nvme_once(&a, &img, false, n)?;
+        println!("run {n}: NVMe 128 MiB without thinhv {s:.2} s");
+        nvme_native.push(s);
+        let s = nvme_once(&a, &img, true, n)?;
+        println!("run {n}: NVMe 128 MiB with thinhv+IOMMU {s:.2} s");
+        nvme_with.push(s);
+    }
+    let (nn, nw) = (
+        median(&mut nvme_native.clone()),
+        median(&mut nvme_with.clone()),
+    );
     let (mn, mw) = (median(&mut native.clone()), median(&mut with.clone()));
     let status = last_status.ok_or("the guest did not report thinhv's status")?;
     let efi_size = std::fs::metadata(&a.efi).map_or(0, |m| m.len());
@@ -116,6 +187,18 @@ pub fn run(args: &[String]) -> Result<(), String> {
     println!("  boot to Linux userspace without thinhv: {mn:6.2} s   {native:.2?}");
     println!("  boot to Linux userspace with thinhv:    {mw:6.2} s   {with:.2?}");
     println!("  ratio (with / without):                 {:6.3}", mw / mn);
+    println!(
+        "  NVMe sequential read (q35 + intel-iommu, 128 MiB, O_DIRECT, 1 MiB blocks, median):"
+    );
+    println!(
+        "    without thinhv:            {:7.1} MiB/s   {nvme_native:.2?} s",
+        128.0 / nn
+    );
+    println!(
+        "    with thinhv owning VT-d:   {:7.1} MiB/s   {nvme_with:.2?} s",
+        128.0 / nw
+    );
+    println!("    ratio (with / without):    {:7.3}", nn / nw);
     println!("  exits during the boot (all CPUs, counted until userspace):");
     let mut total = 0u64;
     if let Some(ex) = status.get("exits_total").and_then(Value::as_object) {
@@ -146,6 +229,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
         "median_without_s": mn, "median_with_s": mw, "ratio": mw / mn,
         "exits_total": status.get("exits_total"), "bytes_reserved": reserved,
         "efi_size": efi_size, "core_elf_size": core_size,
+        "nvme_read_128m_without_s": nvme_native, "nvme_read_128m_with_s": nvme_with,
+        "nvme_throughput_ratio": nn / nw,
     });
     let path = root().join("build/bench.json");
     std::fs::write(

@@ -168,7 +168,8 @@ pub fn install(config: &Config) -> Result<String, String> {
     };
 
     let max_bus = devices.iter().map(|d| d.bus).max().unwrap_or(0);
-    let iommu = super::iommu::prepare(config, max_bus);
+    let max_apic = cpus.iter().map(|c| c.apic_id).max().unwrap_or(0);
+    let iommu = super::iommu::prepare(config, max_bus, max_apic);
     let iommu_pages = thinhv_abi::layout::iommu_pages(
         if iommu.mode == thinhv_abi::handoff::IOMMU_MODE_PROTECT {
             iommu.kind

@@ -6,7 +6,7 @@
 use alloc::vec::Vec;
 use core::ptr::NonNull;
 use thinhv_abi::handoff::{IOMMU_KIND_VTD, IOMMU_MODE_PROTECT, IommuHandoff};
-use thinhv_config::{Config, IommuMode};
+use thinhv_config::Config;
 use uefi::boot::{self, AllocateType, MemoryType};
 use uefi::println;
 use uefi::table::cfg::ConfigTableEntry;
@@ -74,7 +74,7 @@ fn table<T: acpi::AcpiTable>(tables: &acpi::AcpiTables<Identity>) -> Option<Vec<
 }
 
 /// Finds and describes the IOMMU for the core.
-pub fn prepare(config: &Config, max_bus: u8) -> IommuHandoff {
+pub fn prepare(config: &Config, max_bus: u8, max_apic_id: u32) -> IommuHandoff {
     let off = IommuHandoff::default();
     let Some(rsdp) = rsdp_address() else {
         return off;
@@ -85,15 +85,20 @@ pub fn prepare(config: &Config, max_bus: u8) -> IommuHandoff {
     };
     let dmar = table::<RawDmar>(&tables);
     let ivrs = table::<RawIvrs>(&tables);
-    let protect = config.iommu.mode == IommuMode::Protect;
+    let (protect, why) = thinhv_efi::iommu_plan::take(
+        config.iommu.mode,
+        max_apic_id,
+        dmar.is_some() || ivrs.is_some(),
+    );
+    if let Some(why) = why {
+        println!("thinhv: IOMMU: {why}");
+    }
     match (&dmar, &ivrs, protect) {
         (None, None, true) => println!(
             "thinhv: IOMMU: none in ACPI (enable VT-d or AMD-Vi in firmware setup); DMA into thinhv is NOT blocked"
         ),
         (None, None, false) => {}
-        (_, _, false) => println!(
-            "thinhv: IOMMU: left to the OS ([iommu] mode = \"off\"); DMA into thinhv is NOT blocked"
-        ),
+        (_, _, false) => println!("thinhv: IOMMU: left to the OS; DMA into thinhv is NOT blocked"),
         (Some(bytes), _, true) => match thinhv_passthrough::dmar::parse(bytes) {
             Ok(d) => {
                 for s in &d.skipped {
@@ -105,8 +110,9 @@ pub fn prepare(config: &Config, max_bus: u8) -> IommuHandoff {
                 match thinhv_efi::iommu_plan::vtd(&d) {
                     Ok(h) => {
                         println!(
-                            "thinhv: IOMMU: {}; thinhv takes it ([iommu] mode = \"protect\")",
-                            thinhv_efi::iommu_plan::describe(&h)
+                            "thinhv: IOMMU: {}; thinhv takes it ([iommu] mode = \"{}\")",
+                            thinhv_efi::iommu_plan::describe(&h),
+                            config.iommu.mode.name()
                         );
                         return h;
                     }
@@ -130,8 +136,9 @@ pub fn prepare(config: &Config, max_bus: u8) -> IommuHandoff {
                 match thinhv_efi::iommu_plan::amdvi(&r, max_bus) {
                     Ok(h) => {
                         println!(
-                            "thinhv: IOMMU: {}; thinhv takes it ([iommu] mode = \"protect\")",
-                            thinhv_efi::iommu_plan::describe(&h)
+                            "thinhv: IOMMU: {}; thinhv takes it ([iommu] mode = \"{}\")",
+                            thinhv_efi::iommu_plan::describe(&h),
+                            config.iommu.mode.name()
                         );
                         return h;
                     }
