@@ -98,7 +98,11 @@ pub fn prepare(config: &Config, max_bus: u8, max_apic_id: u32) -> IommuHandoff {
             "thinhv: IOMMU: none in ACPI (enable VT-d or AMD-Vi in firmware setup); DMA into thinhv is NOT blocked"
         ),
         (None, None, false) => {}
-        (_, _, false) => println!("thinhv: IOMMU: left to the OS; DMA into thinhv is NOT blocked"),
+        (_, _, false) => {
+            println!("thinhv: IOMMU: left to the OS; DMA into thinhv is NOT blocked");
+            // Still listed in the status page (state "off"), for the admin.
+            return listed_only(dmar.as_deref(), ivrs.as_deref(), max_bus);
+        }
         (Some(bytes), _, true) => match thinhv_passthrough::dmar::parse(bytes) {
             Ok(d) => {
                 for s in &d.skipped {
@@ -153,6 +157,21 @@ pub fn prepare(config: &Config, max_bus: u8, max_apic_id: u32) -> IommuHandoff {
         },
     }
     off
+}
+
+/// The units, described but not taken (`mode = "off"`).
+fn listed_only(dmar: Option<&[u8]>, ivrs: Option<&[u8]>, max_bus: u8) -> IommuHandoff {
+    let h = if let Some(d) = dmar.and_then(|b| thinhv_passthrough::dmar::parse(b).ok()) {
+        thinhv_efi::iommu_plan::vtd(&d).ok()
+    } else if let Some(r) = ivrs.and_then(|b| thinhv_passthrough::ivrs::parse(b).ok()) {
+        thinhv_efi::iommu_plan::amdvi(&r, max_bus).ok()
+    } else {
+        None
+    };
+    h.map_or_else(IommuHandoff::default, |mut h| {
+        h.mode = thinhv_abi::handoff::IOMMU_MODE_OFF;
+        h
+    })
 }
 
 /// After seal: report, and hide the table if every unit translates.
