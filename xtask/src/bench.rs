@@ -63,7 +63,7 @@ fn boot_once(
     })
 }
 
-/// NVMe sequential read in the guest (128 MiB, O_DIRECT, 1 MiB blocks) on
+/// NVMe sequential read in the guest (512 MiB, O_DIRECT, 1 MiB blocks) on
 /// q35 with `intel-iommu`: with thinhv owning the IOMMU (every DMA
 /// translated) or without thinhv; same QEMU command line. Seconds.
 fn nvme_once(
@@ -90,7 +90,7 @@ fn nvme_once(
         .map_err(|e| e.to_string())?;
     let disk = build.join("nvme-bench.img");
     std::fs::File::create(&disk)
-        .and_then(|f| f.set_len(256 << 20))
+        .and_then(|f| f.set_len(512 << 20))
         .map_err(|e| e.to_string())?;
     let ovmf = firmware::find()?;
     let vars = esp_dir.with_extension("vars.fd");
@@ -115,7 +115,7 @@ fn nvme_once(
     if hv && !out.contains("VT-d units translating") {
         return Err(format!("thinhv did not take the IOMMU:\n{out}"));
     }
-    thinhv_ovmf::runner::value(&out, "nvme_read_128m_seconds")
+    thinhv_ovmf::runner::value(&out, "nvme_read_512m_seconds")
         .and_then(|v| v.trim().parse::<f64>().ok())
         .ok_or_else(|| format!("the guest did not time the NVMe read:\n{out}"))
 }
@@ -168,10 +168,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let mut nvme_with = Vec::new();
     for n in 0..runs {
         let s = nvme_once(&a, &img, false, n)?;
-        println!("run {n}: NVMe 128 MiB without thinhv {s:.2} s");
+        println!("run {n}: NVMe 512 MiB without thinhv {s:.2} s");
         nvme_native.push(s);
         let s = nvme_once(&a, &img, true, n)?;
-        println!("run {n}: NVMe 128 MiB with thinhv+IOMMU {s:.2} s");
+        println!("run {n}: NVMe 512 MiB with thinhv+IOMMU {s:.2} s");
         nvme_with.push(s);
     }
     let (nn, nw) = (
@@ -188,15 +188,15 @@ pub fn run(args: &[String]) -> Result<(), String> {
     println!("  boot to Linux userspace with thinhv:    {mw:6.2} s   {with:.2?}");
     println!("  ratio (with / without):                 {:6.3}", mw / mn);
     println!(
-        "  NVMe sequential read (q35 + intel-iommu, 128 MiB, O_DIRECT, 1 MiB blocks, median):"
+        "  NVMe sequential read (q35 + intel-iommu, 512 MiB, O_DIRECT, 1 MiB blocks, median):"
     );
     println!(
         "    without thinhv:            {:7.1} MiB/s   {nvme_native:.2?} s",
-        128.0 / nn
+        512.0 / nn
     );
     println!(
         "    with thinhv owning VT-d:   {:7.1} MiB/s   {nvme_with:.2?} s",
-        128.0 / nw
+        512.0 / nw
     );
     println!("    ratio (with / without):    {:7.3}", nn / nw);
     println!("  exits during the boot (all CPUs, counted until userspace):");
@@ -229,7 +229,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         "median_without_s": mn, "median_with_s": mw, "ratio": mw / mn,
         "exits_total": status.get("exits_total"), "bytes_reserved": reserved,
         "efi_size": efi_size, "core_elf_size": core_size,
-        "nvme_read_128m_without_s": nvme_native, "nvme_read_128m_with_s": nvme_with,
+        "nvme_read_512m_without_s": nvme_native, "nvme_read_512m_with_s": nvme_with,
         "nvme_throughput_ratio": nn / nw,
     });
     let path = root().join("build/bench.json");
