@@ -72,12 +72,19 @@ pub enum AmdViError {
     AlreadyEnabled,
 }
 
+impl AmdViError {
+    /// What went wrong, for the log.
+    pub const fn describe(self) -> &'static str {
+        match self {
+            Self::Timeout => "commands not completed in time",
+            Self::AlreadyEnabled => "the IOMMU was already enabled by the firmware",
+        }
+    }
+}
+
 impl core::fmt::Display for AmdViError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            Self::Timeout => write!(f, "commands not completed in time"),
-            Self::AlreadyEnabled => write!(f, "the IOMMU was already enabled by the firmware"),
-        }
+        f.write_str(self.describe())
     }
 }
 

@@ -147,14 +147,22 @@ pub enum VtdError {
     AlreadyEnabled,
 }
 
+impl VtdError {
+    /// What went wrong, for the log.
+    pub const fn describe(self) -> &'static str {
+        match self {
+            Self::NoUsableAddressWidth => "no 3- or 4-level second-level page tables (CAP.SAGAW)",
+            Self::Timeout(what) => what,
+            Self::AlreadyEnabled => "translation already enabled by the firmware",
+        }
+    }
+}
+
 impl core::fmt::Display for VtdError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            Self::NoUsableAddressWidth => {
-                write!(f, "no 3- or 4-level second-level page tables (CAP.SAGAW)")
-            }
             Self::Timeout(what) => write!(f, "{what} not acknowledged"),
-            Self::AlreadyEnabled => write!(f, "translation already enabled by the firmware"),
+            _ => f.write_str(self.describe()),
         }
     }
 }

@@ -274,8 +274,7 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
 
     // The IOMMU's tables, and its register windows hidden from the guest
     // (reads as zeros, writes discarded) so the OS cannot switch it off.
-    let iommu =
-        super::iommu::Iommu::init(&h.iommu, h.region, host_top, host_top, &mut frames, status)?;
+    let iommu = super::iommu::Iommu::init(&h.iommu, h.region, host_top, &mut frames, status)?;
     if h.iommu.mode == thinhv_abi::handoff::IOMMU_MODE_PROTECT {
         for u in h.iommu.units() {
             let size = u.size.max(PAGE).div_ceil(PAGE) * PAGE;

@@ -108,13 +108,14 @@ pub struct Iommu {
 const THREE_LEVEL_LIMIT: u64 = 1 << 39;
 
 impl Iommu {
-    /// Builds the tables (VT-d, protect mode), or records why not. `top`
-    /// bounds the identity map; `region` is what devices must never reach.
+    /// Builds the tables (protect mode), or records why not. `top` bounds
+    /// both the core's own map (the register windows must lie below it) and
+    /// the identity map for devices; `region` is what devices must never
+    /// reach.
     pub fn init(
         h: &IommuHandoff,
         region: PhysRange,
         top: u64,
-        host_top: u64,
         frames: &mut BumpFrames,
         status: StatusPage,
     ) -> Result<Self, CoreError> {
@@ -139,11 +140,17 @@ impl Iommu {
             status,
         };
         if protect {
-            let built = if h.kind == IOMMU_KIND_VTD {
-                me.build(h, region, top, host_top, frames)
+            let outside = h
+                .units()
+                .iter()
+                .any(|u| u.base == 0 || u.base.saturating_add(u.size.max(PAGE)) > top);
+            let built = if outside {
+                Err("a register window lies outside the core's map")
+            } else if h.kind == IOMMU_KIND_VTD {
+                me.build(h, region, top, frames)
                     .map(|root_table| Hw::Vtd { root_table })
             } else {
-                me.build_amdvi(h, region, top, host_top, frames)
+                me.build_amdvi(h, region, top, frames)
             };
             match built {
                 Ok(hw) => me.hw = hw,
@@ -168,7 +175,6 @@ impl Iommu {
         h: &IommuHandoff,
         region: PhysRange,
         top: u64,
-        host_top: u64,
         frames: &mut BumpFrames,
     ) -> Result<u64, &'static str> {
         let mut g = self.units.lock();
@@ -176,9 +182,6 @@ impl Iommu {
         let mut aw = 2u8;
         let (mut p2m, mut p1g) = (true, true);
         for u in &mut units[..*n] {
-            if u.base == 0 || u.base.saturating_add(PAGE) > host_top {
-                return Err("a VT-d register window lies outside the core's map");
-            }
             let c = vtd::caps(&Window { base: u.base });
             let a = c
                 .address_width()
@@ -231,16 +234,12 @@ impl Iommu {
         h: &IommuHandoff,
         region: PhysRange,
         top: u64,
-        host_top: u64,
         frames: &mut BumpFrames,
     ) -> Result<Hw, &'static str> {
         {
             let g = self.units.lock();
             let (units, n) = &*g;
             for u in &units[..*n] {
-                if u.base == 0 || u.base.saturating_add(0x4000) > host_top {
-                    return Err("an AMD-Vi register window lies outside the core's map");
-                }
                 let efr = Window { base: u.base }.read64(amdvi::reg::EFR);
                 log::info!(
                     "IOMMU: AMD-Vi unit {:#x}: extended features {efr:#x}",
@@ -297,15 +296,7 @@ impl Iommu {
                         Hw::Vtd { root_table } => {
                             vtd::enable(&mut Window { base: u.base }, root_table)
                                 .map(|_| ())
-                                .map_err(|e| match e {
-                                    vtd::VtdError::NoUsableAddressWidth => {
-                                        "no usable address width"
-                                    }
-                                    vtd::VtdError::Timeout(w) => w,
-                                    vtd::VtdError::AlreadyEnabled => {
-                                        "already enabled by the firmware"
-                                    }
-                                })
+                                .map_err(vtd::VtdError::describe)
                         }
                         Hw::AmdVi {
                             dev_table,
@@ -475,10 +466,8 @@ fn amdvi_enable(
     sem: u64,
 ) -> Result<(), &'static str> {
     let mut w = Window { base };
-    amdvi::enable(&mut w, dev_table, pages, cmd_buf, event_log).map_err(|e| match e {
-        amdvi::AmdViError::AlreadyEnabled => "already enabled by the firmware",
-        amdvi::AmdViError::Timeout => "timeout",
-    })?;
+    amdvi::enable(&mut w, dev_table, pages, cmd_buf, event_log)
+        .map_err(amdvi::AmdViError::describe)?;
     // SAFETY: `sem` is a pool page reserved for completion waits.
     unsafe { core::ptr::write_volatile(sem as *mut u64, 0) };
     amdvi::submit(
