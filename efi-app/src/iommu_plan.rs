@@ -93,6 +93,44 @@ pub fn take(
     }
 }
 
+/// What the firmware's DMAR (preferred) or IVRS describes: the hand-off
+/// (mode `protect`; the caller lowers it) or why it cannot be used, and
+/// notes on structures the parsers skipped. `None` when neither table is
+/// there.
+pub fn from_tables(
+    dmar: Option<&[u8]>,
+    ivrs: Option<&[u8]>,
+    max_bus: u8,
+) -> Option<(Result<IommuHandoff, String>, alloc::vec::Vec<String>)> {
+    let mut notes = alloc::vec::Vec::new();
+    let plan = if let Some(bytes) = dmar {
+        thinhv_passthrough::dmar::parse(bytes)
+            .map_err(|e| format!("the DMAR table is malformed ({e})"))
+            .and_then(|d| {
+                for s in &d.skipped {
+                    notes.push(format!(
+                        "DMAR structure type {} at offset {:#x} skipped",
+                        s.kind, s.offset
+                    ));
+                }
+                vtd(&d)
+            })
+    } else {
+        thinhv_passthrough::ivrs::parse(ivrs?)
+            .map_err(|e| format!("the IVRS table is malformed ({e})"))
+            .and_then(|r| {
+                for s in &r.skipped {
+                    notes.push(format!(
+                        "IVRS block type {:#x} at offset {:#x} skipped",
+                        s.kind, s.offset
+                    ));
+                }
+                amdvi(&r, max_bus)
+            })
+    };
+    Some((plan, notes))
+}
+
 /// The hand-off for a VT-d platform in protect mode.
 pub fn vtd(d: &Dmar) -> Result<IommuHandoff, String> {
     if d.drhds.is_empty() {
@@ -172,6 +210,22 @@ mod tests {
         assert_eq!(h.units[0].base, 0xfed9_0000);
         assert_eq!(h.units[0].size, 4096);
         assert_eq!(describe(&h), "1 VT-d unit(s) at 0xfed90000");
+    }
+
+    #[test]
+    fn either_table_gives_the_plan() {
+        let dmar = include_bytes!("../../passthrough/tests/data/qemu-q35-intel-iommu.dmar");
+        let ivrs = include_bytes!("../../passthrough/tests/data/qemu-q35-amd-iommu.ivrs");
+        assert!(from_tables(None, None, 0).is_none());
+        let (h, notes) = from_tables(Some(dmar), Some(ivrs), 0).unwrap();
+        assert_eq!(h.unwrap().kind, IOMMU_KIND_VTD, "the DMAR first");
+        assert!(notes.is_empty());
+        let (h, _) = from_tables(None, Some(ivrs), 0).unwrap();
+        assert_eq!(h.unwrap().kind, IOMMU_KIND_AMDVI);
+        let mut bad = dmar.to_vec();
+        bad[40] ^= 1;
+        let (h, _) = from_tables(Some(&bad), None, 0).unwrap();
+        assert!(h.unwrap_err().starts_with("the DMAR table is malformed"));
     }
 
     #[test]

@@ -3,37 +3,12 @@
 //! switched translation on at seal — take the table out of what the OS sees
 //! (XSDT and RSDT rewritten, checksums valid), so that the OS does not
 //! reprogram the IOMMU thinhv owns.
+use super::acpi_tables::{Identity, rsdp_address, tables};
 use alloc::vec::Vec;
-use core::ptr::NonNull;
 use thinhv_abi::handoff::{IOMMU_KIND_VTD, IOMMU_MODE_PROTECT, IommuHandoff};
 use thinhv_config::Config;
 use uefi::boot::{self, AllocateType, MemoryType};
 use uefi::println;
-use uefi::table::cfg::ConfigTableEntry;
-
-#[derive(Clone, Copy, Debug)]
-struct Identity;
-
-impl acpi::AcpiHandler for Identity {
-    unsafe fn map_physical_region<T>(
-        &self,
-        physical_address: usize,
-        size: usize,
-    ) -> acpi::PhysicalMapping<Self, T> {
-        // SAFETY: boot services identity-map the ACPI tables.
-        unsafe {
-            acpi::PhysicalMapping::new(
-                physical_address,
-                NonNull::new_unchecked(physical_address as *mut T),
-                size,
-                size,
-                Self,
-            )
-        }
-    }
-
-    fn unmap_physical_region<T>(_region: &acpi::PhysicalMapping<Self, T>) {}
-}
 
 macro_rules! raw_table {
     ($name:ident, $sig:expr) => {
@@ -54,14 +29,6 @@ macro_rules! raw_table {
 raw_table!(RawDmar, acpi::sdt::Signature::DMAR);
 raw_table!(RawIvrs, acpi::sdt::Signature::IVRS);
 
-fn rsdp_address() -> Option<u64> {
-    uefi::system::with_config_table(|t| {
-        t.iter()
-            .find(|e| e.guid == ConfigTableEntry::ACPI2_GUID)
-            .map(|e| e.address as u64)
-    })
-}
-
 /// The bytes of a table, copied.
 fn table<T: acpi::AcpiTable>(tables: &acpi::AcpiTables<Identity>) -> Option<Vec<u8>> {
     let m = tables.find_table::<T>().ok()?;
@@ -76,11 +43,7 @@ fn table<T: acpi::AcpiTable>(tables: &acpi::AcpiTables<Identity>) -> Option<Vec<
 /// Finds and describes the IOMMU for the core.
 pub fn prepare(config: &Config, max_bus: u8, max_apic_id: u32) -> IommuHandoff {
     let off = IommuHandoff::default();
-    let Some(rsdp) = rsdp_address() else {
-        return off;
-    };
-    // SAFETY: the firmware's configuration table points at a valid RSDP.
-    let Ok(tables) = (unsafe { acpi::AcpiTables::from_rsdp(Identity, rsdp as usize) }) else {
+    let Ok(tables) = tables() else {
         return off;
     };
     let dmar = table::<RawDmar>(&tables);
@@ -93,85 +56,41 @@ pub fn prepare(config: &Config, max_bus: u8, max_apic_id: u32) -> IommuHandoff {
     if let Some(why) = why {
         println!("thinhv: IOMMU: {why}");
     }
-    match (&dmar, &ivrs, protect) {
-        (None, None, true) => println!(
-            "thinhv: IOMMU: none in ACPI (enable VT-d or AMD-Vi in firmware setup); DMA into thinhv is NOT blocked"
-        ),
-        (None, None, false) => {}
-        (_, _, false) => {
-            println!("thinhv: IOMMU: left to the OS; DMA into thinhv is NOT blocked");
-            // Still listed in the status page (state "off"), for the admin.
-            return listed_only(dmar.as_deref(), ivrs.as_deref(), max_bus);
+    let Some((plan, notes)) =
+        thinhv_efi::iommu_plan::from_tables(dmar.as_deref(), ivrs.as_deref(), max_bus)
+    else {
+        if protect {
+            println!(
+                "thinhv: IOMMU: none in ACPI (enable VT-d or AMD-Vi in firmware setup); DMA into thinhv is NOT blocked"
+            );
         }
-        (Some(bytes), _, true) => match thinhv_passthrough::dmar::parse(bytes) {
-            Ok(d) => {
-                for s in &d.skipped {
-                    println!(
-                        "thinhv: IOMMU: DMAR structure type {} at offset {:#x} skipped",
-                        s.kind, s.offset
-                    );
-                }
-                match thinhv_efi::iommu_plan::vtd(&d) {
-                    Ok(h) => {
-                        println!(
-                            "thinhv: IOMMU: {}; thinhv takes it ([iommu] mode = \"{}\")",
-                            thinhv_efi::iommu_plan::describe(&h),
-                            config.iommu.mode.name()
-                        );
-                        return h;
-                    }
-                    Err(e) => println!(
-                        "thinhv: IOMMU: {e}; left to the OS, DMA into thinhv is NOT blocked"
-                    ),
-                }
-            }
-            Err(e) => println!(
-                "thinhv: IOMMU: the DMAR table is malformed ({e}); left to the OS, DMA into thinhv is NOT blocked"
-            ),
-        },
-        (None, Some(bytes), true) => match thinhv_passthrough::ivrs::parse(bytes) {
-            Ok(r) => {
-                for s in &r.skipped {
-                    println!(
-                        "thinhv: IOMMU: IVRS block type {:#x} at offset {:#x} skipped",
-                        s.kind, s.offset
-                    );
-                }
-                match thinhv_efi::iommu_plan::amdvi(&r, max_bus) {
-                    Ok(h) => {
-                        println!(
-                            "thinhv: IOMMU: {}; thinhv takes it ([iommu] mode = \"{}\")",
-                            thinhv_efi::iommu_plan::describe(&h),
-                            config.iommu.mode.name()
-                        );
-                        return h;
-                    }
-                    Err(e) => println!(
-                        "thinhv: IOMMU: {e}; left to the OS, DMA into thinhv is NOT blocked"
-                    ),
-                }
-            }
-            Err(e) => println!(
-                "thinhv: IOMMU: the IVRS table is malformed ({e}); left to the OS, DMA into thinhv is NOT blocked"
-            ),
-        },
-    }
-    off
-}
-
-/// The units, described but not taken (`mode = "off"`).
-fn listed_only(dmar: Option<&[u8]>, ivrs: Option<&[u8]>, max_bus: u8) -> IommuHandoff {
-    let h = if let Some(d) = dmar.and_then(|b| thinhv_passthrough::dmar::parse(b).ok()) {
-        thinhv_efi::iommu_plan::vtd(&d).ok()
-    } else if let Some(r) = ivrs.and_then(|b| thinhv_passthrough::ivrs::parse(b).ok()) {
-        thinhv_efi::iommu_plan::amdvi(&r, max_bus).ok()
-    } else {
-        None
+        return off;
     };
-    h.map_or_else(IommuHandoff::default, |mut h| {
-        h.mode = thinhv_abi::handoff::IOMMU_MODE_OFF;
-        h
-    })
+    if !protect {
+        println!("thinhv: IOMMU: left to the OS; DMA into thinhv is NOT blocked");
+        // Still listed in the status page (state "off"), for the admin.
+        return plan.map_or(off, |mut h| {
+            h.mode = thinhv_abi::handoff::IOMMU_MODE_OFF;
+            h
+        });
+    }
+    for n in notes {
+        println!("thinhv: IOMMU: {n}");
+    }
+    match plan {
+        Ok(h) => {
+            println!(
+                "thinhv: IOMMU: {}; thinhv takes it ([iommu] mode = \"{}\")",
+                thinhv_efi::iommu_plan::describe(&h),
+                config.iommu.mode.name()
+            );
+            h
+        }
+        Err(e) => {
+            println!("thinhv: IOMMU: {e}; left to the OS, DMA into thinhv is NOT blocked");
+            off
+        }
+    }
 }
 
 /// After seal: report, and hide the table if every unit translates.

@@ -12,6 +12,7 @@
 //! of addresses and sizes here cannot truncate, and counts converted to
 //! `u32` are bounded by `MAX_CPUS` / `MAX_RAM_RANGES` first.
 #![allow(clippy::cast_possible_truncation)]
+mod acpi_tables;
 mod chain;
 mod config_file;
 mod hypercall;
