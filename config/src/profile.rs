@@ -493,12 +493,6 @@ pub fn resolve(
     Ok(out)
 }
 
-/// Applies `p`'s masks to a raw CPUID result (leaf 0xD's sizes are the
-/// core's business; this is the part a host tool can predict).
-pub fn apply_masks(p: &CpuidProfile, leaf: u32, subleaf: u32, raw: [u32; 4]) -> [u32; 4] {
-    p.apply(leaf, subleaf, raw)
-}
-
 /// The names visible under `p` given the processor's raw CPUID (`raw`),
 /// for the comparable features.
 pub fn visible_features(p: &CpuidProfile, raw: impl Fn(u32, u32) -> [u32; 4]) -> Vec<&'static str> {
@@ -515,7 +509,7 @@ pub fn visible_features(p: &CpuidProfile, raw: impl Fn(u32, u32) -> [u32; 4]) ->
                     } else {
                         f.subleaf
                     };
-                    apply_masks(p, f.leaf, sub, raw(f.leaf, sub))[f.reg] & (1 << f.bit) != 0
+                    p.apply(f.leaf, sub, raw(f.leaf, sub))[f.reg] & (1 << f.bit) != 0
                 })
         })
         .collect();
@@ -530,7 +524,7 @@ mod tests {
     use alloc::vec;
 
     fn mask_of(p: &CpuidProfile, leaf: u32, subleaf: u32) -> [u32; 4] {
-        apply_masks(p, leaf, subleaf, [u32::MAX; 4])
+        p.apply(leaf, subleaf, [u32::MAX; 4])
     }
 
     #[test]
@@ -570,7 +564,7 @@ mod tests {
         assert_eq!(p.active, 0);
         assert_eq!(p.count, 0);
         assert_eq!(p.xcr0_allowed, u64::MAX);
-        assert_eq!(apply_masks(&p, 7, 0, [1, 2, 3, 4]), [1, 2, 3, 4]);
+        assert_eq!(p.apply(7, 0, [1, 2, 3, 4]), [1, 2, 3, 4]);
     }
 
     #[test]
@@ -691,7 +685,7 @@ mod tests {
         };
         let p = resolve("host", &[], &[m6]).unwrap();
         assert_eq!(p.count, 1);
-        assert_eq!(apply_masks(&p, 6, 3, [7, 0, 0, 0]), [3, 0, 0, 0]);
+        assert_eq!(p.apply(6, 3, [7, 0, 0, 0]), [3, 0, 0, 0]);
         // A mask on XSAVE's leaf restricts XCR0.
         let md = ExplicitMask {
             leaf: 0xd,

@@ -93,6 +93,21 @@ pub fn checksum(bytes: &[u8]) -> u8 {
     bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b))
 }
 
+/// Sets the checksum byte (offset 9) so that the table's bytes — as many as
+/// its length field declares, at most the slice — sum to zero. Slices too
+/// short for a length field are left alone.
+pub fn set_checksum(table: &mut [u8]) {
+    if table.len() < 10 {
+        return;
+    }
+    let declared = u32::from_le_bytes([table[4], table[5], table[6], table[7]]);
+    let len = usize::try_from(declared)
+        .unwrap_or(usize::MAX)
+        .min(table.len());
+    table[9] = 0;
+    table[9] = 0u8.wrapping_sub(checksum(&table[..len.max(10)]));
+}
+
 /// Checks header, signature, length and checksum; returns the header and
 /// the table's bytes (exactly `length` of them; trailing bytes beyond the
 /// declared length are ignored).
@@ -143,8 +158,7 @@ pub fn root_without(
     }
     let len = u32::try_from(out.len()).ok()?;
     out[4..8].copy_from_slice(&len.to_le_bytes());
-    out[9] = 0;
-    out[9] = 0u8.wrapping_sub(checksum(&out));
+    set_checksum(&mut out);
     Some(out)
 }
 
@@ -194,11 +208,7 @@ pub(crate) fn u64_at(b: &[u8], off: usize) -> Option<u64> {
 pub(crate) mod tests {
     use super::*;
 
-    /// Fixes the checksum byte (offset 9) of a table built by hand.
-    pub fn fix_checksum(t: &mut [u8]) {
-        t[9] = 0;
-        t[9] = 0u8.wrapping_sub(checksum(t));
-    }
+    use super::set_checksum as fix_checksum;
 
     #[test]
     fn root_tables_lose_only_the_dropped_entries() {

@@ -389,7 +389,7 @@ pub fn parse(bytes: &[u8]) -> Result<Ivrs, TableError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::acpi::tests::fix_checksum;
+    use crate::acpi::set_checksum as fix_checksum;
 
     const QEMU: &[u8] = include_bytes!("../tests/data/qemu-q35-amd-iommu.ivrs");
     const QEMU_RP: &[u8] = include_bytes!("../tests/data/qemu-q35-amd-iommu-rootport.ivrs");
