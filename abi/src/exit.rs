@@ -42,9 +42,12 @@ impl ExitReason {
     pub const INVD: Self = Self(14);
     /// Anything else (logged).
     pub const OTHER: Self = Self(15);
+    /// A PCI configuration access thinhv mediates (a hidden function or a
+    /// VF budget): a trapped ECAM page or the 0xCFC data port.
+    pub const PCI_CONFIG: Self = Self(16);
 
     /// Number of reasons; the length of a counter array.
-    pub const COUNT: usize = 16;
+    pub const COUNT: usize = 17;
 
     /// All reasons in index order.
     pub const ALL: [Self; Self::COUNT] = [
@@ -64,6 +67,7 @@ impl ExitReason {
         Self::CR_ACCESS,
         Self::INVD,
         Self::OTHER,
+        Self::PCI_CONFIG,
     ];
 
     /// Stable short name (used in logs, the status tool and JSON output).
@@ -84,6 +88,7 @@ impl ExitReason {
             12 => "xsetbv",
             13 => "cr_access",
             14 => "invd",
+            16 => "pci_config",
             _ => "other",
         }
     }

@@ -243,6 +243,157 @@ impl IommuHandoff {
     }
 }
 
+/// Most PCI functions whose configuration space the core mediates.
+pub const MAX_PCI_MEDIATED: usize = 32;
+/// Most routing-ID ranges the IOMMU refuses all DMA.
+pub const MAX_PCI_BLOCKED: usize = 32;
+
+/// [`PciMediation::action`]: the function is hidden from the OS
+/// (configuration space reads as all ones, writes dropped).
+pub const PCI_ACTION_HIDE: u8 = 1;
+/// [`PciMediation::action`]: the OS sees at most `os_vfs` VFs of this PF.
+pub const PCI_ACTION_VF_BUDGET: u8 = 2;
+
+/// One function whose configuration space the core mediates.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    zerocopy::FromBytes,
+    zerocopy::IntoBytes,
+    zerocopy::Immutable,
+    zerocopy::KnownLayout,
+)]
+#[repr(C)]
+pub struct PciMediation {
+    /// Bus.
+    pub bus: u8,
+    /// Device << 3 | function.
+    pub devfn: u8,
+    /// [`PCI_ACTION_HIDE`] or [`PCI_ACTION_VF_BUDGET`].
+    pub action: u8,
+    /// Reserved.
+    pub reserved: u8,
+    /// VF budget: offset of the SR-IOV capability.
+    pub sriov_cap: u16,
+    /// VF budget: TotalVFs as the OS sees it.
+    pub os_vfs: u16,
+    /// VF budget: InitialVFs as the device reports it.
+    pub initial_vfs: u16,
+    /// VF budget: TotalVFs as the device reports it.
+    pub total_vfs: u16,
+}
+
+/// An inclusive range of PCI routing IDs (bus << 8 | devfn).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    zerocopy::FromBytes,
+    zerocopy::IntoBytes,
+    zerocopy::Immutable,
+    zerocopy::KnownLayout,
+)]
+#[repr(C)]
+pub struct RidRange {
+    /// First routing ID.
+    pub first: u16,
+    /// Last routing ID.
+    pub last: u16,
+}
+
+/// PCI ownership: which configuration pages and ports the core mediates,
+/// and which requesters the IOMMU refuses (segment 0).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    zerocopy::FromBytes,
+    zerocopy::IntoBytes,
+    zerocopy::Immutable,
+    zerocopy::KnownLayout,
+)]
+#[repr(C)]
+pub struct PciHandoff {
+    /// ECAM base of segment 0 (the address of bus `bus_start`), or 0.
+    pub ecam_base: u64,
+    /// First bus the ECAM region decodes.
+    pub bus_start: u8,
+    /// Last bus the ECAM region decodes.
+    pub bus_end: u8,
+    /// Reserved.
+    pub reserved: u16,
+    /// Valid `mediated`.
+    pub count: u32,
+    /// The mediated functions.
+    pub mediated: [PciMediation; MAX_PCI_MEDIATED],
+    /// Valid `blocked`.
+    pub blocked_count: u32,
+    /// Reserved.
+    pub reserved2: u32,
+    /// Requesters the IOMMU gives no access at all (hidden functions and
+    /// their potential VFs).
+    pub blocked: [RidRange; MAX_PCI_BLOCKED],
+}
+
+impl PciHandoff {
+    /// The valid mediated functions.
+    pub fn mediated(&self) -> &[PciMediation] {
+        &self.mediated[..(self.count as usize).min(MAX_PCI_MEDIATED)]
+    }
+
+    /// The valid blocked ranges.
+    pub fn blocked(&self) -> &[RidRange] {
+        &self.blocked[..(self.blocked_count as usize).min(MAX_PCI_BLOCKED)]
+    }
+
+    /// Whether the IOMMU refuses `rid`.
+    pub fn is_blocked(&self, rid: u16) -> bool {
+        self.blocked()
+            .iter()
+            .any(|r| (r.first..=r.last).contains(&rid))
+    }
+
+    /// The mediated function whose ECAM page holds `pa`, with the offset of
+    /// `pa` in its configuration space.
+    pub fn mediated_at(&self, pa: u64) -> Option<(&PciMediation, u16)> {
+        if self.count == 0 || self.ecam_base == 0 || pa < self.ecam_base {
+            return None;
+        }
+        let off = pa - self.ecam_base;
+        let bus = u64::from(self.bus_start) + (off >> 20);
+        if bus > u64::from(self.bus_end) {
+            return None;
+        }
+        let devfn = u8::try_from((off >> 12) & 0xff).ok()?;
+        let m = self.find(u8::try_from(bus).ok()?, devfn)?;
+        Some((m, u16::try_from(off & 0xfff).ok()?))
+    }
+
+    /// The mediated function at `bus`/`devfn`.
+    pub fn find(&self, bus: u8, devfn: u8) -> Option<&PciMediation> {
+        self.mediated()
+            .iter()
+            .find(|m| m.bus == bus && m.devfn == devfn)
+    }
+
+    /// Physical address of the ECAM page of a mediated function.
+    pub fn page_of(&self, m: &PciMediation) -> u64 {
+        self.ecam_base
+            + (u64::from(m.bus.wrapping_sub(self.bus_start)) << 20)
+            + (u64::from(m.devfn) << 12)
+    }
+}
+
 /// Most entries in [`CpuidProfile::masks`].
 pub const MAX_CPUID_MASKS: usize = 24;
 
@@ -442,6 +593,8 @@ pub struct Handoff {
     pub devices_dropped: u32,
     /// The IOMMU.
     pub iommu: IommuHandoff,
+    /// PCI ownership (hidden functions, VF budgets).
+    pub pci: PciHandoff,
 }
 
 impl Handoff {
@@ -492,6 +645,12 @@ impl Handoff {
             || (self.device_count != 0 && self.devices_pa == 0)
             || self.iommu.count as usize > MAX_IOMMUS
             || self.iommu.reserved_count as usize > MAX_IOMMU_RESERVED
+            || self.pci.count as usize > MAX_PCI_MEDIATED
+            || self.pci.blocked_count as usize > MAX_PCI_BLOCKED
+            || (self.pci.count != 0
+                && (self.pci.ecam_base == 0
+                    || !self.pci.ecam_base.is_multiple_of(1 << 20)
+                    || self.pci.bus_end < self.pci.bus_start))
         {
             return Err("range count out of range");
         }

@@ -204,11 +204,67 @@ pub struct DeviceRecord {
     pub sriov_vf_device: u16,
     /// SR-IOV NumVFs at boot (0x1A).
     pub sriov_num_vfs: u16,
-    /// Reserved (0x1C).
-    pub reserved: u32,
+    /// 1-based index of the `[[device]]` rule that decided the owner, 0
+    /// for the default (0x1C).
+    pub rule: u8,
+    /// 1-based index of the `[[sriov]]` rule that set the VF budget, 0 for
+    /// none (0x1D).
+    pub sriov_rule: u8,
+    /// VF BAR space: one of the `VF_SPACE_*` values (0x1E).
+    pub vf_space: u8,
+    /// [`IOMMU_DOMAIN_OS`] or [`IOMMU_DOMAIN_BLOCKED`] (0x1F).
+    pub iommu_domain: u8,
+    /// The six BARs, sized (a 64-bit BAR fills its index, the next one is
+    /// empty) (0x20).
+    pub bars: [BarRecord; 6],
+    /// Bytes the VF BARs need for TotalVFs VFs (0x80).
+    pub vf_bar_space: u64,
+    /// Bytes the VF BARs need for the VFs the OS may create (0x88).
+    pub vf_bar_space_os: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<DeviceRecord>() == 32);
+const _: () = assert!(core::mem::size_of::<DeviceRecord>() == 144);
+
+/// One sized BAR.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    zerocopy::FromBytes,
+    zerocopy::IntoBytes,
+    zerocopy::Immutable,
+    zerocopy::KnownLayout,
+)]
+#[repr(C)]
+pub struct BarRecord {
+    /// Address the firmware assigned.
+    pub base: u64,
+    /// Size in bytes; 0 for an unimplemented BAR.
+    pub size: u64,
+}
+
+/// BAR flags live in the low bits of [`BarRecord::base`] as in the
+/// register: bit 0 I/O space, bits 2:1 = 2 for 64-bit, bit 3 prefetchable.
+pub const BAR_FLAG_MASK: u64 = 0xf;
+
+/// [`DeviceRecord::vf_space`]: not a PF, or nothing to check.
+pub const VF_SPACE_NONE: u8 = 0;
+/// [`DeviceRecord::vf_space`]: the VF BARs fit the bridge window.
+pub const VF_SPACE_FITS: u8 = 1;
+/// [`DeviceRecord::vf_space`]: the firmware assigned no VF BAR space.
+pub const VF_SPACE_UNASSIGNED: u8 = 2;
+/// [`DeviceRecord::vf_space`]: the VF BARs do not fit the bridge window.
+pub const VF_SPACE_NO_ROOM: u8 = 3;
+/// [`DeviceRecord::vf_space`]: on a root bus: no bridge window to check.
+pub const VF_SPACE_ROOT_BUS: u8 = 4;
+
+/// [`DeviceRecord::iommu_domain`]: the OS's domain (all OS memory).
+pub const IOMMU_DOMAIN_OS: u8 = 1;
+/// [`DeviceRecord::iommu_domain`]: no access at all (hidden function).
+pub const IOMMU_DOMAIN_BLOCKED: u8 = 0;
 
 /// [`DeviceRecord::owner`]: the OS drives the function directly.
 pub const OWNER_OS: u8 = 0;

@@ -46,6 +46,10 @@ pub struct Config {
     pub cpu: Cpu,
     /// `[iommu]`.
     pub iommu: Iommu,
+    /// `[[device]]`: PCI ownership rules, in file order.
+    pub device: Vec<DeviceRule>,
+    /// `[[sriov]]`: VF budgets.
+    pub sriov: Vec<SriovRule>,
     /// `[debug]` (for tests; not for production).
     pub debug: Debug,
 }
@@ -170,6 +174,55 @@ pub struct Iommu {
     pub mode: IommuMode,
 }
 
+/// One `[[device]]` table. `match` and `owner` are checked against the
+/// machine at boot (`thinhv_passthrough::policy`): a rule that cannot be
+/// applied is reported and left out, it never stops the boot.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceRule {
+    /// `"0000:02:00.0"`, `"8086:10d3"` or `"class:nic"`.
+    #[serde(rename = "match")]
+    pub matcher: String,
+    /// `"os"` (the default) or `"hidden"`.
+    #[serde(default = "default_owner")]
+    pub owner: String,
+    /// Line of the `[[device]]` header (filled in by [`Config::parse`]).
+    #[serde(skip)]
+    pub line: Option<usize>,
+}
+
+fn default_owner() -> String {
+    "os".to_string()
+}
+
+/// One `[[sriov]]` table: the OS may create at most `os_vfs` VFs of the
+/// PFs `device` matches.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SriovRule {
+    /// Which PF(s), as `[[device]] match`.
+    pub device: String,
+    /// VFs the OS may create.
+    pub os_vfs: u32,
+    /// Line of the `[[sriov]]` header (filled in by [`Config::parse`]).
+    #[serde(skip)]
+    pub line: Option<usize>,
+}
+
+/// 1-based line of the `n`-th (0-based) `[[name]]` header in `text`.
+pub fn table_line(text: &str, name: &str, n: usize) -> Option<usize> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| {
+            let l = l.split('#').next().unwrap_or("").trim();
+            l.strip_prefix("[[")
+                .and_then(|r| r.strip_suffix("]]"))
+                .is_some_and(|x| x.trim() == name)
+        })
+        .nth(n)
+        .map(|(i, _)| i + 1)
+}
+
 /// `[debug]`: switches for tests.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -239,7 +292,7 @@ fn key_line(text: &str, section: &str, key: &str) -> Option<usize> {
 impl Config {
     /// Parses and validates `text`.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let cfg: Self = toml::from_str(text).map_err(|e| {
+        let mut cfg: Self = toml::from_str(text).map_err(|e| {
             let (line, column) = match e.span() {
                 Some(span) => {
                     let (l, c) = line_col(text, span.start);
@@ -254,6 +307,12 @@ impl Config {
             }
         })?;
         cfg.validate(text)?;
+        for (i, r) in cfg.device.iter_mut().enumerate() {
+            r.line = table_line(text, "device", i);
+        }
+        for (i, r) in cfg.sriov.iter_mut().enumerate() {
+            r.line = table_line(text, "sriov", i);
+        }
         Ok(cfg)
     }
 
@@ -382,6 +441,22 @@ impl Config {
             let _ = writeln!(s, "#   XCR0 allowed: {:#x}", p.xcr0_allowed);
         }
         let _ = writeln!(s, "\n[iommu]\nmode = \"{}\"", self.iommu.mode.name());
+        for r in &self.device {
+            let _ = writeln!(
+                s,
+                "\n[[device]]\nmatch = {}\nowner = {}",
+                toml_string(&r.matcher),
+                toml_string(&r.owner)
+            );
+        }
+        for r in &self.sriov {
+            let _ = writeln!(
+                s,
+                "\n[[sriov]]\ndevice = {}\nos_vfs = {}",
+                toml_string(&r.device),
+                r.os_vfs
+            );
+        }
         if self.debug != Debug::default() {
             let _ = writeln!(s, "\n[debug]");
             if let Some(c) = self.debug.fail_cpu {

@@ -204,3 +204,46 @@ fn the_documented_example_parses_and_every_profile_is_documented() {
         );
     }
 }
+
+#[test]
+fn device_and_sriov_rules() {
+    let text = "[iommu]\nmode = \"protect\"\n\n[[device]]\nmatch = \"0000:02:00.0\"\nowner = \"hidden\"\n\n[[device]] # NICs\nmatch = \"class:nic\"\n\n[[sriov]]\ndevice = \"8086:10c9\"\nos_vfs = 2\n";
+    let c = Config::parse(text).unwrap();
+    assert_eq!(c.device.len(), 2);
+    assert_eq!(c.device[0].matcher, "0000:02:00.0");
+    assert_eq!(c.device[0].owner, "hidden");
+    assert_eq!(c.device[1].owner, "os", "owner defaults to os");
+    assert_eq!(c.sriov[0].os_vfs, 2);
+    assert_eq!(
+        (c.device[0].line, c.device[1].line, c.sriov[0].line),
+        (Some(4), Some(8), Some(11))
+    );
+    assert_eq!(table_line(text, "device", 0), Some(4));
+    assert_eq!(table_line(text, "device", 1), Some(8));
+    assert_eq!(table_line(text, "sriov", 0), Some(11));
+    assert_eq!(table_line(text, "sriov", 1), None);
+    // Round trip through the effective settings.
+    let again = Config::parse(&c.effective()).unwrap();
+    let key = |c: &Config| {
+        (
+            c.device
+                .iter()
+                .map(|d| (d.matcher.clone(), d.owner.clone()))
+                .collect::<Vec<_>>(),
+            c.sriov
+                .iter()
+                .map(|d| (d.device.clone(), d.os_vfs))
+                .collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(key(&again), key(&c));
+    // Malformed values are the policy's to report at boot (the file still
+    // parses); a wrong key or type is a file error with its line.
+    assert!(Config::parse("[[device]]\nmatch = \"0000:zz:00.0\"\n").is_ok());
+    let e = Config::parse("[[device]]\nmatch = \"x\"\nowners = \"os\"\n").unwrap_err();
+    assert_eq!(e.line, Some(3), "{e}");
+    let e = Config::parse("[[sriov]]\ndevice = \"x\"\nos_vfs = -1\n").unwrap_err();
+    assert_eq!(e.line, Some(3), "{e}");
+    let e = Config::parse("[[sriov]]\nos_vfs = 1\n").unwrap_err();
+    assert!(e.message.contains("device"), "{e}");
+}

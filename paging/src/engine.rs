@@ -126,6 +126,43 @@ impl<'a, F: EntryFormat, M: PhysMem> Mapper<'a, F, M> {
         Ok(())
     }
 
+    /// Makes the 4 KiB page at `virt` not present (any access faults),
+    /// splitting a large page around it and keeping the rest of it.
+    pub fn unmap_page(&mut self, virt: u64, alloc: &mut impl FrameAlloc) -> Result<(), MapError> {
+        if !virt.is_multiple_of(PAGE_SIZE) {
+            return Err(MapError::Unaligned);
+        }
+        if virt >= INPUT_LIMIT {
+            return Err(MapError::OutOfRange);
+        }
+        let mut table = self.root;
+        for level in (1..LEVELS).rev() {
+            let idx = level_index(virt, level);
+            let entry = self.mem.read_entry(table, idx);
+            if !self.fmt.is_present(entry) {
+                // Nothing mapped here: already absent.
+                return Ok(());
+            }
+            table = if self.fmt.is_leaf(entry, level) {
+                let t = alloc.alloc_frame().ok_or(MapError::OutOfFrames)?;
+                self.mem.zero_frame(t);
+                let base = self.fmt.address(entry, level);
+                let a = self.fmt.leaf_attrs(entry, level);
+                let step = level_size(level - 1);
+                for i in 0..ENTRIES {
+                    self.mem
+                        .write_entry(t, i, self.fmt.leaf(base + i as u64 * step, level - 1, a));
+                }
+                self.mem.write_entry(table, idx, self.fmt.table(t, level));
+                t
+            } else {
+                self.fmt.address(entry, level)
+            };
+        }
+        self.mem.write_entry(table, level_index(virt, 0), 0);
+        Ok(())
+    }
+
     fn pick_level(&self, v: u64, p: u64, remaining: u64) -> usize {
         let mut level = self.fmt.max_leaf_level().min(LEVELS - 2);
         loop {

@@ -212,6 +212,34 @@ mod tests {
     }
 
     #[test]
+    fn unmapping_one_page_splits_and_keeps_the_rest() {
+        let fmt = npt();
+        let mut mem = FakeMem::default();
+        let mut frames = BumpFrames::new(0x1000_0000_0000, 64 * PAGE_SIZE);
+        let mut m = Mapper::create(&fmt, &mut mem, &mut frames).unwrap();
+        m.map(0, 0, 4 * GIB, Attrs::RWX, &mut frames).unwrap();
+        let ecam_page = 0xb010_8000;
+        m.unmap_page(ecam_page, &mut frames).unwrap();
+        assert!(m.translate(ecam_page).is_none());
+        assert!(m.translate(ecam_page + 0xfff).is_none());
+        for a in [0u64, ecam_page - 1, ecam_page + PAGE_SIZE, 3 * GIB + 5] {
+            let l = m.translate(a).unwrap();
+            assert_eq!(l.phys + (a - l.virt), a, "identity broken at {a:#x}");
+            assert_eq!(l.attrs, Attrs::RWX);
+        }
+        // Again, and a page that was never mapped: no change, no error.
+        m.unmap_page(ecam_page, &mut frames).unwrap();
+        m.unmap_page(8 * GIB, &mut frames).unwrap();
+        assert!(m.translate(8 * GIB).is_none());
+        assert_eq!(
+            m.unmap_page(ecam_page + 1, &mut frames),
+            Err(MapError::Unaligned)
+        );
+        let l = leaves(&m);
+        assert_eq!(l.iter().filter(|l| l.level == 0).count(), 511);
+    }
+
+    #[test]
     fn mapping_over_a_finer_subtree_keeps_it_consistent() {
         let fmt = npt();
         let mut mem = FakeMem::default();

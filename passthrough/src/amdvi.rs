@@ -101,6 +101,13 @@ pub const fn dte(pt_root: u64, domain: u16) -> [u64; 4] {
     [q0, domain as u64, 0, 0]
 }
 
+/// A device table entry that refuses every DMA of the device: valid,
+/// translation valid, paging mode 0 (no translation) with read and write
+/// permission clear.
+pub const fn dte_blocked(domain: u16) -> [u64; 4] {
+    [1 | (1 << 1), domain as u64, 0, 0]
+}
+
 /// COMPLETION_WAIT storing `data` at `store_pa` when every earlier command
 /// has completed.
 pub const fn cmd_completion_wait(store_pa: u64, data: u64) -> [u32; 4] {

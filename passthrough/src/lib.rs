@@ -12,9 +12,12 @@ extern crate alloc;
 
 pub mod acpi;
 pub mod amdvi;
+pub mod bars;
 pub mod dmar;
 pub mod ivrs;
+pub mod mediate;
 pub mod pci;
+pub mod policy;
 pub mod vtd;
 
 pub use thinhv_sriov as sriov;

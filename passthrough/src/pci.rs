@@ -141,6 +141,12 @@ pub struct Function {
     pub ext_caps: Vec<Cap>,
     /// SR-IOV capability, if any.
     pub sriov: Option<SriovCap>,
+    /// Implemented BARs, sized ([`crate::bars::size_function`]).
+    pub bars: Vec<crate::bars::Bar>,
+    /// Implemented VF BARs of an SR-IOV PF, sized per VF.
+    pub vf_bars: Vec<crate::bars::Bar>,
+    /// A bridge's memory windows.
+    pub windows: Option<crate::bars::Windows>,
 }
 
 /// Legacy capability ID of PCI Express.
@@ -314,6 +320,9 @@ pub fn probe(cfg: &impl ConfigSpace, bdf: Bdf) -> Option<Function> {
         caps,
         ext_caps,
         sriov,
+        bars: Vec::new(),
+        vf_bars: Vec::new(),
+        windows: (header_type == 1).then(|| crate::bars::bridge_windows(cfg, bdf)),
     })
 }
 
@@ -369,6 +378,12 @@ pub(crate) mod tests_support {
     #[derive(Default)]
     pub struct FakeConfig {
         pub dwords: BTreeMap<(Bdf, u16), u32>,
+        /// Writable address bits of BAR registers (the rest read back as
+        /// they are: flags, or zeros).
+        pub bar_masks: BTreeMap<(Bdf, u16), u32>,
+        /// Set when a BAR held all ones while the function decoded.
+        pub decode_was_off_while_sizing: bool,
+        decoding_violation: bool,
     }
 
     impl FakeConfig {
@@ -387,6 +402,29 @@ pub(crate) mod tests_support {
             if pcie {
                 self.set(bdf, 0x34, 0x40);
                 self.set(bdf, 0x40, 0x0000_0010);
+            }
+        }
+
+        /// A BAR at `reg` of `size` bytes (a power of two) holding
+        /// `value` (address | flag bits); 64-bit when the flags say so.
+        pub fn bar(&mut self, bdf: Bdf, reg: u16, value: u64, size: u64) {
+            let io = value & 1 == 1;
+            let flags = if io { 0x3 } else { 0xf };
+            let mask = !(size - 1);
+            self.set(bdf, reg, value as u32);
+            self.bar_masks.insert((bdf, reg), (mask as u32) & !flags);
+            if !io && (value >> 1) & 3 == 2 {
+                self.set(bdf, reg + 4, (value >> 32) as u32);
+                self.bar_masks.insert((bdf, reg + 4), (mask >> 32) as u32);
+            }
+        }
+
+        fn decoding(&self, bdf: Bdf, reg: u16) -> bool {
+            if reg >= 0x100 {
+                // A VF BAR: VF MSE of the SR-IOV capability at 0x160.
+                self.dwords.get(&(bdf, 0x168)).is_some_and(|c| c & 8 != 0)
+            } else {
+                self.dwords.get(&(bdf, 0x04)).is_some_and(|c| c & 3 != 0)
             }
         }
 
@@ -411,6 +449,32 @@ pub(crate) mod tests_support {
                 self.dwords.get(&(bdf, offset)).copied().unwrap_or(0)
             } else {
                 u32::MAX
+            }
+        }
+    }
+
+    impl crate::bars::ConfigWrite for FakeConfig {
+        fn write32(&mut self, bdf: Bdf, offset: u16, value: u32) {
+            let old = self.dwords.get(&(bdf, offset)).copied().unwrap_or(0);
+            let new = match self.bar_masks.get(&(bdf, offset)) {
+                Some(&m) => {
+                    if value == u32::MAX {
+                        if self.decoding(bdf, offset) {
+                            self.decoding_violation = true;
+                        } else {
+                            self.decode_was_off_while_sizing = !self.decoding_violation;
+                        }
+                    }
+                    (value & m) | (old & !m & 0xf)
+                }
+                // An unimplemented BAR is hardwired to zero.
+                None if (0x10..0x28).contains(&offset) || (0x184..0x19c).contains(&offset) => old,
+                // The Status half is read-only or write-one-to-clear.
+                None if offset == 0x04 => (old & 0xffff_0000) | (value & 0xffff),
+                None => value,
+            };
+            if new != 0 || self.dwords.contains_key(&(bdf, offset)) {
+                self.dwords.insert((bdf, offset), new);
             }
         }
     }

@@ -63,4 +63,14 @@ pub trait Env {
     fn iommu_enable(&mut self) -> (u32, u32);
     /// Collects DMA faults the IOMMU recorded (counted in the status page).
     fn iommu_poll(&self);
+    /// Reads `size` (1, 2 or 4) bytes of device memory (ECAM) with one
+    /// access of that width. Callers pass only addresses of mediated
+    /// configuration pages.
+    fn mmio_read(&self, pa: u64, size: u8) -> u32;
+    /// Writes `size` bytes of device memory with one access.
+    fn mmio_write(&mut self, pa: u64, size: u8, value: u32);
+    /// IN of `size` bytes from `port`.
+    fn port_read(&self, port: u16, size: u8) -> u32;
+    /// OUT of `size` bytes to `port`.
+    fn port_write(&mut self, port: u16, size: u8, value: u32);
 }

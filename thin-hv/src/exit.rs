@@ -63,6 +63,17 @@ pub enum Exit {
     Shutdown,
     /// XSETBV.
     Xsetbv,
+    /// IN/OUT (or INS/OUTS) on an intercepted port.
+    PortIo {
+        /// Port.
+        port: u16,
+        /// Access size in bytes (1, 2 or 4).
+        size: u8,
+        /// IN (true) or OUT.
+        input: bool,
+        /// INS/OUTS (possibly with REP).
+        string: bool,
+    },
     /// The VM entry itself failed.
     EntryFailed {
         /// Vendor detail (VM-instruction error, or 0).
@@ -97,6 +108,7 @@ impl Exit {
             Self::Nmi => ExitReason::NMI,
             Self::Shutdown => ExitReason::SHUTDOWN,
             Self::Xsetbv => ExitReason::XSETBV,
+            Self::PortIo { .. } => ExitReason::PCI_CONFIG,
             Self::EntryFailed { .. } | Self::Other { .. } | Self::TableMisconfig { .. } => {
                 ExitReason::OTHER
             }

@@ -2,7 +2,9 @@
 //! and per-CPU slots with the INIT/SIPI mailboxes.
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use thinhv_abi::PhysRange;
-use thinhv_abi::handoff::{CoreConfig, CpuidProfile, Handoff, MAX_CPUS, MAX_RAM_RANGES};
+use thinhv_abi::handoff::{
+    CoreConfig, CpuidProfile, Handoff, MAX_CPUS, MAX_RAM_RANGES, PciHandoff,
+};
 use thinhv_abi::status::CpuState;
 
 /// Mailbox through which one CPU asks another to take an INIT or a SIPI.
@@ -124,6 +126,10 @@ pub struct Hv {
     pub blocked_writes: AtomicU64,
     /// Processors virtualized.
     pub cpus_virtualized: AtomicU32,
+    /// Mediated PCI functions (hidden ones, VF budgets).
+    pub pci: PciHandoff,
+    /// Configuration writes refused (VF budgets).
+    pub refused_pci_writes: AtomicU64,
 }
 
 impl Hv {
@@ -152,6 +158,8 @@ impl Hv {
             sealed: AtomicBool::new(false),
             blocked_writes: AtomicU64::new(0),
             cpus_virtualized: AtomicU32::new(0),
+            pci: h.pci,
+            refused_pci_writes: AtomicU64::new(0),
         }
     }
 

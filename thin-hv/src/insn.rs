@@ -31,6 +31,32 @@ pub struct Store {
     pub exchange: bool,
 }
 
+/// A decoded load from memory into a register: `mov reg, [mem]` or
+/// `movzx reg, [mem]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Load {
+    /// Destination register.
+    pub dest: Gpr,
+    /// Width of the destination in bytes (what the write to it replaces).
+    pub dest_size: u8,
+    /// Bytes read from memory.
+    pub size: u8,
+}
+
+impl Load {
+    /// The destination's new full value after loading `value` (zero-extended
+    /// from `size` bytes) into it, given its old value: 32-bit destinations
+    /// clear the upper half, 8- and 16-bit ones keep the rest.
+    pub const fn merge(&self, old: u64, value: u64) -> u64 {
+        match self.dest_size {
+            8 => value,
+            4 => value & 0xffff_ffff,
+            2 => (old & !0xffff) | (value & 0xffff),
+            _ => (old & !0xff) | (value & 0xff),
+        }
+    }
+}
+
 /// Decodes the instruction in `bytes` in `mode`.
 pub fn decode(bytes: &[u8], mode: CpuMode, rip: u64) -> Option<Decoded> {
     let mut d = Decoder::with_ip(mode.bitness(), bytes, rip, DecoderOptions::NONE);
@@ -60,6 +86,26 @@ impl Decoded {
     /// The mnemonic, for logs.
     pub fn mnemonic(&self) -> Mnemonic {
         self.insn.mnemonic()
+    }
+
+    /// If this is a plain load (`mov reg, [mem]`, `movzx reg, [mem]`),
+    /// where it goes.
+    pub fn load(&self) -> Option<Load> {
+        let i = &self.insn;
+        if !matches!(i.mnemonic(), Mnemonic::Mov | Mnemonic::Movzx)
+            || i.op_count() != 2
+            || i.op0_kind() != OpKind::Register
+            || i.op1_kind() != OpKind::Memory
+        {
+            return None;
+        }
+        let r = i.op0_register();
+        let dest = gpr_of(r)?;
+        Some(Load {
+            dest,
+            dest_size: u8::try_from(r.size()).ok()?,
+            size: u8::try_from(i.memory_size().size()).ok()?,
+        })
     }
 
     /// If this is a plain store (`mov` to memory or `xchg` with memory),
@@ -152,6 +198,70 @@ mod tests {
         }
         assert!(decode(&[0x0f, 0xff], CpuMode::Bits64, 0).is_none());
         assert!(decode(&[0x0f], CpuMode::Bits64, 0).is_none());
+    }
+
+    #[test]
+    fn loads_as_linux_reads_ecam() {
+        // mov eax, [rdx] (8b 02): Linux's mmio_config_readl.
+        let l = decode(&[0x8b, 0x02], CpuMode::Bits64, 0).unwrap().load();
+        assert_eq!(
+            l,
+            Some(Load {
+                dest: Gpr::Rax,
+                dest_size: 4,
+                size: 4
+            })
+        );
+        assert_eq!(l.unwrap().merge(u64::MAX, 0x1234_5678), 0x1234_5678);
+        // mov ax, [rdi] (66 8b 07) keeps the upper bits.
+        let l = decode(&[0x66, 0x8b, 0x07], CpuMode::Bits64, 0)
+            .unwrap()
+            .load()
+            .unwrap();
+        assert_eq!((l.dest, l.dest_size, l.size), (Gpr::Rax, 2, 2));
+        assert_eq!(
+            l.merge(0xaaaa_bbbb_cccc_dddd, 0xffff),
+            0xaaaa_bbbb_cccc_ffff
+        );
+        // mov al, [rdi] (8a 07).
+        let l = decode(&[0x8a, 0x07], CpuMode::Bits64, 0)
+            .unwrap()
+            .load()
+            .unwrap();
+        assert_eq!((l.dest_size, l.size), (1, 1));
+        assert_eq!(l.merge(0x1100, 0x22), 0x1122);
+        // movzx r9d, word [rsi+0xe] (44 0f b7 4e 0e).
+        let l = decode(&[0x44, 0x0f, 0xb7, 0x4e, 0x0e], CpuMode::Bits64, 0)
+            .unwrap()
+            .load()
+            .unwrap();
+        assert_eq!((l.dest, l.dest_size, l.size), (Gpr::R9, 4, 2));
+        // mov rax, [rdx] (48 8b 02).
+        let l = decode(&[0x48, 0x8b, 0x02], CpuMode::Bits64, 0)
+            .unwrap()
+            .load()
+            .unwrap();
+        assert_eq!((l.dest_size, l.size), (8, 8));
+        // Stores and read-modify-writes are not loads.
+        assert!(
+            decode(&[0x89, 0x02], CpuMode::Bits64, 0)
+                .unwrap()
+                .load()
+                .is_none()
+        );
+        assert!(
+            decode(&[0x03, 0x02], CpuMode::Bits64, 0)
+                .unwrap()
+                .load()
+                .is_none()
+        );
+        // mov ah, [rdi]: a high-byte register.
+        assert!(
+            decode(&[0x8a, 0x27], CpuMode::Bits64, 0)
+                .unwrap()
+                .load()
+                .is_none()
+        );
     }
 
     #[test]

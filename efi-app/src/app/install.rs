@@ -17,6 +17,7 @@ use thinhv_abi::handoff::{
 use thinhv_abi::hypercall::{Function, Status};
 use thinhv_config::{Config, OnFatal};
 use thinhv_efi::{blob, cpu_check, elf_load, memmap, plan};
+use thinhv_passthrough::policy::{DeviceRule, SriovRule};
 use uefi::boot::{self, AllocateType, MemoryType};
 use uefi::println;
 use uefi::proto::pi::mp::MpServices;
@@ -151,25 +152,63 @@ pub fn install(config: &Config) -> Result<String, String> {
     let bsp_apic = platform::apic_id();
     let mem = platform::memory().ok_or("cannot read the firmware memory map")?;
     let page_1g = caps.features & thinhv_abi::handoff::features::PAGE_1G != 0;
-    // The device inventory (read-only PCI walk; a failure here costs the
-    // inventory, never the boot).
-    let (devices, devices_dropped) = match super::pci::ecam_regions() {
-        Ok(regions) => {
-            let fs = super::pci::functions(&regions);
-            for l in thinhv_efi::inventory::report(&fs) {
-                println!("thinhv: {l}");
-            }
-            thinhv_efi::inventory::records(&fs)
-        }
+    // The device inventory and ownership (a failure here costs the
+    // inventory and the rules, never the boot).
+    let (functions, regions) = match super::pci::ecam_regions() {
+        Ok(regions) => (super::pci::functions(&regions), regions),
         Err(e) => {
             println!("thinhv: no PCI inventory: {e}");
-            (Vec::new(), 0)
+            (Vec::new(), Vec::new())
         }
     };
-
-    let max_bus = devices.iter().map(|d| d.bus).max().unwrap_or(0);
+    let max_bus = functions.iter().map(|f| f.bdf.bus).max().unwrap_or(0);
     let max_apic = cpus.iter().map(|c| c.apic_id).max().unwrap_or(0);
     let iommu = super::iommu::prepare(config, max_bus, max_apic);
+    let segment0 = regions.iter().find(|r| r.segment == 0);
+    let boot_device = super::pci::boot_device_path().and_then(|path| {
+        thinhv_passthrough::policy::boot_device(
+            &functions,
+            0,
+            segment0.map_or(0, |r| r.bus_start),
+            &path,
+        )
+    });
+    let rules: Vec<DeviceRule> = config
+        .device
+        .iter()
+        .map(|r| DeviceRule {
+            matcher: r.matcher.clone(),
+            owner: r.owner.clone(),
+            line: r.line,
+        })
+        .collect();
+    let budgets: Vec<SriovRule> = config
+        .sriov
+        .iter()
+        .map(|r| SriovRule {
+            device: r.device.clone(),
+            os_vfs: r.os_vfs,
+            line: r.line,
+        })
+        .collect();
+    let inventory = thinhv_efi::inventory::Inventory::assess(
+        functions,
+        &rules,
+        &budgets,
+        boot_device,
+        iommu.mode == thinhv_abi::handoff::IOMMU_MODE_PROTECT,
+    );
+    for l in inventory.report() {
+        println!("thinhv: {l}");
+    }
+    let (pci, pci_warnings) = inventory.handoff(segment0);
+    for w in pci_warnings {
+        println!("thinhv: {w}");
+    }
+    let (devices, devices_dropped) = inventory.records();
+    // Second-level splits around each trapped ECAM page, and a context
+    // table per bus with a blocked requester.
+    let pci_pages = 2 * u64::from(pci.count) + u64::from(pci.blocked_count) + 2;
     let iommu_pages = thinhv_abi::layout::iommu_pages(
         if iommu.mode == thinhv_abi::handoff::IOMMU_MODE_PROTECT {
             iommu.kind
@@ -183,7 +222,7 @@ pub fn install(config: &Config) -> Result<String, String> {
         cpus.len() as u64,
         mem.top,
         page_1g,
-        iommu_pages,
+        iommu_pages + pci_pages,
     );
 
     // The reservation: EfiReservedMemoryType, which no OS reclaims.
@@ -223,6 +262,7 @@ pub fn install(config: &Config) -> Result<String, String> {
     h.device_count = devices.len() as u32;
     h.devices_dropped = devices_dropped;
     h.iommu = iommu;
+    h.pci = pci;
     h.region = PhysRange::new(base, p.total);
     h.protected = protected;
     h.status = status;

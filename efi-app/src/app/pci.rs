@@ -1,9 +1,15 @@
 //! Finding the PCI functions before the OS: MCFG (through the `acpi`
 //! crate) gives the ECAM regions; the walk itself is pure
-//! (`thinhv_passthrough::pci`). Reads only: nothing is written to any
-//! device.
+//! (`thinhv_passthrough::pci`). The only writes are BAR sizing
+//! (`thinhv_passthrough::bars`), with decoding off and every register
+//! restored, at the highest task priority so no firmware timer handler
+//! touches a device meanwhile.
 use alloc::vec::Vec;
+use thinhv_passthrough::bars::{ConfigWrite, size_function};
 use thinhv_passthrough::pci::{Bdf, ConfigSpace, EcamRegion, Function, enumerate};
+use uefi::boot::{self, OpenProtocolAttributes, OpenProtocolParams, Tpl};
+use uefi::proto::device_path::{DevicePath, DevicePathNodeEnum};
+use uefi::proto::loaded_image::LoadedImage;
 
 /// ECAM reads through the identity-mapped MMIO window.
 struct Ecam<'a> {
@@ -22,6 +28,20 @@ impl ConfigSpace for Ecam<'_> {
         // which the firmware maps as uncached MMIO; a dword read of
         // configuration space has no side effects.
         unsafe { core::ptr::read_volatile((base + u64::from(offset)) as *const u32) }
+    }
+}
+
+impl ConfigWrite for Ecam<'_> {
+    fn write32(&mut self, bdf: Bdf, offset: u16, value: u32) {
+        let Some(base) = self.regions.iter().find_map(|r| r.address(bdf)) else {
+            return;
+        };
+        if offset > 0xffc || !offset.is_multiple_of(4) {
+            return;
+        }
+        // SAFETY: as `read32`; the caller (BAR sizing) restores what it
+        // changes, with the function's decoding off.
+        unsafe { core::ptr::write_volatile((base + u64::from(offset)) as *mut u32, value) }
     }
 }
 
@@ -44,7 +64,44 @@ pub fn ecam_regions() -> Result<Vec<EcamRegion>, &'static str> {
         .collect())
 }
 
-/// Every PCI function the firmware left visible.
+/// Every PCI function the firmware left visible, with its BARs sized.
 pub fn functions(regions: &[EcamRegion]) -> Vec<Function> {
-    enumerate(regions, &Ecam { regions })
+    let mut ecam = Ecam { regions };
+    let mut fs = enumerate(regions, &ecam);
+    for f in &mut fs {
+        // SAFETY: raised and restored within this loop iteration; nothing
+        // here waits on an event.
+        let _tpl = unsafe { boot::raise_tpl(Tpl::HIGH_LEVEL) };
+        size_function(&mut ecam, f);
+    }
+    fs
+}
+
+/// The PCI path (device, function per node, from the root bridge) of the
+/// disk thinhv was loaded from: the device the OS boots from.
+pub fn boot_device_path() -> Option<Vec<(u8, u8)>> {
+    let li = boot::open_protocol_exclusive::<LoadedImage>(boot::image_handle()).ok()?;
+    let device = li.device()?;
+    drop(li);
+    // SAFETY: GET_PROTOCOL does not take ownership; the path is only read
+    // while the handle exists.
+    let dp = unsafe {
+        boot::open_protocol::<DevicePath>(
+            OpenProtocolParams {
+                handle: device,
+                agent: boot::image_handle(),
+                controller: None,
+            },
+            OpenProtocolAttributes::GetProtocol,
+        )
+    }
+    .ok()?;
+    let nodes: Vec<(u8, u8)> = dp
+        .node_iter()
+        .filter_map(|n| match n.as_enum() {
+            Ok(DevicePathNodeEnum::HardwarePci(p)) => Some((p.device(), p.function())),
+            _ => None,
+        })
+        .collect();
+    (!nodes.is_empty()).then_some(nodes)
 }

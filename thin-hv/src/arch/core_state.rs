@@ -274,7 +274,8 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
 
     // The IOMMU's tables, and its register windows hidden from the guest
     // (reads as zeros, writes discarded) so the OS cannot switch it off.
-    let iommu = super::iommu::Iommu::init(&h.iommu, h.region, host_top, &mut frames, status)?;
+    let iommu =
+        super::iommu::Iommu::init(&h.iommu, &h.pci, h.region, host_top, &mut frames, status)?;
     if h.iommu.mode == thinhv_abi::handoff::IOMMU_MODE_PROTECT {
         for u in h.iommu.units() {
             let size = u.size.max(PAGE).div_ceil(PAGE) * PAGE;
@@ -297,6 +298,34 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
             };
             r.map_err(|_| CoreError::OUT_OF_MEMORY)?;
         }
+    }
+
+    // Mediated PCI functions: their ECAM pages fault (every access is
+    // emulated), and the configuration data ports exit (the map serves as
+    // SVM's I/O permission map and VMX's I/O bitmaps A and B alike).
+    for m in h.pci.mediated() {
+        let page = h.pci.page_of(m);
+        if page.saturating_add(PAGE) > host_top {
+            log::error!("PCI: ECAM page {page:#x} lies outside the core's map; not mediated");
+            continue;
+        }
+        let r = match slat {
+            Slat::Npt(fmt) => Mapper::open(&fmt, &mut mem, slat_root).unmap_page(page, &mut frames),
+            Slat::Ept(fmt) => Mapper::open(&fmt, &mut mem, slat_root).unmap_page(page, &mut frames),
+        };
+        r.map_err(|_| CoreError::OUT_OF_MEMORY)?;
+    }
+    if h.pci.count > 0 {
+        // SAFETY: carved from the pool above (12 KiB, zeroed), used by no
+        // one else yet.
+        let map = unsafe { &mut *(iopm_pa as *mut [u8; 3 * PAGE as usize]) };
+        for port in crate::handlers::pcicfg::CONFIG_DATA..crate::handlers::pcicfg::CONFIG_DATA + 4 {
+            map[usize::from(port / 8)] |= 1 << (port % 8);
+        }
+        log::info!(
+            "PCI: {} functions mediated (ECAM pages and ports 0xcfc-0xcff trapped)",
+            h.pci.count
+        );
     }
 
     let hv = Hv::from_handoff(&h, apic_base);

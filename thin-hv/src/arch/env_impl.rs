@@ -236,6 +236,42 @@ impl Env for HwEnv {
         self.core.iommu.poll();
     }
 
+    fn mmio_read(&self, pa: u64, size: u8) -> u32 {
+        // SAFETY: the handlers pass addresses inside the ECAM page of a
+        // mediated function (below the host map's top, identity-mapped);
+        // the access has the guest's own width and alignment.
+        unsafe {
+            match size {
+                1 => u32::from(core::ptr::read_volatile(pa as *const u8)),
+                2 => u32::from(core::ptr::read_volatile(pa as *const u16)),
+                _ => core::ptr::read_volatile(pa as *const u32),
+            }
+        }
+    }
+
+    fn mmio_write(&mut self, pa: u64, size: u8, value: u32) {
+        // SAFETY: as `mmio_read`; the mediation decided this write may
+        // reach the device.
+        unsafe {
+            match size {
+                1 => core::ptr::write_volatile(pa as *mut u8, value as u8),
+                2 => core::ptr::write_volatile(pa as *mut u16, value as u16),
+                _ => core::ptr::write_volatile(pa as *mut u32, value),
+            }
+        }
+    }
+
+    fn port_read(&self, port: u16, size: u8) -> u32 {
+        // SAFETY: the guest executed this IN (an intercepted configuration
+        // port); thinhv performs it on its behalf.
+        unsafe { super::instr::port_in(port, size) }
+    }
+
+    fn port_write(&mut self, port: u16, size: u8, value: u32) {
+        // SAFETY: as `port_read`, for the guest's OUT.
+        unsafe { super::instr::port_out(port, size, value) }
+    }
+
     fn integrity(&self) -> Integrity {
         let mut h = crc32fast::Hasher::new();
         for r in self.core.handoff.ro_ranges() {

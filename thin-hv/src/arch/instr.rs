@@ -114,6 +114,55 @@ pub unsafe fn outb(port: u16, value: u8) {
     };
 }
 
+/// IN of 1, 2 or 4 bytes.
+///
+/// # Safety
+/// The port must be one the guest itself was about to read (an
+/// intercepted access performed on its behalf).
+pub unsafe fn port_in(port: u16, size: u8) -> u32 {
+    let v: u32;
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        match size {
+            1 => {
+                let b: u8;
+                asm!("in al, dx", in("dx") port, out("al") b, options(nomem, nostack, preserves_flags));
+                v = u32::from(b);
+            }
+            2 => {
+                let w: u16;
+                asm!("in ax, dx", in("dx") port, out("ax") w, options(nomem, nostack, preserves_flags));
+                v = u32::from(w);
+            }
+            _ => {
+                asm!("in eax, dx", in("dx") port, out("eax") v, options(nomem, nostack, preserves_flags));
+            }
+        }
+    }
+    v
+}
+
+/// OUT of 1, 2 or 4 bytes.
+///
+/// # Safety
+/// As [`port_in`]: an access the guest made, performed on its behalf.
+pub unsafe fn port_out(port: u16, size: u8, value: u32) {
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        match size {
+            1 => {
+                asm!("out dx, al", in("dx") port, in("al") value as u8, options(nomem, nostack, preserves_flags));
+            }
+            2 => {
+                asm!("out dx, ax", in("dx") port, in("ax") value as u16, options(nomem, nostack, preserves_flags));
+            }
+            _ => {
+                asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags));
+            }
+        }
+    }
+}
+
 /// CLI.
 ///
 /// # Safety

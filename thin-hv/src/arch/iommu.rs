@@ -18,6 +18,7 @@ use spin::Mutex;
 use thinhv_abi::PhysRange;
 use thinhv_abi::handoff::{
     CoreError, IOMMU_KIND_AMDVI, IOMMU_KIND_VTD, IOMMU_MODE_PROTECT, IommuHandoff, MAX_IOMMUS,
+    PciHandoff,
 };
 use thinhv_abi::layout::PAGE;
 use thinhv_abi::status::{IOMMU_STATE_FAILED, IOMMU_STATE_TRANSLATING, IommuRecord};
@@ -114,6 +115,7 @@ impl Iommu {
     /// reach.
     pub fn init(
         h: &IommuHandoff,
+        blocked: &PciHandoff,
         region: PhysRange,
         top: u64,
         frames: &mut BumpFrames,
@@ -147,10 +149,10 @@ impl Iommu {
             let built = if outside {
                 Err("a register window lies outside the core's map")
             } else if h.kind == IOMMU_KIND_VTD {
-                me.build(h, region, top, frames)
+                me.build(h, blocked, region, top, frames)
                     .map(|root_table| Hw::Vtd { root_table })
             } else {
-                me.build_amdvi(h, region, top, frames)
+                me.build_amdvi(h, blocked, region, top, frames)
             };
             match built {
                 Ok(hw) => me.hw = hw,
@@ -173,6 +175,7 @@ impl Iommu {
     fn build(
         &self,
         h: &IommuHandoff,
+        blocked: &PciHandoff,
         region: PhysRange,
         top: u64,
         frames: &mut BumpFrames,
@@ -216,13 +219,33 @@ impl Iommu {
         };
         let ctx = frames_take(frames)?;
         let root = frames_take(frames)?;
+        let c = vtd::context_entry(sl_root, aw, 1);
         for i in 0..256 {
-            let c = vtd::context_entry(sl_root, aw, 1);
             mem.write_entry(ctx, 2 * i, c[0]);
             mem.write_entry(ctx, 2 * i + 1, c[1]);
-            let r = vtd::root_entry(ctx);
-            mem.write_entry(root, 2 * i, r[0]);
-            mem.write_entry(root, 2 * i + 1, r[1]);
+        }
+        for bus in 0..256u16 {
+            // A bus with a blocked requester gets its own context table in
+            // which that requester's entry is not present (every DMA of it
+            // faults); every other bus shares the one table.
+            let table = if (0..256u16).any(|df| blocked.is_blocked(bus << 8 | df)) {
+                let t = frames_take(frames)?;
+                for df in 0..256u16 {
+                    let e = if blocked.is_blocked(bus << 8 | df) {
+                        [0, 0]
+                    } else {
+                        c
+                    };
+                    mem.write_entry(t, 2 * usize::from(df), e[0]);
+                    mem.write_entry(t, 2 * usize::from(df) + 1, e[1]);
+                }
+                t
+            } else {
+                ctx
+            };
+            let r = vtd::root_entry(table);
+            mem.write_entry(root, 2 * usize::from(bus), r[0]);
+            mem.write_entry(root, 2 * usize::from(bus) + 1, r[1]);
         }
         Ok(root)
     }
@@ -232,6 +255,7 @@ impl Iommu {
     fn build_amdvi(
         &self,
         h: &IommuHandoff,
+        blocked: &PciHandoff,
         region: PhysRange,
         top: u64,
         frames: &mut BumpFrames,
@@ -260,8 +284,14 @@ impl Iommu {
             }
         }
         let mut mem = IdentityMem;
-        let e = amdvi::dte(pt_root, 1);
+        let open = amdvi::dte(pt_root, 1);
+        let closed = amdvi::dte_blocked(2);
         for id in 0..ids {
+            let e = if blocked.is_blocked(id as u16) {
+                closed
+            } else {
+                open
+            };
             let at = dev_table + id * 32;
             let (table, index) = (at & !(PAGE - 1), ((at & (PAGE - 1)) / 8) as usize);
             for (k, q) in e.iter().enumerate() {

@@ -96,6 +96,12 @@ pub struct FakeEnv {
     pub msrs: HashMap<u32, u64>,
     pub iommu_enables: u32,
     pub iommu_polls: std::cell::Cell<u32>,
+    /// Device memory: byte-addressed; every access is recorded.
+    pub mmio: HashMap<u64, u8>,
+    pub mmio_log: std::cell::RefCell<Vec<(char, u64, u8, u32)>>,
+    /// Port space: the 0xCF8 latch and data bytes.
+    pub ports: std::cell::RefCell<HashMap<u16, u32>>,
+    pub port_log: std::cell::RefCell<Vec<(char, u16, u8, u32)>>,
 }
 
 impl FakeEnv {
@@ -142,6 +148,10 @@ impl FakeEnv {
             msrs: HashMap::from([(0x3a, 0x5)]),
             iommu_enables: 0,
             iommu_polls: std::cell::Cell::new(0),
+            mmio: HashMap::new(),
+            mmio_log: std::cell::RefCell::default(),
+            ports: std::cell::RefCell::default(),
+            port_log: std::cell::RefCell::default(),
         }
     }
 
@@ -252,5 +262,34 @@ impl Env for FakeEnv {
     }
     fn iommu_poll(&self) {
         self.iommu_polls.set(self.iommu_polls.get() + 1);
+    }
+    fn mmio_read(&self, pa: u64, size: u8) -> u32 {
+        let mut b = [0u8; 4];
+        for (i, x) in b.iter_mut().enumerate().take(usize::from(size)) {
+            *x = *self.mmio.get(&(pa + i as u64)).unwrap_or(&0xff);
+        }
+        let v = u32::from_le_bytes(b);
+        self.mmio_log.borrow_mut().push(('r', pa, size, v));
+        v
+    }
+    fn mmio_write(&mut self, pa: u64, size: u8, value: u32) {
+        for (i, x) in value
+            .to_le_bytes()
+            .iter()
+            .enumerate()
+            .take(usize::from(size))
+        {
+            self.mmio.insert(pa + i as u64, *x);
+        }
+        self.mmio_log.borrow_mut().push(('w', pa, size, value));
+    }
+    fn port_read(&self, port: u16, size: u8) -> u32 {
+        let v = *self.ports.borrow().get(&port).unwrap_or(&u32::MAX);
+        self.port_log.borrow_mut().push(('r', port, size, v));
+        v & crate::handlers::pcicfg::size_mask(size)
+    }
+    fn port_write(&mut self, port: u16, size: u8, value: u32) {
+        self.ports.borrow_mut().insert(port, value);
+        self.port_log.borrow_mut().push(('w', port, size, value));
     }
 }

@@ -5,6 +5,7 @@ mod hypercall;
 mod ipi;
 pub mod msr;
 mod npf;
+pub(crate) mod pcicfg;
 mod xsetbv;
 
 #[cfg(test)]
@@ -136,6 +137,12 @@ pub fn handle(exit: &Exit, cpu: &mut impl GuestCpu, env: &mut impl Env) -> Handl
             Handled::new(Outcome::Reset, reason)
         }
         Exit::Xsetbv => Handled::new(xsetbv::handle(cpu, env), reason),
+        Exit::PortIo {
+            port,
+            size,
+            input,
+            string,
+        } => Handled::new(pcicfg::port(cpu, env, port, size, input, string), reason),
         Exit::EntryFailed { detail } => {
             log::error!(
                 "VM entry failed on cpu {} (detail {detail:#x})",
@@ -161,7 +168,7 @@ pub(crate) fn decode_current(cpu: &impl GuestCpu, env: &impl Env) -> Option<Deco
     decode(&bytes[..n], cpu.mode(), cpu.rip())
 }
 
-fn wrap_ip(mode: CpuMode, ip: u64) -> u64 {
+pub(crate) fn wrap_ip(mode: CpuMode, ip: u64) -> u64 {
     match mode {
         CpuMode::Bits16 => ip & 0xffff,
         CpuMode::Bits32 => ip & 0xffff_ffff,

@@ -27,6 +27,12 @@ pub(super) fn handle(
             reason: ExitReason::PROTECTED_ACCESS,
         };
     }
+    if hv.pci.mediated_at(gpa).is_some() {
+        return Handled {
+            outcome: super::pcicfg::ecam(cpu, env, gpa),
+            reason: ExitReason::PCI_CONFIG,
+        };
+    }
     if write && present && gpa & !0xfff == hv.apic_base {
         return Handled {
             outcome: apic_write(cpu, env, gpa),

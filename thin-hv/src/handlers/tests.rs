@@ -821,3 +821,159 @@ fn xsetbv_refuses_state_the_profile_hides() {
     handle(&Exit::Xsetbv, &mut cpu, &mut env);
     assert_eq!((env.xcr0, cpu.rip), (Some(0x3), RIP + 3));
 }
+
+/// ECAM at 0xb000_0000; 0000:00:03.0 hidden, 0000:01:00.0 an igb PF with
+/// 8 VFs limited to 2 (SR-IOV capability at 0x160).
+fn pci_env() -> FakeEnv {
+    use thinhv_abi::handoff::{PCI_ACTION_HIDE, PCI_ACTION_VF_BUDGET, PciMediation};
+    let mut env = FakeEnv::new();
+    let p = &mut env.hv.pci;
+    p.ecam_base = ECAM;
+    p.bus_end = 0xff;
+    p.mediated[0] = PciMediation {
+        bus: 0,
+        devfn: 3 << 3,
+        action: PCI_ACTION_HIDE,
+        ..Default::default()
+    };
+    p.mediated[1] = PciMediation {
+        bus: 1,
+        devfn: 0,
+        action: PCI_ACTION_VF_BUDGET,
+        sriov_cap: 0x160,
+        os_vfs: 2,
+        initial_vfs: 8,
+        total_vfs: 8,
+        ..Default::default()
+    };
+    p.count = 2;
+    // The devices: the hidden NIC's IDs, and the PF's SR-IOV capability.
+    env.mmio_write(HIDDEN, 4, 0x10d3_8086);
+    env.mmio_write(PF, 4, 0x10c9_8086);
+    env.mmio_write(PF + 0x16c, 4, 0x0008_0008);
+    env.mmio_write(PF + 0x170, 2, 0);
+    env.mmio_log.borrow_mut().clear();
+    env
+}
+
+const ECAM: u64 = 0xb000_0000;
+const HIDDEN: u64 = ECAM + (3 << 15);
+const PF: u64 = ECAM + (1 << 20);
+
+#[test]
+fn a_hidden_function_reads_all_ones_through_ecam_and_drops_writes() {
+    let mut env = pci_env();
+    // mov eax, [rdx]  (Linux's mmio_config_readl)
+    let mut cpu = at(&mut env, &[0x8b, 0x02]);
+    cpu.regs[Gpr::Rax as usize] = 0xdead_beef_0000_0000;
+    let h = handle(&npf(HIDDEN, false, false, false), &mut cpu, &mut env);
+    assert_eq!(h.reason, thinhv_abi::exit::ExitReason::PCI_CONFIG);
+    assert_eq!(
+        cpu.regs[Gpr::Rax as usize],
+        0xffff_ffff,
+        "all ones, zero-extended"
+    );
+    assert_eq!(cpu.rip, RIP + 2);
+    // mov ax, [rdx]: the upper bits kept.
+    let mut cpu = at(&mut env, &[0x66, 0x8b, 0x02]);
+    cpu.regs[Gpr::Rax as usize] = 0x1234_5678_0000_0000;
+    handle(&npf(HIDDEN + 0x0e, false, false, false), &mut cpu, &mut env);
+    assert_eq!(cpu.regs[Gpr::Rax as usize], 0x1234_5678_0000_ffff);
+    // mov word [rdx+4], ax: dropped.
+    let mut cpu = at(&mut env, &[0x66, 0x89, 0x42, 0x04]);
+    handle(&npf(HIDDEN + 4, true, false, false), &mut cpu, &mut env);
+    assert!(
+        env.mmio_log.borrow().is_empty(),
+        "the device was never touched"
+    );
+    assert_eq!(cpu.rip, RIP + 4);
+    assert!(env.demand_calls.is_empty(), "not mistaken for a demand map");
+}
+
+#[test]
+fn a_vf_budget_shows_the_os_its_share_and_refuses_more() {
+    let mut env = pci_env();
+    // TotalVFs/InitialVFs as one dword: 2 and 2.
+    let mut cpu = at(&mut env, &[0x8b, 0x02]);
+    handle(&npf(PF + 0x16c, false, false, false), &mut cpu, &mut env);
+    assert_eq!(cpu.regs[Gpr::Rax as usize], 0x0002_0002);
+    // movzx eax, word [rdx] of TotalVFs alone.
+    let mut cpu = at(&mut env, &[0x0f, 0xb7, 0x02]);
+    handle(&npf(PF + 0x16e, false, false, false), &mut cpu, &mut env);
+    assert_eq!(cpu.regs[Gpr::Rax as usize], 2);
+    // Vendor/device pass through.
+    let mut cpu = at(&mut env, &[0x8b, 0x02]);
+    handle(&npf(PF, false, false, false), &mut cpu, &mut env);
+    assert_eq!(cpu.regs[Gpr::Rax as usize], 0x10c9_8086);
+    // NumVFs = 2 reaches the device; NumVFs = 3 does not.
+    let mut cpu = at(&mut env, &[0x66, 0x89, 0x02]);
+    cpu.regs[Gpr::Rax as usize] = 2;
+    handle(&npf(PF + 0x170, true, false, false), &mut cpu, &mut env);
+    assert_eq!(env.mmio_read(PF + 0x170, 2), 2);
+    let mut cpu = at(&mut env, &[0x66, 0x89, 0x02]);
+    cpu.regs[Gpr::Rax as usize] = 3;
+    handle(&npf(PF + 0x170, true, false, false), &mut cpu, &mut env);
+    assert_eq!(env.mmio_read(PF + 0x170, 2), 2, "refused");
+    assert_eq!(
+        env.hv
+            .refused_pci_writes
+            .load(core::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[test]
+fn legacy_ports_hide_the_same_function_and_pass_the_rest() {
+    let mut env = pci_env();
+    let io = |port, size, input| Exit::PortIo {
+        port,
+        size,
+        input,
+        string: false,
+    };
+    // The OS selected 00:03.0 register 0 (the latch is the hardware's).
+    env.ports.borrow_mut().insert(0xcf8, 0x8000_1800);
+    env.ports.borrow_mut().insert(0xcfc, 0x10d3_8086);
+    // in eax, dx
+    let mut cpu = at(&mut env, &[0xed]);
+    let h = handle(&io(0xcfc, 4, true), &mut cpu, &mut env);
+    assert_eq!(h.reason, thinhv_abi::exit::ExitReason::PCI_CONFIG);
+    assert_eq!(cpu.regs[Gpr::Rax as usize], 0xffff_ffff);
+    assert_eq!(cpu.rip, RIP + 1);
+    // out dx, ax to the command register: dropped.
+    env.port_log.borrow_mut().clear();
+    let mut cpu = at(&mut env, &[0x66, 0xef]);
+    cpu.regs[Gpr::Rax as usize] = 0x6;
+    handle(&io(0xcfe, 2, false), &mut cpu, &mut env);
+    assert!(
+        env.port_log
+            .borrow()
+            .iter()
+            .all(|e| e.0 == 'r' && e.1 == 0xcf8),
+        "{:?}",
+        env.port_log.borrow()
+    );
+    // Another function: passed through both ways.
+    env.ports.borrow_mut().insert(0xcf8, 0x8000_1000);
+    let mut cpu = at(&mut env, &[0xed]);
+    cpu.regs[Gpr::Rax as usize] = 0xffff_ffff_0000_0000;
+    handle(&io(0xcfc, 4, true), &mut cpu, &mut env);
+    assert_eq!(cpu.regs[Gpr::Rax as usize], 0x10d3_8086);
+    let mut cpu = at(&mut env, &[0xee]);
+    cpu.regs[Gpr::Rax as usize] = 0x1ff;
+    handle(&io(0xcfd, 1, false), &mut cpu, &mut env);
+    assert_eq!(env.ports.borrow()[&0xcfd], 0xff);
+    // String I/O is refused with #GP.
+    let mut cpu = at(&mut env, &[0x6d]);
+    handle(
+        &Exit::PortIo {
+            port: 0xcfc,
+            size: 4,
+            input: true,
+            string: true,
+        },
+        &mut cpu,
+        &mut env,
+    );
+    assert_eq!(cpu.exceptions, vec![(vector::GP, Some(0))]);
+}

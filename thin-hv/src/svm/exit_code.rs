@@ -90,6 +90,19 @@ pub fn decode(code: u64, info1: u64, info2: u64, rcx: u64, rax: u64, rdx: u64) -
         ExitCode::NMI => Exit::Nmi,
         ExitCode::SHUTDOWN => Exit::Shutdown,
         ExitCode::XSETBV => Exit::Xsetbv,
+        // APM Vol. 2 §15.10.2: EXITINFO1 of an IOIO intercept.
+        ExitCode::IOIO => Exit::PortIo {
+            port: ((info1 >> 16) & 0xffff) as u16,
+            size: if info1 & (1 << 4) != 0 {
+                1
+            } else if info1 & (1 << 5) != 0 {
+                2
+            } else {
+                4
+            },
+            input: info1 & 1 != 0,
+            string: info1 & (1 << 2) != 0,
+        },
         ExitCode::INVALID => Exit::EntryFailed { detail: 0 },
         _ => Exit::Other { code, info1, info2 },
     }
@@ -129,6 +142,40 @@ pub fn name(code: u64) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decodes_port_io() {
+        // in eax, dx with DX = 0xcfc: TYPE=1, SZ32, port in 31:16.
+        assert_eq!(
+            decode(0x7b, 0x0cfc_0041, 0, 0, 0, 0),
+            Exit::PortIo {
+                port: 0xcfc,
+                size: 4,
+                input: true,
+                string: false
+            }
+        );
+        // out dx, ax to 0xcfe.
+        assert_eq!(
+            decode(0x7b, 0x0cfe_0020, 0, 0, 0, 0),
+            Exit::PortIo {
+                port: 0xcfe,
+                size: 2,
+                input: false,
+                string: false
+            }
+        );
+        // rep insb from 0xcfd.
+        assert_eq!(
+            decode(0x7b, 0x0cfd_001d, 0, 0, 0, 0),
+            Exit::PortIo {
+                port: 0xcfd,
+                size: 1,
+                input: true,
+                string: true
+            }
+        );
+    }
 
     #[test]
     fn decodes_msr_exits() {

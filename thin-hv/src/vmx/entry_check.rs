@@ -139,6 +139,16 @@ fn controls(c: &mut Checker<'_>, caps: &VmxCaps) {
         Field::CR3_TARGET_COUNT,
         "27.2.1.1: CR3-target count above the supported number",
     );
+    if p1 & proc1::IO_BITMAPS != 0 {
+        for f in [Field::IO_BITMAP_A, Field::IO_BITMAP_B] {
+            let a = c.get(f);
+            c.require(
+                a & 0xfff == 0 && caps.phys_ok(a),
+                f,
+                "27.2.1.1: I/O-bitmap address not 4 KiB-aligned or beyond the physical-address width",
+            );
+        }
+    }
     if p1 & proc1::MSR_BITMAPS != 0 {
         let a = c.get(Field::MSR_BITMAP);
         c.require(

@@ -166,6 +166,13 @@ pub fn decode(
         },
         ExitReason::EPT_MISCONFIG => Exit::TableMisconfig { gpa },
         ExitReason::XSETBV => Exit::Xsetbv,
+        // SDM Vol. 3C Table 28-5: exit qualification of I/O instructions.
+        ExitReason::IO => Exit::PortIo {
+            port: ((qual >> 16) & 0xffff) as u16,
+            size: (qual & 7) as u8 + 1,
+            input: qual & (1 << 3) != 0,
+            string: qual & (1 << 4) != 0,
+        },
         _ => Exit::Other {
             code: u64::from(basic.0),
             info1: qual,
@@ -217,6 +224,35 @@ mod tests {
         assert!(
             matches!(decode(28, 0x10, 0, 0, 0, 0, 0), Exit::Other { .. }),
             "mov from CR"
+        );
+        // in eax, dx (0xcfc): size 4, IN, DX operand.
+        assert_eq!(
+            decode(30, 0x0cfc_000b, 0, 0, 0, 0, 0),
+            Exit::PortIo {
+                port: 0xcfc,
+                size: 4,
+                input: true,
+                string: false
+            }
+        );
+        // outb to 0xcff; outsw to 0xcfe.
+        assert_eq!(
+            decode(30, 0x0cff_0040, 0, 0, 0, 0, 0),
+            Exit::PortIo {
+                port: 0xcff,
+                size: 1,
+                input: false,
+                string: false
+            }
+        );
+        assert_eq!(
+            decode(30, 0x0cfe_0011, 0, 0, 0, 0, 0),
+            Exit::PortIo {
+                port: 0xcfe,
+                size: 2,
+                input: false,
+                string: true
+            }
         );
     }
 

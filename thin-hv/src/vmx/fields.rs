@@ -27,6 +27,8 @@ impl Field {
     pub const HOST_GS_SELECTOR: Self = Self(0x0c0a);
     pub const HOST_TR_SELECTOR: Self = Self(0x0c0c);
     // 64-bit control.
+    pub const IO_BITMAP_A: Self = Self(0x2000);
+    pub const IO_BITMAP_B: Self = Self(0x2002);
     pub const MSR_BITMAP: Self = Self(0x2004);
     pub const TSC_OFFSET: Self = Self(0x2010);
     pub const EPT_POINTER: Self = Self(0x201a);
@@ -183,6 +185,8 @@ const NAMES: &[(u32, &str)] = &[
     (0x0c08, "HOST_FS_SELECTOR"),
     (0x0c0a, "HOST_GS_SELECTOR"),
     (0x0c0c, "HOST_TR_SELECTOR"),
+    (0x2000, "IO_BITMAP_A"),
+    (0x2002, "IO_BITMAP_B"),
     (0x2004, "MSR_BITMAP"),
     (0x2010, "TSC_OFFSET"),
     (0x201a, "EPT_POINTER"),

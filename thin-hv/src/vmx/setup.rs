@@ -12,6 +12,7 @@ pub type Missing = &'static str;
 pub fn choose_controls(
     caps: &VmxCaps,
     msr_bitmap: u64,
+    io_bitmap: u64,
     eptp: u64,
     vpid: u16,
 ) -> Result<Controls, Missing> {
@@ -22,8 +23,13 @@ pub fn choose_controls(
     if caps.proc1.may_be_1() & wanted::PROC1_AVAILABLE != wanted::PROC1_AVAILABLE {
         return Err("NMI-window exiting");
     }
-    let proc1 = adjust(wanted::PROC1_REQUIRED, 0, caps.proc1)
-        .map_err(|_| "MSR bitmaps or secondary controls")?;
+    let io = if io_bitmap != 0 {
+        super::controls::proc1::IO_BITMAPS
+    } else {
+        0
+    };
+    let proc1 = adjust(wanted::PROC1_REQUIRED | io, 0, caps.proc1)
+        .map_err(|_| "MSR bitmaps, I/O bitmaps or secondary controls")?;
     let proc2 = adjust(wanted::PROC2_REQUIRED, wanted::PROC2_WANTED, caps.proc2)
         .map_err(|_| "EPT with unrestricted guest")?;
     let exit = adjust(wanted::EXIT_REQUIRED, wanted::EXIT_WANTED, caps.exit)
@@ -45,6 +51,7 @@ pub fn choose_controls(
         exit,
         entry,
         msr_bitmap,
+        io_bitmap,
         eptp,
         vpid: if proc2 & proc2::VPID != 0 { vpid } else { 0 },
         cr0_mask,
@@ -122,7 +129,8 @@ mod tests {
 
     fn image() -> (super::super::image::VmcsImage, VmxCaps) {
         let caps = bochs_tigerlake();
-        let c = choose_controls(&caps, 0x3dc3_0000, make_eptp(0x3dc4_0000), 1).unwrap();
+        let c =
+            choose_controls(&caps, 0x3dc3_0000, 0x3dc5_0000, make_eptp(0x3dc4_0000), 1).unwrap();
         (
             build(
                 &firmware_capture(),
@@ -138,7 +146,7 @@ mod tests {
     #[test]
     fn controls_for_the_test_processor() {
         let caps = bochs_tigerlake();
-        let c = choose_controls(&caps, 0x1000, make_eptp(0x2000), 1).unwrap();
+        let c = choose_controls(&caps, 0x1000, 0, make_eptp(0x2000), 1).unwrap();
         assert_ne!(c.proc1 & proc1::MSR_BITMAPS, 0);
         assert_eq!(
             c.proc1 & (proc1::CR3_LOAD | proc1::CR3_STORE | proc1::HLT | proc1::UNCOND_IO),
@@ -156,7 +164,7 @@ mod tests {
         let mut no_ept = caps;
         no_ept.proc2.0 &= !(u64::from(proc2::EPT) << 32);
         assert_eq!(
-            choose_controls(&no_ept, 0, 0, 1),
+            choose_controls(&no_ept, 0, 0, 0, 1),
             Err("EPT with unrestricted guest")
         );
         // NMIs exit (INIT wake-ups) and are held with virtual-NMI blocking.
@@ -172,13 +180,13 @@ mod tests {
         let mut no_vnmi = caps;
         no_vnmi.pin.0 &= !(u64::from(pin::VIRTUAL_NMIS) << 32);
         assert_eq!(
-            choose_controls(&no_vnmi, 0, 0, 1),
+            choose_controls(&no_vnmi, 0, 0, 0, 1),
             Err("NMI exiting with virtual NMIs")
         );
         let mut no_window = caps;
         no_window.proc1.0 &= !(u64::from(proc1::NMI_WINDOW) << 32);
         assert_eq!(
-            choose_controls(&no_window, 0, 0, 1),
+            choose_controls(&no_window, 0, 0, 0, 1),
             Err("NMI-window exiting")
         );
     }

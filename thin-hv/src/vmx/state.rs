@@ -123,6 +123,8 @@ pub struct Controls {
     pub entry: u32,
     /// MSR bitmap.
     pub msr_bitmap: u64,
+    /// I/O bitmap A (B follows at +4 KiB); 0: no I/O exits.
+    pub io_bitmap: u64,
     /// EPT pointer.
     pub eptp: u64,
     /// VPID (0: none).
@@ -229,6 +231,10 @@ pub fn build(
     v.set(Field::ENTRY_MSR_LOAD_COUNT, 0);
     v.set(Field::ENTRY_INTERRUPTION_INFO, 0);
     v.set(Field::MSR_BITMAP, c.msr_bitmap);
+    if c.proc1 & proc1::IO_BITMAPS != 0 {
+        v.set(Field::IO_BITMAP_A, c.io_bitmap);
+        v.set(Field::IO_BITMAP_B, c.io_bitmap + 0x1000);
+    }
     v.set(Field::EPT_POINTER, c.eptp);
     if c.proc2 & proc2::VPID != 0 {
         v.set(Field::VPID, u64::from(c.vpid));

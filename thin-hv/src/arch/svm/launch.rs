@@ -150,6 +150,11 @@ pub unsafe fn virtualize(cpu: u64, resume_rip: u64, resume_rsp: u64) -> Result<(
         }
     }
     c.iopm_base_pa = core.iopm_pa;
+    // The configuration data ports are set in the map only when a PCI
+    // function is mediated; nothing else is intercepted.
+    if core.hv.pci.count > 0 {
+        c.intercept_misc1 |= misc1::IOIO_PROT;
+    }
     c.msrpm_base_pa = core.msr_map_pa;
     c.guest_asid = GUEST_ASID;
     c.tlb_control = tlb::FLUSH_ALL;

@@ -219,11 +219,19 @@ pub unsafe fn virtualize(cpu: u64, resume_rip: u64, resume_rsp: u64) -> Result<(
         return Err(CoreError::ENABLE_FAILED);
     }
 
-    let controls = choose_controls(&caps, core.msr_map_pa, vmxg.eptp, VPID).map_err(|m| {
-        log::error!("cpu {idx}: the processor lacks {m}");
-        off(vmcs_pa, guest_cr4, capture.rflags);
-        CoreError::UNSUPPORTED_CPU
-    })?;
+    // I/O exits only for the configuration data ports, and only when a
+    // PCI function is mediated.
+    let io_bitmap = if core.hv.pci.count > 0 {
+        core.iopm_pa
+    } else {
+        0
+    };
+    let controls =
+        choose_controls(&caps, core.msr_map_pa, io_bitmap, vmxg.eptp, VPID).map_err(|m| {
+            log::error!("cpu {idx}: the processor lacks {m}");
+            off(vmcs_pa, guest_cr4, capture.rflags);
+            CoreError::UNSUPPORTED_CPU
+        })?;
     let (_, idt_base) = idt_pointer();
     // The host stack's top slot holds the RunState pointer for the stub.
     let host_rsp = pc.stack_top() - 16;
