@@ -23,6 +23,8 @@ mod devmem;
 mod dma;
 mod gpt;
 mod install;
+mod nvme_virt;
+mod offloads;
 mod report;
 mod selftest;
 
@@ -64,6 +66,8 @@ fn main() -> ExitCode {
         "install" => install::run_install(rest),
         // Test tool for the guest (QEMU's edu device); not for operators.
         "dma-probe" => dma::run(),
+        "offloads" => offloads::run(rest),
+        "nvme-virt" => nvme_virt::run(rest),
         "uninstall" => install::run_uninstall(rest),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");

@@ -7,8 +7,9 @@ use std::process::ExitCode;
 use thinhv_abi::exit::{EXIT_REASON_COUNT, ExitReason};
 use thinhv_abi::status::{
     CpuRecord, CpuState, DEV_FLAG_PCIE, DEV_FLAG_SRIOV, DEV_FLAG_VFS_ENABLED, DeviceRecord,
-    IOMMU_STATE_FAILED, IOMMU_STATE_TRANSLATING, IommuRecord, OWNER_HIDDEN, STATUS_MAGIC,
-    StatusPageHeader, class_name,
+    IOMMU_DOMAIN_BLOCKED, IOMMU_STATE_FAILED, IOMMU_STATE_TRANSLATING, IommuRecord, OWNER_HIDDEN,
+    STATUS_MAGIC, StatusPageHeader, VF_SPACE_FITS, VF_SPACE_NO_ROOM, VF_SPACE_ROOT_BUS,
+    VF_SPACE_UNASSIGNED, class_name,
 };
 use zerocopy::FromBytes;
 
@@ -356,6 +357,45 @@ fn owner_name(d: &DeviceRecord) -> &'static str {
     }
 }
 
+/// What the IOMMU lets a function reach.
+fn dma_name(d: &DeviceRecord, iommu_on: bool) -> &'static str {
+    match (iommu_on, d.iommu_domain == IOMMU_DOMAIN_BLOCKED) {
+        (true, true) => "blocked",
+        (true, false) => "os-memory",
+        (false, _) => "unrestricted (no IOMMU)",
+    }
+}
+
+fn vf_space_name(v: u8) -> &'static str {
+    match v {
+        VF_SPACE_FITS => "fits",
+        VF_SPACE_UNASSIGNED => "unassigned",
+        VF_SPACE_NO_ROOM => "no-room",
+        VF_SPACE_ROOT_BUS => "root-bus",
+        _ => "none",
+    }
+}
+
+fn bars_json(d: &DeviceRecord) -> serde_json::Value {
+    let list: Vec<_> = d
+        .bars
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.size != 0)
+        .map(|(i, b)| {
+            let flags = b.base & thinhv_abi::status::BAR_FLAG_MASK;
+            json!({
+                "index": i,
+                "base": b.base & !thinhv_abi::status::BAR_FLAG_MASK & if flags & 1 == 1 { !0x3 } else { !0 },
+                "size": b.size,
+                "kind": if flags & 1 == 1 { "io" } else if flags & 6 == 4 { "mem64" } else { "mem32" },
+                "prefetchable": flags & 8 != 0,
+            })
+        })
+        .collect();
+    json!(list)
+}
+
 /// The inventory as JSON.
 pub fn devices_json(devs: &[DeviceRecord], iommus: &[IommuRecord]) -> serde_json::Value {
     let domain = shared_domain(iommus);
@@ -370,6 +410,10 @@ pub fn devices_json(devs: &[DeviceRecord], iommus: &[IommuRecord]) -> serde_json
                     "num_vfs_at_boot": d.sriov_num_vfs,
                     "vfs_enabled_at_boot": d.flags & DEV_FLAG_VFS_ENABLED != 0,
                     "vf_device_id": format!("{:04x}", d.sriov_vf_device),
+                    "sriov_rule": (d.sriov_rule != 0).then_some(d.sriov_rule),
+                    "vf_bar_bytes": d.vf_bar_space,
+                    "vf_bar_bytes_for_os": d.vf_bar_space_os,
+                    "vf_bar_space": vf_space_name(d.vf_space),
                 })
             } else {
                 serde_json::Value::Null
@@ -382,7 +426,10 @@ pub fn devices_json(devs: &[DeviceRecord], iommus: &[IommuRecord]) -> serde_json
                 "class_name": class_name(base, sub),
                 "pcie": d.flags & DEV_FLAG_PCIE != 0,
                 "owner": owner_name(d),
-                "iommu_domain": domain,
+                "rule": (d.rule != 0).then_some(d.rule),
+                "iommu_domain": domain.map(|x| if d.iommu_domain == IOMMU_DOMAIN_BLOCKED { 0 } else { x }),
+                "dma": dma_name(d, domain.is_some()),
+                "bars": bars_json(d),
                 "sriov": sriov,
             })
         })
@@ -418,7 +465,11 @@ pub fn devices_text(devs: &[DeviceRecord], iommus: &[IommuRecord]) -> String {
             d.device,
             class_name(base, sub),
             owner_name(d),
-            domain,
+            if d.iommu_domain == IOMMU_DOMAIN_BLOCKED && domain != "none" {
+                "blocked"
+            } else {
+                domain.as_str()
+            },
             sriov
         );
     }
@@ -497,6 +548,21 @@ mod tests {
             sriov_total_vfs: 8,
             sriov_os_vfs: 8,
             sriov_vf_device: 0x10ca,
+            iommu_domain: thinhv_abi::status::IOMMU_DOMAIN_OS,
+            bars: [
+                thinhv_abi::status::BarRecord {
+                    base: 0xfe80_0000,
+                    size: 128 << 10,
+                },
+                thinhv_abi::status::BarRecord::default(),
+                thinhv_abi::status::BarRecord {
+                    base: 0xc001,
+                    size: 32,
+                },
+                thinhv_abi::status::BarRecord::default(),
+                thinhv_abi::status::BarRecord::default(),
+                thinhv_abi::status::BarRecord::default(),
+            ],
             ..DeviceRecord::default()
         }
     }
@@ -534,12 +600,27 @@ mod tests {
         assert_eq!(iommu_json(&[])["managed"], false);
         let t = iommu_text(&[on]);
         assert!(t.contains("VT-d unit 0xfed90000 (segment 0): translating, 2 DMA faults (last: write by 01:00.0"), "{t}");
+        let d = &devices_json(&[nic()], &[on])["devices"][0];
+        assert_eq!(d["dma"], "os-memory");
+        assert_eq!(d["bars"][0]["base"], 0xfe80_0000u64);
+        assert_eq!(d["bars"][0]["kind"], "mem32");
+        assert_eq!(d["bars"][1]["index"], 2);
+        assert_eq!(d["bars"][1]["kind"], "io");
+        assert_eq!(d["bars"][1]["base"], 0xc000);
+        assert_eq!(d["bars"][1]["size"], 32);
         let mut plain = nic();
         plain.flags = 0;
         plain.owner = OWNER_HIDDEN;
+        plain.rule = 2;
+        plain.iommu_domain = IOMMU_DOMAIN_BLOCKED;
         let v = devices_json(&[plain], &[]);
         assert!(v["devices"][0]["sriov"].is_null());
         assert_eq!(v["devices"][0]["owner"], "hidden");
+        assert_eq!(v["devices"][0]["rule"], 2);
+        assert_eq!(v["devices"][0]["dma"], "unrestricted (no IOMMU)");
+        let v = devices_json(&[plain], &[on]);
+        assert_eq!(v["devices"][0]["dma"], "blocked");
+        assert_eq!(v["devices"][0]["iommu_domain"], 0);
     }
 
     #[test]

@@ -128,8 +128,8 @@ pub fn busybox() -> Result<PathBuf, String> {
 
 /// Kernel modules the guest loads at start, in dependency order (paths
 /// under `lib/modules/VERSION/kernel`): the NVMe driver and its CRC
-/// helpers, and the e1000e NIC driver — devices whose DMA the IOMMU tests
-/// exercise.
+/// helpers, the e1000e NIC driver — devices whose DMA the IOMMU tests
+/// exercise — and igb with its VF driver igbvf (SR-IOV tests).
 pub const MODULES: &[&str] = &[
     "lib/crc64.ko",
     "crypto/crct10dif_common.ko",
@@ -141,6 +141,10 @@ pub const MODULES: &[&str] = &[
     "drivers/nvme/host/nvme-core.ko",
     "drivers/nvme/host/nvme.ko",
     "drivers/net/ethernet/intel/e1000e/e1000e.ko",
+    "drivers/dca/dca.ko",
+    "drivers/i2c/algos/i2c-algo-bit.ko",
+    "drivers/net/ethernet/intel/igb/igb.ko",
+    "drivers/net/ethernet/intel/igbvf/igbvf.ko",
 ];
 
 /// The modules directory (`.../lib/modules/VERSION/kernel`) of the unpacked

@@ -87,6 +87,52 @@ impl Edu {
     }
 }
 
+/// Before thinhv (the probe booted first, natively): memory decoding and
+/// bus mastering on for the edu device, as a firmware driver could leave a
+/// device that thinhv is told to hide. Returns its address.
+pub fn arm() -> Option<(u8, u8, u8)> {
+    let (bus, dev, func) = find_edu()?;
+    let cmd = cfg_read(bus, dev, func, 0x04);
+    cfg_write(bus, dev, func, 0x04, (cmd & 0xffff) | 0x6);
+    Some((bus, dev, func))
+}
+
+/// A hidden edu device in thinhv's inventory (status area records):
+/// (bus, devfn, BAR0).
+fn hidden_edu(status: (u64, u64)) -> Option<(u8, u8, u64)> {
+    let hdr = status.0 as *const u8;
+    // SAFETY: header fields of the readable status area (devices offset,
+    // record size and count at 0x68, 0x6C, 0x70).
+    let (off, size, n) = unsafe {
+        (
+            core::ptr::read_unaligned(hdr.add(0x68).cast::<u32>()),
+            core::ptr::read_unaligned(hdr.add(0x6c).cast::<u32>()),
+            core::ptr::read_unaligned(hdr.add(0x70).cast::<u32>()),
+        )
+    };
+    for i in 0..u64::from(n) {
+        let rec = status.0 + u64::from(off) + i * u64::from(size);
+        if rec + 0x28 > status.0 + status.1 {
+            return None;
+        }
+        // SAFETY: a device record inside the status area.
+        let (vendor, device, owner, bus, devfn, bar0) = unsafe {
+            (
+                core::ptr::read_unaligned((rec + 4) as *const u16),
+                core::ptr::read_unaligned((rec + 6) as *const u16),
+                core::ptr::read_unaligned((rec + 0x11) as *const u8),
+                core::ptr::read_unaligned((rec + 2) as *const u8),
+                core::ptr::read_unaligned((rec + 3) as *const u8),
+                core::ptr::read_unaligned((rec + 0x20) as *const u64),
+            )
+        };
+        if vendor == 0x1234 && device == 0x11e8 && owner == thinhv_abi::status::OWNER_HIDDEN {
+            return Some((bus, devfn, bar0 & !0xf));
+        }
+    }
+    None
+}
+
 fn count(page: &[u8], b: u8) -> usize {
     page.iter().filter(|&&x| x == b).count()
 }
@@ -94,20 +140,44 @@ fn count(page: &[u8], b: u8) -> usize {
 /// Runs the DMA checks. `protected` is thinhv's protected region (from the
 /// status hypercall); `status` its status area.
 pub fn check(protected: (u64, u64), status: (u64, u64)) {
-    let Some((bus, dev, func)) = find_edu() else {
+    let bar = if let Some((bus, dev, func)) = find_edu() {
+        kv("edu_found", 1);
+        kv("edu_bdf", format_args!("{bus:02x}:{dev:02x}.{func}"));
+        kv(
+            "edu_source_id",
+            format_args!("{:#06x}", (u16::from(bus) << 8) | (u16::from(dev) << 3)),
+        );
+        let bar = u64::from(cfg_read(bus, dev, func, 0x10) & !0xf);
+        // Memory decoding and bus mastering on.
+        let cmd = cfg_read(bus, dev, func, 0x04);
+        cfg_write(bus, dev, func, 0x04, (cmd & 0xffff) | 0x6);
+        bar
+    } else if let Some((bus, devfn, bar)) = hidden_edu(status) {
+        // Hidden by thinhv: absent from configuration space, but armed
+        // before thinhv started (its BAR from thinhv's inventory).
+        kv("edu_found", 0);
+        kv("edu_hidden", 1);
+        kv(
+            "edu_bdf",
+            format_args!("{bus:02x}:{:02x}.{}", devfn >> 3, devfn & 7),
+        );
+        kv(
+            "edu_source_id",
+            format_args!("{:#06x}", (u16::from(bus) << 8) | u16::from(devfn)),
+        );
+        kv(
+            "edu_cf8_id",
+            format_args!("{:#x}", cfg_read(bus, devfn >> 3, devfn & 7, 0)),
+        );
+        kv(
+            "edu_cf8_command",
+            format_args!("{:#x}", cfg_read(bus, devfn >> 3, devfn & 7, 4)),
+        );
+        bar
+    } else {
         kv("edu_found", 0);
         return;
     };
-    kv("edu_found", 1);
-    kv("edu_bdf", format_args!("{bus:02x}:{dev:02x}.{func}"));
-    kv(
-        "edu_source_id",
-        format_args!("{:#06x}", (u16::from(bus) << 8) | (u16::from(dev) << 3)),
-    );
-    let bar = u64::from(cfg_read(bus, dev, func, 0x10) & !0xf);
-    // Memory decoding and bus mastering on.
-    let cmd = cfg_read(bus, dev, func, 0x04);
-    cfg_write(bus, dev, func, 0x04, (cmd & 0xffff) | 0x6);
     let edu = Edu { bar };
     kv("edu_ident", format_args!("{:#x}", edu.r32(0)));
     let Ok(pages) = uefi::boot::allocate_pages(

@@ -478,9 +478,83 @@ fn xsetbv_check() {
     kv("xsetbv_restore_fault", back);
 }
 
+/// ESP path of thinhv when the probe boots first (`arm` mode).
+const THINHV_AFTER_PROBE: &str = "\\EFI\\thinhv\\thinhv.efi";
+
+/// Booted natively with thinhv beside it: arm the edu device (as a
+/// firmware driver might leave a device thinhv then hides), then start
+/// thinhv, which starts the probe again under it.
+fn arm_then_start_thinhv() -> bool {
+    use uefi::boot::{self, LoadImageSource, OpenProtocolAttributes, OpenProtocolParams};
+    use uefi::proto::device_path::DevicePath;
+    use uefi::proto::device_path::build::{DevicePathBuilder, media::FilePath};
+    use uefi::proto::loaded_image::LoadedImage;
+    let s = cpuid(LEAF_SIGNATURE, 0);
+    if signature_from_regs(s[1], s[2], s[3]) == thinhv_abi::cpuid::SIGNATURE {
+        return false;
+    }
+    let Ok(li) = boot::open_protocol_exclusive::<LoadedImage>(boot::image_handle()) else {
+        return false;
+    };
+    let Some(device) = li.device() else {
+        return false;
+    };
+    drop(li);
+    // SAFETY: GET_PROTOCOL does not take ownership; the path is read while
+    // the handle exists.
+    let Ok(dp) = (unsafe {
+        boot::open_protocol::<DevicePath>(
+            OpenProtocolParams {
+                handle: device,
+                agent: boot::image_handle(),
+                controller: None,
+            },
+            OpenProtocolAttributes::GetProtocol,
+        )
+    }) else {
+        return false;
+    };
+    let Ok(name) = uefi::CString16::try_from(THINHV_AFTER_PROBE) else {
+        return false;
+    };
+    let mut buf = alloc::vec::Vec::new();
+    let mut b = DevicePathBuilder::with_vec(&mut buf);
+    for node in dp.node_iter() {
+        let Ok(next) = b.push(&node) else {
+            return false;
+        };
+        b = next;
+    }
+    let Ok(full) = b
+        .push(&FilePath { path_name: &name })
+        .and_then(DevicePathBuilder::finalize)
+    else {
+        return false;
+    };
+    let Ok(handle) = boot::load_image(
+        boot::image_handle(),
+        LoadImageSource::FromDevicePath {
+            device_path: full,
+            boot_policy: uefi::proto::BootPolicy::ExactMatch,
+        },
+    ) else {
+        return false;
+    };
+    match crate::dma::arm() {
+        Some((b, d, f)) => println!("THINHV-PROBE-ARMED edu {b:02x}:{d:02x}.{f}"),
+        None => println!("THINHV-PROBE-ARMED no edu"),
+    }
+    let _ = boot::start_image(handle);
+    true
+}
+
 #[uefi::entry]
 fn main() -> uefi::Status {
     if uefi::helpers::init().is_err() {
+        return uefi::Status::ABORTED;
+    }
+    if arm_then_start_thinhv() {
+        println!("thinhv returned to the probe");
         return uefi::Status::ABORTED;
     }
     println!("THINHV-PROBE-BEGIN");
