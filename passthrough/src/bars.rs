@@ -232,10 +232,7 @@ pub enum VfSpace {
 
 /// Bytes the VF BARs need for `vfs` VFs.
 pub fn vf_bar_space(pf: &Function, vfs: u16) -> u64 {
-    pf.vf_bars
-        .iter()
-        .map(|b| b.size.saturating_mul(u64::from(vfs)))
-        .fold(0u64, u64::saturating_add)
+    thinhv_sriov::vf_bar_space(pf.vf_bars.iter().map(|b| b.size), vfs)
 }
 
 /// Checks the VF BAR space of `pf` for `vfs` VFs against the window of the

@@ -1,10 +1,8 @@
-//! Device pass-through: PCI/ECAM enumeration and the device inventory, the
-//! ACPI IOMMU tables (DMAR, IVRS); later device ownership policy and the
-//! VT-d / AMD-Vi drivers.
-//!
-//! The IOMMU is not driven yet: thinhv passes every device to the OS
-//! untouched and does **not** protect itself from DMA; `docs/security.md`
-//! says so.
+//! Device pass-through, as pure logic: PCI/ECAM enumeration and BAR sizing
+//! (`pci`, `bars`), the ownership policy (`policy`), what the OS sees of a
+//! mediated function's configuration space (`mediate`), the ACPI IOMMU
+//! tables (`dmar`, `ivrs`, `acpi`) and the VT-d / AMD-Vi register drivers
+//! (`vtd`, `amdvi`) over an MMIO trait.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 

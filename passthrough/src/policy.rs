@@ -318,11 +318,8 @@ pub fn boot_device(
 pub fn blocked_rids(f: &Function) -> Vec<(u16, u16)> {
     let rid = f.bdf.rid();
     let mut out = alloc::vec![(rid, rid)];
-    if let Some(cap) = f.sriov
-        && cap.total_vfs > 0
-        && let (Some(first), Some(last)) = (cap.vf_rid(rid, 1), cap.vf_rid(rid, cap.total_vfs))
-    {
-        out.push((first, last));
+    if let Some(range) = f.sriov.and_then(|c| c.potential_vf_rids(rid)) {
+        out.push(range);
     }
     out
 }

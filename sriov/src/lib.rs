@@ -3,8 +3,9 @@
 //! Capability, ID 0x0010).
 //!
 //! Pure: the caller reads the capability's bytes (through ECAM) and this
-//! crate interprets them. Mediation of the capability for the OS (VF
-//! budgets) and VF BAR placement come with the PCI ownership issue.
+//! crate interprets them. VF BAR sizing and the bridge-window check are in
+//! `thinhv_passthrough::bars`, the mediation of the capability for VF
+//! budgets in `thinhv_passthrough::mediate`.
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
@@ -134,6 +135,32 @@ impl SriovCap {
     }
 }
 
+impl SriovCap {
+    /// Every routing ID a VF of the PF at `pf_rid` can have with the
+    /// current First VF Offset and VF Stride, for VFs 1..=TotalVFs, as an
+    /// inclusive range (the IDs in it that are not VFs are other functions
+    /// of the same device or unused). `None` without VFs or when the range
+    /// leaves the 16-bit routing-ID space.
+    pub fn potential_vf_rids(&self, pf_rid: u16) -> Option<(u16, u16)> {
+        if self.total_vfs == 0 {
+            return None;
+        }
+        Some((
+            self.vf_rid(pf_rid, 1)?,
+            self.vf_rid(pf_rid, self.total_vfs)?,
+        ))
+    }
+}
+
+/// Bytes the VF BARs need for `vfs` VFs, given each VF BAR's size per VF:
+/// each VF BAR is an array of `vfs` equal, contiguous slots.
+pub fn vf_bar_space(per_vf_sizes: impl IntoIterator<Item = u64>, vfs: u16) -> u64 {
+    per_vf_sizes
+        .into_iter()
+        .map(|s| s.saturating_mul(u64::from(vfs)))
+        .fold(0, u64::saturating_add)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,5 +218,65 @@ mod tests {
         let mut b = igb_like();
         b[0] = 0x0e;
         assert_eq!(SriovCap::parse(0x100, &b), Err(CapError::NotSriov));
+    }
+
+    #[test]
+    fn potential_vf_rids_and_bar_space() {
+        let c = SriovCap::parse(0x160, &igb_like()).unwrap();
+        // PF 01:00.0: VFs at 01:10.0, 01:10.2, ... 01:11.6.
+        assert_eq!(c.potential_vf_rids(0x100), Some((0x180, 0x18e)));
+        let none = SriovCap { total_vfs: 0, ..c };
+        assert_eq!(none.potential_vf_rids(0x100), None);
+        // Beyond the routing-ID space.
+        assert_eq!(c.potential_vf_rids(0xff80), None);
+        assert_eq!(vf_bar_space([16 << 10, 16 << 10], 8), 256 << 10);
+        assert_eq!(vf_bar_space([16 << 10], 0), 0);
+        assert_eq!(vf_bar_space([u64::MAX], 2), u64::MAX);
+    }
+
+    /// SR-IOV capabilities as QEMU 10.0.2's devices present them, dumped
+    /// from Linux's sysfs `config` after enumeration (`od -An -tx1`):
+    /// igb (8086:10c9) at 0x160 and NVMe (1b36:0010, `sriov_max_vfs=2`) at
+    /// 0x120.
+    const QEMU_IGB: &str = "10 00 01 00 00 00 00 00 10 00 00 00 08 00 08 00
+        00 00 00 00 80 00 02 00 00 00 ca 10 53 05 00 00
+        01 00 00 00 0c 00 20 fe 00 00 00 00 00 00 00 00
+        0c 00 22 fe 00 00 00 00 00 00 00 00 00 00 00 00";
+    const QEMU_NVME: &str = "10 00 01 00 00 00 00 00 10 00 00 00 02 00 02 00
+        00 00 00 00 01 00 01 00 00 00 10 00 53 05 00 00
+        01 00 00 00 04 40 60 fe 00 00 00 00 00 00 00 00
+        00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00";
+
+    fn bytes(hex: &str) -> Vec<u8> {
+        hex.split_whitespace()
+            .map(|b| u8::from_str_radix(b, 16).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn real_capabilities_from_qemu() {
+        let igb = SriovCap::parse(0x160, &bytes(QEMU_IGB)).unwrap();
+        assert_eq!((igb.initial_vfs, igb.total_vfs, igb.num_vfs), (8, 8, 0));
+        assert_eq!((igb.first_vf_offset, igb.vf_stride), (0x80, 2));
+        assert_eq!(igb.vf_device_id, 0x10ca);
+        assert_eq!(igb.supported_page_sizes, 0x553);
+        assert_eq!(igb.system_page_size, 1);
+        assert_eq!(igb.control, 0x10, "ARI Capable Hierarchy, VFs off");
+        assert!(!igb.vfs_enabled());
+        // VF BAR0 and VF BAR3: 64-bit, prefetchable.
+        assert_eq!(igb.vf_bars[0], 0xfe20_000c);
+        assert_eq!(igb.vf_bars[3], 0xfe22_000c);
+        assert_eq!(igb.potential_vf_rids(0x100), Some((0x180, 0x18e)));
+        let nvme = SriovCap::parse(0x120, &bytes(QEMU_NVME)).unwrap();
+        assert_eq!((nvme.initial_vfs, nvme.total_vfs), (2, 2));
+        assert_eq!((nvme.first_vf_offset, nvme.vf_stride), (1, 1));
+        assert_eq!(nvme.vf_device_id, 0x0010);
+        assert_eq!(nvme.vf_bars[0], 0xfe60_4004, "64-bit, not prefetchable");
+        // PF 02:00.0: VFs 02:00.1 and 02:00.2.
+        assert_eq!(nvme.potential_vf_rids(0x200), Some((0x201, 0x202)));
+        assert_eq!(
+            SriovCap::parse(0x120, &bytes(QEMU_NVME)[..0x3c]),
+            Err(CapError::Truncated)
+        );
     }
 }

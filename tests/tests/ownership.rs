@@ -119,14 +119,14 @@ fn linux_creates_only_the_vfs_its_budget_allows() {
 #[test]
 #[ignore = "boots QEMU; run with `cargo xtask test`"]
 fn a_hidden_nic_is_absent_and_everything_else_works() {
-    let b = built();
-    let disk = b.work.join("own-hidden-nvme.img");
+    let built = built();
+    let disk = built.work.join("own-hidden-nvme.img");
     std::fs::File::create(&disk)
         .unwrap()
         .set_len(64 << 20)
         .unwrap();
     let drive = format!("file={},if=none,id=nv0,format=raw", disk.display());
-    let m = machine(&[
+    let machine = machine(&[
         "-drive",
         &drive,
         "-device",
@@ -142,7 +142,7 @@ fn a_hidden_nic_is_absent_and_everything_else_works() {
     ]);
     let g = linux(
         "own-hidden",
-        m,
+        machine,
         "",
         "\n[[device]]\nmatch = \"0000:00:07.0\"\nowner = \"hidden\"\n",
     );
@@ -324,11 +324,11 @@ fn without_the_iommu_a_hidden_device_left_running_can_dma() {
 #[test]
 #[ignore = "boots QEMU; run with `cargo xtask test`"]
 fn linux_brings_an_nvme_vf_online_and_uses_it_as_a_disk() {
-    let b = built();
+    let built = built();
     let images: Vec<String> = ["ns1", "ns2"]
         .iter()
         .map(|n| {
-            let p = b.work.join(format!("own-nvme-vf-{n}.img"));
+            let p = built.work.join(format!("own-nvme-vf-{n}.img"));
             std::fs::File::create(&p)
                 .unwrap()
                 .set_len(64 << 20)
@@ -341,7 +341,7 @@ fn linux_brings_an_nvme_vf_online_and_uses_it_as_a_disk() {
     // An NVMe PF with 2 VFs (one secondary controller per VF, flexible
     // queues and interrupts), behind a root port; namespace 2 private and
     // detached, for the VF.
-    let m = machine(&[
+    let machine = machine(&[
         "-drive",
         &d1,
         "-drive",
@@ -360,7 +360,7 @@ fn linux_brings_an_nvme_vf_online_and_uses_it_as_a_disk() {
     // The OS may use one of the two VFs.
     let g = linux(
         "own-nvme-vf",
-        m,
+        machine,
         "thinhv_nvme_vf=1",
         "\n[[sriov]]\ndevice = \"class:storage\"\nos_vfs = 1\n",
     );

@@ -6,7 +6,12 @@
 use std::path::Path;
 use std::process::Command;
 
-const TARGETS: [(&str, &[&str]); 3] = [("dmar", &["dmar"]), ("ivrs", &["ivrs"]), ("ext_caps", &[])];
+const TARGETS: [(&str, &[&str]); 4] = [
+    ("dmar", &["dmar"]),
+    ("ivrs", &["ivrs"]),
+    ("ext_caps", &[]),
+    ("mediation", &[]),
+];
 
 pub fn run(args: &[String]) -> Result<(), String> {
     let secs: u64 = match args.first() {
