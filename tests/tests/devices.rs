@@ -26,8 +26,9 @@ fn inventory_shows_an_sriov_nic_behind_a_root_port() {
     let g = boot_linux(&boot);
     // The boot console lists the NIC with its SR-IOV capability.
     assert!(
-        g.serial
-            .contains("8086:10c9 Ethernet controller owner=os sr-iov: TotalVFs 8"),
+        g.serial.contains(
+            "8086:10c9 Ethernet controller owner=os (default) iommu: no IOMMU sr-iov: TotalVFs 8"
+        ),
         "{}",
         g.serial
     );

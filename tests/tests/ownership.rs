@@ -204,12 +204,16 @@ fn bad_rules_are_reported_and_the_boot_continues() {
         "",
         "\n[[device]]\nmatch = \"1234:5678\"\nowner = \"hidden\"\n\
          \n[[device]]\nmatch = \"0000:zz:00.0\"\nowner = \"hidden\"\n\
-         \n[[sriov]]\ndevice = \"8086:10c9\"\nos_vfs = 9\n",
+         \n[[sriov]]\ndevice = \"8086:10c9\"\nos_vfs = 9\n\
+         \n[[device]]\nmatch = \"class:storage\"\nowner = \"hidden\"\n",
     );
     for m in [
         "PCI rule problem: [[device]] #1 (line 11): match \"1234:5678\" matches no PCI function; nothing changed",
         "PCI rule problem: [[device]] #2 (line 15): match: \"0000:zz:00.0\" is not a PCI address",
         "PCI rule problem: [[sriov]] #1 (line 19): os_vfs = 9 is above TotalVFs 8 of 0000:01:00.0; the OS sees all 8",
+        // The ESP's disk controller (QEMU's ICH9 AHCI): the device thinhv,
+        // and so the OS, was loaded from.
+        "PCI rule problem: [[device]] #3 (line 23): 0000:00:1f.2 is the device the OS boots from; it stays with the OS",
     ] {
         assert!(g.serial.contains(m), "missing {m:?} in\n{}", g.serial);
     }

@@ -17,20 +17,24 @@ struct Sample {
     status: Option<Value>,
 }
 
+/// One boot. `variant`: `None` for the plain machine, or a name, extra
+/// QEMU arguments and extra configuration (the PCI mediation runs).
 fn boot_once(
     a: &artifacts::Artifacts,
     img: &linux::LinuxImage,
     hv: bool,
     smp: u32,
     n: usize,
+    variant: Option<(&str, &[&str], &str)>,
 ) -> Result<Sample, String> {
     let build = root().join("build").join("bench");
     std::fs::create_dir_all(&build).map_err(|e| e.to_string())?;
-    let esp_dir = build.join(format!("esp-{}-{n}", if hv { "hv" } else { "native" }));
+    let tag = variant.map_or("", |v| v.0);
+    let esp_dir = build.join(format!("esp-{}{tag}-{n}", if hv { "hv" } else { "native" }));
     let esp = Esp::create(&esp_dir).map_err(|e| e.to_string())?;
     esp.install_linux(img).map_err(|e| e.to_string())?;
     let options = esp::kernel_options("quiet thinhv_bench=1");
-    let mut config = esp::config_booting(esp::KERNEL, Some(&options), "");
+    let mut config = esp::config_booting(esp::KERNEL, Some(&options), variant.map_or("", |v| v.2));
     if !hv {
         config = config.replace("[hypervisor]\n", "[hypervisor]\nenabled = false\n");
     }
@@ -40,11 +44,15 @@ fn boot_once(
     let vars = esp_dir.with_extension("vars.fd");
     std::fs::copy(&ovmf.vars, &vars).map_err(|e| e.to_string())?;
     let serial = esp_dir.with_extension("serial.txt");
+    let mut profile = Profile::svm(smp);
+    if let Some(v) = variant {
+        profile.extra = v.1.iter().map(|s| (*s).to_string()).collect();
+    }
     let cmd = qemu::command(
         &ovmf,
         &vars,
         &esp_dir,
-        &Profile::svm(smp),
+        &profile,
         &Serial::File(serial.clone()),
     );
     let mut run = Run::start(cmd, &serial).map_err(|e| e.to_string())?;
@@ -154,14 +162,39 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let mut last_status = None;
     for n in 0..runs {
         // Interleave so that machine-load drift hits both sides alike.
-        let s = boot_once(&a, &img, false, smp, n)?;
+        let s = boot_once(&a, &img, false, smp, n, None)?;
         println!("run {n}: without thinhv {:.2} s", s.secs);
         native.push(s.secs);
-        let s = boot_once(&a, &img, true, smp, n)?;
+        let s = boot_once(&a, &img, true, smp, n, None)?;
         println!("run {n}: with thinhv    {:.2} s", s.secs);
         with.push(s.secs);
         if s.status.is_some() {
             last_status = s.status;
+        }
+    }
+    // PCI mediation: an igb PF behind a root port, with thinhv, without
+    // and with a VF budget (its ECAM page and the 0xCFC ports trapped).
+    const IGB: [&str; 6] = [
+        "-device",
+        "pcie-root-port,id=rp1,chassis=1,slot=1",
+        "-netdev",
+        "user,id=n0",
+        "-device",
+        "igb,netdev=n0,bus=rp1",
+    ];
+    let budget = "\n[[sriov]]\ndevice = \"8086:10c9\"\nos_vfs = 2\n";
+    let mut igb_plain = Vec::new();
+    let mut igb_budget = Vec::new();
+    let mut budget_status = None;
+    for n in 0..runs {
+        let s = boot_once(&a, &img, true, smp, n, Some(("-igb", &IGB, "")))?;
+        println!("run {n}: igb machine, thinhv, no rules {:.2} s", s.secs);
+        igb_plain.push(s.secs);
+        let s = boot_once(&a, &img, true, smp, n, Some(("-igb-budget", &IGB, budget)))?;
+        println!("run {n}: igb machine, thinhv, VF budget {:.2} s", s.secs);
+        igb_budget.push(s.secs);
+        if s.status.is_some() {
+            budget_status = s.status;
         }
     }
     let mut nvme_native = Vec::new();
@@ -211,6 +244,21 @@ pub fn run(args: &[String]) -> Result<(), String> {
         }
     }
     println!("    {:<18} {total:>10}", "total");
+    let (mp, mb) = (
+        median(&mut igb_plain.clone()),
+        median(&mut igb_budget.clone()),
+    );
+    let pci_exits = budget_status
+        .as_ref()
+        .and_then(|s| s.get("exits_total"))
+        .and_then(|e| e.get("pci_config"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    println!("  PCI mediation (igb behind a root port, thinhv, median):");
+    println!("    no rules:                  {mp:6.2} s   {igb_plain:.2?}");
+    println!("    [[sriov]] os_vfs = 2:      {mb:6.2} s   {igb_budget:.2?}");
+    println!("    ratio (budget / no rules): {:6.3}", mb / mp);
+    println!("    mediated configuration accesses during the boot: {pci_exits}");
     let reserved = status
         .get("bytes_reserved")
         .and_then(Value::as_u64)
@@ -231,6 +279,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
         "efi_size": efi_size, "core_elf_size": core_size,
         "nvme_read_512m_without_s": nvme_native, "nvme_read_512m_with_s": nvme_with,
         "nvme_throughput_ratio": nn / nw,
+        "igb_boot_no_rules_s": igb_plain, "igb_boot_vf_budget_s": igb_budget,
+        "igb_vf_budget_pci_config_exits": pci_exits,
     });
     let path = root().join("build/bench.json");
     std::fs::write(
