@@ -94,8 +94,38 @@ fn check(rest: &[String]) -> ExitCode {
     };
     match thinhv_config::Config::parse(&text) {
         Ok(c) => {
-            println!("{path}: ok\n\n# effective settings\n{}", c.effective());
-            ExitCode::SUCCESS
+            use thinhv_passthrough::policy::{DeviceRule, SriovRule, syntax_problems};
+            let devices: Vec<DeviceRule> = c
+                .device
+                .iter()
+                .map(|r| DeviceRule {
+                    matcher: r.matcher.clone(),
+                    owner: r.owner.clone(),
+                    line: r.line,
+                })
+                .collect();
+            let sriov: Vec<SriovRule> = c
+                .sriov
+                .iter()
+                .map(|r| SriovRule {
+                    device: r.device.clone(),
+                    os_vfs: r.os_vfs,
+                    line: r.line,
+                })
+                .collect();
+            let problems = syntax_problems(&devices, &sriov);
+            if problems.is_empty() {
+                println!("{path}: ok\n\n# effective settings\n{}", c.effective());
+                return ExitCode::SUCCESS;
+            }
+            for p in &problems {
+                eprintln!("{path}: {}", p.message);
+            }
+            eprintln!(
+                "at boot, thinhv would start, report these rules and leave them out \
+                 (whether the others match a device is checked on the machine itself)"
+            );
+            ExitCode::FAILURE
         }
         Err(e) => {
             let shown = e.to_string().replacen(thinhv_config::FILE_NAME, path, 1);

@@ -282,6 +282,42 @@ fn check_reports_every_setting_or_the_line() {
     ] {
         assert!(t.contains(k), "{k} missing from\n{t}");
     }
+    let rules = dir.join("rules.toml");
+    fs::write(
+        &rules,
+        "[[device]]\nmatch = \"0000:02:00.0\"\nowner = \"hidden\"\n\n[[sriov]]\ndevice = \"8086:10c9\"\nos_vfs = 2\n",
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_thinhv"))
+        .arg("check")
+        .arg(&rules)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("[[device]]\nmatch = \"0000:02:00.0\"\nowner = \"hidden\""));
+    assert!(text(&o).contains("[[sriov]]\ndevice = \"8086:10c9\"\nos_vfs = 2"));
+    let rules = dir.join("bad-rules.toml");
+    fs::write(
+        &rules,
+        "[[device]]\nmatch = \"0000:zz:00.0\"\nowner = \"hidden\"\n",
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_thinhv"))
+        .arg("check")
+        .arg(&rules)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("[[device]] #1 (line 1): match: \"0000:zz:00.0\" is not a PCI address"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        text(&o).contains("at boot, thinhv would start"),
+        "{}",
+        text(&o)
+    );
     let bad = dir.join("bad.toml");
     fs::write(&bad, "[boot]\nnext = 'EFI/x.efi'\n").unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_thinhv"))

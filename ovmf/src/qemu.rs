@@ -6,6 +6,17 @@ use std::process::Command;
 /// Lowest QEMU thinhv's test beds need (the `igb` SR-IOV NIC arrived in 8.0).
 pub const MIN_QEMU: (u32, u32) = (8, 0);
 
+/// An igb NIC (SR-IOV PF, 8 VFs) behind a PCIe root port, on QEMU's user
+/// network: the SR-IOV device of the tests and the bench.
+pub const IGB_BEHIND_ROOT_PORT: [&str; 6] = [
+    "-device",
+    "pcie-root-port,id=rp1,chassis=1,slot=1",
+    "-netdev",
+    "user,id=n0",
+    "-device",
+    "igb,netdev=n0,bus=rp1",
+];
+
 /// A machine to boot.
 #[derive(Clone, Debug)]
 pub struct Profile {

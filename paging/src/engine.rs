@@ -144,23 +144,37 @@ impl<'a, F: EntryFormat, M: PhysMem> Mapper<'a, F, M> {
                 return Ok(());
             }
             table = if self.fmt.is_leaf(entry, level) {
-                let t = alloc.alloc_frame().ok_or(MapError::OutOfFrames)?;
-                self.mem.zero_frame(t);
-                let base = self.fmt.address(entry, level);
-                let a = self.fmt.leaf_attrs(entry, level);
-                let step = level_size(level - 1);
-                for i in 0..ENTRIES {
-                    self.mem
-                        .write_entry(t, i, self.fmt.leaf(base + i as u64 * step, level - 1, a));
-                }
-                self.mem.write_entry(table, idx, self.fmt.table(t, level));
-                t
+                self.split(table, idx, entry, level, alloc)?
             } else {
                 self.fmt.address(entry, level)
             };
         }
         self.mem.write_entry(table, level_index(virt, 0), 0);
         Ok(())
+    }
+
+    /// Replaces the large leaf `entry` (entry `idx` of `table`, at
+    /// `level`) with a table of the next level mapping the same range with
+    /// the same attributes; returns the new table.
+    fn split(
+        &mut self,
+        table: u64,
+        idx: usize,
+        entry: u64,
+        level: usize,
+        alloc: &mut impl FrameAlloc,
+    ) -> Result<u64, MapError> {
+        let t = alloc.alloc_frame().ok_or(MapError::OutOfFrames)?;
+        self.mem.zero_frame(t);
+        let base = self.fmt.address(entry, level);
+        let a = self.fmt.leaf_attrs(entry, level);
+        let step = level_size(level - 1);
+        for i in 0..ENTRIES {
+            self.mem
+                .write_entry(t, i, self.fmt.leaf(base + i as u64 * step, level - 1, a));
+        }
+        self.mem.write_entry(table, idx, self.fmt.table(t, level));
+        Ok(t)
     }
 
     fn pick_level(&self, v: u64, p: u64, remaining: u64) -> usize {
@@ -217,18 +231,7 @@ impl<'a, F: EntryFormat, M: PhysMem> Mapper<'a, F, M> {
             self.mem.write_entry(table, idx, self.fmt.table(t, level));
             t
         } else if self.fmt.is_leaf(entry, level) {
-            // Split the large page into the next level, preserving it.
-            let t = alloc.alloc_frame().ok_or(MapError::OutOfFrames)?;
-            self.mem.zero_frame(t);
-            let base = self.fmt.address(entry, level);
-            let a = self.fmt.leaf_attrs(entry, level);
-            let step = level_size(level - 1);
-            for i in 0..ENTRIES {
-                self.mem
-                    .write_entry(t, i, self.fmt.leaf(base + i as u64 * step, level - 1, a));
-            }
-            self.mem.write_entry(table, idx, self.fmt.table(t, level));
-            t
+            self.split(table, idx, entry, level, alloc)?
         } else {
             self.fmt.address(entry, level)
         };

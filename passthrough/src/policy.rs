@@ -178,6 +178,38 @@ fn rule_name(kind: &str, i: usize, line: Option<usize>) -> String {
     }
 }
 
+/// The problems a machine cannot change: malformed `match`, `owner` or
+/// `device` values (as [`resolve`] reports them), for `thinhv check`.
+pub fn syntax_problems(devices: &[DeviceRule], sriov: &[SriovRule]) -> Vec<Problem> {
+    let mut out = Vec::new();
+    for (i, r) in devices.iter().enumerate() {
+        let name = rule_name("device", i, r.line);
+        if let Err(e) = Matcher::parse(&r.matcher) {
+            out.push(Problem {
+                message: format!("{name}: match: {e}; rule ignored"),
+            });
+        } else if Owner::parse(&r.owner).is_none() {
+            out.push(Problem {
+                message: format!(
+                    "{name}: owner \"{}\" is neither \"os\" nor \"hidden\"; rule ignored",
+                    r.owner
+                ),
+            });
+        }
+    }
+    for (i, r) in sriov.iter().enumerate() {
+        if let Err(e) = Matcher::parse(&r.device) {
+            out.push(Problem {
+                message: format!(
+                    "{}: device: {e}; rule ignored",
+                    rule_name("sriov", i, r.line)
+                ),
+            });
+        }
+    }
+    out
+}
+
 /// Applies the rules. `boot_device` is the function the OS boots from
 /// (never hidden), when known.
 pub fn resolve(
@@ -474,6 +506,23 @@ mod tests {
         for (m, e) in msgs.iter().zip(expect) {
             assert!(m.starts_with(e), "{m}\n  expected {e}");
         }
+        // The syntax alone, as `thinhv check` sees it: the same messages.
+        let syntax = syntax_problems(
+            &[
+                dev("0000:zz:00.0", "hidden"),
+                dev("1234:5678", "hidden"),
+                dev("0000:00:03.0", "gone"),
+            ],
+            &[budget("class:gpu", 1)],
+        );
+        assert_eq!(syntax.len(), 3);
+        assert_eq!(syntax[0].message, p.problems[0].message);
+        assert_eq!(syntax[1].message, p.problems[2].message);
+        assert!(
+            syntax[2]
+                .message
+                .starts_with("[[sriov]] #1: device: unknown class")
+        );
         // Nothing was decided by a bad rule: the defaults hold.
         assert!(
             p.decisions.iter().all(|d| *d == Decision::default()),

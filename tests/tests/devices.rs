@@ -8,16 +8,9 @@ use thinhv_tests::{Boot, boot_linux, built, linux_config};
 fn inventory_shows_an_sriov_nic_behind_a_root_port() {
     let b = built();
     let mut p = Profile::svm(2);
-    p.extra = [
-        "-device",
-        "pcie-root-port,id=rp1,chassis=1,slot=1",
-        "-netdev",
-        "user,id=n0",
-        "-device",
-        "igb,netdev=n0,bus=rp1",
-    ]
-    .map(String::from)
-    .to_vec();
+    p.extra = thinhv_ovmf::qemu::IGB_BEHIND_ROOT_PORT
+        .map(String::from)
+        .to_vec();
     let boot = Boot::new(&b, "devices-igb", p);
     boot.esp.install_linux(&b.linux).unwrap();
     boot.esp
@@ -44,9 +37,16 @@ fn inventory_shows_an_sriov_nic_behind_a_root_port() {
     assert_eq!(nic["owner"], "os");
     // TotalVFs as the device reports it equals what Linux reads; no VF
     // budget is configured, so the OS sees them all.
+    // Without a budget the OS reads the device's TotalVFs (8); Linux's igb
+    // driver then lowers sriov_totalvfs to the 82576's 7 itself
+    // (pci_sriov_set_totalvfs).
     let linux_total: u64 = g.get(&format!("sriov_totalvfs_{bdf}")).parse().unwrap();
-    assert_eq!(nic["sriov"]["total_vfs"], linux_total);
-    assert_eq!(nic["sriov"]["total_vfs_seen_by_os"], linux_total);
+    assert_eq!(nic["sriov"]["total_vfs"], 8);
+    assert_eq!(nic["sriov"]["total_vfs_seen_by_os"], 8);
+    assert_eq!(
+        linux_total, 7,
+        "igb's own limit below the 8 the OS was shown"
+    );
     assert_eq!(nic["sriov"]["vf_device_id"], "10ca");
     // The root port leads to it: the walk followed the bridge.
     assert!(

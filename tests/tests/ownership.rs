@@ -12,15 +12,7 @@ fn machine(extra: &[&str]) -> Profile {
     p
 }
 
-/// An igb PF behind a PCIe root port, on QEMU's user network.
-const IGB: [&str; 6] = [
-    "-device",
-    "pcie-root-port,id=rp1,chassis=1,slot=1",
-    "-netdev",
-    "user,id=n0",
-    "-device",
-    "igb,netdev=n0,bus=rp1",
-];
+use thinhv_ovmf::qemu::IGB_BEHIND_ROOT_PORT as IGB;
 
 fn linux(name: &str, m: Profile, options: &str, extra_config: &str) -> Guest {
     let b = built();

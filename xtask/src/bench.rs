@@ -174,14 +174,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
     // PCI mediation: an igb PF behind a root port, with thinhv, without
     // and with a VF budget (its ECAM page and the 0xCFC ports trapped).
-    const IGB: [&str; 6] = [
-        "-device",
-        "pcie-root-port,id=rp1,chassis=1,slot=1",
-        "-netdev",
-        "user,id=n0",
-        "-device",
-        "igb,netdev=n0,bus=rp1",
-    ];
+    const IGB: [&str; 6] = qemu::IGB_BEHIND_ROOT_PORT;
     let budget = "\n[[sriov]]\ndevice = \"8086:10c9\"\nos_vfs = 2\n";
     let mut igb_plain = Vec::new();
     let mut igb_budget = Vec::new();

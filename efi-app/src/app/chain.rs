@@ -28,15 +28,15 @@ pub fn boot(target: &BootTarget) -> Status {
     Status::NOT_FOUND
 }
 
-/// Loads `path` (on thinhv's own volume), passes `options`, starts it.
-fn start_path(path: &str, options: Option<&str>) -> Result<(), alloc::string::String> {
+/// The device path of the volume thinhv.efi was loaded from.
+pub fn own_volume_path() -> Result<boot::ScopedProtocol<DevicePath>, alloc::string::String> {
     let li = boot::open_protocol_exclusive::<LoadedImage>(boot::image_handle())
         .map_err(|e| alloc::format!("{:?}", e.status()))?;
     let device = li.device().ok_or("thinhv.efi has no device handle")?;
     drop(li);
     // SAFETY: GET_PROTOCOL does not take ownership; the device path is only
-    // read while the handle exists (it outlives this function).
-    let dp = unsafe {
+    // read while the handle exists (it outlives the loader).
+    unsafe {
         boot::open_protocol::<DevicePath>(
             OpenProtocolParams {
                 handle: device,
@@ -46,7 +46,12 @@ fn start_path(path: &str, options: Option<&str>) -> Result<(), alloc::string::St
             OpenProtocolAttributes::GetProtocol,
         )
     }
-    .map_err(|e| alloc::format!("no device path for thinhv's volume: {:?}", e.status()))?;
+    .map_err(|e| alloc::format!("no device path for thinhv's volume: {:?}", e.status()))
+}
+
+/// Loads `path` (on thinhv's own volume), passes `options`, starts it.
+fn start_path(path: &str, options: Option<&str>) -> Result<(), alloc::string::String> {
+    let dp = own_volume_path()?;
     let name = CString16::try_from(path).map_err(|_| "path is not valid UCS-2")?;
     let mut buf = Vec::new();
     let mut b = DevicePathBuilder::with_vec(&mut buf);

@@ -7,9 +7,8 @@
 use alloc::vec::Vec;
 use thinhv_passthrough::bars::{ConfigWrite, size_function};
 use thinhv_passthrough::pci::{Bdf, ConfigSpace, EcamRegion, Function, enumerate};
-use uefi::boot::{self, OpenProtocolAttributes, OpenProtocolParams, Tpl};
-use uefi::proto::device_path::{DevicePath, DevicePathNodeEnum};
-use uefi::proto::loaded_image::LoadedImage;
+use uefi::boot::{self, Tpl};
+use uefi::proto::device_path::DevicePathNodeEnum;
 
 /// ECAM reads through the identity-mapped MMIO window.
 struct Ecam<'a> {
@@ -80,22 +79,7 @@ pub fn functions(regions: &[EcamRegion]) -> Vec<Function> {
 /// The PCI path (device, function per node, from the root bridge) of the
 /// disk thinhv was loaded from: the device the OS boots from.
 pub fn boot_device_path() -> Option<Vec<(u8, u8)>> {
-    let li = boot::open_protocol_exclusive::<LoadedImage>(boot::image_handle()).ok()?;
-    let device = li.device()?;
-    drop(li);
-    // SAFETY: GET_PROTOCOL does not take ownership; the path is only read
-    // while the handle exists.
-    let dp = unsafe {
-        boot::open_protocol::<DevicePath>(
-            OpenProtocolParams {
-                handle: device,
-                agent: boot::image_handle(),
-                controller: None,
-            },
-            OpenProtocolAttributes::GetProtocol,
-        )
-    }
-    .ok()?;
+    let dp = super::chain::own_volume_path().ok()?;
     let nodes: Vec<(u8, u8)> = dp
         .node_iter()
         .filter_map(|n| match n.as_enum() {
