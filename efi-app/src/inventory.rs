@@ -310,6 +310,14 @@ fn kib(b: u64) -> String {
     }
 }
 
+fn vf_count(n: u16) -> String {
+    if n == 1 {
+        String::from("1 VF")
+    } else {
+        format!("{n} VFs")
+    }
+}
+
 fn space_text(inv: &Inventory, i: usize) -> String {
     let f = &inv.functions[i];
     let vfs = inv.os_vfs(i);
@@ -318,11 +326,13 @@ fn space_text(inv: &Inventory, i: usize) -> String {
         VfSpace::None if f.vf_bars.is_empty() => String::from("no VF BARs"),
         VfSpace::None => String::from("no VFs for the OS"),
         VfSpace::Fits => format!(
-            "VF BARs for {vfs} VFs ({}) fit the bridge window",
+            "VF BARs for {} ({}) fit the bridge window",
+            vf_count(vfs),
             kib(need)
         ),
         VfSpace::RootBus => format!(
-            "VF BARs for {vfs} VFs ({}) on the root bus (host bridge window not checked)",
+            "VF BARs for {} ({}) on the root bus (host bridge window not checked)",
+            vf_count(vfs),
             kib(need)
         ),
         VfSpace::Unassigned { bar } => format!(
@@ -340,9 +350,10 @@ fn space_text(inv: &Inventory, i: usize) -> String {
                 |(s, e)| format!("window {s:#x}-{e:#x}"),
             );
             format!(
-                "NO ROOM: VF BAR{bar} needs {} for {vfs} VFs from {base:#x}, beyond the bridge's {w}; \
+                "NO ROOM: VF BAR{bar} needs {} for {} from {base:#x}, beyond the bridge's {w}; \
                  the OS cannot enable that many VFs",
-                kib(needed)
+                kib(needed),
+                vf_count(vfs)
             )
         }
     }

@@ -281,19 +281,19 @@ pub fn resolve(
                 continue;
             }
         };
-        let mut matched = 0;
+        let (mut matched, mut pfs) = (0, 0);
         for (f, d) in functions.iter().zip(plan.decisions.iter_mut()) {
             if !m.matches(f) {
                 continue;
             }
             matched += 1;
+            // Functions without SR-IOV that a class or ID rule also
+            // matches are not PFs: skipped without a word, unless the rule
+            // matches no PF at all (below).
             let Some(cap) = f.sriov else {
-                problem(format!(
-                    "{name}: {} has no SR-IOV capability; os_vfs does not apply",
-                    f.bdf
-                ));
                 continue;
             };
+            pfs += 1;
             if d.owner == Owner::Hidden {
                 problem(format!(
                     "{name}: {} is hidden; its VFs are not the OS's either",
@@ -315,6 +315,12 @@ pub fn resolve(
         if matched == 0 {
             problem(format!(
                 "{name}: device \"{}\" matches no PCI function; nothing changed",
+                r.device.trim()
+            ));
+        } else if pfs == 0 {
+            problem(format!(
+                "{name}: device \"{}\" matches no SR-IOV physical function ({matched} without \
+                 SR-IOV); os_vfs does not apply",
                 r.device.trim()
             ));
         }
@@ -499,7 +505,7 @@ mod tests {
             "[[device]] #4 (line 7): 0000:00:01.0 is a PCI bridge",
             "[[device]] #5 (line 7): 0000:00:04.0 is the device the OS boots from; it stays with the OS",
             "[[sriov]] #1: os_vfs = 9 is above TotalVFs 8 of 0000:01:00.0; the OS sees all 8",
-            "[[sriov]] #2: 0000:00:02.0 has no SR-IOV capability",
+            "[[sriov]] #2: device \"0000:00:02.0\" matches no SR-IOV physical function (1 without SR-IOV)",
             "[[sriov]] #3: device \"0000:07:00.0\" matches no PCI function",
         ];
         assert_eq!(msgs.len(), expect.len(), "{msgs:#?}");
