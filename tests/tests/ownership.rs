@@ -177,8 +177,24 @@ fn a_hidden_nic_is_absent_and_everything_else_works() {
     assert!(g.get("eth0_addr").starts_with("10.0.2."), "{}", g.facts);
     assert_eq!(g.get("ping_gateway"), "ok");
     let s = g.status.as_ref().expect("status");
-    assert_eq!(s["iommu"]["units"][0]["state"], "translating");
-    assert_eq!(s["iommu"]["units"][0]["faults"], 0);
+    let unit = &s["iommu"]["units"][0];
+    assert_eq!(unit["state"], "translating");
+    // No device Linux drives was refused a DMA. The hidden NIC may have
+    // been: the firmware's network driver (QEMU's iPXE option ROM) can
+    // still run it when translation goes on at the seal, and its next
+    // descriptor fetch is then refused — the only faults allowed here.
+    if unit["faults"].as_u64().unwrap() > 0 {
+        assert_eq!(unit["last_fault"]["source"], "00:07.0", "{unit}");
+        let log = log_text(&g);
+        let refused: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(" blocked (reason"))
+            .collect();
+        assert!(
+            refused.iter().all(|l| l.contains(" by 00:07.0 ")),
+            "{refused:#?}"
+        );
+    }
     // Linux's probing reached the hidden function through both mechanisms
     // and got nothing.
     assert!(
