@@ -102,8 +102,8 @@ pub const fn dte(pt_root: u64, domain: u16) -> [u64; 4] {
 }
 
 /// A device table entry that refuses every DMA of the device: valid,
-/// translation valid, paging mode 0 (no translation) with read and write
-/// permission clear.
+/// translation valid, paging mode 0 (translation disabled, access decided
+/// by IR and IW) with read and write permission clear.
 pub const fn dte_blocked(domain: u16) -> [u64; 4] {
     [1 | (1 << 1), domain as u64, 0, 0]
 }
@@ -278,6 +278,11 @@ mod tests {
         assert_eq!(d[0] & 0x000f_ffff_ffff_f000, 0x1234_5000);
         assert_eq!(d[0] >> 61, 0b11, "read and write");
         assert_eq!(d[1], 1, "domain 1, no interrupt remapping");
+        let b = dte_blocked(2);
+        assert_eq!(b[0] & 0b11, 0b11, "valid, translation valid");
+        assert_eq!((b[0] >> 9) & 7, 0, "mode 0: IR/IW decide");
+        assert_eq!(b[0] >> 61, 0, "neither read nor write");
+        assert_eq!(b[1], 2);
     }
 
     #[test]
