@@ -94,26 +94,8 @@ fn check(rest: &[String]) -> ExitCode {
     };
     match thinhv_config::Config::parse(&text) {
         Ok(c) => {
-            use thinhv_passthrough::policy::{DeviceRule, SriovRule, syntax_problems};
-            let devices: Vec<DeviceRule> = c
-                .device
-                .iter()
-                .map(|r| DeviceRule {
-                    matcher: r.matcher.clone(),
-                    owner: r.owner.clone(),
-                    line: r.line,
-                })
-                .collect();
-            let sriov: Vec<SriovRule> = c
-                .sriov
-                .iter()
-                .map(|r| SriovRule {
-                    device: r.device.clone(),
-                    os_vfs: r.os_vfs,
-                    line: r.line,
-                })
-                .collect();
-            let problems = syntax_problems(&devices, &sriov);
+            let (devices, sriov) = thinhv_efi::inventory::rules(&c);
+            let problems = thinhv_passthrough::policy::syntax_problems(&devices, &sriov);
             if problems.is_empty() {
                 println!("{path}: ok\n\n# effective settings\n{}", c.effective());
                 return ExitCode::SUCCESS;

@@ -19,6 +19,30 @@ use thinhv_passthrough::bars::{VfSpace, check_vf_space, parent_of, vf_bar_space}
 use thinhv_passthrough::pci::{EcamRegion, Function, Kind};
 use thinhv_passthrough::policy::{self, Decision, DeviceRule, Owner, Plan, SriovRule};
 
+/// The `[[device]]` and `[[sriov]]` tables of `config` as the policy takes
+/// them (the loader applies them; `thinhv check` checks their syntax).
+pub fn rules(config: &thinhv_config::Config) -> (Vec<DeviceRule>, Vec<SriovRule>) {
+    let devices = config
+        .device
+        .iter()
+        .map(|r| DeviceRule {
+            matcher: r.matcher.clone(),
+            owner: r.owner.clone(),
+            line: r.line,
+        })
+        .collect();
+    let sriov = config
+        .sriov
+        .iter()
+        .map(|r| SriovRule {
+            device: r.device.clone(),
+            os_vfs: r.os_vfs,
+            line: r.line,
+        })
+        .collect();
+    (devices, sriov)
+}
+
 /// The functions with the policy's decisions.
 #[derive(Clone, Debug, Default)]
 pub struct Inventory {

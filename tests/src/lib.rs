@@ -222,12 +222,24 @@ pub fn boot_linux(boot: &Boot) -> Guest {
     }
 }
 
+/// Runs the probe: the whole serial output and the probe's report.
+pub fn run_probe(boot: &Boot) -> (String, String) {
+    let serial = boot.run_until("THINHV-PROBE-END", Duration::from_mins(4));
+    let report = section(&serial, "THINHV-PROBE-BEGIN", "THINHV-PROBE-END")
+        .unwrap_or_else(|| panic!("no probe report:\n{serial}"))
+        .to_string();
+    (serial, report)
+}
+
 /// Runs the probe and returns its report.
 pub fn boot_probe(boot: &Boot) -> String {
-    let serial = boot.run_until("THINHV-PROBE-END", Duration::from_mins(4));
-    section(&serial, "THINHV-PROBE-BEGIN", "THINHV-PROBE-END")
-        .expect("probe section")
-        .to_string()
+    run_probe(boot).1
+}
+
+/// A value the probe reported (the test fails, showing the report, when
+/// it is missing).
+pub fn probe_value<'a>(report: &'a str, key: &str) -> &'a str {
+    value(report, key).unwrap_or_else(|| panic!("probe did not report {key}:\n{report}"))
 }
 
 /// Checks the EFI probe's report against the CPU profile `name` (resolved

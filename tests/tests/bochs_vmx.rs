@@ -5,16 +5,12 @@ use std::time::Duration;
 use thinhv_ovmf::bochs::{self, Profile};
 use thinhv_ovmf::esp::Esp;
 use thinhv_ovmf::firmware;
-use thinhv_ovmf::runner::{Run, section, value};
-use thinhv_tests::{PROBE, built};
+use thinhv_ovmf::runner::{Run, section};
+use thinhv_tests::{PROBE, built, probe_value as get};
 
 /// The whole boot (OVMF, thinhv, the probe) takes about 20 s of Bochs on
 /// the development machine; the margin is for slow CI runners.
 const TIMEOUT: Duration = Duration::from_mins(5);
-
-fn get<'a>(report: &'a str, key: &str) -> &'a str {
-    value(report, key).unwrap_or_else(|| panic!("probe did not report {key}:\n{report}"))
-}
 
 /// Boots OVMF → thinhv (`config`) → the probe in Bochs; returns the
 /// serial output and the probe's report.

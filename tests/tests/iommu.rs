@@ -5,8 +5,8 @@
 //! same machine with `[iommu] mode = "off"` shows the DMA landing in the
 //! status area, so the protected run is not passing by accident.
 use thinhv_ovmf::qemu::Profile;
-use thinhv_ovmf::runner::{section, value};
-use thinhv_tests::{Boot, PROBE, built};
+use thinhv_ovmf::runner::section;
+use thinhv_tests::{Boot, PROBE, built, probe_value as get, run_probe};
 
 fn vtd_machine() -> Profile {
     machine("intel-iommu")
@@ -43,15 +43,7 @@ fn probe_on(name: &str, m: Profile, iommu_mode: &str) -> (String, String) {
             )),
         )
         .unwrap();
-    let serial = boot.run_until("THINHV-PROBE-END", std::time::Duration::from_mins(4));
-    let r = section(&serial, "THINHV-PROBE-BEGIN", "THINHV-PROBE-END")
-        .unwrap()
-        .to_string();
-    (serial, r)
-}
-
-fn get<'a>(r: &'a str, k: &str) -> &'a str {
-    value(r, k).unwrap_or_else(|| panic!("probe did not report {k}:\n{r}"))
+    run_probe(&boot)
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! by address, and rules that cannot be applied.
 use thinhv_ovmf::esp::kernel_options;
 use thinhv_ovmf::qemu::Profile;
-use thinhv_tests::{Boot, Guest, boot_linux, built};
+use thinhv_tests::{Boot, Guest, boot_linux, built, probe_value as get, run_probe};
 
 fn machine(extra: &[&str]) -> Profile {
     let mut p = Profile::svm(2);
@@ -268,7 +268,6 @@ fn hidden_edu_probe(name: &str, iommu: &str, iommu_mode: &str) -> (String, Strin
 }
 
 fn hidden_edu_probe_on(name: &str, devices: &[&str], iommu_mode: &str) -> (String, String) {
-    use thinhv_ovmf::runner::section;
     use thinhv_tests::PROBE;
     let b = built();
     let mut m = Profile::svm(2);
@@ -291,15 +290,7 @@ fn hidden_edu_probe_on(name: &str, devices: &[&str], iommu_mode: &str) -> (Strin
             .as_bytes(),
         )
         .unwrap();
-    let serial = boot.run_until("THINHV-PROBE-END", std::time::Duration::from_mins(4));
-    let r = section(&serial, "THINHV-PROBE-BEGIN", "THINHV-PROBE-END")
-        .unwrap_or_else(|| panic!("no probe report:\n{serial}"))
-        .to_string();
-    (serial, r)
-}
-
-fn get<'a>(r: &'a str, k: &str) -> &'a str {
-    thinhv_ovmf::runner::value(r, k).unwrap_or_else(|| panic!("probe did not report {k}:\n{r}"))
+    run_probe(&boot)
 }
 
 #[test]

@@ -2,12 +2,7 @@
 //! hypervisor from the inside: CPUID, hidden virtualization, hypercalls,
 //! pointer validation, and that its memory can be neither read nor written.
 use thinhv_ovmf::qemu::Profile;
-use thinhv_ovmf::runner::value;
-use thinhv_tests::{Boot, PROBE, boot_probe, built};
-
-fn get<'a>(report: &'a str, key: &str) -> &'a str {
-    value(report, key).unwrap_or_else(|| panic!("probe did not report {key}:\n{report}"))
-}
+use thinhv_tests::{Boot, PROBE, boot_probe, built, probe_value as get, run_probe};
 
 #[test]
 #[ignore = "boots QEMU; run with `cargo xtask test`"]
@@ -96,13 +91,12 @@ fn probe_with_hidden_hypervisor() {
             )),
         )
         .unwrap();
-    let serial = boot.run_until("THINHV-PROBE-END", std::time::Duration::from_mins(4));
+    let (serial, report) = run_probe(&boot);
     assert!(
         serial.contains("thinhv: 2 of 2 processors virtualized"),
         "{serial}"
     );
-    let r =
-        thinhv_ovmf::runner::section(&serial, "THINHV-PROBE-BEGIN", "THINHV-PROBE-END").unwrap();
+    let r = report.as_str();
     assert_eq!(get(r, "hypervisor_bit"), "0");
     assert_ne!(get(r, "signature"), "ThinHVThinHV");
     // Virtualization stays hidden even so.
@@ -132,13 +126,12 @@ fn probe_with_cpu_profile_x86_64_v2() {
             )),
         )
         .unwrap();
-    let serial = boot.run_until("THINHV-PROBE-END", std::time::Duration::from_mins(4));
+    let (serial, report) = run_probe(&boot);
     assert!(
         serial.contains("thinhv: CPU profile x86-64-v2:"),
         "{serial}"
     );
-    let r =
-        thinhv_ovmf::runner::section(&serial, "THINHV-PROBE-BEGIN", "THINHV-PROBE-END").unwrap();
+    let r = report.as_str();
     thinhv_tests::assert_probe_follows_profile(r, Some(&n), "x86-64-v2");
     // thinhv still announces itself and hides SVM under a profile.
     assert_eq!(get(r, "signature"), "ThinHVThinHV");

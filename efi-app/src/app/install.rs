@@ -17,7 +17,6 @@ use thinhv_abi::handoff::{
 use thinhv_abi::hypercall::{Function, Status};
 use thinhv_config::{Config, OnFatal};
 use thinhv_efi::{blob, cpu_check, elf_load, memmap, plan};
-use thinhv_passthrough::policy::{DeviceRule, SriovRule};
 use uefi::boot::{self, AllocateType, MemoryType};
 use uefi::println;
 use uefi::proto::pi::mp::MpServices;
@@ -173,24 +172,7 @@ pub fn install(config: &Config) -> Result<String, String> {
             &path,
         )
     });
-    let rules: Vec<DeviceRule> = config
-        .device
-        .iter()
-        .map(|r| DeviceRule {
-            matcher: r.matcher.clone(),
-            owner: r.owner.clone(),
-            line: r.line,
-        })
-        .collect();
-    let budgets: Vec<SriovRule> = config
-        .sriov
-        .iter()
-        .map(|r| SriovRule {
-            device: r.device.clone(),
-            os_vfs: r.os_vfs,
-            line: r.line,
-        })
-        .collect();
+    let (rules, budgets) = thinhv_efi::inventory::rules(config);
     let inventory = thinhv_efi::inventory::Inventory::assess(
         functions,
         &rules,

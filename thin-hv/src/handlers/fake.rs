@@ -286,7 +286,7 @@ impl Env for FakeEnv {
     fn port_read(&self, port: u16, size: u8) -> u32 {
         let v = *self.ports.borrow().get(&port).unwrap_or(&u32::MAX);
         self.port_log.borrow_mut().push(('r', port, size, v));
-        v & crate::handlers::pcicfg::size_mask(size)
+        v & thinhv_passthrough::mediate::all_ones(size)
     }
     fn port_write(&mut self, port: u16, size: u8, value: u32) {
         self.ports.borrow_mut().insert(port, value);

@@ -27,9 +27,9 @@ pub(super) fn handle(
             reason: ExitReason::PROTECTED_ACCESS,
         };
     }
-    if hv.pci.mediated_at(gpa).is_some() {
+    if let Some((m, offset)) = hv.pci.mediated_at(gpa).map(|(m, o)| (*m, o)) {
         return Handled {
-            outcome: super::pcicfg::ecam(cpu, env, gpa),
+            outcome: super::pcicfg::ecam(cpu, env, gpa, m, offset),
             reason: ExitReason::PCI_CONFIG,
         };
     }

@@ -24,11 +24,6 @@ const fn low32(v: u64) -> u32 {
     (v & 0xffff_ffff) as u32
 }
 
-/// The low `size` bytes.
-pub const fn size_mask(size: u8) -> u32 {
-    mediate::all_ones(size)
-}
-
 fn policy_of(m: &PciMediation) -> Policy {
     if m.action == PCI_ACTION_HIDE {
         Policy::Hidden
@@ -63,12 +58,16 @@ fn read16(env: &impl Env, m: &PciMediation, reg: u16) -> u16 {
     (env.mmio_read(env.hv().pci.page_of(m) + u64::from(reg), 2) & 0xffff) as u16
 }
 
-/// A load or store the guest made on the ECAM page of a mediated function.
-pub(super) fn ecam(cpu: &mut impl GuestCpu, env: &mut impl Env, gpa: u64) -> Outcome {
+/// A load or store the guest made at `offset` of the ECAM page (at `gpa`)
+/// of the mediated function `m`.
+pub(super) fn ecam(
+    cpu: &mut impl GuestCpu,
+    env: &mut impl Env,
+    gpa: u64,
+    m: PciMediation,
+    offset: u16,
+) -> Outcome {
     let me = env.cpu_index();
-    let Some((m, offset)) = env.hv().pci.mediated_at(gpa).map(|(m, o)| (*m, o)) else {
-        return Outcome::Fatal("ECAM fault outside a mediated page");
-    };
     let policy = policy_of(&m);
     let Some(d) = decode_current(cpu, env) else {
         log::error!(
@@ -89,7 +88,7 @@ pub(super) fn ecam(cpu: &mut impl GuestCpu, env: &mut impl Env, gpa: u64) -> Out
             StoreSource::Immediate(v) => v,
             StoreSource::Register(r) => cpu.gpr(r),
         };
-        let value = low32(value) & size_mask(store.size);
+        let value = low32(value) & mediate::all_ones(store.size);
         let w = mediate::write(&policy, offset, store.size, value, |reg| {
             read16(env, &m, reg)
         });
@@ -149,7 +148,7 @@ pub(super) fn port(
             set_loaded(cpu, rax, v);
         }
         None => {
-            let v = low32(cpu.gpr(Gpr::Rax)) & size_mask(size);
+            let v = low32(cpu.gpr(Gpr::Rax)) & mediate::all_ones(size);
             env.port_write(port, size, v);
         }
         Some((m, off)) if input => {
@@ -157,7 +156,7 @@ pub(super) fn port(
             set_loaded(cpu, rax, v);
         }
         Some((m, off)) => {
-            let v = low32(cpu.gpr(Gpr::Rax)) & size_mask(size);
+            let v = low32(cpu.gpr(Gpr::Rax)) & mediate::all_ones(size);
             let w = mediate::write(&policy_of(&m), off, size, v, |reg| read16(env, &m, reg));
             if let Some(v) = w.forward {
                 env.port_write(port, size, v);
