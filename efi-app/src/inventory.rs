@@ -76,10 +76,13 @@ impl Inventory {
     }
 
     /// VFs the OS may create on function `i` (TotalVFs without a budget).
+    /// None for a hidden function.
     pub fn os_vfs(&self, i: usize) -> u16 {
-        let f = &self.functions[i];
-        f.sriov
-            .map_or(0, |s| self.decision(i).os_vfs.unwrap_or(s.total_vfs))
+        let d = self.decision(i);
+        match self.functions[i].sriov {
+            Some(s) if d.owner == Owner::Os => d.os_vfs.unwrap_or(s.total_vfs),
+            _ => 0,
+        }
     }
 
     /// The VF BAR space check for the VFs the OS may create.
@@ -130,7 +133,7 @@ impl Inventory {
             flags,
             secondary_bus: f.bridge_buses.map_or(0, |b| b.0),
             sriov_total_vfs: total,
-            sriov_os_vfs: if hidden { 0 } else { self.os_vfs(i) },
+            sriov_os_vfs: self.os_vfs(i),
             sriov_vf_device: vf_dev,
             sriov_num_vfs: num,
             rule: d.rule.map_or(0, |r| u8::try_from(r + 1).unwrap_or(u8::MAX)),
@@ -270,11 +273,7 @@ impl Inventory {
         };
         let _ = write!(s, " iommu: {dma}");
         if let Some(v) = &func.sriov {
-            let os = if dec.owner == Owner::Hidden {
-                0
-            } else {
-                self.os_vfs(index)
-            };
+            let os = self.os_vfs(index);
             let _ = write!(
                 s,
                 " sr-iov: TotalVFs {} NumVFs {} VF {:04x}:{:04x}, OS sees {os}",

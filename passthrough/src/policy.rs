@@ -178,36 +178,43 @@ fn rule_name(kind: &str, i: usize, line: Option<usize>) -> String {
     }
 }
 
+/// A `[[device]]` rule read: its matcher and owner, or why it is left out.
+fn read_device(i: usize, r: &DeviceRule) -> Result<(Matcher, Owner), Problem> {
+    let name = rule_name("device", i, r.line);
+    let m = Matcher::parse(&r.matcher).map_err(|e| Problem {
+        message: format!("{name}: match: {e}; rule ignored"),
+    })?;
+    let owner = Owner::parse(&r.owner).ok_or_else(|| Problem {
+        message: format!(
+            "{name}: owner \"{}\" is neither \"os\" nor \"hidden\"; rule ignored",
+            r.owner
+        ),
+    })?;
+    Ok((m, owner))
+}
+
+/// A `[[sriov]]` rule's matcher, or why it is left out.
+fn read_sriov(i: usize, r: &SriovRule) -> Result<Matcher, Problem> {
+    Matcher::parse(&r.device).map_err(|e| Problem {
+        message: format!(
+            "{}: device: {e}; rule ignored",
+            rule_name("sriov", i, r.line)
+        ),
+    })
+}
+
 /// The problems a machine cannot change: malformed `match`, `owner` or
 /// `device` values (as [`resolve`] reports them), for `thinhv check`.
 pub fn syntax_problems(devices: &[DeviceRule], sriov: &[SriovRule]) -> Vec<Problem> {
-    let mut out = Vec::new();
-    for (i, r) in devices.iter().enumerate() {
-        let name = rule_name("device", i, r.line);
-        if let Err(e) = Matcher::parse(&r.matcher) {
-            out.push(Problem {
-                message: format!("{name}: match: {e}; rule ignored"),
-            });
-        } else if Owner::parse(&r.owner).is_none() {
-            out.push(Problem {
-                message: format!(
-                    "{name}: owner \"{}\" is neither \"os\" nor \"hidden\"; rule ignored",
-                    r.owner
-                ),
-            });
-        }
-    }
-    for (i, r) in sriov.iter().enumerate() {
-        if let Err(e) = Matcher::parse(&r.device) {
-            out.push(Problem {
-                message: format!(
-                    "{}: device: {e}; rule ignored",
-                    rule_name("sriov", i, r.line)
-                ),
-            });
-        }
-    }
-    out
+    let d = devices
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| read_device(i, r).err());
+    let s = sriov
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| read_sriov(i, r).err());
+    d.chain(s).collect()
 }
 
 /// Applies the rules. `boot_device` is the function the OS boots from
@@ -225,19 +232,12 @@ pub fn resolve(
     let mut problem = |m: String| plan.problems.push(Problem { message: m });
     for (i, r) in devices.iter().enumerate() {
         let name = rule_name("device", i, r.line);
-        let m = match Matcher::parse(&r.matcher) {
-            Ok(m) => m,
-            Err(e) => {
-                problem(format!("{name}: match: {e}; rule ignored"));
+        let (m, owner) = match read_device(i, r) {
+            Ok(x) => x,
+            Err(p) => {
+                problem(p.message);
                 continue;
             }
-        };
-        let Some(owner) = Owner::parse(&r.owner) else {
-            problem(format!(
-                "{name}: owner \"{}\" is neither \"os\" nor \"hidden\"; rule ignored",
-                r.owner
-            ));
-            continue;
         };
         let mut matched = 0;
         for (f, d) in functions.iter().zip(plan.decisions.iter_mut()) {
@@ -274,10 +274,10 @@ pub fn resolve(
     }
     for (i, r) in sriov.iter().enumerate() {
         let name = rule_name("sriov", i, r.line);
-        let m = match Matcher::parse(&r.device) {
+        let m = match read_sriov(i, r) {
             Ok(m) => m,
-            Err(e) => {
-                problem(format!("{name}: device: {e}; rule ignored"));
+            Err(p) => {
+                problem(p.message);
                 continue;
             }
         };
