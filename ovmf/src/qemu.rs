@@ -120,7 +120,13 @@ pub fn command(ovmf: &Ovmf, vars: &Path, esp: &Path, p: &Profile, serial: &Seria
     c.args(["-nic", "none", "-no-reboot"]);
     match serial {
         Serial::File(path) => {
-            c.args(["-display", "none", "-monitor", "none", "-serial"]);
+            // A monitor socket beside the serial log, so a run that hangs
+            // can report where each CPU was (`Run::hang_report`).
+            let monitor = crate::runner::monitor_socket(path).map_or_else(
+                || "none".to_string(),
+                |m| format!("unix:{},server=on,wait=off", m.display()),
+            );
+            c.args(["-display", "none", "-monitor", &monitor, "-serial"]);
             c.arg(format!("file:{}", path.display()));
         }
         Serial::Terminal => {

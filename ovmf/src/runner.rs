@@ -4,6 +4,8 @@
 //! [`Run`] is dropped, so a failing or panicking test never leaves an
 //! emulator behind. Nothing is ever killed by name.
 use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -99,6 +101,81 @@ impl Run {
         fs::read_to_string(self.serial.with_extension("qemu.log")).unwrap_or_default()
     }
 
+    /// Asks QEMU's monitor (the socket [`monitor_socket`] names) for
+    /// `command`; `None` when there is no monitor (Bochs, a long path) or it
+    /// does not answer within a few seconds.
+    pub fn monitor(&self, command: &str) -> Option<String> {
+        let path = monitor_socket(&self.serial)?;
+        let mut s = UnixStream::connect(path).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 16384];
+        let mut prompt = |s: &mut UnixStream, out: &mut Vec<u8>| -> Option<()> {
+            let mark = out.len();
+            loop {
+                let n = s.read(&mut buf).ok()?;
+                if n == 0 {
+                    return None;
+                }
+                out.extend_from_slice(&buf[..n]);
+                if out[mark..].windows(6).any(|w| w == b"(qemu)") {
+                    return Some(());
+                }
+            }
+        };
+        prompt(&mut s, &mut out)?;
+        out.clear();
+        s.write_all(format!("{command}\n").as_bytes()).ok()?;
+        prompt(&mut s, &mut out)?;
+        Some(String::from_utf8_lossy(&out).replace('\r', ""))
+    }
+
+    /// For a run that did not reach its marker: each CPU's instruction and
+    /// stack pointer and control registers from QEMU's monitor, then the
+    /// last lines of serial output. Printed last, so it survives when a long
+    /// log is cut in the middle.
+    pub fn hang_report(&self) -> String {
+        use std::fmt::Write as _;
+        let mut r = String::from("----- where the CPUs were (QEMU monitor) -----\n");
+        match self.monitor("info registers -a") {
+            Some(regs) => {
+                for l in regs.lines() {
+                    let t = l.trim_start();
+                    if t.starts_with("CPU#")
+                        || t.starts_with("RIP=")
+                        || t.starts_with("RAX=")
+                        || t.starts_with("RSI=")
+                        || t.starts_with("CS =")
+                        || t.starts_with("CR0=")
+                    {
+                        r.push_str(l);
+                        r.push('\n');
+                    }
+                }
+            }
+            None => r.push_str("(no monitor answer)\n"),
+        }
+        let out = self.output();
+        // Kernel messages (`[  12.345678] ...`) can bury the last thing a
+        // program printed, such as which step of a script was running.
+        let programs: Vec<&str> = out
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('['))
+            .collect();
+        let all: Vec<&str> = out.lines().collect();
+        for (what, lines, n) in [
+            ("lines not from the kernel", &programs, 15),
+            ("lines", &all, 15),
+        ] {
+            let _ = writeln!(r, "----- last {n} {what} of serial -----");
+            for l in &lines[lines.len().saturating_sub(n)..] {
+                r.push_str(l);
+                r.push('\n');
+            }
+        }
+        r
+    }
+
     /// Waits until the serial output contains `marker`; returns the time
     /// since start.
     pub fn wait_for(&mut self, marker: &str, timeout: Duration) -> Result<Duration, WaitError> {
@@ -172,6 +249,13 @@ impl Drop for Run {
     }
 }
 
+/// The monitor socket QEMU opens for a run whose serial log is `serial`:
+/// beside it, unless the path is too long for a Unix socket address.
+pub fn monitor_socket(serial: &Path) -> Option<PathBuf> {
+    let p = serial.with_extension("mon");
+    (p.as_os_str().len() < 100).then_some(p)
+}
+
 /// `key=value` lines between `begin` and `end` markers (first occurrence).
 pub fn section<'a>(text: &'a str, begin: &str, end: &str) -> Option<&'a str> {
     let start = text.find(begin)? + begin.len();
@@ -234,6 +318,46 @@ mod tests {
             run.wait_for("x", Duration::from_secs(10)),
             Err(WaitError::Exited(_))
         ));
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_hang_report_has_the_registers_and_the_last_lines() {
+        use std::os::unix::net::UnixListener;
+        let dir = std::env::temp_dir().join(format!("thinhv-hang-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let serial = dir.join("serial.txt");
+        let listener = UnixListener::bind(monitor_socket(&serial).unwrap()).unwrap();
+        // A monitor that answers the way QEMU's does.
+        let fake = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(b"QEMU 10.0.2 monitor\r\n(qemu) ").unwrap();
+            let mut cmd = [0u8; 64];
+            let n = s.read(&mut cmd).unwrap();
+            assert_eq!(&cmd[..n], b"info registers -a\n");
+            s.write_all(b"info registers -a\r\n\r\nCPU#0\r\nRAX=0 RBX=0\r\nRIP=ffffffff81000000 RFL=00000246\r\nES =0000\r\n(qemu) ")
+                .unwrap();
+        });
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(format!(
+            "printf 'step one\\n[   1.0] kernel noise\\n' > {}; sleep 30",
+            serial.display()
+        ));
+        let mut run = Run::start(cmd, &serial).unwrap();
+        run.wait_for("noise", Duration::from_secs(10)).unwrap();
+        let r = run.hang_report();
+        fake.join().unwrap();
+        assert!(
+            r.contains("CPU#0\nRAX=0 RBX=0\nRIP=ffffffff81000000"),
+            "{r}"
+        );
+        assert!(!r.contains("ES =0000"), "{r}");
+        assert!(
+            r.contains("not from the kernel of serial -----\nstep one\n-----"),
+            "{r}"
+        );
+        assert!(r.ends_with("step one\n[   1.0] kernel noise\n"), "{r}");
+        drop(run);
         fs::remove_dir_all(dir).unwrap();
     }
 }

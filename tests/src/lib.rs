@@ -143,10 +143,12 @@ impl Boot {
                 out
             }
             Err(e) => panic!(
-                "[{}] {e}\n----- serial -----\n{}\n----- qemu -----\n{}",
+                "[{}] {e}\n----- serial -----\n{}\n----- qemu -----\n{}\n{}[{}] {e}",
                 self.name,
                 run.output(),
-                run.qemu_messages()
+                run.qemu_messages(),
+                run.hang_report(),
+                self.name,
             ),
         }
     }
