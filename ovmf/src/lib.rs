@@ -22,3 +22,8 @@ pub mod runner;
 /// SKIPPED lines (a capability the test bed lacks); `cargo xtask it`
 /// prints them after the run.
 pub const SKIPPED_FILE: &str = "skipped.txt";
+
+/// File under the integration tests' work directory that collects a brief
+/// report of each run that stopped making progress; `cargo xtask it` prints
+/// it after the run, where a long log cut in the middle still shows it.
+pub const HANGS_FILE: &str = "hangs.txt";

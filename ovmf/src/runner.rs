@@ -3,6 +3,7 @@
 //! The process is always ended by its PID (`Child::kill`) when the
 //! [`Run`] is dropped, so a failing or panicking test never leaves an
 //! emulator behind. Nothing is ever killed by name.
+use std::fmt::Write as _;
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -130,50 +131,44 @@ impl Run {
         Some(String::from_utf8_lossy(&out).replace('\r', ""))
     }
 
-    /// For a run that did not reach its marker: each CPU's instruction and
-    /// stack pointer and control registers from QEMU's monitor, then the
-    /// last lines of serial output. Printed last, so it survives when a long
-    /// log is cut in the middle.
-    pub fn hang_report(&self) -> String {
-        use std::fmt::Write as _;
-        let mut r = String::from("----- where the CPUs were (QEMU monitor) -----\n");
-        match self.monitor("info registers -a") {
-            Some(regs) => {
-                for l in regs.lines() {
-                    let t = l.trim_start();
-                    if t.starts_with("CPU#")
-                        || t.starts_with("RIP=")
-                        || t.starts_with("RAX=")
-                        || t.starts_with("RSI=")
-                        || t.starts_with("CS =")
-                        || t.starts_with("CR0=")
-                    {
-                        r.push_str(l);
-                        r.push('\n');
-                    }
+    /// For a run that did not reach its marker: where each CPU was (QEMU's
+    /// monitor) and what the serial output says last and first went wrong.
+    pub fn hang_report(&self) -> HangReport {
+        let mut cpus = Vec::new();
+        if let Some(regs) = self.monitor("info registers -a") {
+            for l in regs.lines() {
+                let t = l.trim_start();
+                if ["CPU#", "RIP=", "RAX=", "RSI=", "CS =", "CR0="]
+                    .iter()
+                    .any(|p| t.starts_with(p))
+                {
+                    cpus.push(l.to_string());
                 }
             }
-            None => r.push_str("(no monitor answer)\n"),
         }
         let out = self.output();
+        let all: Vec<String> = out.lines().map(str::to_string).collect();
+        // The kernel's first report of trouble (a stall report carries the
+        // stuck CPU's backtrace), which later repeats push out of view.
+        let trouble = all
+            .iter()
+            .position(|l| KERNEL_TROUBLE.iter().any(|t| l.contains(t)))
+            .map(|first| all.iter().skip(first).take(60).cloned().collect())
+            .unwrap_or_default();
         // Kernel messages (`[  12.345678] ...`) can bury the last thing a
         // program printed, such as which step of a script was running.
-        let programs: Vec<&str> = out
-            .lines()
+        let programs: Vec<String> = all
+            .iter()
             .filter(|l| !l.trim_start().starts_with('['))
+            .cloned()
             .collect();
-        let all: Vec<&str> = out.lines().collect();
-        for (what, lines, n) in [
-            ("lines not from the kernel", &programs, 15),
-            ("lines", &all, 15),
-        ] {
-            let _ = writeln!(r, "----- last {n} {what} of serial -----");
-            for l in &lines[lines.len().saturating_sub(n)..] {
-                r.push_str(l);
-                r.push('\n');
-            }
+        let tail = |v: &[String], n: usize| v[v.len().saturating_sub(n)..].to_vec();
+        HangReport {
+            cpus,
+            trouble,
+            last_program_lines: tail(&programs, 15),
+            last_lines: tail(&all, 15),
         }
-        r
     }
 
     /// Waits until the serial output contains `marker`; returns the time
@@ -248,6 +243,89 @@ impl Drop for Run {
         self.kill();
     }
 }
+
+/// Where a run that missed its end marker stood.
+#[derive(Debug, Clone, Default)]
+pub struct HangReport {
+    /// QEMU monitor lines per CPU (`CPU#n`, RAX, RSI, RIP, CS, CR0 rows);
+    /// empty when the monitor did not answer.
+    pub cpus: Vec<String>,
+    /// From the kernel's first report of trouble, up to 60 lines.
+    pub trouble: Vec<String>,
+    /// The last lines that are not kernel messages.
+    pub last_program_lines: Vec<String>,
+    /// The last lines.
+    pub last_lines: Vec<String>,
+}
+
+impl HangReport {
+    /// Everything, in sections.
+    pub fn full(&self) -> String {
+        let mut r = String::new();
+        let mut section = |title: &str, lines: &[String]| {
+            let _ = writeln!(r, "----- {title} -----");
+            if lines.is_empty() {
+                r.push_str("(none)\n");
+            }
+            for l in lines {
+                r.push_str(l);
+                r.push('\n');
+            }
+        };
+        section("where the CPUs were (QEMU monitor)", &self.cpus);
+        section("the kernel's first report of trouble", &self.trouble);
+        section("last lines not from the kernel", &self.last_program_lines);
+        section("last lines", &self.last_lines);
+        r
+    }
+
+    /// At most about 25 lines for the end of a long log that may be cut:
+    /// each CPU's RIP, the last 4 program lines, the first lines of the
+    /// kernel's report that name code (`RIP:` and call-trace frames).
+    pub fn brief(&self, name: &str) -> String {
+        let mut r = format!("HANG {name}: the run stopped making progress\n");
+        let cpu_lines = self
+            .cpus
+            .iter()
+            .filter(|l| l.starts_with("CPU#") || l.trim_start().starts_with("RIP="));
+        let mut any = false;
+        for l in cpu_lines {
+            any = true;
+            let _ = writeln!(r, "  {}", l.trim());
+        }
+        if !any {
+            r.push_str("  (no answer from QEMU's monitor)\n");
+        }
+        r.push_str("  last program output:\n");
+        for l in &self.last_program_lines[self.last_program_lines.len().saturating_sub(4)..] {
+            let _ = writeln!(r, "    {l}");
+        }
+        let code: Vec<&String> = self
+            .trouble
+            .iter()
+            .filter(|l| l.contains("RIP:") || l.contains("+0x") || l.contains("NMI backtrace"))
+            .take(12)
+            .collect();
+        if !code.is_empty() {
+            r.push_str("  kernel's first report names:\n");
+            for l in code {
+                let _ = writeln!(r, "    {}", l.trim());
+            }
+        }
+        r
+    }
+}
+
+/// What starts a Linux report of a stuck or broken kernel.
+const KERNEL_TROUBLE: [&str; 7] = [
+    "rcu: INFO:",
+    "BUG:",
+    "WARNING:",
+    "Kernel panic",
+    "watchdog: ",
+    "INFO: task ",
+    "NMI backtrace",
+];
 
 /// The monitor socket QEMU opens for a run whose serial log is `serial`:
 /// beside it, unless the path is too long for a Unix socket address.
@@ -340,23 +418,32 @@ mod tests {
         });
         let mut cmd = Command::new("sh");
         cmd.arg("-c").arg(format!(
-            "printf 'step one\\n[   1.0] kernel noise\\n' > {}; sleep 30",
+            "printf '[   0.5] ok\\n[   0.6] rcu: INFO: stall\\n[   0.7] RIP: here\\nstep one\\n[   1.0] kernel noise\\n' > {}; sleep 30",
             serial.display()
         ));
         let mut run = Run::start(cmd, &serial).unwrap();
         run.wait_for("noise", Duration::from_secs(10)).unwrap();
-        let r = run.hang_report();
+        let h = run.hang_report();
         fake.join().unwrap();
+        let r = h.full();
+        let b = h.brief("t");
+        assert!(b.contains("CPU#0\n  RIP=ffffffff81000000"), "{b}");
+        assert!(b.contains("last program output:\n    step one\n"), "{b}");
+        assert!(b.contains("names:\n    [   0.7] RIP: here\n"), "{b}");
+        assert!(b.lines().count() <= 25, "{b}");
         assert!(
             r.contains("CPU#0\nRAX=0 RBX=0\nRIP=ffffffff81000000"),
             "{r}"
         );
         assert!(!r.contains("ES =0000"), "{r}");
         assert!(
-            r.contains("not from the kernel of serial -----\nstep one\n-----"),
+            r.contains("not from the kernel -----\nstep one\n-----"),
             "{r}"
         );
-        assert!(r.ends_with("step one\n[   1.0] kernel noise\n"), "{r}");
+        assert!(
+            r.ends_with("[   0.7] RIP: here\nstep one\n[   1.0] kernel noise\n"),
+            "{r}"
+        );
         drop(run);
         fs::remove_dir_all(dir).unwrap();
     }

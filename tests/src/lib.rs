@@ -32,17 +32,23 @@ pub struct Built {
 /// lacks a capability: `cargo xtask it` lists these as SKIPPED at the end
 /// (the test itself returns, so the harness counts it as run).
 pub fn skipped(test: &str, why: &str) {
-    use std::io::Write;
     let line = format!("SKIPPED {test}: {why}\n");
     eprint!("{line}");
+    record(thinhv_ovmf::SKIPPED_FILE, &line);
+}
+
+/// Appends `text` to `file` in the work directory, for xtask to print after
+/// the run.
+fn record(file: &str, text: &str) {
+    use std::io::Write;
     let b = built();
     let _ = std::fs::create_dir_all(&b.work);
     if let Ok(mut f) = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(b.work.join(thinhv_ovmf::SKIPPED_FILE))
+        .open(b.work.join(file))
     {
-        let _ = f.write_all(line.as_bytes());
+        let _ = f.write_all(text.as_bytes());
     }
 }
 
@@ -142,14 +148,20 @@ impl Boot {
                 let _ = run.wait_exit(Duration::from_secs(20));
                 out
             }
-            Err(e) => panic!(
-                "[{}] {e}\n----- serial -----\n{}\n----- qemu -----\n{}\n{}[{}] {e}",
-                self.name,
-                run.output(),
-                run.qemu_messages(),
-                run.hang_report(),
-                self.name,
-            ),
+            Err(e) => {
+                let hang = run.hang_report();
+                if matches!(e, thinhv_ovmf::runner::WaitError::Timeout { .. }) {
+                    record(thinhv_ovmf::HANGS_FILE, &hang.brief(&self.name));
+                }
+                panic!(
+                    "[{}] {e}\n----- serial -----\n{}\n----- qemu -----\n{}\n{}[{}] {e}",
+                    self.name,
+                    run.output(),
+                    run.qemu_messages(),
+                    hang.full(),
+                    self.name,
+                )
+            }
         }
     }
 }

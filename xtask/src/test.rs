@@ -40,7 +40,9 @@ pub fn integration(filter: &[String]) -> Result<(), String> {
     thinhv_ovmf::linux::prepare(&build.join("cache"), &a.tool)?;
     println!("== integration tests (QEMU, Bochs)");
     let skipped = build.join("it").join(thinhv_ovmf::SKIPPED_FILE);
+    let hangs = build.join("it").join(thinhv_ovmf::HANGS_FILE);
     let _ = std::fs::remove_file(&skipped);
+    let _ = std::fs::remove_file(&hangs);
     let r = sh(cargo()
         .args([
             "test",
@@ -52,6 +54,11 @@ pub fn integration(filter: &[String]) -> Result<(), String> {
         ])
         .args(filter)
         .env("THINHV_BUILD_DIR", &build));
+    // Failed by hanging: where each stood, last, where a long log that is
+    // cut in the middle still shows it.
+    if let Ok(s) = std::fs::read_to_string(&hangs) {
+        print!("{s}");
+    }
     // Not passed, not failed: what the test beds could not check.
     if let Ok(s) = std::fs::read_to_string(&skipped) {
         for line in s.lines() {
