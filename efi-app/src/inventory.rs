@@ -17,7 +17,7 @@ use thinhv_abi::status::{
 };
 use thinhv_passthrough::bars::{VfSpace, check_vf_space, parent_of, vf_bar_space};
 use thinhv_passthrough::pci::{EcamRegion, Function, Kind};
-use thinhv_passthrough::policy::{self, Decision, DeviceRule, Owner, Plan, SriovRule};
+use thinhv_passthrough::policy::{self, Decision, DeviceRule, Owner, Plan, Reach, SriovRule};
 
 /// The `[[device]]` and `[[sriov]]` tables of `config` as the policy takes
 /// them (the loader applies them; `thinhv check` checks their syntax).
@@ -54,16 +54,30 @@ pub struct Inventory {
     pub iommu: bool,
 }
 
+/// What the core can mediate on this machine: the ECAM region of segment
+/// 0 (the one [`Inventory::handoff`] is given), the core's map for a
+/// memory map ending at `phys_top`, and the hand-off's capacity.
+pub fn reach(segment0: Option<&EcamRegion>, phys_top: u64) -> Reach {
+    Reach {
+        region: segment0.copied(),
+        map_top: thinhv_abi::handoff::identity_map_top(phys_top),
+        max_mediated: MAX_PCI_MEDIATED,
+        max_blocked: MAX_PCI_BLOCKED,
+    }
+}
+
 impl Inventory {
-    /// Applies the rules to the functions.
+    /// Applies the rules to the functions; what the core could not enforce
+    /// (`reach`) stays with the OS and is reported as a rule problem.
     pub fn assess(
         functions: Vec<Function>,
         devices: &[DeviceRule],
         sriov: &[SriovRule],
         boot_device: Option<thinhv_passthrough::pci::Bdf>,
         iommu: bool,
+        reach: &Reach,
     ) -> Self {
-        let plan = policy::resolve(&functions, devices, sriov, boot_device);
+        let plan = policy::resolve(&functions, devices, sriov, boot_device, reach);
         Self {
             functions,
             plan,
@@ -465,6 +479,19 @@ mod tests {
         ]
     }
 
+    /// QEMU q35's ECAM and 2 GiB of memory.
+    fn q35() -> Reach {
+        reach(
+            Some(&EcamRegion {
+                base: 0xb000_0000,
+                segment: 0,
+                bus_start: 0,
+                bus_end: 0xff,
+            }),
+            2 << 30,
+        )
+    }
+
     fn rule(m: &str, owner: &str) -> DeviceRule {
         DeviceRule {
             matcher: m.into(),
@@ -475,7 +502,7 @@ mod tests {
 
     #[test]
     fn defaults_records_and_report() {
-        let inv = Inventory::assess(machine(), &[], &[], None, true);
+        let inv = Inventory::assess(machine(), &[], &[], None, true, &q35());
         let r = inv.record(2);
         assert_eq!((r.bus, r.devfn, r.vendor, r.device), (2, 0, 0x8086, 0x10c9));
         assert_eq!(
@@ -532,6 +559,7 @@ mod tests {
             }],
             None,
             true,
+            &q35(),
         );
         let (h, w) = inv.handoff(Some(&region));
         assert!(w.is_empty());
@@ -598,6 +626,7 @@ mod tests {
             &[],
             None,
             false,
+            &q35(),
         );
         assert!(
             inv.line(3).ends_with("iommu: DMA NOT blocked (no IOMMU)"),
@@ -611,15 +640,115 @@ mod tests {
     }
 
     #[test]
+    fn a_hidden_function_the_core_cannot_trap_is_reported_as_the_os() {
+        // The ECAM region lies above the core's map (a 4 GiB machine with
+        // its MCFG at 4 GiB): the rule fails at boot, the NIC stays the
+        // OS's everywhere the loader says so.
+        let high = EcamRegion {
+            base: 0x1_0000_0000,
+            segment: 0,
+            bus_start: 0,
+            bus_end: 0xff,
+        };
+        let inv = Inventory::assess(
+            machine(),
+            &[rule("0000:00:03.0", "hidden")],
+            &[],
+            None,
+            true,
+            &reach(Some(&high), 2 << 30),
+        );
+        let lines = inv.report();
+        assert!(
+            lines[0].ends_with("5 owned by the OS (pass-through), 0 hidden"),
+            "{lines:?}"
+        );
+        assert_eq!(
+            lines[1],
+            "PCI rule problem: [[device]] #1: 0000:00:03.0 cannot be hidden: its ECAM page \
+             0x100018000 lies beyond the memory thinhv maps (up to 0x100000000), where no access \
+             to it could be trapped; it stays with the OS"
+        );
+        assert!(inv.line(3).contains("owner=os (default) iommu: OS memory"));
+        let r = inv.record(3);
+        assert_eq!((r.owner, r.iommu_domain), (OWNER_OS, IOMMU_DOMAIN_OS));
+        let (h, w) = inv.handoff(Some(&high));
+        assert!(w.is_empty());
+        assert_eq!((h.count, h.blocked_count), (0, 0));
+        // The same machine with memory up to 6 GiB: the core maps the
+        // region, the rule holds, and the core accepts the hand-off.
+        let inv = Inventory::assess(
+            machine(),
+            &[rule("0000:00:03.0", "hidden")],
+            &[],
+            None,
+            true,
+            &reach(Some(&high), 6 << 30),
+        );
+        assert_eq!(inv.record(3).owner, OWNER_HIDDEN);
+        let (h, _) = inv.handoff(Some(&high));
+        assert_eq!(h.count, 1);
+        assert_eq!(
+            h.check(thinhv_abi::handoff::identity_map_top(6 << 30)),
+            Ok(())
+        );
+        // No ECAM region at all: nothing hidden, said as a rule problem.
+        let inv = Inventory::assess(
+            machine(),
+            &[rule("0000:00:03.0", "hidden")],
+            &[],
+            None,
+            true,
+            &reach(None, 2 << 30),
+        );
+        assert_eq!(inv.record(3).owner, OWNER_OS);
+        assert!(inv.report()[1].contains("no ECAM region for segment 0"));
+        let (h, w) = inv.handoff(None);
+        assert!(w.is_empty(), "nothing left to warn about: {w:?}");
+        assert_eq!(h.count, 0);
+    }
+
+    #[test]
+    fn a_segment_whose_buses_start_at_0x80() {
+        // MCFG: Base Address 0xc000_0000 for buses 0x80..=0xff; the NIC at
+        // 81:03.0 is hidden. Its page is counted from bus 0, as the core
+        // traps it.
+        let region = EcamRegion {
+            base: 0xc000_0000,
+            segment: 0,
+            bus_start: 0x80,
+            bus_end: 0xff,
+        };
+        let mut fs = machine();
+        fs[3].bdf = Bdf::new(0, 0x81, 3, 0);
+        let inv = Inventory::assess(
+            fs,
+            &[rule("0000:81:03.0", "hidden")],
+            &[],
+            None,
+            true,
+            &reach(Some(&region), 2 << 30),
+        );
+        assert!(inv.plan.problems.is_empty(), "{:?}", inv.plan.problems);
+        let (h, w) = inv.handoff(Some(&region));
+        assert!(w.is_empty());
+        assert_eq!((h.ecam_base, h.bus_start, h.count), (0xc000_0000, 0x80, 1));
+        let page = 0xc000_0000 + (0x81 << 20) + (3 << 15);
+        assert_eq!(h.page_of(&h.mediated[0]), page);
+        assert_eq!(region.address(Bdf::new(0, 0x81, 3, 0)), Some(page));
+        assert_eq!(h.mediated_at(page + 4).map(|(m, _)| m.bus), Some(0x81));
+    }
+
+    #[test]
     fn no_room_is_reported_clearly() {
         let mut fs = machine();
         fs[2].vf_bars[0].base = 0x8_000f_0000;
-        let inv = Inventory::assess(fs.clone(), &[], &[], None, true);
+        let inv = Inventory::assess(fs.clone(), &[], &[], None, true, &q35());
         let l = inv.line(2);
         assert!(l.contains("NO ROOM: VF BAR0 needs 128 KiB for 8 VFs from 0x8000f0000, beyond the bridge's window 0x800000000-0x8000fffff"), "{l}");
         assert_eq!(inv.record(2).vf_space, VF_SPACE_NO_ROOM);
         fs[2].vf_bars[0].base = 0;
-        let inv = Inventory::assess(fs, &[], &[], None, true);
+        let inv = Inventory::assess(fs, &[], &[], None, true, &q35());
         assert!(
             inv.line(2)
                 .contains("NO ROOM: the firmware assigned VF BAR0 no address")
@@ -629,7 +758,7 @@ mod tests {
     #[test]
     fn records_are_capped() {
         let many: Vec<Function> = (0..MAX_DEVICES + 3).map(|_| machine()[0].clone()).collect();
-        let inv = Inventory::assess(many, &[], &[], None, true);
+        let inv = Inventory::assess(many, &[], &[], None, true, &q35());
         let (r, dropped) = inv.records();
         assert_eq!((r.len(), dropped), (MAX_DEVICES, 3));
     }

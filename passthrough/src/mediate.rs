@@ -1,8 +1,10 @@
 //! What the OS sees of a mediated function's configuration space.
 //!
 //! The core traps every access to the 4 KiB ECAM page of a mediated
-//! function (and every 0xCFC access that addresses it) and asks this module
-//! what the access returns or what reaches the device:
+//! function, and every I/O access that touches the legacy configuration
+//! ports 0xCF8..=0xCFF (split by [`split_port_access`], the data bytes
+//! decoded by [`cf8_target`] against the CPU's own address latch), and asks
+//! this module what the access returns or what reaches the device:
 //!
 //! * A **hidden** function reads as all ones (no device) and drops writes.
 //! * A PF with a **VF budget** reads as the device, except InitialVFs and
@@ -174,6 +176,127 @@ pub fn write(
     }
 }
 
+/// CONFIG_ADDRESS of configuration mechanism #1 (PCI Local Bus
+/// Specification 3.0 §3.2.2.3.2): the address latch.
+pub const CONFIG_ADDRESS: u16 = 0xcf8;
+/// CONFIG_DATA: the data window, 0xCFC..=0xCFF.
+pub const CONFIG_DATA: u16 = 0xcfc;
+/// The ports the core intercepts while any function is mediated.
+pub const CONFIG_PORTS: core::ops::Range<u16> = CONFIG_ADDRESS..CONFIG_DATA + 4;
+
+/// What a piece of an I/O access to the configuration ports is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortRole {
+    /// A dword at CONFIG_ADDRESS: the CPU's address latch.
+    Address,
+    /// Bytes of CONFIG_DATA: a configuration access at the latch's address.
+    Data,
+    /// Ordinary I/O, performed on the hardware unchanged.
+    Plain,
+}
+
+/// One piece of an I/O access: `size` bytes at `port`, which are bytes
+/// `shift..shift + size` of the value the instruction moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortPiece {
+    /// What the bytes are.
+    pub role: PortRole,
+    /// First port.
+    pub port: u16,
+    /// 1, 2 or 4.
+    pub size: u8,
+    /// Byte position in the instruction's value.
+    pub shift: u8,
+}
+
+/// The pieces of one access, in port order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortPieces {
+    pieces: [PortPiece; 4],
+    len: usize,
+}
+
+impl PortPieces {
+    /// The pieces.
+    pub fn as_slice(&self) -> &[PortPiece] {
+        &self.pieces[..self.len]
+    }
+
+    fn push(&mut self, role: PortRole, port: u16, size: u8, shift: u8) {
+        if let Some(p) = self.pieces.get_mut(self.len) {
+            *p = PortPiece {
+                role,
+                port,
+                size,
+                shift,
+            };
+            self.len += 1;
+        }
+    }
+}
+
+/// Splits an IN or OUT of `size` (1, 2 or 4) bytes at `port` the way a PC
+/// chipset sees it (PCI Local Bus Specification 3.0 §3.2.2.3.2):
+///
+/// * Only a dword access at 0xCF8 is CONFIG_ADDRESS. Any other access to
+///   0xCF8..=0xCFB "has no impact on CONFIG_ADDRESS" and is ordinary I/O
+///   (0xCF9 is the reset control register on PC chipsets): [`PortRole::Plain`].
+/// * Bytes in 0xCFC..=0xCFF are CONFIG_DATA: [`PortRole::Data`], whatever
+///   the access started at. An access that straddles the window (a dword
+///   at 0xCFA, a word at 0xCFB or 0xCFF) reaches the bus as separate cycles
+///   — the processor splits an I/O access that is not aligned to its size
+///   (Intel SDM Vol. 1 §19.3) — so the bytes inside the window are a
+///   configuration access of their own and the bytes outside are ordinary
+///   I/O.
+///
+/// A run of one role is one piece when it is 1, 2 or 4 bytes long and a
+/// byte plus a word (each naturally aligned) when it is 3.
+pub fn split_port_access(port: u16, size: u8) -> PortPieces {
+    let mut out = PortPieces {
+        pieces: [PortPiece {
+            role: PortRole::Plain,
+            port,
+            size,
+            shift: 0,
+        }; 4],
+        len: 0,
+    };
+    if port == CONFIG_ADDRESS && size == 4 {
+        out.push(PortRole::Address, port, size, 0);
+        return out;
+    }
+    let role_at = |i: u8| {
+        let p = u32::from(port) + u32::from(i);
+        if (u32::from(CONFIG_DATA)..u32::from(CONFIG_DATA) + 4).contains(&p) {
+            PortRole::Data
+        } else {
+            PortRole::Plain
+        }
+    };
+    let mut start = 0u8;
+    while start < size {
+        let role = role_at(start);
+        let mut end = start + 1;
+        while end < size && role_at(end) == role {
+            end += 1;
+        }
+        let first = port.wrapping_add(u16::from(start));
+        match end - start {
+            3 if first % 2 == 0 => {
+                out.push(role, first, 2, start);
+                out.push(role, first.wrapping_add(2), 1, start + 2);
+            }
+            3 => {
+                out.push(role, first, 1, start);
+                out.push(role, first.wrapping_add(1), 2, start + 1);
+            }
+            n => out.push(role, first, n, start),
+        }
+        start = end;
+    }
+    out
+}
+
 /// Decodes the legacy configuration address (port 0xCF8) for an access to
 /// data port `0xCFC + byte`: (bus, devfn, offset), or `None` when the
 /// enable bit is clear. Bits 27:24 carry offset bits 11:8 (AMD's extended
@@ -305,6 +428,95 @@ mod tests {
             write(&BUDGET, 0x184, 4, u32::MAX, read16).forward,
             Some(u32::MAX)
         );
+    }
+
+    fn pieces(port: u16, size: u8) -> Vec<(PortRole, u16, u8, u8)> {
+        split_port_access(port, size)
+            .as_slice()
+            .iter()
+            .map(|p| (p.role, p.port, p.size, p.shift))
+            .collect()
+    }
+
+    #[test]
+    fn port_accesses_split_where_a_chipset_splits_them() {
+        use PortRole::{Address, Data, Plain};
+        // The latch is a dword at 0xCF8, nothing else.
+        assert_eq!(pieces(0xcf8, 4), [(Address, 0xcf8, 4, 0)]);
+        for (port, size) in [(0xcf8, 1), (0xcf9, 1), (0xcf8, 2), (0xcfa, 2), (0xcfb, 1)] {
+            assert_eq!(
+                pieces(port, size),
+                [(Plain, port, size, 0)],
+                "{port:#x}/{size}"
+            );
+        }
+        // Inside the data window: one configuration access as issued.
+        for (port, size) in [(0xcfc, 4), (0xcfd, 1), (0xcfd, 2), (0xcfe, 2), (0xcff, 1)] {
+            assert_eq!(
+                pieces(port, size),
+                [(Data, port, size, 0)],
+                "{port:#x}/{size}"
+            );
+        }
+        // Straddling the window's start…
+        assert_eq!(
+            pieces(0xcfa, 4),
+            [(Plain, 0xcfa, 2, 0), (Data, 0xcfc, 2, 2)]
+        );
+        assert_eq!(
+            pieces(0xcfb, 2),
+            [(Plain, 0xcfb, 1, 0), (Data, 0xcfc, 1, 1)]
+        );
+        assert_eq!(
+            pieces(0xcf9, 4),
+            [
+                (Plain, 0xcf9, 1, 0),
+                (Plain, 0xcfa, 2, 1),
+                (Data, 0xcfc, 1, 3)
+            ]
+        );
+        assert_eq!(
+            pieces(0xcfb, 4),
+            [
+                (Plain, 0xcfb, 1, 0),
+                (Data, 0xcfc, 2, 1),
+                (Data, 0xcfe, 1, 3)
+            ]
+        );
+        // …and its end.
+        assert_eq!(
+            pieces(0xcfd, 4),
+            [
+                (Data, 0xcfd, 1, 0),
+                (Data, 0xcfe, 2, 1),
+                (Plain, 0xd00, 1, 3)
+            ]
+        );
+        assert_eq!(
+            pieces(0xcff, 2),
+            [(Data, 0xcff, 1, 0), (Plain, 0xd00, 1, 1)]
+        );
+        assert_eq!(
+            pieces(0xcfe, 4),
+            [(Data, 0xcfe, 2, 0), (Plain, 0xd00, 2, 2)]
+        );
+        // Accesses that only touch the latch's bytes stay whole.
+        assert_eq!(pieces(0xcf6, 4), [(Plain, 0xcf6, 4, 0)]);
+        assert_eq!(pieces(0xcf7, 2), [(Plain, 0xcf7, 2, 0)]);
+        // Every byte lands in exactly one piece, in order.
+        for port in 0xcf5..0xd00u16 {
+            for size in [1u8, 2, 4] {
+                let mut next = 0;
+                for p in split_port_access(port, size).as_slice() {
+                    assert_eq!(p.shift, next, "{port:#x}/{size}");
+                    assert_eq!(p.port, port + u16::from(p.shift));
+                    assert!(matches!(p.size, 1 | 2 | 4));
+                    next += p.size;
+                }
+                assert_eq!(next, size, "{port:#x}/{size}");
+            }
+        }
+        assert!(CONFIG_PORTS.contains(&0xcf9) && !CONFIG_PORTS.contains(&0xd00));
     }
 
     #[test]

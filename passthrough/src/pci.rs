@@ -46,12 +46,12 @@ impl Bdf {
         (self.device << 3) | self.function
     }
 
-    /// Offset of this function's 4 KiB in an ECAM region starting at
-    /// `bus_start`.
-    pub const fn ecam_offset(self, bus_start: u8) -> u64 {
-        (((self.bus - bus_start) as u64) << 20)
-            | ((self.device as u64) << 15)
-            | ((self.function as u64) << 12)
+    /// Offset of this function's 4 KiB from the base of its segment's
+    /// ECAM space: address bits 27:20 are the bus number itself, 19:15 the
+    /// device, 14:12 the function (PCI Express Base 4.0 §7.2.2, Table 7-1),
+    /// whatever bus the segment's range starts at.
+    pub const fn ecam_offset(self) -> u64 {
+        ((self.bus as u64) << 20) | ((self.device as u64) << 15) | ((self.function as u64) << 12)
     }
 
     /// Parses `SSSS:BB:DD.F` or `BB:DD.F` (hexadecimal, as `lspci -D`).
@@ -93,9 +93,17 @@ pub trait ConfigSpace {
 }
 
 /// One ECAM region from the MCFG.
+///
+/// `base` is the MCFG entry's Base Address as the table gives it (PCI
+/// Firmware Specification 3.0 §4.1.2, Table 4-3): the base of the
+/// segment's whole enhanced configuration space, where bus 0 would be,
+/// also when `bus_start` is above 0 (bus `n` is at `base + (n << 20)`;
+/// the region decodes only `bus_start..=bus_end`). Linux, Xen and FreeBSD
+/// read it the same way; computing from `bus_start` instead reaches the
+/// wrong function's page on such segments.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EcamRegion {
-    /// Physical base (of bus `bus_start`).
+    /// Physical base of the segment's ECAM space (where bus 0 would be).
     pub base: u64,
     /// Segment group.
     pub segment: u16,
@@ -110,7 +118,7 @@ impl EcamRegion {
     /// decodes it.
     pub fn address(&self, bdf: Bdf) -> Option<u64> {
         (bdf.segment == self.segment && (self.bus_start..=self.bus_end).contains(&bdf.bus))
-            .then(|| self.base + bdf.ecam_offset(self.bus_start))
+            .then(|| self.base + bdf.ecam_offset())
     }
 }
 
@@ -517,6 +525,38 @@ mod tests {
             Some(0xb000_0000 + (1 << 20) + (2 << 15) + (3 << 12))
         );
         assert_eq!(region().address(Bdf::new(1, 1, 2, 3)), None);
+    }
+
+    #[test]
+    fn a_segment_whose_buses_start_above_zero() {
+        // MCFG: Base Address 0xc000_0000, buses 0x80..=0xff. The base is
+        // where bus 0 would be: bus 0x80 starts 128 MiB above it.
+        let r = EcamRegion {
+            base: 0xc000_0000,
+            segment: 0,
+            bus_start: 0x80,
+            bus_end: 0xff,
+        };
+        assert_eq!(
+            r.address(Bdf::new(0, 0x80, 0, 0)),
+            Some(0xc000_0000 + (0x80 << 20))
+        );
+        assert_eq!(
+            r.address(Bdf::new(0, 0x81, 3, 1)),
+            Some(0xc000_0000 + (0x81 << 20) + (3 << 15) + (1 << 12))
+        );
+        // Buses below the range are not this region's.
+        assert_eq!(r.address(Bdf::new(0, 0x7f, 0, 0)), None);
+        assert_eq!(r.address(Bdf::new(0, 0, 0, 0)), None);
+        // The walk starts at the region's first bus and reads each
+        // function at its own address.
+        let mut c = FakeConfig::default();
+        c.endpoint(Bdf::new(0, 0x80, 0, 0), 0x29c0_8086, 0x0600_0000, false);
+        c.bridge(Bdf::new(0, 0x80, 1, 0), 0x81, 0x81);
+        c.endpoint(Bdf::new(0, 0x81, 0, 0), 0x10d3_8086, 0x0200_0000, true);
+        let f = enumerate(&[r], &c);
+        let names: Vec<String> = f.iter().map(|f| f.bdf.to_string()).collect();
+        assert_eq!(names, ["0000:80:00.0", "0000:80:01.0", "0000:81:00.0"]);
     }
 
     #[test]

@@ -10,7 +10,13 @@
 //! unsafe (hiding a bridge, or the device the OS boots from; a VF budget
 //! above TotalVFs) is reported and left out: the boot continues with the
 //! defaults for what it would have decided.
-use crate::pci::{Bdf, Function, Kind};
+//!
+//! So is a rule the core could not enforce ([`Reach`]): a function whose
+//! configuration space thinhv cannot trap (another segment, a bus outside
+//! the ECAM region, an ECAM page beyond the core's memory map) or that no
+//! longer fits the hand-off stays with the OS and is reported as such;
+//! it is never reported hidden while the OS could still reach it.
+use crate::pci::{Bdf, EcamRegion, Function, Kind};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -171,6 +177,60 @@ pub struct Plan {
     pub problems: Vec<Problem>,
 }
 
+/// What the core can mediate: the limits a hiding rule or a VF budget
+/// must fit for the core to enforce it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reach {
+    /// The ECAM region of segment 0 (MCFG): the only segment the hand-off
+    /// and the legacy configuration ports (0xCF8/0xCFC) address.
+    pub region: Option<EcamRegion>,
+    /// End (exclusive) of the core's second-level map. The core traps an
+    /// ECAM page by removing it from that map; a page at or above the end
+    /// is not in it, and the first touch would map it (with the rest of
+    /// its GiB) instead of trapping.
+    pub map_top: u64,
+    /// Most functions the hand-off can carry for mediation.
+    pub max_mediated: usize,
+    /// Most requester ranges the hand-off can carry for the IOMMU to
+    /// refuse.
+    pub max_blocked: usize,
+}
+
+impl Reach {
+    /// Why the core cannot trap every access to `bdf`'s configuration
+    /// space, or `None` when it can.
+    pub fn unreachable(&self, bdf: Bdf) -> Option<String> {
+        if bdf.segment != 0 {
+            return Some(format!(
+                "it is in PCI segment {:04x}, and thinhv mediates configuration space in \
+                 segment 0 only",
+                bdf.segment
+            ));
+        }
+        let Some(r) = self.region else {
+            return Some(String::from(
+                "the firmware describes no ECAM region for segment 0 (MCFG), so thinhv \
+                 cannot trap its configuration space",
+            ));
+        };
+        let Some(page) = r.address(bdf) else {
+            return Some(format!(
+                "bus {:02x} lies outside the ECAM region of segment 0 (buses {:02x}-{:02x}), \
+                 so thinhv cannot trap its configuration space",
+                bdf.bus, r.bus_start, r.bus_end
+            ));
+        };
+        if page.checked_add(4096).is_none_or(|end| end > self.map_top) {
+            return Some(format!(
+                "its ECAM page {page:#x} lies beyond the memory thinhv maps (up to {:#x}), \
+                 where no access to it could be trapped",
+                self.map_top
+            ));
+        }
+        None
+    }
+}
+
 fn rule_name(kind: &str, i: usize, line: Option<usize>) -> String {
     match line {
         Some(l) => format!("[[{kind}]] #{} (line {l})", i + 1),
@@ -218,12 +278,13 @@ pub fn syntax_problems(devices: &[DeviceRule], sriov: &[SriovRule]) -> Vec<Probl
 }
 
 /// Applies the rules. `boot_device` is the function the OS boots from
-/// (never hidden), when known.
+/// (never hidden), when known; `reach` is what the core can enforce.
 pub fn resolve(
     functions: &[Function],
     devices: &[DeviceRule],
     sriov: &[SriovRule],
     boot_device: Option<Bdf>,
+    reach: &Reach,
 ) -> Plan {
     let mut plan = Plan {
         decisions: alloc::vec![Decision::default(); functions.len()],
@@ -257,6 +318,13 @@ pub fn resolve(
                 if boot_device == Some(f.bdf) {
                     problem(format!(
                         "{name}: {} is the device the OS boots from; it stays with the OS",
+                        f.bdf
+                    ));
+                    continue;
+                }
+                if let Some(why) = reach.unreachable(f.bdf) {
+                    problem(format!(
+                        "{name}: {} cannot be hidden: {why}; it stays with the OS",
                         f.bdf
                     ));
                     continue;
@@ -308,9 +376,19 @@ pub fn resolve(
                 ));
                 continue;
             }
-            d.sriov_rule = Some(i);
             // Equal to TotalVFs: nothing to mediate.
-            d.os_vfs = u16::try_from(r.os_vfs).ok().filter(|&n| n < cap.total_vfs);
+            let os_vfs = u16::try_from(r.os_vfs).ok().filter(|&n| n < cap.total_vfs);
+            if os_vfs.is_some()
+                && let Some(why) = reach.unreachable(f.bdf)
+            {
+                problem(format!(
+                    "{name}: the VF budget of {} cannot be enforced: {why}; the OS sees all {}",
+                    f.bdf, cap.total_vfs
+                ));
+                continue;
+            }
+            d.sriov_rule = Some(i);
+            d.os_vfs = os_vfs;
         }
         if matched == 0 {
             problem(format!(
@@ -325,7 +403,70 @@ pub fn resolve(
             ));
         }
     }
+    fit_handoff(functions, devices, sriov, &mut plan, reach);
     plan
+}
+
+/// Leaves with the OS, in inventory order, the mediated functions beyond
+/// what the hand-off holds ([`Reach::max_mediated`] functions,
+/// [`Reach::max_blocked`] requester ranges), each reported with its rule.
+fn fit_handoff(
+    functions: &[Function],
+    devices: &[DeviceRule],
+    sriov: &[SriovRule],
+    plan: &mut Plan,
+    reach: &Reach,
+) {
+    let (mut mediated, mut blocked) = (0, 0);
+    for (f, d) in functions.iter().zip(plan.decisions.iter_mut()) {
+        let hidden = d.owner == Owner::Hidden;
+        if !hidden && d.os_vfs.is_none() {
+            continue;
+        }
+        let ranges = if hidden { blocked_rids(f).len() } else { 0 };
+        let full = if mediated + 1 > reach.max_mediated {
+            Some(format!(
+                "more than {} functions to mediate",
+                reach.max_mediated
+            ))
+        } else if blocked + ranges > reach.max_blocked {
+            Some(format!(
+                "more than {} requester ranges for the IOMMU to refuse",
+                reach.max_blocked
+            ))
+        } else {
+            None
+        };
+        let Some(why) = full else {
+            mediated += 1;
+            blocked += ranges;
+            continue;
+        };
+        let message = if hidden {
+            let r = d.rule.unwrap_or_default();
+            format!(
+                "{}: {} cannot be hidden: {why}; it stays with the OS",
+                rule_name("device", r, devices.get(r).and_then(|x| x.line)),
+                f.bdf
+            )
+        } else {
+            let r = d.sriov_rule.unwrap_or_default();
+            format!(
+                "{}: the VF budget of {} cannot be enforced: {why}; the OS sees all {}",
+                rule_name("sriov", r, sriov.get(r).and_then(|x| x.line)),
+                f.bdf,
+                f.sriov.map_or(0, |c| c.total_vfs)
+            )
+        };
+        plan.problems.push(Problem { message });
+        if hidden {
+            d.owner = Owner::Os;
+            d.rule = None;
+        } else {
+            d.os_vfs = None;
+            d.sriov_rule = None;
+        }
+    }
 }
 
 /// The function the OS boots from, from the PCI nodes (device, function)
@@ -368,6 +509,20 @@ mod tests {
     use crate::pci::tests_support::FakeConfig;
     use crate::pci::{EcamRegion, enumerate};
     use thinhv_sriov::SriovCap;
+
+    /// QEMU q35's ECAM (segment 0, all buses at 0xb000_0000) and a core
+    /// map of 4 GiB.
+    const Q35: Reach = Reach {
+        region: Some(EcamRegion {
+            base: 0xb000_0000,
+            segment: 0,
+            bus_start: 0,
+            bus_end: 0xff,
+        }),
+        map_top: 4 << 30,
+        max_mediated: 32,
+        max_blocked: 32,
+    };
 
     /// q35-like: root port 00:01.0 → bus 1 with an igb PF (SR-IOV, 8 VFs);
     /// e1000e at 00:02.0 and 00:03.0, NVMe at 00:04.0 (the boot disk).
@@ -450,7 +605,7 @@ mod tests {
     #[test]
     fn defaults_everything_to_the_os() {
         let fs = machine();
-        let p = resolve(&fs, &[], &[], None);
+        let p = resolve(&fs, &[], &[], None, &Q35);
         assert!(p.problems.is_empty());
         assert!(p.decisions.iter().all(|d| *d == Decision::default()));
     }
@@ -467,6 +622,7 @@ mod tests {
             ],
             &[],
             None,
+            &Q35,
         );
         assert!(p.problems.is_empty(), "{:?}", p.problems);
         assert_eq!(decision(&fs, &p, "0000:00:02.0").owner, Owner::Os);
@@ -496,6 +652,7 @@ mod tests {
                 budget("0000:07:00.0", 1),
             ],
             Some(Bdf::new(0, 0, 4, 0)),
+            &Q35,
         );
         let msgs: Vec<&str> = p.problems.iter().map(|x| x.message.as_str()).collect();
         let expect = [
@@ -540,16 +697,16 @@ mod tests {
     #[test]
     fn vf_budgets() {
         let fs = machine();
-        let p = resolve(&fs, &[], &[budget("0000:01:00.0", 2)], None);
+        let p = resolve(&fs, &[], &[budget("0000:01:00.0", 2)], None, &Q35);
         assert!(p.problems.is_empty());
         let d = decision(&fs, &p, "0000:01:00.0");
         assert_eq!((d.os_vfs, d.sriov_rule), (Some(2), Some(0)));
         // Equal to TotalVFs: accepted, nothing to mediate.
-        let p = resolve(&fs, &[], &[budget("8086:10c9", 8)], None);
+        let p = resolve(&fs, &[], &[budget("8086:10c9", 8)], None, &Q35);
         let d = decision(&fs, &p, "0000:01:00.0");
         assert_eq!((d.os_vfs, d.sriov_rule), (None, Some(0)));
         // Zero: no VFs for the OS.
-        let p = resolve(&fs, &[], &[budget("8086:10c9", 0)], None);
+        let p = resolve(&fs, &[], &[budget("8086:10c9", 0)], None, &Q35);
         assert_eq!(decision(&fs, &p, "0000:01:00.0").os_vfs, Some(0));
         // A hidden PF's budget does not apply.
         let p = resolve(
@@ -557,8 +714,165 @@ mod tests {
             &[dev("8086:10c9", "hidden")],
             &[budget("8086:10c9", 2)],
             None,
+            &Q35,
         );
         assert_eq!(p.problems.len(), 1);
+        assert_eq!(decision(&fs, &p, "0000:01:00.0").os_vfs, None);
+    }
+
+    #[test]
+    fn rules_the_core_cannot_enforce_leave_the_function_with_the_os() {
+        let msgs =
+            |p: &Plan| -> Vec<String> { p.problems.iter().map(|x| x.message.clone()).collect() };
+        let mut fs = machine();
+        // A second segment with an e1000e of its own.
+        let mut other = fs
+            .iter()
+            .find(|f| f.bdf == Bdf::new(0, 0, 3, 0))
+            .unwrap()
+            .clone();
+        other.bdf = Bdf::new(1, 0, 3, 0);
+        fs.push(other);
+        let hide = |m: &str| [dev("0000:00:03.0", "os"), dev(m, "hidden")];
+        // Another segment: neither the hand-off nor the ports reach it.
+        let p = resolve(&fs, &hide("0001:00:03.0"), &[], None, &Q35);
+        assert_eq!(
+            msgs(&p),
+            [
+                "[[device]] #2 (line 7): 0001:00:03.0 cannot be hidden: it is in PCI segment 0001, \
+              and thinhv mediates configuration space in segment 0 only; it stays with the OS"
+            ]
+        );
+        assert_eq!(decision(&fs, &p, "0001:00:03.0").owner, Owner::Os);
+        // The segment-0 function of the same IDs is still hidden by an ID
+        // rule; its twin elsewhere is reported, not silently skipped.
+        let p = resolve(&fs, &[dev("8086:10d3", "hidden")], &[], None, &Q35);
+        assert_eq!(p.problems.len(), 1, "{:?}", msgs(&p));
+        assert_eq!(decision(&fs, &p, "0000:00:03.0").owner, Owner::Hidden);
+        assert_eq!(decision(&fs, &p, "0001:00:03.0").owner, Owner::Os);
+        // No ECAM region for segment 0: nothing can be hidden; the earlier
+        // decision (rule #1, "os") holds.
+        let none = Reach {
+            region: None,
+            ..Q35
+        };
+        let p = resolve(&fs, &hide("0000:00:03.0"), &[], None, &none);
+        assert!(
+            msgs(&p)[0].starts_with(
+                "[[device]] #2 (line 7): 0000:00:03.0 cannot be hidden: the firmware describes \
+                 no ECAM region for segment 0 (MCFG)"
+            ),
+            "{:?}",
+            msgs(&p)
+        );
+        let d = decision(&fs, &p, "0000:00:03.0");
+        assert_eq!((d.owner, d.rule), (Owner::Os, Some(0)));
+        // A region whose buses start at 0x80: bus 0 is outside it.
+        let high = Reach {
+            region: Some(EcamRegion {
+                bus_start: 0x80,
+                ..Q35.region.unwrap()
+            }),
+            ..Q35
+        };
+        let p = resolve(&fs, &hide("0000:00:03.0"), &[], None, &high);
+        assert!(
+            msgs(&p)[0].contains(
+                "cannot be hidden: bus 00 lies outside the ECAM region of segment 0 (buses 80-ff)"
+            ),
+            "{:?}",
+            msgs(&p)
+        );
+        // An ECAM page beyond the core's map: 00:03.0's page ends at
+        // 0xb001_9000, 00:02.0's at 0xb001_1000.
+        let short = Reach {
+            map_top: 0xb001_8000,
+            ..Q35
+        };
+        let p = resolve(&fs, &hide("0000:00:03.0"), &[], None, &short);
+        assert_eq!(
+            msgs(&p),
+            [
+                "[[device]] #2 (line 7): 0000:00:03.0 cannot be hidden: its ECAM page 0xb0018000 \
+              lies beyond the memory thinhv maps (up to 0xb0018000), where no access to it \
+              could be trapped; it stays with the OS"
+            ]
+        );
+        assert_eq!(decision(&fs, &p, "0000:00:03.0").owner, Owner::Os);
+        let p = resolve(&fs, &hide("0000:00:02.0"), &[], None, &short);
+        assert!(p.problems.is_empty(), "{:?}", msgs(&p));
+        assert_eq!(decision(&fs, &p, "0000:00:02.0").owner, Owner::Hidden);
+        // A VF budget the core cannot enforce: the OS keeps all its VFs.
+        let below = Reach {
+            map_top: 0xb010_0000,
+            ..Q35
+        };
+        let p = resolve(&fs, &[], &[budget("8086:10c9", 2)], None, &below);
+        assert_eq!(
+            msgs(&p),
+            [
+                "[[sriov]] #1: the VF budget of 0000:01:00.0 cannot be enforced: its ECAM page \
+              0xb0100000 lies beyond the memory thinhv maps (up to 0xb0100000), where no access \
+              to it could be trapped; the OS sees all 8"
+            ]
+        );
+        let d = decision(&fs, &p, "0000:01:00.0");
+        assert_eq!((d.os_vfs, d.sriov_rule), (None, None));
+        // A budget equal to TotalVFs needs no mediation, so no reach.
+        let p = resolve(&fs, &[], &[budget("8086:10c9", 8)], None, &below);
+        assert!(p.problems.is_empty(), "{:?}", msgs(&p));
+    }
+
+    #[test]
+    fn mediation_beyond_the_handoff_leaves_the_function_with_the_os() {
+        let fs = machine();
+        let msgs =
+            |p: &Plan| -> Vec<String> { p.problems.iter().map(|x| x.message.clone()).collect() };
+        // One mediated function fits: the second NIC (in inventory order)
+        // stays with the OS.
+        let one = Reach {
+            max_mediated: 1,
+            ..Q35
+        };
+        let p = resolve(&fs, &[dev("8086:10d3", "hidden")], &[], None, &one);
+        assert_eq!(
+            msgs(&p),
+            [
+                "[[device]] #1 (line 7): 0000:00:03.0 cannot be hidden: more than 1 functions to \
+              mediate; it stays with the OS"
+            ]
+        );
+        assert_eq!(decision(&fs, &p, "0000:00:02.0").owner, Owner::Hidden);
+        let d = decision(&fs, &p, "0000:00:03.0");
+        assert_eq!((d.owner, d.rule), (Owner::Os, None));
+        // The hidden igb needs two requester ranges (itself and its VFs).
+        let narrow = Reach {
+            max_blocked: 1,
+            ..Q35
+        };
+        let p = resolve(&fs, &[dev("8086:10c9", "hidden")], &[], None, &narrow);
+        assert!(
+            msgs(&p)[0].ends_with(
+                "0000:01:00.0 cannot be hidden: more than 1 requester ranges for the IOMMU to \
+                 refuse; it stays with the OS"
+            ),
+            "{:?}",
+            msgs(&p)
+        );
+        assert_eq!(decision(&fs, &p, "0000:01:00.0").owner, Owner::Os);
+        // A budget counts as a mediated function too.
+        let none = Reach {
+            max_mediated: 0,
+            ..Q35
+        };
+        let p = resolve(&fs, &[], &[budget("8086:10c9", 2)], None, &none);
+        assert_eq!(
+            msgs(&p),
+            [
+                "[[sriov]] #1: the VF budget of 0000:01:00.0 cannot be enforced: more than 0 \
+              functions to mediate; the OS sees all 8"
+            ]
+        );
         assert_eq!(decision(&fs, &p, "0000:01:00.0").os_vfs, None);
     }
 

@@ -236,6 +236,50 @@ pub fn boot_linux(boot: &Boot) -> Guest {
     }
 }
 
+/// Boots Linux in test mode under thinhv on `profile`, the IOMMU
+/// protecting (`[iommu] mode = "protect"`), with `options` added to the
+/// kernel's test command line and `extra_config` (TOML tables) to
+/// `thinhv.toml`; collects the reporter's output.
+pub fn boot_linux_under_thinhv(
+    name: &str,
+    profile: Profile,
+    options: &str,
+    extra_config: &str,
+) -> Guest {
+    let b = built();
+    let boot = Boot::new(&b, name, profile);
+    boot.esp.install_linux(&b.linux).expect("install Linux");
+    let config = esp::config_booting(
+        KERNEL,
+        Some(&esp::kernel_options(&format!(
+            "quiet thinhv_test=1 {options}"
+        ))),
+        &format!("\n[iommu]\nmode = \"protect\"\n{extra_config}"),
+    );
+    boot.esp
+        .install_thinhv(&b.efi, Some(&config))
+        .expect("install thinhv");
+    boot_linux(&boot)
+}
+
+/// The `attack NAME: attempts=N succeeded=M` lines the guest tool
+/// printed, in order: (name, attempts, succeeded).
+pub fn attack_results(facts: &str) -> Vec<(String, u64, u64)> {
+    facts
+        .lines()
+        .filter_map(|l| {
+            let rest = l.trim().strip_prefix("attack ")?;
+            let (name, fields) = rest.split_once(": ")?;
+            let field = |k: &str| {
+                fields
+                    .split_whitespace()
+                    .find_map(|f| f.strip_prefix(k)?.parse::<u64>().ok())
+            };
+            Some((name.to_string(), field("attempts=")?, field("succeeded=")?))
+        })
+        .collect()
+}
+
 /// Runs the probe: the whole serial output and the probe's report.
 pub fn run_probe(boot: &Boot) -> (String, String) {
     let serial = boot.run_until("THINHV-PROBE-END", Duration::from_mins(4));
@@ -337,6 +381,19 @@ pub fn cpu_list_len(list: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::cpu_list_len;
+
+    #[test]
+    fn attack_lines() {
+        let facts = "x=1\ncf8-race: detail\nattack cf8-race: attempts=120 succeeded=0\n\
+                     attack cfc-overlap: attempts=0 succeeded=0 error=no I/O privilege\n";
+        assert_eq!(
+            super::attack_results(facts),
+            [
+                ("cf8-race".to_string(), 120, 0),
+                ("cfc-overlap".to_string(), 0, 0)
+            ]
+        );
+    }
 
     #[test]
     fn cpu_lists() {

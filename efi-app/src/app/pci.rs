@@ -55,6 +55,8 @@ pub fn ecam_regions() -> Result<Vec<EcamRegion>, &'static str> {
         .entries()
         .iter()
         .map(|e| EcamRegion {
+            // Where bus 0 would be, whatever bus the entry starts at (see
+            // `EcamRegion`).
             base: e.base_address,
             segment: e.pci_segment_group,
             bus_start: e.bus_number_start,

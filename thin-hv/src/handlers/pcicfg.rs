@@ -1,9 +1,22 @@
 //! PCI configuration accesses thinhv mediates (hidden functions, VF
 //! budgets): loads and stores on the ECAM page of a mediated function
 //! (nested page fault: the page is not present in the second-level
-//! tables), and IN/OUT on the legacy data port 0xCFC..0xCFF (I/O
-//! intercept; the address latch 0xCF8 is the hardware's, read back here).
-//! What the access returns or writes is decided by
+//! tables), and IN/OUT that touch the legacy configuration ports
+//! 0xCF8..=0xCFF (I/O intercept, whenever anything is mediated).
+//!
+//! The legacy mechanism (PCI Local Bus Specification 3.0 §3.2.2.3.2) has
+//! one address latch for the whole machine, which a check-then-access
+//! scheme cannot trust: another CPU can change it between the check and
+//! the access. So each CPU has its own latch ([`crate::hv::CpuSlot`]): a
+//! dword OUT to 0xCF8 stores there, a dword IN reads it back, and the
+//! hardware's latch is written only by thinhv, immediately before each
+//! data-port access it performs, under [`crate::hv::Hv::legacy_config_lock`]
+//! ([`Env::legacy_config_access`]). An access that straddles the data
+//! window is split as a chipset splits it
+//! ([`mediate::split_port_access`]): its data bytes are mediated like any
+//! other, the rest is ordinary I/O.
+//!
+//! What an access returns or writes is decided by
 //! [`thinhv_passthrough::mediate`]; everything it lets through reaches the
 //! device with the guest's own width.
 use super::{Outcome, advance, decode_current, wrap_ip};
@@ -12,12 +25,7 @@ use crate::guest::{Gpr, GuestCpu, vector};
 use crate::insn::{Load, StoreSource};
 use core::sync::atomic::Ordering;
 use thinhv_abi::handoff::{PCI_ACTION_HIDE, PciMediation};
-use thinhv_passthrough::mediate::{self, Policy, Refusal};
-
-/// The legacy configuration address latch.
-pub const CONFIG_ADDRESS: u16 = 0xcf8;
-/// The first legacy configuration data port (0xCFC..=0xCFF).
-pub const CONFIG_DATA: u16 = 0xcfc;
+use thinhv_passthrough::mediate::{self, CONFIG_DATA, Policy, PortPiece, PortRole, Refusal};
 
 /// The low 32 bits.
 const fn low32(v: u64) -> u32 {
@@ -114,7 +122,24 @@ fn set_loaded(cpu: &mut impl GuestCpu, load: Load, value: u32) {
     cpu.set_gpr(load.dest, load.merge(old, u64::from(value)));
 }
 
-/// IN or OUT on an intercepted configuration data port.
+/// Sets the bits of the configuration ports, CONFIG_ADDRESS as well as
+/// CONFIG_DATA, in an I/O intercept map: one bit per port, port `p` at
+/// byte `p / 8`, bit `p % 8` — SVM's I/O permission map (AMD APM Vol. 2
+/// §15.10.1) and VMX's I/O bitmaps A and B back to back (Intel SDM Vol. 3C
+/// §25.6.4) alike. An access exits when the bit of any port it touches is
+/// set (APM §15.10.1; SDM §26.1.3), so every access overlapping
+/// 0xCF8..=0xCFF comes here.
+pub fn trap_config_ports(map: &mut [u8]) {
+    for port in mediate::CONFIG_PORTS {
+        if let Some(b) = map.get_mut(usize::from(port / 8)) {
+            *b |= 1 << (port % 8);
+        }
+    }
+}
+
+/// IN or OUT that touches an intercepted configuration port
+/// (0xCF8..=0xCFF): split into its pieces, each performed on this CPU's
+/// behalf; the pieces' results make up what an IN loads.
 pub(super) fn port(
     cpu: &mut impl GuestCpu,
     env: &mut impl Env,
@@ -132,42 +157,81 @@ pub(super) fn port(
         cpu.inject_exception(vector::GP, Some(0));
         return Outcome::Resume;
     }
-    let target = port
-        .checked_sub(CONFIG_DATA)
-        .filter(|b| *b < 4)
-        .and_then(|b| mediate::cf8_target(env.port_read(CONFIG_ADDRESS, 4), (b & 3) as u8))
-        .and_then(|(bus, devfn, off)| env.hv().pci.find(bus, devfn).map(|m| (*m, off)));
-    let rax = Load {
-        dest: Gpr::Rax,
-        dest_size: size,
-        size,
+    let value = if input {
+        0
+    } else {
+        low32(cpu.gpr(Gpr::Rax)) & mediate::all_ones(size)
     };
-    match target {
-        None if input => {
-            let v = env.port_read(port, size);
-            set_loaded(cpu, rax, v);
-        }
-        None => {
-            let v = low32(cpu.gpr(Gpr::Rax)) & mediate::all_ones(size);
-            env.port_write(port, size, v);
-        }
-        Some((m, off)) if input => {
-            let v = mediate::read(&policy_of(&m), off, size, || env.port_read(port, size));
-            set_loaded(cpu, rax, v);
-        }
-        Some((m, off)) => {
-            let v = low32(cpu.gpr(Gpr::Rax)) & mediate::all_ones(size);
-            let w = mediate::write(&policy_of(&m), off, size, v, |reg| read16(env, &m, reg));
-            if let Some(v) = w.forward {
-                env.port_write(port, size, v);
+    let mut loaded = 0;
+    for p in mediate::split_port_access(port, size).as_slice() {
+        let part = (value >> (8 * p.shift)) & mediate::all_ones(p.size);
+        let got = match p.role {
+            PortRole::Address => address_latch(env, input, part),
+            PortRole::Data => data(env, *p, input, part),
+            PortRole::Plain if input => env.port_read(p.port, p.size),
+            PortRole::Plain => {
+                env.port_write(p.port, p.size, part);
+                0
             }
-            if let Some(r) = w.refused {
-                report(env, &m, r);
-            }
-        }
+        };
+        loaded |= (got & mediate::all_ones(p.size)) << (8 * p.shift);
+    }
+    if input {
+        let rax = Load {
+            dest: Gpr::Rax,
+            dest_size: size,
+            size,
+        };
+        set_loaded(cpu, rax, loaded);
     }
     if !advance(cpu, env) {
         cpu.inject_exception(vector::GP, Some(0));
     }
     Outcome::Resume
+}
+
+/// A dword IN or OUT at 0xCF8: this CPU's own latch, which only this CPU
+/// touches. It holds what the guest wrote, as QEMU's host bridges do (the
+/// hardware's read-only bits are the hardware's business: thinhv writes
+/// the value there before each data access it performs).
+fn address_latch(env: &impl Env, input: bool, value: u32) -> u32 {
+    let latch = &env.hv().cpus()[env.cpu_index()].cf8_latch;
+    if input {
+        latch.load(Ordering::Relaxed)
+    } else {
+        latch.store(value, Ordering::Relaxed);
+        0
+    }
+}
+
+/// Bytes of the data window (one piece): decoded against this CPU's latch
+/// and mediated when they address a mediated function; whatever reaches
+/// the hardware goes there as a latch-then-data pair.
+fn data(env: &mut impl Env, p: PortPiece, input: bool, value: u32) -> u32 {
+    let address = env.hv().cpus()[env.cpu_index()]
+        .cf8_latch
+        .load(Ordering::Relaxed);
+    // The piece lies in 0xCFC..=0xCFF (`split_port_access`).
+    let byte = (p.port.wrapping_sub(CONFIG_DATA) & 3) as u8;
+    let target = mediate::cf8_target(address, byte)
+        .and_then(|(bus, devfn, off)| env.hv().pci.find(bus, devfn).map(|m| (*m, off)));
+    match target {
+        None if input => env.legacy_config_access(address, p.port, p.size, None),
+        None => env.legacy_config_access(address, p.port, p.size, Some(value)),
+        Some((m, off)) if input => mediate::read(&policy_of(&m), off, p.size, || {
+            env.legacy_config_access(address, p.port, p.size, None)
+        }),
+        Some((m, off)) => {
+            let w = mediate::write(&policy_of(&m), off, p.size, value, |reg| {
+                read16(env, &m, reg)
+            });
+            if let Some(v) = w.forward {
+                env.legacy_config_access(address, p.port, p.size, Some(v));
+            }
+            if let Some(r) = w.refused {
+                report(env, &m, r);
+            }
+            0
+        }
+    }
 }

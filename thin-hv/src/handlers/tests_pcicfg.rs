@@ -1,0 +1,309 @@
+//! The legacy configuration ports under a hostile guest kernel, on the
+//! fakes: each CPU's own address latch, the ports around the data window,
+//! and accesses that straddle it. The fake host bridge (`FakeEnv::cf8_space`)
+//! decodes the hardware's latch byte by byte, as a chipset does, so an
+//! access that reached a function it should not shows in the values.
+use super::fake::*;
+use super::*;
+use crate::guest::Gpr;
+use core::sync::atomic::Ordering;
+use thinhv_abi::handoff::{PCI_ACTION_HIDE, PCI_ACTION_VF_BUDGET, PciMediation};
+
+const RIP: u64 = 0x10_0000;
+const ECAM: u64 = 0xb000_0000;
+/// 0000:00:02.0, a function the OS owns.
+const ALLOWED: u32 = 0x8000_1000;
+const ALLOWED_ID: u32 = 0x1234_abcd;
+/// 0000:00:03.0, hidden.
+const HIDDEN: u32 = 0x8000_1800;
+const HIDDEN_ID: u32 = 0x10d3_8086;
+const HIDDEN_COMMAND: u32 = 0x0010_0007;
+/// 0000:01:00.0 with the SR-IOV capability at 0x160, 8 VFs, 2 for the OS;
+/// its extended registers through AMD's extended CONFIG_ADDRESS (offset
+/// bits 11:8 in bits 27:24).
+const PF: u32 = 0x8001_0000;
+const fn ext(base: u32, offset: u32) -> u32 {
+    base | ((offset & 0xf00) << 16) | (offset & 0xfc)
+}
+const PF_ECAM: u64 = ECAM + (1 << 20);
+
+/// Four CPUs; 00:03.0 hidden, 01:00.0 with a VF budget, 00:02.0 the OS's;
+/// the three functions' registers behind the fake host bridge (and the
+/// PF's behind ECAM too, where thinhv reads NumVFs).
+fn machine() -> FakeEnv {
+    let mut env = FakeEnv::new();
+    let p = &mut env.hv.pci;
+    p.ecam_base = ECAM;
+    p.bus_end = 0xff;
+    p.mediated[0] = PciMediation {
+        bus: 0,
+        devfn: 3 << 3,
+        action: PCI_ACTION_HIDE,
+        ..Default::default()
+    };
+    p.mediated[1] = PciMediation {
+        bus: 1,
+        devfn: 0,
+        action: PCI_ACTION_VF_BUDGET,
+        sriov_cap: 0x160,
+        os_vfs: 2,
+        initial_vfs: 8,
+        total_vfs: 8,
+        ..Default::default()
+    };
+    p.count = 2;
+    env.cf8_space.borrow_mut().extend([
+        (ALLOWED, ALLOWED_ID),
+        (HIDDEN, HIDDEN_ID),
+        (HIDDEN | 4, HIDDEN_COMMAND),
+        (PF, 0x10c9_8086),
+        (ext(PF, 0x16c), 0x0008_0008),
+        (ext(PF, 0x170), 0),
+    ]);
+    env.mmio_write(PF_ECAM, 4, 0x10c9_8086);
+    env.mmio_write(PF_ECAM + 0x16c, 4, 0x0008_0008);
+    env.mmio_write(PF_ECAM + 0x170, 4, 0);
+    env.ports.borrow_mut().insert(0xcfa, 0x5a5a);
+    env.ports.borrow_mut().insert(0xd00, 0xc3);
+    env
+}
+
+/// IN or OUT of `size` bytes at `port` on CPU `cpu`, RAX holding `rax`
+/// before; RAX after.
+fn io(env: &mut FakeEnv, cpu: usize, port: u16, size: u8, input: bool, rax: u64) -> u64 {
+    env.cpu = cpu;
+    let mut c = FakeCpu {
+        rip: RIP,
+        hint: Some(RIP + 1),
+        ..Default::default()
+    };
+    c.regs[Gpr::Rax as usize] = rax;
+    let h = handle(
+        &Exit::PortIo {
+            port,
+            size,
+            input,
+            string: false,
+        },
+        &mut c,
+        env,
+    );
+    assert_eq!(h.outcome, Outcome::Resume);
+    assert_eq!(
+        h.reason,
+        thinhv_abi::exit::ExitReason::PCI_CONFIG,
+        "counted as a configuration access"
+    );
+    assert!(c.exceptions.is_empty(), "{:?}", c.exceptions);
+    assert_eq!(c.rip, RIP + 1);
+    c.regs[Gpr::Rax as usize]
+}
+
+fn out32(env: &mut FakeEnv, cpu: usize, port: u16, v: u32) {
+    io(env, cpu, port, 4, false, u64::from(v));
+}
+
+fn in32(env: &mut FakeEnv, cpu: usize, port: u16) -> u32 {
+    // IN EAX zero-extends into RAX.
+    let rax = io(env, cpu, port, 4, true, 0xdead_beef_dead_beef);
+    assert_eq!(rax >> 32, 0);
+    rax as u32
+}
+
+/// The hardware's latch before each access to the data window, in order:
+/// (latch, the access). Checks that each one came right after thinhv wrote
+/// the latch, with the lock held over both.
+fn data_accesses(env: &FakeEnv) -> Vec<(u32, (char, u16, u8, u32))> {
+    let log = env.port_log.borrow();
+    let locked = env.cf8_locked.borrow();
+    assert_eq!(
+        log.len(),
+        locked.len(),
+        "every access here is a port access"
+    );
+    let mut out = Vec::new();
+    for (i, e) in log.iter().enumerate() {
+        if (0xcfc..0xd00).contains(&e.1) {
+            let prev = i.checked_sub(1).map(|j| (log[j], locked[j]));
+            let Some((('w', 0xcf8, 4, latch), true)) = prev else {
+                panic!("data access {e:?} without its latch write just before: {log:?}");
+            };
+            assert!(locked[i], "data access {e:?} outside the lock");
+            out.push((latch, *e));
+        }
+    }
+    out
+}
+
+/// Whether the machine's latch ever selected the hidden function.
+fn latch_ever_hidden(env: &FakeEnv) -> bool {
+    env.port_log
+        .borrow()
+        .iter()
+        .any(|e| e.0 == 'w' && e.1 == 0xcf8 && e.2 == 4 && e.3 & 0x80ff_ff00 == HIDDEN)
+}
+
+#[test]
+fn each_cpu_has_its_own_configuration_address() {
+    let mut env = machine();
+    // CPU 0 selects the OS's function; CPU 1, racing, selects the hidden
+    // one. CPU 0 still reads what it selected.
+    out32(&mut env, 0, 0xcf8, ALLOWED);
+    out32(&mut env, 1, 0xcf8, HIDDEN);
+    assert_eq!(in32(&mut env, 0, 0xcfc), ALLOWED_ID);
+    assert_eq!(in32(&mut env, 1, 0xcfc), u32::MAX, "hidden");
+    // Each reads back its own latch.
+    assert_eq!(in32(&mut env, 0, 0xcf8), ALLOWED);
+    assert_eq!(in32(&mut env, 1, 0xcf8), HIDDEN);
+    // The other way round: CPU 0 asks for the hidden function and CPU 1
+    // moves to an allowed one between CPU 0's OUT and IN (the
+    // check-then-access race): CPU 0 still gets nothing, CPU 1 its own.
+    out32(&mut env, 0, 0xcf8, HIDDEN);
+    out32(&mut env, 1, 0xcf8, ALLOWED);
+    assert_eq!(in32(&mut env, 0, 0xcfc), u32::MAX);
+    assert_eq!(in32(&mut env, 1, 0xcfc), ALLOWED_ID);
+    // Every data access thinhv made was its CPU's latch, then the data
+    // port, under the lock; none of them selected the hidden function.
+    let accesses = data_accesses(&env);
+    assert_eq!(accesses.len(), 2, "{accesses:?}");
+    assert!(accesses.iter().all(|(latch, _)| *latch == ALLOWED));
+    assert!(!latch_ever_hidden(&env));
+    // The guests' OUTs to 0xCF8 never reached the machine's latch.
+    assert_eq!(
+        env.port_log
+            .borrow()
+            .iter()
+            .filter(|e| e.1 == 0xcf8)
+            .count(),
+        2,
+        "only thinhv's own latch writes: {:?}",
+        env.port_log.borrow()
+    );
+}
+
+#[test]
+fn a_hidden_function_reads_all_ones_through_cf8_and_cfc() {
+    let mut env = machine();
+    out32(&mut env, 2, 0xcf8, HIDDEN);
+    // Every width and byte of the window.
+    assert_eq!(in32(&mut env, 2, 0xcfc), u32::MAX);
+    let rax = 0x1111_2222_3333_4444;
+    assert_eq!(io(&mut env, 2, 0xcfe, 2, true, rax), 0x1111_2222_3333_ffff);
+    assert_eq!(io(&mut env, 2, 0xcff, 1, true, rax), 0x1111_2222_3333_44ff);
+    // Writes are dropped: the command register keeps its value.
+    out32(&mut env, 2, 0xcf8, HIDDEN | 4);
+    io(&mut env, 2, 0xcfc, 2, false, 0x0400);
+    out32(&mut env, 2, 0xcfc, 0);
+    assert_eq!(env.cf8_space.borrow()[&(HIDDEN | 4)], HIDDEN_COMMAND);
+    // The hidden function's address never even reached the machine's
+    // latch, and no access went to the hardware at all.
+    assert!(!latch_ever_hidden(&env));
+    assert!(
+        env.port_log.borrow().is_empty(),
+        "{:?}",
+        env.port_log.borrow()
+    );
+    // With the enable bit clear the data ports are ordinary I/O, as on
+    // hardware: performed with that (disabled) address in the latch.
+    out32(&mut env, 2, 0xcf8, HIDDEN & !(1 << 31));
+    env.ports.borrow_mut().insert(0xcfc, 0x77);
+    assert_eq!(in32(&mut env, 2, 0xcfc), 0x77);
+    assert_eq!(
+        data_accesses(&env),
+        [(HIDDEN & !(1 << 31), ('r', 0xcfc, 4, 0x77))]
+    );
+}
+
+#[test]
+fn a_dword_at_0xcfa_is_mediated_for_its_data_bytes() {
+    let mut env = machine();
+    out32(&mut env, 0, 0xcf8, HIDDEN);
+    // IN EAX at 0xCFA: bytes 0xCFA-0xCFB are ordinary I/O, 0xCFC-0xCFD the
+    // hidden function's Vendor ID, which reads as all ones.
+    assert_eq!(in32(&mut env, 0, 0xcfa), 0xffff_5a5a);
+    // IN AX at 0xCFB: one byte of each.
+    let rax = io(&mut env, 0, 0xcfb, 2, true, 0);
+    assert_eq!(rax & 0xff00, 0xff00, "{rax:#x}");
+    // IN EAX at 0xCFD: three data bytes and port 0xD00.
+    assert_eq!(in32(&mut env, 0, 0xcfd), 0xc3ff_ffff);
+    // OUT EAX at 0xCFA to the command register: the data bytes are
+    // dropped, the ordinary bytes go out as a word at 0xCFA.
+    out32(&mut env, 0, 0xcf8, HIDDEN | 4);
+    out32(&mut env, 0, 0xcfa, 0x0400_1234);
+    assert_eq!(env.cf8_space.borrow()[&(HIDDEN | 4)], HIDDEN_COMMAND);
+    assert!(
+        env.port_log.borrow().contains(&('w', 0xcfa, 2, 0x1234)),
+        "{:?}",
+        env.port_log.borrow()
+    );
+    assert!(!latch_ever_hidden(&env));
+    // Aimed at the OS's function, the same access reads its ID (and the
+    // word just written at 0xCFA).
+    out32(&mut env, 0, 0xcf8, ALLOWED);
+    assert_eq!(
+        in32(&mut env, 0, 0xcfa),
+        ((ALLOWED_ID & 0xffff) << 16) | 0x1234
+    );
+    assert_eq!(data_accesses(&env).len(), 1);
+}
+
+#[test]
+fn a_byte_at_0xcf9_is_forwarded_and_is_not_the_latch() {
+    let mut env = machine();
+    // The map traps 0xCF8..=0xCFF: 0xCF9 (and a dword at 0xCF8) exit.
+    let mut map = [0u8; 3 * 4096];
+    pcicfg::trap_config_ports(&mut map);
+    let trapped = |p: u16| map[usize::from(p / 8)] & (1 << (p % 8)) != 0;
+    for p in 0xcf8..=0xcffu16 {
+        assert!(trapped(p), "{p:#x}");
+    }
+    assert!(!trapped(0xcf7) && !trapped(0xd00));
+    assert_eq!(map.iter().map(|b| b.count_ones()).sum::<u32>(), 8);
+    out32(&mut env, 0, 0xcf8, ALLOWED);
+    // OUT AL to 0xCF9 (the reset control register on PC chipsets) and OUT
+    // AX to 0xCF8: ordinary I/O, unchanged, outside the lock.
+    io(&mut env, 0, 0xcf9, 1, false, 0x1_02);
+    io(&mut env, 0, 0xcf8, 2, false, 0x1800);
+    assert_eq!(
+        *env.port_log.borrow(),
+        [('w', 0xcf9, 1, 0x02), ('w', 0xcf8, 2, 0x1800)]
+    );
+    assert_eq!(*env.cf8_locked.borrow(), [false, false]);
+    // IN AL from 0xCF9: the hardware's byte.
+    env.ports.borrow_mut().insert(0xcf9, 0x06);
+    assert_eq!(io(&mut env, 0, 0xcf9, 1, true, 0xaa00), 0xaa06);
+    // Neither changed this CPU's latch: a dword at 0xCFC still reaches the
+    // OS's function, not 00:03.0 (0x1800).
+    assert_eq!(in32(&mut env, 0, 0xcf8), ALLOWED);
+    assert_eq!(in32(&mut env, 0, 0xcfc), ALLOWED_ID);
+}
+
+#[test]
+fn a_vf_budget_write_through_an_overlapping_access_is_refused() {
+    let mut env = machine();
+    let refused = |env: &FakeEnv| env.hv.refused_pci_writes.load(Ordering::Relaxed);
+    // NumVFs (0x170) selected; NumVFs = 3 through a dword at 0xCFA (data
+    // bytes 0-1) and through a word at 0xCFB (data byte 0): both refused.
+    out32(&mut env, 1, 0xcf8, ext(PF, 0x170));
+    out32(&mut env, 1, 0xcfa, 0x0003_0000);
+    assert_eq!(env.cf8_space.borrow()[&ext(PF, 0x170)], 0);
+    assert_eq!(refused(&env), 1);
+    io(&mut env, 1, 0xcfb, 2, false, 0x0300);
+    assert_eq!(env.cf8_space.borrow()[&ext(PF, 0x170)], 0);
+    assert_eq!(refused(&env), 2);
+    // Within the budget it reaches the device.
+    out32(&mut env, 1, 0xcfa, 0x0002_0000);
+    assert_eq!(env.cf8_space.borrow()[&ext(PF, 0x170)], 2);
+    assert_eq!(refused(&env), 2);
+    // InitialVFs and TotalVFs read as the budget through the same kind of
+    // access.
+    out32(&mut env, 1, 0xcf8, ext(PF, 0x16c));
+    assert_eq!(in32(&mut env, 1, 0xcfa) >> 16, 2, "InitialVFs");
+    assert_eq!(in32(&mut env, 1, 0xcfe) & 0xffff, 2, "TotalVFs");
+    // Each access to the PF went out as latch + data under the lock.
+    assert!(
+        data_accesses(&env)
+            .iter()
+            .all(|(latch, _)| *latch & !3 == ext(PF, 0x170) || *latch & !3 == ext(PF, 0x16c))
+    );
+}
