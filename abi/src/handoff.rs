@@ -14,6 +14,11 @@
 //!   return: the CPU continues **in guest mode** at `a1` with RSP = `a2` and
 //!   RAX = 0, so `a1` must be loader code (the core is invisible to the
 //!   guest). On failure it returns a nonzero [`CoreError`].
+//! * [`CORE_OP_RELEASE`] (no arguments): roll-back, natively on the
+//!   bootstrap processor once no CPU is virtualized any more, before the
+//!   loader frees the region: the core switches off the IOMMU translation
+//!   it turned on at the end of `CORE_OP_INIT` (its tables live in the
+//!   region). A nonzero [`CoreError`] means the region must stay reserved.
 //!
 //! Everything is identity-mapped: physical addresses are usable as pointers
 //! by both sides while the firmware's page tables are active.
@@ -33,6 +38,8 @@ pub const MAX_RO_RANGES: usize = 4;
 pub const CORE_OP_INIT: u64 = 1;
 /// Entry operation: virtualize this CPU.
 pub const CORE_OP_VIRTUALIZE: u64 = 2;
+/// Entry operation: roll-back, before the loader frees the region.
+pub const CORE_OP_RELEASE: u64 = 3;
 
 /// Bytes the loader sets aside for the hand-off at the start of the
 /// protected region (the core image follows).
@@ -66,6 +73,9 @@ impl CoreError {
     pub const INJECTED_FAILURE: Self = Self(8);
     /// The first VM entry failed.
     pub const ENTRY_FAILED: Self = Self(9);
+    /// An IOMMU unit could not be switched off (`CORE_OP_RELEASE`): the
+    /// region holding its tables must stay reserved.
+    pub const IOMMU_STILL_ON: Self = Self(10);
 
     /// Human-readable text.
     pub const fn describe(self) -> &'static str {
@@ -80,6 +90,7 @@ impl CoreError {
             7 => "processor lacks a required feature",
             8 => "failure injected by [debug] fail_cpu",
             9 => "the first VM entry failed",
+            10 => "an IOMMU could not be switched off",
             _ => "unknown core error",
         }
     }
@@ -324,7 +335,9 @@ pub struct RidRange {
 )]
 #[repr(C)]
 pub struct PciHandoff {
-    /// ECAM base of segment 0 (the address of bus `bus_start`), or 0.
+    /// ECAM base of segment 0 as the MCFG gives it: where bus 0 would be,
+    /// also when `bus_start` is above 0 (bus `n` at `ecam_base + (n << 20)`;
+    /// PCI Firmware Specification 3.0 §4.1.2), or 0.
     pub ecam_base: u64,
     /// First bus the ECAM region decodes.
     pub bus_start: u8,
@@ -370,8 +383,8 @@ impl PciHandoff {
             return None;
         }
         let off = pa - self.ecam_base;
-        let bus = u64::from(self.bus_start) + (off >> 20);
-        if bus > u64::from(self.bus_end) {
+        let bus = off >> 20;
+        if bus < u64::from(self.bus_start) || bus > u64::from(self.bus_end) {
             return None;
         }
         let devfn = u8::try_from((off >> 12) & 0xff).ok()?;
@@ -388,10 +401,42 @@ impl PciHandoff {
 
     /// Physical address of the ECAM page of a mediated function.
     pub fn page_of(&self, m: &PciMediation) -> u64 {
-        self.ecam_base
-            + (u64::from(m.bus.wrapping_sub(self.bus_start)) << 20)
-            + (u64::from(m.devfn) << 12)
+        self.ecam_base + (u64::from(m.bus) << 20) + (u64::from(m.devfn) << 12)
     }
+
+    /// Checks that the core can trap every mediated function's
+    /// configuration space: each on a bus the ECAM region decodes, each
+    /// ECAM page below `map_top` (the end of the core's second-level map).
+    /// The loader leaves any other function with the OS
+    /// (`thinhv_passthrough::policy::Reach`); a hand-off that still holds
+    /// one is refused, never half enforced.
+    pub fn check(&self, map_top: u64) -> Result<(), &'static str> {
+        for m in self.mediated() {
+            if m.bus < self.bus_start || m.bus > self.bus_end {
+                return Err("mediated PCI function outside the ECAM region's buses");
+            }
+            if self
+                .page_of(m)
+                .checked_add(4096)
+                .is_none_or(|end| end > map_top)
+            {
+                return Err("mediated PCI function's ECAM page beyond the core's map");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The end (exclusive) of the core's identity maps, host and second-level,
+/// for a firmware memory map ending at `phys_top`: at least 4 GiB, rounded
+/// up to a GiB. Anything above is mapped only on first touch.
+pub const fn identity_map_top(phys_top: u64) -> u64 {
+    let top = if phys_top < (4 << 30) {
+        4 << 30
+    } else {
+        phys_top
+    };
+    top.div_ceil(1 << 30) << 30
 }
 
 /// Most entries in [`CpuidProfile::masks`].
@@ -570,8 +615,10 @@ pub struct Handoff {
     pub ram_count: u32,
     /// [`features`] bits.
     pub features: u32,
-    /// RAM ranges from the firmware memory map (sorted, merged): hypercall
-    /// buffers must lie inside one of them.
+    /// RAM ranges from the firmware memory map, sorted, each exactly as the
+    /// firmware described it (adjacent ones joined; when there are more than
+    /// [`MAX_RAM_RANGES`] the smallest are left out, never merged across a
+    /// gap): hypercall buffers must lie inside them.
     pub ram: [PhysRange; MAX_RAM_RANGES],
     /// Highest address (exclusive) the firmware memory map describes.
     pub phys_top: u64,
@@ -654,6 +701,7 @@ impl Handoff {
         {
             return Err("range count out of range");
         }
+        self.pci.check(identity_map_top(self.phys_top))?;
         let p = self.protected;
         if p.is_empty() || !p.base.is_multiple_of(4096) || !p.size.is_multiple_of(4096) {
             return Err("protected region not page-aligned");
@@ -679,6 +727,16 @@ impl Handoff {
             if !self.image.encloses(r.base, r.size) {
                 return Err("read-only range outside the image");
             }
+        }
+        // Hypercall buffers are checked against these: exact, in order,
+        // none empty, none wrapping, no two overlapping.
+        let ram = self.ram();
+        if ram
+            .iter()
+            .any(|r| r.is_empty() || r.base.checked_add(r.size).is_none())
+            || ram.windows(2).any(|w| w[0].end() > w[1].base)
+        {
+            return Err("RAM ranges not sorted, empty, overlapping or wrapping");
         }
         Ok(())
     }
@@ -713,6 +771,65 @@ mod tests {
     }
 
     #[test]
+    fn ecam_addresses_count_buses_from_zero() {
+        // MCFG: base 0xc000_0000, buses 0x80..=0x81; 81:00.0 hidden.
+        let mut p = PciHandoff {
+            ecam_base: 0xc000_0000,
+            bus_start: 0x80,
+            bus_end: 0x81,
+            count: 1,
+            ..PciHandoff::default()
+        };
+        p.mediated[0] = PciMediation {
+            bus: 0x81,
+            devfn: (2 << 3) | 1,
+            action: PCI_ACTION_HIDE,
+            ..PciMediation::default()
+        };
+        let page = 0xc000_0000 + (0x81 << 20) + (((2 << 3) | 1) << 12);
+        assert_eq!(p.page_of(&p.mediated[0]), page);
+        assert_eq!(
+            p.mediated_at(page + 0x10).map(|(m, off)| (m.bus, off)),
+            Some((0x81, 0x10))
+        );
+        // The page the old arithmetic (from bus_start) pointed at belongs
+        // to 01:02.1, which this region does not decode.
+        assert_eq!(p.mediated_at(0xc000_0000 + (1 << 20) + (0x11 << 12)), None);
+        // Below the first bus and above the last: not this region's.
+        assert_eq!(p.mediated_at(0xc000_0000 + (0x7f << 20)), None);
+        assert_eq!(p.mediated_at(0xc000_0000 + (0x82 << 20)), None);
+        assert_eq!(p.check(4 << 30), Ok(()));
+        assert!(p.check(page + 0xfff).is_err(), "page beyond the map");
+        p.mediated[0].bus = 0x7f;
+        assert!(p.check(4 << 30).is_err(), "bus outside the region");
+    }
+
+    #[test]
+    fn the_core_refuses_mediation_it_could_not_enforce() {
+        assert_eq!(identity_map_top(0), 4 << 30);
+        assert_eq!(identity_map_top((6 << 30) + 1), 7 << 30);
+        let mut h = valid();
+        h.pci.ecam_base = 0xb000_0000;
+        h.pci.bus_end = 0xff;
+        h.pci.count = 1;
+        h.pci.mediated[0] = PciMediation {
+            bus: 2,
+            action: PCI_ACTION_HIDE,
+            ..PciMediation::default()
+        };
+        assert_eq!(h.validate(), Ok(()));
+        // An ECAM region above the map (4 GiB here).
+        h.pci.ecam_base = 0x1_0000_0000;
+        assert_eq!(
+            h.validate(),
+            Err("mediated PCI function's ECAM page beyond the core's map")
+        );
+        // The same with memory described up to 8 GiB: mapped, accepted.
+        h.phys_top = 8 << 30;
+        assert_eq!(h.validate(), Ok(()));
+    }
+
+    #[test]
     fn rejects_inconsistent_handoffs() {
         let mut h = valid();
         h.magic = 0;
@@ -735,5 +852,25 @@ mod tests {
         let mut h = valid();
         h.ram_count = 1000;
         assert!(h.validate().is_err());
+    }
+
+    #[test]
+    fn ram_ranges_must_be_exact_and_in_order() {
+        let with = |ranges: &[PhysRange]| {
+            let mut h = valid();
+            h.ram[..ranges.len()].copy_from_slice(ranges);
+            h.ram_count = u32::try_from(ranges.len()).unwrap();
+            h.validate()
+        };
+        let a = PhysRange::new(0, 0xa_0000);
+        let b = PhysRange::new(0x10_0000, 0x100_0000);
+        assert_eq!(with(&[a, b]), Ok(()));
+        // Adjacent is fine (one range or two, the same bytes).
+        assert_eq!(with(&[a, PhysRange::new(0xa_0000, 0x1000)]), Ok(()));
+        let bad = Err("RAM ranges not sorted, empty, overlapping or wrapping");
+        assert_eq!(with(&[b, a]), bad);
+        assert_eq!(with(&[a, PhysRange::new(0x9_f000, 0x2000)]), bad);
+        assert_eq!(with(&[a, PhysRange::new(0x20_0000, 0)]), bad);
+        assert_eq!(with(&[PhysRange::new(u64::MAX - 0xfff, 0x2000)]), bad);
     }
 }

@@ -39,14 +39,16 @@ pub fn amdvi(r: &Ivrs, max_bus: u8) -> Result<IommuHandoff, String> {
             u.base, u.segment
         ));
     }
+    // Unity and exclusion ranges alike stay mapped 1:1 for devices (an
+    // exclusion range is never programmed as one: see `ivrs::Ivmd`).
     let unity: alloc::vec::Vec<_> = r
         .ivmds
         .iter()
-        .filter(|m| m.unity() && m.length > 0)
+        .filter(|m| m.needs_identity() && m.length > 0)
         .collect();
     if unity.len() > MAX_IOMMU_RESERVED {
         return Err(format!(
-            "the IVRS lists {} unity-mapped ranges; thinhv handles {MAX_IOMMU_RESERVED}",
+            "the IVRS lists {} unity-mapped or exclusion ranges; thinhv handles {MAX_IOMMU_RESERVED}",
             unity.len()
         ));
     }
@@ -247,6 +249,47 @@ mod tests {
         assert_eq!(h.device_ids, 16 * 256);
         assert_eq!(describe(&h), "1 AMD-Vi IOMMU(s) at 0xfed80000");
         assert_eq!(amdvi_device_ids(255), 65536);
+    }
+
+    #[test]
+    fn unity_and_exclusion_ranges_stay_mapped_for_devices() {
+        use thinhv_passthrough::ivrs::{Ivhd, Ivmd, Ivrs};
+        let ivmd = |flags, start| Ivmd {
+            kind: 0x20,
+            flags,
+            device_id: 0,
+            aux: 0,
+            start,
+            length: 0x1000,
+        };
+        let r = Ivrs {
+            ivhds: alloc::vec![Ivhd {
+                kind: 0x11,
+                flags: 0,
+                device_id: 0x10,
+                capability_offset: 0x40,
+                base: 0xfed8_0000,
+                segment: 0,
+                info: 0,
+                features: 0,
+                efr: Some(0),
+                entries: alloc::vec![],
+            }],
+            ivmds: alloc::vec![
+                ivmd(0b0111, 0xdc00_0000),
+                ivmd(0b1000, 0xdd00_0000),
+                ivmd(0b0110, 0xde00_0000)
+            ],
+            ..Ivrs::default()
+        };
+        let h = amdvi(&r, 0).unwrap();
+        assert_eq!(
+            h.reserved_ranges(),
+            [
+                PhysRange::new(0xdc00_0000, 0x1000),
+                PhysRange::new(0xdd00_0000, 0x1000)
+            ]
+        );
     }
 
     #[test]

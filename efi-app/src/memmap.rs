@@ -86,21 +86,47 @@ pub fn summarize(descs: &[Descriptor]) -> Summary {
     }
 }
 
-/// Fits `ram` into at most `max` ranges by merging across the smallest
-/// gaps (the check for hypercall buffers becomes slightly more permissive,
-/// never less; the hypervisor's own ranges are checked separately).
-pub fn fit(mut ram: Vec<PhysRange>, max: usize) -> Vec<PhysRange> {
-    while ram.len() > max && ram.len() > 1 {
-        let (i, _) = ram
-            .windows(2)
-            .enumerate()
-            .min_by_key(|(_, w)| w[1].base - w[0].end())
-            .unwrap_or((0, &ram[..2]));
-        let end = ram[i + 1].end();
-        ram[i].size = end - ram[i].base;
-        ram.remove(i + 1);
+/// The RAM ranges the core gets, and what did not fit.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Fitted {
+    /// Ranges kept, each exactly as in the input, sorted by address.
+    pub kept: Vec<PhysRange>,
+    /// Ranges dropped.
+    pub dropped: usize,
+    /// Bytes of RAM in the dropped ranges: the core refuses hypercall
+    /// buffers there.
+    pub dropped_bytes: u64,
+}
+
+/// Fits `ram` (sorted, merged: [`summarize`]) into at most `max` ranges by
+/// dropping the smallest (the lower address kept among equals). Ranges are
+/// never merged across a gap: the core accepts hypercall buffers only
+/// inside these ranges, and a gap may hold device registers (an IOMMU
+/// window, an ECAM page). Dropping costs only RAM the guest may not use for
+/// hypercall buffers.
+pub fn fit(ram: &[PhysRange], max: usize) -> Fitted {
+    if ram.len() <= max {
+        return Fitted {
+            kept: ram.to_vec(),
+            ..Fitted::default()
+        };
     }
-    ram
+    let mut order: Vec<usize> = (0..ram.len()).collect();
+    // Largest first; among equals the lower address first.
+    order.sort_by(|&a, &b| {
+        ram[b]
+            .size
+            .cmp(&ram[a].size)
+            .then(ram[a].base.cmp(&ram[b].base))
+    });
+    let (keep, drop) = order.split_at(max);
+    let mut kept: Vec<PhysRange> = keep.iter().map(|&i| ram[i]).collect();
+    kept.sort_by_key(|r| r.base);
+    Fitted {
+        kept,
+        dropped: drop.len(),
+        dropped_bytes: drop.iter().map(|&i| ram[i].size).sum(),
+    }
 }
 
 #[cfg(test)]
@@ -142,19 +168,88 @@ mod tests {
     }
 
     #[test]
-    fn fitting_merges_smallest_gaps() {
+    fn fitting_drops_the_smallest_and_never_merges_across_a_gap() {
         let ram = vec![
-            PhysRange::new(0, 0x1000),
-            PhysRange::new(0x2000, 0x1000),
+            PhysRange::new(0, 0xa_0000),
+            // The legacy VGA window 0xa_0000..0x10_0000 lies in this gap.
             PhysRange::new(0x10_0000, 0x1000),
-            PhysRange::new(0x10_2000, 0x1000),
+            PhysRange::new(0x10_2000, 0x3000),
+            PhysRange::new(0x20_0000, 0x1000),
+            PhysRange::new(0x1_0000_0000, 0x4000_0000),
         ];
-        let f = fit(ram.clone(), 2);
+        let f = fit(&ram, 3);
+        assert_eq!(
+            f.kept,
+            vec![
+                PhysRange::new(0, 0xa_0000),
+                PhysRange::new(0x10_2000, 0x3000),
+                PhysRange::new(0x1_0000_0000, 0x4000_0000),
+            ]
+        );
+        assert_eq!((f.dropped, f.dropped_bytes), (2, 0x2000));
+        // Every kept range is one of the firmware's, unchanged: no byte of
+        // a gap is ever covered.
+        for max in 1..=ram.len() {
+            let f = fit(&ram, max);
+            assert_eq!(f.kept.len(), max);
+            assert!(f.kept.iter().all(|k| ram.contains(k)), "{max}: {f:?}");
+            assert!(f.kept.windows(2).all(|w| w[0].end() <= w[1].base));
+            let kept_bytes: u64 = f.kept.iter().map(|r| r.size).sum();
+            let all: u64 = ram.iter().map(|r| r.size).sum();
+            assert_eq!(kept_bytes + f.dropped_bytes, all);
+            assert!(!f.kept.iter().any(|r| r.overlaps(0xa_0000, 0x6_0000)));
+        }
+        // Enough room: unchanged.
+        let f = fit(&ram, 128);
         assert_eq!(
             f,
-            vec![PhysRange::new(0, 0x3000), PhysRange::new(0x10_0000, 0x3000)]
+            Fitted {
+                kept: ram.clone(),
+                dropped: 0,
+                dropped_bytes: 0
+            }
         );
-        assert_eq!(fit(ram.clone(), 10), ram);
-        assert_eq!(fit(ram, 1), vec![PhysRange::new(0, 0x10_3000)]);
+        // Among equals the lower address stays.
+        let same = [
+            PhysRange::new(0x3000, 0x1000),
+            PhysRange::new(0x1000, 0x1000),
+        ];
+        assert_eq!(fit(&same, 1).kept, vec![PhysRange::new(0x1000, 0x1000)]);
+        assert_eq!(fit(&[], 4), Fitted::default());
+    }
+
+    #[test]
+    fn a_fragmented_map_keeps_its_holes() {
+        // More RAM ranges than the core takes: 200 RAM ranges of 512 KiB,
+        // each followed by a 512 KiB reserved one, above the usual low
+        // memory with its VGA hole. Merging across the smallest gaps (what
+        // the loader once did) covered the VGA window; dropping keeps it
+        // out.
+        let mut map = vec![
+            d(MemType::CONVENTIONAL, 0, 0xa0),
+            d(MemType::CONVENTIONAL, 0x10_0000, 0x700),
+        ];
+        for i in 0..200u64 {
+            let base = 0x100_0000 + i * 0x10_0000;
+            map.push(d(MemType::CONVENTIONAL, base, 0x80));
+            map.push(d(MemType::RESERVED, base + 0x8_0000, 0x80));
+        }
+        let s = summarize(&map);
+        assert_eq!(s.ram.len(), 202);
+        let f = fit(&s.ram, 128);
+        assert_eq!(f.kept.len(), 128);
+        assert_eq!(f.dropped, 74);
+        assert_eq!(f.dropped_bytes, 74 * 0x8_0000);
+        assert!(f.kept.iter().all(|k| s.ram.contains(k)));
+        for hole in [0xa_0000u64, 0x188_0000, 0xfee0_0000] {
+            assert!(!f.kept.iter().any(|r| r.contains(hole)), "{hole:#x}");
+        }
+        // The highest small ranges are the ones dropped.
+        assert!(
+            !f.kept
+                .iter()
+                .any(|r| r.contains(0x100_0000 + 199 * 0x10_0000))
+        );
+        assert!(f.kept.iter().any(|r| r.contains(0x100_0000)));
     }
 }

@@ -9,6 +9,16 @@
 //! hypervisor). Device IDs beyond the table are refused by the IOMMU
 //! (target abort), which is safe; the table covers the buses present at
 //! boot with room to spare.
+//!
+//! The exclusion range (chapter 3, "IOMMU Exclusion Base Register" at
+//! MMIO offset 0020h and "IOMMU Exclusion Range Limit Register" at 0028h)
+//! is a hole in translation: with ExEn set, DMA into `[base, limit]` is passed
+//! through untranslated for every device when Allow is set, else for the
+//! devices whose device-table entry has EX. Firmware may leave one set; an
+//! exclusion range over thinhv's memory would let any device write it.
+//! [`enable`] clears both registers before translation goes on and returns
+//! what they held, so the caller can log it. thinhv never sets EX in its
+//! entries ([`dte`]) and never programs an exclusion range.
 #![allow(clippy::cast_possible_truncation)]
 use crate::vtd::Mmio;
 use alloc::vec::Vec;
@@ -23,6 +33,10 @@ pub mod reg {
     pub const EVENT_LOG: u64 = 0x0010;
     /// Control.
     pub const CONTROL: u64 = 0x0018;
+    /// Exclusion base: address (bits 51:12), Allow (bit 1), ExEn (bit 0).
+    pub const EXCL_BASE: u64 = 0x0020;
+    /// Exclusion range limit: last page of the range (bits 51:12).
+    pub const EXCL_LIMIT: u64 = 0x0028;
     /// Extended feature register.
     pub const EFR: u64 = 0x0030;
     /// Command buffer head.
@@ -49,6 +63,69 @@ pub mod ctrl {
 
 /// Status: event log overflow.
 const STATUS_EVENT_OVERFLOW: u64 = 1 << 0;
+/// Status: the event log is running ("IOMMU Status Register", MMIO offset
+/// 2020h, EventLogRun).
+const STATUS_EVENT_LOG_RUN: u64 = 1 << 3;
+/// Status: the command buffer is running (CmdBufRun).
+const STATUS_CMD_BUF_RUN: u64 = 1 << 4;
+
+/// Exclusion base register bits.
+pub mod excl {
+    /// ExEn: the exclusion range is active.
+    pub const EN: u64 = 1 << 0;
+    /// Allow: it applies to every device (else only to entries with EX).
+    pub const ALLOW: u64 = 1 << 1;
+    /// The address bits of both registers.
+    pub const ADDR: u64 = 0x000f_ffff_ffff_f000;
+}
+
+/// The exclusion range registers as found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Exclusion {
+    /// Exclusion base register.
+    pub base: u64,
+    /// Exclusion range limit register.
+    pub limit: u64,
+}
+
+impl Exclusion {
+    /// ExEn was set: DMA into the range bypassed translation.
+    pub const fn enabled(&self) -> bool {
+        self.base & excl::EN != 0
+    }
+
+    /// Allow was set: for every device.
+    pub const fn all_devices(&self) -> bool {
+        self.base & excl::ALLOW != 0
+    }
+
+    /// First byte of the range.
+    pub const fn start(&self) -> u64 {
+        self.base & excl::ADDR
+    }
+
+    /// Last byte of the range (the limit names its last page).
+    pub const fn last(&self) -> u64 {
+        (self.limit & excl::ADDR) | 0xfff
+    }
+
+    /// Anything was set at all.
+    pub const fn is_set(&self) -> bool {
+        self.base != 0 || self.limit & excl::ADDR != 0
+    }
+}
+
+/// Clears the exclusion range (base, with ExEn and Allow, and limit) and
+/// returns what the registers held.
+pub fn clear_exclusion(m: &mut impl Mmio) -> Exclusion {
+    let found = Exclusion {
+        base: m.read64(reg::EXCL_BASE),
+        limit: m.read64(reg::EXCL_LIMIT),
+    };
+    m.write64(reg::EXCL_BASE, 0);
+    m.write64(reg::EXCL_LIMIT, 0);
+    found
+}
 
 /// Entries of the command buffer and event log (one 4 KiB page each).
 pub const RING_ENTRIES: usize = 256;
@@ -157,18 +234,20 @@ pub fn wait(mut done: impl FnMut() -> bool) -> Result<(), AmdViError> {
     Err(AmdViError::Timeout)
 }
 
-/// Programs the unit's tables and rings, then enables command processing,
-/// event logging and translation.
+/// Programs the unit's tables and rings, clears the exclusion range, then
+/// enables command processing, event logging and translation. Returns the
+/// exclusion range the firmware had left (see the module documentation).
 pub fn enable(
     m: &mut impl Mmio,
     dev_table: u64,
     dev_table_pages: u64,
     cmd_buf: u64,
     event_log: u64,
-) -> Result<(), AmdViError> {
+) -> Result<Exclusion, AmdViError> {
     if m.read64(reg::CONTROL) & ctrl::IOMMU_EN != 0 {
         return Err(AmdViError::AlreadyEnabled);
     }
+    let left = clear_exclusion(m);
     let size = dev_table_pages.clamp(1, 512) - 1;
     m.write64(reg::DEV_TABLE, (dev_table & 0x000f_ffff_ffff_f000) | size);
     m.write64(
@@ -187,7 +266,21 @@ pub fn enable(
         reg::CONTROL,
         c | ctrl::CMD_BUF_EN | ctrl::EVENT_LOG_EN | ctrl::IOMMU_EN,
     );
-    Ok(())
+    Ok(left)
+}
+
+/// Turns translation, command processing and event logging off (a
+/// roll-back before the OS starts, so that the unit no longer reads or
+/// writes memory about to be freed), and waits until the command buffer
+/// and event log have stopped (status register, MMIO offset 2020h:
+/// CmdBufRun and EventLogRun follow their enables).
+pub fn disable(m: &mut impl Mmio) -> Result<(), AmdViError> {
+    let c = m.read64(reg::CONTROL);
+    m.write64(
+        reg::CONTROL,
+        c & !(ctrl::IOMMU_EN | ctrl::CMD_BUF_EN | ctrl::EVENT_LOG_EN),
+    );
+    wait(|| m.read64(reg::STATUS) & (STATUS_CMD_BUF_RUN | STATUS_EVENT_LOG_RUN) == 0)
 }
 
 /// One logged event.
@@ -300,7 +393,11 @@ mod tests {
     #[test]
     fn enable_programs_bases_and_turns_on() {
         let mut r = Regs::default();
-        enable(&mut r, 0x10_0000, 32, 0x20_0000, 0x30_0000).unwrap();
+        assert_eq!(
+            enable(&mut r, 0x10_0000, 32, 0x20_0000, 0x30_0000),
+            Ok(Exclusion::default()),
+            "no exclusion range left"
+        );
         assert_eq!(r.read64(reg::DEV_TABLE), 0x10_0000 | 31);
         assert_eq!(r.read64(reg::CMD_BUF), 0x20_0000 | (8 << 56));
         assert_eq!(r.read64(reg::EVENT_LOG), 0x30_0000 | (8 << 56));
@@ -310,6 +407,72 @@ mod tests {
             ctrl::IOMMU_EN | ctrl::CMD_BUF_EN | ctrl::EVENT_LOG_EN
         );
         assert_eq!(enable(&mut r, 0, 1, 0, 0), Err(AmdViError::AlreadyEnabled));
+    }
+
+    /// Registers that record every write in order.
+    #[derive(Default)]
+    struct Recorder {
+        regs: Regs,
+        writes: Vec<(u64, u64)>,
+    }
+
+    impl Mmio for Recorder {
+        fn read32(&self, o: u64) -> u32 {
+            self.regs.read32(o)
+        }
+        fn read64(&self, o: u64) -> u64 {
+            self.regs.read64(o)
+        }
+        fn write32(&mut self, o: u64, v: u32) {
+            self.writes.push((o, u64::from(v)));
+            self.regs.write32(o, v);
+        }
+        fn write64(&mut self, o: u64, v: u64) {
+            self.writes.push((o, v));
+            self.regs.write64(o, v);
+        }
+    }
+
+    #[test]
+    fn an_exclusion_range_left_by_the_firmware_is_cleared_before_translation() {
+        let mut r = Recorder::default();
+        // Firmware: DMA into 0x7e00_0000..=0x7fff_ffff bypasses
+        // translation for every device (ExEn | Allow).
+        r.regs
+            .write64(reg::EXCL_BASE, 0x7e00_0000 | excl::ALLOW | excl::EN);
+        r.regs.write64(reg::EXCL_LIMIT, 0x7fff_f000);
+        let left = enable(&mut r, 0x10_0000, 32, 0x20_0000, 0x30_0000).unwrap();
+        assert!(left.enabled() && left.all_devices() && left.is_set());
+        assert_eq!((left.start(), left.last()), (0x7e00_0000, 0x7fff_ffff));
+        assert_eq!(r.read64(reg::EXCL_BASE), 0);
+        assert_eq!(r.read64(reg::EXCL_LIMIT), 0);
+        // Both cleared before the write that turns translation on.
+        let pos = |f: &dyn Fn(&(u64, u64)) -> bool| r.writes.iter().position(f).unwrap();
+        let on = pos(&|w| w.0 == reg::CONTROL && w.1 & ctrl::IOMMU_EN != 0);
+        assert!(pos(&|w| *w == (reg::EXCL_BASE, 0)) < on);
+        assert!(pos(&|w| *w == (reg::EXCL_LIMIT, 0)) < on);
+        // An enabled range for EX devices only, and a stale limit alone.
+        let mut r = Regs::default();
+        r.write64(reg::EXCL_BASE, 0x1000 | excl::EN);
+        let e = clear_exclusion(&mut r);
+        assert!(e.enabled() && !e.all_devices());
+        r.write64(reg::EXCL_LIMIT, 0x5000);
+        let e = clear_exclusion(&mut r);
+        assert!(!e.enabled() && e.is_set());
+        assert_eq!(clear_exclusion(&mut r), Exclusion::default());
+        assert!(!Exclusion::default().is_set());
+    }
+
+    #[test]
+    fn disable_turns_everything_off_and_waits_for_the_rings() {
+        let mut r = Regs::default();
+        enable(&mut r, 0x10_0000, 32, 0x20_0000, 0x30_0000).unwrap();
+        r.write64(reg::CONTROL, r.read64(reg::CONTROL) | (1 << 1));
+        assert_eq!(disable(&mut r), Ok(()));
+        assert_eq!(r.read64(reg::CONTROL), 1 << 1, "other control bits kept");
+        // A ring that never stops: reported, not waited for forever.
+        r.write64(reg::STATUS, STATUS_CMD_BUF_RUN);
+        assert_eq!(disable(&mut r), Err(AmdViError::Timeout));
     }
 
     #[test]

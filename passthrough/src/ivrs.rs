@@ -148,7 +148,20 @@ impl Ivhd {
 }
 
 /// An I/O virtualization memory definition: memory some devices need
-/// mapped (unity) or blocked.
+/// mapped 1:1 (unity) or excluded from translation (IVMD flags: bit 0
+/// Unity, bit 1 IR, bit 2 IW, bit 3 ExclusionRange).
+///
+/// What thinhv does with them (`efi-app`'s `iommu_plan`): a unity range
+/// and an exclusion range alike stay identity-mapped, read and write, in
+/// its one I/O page table, for every device (its table maps all memory but
+/// its own region 1:1 anyway; listing them keeps ranges above the memory
+/// map's top mapped, and one that overlaps thinhv's region is logged and
+/// left unmapped). An exclusion range is never programmed into the
+/// IOMMU's exclusion registers: those pass DMA through untranslated, and
+/// thinhv clears whatever the firmware left there
+/// (`amdvi::clear_exclusion`). The IR/IW restrictions and the device
+/// selection (21h, 22h) are not applied: the devices get the range with
+/// read and write, as everything else outside thinhv.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ivmd {
     /// 0x20 all devices, 0x21 one device, 0x22 a range of devices.
@@ -169,6 +182,17 @@ impl Ivmd {
     /// Unity-mapped (identity) for its devices.
     pub fn unity(&self) -> bool {
         self.flags & 1 != 0
+    }
+
+    /// An exclusion range: firmware expects its devices' DMA into it to
+    /// bypass translation.
+    pub fn exclusion(&self) -> bool {
+        self.flags & (1 << 3) != 0
+    }
+
+    /// Devices need the range reachable 1:1 (unity or exclusion).
+    pub fn needs_identity(&self) -> bool {
+        self.unity() || self.exclusion()
     }
 }
 
@@ -556,6 +580,41 @@ mod tests {
 
     fn h_len(e: &[u8]) -> usize {
         40 + e.len()
+    }
+
+    fn ivmd(kind: u8, flags: u8, start: u64, length: u64) -> Vec<u8> {
+        let mut b = alloc::vec![kind, flags, 32, 0, 0, 0, 0, 0];
+        b.extend_from_slice(&[0u8; 8]);
+        b.extend_from_slice(&start.to_le_bytes());
+        b.extend_from_slice(&length.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn exclusion_ranges_are_told_apart_from_unity_ranges() {
+        let t = table(&[
+            &ivhd40(&[1, 0, 0, 0]),
+            &ivmd(0x20, 0b0111, 0xdc00_0000, 0x1000), // unity, r/w
+            &ivmd(0x20, 0b1000, 0xdd00_0000, 0x2000), // exclusion
+            &ivmd(0x22, 0b1110, 0xde00_0000, 0x3000), // exclusion (IR/IW ignored)
+            &ivmd(0x21, 0b0110, 0xdf00_0000, 0x4000), // neither: IR/IW only
+        ]);
+        let r = parse(&t).unwrap();
+        let flags: Vec<(bool, bool, bool)> = r
+            .ivmds
+            .iter()
+            .map(|m| (m.unity(), m.exclusion(), m.needs_identity()))
+            .collect();
+        assert_eq!(
+            flags,
+            [
+                (true, false, true),
+                (false, true, true),
+                (false, true, true),
+                (false, false, false)
+            ]
+        );
+        assert_eq!((r.ivmds[1].start, r.ivmds[1].length), (0xdd00_0000, 0x2000));
     }
 
     #[test]

@@ -9,13 +9,20 @@
 //! the guest has already fetched.
 use crate::env::Env;
 use crate::guest::{GuestCpu, PagingRegs};
+use thinhv_abi::PhysRange;
 use thinhv_abi::hypercall::Status;
 
 /// Largest buffer a hypercall may name.
 pub const MAX_BUFFER: u64 = 1 << 20;
 
-/// Checks a hypercall buffer: it must not wrap, must lie inside one RAM
-/// range and must not touch the hypervisor's memory.
+/// Checks a hypercall buffer: it must not wrap, must lie in RAM the guest
+/// owns (see [`ram_covers`]) and must not touch the hypervisor's memory.
+///
+/// The RAM ranges are the firmware's exact ones (the loader drops ranges it
+/// cannot pass, it never merges across a gap), so a buffer in a hole of the
+/// memory map — an IOMMU register window, an ECAM page, the local APIC —
+/// is refused: the hypervisor would otherwise write device registers for
+/// the guest.
 pub fn check_buffer(hv: &crate::hv::Hv, gpa: u64, len: u64) -> Result<(), Status> {
     if len == 0 || len > MAX_BUFFER {
         return Err(Status::INVALID_ARGUMENT);
@@ -26,10 +33,32 @@ pub fn check_buffer(hv: &crate::hv::Hv, gpa: u64, len: u64) -> Result<(), Status
     if hv.touches_hypervisor(gpa, len) {
         return Err(Status::BAD_ADDRESS);
     }
-    if !hv.ram().iter().any(|r| r.encloses(gpa, len)) {
+    if !ram_covers(hv.ram(), gpa, len) {
         return Err(Status::BAD_ADDRESS);
     }
     Ok(())
+}
+
+/// Whether every byte of `[gpa, gpa + len)` lies in `ram`: inside one
+/// range, or across ranges that follow one another without a gap (in any
+/// order in `ram`). A range that wraps is never covered.
+pub fn ram_covers(ram: &[PhysRange], gpa: u64, len: u64) -> bool {
+    let Some(end) = gpa.checked_add(len) else {
+        return false;
+    };
+    let mut at = gpa;
+    // Each step moves `at` to the end of the range that holds it, strictly
+    // forward, so no range is used twice.
+    for _ in 0..ram.len() {
+        let Some(r) = ram.iter().find(|r| r.contains(at)) else {
+            return false;
+        };
+        at = r.end();
+        if at >= end {
+            return true;
+        }
+    }
+    false
 }
 
 /// Reads guest-physical memory the way the guest would see it: bytes of

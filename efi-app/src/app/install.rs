@@ -11,8 +11,8 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use core::time::Duration;
 use thinhv_abi::PhysRange;
 use thinhv_abi::handoff::{
-    CORE_OP_INIT, CORE_OP_VIRTUALIZE, CoreError, CpuInfo, Handoff, MAX_CPUS, MAX_RAM_RANGES,
-    MAX_RO_RANGES, ON_FATAL_HALT, ON_FATAL_RESET,
+    CORE_OP_INIT, CORE_OP_RELEASE, CORE_OP_VIRTUALIZE, CoreError, CpuInfo, Handoff, MAX_CPUS,
+    MAX_RAM_RANGES, MAX_RO_RANGES, ON_FATAL_HALT, ON_FATAL_RESET,
 };
 use thinhv_abi::hypercall::{Function, Status};
 use thinhv_config::{Config, OnFatal};
@@ -173,12 +173,16 @@ pub fn install(config: &Config) -> Result<String, String> {
         )
     });
     let (rules, budgets) = thinhv_efi::inventory::rules(config);
+    // A rule the core could not enforce (another segment, an ECAM page
+    // beyond the core's map) fails here, visibly, and the function stays
+    // the OS's.
     let inventory = thinhv_efi::inventory::Inventory::assess(
         functions,
         &rules,
         &budgets,
         boot_device,
         iommu.mode == thinhv_abi::handoff::IOMMU_MODE_PROTECT,
+        &thinhv_efi::inventory::reach(segment0, mem.top),
     );
     for l in inventory.report() {
         println!("thinhv: {l}");
@@ -263,11 +267,21 @@ pub fn install(config: &Config) -> Result<String, String> {
             flags: u32::from(c.apic_id == bsp_apic),
         };
     }
-    let ram = memmap::fit(mem.ram.clone(), MAX_RAM_RANGES);
-    for (i, r) in ram.iter().enumerate() {
+    // Exact RAM ranges: what does not fit is dropped, never merged across
+    // a gap (a gap may hold device registers).
+    let ram = memmap::fit(&mem.ram, MAX_RAM_RANGES);
+    if ram.dropped > 0 {
+        println!(
+            "thinhv: memory map: {} RAM ranges, the core takes {MAX_RAM_RANGES}; the {} smallest ({} KiB of RAM) are refused as hypercall buffers",
+            mem.ram.len(),
+            ram.dropped,
+            ram.dropped_bytes / 1024
+        );
+    }
+    for (i, r) in ram.kept.iter().enumerate() {
         h.ram[i] = *r;
     }
-    h.ram_count = ram.len() as u32;
+    h.ram_count = ram.kept.len() as u32;
     h.features = caps.features;
     h.phys_top = mem.top;
     h.phys_addr_bits = caps.phys_addr_bits;
@@ -330,6 +344,21 @@ pub fn install(config: &Config) -> Result<String, String> {
         ));
     }
 
+    // From here on the IOMMU translates with tables in the region: a
+    // roll-back asks the core to switch it off (every CPU native again)
+    // before the region is freed, and keeps the region if it cannot.
+    let release_after_init = || {
+        let r = init(CORE_OP_RELEASE, 0, 0, 0);
+        if r == 0 {
+            release();
+        } else {
+            println!(
+                "thinhv: roll-back: {}; its memory stays reserved",
+                CoreError(r).describe()
+            );
+        }
+    };
+
     // BSP first: from now on its INIT/SIPI to the APs are seen by thinhv.
     let bsp_idx = cpus
         .iter()
@@ -339,7 +368,7 @@ pub fn install(config: &Config) -> Result<String, String> {
     // SAFETY: on the BSP, natively, after a successful CORE_OP_INIT.
     let r = unsafe { virtualize_this_cpu(entry, bsp_idx as u64) };
     if r != 0 {
-        release();
+        release_after_init();
         return Err(format!(
             "the boot processor could not be virtualized: {}",
             CoreError(r).describe()
@@ -357,8 +386,9 @@ pub fn install(config: &Config) -> Result<String, String> {
     let ctx_ptr = core::ptr::from_mut(ctx).cast::<c_void>();
     if cpus.len() > 1 {
         let Some(mp) = mp.as_deref() else {
-            rollback(None, ctx, ctx_ptr, bsp_idx);
-            release();
+            if rollback(None, ctx, ctx_ptr, bsp_idx) == 0 {
+                release_after_init();
+            }
             return Err(String::from(
                 "no MP services protocol to start the other processors",
             ));
@@ -390,7 +420,7 @@ pub fn install(config: &Config) -> Result<String, String> {
                     "{why}; {left} processor(s) could not be rolled back"
                 ));
             }
-            release();
+            release_after_init();
             return Err(format!(
                 "{why}; every processor was returned to native mode"
             ));

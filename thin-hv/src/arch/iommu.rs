@@ -2,18 +2,26 @@
 //!
 //! Intel VT-d: at `CORE_OP_INIT` the tables are built (one domain for every
 //! requester, identity-mapping all memory except the hypervisor's region,
-//! reserved memory regions included); translation is switched on when the
-//! loader seals the hypervisor, right before the OS starts, so a roll-back
-//! before that never has to undo it. The register windows are hidden from
-//! the guest by the second-level tables (see `core_state`). Faults are
-//! polled whenever the guest makes a hypercall or asks thinhv's CPUID
-//! leaves, counted in the status page and logged.
+//! reserved memory regions included) and translation is switched on at the
+//! end of `CORE_OP_INIT` ([`start`]), before any CPU is virtualized: from
+//! the core's first moment no device can write it, and the firmware's
+//! drivers keep working (their buffers lie outside thinhv's region, which
+//! the loader has just allocated; hidden functions get no DMA at all, as
+//! after the seal). A roll-back turns it off again ([`release`],
+//! `CORE_OP_RELEASE`) before the loader frees the region that holds the
+//! tables; the seal only reports the units. The register windows are
+//! hidden from the guest by the second-level tables (see `core_state`).
+//! Faults are polled whenever the guest makes a hypercall or asks thinhv's
+//! CPUID leaves, counted in the status page and logged.
 //!
 //! AMD-Vi the same way: one device table whose entries all point to one
 //! I/O page table (identity, minus the hypervisor), the command buffer for
-//! invalidation with a completion wait, and the event log for faults.
+//! invalidation with a completion wait, and the event log for faults; an
+//! exclusion range the firmware left is cleared (and logged) when thinhv
+//! takes the unit.
 use super::phys::IdentityMem;
 use super::status_page::StatusPage;
+use core::sync::atomic::{AtomicBool, Ordering};
 use spin::Mutex;
 use thinhv_abi::PhysRange;
 use thinhv_abi::handoff::{
@@ -21,7 +29,9 @@ use thinhv_abi::handoff::{
     PciHandoff,
 };
 use thinhv_abi::layout::PAGE;
-use thinhv_abi::status::{IOMMU_STATE_FAILED, IOMMU_STATE_TRANSLATING, IommuRecord};
+use thinhv_abi::status::{
+    IOMMU_STATE_FAILED, IOMMU_STATE_OFF, IOMMU_STATE_TRANSLATING, IommuRecord,
+};
 use thinhv_paging::iommu::{ADDR_MASK, AmdViFormat, VtdFormat};
 use thinhv_paging::{Attrs, BumpFrames, EntryFormat, FrameAlloc, Mapper, PhysMem};
 use thinhv_passthrough::amdvi::{self, Ring};
@@ -103,6 +113,8 @@ pub struct Iommu {
     hw: Hw,
     protect: bool,
     status: StatusPage,
+    /// [`Iommu::enable`] has run (it acts once; later calls report).
+    started: AtomicBool,
 }
 
 /// Largest address the identity map for devices covers with 3-level tables.
@@ -140,6 +152,7 @@ impl Iommu {
             hw: Hw::None,
             protect,
             status,
+            started: AtomicBool::new(false),
         };
         if protect {
             let outside = h
@@ -307,8 +320,9 @@ impl Iommu {
         })
     }
 
-    /// Switches translation on (at seal). Returns (units translating,
-    /// units).
+    /// Switches translation on (once, at the end of `CORE_OP_INIT`; the
+    /// seal calls it again and gets the same report). Returns (units
+    /// translating, units).
     pub fn enable(&self) -> (u32, u32) {
         let mut on = 0;
         let total;
@@ -316,6 +330,13 @@ impl Iommu {
             let mut g = self.units.lock();
             let (units, n) = &mut *g;
             total = *n as u32;
+            if self.started.swap(true, Ordering::SeqCst) {
+                let on = units[..*n]
+                    .iter()
+                    .filter(|u| u.record.state == IOMMU_STATE_TRANSLATING)
+                    .count() as u32;
+                return (on, total);
+            }
             if self.protect {
                 // Table writes must reach memory before a non-coherent
                 // unit walks them.
@@ -363,6 +384,49 @@ impl Iommu {
         }
         self.publish_all();
         (on, total)
+    }
+
+    /// Switches translation off on every unit that translates (a roll-back
+    /// before the OS starts: the tables live in the region the loader is
+    /// about to free). Returns how many units could not be switched off.
+    pub fn disable(&self) -> u32 {
+        let mut failed = 0;
+        {
+            let mut g = self.units.lock();
+            let (units, n) = &mut *g;
+            for u in &mut units[..*n] {
+                if u.record.state != IOMMU_STATE_TRANSLATING {
+                    continue;
+                }
+                let mut regs = Window { base: u.base };
+                let off = match self.hw {
+                    Hw::Vtd { .. } => vtd::disable(&mut regs).map_err(vtd::VtdError::describe),
+                    Hw::AmdVi { .. } => {
+                        amdvi::disable(&mut regs).map_err(amdvi::AmdViError::describe)
+                    }
+                    Hw::None => Ok(()),
+                };
+                match off {
+                    Ok(()) => {
+                        u.record.state = IOMMU_STATE_OFF;
+                        log::info!(
+                            "IOMMU: unit {:#x} no longer translating (roll-back)",
+                            u.base
+                        );
+                    }
+                    Err(why) => {
+                        failed += 1;
+                        log::error!(
+                            "IOMMU: unit {:#x} could not be switched off ({why}); its tables stay reserved",
+                            u.base
+                        );
+                    }
+                }
+            }
+            self.started.store(false, Ordering::SeqCst);
+        }
+        self.publish_all();
+        failed
     }
 
     /// Reads and clears recorded faults, counting them.
@@ -496,8 +560,25 @@ fn amdvi_enable(
     sem: u64,
 ) -> Result<(), &'static str> {
     let mut w = Window { base };
-    amdvi::enable(&mut w, dev_table, pages, cmd_buf, event_log)
+    let left = amdvi::enable(&mut w, dev_table, pages, cmd_buf, event_log)
         .map_err(amdvi::AmdViError::describe)?;
+    if left.is_set() {
+        log::warn!(
+            "IOMMU: unit {base:#x}: the firmware left an exclusion range {:#x}..={:#x} ({}, for {}); cleared",
+            left.start(),
+            left.last(),
+            if left.enabled() {
+                "enabled"
+            } else {
+                "disabled"
+            },
+            if left.all_devices() {
+                "every device"
+            } else {
+                "devices marked EX"
+            }
+        );
+    }
     // SAFETY: `sem` is a pool page reserved for completion waits.
     unsafe { core::ptr::write_volatile(sem as *mut u64, 0) };
     amdvi::submit(
@@ -519,4 +600,33 @@ fn frames_take(frames: &mut BumpFrames) -> Result<u64, &'static str> {
         .ok_or("out of memory for the IOMMU tables")?;
     IdentityMem.zero_frame(f);
     Ok(f)
+}
+
+/// End of `CORE_OP_INIT`: translation on, before any CPU is virtualized
+/// (see the module documentation for why this is safe for the firmware).
+pub fn start() {
+    let Some(core) = super::core_state::get() else {
+        return;
+    };
+    let (on, total) = core.iommu.enable();
+    if total > 0 && core.iommu.protect {
+        log::info!(
+            "IOMMU: {on} of {total} unit(s) translating from the core's start, before any CPU is virtualized"
+        );
+    }
+}
+
+/// `CORE_OP_RELEASE`: the loader rolls back and is about to free the
+/// region. Called natively after every CPU left guest mode; switches
+/// translation off so that no unit walks tables in freed memory.
+pub fn release() -> Result<(), CoreError> {
+    let core = super::core_state::get().ok_or(CoreError::NOT_INITIALIZED)?;
+    if core.hv.cpus_virtualized.load(Ordering::SeqCst) != 0 {
+        log::error!("release refused: processors are still under thinhv");
+        return Err(CoreError::BAD_CPU);
+    }
+    if core.iommu.disable() > 0 {
+        return Err(CoreError::IOMMU_STILL_ON);
+    }
+    Ok(())
 }

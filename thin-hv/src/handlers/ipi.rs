@@ -3,11 +3,29 @@
 //!
 //! The target is made to exit (an NMI on SVM, a real INIT on VMX, see
 //! `Env::kick_for_init`); it then waits for the SIPI in host mode and
-//! starts in real mode at the vector of the first SIPI. CPUs not (yet) under thinhv get the real IPI,
-//! addressed to them alone.
+//! starts in real mode at the vector of the first SIPI.
+//!
+//! A CPU not under thinhv (an APIC ID thinhv does not know: one the
+//! firmware reported disabled, or none at all; or a known CPU that is not
+//! virtualized) gets the real INIT or SIPI, addressed to it alone, only
+//! until the loader seals the hypervisor: that is how the firmware's MP
+//! services start the processors thinhv then virtualizes (the BSP first,
+//! then every AP). After the seal such an IPI is refused, counted
+//! ([`Hv::refused_ipis`](crate::hv::Hv)) and logged (the first few, then
+//! every 1024th, so a guest cannot flood the log): a CPU the OS could start
+//! natively would run outside the second-level tables and could reprogram
+//! the IOMMU. Broadcasts never reach the hardware as broadcasts (thinhv
+//! sends one IPI per known CPU), and INIT/SIPI in logical destination mode
+//! are not resolved and never sent (Intel SDM Vol. 3A §11.6.1, §11.6.2: a
+//! logical destination may name any set of processors, disabled ones
+//! included).
 use super::Outcome;
 use crate::apic::{DeliveryMode, Destination, Icr, physical_icr, reg};
 use crate::env::Env;
+use core::sync::atomic::Ordering;
+
+/// Refused INIT/SIPI logged one by one; after that every 1024th.
+const LOG_FIRST: u64 = 8;
 
 /// Handles a guest write to the ICR (`value` as the 64-bit ICR; for xAPIC
 /// the destination sits in bits 56–63). Returns [`Outcome::WaitForSipi`]
@@ -26,13 +44,11 @@ pub fn icr_write(env: &mut impl Env, value: u64, x2apic: bool) -> Outcome {
     let mut outcome = Outcome::Resume;
     match icr.dest {
         Destination::Logical(d) => {
-            log::warn!(
-                "cpu {me}: {} IPI in logical destination mode ({d:#x}) not virtualized; dropped",
-                if icr.mode == DeliveryMode::INIT {
-                    "INIT"
-                } else {
-                    "STARTUP"
-                }
+            refuse(
+                env,
+                &icr,
+                format_args!("logical destination {d:#x}"),
+                "logical destination mode is not virtualized",
             );
         }
         Destination::SelfOnly => {
@@ -86,14 +102,39 @@ fn deliver(env: &mut impl Env, apic_id: u32, icr: &Icr, x2apic: bool) {
                 );
             }
         }
+        known if hv.is_sealed() => {
+            let why = if known.is_some() {
+                "the CPU is not under thinhv"
+            } else {
+                "no CPU under thinhv has this APIC ID"
+            };
+            refuse(env, icr, format_args!("APIC {apic_id:#x}"), why);
+        }
         _ => {
-            // Not under thinhv (yet): the real IPI, to this CPU only.
+            // Not under thinhv yet, before the seal: the firmware starting
+            // an AP. The real IPI, to this CPU only.
             forward(
                 env,
                 physical_icr(apic_id, icr.mode, icr.vector, x2apic) | level_bits(icr),
                 x2apic,
             );
         }
+    }
+}
+
+/// Counts a refused INIT or SIPI and logs it (rate-limited).
+fn refuse(env: &impl Env, icr: &Icr, target: core::fmt::Arguments<'_>, why: &str) {
+    let n = env.hv().refused_ipis.fetch_add(1, Ordering::Relaxed) + 1;
+    if n <= LOG_FIRST || n.is_multiple_of(1024) {
+        log::warn!(
+            "cpu {}: {} to {target} refused: {why} ({n} refused so far)",
+            env.cpu_index(),
+            if icr.mode == DeliveryMode::INIT {
+                "INIT"
+            } else {
+                "STARTUP"
+            }
+        );
     }
 }
 
