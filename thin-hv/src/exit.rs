@@ -51,6 +51,38 @@ pub enum Exit {
         /// Source register (encoding order).
         gpr: u8,
     },
+    /// MOV from a control register (VMX: CR3-store or CR8-store exiting).
+    CrRead {
+        /// Control register.
+        cr: u8,
+        /// Destination register (encoding order).
+        gpr: u8,
+    },
+    /// CLTS while thinhv owns CR0.TS (VMX).
+    Clts,
+    /// LMSW that touches CR0 bits thinhv owns (VMX).
+    Lmsw {
+        /// The source operand (register or memory: the processor reports
+        /// it either way).
+        source: u16,
+    },
+    /// A hardware task switch (VMX exits on every one; SVM lets the
+    /// processor switch tasks).
+    TaskSwitch {
+        /// Selector of the new task's TSS.
+        selector: u16,
+        /// What started it: 0 CALL, 1 IRET, 2 JMP, 3 a task gate in the IDT
+        /// (SDM Vol. 3C Table 28-2).
+        source: u8,
+        /// The event a task gate delivers (VMX IDT-vectoring information,
+        /// bit 31 valid), else 0.
+        event: u32,
+        /// Its error code, when `event` has one.
+        error_code: u32,
+        /// Length of the instruction that started it (CALL, JMP, IRET,
+        /// INT n, INT3, INTO), 0 if none.
+        insn_len: u8,
+    },
     /// The second-level tables are malformed at this address (EPT
     /// misconfiguration): a hypervisor bug, never a guest's doing.
     TableMisconfig {
@@ -104,14 +136,17 @@ impl Exit {
             Self::Init => ExitReason::INIT,
             Self::Sipi { .. } => ExitReason::SIPI,
             Self::Invd => ExitReason::INVD,
-            Self::CrWrite { .. } => ExitReason::CR_ACCESS,
+            Self::CrWrite { .. } | Self::CrRead { .. } | Self::Clts | Self::Lmsw { .. } => {
+                ExitReason::CR_ACCESS
+            }
             Self::Nmi => ExitReason::NMI,
             Self::Shutdown => ExitReason::SHUTDOWN,
             Self::Xsetbv => ExitReason::XSETBV,
             Self::PortIo { .. } => ExitReason::PCI_CONFIG,
-            Self::EntryFailed { .. } | Self::Other { .. } | Self::TableMisconfig { .. } => {
-                ExitReason::OTHER
-            }
+            Self::EntryFailed { .. }
+            | Self::Other { .. }
+            | Self::TableMisconfig { .. }
+            | Self::TaskSwitch { .. } => ExitReason::OTHER,
         }
     }
 }

@@ -110,9 +110,45 @@ pub trait GuestCpu {
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>);
     /// Queues an NMI for the next entry.
     fn inject_nmi(&mut self);
+    /// Sets the guest's IA32_PAT from a write the handler has checked (SVM:
+    /// the VMCB's G_PAT; VMX: the guest PAT field).
+    fn set_guest_pat(&mut self, value: u64);
     /// Emulates MOV to CR `cr` (only vendors that intercept CR writes
     /// implement it).
     fn write_cr(&mut self, cr: u8, value: u64) -> Result<(), GpFault>;
+    /// MOV from CR `cr` (0, 3 or 4) as the guest sees it (read shadows
+    /// applied); `None` where the backend never intercepts CR reads.
+    fn read_cr(&self, cr: u8) -> Option<u64>;
+    /// RFLAGS.
+    fn rflags(&self) -> u64;
+    /// The guest's IA32_DEBUGCTL as far as single-stepping depends on it
+    /// (BTF, bit 1); 0 where the backend cannot see the guest's value.
+    fn debugctl(&self) -> u64;
+    /// DR7 as the guest set it.
+    fn dr7(&self) -> u64;
+    /// Breakpoint address register DR`n` (`n` < 4).
+    fn breakpoint_address(&self, n: u8) -> u64;
+    /// The exit's instruction has been emulated or skipped and RIP points
+    /// past it: do what the processor does when an instruction completes.
+    /// The interrupt shadow of a preceding STI or MOV SS ends, RFLAGS.RF is
+    /// cleared, and when `dr6` is not 0 a debug exception with those DR6
+    /// bits (BS for a single step, B0–B3 for breakpoints) arrives before the
+    /// next instruction, as a trap after this one (SDM Vol. 3B §18.2.3,
+    /// §18.3.1.4; APM Vol. 2 §13.1.3).
+    fn complete_instruction(&mut self, dr6: u64);
+    /// The registers a hardware task switch saves and loads; `None` where
+    /// the backend never exits on task switches (SVM: the processor
+    /// switches tasks itself).
+    fn task_state(&self) -> Option<crate::vmx::task_switch::TaskState> {
+        None
+    }
+    /// Loads the state a task switch produced. `delivered` is the event
+    /// (VMX interruption-information format) whose delivery through a task
+    /// gate the switch completed, 0 for CALL, JMP and IRET: it must not be
+    /// delivered again.
+    fn set_task_state(&mut self, state: &crate::vmx::task_switch::TaskState, delivered: u32) {
+        let _ = (state, delivered);
+    }
 }
 
 /// An emulated write the processor would refuse: the guest gets #GP(0) and
@@ -122,10 +158,28 @@ pub struct GpFault;
 
 /// Exception vectors.
 pub mod vector {
+    /// #DB.
+    pub const DB: u8 = 1;
     /// #UD.
     pub const UD: u8 = 6;
+    /// #DF.
+    pub const DF: u8 = 8;
+    /// #TS.
+    pub const TS: u8 = 10;
+    /// #NP.
+    pub const NP: u8 = 11;
+    /// #SS.
+    pub const SS: u8 = 12;
     /// #GP.
     pub const GP: u8 = 13;
     /// #PF.
     pub const PF: u8 = 14;
+}
+
+/// DR6 bits a debug exception reports (SDM Vol. 3B §18.2.3).
+pub mod dr6 {
+    /// B0–B3: breakpoint conditions met.
+    pub const B0_3: u64 = 0xf;
+    /// BS: single step.
+    pub const BS: u64 = 1 << 14;
 }

@@ -27,6 +27,8 @@ pub struct CrRules {
     pub cr4_fixed1: u64,
     /// Unrestricted guest is on.
     pub unrestricted: bool,
+    /// Physical address width (CR3 bits at and above it are reserved).
+    pub phys_bits: u32,
 }
 
 /// The effect of an accepted write.
@@ -106,6 +108,51 @@ pub fn write_cr4(new: u64, efer: u64, cr3: u64, r: &CrRules) -> Result<CrUpdate,
     })
 }
 
+/// CR0.TS.
+pub const CR0_TS: u64 = 1 << 3;
+/// The CR0 bits LMSW loads: PE, MP, EM, TS (SDM Vol. 2A "LMSW").
+const LMSW_BITS: u64 = 0xf;
+
+/// The CR0 that LMSW with `source` gives, from the guest's CR0: only bits
+/// 0–3 change, and PE can be set but not cleared (SDM Vol. 2A "LMSW").
+pub const fn lmsw(cr0: u64, source: u16) -> u64 {
+    (cr0 & !LMSW_BITS) | (source as u64 & LMSW_BITS) | (cr0 & CR0_PE)
+}
+
+/// The CR0 that CLTS gives (SDM Vol. 2A "CLTS").
+pub const fn clts(cr0: u64) -> u64 {
+    cr0 & !CR0_TS
+}
+
+/// A MOV to CR3 (SDM Vol. 3A §2.5, §4.10.4.1): in IA-32e mode bits from
+/// the physical address width up to 62 are reserved (#GP) and, with
+/// CR4.PCIDE, bit 63 asks not to flush and is not stored; outside IA-32e
+/// mode the operand is 32 bits. Returns the value CR3 holds afterwards.
+pub fn write_cr3(new: u64, efer: u64, cr4: u64, r: &CrRules) -> Result<u64, GpFault> {
+    if efer & EFER_LMA == 0 {
+        return Ok(new & 0xffff_ffff);
+    }
+    let value = if cr4 & CR4_PCIDE != 0 {
+        new & !(1 << 63)
+    } else {
+        new
+    };
+    let width = r.phys_bits.clamp(32, 63);
+    if value >> width != 0 {
+        return Err(GpFault);
+    }
+    Ok(value)
+}
+
+/// A MOV to CR8 (SDM Vol. 3A §10.8.6.1): bits 63:4 are reserved; the value
+/// is TPR bits 7:4. Returns the TPR register value.
+pub const fn write_cr8(new: u64) -> Result<u32, GpFault> {
+    if new >> 4 != 0 {
+        return Err(GpFault);
+    }
+    Ok(((new & 0xf) as u32) << 4)
+}
+
 /// CR-access exit qualification (SDM Vol. 3C Table 28-3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CrAccess {
@@ -144,7 +191,42 @@ mod tests {
             cr4_fixed0: c.cr4_fixed0,
             cr4_fixed1: c.cr4_fixed1,
             unrestricted: true,
+            phys_bits: 39,
         }
+    }
+
+    #[test]
+    fn lmsw_touches_bits_0_to_3_and_never_clears_pe() {
+        // PE|MP|ET|NE|PG with TS: LMSW 0 clears MP and TS but keeps PE.
+        let cr0 = 0x8000_003b;
+        assert_eq!(lmsw(cr0, 0), 0x8000_0031);
+        // LMSW 0xfff0 loads only bits 0-3 (all clear here).
+        assert_eq!(lmsw(cr0, 0xfff0), 0x8000_0031);
+        // From real mode, LMSW 1 sets PE (the classic way into protected mode).
+        assert_eq!(lmsw(0x6000_0010, 1), 0x6000_0011);
+        assert_eq!(lmsw(0x10, 0x000e), 0x1e, "MP, EM, TS set");
+        assert_eq!(clts(0x8000_003b), 0x8000_0033);
+        assert_eq!(clts(0x11), 0x11);
+    }
+
+    #[test]
+    fn cr3_and_cr8_writes() {
+        let r = rules();
+        let lma = 1 << 10;
+        // Legacy mode: the operand is 32 bits.
+        assert_eq!(write_cr3(0xdead_0000_1234_5000, 0, 0, &r), Ok(0x1234_5000));
+        // IA-32e: bits 39..=62 are reserved with 39 physical address bits.
+        assert_eq!(write_cr3(0x7f_ffff_f000, lma, 0, &r), Ok(0x7f_ffff_f000));
+        assert_eq!(write_cr3(1 << 39, lma, 0, &r), Err(GpFault));
+        assert_eq!(write_cr3(1 << 63, lma, 0, &r), Err(GpFault), "no PCIDE");
+        // With PCIDE bit 63 is the no-flush hint, not stored.
+        assert_eq!(
+            write_cr3((1 << 63) | 0x1000 | 5, lma, CR4_PCIDE, &r),
+            Ok(0x1005)
+        );
+        assert_eq!(write_cr8(0xf), Ok(0xf0));
+        assert_eq!(write_cr8(0), Ok(0));
+        assert_eq!(write_cr8(0x10), Err(GpFault));
     }
 
     #[test]

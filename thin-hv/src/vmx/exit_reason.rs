@@ -15,6 +15,7 @@ impl ExitReason {
     pub const INIT: Self = Self(3);
     pub const SIPI: Self = Self(4);
     pub const NMI_WINDOW: Self = Self(8);
+    pub const TASK_SWITCH: Self = Self(9);
     pub const CPUID: Self = Self(10);
     pub const GETSEC: Self = Self(11);
     pub const HLT: Self = Self(12);
@@ -42,6 +43,8 @@ impl ExitReason {
     pub const INVVPID: Self = Self(53);
     pub const XSETBV: Self = Self(55);
     pub const VMFUNC: Self = Self(59);
+    pub const SEAMCALL: Self = Self(76);
+    pub const TDCALL: Self = Self(77);
 
     /// Name for logs.
     pub const fn name(self) -> &'static str {
@@ -52,6 +55,7 @@ impl ExitReason {
             3 => "INIT",
             4 => "SIPI",
             8 => "NMI window",
+            9 => "task switch",
             10 => "CPUID",
             11 => "GETSEC",
             12 => "HLT",
@@ -71,6 +75,8 @@ impl ExitReason {
             53 => "INVVPID",
             55 => "XSETBV",
             59 => "VMFUNC",
+            76 => "SEAMCALL",
+            77 => "TDCALL",
             _ => "unknown",
         }
     }
@@ -131,25 +137,42 @@ pub fn decode(
         ExitReason::CPUID => Exit::Cpuid,
         ExitReason::INVD => Exit::Invd,
         ExitReason::VMCALL => Exit::Hypercall,
-        ExitReason::GETSEC | ExitReason::INVEPT | ExitReason::INVVPID | ExitReason::VMFUNC => {
-            Exit::VirtInstruction
-        }
-        ExitReason(19..=27) => Exit::VirtInstruction,
+        // Instructions that exit unconditionally (SDM Vol. 3C §26.1.2) and
+        // that a processor without VMX (or outside SEAM, for the TDX pair)
+        // answers with #UD.
+        ExitReason::GETSEC
+        | ExitReason::INVEPT
+        | ExitReason::INVVPID
+        | ExitReason::VMFUNC
+        | ExitReason::SEAMCALL
+        | ExitReason::TDCALL
+        | ExitReason(19..=27) => Exit::VirtInstruction,
+        // Table 28-3: access types 0 MOV to CR, 1 MOV from CR, 2 CLTS, 3 LMSW.
         ExitReason::CR_ACCESS => {
             let a = CrAccess::decode(qual);
-            if a.kind == 0 {
-                Exit::CrWrite {
+            match a.kind {
+                0 => Exit::CrWrite {
                     cr: a.cr,
                     gpr: a.gpr,
-                }
-            } else {
-                Exit::Other {
-                    code: u64::from(basic.0),
-                    info1: qual,
-                    info2: 0,
-                }
+                },
+                1 => Exit::CrRead {
+                    cr: a.cr,
+                    gpr: a.gpr,
+                },
+                2 => Exit::Clts,
+                _ => Exit::Lmsw { source: a.lmsw },
             }
         }
+        // Table 28-2: TSS selector in 15:0, source in 31:30. The event a
+        // task gate delivers and the instruction length are filled in by
+        // the caller (IDT-vectoring information, VM-exit instruction length).
+        ExitReason::TASK_SWITCH => Exit::TaskSwitch {
+            selector: (qual & 0xffff) as u16,
+            source: ((qual >> 30) & 3) as u8,
+            event: 0,
+            error_code: 0,
+            insn_len: 0,
+        },
         ExitReason::RDMSR => Exit::MsrRead {
             msr: (rcx & 0xffff_ffff) as u32,
         },
@@ -186,6 +209,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn decodes_the_configuration_address_port() {
+        let io = |port, size, input| Exit::PortIo {
+            port,
+            size,
+            input,
+            string: false,
+        };
+        // Size - 1 in bits 2:0, IN = bit 3, port in bits 31:16.
+        assert_eq!(decode(30, 0x0cf8_0003, 0, 0, 0, 0, 0), io(0xcf8, 4, false));
+        assert_eq!(decode(30, 0x0cf8_000b, 0, 0, 0, 0, 0), io(0xcf8, 4, true));
+        assert_eq!(decode(30, 0x0cf9_0000, 0, 0, 0, 0, 0), io(0xcf9, 1, false));
+        assert_eq!(decode(30, 0x0cfa_0009, 0, 0, 0, 0, 0), io(0xcfa, 2, true));
+    }
+
+    #[test]
     fn decodes_what_thinhv_intercepts() {
         assert_eq!(decode(10, 0, 0, 0, 0, 0, 0), Exit::Cpuid);
         assert_eq!(decode(18, 0, 0, 0, 0, 0, 0), Exit::Hypercall);
@@ -205,7 +243,9 @@ mod tests {
         );
         assert_eq!(decode(13, 0, 0, 0, 0, 0, 0), Exit::Invd);
         assert_eq!(decode(55, 0, 0, 0, 0, 0, 0), Exit::Xsetbv);
-        for r in [11u32, 19, 20, 21, 22, 23, 24, 25, 26, 27, 50, 53, 59] {
+        for r in [
+            11u32, 19, 20, 21, 22, 23, 24, 25, 26, 27, 50, 53, 59, 76, 77,
+        ] {
             assert_eq!(decode(r, 0, 0, 0, 0, 0, 0), Exit::VirtInstruction, "{r}");
         }
         assert_eq!(decode(31, 0, 0, 0x3a, 0, 0, 0), Exit::MsrRead { msr: 0x3a });
@@ -221,10 +261,41 @@ mod tests {
             decode(28, 0x304, 0, 0, 0, 0, 0),
             Exit::CrWrite { cr: 4, gpr: 3 }
         );
-        assert!(
-            matches!(decode(28, 0x10, 0, 0, 0, 0, 0), Exit::Other { .. }),
-            "mov from CR"
+        // mov rdx, cr3 (type 1, GPR 2); mov r9, cr8.
+        assert_eq!(
+            decode(28, 0x213, 0, 0, 0, 0, 0),
+            Exit::CrRead { cr: 3, gpr: 2 }
         );
+        assert_eq!(
+            decode(28, 0x918, 0, 0, 0, 0, 0),
+            Exit::CrRead { cr: 8, gpr: 9 }
+        );
+        assert_eq!(decode(28, 0x20, 0, 0, 0, 0, 0), Exit::Clts);
+        // lmsw with source 0x000b (register or memory form: bit 6).
+        assert_eq!(
+            decode(28, 0x000b_0070, 0, 0, 0, 0, 0),
+            Exit::Lmsw { source: 0xb }
+        );
+        // A task switch by IRET (source 1) to TSS selector 0x28; by a task
+        // gate in the IDT (source 3) to 0x50.
+        assert_eq!(
+            decode(9, 0x4000_0028, 0, 0, 0, 0, 0),
+            Exit::TaskSwitch {
+                selector: 0x28,
+                source: 1,
+                event: 0,
+                error_code: 0,
+                insn_len: 0
+            }
+        );
+        assert!(matches!(
+            decode(9, 0xc000_0050, 0, 0, 0, 0, 0),
+            Exit::TaskSwitch {
+                selector: 0x50,
+                source: 3,
+                ..
+            }
+        ));
         // in eax, dx (0xcfc): size 4, IN, DX operand.
         assert_eq!(
             decode(30, 0x0cfc_000b, 0, 0, 0, 0, 0),

@@ -32,6 +32,7 @@ impl Field {
     pub const MSR_BITMAP: Self = Self(0x2004);
     pub const TSC_OFFSET: Self = Self(0x2010);
     pub const EPT_POINTER: Self = Self(0x201a);
+    pub const XSS_EXITING_BITMAP: Self = Self(0x202c);
     // 64-bit read-only.
     pub const GUEST_PHYSICAL_ADDRESS: Self = Self(0x2400);
     // 64-bit guest state.
@@ -39,6 +40,10 @@ impl Field {
     pub const GUEST_IA32_DEBUGCTL: Self = Self(0x2802);
     pub const GUEST_IA32_PAT: Self = Self(0x2804);
     pub const GUEST_IA32_EFER: Self = Self(0x2806);
+    pub const GUEST_PDPTE0: Self = Self(0x280a);
+    pub const GUEST_PDPTE1: Self = Self(0x280c);
+    pub const GUEST_PDPTE2: Self = Self(0x280e);
+    pub const GUEST_PDPTE3: Self = Self(0x2810);
     // 64-bit host state.
     pub const HOST_IA32_PAT: Self = Self(0x2c00);
     pub const HOST_IA32_EFER: Self = Self(0x2c02);
@@ -190,11 +195,16 @@ const NAMES: &[(u32, &str)] = &[
     (0x2004, "MSR_BITMAP"),
     (0x2010, "TSC_OFFSET"),
     (0x201a, "EPT_POINTER"),
+    (0x202c, "XSS_EXITING_BITMAP"),
     (0x2400, "GUEST_PHYSICAL_ADDRESS"),
     (0x2800, "VMCS_LINK_POINTER"),
     (0x2802, "GUEST_IA32_DEBUGCTL"),
     (0x2804, "GUEST_IA32_PAT"),
     (0x2806, "GUEST_IA32_EFER"),
+    (0x280a, "GUEST_PDPTE0"),
+    (0x280c, "GUEST_PDPTE1"),
+    (0x280e, "GUEST_PDPTE2"),
+    (0x2810, "GUEST_PDPTE3"),
     (0x2c00, "HOST_IA32_PAT"),
     (0x2c02, "HOST_IA32_EFER"),
     (0x4000, "PIN_BASED_CONTROLS"),

@@ -13,3 +13,4 @@ pub mod image;
 pub mod msr_bitmap;
 pub mod setup;
 pub mod state;
+pub mod task_switch;

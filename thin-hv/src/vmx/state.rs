@@ -236,6 +236,11 @@ pub fn build(
         v.set(Field::IO_BITMAP_B, c.io_bitmap + 0x1000);
     }
     v.set(Field::EPT_POINTER, c.eptp);
+    if c.proc2 & proc2::XSAVES != 0 {
+        // XSAVES/XRSTORS exit for the components set here (SDM Vol. 3C
+        // §26.1.3): none. VMCLEAR does not promise a zero field.
+        v.set(Field::XSS_EXITING_BITMAP, 0);
+    }
     if c.proc2 & proc2::VPID != 0 {
         v.set(Field::VPID, u64::from(c.vpid));
     }

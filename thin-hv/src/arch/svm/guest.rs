@@ -4,6 +4,12 @@ use crate::guest::{CpuMode, GpFault, Gpr, GuestCpu, PagingRegs};
 use crate::svm::vmcb::{EFER_SVME, Vmcb, event};
 
 const CR0_PE: u64 = 1;
+const RFLAGS_RF: u64 = 1 << 16;
+/// `int_state` bit 0: the guest is in an interrupt shadow (STI, MOV SS).
+const INTERRUPT_SHADOW: u64 = 1;
+/// `virt_ext` bit 0: LBR virtualization (the VMCB holds the guest's
+/// DEBUGCTL only then).
+const LBR_VIRT: u64 = 1;
 const EFER_LMA: u64 = 1 << 10;
 /// VMCB segment attribute bits (packed form): L and D/B.
 const ATTR_L: u16 = 1 << 9;
@@ -98,8 +104,53 @@ impl GuestCpu for SvmGuest<'_> {
         self.vmcb.control.event_inj = event::nmi();
     }
 
+    fn set_guest_pat(&mut self, value: u64) {
+        self.vmcb.save.g_pat = value;
+    }
+
     fn write_cr(&mut self, _cr: u8, _value: u64) -> Result<(), GpFault> {
         // The SVM backend intercepts no CR writes.
         Err(GpFault)
+    }
+
+    fn read_cr(&self, _cr: u8) -> Option<u64> {
+        // Nor CR reads.
+        None
+    }
+
+    fn rflags(&self) -> u64 {
+        self.vmcb.save.rflags
+    }
+
+    fn debugctl(&self) -> u64 {
+        if self.vmcb.control.virt_ext & LBR_VIRT != 0 {
+            self.vmcb.save.dbgctl
+        } else {
+            // Without LBR virtualization the guest's DEBUGCTL is live in the
+            // MSR; its BTF is not consulted (see docs/security.md).
+            0
+        }
+    }
+
+    fn dr7(&self) -> u64 {
+        self.vmcb.save.dr7
+    }
+
+    fn breakpoint_address(&self, n: u8) -> u64 {
+        // DR0–DR3 are not switched by VMRUN/#VMEXIT (APM Vol. 2 §15.5.1,
+        // §15.6): the guest's values are in the registers.
+        crate::arch::vmx::guest::read_breakpoint(n)
+    }
+
+    fn complete_instruction(&mut self, dr6: u64) {
+        self.vmcb.control.int_state &= !INTERRUPT_SHADOW;
+        self.vmcb.save.rflags &= !RFLAGS_RF;
+        if dr6 != 0 && self.vmcb.control.event_inj & event::VALID == 0 {
+            // A #DB trap after the instruction: DR6 comes from the VMCB on
+            // VMRUN (APM Vol. 2 §15.5.1), and an injected exception is taken
+            // before the guest's next instruction (§15.20).
+            self.vmcb.save.dr6 |= dr6;
+            self.vmcb.control.event_inj = event::exception(crate::guest::vector::DB, None);
+        }
     }
 }

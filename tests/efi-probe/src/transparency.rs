@@ -1,0 +1,173 @@
+//! Transparency: single-stepping (RFLAGS.TF) over an instruction thinhv
+//! emulates or skips must raise the #DB right after it, with DR6.BS set,
+//! as the processor does (SDM Vol. 3B §18.3.1.4). Runs bare too, where the
+//! processor (the emulator) is the control.
+//!
+//! For each instruction: `tf_after_<name>` is the #DB's RIP minus the
+//! instruction's address (its length when the trap came right after it;
+//! more when it came late; 0 when none came), `tf_bs_<name>` DR6.BS seen
+//! by the handler. The probe runs at CPL 0 only: user-mode stepping is
+//! covered by the unit tests (the emulation does not depend on the CPL).
+use core::arch::{asm, naked_asm};
+use core::sync::atomic::{AtomicU64, Ordering};
+use thinhv_abi::cpuid::{LEAF_SIGNATURE, SIGNATURE, signature_from_regs};
+use thinhv_abi::hypercall::Function;
+use uefi::println;
+
+/// RIP and DR6 of the first #DB taken, and how many were taken.
+static DB_RIP: AtomicU64 = AtomicU64::new(0);
+static DB_DR6: AtomicU64 = AtomicU64::new(0);
+static DB_COUNT: AtomicU64 = AtomicU64::new(0);
+
+#[unsafe(naked)]
+extern "C" fn db_stub() {
+    // Frame: RIP, CS, RFLAGS, RSP, SS (no error code). Records the first
+    // trap, clears TF in the saved RFLAGS (one trap per test) and resets
+    // DR6 (the processor never clears its status bits).
+    naked_asm!(
+        "push rax",
+        "cmp qword ptr [rip + {count}], 0",
+        "jne 2f",
+        "mov rax, [rsp + 8]",
+        "mov [rip + {rip}], rax",
+        "mov rax, dr6",
+        "mov [rip + {dr6}], rax",
+        "2:",
+        "add qword ptr [rip + {count}], 1",
+        "and qword ptr [rsp + 24], -257",
+        "mov eax, 0xffff0ff0",
+        "mov dr6, rax",
+        "pop rax",
+        "iretq",
+        count = sym DB_COUNT, rip = sym DB_RIP, dr6 = sym DB_DR6,
+    );
+}
+
+#[repr(C, packed)]
+struct Dtr {
+    limit: u16,
+    base: u64,
+}
+
+/// Runs `f` with the #DB vector pointing at [`db_stub`]; returns what it
+/// recorded as (RIP delta from the address `f` returns, DR6.BS).
+fn with_db_handler(f: impl FnOnce() -> u64) -> (u64, u64) {
+    let mut d = Dtr { limit: 0, base: 0 };
+    let cs: u16;
+    // SAFETY: SIDT stores into `d`; reading CS has no side effects.
+    unsafe {
+        asm!("sidt [{}]", in(reg) &raw mut d);
+        asm!("mov {:x}, cs", out(reg) cs);
+    }
+    let idt = d.base as *mut [u64; 2];
+    let h = db_stub as *const () as u64;
+    let gate = [
+        (h & 0xffff) | (u64::from(cs) << 16) | (0x8eu64 << 40) | (((h >> 16) & 0xffff) << 48),
+        h >> 32,
+    ];
+    DB_COUNT.store(0, Ordering::SeqCst);
+    DB_RIP.store(0, Ordering::SeqCst);
+    DB_DR6.store(0, Ordering::SeqCst);
+    let start;
+    // SAFETY: the firmware's IDT is identity-mapped, writable boot-services
+    // memory; entry 1 is saved and restored around `f`, with interrupts
+    // disabled so nothing else takes a #DB through the temporary gate.
+    unsafe {
+        asm!("cli");
+        let old = idt.add(1).read_volatile();
+        idt.add(1).write_volatile(gate);
+        start = f();
+        idt.add(1).write_volatile(old);
+        asm!("sti");
+    }
+    if DB_COUNT.load(Ordering::SeqCst) == 0 {
+        return (0, 0);
+    }
+    let delta = DB_RIP.load(Ordering::SeqCst).wrapping_sub(start);
+    let bs = (DB_DR6.load(Ordering::SeqCst) >> 14) & 1;
+    (delta, bs)
+}
+
+/// Executes `$insn` with TF set and returns its address. POPF sets TF, so
+/// the trap comes after the instruction that follows it (SDM Vol. 3B
+/// §18.3.1.4): `$insn`. TF is cleared again right after (if the trap came
+/// late, after that PUSHF, the delta shows it).
+macro_rules! stepped {
+    ($insn:literal $(, $($op:tt)*)?) => {{
+        let start: u64;
+        // SAFETY: each use names the instruction's inputs and clobbers; RBX
+        // (which the compiler reserves) is saved and restored around it.
+        unsafe {
+            asm!(
+                "mov {saved}, rbx",
+                "lea {start}, [rip + 2f]",
+                "pushfq",
+                "or qword ptr [rsp], 0x100",
+                "popfq",
+                "2:",
+                $insn,
+                "pushfq",
+                "and qword ptr [rsp], -257",
+                "popfq",
+                "mov rbx, {saved}",
+                start = out(reg) start,
+                saved = out(reg) _,
+                $($($op)*)?
+            );
+        }
+        start
+    }};
+}
+
+fn report(name: &str, (delta, bs): (u64, u64)) {
+    println!("tf_after_{name}={delta}");
+    println!("tf_bs_{name}={bs}");
+}
+
+fn genuine_intel() -> bool {
+    let r = core::arch::x86_64::__cpuid_count(0, 0);
+    r.ebx == u32::from_le_bytes(*b"Genu")
+}
+
+/// The single-step checks. Call before the probe decides whether thinhv
+/// is there, so that they also run bare.
+pub fn single_step() {
+    // NOP: the harness itself (1 byte).
+    report("nop", with_db_handler(|| stepped!("nop")));
+    // CPUID (2 bytes): always intercepted.
+    report(
+        "cpuid",
+        with_db_handler(|| stepped!("cpuid", inout("eax") 0u32 => _, out("ecx") _, out("edx") _)),
+    );
+    // RDMSR IA32_EFER (2 bytes): intercepted on SVM (EFER.SVME hidden).
+    report(
+        "rdmsr_efer",
+        with_db_handler(|| stepped!("rdmsr", in("ecx") 0xc000_0080u32, out("eax") _, out("edx") _)),
+    );
+    // IN EAX, DX from 0xCFC (1 byte), the latch set to 00:00.0 register 0
+    // first (outside the stepped window): intercepted where thinhv
+    // mediates configuration space.
+    // SAFETY: selects the host bridge's vendor/device register; reading it
+    // has no side effects.
+    unsafe { asm!("out dx, eax", in("dx") 0xcf8u16, in("eax") 0x8000_0000u32) };
+    report(
+        "in_cfc",
+        with_db_handler(|| stepped!("in eax, dx", in("dx") 0xcfcu16, out("eax") _)),
+    );
+    let s = core::arch::x86_64::__cpuid_count(LEAF_SIGNATURE, 0);
+    if signature_from_regs(s.ebx, s.ecx, s.edx) != SIGNATURE {
+        // Bare: VMCALL/VMMCALL would be #UD; no hypercall to step over.
+        return;
+    }
+    // The VERSION hypercall (3 bytes), which changes RAX..RDX.
+    let r = if genuine_intel() {
+        with_db_handler(
+            || stepped!("vmcall", inout("rax") Function::VERSION.0 => _, out("rcx") _, out("rdx") _),
+        )
+    } else {
+        with_db_handler(
+            || stepped!("vmmcall", inout("rax") Function::VERSION.0 => _, out("rcx") _, out("rdx") _),
+        )
+    };
+    report("hypercall", r);
+}

@@ -1,0 +1,115 @@
+//! What the processor does when an instruction completes, for the
+//! instructions thinhv emulates or skips (CPUID, MSR accesses, port I/O,
+//! APIC and ECAM accesses, hypercalls, XSETBV, INVD, CR accesses): the
+//! exit replaced the instruction, so the single-step trap it would have
+//! raised (RFLAGS.TF, SDM Vol. 3B §18.3.1.4; APM Vol. 2 §13.1.3.3) and the
+//! I/O breakpoints it would have hit (DR7 R/W = 10b with CR4.DE, §18.2.4)
+//! are raised here, after it, through [`GuestCpu::complete_instruction`].
+//!
+//! Data breakpoints on the memory accesses thinhv emulates (APIC, ECAM)
+//! are not matched: see `docs/security.md`.
+use super::Outcome;
+use crate::exit::Exit;
+use crate::guest::{GuestCpu, dr6};
+
+const RFLAGS_TF: u64 = 1 << 8;
+/// IA32_DEBUGCTL.BTF: TF single-steps branches only (SDM Vol. 3B §18.4.3).
+const DEBUGCTL_BTF: u64 = 1 << 1;
+/// CR4.DE: DR7 R/W = 10b means I/O breakpoints.
+const CR4_DE: u64 = 1 << 3;
+/// DR7 R/W encoding of an I/O read-or-write breakpoint.
+const RW_IO: u64 = 0b10;
+
+/// What the trap depends on, taken before the handler runs.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Before {
+    rip: u64,
+    rflags: u64,
+}
+
+pub(super) fn before(cpu: &impl GuestCpu) -> Before {
+    Before {
+        rip: cpu.rip(),
+        rflags: cpu.rflags(),
+    }
+}
+
+/// After the handler: if it completed the instruction (the guest resumes
+/// with RIP moved past it), finish it as the processor would.
+pub(super) fn after(exit: &Exit, cpu: &mut impl GuestCpu, before: Before, outcome: Outcome) {
+    if !matches!(outcome, Outcome::Resume | Outcome::ResumeFlushTlb)
+        || cpu.rip() == before.rip
+        || matches!(exit, Exit::TaskSwitch { .. })
+    {
+        // Nothing completed: the instruction faulted (an exception was
+        // queued instead), will run again, or the CPU leaves this context.
+        // A task switch loads its own EFLAGS and interrupt state.
+        return;
+    }
+    let mut bits = 0;
+    // TF at the start of the instruction, and not restricted to branches
+    // (none of the emulated instructions branches).
+    if before.rflags & RFLAGS_TF != 0 && cpu.debugctl() & DEBUGCTL_BTF == 0 {
+        bits |= dr6::BS;
+    }
+    if let Exit::PortIo {
+        port,
+        size,
+        string: false,
+        ..
+    } = *exit
+        && cpu.paging().cr4 & CR4_DE != 0
+    {
+        let addrs = [0u8, 1, 2, 3].map(|n| cpu.breakpoint_address(n));
+        bits |= io_breakpoints(cpu.dr7(), addrs, port, size);
+    }
+    cpu.complete_instruction(bits);
+}
+
+/// The DR6 B0–B3 bits of the enabled I/O breakpoints that an access of
+/// `size` bytes at `port` hits (SDM Vol. 3B §18.2.4–18.2.5: R/Wn = 10b,
+/// LENn 00/01/11/10 = 1/2/4/8 bytes, the address aligned to the length).
+/// Only meaningful with CR4.DE set.
+pub fn io_breakpoints(dr7: u64, addrs: [u64; 4], port: u16, size: u8) -> u64 {
+    let mut hit = 0;
+    let (start, end) = (u64::from(port), u64::from(port) + u64::from(size));
+    for (n, addr) in addrs.iter().enumerate() {
+        let enabled = (dr7 >> (2 * n)) & 3 != 0;
+        let rw = (dr7 >> (16 + 4 * n)) & 3;
+        let len = match (dr7 >> (18 + 4 * n)) & 3 {
+            0 => 1,
+            1 => 2,
+            2 => 8,
+            _ => 4,
+        };
+        let lo = (addr & 0xffff) & !(len - 1);
+        if enabled && rw == RW_IO && lo < end && start < lo + len {
+            hit |= 1 << n;
+        }
+    }
+    hit & dr6::B0_3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::io_breakpoints;
+
+    #[test]
+    fn io_breakpoints_follow_dr7() {
+        // DR1 = 0xcfc, L1, R/W1 = 10b (I/O), LEN1 = 11b (4 bytes).
+        let dr7 = (1 << 2) | (0b10 << 20) | (0b11 << 22);
+        let a = [0, 0xcfc, 0, 0];
+        assert_eq!(io_breakpoints(dr7, a, 0xcfc, 4), 0b10);
+        assert_eq!(io_breakpoints(dr7, a, 0xcfe, 1), 0b10, "inside the range");
+        assert_eq!(io_breakpoints(dr7, a, 0xcf8, 4), 0, "next to it");
+        assert_eq!(io_breakpoints(dr7, a, 0xcfb, 2), 0b10, "overlapping");
+        // Disabled, or a data (write) breakpoint: no hit.
+        assert_eq!(io_breakpoints(dr7 & !(1 << 2), a, 0xcfc, 4), 0);
+        let data = (1 << 2) | (0b01 << 20) | (0b11 << 22);
+        assert_eq!(io_breakpoints(data, a, 0xcfc, 4), 0);
+        // G0 with a 1-byte breakpoint at 0x80.
+        let dr7 = 1 << 1 | (0b10 << 16);
+        assert_eq!(io_breakpoints(dr7, [0x80, 0, 0, 0], 0x80, 1), 1);
+        assert_eq!(io_breakpoints(dr7, [0x80, 0, 0, 0], 0x81, 1), 0);
+    }
+}
