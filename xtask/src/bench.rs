@@ -128,6 +128,80 @@ fn nvme_once(
         .ok_or_else(|| format!("the guest did not time the NVMe read:\n{out}"))
 }
 
+/// The EFI probe, bare or under thinhv (same QEMU line): its report
+/// (`key=value` lines), which carries the exit round trips it measured.
+fn probe_once(a: &artifacts::Artifacts, hv: bool, n: usize) -> Result<String, String> {
+    let build = root().join("build").join("bench");
+    std::fs::create_dir_all(&build).map_err(|e| e.to_string())?;
+    let esp_dir = build.join(format!("probe-{}-{n}", if hv { "hv" } else { "bare" }));
+    let esp = Esp::create(&esp_dir).map_err(|e| e.to_string())?;
+    if hv {
+        esp.put_file(esp::PROBE, &a.probe)
+            .and_then(|()| {
+                esp.install_thinhv(&a.efi, Some(&format!("[boot]\nnext = '{}'\n", esp::PROBE)))
+            })
+            .map_err(|e| e.to_string())?;
+    } else {
+        esp.put_file(r"\EFI\BOOT\BOOTX64.EFI", &a.probe)
+            .map_err(|e| e.to_string())?;
+    }
+    let ovmf = firmware::find()?;
+    let vars = esp_dir.with_extension("vars.fd");
+    std::fs::copy(&ovmf.vars, &vars).map_err(|e| e.to_string())?;
+    let serial = esp_dir.with_extension("serial.txt");
+    let cmd = qemu::command(
+        &ovmf,
+        &vars,
+        &esp_dir,
+        &Profile::svm(1),
+        &Serial::File(serial.clone()),
+    );
+    let mut run = Run::start(cmd, &serial).map_err(|e| e.to_string())?;
+    run.wait_for("THINHV-PROBE-END", TIMEOUT)
+        .map_err(|e| format!("{e}\n{}", run.output()))?;
+    let out = run.output();
+    let _ = run.wait_exit(Duration::from_secs(20));
+    section(&out, "THINHV-PROBE-BEGIN", "THINHV-PROBE-END")
+        .map(str::to_string)
+        .ok_or_else(|| format!("no probe report:\n{out}"))
+}
+
+/// Exit round trips (CPUID, APIC write) in TSC cycles, measured by the
+/// probe inside the guest, bare and under thinhv, runs alternated. Returns
+/// medians over runs of each run's median: [cpuid bare, cpuid hv, apic
+/// bare, apic hv].
+fn exit_round_trips(a: &artifacts::Artifacts, runs: usize) -> Result<[f64; 4], String> {
+    let mut v: [Vec<f64>; 4] = Default::default();
+    let get = |r: &str, k: &str| -> Result<f64, String> {
+        thinhv_ovmf::runner::value(r, k)
+            .and_then(|x| x.trim().parse::<f64>().ok())
+            .ok_or_else(|| format!("the probe did not report {k}:\n{r}"))
+    };
+    for n in 0..runs {
+        let bare = probe_once(a, false, n)?;
+        let hv = probe_once(a, true, n)?;
+        if thinhv_ovmf::runner::value(&hv, "signature").map(str::trim) != Some("ThinHVThinHV") {
+            return Err(format!("thinhv did not run under the probe:\n{hv}"));
+        }
+        for (i, (r, k)) in [
+            (&bare, "bench_cpuid_cycles_median"),
+            (&hv, "bench_cpuid_cycles_median"),
+            (&bare, "bench_apic_write_cycles_median"),
+            (&hv, "bench_apic_write_cycles_median"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            v[i].push(get(r, k)?);
+        }
+        println!(
+            "run {n}: CPUID {:.0} / {:.0} cycles, APIC write {:.0} / {:.0} cycles (bare / thinhv)",
+            v[0][n], v[1][n], v[2][n], v[3][n]
+        );
+    }
+    Ok(v.map(|mut x| median(&mut x)))
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -157,6 +231,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     crate::deps::ensure()?;
     let a = artifacts::build()?;
     let img = linux::prepare(&root().join("build/cache"), &a.tool)?;
+    let trips = exit_round_trips(&a, runs)?;
     let mut native = Vec::new();
     let mut with = Vec::new();
     let mut last_status = None;
@@ -225,6 +300,19 @@ pub fn run(args: &[String]) -> Result<(), String> {
         512.0 / nw
     );
     println!("    ratio (with / without):    {:7.3}", nn / nw);
+    println!("  exit round trips measured in the guest (EFI probe, TSC cycles, median):");
+    println!(
+        "    CPUID:        bare {:8.0}   under thinhv {:8.0}   added {:8.0}",
+        trips[0],
+        trips[1],
+        trips[1] - trips[0]
+    );
+    println!(
+        "    APIC write:   bare {:8.0}   under thinhv {:8.0}   added {:8.0}",
+        trips[2],
+        trips[3],
+        trips[3] - trips[2]
+    );
     println!("  exits during the boot (all CPUs, counted until userspace):");
     let mut total = 0u64;
     if let Some(ex) = status.get("exits_total").and_then(Value::as_object) {
@@ -274,6 +362,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
         "nvme_throughput_ratio": nn / nw,
         "igb_boot_no_rules_s": igb_plain, "igb_boot_vf_budget_s": igb_budget,
         "igb_vf_budget_pci_config_exits": pci_exits,
+        "cpuid_round_trip_cycles_bare": trips[0], "cpuid_round_trip_cycles_thinhv": trips[1],
+        "apic_write_round_trip_cycles_bare": trips[2],
+        "apic_write_round_trip_cycles_thinhv": trips[3],
     });
     let path = root().join("build/bench.json");
     std::fs::write(

@@ -5,6 +5,7 @@ mod deps;
 mod fuzz;
 mod guest;
 mod lint;
+mod soak;
 mod test;
 
 use std::process::ExitCode;
@@ -18,7 +19,10 @@ const HELP: &str = "cargo xtask <command>
                      --append ARGS  extra kernel command-line arguments
   test             lint, unit tests, then the QEMU integration tests (what CI runs)
   it [FILTER..]    only the QEMU integration tests (optionally those matching FILTER)
-  bench            boot time with and without thinhv, exits, memory, binary size
+  bench            boot time with and without thinhv, exits, memory, binary size,
+                     and the CPUID/APIC-write exit round trips measured in the guest
+  soak [N]         boot Linux under thinhv N times (SMP 4, igb + NVMe; default 10) and
+                     report every hang or failure with its hang report (not part of CI)
   lint             rustfmt check and clippy on the host, UEFI and core targets
   fuzz [SECONDS]   run each cargo-fuzz target (ACPI tables, PCI capabilities) for SECONDS
                      (default 60; needs nightly Rust and cargo-fuzz)
@@ -34,6 +38,7 @@ fn main() -> ExitCode {
         "test" => test::run(),
         "it" => crate::deps::ensure().and_then(|()| test::integration(rest)),
         "bench" => bench::run(rest),
+        "soak" => soak::run(rest),
         "lint" => lint::run(),
         "fuzz" => fuzz::run(rest),
         "setup" => deps::setup(),
