@@ -18,6 +18,8 @@
 //! `0x4000_0000..` (any privilege level) give the version and the physical
 //! address of the read-only status page; `/dev/mem` (root) reads that page.
 //! See `docs/status-channel.md`.
+mod attack_msr;
+mod attack_pci;
 mod cpuid;
 mod devmem;
 mod dma;
@@ -66,6 +68,9 @@ fn main() -> ExitCode {
         "install" => install::run_install(rest),
         // Test tool for the guest (QEMU's edu device); not for operators.
         "dma-probe" => dma::run(),
+        // Attacks a hostile kernel tries (issue 11); test tools as well.
+        "attack" if rest.first().is_some_and(|a| a == "msr") => attack_msr::run(&rest[1..]),
+        "attack" => attack_pci::run(rest),
         "offloads" => offloads::run(rest),
         "nvme-virt" => nvme_virt::run(rest),
         "uninstall" => install::run_uninstall(rest),

@@ -145,6 +145,8 @@ pub const MODULES: &[&str] = &[
     "drivers/i2c/algos/i2c-algo-bit.ko",
     "drivers/net/ethernet/intel/igb/igb.ko",
     "drivers/net/ethernet/intel/igbvf/igbvf.ko",
+    // /dev/cpu/N/msr, for the attack suite's MSR writes from the kernel.
+    "arch/x86/kernel/msr.ko",
 ];
 
 /// The modules directory (`.../lib/modules/VERSION/kernel`) of the unpacked

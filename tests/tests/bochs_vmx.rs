@@ -126,6 +126,43 @@ fn vmx_probe_in_bochs() {
     assert_eq!(get(r, "integrity_status"), "0");
     // The AP path: OVMF woke the (virtualized) AP with INIT-SIPI-SIPI.
     assert_ap_started(r);
+    // Single-stepping over what thinhv emulates on VMX (CPUID, VMCALL;
+    // RDMSR EFER and IN run natively here): the #DB comes right after
+    // each instruction with DR6.BS (pending debug exceptions, BS).
+    for (insn, len) in [
+        ("nop", 1),
+        ("cpuid", 2),
+        ("rdmsr_efer", 2),
+        ("in_cfc", 1),
+        ("hypercall", 3),
+    ] {
+        assert_eq!(
+            get(r, &format!("tf_after_{insn}")),
+            len.to_string(),
+            "#DB right after a single-stepped {insn} (0: no #DB)"
+        );
+        assert_eq!(get(r, &format!("tf_bs_{insn}")), "1", "DR6.BS for {insn}");
+    }
+    // The attack suite's MSR and INVD attacks on the VMX backend (the bare
+    // control is the SVM test's: `tests/tests/attacks.rs`). EFER and PAT
+    // are the processor's own on VMX and not asserted here.
+    for k in [
+        "attack_msr_mtrr_deftype_reserved",
+        "attack_msr_apic_relocate",
+        "attack_msr_vm_hsave_pa",
+        "attack_msr_vm_cr",
+    ] {
+        assert_eq!(get(r, k), "13", "{k} must raise #GP under thinhv");
+    }
+    for k in ["efer_reserved", "efer_svme", "pat_reserved"] {
+        eprintln!("attack_msr_{k} = {}", get(r, &format!("attack_msr_{k}")));
+    }
+    assert_eq!(get(r, "mtrr_physbase7_write"), "0");
+    assert_eq!(get(r, "mtrr_physbase7_readback"), "1", "MTRRs emulated");
+    assert_eq!(get(r, "attack_invd_exits"), "1");
+    assert_eq!(get(r, "cpuid_osxsave_cr4_off"), "0");
+    assert_eq!(get(r, "cpuid_osxsave_cr4_on"), "1");
+    assert_eq!(get(r, "cpuid1_smx"), "0");
 }
 
 #[test]

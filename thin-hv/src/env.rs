@@ -54,12 +54,19 @@ pub trait Env {
     fn integrity(&self) -> Integrity;
     /// Reads an MSR of this processor (only MSRs that exist).
     fn read_msr(&self, msr: u32) -> u64;
+    /// Performs an MSR write on the guest's behalf. Only the MSR policy can
+    /// make a [`CheckedWrite`](crate::handlers::msr_policy::CheckedWrite),
+    /// after checking that the value changes nothing the hypervisor relies
+    /// on (memory decoding, caches, the APIC page); an implementation
+    /// performs it as it is.
+    fn write_msr(&mut self, w: crate::handlers::msr_policy::CheckedWrite);
     /// Sets XCR0 (the value has been checked).
     fn xsetbv(&mut self, xcr0: u64);
     /// Writes back and invalidates the caches.
     fn wbinvd(&mut self);
-    /// Switches the IOMMU's translation on (at seal, `[iommu] mode =
-    /// "protect"`). Returns (units translating, units).
+    /// Makes sure the IOMMU translates (`[iommu] mode = "protect"`; the
+    /// core switched it on at the end of `CORE_OP_INIT`, the seal asks
+    /// again and reports). Returns (units translating, units).
     fn iommu_enable(&mut self) -> (u32, u32);
     /// Collects DMA faults the IOMMU recorded (counted in the status page).
     fn iommu_poll(&self);
@@ -69,6 +76,19 @@ pub trait Env {
     fn mmio_read(&self, pa: u64, size: u8) -> u32;
     /// Writes `size` bytes of device memory with one access.
     fn mmio_write(&mut self, pa: u64, size: u8, value: u32);
+    /// One access to a legacy configuration data port (`port` in
+    /// 0xCFC..=0xCFF, `size` 1, 2 or 4) for a guest whose address latch
+    /// holds `address`: OUT `address` to 0xCF8, then the IN (`write` is
+    /// `None`; returns what it read) or the OUT of `write` (returns 0),
+    /// with [`Hv::legacy_config_lock`] held across both so that no other
+    /// CPU's address comes between them.
+    fn legacy_config_access(
+        &mut self,
+        address: u32,
+        port: u16,
+        size: u8,
+        write: Option<u32>,
+    ) -> u32;
     /// IN of `size` bytes from `port`.
     fn port_read(&self, port: u16, size: u8) -> u32;
     /// OUT of `size` bytes to `port`.

@@ -69,6 +69,24 @@ impl Mailbox {
     }
 }
 
+/// A processor's MTRRs as its guest sees them. Guest writes land here and
+/// never in the hardware, which keeps the firmware's values for the host's
+/// own accesses (see `handlers::msr_policy`). Loaded from the hardware at
+/// the first MTRR exit of that CPU; only that CPU touches it.
+#[derive(Debug, Default)]
+pub struct MtrrShadow {
+    /// The registers below hold values (else read them from the hardware).
+    pub loaded: AtomicBool,
+    /// IA32_MTRRCAP.
+    pub cap: AtomicU64,
+    /// IA32_MTRR_DEF_TYPE.
+    pub def_type: AtomicU64,
+    /// The fixed ranges, in `msr_policy::MTRR_FIXED` order.
+    pub fixed: [AtomicU64; 11],
+    /// PHYSBASE/PHYSMASK pairs, interleaved as their MSR numbers.
+    pub var: [AtomicU64; 2 * crate::handlers::msr_policy::MTRR_VAR_MAX],
+}
+
 /// One processor.
 #[derive(Debug)]
 pub struct CpuSlot {
@@ -78,6 +96,23 @@ pub struct CpuSlot {
     pub state: AtomicU32,
     /// INIT/SIPI mailbox.
     pub mailbox: Mailbox,
+    /// Its own PCI configuration address latch (CONFIG_ADDRESS, port 0xCF8)
+    /// while any function is mediated: a dword OUT to 0xCF8 lands here,
+    /// never in the machine's one latch, so no other CPU can change what
+    /// this CPU's data-port accesses reach (`handlers::pcicfg`). Only this
+    /// CPU touches it.
+    pub cf8_latch: AtomicU32,
+    /// Its emulated MTRRs.
+    pub mtrr: MtrrShadow,
+    /// NMIs the host NMI handler took on this CPU and no exit has looked at
+    /// yet (VMX; on SVM only drained ones, already being handled). Here,
+    /// in shared state reached only through `&`, rather than in the CPU's
+    /// own `PerCpu`, which its exit path holds as `&mut` while an NMI can
+    /// interrupt it.
+    pub host_nmis: AtomicU32,
+    /// VMX: this CPU is in VMX operation with its VMCS current, so the
+    /// host NMI handler may arm NMI-window exiting.
+    pub vmx_live: AtomicBool,
 }
 
 impl CpuSlot {
@@ -130,6 +165,14 @@ pub struct Hv {
     pub pci: PciHandoff,
     /// Configuration writes refused (VF budgets).
     pub refused_pci_writes: AtomicU64,
+    /// INIT and STARTUP IPIs refused: to CPUs not under thinhv after the
+    /// seal, or in logical destination mode (`handlers::ipi`).
+    pub refused_ipis: AtomicU64,
+    /// Held across each "OUT the CPU's latch to 0xCF8, then access the
+    /// data port" pair thinhv performs for a guest: the machine has one
+    /// configuration address latch, and no other CPU's address may come
+    /// between the two.
+    pub legacy_config_lock: spin::Mutex<()>,
 }
 
 impl Hv {
@@ -142,6 +185,10 @@ impl Hv {
             apic_id: h.cpus.get(i).map_or(u32::MAX, |c| c.apic_id),
             state: AtomicU32::new(CpuState::OFFLINE.0),
             mailbox: Mailbox::default(),
+            cf8_latch: AtomicU32::new(0),
+            mtrr: MtrrShadow::default(),
+            host_nmis: AtomicU32::new(0),
+            vmx_live: AtomicBool::new(false),
         });
         Self {
             config: h.config,
@@ -160,6 +207,8 @@ impl Hv {
             cpus_virtualized: AtomicU32::new(0),
             pci: h.pci,
             refused_pci_writes: AtomicU64::new(0),
+            refused_ipis: AtomicU64::new(0),
+            legacy_config_lock: spin::Mutex::new(()),
         }
     }
 

@@ -15,6 +15,23 @@ mod probe;
 #[allow(clippy::cast_possible_truncation)]
 mod dma;
 
+#[cfg(target_os = "uefi")]
+#[allow(clippy::cast_possible_truncation)]
+mod attacks_hc;
+
+#[cfg(target_os = "uefi")]
+mod attacks_ipi;
+
+#[cfg(target_os = "uefi")]
+#[allow(clippy::cast_possible_truncation)]
+mod attacks;
+
+#[cfg(target_os = "uefi")]
+mod timing;
+
+#[cfg(target_os = "uefi")]
+mod transparency;
+
 #[cfg(not(target_os = "uefi"))]
 fn main() {
     eprintln!("thinhv-probe is a UEFI application; `cargo xtask build` builds it");

@@ -6,12 +6,12 @@ use thinhv_abi::hypercall::{Function, Status, StatusReport};
 use uefi::println;
 use zerocopy::FromBytes;
 
-fn cpuid(leaf: u32, sub: u32) -> [u32; 4] {
+pub(crate) fn cpuid(leaf: u32, sub: u32) -> [u32; 4] {
     let r = core::arch::x86_64::__cpuid_count(leaf, sub);
     [r.eax, r.ebx, r.ecx, r.edx]
 }
 
-fn intel() -> bool {
+pub(crate) fn intel() -> bool {
     let l = cpuid(0, 0);
     l[1] == u32::from_le_bytes(*b"Genu")
 }
@@ -77,7 +77,7 @@ struct Dtr {
 
 /// Runs `f` (one instruction of `len` bytes) with #UD and #GP caught;
 /// returns the vector caught, 0 if none.
-fn catching(len: u64, f: impl FnOnce()) -> u64 {
+pub(crate) fn catching(len: u64, f: impl FnOnce()) -> u64 {
     let mut d = Dtr { limit: 0, base: 0 };
     let cs: u16;
     // SAFETY: SIDT stores into `d`; reading CS has no side effects.
@@ -111,7 +111,7 @@ fn catching(len: u64, f: impl FnOnce()) -> u64 {
     CAUGHT.load(Ordering::SeqCst)
 }
 
-fn rdmsr_caught(msr: u32) -> (u64, u64) {
+pub(crate) fn rdmsr_caught(msr: u32) -> (u64, u64) {
     let mut v = 0u64;
     let caught = catching(2, || {
         let (lo, hi): (u32, u32);
@@ -194,6 +194,12 @@ pub fn run() {
     let e1 = cpuid(0x8000_0001, 0);
     kv("svm_bit", (e1[2] >> 2) & 1);
     kv("svm_leaf_edx", cpuid(0x8000_000a, 0)[3]);
+    // The MSR and CPUID attacks run bare too: there they are the control
+    // that shows each would succeed without thinhv.
+    crate::attacks::msr_attacks();
+    crate::attacks::cpuid_follows_cr4();
+    crate::timing::exit_round_trips();
+    crate::transparency::single_step();
     if sig != thinhv_abi::cpuid::SIGNATURE {
         kv("thinhv", "absent");
         return;
@@ -376,10 +382,14 @@ pub fn run() {
             kv("ap_cpuid_exits", counts[R::CPUID.index()]);
         }
     }
+    crate::attacks::invd_attack();
     crate::dma::check(
         (pbase, psize),
         (report.status_page_base, report.status_page_size),
     );
+    // Only reached under thinhv (the signature check above returns).
+    crate::attacks_hc::hc_buffer_attacks((report.status_page_base, report.status_page_size));
+    crate::attacks_ipi::init_sipi_to_cpus_outside();
 }
 
 /// VMX-specific hiding (Intel only: on AMD these instructions and bits are
@@ -540,6 +550,8 @@ fn arm_then_start_thinhv() -> bool {
     ) else {
         return false;
     };
+    crate::attacks_hc::fragment_if_asked();
+    crate::attacks_ipi::disable_ap_if_asked();
     match crate::dma::arm() {
         Some((b, d, f)) => println!("THINHV-PROBE-ARMED edu {b:02x}:{d:02x}.{f}"),
         None => println!("THINHV-PROBE-ARMED no edu"),

@@ -4,6 +4,7 @@ use super::instr::{cpuid, rdmsr};
 use super::percpu::PerCpu;
 use super::phys::IdentityMem;
 use super::status_page::StatusPage;
+use crate::handlers::msr_policy;
 use crate::hv::Hv;
 use crate::mtrr::{FIXED_MSRS, MSR_DEF_TYPE, MSR_MTRRCAP, MSR_PHYSBASE0, Mtrrs, Variable};
 use crate::npt;
@@ -222,7 +223,7 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
     let nx = h.features & features::NX != 0;
 
     // The core's own identity map (supervisor, no NX, APIC uncached).
-    let host_top = h.phys_top.max(4 << 30).div_ceil(1 << 30) << 30;
+    let host_top = thinhv_abi::handoff::identity_map_top(h.phys_top);
     let host_fmt = X86Format {
         flavor: Flavor::Host,
         page_1g,
@@ -260,11 +261,10 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
             npt::build(&fmt, &mut mem, &mut frames, &plan).map_err(|_| CoreError::OUT_OF_MEMORY)?;
         // SAFETY: carved above, 8 KiB, zeroed.
         let map = unsafe { &mut *(msrpm_pa as *mut [u8; MSRPM_SIZE]) };
-        use crate::handlers::msr::{MSR_EFER, MSR_VM_CR, MSR_VM_HSAVE_PA};
-        msrpm::intercept(map, MSR_EFER, true, true);
-        msrpm::intercept(map, MSR_VM_CR, true, true);
-        msrpm::intercept(map, MSR_VM_HSAVE_PA, true, true);
-        msrpm::intercept(map, crate::apic::X2APIC_ICR_MSR, false, true);
+        // The MSR policy decides; MSRs outside the map's ranges exit anyway.
+        for (m, read, write) in msr_policy::intercepts(h.vendor, has_mtrr()) {
+            msrpm::intercept(map, m, read, write);
+        }
         (Slat::Npt(fmt), root, None)
     };
     log::debug!(
@@ -301,13 +301,16 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
     }
 
     // Mediated PCI functions: their ECAM pages fault (every access is
-    // emulated), and the configuration data ports exit (the map serves as
-    // SVM's I/O permission map and VMX's I/O bitmaps A and B alike).
+    // emulated), and the configuration ports exit (the map serves as SVM's
+    // I/O permission map and VMX's I/O bitmaps A and B alike).
     for m in h.pci.mediated() {
         let page = h.pci.page_of(m);
         if page.saturating_add(PAGE) > host_top {
-            log::error!("PCI: ECAM page {page:#x} lies outside the core's map; not mediated");
-            continue;
+            // `Handoff::validate` refused this already (the loader leaves
+            // such a function with the OS and says so): never run with a
+            // function reported hidden that the OS can still reach.
+            log::error!("PCI: ECAM page {page:#x} lies outside the core's map; refusing to start");
+            return Err(CoreError::BAD_HANDOFF);
         }
         let r = match slat {
             Slat::Npt(fmt) => Mapper::open(&fmt, &mut mem, slat_root).unmap_page(page, &mut frames),
@@ -319,11 +322,11 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
         // SAFETY: carved from the pool above (12 KiB, zeroed), used by no
         // one else yet.
         let map = unsafe { &mut *(iopm_pa as *mut [u8; 3 * PAGE as usize]) };
-        for port in crate::handlers::pcicfg::CONFIG_DATA..crate::handlers::pcicfg::CONFIG_DATA + 4 {
-            map[usize::from(port / 8)] |= 1 << (port % 8);
-        }
+        // CONFIG_ADDRESS as well as CONFIG_DATA: each CPU keeps its own
+        // latch (`handlers::pcicfg`).
+        crate::handlers::trap_config_ports(map);
         log::info!(
-            "PCI: {} functions mediated (ECAM pages and ports 0xcfc-0xcff trapped)",
+            "PCI: {} functions mediated (ECAM pages and ports 0xcf8-0xcff trapped)",
             h.pci.count
         );
     }
@@ -362,6 +365,11 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
 /// The integrity ranges as slices.
 pub fn ro_ranges(core: &Core) -> &[PhysRange] {
     core.handoff.ro_ranges()
+}
+
+/// The processor has MTRRs (CPUID.1:EDX.MTRR[bit 12]).
+fn has_mtrr() -> bool {
+    cpuid(1, 0)[3] & (1 << 12) != 0
 }
 
 /// Reads the MTRRs of this processor.
@@ -485,10 +493,20 @@ fn init_vmx(
     }
     // SAFETY: carved from the pool (8 KiB, zeroed); the VMX bitmap uses 4.
     let map = unsafe { &mut *(bitmap_pa as *mut [u8; msr_bitmap::SIZE]) };
-    msr_bitmap::intercept(map, MSR_FEATURE_CONTROL, true, true);
-    for m in CAPABILITY_MSRS {
-        msr_bitmap::intercept(map, m, true, true);
+    // The MSR policy decides (IA32_FEATURE_CONTROL, the VMX capability
+    // MSRs, the MTRRs, IA32_APIC_BASE); the x2APIC ICR is added below when
+    // INIT/SIPI are intercepted. MSRs outside the bitmap exit anyway.
+    for (m, read, write) in msr_policy::intercepts(h.vendor, has_mtrr()) {
+        if m != crate::apic::X2APIC_ICR_MSR {
+            msr_bitmap::intercept(map, m, read, write);
+        }
     }
+    debug_assert!(msr_bitmap::intercepted(map, MSR_FEATURE_CONTROL, true));
+    debug_assert!(
+        CAPABILITY_MSRS
+            .clone()
+            .all(|m| msr_bitmap::intercepted(map, m, false))
+    );
     use thinhv_abi::handoff::INIT_SIPI_ACTIVITY;
     // Intercepting is the default (`auto`) and `intercept`: the same
     // mechanism as on SVM, and the one Bochs 2.7 can run (see

@@ -212,6 +212,14 @@ impl Env for HwEnv {
         unsafe { rdmsr(msr) }
     }
 
+    fn write_msr(&mut self, w: crate::handlers::msr_policy::CheckedWrite) {
+        // SAFETY: a `CheckedWrite` exists only for an MSR the processor has
+        // (HWCR and SYSCFG on SVM processors, IA32_APIC_BASE everywhere) and
+        // a value the MSR policy checked leaves the host's memory decoding,
+        // caches and APIC page as they were.
+        unsafe { wrmsr(w.msr(), w.value()) };
+    }
+
     fn xsetbv(&mut self, xcr0: u64) {
         // SAFETY: the value passed the processor's own XSETBV rules
         // (`handlers::xsetbv`); host CR4.OSXSAVE is set on VMX and, when a
@@ -257,6 +265,32 @@ impl Env for HwEnv {
                 1 => core::ptr::write_volatile(pa as *mut u8, value as u8),
                 2 => core::ptr::write_volatile(pa as *mut u16, value as u16),
                 _ => core::ptr::write_volatile(pa as *mut u32, value),
+            }
+        }
+    }
+
+    fn legacy_config_access(
+        &mut self,
+        address: u32,
+        port: u16,
+        size: u8,
+        write: Option<u32>,
+    ) -> u32 {
+        // The guard borrows the core (static), not `self`.
+        let _pair = self.core.hv.legacy_config_lock.lock();
+        // SAFETY: the guest made this configuration access (an intercepted
+        // data-port IN/OUT, `port` in 0xCFC..=0xCFF, already mediated);
+        // selecting its address in CONFIG_ADDRESS first is what the
+        // guest's own OUT to 0xCF8 did on bare metal. Nothing in the core
+        // relies on the latch's value between these pairs.
+        unsafe {
+            super::instr::port_out(thinhv_passthrough::mediate::CONFIG_ADDRESS, 4, address);
+            match write {
+                Some(v) => {
+                    super::instr::port_out(port, size, v);
+                    0
+                }
+                None => super::instr::port_in(port, size),
             }
         }
     }

@@ -7,7 +7,7 @@
 use super::core_state;
 use super::instr::{halt_forever, read_cr2, read_cr3, reset_platform};
 use super::logger::LOGGER;
-use super::percpu::{MiscPage, PerCpu};
+use super::percpu::PerCpu;
 use core::arch::naked_asm;
 use core::fmt::Write;
 use core::sync::atomic::Ordering;
@@ -150,11 +150,11 @@ extern "sysv64" fn host_nmi() {
         // Not thinhv's host GDT: nothing of ours to record into.
         return;
     }
-    // SAFETY: `base` is CPU `index`'s `MiscPage` (checked above); only
-    // its atomics are touched, which tolerate the interrupted code's use.
-    let misc = unsafe { &*(base as *const MiscPage) };
-    misc.host_nmis.fetch_add(1, Ordering::SeqCst);
-    if misc.vmx_live.load(Ordering::SeqCst) {
+    // The CPU's shared slot, never its `PerCpu`: the interrupted exit path
+    // may hold that as `&mut`.
+    let slot = &core.hv.cpus()[index as usize];
+    slot.host_nmis.fetch_add(1, Ordering::SeqCst);
+    if slot.vmx_live.load(Ordering::SeqCst) {
         super::vmx::exit::arm_nmi_window();
     }
 }

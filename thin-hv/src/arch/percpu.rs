@@ -2,7 +2,6 @@
 //! stacks, one `PerCpu` per processor carved from the pool.
 use crate::svm::vmcb::Vmcb;
 use core::mem::{offset_of, size_of};
-use core::sync::atomic::{AtomicBool, AtomicU32};
 use thinhv_abi::layout::{IST_SIZE, STACK_SIZE, per_cpu_bytes};
 
 /// Guest registers not held by the control block, indexed by encoding
@@ -67,14 +66,8 @@ pub struct MiscPage {
     pub tss: Tss,
     /// World-switch state.
     pub run: RunState,
-    /// NMIs the host NMI handler took on this CPU and no exit has looked at
-    /// yet (VMX; on SVM they are only the drained ones, already handled).
-    pub host_nmis: AtomicU32,
-    /// VMX: this CPU is in VMX operation with its VMCS current, so the
-    /// host NMI handler may arm NMI-window exiting.
-    pub vmx_live: AtomicBool,
     /// Padding to a page.
-    pub pad: [u8; 4096 - 48 - 104 - size_of::<RunState>() - 8],
+    pub pad: [u8; 4096 - 48 - 104 - size_of::<RunState>()],
 }
 
 /// One CPU's memory.

@@ -60,6 +60,21 @@ pub fn profile_cpuid(
 
 /// Leaf 1 ECX bit 5: VMX.
 const LEAF1_ECX_VMX: u32 = 1 << 5;
+/// Leaf 1 ECX bit 6: SMX. GETSEC exits unconditionally under VMX (SDM Vol.
+/// 3C §26.1.2) and thinhv offers no measured launch, so SMX is hidden and
+/// GETSEC raises #UD, as on a processor without SMX.
+const LEAF1_ECX_SMX: u32 = 1 << 6;
+/// Leaf 1 ECX bit 27: OSXSAVE, a copy of CR4.OSXSAVE.
+const LEAF1_ECX_OSXSAVE: u32 = 1 << 27;
+/// Leaf 7.0 ECX bit 3: PKU; bit 4: OSPKE, a copy of CR4.PKE.
+const LEAF7_ECX_PKU: u32 = 1 << 3;
+const LEAF7_ECX_OSPKE: u32 = 1 << 4;
+/// CR4.OSXSAVE and CR4.PKE.
+const CR4_OSXSAVE: u64 = 1 << 18;
+const CR4_PKE: u64 = 1 << 22;
+/// Leaf 0x8000_0001 ECX bit 17: TCE. thinhv refuses EFER.TCE (see
+/// `msr_policy::efer_allowed`), so it does not announce it either.
+const EXT1_ECX_TCE: u32 = 1 << 17;
 /// Leaf 0x8000_0001 ECX bit 2: SVM.
 const EXT1_ECX_SVM: u32 = 1 << 2;
 /// Leaf 0x8000_0001 ECX bit 12: SKINIT/STGI.
@@ -121,12 +136,12 @@ pub fn filter_cpuid(leaf: u32, subleaf: u32, raw: [u32; 4], info: &HvInfo) -> [u
     }
     match leaf {
         1 => {
-            c &= !LEAF1_ECX_VMX;
+            c &= !(LEAF1_ECX_VMX | LEAF1_ECX_SMX);
             if !info.hidden {
                 c |= leaves::LEAF1_ECX_HYPERVISOR;
             }
         }
-        0x8000_0001 => c &= !(EXT1_ECX_SVM | EXT1_ECX_SKINIT),
+        0x8000_0001 => c &= !(EXT1_ECX_SVM | EXT1_ECX_SKINIT | EXT1_ECX_TCE),
         LEAF_SVM_FEATURES => {
             a = 0;
             b = 0;
@@ -136,6 +151,30 @@ pub fn filter_cpuid(leaf: u32, subleaf: u32, raw: [u32; 4], info: &HvInfo) -> [u
         _ => {}
     }
     [a, b, c, d]
+}
+
+/// The CPUID bits that mirror the guest's own CR4 (SDM Vol. 2A CPUID,
+/// Table 3-8: "OSXSAVE: A value of 1 indicates that the OS has set
+/// CR4.OSXSAVE"; leaf 7 ECX OSPKE likewise for CR4.PKE). CPUID runs in host
+/// mode under the host's CR4, so these are set from the guest's.
+pub fn follow_guest_cr4(leaf: u32, subleaf: u32, mut r: [u32; 4], guest_cr4: u64) -> [u32; 4] {
+    match (leaf, subleaf) {
+        (1, _) => {
+            r[2] &= !LEAF1_ECX_OSXSAVE;
+            if guest_cr4 & CR4_OSXSAVE != 0 {
+                r[2] |= LEAF1_ECX_OSXSAVE;
+            }
+        }
+        (7, 0) => {
+            let pku = r[2] & LEAF7_ECX_PKU != 0;
+            r[2] &= !LEAF7_ECX_OSPKE;
+            if pku && guest_cr4 & CR4_PKE != 0 {
+                r[2] |= LEAF7_ECX_OSPKE;
+            }
+        }
+        _ => {}
+    }
+    r
 }
 
 pub(super) fn info(env: &impl Env) -> HvInfo {
@@ -169,7 +208,12 @@ pub(super) fn handle(cpu: &mut impl GuestCpu, env: &impl Env) {
         let i = env.integrity();
         [i.expected_crc, i.current_crc, u32::from(i.canary_ok), 0]
     } else {
-        filter_cpuid(leaf, sub, raw, &info)
+        follow_guest_cr4(
+            leaf,
+            sub,
+            filter_cpuid(leaf, sub, raw, &info),
+            cpu.paging().cr4,
+        )
     };
     cpu.set_gpr(Gpr::Rax, u64::from(r[0]));
     cpu.set_gpr(Gpr::Rbx, u64::from(r[1]));

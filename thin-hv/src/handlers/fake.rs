@@ -25,6 +25,15 @@ pub struct FakeCpu {
     pub exceptions: Vec<(u8, Option<u32>)>,
     pub nmis: usize,
     pub crs: Vec<(u8, u64)>,
+    pub rflags: u64,
+    pub debugctl: u64,
+    pub dr7: u64,
+    pub drs: [u64; 4],
+    /// DR6 bits of each `complete_instruction` call.
+    pub completed: Vec<u64>,
+    pub task: Option<crate::vmx::task_switch::TaskState>,
+    pub delivered: Vec<u32>,
+    pub pat: Option<u64>,
 }
 
 impl GuestCpu for FakeCpu {
@@ -70,12 +79,46 @@ impl GuestCpu for FakeCpu {
     fn inject_nmi(&mut self) {
         self.nmis += 1;
     }
+    fn set_guest_pat(&mut self, value: u64) {
+        self.pat = Some(value);
+    }
     fn write_cr(&mut self, cr: u8, value: u64) -> Result<(), GpFault> {
         if cr == 4 && value & (1 << 13) != 0 {
             return Err(GpFault);
         }
         self.crs.push((cr, value));
         Ok(())
+    }
+    fn read_cr(&self, cr: u8) -> Option<u64> {
+        match cr {
+            0 => Some(self.paging.cr0),
+            3 => Some(self.paging.cr3),
+            4 => Some(self.paging.cr4),
+            _ => None,
+        }
+    }
+    fn rflags(&self) -> u64 {
+        self.rflags
+    }
+    fn debugctl(&self) -> u64 {
+        self.debugctl
+    }
+    fn dr7(&self) -> u64 {
+        self.dr7
+    }
+    fn breakpoint_address(&self, n: u8) -> u64 {
+        self.drs[usize::from(n & 3)]
+    }
+    fn complete_instruction(&mut self, dr6: u64) {
+        self.rflags &= !(1 << 16);
+        self.completed.push(dr6);
+    }
+    fn task_state(&self) -> Option<crate::vmx::task_switch::TaskState> {
+        self.task
+    }
+    fn set_task_state(&mut self, state: &crate::vmx::task_switch::TaskState, delivered: u32) {
+        self.task = Some(*state);
+        self.delivered.push(delivered);
     }
 }
 
@@ -94,6 +137,7 @@ pub struct FakeEnv {
     pub xcr0: Option<u64>,
     pub wbinvds: usize,
     pub msrs: HashMap<u32, u64>,
+    pub msr_writes: Vec<(u32, u64)>,
     pub iommu_enables: u32,
     pub iommu_polls: std::cell::Cell<u32>,
     /// Device memory: byte-addressed; every access is recorded.
@@ -102,6 +146,14 @@ pub struct FakeEnv {
     /// Port space: the 0xCF8 latch and data bytes.
     pub ports: std::cell::RefCell<HashMap<u16, u32>>,
     pub port_log: std::cell::RefCell<Vec<(char, u16, u8, u32)>>,
+    /// A host bridge's configuration space behind 0xCF8/0xCFC, as dwords
+    /// keyed by the CONFIG_ADDRESS that selects them (enable bit set,
+    /// offset dword-aligned). A data-port access whose hardware latch
+    /// selects a dword here reaches it; any other goes to `ports`.
+    pub cf8_space: std::cell::RefCell<HashMap<u32, u32>>,
+    /// Whether `Hv::legacy_config_lock` was held, for each port access
+    /// (in `port_log` order).
+    pub cf8_locked: std::cell::RefCell<Vec<bool>>,
 }
 
 impl FakeEnv {
@@ -146,13 +198,83 @@ impl FakeEnv {
             xcr0: None,
             wbinvds: 0,
             msrs: HashMap::from([(0x3a, 0x5)]),
+            msr_writes: Vec::new(),
             iommu_enables: 0,
             iommu_polls: std::cell::Cell::new(0),
             mmio: HashMap::new(),
             mmio_log: std::cell::RefCell::default(),
             ports: std::cell::RefCell::default(),
             port_log: std::cell::RefCell::default(),
+            cf8_space: std::cell::RefCell::default(),
+            cf8_locked: std::cell::RefCell::default(),
         }
+    }
+
+    /// The dword of `cf8_space` data port `port` reaches with the
+    /// hardware latch as it is now, and the port's byte in it. A chipset
+    /// splits an access that straddles 0xCFC or 0xCFF, so each byte is
+    /// looked up on its own.
+    fn cf8_byte(&self, port: u16) -> Option<(u32, usize)> {
+        let latch = *self.ports.borrow().get(&0xcf8)?;
+        let key = latch & !3;
+        let byte = usize::from(port.checked_sub(0xcfc).filter(|b| *b < 4)?);
+        (latch & (1 << 31) != 0 && self.cf8_space.borrow().contains_key(&key))
+            .then_some((key, byte))
+    }
+
+    fn note_lock(&self) {
+        self.cf8_locked
+            .borrow_mut()
+            .push(self.hv.legacy_config_lock.is_locked());
+    }
+
+    fn hw_in(&self, port: u16, size: u8) -> u32 {
+        self.note_lock();
+        let mut b = self
+            .ports
+            .borrow()
+            .get(&port)
+            .unwrap_or(&u32::MAX)
+            .to_le_bytes();
+        for (i, x) in b.iter_mut().enumerate().take(usize::from(size)) {
+            if let Some((key, byte)) = self.cf8_byte(port + i as u16) {
+                *x = self.cf8_space.borrow()[&key].to_le_bytes()[byte];
+            }
+        }
+        let v = u32::from_le_bytes(b);
+        self.port_log.borrow_mut().push(('r', port, size, v));
+        v & thinhv_passthrough::mediate::all_ones(size)
+    }
+
+    fn hw_out(&self, port: u16, size: u8, value: u32) {
+        self.note_lock();
+        // A non-dword write to 0xCF8 is not CONFIG_ADDRESS (PCI Local Bus
+        // 3.0 §3.2.2.3.2): the latch keeps its value.
+        if port == 0xcf8 && size != 4 {
+            self.port_log.borrow_mut().push(('w', port, size, value));
+            return;
+        }
+        let mut plain = false;
+        for (i, x) in value
+            .to_le_bytes()
+            .iter()
+            .enumerate()
+            .take(usize::from(size))
+        {
+            match self.cf8_byte(port + i as u16) {
+                Some((key, byte)) => {
+                    let mut space = self.cf8_space.borrow_mut();
+                    let mut b = space[&key].to_le_bytes();
+                    b[byte] = *x;
+                    space.insert(key, u32::from_le_bytes(b));
+                }
+                None => plain = true,
+            }
+        }
+        if plain {
+            self.ports.borrow_mut().insert(port, value);
+        }
+        self.port_log.borrow_mut().push(('w', port, size, value));
     }
 
     pub fn put(&mut self, pa: u64, bytes: &[u8]) {
@@ -250,6 +372,10 @@ impl Env for FakeEnv {
     fn read_msr(&self, msr: u32) -> u64 {
         self.msrs[&msr]
     }
+    fn write_msr(&mut self, w: crate::handlers::msr_policy::CheckedWrite) {
+        self.msrs.insert(w.msr(), w.value());
+        self.msr_writes.push((w.msr(), w.value()));
+    }
     fn xsetbv(&mut self, xcr0: u64) {
         self.xcr0 = Some(xcr0);
     }
@@ -283,13 +409,27 @@ impl Env for FakeEnv {
         }
         self.mmio_log.borrow_mut().push(('w', pa, size, value));
     }
+    fn legacy_config_access(
+        &mut self,
+        address: u32,
+        port: u16,
+        size: u8,
+        write: Option<u32>,
+    ) -> u32 {
+        let _pair = self.hv.legacy_config_lock.lock();
+        self.hw_out(0xcf8, 4, address);
+        match write {
+            Some(v) => {
+                self.hw_out(port, size, v);
+                0
+            }
+            None => self.hw_in(port, size),
+        }
+    }
     fn port_read(&self, port: u16, size: u8) -> u32 {
-        let v = *self.ports.borrow().get(&port).unwrap_or(&u32::MAX);
-        self.port_log.borrow_mut().push(('r', port, size, v));
-        v & thinhv_passthrough::mediate::all_ones(size)
+        self.hw_in(port, size)
     }
     fn port_write(&mut self, port: u16, size: u8, value: u32) {
-        self.ports.borrow_mut().insert(port, value);
-        self.port_log.borrow_mut().push(('w', port, size, value));
+        self.hw_out(port, size, value);
     }
 }

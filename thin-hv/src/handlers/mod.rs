@@ -1,9 +1,12 @@
 //! Exit handling, written once for both vendors against [`GuestCpu`] and
 //! [`Env`].
 mod cpuid;
+mod cr_access;
+mod debug_trap;
 mod hypercall;
 mod ipi;
 pub mod msr;
+pub mod msr_policy;
 mod npf;
 pub(crate) mod pcicfg;
 mod xsetbv;
@@ -14,9 +17,22 @@ mod fake;
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
 mod tests;
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests_hostile;
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests_msr;
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests_pcicfg;
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests_vmx_tf;
 
 pub use cpuid::{HvInfo, filter_cpuid, profile_cpuid};
 pub use ipi::icr_write;
+pub use pcicfg::trap_config_ports;
 
 use crate::env::Env;
 use crate::exit::Exit;
@@ -66,8 +82,17 @@ impl Handled {
 }
 
 /// Handles one exit. The caller has already drained a physical NMI for
-/// [`Exit::Nmi`] (vendor-specific).
+/// [`Exit::Nmi`] (vendor-specific). An instruction the handler completed
+/// for the guest ends as on the processor (single-step trap, breakpoints,
+/// interrupt shadow: [`debug_trap`]).
 pub fn handle(exit: &Exit, cpu: &mut impl GuestCpu, env: &mut impl Env) -> Handled {
+    let before = debug_trap::before(cpu);
+    let handled = dispatch(exit, cpu, env);
+    debug_trap::after(exit, cpu, before, handled.outcome);
+    handled
+}
+
+fn dispatch(exit: &Exit, cpu: &mut impl GuestCpu, env: &mut impl Env) -> Handled {
     let reason = exit.reason();
     match *exit {
         Exit::Cpuid => {
@@ -96,14 +121,29 @@ pub fn handle(exit: &Exit, cpu: &mut impl GuestCpu, env: &mut impl Env) -> Handl
             env.wbinvd();
             Handled::new(advance_or_fault(cpu, env), reason)
         }
-        Exit::CrWrite { cr, gpr } => {
-            let value = cpu.gpr(crate::guest::Gpr::ALL[usize::from(gpr & 0xf)]);
-            if cpu.write_cr(cr, value).is_ok() {
-                Handled::new(advance_or_fault(cpu, env), reason)
-            } else {
-                cpu.inject_exception(vector::GP, Some(0));
-                Handled::new(Outcome::Resume, reason)
-            }
+        Exit::CrWrite { cr, gpr } => Handled::new(cr_access::mov_to(cpu, env, cr, gpr), reason),
+        Exit::CrRead { cr, gpr } => Handled::new(cr_access::mov_from(cpu, env, cr, gpr), reason),
+        Exit::Clts => Handled::new(cr_access::cr0_op(cpu, env, crate::vmx::cr::clts), reason),
+        Exit::Lmsw { source } => Handled::new(
+            cr_access::cr0_op(cpu, env, |cr0| crate::vmx::cr::lmsw(cr0, source)),
+            reason,
+        ),
+        Exit::TaskSwitch {
+            selector,
+            source,
+            event,
+            error_code,
+            insn_len,
+        } => {
+            use crate::vmx::task_switch::{Request, Source, handle};
+            let req = Request {
+                selector,
+                source: Source::from_qualification(source),
+                event,
+                error_code,
+                insn_len,
+            };
+            Handled::new(handle(cpu, env, &req), reason)
         }
         Exit::TableMisconfig { gpa } => {
             log::error!(

@@ -1,41 +1,56 @@
-//! Intercepted MSRs: EFER (SVME hidden and kept), the SVM control MSRs
-//! (absent for the guest), and the x2APIC ICR (INIT/SIPI).
+//! Intercepted MSR accesses, dispatched on the table in
+//! [`super::msr_policy`]: EFER (SVME hidden, reserved bits #GP), the SVM
+//! and VMX control MSRs (absent for the guest), the x2APIC ICR (INIT/SIPI),
+//! IA32_APIC_BASE, PAT, the MTRRs (emulated per CPU) and the AMD MSRs that
+//! decode memory for the host too (HWCR, SYSCFG, TOP_MEM, IORRs, ...).
+use super::msr_policy::{
+    self as policy, ApicBaseWrite, CheckedWrite, MtrrCap, MtrrReg, Rule, efer, lookup, mtrr_reg,
+};
 use super::{Outcome, advance_or_fault, ipi};
 use crate::env::Env;
 use crate::guest::{Gpr, GuestCpu, vector};
+use crate::hv::MtrrShadow;
+use core::sync::atomic::Ordering;
 
-/// IA32_EFER.
-pub const MSR_EFER: u32 = 0xc000_0080;
-/// VM_CR (AMD).
-pub const MSR_VM_CR: u32 = 0xc001_0114;
-/// VM_HSAVE_PA (AMD).
-pub const MSR_VM_HSAVE_PA: u32 = 0xc001_0117;
-/// IA32_FEATURE_CONTROL (Intel).
-pub const MSR_FEATURE_CONTROL: u32 = 0x3a;
+pub use policy::{MSR_EFER, MSR_FEATURE_CONTROL, MSR_VM_CR, MSR_VM_HSAVE_PA};
 
 const FC_LOCK: u64 = 1 << 0;
 const FC_VMX: u64 = (1 << 1) | (1 << 2);
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-const EFER_SVME: u64 = 1 << 12;
 const CR0_PG: u64 = 1 << 31;
+/// IA32_MTRRCAP.
+const MSR_MTRRCAP: u32 = 0xfe;
+/// CPUID.1:ECX.x2APIC.
+const LEAF1_ECX_X2APIC: u32 = 1 << 21;
 
 fn gp(cpu: &mut impl GuestCpu) -> Outcome {
     cpu.inject_exception(vector::GP, Some(0));
     Outcome::Resume
 }
 
+/// Logs a refused write (the log ring is bounded and overwrites its
+/// oldest lines, so a guest looping on refused writes costs log lines,
+/// never memory).
+fn refused(env: &impl Env, msr: u32, value: u64, why: &str) {
+    let name = policy::entry(msr).map_or("MSR", |r| r.name);
+    log::warn!(
+        "cpu {}: WRMSR {name} ({msr:#x}) = {value:#x} refused: {why}",
+        env.cpu_index()
+    );
+}
+
 pub(super) fn read(cpu: &mut impl GuestCpu, env: &impl Env, msr: u32) -> Outcome {
-    let value = match msr {
-        MSR_EFER => cpu.guest_efer() & !EFER_SVME,
+    let value = match lookup(env.hv().vendor, msr).0 {
+        Rule::Efer => cpu.guest_efer() & !efer::SVME,
         // The guest sees VMX locked off, as firmware that disabled VT-x
         // would leave it.
-        MSR_FEATURE_CONTROL => (env.read_msr(MSR_FEATURE_CONTROL) & !FC_VMX) | FC_LOCK,
-        _ => {
-            // VM_CR, VM_HSAVE_PA and anything else intercepted by accident:
-            // a processor without SVM raises #GP for them.
-            return gp(cpu);
-        }
+        Rule::FeatureControl => (env.read_msr(MSR_FEATURE_CONTROL) & !FC_VMX) | FC_LOCK,
+        Rule::Mtrr => match mtrr_read(env, msr) {
+            Some(v) => v,
+            None => return gp(cpu),
+        },
+        // Refused, or intercepted by accident: a processor without the
+        // MSR raises #GP.
+        _ => return gp(cpu),
     };
     cpu.set_gpr(Gpr::Rax, value & 0xffff_ffff);
     cpu.set_gpr(Gpr::Rdx, value >> 32);
@@ -43,21 +58,9 @@ pub(super) fn read(cpu: &mut impl GuestCpu, env: &impl Env, msr: u32) -> Outcome
 }
 
 pub(super) fn write(cpu: &mut impl GuestCpu, env: &mut impl Env, msr: u32, value: u64) -> Outcome {
-    match msr {
-        MSR_EFER => {
-            let cur = cpu.guest_efer();
-            if value & EFER_SVME != 0 {
-                return gp(cpu);
-            }
-            if (value ^ cur) & EFER_LME != 0 && cpu.paging().cr0 & CR0_PG != 0 {
-                // Changing LME with paging on is a #GP on hardware.
-                return gp(cpu);
-            }
-            // LMA is read-only: keep the current value.
-            cpu.set_guest_efer((value & !EFER_LMA) | (cur & EFER_LMA));
-            advance_or_fault(cpu, env)
-        }
-        crate::apic::X2APIC_ICR_MSR => {
+    match lookup(env.hv().vendor, msr).1 {
+        Rule::Efer => efer_write(cpu, env, value),
+        Rule::X2apicIcr => {
             let outcome = ipi::icr_write(env, value, true);
             let adv = advance_or_fault(cpu, env);
             if outcome == Outcome::Resume {
@@ -66,6 +69,155 @@ pub(super) fn write(cpu: &mut impl GuestCpu, env: &mut impl Env, msr: u32, value
                 outcome
             }
         }
-        _ => gp(cpu),
+        Rule::ApicBase => apic_base_write(cpu, env, value),
+        Rule::Pat => {
+            if !policy::pat_ok(value) {
+                return gp(cpu);
+            }
+            cpu.set_guest_pat(value);
+            advance_or_fault(cpu, env)
+        }
+        Rule::Mtrr => {
+            if mtrr_write(env, msr, value) {
+                advance_or_fault(cpu, env)
+            } else {
+                gp(cpu)
+            }
+        }
+        Rule::Hwcr => {
+            let current = env.read_msr(msr);
+            let Some(w) = CheckedWrite::hwcr(current, value) else {
+                refused(
+                    env,
+                    msr,
+                    value,
+                    "only McStatusWrEn, CpbDis and IRPerfEn may change",
+                );
+                return gp(cpu);
+            };
+            if value != current {
+                env.write_msr(w);
+            }
+            advance_or_fault(cpu, env)
+        }
+        Rule::Syscfg => {
+            let current = env.read_msr(msr);
+            let Some(w) = CheckedWrite::syscfg(current, value) else {
+                refused(env, msr, value, "it decodes memory for the hypervisor too");
+                return gp(cpu);
+            };
+            if value != current {
+                env.write_msr(w);
+            }
+            advance_or_fault(cpu, env)
+        }
+        Rule::RefuseChange => {
+            if env.read_msr(msr) == value {
+                advance_or_fault(cpu, env)
+            } else {
+                refused(env, msr, value, "it decodes memory for the hypervisor too");
+                gp(cpu)
+            }
+        }
+        Rule::Native | Rule::Refuse | Rule::FeatureControl => gp(cpu),
     }
+}
+
+fn efer_write(cpu: &mut impl GuestCpu, env: &impl Env, value: u64) -> Outcome {
+    let cur = cpu.guest_efer();
+    let allowed = policy::efer_allowed(env.cpuid(0x8000_0001, 0)[3]);
+    if value & !allowed != 0 {
+        // SVME, LMSLE, TCE, reserved bits: #GP, never a VMRUN that fails
+        // its consistency checks.
+        return gp(cpu);
+    }
+    if (value ^ cur) & efer::LME != 0 && cpu.paging().cr0 & CR0_PG != 0 {
+        // Changing LME with paging on is a #GP on hardware.
+        return gp(cpu);
+    }
+    // LMA is read-only: keep the current value.
+    cpu.set_guest_efer((value & !efer::LMA) | (cur & efer::LMA));
+    advance_or_fault(cpu, env)
+}
+
+fn apic_base_write(cpu: &mut impl GuestCpu, env: &mut impl Env, value: u64) -> Outcome {
+    let current = env.read_msr(policy::MSR_APIC_BASE);
+    let x2apic = env.cpuid(1, 0)[2] & LEAF1_ECX_X2APIC != 0;
+    match CheckedWrite::apic_base(current, value, env.hv().phys_addr_bits, x2apic) {
+        Ok(w) => {
+            // The page stays where thinhv traps it; x2APIC mode keeps the
+            // ICR MSR intercepted, and the host's own APIC accesses follow
+            // the mode (`HwEnv::lapic_write`).
+            if w.value() != current {
+                env.write_msr(w);
+            }
+            advance_or_fault(cpu, env)
+        }
+        Err(ApicBaseWrite::Invalid | ApicBaseWrite::Forward(_)) => gp(cpu),
+        Err(ApicBaseWrite::Relocation) => {
+            refused(
+                env,
+                policy::MSR_APIC_BASE,
+                value,
+                "relocating the local APIC is not supported under thinhv",
+            );
+            gp(cpu)
+        }
+    }
+}
+
+/// Loads this CPU's MTRR emulation from the hardware on first use.
+fn mtrr_shadow(env: &impl Env) -> &MtrrShadow {
+    let s = &env.hv().cpus()[env.cpu_index()].mtrr;
+    if !s.loaded.load(Ordering::Relaxed) {
+        let cap_raw = env.read_msr(MSR_MTRRCAP);
+        let cap = MtrrCap::from_msr(cap_raw);
+        s.cap.store(cap_raw, Ordering::Relaxed);
+        s.def_type
+            .store(env.read_msr(policy::MSR_MTRR_DEF_TYPE), Ordering::Relaxed);
+        if cap.fixed {
+            for (i, m) in policy::MTRR_FIXED.iter().enumerate() {
+                s.fixed[i].store(env.read_msr(*m), Ordering::Relaxed);
+            }
+        }
+        for i in 0..2 * cap.vcnt {
+            let m = policy::MSR_MTRR_VAR_FIRST + u32::try_from(i).unwrap_or(0);
+            s.var[i].store(env.read_msr(m), Ordering::Relaxed);
+        }
+        s.loaded.store(true, Ordering::Relaxed);
+    }
+    s
+}
+
+fn mtrr_slot(s: &MtrrShadow, reg: MtrrReg) -> &core::sync::atomic::AtomicU64 {
+    match reg {
+        MtrrReg::DefType => &s.def_type,
+        MtrrReg::Fixed(i) => &s.fixed[i],
+        MtrrReg::Base(i) => &s.var[2 * i],
+        MtrrReg::Mask(i) => &s.var[2 * i + 1],
+    }
+}
+
+/// The guest's view of an MTRR; None (#GP) for one the processor lacks.
+fn mtrr_read(env: &impl Env, msr: u32) -> Option<u64> {
+    let reg = mtrr_reg(msr)?;
+    let s = mtrr_shadow(env);
+    let cap = MtrrCap::from_msr(s.cap.load(Ordering::Relaxed));
+    policy::mtrr_exists(reg, cap).then(|| mtrr_slot(s, reg).load(Ordering::Relaxed))
+}
+
+/// Records a guest MTRR write; false (#GP) for a value the processor would
+/// refuse. The hardware MTRRs, and with them the memory types the host and
+/// the second-level tables use, stay the firmware's.
+fn mtrr_write(env: &impl Env, msr: u32, value: u64) -> bool {
+    let Some(reg) = mtrr_reg(msr) else {
+        return false;
+    };
+    let s = mtrr_shadow(env);
+    let cap = MtrrCap::from_msr(s.cap.load(Ordering::Relaxed));
+    if !policy::mtrr_write_ok(reg, value, cap, env.hv().phys_addr_bits) {
+        return false;
+    }
+    mtrr_slot(s, reg).store(value, Ordering::Relaxed);
+    true
 }

@@ -710,7 +710,8 @@ fn vmx_exits_go_through_the_neutral_handlers() {
         (cpu.exceptions.clone(), cpu.rip),
         (vec![(13, Some(0))], RIP)
     );
-    // IA32_FEATURE_CONTROL reads as locked with VMX off.
+    // IA32_FEATURE_CONTROL reads as locked with VMX off (a VMX-only rule).
+    env.hv.vendor = thinhv_abi::hypercall::VENDOR_INTEL_VMX;
     let mut cpu = at(&mut env, RDMSR);
     handle(&Exit::MsrRead { msr: 0x3a }, &mut cpu, &mut env);
     assert_eq!(cpu.regs[Gpr::Rax as usize], 0x1);
@@ -931,8 +932,10 @@ fn legacy_ports_hide_the_same_function_and_pass_the_rest() {
         input,
         string: false,
     };
-    // The OS selected 00:03.0 register 0 (the latch is the hardware's).
-    env.ports.borrow_mut().insert(0xcf8, 0x8000_1800);
+    // The OS selected 00:03.0 register 0 (in this CPU's own latch).
+    env.hv.cpus()[0]
+        .cf8_latch
+        .store(0x8000_1800, core::sync::atomic::Ordering::Relaxed);
     env.ports.borrow_mut().insert(0xcfc, 0x10d3_8086);
     // in eax, dx
     let mut cpu = at(&mut env, &[0xed]);
@@ -954,7 +957,9 @@ fn legacy_ports_hide_the_same_function_and_pass_the_rest() {
         env.port_log.borrow()
     );
     // Another function: passed through both ways.
-    env.ports.borrow_mut().insert(0xcf8, 0x8000_1000);
+    env.hv.cpus()[0]
+        .cf8_latch
+        .store(0x8000_1000, core::sync::atomic::Ordering::Relaxed);
     let mut cpu = at(&mut env, &[0xed]);
     cpu.regs[Gpr::Rax as usize] = 0xffff_ffff_0000_0000;
     handle(&io(0xcfc, 4, true), &mut cpu, &mut env);

@@ -87,6 +87,7 @@ pub fn decode(code: u64, info1: u64, info2: u64, rcx: u64, rax: u64, rdx: u64) -
         | ExitCode::SKINIT
         | ExitCode::INVLPGA => Exit::VirtInstruction,
         ExitCode::INIT => Exit::Init,
+        ExitCode::INVD => Exit::Invd,
         ExitCode::NMI => Exit::Nmi,
         ExitCode::SHUTDOWN => Exit::Shutdown,
         ExitCode::XSETBV => Exit::Xsetbv,
@@ -144,6 +145,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn decodes_the_configuration_address_port() {
+        let io = |port, size, input| Exit::PortIo {
+            port,
+            size,
+            input,
+            string: false,
+        };
+        // out dx, eax / in eax, dx at 0xcf8 (SZ32 = bit 6, TYPE = bit 0).
+        assert_eq!(decode(0x7b, 0x0cf8_0040, 0, 0, 0, 0), io(0xcf8, 4, false));
+        assert_eq!(decode(0x7b, 0x0cf8_0041, 0, 0, 0, 0), io(0xcf8, 4, true));
+        // out dx, al at 0xcf9 (SZ8 = bit 4); in ax, dx at 0xcfa (SZ16 = bit 5).
+        assert_eq!(decode(0x7b, 0x0cf9_0010, 0, 0, 0, 0), io(0xcf9, 1, false));
+        assert_eq!(decode(0x7b, 0x0cfa_0021, 0, 0, 0, 0), io(0xcfa, 2, true));
+    }
+
+    #[test]
     fn decodes_port_io() {
         // in eax, dx with DX = 0xcfc: TYPE=1, SZ32, port in 31:16.
         assert_eq!(
@@ -175,6 +192,13 @@ mod tests {
                 string: true
             }
         );
+    }
+
+    #[test]
+    fn decodes_invd() {
+        // APM Table C-1: VMEXIT_INVD is 0x76; it used to decode as Other,
+        // which the neutral handler treats as fatal.
+        assert_eq!(decode(0x76, 0, 0, 0, 0, 0), Exit::Invd);
     }
 
     #[test]

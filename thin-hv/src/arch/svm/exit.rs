@@ -5,11 +5,12 @@ use crate::arch::core_state::{self, Core, percpu};
 use crate::arch::env_impl::HwEnv;
 use crate::arch::idt::fatal;
 use crate::arch::instr::{cpuid, drain_nmi, reset_platform};
+use crate::arch::percpu::PerCpu;
 use crate::arch::percpu::RunState;
 use crate::handlers::{self, Outcome};
 use crate::svm::exit_code::{self, ExitCode};
 use crate::svm::state::{init_state, sipi_start};
-use crate::svm::vmcb::{EFER_SVME, event, tlb};
+use crate::svm::vmcb::{EFER_SVME, Vmcb, event, tlb};
 use core::sync::atomic::Ordering;
 use thinhv_abi::exit::ExitReason;
 use thinhv_abi::handoff::{CoreError, features};
@@ -25,14 +26,28 @@ fn nrip_applies(code: u64) -> bool {
 }
 
 /// Handles one #VMEXIT on the current CPU.
-pub extern "sysv64" fn svm_exit(run: &mut RunState) {
+///
+/// # Safety
+/// Only the VMRUN loop calls it, on the host stack, with this CPU's own
+/// `RunState` (inside its `PerCpu`), which nothing else references.
+pub unsafe extern "sysv64" fn svm_exit(run: *mut RunState) {
     let Some(core) = core_state::get() else {
         fatal(format_args!("exit before initialization"))
     };
-    let cpu = run.cpu as usize;
-    // SAFETY: `run` lives in this CPU's `PerCpu`; only this CPU touches it.
+    // SAFETY: the VMRUN loop passes this CPU's `RunState`, which lives in
+    // its `PerCpu`; `cpu` was written once, at launch.
+    let cpu = unsafe { (*run).cpu } as usize;
+    // SAFETY: this CPU's own `PerCpu`, which only this CPU touches (the
+    // host NMI handler uses the shared `CpuSlot`, never this memory). From
+    // here on `run` is reached only through this one `&mut`, split into
+    // disjoint fields, so no two live `&mut` cover the same data.
     let pc = unsafe { &mut *percpu(core, cpu) };
-    let vmcb = &mut pc.guest_vmcb;
+    let PerCpu {
+        guest_vmcb: vmcb,
+        misc,
+        ..
+    } = pc;
+    let run = &mut misc.run;
     let first = run.exits == 0;
     run.exits += 1;
     vmcb.control.tlb_control = tlb::DO_NOTHING;
@@ -55,13 +70,13 @@ pub extern "sysv64" fn svm_exit(run: &mut RunState) {
         let n = core.hv.cpus_virtualized.fetch_sub(1, Ordering::SeqCst) - 1;
         core.status.set_virtualized(n);
         vmcb.save.rax = CoreError::ENTRY_FAILED.0;
-        leave(core, run);
+        leave(vmcb, run);
     }
     if ExitCode(code) == ExitCode::NMI {
         // SAFETY: host mode, SVME set, the host IDT's NMI handler returns.
         unsafe { drain_nmi() };
         // The handler recorded the drained NMI; this exit is its handling.
-        pc.misc.host_nmis.store(0, Ordering::SeqCst);
+        core.hv.cpus()[cpu].host_nmis.store(0, Ordering::SeqCst);
     }
     let exit = exit_code::decode(
         code,
@@ -73,7 +88,7 @@ pub extern "sysv64" fn svm_exit(run: &mut RunState) {
     );
     let nrip = core.handoff.features & features::NRIP_SAVE != 0 && nrip_applies(code);
     let mut guest = SvmGuest {
-        vmcb,
+        vmcb: &mut *vmcb,
         regs: &mut run.regs,
         next_rip_valid: nrip,
     };
@@ -86,15 +101,15 @@ pub extern "sysv64" fn svm_exit(run: &mut RunState) {
     }
     match handled.outcome {
         Outcome::Resume => {}
-        Outcome::ResumeFlushTlb => vmcb_flush(core, &mut pc.guest_vmcb),
-        Outcome::WaitForSipi => wait_for_sipi(core, cpu, run),
+        Outcome::ResumeFlushTlb => vmcb_flush(core, vmcb),
+        Outcome::WaitForSipi => wait_for_sipi(core, cpu, vmcb, run),
         Outcome::Devirtualize => {
             log::info!("cpu {cpu}: leaving guest mode (roll-back)");
             core.hv.cpus()[cpu].set_state(CpuState::OFFLINE);
             core.status.set_cpu_state(cpu, CpuState::OFFLINE);
             let n = core.hv.cpus_virtualized.fetch_sub(1, Ordering::SeqCst) - 1;
             core.status.set_virtualized(n);
-            leave(core, run);
+            leave(vmcb, run);
         }
         Outcome::StartAt(_) => fatal(format_args!("SIPI exit on SVM")),
         Outcome::HostFaultTest => {
@@ -109,9 +124,9 @@ pub extern "sysv64" fn svm_exit(run: &mut RunState) {
         Outcome::Fatal(why) => fatal(format_args!(
             "{why} (exit {} {code:#x}, info {:#x} {:#x}, rip {:#x})",
             exit_code::name(code),
-            pc.guest_vmcb.control.exit_info1,
-            pc.guest_vmcb.control.exit_info2,
-            pc.guest_vmcb.save.rip
+            vmcb.control.exit_info1,
+            vmcb.control.exit_info2,
+            vmcb.save.rip
         )),
     }
 }
@@ -126,14 +141,12 @@ fn vmcb_flush(core: &Core, vmcb: &mut crate::svm::vmcb::Vmcb) {
 
 /// INIT: the CPU waits in host mode for a SIPI, then starts in real mode
 /// at its vector (APM §15.21, Table 14-1).
-fn wait_for_sipi(core: &Core, cpu: usize, run: &mut RunState) {
+fn wait_for_sipi(core: &Core, cpu: usize, vmcb: &mut Vmcb, run: &mut RunState) {
     let slot = &core.hv.cpus()[cpu];
     slot.set_state(CpuState::WAIT_FOR_SIPI);
     core.status.set_cpu_state(cpu, CpuState::WAIT_FOR_SIPI);
-    // SAFETY: this CPU's own `PerCpu`.
-    let pc = unsafe { &mut *percpu(core, cpu) };
-    init_state(&mut pc.guest_vmcb.save);
-    pc.guest_vmcb.control.event_inj = 0;
+    init_state(&mut vmcb.save);
+    vmcb.control.event_inj = 0;
     run.regs = [0; 16];
     // RDX after INIT holds the processor signature (CPUID 1 EAX).
     run.regs[2] = u64::from(cpuid(1, 0)[0]);
@@ -146,9 +159,9 @@ fn wait_for_sipi(core: &Core, cpu: usize, run: &mut RunState) {
         }
         core::hint::spin_loop();
     };
-    sipi_start(&mut pc.guest_vmcb.save, vector);
-    debug_assert!(pc.guest_vmcb.save.efer & EFER_SVME != 0);
-    vmcb_flush(core, &mut pc.guest_vmcb);
+    sipi_start(&mut vmcb.save, vector);
+    debug_assert!(vmcb.save.efer & EFER_SVME != 0);
+    vmcb_flush(core, vmcb);
     slot.set_state(CpuState::RUNNING);
     core.status.set_cpu_state(cpu, CpuState::RUNNING);
     core.status.count(cpu, ExitReason::SIPI);
@@ -159,10 +172,8 @@ fn wait_for_sipi(core: &Core, cpu: usize, run: &mut RunState) {
 }
 
 /// Restores the guest's state natively and continues there.
-fn leave(core: &Core, run: &mut RunState) -> ! {
-    // SAFETY: this CPU's own `PerCpu`.
-    let pc = unsafe { &mut *percpu(core, run.cpu as usize) };
-    let s = &pc.guest_vmcb.save;
+fn leave(vmcb: &Vmcb, run: &RunState) -> ! {
+    let s = &vmcb.save;
     let st = LeaveState {
         cr0: s.cr0,
         cr3: s.cr3,

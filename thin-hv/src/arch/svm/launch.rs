@@ -124,19 +124,8 @@ pub unsafe fn virtualize(cpu: u64, resume_rip: u64, resume_rsp: u64) -> Result<(
     unsafe { vmsave(PerCpu::pa_of(&pc.guest_vmcb)) };
 
     let c = &mut pc.guest_vmcb.control;
-    c.intercept_misc1 = misc1::NMI
-        | misc1::INIT
-        | misc1::CPUID
-        | misc1::INVLPGA
-        | misc1::MSR_PROT
-        | misc1::SHUTDOWN;
-    c.intercept_misc2 = misc2::VMRUN
-        | misc2::VMMCALL
-        | misc2::VMLOAD
-        | misc2::VMSAVE
-        | misc2::STGI
-        | misc2::CLGI
-        | misc2::SKINIT;
+    c.intercept_misc1 = crate::svm::intercepts::MISC1;
+    c.intercept_misc2 = crate::svm::intercepts::MISC2;
     // A compatibility profile that narrows XCR0 needs XSETBV checked (VMX
     // always exits on it). The handler executes XSETBV in host mode, which
     // needs the host's CR4.OSXSAVE; the guest's CR4 is its own (VMCB).
@@ -150,8 +139,8 @@ pub unsafe fn virtualize(cpu: u64, resume_rip: u64, resume_rsp: u64) -> Result<(
         }
     }
     c.iopm_base_pa = core.iopm_pa;
-    // The configuration data ports are set in the map only when a PCI
-    // function is mediated; nothing else is intercepted.
+    // The configuration ports (0xCF8..=0xCFF) are set in the map only when
+    // a PCI function is mediated; nothing else is intercepted.
     if core.hv.pci.count > 0 {
         c.intercept_misc1 |= misc1::IOIO_PROT;
     }

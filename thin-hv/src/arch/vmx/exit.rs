@@ -45,6 +45,9 @@ fn has_insn_len(r: ExitReason) -> bool {
             | ExitReason::XSETBV
             | ExitReason::INVD
             | ExitReason::CR_ACCESS
+            // IN/OUT (the configuration ports): saves decoding the
+            // instruction on every configuration access.
+            | ExitReason::IO
     )
 }
 
@@ -56,6 +59,7 @@ pub(crate) fn rules(core: &Core) -> CrRules {
         cr4_fixed0: c.cr4_fixed0,
         cr4_fixed1: c.cr4_fixed1,
         unrestricted: true,
+        phys_bits: c.phys_bits,
     }
 }
 
@@ -98,9 +102,8 @@ pub extern "sysv64" fn vmx_exit(run: &mut RunState) {
             vmread(Field::EXIT_INSTRUCTION_LENGTH),
         );
     }
-    // SAFETY: CPU `cpu`'s own `PerCpu`; only the atomic is borrowed (the
-    // host NMI handler updates it concurrently, atomically).
-    let host_nmis = unsafe { &(*core_state::percpu(core, cpu)).misc.host_nmis };
+    // The host NMI handler updates it concurrently, atomically.
+    let host_nmis = &core.hv.cpus()[cpu].host_nmis;
     if basic == ExitReason::NMI_WINDOW {
         set_nmi_window(false);
     }
@@ -128,7 +131,7 @@ pub extern "sysv64" fn vmx_exit(run: &mut RunState) {
         finish(run, host_nmis);
         return;
     }
-    let exit = exit_reason::decode(
+    let mut exit = exit_reason::decode(
         reason,
         qual,
         vmread(Field::GUEST_PHYSICAL_ADDRESS),
@@ -137,6 +140,23 @@ pub extern "sysv64" fn vmx_exit(run: &mut RunState) {
         run.regs[2],
         vmread(Field::EXIT_INTERRUPTION_INFO) as u32,
     );
+    if let Exit::TaskSwitch {
+        event,
+        error_code,
+        insn_len,
+        ..
+    } = &mut exit
+    {
+        // A switch through a task gate is the delivery of the event the
+        // IDT-vectoring information names (SDM Vol. 3C §28.2.4); the
+        // instruction length covers CALL, JMP, IRET and software
+        // interrupts (§28.2.5).
+        if idt & (1 << 31) != 0 {
+            *event = idt as u32;
+            *error_code = vmread(Field::IDT_VECTORING_ERROR_CODE) as u32;
+        }
+        *insn_len = (vmread(Field::EXIT_INSTRUCTION_LENGTH) & 0xf) as u8;
+    }
     log::trace!(
         "cpu {cpu}: exit {} ({reason:#x}) qual {qual:#x} rip {:#x} cs {:#x}",
         basic.name(),
@@ -191,8 +211,12 @@ pub extern "sysv64" fn vmx_exit(run: &mut RunState) {
 fn finish(run: &mut RunState, host_nmis: &AtomicU32) {
     if run.nmi_pending != 0 {
         let busy = vmread(Field::ENTRY_INTERRUPTION_INFO) & (1 << 31) != 0;
-        // Blocking by STI, MOV SS or (virtual) NMI (§25.4.2, §27.3.1.5).
-        let blocked = vmread(Field::GUEST_INTERRUPTIBILITY) & 0b1011 != 0;
+        // Blocking by STI, MOV SS or (virtual) NMI (§25.4.2, §27.3.1.5);
+        // or a debug trap due after the instruction thinhv just completed
+        // (pending BS or enabled breakpoint), which the processor delivers
+        // first and which an injected event would displace (§27.7.3).
+        let blocked = vmread(Field::GUEST_INTERRUPTIBILITY) & 0b1011 != 0
+            || vmread(Field::GUEST_PENDING_DEBUG) & PENDING_DEBUG_VALID != 0;
         if busy || blocked {
             set_nmi_window(true);
         } else {
@@ -204,6 +228,10 @@ fn finish(run: &mut RunState, host_nmis: &AtomicU32) {
         set_nmi_window(true);
     }
 }
+
+/// Pending debug exceptions that VM entry delivers: BS (bit 14) and
+/// enabled breakpoint (bit 12) (§25.4.2, §27.7.3).
+const PENDING_DEBUG_VALID: u64 = (1 << 14) | (1 << 12);
 
 /// Injection of an NMI: vector 2, type NMI, valid (§25.8.3).
 const NMI_INJECTION: u64 = 2 | (2 << 8) | (1 << 31);
@@ -337,13 +365,7 @@ fn diagnose(core: &Core) {
 /// was, with RAX = `rax`.
 fn rollback_and_leave(core: &Core, run: &mut RunState, rax: u64) -> ! {
     let cpu = run.cpu as usize;
-    // SAFETY: this CPU's own `PerCpu`; only the atomic is borrowed.
-    unsafe {
-        (*core_state::percpu(core, cpu))
-            .misc
-            .vmx_live
-            .store(false, Ordering::SeqCst);
-    };
+    core.hv.cpus()[cpu].vmx_live.store(false, Ordering::SeqCst);
     core.hv.cpus()[cpu].set_state(CpuState::OFFLINE);
     core.status.set_cpu_state(cpu, CpuState::OFFLINE);
     let n = core.hv.cpus_virtualized.fetch_sub(1, Ordering::SeqCst) - 1;

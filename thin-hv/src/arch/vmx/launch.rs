@@ -219,8 +219,8 @@ pub unsafe fn virtualize(cpu: u64, resume_rip: u64, resume_rsp: u64) -> Result<(
         return Err(CoreError::ENABLE_FAILED);
     }
 
-    // I/O exits only for the configuration data ports, and only when a
-    // PCI function is mediated.
+    // I/O exits only for the configuration ports (0xCF8..=0xCFF), and only
+    // when a PCI function is mediated.
     let io_bitmap = if core.hv.pci.count > 0 {
         core.iopm_pa
     } else {
@@ -295,12 +295,12 @@ pub unsafe fn virtualize(cpu: u64, resume_rip: u64, resume_rsp: u64) -> Result<(
     let n = core.hv.cpus_virtualized.fetch_add(1, Ordering::SeqCst) + 1;
     core.status.set_virtualized(n);
     log::info!("cpu {idx} (APIC {}): entering guest mode", slot.apic_id);
-    pc.misc.vmx_live.store(true, Ordering::SeqCst);
+    slot.vmx_live.store(true, Ordering::SeqCst);
     // SAFETY: the VMCS is complete and checked; on success the guest
     // resumes in the loader and this call never returns.
     let failed = unsafe { vmx_launch() };
     let err = vmread(Field::VM_INSTRUCTION_ERROR);
-    pc.misc.vmx_live.store(false, Ordering::SeqCst);
+    slot.vmx_live.store(false, Ordering::SeqCst);
     log::error!("cpu {idx}: VMLAUNCH failed ({failed}), VM-instruction error {err}");
     slot.set_state(CpuState::OFFLINE);
     core.status.set_cpu_state(idx, CpuState::OFFLINE);

@@ -1,0 +1,134 @@
+//! The attack suite, EFI part (issue 11): the EFI probe, at CPL 0 as a
+//! hostile kernel would be, writes every MSR in thinhv's MSR policy with a
+//! value that would change how the host runs, executes INVD, and checks
+//! the CPUID bits that must follow its own CR4. Each attack is run twice on
+//! the same QEMU line: bare (the control: the processor takes the write, so
+//! the attack would work without thinhv) and under thinhv (refused with
+//! #GP). An attack that succeeds under thinhv fails the test.
+use thinhv_ovmf::qemu::Profile;
+use thinhv_tests::{Boot, PROBE, boot_probe, built, probe_value as get};
+
+/// The MSR attacks: each write would change how the host runs. Under
+/// thinhv every one must raise #GP (`13`); bare, QEMU's software CPU (TCG,
+/// `-cpu max`, AMD) takes every one of them (`0`) — it models no reserved
+/// EFER, PAT or MTRR bits and ignores writes to AMD MSRs it lacks — which
+/// is the control: without thinhv in the way each attack gets through.
+const MSR_ATTACKS_SVM: &[&str] = &[
+    "attack_msr_efer_reserved",
+    "attack_msr_efer_lmsle",
+    "attack_msr_efer_svme",
+    "attack_msr_pat_reserved",
+    "attack_msr_mtrr_deftype_reserved",
+    "attack_msr_apic_relocate",
+    "attack_msr_vm_hsave_pa",
+    "attack_msr_vm_cr",
+    "attack_msr_hwcr_tlbcachedis",
+    "attack_msr_syscfg_smee",
+    "attack_msr_top_mem",
+    "attack_msr_top_mem2",
+    "attack_msr_iorr_base0",
+    "attack_msr_mmio_cfg_base",
+    "attack_msr_nb_cfg",
+];
+
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn efi_attacks_on_the_svm_host_state_fail() {
+    let b = built();
+    // The control: the probe alone, no thinhv.
+    let bare = Boot::new(&b, "attacks-bare", Profile::svm(2));
+    bare.esp
+        .put_file(r"\EFI\BOOT\BOOTX64.EFI", &b.probe)
+        .unwrap();
+    let n = boot_probe(&bare);
+    assert_eq!(get(&n, "thinhv"), "absent", "{n}");
+    for k in MSR_ATTACKS_SVM {
+        assert_eq!(get(&n, k), "0", "control: bare, {k} is taken\n{n}");
+    }
+    assert_eq!(get(&n, "cpuid_osxsave_cr4_off"), "0");
+    assert_eq!(get(&n, "cpuid_osxsave_cr4_on"), "1");
+
+    let boot = Boot::new(&b, "attacks-svm", Profile::svm(2));
+    boot.esp.put_file(PROBE, &b.probe).unwrap();
+    boot.esp
+        .install_thinhv(&b.efi, Some(&format!("[boot]\nnext = '{PROBE}'\n")))
+        .unwrap();
+    let r = boot_probe(&boot);
+    assert_eq!(get(&r, "signature"), "ThinHVThinHV");
+    let mut succeeded = Vec::new();
+    for k in MSR_ATTACKS_SVM {
+        let v = get(&r, k);
+        eprintln!("{k}: bare {} / thinhv {v}", get(&n, k));
+        if v != "13" {
+            succeeded.push(format!("{k}={v}"));
+        }
+    }
+    assert!(
+        succeeded.is_empty(),
+        "attacks that got through thinhv: {succeeded:?}\n{r}"
+    );
+    // The MTRRs are emulated: the guest sees its own write.
+    assert_eq!(get(&r, "mtrr_physbase7_write"), "0");
+    assert_eq!(get(&r, "mtrr_physbase7_readback"), "1");
+    // INVD exits (and is done as WBINVD); the data survives.
+    assert_eq!(get(&r, "attack_invd_exits"), "1", "INVD not intercepted");
+    assert_eq!(get(&r, "attack_invd_data_kept"), "1");
+    // CPUID.1:ECX.OSXSAVE follows the guest's CR4, as bare.
+    assert_eq!(get(&r, "cpuid_osxsave_cr4_off"), "0");
+    assert_eq!(get(&r, "cpuid_osxsave_cr4_on"), "1");
+    assert_eq!(get(&r, "cpuid1_smx"), "0");
+    // The rest of the probe still ran (thinhv survived every attack).
+    assert_eq!(get(&r, "integrity_expected"), get(&r, "integrity_current"));
+    assert_eq!(get(&r, "ap_ran"), "1");
+}
+
+/// The same MSR attacks from a running Linux kernel: root writes each MSR
+/// through the kernel's `msr` driver on both CPUs (the kernel executes
+/// WRMSR at CPL 0; a #GP comes back as EIO). Under thinhv none is taken;
+/// the control is the same Linux with thinhv disabled
+/// (`[hypervisor] enabled = false`, same QEMU line), where all are.
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn linux_msr_attacks_fail_under_thinhv_and_work_bare() {
+    use thinhv_ovmf::esp;
+    use thinhv_tests::{KERNEL, attack_results, boot_linux};
+    let options = "thinhv_attack=msr/0 thinhv_attack=msr/1";
+    let b = built();
+    let boot_with = |name: &str, hv: bool| {
+        let boot = Boot::new(&b, name, Profile::svm(2));
+        boot.esp.install_linux(&b.linux).unwrap();
+        let mut config = esp::config_booting(
+            KERNEL,
+            Some(&esp::kernel_options(&format!(
+                "quiet thinhv_test=1 {options}"
+            ))),
+            "",
+        );
+        if !hv {
+            config = config.replace("[hypervisor]\n", "[hypervisor]\nenabled = false\n");
+        }
+        boot.esp.install_thinhv(&b.efi, Some(&config)).unwrap();
+        boot_linux(&boot)
+    };
+    let bare = boot_with("attacks-msr-linux-bare", false);
+    let r = attack_results(&bare.facts);
+    assert_eq!(r.len(), 2, "{}", bare.facts);
+    for (name, attempts, succeeded) in &r {
+        assert_eq!(name, "msr");
+        // Control: every MSR this processor has takes the write.
+        assert!(*attempts >= 4, "{}", bare.facts);
+        assert_eq!(
+            succeeded, attempts,
+            "bare: every write taken\n{}",
+            bare.facts
+        );
+    }
+    let g = boot_with("attacks-msr-linux", true);
+    assert_eq!(g.status.as_ref().expect("status")["cpus_virtualized"], 2);
+    let r = attack_results(&g.facts);
+    assert_eq!(r.len(), 2, "{}", g.facts);
+    for (_, attempts, succeeded) in &r {
+        assert!(*attempts >= 4, "{}", g.facts);
+        assert_eq!(*succeeded, 0, "MSR writes taken under thinhv:\n{}", g.facts);
+    }
+}
