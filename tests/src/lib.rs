@@ -107,7 +107,42 @@ pub struct Boot {
     vars: PathBuf,
 }
 
+/// Where the firmware finds the probe when it boots first (removable-media
+/// path), and where the probe then finds thinhv.
+const REMOVABLE_LOADER: &str = r"\EFI\BOOT\BOOTX64.EFI";
+const THINHV_AFTER_PROBE: &str = r"\EFI\thinhv\thinhv.efi";
+
 impl Boot {
+    /// The EFI probe alone, as the boot loader: no thinhv on the disk (the
+    /// bare control of a probe test).
+    pub fn install_probe_bare(&self, b: &Built) {
+        self.esp
+            .put_file(REMOVABLE_LOADER, &b.probe)
+            .expect("install the probe");
+    }
+
+    /// The probe boots first, natively (it may prepare the machine: arm a
+    /// device, split the memory map, disable a processor — `marker`, a
+    /// file under `\EFI\thinhv\` that tells it what), then starts thinhv
+    /// with `config`, which starts the probe again under it.
+    pub fn install_probe_first(&self, b: &Built, config: &str, marker: Option<&str>) {
+        self.install_probe_bare(b);
+        self.esp
+            .put_file(PROBE, &b.probe)
+            .expect("install the probe");
+        self.esp
+            .put_file(THINHV_AFTER_PROBE, &b.efi)
+            .expect("install thinhv");
+        self.esp
+            .put_bytes(r"\EFI\thinhv\thinhv.toml", config.as_bytes())
+            .expect("write thinhv.toml");
+        if let Some(m) = marker {
+            self.esp
+                .put_bytes(&format!(r"\EFI\thinhv\{m}"), b"1\n")
+                .expect("write the probe's marker");
+        }
+    }
+
     /// A fresh ESP for test `name`.
     pub fn new(b: &Built, name: &str, profile: Profile) -> Self {
         let dir = b.work.join(name);

@@ -16,22 +16,11 @@ fn hypercall_buffers_in_a_fragmented_memory_map_are_refused() {
     let mut m = Profile::svm(2);
     m.extra = ["-device", "intel-iommu"].map(String::from).to_vec();
     let boot = Boot::new(&b, "attacks-hc-fragmented", m);
-    boot.esp
-        .put_file(r"\EFI\BOOT\BOOTX64.EFI", &b.probe)
-        .unwrap();
-    boot.esp.put_file(PROBE, &b.probe).unwrap();
-    boot.esp
-        .put_file(r"\EFI\thinhv\thinhv.efi", &b.efi)
-        .unwrap();
-    boot.esp
-        .put_bytes(
-            r"\EFI\thinhv\thinhv.toml",
-            format!("[boot]\nnext = '{PROBE}'\n\n[iommu]\nmode = \"protect\"\n").as_bytes(),
-        )
-        .unwrap();
-    boot.esp
-        .put_bytes(r"\EFI\thinhv\fragment-memory-map", b"1\n")
-        .unwrap();
+    boot.install_probe_first(
+        &b,
+        &format!("[boot]\nnext = '{PROBE}'\n\n[iommu]\nmode = \"protect\"\n"),
+        Some("fragment-memory-map"),
+    );
     let (serial, r) = run_probe(&boot);
 
     // The map really held more RAM ranges than the core takes.

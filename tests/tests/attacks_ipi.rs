@@ -13,22 +13,11 @@ use thinhv_tests::{Boot, PROBE, built, probe_value as get, run_probe};
 fn init_sipi_to_a_processor_outside_thinhv_are_refused() {
     let b = built();
     let boot = Boot::new(&b, "attacks-ipi-disabled-ap", Profile::svm(2));
-    boot.esp
-        .put_file(r"\EFI\BOOT\BOOTX64.EFI", &b.probe)
-        .unwrap();
-    boot.esp.put_file(PROBE, &b.probe).unwrap();
-    boot.esp
-        .put_file(r"\EFI\thinhv\thinhv.efi", &b.efi)
-        .unwrap();
-    boot.esp
-        .put_bytes(
-            r"\EFI\thinhv\thinhv.toml",
-            format!("[boot]\nnext = '{PROBE}'\n").as_bytes(),
-        )
-        .unwrap();
-    boot.esp
-        .put_bytes(r"\EFI\thinhv\disable-ap", b"1\n")
-        .unwrap();
+    boot.install_probe_first(
+        &b,
+        &format!("[boot]\nnext = '{PROBE}'\n"),
+        Some("disable-ap"),
+    );
     let (serial, r) = run_probe(&boot);
 
     // The set-up: the AP is outside thinhv.

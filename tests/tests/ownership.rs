@@ -273,23 +273,14 @@ fn hidden_edu_probe_on(name: &str, devices: &[&str], iommu_mode: &str) -> (Strin
     let mut m = Profile::svm(2);
     m.extra = devices.iter().map(|s| (*s).to_string()).collect();
     let boot = Boot::new(&b, name, m);
-    boot.esp
-        .put_file(r"\EFI\BOOT\BOOTX64.EFI", &b.probe)
-        .unwrap();
-    boot.esp.put_file(PROBE, &b.probe).unwrap();
-    boot.esp
-        .put_file(r"\EFI\thinhv\thinhv.efi", &b.efi)
-        .unwrap();
-    boot.esp
-        .put_bytes(
-            r"\EFI\thinhv\thinhv.toml",
-            format!(
-                "[boot]\nnext = '{PROBE}'\n\n[iommu]\nmode = \"{iommu_mode}\"\n\n\
-                 [[device]]\nmatch = \"1234:11e8\"\nowner = \"hidden\"\n"
-            )
-            .as_bytes(),
-        )
-        .unwrap();
+    boot.install_probe_first(
+        &b,
+        &format!(
+            "[boot]\nnext = '{PROBE}'\n\n[iommu]\nmode = \"{iommu_mode}\"\n\n\
+             [[device]]\nmatch = \"1234:11e8\"\nowner = \"hidden\"\n"
+        ),
+        None,
+    );
     run_probe(&boot)
 }
 
