@@ -82,6 +82,12 @@ impl Function {
     /// RDX = CPU index. Writes `[u64; EXIT_REASON_COUNT]`; RBX ← bytes
     /// written.
     pub const EXIT_COUNTS: Self = Self(4);
+    /// Cost of exit handling on one CPU: RDX = CPU index. RBX ← TSC cycles
+    /// spent in thinhv's exit handler (from its entry after #VMEXIT / VM
+    /// exit to its return towards VMRUN / VMRESUME), summed; RCX ← exits
+    /// measured. A guest that also times its own round trip sees how much
+    /// of an exit is the handler and how much the world switch.
+    pub const EXIT_COST: Self = Self(5);
 
     /// Loader only, before [`Function::SEAL`]: leave guest mode on this CPU
     /// and continue natively at the instruction after the hypercall.
@@ -102,6 +108,7 @@ impl Function {
             2 => "log-read",
             3 => "integrity",
             4 => "exit-counts",
+            5 => "exit-cost",
             0x100 => "devirtualize",
             0x101 => "seal",
             0x1ff => "debug-host-fault",

@@ -79,6 +79,9 @@ fn probe_under_thinhv() {
     // hypercall) raises #DB right after each instruction, as bare
     // (`probe_bare_single_step`).
     assert_single_steps(&r, true);
+    // An NMI sent while the guest's NMI handler runs arrives once, after
+    // its IRET, never nested in it, as bare (`probe_bare_single_step`).
+    assert_blocked_nmi_pending(&r);
     // Hypercall buffers in device memory (issue 11, item 7): every one
     // refused with BAD_ADDRESS (3), none written; a buffer in RAM works.
     for what in ["lapic", "hpet", "ecam", "vga_window", "above_ram"] {
@@ -190,4 +193,23 @@ fn probe_bare_single_step() {
     assert_eq!(get(&r, "thinhv"), "absent");
     assert_eq!(get(&r, "hypervisor_bit"), "0");
     assert_single_steps(&r, false);
+    // The control for the NMI check: the processor holds the second NMI
+    // until the handler's IRET and then delivers it.
+    assert_blocked_nmi_pending(&r);
+}
+
+/// The probe's NMI handler sent itself a second NMI while running: it was
+/// delivered exactly once more, after the IRET, not inside the handler
+/// (`tests/efi-probe/src/nmi.rs`).
+fn assert_blocked_nmi_pending(r: &str) {
+    assert_eq!(
+        get(r, "nmi_deliveries"),
+        "2",
+        "the NMI and the one sent from its handler, each delivered once"
+    );
+    assert_eq!(
+        get(r, "nmi_nested"),
+        "0",
+        "the second NMI must wait for the first handler's IRET"
+    );
 }

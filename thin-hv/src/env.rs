@@ -43,6 +43,16 @@ pub trait Env {
     /// (a first touch beyond what was mapped at start). Returns false when
     /// that is not possible.
     fn demand_map(&mut self, gpa: u64) -> bool;
+    /// For the emulated relocation of the local APIC
+    /// (`handlers::apic_reloc`): `trap` makes the 4 KiB page at `page` not
+    /// present in the second-level tables (which all CPUs share), so that
+    /// every access to it exits; otherwise maps it back as it was at start
+    /// (identity; the xAPIC page as the ICR trap wants it). Returns false,
+    /// with nothing changed, for a page the core cannot trap (outside its
+    /// own map, the hypervisor's pages, an IOMMU register window) or when
+    /// the tables cannot grow. Only this CPU's guest TLB is the caller's
+    /// business ([`Outcome::ResumeFlushTlb`](crate::handlers::Outcome)).
+    fn apic_page_trap(&mut self, page: u64, trap: bool) -> bool;
     /// The status report for the status hypercall.
     fn status_report(&self) -> StatusReport;
     /// Exit counters of a CPU.
@@ -72,7 +82,8 @@ pub trait Env {
     fn iommu_poll(&self);
     /// Reads `size` (1, 2 or 4) bytes of device memory (ECAM) with one
     /// access of that width. Callers pass only addresses of mediated
-    /// configuration pages.
+    /// configuration pages, or of a page the APIC relocation traps
+    /// ([`Env::apic_page_trap`] accepted it).
     fn mmio_read(&self, pa: u64, size: u8) -> u32;
     /// Writes `size` bytes of device memory with one access.
     fn mmio_write(&mut self, pa: u64, size: u8, value: u32);

@@ -105,7 +105,8 @@ pub struct CpuSlot {
     /// Its emulated MTRRs.
     pub mtrr: MtrrShadow,
     /// NMIs the host NMI handler took on this CPU and no exit has looked at
-    /// yet (VMX; on SVM only drained ones, already being handled). Here,
+    /// yet (VMX; on SVM only those taken in its NMI sink, counted while the
+    /// exit path waits for them, `arch::svm::nmi`). Here,
     /// in shared state reached only through `&`, rather than in the CPU's
     /// own `PerCpu`, which its exit path holds as `&mut` while an NMI can
     /// interrupt it.
@@ -113,6 +114,14 @@ pub struct CpuSlot {
     /// VMX: this CPU is in VMX operation with its VMCS current, so the
     /// host NMI handler may arm NMI-window exiting.
     pub vmx_live: AtomicBool,
+    /// TSC cycles spent in the exit handler, summed ([`Self::add_exit_cost`]).
+    pub handler_cycles: AtomicU64,
+    /// Exits whose handler time is in `handler_cycles`.
+    pub handler_exits: AtomicU64,
+    /// The base of its xAPIC page as its guest set it in IA32_APIC_BASE
+    /// (the hardware's stays [`Hv::apic_base`]; `handlers::apic_reloc`).
+    /// Only this CPU changes it, under [`Hv::apic_reloc`]'s lock.
+    pub apic_vbase: AtomicU64,
 }
 
 impl CpuSlot {
@@ -124,6 +133,20 @@ impl CpuSlot {
     /// Sets the state.
     pub fn set_state(&self, s: CpuState) {
         self.state.store(s.0, Ordering::SeqCst);
+    }
+
+    /// Records one exit's handler time (the CPU's own exit path only).
+    pub fn add_exit_cost(&self, cycles: u64) {
+        self.handler_cycles.fetch_add(cycles, Ordering::Relaxed);
+        self.handler_exits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (handler cycles, exits) so far.
+    pub fn exit_cost(&self) -> (u64, u64) {
+        (
+            self.handler_cycles.load(Ordering::Relaxed),
+            self.handler_exits.load(Ordering::Relaxed),
+        )
     }
 
     /// Whether the CPU runs under thinhv (INIT/SIPI to it must be virtual).
@@ -173,6 +196,9 @@ pub struct Hv {
     /// configuration address latch, and no other CPU's address may come
     /// between the two.
     pub legacy_config_lock: spin::Mutex<()>,
+    /// Pages the emulated APIC relocation keeps out of the second-level
+    /// tables (`handlers::apic_reloc`).
+    pub apic_reloc: crate::handlers::apic_reloc::Relocations,
 }
 
 impl Hv {
@@ -189,6 +215,9 @@ impl Hv {
             mtrr: MtrrShadow::default(),
             host_nmis: AtomicU32::new(0),
             vmx_live: AtomicBool::new(false),
+            handler_cycles: AtomicU64::new(0),
+            handler_exits: AtomicU64::new(0),
+            apic_vbase: AtomicU64::new(apic_base),
         });
         Self {
             config: h.config,
@@ -209,6 +238,7 @@ impl Hv {
             refused_pci_writes: AtomicU64::new(0),
             refused_ipis: AtomicU64::new(0),
             legacy_config_lock: spin::Mutex::new(()),
+            apic_reloc: crate::handlers::apic_reloc::Relocations::default(),
         }
     }
 

@@ -25,6 +25,7 @@ pub mod hv;
 pub mod insn;
 pub mod log_ring;
 pub mod mtrr;
+pub mod nmi;
 pub mod npt;
 pub mod svm;
 pub mod vmx;

@@ -74,8 +74,9 @@ pub fn msr_attacks() {
         kv("mtrr_physbase7_write", w);
         kv("mtrr_physbase7_readback", u8::from(back == value));
     }
-    // Moving the local APIC away from thinhv's ICR trap.
-    attempt("apic_relocate", 0x1b, |v| (v & 0xfff) | 0xfed0_0000);
+    // Moving the local APIC (emulated under thinhv; the ICR must stay
+    // filtered at the new base).
+    apic_relocation();
     // The SVM MSRs, absent for a guest without SVM.
     attempt("vm_hsave_pa", 0xc001_0117, |_| 0x1000);
     attempt("vm_cr", 0xc001_0114, |v| v | 1 << 4);
@@ -153,4 +154,262 @@ fn invd_exits() -> Option<u64> {
         0,
     );
     (r[0] == Status::OK.0).then(|| counts[thinhv_abi::exit::ExitReason::INVD.index()])
+}
+
+// ---- Relocating the local APIC --------------------------------------
+
+/// IA32_APIC_BASE (Intel SDM Vol. 3A §12.4.4, Figure 12-5): base field,
+/// x2APIC mode, enable.
+const IA32_APIC_BASE: u32 = 0x1b;
+const APIC_BASE_FIELD: u64 = 0x000f_ffff_ffff_f000;
+const APIC_BASE_EXTD: u64 = 1 << 10;
+const APIC_BASE_EN: u64 = 1 << 11;
+/// Where the probe moves its xAPIC page: a page of the 0xFEC00000–
+/// 0xFEDFFFFF area that nothing decodes on QEMU's q35 (`info mtree`: the
+/// I/O APIC at 0xFEC00000, the HPET at 0xFED00000; with the firmware, the
+/// ICH9 root complex block at 0xFED1C000; the IOMMUs at 0xFED80000 and
+/// 0xFED90000) nor on Bochs' i440FX, and that no firmware reports as RAM.
+const RELOCATED: u64 = 0xfec8_0000;
+/// xAPIC registers (SDM Vol. 3A Table 12-1).
+const APIC_ID: u64 = 0x20;
+const APIC_VERSION: u64 = 0x30;
+const APIC_TPR: u64 = 0x80;
+const APIC_ICR_LOW: u64 = 0x300;
+const APIC_ICR_HIGH: u64 = 0x310;
+/// ICR low: INIT, level assert; STARTUP (SDM Vol. 3A §12.6.1).
+const ICR_INIT: u32 = 0x0000_c500;
+const ICR_STARTUP: u32 = 0x0000_0600;
+/// The AP's stub: real mode at CS = vector << 8, IP = 0; stores CPUID
+/// 0x40000000 EBX, ECX, EDX at 0x100, 0x104, 0x108 of its page and
+/// [`STUB_DONE`] at 0x10c, then `cli; hlt` for good.
+const STUB: [u8; 43] = [
+    0x8c, 0xc8, // mov ax, cs
+    0x8e, 0xd8, // mov ds, ax
+    0x66, 0xb8, 0x00, 0x00, 0x00, 0x40, // mov eax, 0x40000000
+    0x66, 0x31, 0xc9, // xor ecx, ecx
+    0x0f, 0xa2, // cpuid
+    0x66, 0x89, 0x1e, 0x00, 0x01, // mov [0x100], ebx
+    0x66, 0x89, 0x0e, 0x04, 0x01, // mov [0x104], ecx
+    0x66, 0x89, 0x16, 0x08, 0x01, // mov [0x108], edx
+    0x66, 0xc7, 0x06, 0x0c, 0x01, 0xef, 0xbe, 0xad, 0xde, // mov dword [0x10c], STUB_DONE
+    0xfa, // cli
+    0xf4, // hlt
+    0xeb, 0xfd, // jmp back to hlt
+];
+const STUB_DONE: u32 = 0xdead_beef;
+/// ESP file whose presence makes [`apic_relocation`] leave out the
+/// INIT-SIPI (a test bed that can wake each AP only once: the probe's
+/// `ap_check` needs that wake; see docs/emulator-faults.md).
+const APIC_RELOC_NO_IPI_MARKER: &str = "\\EFI\\thinhv\\apic-reloc-no-ipi";
+
+/// What [`apic_relocation`] saw, with its interrupts off.
+#[derive(Default)]
+struct Relocated {
+    msr_after: u64,
+    id_old: u32,
+    version_old: u32,
+    id_new: u32,
+    version_new: u32,
+    tpr_readback: u32,
+    old_page_id: u32,
+    sipi_ran: bool,
+    msr_back: u64,
+    id_back: u32,
+}
+
+fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: only IA32_APIC_BASE, which every x86-64 processor has.
+    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// # Safety
+/// `base + reg` is this CPU's xAPIC register (or a page nothing decodes),
+/// identity-mapped by the firmware.
+unsafe fn apic_read(base: u64, reg: u64) -> u32 {
+    // SAFETY: per the contract.
+    unsafe { core::ptr::read_volatile((base + reg) as *const u32) }
+}
+
+/// # Safety
+/// As [`apic_read`]; the write is one the probe means (an IPI included).
+unsafe fn apic_write(base: u64, reg: u64, value: u32) {
+    // SAFETY: per the contract.
+    unsafe { core::ptr::write_volatile((base + reg) as *mut u32, value) }
+}
+
+/// The first AP that runs: (MP services number, APIC ID).
+fn first_ap() -> Option<(usize, u32)> {
+    use uefi::proto::pi::mp::MpServices;
+    let h = uefi::boot::get_handle_for_protocol::<MpServices>().ok()?;
+    let mp = uefi::boot::open_protocol_exclusive::<MpServices>(h).ok()?;
+    let count = mp.get_number_of_processors().ok()?;
+    (0..count.total).find_map(|i| {
+        let p = mp.get_processor_info(i).ok()?;
+        let id = u32::try_from(p.processor_id).ok()?;
+        (!p.is_bsp() && p.is_enabled()).then_some((i, id))
+    })
+}
+
+/// The AP's INIT and SIPI exit counts (under thinhv only).
+fn ap_init_sipi_exits(ap: usize) -> Option<(u64, u64)> {
+    let s = cpuid(thinhv_abi::cpuid::LEAF_SIGNATURE, 0);
+    if thinhv_abi::cpuid::signature_from_regs(s[1], s[2], s[3]) != thinhv_abi::cpuid::SIGNATURE {
+        return None;
+    }
+    let mut counts = [0u64; thinhv_abi::exit::EXIT_REASON_COUNT];
+    let r = hc(
+        Function::EXIT_COUNTS,
+        counts.as_mut_ptr() as u64,
+        core::mem::size_of_val(&counts) as u64,
+        ap as u64,
+    );
+    use thinhv_abi::exit::ExitReason as R;
+    (r[0] == Status::OK.0).then(|| (counts[R::INIT.index()], counts[R::SIPI.index()]))
+}
+
+/// Relocates this CPU's xAPIC page with IA32_APIC_BASE, as an OS may (SDM
+/// Vol. 3A §12.4.5), with interrupts off: reads the APIC ID and version
+/// through the new base and compares them with those at the old one,
+/// writes the TPR there and reads it back, reads IA32_APIC_BASE back, then
+/// sends INIT-SIPI to an AP through the new base's ICR — the direct-ICR
+/// INIT a hostile kernel would send past thinhv's trap — and moves back.
+/// The AP runs a stub that reports its CPUID 0x40000000 signature: under
+/// thinhv it must still say thinhv (the INIT was virtualized, not taken by
+/// the processor). Bare, the same run is the control of what relocation
+/// does on this machine.
+pub fn apic_relocation() {
+    let orig = rdmsr(IA32_APIC_BASE);
+    if orig & APIC_BASE_EN == 0 || orig & APIC_BASE_EXTD != 0 {
+        kv("apic_reloc", "not-xapic");
+        return;
+    }
+    let old = orig & APIC_BASE_FIELD;
+    let moved = (orig & !APIC_BASE_FIELD) | RELOCATED;
+    kv("apic_reloc_target", format_args!("{RELOCATED:#x}"));
+    let Some((ap, ap_id)) = first_ap() else {
+        kv("apic_reloc", "no-ap");
+        return;
+    };
+    let Ok(page) = uefi::boot::allocate_pages(
+        uefi::boot::AllocateType::MaxAddress(0x9_ffff),
+        uefi::boot::MemoryType::LOADER_DATA,
+        1,
+    ) else {
+        kv("apic_reloc", "no-low-memory");
+        return;
+    };
+    // The page stays allocated: the AP stays halted in it until the
+    // firmware wakes it again.
+    let stub = page.as_ptr() as u64;
+    // SAFETY: the page was just allocated for the probe; 4 KiB.
+    let bytes = unsafe { core::slice::from_raw_parts_mut(page.as_ptr(), 4096) };
+    bytes.fill(0);
+    bytes[..STUB.len()].copy_from_slice(&STUB);
+    let vector = u32::try_from(stub >> 12).unwrap_or(0) & 0xff;
+    let send_ipi = !crate::attacks_hc::esp_has(APIC_RELOC_NO_IPI_MARKER);
+    let exits_before = ap_init_sipi_exits(ap);
+    let mut r = Relocated::default();
+    // One `catching` for the whole window, so that interrupts stay off
+    // while the APIC is away (a firmware interrupt handler would look for
+    // it at the new base); a #GP of the relocating WRMSR (2 bytes) is
+    // skipped and shows in the read-back.
+    let fault = catching(2, || {
+        // SAFETY: the old base is this CPU's xAPIC page (IA32_APIC_BASE
+        // above), identity-mapped by the firmware.
+        unsafe {
+            r.id_old = apic_read(old, APIC_ID);
+            r.version_old = apic_read(old, APIC_VERSION);
+        }
+        // SAFETY: WRMSR IA32_APIC_BASE, 2 bytes; a #GP is caught and
+        // skipped. Interrupts are off until the base is back.
+        unsafe {
+            asm!("wrmsr", in("ecx") IA32_APIC_BASE, in("eax") moved as u32,
+                in("edx") (moved >> 32) as u32, options(nostack));
+        }
+        r.msr_after = rdmsr(IA32_APIC_BASE);
+        if r.msr_after & APIC_BASE_FIELD != RELOCATED {
+            return;
+        }
+        let new = RELOCATED;
+        // SAFETY: `new` is now this CPU's xAPIC page (checked above): a
+        // page nothing else decodes, identity-mapped by the firmware. The
+        // IPIs go to the AP found above, whose stub page is allocated.
+        unsafe {
+            r.id_new = apic_read(new, APIC_ID);
+            r.version_new = apic_read(new, APIC_VERSION);
+            r.old_page_id = apic_read(old, APIC_ID);
+            let tpr = apic_read(new, APIC_TPR);
+            apic_write(new, APIC_TPR, 0x20);
+            r.tpr_readback = apic_read(new, APIC_TPR);
+            apic_write(new, APIC_TPR, tpr);
+            if send_ipi {
+                // INIT, 10 ms, SIPI twice (SDM Vol. 3A §9.4.4.1).
+                apic_write(new, APIC_ICR_HIGH, ap_id << 24);
+                apic_write(new, APIC_ICR_LOW, ICR_INIT);
+                uefi::boot::stall(core::time::Duration::from_millis(10));
+                for _ in 0..2 {
+                    apic_write(new, APIC_ICR_HIGH, ap_id << 24);
+                    apic_write(new, APIC_ICR_LOW, ICR_STARTUP | vector);
+                    uefi::boot::stall(core::time::Duration::from_micros(200));
+                }
+                for _ in 0..1000 {
+                    if core::ptr::read_volatile((stub + 0x10c) as *const u32) == STUB_DONE {
+                        r.sipi_ran = true;
+                        break;
+                    }
+                    uefi::boot::stall(core::time::Duration::from_millis(1));
+                }
+            }
+            asm!("wrmsr", in("ecx") IA32_APIC_BASE, in("eax") orig as u32,
+                in("edx") (orig >> 32) as u32, options(nostack));
+        }
+        r.msr_back = rdmsr(IA32_APIC_BASE);
+        // SAFETY: the old base is this CPU's xAPIC page again.
+        r.id_back = unsafe { apic_read(old, APIC_ID) };
+    });
+    kv("apic_reloc_wrmsr", fault);
+    kv(
+        "apic_reloc_msr_readback",
+        u8::from(r.msr_after & !0x100 == moved & !0x100),
+    );
+    kv("apic_reloc_id", format_args!("{:#x}", r.id_old));
+    kv("apic_reloc_id_new", format_args!("{:#x}", r.id_new));
+    kv("apic_reloc_id_match", u8::from(r.id_new == r.id_old));
+    kv(
+        "apic_reloc_version_match",
+        u8::from(r.version_new == r.version_old),
+    );
+    kv("apic_reloc_tpr_readback", u8::from(r.tpr_readback == 0x20));
+    kv(
+        "apic_reloc_old_page_id",
+        format_args!("{:#x}", r.old_page_id),
+    );
+    if send_ipi {
+        kv("apic_reloc_sipi_ran", u8::from(r.sipi_ran));
+    } else {
+        kv("apic_reloc_sipi_ran", "skipped");
+    }
+    if r.sipi_ran {
+        let regs: [u32; 3] = core::array::from_fn(|i| {
+            // SAFETY: the stub's page, still allocated; the AP wrote it.
+            unsafe { core::ptr::read_volatile((stub + 0x100 + 4 * i as u64) as *const u32) }
+        });
+        let sig = thinhv_abi::cpuid::signature_from_regs(regs[0], regs[1], regs[2]);
+        let shown = sig.map(|b| if b.is_ascii_graphic() { b } else { b'.' });
+        kv(
+            "apic_reloc_ap_signature",
+            core::str::from_utf8(&shown).unwrap_or("?"),
+        );
+    }
+    kv("apic_reloc_msr_back", u8::from(r.msr_back == orig));
+    kv("apic_reloc_id_back_match", u8::from(r.id_back == r.id_old));
+    match (exits_before, ap_init_sipi_exits(ap)) {
+        (Some((i0, s0)), Some((i1, s1))) => {
+            kv("apic_reloc_ap_init_exits", i1 - i0);
+            kv("apic_reloc_ap_sipi_exits", s1 - s0);
+        }
+        _ => kv("apic_reloc_ap_init_exits", "n/a"),
+    }
 }

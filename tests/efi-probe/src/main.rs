@@ -32,6 +32,9 @@ mod timing;
 #[cfg(target_os = "uefi")]
 mod transparency;
 
+#[cfg(target_os = "uefi")]
+mod nmi;
+
 #[cfg(not(target_os = "uefi"))]
 fn main() {
     eprintln!("thinhv-probe is a UEFI application; `cargo xtask build` builds it");

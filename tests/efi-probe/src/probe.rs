@@ -200,6 +200,7 @@ pub fn run() {
     crate::attacks::cpuid_follows_cr4();
     crate::timing::exit_round_trips();
     crate::transparency::single_step();
+    crate::nmi::blocked_nmi_stays_pending();
     if sig != thinhv_abi::cpuid::SIGNATURE {
         kv("thinhv", "absent");
         return;

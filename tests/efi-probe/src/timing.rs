@@ -22,12 +22,33 @@ fn rdtsc() -> u64 {
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
+/// Under thinhv: (handler cycles, exits) so far on CPU 0 (the probe's).
+fn exit_cost() -> Option<(u64, u64)> {
+    let s = crate::probe::cpuid(thinhv_abi::cpuid::LEAF_SIGNATURE, 0);
+    if thinhv_abi::cpuid::signature_from_regs(s[1], s[2], s[3]) != thinhv_abi::cpuid::SIGNATURE {
+        return None;
+    }
+    let r = crate::probe::hc(thinhv_abi::hypercall::Function::EXIT_COST, 0, 0, 0);
+    (r[0] == thinhv_abi::hypercall::Status::OK.0).then_some((r[1], r[2]))
+}
+
 fn measure(name: &str, mut f: impl FnMut()) {
+    let before = exit_cost();
     let mut v = [0u64; SAMPLES];
     for s in &mut v {
         let t0 = rdtsc();
         f();
         *s = rdtsc().wrapping_sub(t0);
+    }
+    // The handler's share of each exit (thinhv's own TSC reads around its
+    // exit handler): the rest of the round trip is the world switch.
+    if let (Some((c0, e0)), Some((c1, e1))) = (before, exit_cost())
+        && e1 > e0
+    {
+        kv(
+            &alloc::format!("bench_{name}_handler_cycles"),
+            (c1 - c0) / (e1 - e0),
+        );
     }
     v.sort_unstable();
     kv(&alloc::format!("bench_{name}_cycles_min"), v[0]);

@@ -129,6 +129,21 @@ impl Env for HwEnv {
     }
 
     fn demand_map(&mut self, gpa: u64) -> bool {
+        if gpa < self.core.host_top {
+            // Everything below was mapped at start: a hole there is one
+            // thinhv made (a mediated ECAM page, a page the APIC
+            // relocation traps), never filled here — mapping the GiB again
+            // would also make the xAPIC page writable.
+            let mut mem = IdentityMem;
+            return match &self.core.slat {
+                Slat::Npt(fmt) => thinhv_paging::Mapper::open(fmt, &mut mem, self.core.slat_root)
+                    .translate(gpa)
+                    .is_some(),
+                Slat::Ept(fmt) => thinhv_paging::Mapper::open(fmt, &mut mem, self.core.slat_root)
+                    .translate(gpa)
+                    .is_some(),
+            };
+        }
         let mut frames = self.core.frames.lock();
         let mut mem = IdentityMem;
         let avoid = [self.core.hv.protected, self.core.hv.status];
@@ -166,6 +181,72 @@ impl Env for HwEnv {
                     base + (1 << 30),
                 )
                 .is_ok()
+            }
+            (Slat::Ept(_), None) => false,
+        }
+    }
+
+    fn apic_page_trap(&mut self, page: u64, trap: bool) -> bool {
+        use thinhv_paging::{Attrs, Mapper};
+        const PAGE: u64 = 4096;
+        let core = self.core;
+        let hv = &core.hv;
+        let iommu_window = core.handoff.iommu.units().iter().any(|u| {
+            let base = u.base & !(PAGE - 1);
+            let size = u.size.max(PAGE).div_ceil(PAGE) * PAGE;
+            base < page + PAGE && page < base.saturating_add(size)
+        });
+        if !page.is_multiple_of(PAGE)
+            || page.saturating_add(PAGE) > core.host_top
+            || hv.touches_hypervisor(page, PAGE)
+            || hv.pci.mediated_at(page).is_some()
+            || iommu_window
+        {
+            // Outside the core's own map (it could not make the accesses
+            // for the other CPUs), or a page the second-level tables
+            // already keep from the guest.
+            return false;
+        }
+        let mut frames = core.frames.lock();
+        let mut mem = IdentityMem;
+        let xapic_page = page == hv.apic_base;
+        match (&core.slat, &core.vmx) {
+            (Slat::Npt(fmt), _) => {
+                let mut m = Mapper::open(fmt, &mut mem, core.slat_root);
+                if trap {
+                    m.unmap_page(page, &mut *frames).is_ok()
+                } else {
+                    // As `npt::build` maps it.
+                    let attrs = if xapic_page {
+                        Attrs::MMIO_RO
+                    } else {
+                        Attrs::RWX
+                    };
+                    m.map(page, page, PAGE, attrs, &mut *frames).is_ok()
+                }
+            }
+            (Slat::Ept(fmt), Some(vmx)) => {
+                if trap {
+                    Mapper::open(fmt, &mut mem, core.slat_root)
+                        .unmap_page(page, &mut *frames)
+                        .is_ok()
+                } else if xapic_page && vmx.intercept_sipi {
+                    // As `init_vmx` maps it.
+                    Mapper::open(fmt, &mut mem, core.slat_root)
+                        .map(page, page, PAGE, Attrs::MMIO_RO, &mut *frames)
+                        .is_ok()
+                } else {
+                    super::core_state::ept_map_typed(
+                        fmt,
+                        &mut mem,
+                        &mut *frames,
+                        core.slat_root,
+                        &vmx.mtrrs,
+                        page,
+                        page + PAGE,
+                    )
+                    .is_ok()
+                }
             }
             (Slat::Ept(_), None) => false,
         }
@@ -246,8 +327,10 @@ impl Env for HwEnv {
 
     fn mmio_read(&self, pa: u64, size: u8) -> u32 {
         // SAFETY: the handlers pass addresses inside the ECAM page of a
-        // mediated function (below the host map's top, identity-mapped);
-        // the access has the guest's own width and alignment.
+        // mediated function or a page the APIC relocation traps (below the
+        // host map's top, `apic_page_trap`; identity-mapped, never the
+        // core's own memory); the access has the guest's own width and
+        // alignment.
         unsafe {
             match size {
                 1 => u32::from(core::ptr::read_volatile(pa as *const u8)),

@@ -1,16 +1,24 @@
 //! The host IDT: every exception in host mode prints the processor state
 //! and stops (or resets, per `[hypervisor] on_fatal`); it never hangs
-//! silently. An NMI taken in host mode is recorded for the CPU's next exit
-//! (on SVM only drained ones arrive, already being handled; on VMX any NMI
-//! can, and the handler also arms NMI-window exiting so that the next VM
-//! entry exits at once and the NMI reaches the guest or wakes the CPU).
+//! silently. Two vectors return instead:
+//!
+//! * NMI: recorded for the CPU's next exit (on SVM it only arrives inside
+//!   the NMI sink, `svm::nmi`, which counts it; on VMX any NMI can, and the
+//!   handler also arms NMI-window exiting so that the next VM entry exits
+//!   at once and the NMI reaches the guest or wakes the CPU).
+//! * #SX (vector 30): with INIT redirection (VM_CR.R_INIT, AMD APM Vol. 2
+//!   §15.30.1) an INIT taken in host mode raises #SX with error code 1
+//!   instead of resetting the CPU (APM Vol. 2 §8.2). It is counted in
+//!   [`REDIRECTED_INITS`] and dropped: the CPU keeps running thinhv.
+//!   thinhv never sets GIF in host mode while it runs a guest, so none is
+//!   expected; this is the guard if one ever does.
 use super::core_state;
 use super::instr::{halt_forever, read_cr2, read_cr3, reset_platform};
 use super::logger::LOGGER;
 use super::percpu::PerCpu;
 use core::arch::naked_asm;
 use core::fmt::Write;
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicU64, Ordering};
 use spin::Once;
 use thinhv_abi::handoff::ON_FATAL_RESET;
 use thinhv_abi::status::{CpuState, FLAG_FATAL};
@@ -114,8 +122,37 @@ stub!(v20, 20);
 stub!(v21, 21, error);
 stub!(v28, 28);
 stub!(v29, 29, error);
-stub!(v30, 30, error);
 stub!(vother, 255);
+
+/// INITs redirected to #SX in host mode and dropped, not yet logged (the
+/// next exit logs them: the handler itself may not take the logger's lock).
+pub static REDIRECTED_INITS: AtomicU64 = AtomicU64::new(0);
+
+#[unsafe(naked)]
+unsafe extern "C" fn sx() {
+    // The CPU aligned RSP to 16 and pushed 48 bytes (frame and error
+    // code); nine registers and 8 more bytes realign it for the call. The
+    // error code is dropped before IRETQ.
+    naked_asm!(
+        "push rax", "push rcx", "push rdx", "push rsi", "push rdi",
+        "push r8", "push r9", "push r10", "push r11",
+        "mov rdi, [rsp + 72]",
+        "sub rsp, 8",
+        "call {handler}",
+        "add rsp, 8",
+        "pop r11", "pop r10", "pop r9", "pop r8",
+        "pop rdi", "pop rsi", "pop rdx", "pop rcx", "pop rax",
+        "add rsp, 8",
+        "iretq",
+        handler = sym host_sx,
+    );
+}
+
+/// #SX in host mode: an INIT (error code 1) or any other redirected event
+/// is counted and dropped. No logging here (see [`REDIRECTED_INITS`]).
+extern "sysv64" fn host_sx(_error_code: u64) {
+    REDIRECTED_INITS.fetch_add(1, Ordering::Relaxed);
+}
 
 #[unsafe(naked)]
 unsafe extern "C" fn nmi() {
@@ -209,7 +246,7 @@ pub fn idt_pointer() -> (u16, u64) {
             (20, v20, 0),
             (21, v21, 0),
             (29, v29, 0),
-            (30, v30, 0),
+            (30, sx, 0),
         ];
         for (v, h, ist) in table {
             g[v] = gate(h, ist);

@@ -173,7 +173,7 @@ pub unsafe fn cli() {
 }
 
 /// HLT forever with interrupts disabled (NMIs are held off by GIF = 0 in
-/// host mode; if one arrives the loop halts again).
+/// host mode on SVM; if one arrives the loop halts again).
 pub fn halt_forever() -> ! {
     loop {
         // SAFETY: stopping this CPU is always memory-safe.
@@ -191,28 +191,17 @@ pub unsafe fn vmsave(pa: u64) {
     unsafe { asm!("vmsave rax", in("rax") pa, options(nostack, preserves_flags)) };
 }
 
-/// Takes a physical NMI that an #VMEXIT(NMI) left pending: open GIF,
-/// give it a few instruction boundaries to arrive (the host NMI handler
-/// only returns), close GIF again.
+/// CLGI: clears GIF, holding NMI, SMI and INIT pending (and INTR) until
+/// VMRUN sets it again (APM Vol. 2 §15.17). thinhv has no STGI in host
+/// mode while it runs a guest: intercepted NMIs are taken in guest mode
+/// (`svm::nmi`), so a real INIT is never taken in host mode.
 ///
 /// # Safety
-/// Host mode with EFER.SVME set and a host IDT whose NMI handler returns.
-pub unsafe fn drain_nmi() {
-    // SAFETY: guaranteed by the caller; interrupts stay disabled (IF = 0),
-    // only the pending NMI can be delivered while GIF is open.
-    unsafe {
-        asm!(
-            "stgi",
-            "mov ecx, 64",
-            "2:",
-            "pause",
-            "dec ecx",
-            "jnz 2b",
-            "clgi",
-            out("ecx") _,
-            options(nomem, nostack)
-        );
-    }
+/// EFER.SVME must be set (else #UD); only the SVM launch path clears GIF
+/// before entering its VMRUN loop.
+pub unsafe fn clgi() {
+    // SAFETY: guaranteed by the caller.
+    unsafe { asm!("clgi", options(nomem, nostack)) };
 }
 
 /// Resets the platform: the PCI reset control register (0xCF9), then the

@@ -13,6 +13,7 @@ const _: () = assert!(usize::BITS == 64);
 pub mod core_state;
 pub mod entry;
 pub mod env_impl;
+pub mod exit_timer;
 pub mod idt;
 pub mod instr;
 pub mod iommu;

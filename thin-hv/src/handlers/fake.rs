@@ -154,6 +154,12 @@ pub struct FakeEnv {
     /// Whether `Hv::legacy_config_lock` was held, for each port access
     /// (in `port_log` order).
     pub cf8_locked: std::cell::RefCell<Vec<bool>>,
+    /// `apic_page_trap` calls, in order: (page, trap).
+    pub apic_traps: Vec<(u64, bool)>,
+    /// Pages out of the fake second-level tables now.
+    pub slat_holes: std::collections::BTreeSet<u64>,
+    /// `apic_page_trap(_, true)` succeeds (else: "cannot trap").
+    pub apic_trap_ok: bool,
 }
 
 impl FakeEnv {
@@ -207,6 +213,9 @@ impl FakeEnv {
             port_log: std::cell::RefCell::default(),
             cf8_space: std::cell::RefCell::default(),
             cf8_locked: std::cell::RefCell::default(),
+            apic_traps: Vec::new(),
+            slat_holes: std::collections::BTreeSet::new(),
+            apic_trap_ok: true,
         }
     }
 
@@ -350,6 +359,19 @@ impl Env for FakeEnv {
     fn demand_map(&mut self, gpa: u64) -> bool {
         self.demand_calls.push(gpa);
         self.demand_ok
+    }
+    fn apic_page_trap(&mut self, page: u64, trap: bool) -> bool {
+        assert_eq!(page % 4096, 0, "{page:#x}");
+        if trap && !self.apic_trap_ok {
+            return false;
+        }
+        self.apic_traps.push((page, trap));
+        if trap {
+            self.slat_holes.insert(page);
+        } else {
+            self.slat_holes.remove(&page);
+        }
+        true
     }
     fn status_report(&self) -> StatusReport {
         StatusReport {

@@ -133,6 +133,13 @@ pub(super) fn handle(cpu: &mut impl GuestCpu, env: &mut impl Env) -> Outcome {
             env.write_phys(a0, bytes);
             finish(cpu, env, Status::OK, [Some(need), None, None])
         }
+        Function::EXIT_COST => {
+            let Some(slot) = usize::try_from(a2).ok().and_then(|i| hv.cpus().get(i)) else {
+                return finish(cpu, env, Status::INVALID_ARGUMENT, [None; 3]);
+            };
+            let (cycles, exits) = slot.exit_cost();
+            finish(cpu, env, Status::OK, [Some(cycles), Some(exits), None])
+        }
         Function::DEVIRTUALIZE => {
             if hv.is_sealed() {
                 return finish(cpu, env, Status::NOT_PERMITTED, [None; 3]);

@@ -1,5 +1,6 @@
 //! Exit handling, written once for both vendors against [`GuestCpu`] and
 //! [`Env`].
+pub mod apic_reloc;
 mod cpuid;
 mod cr_access;
 mod debug_trap;
@@ -17,6 +18,9 @@ mod fake;
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
 mod tests;
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests_apic_reloc;
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
 mod tests_hostile;
@@ -81,8 +85,10 @@ impl Handled {
     }
 }
 
-/// Handles one exit. The caller has already drained a physical NMI for
-/// [`Exit::Nmi`] (vendor-specific). An instruction the handler completed
+/// Handles one exit. The caller has already taken the physical NMI of
+/// [`Exit::Nmi`] (vendor-specific; SVM: in its NMI sink, never with GIF
+/// set in host mode), and [`GuestCpu::inject_nmi`] only owes the guest an
+/// NMI, which the backend injects once the guest can take it. An instruction the handler completed
 /// for the guest ends as on the processor (single-step trap, breakpoints,
 /// interrupt shadow: [`debug_trap`]).
 pub fn handle(exit: &Exit, cpu: &mut impl GuestCpu, env: &mut impl Env) -> Handled {

@@ -1,12 +1,13 @@
 //! Intercepted MSR accesses, dispatched on the table in
 //! [`super::msr_policy`]: EFER (SVME hidden, reserved bits #GP), the SVM
 //! and VMX control MSRs (absent for the guest), the x2APIC ICR (INIT/SIPI),
-//! IA32_APIC_BASE, PAT, the MTRRs (emulated per CPU) and the AMD MSRs that
-//! decode memory for the host too (HWCR, SYSCFG, TOP_MEM, IORRs, ...).
+//! IA32_APIC_BASE (relocation emulated), PAT, the MTRRs (emulated per
+//! CPU) and the AMD MSRs that decode memory for the host too (HWCR,
+//! SYSCFG, TOP_MEM, IORRs, ...).
 use super::msr_policy::{
-    self as policy, ApicBaseWrite, CheckedWrite, MtrrCap, MtrrReg, Rule, efer, lookup, mtrr_reg,
+    self as policy, CheckedWrite, MtrrCap, MtrrReg, Rule, efer, lookup, mtrr_reg,
 };
-use super::{Outcome, advance_or_fault, ipi};
+use super::{Outcome, advance_or_fault, apic_reloc, ipi};
 use crate::env::Env;
 use crate::guest::{Gpr, GuestCpu, vector};
 use crate::hv::MtrrShadow;
@@ -48,6 +49,7 @@ pub(super) fn read(cpu: &mut impl GuestCpu, env: &impl Env, msr: u32) -> Outcome
             Some(v) => v,
             None => return gp(cpu),
         },
+        Rule::ApicBase => apic_reloc::msr_value(env),
         // Refused, or intercepted by accident: a processor without the
         // MSR raises #GP.
         _ => return gp(cpu),
@@ -140,29 +142,34 @@ fn efer_write(cpu: &mut impl GuestCpu, env: &impl Env, value: u64) -> Outcome {
     advance_or_fault(cpu, env)
 }
 
+/// IA32_APIC_BASE: the mode bits reach the processor (checked), the base
+/// stays the guest's own (SDM Vol. 3A §12.4.5; APM Vol. 2 §16.3.1).
 fn apic_base_write(cpu: &mut impl GuestCpu, env: &mut impl Env, value: u64) -> Outcome {
-    let current = env.read_msr(policy::MSR_APIC_BASE);
+    let hw = env.read_msr(policy::MSR_APIC_BASE);
     let x2apic = env.cpuid(1, 0)[2] & LEAF1_ECX_X2APIC != 0;
-    match CheckedWrite::apic_base(current, value, env.hv().phys_addr_bits, x2apic) {
-        Ok(w) => {
-            // The page stays where thinhv traps it; x2APIC mode keeps the
-            // ICR MSR intercepted, and the host's own APIC accesses follow
-            // the mode (`HwEnv::lapic_write`).
-            if w.value() != current {
-                env.write_msr(w);
-            }
-            advance_or_fault(cpu, env)
-        }
-        Err(ApicBaseWrite::Invalid | ApicBaseWrite::Forward(_)) => gp(cpu),
-        Err(ApicBaseWrite::Relocation) => {
-            refused(
-                env,
-                policy::MSR_APIC_BASE,
-                value,
-                "relocating the local APIC is not supported under thinhv",
-            );
-            gp(cpu)
-        }
+    let guest_base = apic_reloc::guest_base(env);
+    let bits = env.hv().phys_addr_bits;
+    let Some(update) = CheckedWrite::apic_base(hw, guest_base, value, bits, x2apic) else {
+        return gp(cpu);
+    };
+    let moved = update.base != guest_base;
+    if moved && let Err(why) = apic_reloc::move_to(env, update.base) {
+        refused(env, policy::MSR_APIC_BASE, value, why);
+        return gp(cpu);
+    }
+    if let Some(w) = update.hardware {
+        // A mode change at the hardware's own base: x2APIC mode keeps the
+        // ICR MSR intercepted, and the host's own APIC accesses follow the
+        // mode (`HwEnv::lapic_write`).
+        env.write_msr(w);
+    }
+    let outcome = advance_or_fault(cpu, env);
+    if moved {
+        // This CPU must not keep a cached translation of the page it moved
+        // to or from (`apic_reloc`: other CPUs need no shootdown).
+        Outcome::ResumeFlushTlb
+    } else {
+        outcome
     }
 }
 

@@ -33,7 +33,9 @@ pub enum Rule {
     FeatureControl,
     /// The x2APIC ICR: INIT/SIPI virtualized, everything else forwarded.
     X2apicIcr,
-    /// IA32_APIC_BASE: checked; mode changes forwarded, relocation refused.
+    /// IA32_APIC_BASE: reads show the guest's own base; writes checked,
+    /// mode changes forwarded, relocation emulated (the hardware's base
+    /// never moves: `super::apic_reloc`).
     ApicBase,
     /// IA32_PAT: each entry a valid memory type, else #GP.
     Pat,
@@ -99,10 +101,11 @@ pub const POLICY: &[MsrRule] = &[
         first: MSR_APIC_BASE,
         last: MSR_APIC_BASE,
         name: "IA32_APIC_BASE",
-        svm: (N, Rule::ApicBase),
-        vmx: (N, Rule::ApicBase),
-        why: "APM Vol. 2 §16.3.1, SDM Vol. 3A §12.4.4/§12.12.5: moving the xAPIC page \
-              would move it out from under thinhv's ICR trap",
+        svm: (Rule::ApicBase, Rule::ApicBase),
+        vmx: (Rule::ApicBase, Rule::ApicBase),
+        why: "APM Vol. 2 §16.3.1, SDM Vol. 3A §12.4.4/§12.4.5/§12.12.5: moving the xAPIC \
+              page in the hardware would move it out from under thinhv's ICR trap; the \
+              relocation is emulated per CPU and reads return the guest's base",
     },
     MsrRule {
         first: MSR_FEATURE_CONTROL,
@@ -344,21 +347,44 @@ impl CheckedWrite {
         })
     }
 
-    /// IA32_APIC_BASE: a valid mode change that keeps the base.
+    /// IA32_APIC_BASE with the relocation emulated: `hw` is the
+    /// processor's value, `guest_base` the base the guest set last (what
+    /// it reads back), `value` what it writes now. None: #GP, as the
+    /// processor would (reserved bits, an invalid mode transition, x2APIC
+    /// without the feature). Otherwise where the guest's xAPIC page is
+    /// afterwards, and what reaches the processor: the mode bits (EN,
+    /// EXTD) only, its own base and BSP flag kept. A new base never
+    /// reaches the hardware.
     pub fn apic_base(
-        current: u64,
+        hw: u64,
+        guest_base: u64,
         value: u64,
         phys_bits: u32,
         x2apic: bool,
-    ) -> Result<Self, ApicBaseWrite> {
-        match apic_base_write(current, value, phys_bits, x2apic) {
-            ApicBaseWrite::Forward(v) => Ok(Self {
-                msr: MSR_APIC_BASE,
-                value: v,
-            }),
-            other => Err(other),
+    ) -> Option<ApicBaseUpdate> {
+        let view = (hw & !apic_base::BASE) | guest_base;
+        if apic_base_write(view, value, phys_bits, x2apic) == ApicBaseWrite::Invalid {
+            return None;
         }
+        let mode = apic_base::EN | apic_base::EXTD;
+        let to_hw = (hw & !mode) | (value & mode);
+        Some(ApicBaseUpdate {
+            hardware: (to_hw != hw).then_some(Self {
+                msr: MSR_APIC_BASE,
+                value: to_hw,
+            }),
+            base: value & apic_base::BASE,
+        })
     }
+}
+
+/// A valid guest write to IA32_APIC_BASE ([`CheckedWrite::apic_base`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApicBaseUpdate {
+    /// The mode change the processor must make, if any.
+    pub hardware: Option<CheckedWrite>,
+    /// The base of the guest's xAPIC page from now on.
+    pub base: u64,
 }
 
 /// EFER bits (APM Vol. 2 §3.1.7, Figure 3-8).
@@ -528,8 +554,9 @@ pub enum ApicBaseWrite {
     /// Reserved bits, an invalid mode transition or x2APIC without the
     /// feature: #GP, as the processor would.
     Invalid,
-    /// A valid relocation of the xAPIC page: thinhv does not emulate it yet
-    /// (its ICR trap stays at the old page), so it refuses with #GP.
+    /// A valid write that moves the xAPIC page: the hardware keeps its
+    /// base (where thinhv's ICR trap is) and thinhv emulates the move
+    /// (`super::apic_reloc`).
     Relocation,
 }
 
@@ -784,6 +811,46 @@ mod tests {
         );
         // Rewriting the same value.
         assert_eq!(apic_base_write(xapic, xapic, 40, true), Forward(xapic));
+    }
+
+    #[test]
+    fn apic_base_relocation_never_reaches_the_hardware() {
+        let hw = 0xfee0_0000 | apic_base::EN | apic_base::BSP;
+        let moved = 0xfec8_0000;
+        // A move: the base is the guest's, nothing for the processor.
+        let u = CheckedWrite::apic_base(hw, 0xfee0_0000, moved | apic_base::EN, 40, true);
+        assert_eq!(
+            u,
+            Some(ApicBaseUpdate {
+                hardware: None,
+                base: moved
+            })
+        );
+        // Moved, then x2APIC on: the mode reaches the processor at its own
+        // base (and BSP), the guest keeps its base.
+        let u = CheckedWrite::apic_base(hw, moved, moved | 0xc00, 40, true).unwrap();
+        assert_eq!(u.base, moved);
+        let w = u.hardware.unwrap();
+        assert_eq!((w.msr(), w.value()), (MSR_APIC_BASE, hw | apic_base::EXTD));
+        // Moving and disabling at once.
+        let u = CheckedWrite::apic_base(hw, 0xfee0_0000, moved, 40, true).unwrap();
+        assert_eq!(u.base, moved);
+        assert_eq!(u.hardware.unwrap().value(), hw & !apic_base::EN);
+        // Checked against the guest's view: reserved bits, above
+        // MAXPHYADDR, x2APIC → xAPIC directly.
+        assert_eq!(
+            CheckedWrite::apic_base(hw, moved, moved | apic_base::EN | 1 << 9, 40, true),
+            None
+        );
+        assert_eq!(
+            CheckedWrite::apic_base(hw, moved, 1 << 40 | apic_base::EN, 40, true),
+            None
+        );
+        let x2 = hw | apic_base::EXTD;
+        assert_eq!(
+            CheckedWrite::apic_base(x2, moved, moved | apic_base::EN, 40, true),
+            None
+        );
     }
 
     #[test]

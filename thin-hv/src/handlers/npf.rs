@@ -1,5 +1,6 @@
 //! Nested page faults: writes to the hypervisor's memory (discarded), the
-//! local APIC page (emulated, for INIT/SIPI), and first touches of address
+//! local APIC page (emulated, for INIT/SIPI), pages the emulated APIC
+//! relocation traps ([`super::apic_reloc`]), and first touches of address
 //! space beyond the initial map.
 use super::{Handled, Outcome, advance, decode_current, ipi};
 use crate::apic::reg;
@@ -33,7 +34,13 @@ pub(super) fn handle(
             reason: ExitReason::PCI_CONFIG,
         };
     }
-    if write && present && gpa & !0xfff == hv.apic_base {
+    if let Some(outcome) = super::apic_reloc::access(cpu, env, gpa, fetch) {
+        return Handled {
+            outcome,
+            reason: ExitReason::APIC_ACCESS,
+        };
+    }
+    if write && present && gpa & !0xfff == env.hv().apic_base {
         return Handled {
             outcome: apic_write(cpu, env, gpa),
             reason: ExitReason::APIC_ACCESS,
@@ -92,7 +99,10 @@ fn protected(
     Outcome::Resume
 }
 
-fn apic_write(cpu: &mut impl GuestCpu, env: &mut impl Env, gpa: u64) -> Outcome {
+/// A write to this CPU's xAPIC page at `gpa` (the offset within the page
+/// is the register; the page is the real one, or the one the guest moved
+/// it to: [`super::apic_reloc`]).
+pub(super) fn apic_write(cpu: &mut impl GuestCpu, env: &mut impl Env, gpa: u64) -> Outcome {
     let me = env.cpu_index();
     let Some(d) = decode_current(cpu, env) else {
         log::error!(
@@ -119,7 +129,7 @@ fn apic_write(cpu: &mut impl GuestCpu, env: &mut impl Env, gpa: u64) -> Outcome 
     let value = value as u32;
     let offset = (gpa & 0xff0) as u32;
     let old = store.exchange.then(|| env.lapic_read(offset));
-    let outcome = if offset == reg::ICR_LOW {
+    let outcome = if offset == reg::ICR_LOW && icr_virtualized(env.hv()) {
         let high = env.lapic_read(reg::ICR_HIGH);
         ipi::icr_write(env, (u64::from(high) << 32) | u64::from(value), false)
     } else {
@@ -131,4 +141,14 @@ fn apic_write(cpu: &mut impl GuestCpu, env: &mut impl Env, gpa: u64) -> Outcome 
     }
     cpu.set_rip(next);
     outcome
+}
+
+/// Whether ICR writes are thinhv's to filter: always on SVM, and on VMX
+/// unless INIT and SIPI reach the processor (`init_sipi = "activity"`,
+/// where INIT always exits and the real page is the guest's to write, so
+/// an ICR write that comes here, through a relocated page, goes to the
+/// APIC as the guest's own would).
+fn icr_virtualized(hv: &crate::hv::Hv) -> bool {
+    hv.vendor != thinhv_abi::hypercall::VENDOR_INTEL_VMX
+        || hv.config.init_sipi != thinhv_abi::handoff::INIT_SIPI_ACTIVITY
 }

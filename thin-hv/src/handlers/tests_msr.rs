@@ -159,11 +159,13 @@ fn hwcr_syscfg_and_memory_decoding_msrs_are_guarded() {
 }
 
 #[test]
-fn apic_base_relocation_is_refused_and_mode_changes_forwarded() {
+fn apic_base_relocation_is_emulated_and_mode_changes_forwarded() {
     let mut env = FakeEnv::new();
     env.msrs.insert(0x1b, 0xfee0_0900);
-    // Relocation: refused (the ICR trap stays at the old page).
-    assert!(gp(&wrmsr(&mut env, 0x1b, 0xfed0_0900)));
+    // Relocation: emulated, the hardware's base kept where the ICR trap is
+    // (`tests_apic_reloc`); then back.
+    assert!(done(&wrmsr(&mut env, 0x1b, 0xfed0_0900)));
+    assert!(done(&wrmsr(&mut env, 0x1b, 0xfee0_0900)));
     assert!(env.msr_writes.is_empty());
     // Reserved bit, and EXTD without x2APIC in CPUID (the fake has it: bit 21).
     assert!(gp(&wrmsr(&mut env, 0x1b, 0xfee0_0901)));
@@ -230,4 +232,26 @@ fn cpuid_follows_the_guests_cr4_and_hides_smx() {
         filter_cpuid(0x8000_0001, 0, [0, 0, 1 << 17, 0], &info)[2],
         0
     );
+}
+
+#[test]
+fn exit_cost_reports_a_cpus_handler_time() {
+    use thinhv_abi::hypercall::{Function, Status};
+    let mut env = FakeEnv::new();
+    env.hv.cpus()[1].add_exit_cost(300);
+    env.hv.cpus()[1].add_exit_cost(500);
+    let call = |env: &mut FakeEnv, index: u64| {
+        let mut cpu = at(env, &[0x0f, 0x01, 0xd9]);
+        cpu.regs[Gpr::Rax as usize] = Function::EXIT_COST.0;
+        cpu.regs[Gpr::Rdx as usize] = index;
+        handle(&Exit::Hypercall, &mut cpu, env);
+        (
+            cpu.regs[Gpr::Rax as usize],
+            cpu.regs[Gpr::Rbx as usize],
+            cpu.regs[Gpr::Rcx as usize],
+        )
+    };
+    assert_eq!(call(&mut env, 1), (Status::OK.0, 800, 2));
+    assert_eq!(call(&mut env, 0), (Status::OK.0, 0, 0));
+    assert_eq!(call(&mut env, 9).0, Status::INVALID_ARGUMENT.0);
 }

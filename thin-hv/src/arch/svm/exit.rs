@@ -4,13 +4,16 @@ use super::world::{LeaveState, svm_leave};
 use crate::arch::core_state::{self, Core, percpu};
 use crate::arch::env_impl::HwEnv;
 use crate::arch::idt::fatal;
-use crate::arch::instr::{cpuid, drain_nmi, reset_platform};
+use crate::arch::instr::{cpuid, rdmsr, reset_platform, wrmsr};
 use crate::arch::percpu::PerCpu;
 use crate::arch::percpu::RunState;
+use crate::handlers::msr::MSR_VM_CR;
 use crate::handlers::{self, Outcome};
+use crate::nmi::NmiTracker;
+use crate::nmi::svm as nmi_window;
 use crate::svm::exit_code::{self, ExitCode};
 use crate::svm::state::{init_state, sipi_start};
-use crate::svm::vmcb::{EFER_SVME, Vmcb, event, tlb};
+use crate::svm::vmcb::{EFER_SVME, Vmcb, tlb};
 use core::sync::atomic::Ordering;
 use thinhv_abi::exit::ExitReason;
 use thinhv_abi::handoff::{CoreError, features};
@@ -37,6 +40,7 @@ pub unsafe extern "sysv64" fn svm_exit(run: *mut RunState) {
     // SAFETY: the VMRUN loop passes this CPU's `RunState`, which lives in
     // its `PerCpu`; `cpu` was written once, at launch.
     let cpu = unsafe { (*run).cpu } as usize;
+    let _cost = crate::arch::exit_timer::ExitTimer::start(&core.hv.cpus()[cpu]);
     // SAFETY: this CPU's own `PerCpu`, which only this CPU touches (the
     // host NMI handler uses the shared `CpuSlot`, never this memory). From
     // here on `run` is reached only through this one `&mut`, split into
@@ -52,13 +56,15 @@ pub unsafe extern "sysv64" fn svm_exit(run: *mut RunState) {
     run.exits += 1;
     vmcb.control.tlb_control = tlb::DO_NOTHING;
     // An event the exit interrupted is re-delivered unless a handler
-    // replaces it (APM §15.7.2).
-    let pending = vmcb.control.exit_int_info;
-    vmcb.control.event_inj = if pending & event::VALID != 0 {
-        pending & !(0x7u64 << 12)
-    } else {
-        0
-    };
+    // replaces it (APM §15.7.2); the guest's NMI state follows the exit
+    // (a step over its IRET undone, the exits the NMI window asked for
+    // recognized: `crate::nmi`). Only this CPU locks its tracker.
+    let mut nmi = super::nmi::of(cpu).tracker.lock();
+    let seen = nmi_window::on_exit(&mut nmi, vmcb);
+    if crate::arch::idt::REDIRECTED_INITS.load(Ordering::Relaxed) != 0 {
+        let n = crate::arch::idt::REDIRECTED_INITS.swap(0, Ordering::Relaxed);
+        log::warn!("cpu {cpu}: {n} INIT(s) redirected to #SX in host mode were dropped");
+    }
 
     let code = vmcb.control.exit_code;
     if ExitCode(code) == ExitCode::INVALID && first {
@@ -70,13 +76,21 @@ pub unsafe extern "sysv64" fn svm_exit(run: *mut RunState) {
         let n = core.hv.cpus_virtualized.fetch_sub(1, Ordering::SeqCst) - 1;
         core.status.set_virtualized(n);
         vmcb.save.rax = CoreError::ENTRY_FAILED.0;
+        // `leave` never returns: release the tracker for a later launch.
+        drop(nmi);
         leave(vmcb, run);
     }
-    if ExitCode(code) == ExitCode::NMI {
-        // SAFETY: host mode, SVME set, the host IDT's NMI handler returns.
-        unsafe { drain_nmi() };
-        // The handler recorded the drained NMI; this exit is its handling.
-        core.hv.cpus()[cpu].host_nmis.store(0, Ordering::SeqCst);
+    if ExitCode(code) == ExitCode::NMI
+        && super::nmi::consume_pending_nmi(core, cpu, super::nmi::SINK_TRIES) == 0
+    {
+        // Without GIF ever set in host mode (`super::nmi`).
+        super::nmi::miss(cpu, "the intercepted NMI was not taken");
+    }
+    if seen.owned {
+        // The NMI window's own exit (IRET, interrupt window, the step's
+        // #DB or a fault it reflected): nothing for the handlers.
+        nmi_window::before_entry(&mut nmi, vmcb);
+        return;
     }
     let exit = exit_code::decode(
         code,
@@ -91,9 +105,11 @@ pub unsafe extern "sysv64" fn svm_exit(run: *mut RunState) {
         vmcb: &mut *vmcb,
         regs: &mut run.regs,
         next_rip_valid: nrip,
+        nmi: &mut nmi,
     };
     let mut env = HwEnv { core, cpu };
     let handled = handlers::handle(&exit, &mut guest, &mut env);
+    nmi_window::after_handlers(&mut nmi, vmcb, seen);
     core.status.count(cpu, handled.reason);
     if handled.reason == ExitReason::PROTECTED_ACCESS {
         core.status
@@ -102,13 +118,14 @@ pub unsafe extern "sysv64" fn svm_exit(run: *mut RunState) {
     match handled.outcome {
         Outcome::Resume => {}
         Outcome::ResumeFlushTlb => vmcb_flush(core, vmcb),
-        Outcome::WaitForSipi => wait_for_sipi(core, cpu, vmcb, run),
+        Outcome::WaitForSipi => wait_for_sipi(core, cpu, vmcb, run, &mut nmi),
         Outcome::Devirtualize => {
             log::info!("cpu {cpu}: leaving guest mode (roll-back)");
             core.hv.cpus()[cpu].set_state(CpuState::OFFLINE);
             core.status.set_cpu_state(cpu, CpuState::OFFLINE);
             let n = core.hv.cpus_virtualized.fetch_sub(1, Ordering::SeqCst) - 1;
             core.status.set_virtualized(n);
+            drop(nmi);
             leave(vmcb, run);
         }
         Outcome::StartAt(_) => fatal(format_args!("SIPI exit on SVM")),
@@ -129,6 +146,7 @@ pub unsafe extern "sysv64" fn svm_exit(run: *mut RunState) {
             vmcb.save.rip
         )),
     }
+    nmi_window::before_entry(&mut nmi, vmcb);
 }
 
 fn vmcb_flush(core: &Core, vmcb: &mut crate::svm::vmcb::Vmcb) {
@@ -141,12 +159,21 @@ fn vmcb_flush(core: &Core, vmcb: &mut crate::svm::vmcb::Vmcb) {
 
 /// INIT: the CPU waits in host mode for a SIPI, then starts in real mode
 /// at its vector (APM §15.21, Table 14-1).
-fn wait_for_sipi(core: &Core, cpu: usize, vmcb: &mut Vmcb, run: &mut RunState) {
+fn wait_for_sipi(
+    core: &Core,
+    cpu: usize,
+    vmcb: &mut Vmcb,
+    run: &mut RunState,
+    nmi: &mut NmiTracker,
+) {
     let slot = &core.hv.cpus()[cpu];
     slot.set_state(CpuState::WAIT_FOR_SIPI);
     core.status.set_cpu_state(cpu, CpuState::WAIT_FOR_SIPI);
     init_state(&mut vmcb.save);
     vmcb.control.event_inj = 0;
+    // No NMI owed or blocked survives INIT.
+    nmi.reset();
+    nmi_window::clear(vmcb);
     run.regs = [0; 16];
     // RDX after INIT holds the processor signature (CPUID 1 EAX).
     run.regs[2] = u64::from(cpuid(1, 0)[0]);
@@ -159,6 +186,11 @@ fn wait_for_sipi(core: &Core, cpu: usize, vmcb: &mut Vmcb, run: &mut RunState) {
         }
         core::hint::spin_loop();
     };
+    // The kick that delivered this INIT may have arrived after the exit
+    // that took it (the sender posts, then sends the NMI): it is still
+    // pending here and must not reach the restarted guest as an NMI. A
+    // SIPI comes after the INIT's kick, so by now the kick has arrived.
+    let _ = super::nmi::consume_pending_nmi(core, cpu, 1);
     sipi_start(&mut vmcb.save, vector);
     debug_assert!(vmcb.save.efer & EFER_SVME != 0);
     vmcb_flush(core, vmcb);
@@ -194,6 +226,11 @@ fn leave(vmcb: &Vmcb, run: &RunState) -> ! {
         cr2: s.cr2,
         pat: s.g_pat,
     };
+    // INIT redirection was thinhv's: natively the firmware expects INIT to
+    // reset the CPU (its MP services use it).
+    // SAFETY: VM_CR exists on every processor with SVM; R_INIT only
+    // changes how INIT is taken, and GIF stays clear until `svm_leave`.
+    unsafe { wrmsr(MSR_VM_CR, rdmsr(MSR_VM_CR) & !super::launch::VM_CR_R_INIT) };
     // SAFETY: only reached before the loader seals the hypervisor, while
     // the firmware's identity-mapped page tables (which map this code and
     // stack) are the guest's.

@@ -1,6 +1,7 @@
 //! [`GuestCpu`] over a VMCB and the saved GPRs.
 use crate::arch::percpu::GuestRegs;
 use crate::guest::{CpuMode, GpFault, Gpr, GuestCpu, PagingRegs};
+use crate::nmi::NmiTracker;
 use crate::svm::vmcb::{EFER_SVME, Vmcb, event};
 
 const CR0_PE: u64 = 1;
@@ -24,6 +25,9 @@ pub struct SvmGuest<'a> {
     /// The processor saved the next RIP for this exit (NRIP save, and an
     /// instruction intercept).
     pub next_rip_valid: bool,
+    /// Its NMIs: an NMI for it is injected only once it can take one
+    /// (`crate::nmi`), never straight into EVENTINJ.
+    pub nmi: &'a mut NmiTracker,
 }
 
 impl GuestCpu for SvmGuest<'_> {
@@ -101,7 +105,11 @@ impl GuestCpu for SvmGuest<'_> {
     }
 
     fn inject_nmi(&mut self) {
-        self.vmcb.control.event_inj = event::nmi();
+        // Owed to the guest; `nmi::svm::before_entry` injects it when the
+        // guest is not blocking NMIs and nothing else is being injected.
+        if !self.nmi.arrived() {
+            log::trace!("NMI for a guest that has one latched already: lost, as on the processor");
+        }
     }
 
     fn set_guest_pat(&mut self, value: u64) {

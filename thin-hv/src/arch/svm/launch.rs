@@ -4,8 +4,8 @@ use super::world::{HostSwitch, svm_launch};
 use crate::arch::core_state::{self, percpu};
 use crate::arch::idt::idt_pointer;
 use crate::arch::instr::{
-    cpuid, rdmsr, read_cr0, read_cr2, read_cr3, read_cr4, read_cs, read_dr6, read_dr7, read_ds,
-    read_es, read_rflags, read_ss, sgdt, sidt, vmsave, wrmsr,
+    clgi, cli, cpuid, rdmsr, read_cr0, read_cr2, read_cr3, read_cr4, read_cs, read_dr6, read_dr7,
+    read_ds, read_es, read_rflags, read_ss, sgdt, sidt, vmsave, wrmsr,
 };
 use crate::arch::percpu::{PerCpu, RunState, SEL_TSS};
 use crate::handlers::msr::{MSR_EFER, MSR_VM_CR, MSR_VM_HSAVE_PA};
@@ -18,6 +18,10 @@ use thinhv_abi::status::CpuState;
 const EFER_NXE: u64 = 1 << 11;
 /// VM_CR.SVMDIS (APM §15.30.1).
 const VM_CR_SVMDIS: u64 = 1 << 4;
+/// VM_CR.R_INIT (APM Vol. 2 §15.30.1): an INIT taken in host mode raises
+/// #SX (vector 30, error code 1: INIT redirected, APM Vol. 2 §8.2)
+/// instead of resetting the processor.
+pub(super) const VM_CR_R_INIT: u64 = 1 << 1;
 const IA32_PAT: u32 = 0x277;
 /// The guest's ASID (one guest per CPU; ASID 0 is the host's).
 const GUEST_ASID: u32 = 1;
@@ -57,6 +61,11 @@ pub unsafe fn virtualize(cpu: u64, resume_rip: u64, resume_rsp: u64) -> Result<(
     if unsafe { rdmsr(MSR_VM_CR) } & VM_CR_SVMDIS != 0 {
         return Err(CoreError::ENABLE_FAILED);
     }
+
+    // The frame that takes this CPU's intercepted NMIs without GIF in host
+    // mode (`super::nmi`); its guest NMI state starts open.
+    super::nmi::prepare_sink(core, idx)?;
+    super::nmi::of(idx).tracker.lock().reset();
 
     // SAFETY: only this CPU uses its `PerCpu`; it is not in use yet.
     let pc: &mut PerCpu = unsafe { &mut *percpu(core, idx) };
@@ -175,6 +184,31 @@ pub unsafe fn virtualize(cpu: u64, resume_rip: u64, resume_rsp: u64) -> Result<(
     core.status.set_cpu_state(idx, CpuState::RUNNING);
     let n = core.hv.cpus_virtualized.fetch_add(1, Ordering::SeqCst) + 1;
     core.status.set_virtualized(n);
+    // From here on GIF stays clear in host mode (`super::nmi`): INIT and
+    // NMI are taken only in guest mode, where they are intercepted. INIT
+    // redirection guards what remains (should a host-mode GIF window ever
+    // be added): INIT becomes #SX, which the host IDT drops
+    // (`idt::REDIRECTED_INITS`); leaving guest mode (roll-back) clears it
+    // again. QEMU TCG ignores the bit (docs/emulator-faults.md); it is set
+    // all the same.
+    // SAFETY: interrupts off and GIF cleared (SVME is set) before INIT
+    // redirection changes how an INIT is taken; `svm_launch` keeps both
+    // clear. VM_CR exists on every processor with SVM and R_INIT is
+    // writable whatever VM_CR.LOCK says (it guards SVMDIS and LOCK only).
+    let r_init = unsafe {
+        cli();
+        clgi();
+        wrmsr(MSR_VM_CR, rdmsr(MSR_VM_CR) | VM_CR_R_INIT);
+        rdmsr(MSR_VM_CR) & VM_CR_R_INIT != 0
+    };
+    log::info!(
+        "cpu {idx}: INIT redirection (VM_CR.R_INIT) {}",
+        if r_init {
+            "on"
+        } else {
+            "not taken by this processor (reads back 0)"
+        }
+    );
     log::info!("cpu {idx} (APIC {}): entering guest mode", slot.apic_id);
     // SAFETY: SVM enabled, host save area set, VMCB and host structures
     // complete; `sw` lives on this stack until the switch reads it.

@@ -4,4 +4,5 @@
 pub mod exit;
 pub mod guest;
 pub mod launch;
+pub mod nmi;
 pub mod world;

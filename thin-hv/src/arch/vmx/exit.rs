@@ -69,6 +69,7 @@ pub extern "sysv64" fn vmx_exit(run: &mut RunState) {
         fatal(format_args!("exit before initialization"))
     };
     let cpu = run.cpu as usize;
+    let _cost = crate::arch::exit_timer::ExitTimer::start(&core.hv.cpus()[cpu]);
     let first = run.exits == 0;
     run.exits += 1;
     let reason = vmread(Field::EXIT_REASON) as u32;
