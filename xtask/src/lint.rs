@@ -24,6 +24,8 @@ pub fn run() -> Result<(), String> {
         "clippy",
         "-p",
         "thin-hv",
+        "-p",
+        "thin-hv-core",
         "--target",
         "x86_64-unknown-none",
         "--",
