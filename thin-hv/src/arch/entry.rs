@@ -1,5 +1,4 @@
 //! The entry point the loader calls, the panic handler and the heap.
-use super::core_state;
 use thinhv_abi::handoff::{CORE_OP_INIT, CORE_OP_RELEASE, CORE_OP_VIRTUALIZE, CoreError};
 
 #[global_allocator]
@@ -24,7 +23,7 @@ pub unsafe extern "sysv64" fn thinhv_core_entry(op: u64, a0: u64, a1: u64, a2: u
     let r = match op {
         // The IOMMU translates from the end of the set-up on (see
         // `iommu::start`).
-        CORE_OP_INIT => core_state::init(a0).map(|()| super::iommu::start()),
+        CORE_OP_INIT => super::core_init::init(a0).map(|()| super::iommu::start()),
         // SAFETY: forwarded contract: called on the CPU being virtualized.
         CORE_OP_VIRTUALIZE => unsafe {
             if super::core_state::get().is_some_and(|c| c.vmx.is_some()) {

@@ -49,12 +49,16 @@ impl Env for HwEnv {
         if pa
             .checked_add(len)
             .is_none_or(|end| end > self.core.host_top)
+            || self.core.hv.protected.overlaps(pa, len)
         {
+            // Outside the map, or the core's own memory (a guest page table
+            // pointed there must not make the walker read it): all zeros.
             buf.fill(0);
             return;
         }
-        // SAFETY: the range is inside the core's identity map (checked) and
-        // callers never pass protected memory (see `guest_mem`).
+        // SAFETY: the range is inside the core's identity map and outside
+        // the core's protected memory (both checked just above), so the
+        // copy neither faults nor aliases anything the core holds.
         unsafe { core::ptr::copy_nonoverlapping(pa as *const u8, buf.as_mut_ptr(), buf.len()) };
     }
 
@@ -63,11 +67,17 @@ impl Env for HwEnv {
         if pa
             .checked_add(len)
             .is_none_or(|end| end > self.core.host_top)
+            || self.core.hv.touches_hypervisor(pa, len)
         {
+            // Callers validate buffers (`guest_mem::check_buffer`); this is
+            // the last line, whatever a handler passes.
+            log::warn!("write_phys refused at {pa:#x}+{len:#x}");
             return;
         }
-        // SAFETY: callers validated the range as guest RAM outside the
-        // hypervisor (`guest_mem::check_buffer`); it is identity-mapped.
+        // SAFETY: the range is inside the core's identity map and touches
+        // neither the core's memory nor its status page (both checked just
+        // above): it is guest memory, which the core holds no references
+        // into.
         unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), pa as *mut u8, data.len()) };
     }
 
@@ -134,7 +144,9 @@ impl Env for HwEnv {
             // thinhv made (a mediated ECAM page, a page the APIC
             // relocation traps), never filled here — mapping the GiB again
             // would also make the xAPIC page writable.
-            let mut mem = IdentityMem;
+            // SAFETY: the engine is given only this core's table roots and
+            // frames from its pool (`IdentityMem::new`'s contract).
+            let mut mem = unsafe { IdentityMem::new() };
             return match &self.core.slat {
                 Slat::Npt(fmt) => thinhv_paging::Mapper::open(fmt, &mut mem, self.core.slat_root)
                     .translate(gpa)
@@ -145,7 +157,9 @@ impl Env for HwEnv {
             };
         }
         let mut frames = self.core.frames.lock();
-        let mut mem = IdentityMem;
+        // SAFETY: only this core's table roots and frames from its own
+        // allocator reach the engine (`IdentityMem::new`'s contract).
+        let mut mem = unsafe { IdentityMem::new() };
         let avoid = [self.core.hv.protected, self.core.hv.status];
         let bits = self.core.hv.phys_addr_bits;
         match (&self.core.slat, &self.core.vmx) {
@@ -208,7 +222,9 @@ impl Env for HwEnv {
             return false;
         }
         let mut frames = core.frames.lock();
-        let mut mem = IdentityMem;
+        // SAFETY: only this core's table roots and frames from its own
+        // allocator reach the engine (`IdentityMem::new`'s contract).
+        let mut mem = unsafe { IdentityMem::new() };
         let xapic_page = page == hv.apic_base;
         match (&core.slat, &core.vmx) {
             (Slat::Npt(fmt), _) => {

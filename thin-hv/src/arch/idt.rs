@@ -190,10 +190,7 @@ extern "sysv64" fn host_nmi() {
     // The CPU's shared slot, never its `PerCpu`: the interrupted exit path
     // may hold that as `&mut`.
     let slot = &core.hv.cpus()[index as usize];
-    slot.host_nmis.fetch_add(1, Ordering::SeqCst);
-    if slot.vmx_live.load(Ordering::SeqCst) {
-        super::vmx::exit::arm_nmi_window();
-    }
+    super::vcpu::host_nmi_taken(slot);
 }
 
 /// One 16-byte interrupt gate.

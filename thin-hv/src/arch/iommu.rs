@@ -222,7 +222,9 @@ impl Iommu {
             page_1g: p1g,
             page_2m: p2m,
         };
-        let mut mem = IdentityMem;
+        // SAFETY: only this core's table roots and frames from its own
+        // allocator reach the engine (`IdentityMem::new`'s contract).
+        let mut mem = unsafe { IdentityMem::new() };
         let sl4 = identity_tables(&fmt, h, region, top, frames)?;
         // 3-level: the table under the 4-level root's first entry.
         let sl_root = if aw == 1 {
@@ -296,7 +298,9 @@ impl Iommu {
                 return Err("the device table is not contiguous");
             }
         }
-        let mut mem = IdentityMem;
+        // SAFETY: only this core's table roots and frames from its own
+        // allocator reach the engine (`IdentityMem::new`'s contract).
+        let mut mem = unsafe { IdentityMem::new() };
         let open = amdvi::dte(pt_root, 1);
         let closed = amdvi::dte_blocked(2);
         for id in 0..ids {
@@ -514,7 +518,9 @@ fn identity_tables(
     frames: &mut BumpFrames,
 ) -> Result<u64, &'static str> {
     let oom = "out of memory for the IOMMU tables";
-    let mut mem = IdentityMem;
+    // SAFETY: only this core's table roots and frames from its own
+    // allocator reach the engine (`IdentityMem::new`'s contract).
+    let mut mem = unsafe { IdentityMem::new() };
     let root = Mapper::create(fmt, &mut mem, frames)
         .map_err(|_| oom)?
         .root();
@@ -598,7 +604,8 @@ fn frames_take(frames: &mut BumpFrames) -> Result<u64, &'static str> {
     let f = frames
         .alloc_frame()
         .ok_or("out of memory for the IOMMU tables")?;
-    IdentityMem.zero_frame(f);
+    // SAFETY: `f` was just taken from the IOMMU's own frame allocator.
+    unsafe { IdentityMem::new() }.zero_frame(f);
     Ok(f)
 }
 

@@ -10,6 +10,7 @@
 #![allow(clippy::cast_possible_truncation)]
 
 const _: () = assert!(usize::BITS == 64);
+pub mod core_init;
 pub mod core_state;
 pub mod entry;
 pub mod env_impl;
@@ -22,4 +23,5 @@ pub mod percpu;
 pub mod phys;
 pub mod status_page;
 pub mod svm;
+pub mod vcpu;
 pub mod vmx;

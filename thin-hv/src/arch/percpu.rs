@@ -15,10 +15,12 @@ pub type GuestRegs = [u64; 16];
 pub struct RunState {
     /// +0: guest GPRs.
     pub regs: GuestRegs,
-    /// +128: physical address of the guest control block.
-    pub guest_vmcb_pa: u64,
-    /// +136: physical address of the host state block (VMSAVE/VMLOAD).
-    pub host_vmcb_pa: u64,
+    /// +128: physical address of the guest control block (VMCB, or VMCS
+    /// region).
+    pub guest_control_pa: u64,
+    /// +136: physical address of the host state block (SVM's VMSAVE/VMLOAD
+    /// area; 0 on VMX).
+    pub host_state_pa: u64,
     /// +144: CPU index.
     pub cpu: u64,
     /// +152: number of exits so far on this CPU.
@@ -28,11 +30,11 @@ pub struct RunState {
 }
 
 /// Offsets used by the assembly.
-pub const RUN_GUEST_VMCB: usize = 128;
+pub const RUN_GUEST_CONTROL: usize = 128;
 /// Offsets used by the assembly.
-pub const RUN_HOST_VMCB: usize = 136;
-const _: () = assert!(offset_of!(RunState, guest_vmcb_pa) == RUN_GUEST_VMCB);
-const _: () = assert!(offset_of!(RunState, host_vmcb_pa) == RUN_HOST_VMCB);
+pub const RUN_HOST_STATE: usize = 136;
+const _: () = assert!(offset_of!(RunState, guest_control_pa) == RUN_GUEST_CONTROL);
+const _: () = assert!(offset_of!(RunState, host_state_pa) == RUN_HOST_STATE);
 
 /// 64-bit TSS (Intel SDM Vol. 3A §8.7, Figure 8-11).
 #[derive(Debug, Default, Clone, Copy)]
@@ -73,12 +75,16 @@ pub struct MiscPage {
 /// One CPU's memory.
 #[repr(C, align(4096))]
 pub struct PerCpu {
-    /// Guest control block.
-    pub guest_vmcb: Vmcb,
-    /// Host save area (VM_HSAVE_PA), owned by the processor.
-    pub host_save: [u8; 4096],
-    /// Host hidden state (VMSAVE/VMLOAD).
-    pub host_vmcb: Vmcb,
+    /// The guest's control block. SVM: its VMCB. VMX: the page is the
+    /// VMCS region ([`PerCpu::vmcs_region_pa`]), in the processor's own
+    /// format, reached only through VMREAD/VMWRITE; it is never read as a
+    /// `Vmcb` there.
+    pub guest_control: Vmcb,
+    /// SVM: the host save area (VM_HSAVE_PA), owned by the processor. VMX:
+    /// the VMXON region ([`PerCpu::vmxon_region_pa`]).
+    pub host_save_area: [u8; 4096],
+    /// SVM: the host's hidden state (VMSAVE/VMLOAD). Unused on VMX.
+    pub host_state: Vmcb,
     /// GDT, TSS, run state.
     pub misc: MiscPage,
     /// NMI stack (IST1).
@@ -104,6 +110,16 @@ impl PerCpu {
     /// Physical (= virtual) address of a field.
     pub fn pa_of<T>(field: &T) -> u64 {
         core::ptr::from_ref(field) as u64
+    }
+
+    /// VMX: the VMCS region (the `guest_control` page).
+    pub fn vmcs_region_pa(&self) -> u64 {
+        Self::pa_of(&self.guest_control)
+    }
+
+    /// VMX: the VMXON region (the `host_save_area` page).
+    pub fn vmxon_region_pa(&self) -> u64 {
+        Self::pa_of(&self.host_save_area)
     }
 
     /// Top of the host stack (16-byte aligned).

@@ -3,13 +3,32 @@
 use thinhv_paging::PhysMem;
 
 /// Page-table memory accessed through the identity map.
-pub struct IdentityMem;
+///
+/// The `PhysMem` methods write whatever physical address they are given,
+/// so the contract sits on the constructor.
+pub struct IdentityMem {
+    _contract: (),
+}
+
+impl IdentityMem {
+    /// Access to page tables through the identity map.
+    ///
+    /// # Safety
+    /// Every table and frame address the caller (or the paging engine on
+    /// its behalf) passes to the returned value is a 4 KiB-aligned frame
+    /// that belongs to the core's page-table pool or was handed to the
+    /// caller for its exclusive use (a root it allocated, a frame from the
+    /// core's allocator), and is identity-mapped; no Rust reference points
+    /// into those frames while it is in use.
+    pub unsafe fn new() -> Self {
+        Self { _contract: () }
+    }
+}
 
 impl PhysMem for IdentityMem {
     fn read_entry(&self, table: u64, index: usize) -> u64 {
-        // SAFETY: tables are frames handed out by the core's frame
-        // allocator from the reserved pool, identity-mapped and 8-byte
-        // aligned; index < 512 keeps the access inside the frame.
+        // SAFETY: `new`'s contract: `table` is an identity-mapped pool frame,
+        // 8-byte aligned; index < 512 keeps the access inside the frame.
         unsafe { core::ptr::read_volatile((table as *const u64).add(index)) }
     }
 

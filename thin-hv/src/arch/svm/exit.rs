@@ -4,20 +4,20 @@ use super::world::{LeaveState, svm_leave};
 use crate::arch::core_state::{self, Core, percpu};
 use crate::arch::env_impl::HwEnv;
 use crate::arch::idt::fatal;
-use crate::arch::instr::{cpuid, rdmsr, reset_platform, wrmsr};
-use crate::arch::percpu::PerCpu;
-use crate::arch::percpu::RunState;
+use crate::arch::instr::{rdmsr, wrmsr};
+use crate::arch::percpu::{GuestRegs, PerCpu, RunState};
+use crate::arch::vcpu::{self, Backend as _, NativeState};
+use crate::handlers;
 use crate::handlers::msr::MSR_VM_CR;
-use crate::handlers::{self, Outcome};
 use crate::nmi::NmiTracker;
 use crate::nmi::svm as nmi_window;
 use crate::svm::exit_code::{self, ExitCode};
 use crate::svm::state::{init_state, sipi_start};
 use crate::svm::vmcb::{EFER_SVME, Vmcb, tlb};
+use core::fmt;
 use core::sync::atomic::Ordering;
-use thinhv_abi::exit::ExitReason;
+use spin::MutexGuard;
 use thinhv_abi::handoff::{CoreError, features};
-use thinhv_abi::status::CpuState;
 
 /// Exits for which NRIP save reports the next instruction (APM §15.7.1:
 /// instruction intercepts).
@@ -47,7 +47,7 @@ pub unsafe extern "sysv64" fn svm_exit(run: *mut RunState) {
     // disjoint fields, so no two live `&mut` cover the same data.
     let pc = unsafe { &mut *percpu(core, cpu) };
     let PerCpu {
-        guest_vmcb: vmcb,
+        guest_control: vmcb,
         misc,
         ..
     } = pc;
@@ -67,18 +67,17 @@ pub unsafe extern "sysv64" fn svm_exit(run: *mut RunState) {
     }
 
     let code = vmcb.control.exit_code;
+    let mut vcpu = SvmVcpu {
+        vmcb,
+        run,
+        nmi: Some(nmi),
+        code,
+    };
     if ExitCode(code) == ExitCode::INVALID && first {
         // The very first VMRUN failed: give the CPU back to the loader
         // with an error, exactly where it called us.
         log::error!("cpu {cpu}: first VMRUN failed its consistency checks; rolling back");
-        core.hv.cpus()[cpu].set_state(CpuState::OFFLINE);
-        core.status.set_cpu_state(cpu, CpuState::OFFLINE);
-        let n = core.hv.cpus_virtualized.fetch_sub(1, Ordering::SeqCst) - 1;
-        core.status.set_virtualized(n);
-        vmcb.save.rax = CoreError::ENTRY_FAILED.0;
-        // `leave` never returns: release the tracker for a later launch.
-        drop(nmi);
-        leave(vmcb, run);
+        vcpu::roll_back(core, cpu, &mut vcpu, Some(CoreError::ENTRY_FAILED.0));
     }
     if ExitCode(code) == ExitCode::NMI
         && super::nmi::consume_pending_nmi(core, cpu, super::nmi::SINK_TRIES) == 0
@@ -89,9 +88,11 @@ pub unsafe extern "sysv64" fn svm_exit(run: *mut RunState) {
     if seen.owned {
         // The NMI window's own exit (IRET, interrupt window, the step's
         // #DB or a fault it reflected): nothing for the handlers.
-        nmi_window::before_entry(&mut nmi, vmcb);
+        vcpu.before_entry(core, cpu);
         return;
     }
+    let SvmVcpu { vmcb, run, nmi, .. } = &mut vcpu;
+    let nmi = nmi.as_mut().expect("the tracker is held until leaving");
     let exit = exit_code::decode(
         code,
         vmcb.control.exit_info1,
@@ -102,126 +103,123 @@ pub unsafe extern "sysv64" fn svm_exit(run: *mut RunState) {
     );
     let nrip = core.handoff.features & features::NRIP_SAVE != 0 && nrip_applies(code);
     let mut guest = SvmGuest {
-        vmcb: &mut *vmcb,
+        vmcb,
         regs: &mut run.regs,
         next_rip_valid: nrip,
-        nmi: &mut nmi,
+        nmi: &mut *nmi,
     };
     let mut env = HwEnv { core, cpu };
     let handled = handlers::handle(&exit, &mut guest, &mut env);
-    nmi_window::after_handlers(&mut nmi, vmcb, seen);
-    core.status.count(cpu, handled.reason);
-    if handled.reason == ExitReason::PROTECTED_ACCESS {
-        core.status
-            .set_blocked_writes(core.hv.blocked_writes.load(Ordering::Relaxed));
-    }
-    match handled.outcome {
-        Outcome::Resume => {}
-        Outcome::ResumeFlushTlb => vmcb_flush(core, vmcb),
-        Outcome::WaitForSipi => wait_for_sipi(core, cpu, vmcb, run, &mut nmi),
-        Outcome::Devirtualize => {
-            log::info!("cpu {cpu}: leaving guest mode (roll-back)");
-            core.hv.cpus()[cpu].set_state(CpuState::OFFLINE);
-            core.status.set_cpu_state(cpu, CpuState::OFFLINE);
-            let n = core.hv.cpus_virtualized.fetch_sub(1, Ordering::SeqCst) - 1;
-            core.status.set_virtualized(n);
-            drop(nmi);
-            leave(vmcb, run);
-        }
-        Outcome::StartAt(_) => fatal(format_args!("SIPI exit on SVM")),
-        Outcome::HostFaultTest => {
-            // SAFETY: UD2 only raises #UD, which the host IDT reports before
-            // stopping or resetting per `on_fatal`; this is the test of it.
-            unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
-        }
-        Outcome::Reset => {
-            log::error!("resetting the platform after a guest triple fault");
-            reset_platform();
-        }
-        Outcome::Fatal(why) => fatal(format_args!(
-            "{why} (exit {} {code:#x}, info {:#x} {:#x}, rip {:#x})",
-            exit_code::name(code),
-            vmcb.control.exit_info1,
-            vmcb.control.exit_info2,
-            vmcb.save.rip
-        )),
-    }
-    nmi_window::before_entry(&mut nmi, vmcb);
+    nmi_window::after_handlers(nmi, vmcb, seen);
+    vcpu::account(core, cpu, &handled);
+    vcpu::apply(core, cpu, handled.outcome, &mut vcpu);
 }
 
-fn vmcb_flush(core: &Core, vmcb: &mut crate::svm::vmcb::Vmcb) {
-    vmcb.control.tlb_control = if core.handoff.features & features::FLUSH_BY_ASID != 0 {
-        tlb::FLUSH_ASID
-    } else {
-        tlb::FLUSH_ALL
-    };
+/// The SVM side of the vCPU seam: this CPU's VMCB, run state and NMI
+/// tracker for the length of one exit.
+struct SvmVcpu<'a> {
+    vmcb: &'a mut Vmcb,
+    run: &'a mut RunState,
+    /// Held for the whole exit; released before leaving guest mode for
+    /// good (so that a later launch can take it).
+    nmi: Option<MutexGuard<'static, NmiTracker>>,
+    code: u64,
 }
 
-/// INIT: the CPU waits in host mode for a SIPI, then starts in real mode
-/// at its vector (APM §15.21, Table 14-1).
-fn wait_for_sipi(
-    core: &Core,
-    cpu: usize,
-    vmcb: &mut Vmcb,
-    run: &mut RunState,
-    nmi: &mut NmiTracker,
-) {
-    let slot = &core.hv.cpus()[cpu];
-    slot.set_state(CpuState::WAIT_FOR_SIPI);
-    core.status.set_cpu_state(cpu, CpuState::WAIT_FOR_SIPI);
-    init_state(&mut vmcb.save);
-    vmcb.control.event_inj = 0;
-    // No NMI owed or blocked survives INIT.
-    nmi.reset();
-    nmi_window::clear(vmcb);
-    run.regs = [0; 16];
-    // RDX after INIT holds the processor signature (CPUID 1 EAX).
-    run.regs[2] = u64::from(cpuid(1, 0)[0]);
-    log::debug!("cpu {cpu}: INIT, waiting for SIPI");
-    let vector = loop {
-        // A further INIT while waiting changes nothing.
-        let _ = slot.mailbox.take_init();
-        if let Some(v) = slot.mailbox.take_sipi() {
-            break v;
+impl SvmVcpu<'_> {
+    fn tracker(&mut self) -> &mut NmiTracker {
+        self.nmi
+            .as_mut()
+            .expect("the tracker is held until leaving")
+    }
+}
+
+impl vcpu::Backend for SvmVcpu<'_> {
+    fn regs(&mut self) -> &mut GuestRegs {
+        &mut self.run.regs
+    }
+
+    fn flush_tlb(&mut self, core: &Core) {
+        self.vmcb.control.tlb_control = if core.handoff.features & features::FLUSH_BY_ASID != 0 {
+            tlb::FLUSH_ASID
+        } else {
+            tlb::FLUSH_ALL
+        };
+    }
+
+    /// The CPU waits in host mode for the SIPI (APM §15.21, Table 14-1).
+    fn enter_init(&mut self, _core: &Core, _cpu: usize) -> bool {
+        init_state(&mut self.vmcb.save);
+        self.vmcb.control.event_inj = 0;
+        // No NMI owed or blocked survives INIT.
+        self.tracker().reset();
+        nmi_window::clear(self.vmcb);
+        true
+    }
+
+    fn sipi_arrived(&mut self, core: &Core, cpu: usize) {
+        // The kick that delivered this INIT may have arrived after the exit
+        // that took it (the sender posts, then sends the NMI): it is still
+        // pending here and must not reach the restarted guest as an NMI. A
+        // SIPI comes after the INIT's kick, so by now the kick has arrived.
+        let _ = super::nmi::consume_pending_nmi(core, cpu, 1);
+    }
+
+    fn start_at(&mut self, core: &Core, _cpu: usize, vector: u8) {
+        sipi_start(&mut self.vmcb.save, vector);
+        debug_assert!(self.vmcb.save.efer & EFER_SVME != 0);
+        self.flush_tlb(core);
+    }
+
+    fn leave(&mut self, _core: &Core, _cpu: usize, rax: Option<u64>) -> ! {
+        if let Some(rax) = rax {
+            self.vmcb.save.rax = rax;
         }
-        core::hint::spin_loop();
-    };
-    // The kick that delivered this INIT may have arrived after the exit
-    // that took it (the sender posts, then sends the NMI): it is still
-    // pending here and must not reach the restarted guest as an NMI. A
-    // SIPI comes after the INIT's kick, so by now the kick has arrived.
-    let _ = super::nmi::consume_pending_nmi(core, cpu, 1);
-    sipi_start(&mut vmcb.save, vector);
-    debug_assert!(vmcb.save.efer & EFER_SVME != 0);
-    vmcb_flush(core, vmcb);
-    slot.set_state(CpuState::RUNNING);
-    core.status.set_cpu_state(cpu, CpuState::RUNNING);
-    core.status.count(cpu, ExitReason::SIPI);
-    log::debug!(
-        "cpu {cpu}: SIPI {vector:#x}, starting at {:#x}",
-        u64::from(vector) << 12
-    );
+        // `leave` never returns: release the tracker for a later launch.
+        drop(self.nmi.take());
+        leave(self.vmcb, self.run)
+    }
+
+    fn describe(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "exit {} {:#x}, info {:#x} {:#x}, rip {:#x}",
+            exit_code::name(self.code),
+            self.code,
+            self.vmcb.control.exit_info1,
+            self.vmcb.control.exit_info2,
+            self.vmcb.save.rip
+        )
+    }
+
+    fn before_entry(&mut self, _core: &Core, _cpu: usize) {
+        let Self { vmcb, nmi, .. } = self;
+        let nmi = nmi.as_mut().expect("the tracker is held until leaving");
+        nmi_window::before_entry(nmi, vmcb);
+    }
 }
 
 /// Restores the guest's state natively and continues there.
 fn leave(vmcb: &Vmcb, run: &RunState) -> ! {
     let s = &vmcb.save;
     let st = LeaveState {
-        cr0: s.cr0,
-        cr3: s.cr3,
-        cr4: s.cr4,
-        efer: s.efer & !EFER_SVME,
-        gdt_limit: u64::from(s.gdtr.limit),
-        gdt_base: s.gdtr.base,
-        idt_limit: u64::from(s.idtr.limit),
-        idt_base: s.idtr.base,
-        cs: u64::from(s.cs.selector),
-        ss: u64::from(s.ss.selector),
-        ds: u64::from(s.ds.selector),
-        es: u64::from(s.es.selector),
-        rip: s.rip,
-        rsp: s.rsp,
-        rflags: s.rflags,
+        native: NativeState {
+            cr0: s.cr0,
+            cr3: s.cr3,
+            cr4: s.cr4,
+            efer: s.efer & !EFER_SVME,
+            gdt_limit: u64::from(s.gdtr.limit),
+            gdt_base: s.gdtr.base,
+            idt_limit: u64::from(s.idtr.limit),
+            idt_base: s.idtr.base,
+            cs: u64::from(s.cs.selector),
+            ss: u64::from(s.ss.selector),
+            ds: u64::from(s.ds.selector),
+            es: u64::from(s.es.selector),
+            rip: s.rip,
+            rsp: s.rsp,
+            rflags: s.rflags,
+        },
         rax: s.rax,
         cr2: s.cr2,
         pat: s.g_pat,

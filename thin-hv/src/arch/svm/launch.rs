@@ -1,19 +1,18 @@
 //! `CORE_OP_VIRTUALIZE` on SVM: enable SVM on this CPU, build its VMCB
 //! from the state the firmware is running in, and launch.
 use super::world::{HostSwitch, svm_launch};
-use crate::arch::core_state::{self, percpu};
+use crate::arch::core_state;
 use crate::arch::idt::idt_pointer;
 use crate::arch::instr::{
     clgi, cli, cpuid, rdmsr, read_cr0, read_cr2, read_cr3, read_cr4, read_cs, read_dr6, read_dr7,
     read_ds, read_es, read_rflags, read_ss, sgdt, sidt, vmsave, wrmsr,
 };
-use crate::arch::percpu::{PerCpu, RunState, SEL_TSS};
+use crate::arch::percpu::{PerCpu, SEL_TSS};
+use crate::arch::vcpu;
 use crate::handlers::msr::{MSR_EFER, MSR_VM_CR, MSR_VM_HSAVE_PA};
 use crate::svm::state::{Captured, fill_from_captured};
 use crate::svm::vmcb::{EFER_SVME, NESTED_CTL_NP_ENABLE, misc1, misc2, tlb};
-use core::sync::atomic::Ordering;
 use thinhv_abi::handoff::{CoreError, features};
-use thinhv_abi::status::CpuState;
 
 const EFER_NXE: u64 = 1 << 11;
 /// VM_CR.SVMDIS (APM §15.30.1).
@@ -26,14 +25,6 @@ const IA32_PAT: u32 = 0x277;
 /// The guest's ASID (one guest per CPU; ASID 0 is the host's).
 const GUEST_ASID: u32 = 1;
 
-fn apic_id() -> u32 {
-    if cpuid(0, 0)[0] >= 0xb && cpuid(0xb, 0)[1] != 0 {
-        cpuid(0xb, 0)[3]
-    } else {
-        cpuid(1, 0)[1] >> 24
-    }
-}
-
 /// Virtualizes the calling CPU. Returns only on failure.
 ///
 /// # Safety
@@ -42,21 +33,7 @@ fn apic_id() -> u32 {
 /// `resume_rsp`.
 pub unsafe fn virtualize(cpu: u64, resume_rip: u64, resume_rsp: u64) -> Result<(), CoreError> {
     let core = core_state::get().ok_or(CoreError::NOT_INITIALIZED)?;
-    let idx = usize::try_from(cpu).map_err(|_| CoreError::BAD_CPU)?;
-    let slot = core.hv.cpus().get(idx).ok_or(CoreError::BAD_CPU)?;
-    if slot.virtualized() || slot.apic_id != apic_id() {
-        log::error!(
-            "cpu {idx}: refused (state {}, APIC ID {} expected {})",
-            slot.state().name(),
-            apic_id(),
-            slot.apic_id
-        );
-        return Err(CoreError::BAD_CPU);
-    }
-    if core.handoff.config.debug_fail_cpu == cpu as u32 {
-        log::warn!("cpu {idx}: refusing on purpose ([debug] fail_cpu)");
-        return Err(CoreError::INJECTED_FAILURE);
-    }
+    let (idx, slot) = vcpu::claim(core, cpu)?;
     // SAFETY: VM_CR exists on every processor with SVM (the loader checked).
     if unsafe { rdmsr(MSR_VM_CR) } & VM_CR_SVMDIS != 0 {
         return Err(CoreError::ENABLE_FAILED);
@@ -67,17 +44,9 @@ pub unsafe fn virtualize(cpu: u64, resume_rip: u64, resume_rsp: u64) -> Result<(
     super::nmi::prepare_sink(core, idx)?;
     super::nmi::of(idx).tracker.lock().reset();
 
-    // SAFETY: only this CPU uses its `PerCpu`; it is not in use yet.
-    let pc: &mut PerCpu = unsafe { &mut *percpu(core, idx) };
-    // SAFETY: `pc` is plain memory carved from the pool for this CPU.
-    unsafe {
-        core::ptr::write_bytes(
-            core::ptr::from_mut(pc).cast::<u8>(),
-            0,
-            core::mem::size_of::<PerCpu>(),
-        );
-    };
-    pc.init_gdt();
+    // SAFETY: the loader calls this on CPU `idx` itself, before its guest
+    // exists: nothing else uses its `PerCpu`.
+    let pc: &mut PerCpu = unsafe { vcpu::fresh_percpu(core, idx) };
 
     // Enable SVM. NXE in the host's EFER makes the NX bits of the nested
     // tables legal (APM §15.25.3); the guest keeps its own EFER.
@@ -92,10 +61,10 @@ pub unsafe fn virtualize(cpu: u64, resume_rip: u64, resume_rsp: u64) -> Result<(
     };
     // SAFETY: see above.
     unsafe { wrmsr(MSR_EFER, guest_efer | EFER_SVME | nxe) };
-    let host_save = PerCpu::pa_of(&pc.host_save);
+    let host_save_area = PerCpu::pa_of(&pc.host_save_area);
     // SAFETY: the host save area is a page of this CPU's `PerCpu`, owned by
     // the processor from now on.
-    unsafe { wrmsr(MSR_VM_HSAVE_PA, host_save) };
+    unsafe { wrmsr(MSR_VM_HSAVE_PA, host_save_area) };
 
     // Capture the firmware's state as the guest's.
     let gdtr = sgdt();
@@ -126,13 +95,13 @@ pub unsafe fn virtualize(cpu: u64, resume_rip: u64, resume_rsp: u64) -> Result<(
     // bytes long.
     let gdt =
         unsafe { core::slice::from_raw_parts(gdtr.base as *const u8, usize::from(gdtr.limit) + 1) };
-    let vmcb = &mut pc.guest_vmcb;
+    let vmcb = &mut pc.guest_control;
     fill_from_captured(&mut vmcb.save, &captured, gdt);
     // FS, GS, TR, LDTR, KernelGsBase, STAR/LSTAR/CSTAR/SFMASK, SYSENTER_*.
     // SAFETY: SVME is set; the VMCB is this CPU's, page-aligned.
-    unsafe { vmsave(PerCpu::pa_of(&pc.guest_vmcb)) };
+    unsafe { vmsave(PerCpu::pa_of(&pc.guest_control)) };
 
-    let c = &mut pc.guest_vmcb.control;
+    let c = &mut pc.guest_control.control;
     c.intercept_misc1 = crate::svm::intercepts::MISC1;
     c.intercept_misc2 = crate::svm::intercepts::MISC2;
     // A compatibility profile that narrows XCR0 needs XSETBV checked (VMX
@@ -161,13 +130,11 @@ pub unsafe fn virtualize(cpu: u64, resume_rip: u64, resume_rsp: u64) -> Result<(
     c.n_cr3 = core.slat_root;
     c.clean_bits = 0;
 
-    let run: &mut RunState = &mut pc.misc.run;
-    run.regs = [0; 16];
-    run.guest_vmcb_pa = PerCpu::pa_of(&pc.guest_vmcb);
-    run.host_vmcb_pa = PerCpu::pa_of(&pc.host_vmcb);
-    run.cpu = cpu;
-    run.exits = 0;
-    run.nmi_pending = 0;
+    let (control, host) = (
+        PerCpu::pa_of(&pc.guest_control),
+        PerCpu::pa_of(&pc.host_state),
+    );
+    vcpu::init_run(&mut pc.misc.run, cpu, control, host);
 
     let (idt_limit, idt_base) = idt_pointer();
     let sw = HostSwitch {
@@ -180,10 +147,7 @@ pub unsafe fn virtualize(cpu: u64, resume_rip: u64, resume_rsp: u64) -> Result<(
     };
     let _ = SEL_TSS;
 
-    slot.set_state(CpuState::RUNNING);
-    core.status.set_cpu_state(idx, CpuState::RUNNING);
-    let n = core.hv.cpus_virtualized.fetch_add(1, Ordering::SeqCst) + 1;
-    core.status.set_virtualized(n);
+    vcpu::went_online(core, idx);
     // From here on GIF stays clear in host mode (`super::nmi`): INIT and
     // NMI are taken only in guest mode, where they are intercepted. INIT
     // redirection guards what remains (should a host-mode GIF window ever

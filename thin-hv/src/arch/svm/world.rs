@@ -31,36 +31,9 @@ pub struct HostSwitch {
 #[derive(Debug)]
 #[repr(C)]
 pub struct LeaveState {
-    /// +0
-    pub cr0: u64,
-    /// +8
-    pub cr3: u64,
-    /// +16
-    pub cr4: u64,
-    /// +24: EFER without SVME.
-    pub efer: u64,
-    /// +32
-    pub gdt_limit: u64,
-    /// +40
-    pub gdt_base: u64,
-    /// +48
-    pub idt_limit: u64,
-    /// +56
-    pub idt_base: u64,
-    /// +64
-    pub cs: u64,
-    /// +72
-    pub ss: u64,
-    /// +80
-    pub ds: u64,
-    /// +88
-    pub es: u64,
-    /// +96
-    pub rip: u64,
-    /// +104
-    pub rsp: u64,
-    /// +112
-    pub rflags: u64,
+    /// +0..+120: control registers, descriptor tables, selectors, RIP,
+    /// RSP, RFLAGS.
+    pub native: crate::arch::vcpu::NativeState,
     /// +120
     pub rax: u64,
     /// +128
@@ -75,12 +48,14 @@ const _: () = {
     assert!(offset_of!(HostSwitch, stack_top) == 8);
     assert!(offset_of!(HostSwitch, gdt_limit) == 16);
     assert!(offset_of!(HostSwitch, idt_base) == 40);
-    assert!(offset_of!(LeaveState, efer) == 24);
-    assert!(offset_of!(LeaveState, gdt_limit) == 32);
-    assert!(offset_of!(LeaveState, idt_base) == 56);
-    assert!(offset_of!(LeaveState, cs) == 64);
-    assert!(offset_of!(LeaveState, es) == 88);
-    assert!(offset_of!(LeaveState, rip) == 96);
+    use crate::arch::vcpu::NativeState;
+    assert!(offset_of!(LeaveState, native) == 0);
+    assert!(offset_of!(NativeState, efer) == 24);
+    assert!(offset_of!(NativeState, gdt_limit) == 32);
+    assert!(offset_of!(NativeState, idt_base) == 56);
+    assert!(offset_of!(NativeState, cs) == 64);
+    assert!(offset_of!(NativeState, es) == 88);
+    assert!(offset_of!(NativeState, rip) == 96);
     assert!(offset_of!(LeaveState, rax) == 120);
     assert!(offset_of!(LeaveState, pat) == 136);
 };
@@ -127,11 +102,11 @@ pub unsafe extern "sysv64" fn svm_launch(
         "mov ax, 0x18",
         "ltr ax",
         // Save the host's hidden state (TR, FS, GS, ...) for after #VMEXIT.
-        "mov rax, [rdi + {host_vmcb}]",
+        "mov rax, [rdi + {host_state}]",
         "vmsave rax",
         "mov rsp, [rsi + 8]",
         "jmp {run_loop}",
-        host_vmcb = const super::super::percpu::RUN_HOST_VMCB,
+        host_state = const super::super::percpu::RUN_HOST_STATE,
         run_loop = sym svm_run_loop,
     );
 }
@@ -147,7 +122,7 @@ pub unsafe extern "sysv64" fn svm_run_loop(run: *mut super::super::percpu::RunSt
         "2:",
         "push rdi",
         "sub rsp, 8",
-        "mov rax, [rdi + {guest_vmcb}]",
+        "mov rax, [rdi + {guest_control}]",
         "vmload rax",
         "mov rcx, [rdi + 8]",
         "mov rdx, [rdi + 16]",
@@ -183,14 +158,14 @@ pub unsafe extern "sysv64" fn svm_run_loop(run: *mut super::super::percpu::RunSt
         "mov [rdi + 56], rcx",
         "mov [rsp + 8], rdi",
         "vmsave rax",
-        "mov rax, [rdi + {host_vmcb}]",
+        "mov rax, [rdi + {host_state}]",
         "vmload rax",
         "call {handler}",
         "add rsp, 8",
         "pop rdi",
         "jmp 2b",
-        guest_vmcb = const super::super::percpu::RUN_GUEST_VMCB,
-        host_vmcb = const super::super::percpu::RUN_HOST_VMCB,
+        guest_control = const super::super::percpu::RUN_GUEST_CONTROL,
+        host_state = const super::super::percpu::RUN_HOST_STATE,
         handler = sym super::exit::svm_exit,
     );
 }
@@ -209,7 +184,7 @@ pub unsafe extern "sysv64" fn svm_leave(
     st: *const LeaveState,
 ) -> ! {
     naked_asm!(
-        "mov rax, [rdi + {guest_vmcb}]",
+        "mov rax, [rdi + {guest_control}]",
         "vmload rax",
         "stgi",
         "mov rax, [rsi + 128]",
@@ -269,6 +244,6 @@ pub unsafe extern "sysv64" fn svm_leave(
         "mov rsi, [rdi + 48]",
         "mov rdi, [rdi + 56]",
         "iretq",
-        guest_vmcb = const super::super::percpu::RUN_GUEST_VMCB,
+        guest_control = const super::super::percpu::RUN_GUEST_CONTROL,
     );
 }

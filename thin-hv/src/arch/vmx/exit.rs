@@ -5,8 +5,9 @@ use super::world::{VmxLeave, vmx_leave};
 use crate::arch::core_state::{self, Core};
 use crate::arch::env_impl::HwEnv;
 use crate::arch::idt::fatal;
-use crate::arch::instr::{read_cr4, reset_platform};
-use crate::arch::percpu::RunState;
+use crate::arch::instr::read_cr4;
+use crate::arch::percpu::{GuestRegs, RunState};
+use crate::arch::vcpu::{self, Backend as _, NativeState};
 use crate::exit::Exit;
 use crate::handlers::{self, Outcome};
 use crate::vmx::controls::{entry, proc1};
@@ -18,10 +19,9 @@ use crate::vmx::image::VmcsImage;
 use crate::vmx::state::{
     INIT_CR0, INIT_LIMIT_FIELDS, INIT_ZERO_SEGMENTS, actual_cr, init_fields, sipi_cs,
 };
+use core::fmt;
 use core::sync::atomic::{AtomicU32, Ordering};
-use thinhv_abi::exit::ExitReason as Counted;
 use thinhv_abi::handoff::CoreError;
-use thinhv_abi::status::CpuState;
 
 /// Guest activity state "wait-for-SIPI" (SDM Vol. 3C §25.4.2).
 const ACTIVITY_WAIT_SIPI: u64 = 3;
@@ -84,7 +84,8 @@ pub extern "sysv64" fn vmx_exit(run: &mut RunState) {
         diagnose(core);
         if first {
             log::error!("cpu {cpu}: rolling back");
-            rollback_and_leave(core, run, CoreError::ENTRY_FAILED.0);
+            let mut vcpu = VmxVcpu::new(run, reason, qual);
+            vcpu::roll_back(core, cpu, &mut vcpu, Some(CoreError::ENTRY_FAILED.0));
         }
     }
     // An event whose delivery the exit interrupted is delivered again
@@ -122,14 +123,15 @@ pub extern "sysv64" fn vmx_exit(run: &mut RunState) {
         core.status.count(cpu, h.reason);
         if h.outcome == Outcome::WaitForSipi {
             // INIT discards whatever this exit was about.
-            init_and_wait(core, cpu, run);
-            finish(run, host_nmis);
+            let mut vcpu = VmxVcpu::new(run, reason, qual);
+            vcpu::init_then_sipi(core, cpu, &mut vcpu);
+            vcpu.before_entry(core, cpu);
             return;
         }
     }
     if basic == ExitReason::NMI_WINDOW {
-        // Only here to hand an NMI over: `finish` injects it.
-        finish(run, host_nmis);
+        // Only here to hand an NMI over: `before_entry` injects it.
+        VmxVcpu::new(run, reason, qual).before_entry(core, cpu);
         return;
     }
     let mut exit = exit_reason::decode(
@@ -173,37 +175,70 @@ pub extern "sysv64" fn vmx_exit(run: &mut RunState) {
     };
     let mut env = HwEnv { core, cpu };
     let handled = handlers::handle(&exit, &mut guest, &mut env);
-    core.status.count(cpu, handled.reason);
-    if handled.reason == Counted::PROTECTED_ACCESS {
-        core.status
-            .set_blocked_writes(core.hv.blocked_writes.load(Ordering::Relaxed));
+    vcpu::account(core, cpu, &handled);
+    vcpu::apply(
+        core,
+        cpu,
+        handled.outcome,
+        &mut VmxVcpu::new(run, reason, qual),
+    );
+}
+
+/// The VMX side of the vCPU seam: this CPU's run state and the current
+/// VMCS, for the length of one exit.
+struct VmxVcpu<'a> {
+    run: &'a mut RunState,
+    reason: u32,
+    qual: u64,
+}
+
+impl<'a> VmxVcpu<'a> {
+    fn new(run: &'a mut RunState, reason: u32, qual: u64) -> Self {
+        Self { run, reason, qual }
     }
-    match handled.outcome {
-        Outcome::Resume => {}
-        Outcome::ResumeFlushTlb => {
-            // SAFETY: VMX root operation; INVEPT was checked at start.
-            unsafe { invept_all() };
-        }
-        Outcome::WaitForSipi => init_and_wait(core, cpu, run),
-        Outcome::StartAt(vector) => start_at(core, cpu, vector),
-        Outcome::Devirtualize => {
-            log::info!("cpu {cpu}: leaving guest mode (roll-back)");
-            rollback_and_leave(core, run, 0);
-        }
-        Outcome::Reset => reset_platform(),
-        Outcome::HostFaultTest => {
-            // SAFETY: UD2 only raises #UD, which the host IDT reports before
-            // stopping or resetting per `on_fatal`; this is the test of it.
-            unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
-        }
-        Outcome::Fatal(why) => fatal(format_args!(
-            "{why} (exit {} {reason:#x}, qualification {qual:#x}, rip {:#x}, VM-instruction error {})",
-            basic.name(),
+}
+
+impl vcpu::Backend for VmxVcpu<'_> {
+    fn regs(&mut self) -> &mut GuestRegs {
+        &mut self.run.regs
+    }
+
+    fn flush_tlb(&mut self, _core: &Core) {
+        // SAFETY: VMX root operation; INVEPT was checked at start.
+        unsafe { invept_all() };
+    }
+
+    /// The INIT state; then either the processor's wait-for-SIPI activity
+    /// state, or (SIPIs intercepted at the APIC) a wait in the host, as on
+    /// SVM, for the SIPI posted to the mailbox.
+    fn enter_init(&mut self, core: &Core, _cpu: usize) -> bool {
+        init_state(core, self.run);
+        core.vmx.as_ref().is_some_and(|v| v.intercept_sipi)
+    }
+
+    fn start_at(&mut self, _core: &Core, _cpu: usize, vector: u8) {
+        start_at(vector);
+    }
+
+    fn leave(&mut self, core: &Core, cpu: usize, rax: Option<u64>) -> ! {
+        leave(core, cpu, self.run, rax)
+    }
+
+    fn describe(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "exit {} {:#x}, qualification {:#x}, rip {:#x}, VM-instruction error {}",
+            ExitReason((self.reason & 0xffff) as u16).name(),
+            self.reason,
+            self.qual,
             vmread(Field::GUEST_RIP),
             vmread(Field::VM_INSTRUCTION_ERROR)
-        )),
+        )
     }
-    finish(run, host_nmis);
+
+    fn before_entry(&mut self, core: &Core, cpu: usize) {
+        finish(self.run, &core.hv.cpus()[cpu].host_nmis);
+    }
 }
 
 /// Before VM entry: hands a held NMI to the guest if it can take one now,
@@ -260,28 +295,10 @@ pub(crate) fn arm_nmi_window() {
     };
 }
 
-/// INIT on this CPU: the INIT state; then either the processor's
-/// wait-for-SIPI activity state, or (SIPIs intercepted at the APIC) a wait
-/// here, as on SVM, for the SIPI posted to the mailbox.
-fn init_and_wait(core: &Core, cpu: usize, run: &mut RunState) {
-    wait_for_sipi(core, cpu, run);
-    if core.vmx.as_ref().is_some_and(|v| v.intercept_sipi) {
-        let slot = &core.hv.cpus()[cpu];
-        let vector = loop {
-            let _ = slot.mailbox.take_init();
-            if let Some(v) = slot.mailbox.take_sipi() {
-                break v;
-            }
-            core::hint::spin_loop();
-        };
-        core.status.count(cpu, Counted::SIPI);
-        start_at(core, cpu, vector);
-    }
-}
-
 /// INIT: the architectural INIT state, and activity "wait-for-SIPI"; the
-/// processor exits again when the SIPI arrives.
-fn wait_for_sipi(core: &Core, cpu: usize, run: &mut RunState) {
+/// processor exits again when the SIPI arrives (unless SIPIs are
+/// intercepted, when the host waits). Registers: the neutral layer.
+fn init_state(core: &Core, run: &mut RunState) {
     let r = rules(core);
     for (f, v) in init_fields() {
         write(f, v);
@@ -301,18 +318,13 @@ fn wait_for_sipi(core: &Core, cpu: usize, run: &mut RunState) {
     write(Field::ENTRY_CONTROLS, ent);
     write(Field::ENTRY_INTERRUPTION_INFO, 0);
     write(Field::GUEST_ACTIVITY_STATE, ACTIVITY_WAIT_SIPI);
-    run.regs = [0; 16];
-    run.regs[2] = u64::from(crate::arch::instr::cpuid(1, 0)[0]);
     // An NMI held for the guest does not outlive its INIT.
     run.nmi_pending = 0;
     set_nmi_window(false);
-    core.hv.cpus()[cpu].set_state(CpuState::WAIT_FOR_SIPI);
-    core.status.set_cpu_state(cpu, CpuState::WAIT_FOR_SIPI);
-    log::debug!("cpu {cpu}: INIT, waiting for SIPI");
 }
 
 /// SIPI: real mode at the vector's page.
-fn start_at(core: &Core, cpu: usize, vector: u8) {
+fn start_at(vector: u8) {
     let (sel, base) = sipi_cs(vector);
     write(Field::GUEST_CS_SELECTOR, sel);
     write(Field::GUEST_CS_BASE, base);
@@ -322,9 +334,6 @@ fn start_at(core: &Core, cpu: usize, vector: u8) {
     write(Field::GUEST_INTERRUPTIBILITY, 0);
     write(Field::GUEST_PENDING_DEBUG, 0);
     write(Field::GUEST_ACTIVITY_STATE, 0);
-    core.hv.cpus()[cpu].set_state(CpuState::RUNNING);
-    core.status.set_cpu_state(cpu, CpuState::RUNNING);
-    log::debug!("cpu {cpu}: SIPI {vector:#x}");
 }
 
 /// VMRESUME failed (the VMCS was made invalid): report and stop.
@@ -363,33 +372,33 @@ fn diagnose(core: &Core) {
 }
 
 /// Leaves VMX operation on this CPU and continues natively where the guest
-/// was, with RAX = `rax`.
-fn rollback_and_leave(core: &Core, run: &mut RunState, rax: u64) -> ! {
-    let cpu = run.cpu as usize;
+/// was, with RAX = `rax` if given (the neutral layer did the bookkeeping).
+fn leave(core: &Core, cpu: usize, run: &mut RunState, rax: Option<u64>) -> ! {
     core.hv.cpus()[cpu].vmx_live.store(false, Ordering::SeqCst);
-    core.hv.cpus()[cpu].set_state(CpuState::OFFLINE);
-    core.status.set_cpu_state(cpu, CpuState::OFFLINE);
-    let n = core.hv.cpus_virtualized.fetch_sub(1, Ordering::SeqCst) - 1;
-    core.status.set_virtualized(n);
-    run.regs[0] = rax;
+    if let Some(rax) = rax {
+        run.regs[0] = rax;
+    }
     let rd = vmread;
     let st = VmxLeave {
-        cr0: (rd(Field::GUEST_CR0) & !rd(Field::CR0_GUEST_HOST_MASK))
-            | (rd(Field::CR0_READ_SHADOW) & rd(Field::CR0_GUEST_HOST_MASK)),
-        cr3: rd(Field::GUEST_CR3),
-        cr4: rd(Field::CR4_READ_SHADOW) | (rd(Field::GUEST_CR4) & !rd(Field::CR4_GUEST_HOST_MASK)),
-        efer: rd(Field::GUEST_IA32_EFER),
-        gdt_limit: rd(Field::GUEST_GDTR_LIMIT),
-        gdt_base: rd(Field::GUEST_GDTR_BASE),
-        idt_limit: rd(Field::GUEST_IDTR_LIMIT),
-        idt_base: rd(Field::GUEST_IDTR_BASE),
-        cs: rd(Field::GUEST_CS_SELECTOR),
-        ss: rd(Field::GUEST_SS_SELECTOR),
-        ds: rd(Field::GUEST_DS_SELECTOR),
-        es: rd(Field::GUEST_ES_SELECTOR),
-        rip: rd(Field::GUEST_RIP),
-        rsp: rd(Field::GUEST_RSP),
-        rflags: rd(Field::GUEST_RFLAGS),
+        native: NativeState {
+            cr0: (rd(Field::GUEST_CR0) & !rd(Field::CR0_GUEST_HOST_MASK))
+                | (rd(Field::CR0_READ_SHADOW) & rd(Field::CR0_GUEST_HOST_MASK)),
+            cr3: rd(Field::GUEST_CR3),
+            cr4: rd(Field::CR4_READ_SHADOW)
+                | (rd(Field::GUEST_CR4) & !rd(Field::CR4_GUEST_HOST_MASK)),
+            efer: rd(Field::GUEST_IA32_EFER),
+            gdt_limit: rd(Field::GUEST_GDTR_LIMIT),
+            gdt_base: rd(Field::GUEST_GDTR_BASE),
+            idt_limit: rd(Field::GUEST_IDTR_LIMIT),
+            idt_base: rd(Field::GUEST_IDTR_BASE),
+            cs: rd(Field::GUEST_CS_SELECTOR),
+            ss: rd(Field::GUEST_SS_SELECTOR),
+            ds: rd(Field::GUEST_DS_SELECTOR),
+            es: rd(Field::GUEST_ES_SELECTOR),
+            rip: rd(Field::GUEST_RIP),
+            rsp: rd(Field::GUEST_RSP),
+            rflags: rd(Field::GUEST_RFLAGS),
+        },
         fs: rd(Field::GUEST_FS_SELECTOR),
         gs: rd(Field::GUEST_GS_SELECTOR),
         tr: rd(Field::GUEST_TR_SELECTOR),
@@ -401,7 +410,7 @@ fn rollback_and_leave(core: &Core, run: &mut RunState, rax: u64) -> ! {
     if st.tr & !7 != 0 {
         // LTR needs an available TSS: clear the busy bit the guest's own
         // LTR set in its GDT.
-        let desc = (st.gdt_base + (st.tr & !7) + 5) as *mut u8;
+        let desc = (st.native.gdt_base + (st.tr & !7) + 5) as *mut u8;
         // SAFETY: the guest's GDT is identity-mapped firmware memory and the
         // selector indexes it (it was loaded in TR); byte 5 holds the type.
         unsafe { desc.write_volatile(desc.read_volatile() & !0x02) };

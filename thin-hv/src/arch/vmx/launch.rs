@@ -2,13 +2,14 @@
 //! firmware runs in, checked, then VMLAUNCH.
 use super::instr::{VmFail, vmclear, vmptrld, vmread, vmwrite, vmxoff, vmxon};
 use super::world::{vmx_exit_stub, vmx_launch};
-use crate::arch::core_state::{self, percpu};
+use crate::arch::core_state;
 use crate::arch::idt::idt_pointer;
 use crate::arch::instr::{
     cpuid, rdmsr, read_cr0, read_cr3, read_cr4, read_cs, read_dr7, read_ds, read_es, read_rflags,
     read_ss, sgdt, sidt, wrmsr,
 };
 use crate::arch::percpu::{PerCpu, RunState, SEL_CODE, SEL_DATA, SEL_TSS};
+use crate::arch::vcpu;
 use crate::vmx::caps::{MSR_FEATURE_CONTROL, feature_control};
 use crate::vmx::entry_check::check;
 use crate::vmx::fields::Field;
@@ -17,7 +18,6 @@ use crate::vmx::state::{GuestCapture, HostState, Seg, build, placeholder_tr, seg
 use core::arch::asm;
 use core::sync::atomic::Ordering;
 use thinhv_abi::handoff::CoreError;
-use thinhv_abi::status::CpuState;
 
 const CR4_VMXE: u64 = 1 << 13;
 const CR4_OSXSAVE: u64 = 1 << 18;
@@ -29,14 +29,6 @@ const MSR_FS_BASE: u32 = 0xc000_0100;
 const MSR_GS_BASE: u32 = 0xc000_0101;
 /// One VPID for every CPU (VPIDs tag per logical processor).
 const VPID: u16 = 1;
-
-fn apic_id() -> u32 {
-    if cpuid(0, 0)[0] >= 0xb && cpuid(0xb, 0)[1] != 0 {
-        cpuid(0xb, 0)[3]
-    } else {
-        cpuid(1, 0)[1] >> 24
-    }
-}
 
 fn sel(reg: &str) -> u16 {
     let v: u16;
@@ -75,21 +67,7 @@ pub unsafe fn virtualize(cpu: u64, resume_rip: u64, resume_rsp: u64) -> Result<(
     let core = core_state::get().ok_or(CoreError::NOT_INITIALIZED)?;
     let vmxg = core.vmx.as_ref().ok_or(CoreError::UNSUPPORTED_CPU)?;
     let caps = vmxg.caps;
-    let idx = usize::try_from(cpu).map_err(|_| CoreError::BAD_CPU)?;
-    let slot = core.hv.cpus().get(idx).ok_or(CoreError::BAD_CPU)?;
-    if slot.virtualized() || slot.apic_id != apic_id() {
-        log::error!(
-            "cpu {idx}: refused (state {}, APIC ID {} expected {})",
-            slot.state().name(),
-            apic_id(),
-            slot.apic_id
-        );
-        return Err(CoreError::BAD_CPU);
-    }
-    if core.handoff.config.debug_fail_cpu == cpu as u32 {
-        log::warn!("cpu {idx}: refusing on purpose ([debug] fail_cpu)");
-        return Err(CoreError::INJECTED_FAILURE);
-    }
+    let (idx, slot) = vcpu::claim(core, cpu)?;
     // IA32_FEATURE_CONTROL: VMX outside SMX must be allowed; a firmware
     // that left the MSR unlocked gets it set and locked (SDM §24.7).
     // SAFETY: the MSR exists on processors with VMX (the loader checked).
@@ -106,19 +84,11 @@ pub unsafe fn virtualize(cpu: u64, resume_rip: u64, resume_rsp: u64) -> Result<(
         return Err(CoreError::ENABLE_FAILED);
     }
 
-    // SAFETY: only this CPU uses its `PerCpu`; it is not in use yet.
-    let pc: &mut PerCpu = unsafe { &mut *percpu(core, idx) };
-    // SAFETY: plain memory carved from the pool for this CPU.
-    unsafe {
-        core::ptr::write_bytes(
-            core::ptr::from_mut(pc).cast::<u8>(),
-            0,
-            core::mem::size_of::<PerCpu>(),
-        );
-    };
-    pc.init_gdt();
-    let vmcs_pa = PerCpu::pa_of(&pc.guest_vmcb);
-    let vmxon_pa = PerCpu::pa_of(&pc.host_save);
+    // SAFETY: the loader calls this on CPU `idx` itself, before its guest
+    // exists: nothing else uses its `PerCpu`.
+    let pc: &mut PerCpu = unsafe { vcpu::fresh_percpu(core, idx) };
+    let vmcs_pa = pc.vmcs_region_pa();
+    let vmxon_pa = pc.vmxon_region_pa();
     // SAFETY: both regions are this CPU's, page-aligned, 4 KiB; the first
     // dword takes the VMCS revision identifier (SDM §25.2, §25.11.5).
     unsafe {
@@ -283,17 +253,9 @@ pub unsafe fn virtualize(cpu: u64, resume_rip: u64, resume_rsp: u64) -> Result<(
     }
     // SAFETY: `run` is this CPU's run state.
     let r = unsafe { &mut *run };
-    r.regs = [0; 16];
-    r.guest_vmcb_pa = vmcs_pa;
-    r.host_vmcb_pa = 0;
-    r.cpu = cpu;
-    r.exits = 0;
-    r.nmi_pending = 0;
+    vcpu::init_run(r, cpu, vmcs_pa, 0);
 
-    slot.set_state(CpuState::RUNNING);
-    core.status.set_cpu_state(idx, CpuState::RUNNING);
-    let n = core.hv.cpus_virtualized.fetch_add(1, Ordering::SeqCst) + 1;
-    core.status.set_virtualized(n);
+    vcpu::went_online(core, idx);
     log::info!("cpu {idx} (APIC {}): entering guest mode", slot.apic_id);
     slot.vmx_live.store(true, Ordering::SeqCst);
     // SAFETY: the VMCS is complete and checked; on success the guest
@@ -302,10 +264,7 @@ pub unsafe fn virtualize(cpu: u64, resume_rip: u64, resume_rsp: u64) -> Result<(
     let err = vmread(Field::VM_INSTRUCTION_ERROR);
     slot.vmx_live.store(false, Ordering::SeqCst);
     log::error!("cpu {idx}: VMLAUNCH failed ({failed}), VM-instruction error {err}");
-    slot.set_state(CpuState::OFFLINE);
-    core.status.set_cpu_state(idx, CpuState::OFFLINE);
-    let n = core.hv.cpus_virtualized.fetch_sub(1, Ordering::SeqCst) - 1;
-    core.status.set_virtualized(n);
+    vcpu::went_offline(core, idx);
     off(vmcs_pa, guest_cr4, capture.rflags);
     let _ = VmFail::Valid;
     Err(CoreError::ENTRY_FAILED)

@@ -74,36 +74,9 @@ pub unsafe extern "sysv64" fn vmx_exit_stub() -> ! {
 #[derive(Debug, Default)]
 #[repr(C)]
 pub struct VmxLeave {
-    /// +0
-    pub cr0: u64,
-    /// +8
-    pub cr3: u64,
-    /// +16 (without VMXE)
-    pub cr4: u64,
-    /// +24
-    pub efer: u64,
-    /// +32
-    pub gdt_limit: u64,
-    /// +40
-    pub gdt_base: u64,
-    /// +48
-    pub idt_limit: u64,
-    /// +56
-    pub idt_base: u64,
-    /// +64
-    pub cs: u64,
-    /// +72
-    pub ss: u64,
-    /// +80
-    pub ds: u64,
-    /// +88
-    pub es: u64,
-    /// +96
-    pub rip: u64,
-    /// +104
-    pub rsp: u64,
-    /// +112
-    pub rflags: u64,
+    /// +0..+120: control registers, descriptor tables, selectors, RIP,
+    /// RSP, RFLAGS.
+    pub native: crate::arch::vcpu::NativeState,
     /// +120
     pub fs: u64,
     /// +128
@@ -122,7 +95,7 @@ pub struct VmxLeave {
 
 const _: () = {
     use core::mem::offset_of;
-    assert!(offset_of!(VmxLeave, rip) == 96);
+    assert!(offset_of!(VmxLeave, native) == 0);
     assert!(offset_of!(VmxLeave, fs) == 120);
     assert!(offset_of!(VmxLeave, ldtr) == 144);
     assert!(offset_of!(VmxLeave, pat) == 168);

@@ -1,0 +1,271 @@
+//! The neutral vCPU layer: what every backend does the same way around an
+//! exit and around a CPU's life — claiming a CPU at launch, the state
+//! transitions the status page shows, counting a handled exit, carrying
+//! out its outcome, the INIT → SIPI sequence, and roll-back.
+//!
+//! The backends (`svm::exit`, `vmx::exit`) keep only what differs between
+//! AMD and Intel, behind [`Backend`]: where the guest's registers live,
+//! how the INIT state is written into the control block, how a SIPI starts
+//! the guest, how the second-level TLB is flushed, how guest mode is left
+//! for good, and what a fatal report names.
+use super::core_state::{Core, percpu};
+use super::idt::fatal;
+use super::instr::{cpuid, reset_platform};
+use super::percpu::{GuestRegs, PerCpu, RunState};
+use crate::handlers::{Handled, Outcome};
+use crate::hv::CpuSlot;
+use core::fmt;
+use core::sync::atomic::Ordering;
+use thinhv_abi::exit::ExitReason;
+use thinhv_abi::handoff::CoreError;
+use thinhv_abi::status::CpuState;
+
+/// What a CPU continues with natively when it leaves guest mode for good,
+/// the part both backends restore alike (all fields 8 bytes; the offsets
+/// are part of `svm_leave` and `vmx_leave`, which find it first in their
+/// leave state).
+#[derive(Debug, Default)]
+#[repr(C)]
+pub struct NativeState {
+    /// +0
+    pub cr0: u64,
+    /// +8
+    pub cr3: u64,
+    /// +16: without the backend's enable bit (CR4.VMXE on VMX).
+    pub cr4: u64,
+    /// +24: without the backend's enable bit (EFER.SVME on SVM).
+    pub efer: u64,
+    /// +32
+    pub gdt_limit: u64,
+    /// +40
+    pub gdt_base: u64,
+    /// +48
+    pub idt_limit: u64,
+    /// +56
+    pub idt_base: u64,
+    /// +64
+    pub cs: u64,
+    /// +72
+    pub ss: u64,
+    /// +80
+    pub ds: u64,
+    /// +88
+    pub es: u64,
+    /// +96
+    pub rip: u64,
+    /// +104
+    pub rsp: u64,
+    /// +112
+    pub rflags: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<NativeState>() == 120);
+
+/// The one vendor seam of the exit path.
+pub trait Backend {
+    /// The guest's general-purpose registers that the control block does
+    /// not hold.
+    fn regs(&mut self) -> &mut GuestRegs;
+    /// Discards the guest's cached second-level translations on this CPU.
+    fn flush_tlb(&mut self, core: &Core);
+    /// Writes the architectural INIT state into the control block (the
+    /// neutral layer resets the registers). Returns whether this CPU must
+    /// wait in the host for its SIPI; `false` when the processor waits by
+    /// itself and exits on the SIPI (VMX wait-for-SIPI activity state).
+    fn enter_init(&mut self, core: &Core, cpu: usize) -> bool;
+    /// The SIPI has arrived in the host wait, before the guest starts.
+    fn sipi_arrived(&mut self, _core: &Core, _cpu: usize) {}
+    /// Starts the guest in real mode at the SIPI vector's page.
+    fn start_at(&mut self, core: &Core, cpu: usize, vector: u8);
+    /// Leaves guest mode on this CPU for good and continues natively where
+    /// the guest was, with RAX = `rax` if given (roll-back before the
+    /// seal). The neutral layer did the bookkeeping.
+    fn leave(&mut self, core: &Core, cpu: usize, rax: Option<u64>) -> !;
+    /// Names the exit in a fatal report (exit code, qualification, RIP).
+    fn describe(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result;
+    /// Just before the guest runs again (pending NMIs handed over).
+    fn before_entry(&mut self, core: &Core, cpu: usize);
+}
+
+/// The host NMI handler took an NMI on this CPU: counted in its shared
+/// slot for the exit path (never its `PerCpu`, which the interrupted exit
+/// may hold as `&mut`); where the backend can (a live VMCS), it asks for an
+/// exit as soon as the guest runs. No logging: the interrupted code may
+/// hold the logger.
+pub fn host_nmi_taken(slot: &CpuSlot) {
+    slot.host_nmis.fetch_add(1, Ordering::SeqCst);
+    if slot.vmx_live.load(Ordering::SeqCst) {
+        super::vmx::exit::arm_nmi_window();
+    }
+}
+
+/// This processor's initial APIC ID (CPUID 0xB when it reports one, else
+/// CPUID 1).
+pub fn apic_id() -> u32 {
+    if cpuid(0, 0)[0] >= 0xb && cpuid(0xb, 0)[1] != 0 {
+        cpuid(0xb, 0)[3]
+    } else {
+        cpuid(1, 0)[1] >> 24
+    }
+}
+
+/// The checks every backend makes before virtualizing CPU `cpu`: it is
+/// known, not virtualized yet, and the one running this code.
+pub fn claim(core: &Core, cpu: u64) -> Result<(usize, &CpuSlot), CoreError> {
+    let idx = usize::try_from(cpu).map_err(|_| CoreError::BAD_CPU)?;
+    let slot = core.hv.cpus().get(idx).ok_or(CoreError::BAD_CPU)?;
+    let here = apic_id();
+    if slot.virtualized() || slot.apic_id != here {
+        log::error!(
+            "cpu {idx}: refused (state {}, APIC ID {here} expected {})",
+            slot.state().name(),
+            slot.apic_id
+        );
+        return Err(CoreError::BAD_CPU);
+    }
+    if u64::from(core.handoff.config.debug_fail_cpu) == cpu {
+        log::warn!("cpu {idx}: refusing on purpose ([debug] fail_cpu)");
+        return Err(CoreError::INJECTED_FAILURE);
+    }
+    Ok((idx, slot))
+}
+
+/// CPU `idx`'s `PerCpu`, zeroed, with its host GDT and TSS.
+///
+/// # Safety
+/// Only CPU `idx` itself calls this, at launch, while nothing (no guest, no
+/// handler, no other reference) uses its `PerCpu`.
+pub unsafe fn fresh_percpu(core: &Core, idx: usize) -> &'static mut PerCpu {
+    // SAFETY: the caller's contract: this CPU's own `PerCpu`, not in use.
+    let pc: &mut PerCpu = unsafe { &mut *percpu(core, idx) };
+    // SAFETY: `pc` is plain memory carved from the pool for this CPU; every
+    // field is valid as zeros.
+    unsafe {
+        core::ptr::write_bytes(
+            core::ptr::from_mut(pc).cast::<u8>(),
+            0,
+            core::mem::size_of::<PerCpu>(),
+        );
+    };
+    pc.init_gdt();
+    pc
+}
+
+/// The world-switch state at launch: no registers yet, no exits, no NMI
+/// held; the control block (VMCB or VMCS) and the host-state block (SVM's
+/// VMSAVE area; none on VMX) at `control_pa` and `host_pa`.
+pub fn init_run(run: &mut RunState, cpu: u64, control_pa: u64, host_pa: u64) {
+    run.regs = [0; 16];
+    run.guest_control_pa = control_pa;
+    run.host_state_pa = host_pa;
+    run.cpu = cpu;
+    run.exits = 0;
+    run.nmi_pending = 0;
+}
+
+/// Records CPU `cpu`'s state for the handlers and on the status page.
+pub fn set_state(core: &Core, cpu: usize, state: CpuState) {
+    core.hv.cpus()[cpu].set_state(state);
+    core.status.set_cpu_state(cpu, state);
+}
+
+/// CPU `cpu` is about to enter guest mode for the first time.
+pub fn went_online(core: &Core, cpu: usize) {
+    set_state(core, cpu, CpuState::RUNNING);
+    let n = core.hv.cpus_virtualized.fetch_add(1, Ordering::SeqCst) + 1;
+    core.status.set_virtualized(n);
+}
+
+/// CPU `cpu` is no longer under thinhv (its launch failed, or roll-back).
+pub fn went_offline(core: &Core, cpu: usize) {
+    set_state(core, cpu, CpuState::OFFLINE);
+    let n = core.hv.cpus_virtualized.fetch_sub(1, Ordering::SeqCst) - 1;
+    core.status.set_virtualized(n);
+}
+
+/// Leaves guest mode on this CPU for good: bookkeeping, then the backend's
+/// way out, with RAX = `rax` if given.
+pub fn roll_back(core: &Core, cpu: usize, b: &mut impl Backend, rax: Option<u64>) -> ! {
+    went_offline(core, cpu);
+    b.leave(core, cpu, rax)
+}
+
+/// Counts a handled exit on the status page (and mirrors the count of
+/// discarded writes when this exit added one).
+pub fn account(core: &Core, cpu: usize, handled: &Handled) {
+    core.status.count(cpu, handled.reason);
+    if handled.reason == ExitReason::PROTECTED_ACCESS {
+        core.status
+            .set_blocked_writes(core.hv.blocked_writes.load(Ordering::Relaxed));
+    }
+}
+
+/// Carries out what the handlers decided, then prepares the entry.
+pub fn apply(core: &Core, cpu: usize, outcome: Outcome, b: &mut impl Backend) {
+    match outcome {
+        Outcome::Resume => {}
+        Outcome::ResumeFlushTlb => b.flush_tlb(core),
+        Outcome::WaitForSipi => init_then_sipi(core, cpu, b),
+        Outcome::StartAt(vector) => start(core, cpu, vector, b),
+        Outcome::Devirtualize => {
+            log::info!("cpu {cpu}: leaving guest mode (roll-back)");
+            roll_back(core, cpu, b, None);
+        }
+        Outcome::Reset => {
+            log::error!("resetting the platform after a guest triple fault");
+            reset_platform();
+        }
+        Outcome::HostFaultTest => {
+            // SAFETY: UD2 only raises #UD, which the host IDT reports before
+            // stopping or resetting per `on_fatal`; this is the test of it.
+            unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
+        }
+        Outcome::Fatal(why) => fatal(format_args!("{why} ({})", Describe(&*b))),
+    }
+    b.before_entry(core, cpu);
+}
+
+/// INIT on this CPU: the INIT state, then the wait for a SIPI (here or in
+/// the processor), then real mode at its vector (SDM Vol. 3A §10.4.7.3,
+/// APM Vol. 2 §15.21 and Table 14-1).
+pub fn init_then_sipi(core: &Core, cpu: usize, b: &mut impl Backend) {
+    set_state(core, cpu, CpuState::WAIT_FOR_SIPI);
+    let regs = b.regs();
+    *regs = [0; 16];
+    // RDX after INIT holds the processor signature (CPUID 1 EAX).
+    regs[2] = u64::from(cpuid(1, 0)[0]);
+    let host_waits = b.enter_init(core, cpu);
+    log::debug!("cpu {cpu}: INIT, waiting for SIPI");
+    if !host_waits {
+        return;
+    }
+    let slot = &core.hv.cpus()[cpu];
+    let vector = loop {
+        // A further INIT while waiting changes nothing.
+        let _ = slot.mailbox.take_init();
+        if let Some(v) = slot.mailbox.take_sipi() {
+            break v;
+        }
+        core::hint::spin_loop();
+    };
+    b.sipi_arrived(core, cpu);
+    core.status.count(cpu, ExitReason::SIPI);
+    start(core, cpu, vector, b);
+}
+
+fn start(core: &Core, cpu: usize, vector: u8, b: &mut impl Backend) {
+    b.start_at(core, cpu, vector);
+    set_state(core, cpu, CpuState::RUNNING);
+    log::debug!(
+        "cpu {cpu}: SIPI {vector:#x}, starting at {:#x}",
+        u64::from(vector) << 12
+    );
+}
+
+struct Describe<'a, B: ?Sized>(&'a B);
+
+impl<B: Backend + ?Sized> fmt::Display for Describe<'_, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.describe(f)
+    }
+}
