@@ -31,6 +31,22 @@ impl HwEnv {
     }
 }
 
+impl HwEnv {
+    /// The last line before an MMIO access a handler asks for: inside the
+    /// host's identity map, never the core's memory or its status page.
+    fn mmio_allowed(&self, pa: u64, size: u8) -> bool {
+        let len = u64::from(size.clamp(1, 4));
+        let ok = pa
+            .checked_add(len)
+            .is_some_and(|end| end <= self.core.host_top)
+            && !self.core.hv.touches_hypervisor(pa, len);
+        if !ok {
+            log::warn!("MMIO access refused at {pa:#x} (size {size})");
+        }
+        ok
+    }
+}
+
 impl Env for HwEnv {
     fn hv(&self) -> &Hv {
         &self.core.hv
@@ -342,11 +358,20 @@ impl Env for HwEnv {
     }
 
     fn mmio_read(&self, pa: u64, size: u8) -> u32 {
+        if !self.mmio_allowed(pa, size) {
+            return u32::MAX;
+        }
+        let size = size.clamp(1, 4);
+        if !pa.is_multiple_of(u64::from(size)) {
+            // A misaligned access (the guest's own; the CPU splits it on
+            // the bus as well): byte by byte, low address first.
+            return (0..u64::from(size)).fold(0, |v, i| v | (self.mmio_read(pa + i, 1) << (8 * i)));
+        }
         // SAFETY: the handlers pass addresses inside the ECAM page of a
         // mediated function or a page the APIC relocation traps (below the
-        // host map's top, `apic_page_trap`; identity-mapped, never the
-        // core's own memory); the access has the guest's own width and
-        // alignment.
+        // host map's top, `apic_page_trap`; identity-mapped); never the
+        // core's own memory (both checked above, whatever a handler
+        // passes); `pa` is aligned to the access width (checked above).
         unsafe {
             match size {
                 1 => u32::from(core::ptr::read_volatile(pa as *const u8)),
@@ -357,6 +382,16 @@ impl Env for HwEnv {
     }
 
     fn mmio_write(&mut self, pa: u64, size: u8, value: u32) {
+        if !self.mmio_allowed(pa, size) {
+            return;
+        }
+        let size = size.clamp(1, 4);
+        if !pa.is_multiple_of(u64::from(size)) {
+            for i in 0..u64::from(size) {
+                self.mmio_write(pa + i, 1, value >> (8 * i));
+            }
+            return;
+        }
         // SAFETY: as `mmio_read`; the mediation decided this write may
         // reach the device.
         unsafe {
