@@ -194,6 +194,18 @@ fn vmx_probe_in_bochs() {
     // thinhv (Bochs' APIC moves with IA32_APIC_BASE, QEMU's does not).
     let (_, bare) = boot_probe_or_bare("bochs-vmx-bare", None, &[]);
     assert_eq!(get(&bare, "thinhv"), "absent", "{bare}");
+    // An APIC write (emulated on VMX: the xAPIC page is read-only in the
+    // EPT) stepped, and under a data breakpoint: as bare.
+    for k in [
+        "tf_after_apic_tpr",
+        "tf_bs_apic_tpr",
+        "db_after_apic_tpr",
+        "db_b0_apic_tpr",
+    ] {
+        eprintln!("{k}: bare {} / thinhv {}", get(&bare, k), get(r, k));
+        assert_eq!(get(&bare, k), get(r, k), "{k}: bare and thinhv differ");
+    }
+    assert_eq!(get(r, "tf_after_apic_tpr"), "2", "{r}");
     assert_apic_relocation(&bare, r);
 }
 

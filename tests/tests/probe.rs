@@ -164,7 +164,13 @@ fn probe_with_cpu_profile_x86_64_v2() {
 /// (the #DB's RIP is the instruction's address plus its length) with
 /// DR6.BS set. `hypercall`: thinhv is there to answer one.
 fn assert_single_steps(r: &str, hypercall: bool) {
-    let mut cases = vec![("nop", 1), ("cpuid", 2), ("rdmsr_efer", 2), ("in_cfc", 1)];
+    let mut cases = vec![
+        ("nop", 1),
+        ("cpuid", 2),
+        ("rdmsr_efer", 2),
+        ("in_cfc", 1),
+        ("apic_tpr", 2),
+    ];
     if hypercall {
         cases.push(("hypercall", 3));
     }
@@ -176,6 +182,13 @@ fn assert_single_steps(r: &str, hypercall: bool) {
         );
         assert_eq!(get(r, &format!("tf_bs_{insn}")), "1", "DR6.BS for {insn}");
     }
+    // A data breakpoint on the TPR: #DB right after the store, DR6.B0.
+    assert_eq!(
+        get(r, "db_after_apic_tpr"),
+        "2",
+        "#DB right after the store to a watched APIC register (0: none)"
+    );
+    assert_eq!(get(r, "db_b0_apic_tpr"), "1", "DR6.B0 for the TPR store");
 }
 
 #[test]

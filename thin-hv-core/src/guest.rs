@@ -80,6 +80,23 @@ pub struct PagingRegs {
     pub efer: u64,
 }
 
+/// A segment register, as a memory operand names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SegReg {
+    /// ES
+    Es,
+    /// CS
+    Cs,
+    /// SS
+    Ss,
+    /// DS
+    Ds,
+    /// FS
+    Fs,
+    /// GS
+    Gs,
+}
+
 /// A guest CPU stopped at an exit. Implemented by the SVM and VMX backends
 /// over their control blocks, and by a fake in tests.
 pub trait GuestCpu {
@@ -100,6 +117,10 @@ pub trait GuestCpu {
     fn mode(&self) -> CpuMode;
     /// CS base (linear address of RIP = CS base + RIP outside 64-bit mode).
     fn cs_base(&self) -> u64;
+    /// The base of segment register `seg` as the processor holds it (in
+    /// 64-bit mode only FS and GS bases take part in addressing; callers
+    /// apply that rule).
+    fn segment_base(&self, seg: SegReg) -> u64;
     /// Paging registers.
     fn paging(&self) -> PagingRegs;
     /// EFER as the guest sees it (SVM: the SVME bit hidden).

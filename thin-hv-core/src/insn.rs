@@ -2,8 +2,8 @@
 //! `iced-x86`: the length of the instruction that caused an exit (when the
 //! processor does not report the next RIP, as QEMU's SVM does not), and the
 //! value a trapped MMIO write stores.
-use crate::guest::{CpuMode, Gpr};
-use iced_x86::{Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
+use crate::guest::{CpuMode, Gpr, SegReg};
+use iced_x86::{CodeSize, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
 
 /// A decoded instruction.
 #[derive(Clone, Copy, Debug)]
@@ -145,6 +145,62 @@ impl Decoded {
             source,
             size,
             exchange,
+        })
+    }
+}
+
+/// A memory access an instruction makes, as data breakpoints see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemAccess {
+    /// Linear address of the first byte.
+    pub linear: u64,
+    /// Bytes accessed.
+    pub size: u8,
+    /// Whether it writes (a store, or the write half of XCHG).
+    pub write: bool,
+}
+
+impl Decoded {
+    /// The memory access of a plain load or store ([`Decoded::load`],
+    /// [`Decoded::store`]: what thinhv emulates), its linear address from
+    /// the guest's registers and segment bases (in 64-bit mode only FS and
+    /// GS have a base, SDM Vol. 3A §3.4.4). `None` for anything else.
+    pub fn mem_access(
+        &self,
+        gpr: impl Fn(Gpr) -> u64,
+        base: impl Fn(SegReg) -> u64,
+    ) -> Option<MemAccess> {
+        let (size, write) = if let Some(st) = self.store() {
+            (st.size, true)
+        } else {
+            (self.load()?.size, false)
+        };
+        let i = &self.insn;
+        let op = (0..i.op_count()).find(|&k| i.op_kind(k) == OpKind::Memory)?;
+        let long = i.code_size() == CodeSize::Code64;
+        let linear = i.try_virtual_address(op, 0, |r, _, _| {
+            let seg = match r {
+                Register::ES => Some(SegReg::Es),
+                Register::CS => Some(SegReg::Cs),
+                Register::SS => Some(SegReg::Ss),
+                Register::DS => Some(SegReg::Ds),
+                Register::FS => Some(SegReg::Fs),
+                Register::GS => Some(SegReg::Gs),
+                _ => None,
+            };
+            match seg {
+                Some(SegReg::Fs | SegReg::Gs) => Some(base(seg?)),
+                Some(_) if long => Some(0),
+                Some(s) => Some(base(s)),
+                None => gpr_of(r).map(&gpr),
+            }
+        })?;
+        // Outside 64-bit mode linear addresses are 32 bits wide.
+        let linear = if long { linear } else { linear & 0xffff_ffff };
+        Some(MemAccess {
+            linear,
+            size,
+            write,
         })
     }
 }

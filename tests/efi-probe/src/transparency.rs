@@ -8,6 +8,8 @@
 //! more when it came late; 0 when none came), `tf_bs_<name>` DR6.BS seen
 //! by the handler. The probe runs at CPL 0 only: user-mode stepping is
 //! covered by the unit tests (the emulation does not depend on the CPL).
+//! A data breakpoint on the same emulated APIC write is checked too
+//! (`db_after_apic_tpr`, `db_b0_apic_tpr`).
 use core::arch::{asm, naked_asm};
 use core::sync::atomic::{AtomicU64, Ordering};
 use thinhv_abi::cpuid::{LEAF_SIGNATURE, SIGNATURE, signature_from_regs};
@@ -50,7 +52,8 @@ struct Dtr {
 }
 
 /// Runs `f` with the #DB vector pointing at [`db_stub`]; returns what it
-/// recorded as (RIP delta from the address `f` returns, DR6.BS).
+/// recorded as (RIP delta from the address `f` returns, DR6), (0, 0) when
+/// no #DB came.
 fn with_db_handler(f: impl FnOnce() -> u64) -> (u64, u64) {
     let mut d = Dtr { limit: 0, base: 0 };
     let cs: u16;
@@ -84,8 +87,7 @@ fn with_db_handler(f: impl FnOnce() -> u64) -> (u64, u64) {
         return (0, 0);
     }
     let delta = DB_RIP.load(Ordering::SeqCst).wrapping_sub(start);
-    let bs = (DB_DR6.load(Ordering::SeqCst) >> 14) & 1;
-    (delta, bs)
+    (delta, DB_DR6.load(Ordering::SeqCst))
 }
 
 /// Executes `$insn` with TF set and returns its address. POPF sets TF, so
@@ -119,9 +121,53 @@ macro_rules! stepped {
     }};
 }
 
-fn report(name: &str, (delta, bs): (u64, u64)) {
+fn report(name: &str, (delta, dr6): (u64, u64)) {
     println!("tf_after_{name}={delta}");
-    println!("tf_bs_{name}={bs}");
+    println!("tf_bs_{name}={}", (dr6 >> 14) & 1);
+}
+
+/// This CPU's xAPIC page (IA32_APIC_BASE), identity-mapped by the firmware.
+fn apic_page() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: RDMSR of IA32_APIC_BASE, which every x86-64 processor has.
+    unsafe { asm!("rdmsr", in("ecx") 0x1bu32, out("eax") lo, out("edx") hi) };
+    ((u64::from(hi) << 32) | u64::from(lo)) & 0xf_ffff_f000
+}
+
+/// Data breakpoint on an emulated access: DR0 = the TPR, L0, R/W0 = 01b
+/// (writes), LEN0 = 11b (4 bytes); one store of the TPR's own value there
+/// (2 bytes, `mov [rax], ecx`), no TF. The processor raises #DB after the
+/// store with DR6.B0 (SDM Vol. 3B §18.2.4, §18.3.1.2): `db_after_apic_tpr`
+/// is the trap's RIP minus the store's address, `db_b0_apic_tpr` DR6.B0.
+fn data_breakpoint_on_the_tpr() {
+    let tpr = apic_page() + 0x80;
+    // SAFETY: the TPR of this CPU's own APIC, identity-mapped MMIO.
+    let value = unsafe { core::ptr::read_volatile(tpr as *const u32) };
+    let dr7: u64 = 1 | (0b01 << 16) | (0b11 << 18);
+    let (delta, dr6) = with_db_handler(|| {
+        let start: u64;
+        // SAFETY: DR0/DR7 are set for this one store and cleared after it
+        // (the probe uses no other breakpoint); the store writes the TPR's
+        // current value back, which changes nothing.
+        unsafe {
+            asm!(
+                "mov dr0, rax",
+                "mov dr7, rdx",
+                "lea {start}, [rip + 2f]",
+                "2:",
+                "mov [rax], ecx",
+                "xor edx, edx",
+                "mov dr7, rdx",
+                start = out(reg) start,
+                in("rax") tpr,
+                in("ecx") value,
+                inout("rdx") dr7 => _,
+            );
+        }
+        start
+    });
+    println!("db_after_apic_tpr={delta}");
+    println!("db_b0_apic_tpr={}", dr6 & 1);
 }
 
 fn genuine_intel() -> bool {
@@ -154,6 +200,16 @@ pub fn single_step() {
         "in_cfc",
         with_db_handler(|| stepped!("in eax, dx", in("dx") 0xcfcu16, out("eax") _)),
     );
+    // An APIC write (the TPR's own value back, `mov [rax], ecx`, 2
+    // bytes): emulated where thinhv traps the xAPIC page.
+    let tpr = apic_page() + 0x80;
+    // SAFETY: the TPR of this CPU's own APIC, identity-mapped MMIO.
+    let value = unsafe { core::ptr::read_volatile(tpr as *const u32) };
+    report(
+        "apic_tpr",
+        with_db_handler(|| stepped!("mov [rax], ecx", in("rax") tpr, in("ecx") value)),
+    );
+    data_breakpoint_on_the_tpr();
     let s = core::arch::x86_64::__cpuid_count(LEAF_SIGNATURE, 0);
     if signature_from_regs(s.ebx, s.ecx, s.edx) != SIGNATURE {
         // Bare: VMCALL/VMMCALL would be #UD; no hypercall to step over.

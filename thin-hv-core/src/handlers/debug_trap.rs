@@ -6,11 +6,15 @@
 //! I/O breakpoints it would have hit (DR7 R/W = 10b with CR4.DE, §18.2.4)
 //! are raised here, after it, through [`GuestCpu::complete_instruction`].
 //!
-//! Data breakpoints on the memory accesses thinhv emulates (APIC, ECAM)
-//! are not matched: see `docs/security.md`.
-use super::Outcome;
+//! Data breakpoints (R/W = 01b writes, 11b reads or writes) on the memory
+//! accesses thinhv emulates (APIC writes, the relocated APIC page, ECAM
+//! pages of mediated functions) are matched the same way, on the access's
+//! linear address, which the handler decodes before it runs.
+use super::{Outcome, decode_current};
+use crate::env::Env;
 use crate::exit::Exit;
 use crate::guest::{GuestCpu, dr6};
+use crate::insn::MemAccess;
 
 const RFLAGS_TF: u64 = 1 << 8;
 /// IA32_DEBUGCTL.BTF: TF single-steps branches only (SDM Vol. 3B §18.4.3).
@@ -25,13 +29,28 @@ const RW_IO: u64 = 0b10;
 pub(super) struct Before {
     rip: u64,
     rflags: u64,
+    /// The emulated memory access, when a data breakpoint is enabled.
+    access: Option<MemAccess>,
 }
 
-pub(super) fn before(cpu: &impl GuestCpu) -> Before {
+pub(super) fn before(exit: &Exit, cpu: &impl GuestCpu, env: &impl Env) -> Before {
+    // Decoding costs: only for a second-level fault (the emulated accesses
+    // are behind one) while the guest has a data breakpoint enabled.
+    let access = if matches!(exit, Exit::NestedFault { .. }) && data_breakpoints_armed(cpu.dr7()) {
+        decode_current(cpu, env).and_then(|d| d.mem_access(|r| cpu.gpr(r), |s| cpu.segment_base(s)))
+    } else {
+        None
+    };
     Before {
         rip: cpu.rip(),
         rflags: cpu.rflags(),
+        access,
     }
+}
+
+/// Whether DR7 enables any breakpoint with R/W = 01b or 11b.
+fn data_breakpoints_armed(dr7: u64) -> bool {
+    (0..4).any(|n| (dr7 >> (2 * n)) & 3 != 0 && (dr7 >> (16 + 4 * n)) & 1 != 0)
 }
 
 /// After the handler: if it completed the instruction (the guest resumes
@@ -63,6 +82,10 @@ pub(super) fn after(exit: &Exit, cpu: &mut impl GuestCpu, before: Before, outcom
         let addrs = [0u8, 1, 2, 3].map(|n| cpu.breakpoint_address(n));
         bits |= io_breakpoints(cpu.dr7(), addrs, port, size);
     }
+    if let Some(a) = before.access {
+        let addrs = [0u8, 1, 2, 3].map(|n| cpu.breakpoint_address(n));
+        bits |= data_breakpoints(cpu.dr7(), addrs, a);
+    }
     cpu.complete_instruction(bits);
 }
 
@@ -90,9 +113,73 @@ pub fn io_breakpoints(dr7: u64, addrs: [u64; 4], port: u16, size: u8) -> u64 {
     hit & dr6::B0_3
 }
 
+/// The DR6 B0–B3 bits of the enabled data breakpoints that access `a`
+/// hits (SDM Vol. 3B §18.2.4–18.2.5: R/Wn = 01b for writes, 11b for reads
+/// or writes; LENn 00/01/11/10 = 1/2/4/8 bytes, the address aligned to the
+/// length; any byte of the access in the range).
+pub fn data_breakpoints(dr7: u64, addrs: [u64; 4], a: MemAccess) -> u64 {
+    let mut hit = 0;
+    let start = a.linear;
+    let end = start.wrapping_add(u64::from(a.size));
+    for (n, addr) in addrs.iter().enumerate() {
+        let enabled = (dr7 >> (2 * n)) & 3 != 0;
+        let rw = (dr7 >> (16 + 4 * n)) & 3;
+        let len = match (dr7 >> (18 + 4 * n)) & 3 {
+            0 => 1,
+            1 => 2,
+            2 => 8,
+            _ => 4,
+        };
+        let lo = addr & !(len - 1);
+        let kind = match rw {
+            0b01 => a.write,
+            0b11 => true,
+            _ => false,
+        };
+        if enabled && kind && lo < end && start < lo + len {
+            hit |= 1 << n;
+        }
+    }
+    hit & dr6::B0_3
+}
+
 #[cfg(test)]
 mod tests {
-    use super::io_breakpoints;
+    use super::{data_breakpoints, io_breakpoints};
+    use crate::insn::MemAccess;
+
+    #[test]
+    fn data_breakpoints_follow_dr7() {
+        let w = |linear, size| MemAccess {
+            linear,
+            size,
+            write: true,
+        };
+        let r = |linear, size| MemAccess {
+            linear,
+            size,
+            write: false,
+        };
+        // DR0 = the TPR, L0, R/W0 = 01b (writes), LEN0 = 11b (4 bytes).
+        let dr7 = 1 | (0b01 << 16) | (0b11 << 18);
+        let a = [0xfee0_0080, 0, 0, 0];
+        assert_eq!(data_breakpoints(dr7, a, w(0xfee0_0080, 4)), 1);
+        assert_eq!(data_breakpoints(dr7, a, w(0xfee0_0082, 1)), 1, "inside");
+        assert_eq!(data_breakpoints(dr7, a, w(0xfee0_007e, 4)), 1, "overlap");
+        assert_eq!(data_breakpoints(dr7, a, w(0xfee0_0084, 4)), 0, "next");
+        assert_eq!(data_breakpoints(dr7, a, r(0xfee0_0080, 4)), 0, "a read");
+        // R/W = 11b: reads too; disabled: nothing; R/W = 10b (I/O): nothing.
+        let rw = 1 | (0b11 << 16) | (0b11 << 18);
+        assert_eq!(data_breakpoints(rw, a, r(0xfee0_0080, 4)), 1);
+        assert_eq!(data_breakpoints(dr7 & !3, a, w(0xfee0_0080, 4)), 0);
+        let io = 1 | (0b10 << 16) | (0b11 << 18);
+        assert_eq!(data_breakpoints(io, a, w(0xfee0_0080, 4)), 0);
+        // G3, 8 bytes at an unaligned DR3: aligned down.
+        let dr7 = (1 << 7) | (0b01 << 28) | (0b10 << 30);
+        let a = [0, 0, 0, 0xe000_0004];
+        assert_eq!(data_breakpoints(dr7, a, w(0xe000_0000, 1)), 0b1000);
+        assert_eq!(data_breakpoints(dr7, a, w(0xe000_0008, 1)), 0);
+    }
 
     #[test]
     fn io_breakpoints_follow_dr7() {

@@ -29,6 +29,8 @@ pub struct FakeCpu {
     pub debugctl: u64,
     pub dr7: u64,
     pub drs: [u64; 4],
+    /// ES, CS, SS, DS, FS, GS bases.
+    pub segment_bases: [u64; 6],
     /// DR6 bits of each `complete_instruction` call.
     pub completed: Vec<u64>,
     pub task: Option<crate::vmx::task_switch::TaskState>,
@@ -60,6 +62,9 @@ impl GuestCpu for FakeCpu {
     }
     fn cs_base(&self) -> u64 {
         0
+    }
+    fn segment_base(&self, seg: crate::guest::SegReg) -> u64 {
+        self.segment_bases[seg as usize]
     }
     fn paging(&self) -> PagingRegs {
         PagingRegs {

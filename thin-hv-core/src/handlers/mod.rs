@@ -92,7 +92,7 @@ impl Handled {
 /// for the guest ends as on the processor (single-step trap, breakpoints,
 /// interrupt shadow: [`debug_trap`]).
 pub fn handle(exit: &Exit, cpu: &mut impl GuestCpu, env: &mut impl Env) -> Handled {
-    let before = debug_trap::before(cpu);
+    let before = debug_trap::before(exit, cpu, env);
     let handled = dispatch(exit, cpu, env);
     debug_trap::after(exit, cpu, before, handled.outcome);
     handled

@@ -158,6 +158,49 @@ fn single_step_over_an_apic_write() {
 }
 
 #[test]
+fn data_breakpoints_on_emulated_memory_accesses() {
+    let apic_write = |env: &mut FakeEnv, dr7: u64, dr0: u64, code: &[u8], fs: u64| {
+        // A store to the APIC's TPR; RAX holds the address (less FS base).
+        let mut cpu = at(env, code, 0x202);
+        cpu.mode = Some(crate::guest::CpuMode::Bits64);
+        cpu.regs[Gpr::Rax as usize] = APIC + 0x80 - fs;
+        cpu.segment_bases[crate::guest::SegReg::Fs as usize] = fs;
+        cpu.drs[0] = dr0;
+        cpu.dr7 = dr7;
+        let exit = Exit::NestedFault {
+            gpa: APIC + 0x80,
+            write: true,
+            fetch: false,
+            present: true,
+            guest_table_walk: false,
+        };
+        handle(&exit, &mut cpu, env);
+        assert_eq!(cpu.rip, RIP + code.len() as u64, "completed");
+        cpu.completed
+    };
+    let mov = [0x89, 0x08]; // mov [rax], ecx
+    let mov_fs = [0x64, 0x89, 0x08]; // mov fs:[rax], ecx
+    // L0, R/W0 = 01b (writes), LEN0 = 11b (4 bytes) at the TPR: B0.
+    let dr7 = 1 | (0b01 << 16) | (0b11 << 18);
+    let mut env = FakeEnv::new();
+    assert_eq!(apic_write(&mut env, dr7, APIC + 0x80, &mov, 0), vec![1]);
+    // Through FS (its base counts in 64-bit mode).
+    let mut env = FakeEnv::new();
+    assert_eq!(
+        apic_write(&mut env, dr7, APIC + 0x80, &mov_fs, 0x1000),
+        vec![1]
+    );
+    // Elsewhere, or disabled, or an I/O breakpoint: no B bits.
+    let mut env = FakeEnv::new();
+    assert_eq!(apic_write(&mut env, dr7, APIC + 0x90, &mov, 0), vec![0]);
+    let mut env = FakeEnv::new();
+    assert_eq!(apic_write(&mut env, 0, APIC + 0x80, &mov, 0), vec![0]);
+    let mut env = FakeEnv::new();
+    let io = 1 | (0b10 << 16) | (0b11 << 18);
+    assert_eq!(apic_write(&mut env, io, APIC + 0x80, &mov, 0), vec![0]);
+}
+
+#[test]
 fn io_breakpoints_on_an_emulated_port_access() {
     let io = Exit::PortIo {
         port: 0xcfc,

@@ -1,6 +1,6 @@
 //! [`GuestCpu`] over a VMCB and the saved GPRs.
 use crate::arch::percpu::GuestRegs;
-use crate::guest::{CpuMode, GpFault, Gpr, GuestCpu, PagingRegs};
+use crate::guest::{CpuMode, GpFault, Gpr, GuestCpu, PagingRegs, SegReg};
 use crate::nmi::NmiTracker;
 use crate::svm::vmcb::{EFER_SVME, Vmcb, event};
 
@@ -79,6 +79,18 @@ impl GuestCpu for SvmGuest<'_> {
 
     fn cs_base(&self) -> u64 {
         self.vmcb.save.cs.base
+    }
+
+    fn segment_base(&self, seg: SegReg) -> u64 {
+        let s = &self.vmcb.save;
+        match seg {
+            SegReg::Es => s.es.base,
+            SegReg::Cs => s.cs.base,
+            SegReg::Ss => s.ss.base,
+            SegReg::Ds => s.ds.base,
+            SegReg::Fs => s.fs.base,
+            SegReg::Gs => s.gs.base,
+        }
     }
 
     fn paging(&self) -> PagingRegs {

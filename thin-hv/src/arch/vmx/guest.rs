@@ -1,7 +1,7 @@
 //! [`GuestCpu`] over the current VMCS and the saved GPRs.
 use super::instr::{invvpid_all, vmread, vmwrite};
 use crate::arch::percpu::GuestRegs;
-use crate::guest::{CpuMode, GpFault, Gpr, GuestCpu, PagingRegs};
+use crate::guest::{CpuMode, GpFault, Gpr, GuestCpu, PagingRegs, SegReg};
 use crate::vmx::controls::{entry, proc2};
 use crate::vmx::cr::{CrRules, write_cr0, write_cr3, write_cr4};
 use crate::vmx::fields::Field;
@@ -155,6 +155,17 @@ impl GuestCpu for VmxGuest<'_> {
 
     fn cs_base(&self) -> u64 {
         vmread(Field::GUEST_CS_BASE)
+    }
+
+    fn segment_base(&self, seg: SegReg) -> u64 {
+        vmread(match seg {
+            SegReg::Es => Field::GUEST_ES_BASE,
+            SegReg::Cs => Field::GUEST_CS_BASE,
+            SegReg::Ss => Field::GUEST_SS_BASE,
+            SegReg::Ds => Field::GUEST_DS_BASE,
+            SegReg::Fs => Field::GUEST_FS_BASE,
+            SegReg::Gs => Field::GUEST_GS_BASE,
+        })
     }
 
     fn paging(&self) -> PagingRegs {
