@@ -5,7 +5,7 @@
 # Without root it prints the exact commands instead of running them.
 set -euo pipefail
 
-need_pkgs=(ovmf bochs bochs-term bochsbios vgabios mtools dosfstools busybox-static cpio xz-utils zstd kmod)
+need_pkgs=(ovmf bochs bochs-term bochsbios vgabios mtools dosfstools busybox-static cpio xz-utils zstd kmod make gcc-12 libelf1)
 qemu_pkgs=(qemu-system-x86 qemu-utils)
 
 run() {

@@ -10,6 +10,9 @@ pub const INIT: &str = include_str!("../guest/init");
 /// The guest-side test reporter.
 pub const GUEST_TEST: &str = include_str!("../guest/thinhv-guest-test");
 
+/// The attack suite's kernel module (CPL 0 attacks of a hostile kernel).
+pub const ATTACK_MODULE_SRC: &str = include_str!("../guest/kmod/thinhv_attack.c");
+
 /// Marker the guest prints when userspace starts.
 pub const USERSPACE_MARKER: &str = "THINHV-GUEST: userspace up";
 
@@ -178,7 +181,12 @@ exit 0
 /// Builds the initramfs: busybox, `/init`, the `thinhv` tool (also as
 /// `thinhv-status`), the test reporter, and the [`MODULES`] found in
 /// `modules` (with `modules.order` listing what is there).
-pub fn initramfs(busybox: &Path, tool: &Path, modules: Option<&Path>) -> Result<Vec<u8>, String> {
+pub fn initramfs(
+    busybox: &Path,
+    tool: &Path,
+    modules: Option<&Path>,
+    attack_module: Option<&Path>,
+) -> Result<Vec<u8>, String> {
     let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
     let mut entries = vec![
         Entry::Dir("bin".into()),
@@ -220,12 +228,95 @@ pub fn initramfs(busybox: &Path, tool: &Path, modules: Option<&Path>) -> Result<
             }
         }
     }
+    if let Some(ko) = attack_module {
+        // Loaded only by the attack suite (not in `modules.order`).
+        entries.push(Entry::File(
+            "lib/modules/thinhv_attack.ko".into(),
+            0o644,
+            read(ko)?,
+        ));
+    }
     entries.push(Entry::File(
         "lib/modules/modules.order".into(),
         0o644,
         order.into_bytes(),
     ));
     Ok(archive(&entries))
+}
+
+/// The attack suite's kernel module (`guest/kmod/thinhv_attack.c`), built
+/// against the guest kernel's own headers: Debian's `linux-headers-*` and
+/// `linux-kbuild-*` packages for that kernel, downloaded like the kernel
+/// and unpacked under `cache` (never installed). Rebuilt when the source
+/// changes. Needs `make`, `gcc-12` and `libelf1` on the host
+/// (`scripts/setup-debian.sh` installs them).
+pub fn attack_module(cache: &Path, vmlinuz: &Path) -> Result<PathBuf, String> {
+    let release = vmlinuz
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("vmlinuz-"))
+        .ok_or_else(|| format!("{}: not a vmlinuz-RELEASE", vmlinuz.display()))?
+        .to_string();
+    let headers = cache.join("headers").join(&release);
+    let tree = headers.join(format!("usr/src/linux-headers-{release}"));
+    if !tree.join("Makefile").is_file() {
+        let debs = cache.join("debs");
+        std::fs::create_dir_all(&debs).map_err(|e| e.to_string())?;
+        let pkg = format!("linux-headers-{release}");
+        apt_download(&debs, &pkg)?;
+        let deb = newest(&debs, &format!("{pkg}_"))?;
+        let depends = run(Command::new("dpkg-deb").arg("-f").arg(&deb).arg("Depends"))?;
+        let mut all = vec![deb];
+        for dep in depends
+            .split(',')
+            .map(|d| d.trim().split(' ').next().unwrap_or(""))
+        {
+            if dep.starts_with("linux-headers-") || dep.starts_with("linux-kbuild-") {
+                apt_download(&debs, dep)?;
+                all.push(newest(&debs, &format!("{dep}_"))?);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&headers);
+        std::fs::create_dir_all(&headers).map_err(|e| e.to_string())?;
+        for d in &all {
+            run(Command::new("dpkg-deb").arg("-x").arg(d).arg(&headers))?;
+        }
+        // The per-flavour Makefile includes the common one by its
+        // installed path: point it at the unpacked tree.
+        let mk = tree.join("Makefile");
+        let text = std::fs::read_to_string(&mk).map_err(|e| format!("{}: {e}", mk.display()))?;
+        let abs = std::fs::canonicalize(&headers).map_err(|e| e.to_string())?;
+        let fixed = text.replace(
+            "include /usr/src/",
+            &format!("include {}/usr/src/", abs.display()),
+        );
+        std::fs::write(&mk, fixed).map_err(|e| format!("{}: {e}", mk.display()))?;
+    }
+    let dir = cache.join("kmod").join(&release);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let dir = std::fs::canonicalize(&dir).map_err(|e| e.to_string())?;
+    let src = dir.join("thinhv_attack.c");
+    let ko = dir.join("thinhv_attack.ko");
+    let same = std::fs::read_to_string(&src).is_ok_and(|t| t == ATTACK_MODULE_SRC);
+    if same && ko.is_file() {
+        return Ok(ko);
+    }
+    std::fs::write(&src, ATTACK_MODULE_SRC).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("Kbuild"), "obj-m := thinhv_attack.o\n").map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_file(&ko);
+    run(Command::new("make")
+        .arg("-C")
+        .arg(&tree)
+        .arg(format!("M={}", dir.display()))
+        .arg("modules"))
+    .map_err(|e| {
+        format!("{e}\nbuilding the attack module needs make, gcc-12 and libelf1: sudo apt-get install make gcc-12 libelf1")
+    })?;
+    if ko.is_file() {
+        Ok(ko)
+    } else {
+        Err(format!("make produced no {}", ko.display()))
+    }
 }
 
 /// Kernel and initramfs on the host, ready to copy to an ESP.
@@ -243,8 +334,16 @@ pub fn prepare(cache: &Path, tool: &Path) -> Result<LinuxImage, String> {
     let bb = busybox()?;
     let initrd = cache.join("initrd.img");
     let modules = modules_dir(&kernel);
-    std::fs::write(&initrd, initramfs(&bb, tool, modules.as_deref())?)
-        .map_err(|e| format!("{}: {e}", initrd.display()))?;
+    // The guest boots without it when it cannot be built (the attack
+    // suite's test then fails, saying so); `cargo xtask run` never does.
+    let kmod = attack_module(cache, &kernel)
+        .map_err(|e| eprintln!("warning: no attack module in the guest: {e}"))
+        .ok();
+    std::fs::write(
+        &initrd,
+        initramfs(&bb, tool, modules.as_deref(), kmod.as_deref())?,
+    )
+    .map_err(|e| format!("{}: {e}", initrd.display()))?;
     Ok(LinuxImage { kernel, initrd })
 }
 

@@ -41,6 +41,25 @@ fn missing() -> Vec<String> {
             m.push(format!("{tool} not found (a Debian system is expected)"));
         }
     }
+    // The attack suite's kernel module is built against the guest
+    // kernel's headers (`thinhv_ovmf::linux::attack_module`).
+    for tool in ["make", "gcc-12"] {
+        if !have(tool) {
+            m.push(format!(
+                "{tool} not found (`sudo apt-get install {tool}`; builds the attack module)"
+            ));
+        }
+    }
+    let libelf = Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", "libelf1"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"));
+    if !libelf {
+        m.push(
+            "libelf1 not installed (`sudo apt-get install libelf1`; the kernel's objtool needs it)"
+                .into(),
+        );
+    }
     m
 }
 
