@@ -1,4 +1,4 @@
-// SPDX-License-Identifier: GPL-2.0
+// SPDX-License-Identifier: MIT OR GPL-2.0
 /*
  * thinhv_attack: the attack suite's hostile kernel (issue 11). Loaded in
  * the test guest with `attack=NAME`, it does at CPL 0 what a kernel that
@@ -33,7 +33,8 @@
 #include <asm/msr.h>
 #include <asm/processor.h>
 
-MODULE_LICENSE("GPL");
+/* GPL-compatible for the kernel; MIT like the rest of thinhv. */
+MODULE_LICENSE("Dual MIT/GPL");
 MODULE_DESCRIPTION("thinhv attack suite: CPL 0 attacks a hostile kernel would try");
 
 static char *attack = "";
