@@ -57,6 +57,18 @@ impl Load {
     }
 }
 
+/// The length of the instructions that cause exits when they come without
+/// prefixes (the first byte is their 0x0F escape, which is never a
+/// prefix): CPUID, RDMSR, WRMSR, INVD, WBINVD (2 bytes); VMMCALL, VMCALL,
+/// XSETBV (3). The same in every mode. `None`: decode it.
+pub fn exit_insn_len(bytes: &[u8]) -> Option<usize> {
+    match bytes {
+        [0x0f, 0xa2 | 0x30 | 0x32 | 0x08 | 0x09, ..] => Some(2),
+        [0x0f, 0x01, 0xd9 | 0xc1 | 0xd1, ..] => Some(3),
+        _ => None,
+    }
+}
+
 /// Decodes the instruction in `bytes` in `mode`.
 pub fn decode(bytes: &[u8], mode: CpuMode, rip: u64) -> Option<Decoded> {
     let mut d = Decoder::with_ip(mode.bitness(), bytes, rip, DecoderOptions::NONE);
@@ -253,6 +265,27 @@ mod tests {
             assert_eq!(decode(b, m, 0x1000).unwrap().len(), n, "{b:x?}");
         }
         assert!(decode(&[0x0f, 0xff], CpuMode::Bits64, 0).is_none());
+        // The fast path agrees with the decoder on what it recognizes, and
+        // leaves prefixed forms to it.
+        for (b, m, n) in cases {
+            if let Some(fast) = exit_insn_len(b) {
+                assert_eq!(fast, n, "{b:x?} in {m:?}");
+            }
+        }
+        for b in [
+            &[0x0f, 0xa2][..],
+            &[0x0f, 0x01, 0xd9],
+            &[0x0f, 0x01, 0xc1],
+            &[0x0f, 0x01, 0xd1],
+            &[0x0f, 0x30],
+            &[0x0f, 0x08],
+        ] {
+            for m in [CpuMode::Bits16, CpuMode::Bits32, CpuMode::Bits64] {
+                assert_eq!(exit_insn_len(b), Some(decode(b, m, 0).unwrap().len()));
+            }
+        }
+        assert_eq!(exit_insn_len(&[0x66, 0x0f, 0x32]), None);
+        assert_eq!(exit_insn_len(&[0x0f, 0x01, 0xf8]), None);
         assert!(decode(&[0x0f], CpuMode::Bits64, 0).is_none());
     }
 

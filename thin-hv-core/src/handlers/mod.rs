@@ -42,7 +42,7 @@ use crate::env::Env;
 use crate::exit::Exit;
 use crate::guest::{CpuMode, GuestCpu, vector};
 use crate::guest_mem::fetch_instruction;
-use crate::insn::{Decoded, decode};
+use crate::insn::{self, Decoded, decode};
 use thinhv_abi::exit::ExitReason;
 
 /// What the vendor loop does after a handler returns.
@@ -228,9 +228,14 @@ pub(crate) fn advance(cpu: &mut impl GuestCpu, env: &impl Env) -> bool {
         cpu.set_rip(next);
         return true;
     }
-    match decode_current(cpu, env) {
-        Some(d) => {
-            let next = wrap_ip(cpu.mode(), cpu.rip().wrapping_add(d.len() as u64));
+    let mut bytes = [0u8; 15];
+    let n = fetch_instruction(env, cpu, &mut bytes);
+    // The exit's own instruction without prefixes needs no decoder.
+    let len = insn::exit_insn_len(&bytes[..n])
+        .or_else(|| decode(&bytes[..n], cpu.mode(), cpu.rip()).map(|d| d.len()));
+    match len {
+        Some(len) => {
+            let next = wrap_ip(cpu.mode(), cpu.rip().wrapping_add(len as u64));
             cpu.set_rip(next);
             true
         }
