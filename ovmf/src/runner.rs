@@ -146,6 +146,25 @@ impl Run {
                 }
             }
         }
+        // Each CPU's local APIC: its timer and pending/in-service vectors
+        // (a CPU that never wakes again shows why here).
+        let n = cpus.iter().filter(|l| l.starts_with("CPU#")).count();
+        for i in 0..n {
+            if let Some(l) = self.monitor(&format!("info lapic {i}")) {
+                let keep: Vec<&str> = l
+                    .lines()
+                    .map(str::trim)
+                    .filter(|t| {
+                        ["LVTT", "Timer", "ISR", "IRR", "APR"]
+                            .iter()
+                            .any(|p| t.starts_with(p))
+                    })
+                    .collect();
+                if !keep.is_empty() {
+                    cpus.push(format!("lapic {i}: {}", keep.join(" | ")));
+                }
+            }
+        }
         let out = self.output();
         let all: Vec<String> = out.lines().map(str::to_string).collect();
         // The kernel's first report of trouble (a stall report carries the
@@ -247,8 +266,9 @@ impl Drop for Run {
 /// Where a run that missed its end marker stood.
 #[derive(Debug, Clone, Default)]
 pub struct HangReport {
-    /// QEMU monitor lines per CPU (`CPU#n`, RAX, RSI, RIP, CS, CR0 rows);
-    /// empty when the monitor did not answer.
+    /// QEMU monitor lines per CPU (`CPU#n`, RAX, RSI, RIP, CS, CR0 rows),
+    /// then one `lapic n:` line per CPU (timer, ISR, IRR, TPR/PPR); empty
+    /// when the monitor did not answer.
     pub cpus: Vec<String>,
     /// From the kernel's first report of trouble, up to 60 lines.
     pub trouble: Vec<String>,
@@ -284,10 +304,9 @@ impl HangReport {
     /// kernel's report that name code (`RIP:` and call-trace frames).
     pub fn brief(&self, name: &str) -> String {
         let mut r = format!("HANG {name}: the run stopped making progress\n");
-        let cpu_lines = self
-            .cpus
-            .iter()
-            .filter(|l| l.starts_with("CPU#") || l.trim_start().starts_with("RIP="));
+        let cpu_lines = self.cpus.iter().filter(|l| {
+            l.starts_with("CPU#") || l.starts_with("lapic ") || l.trim_start().starts_with("RIP=")
+        });
         let mut any = false;
         for l in cpu_lines {
             any = true;
