@@ -151,7 +151,7 @@ impl Run {
         let n = cpus.iter().filter(|l| l.starts_with("CPU#")).count();
         for i in 0..n {
             if let Some(l) = self.monitor(&format!("info lapic {i}")) {
-                let keep: Vec<&str> = l
+                let keep: Vec<String> = l
                     .lines()
                     .map(str::trim)
                     .filter(|t| {
@@ -159,6 +159,7 @@ impl Run {
                             .iter()
                             .any(|p| t.starts_with(p))
                     })
+                    .map(|t| t.split_whitespace().collect::<Vec<_>>().join(" "))
                     .collect();
                 if !keep.is_empty() {
                     cpus.push(format!("lapic {i}: {}", keep.join(" | ")));
