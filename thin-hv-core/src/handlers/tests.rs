@@ -892,6 +892,34 @@ fn a_hidden_function_reads_all_ones_through_ecam_and_drops_writes() {
 }
 
 #[test]
+fn an_ecam_access_ends_like_the_instruction_single_step_and_data_breakpoint() {
+    use crate::guest::dr6;
+    // mov eax, [rdx] from the hidden function, stepped (TF): the #DB comes
+    // after it with DR6.BS.
+    let mut env = pci_env();
+    let mut cpu = at(&mut env, &[0x8b, 0x02]);
+    cpu.mode = Some(crate::guest::CpuMode::Bits64);
+    cpu.regs[Gpr::Rdx as usize] = HIDDEN;
+    cpu.rflags = 0x302;
+    handle(&npf(HIDDEN, false, false, false), &mut cpu, &mut env);
+    assert_eq!(cpu.rip, RIP + 2);
+    assert_eq!(cpu.completed, vec![dr6::BS]);
+    // The same load under a read/write data breakpoint on DR1 (R/W1 = 11b,
+    // LEN1 = 4 bytes): B1; a write-only breakpoint does not see a load.
+    for (rw, bits) in [(0b11u64, 0b10u64), (0b01, 0)] {
+        let mut env = pci_env();
+        let mut cpu = at(&mut env, &[0x8b, 0x02]);
+        cpu.mode = Some(crate::guest::CpuMode::Bits64);
+        cpu.regs[Gpr::Rdx as usize] = HIDDEN;
+        cpu.rflags = 0x202;
+        cpu.drs[1] = HIDDEN;
+        cpu.dr7 = (1 << 2) | (rw << 20) | (0b11 << 22);
+        handle(&npf(HIDDEN, false, false, false), &mut cpu, &mut env);
+        assert_eq!(cpu.completed, vec![bits], "R/W = {rw:02b}");
+    }
+}
+
+#[test]
 fn a_vf_budget_shows_the_os_its_share_and_refuses_more() {
     let mut env = pci_env();
     // TotalVFs/InitialVFs as one dword: 2 and 2.
