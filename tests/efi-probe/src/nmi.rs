@@ -129,12 +129,6 @@ fn send_nmi() {
     }
 }
 
-#[repr(C, packed)]
-struct Dtr {
-    limit: u16,
-    base: u64,
-}
-
 /// The check. Call before the probe decides whether thinhv is there, so
 /// that it also runs bare.
 pub fn blocked_nmi_stays_pending() {
@@ -150,24 +144,11 @@ pub fn blocked_nmi_stays_pending() {
     ENTRIES.store(0, Ordering::SeqCst);
     NESTED.store(0, Ordering::SeqCst);
     DEPTH.store(0, Ordering::SeqCst);
-    let mut d = Dtr { limit: 0, base: 0 };
-    let cs: u16;
-    // SAFETY: SIDT stores into `d`; reading CS has no side effects.
-    unsafe {
-        asm!("sidt [{}]", in(reg) &raw mut d);
-        asm!("mov {:x}, cs", out(reg) cs);
-    }
-    let idt = d.base as *mut [u64; 2];
-    let h = nmi_stub as *const () as u64;
-    let gate = [
-        (h & 0xffff) | (u64::from(cs) << 16) | (0x8eu64 << 40) | (((h >> 16) & 0xffff) << 48),
-        h >> 32,
-    ];
+    let idt = crate::probe::Idt::current();
     let mut waited = 0u64;
-    // SAFETY: the firmware's IDT is identity-mapped, writable boot-services
-    // memory; entry 2 is saved and restored around the check, with
-    // interrupts disabled (no firmware handler runs meanwhile; NMIs ignore
-    // IF). In xAPIC mode ICR high is set to this CPU's own ID first (the
+    // SAFETY: entry 2 is ours (`nmi_stub`, a complete NMI handler) for the
+    // check only, with interrupts disabled (no firmware handler runs
+    // meanwhile; NMIs ignore IF). In xAPIC mode ICR high is set to this CPU's own ID first (the
     // firmware sends no IPI while interrupts are off) and the NMIs go to
     // this CPU only.
     unsafe {
@@ -176,14 +157,13 @@ pub fn blocked_nmi_stays_pending() {
             let id = ((page + XAPIC_ID) as *const u32).read_volatile() >> 24;
             ((page + XAPIC_ICR_HIGH) as *mut u32).write_volatile(id << 24);
         }
-        let old = idt.add(2).read_volatile();
-        idt.add(2).write_volatile(gate);
+        let old = idt.replace(2, nmi_stub as *const () as u64);
         send_nmi();
         while ENTRIES.load(Ordering::SeqCst) < 2 && waited < WAIT_SPIN {
             core::hint::spin_loop();
             waited += 1;
         }
-        idt.add(2).write_volatile(old);
+        idt.restore(2, old);
         asm!("sti");
     }
     kv("nmi_deliveries", ENTRIES.load(Ordering::SeqCst));

@@ -75,37 +75,82 @@ struct Dtr {
     base: u64,
 }
 
+/// The firmware's IDT (identity-mapped, writable boot-services memory) and
+/// the code segment the probe runs in: where the checks put their own
+/// handlers for a moment.
+pub(crate) struct Idt {
+    entries: *mut [u64; 2],
+    cs: u16,
+}
+
+impl Idt {
+    /// The IDT this CPU uses now.
+    pub(crate) fn current() -> Self {
+        let mut d = Dtr { limit: 0, base: 0 };
+        let cs: u16;
+        // SAFETY: SIDT stores into `d`; reading CS has no side effects.
+        unsafe {
+            asm!("sidt [{}]", in(reg) &raw mut d);
+            asm!("mov {:x}, cs", out(reg) cs);
+        }
+        Self {
+            entries: d.base as *mut [u64; 2],
+            cs,
+        }
+    }
+
+    /// Points `vector` at `handler` (a 64-bit interrupt gate, DPL 0, in
+    /// the probe's code segment); returns the entry it replaced.
+    ///
+    /// # Safety
+    /// Interrupts are disabled until the caller puts the old entry back
+    /// with [`Idt::restore`], and `handler` is a complete handler for
+    /// `vector` (so nothing else is delivered through the temporary gate).
+    pub(crate) unsafe fn replace(&self, vector: usize, handler: u64) -> [u64; 2] {
+        let h = handler;
+        let gate = [
+            (h & 0xffff)
+                | (u64::from(self.cs) << 16)
+                | (0x8eu64 << 40)
+                | (((h >> 16) & 0xffff) << 48),
+            h >> 32,
+        ];
+        // SAFETY: the firmware's IDT is identity-mapped and writable, and
+        // `vector` < 256 lies inside it; the caller's contract covers the
+        // window in which the gate is ours.
+        unsafe {
+            let e = self.entries.add(vector);
+            let old = e.read_volatile();
+            e.write_volatile(gate);
+            old
+        }
+    }
+
+    /// Puts back an entry [`Idt::replace`] returned.
+    ///
+    /// # Safety
+    /// `old` is what `replace` returned for `vector`.
+    pub(crate) unsafe fn restore(&self, vector: usize, old: [u64; 2]) {
+        // SAFETY: as in `replace`.
+        unsafe { self.entries.add(vector).write_volatile(old) };
+    }
+}
+
 /// Runs `f` (one instruction of `len` bytes) with #UD and #GP caught;
 /// returns the vector caught, 0 if none.
 pub(crate) fn catching(len: u64, f: impl FnOnce()) -> u64 {
-    let mut d = Dtr { limit: 0, base: 0 };
-    let cs: u16;
-    // SAFETY: SIDT stores into `d`; reading CS has no side effects.
-    unsafe {
-        asm!("sidt [{}]", in(reg) &raw mut d);
-        asm!("mov {:x}, cs", out(reg) cs);
-    }
-    let idt = d.base as *mut [u64; 2];
-    let gate = |h: u64| -> [u64; 2] {
-        let low =
-            (h & 0xffff) | (u64::from(cs) << 16) | (0x8eu64 << 40) | (((h >> 16) & 0xffff) << 48);
-        [low, h >> 32]
-    };
-    // SAFETY: the firmware's IDT is identity-mapped, writable boot-services
-    // memory; entries 6 and 13 are saved and restored around `f`, with
-    // interrupts disabled so nothing else sees the temporary gates.
+    let idt = Idt::current();
+    // SAFETY: interrupts are disabled while entries 6 and 13 are ours; the
+    // stubs handle #UD and #GP completely, and the old entries go back.
     unsafe {
         asm!("cli");
-        let old6 = idt.add(6).read_volatile();
-        let old13 = idt.add(13).read_volatile();
-        idt.add(6).write_volatile(gate(ud_stub as *const () as u64));
-        idt.add(13)
-            .write_volatile(gate(gp_stub as *const () as u64));
+        let old6 = idt.replace(6, ud_stub as *const () as u64);
+        let old13 = idt.replace(13, gp_stub as *const () as u64);
         CAUGHT.store(0, Ordering::SeqCst);
         SKIP.store(len, Ordering::SeqCst);
         f();
-        idt.add(6).write_volatile(old6);
-        idt.add(13).write_volatile(old13);
+        idt.restore(6, old6);
+        idt.restore(13, old13);
         asm!("sti");
     }
     CAUGHT.load(Ordering::SeqCst)

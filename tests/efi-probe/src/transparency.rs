@@ -45,42 +45,23 @@ extern "C" fn db_stub() {
     );
 }
 
-#[repr(C, packed)]
-struct Dtr {
-    limit: u16,
-    base: u64,
-}
-
 /// Runs `f` with the #DB vector pointing at [`db_stub`]; returns what it
 /// recorded as (RIP delta from the address `f` returns, DR6), (0, 0) when
 /// no #DB came.
 fn with_db_handler(f: impl FnOnce() -> u64) -> (u64, u64) {
-    let mut d = Dtr { limit: 0, base: 0 };
-    let cs: u16;
-    // SAFETY: SIDT stores into `d`; reading CS has no side effects.
-    unsafe {
-        asm!("sidt [{}]", in(reg) &raw mut d);
-        asm!("mov {:x}, cs", out(reg) cs);
-    }
-    let idt = d.base as *mut [u64; 2];
-    let h = db_stub as *const () as u64;
-    let gate = [
-        (h & 0xffff) | (u64::from(cs) << 16) | (0x8eu64 << 40) | (((h >> 16) & 0xffff) << 48),
-        h >> 32,
-    ];
+    let idt = crate::probe::Idt::current();
     DB_COUNT.store(0, Ordering::SeqCst);
     DB_RIP.store(0, Ordering::SeqCst);
     DB_DR6.store(0, Ordering::SeqCst);
     let start;
-    // SAFETY: the firmware's IDT is identity-mapped, writable boot-services
-    // memory; entry 1 is saved and restored around `f`, with interrupts
-    // disabled so nothing else takes a #DB through the temporary gate.
+    // SAFETY: entry 1 is ours (`db_stub`, a complete #DB handler) around
+    // `f` only, with interrupts disabled so nothing else takes a #DB
+    // through the temporary gate.
     unsafe {
         asm!("cli");
-        let old = idt.add(1).read_volatile();
-        idt.add(1).write_volatile(gate);
+        let old = idt.replace(1, db_stub as *const () as u64);
         start = f();
-        idt.add(1).write_volatile(old);
+        idt.restore(1, old);
         asm!("sti");
     }
     if DB_COUNT.load(Ordering::SeqCst) == 0 {
