@@ -50,7 +50,10 @@ pub(super) fn before(exit: &Exit, cpu: &impl GuestCpu, env: &impl Env) -> Before
 
 /// Whether DR7 enables any breakpoint with R/W = 01b or 11b.
 fn data_breakpoints_armed(dr7: u64) -> bool {
-    (0..4).any(|n| (dr7 >> (2 * n)) & 3 != 0 && (dr7 >> (16 + 4 * n)) & 1 != 0)
+    (0..4).any(|n| {
+        let (enabled, rw, _) = slot(dr7, n);
+        enabled && rw & 1 != 0
+    })
 }
 
 /// After the handler: if it completed the instruction (the guest resumes
@@ -71,6 +74,7 @@ pub(super) fn after(exit: &Exit, cpu: &mut impl GuestCpu, before: Before, outcom
     if before.rflags & RFLAGS_TF != 0 && cpu.debugctl() & DEBUGCTL_BTF == 0 {
         bits |= dr6::BS;
     }
+    let addrs = || [0u8, 1, 2, 3].map(|n| cpu.breakpoint_address(n));
     if let Exit::PortIo {
         port,
         size,
@@ -79,68 +83,61 @@ pub(super) fn after(exit: &Exit, cpu: &mut impl GuestCpu, before: Before, outcom
     } = *exit
         && cpu.paging().cr4 & CR4_DE != 0
     {
-        let addrs = [0u8, 1, 2, 3].map(|n| cpu.breakpoint_address(n));
-        bits |= io_breakpoints(cpu.dr7(), addrs, port, size);
+        bits |= io_breakpoints(cpu.dr7(), addrs(), port, size);
     }
     if let Some(a) = before.access {
-        let addrs = [0u8, 1, 2, 3].map(|n| cpu.breakpoint_address(n));
-        bits |= data_breakpoints(cpu.dr7(), addrs, a);
+        bits |= data_breakpoints(cpu.dr7(), addrs(), a);
     }
     cpu.complete_instruction(bits);
 }
 
-/// The DR6 B0–B3 bits of the enabled I/O breakpoints that an access of
-/// `size` bytes at `port` hits (SDM Vol. 3B §18.2.4–18.2.5: R/Wn = 10b,
-/// LENn 00/01/11/10 = 1/2/4/8 bytes, the address aligned to the length).
-/// Only meaningful with CR4.DE set.
-pub fn io_breakpoints(dr7: u64, addrs: [u64; 4], port: u16, size: u8) -> u64 {
+/// Breakpoint `n` of DR7 (SDM Vol. 3B §18.2.4): enabled (Ln or Gn), its
+/// R/Wn field, and the bytes LENn covers (00/01/11/10 = 1/2/4/8).
+fn slot(dr7: u64, n: usize) -> (bool, u64, u64) {
+    let len = match (dr7 >> (18 + 4 * n)) & 3 {
+        0 => 1,
+        1 => 2,
+        2 => 8,
+        _ => 4,
+    };
+    ((dr7 >> (2 * n)) & 3 != 0, (dr7 >> (16 + 4 * n)) & 3, len)
+}
+
+/// DR6 B0–B3 of the enabled breakpoints whose R/W field `kind` accepts and
+/// whose range (the address aligned down to the length, §18.2.5) holds a
+/// byte of `[start, start + size)`.
+fn hits(dr7: u64, addrs: [u64; 4], start: u64, size: u8, kind: impl Fn(u64) -> bool) -> u64 {
+    let end = start.wrapping_add(u64::from(size));
     let mut hit = 0;
-    let (start, end) = (u64::from(port), u64::from(port) + u64::from(size));
     for (n, addr) in addrs.iter().enumerate() {
-        let enabled = (dr7 >> (2 * n)) & 3 != 0;
-        let rw = (dr7 >> (16 + 4 * n)) & 3;
-        let len = match (dr7 >> (18 + 4 * n)) & 3 {
-            0 => 1,
-            1 => 2,
-            2 => 8,
-            _ => 4,
-        };
-        let lo = (addr & 0xffff) & !(len - 1);
-        if enabled && rw == RW_IO && lo < end && start < lo + len {
+        let (enabled, rw, len) = slot(dr7, n);
+        let lo = addr & !(len - 1);
+        if enabled && kind(rw) && lo < end && start < lo.wrapping_add(len) {
             hit |= 1 << n;
         }
     }
     hit & dr6::B0_3
 }
 
+/// The DR6 B0–B3 bits of the enabled I/O breakpoints (R/Wn = 10b; the
+/// port is the address's low 16 bits) that an access of `size` bytes at
+/// `port` hits. Only meaningful with CR4.DE set.
+pub fn io_breakpoints(dr7: u64, addrs: [u64; 4], port: u16, size: u8) -> u64 {
+    hits(
+        dr7,
+        addrs.map(|a| a & 0xffff),
+        u64::from(port),
+        size,
+        |rw| rw == RW_IO,
+    )
+}
+
 /// The DR6 B0–B3 bits of the enabled data breakpoints that access `a`
-/// hits (SDM Vol. 3B §18.2.4–18.2.5: R/Wn = 01b for writes, 11b for reads
-/// or writes; LENn 00/01/11/10 = 1/2/4/8 bytes, the address aligned to the
-/// length; any byte of the access in the range).
+/// hits: R/Wn = 01b for writes, 11b for reads or writes.
 pub fn data_breakpoints(dr7: u64, addrs: [u64; 4], a: MemAccess) -> u64 {
-    let mut hit = 0;
-    let start = a.linear;
-    let end = start.wrapping_add(u64::from(a.size));
-    for (n, addr) in addrs.iter().enumerate() {
-        let enabled = (dr7 >> (2 * n)) & 3 != 0;
-        let rw = (dr7 >> (16 + 4 * n)) & 3;
-        let len = match (dr7 >> (18 + 4 * n)) & 3 {
-            0 => 1,
-            1 => 2,
-            2 => 8,
-            _ => 4,
-        };
-        let lo = addr & !(len - 1);
-        let kind = match rw {
-            0b01 => a.write,
-            0b11 => true,
-            _ => false,
-        };
-        if enabled && kind && lo < end && start < lo + len {
-            hit |= 1 << n;
-        }
-    }
-    hit & dr6::B0_3
+    hits(dr7, addrs, a.linear, a.size, |rw| {
+        rw == 0b11 || (rw == 0b01 && a.write)
+    })
 }
 
 #[cfg(test)]
