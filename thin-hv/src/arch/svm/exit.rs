@@ -91,8 +91,7 @@ pub unsafe extern "sysv64" fn svm_exit(run: *mut RunState) {
         vcpu.before_entry(core, cpu);
         return;
     }
-    let SvmVcpu { vmcb, run, nmi, .. } = &mut vcpu;
-    let nmi = nmi.as_mut().expect("the tracker is held until leaving");
+    let (vmcb, run, nmi) = vcpu.parts();
     let exit = exit_code::decode(
         code,
         vmcb.control.exit_info1,
@@ -127,10 +126,12 @@ struct SvmVcpu<'a> {
 }
 
 impl SvmVcpu<'_> {
-    fn tracker(&mut self) -> &mut NmiTracker {
-        self.nmi
-            .as_mut()
-            .expect("the tracker is held until leaving")
+    /// The VMCB, the run state and the NMI tracker, borrowed apart (the
+    /// tracker is held until `leave`, which never returns).
+    fn parts(&mut self) -> (&mut Vmcb, &mut RunState, &mut NmiTracker) {
+        let Self { vmcb, run, nmi, .. } = self;
+        let nmi = nmi.as_mut().expect("the tracker is held until leaving");
+        (vmcb, run, nmi)
     }
 }
 
@@ -152,7 +153,7 @@ impl vcpu::Backend for SvmVcpu<'_> {
         init_state(&mut self.vmcb.save);
         self.vmcb.control.event_inj = 0;
         // No NMI owed or blocked survives INIT.
-        self.tracker().reset();
+        self.parts().2.reset();
         nmi_window::clear(self.vmcb);
         true
     }
@@ -193,8 +194,7 @@ impl vcpu::Backend for SvmVcpu<'_> {
     }
 
     fn before_entry(&mut self, _core: &Core, _cpu: usize) {
-        let Self { vmcb, nmi, .. } = self;
-        let nmi = nmi.as_mut().expect("the tracker is held until leaving");
+        let (vmcb, _, nmi) = self.parts();
         nmi_window::before_entry(nmi, vmcb);
     }
 }
