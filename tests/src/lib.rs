@@ -300,19 +300,34 @@ pub fn boot_linux_under_thinhv(
 /// The `attack NAME: attempts=N succeeded=M` lines the guest tool
 /// printed, in order: (name, attempts, succeeded).
 pub fn attack_results(facts: &str) -> Vec<(String, u64, u64)> {
-    facts
-        .lines()
-        .filter_map(|l| {
-            let rest = l.trim().strip_prefix("attack ")?;
-            let (name, fields) = rest.split_once(": ")?;
-            let field = |k: &str| {
-                fields
-                    .split_whitespace()
-                    .find_map(|f| f.strip_prefix(k)?.parse::<u64>().ok())
-            };
-            Some((name.to_string(), field("attempts=")?, field("succeeded=")?))
+    attack_lines(facts)
+        .filter_map(|(name, fields)| {
+            let number = |k: &str| field(fields, k)?.parse::<u64>().ok();
+            Some((name.to_string(), number("attempts")?, number("succeeded")?))
         })
         .collect()
+}
+
+/// The value of `key=` on the first `attack NAME: ...` line for `name`.
+pub fn attack_field(facts: &str, name: &str, key: &str) -> Option<String> {
+    attack_lines(facts)
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, fields)| field(fields, key))
+        .map(str::to_string)
+}
+
+/// (name, the rest) of each `attack NAME: k=v ...` line.
+fn attack_lines(facts: &str) -> impl Iterator<Item = (&str, &str)> {
+    facts
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("attack ")?.split_once(": "))
+}
+
+/// The value of `key=` among whitespace-separated fields.
+fn field<'a>(fields: &'a str, key: &str) -> Option<&'a str> {
+    fields
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix(key)?.strip_prefix('='))
 }
 
 /// Runs the probe: the whole serial output and the probe's report.

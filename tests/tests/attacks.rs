@@ -202,17 +202,6 @@ fn linux_msr_attacks_fail_under_thinhv_and_work_bare() {
     }
 }
 
-/// A line `attack NAME: ...` of the guest's facts: the value of `key=`.
-fn attack_field(facts: &str, name: &str, key: &str) -> Option<String> {
-    let prefix = format!("attack {name}: ");
-    facts.lines().find_map(|l| {
-        l.trim()
-            .strip_prefix(&prefix)?
-            .split_whitespace()
-            .find_map(|f| f.strip_prefix(&format!("{key}=")).map(str::to_string))
-    })
-}
-
 #[test]
 #[ignore = "boots QEMU; run with `cargo xtask test`"]
 fn linux_kernel_attacks_fail_under_thinhv() {
@@ -224,7 +213,7 @@ fn linux_kernel_attacks_fail_under_thinhv() {
     // Linux took offline. The bare controls of these attacks are the EFI
     // probe's (`efi_attacks_*`, `attacks_ipi`, `attacks_hc`); QEMU's APIC
     // does not move (docs/emulator-faults.md), so relocation has none here.
-    use thinhv_tests::{attack_results, boot_linux_under_thinhv};
+    use thinhv_tests::{attack_field, attack_results, boot_linux_under_thinhv};
     let options = "thinhv_attack=kmod/hc-mmio thinhv_attack=kmod/invd \
                    thinhv_attack=kmod/ipi-unknown thinhv_attack=kmod/apic-reloc-init";
     let g = boot_linux_under_thinhv("attacks-kmod-linux", Profile::svm(2), options, "");
