@@ -51,20 +51,13 @@ pub fn kernel(cache: &Path) -> Result<PathBuf, String> {
     std::fs::create_dir_all(&debs).map_err(|e| e.to_string())?;
     let hint = "needs Debian's apt sources; the command is \
                 `apt-get download linux-image-amd64` (run `sudo apt-get update` first if it fails)";
-    apt_download(&debs, "linux-image-amd64").map_err(|e| format!("{e}\n{hint}"))?;
-    let meta = newest(&debs, "linux-image-amd64_")?;
-    let depends = run(Command::new("dpkg-deb")
-        .args(["-f"])
-        .arg(&meta)
-        .arg("Depends"))?;
+    let meta = fetch_deb(&debs, "linux-image-amd64").map_err(|e| format!("{e}\n{hint}"))?;
+    let depends = depends(&meta)?;
     let pkg = depends
-        .split([',', '|'])
-        .map(|d| d.trim().split(' ').next().unwrap_or(""))
+        .iter()
         .find(|d| d.starts_with("linux-image-") && !d.ends_with("-amd64-unsigned"))
-        .ok_or_else(|| format!("no kernel package in {depends:?}"))?
-        .to_string();
-    apt_download(&debs, &pkg).map_err(|e| format!("{e}\n{hint}"))?;
-    let deb = newest(&debs, &format!("{pkg}_"))?;
+        .ok_or_else(|| format!("no kernel package in {depends:?}"))?;
+    let deb = fetch_deb(&debs, pkg).map_err(|e| format!("{e}\n{hint}"))?;
     std::fs::create_dir_all(&unpacked).map_err(|e| e.to_string())?;
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
     find_vmlinuz(&unpacked).ok_or_else(|| format!("no boot/vmlinuz-* in {}", deb.display()))
@@ -83,6 +76,23 @@ fn apt_download(dir: &Path, pkg: &str) -> Result<String, String> {
     run(Command::new("apt-get")
         .args(["download", "-q", pkg])
         .current_dir(dir))
+}
+
+/// `apt-get download PKG` into `dir`, and the `.deb` it left there.
+fn fetch_deb(dir: &Path, pkg: &str) -> Result<PathBuf, String> {
+    apt_download(dir, pkg)?;
+    newest(dir, &format!("{pkg}_"))
+}
+
+/// The package names a `.deb` depends on (alternatives included, versions
+/// left out).
+fn depends(deb: &Path) -> Result<Vec<String>, String> {
+    let text = run(Command::new("dpkg-deb").arg("-f").arg(deb).arg("Depends"))?;
+    Ok(text
+        .split([',', '|'])
+        .filter_map(|d| d.split_whitespace().next())
+        .map(str::to_string)
+        .collect())
 }
 
 fn is_root() -> bool {
@@ -262,18 +272,11 @@ pub fn attack_module(cache: &Path, vmlinuz: &Path) -> Result<PathBuf, String> {
     if !tree.join("Makefile").is_file() {
         let debs = cache.join("debs");
         std::fs::create_dir_all(&debs).map_err(|e| e.to_string())?;
-        let pkg = format!("linux-headers-{release}");
-        apt_download(&debs, &pkg)?;
-        let deb = newest(&debs, &format!("{pkg}_"))?;
-        let depends = run(Command::new("dpkg-deb").arg("-f").arg(&deb).arg("Depends"))?;
-        let mut all = vec![deb];
-        for dep in depends
-            .split(',')
-            .map(|d| d.trim().split(' ').next().unwrap_or(""))
-        {
+        let deb = fetch_deb(&debs, &format!("linux-headers-{release}"))?;
+        let mut all = vec![deb.clone()];
+        for dep in depends(&deb)? {
             if dep.starts_with("linux-headers-") || dep.starts_with("linux-kbuild-") {
-                apt_download(&debs, dep)?;
-                all.push(newest(&debs, &format!("{dep}_"))?);
+                all.push(fetch_deb(&debs, &dep)?);
             }
         }
         let _ = std::fs::remove_dir_all(&headers);
