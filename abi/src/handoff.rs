@@ -208,6 +208,16 @@ pub struct IommuUnit {
     pub reserved: [u16; 3],
 }
 
+impl IommuUnit {
+    /// The whole pages its registers occupy: what the guest's second-level
+    /// tables never map to it.
+    pub const fn window(&self) -> PhysRange {
+        let page = crate::layout::PAGE;
+        let size = if self.size > page { self.size } else { page };
+        PhysRange::new(self.base & !(page - 1), size.div_ceil(page) * page)
+    }
+}
+
 /// The platform IOMMU as the loader found it in ACPI.
 #[derive(
     Clone,
@@ -872,5 +882,21 @@ mod tests {
         assert_eq!(with(&[a, PhysRange::new(0x9_f000, 0x2000)]), bad);
         assert_eq!(with(&[a, PhysRange::new(0x20_0000, 0)]), bad);
         assert_eq!(with(&[PhysRange::new(u64::MAX - 0xfff, 0x2000)]), bad);
+    }
+
+    #[test]
+    fn an_iommu_window_is_whole_pages() {
+        let u = IommuUnit {
+            base: 0xfed9_0010,
+            size: 0x100,
+            ..Default::default()
+        };
+        assert_eq!(u.window(), PhysRange::new(0xfed9_0000, 0x1000));
+        let u = IommuUnit {
+            base: 0xfeb8_0000,
+            size: 0x8_0001,
+            ..Default::default()
+        };
+        assert_eq!(u.window(), PhysRange::new(0xfeb8_0000, 0x8_1000));
     }
 }

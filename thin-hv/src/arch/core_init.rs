@@ -17,6 +17,7 @@ use crate::vmx::caps::VmxCaps;
 use crate::vmx::msr_bitmap;
 use alloc::vec::Vec;
 use spin::Mutex;
+use thinhv_abi::PhysRange;
 use thinhv_abi::handoff::{CoreError, Handoff, features};
 use thinhv_abi::hypercall::VENDOR_INTEL_VMX;
 use thinhv_abi::layout::{HEAP_SIZE, PAGE};
@@ -291,8 +292,7 @@ fn hide_iommu_windows(
     // allocator reach the engine (`IdentityMem::new`'s contract).
     let mut mem = unsafe { IdentityMem::new() };
     for u in h.iommu.units() {
-        let size = u.size.max(PAGE).div_ceil(PAGE) * PAGE;
-        let base = u.base & !(PAGE - 1);
+        let PhysRange { base, size } = u.window();
         let r = match slat {
             Slat::Npt(fmt) => Mapper::open(&fmt, &mut mem, slat_root).map_all_to_frame(
                 base,

@@ -221,11 +221,12 @@ impl Env for HwEnv {
         const PAGE: u64 = 4096;
         let core = self.core;
         let hv = &core.hv;
-        let iommu_window = core.handoff.iommu.units().iter().any(|u| {
-            let base = u.base & !(PAGE - 1);
-            let size = u.size.max(PAGE).div_ceil(PAGE) * PAGE;
-            base < page + PAGE && page < base.saturating_add(size)
-        });
+        let iommu_window = core
+            .handoff
+            .iommu
+            .units()
+            .iter()
+            .any(|u| u.window().overlaps(page, PAGE));
         if !page.is_multiple_of(PAGE)
             || page.saturating_add(PAGE) > core.host_top
             || hv.touches_hypervisor(page, PAGE)
