@@ -158,12 +158,9 @@ fn invd_exits() -> Option<u64> {
 
 // ---- Relocating the local APIC --------------------------------------
 
-/// IA32_APIC_BASE (Intel SDM Vol. 3A §12.4.4, Figure 12-5): base field,
-/// x2APIC mode, enable.
-const IA32_APIC_BASE: u32 = 0x1b;
-const APIC_BASE_FIELD: u64 = 0x000f_ffff_ffff_f000;
-const APIC_BASE_EXTD: u64 = 1 << 10;
-const APIC_BASE_EN: u64 = 1 << 11;
+use crate::apic::{
+    BASE_FIELD as APIC_BASE_FIELD, EN as APIC_BASE_EN, EXTD as APIC_BASE_EXTD, IA32_APIC_BASE,
+};
 /// Where the probe moves its xAPIC page: a page of the 0xFEC00000–
 /// 0xFEDFFFFF area that nothing decodes on QEMU's q35 (`info mtree`: the
 /// I/O APIC at 0xFEC00000, the HPET at 0xFED00000; with the firmware, the
@@ -215,13 +212,6 @@ struct Relocated {
     sipi_ran: bool,
     msr_back: u64,
     id_back: u32,
-}
-
-fn rdmsr(msr: u32) -> u64 {
-    let (lo, hi): (u32, u32);
-    // SAFETY: only IA32_APIC_BASE, which every x86-64 processor has.
-    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
-    (u64::from(hi) << 32) | u64::from(lo)
 }
 
 /// # Safety
@@ -280,7 +270,7 @@ fn ap_init_sipi_exits(ap: usize) -> Option<(u64, u64)> {
 /// the processor). Bare, the same run is the control of what relocation
 /// does on this machine.
 pub fn apic_relocation() {
-    let orig = rdmsr(IA32_APIC_BASE);
+    let orig = crate::apic::base_msr();
     if orig & APIC_BASE_EN == 0 || orig & APIC_BASE_EXTD != 0 {
         kv("apic_reloc", "not-xapic");
         return;
@@ -328,7 +318,7 @@ pub fn apic_relocation() {
             asm!("wrmsr", in("ecx") IA32_APIC_BASE, in("eax") moved as u32,
                 in("edx") (moved >> 32) as u32, options(nostack));
         }
-        r.msr_after = rdmsr(IA32_APIC_BASE);
+        r.msr_after = crate::apic::base_msr();
         if r.msr_after & APIC_BASE_FIELD != RELOCATED {
             return;
         }
@@ -365,7 +355,7 @@ pub fn apic_relocation() {
             asm!("wrmsr", in("ecx") IA32_APIC_BASE, in("eax") orig as u32,
                 in("edx") (orig >> 32) as u32, options(nostack));
         }
-        r.msr_back = rdmsr(IA32_APIC_BASE);
+        r.msr_back = crate::apic::base_msr();
         // SAFETY: the old base is this CPU's xAPIC page again.
         r.id_back = unsafe { apic_read(old, APIC_ID) };
     });

@@ -17,7 +17,6 @@
 //! ranges across the smallest gaps then covered the legacy VGA window
 //! (a 384 KiB hole, smaller than the holes made here) with RAM.
 use crate::probe::{hc, kv};
-use core::arch::asm;
 use core::ptr::NonNull;
 use thinhv_abi::hypercall::{Function, Status};
 use uefi::boot::{self, AllocateType, MemoryType};
@@ -147,14 +146,6 @@ pub fn fragment_if_asked() {
     );
 }
 
-fn rdmsr(msr: u32) -> u64 {
-    let (lo, hi): (u32, u32);
-    // SAFETY: only IA32_APIC_BASE, which every x86-64 processor has;
-    // reading it changes nothing.
-    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
-    (u64::from(hi) << 32) | u64::from(lo)
-}
-
 fn read32(pa: u64) -> u32 {
     // SAFETY: 4-byte aligned reads of the ACPI tables, ECAM and thinhv's
     // status area, all identity-mapped and readable for the guest; reads
@@ -257,7 +248,7 @@ fn attack(what: &str, gpa: Option<u64>, whole_report: bool) {
 /// Under thinhv (after the seal): every buffer in device memory is refused.
 /// `status` is thinhv's status area (base, size).
 pub fn hc_buffer_attacks(status: (u64, u64)) {
-    let apic = rdmsr(0x1b) & 0x000f_ffff_ffff_f000;
+    let apic = crate::apic::page();
     attack("lapic", Some(apic + APIC_VERSION), false);
     attack("hpet", Some(HPET_BASE), false);
     attack("ecam", empty_ecam_page(), true);

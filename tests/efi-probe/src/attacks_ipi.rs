@@ -21,10 +21,6 @@ use uefi::proto::pi::mp::MpServices;
 /// ESP file whose presence asks the native probe to disable an AP.
 pub const DISABLE_AP_MARKER: &str = "\\EFI\\thinhv\\disable-ap";
 
-/// IA32_APIC_BASE and its x2APIC-enable bit (Intel SDM Vol. 3A §11.4.4,
-/// §11.12.1).
-const IA32_APIC_BASE: u32 = 0x1b;
-const APIC_BASE_EXTD: u64 = 1 << 10;
 /// xAPIC ICR (SDM Vol. 3A Table 11-1) and the x2APIC ICR MSR.
 const ICR_LOW: u64 = 0x300;
 const ICR_HIGH: u64 = 0x310;
@@ -77,24 +73,16 @@ pub fn disable_ap_if_asked() {
     }
 }
 
-fn rdmsr(msr: u32) -> u64 {
-    let (lo, hi): (u32, u32);
-    // SAFETY: only IA32_APIC_BASE, which every x86-64 processor has.
-    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
-    (u64::from(hi) << 32) | u64::from(lo)
-}
-
 /// Sends one IPI through this CPU's ICR (xAPIC page or x2APIC MSR).
 fn send(low: u32, dest: u32) {
-    let base = rdmsr(IA32_APIC_BASE);
-    if base & APIC_BASE_EXTD != 0 {
+    if crate::apic::x2apic() {
         // SAFETY: the x2APIC ICR; an IPI is what the probe means to send
         // (thinhv intercepts the write).
         unsafe {
             asm!("wrmsr", in("ecx") X2APIC_ICR, in("eax") low, in("edx") dest, options(nostack));
         }
     } else {
-        let page = base & 0x000f_ffff_ffff_f000;
+        let page = crate::apic::page();
         // SAFETY: this CPU's xAPIC registers, identity-mapped by the
         // firmware; ICR high first, the write to ICR low sends (thinhv
         // traps both).

@@ -12,6 +12,9 @@ extern crate alloc;
 mod probe;
 
 #[cfg(target_os = "uefi")]
+mod apic;
+
+#[cfg(target_os = "uefi")]
 #[allow(clippy::cast_possible_truncation)]
 mod dma;
 

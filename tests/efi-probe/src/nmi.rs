@@ -20,17 +20,11 @@ use crate::probe::kv;
 use core::arch::{asm, naked_asm};
 use core::sync::atomic::{AtomicU64, Ordering};
 
-/// IA32_APIC_BASE (SDM Vol. 3A §11.4.4): bit 10 x2APIC mode, bits 12+
-/// the xAPIC page.
-const IA32_APIC_BASE: u32 = 0x1b;
-const APIC_BASE_EXTD: u64 = 1 << 10;
-const APIC_PAGE_MASK: u64 = 0x000f_ffff_ffff_f000;
 /// xAPIC registers (Table 11-1): ID, ICR low and high.
 const XAPIC_ID: u64 = 0x20;
 const XAPIC_ICR_LOW: u64 = 0x300;
 const XAPIC_ICR_HIGH: u64 = 0x310;
 /// x2APIC MSRs (§11.12.1): ID, ICR.
-const X2APIC_ID: u32 = 0x802;
 const X2APIC_ICR: u32 = 0x830;
 /// ICR low (§11.6.1): delivery mode NMI (100b), level assert, physical
 /// destination, no shorthand. The vector is ignored for NMIs.
@@ -103,14 +97,6 @@ extern "C" fn nmi_stub() {
     );
 }
 
-fn rdmsr(msr: u32) -> u64 {
-    let (lo, hi): (u32, u32);
-    // SAFETY: only IA32_APIC_BASE and, in x2APIC mode, the x2APIC ID: both
-    // exist in the mode the processor is in.
-    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
-    (u64::from(hi) << 32) | u64::from(lo)
-}
-
 /// Sends the first NMI the way the handler sends the second.
 fn send_nmi() {
     if X2.load(Ordering::SeqCst) != 0 {
@@ -132,11 +118,10 @@ fn send_nmi() {
 /// The check. Call before the probe decides whether thinhv is there, so
 /// that it also runs bare.
 pub fn blocked_nmi_stays_pending() {
-    let base = rdmsr(IA32_APIC_BASE);
-    let page = base & APIC_PAGE_MASK;
-    if base & APIC_BASE_EXTD != 0 {
+    let page = crate::apic::page();
+    if let Some(id) = crate::apic::x2apic_id() {
         X2.store(1, Ordering::SeqCst);
-        X2_DEST.store(rdmsr(X2APIC_ID) & 0xffff_ffff, Ordering::SeqCst);
+        X2_DEST.store(u64::from(id), Ordering::SeqCst);
     } else {
         X2.store(0, Ordering::SeqCst);
         ICR_ADDR.store(page + XAPIC_ICR_LOW, Ordering::SeqCst);

@@ -107,21 +107,13 @@ fn report(name: &str, (delta, dr6): (u64, u64)) {
     println!("tf_bs_{name}={}", (dr6 >> 14) & 1);
 }
 
-/// This CPU's xAPIC page (IA32_APIC_BASE), identity-mapped by the firmware.
-fn apic_page() -> u64 {
-    let (lo, hi): (u32, u32);
-    // SAFETY: RDMSR of IA32_APIC_BASE, which every x86-64 processor has.
-    unsafe { asm!("rdmsr", in("ecx") 0x1bu32, out("eax") lo, out("edx") hi) };
-    ((u64::from(hi) << 32) | u64::from(lo)) & 0xf_ffff_f000
-}
-
 /// Data breakpoint on an emulated access: DR0 = the TPR, L0, R/W0 = 01b
 /// (writes), LEN0 = 11b (4 bytes); one store of the TPR's own value there
 /// (2 bytes, `mov [rax], ecx`), no TF. The processor raises #DB after the
 /// store with DR6.B0 (SDM Vol. 3B §18.2.4, §18.3.1.2): `db_after_apic_tpr`
 /// is the trap's RIP minus the store's address, `db_b0_apic_tpr` DR6.B0.
 fn data_breakpoint_on_the_tpr() {
-    let tpr = apic_page() + 0x80;
+    let tpr = crate::apic::page() + 0x80;
     // SAFETY: the TPR of this CPU's own APIC, identity-mapped MMIO.
     let value = unsafe { core::ptr::read_volatile(tpr as *const u32) };
     let dr7: u64 = 1 | (0b01 << 16) | (0b11 << 18);
@@ -183,7 +175,7 @@ pub fn single_step() {
     );
     // An APIC write (the TPR's own value back, `mov [rax], ecx`, 2
     // bytes): emulated where thinhv traps the xAPIC page.
-    let tpr = apic_page() + 0x80;
+    let tpr = crate::apic::page() + 0x80;
     // SAFETY: the TPR of this CPU's own APIC, identity-mapped MMIO.
     let value = unsafe { core::ptr::read_volatile(tpr as *const u32) };
     report(
