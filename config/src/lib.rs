@@ -14,6 +14,7 @@
 
 extern crate alloc;
 
+pub mod appliance;
 pub mod profile;
 mod salvage;
 mod value;
@@ -25,6 +26,7 @@ use core::fmt;
 use core::fmt::Write;
 use serde::Deserialize;
 
+pub use appliance::{Appliance, Console, Control, CpuSpec, OnCrash};
 pub use salvage::{Salvaged, salvage};
 pub use value::{InitSipi, IommuMode, LogLevel, OnFatal, Serial};
 
@@ -50,6 +52,8 @@ pub struct Config {
     pub device: Vec<DeviceRule>,
     /// `[[sriov]]`: VF budgets.
     pub sriov: Vec<SriovRule>,
+    /// `[[appliance]]`: appliance partitions, in file order.
+    pub appliance: Vec<Appliance>,
     /// `[debug]` (for tests; not for production).
     pub debug: Debug,
 }
@@ -313,6 +317,14 @@ impl Config {
         for (i, r) in cfg.sriov.iter_mut().enumerate() {
             r.line = table_line(text, "sriov", i);
         }
+        for (i, a) in cfg.appliance.iter_mut().enumerate() {
+            a.line = table_line(text, "appliance", i);
+        }
+        appliance::validate(&cfg).map_err(|(i, message)| ConfigError {
+            line: table_line(text, "appliance", i),
+            column: None,
+            message,
+        })?;
         Ok(cfg)
     }
 
@@ -455,6 +467,32 @@ impl Config {
                 "\n[[sriov]]\ndevice = {}\nos_vfs = {}",
                 toml_string(&r.device),
                 r.os_vfs
+            );
+        }
+        for a in &self.appliance {
+            let _ = writeln!(
+                s,
+                "\n[[appliance]]\nname = {}\ncpus = {}\nmemory = {}\nkernel = {}",
+                toml_string(&a.name),
+                a.cpus,
+                a.memory,
+                toml_string(&normalize_esp_path(&a.kernel))
+            );
+            if let Some(i) = &a.initrd {
+                let _ = writeln!(s, "initrd = {}", toml_string(&normalize_esp_path(i)));
+            }
+            let _ = writeln!(s, "cmdline = {}", toml_string(&a.cmdline));
+            let _ = write!(s, "devices = [");
+            for (i, d) in a.devices.iter().enumerate() {
+                let _ = write!(s, "{}{}", if i == 0 { "" } else { ", " }, toml_string(d));
+            }
+            let _ = writeln!(s, "]");
+            let _ = writeln!(
+                s,
+                "console = {}\non_crash = \"{}\"\ncontrol = \"{}\"",
+                a.console,
+                a.on_crash.name(),
+                a.control.name()
             );
         }
         if self.debug != Debug::default() {

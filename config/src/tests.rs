@@ -247,3 +247,139 @@ fn device_and_sriov_rules() {
     let e = Config::parse("[[sriov]]\nos_vfs = 1\n").unwrap_err();
     assert!(e.message.contains("device"), "{e}");
 }
+
+#[test]
+fn appliance_tables_parse_with_defaults_and_round_trip() {
+    let text = r#"
+[[device]]
+match = "0000:03:00.0"
+owner = "hidden"
+
+[[appliance]]
+name = "storage-1"
+cpus = 2
+memory = 256
+kernel = '\EFI\appliance\vmlinuz'
+initrd = "/EFI/appliance/initrd.img"
+cmdline = "console=ttyS0 quiet"
+devices = ["8086:10d3"]
+on_crash = "stop"
+control = "none"
+
+[[appliance]] # a monitor on two named cores
+name = "mon"
+cpus = [6, 7]
+memory = 64
+kernel = '\EFI\mon\vmlinuz'
+console = "com2"
+"#;
+    let c = Config::parse(text).unwrap();
+    assert_eq!(c.appliance.len(), 2);
+    let a = &c.appliance[0];
+    assert_eq!(a.cpus, CpuSpec::Count(2));
+    assert_eq!(a.memory_bytes(), 256 << 20);
+    assert_eq!(a.console, Console::Log, "console defaults to the log ring");
+    assert_eq!((a.on_crash, a.control), (OnCrash::Stop, Control::None));
+    assert_eq!(a.line, Some(6));
+    let b = &c.appliance[1];
+    assert_eq!(b.cpus, CpuSpec::ApicIds(vec![6, 7]));
+    assert_eq!(b.console, Console::Port(0x2f8));
+    assert_eq!((b.on_crash, b.control), (OnCrash::Restart, Control::Os));
+    assert_eq!(b.initrd, None);
+    assert_eq!(b.line, Some(17));
+    assert!(b.label().contains("line 17"), "{}", b.label());
+    let again = Config::parse(&c.effective()).unwrap();
+    let strip = |c: &Config| {
+        c.appliance
+            .iter()
+            .map(|a| {
+                let mut a = a.clone();
+                a.line = None;
+                a.kernel = normalize_esp_path(&a.kernel);
+                a.initrd = a.initrd.as_deref().map(normalize_esp_path);
+                a
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&again), strip(&c));
+}
+
+#[test]
+fn appliance_errors_name_the_table_line() {
+    let base = "[[appliance]]\nname = \"a\"\ncpus = 1\nmemory = 128\nkernel = '\\k'\n";
+    assert!(Config::parse(base).is_ok());
+    let bad = |extra: &str, want: &str| {
+        let text = format!("{base}{extra}");
+        let e = Config::parse(&text).unwrap_err();
+        assert!(e.message.contains(want), "{extra:?}: {e}");
+        assert!(e.line.is_some(), "{extra:?}: {e}");
+        e
+    };
+    // Values.
+    for (k, v, want) in [
+        ("name", "\"\"", "name must be"),
+        ("name", "\"a b\"", "only letters"),
+        ("cpus", "0", "at least one processor"),
+        ("cpus", "[]", "at least one processor"),
+        ("cpus", "[3, 3]", "listed twice"),
+        ("memory", "16", "64 to"),
+        (
+            "kernel",
+            "\"vmlinuz\"",
+            "kernel = \"vmlinuz\" must be an absolute path",
+        ),
+        ("console", "\"tty\"", "expected \"log\" or a COM port"),
+        ("on_crash", "\"reboot\"", "unknown variant"),
+        ("control", "\"root\"", "unknown variant"),
+    ] {
+        let text = base.replace(&format!("{k} = "), &format!("{k} = {v}\nx_{k} = "));
+        let text = text
+            .lines()
+            .filter(|l| !l.starts_with("x_"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let text = if base.contains(&format!("{k} = ")) {
+            text
+        } else {
+            format!("{base}{k} = {v}\n")
+        };
+        let e = Config::parse(&text).unwrap_err();
+        assert!(e.message.contains(want), "{k} = {v}: {e}");
+        assert!(e.line.is_some(), "{k} = {v}: {e}");
+    }
+    bad("initrd = \"../x\"\n", "initrd");
+    bad("cmdline = \"a\\u0000b\"\n", "NUL");
+    bad("devices = [\"1:2\", \"1:2\"]\n", "listed twice");
+    bad("console = \"com1\"\n", "thinhv's own log port");
+    bad("vcpus = 2\n", "unknown field");
+    // Missing keys.
+    let e = Config::parse("[[appliance]]\nname = \"a\"\ncpus = 1\nmemory = 128\n").unwrap_err();
+    assert!(e.message.contains("kernel"), "{e}");
+    // Tables against each other and the rest of the file.
+    let two = |second: &str| format!("{base}\n[[appliance]]\n{second}");
+    let e = Config::parse(&two(
+        "name = \"a\"\ncpus = 1\nmemory = 64\nkernel = '\\k'\n",
+    ))
+    .unwrap_err();
+    assert!(e.message.contains("used twice"), "{e}");
+    assert_eq!(e.line, Some(7), "the second table's header: {e}");
+    let ids = "[[appliance]]\nname = \"a\"\ncpus = [1, 2]\nmemory = 64\nkernel = '\\k'\n\n[[appliance]]\nname = \"b\"\ncpus = [2]\nmemory = 64\nkernel = '\\k'\n";
+    let e = Config::parse(ids).unwrap_err();
+    assert!(e.message.contains("APIC ID 2 is also given"), "{e}");
+    let dev =
+        format!("[[device]]\nmatch = \"1:2\"\nowner = \"hidden\"\n\n{base}devices = [\"1:2\"]\n");
+    let e = Config::parse(&dev).unwrap_err();
+    assert!(e.message.contains("one owner"), "{e}");
+    let ports = two("name = \"b\"\ncpus = 1\nmemory = 64\nkernel = '\\k'\nconsole = \"com2\"\n")
+        .replace(
+            "kernel = '\\k'\n\n",
+            "kernel = '\\k'\nconsole = \"0x2f8\"\n\n",
+        );
+    let e = Config::parse(&ports).unwrap_err();
+    assert!(e.message.contains("console port 0x2f8"), "{e}");
+    let many: String = (0..9)
+        .map(|i| format!("[[appliance]]\nname = \"a{i}\"\ncpus = 1\nmemory = 64\nkernel = '\\k'\n"))
+        .collect();
+    let e = Config::parse(&many).unwrap_err();
+    assert!(e.message.contains("at most 8"), "{e}");
+}

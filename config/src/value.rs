@@ -133,7 +133,7 @@ impl Serial {
         }
     }
 
-    fn from_name(s: &str) -> Option<Self> {
+    pub(crate) fn from_name(s: &str) -> Option<Self> {
         let l = s.trim().to_ascii_lowercase();
         match l.as_str() {
             "none" | "off" => Some(Self::None),
