@@ -142,6 +142,19 @@ pub fn root_without(
     entry_size: usize,
     drop: impl Fn(u64) -> bool,
 ) -> Option<alloc::vec::Vec<u8>> {
+    root_mapped(root, entry_size, |pa| (!drop(pa)).then_some(pa))
+}
+
+/// A copy of a root table with each entry replaced by `map(address)`:
+/// `None` drops the entry, `Some(new)` keeps it pointing at `new` (an
+/// RSDT entry that `new` does not fit in 32 bits is kept as it was).
+/// Length and checksum fixed; `None` if `root` is not a well-formed root
+/// table.
+pub fn root_mapped(
+    root: &[u8],
+    entry_size: usize,
+    map: impl Fn(u64) -> Option<u64>,
+) -> Option<alloc::vec::Vec<u8>> {
     let sig: &[u8; 4] = if entry_size == 8 { b"XSDT" } else { b"RSDT" };
     let (_, t) = checked(root, sig).ok()?;
     let body = &t[SDT_HEADER_LEN..];
@@ -152,8 +165,13 @@ pub fn root_without(
     for e in body.chunks_exact(entry_size) {
         let mut b = [0u8; 8];
         b[..entry_size].copy_from_slice(e);
-        if !drop(u64::from_le_bytes(b)) {
-            out.extend_from_slice(e);
+        let old = u64::from_le_bytes(b);
+        match map(old) {
+            None => {}
+            Some(new) if entry_size == 4 && u32::try_from(new).is_err() => {
+                out.extend_from_slice(e);
+            }
+            Some(new) => out.extend_from_slice(&new.to_le_bytes()[..entry_size]),
         }
     }
     let len = u32::try_from(out.len()).ok()?;
@@ -237,6 +255,14 @@ pub(crate) mod tests {
         let mut bad = x.clone();
         bad[40] ^= 1;
         assert!(root_without(&bad, 8, |_| false).is_none());
+        // Replacing one entry (the MADT for the OS's carved copy).
+        let y = root_mapped(&x, 8, |a| Some(if a == 0x1f77_4000 { 0x7000 } else { a })).unwrap();
+        assert_eq!(y.len(), x.len());
+        assert_eq!(checksum(&y), 0);
+        assert_eq!(&y[44..52], &0x7000u64.to_le_bytes());
+        assert_eq!(&y[36..44], &x[36..44]);
+        let s = root_mapped(&r, 4, |_| Some(0x1_0000_0000)).unwrap();
+        assert_eq!(&s[36..40], &r[36..40], "an RSDT entry cannot hold it");
     }
 
     #[test]

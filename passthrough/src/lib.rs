@@ -13,6 +13,7 @@ pub mod amdvi;
 pub mod bars;
 pub mod dmar;
 pub mod ivrs;
+pub mod madt;
 pub mod mediate;
 pub mod pci;
 pub mod policy;
