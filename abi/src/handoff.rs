@@ -562,6 +562,63 @@ pub struct CpuInfo {
 
 /// [`CpuInfo::flags`]: the bootstrap processor.
 pub const CPU_FLAG_BSP: u32 = 1;
+/// [`CpuInfo::flags`] bits 8–15: the partition the processor belongs to
+/// (0: the OS; `n`: appliance `n`, [`Handoff::partitions`]`[n - 1]`).
+pub const CPU_PARTITION_SHIFT: u32 = 8;
+
+impl CpuInfo {
+    /// The partition this processor belongs to (0: the OS).
+    pub const fn partition(&self) -> u8 {
+        ((self.flags >> CPU_PARTITION_SHIFT) & 0xff) as u8
+    }
+}
+
+/// Most appliance partitions (besides the OS's).
+pub const MAX_APPLIANCES: usize = 8;
+
+/// One appliance partition as the loader set it up (`docs/appliances.md`).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    zerocopy::FromBytes,
+    zerocopy::IntoBytes,
+    zerocopy::Immutable,
+    zerocopy::KnownLayout,
+)]
+#[repr(C)]
+pub struct PartitionInfo {
+    /// Its name, NUL-padded.
+    pub name: [u8; 32],
+    /// Its RAM: reserved from the OS's memory map, absent from the OS's
+    /// second-level tables and IOMMU domain.
+    pub ram: PhysRange,
+    /// Processors ([`CpuInfo::partition`] names them).
+    pub cpu_count: u32,
+    /// [`partition_flags`].
+    pub flags: u16,
+    /// Its console's I/O port, 0 for the log ring.
+    pub console_port: u16,
+}
+
+impl PartitionInfo {
+    /// The name as text.
+    pub fn name(&self) -> &str {
+        let n = self.name.iter().position(|&b| b == 0).unwrap_or(32);
+        core::str::from_utf8(&self.name[..n]).unwrap_or("?")
+    }
+}
+
+/// [`PartitionInfo::flags`].
+pub mod partition_flags {
+    /// `on_crash = "restart"`.
+    pub const RESTART_ON_CRASH: u16 = 1 << 0;
+    /// `control = "os"`: the OS's root may stop and start it.
+    pub const OS_CONTROL: u16 = 1 << 1;
+}
 
 /// CPU features the loader found ([`Handoff::features`]).
 pub mod features {
@@ -652,6 +709,12 @@ pub struct Handoff {
     pub iommu: IommuHandoff,
     /// PCI ownership (hidden functions, VF budgets).
     pub pci: PciHandoff,
+    /// Number of valid `partitions`.
+    pub partition_count: u32,
+    /// Reserved.
+    pub reserved2: u32,
+    /// Appliance partitions 1..=`partition_count` (index `n - 1`).
+    pub partitions: [PartitionInfo; MAX_APPLIANCES],
 }
 
 impl Handoff {
@@ -669,6 +732,11 @@ impl Handoff {
     /// The valid CPU entries.
     pub fn cpus(&self) -> &[CpuInfo] {
         &self.cpus[..(self.cpu_count as usize).min(MAX_CPUS)]
+    }
+
+    /// The valid appliance partitions (partition `n` at index `n - 1`).
+    pub fn partitions(&self) -> &[PartitionInfo] {
+        &self.partitions[..(self.partition_count as usize).min(MAX_APPLIANCES)]
     }
 
     /// The valid RAM ranges.
@@ -702,6 +770,11 @@ impl Handoff {
             || (self.device_count != 0 && self.devices_pa == 0)
             || self.iommu.count as usize > MAX_IOMMUS
             || self.iommu.reserved_count as usize > MAX_IOMMU_RESERVED
+            || self.partition_count as usize > MAX_APPLIANCES
+            || self
+                .cpus()
+                .iter()
+                .any(|c| c.partition() as usize > self.partition_count as usize)
             || self.pci.count as usize > MAX_PCI_MEDIATED
             || self.pci.blocked_count as usize > MAX_PCI_BLOCKED
             || (self.pci.count != 0
@@ -748,6 +821,33 @@ impl Handoff {
         {
             return Err("RAM ranges not sorted, empty, overlapping or wrapping");
         }
+        // Appliance RAM: page-aligned, apart from thinhv's region, from
+        // the OS's RAM and from each other; each partition has a CPU.
+        let parts = self.partitions();
+        for (i, a) in parts.iter().enumerate() {
+            let r = a.ram;
+            if r.is_empty()
+                || !r.base.is_multiple_of(4096)
+                || !r.size.is_multiple_of(4096)
+                || r.base.checked_add(r.size).is_none()
+                || self.region.overlaps(r.base, r.size)
+                || ram.iter().any(|o| o.overlaps(r.base, r.size))
+                || parts[..i].iter().any(|b| b.ram.overlaps(r.base, r.size))
+            {
+                return Err("appliance RAM misaligned or overlapping");
+            }
+            let n = self
+                .cpus()
+                .iter()
+                .filter(|c| usize::from(c.partition()) == i + 1)
+                .count();
+            if n == 0 || n != a.cpu_count as usize {
+                return Err("appliance CPU count disagrees with the CPU list");
+            }
+        }
+        if self.cpus().iter().all(|c| c.partition() != 0) {
+            return Err("the OS has no processor");
+        }
         Ok(())
     }
 }
@@ -778,6 +878,36 @@ mod tests {
     #[test]
     fn accepts_a_consistent_handoff() {
         assert_eq!(valid().validate(), Ok(()));
+    }
+
+    #[test]
+    fn appliance_partitions_are_checked() {
+        let mut h = valid();
+        h.ram[0] = PhysRange::new(0x200_0000, 0x1000_0000);
+        h.ram_count = 1;
+        h.partition_count = 1;
+        h.partitions[0].ram = PhysRange::new(0x2000_0000, 0x1000_0000);
+        h.partitions[0].cpu_count = 1;
+        h.partitions[0].name[..3].copy_from_slice(b"app");
+        h.cpus[1].flags = 1 << CPU_PARTITION_SHIFT;
+        assert_eq!(h.validate(), Ok(()));
+        assert_eq!(h.partitions()[0].name(), "app");
+        assert_eq!(h.cpus[1].partition(), 1);
+        let bad = |f: &dyn Fn(&mut Handoff)| {
+            let mut x = h;
+            f(&mut x);
+            x.validate().unwrap_err()
+        };
+        // Overlapping the OS's RAM, thinhv's region, misaligned.
+        bad(&|x| x.partitions[0].ram = PhysRange::new(0x800_0000, 0x1000));
+        bad(&|x| x.partitions[0].ram = PhysRange::new(0x140_0000, 0x1000));
+        bad(&|x| x.partitions[0].ram = PhysRange::new(0x2000_0800, 0x1000));
+        // A CPU of a partition that does not exist; counts that disagree;
+        // no CPU left to the OS.
+        bad(&|x| x.cpus[1].flags = 2 << CPU_PARTITION_SHIFT);
+        bad(&|x| x.partitions[0].cpu_count = 2);
+        bad(&|x| x.cpus[0].flags = 1 << CPU_PARTITION_SHIFT);
+        bad(&|x| x.partition_count = 9);
     }
 
     #[test]

@@ -95,6 +95,13 @@ impl Function {
     /// Loader only: the OS is about to be started; closes
     /// [`Function::DEVIRTUALIZE`] and [`Function::SEAL`] for good.
     pub const SEAL: Self = Self(0x101);
+    /// The loader's ExitBootServices hook, after the firmware's own
+    /// ExitBootServices handling returned (it wakes every processor it
+    /// started and waits for each, `docs/appliances.md`): appliance
+    /// partitions claim their processors, which from now on no IPI from
+    /// the OS reaches. After [`Function::SEAL`], from the OS's partition;
+    /// RBX ← processors claimed (0 when already claimed).
+    pub const CLAIM_APPLIANCE_CPUS: Self = Self(0x102);
     /// Tests only (`[debug] host_fault`), before sealing: the core raises an
     /// exception in host mode, to prove that such a fault is reported and
     /// never hangs silently.
@@ -108,6 +115,7 @@ impl Function {
             2 => "log-read",
             3 => "integrity",
             4 => "exit-counts",
+            0x102 => "claim-appliance-cpus",
             5 => "exit-cost",
             0x100 => "devirtualize",
             0x101 => "seal",

@@ -1,9 +1,10 @@
 //! State shared by all CPUs of the hypervisor: configuration, memory ranges,
 //! and per-CPU slots with the INIT/SIPI mailboxes.
+use crate::partition::{Partition, PartitionId};
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use thinhv_abi::PhysRange;
 use thinhv_abi::handoff::{
-    CoreConfig, CpuidProfile, Handoff, MAX_CPUS, MAX_RAM_RANGES, PciHandoff,
+    CoreConfig, CpuidProfile, Handoff, MAX_APPLIANCES, MAX_CPUS, MAX_RAM_RANGES, PciHandoff,
 };
 use thinhv_abi::status::CpuState;
 
@@ -92,6 +93,8 @@ pub struct MtrrShadow {
 pub struct CpuSlot {
     /// Local APIC ID.
     pub apic_id: u32,
+    /// The partition it belongs to, for good.
+    pub partition: PartitionId,
     /// [`CpuState`] value.
     pub state: AtomicU32,
     /// INIT/SIPI mailbox.
@@ -199,6 +202,11 @@ pub struct Hv {
     /// Pages the emulated APIC relocation keeps out of the second-level
     /// tables (`handlers::apic_reloc`).
     pub apic_reloc: crate::handlers::apic_reloc::Relocations,
+    /// Appliance partitions (partition `n` at index `n - 1`).
+    partitions: [Option<Partition>; MAX_APPLIANCES],
+    partition_count: usize,
+    /// IPIs dropped because they crossed partitions (`handlers::ipi`).
+    pub cross_partition_ipis: AtomicU64,
 }
 
 impl Hv {
@@ -209,6 +217,7 @@ impl Hv {
         ram[..n].copy_from_slice(h.ram());
         let cpus = core::array::from_fn(|i| CpuSlot {
             apic_id: h.cpus.get(i).map_or(u32::MAX, |c| c.apic_id),
+            partition: PartitionId(h.cpus.get(i).map_or(0, |c| c.partition())),
             state: AtomicU32::new(CpuState::OFFLINE.0),
             mailbox: Mailbox::default(),
             cf8_latch: AtomicU32::new(0),
@@ -239,7 +248,55 @@ impl Hv {
             refused_ipis: AtomicU64::new(0),
             legacy_config_lock: spin::Mutex::new(()),
             apic_reloc: crate::handlers::apic_reloc::Relocations::default(),
+            partitions: core::array::from_fn(|i| h.partitions().get(i).map(|p| Partition::new(*p))),
+            partition_count: h.partitions().len(),
+            cross_partition_ipis: AtomicU64::new(0),
         }
+    }
+
+    /// Whether any appliance partition exists.
+    pub fn has_appliances(&self) -> bool {
+        self.partition_count != 0
+    }
+
+    /// Appliance partition `id` (`None` for the OS and unknown numbers).
+    pub fn appliance(&self, id: PartitionId) -> Option<&Partition> {
+        let i = usize::from(id.0).checked_sub(1)?;
+        self.partitions.get(i)?.as_ref()
+    }
+
+    /// The appliance partitions with their numbers.
+    pub fn appliances(&self) -> impl Iterator<Item = (PartitionId, &Partition)> {
+        self.partitions[..self.partition_count]
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| Some((PartitionId(u8::try_from(i + 1).ok()?), p.as_ref()?)))
+    }
+
+    /// The partition CPU `cpu` belongs to.
+    pub fn partition_of(&self, cpu: usize) -> PartitionId {
+        self.cpus()
+            .get(cpu)
+            .map_or(PartitionId::OS, |c| c.partition)
+    }
+
+    /// Whether CPU `target` is out of reach of partition `from`: it
+    /// belongs to another partition that is not waiting for the firmware
+    /// to let its processors go (the OS's processors are out of every
+    /// appliance's reach, always).
+    pub fn isolated(&self, from: PartitionId, target: usize) -> bool {
+        let to = self.partition_of(target);
+        if to == from {
+            return false;
+        }
+        self.appliance(to).is_none_or(Partition::claimed)
+    }
+
+    /// Whether any byte of `[gpa, gpa + len)` is RAM of an appliance other
+    /// than `part`: partition `part` may neither read nor write it.
+    pub fn foreign_ram(&self, part: PartitionId, gpa: u64, len: u64) -> bool {
+        self.appliances()
+            .any(|(id, p)| id != part && p.ram().overlaps(gpa, len))
     }
 
     /// The processors.

@@ -30,5 +30,6 @@ pub mod log_ring;
 pub mod mtrr;
 pub mod nmi;
 pub mod npt;
+pub mod partition;
 pub mod svm;
 pub mod vmx;

@@ -224,6 +224,41 @@ impl FakeEnv {
         }
     }
 
+    /// [`Self::new`] with CPUs 2 and 3 (APIC IDs 2, 3) given to appliance
+    /// partition 1, whose RAM is 0x4000_0000..0x5000_0000 (out of the
+    /// OS's RAM ranges, as the loader reserves it).
+    pub fn with_appliance() -> Self {
+        let mut h = Handoff::new();
+        h.cpu_count = 4;
+        for i in 0..4 {
+            h.cpus[i] = CpuInfo {
+                apic_id: i as u32,
+                flags: u32::from(i == 0)
+                    | if i >= 2 {
+                        1 << thinhv_abi::handoff::CPU_PARTITION_SHIFT
+                    } else {
+                        0
+                    },
+            };
+        }
+        h.partition_count = 1;
+        h.partitions[0].ram = PhysRange::new(0x4000_0000, 0x1000_0000);
+        h.partitions[0].cpu_count = 2;
+        h.partitions[0].name[..5].copy_from_slice(b"appl1");
+        let mut env = Self::new();
+        let old = &env.hv;
+        let mut hv = Hv::from_handoff(&h, APIC);
+        hv.protected = old.protected;
+        hv.status = old.status;
+        hv.phys_addr_bits = old.phys_addr_bits;
+        hv.vendor = old.vendor;
+        for c in hv.cpus() {
+            c.set_state(CpuState::RUNNING);
+        }
+        env.hv = hv;
+        env
+    }
+
     /// The dword of `cf8_space` data port `port` reaches with the
     /// hardware latch as it is now, and the port's byte in it. A chipset
     /// splits an access that straddles 0xCFC or 0xCFF, so each byte is

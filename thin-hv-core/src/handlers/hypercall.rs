@@ -164,6 +164,13 @@ pub(super) fn handle(cpu: &mut impl GuestCpu, env: &mut impl Env) -> Outcome {
                 [Some(u64::from(on)), Some(u64::from(total)), None],
             )
         }
+        Function::CLAIM_APPLIANCE_CPUS => {
+            if !hv.is_sealed() || !hv.partition_of(env.cpu_index()).is_os() {
+                return finish(cpu, env, Status::NOT_PERMITTED, [None; 3]);
+            }
+            let n = super::partition::claim_cpus(env);
+            finish(cpu, env, Status::OK, [Some(n), None, None])
+        }
         Function::DEBUG_HOST_FAULT => {
             if hv.is_sealed() || hv.config.debug_host_fault == 0 {
                 return finish(cpu, env, Status::NOT_PERMITTED, [None; 3]);

@@ -19,6 +19,19 @@
 //! are not resolved and never sent (Intel SDM Vol. 3A §11.6.1, §11.6.2: a
 //! logical destination may name any set of processors, disabled ones
 //! included).
+//!
+//! Partitions: no IPI crosses from one partition to another once the
+//! target's partition has claimed its processors (`Hv::isolated`). INIT
+//! and STARTUP to such a CPU are refused like those to unknown CPUs; any
+//! other IPI (fixed, NMI, SMI, lowest priority) to it is dropped and
+//! counted ([`Hv::cross_partition_ipis`](crate::hv::Hv)); the shorthands
+//! "all including self" and "all excluding self" (and the physical
+//! broadcast ID) are sent as one physical IPI per CPU of the sender's own
+//! partition. Logical destinations of non-INIT IPIs go to the APIC
+//! unchanged: a claimed appliance CPU's logical ID register is one its own
+//! partition set (or the reset value 0, which no logical destination
+//! names); resolving them against each CPU's logical ID comes with
+//! appliances that run (`docs/appliances.md`).
 use super::Outcome;
 use crate::apic::{DeliveryMode, Destination, Icr, physical_icr, reg};
 use crate::env::Env;
@@ -33,7 +46,11 @@ const LOG_FIRST: u64 = 8;
 pub fn icr_write(env: &mut impl Env, value: u64, x2apic: bool) -> Outcome {
     let icr = Icr::decode(value, x2apic);
     if !icr.is_init_or_sipi() {
-        forward(env, value, x2apic);
+        if env.hv().has_appliances() {
+            route_within_partition(env, value, &icr, x2apic);
+        } else {
+            forward(env, value, x2apic);
+        }
         return Outcome::Resume;
     }
     if icr.is_init_deassert() {
@@ -67,7 +84,11 @@ pub fn icr_write(env: &mut impl Env, value: u64, x2apic: bool) -> Outcome {
         }
         Destination::AllIncludingSelf | Destination::AllExcludingSelf => {
             let n = env.hv().cpus().len();
-            for i in (0..n).filter(|&i| i != me) {
+            let from = env.hv().partition_of(me);
+            for i in 0..n {
+                if i == me || env.hv().isolated(from, i) {
+                    continue;
+                }
                 let id = env.hv().cpus()[i].apic_id;
                 deliver(env, id, &icr, x2apic);
             }
@@ -85,7 +106,16 @@ pub fn icr_write(env: &mut impl Env, value: u64, x2apic: bool) -> Outcome {
 
 fn deliver(env: &mut impl Env, apic_id: u32, icr: &Icr, x2apic: bool) {
     let hv = env.hv();
+    let from = hv.partition_of(env.cpu_index());
     match hv.cpu_by_apic_id(apic_id) {
+        Some(i) if hv.isolated(from, i) => {
+            refuse(
+                env,
+                icr,
+                format_args!("APIC {apic_id:#x}"),
+                "the CPU belongs to another partition",
+            );
+        }
         Some(i) if hv.cpus()[i].virtualized() => {
             let slot = &hv.cpus()[i];
             if icr.mode == DeliveryMode::INIT {
@@ -119,6 +149,55 @@ fn deliver(env: &mut impl Env, apic_id: u32, icr: &Icr, x2apic: bool) {
                 x2apic,
             );
         }
+    }
+}
+
+/// A non-INIT/SIPI IPI while appliances exist: to the sender's own
+/// partition only.
+fn route_within_partition(env: &mut impl Env, value: u64, icr: &Icr, x2apic: bool) {
+    let me = env.cpu_index();
+    let from = env.hv().partition_of(me);
+    let guest_high = (!x2apic).then(|| env.lapic_read(reg::ICR_HIGH));
+    match icr.dest {
+        Destination::SelfOnly | Destination::Logical(_) => forward(env, value, x2apic),
+        Destination::Physical(id) => match env.hv().cpu_by_apic_id(id) {
+            Some(t) if env.hv().isolated(from, t) => drop_crossing(env, icr, id),
+            _ => forward(env, value, x2apic),
+        },
+        Destination::AllIncludingSelf | Destination::AllExcludingSelf => {
+            let n = env.hv().cpus().len();
+            for i in 0..n {
+                if (i == me && icr.dest == Destination::AllExcludingSelf)
+                    || env.hv().partition_of(i) != from
+                {
+                    continue;
+                }
+                let id = env.hv().cpus()[i].apic_id;
+                let one = physical_icr(id, icr.mode, icr.vector, x2apic) | level_bits(icr);
+                forward(env, one, x2apic);
+            }
+        }
+    }
+    if let Some(high) = guest_high {
+        env.lapic_write(reg::ICR_HIGH, high);
+    }
+}
+
+/// Counts (and logs, rate-limited) an IPI dropped at a partition border.
+fn drop_crossing(env: &impl Env, icr: &Icr, apic_id: u32) {
+    let n = env
+        .hv()
+        .cross_partition_ipis
+        .fetch_add(1, Ordering::Relaxed)
+        + 1;
+    if n <= LOG_FIRST || n.is_multiple_of(1024) {
+        log::warn!(
+            "cpu {}: IPI (mode {}, vector {:#x}) to APIC {apic_id:#x} dropped: another \
+             partition's CPU ({n} dropped so far)",
+            env.cpu_index(),
+            icr.mode.0,
+            icr.vector
+        );
     }
 }
 

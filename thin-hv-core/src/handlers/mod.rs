@@ -9,6 +9,7 @@ mod ipi;
 pub mod msr;
 pub mod msr_policy;
 mod npf;
+mod partition;
 pub(crate) mod pcicfg;
 mod xsetbv;
 
@@ -27,6 +28,9 @@ mod tests_hostile;
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
 mod tests_msr;
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests_partition;
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
 mod tests_pcicfg;

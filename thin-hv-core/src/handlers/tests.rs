@@ -110,7 +110,7 @@ fn undecodable_instruction_faults_instead_of_looping() {
     assert_eq!(cpu.rip, RIP);
 }
 
-fn hypercall(env: &mut FakeEnv, cpl: u8, f: Function, a: [u64; 3]) -> FakeCpu {
+pub(super) fn hypercall(env: &mut FakeEnv, cpl: u8, f: Function, a: [u64; 3]) -> FakeCpu {
     let mut cpu = at(env, VMMCALL);
     cpu.cpl = cpl;
     cpu.regs[Gpr::Rax as usize] = f.0;
@@ -122,7 +122,7 @@ fn hypercall(env: &mut FakeEnv, cpl: u8, f: Function, a: [u64; 3]) -> FakeCpu {
     cpu
 }
 
-fn status(cpu: &FakeCpu) -> Status {
+pub(super) fn status(cpu: &FakeCpu) -> Status {
     Status(cpu.regs[Gpr::Rax as usize])
 }
 
@@ -382,7 +382,7 @@ fn writes_to_the_protected_region_are_discarded_and_counted() {
 /// `mov dword [rdx+0x300], eax`
 const MOV_ICR: &[u8] = &[0x89, 0x82, 0x00, 0x03, 0x00, 0x00];
 
-fn icr(env: &mut FakeEnv, high: u32, low: u32) -> Outcome {
+pub(super) fn icr(env: &mut FakeEnv, high: u32, low: u32) -> Outcome {
     env.apic.insert(0x310, high);
     let mut cpu = at(env, MOV_ICR);
     cpu.regs[Gpr::Rax as usize] = u64::from(low);

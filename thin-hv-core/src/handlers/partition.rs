@@ -1,0 +1,73 @@
+//! Appliance partitions claiming their processors.
+use crate::env::Env;
+use crate::partition::PartitionState;
+
+/// Every unclaimed appliance partition claims its processors: each gets a
+/// virtual INIT (mailbox and wake-up, as `handlers::ipi` does for the OS's
+/// own INITs) and from then on waits in thinhv, out of reach of every IPI
+/// from another partition (`Hv::isolated`). Returns the processors
+/// claimed.
+pub fn claim_cpus(env: &mut impl Env) -> u64 {
+    let mut claimed = 0u64;
+    let n = env.hv().cpus().len();
+    let parts: heapless_ids::Ids = env
+        .hv()
+        .appliances()
+        .filter(|(_, p)| p.transition(PartitionState::UNCLAIMED, PartitionState::STOPPED))
+        .map(|(id, _)| id)
+        .collect();
+    for id in parts.iter() {
+        let mut cpus = 0;
+        for i in 0..n {
+            let slot = &env.hv().cpus()[i];
+            if slot.partition != id || !slot.virtualized() {
+                continue;
+            }
+            let apic_id = slot.apic_id;
+            slot.mailbox.post_init();
+            env.kick_for_init(apic_id);
+            cpus += 1;
+        }
+        claimed += cpus;
+        if let Some(p) = env.hv().appliance(id) {
+            log::info!(
+                "appliance {:?} (partition {}): {cpus} processor(s) claimed, state {}",
+                p.name(),
+                id.0,
+                p.state().name()
+            );
+        }
+    }
+    claimed
+}
+
+/// A fixed set of partition numbers (no allocation on the exit path).
+mod heapless_ids {
+    use crate::partition::PartitionId;
+    use thinhv_abi::handoff::MAX_APPLIANCES;
+
+    #[derive(Default)]
+    pub struct Ids {
+        ids: [PartitionId; MAX_APPLIANCES],
+        n: usize,
+    }
+
+    impl Ids {
+        pub fn iter(&self) -> impl Iterator<Item = PartitionId> + '_ {
+            self.ids[..self.n].iter().copied()
+        }
+    }
+
+    impl FromIterator<PartitionId> for Ids {
+        fn from_iter<I: IntoIterator<Item = PartitionId>>(it: I) -> Self {
+            let mut s = Self::default();
+            for id in it {
+                if s.n < MAX_APPLIANCES {
+                    s.ids[s.n] = id;
+                    s.n += 1;
+                }
+            }
+            s
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! Partitions: IPIs stop at the border once an appliance has claimed its
+//! processors; the claim itself; memory of another partition.
+use super::fake::*;
+use super::tests::{hypercall, icr, status};
+use crate::partition::{PartitionId, PartitionState};
+use core::sync::atomic::Ordering;
+use thinhv_abi::hypercall::{Function, Status};
+
+/// (destination, delivery mode, shorthand) of every ICR low write.
+fn sent(env: &FakeEnv) -> Vec<(u32, u32, u32)> {
+    env.apic_writes
+        .windows(2)
+        .filter(|w| w[1].0 == 0x300 && w[0].0 == 0x310)
+        .map(|w| (w[0].1 >> 24, (w[1].1 >> 8) & 7, (w[1].1 >> 18) & 3))
+        .collect()
+}
+
+fn claimed() -> FakeEnv {
+    let mut env = FakeEnv::with_appliance();
+    env.hv.sealed.store(true, Ordering::SeqCst);
+    let cpu = hypercall(&mut env, 0, Function::CLAIM_APPLIANCE_CPUS, [0; 3]);
+    assert_eq!(status(&cpu), Status::OK);
+    assert_eq!(cpu.regs[crate::guest::Gpr::Rbx as usize], 2);
+    // The parked CPUs took their INIT (the real ones do, on the wake-up).
+    for i in [2, 3] {
+        assert!(env.hv.cpus()[i].mailbox.take_init());
+        env.hv.cpus()[i].set_state(thinhv_abi::status::CpuState::WAIT_FOR_SIPI);
+    }
+    env.apic_writes.clear();
+    env.nmis_sent.clear();
+    env
+}
+
+#[test]
+fn the_claim_parks_the_appliance_cpus_once_and_only_after_the_seal() {
+    let mut env = FakeEnv::with_appliance();
+    let p = env.hv.appliance(PartitionId(1)).unwrap();
+    assert_eq!(p.state(), PartitionState::UNCLAIMED);
+    assert_eq!(p.name(), "appl1");
+    // Before the seal: refused (the loader's hook runs after it).
+    let cpu = hypercall(&mut env, 0, Function::CLAIM_APPLIANCE_CPUS, [0; 3]);
+    assert_eq!(status(&cpu), Status::NOT_PERMITTED);
+    env.hv.sealed.store(true, Ordering::SeqCst);
+    let cpu = hypercall(&mut env, 0, Function::CLAIM_APPLIANCE_CPUS, [0; 3]);
+    assert_eq!(status(&cpu), Status::OK);
+    assert_eq!(cpu.regs[crate::guest::Gpr::Rbx as usize], 2);
+    // Each appliance CPU got a virtual INIT and its wake-up; no OS CPU did.
+    assert_eq!(env.nmis_sent, [2, 3]);
+    for i in [2, 3] {
+        assert!(env.hv.cpus()[i].mailbox.take_init());
+    }
+    assert!(!env.hv.cpus()[1].mailbox.take_init());
+    assert_eq!(
+        env.hv.appliance(PartitionId(1)).unwrap().state(),
+        PartitionState::STOPPED
+    );
+    // Again: nothing more to claim.
+    let cpu = hypercall(&mut env, 0, Function::CLAIM_APPLIANCE_CPUS, [0; 3]);
+    assert_eq!(cpu.regs[crate::guest::Gpr::Rbx as usize], 0);
+    assert_eq!(env.nmis_sent.len(), 2);
+    // From an appliance CPU: refused.
+    let cpu = hypercall(&mut env, 0, Function::CLAIM_APPLIANCE_CPUS, [0; 3]);
+    assert_eq!(status(&cpu), Status::OK);
+    env.cpu = 2;
+    let cpu = hypercall(&mut env, 0, Function::CLAIM_APPLIANCE_CPUS, [0; 3]);
+    assert_eq!(status(&cpu), Status::NOT_PERMITTED);
+}
+
+#[test]
+fn before_the_claim_the_firmware_still_reaches_the_appliance_cpus() {
+    // ExitBootServices: the firmware's INIT-SIPI-SIPI to all but self must
+    // reach every processor it started, or it waits for ever.
+    let mut env = FakeEnv::with_appliance();
+    env.hv.sealed.store(true, Ordering::SeqCst);
+    icr(&mut env, 0, 0x000c_4500);
+    assert_eq!(env.nmis_sent, [1, 2, 3]);
+    assert_eq!(env.hv.refused_ipis.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn init_and_sipi_from_the_os_never_reach_a_claimed_appliance() {
+    let mut env = claimed();
+    // Targeted INIT and SIPI.
+    for target in [2u32, 3] {
+        icr(&mut env, target << 24, 0xc500);
+        icr(&mut env, target << 24, 0x0699);
+    }
+    // Broadcast INIT: all excluding self, all including self, physical 0xff.
+    icr(&mut env, 0, 0x000c_4500);
+    icr(&mut env, 0xff << 24, 0x4500);
+    icr(&mut env, 0, 0x0008_4500);
+    for i in [2, 3] {
+        let slot = &env.hv.cpus()[i];
+        assert!(!slot.mailbox.take_init(), "cpu {i}");
+        assert_eq!(slot.mailbox.take_sipi(), None, "cpu {i}");
+    }
+    // The OS's own CPU 1 got the broadcasts (virtual INITs).
+    assert_eq!(env.nmis_sent, [1, 1, 1]);
+    assert_eq!(env.hv.refused_ipis.load(Ordering::SeqCst), 4);
+    // Nothing INIT-like reached the APIC.
+    assert!(
+        sent(&env).iter().all(|&(_, mode, _)| mode < 5),
+        "{:?}",
+        sent(&env)
+    );
+}
+
+#[test]
+fn fixed_and_nmi_ipis_stay_in_the_partition() {
+    let mut env = claimed();
+    // Fixed IPI and NMI to an appliance CPU: dropped.
+    icr(&mut env, 3 << 24, 0x40fd);
+    icr(&mut env, 2 << 24, 0x4400);
+    assert!(sent(&env).is_empty(), "{:?}", sent(&env));
+    assert_eq!(env.hv.cross_partition_ipis.load(Ordering::SeqCst), 2);
+    // To its own CPU 1: unchanged.
+    icr(&mut env, 1 << 24, 0x40fd);
+    assert_eq!(sent(&env), [(1, 0, 0)]);
+    env.apic_writes.clear();
+    // NMI to all excluding self: one physical NMI to CPU 1 only.
+    icr(&mut env, 0, 0x000c_4400);
+    assert_eq!(sent(&env), [(1, 4, 0)]);
+    env.apic_writes.clear();
+    // Fixed broadcast (physical 0xff) and all including self: CPUs 0 and 1.
+    icr(&mut env, 0xff << 24, 0x40ef);
+    assert_eq!(sent(&env), [(0, 0, 0), (1, 0, 0)]);
+    env.apic_writes.clear();
+    icr(&mut env, 0, 0x0008_40ef);
+    assert_eq!(sent(&env), [(0, 0, 0), (1, 0, 0)]);
+    // The guest's ICR high is left as it wrote it.
+    assert_eq!(env.apic[&0x310], 0);
+    // Self: unchanged, as are IPIs to APIC IDs thinhv does not know.
+    env.apic_writes.clear();
+    icr(&mut env, 0, 0x0004_40ef);
+    icr(&mut env, 9 << 24, 0x40ef);
+    assert_eq!(sent(&env), [(0, 0, 1), (9, 0, 0)]);
+    assert_eq!(env.hv.cross_partition_ipis.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn without_the_claim_or_without_appliances_nothing_is_filtered() {
+    // Control: the same NMI reaches CPU 3 when there is no partition.
+    let mut env = FakeEnv::new();
+    env.hv.sealed.store(true, Ordering::SeqCst);
+    icr(&mut env, 3 << 24, 0x4400);
+    assert_eq!(sent(&env), [(3, 4, 0)]);
+    icr(&mut env, 0, 0x000c_4400);
+    assert_eq!(sent(&env)[1], (0, 4, 3), "the shorthand, unchanged");
+}
+
+#[test]
+fn an_appliance_cpu_never_reaches_the_os() {
+    let mut env = claimed();
+    env.cpu = 2;
+    icr(&mut env, 0, 0x4400);
+    icr(&mut env, 1 << 24, 0xc500);
+    icr(&mut env, 0, 0x000c_40ef);
+    assert_eq!(sent(&env), [(3, 0, 0)], "only its sibling");
+    assert!(!env.hv.cpus()[1].mailbox.take_init());
+    assert!(!env.hv.cpus()[0].mailbox.take_init());
+    assert_eq!(env.hv.cross_partition_ipis.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn appliance_ram_is_foreign_to_the_os_and_to_other_appliances() {
+    let env = FakeEnv::with_appliance();
+    let hv = &env.hv;
+    assert!(hv.foreign_ram(PartitionId::OS, 0x4000_0000, 1));
+    assert!(hv.foreign_ram(PartitionId::OS, 0x3fff_f000, 0x2000));
+    assert!(!hv.foreign_ram(PartitionId::OS, 0x5000_0000, 0x1000));
+    assert!(!hv.foreign_ram(PartitionId(1), 0x4000_0000, 0x1000));
+    assert!(hv.foreign_ram(PartitionId(2), 0x4000_0000, 0x1000));
+}

@@ -1,0 +1,96 @@
+//! Partitions: the OS is partition 0, each appliance another
+//! (`docs/appliances.md`). A partition owns its processors, its RAM and
+//! its state; whatever crosses partitions is checked where thinhv sees it
+//! (`handlers::ipi` for IPIs, [`crate::hv::Hv::foreign_ram`] for memory
+//! thinhv reads or writes for a guest).
+use core::sync::atomic::{AtomicU32, Ordering};
+use thinhv_abi::PhysRange;
+use thinhv_abi::handoff::PartitionInfo;
+
+/// A partition number: 0 is the OS, `n` is appliance `n`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PartitionId(pub u8);
+
+impl PartitionId {
+    /// The OS.
+    pub const OS: Self = Self(0);
+
+    /// Whether this is the OS's partition.
+    pub const fn is_os(self) -> bool {
+        self.0 == 0
+    }
+}
+
+/// Where an appliance partition is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartitionState(pub u32);
+
+#[allow(missing_docs)]
+impl PartitionState {
+    /// Its processors still serve the firmware (until the OS's
+    /// ExitBootServices: the firmware's own AP handling at that point needs
+    /// every processor it started, `docs/appliances.md`).
+    pub const UNCLAIMED: Self = Self(0);
+    /// Claimed: its processors wait in thinhv, nothing runs.
+    pub const STOPPED: Self = Self(1);
+    pub const STARTING: Self = Self(2);
+    pub const RUNNING: Self = Self(3);
+    pub const CRASHED: Self = Self(4);
+
+    /// Its name in logs and listings.
+    pub const fn name(self) -> &'static str {
+        match self.0 {
+            0 => "unclaimed",
+            1 => "stopped",
+            2 => "starting",
+            3 => "running",
+            4 => "crashed",
+            _ => "?",
+        }
+    }
+}
+
+/// One appliance partition.
+#[derive(Debug)]
+pub struct Partition {
+    /// What the loader set up.
+    pub info: PartitionInfo,
+    state: AtomicU32,
+}
+
+impl Partition {
+    /// From the hand-off.
+    pub fn new(info: PartitionInfo) -> Self {
+        Self {
+            info,
+            state: AtomicU32::new(PartitionState::UNCLAIMED.0),
+        }
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        self.info.name()
+    }
+
+    /// Its RAM.
+    pub fn ram(&self) -> PhysRange {
+        self.info.ram
+    }
+
+    /// Its state.
+    pub fn state(&self) -> PartitionState {
+        PartitionState(self.state.load(Ordering::SeqCst))
+    }
+
+    /// Moves from `from` to `to`; false if it was not in `from`.
+    pub fn transition(&self, from: PartitionState, to: PartitionState) -> bool {
+        self.state
+            .compare_exchange(from.0, to.0, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+
+    /// Whether its processors are its own (no longer the firmware's).
+    pub fn claimed(&self) -> bool {
+        self.state() != PartitionState::UNCLAIMED
+    }
+}
