@@ -241,6 +241,14 @@ pub(crate) fn validate(cfg: &crate::Config) -> Result<(), (usize, String)> {
             ),
         ));
     }
+    if !list.is_empty() && cfg.cpu.init_sipi == crate::InitSipi::Activity {
+        return Err((
+            0,
+            "[[appliance]] needs cpu.init_sipi = \"auto\" or \"intercept\": with \"activity\" \
+             the OS's INIT and SIPI reach processors without thinhv seeing them"
+                .to_string(),
+        ));
+    }
     for (i, a) in list.iter().enumerate() {
         check_one(a).map_err(|m| (i, format!("[[appliance]] {:?}: {m}", a.name)))?;
     }

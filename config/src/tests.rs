@@ -352,6 +352,8 @@ fn appliance_errors_name_the_table_line() {
     bad("devices = [\"1:2\", \"1:2\"]\n", "listed twice");
     bad("console = \"com1\"\n", "thinhv's own log port");
     bad("vcpus = 2\n", "unknown field");
+    let e = Config::parse(&format!("[cpu]\ninit_sipi = \"activity\"\n\n{base}")).unwrap_err();
+    assert!(e.message.contains("init_sipi"), "{e}");
     // Missing keys.
     let e = Config::parse("[[appliance]]\nname = \"a\"\ncpus = 1\nmemory = 128\n").unwrap_err();
     assert!(e.message.contains("kernel"), "{e}");
@@ -377,9 +379,10 @@ fn appliance_errors_name_the_table_line() {
         );
     let e = Config::parse(&ports).unwrap_err();
     assert!(e.message.contains("console port 0x2f8"), "{e}");
-    let many: String = (0..9)
-        .map(|i| format!("[[appliance]]\nname = \"a{i}\"\ncpus = 1\nmemory = 64\nkernel = '\\k'\n"))
-        .collect();
+    let many = (0..9)
+        .map(|i| base.replace("\"a\"", &format!("\"a{i}\"")))
+        .collect::<Vec<_>>()
+        .concat();
     let e = Config::parse(&many).unwrap_err();
     assert!(e.message.contains("at most 8"), "{e}");
 }

@@ -81,14 +81,13 @@ pub fn decide(appliances: &[Appliance], cpus: &[Cpu], ram_bytes: u64) -> Vec<Dec
                 None
             }
         });
-        out[i] = Some(match problem {
-            Some(p) => Decision::Refused(p),
-            None => {
-                taken.extend(ids);
-                let mut ids = ids.clone();
-                ids.sort_unstable();
-                Decision::Accepted { apic_ids: ids }
-            }
+        out[i] = Some(if let Some(p) = problem {
+            Decision::Refused(p)
+        } else {
+            taken.extend(ids);
+            let mut ids = ids.clone();
+            ids.sort_unstable();
+            Decision::Accepted { apic_ids: ids }
         });
     }
     for (i, a) in appliances.iter().enumerate() {

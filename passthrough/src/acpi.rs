@@ -255,14 +255,32 @@ pub(crate) mod tests {
         let mut bad = x.clone();
         bad[40] ^= 1;
         assert!(root_without(&bad, 8, |_| false).is_none());
-        // Replacing one entry (the MADT for the OS's carved copy).
-        let y = root_mapped(&x, 8, |a| Some(if a == 0x1f77_4000 { 0x7000 } else { a })).unwrap();
-        assert_eq!(y.len(), x.len());
-        assert_eq!(checksum(&y), 0);
-        assert_eq!(&y[44..52], &0x7000u64.to_le_bytes());
-        assert_eq!(&y[36..44], &x[36..44]);
-        let s = root_mapped(&r, 4, |_| Some(0x1_0000_0000)).unwrap();
-        assert_eq!(&s[36..40], &r[36..40], "an RSDT entry cannot hold it");
+    }
+
+    #[test]
+    fn root_tables_with_one_entry_replaced() {
+        let mut xsdt = vec![0u8; SDT_HEADER_LEN];
+        xsdt[..4].copy_from_slice(b"XSDT");
+        for a in [0x1f77_8000u64, 0x1f77_4000] {
+            xsdt.extend_from_slice(&a.to_le_bytes());
+        }
+        xsdt[4..8].copy_from_slice(&52u32.to_le_bytes());
+        fix_checksum(&mut xsdt);
+        let new = root_mapped(&xsdt, 8, |a| {
+            Some(if a == 0x1f77_4000 { 0x7000 } else { a })
+        })
+        .unwrap();
+        assert_eq!(new.len(), xsdt.len());
+        assert_eq!(checksum(&new), 0);
+        assert_eq!(&new[44..52], &0x7000u64.to_le_bytes());
+        assert_eq!(&new[36..44], &xsdt[36..44]);
+        let mut rsdt = vec![0u8; SDT_HEADER_LEN];
+        rsdt[..4].copy_from_slice(b"RSDT");
+        rsdt.extend_from_slice(&0x1f77_4000u32.to_le_bytes());
+        rsdt[4..8].copy_from_slice(&40u32.to_le_bytes());
+        fix_checksum(&mut rsdt);
+        let same = root_mapped(&rsdt, 4, |_| Some(0x1_0000_0000)).unwrap();
+        assert_eq!(&same[36..40], &rsdt[36..40], "an RSDT entry cannot hold it");
     }
 
     #[test]

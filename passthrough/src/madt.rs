@@ -97,15 +97,11 @@ pub fn processor_ids(madt: &[u8]) -> Result<Vec<u32>, TableError> {
     let mut ids = Vec::new();
     for e in entries(&t[FIXED..])? {
         match e[0] {
-            LOCAL_APIC if e.len() >= 8 => {
-                if u32_at(e, 4).is_some_and(|f| f & 3 != 0) {
-                    ids.push(u32::from(e[3]));
-                }
+            LOCAL_APIC if e.len() >= 8 && u32_at(e, 4).is_some_and(|f| f & 3 != 0) => {
+                ids.push(u32::from(e[3]));
             }
-            LOCAL_X2APIC if e.len() >= 16 => {
-                if u32_at(e, 8).is_some_and(|f| f & 3 != 0) {
-                    ids.push(u32_at(e, 4).ok_or(TableError::TooShort)?);
-                }
+            LOCAL_X2APIC if e.len() >= 16 && u32_at(e, 8).is_some_and(|f| f & 3 != 0) => {
+                ids.push(u32_at(e, 4).ok_or(TableError::TooShort)?);
             }
             _ => {}
         }
@@ -166,7 +162,7 @@ mod tests {
         x2nmi.extend_from_slice(&9u32.to_le_bytes());
         x2nmi.extend_from_slice(&[1, 0, 0, 0]);
         t.extend_from_slice(&x2nmi);
-        let len = t.len() as u32;
+        let len = u32::try_from(t.len()).unwrap();
         t[4..8].copy_from_slice(&len.to_le_bytes());
         set_checksum(&mut t);
         t

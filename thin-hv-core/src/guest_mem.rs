@@ -62,8 +62,8 @@ pub fn ram_covers(ram: &[PhysRange], gpa: u64, len: u64) -> bool {
 }
 
 /// Reads guest-physical memory the way the guest would see it: bytes of
-/// the hypervisor's protected region read as zero (the guest sees a blank
-/// page there), and addresses beyond the physical address width fail.
+/// the hypervisor's protected region and another partition's RAM read as
+/// zero (the guest sees a blank page there), and addresses beyond the physical address width fail.
 pub fn read_guest_phys(env: &impl Env, gpa: u64, buf: &mut [u8]) -> bool {
     let hv = env.hv();
     let len = buf.len() as u64;
@@ -73,11 +73,12 @@ pub fn read_guest_phys(env: &impl Env, gpa: u64, buf: &mut [u8]) -> bool {
     if hv.phys_addr_bits < 64 && end > (1u64 << hv.phys_addr_bits) {
         return false;
     }
-    if hv.protected.overlaps(gpa, len) {
+    let part = hv.partition_of(env.cpu_index());
+    if hv.protected.overlaps(gpa, len) || hv.foreign_ram(part, gpa, len) {
         // Byte by byte so that partly protected reads stay exact.
         for (i, b) in buf.iter_mut().enumerate() {
             let a = gpa + i as u64;
-            if hv.protected.contains(a) {
+            if hv.protected.contains(a) || hv.foreign_ram(part, a, 1) {
                 *b = 0;
             } else {
                 env.read_phys(a, core::slice::from_mut(b));

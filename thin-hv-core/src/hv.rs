@@ -217,7 +217,11 @@ impl Hv {
         ram[..n].copy_from_slice(h.ram());
         let cpus = core::array::from_fn(|i| CpuSlot {
             apic_id: h.cpus.get(i).map_or(u32::MAX, |c| c.apic_id),
-            partition: PartitionId(h.cpus.get(i).map_or(0, |c| c.partition())),
+            partition: PartitionId(
+                h.cpus
+                    .get(i)
+                    .map_or(0, thinhv_abi::handoff::CpuInfo::partition),
+            ),
             state: AtomicU32::new(CpuState::OFFLINE.0),
             mailbox: Mailbox::default(),
             cf8_latch: AtomicU32::new(0),

@@ -11,8 +11,9 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use core::time::Duration;
 use thinhv_abi::PhysRange;
 use thinhv_abi::handoff::{
-    CORE_OP_INIT, CORE_OP_RELEASE, CORE_OP_VIRTUALIZE, CoreError, CpuInfo, Handoff, MAX_CPUS,
-    MAX_RAM_RANGES, MAX_RO_RANGES, ON_FATAL_HALT, ON_FATAL_RESET,
+    CORE_OP_INIT, CORE_OP_RELEASE, CORE_OP_VIRTUALIZE, CPU_PARTITION_SHIFT, CoreError, CpuInfo,
+    Handoff, MAX_CPUS, MAX_RAM_RANGES, MAX_RO_RANGES, ON_FATAL_HALT, ON_FATAL_RESET,
+    partition_flags,
 };
 use thinhv_abi::hypercall::{Function, Status};
 use thinhv_config::{Config, OnFatal};
@@ -150,6 +151,24 @@ pub fn install(config: &Config) -> Result<String, String> {
     }
     let bsp_apic = platform::apic_id();
     let mem = platform::memory().ok_or("cannot read the firmware memory map")?;
+    // Appliances first: their RAM leaves the OS's memory map (reserved
+    // type), so the map read again below no longer holds it.
+    let appliance_cpus: Vec<thinhv_efi::appliances::Cpu> = cpus
+        .iter()
+        .map(|c| thinhv_efi::appliances::Cpu {
+            apic_id: c.apic_id,
+            bsp: c.apic_id == bsp_apic,
+        })
+        .collect();
+    let appliances = ApplianceRam {
+        list: super::appliances::prepare(config, &appliance_cpus, mem.ram_bytes),
+        armed: true,
+    };
+    let mem = if appliances.list.is_empty() {
+        mem
+    } else {
+        platform::memory().ok_or("cannot read the firmware memory map")?
+    };
     let page_1g = caps.features & thinhv_abi::handoff::features::PAGE_1G != 0;
     // The device inventory and ownership (a failure here costs the
     // inventory and the rules, never the boot).
@@ -172,7 +191,21 @@ pub fn install(config: &Config) -> Result<String, String> {
             &path,
         )
     });
-    let (rules, budgets) = thinhv_efi::inventory::rules(config);
+    let (mut rules, budgets) = thinhv_efi::inventory::rules(config);
+    // An appliance's functions are hidden from the OS (and refused by the
+    // IOMMU) like `owner = "hidden"` ones.
+    for a in &appliances.list {
+        let t = &config.appliance[a.index];
+        rules.extend(
+            t.devices
+                .iter()
+                .map(|d| thinhv_passthrough::policy::DeviceRule {
+                    matcher: d.clone(),
+                    owner: String::from("hidden"),
+                    line: t.line,
+                }),
+        );
+    }
     // A rule the core could not enforce (another segment, an ECAM page
     // beyond the core's map) fails here, visibly, and the function stays
     // the OS's.
@@ -195,6 +228,13 @@ pub fn install(config: &Config) -> Result<String, String> {
     // Second-level splits around each trapped ECAM page, and a context
     // table per bus with a blocked requester.
     let pci_pages = 2 * u64::from(pci.count) + u64::from(pci.blocked_count) + 2;
+    // A page table per 2 MiB of appliance RAM mapped to the blank frame in
+    // the OS's second-level tables, and the levels above.
+    let appliance_pages: u64 = appliances
+        .list
+        .iter()
+        .map(|a| a.ram.size.div_ceil(2 << 20) + 4)
+        .sum();
     let iommu_pages = thinhv_abi::layout::iommu_pages(
         if iommu.mode == thinhv_abi::handoff::IOMMU_MODE_PROTECT {
             iommu.kind
@@ -208,7 +248,7 @@ pub fn install(config: &Config) -> Result<String, String> {
         cpus.len() as u64,
         mem.top,
         page_1g,
-        iommu_pages + pci_pages,
+        iommu_pages + pci_pages + appliance_pages,
     );
 
     // The reservation: EfiReservedMemoryType, which no OS reclaims.
@@ -262,11 +302,38 @@ pub fn install(config: &Config) -> Result<String, String> {
     h.vendor = caps.vendor;
     h.cpu_count = cpus.len() as u32;
     for (i, c) in cpus.iter().enumerate() {
+        let partition = appliances
+            .list
+            .iter()
+            .position(|a| a.apic_ids.contains(&c.apic_id))
+            .map_or(0, |p| p as u32 + 1);
         h.cpus[i] = CpuInfo {
             apic_id: c.apic_id,
-            flags: u32::from(c.apic_id == bsp_apic),
+            flags: u32::from(c.apic_id == bsp_apic) | partition << CPU_PARTITION_SHIFT,
         };
     }
+    for (i, a) in appliances.list.iter().enumerate() {
+        let t = &config.appliance[a.index];
+        let p = &mut h.partitions[i];
+        let n = t.name.len().min(p.name.len() - 1);
+        p.name[..n].copy_from_slice(&t.name.as_bytes()[..n]);
+        p.ram = a.ram;
+        p.cpu_count = a.apic_ids.len() as u32;
+        p.flags = (if t.on_crash == thinhv_config::OnCrash::Restart {
+            partition_flags::RESTART_ON_CRASH
+        } else {
+            0
+        }) | (if t.control == thinhv_config::Control::Os {
+            partition_flags::OS_CONTROL
+        } else {
+            0
+        });
+        p.console_port = match t.console {
+            thinhv_config::Console::Log => 0,
+            thinhv_config::Console::Port(port) => port,
+        };
+    }
+    h.partition_count = appliances.list.len() as u32;
     // Exact RAM ranges: what does not fit is dropped, never merged across
     // a gap (a gap may hold device registers).
     let ram = memmap::fit(&mem.ram, MAX_RAM_RANGES);
@@ -439,11 +506,15 @@ pub fn install(config: &Config) -> Result<String, String> {
     }
     // SAFETY: the BSP is under thinhv; sealing closes the loader-only calls.
     let r = unsafe { vmmcall(Function::SEAL.0, 0, 0, 0) };
+    if !appliances.list.is_empty() {
+        carve_for_appliances(&appliances.list);
+    }
     if r[0] == Status::OK.0 {
         super::iommu::after_seal(&h.iommu, r[1], r[2]);
     } else {
         log::warn!("seal returned {}", Status(r[0]).name());
     }
+    appliances.keep();
     // SAFETY: as above; the version call has no side effects.
     let v = unsafe { vmmcall(Function::VERSION.0, 0, 0, 0) };
     Ok(format!(
@@ -453,6 +524,51 @@ pub fn install(config: &Config) -> Result<String, String> {
         p.total / 1024,
         status.base
     ))
+}
+
+/// The accepted appliances' RAM, given back unless the installation
+/// succeeds.
+struct ApplianceRam {
+    list: Vec<super::appliances::Accepted>,
+    armed: bool,
+}
+
+impl ApplianceRam {
+    fn keep(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for ApplianceRam {
+    fn drop(&mut self) {
+        if self.armed {
+            for a in &self.list {
+                super::appliances::release(a);
+            }
+        }
+    }
+}
+
+/// After the seal: the appliances' processors out of the OS's MADT, and
+/// the hook after which they claim them.
+fn carve_for_appliances(list: &[super::appliances::Accepted]) {
+    let ids: Vec<u32> = list
+        .iter()
+        .flat_map(|a| a.apic_ids.iter().copied())
+        .collect();
+    match super::appliances::carve_madt(&ids) {
+        Ok(n) => {
+            println!("thinhv: MADT: {n} appliance processor entries removed from the OS's view");
+        }
+        Err(e) => println!(
+            "thinhv: MADT: cannot remove the appliance processors ({e}); the OS sees them but cannot start them"
+        ),
+    }
+    if let Err(e) = super::appliances::hook_exit_boot_services() {
+        println!(
+            "thinhv: cannot hook ExitBootServices ({e}): the appliance processors stay with the firmware"
+        );
+    }
 }
 
 /// Returns every virtualized CPU to native mode; returns how many could not.

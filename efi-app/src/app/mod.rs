@@ -13,6 +13,7 @@
 //! `u32` are bounded by `MAX_CPUS` / `MAX_RAM_RANGES` first.
 #![allow(clippy::cast_possible_truncation)]
 mod acpi_tables;
+mod appliances;
 mod chain;
 mod config_file;
 mod hypercall;

@@ -22,7 +22,7 @@ pub(super) fn handle(
     present: bool,
 ) -> Handled {
     let hv = env.hv();
-    if hv.touches_hypervisor(gpa, 1) {
+    if hv.touches_hypervisor(gpa, 1) || hv.foreign_ram(hv.partition_of(env.cpu_index()), gpa, 1) {
         return Handled {
             outcome: protected(cpu, env, gpa, write, fetch),
             reason: ExitReason::PROTECTED_ACCESS,
@@ -76,9 +76,14 @@ fn protected(
     fetch: bool,
 ) -> Outcome {
     let me = env.cpu_index();
+    let whose = if env.hv().touches_hypervisor(gpa, 1) {
+        "hypervisor"
+    } else {
+        "another partition's"
+    };
     if fetch {
         log::warn!(
-            "cpu {me}: guest tried to execute hypervisor memory at {gpa:#x} (rip {:#x}); #UD",
+            "cpu {me}: guest tried to execute {whose} memory at {gpa:#x} (rip {:#x}); #UD",
             cpu.rip()
         );
         cpu.inject_exception(vector::UD, None);
@@ -88,7 +93,7 @@ fn protected(
         let n = env.hv().blocked_writes.fetch_add(1, Ordering::Relaxed) + 1;
         if n <= LOG_FIRST || n.is_multiple_of(1024) {
             log::warn!(
-                "cpu {me}: write to hypervisor memory at {gpa:#x} discarded (rip {:#x}, {n} so far)",
+                "cpu {me}: write to {whose} memory at {gpa:#x} discarded (rip {:#x}, {n} so far)",
                 cpu.rip()
             );
         }

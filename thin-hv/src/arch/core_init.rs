@@ -74,9 +74,16 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
         frames.remaining()
     );
 
-    let iommu =
-        super::iommu::Iommu::init(&h.iommu, &h.pci, h.region, host_top, &mut frames, status)?;
+    let iommu = super::iommu::Iommu::init(
+        &h.iommu,
+        &h.pci,
+        &super::iommu::Holes::new(h.region, h.partitions()),
+        host_top,
+        &mut frames,
+        status,
+    )?;
     hide_iommu_windows(&h, slat, slat_root, pool.blank_pa, &mut frames)?;
+    hide_appliance_ram(&h, slat, slat_root, pool.blank_pa, &mut frames)?;
     trap_mediated_functions(&h, slat, slat_root, host_top, pool.iopm_pa, &mut frames)?;
 
     let hv = Hv::from_handoff(&h, apic_base);
@@ -288,30 +295,63 @@ fn hide_iommu_windows(
     if h.iommu.mode != thinhv_abi::handoff::IOMMU_MODE_PROTECT {
         return Ok(());
     }
+    for u in h.iommu.units() {
+        blank_out(slat, slat_root, u.window(), blank_pa, frames)?;
+    }
+    Ok(())
+}
+
+/// Appliance RAM, in the OS's second-level tables: every page the blank
+/// frame, read-only (reads see zeros, writes fault and are discarded, as
+/// for thinhv's own region).
+fn hide_appliance_ram(
+    h: &Handoff,
+    slat: Slat,
+    slat_root: u64,
+    blank_pa: u64,
+    frames: &mut BumpFrames,
+) -> Result<(), CoreError> {
+    for p in h.partitions() {
+        blank_out(slat, slat_root, p.ram, blank_pa, frames)?;
+        log::info!(
+            "appliance {:?}: {} MiB at {:#x} out of the OS's second-level tables and IOMMU domain",
+            p.name(),
+            p.ram.size >> 20,
+            p.ram.base
+        );
+    }
+    Ok(())
+}
+
+/// Maps every page of `range` to the blank frame, read-only.
+fn blank_out(
+    slat: Slat,
+    slat_root: u64,
+    range: PhysRange,
+    blank_pa: u64,
+    frames: &mut BumpFrames,
+) -> Result<(), CoreError> {
     // SAFETY: only this core's table roots and frames from its own
     // allocator reach the engine (`IdentityMem::new`'s contract).
     let mut mem = unsafe { IdentityMem::new() };
-    for u in h.iommu.units() {
-        let PhysRange { base, size } = u.window();
-        let r = match slat {
-            Slat::Npt(fmt) => Mapper::open(&fmt, &mut mem, slat_root).map_all_to_frame(
-                base,
-                size,
-                blank_pa,
-                Attrs::RO,
-                frames,
-            ),
-            Slat::Ept(fmt) => Mapper::open(&fmt, &mut mem, slat_root).map_all_to_frame(
-                base,
-                size,
-                blank_pa,
-                Attrs::RO,
-                frames,
-            ),
-        };
-        r.map_err(|_| CoreError::OUT_OF_MEMORY)?;
-    }
-    Ok(())
+    let PhysRange { base, size } = range;
+    let r = match slat {
+        Slat::Npt(fmt) => Mapper::open(&fmt, &mut mem, slat_root).map_all_to_frame(
+            base,
+            size,
+            blank_pa,
+            Attrs::RO,
+            frames,
+        ),
+        Slat::Ept(fmt) => Mapper::open(&fmt, &mut mem, slat_root).map_all_to_frame(
+            base,
+            size,
+            blank_pa,
+            Attrs::RO,
+            frames,
+        ),
+    };
+    r.map_err(|_| CoreError::OUT_OF_MEMORY)
 }
 
 /// Mediated PCI functions: their ECAM pages fault (every access is

@@ -66,9 +66,14 @@ impl Env for HwEnv {
             .checked_add(len)
             .is_none_or(|end| end > self.core.host_top)
             || self.core.hv.protected.overlaps(pa, len)
+            || self
+                .core
+                .hv
+                .foreign_ram(self.core.hv.partition_of(self.cpu), pa, len)
         {
-            // Outside the map, or the core's own memory (a guest page table
-            // pointed there must not make the walker read it): all zeros.
+            // Outside the map, the core's own memory or another partition's
+            // RAM (a guest page table pointed there must not make the walker
+            // read it): all zeros.
             buf.fill(0);
             return;
         }
@@ -84,6 +89,10 @@ impl Env for HwEnv {
             .checked_add(len)
             .is_none_or(|end| end > self.core.host_top)
             || self.core.hv.touches_hypervisor(pa, len)
+            || self
+                .core
+                .hv
+                .foreign_ram(self.core.hv.partition_of(self.cpu), pa, len)
         {
             // Callers validate buffers (`guest_mem::check_buffer`); this is
             // the last line, whatever a handler passes.

@@ -25,8 +25,8 @@ use core::sync::atomic::{AtomicBool, Ordering};
 use spin::Mutex;
 use thinhv_abi::PhysRange;
 use thinhv_abi::handoff::{
-    CoreError, IOMMU_KIND_AMDVI, IOMMU_KIND_VTD, IOMMU_MODE_PROTECT, IommuHandoff, MAX_IOMMUS,
-    PciHandoff,
+    CoreError, IOMMU_KIND_AMDVI, IOMMU_KIND_VTD, IOMMU_MODE_PROTECT, IommuHandoff, MAX_APPLIANCES,
+    MAX_IOMMUS, PartitionInfo, PciHandoff,
 };
 use thinhv_abi::layout::PAGE;
 use thinhv_abi::status::{
@@ -123,12 +123,12 @@ const THREE_LEVEL_LIMIT: u64 = 1 << 39;
 impl Iommu {
     /// Builds the tables (protect mode), or records why not. `top` bounds
     /// both the core's own map (the register windows must lie below it) and
-    /// the identity map for devices; `region` is what devices must never
+    /// the identity map for devices; `holes` is what devices must never
     /// reach.
     pub fn init(
         h: &IommuHandoff,
         blocked: &PciHandoff,
-        region: PhysRange,
+        holes: &Holes,
         top: u64,
         frames: &mut BumpFrames,
         status: StatusPage,
@@ -162,10 +162,10 @@ impl Iommu {
             let built = if outside {
                 Err("a register window lies outside the core's map")
             } else if h.kind == IOMMU_KIND_VTD {
-                me.build(h, blocked, region, top, frames)
+                me.build(h, blocked, holes, top, frames)
                     .map(|root_table| Hw::Vtd { root_table })
             } else {
-                me.build_amdvi(h, blocked, region, top, frames)
+                me.build_amdvi(h, blocked, holes, top, frames)
             };
             match built {
                 Ok(hw) => me.hw = hw,
@@ -189,7 +189,7 @@ impl Iommu {
         &self,
         h: &IommuHandoff,
         blocked: &PciHandoff,
-        region: PhysRange,
+        holes: &Holes,
         top: u64,
         frames: &mut BumpFrames,
     ) -> Result<u64, &'static str> {
@@ -225,7 +225,7 @@ impl Iommu {
         // SAFETY: only this core's table roots and frames from its own
         // allocator reach the engine (`IdentityMem::new`'s contract).
         let mut mem = unsafe { IdentityMem::new() };
-        let sl4 = identity_tables(&fmt, h, region, top, frames)?;
+        let sl4 = identity_tables(&fmt, h, holes, top, frames)?;
         // 3-level: the table under the 4-level root's first entry.
         let sl_root = if aw == 1 {
             mem.read_entry(sl4, 0) & ADDR_MASK
@@ -271,7 +271,7 @@ impl Iommu {
         &self,
         h: &IommuHandoff,
         blocked: &PciHandoff,
-        region: PhysRange,
+        holes: &Holes,
         top: u64,
         frames: &mut BumpFrames,
     ) -> Result<Hw, &'static str> {
@@ -286,7 +286,7 @@ impl Iommu {
                 );
             }
         }
-        let pt_root = identity_tables(&AmdViFormat, h, region, top, frames)?;
+        let pt_root = identity_tables(&AmdViFormat, h, holes, top, frames)?;
         let ids = u64::from(h.device_ids.clamp(256, 65536));
         let pages = (ids * 32).div_ceil(PAGE);
         // The bump allocator hands out consecutive frames: the device table
@@ -509,11 +509,12 @@ impl Iommu {
 }
 
 /// The identity table for devices: everything below `top` except thinhv's
-/// region, plus the firmware's reserved ranges.
+/// region and the appliances' RAM (the OS's devices reach neither), plus
+/// the firmware's reserved ranges.
 fn identity_tables(
     fmt: &impl EntryFormat,
     h: &IommuHandoff,
-    region: PhysRange,
+    holes: &Holes,
     top: u64,
     frames: &mut BumpFrames,
 ) -> Result<u64, &'static str> {
@@ -525,22 +526,28 @@ fn identity_tables(
         .map_err(|_| oom)?
         .root();
     let mut m = Mapper::open(fmt, &mut mem, root);
-    m.map(0, 0, region.base, Attrs::RWX, frames)
-        .map_err(|_| oom)?;
-    if region.end() < top {
-        m.map(
-            region.end(),
-            region.end(),
-            top - region.end(),
-            Attrs::RWX,
-            frames,
-        )
-        .map_err(|_| oom)?;
+    let mut next = 0u64;
+    for hole in holes.sorted() {
+        if hole.base > next {
+            m.map(
+                next,
+                next,
+                hole.base.min(top).saturating_sub(next),
+                Attrs::RWX,
+                frames,
+            )
+            .map_err(|_| oom)?;
+        }
+        next = next.max(hole.end());
+    }
+    if next < top {
+        m.map(next, next, top - next, Attrs::RWX, frames)
+            .map_err(|_| oom)?;
     }
     for r in h.reserved_ranges() {
-        if region.overlaps(r.base, r.size) {
+        if holes.sorted().iter().any(|x| x.overlaps(r.base, r.size)) {
             log::error!(
-                "IOMMU: reserved range {:#x}+{:#x} overlaps thinhv; not mapped",
+                "IOMMU: reserved range {:#x}+{:#x} overlaps thinhv or an appliance; not mapped",
                 r.base,
                 r.size
             );
@@ -552,6 +559,32 @@ fn identity_tables(
             .map_err(|_| oom)?;
     }
     Ok(root)
+}
+
+/// What the OS's devices must never reach: thinhv's region and each
+/// appliance's RAM, sorted.
+pub struct Holes {
+    ranges: [PhysRange; 1 + MAX_APPLIANCES],
+    n: usize,
+}
+
+impl Holes {
+    /// `region` and the appliances' RAM of the hand-off.
+    pub fn new(region: PhysRange, partitions: &[PartitionInfo]) -> Self {
+        let mut ranges = [PhysRange::default(); 1 + MAX_APPLIANCES];
+        ranges[0] = region;
+        let mut n = 1;
+        for p in partitions.iter().take(MAX_APPLIANCES) {
+            ranges[n] = p.ram;
+            n += 1;
+        }
+        ranges[..n].sort_unstable_by_key(|r| r.base);
+        Self { ranges, n }
+    }
+
+    fn sorted(&self) -> &[PhysRange] {
+        &self.ranges[..self.n]
+    }
 }
 
 /// Enables one AMD-Vi unit and checks that its command processing works:

@@ -1,0 +1,227 @@
+//! Appliance partitions at boot: which tables are honoured
+//! (`thinhv_efi::appliances`), their RAM reserved from the OS, their
+//! processors taken out of the OS's MADT, and the ExitBootServices hook
+//! after which they claim their processors (`docs/appliances.md`).
+use super::acpi_tables::rsdp_address;
+use super::hypercall::vmmcall;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::ffi::c_void;
+use core::sync::atomic::{AtomicUsize, Ordering};
+use thinhv_abi::PhysRange;
+use thinhv_abi::hypercall::{Function, Status};
+use thinhv_config::Config;
+use thinhv_efi::appliances::{Cpu, Decision, decide};
+use uefi::boot::{self, AllocateType, MemoryType};
+use uefi::println;
+
+/// One appliance the machine can run.
+#[derive(Clone, Debug)]
+pub struct Accepted {
+    /// Index of its `[[appliance]]` table.
+    pub index: usize,
+    /// Its processors.
+    pub apic_ids: Vec<u32>,
+    /// Its RAM (2 MiB aligned, reserved from the OS).
+    pub ram: PhysRange,
+}
+
+const ALIGN: u64 = 2 << 20;
+
+/// Decides every table and reserves the RAM of those accepted; prints why
+/// any other is left out.
+pub fn prepare(config: &Config, cpus: &[Cpu], ram_bytes: u64) -> Vec<Accepted> {
+    let mut out = Vec::new();
+    for (i, d) in decide(&config.appliance, cpus, ram_bytes)
+        .into_iter()
+        .enumerate()
+    {
+        let a = &config.appliance[i];
+        match d {
+            Decision::Refused(why) => {
+                println!(
+                    "thinhv: {} left out: {why}; the OS boots without it",
+                    a.label()
+                );
+            }
+            Decision::Accepted { apic_ids } => match reserve(a.memory_bytes()) {
+                Ok(ram) => {
+                    println!(
+                        "thinhv: appliance {:?}: APIC IDs {:?}, {} MiB at {:#x}",
+                        a.name, apic_ids, a.memory, ram.base
+                    );
+                    out.push(Accepted {
+                        index: i,
+                        apic_ids,
+                        ram,
+                    });
+                }
+                Err(why) => {
+                    println!(
+                        "thinhv: {} left out: {why}; the OS boots without it",
+                        a.label()
+                    );
+                }
+            },
+        }
+    }
+    out
+}
+
+/// `size` bytes of EfiReservedMemoryType, 2 MiB aligned (the slack around
+/// the aligned part is given back).
+fn reserve(size: u64) -> Result<PhysRange, String> {
+    let pages = usize::try_from((size + ALIGN) / 4096).map_err(|_| String::from("too large"))?;
+    let mem = boot::allocate_pages(AllocateType::AnyPages, MemoryType::RESERVED, pages)
+        .map_err(|e| alloc::format!("cannot reserve {} MiB: {:?}", size >> 20, e.status()))?;
+    let start = mem.as_ptr() as u64;
+    let base = start.div_ceil(ALIGN) * ALIGN;
+    let end = start + pages as u64 * 4096;
+    let free = |from: u64, to: u64| {
+        if to > from
+            && let Some(p) = core::ptr::NonNull::new(from as *mut u8)
+        {
+            // SAFETY: part of the allocation above, not used by anyone.
+            let _ = unsafe { boot::free_pages(p, ((to - from) / 4096) as usize) };
+        }
+    };
+    free(start, base);
+    free(base + size, end);
+    Ok(PhysRange::new(base, size))
+}
+
+/// Gives back an appliance's RAM (when the installation fails).
+pub fn release(a: &Accepted) {
+    if let Some(p) = core::ptr::NonNull::new(a.ram.base as *mut u8) {
+        // SAFETY: reserved by `reserve`, used by nothing while thinhv is not
+        // running.
+        let _ = unsafe { boot::free_pages(p, (a.ram.size / 4096) as usize) };
+    }
+}
+
+/// Replaces the MADT the RSDP leads to by a copy without `apic_ids`
+/// (XSDT and RSDT entries both). Returns the processor entries removed.
+pub fn carve_madt(apic_ids: &[u32]) -> Result<usize, &'static str> {
+    let rsdp_pa = rsdp_address().ok_or("no RSDP")?;
+    // SAFETY: the ACPI 2.0 RSDP is 36 bytes of identity-mapped memory the
+    // firmware published; boot services are still running.
+    let rsdp = unsafe { core::slice::from_raw_parts_mut(rsdp_pa as *mut u8, 36) };
+    let xsdt_pa = u64::from_le_bytes(rsdp[24..32].try_into().map_err(|_| "RSDP")?);
+    let rsdt_pa = u64::from(u32::from_le_bytes(
+        rsdp[16..20].try_into().map_err(|_| "RSDP")?,
+    ));
+    let table = |pa: u64| -> Option<&'static [u8]> {
+        if pa == 0 {
+            return None;
+        }
+        // SAFETY: root-table entries point at tables in identity-mapped
+        // ACPI memory; the length field is read before the whole table.
+        let len = unsafe { core::ptr::read_unaligned((pa + 4) as *const u32) } as usize;
+        (36..=1 << 20)
+            .contains(&len)
+            // SAFETY: as above, `len` bytes.
+            .then(|| unsafe { core::slice::from_raw_parts(pa as *const u8, len) })
+    };
+    let sig = |pa: u64| table(pa).map(|t| &t[..4] == b"APIC");
+    let root_entries = |pa: u64, size: usize| -> Vec<u64> {
+        table(pa).map_or(Vec::new(), |t| {
+            t[36..]
+                .chunks_exact(size)
+                .map(|e| {
+                    let mut b = [0u8; 8];
+                    b[..size].copy_from_slice(e);
+                    u64::from_le_bytes(b)
+                })
+                .collect()
+        })
+    };
+    let old = root_entries(xsdt_pa, 8)
+        .into_iter()
+        .chain(root_entries(rsdt_pa, 4))
+        .find(|&pa| sig(pa) == Some(true))
+        .ok_or("no MADT")?;
+    let carved = thinhv_passthrough::madt::without_processors(table(old).ok_or("MADT")?, apic_ids)
+        .map_err(|_| "the MADT is malformed")?;
+    let new = copy_to_acpi_memory(&carved.table)?;
+    let rewrite = |pa: u64, size: usize| -> Result<Option<u64>, &'static str> {
+        if pa == 0 {
+            return Ok(None);
+        }
+        let t = table(pa).ok_or("root table length")?;
+        let root = thinhv_passthrough::acpi::root_mapped(t, size, |e| {
+            Some(if e == old { new } else { e })
+        })
+        .ok_or("root table malformed")?;
+        copy_to_acpi_memory(&root).map(Some)
+    };
+    let xsdt = rewrite(xsdt_pa, 8)?;
+    let rsdt = rewrite(rsdt_pa, 4)?.and_then(|a| u32::try_from(a).ok());
+    if !thinhv_passthrough::acpi::patch_rsdp(rsdp, rsdt, xsdt) {
+        return Err("RSDP malformed");
+    }
+    Ok(carved.processors)
+}
+
+/// A copy of `bytes` in new ACPI-reclaim memory below 4 GiB (an RSDT entry
+/// can reach it).
+fn copy_to_acpi_memory(bytes: &[u8]) -> Result<u64, &'static str> {
+    let pages = bytes.len().div_ceil(4096);
+    let mem = boot::allocate_pages(
+        AllocateType::MaxAddress(0xffff_ffff),
+        MemoryType::ACPI_RECLAIM,
+        pages,
+    )
+    .map_err(|_| "no memory for the new table")?;
+    // SAFETY: freshly allocated, `pages` pages.
+    unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), mem.as_ptr(), bytes.len()) };
+    Ok(mem.as_ptr() as u64)
+}
+
+/// The firmware's ExitBootServices.
+static FIRMWARE_EBS: AtomicUsize = AtomicUsize::new(0);
+
+type Ebs = unsafe extern "efiapi" fn(*mut c_void, usize) -> uefi::Status;
+
+/// Calls the firmware's ExitBootServices; once it succeeded (the
+/// firmware's own processor handling, which needs every processor it
+/// started, is over), the appliances claim their processors.
+unsafe extern "efiapi" fn exit_boot_services_hook(image: *mut c_void, key: usize) -> uefi::Status {
+    let f = FIRMWARE_EBS.load(Ordering::SeqCst);
+    // SAFETY: `f` is the firmware's ExitBootServices, saved by `hook` before
+    // this function was installed in its place.
+    let firmware: Ebs = unsafe { core::mem::transmute::<usize, Ebs>(f) };
+    // SAFETY: the caller's arguments, passed on unchanged.
+    let status = unsafe { firmware(image, key) };
+    if status == uefi::Status::SUCCESS {
+        // SAFETY: this CPU runs under thinhv (it is the one the loader ran
+        // on); the call only changes appliance state.
+        let r = unsafe { vmmcall(Function::CLAIM_APPLIANCE_CPUS.0, 0, 0, 0) };
+        let _ = Status(r[0]);
+    }
+    status
+}
+
+/// Puts [`exit_boot_services_hook`] into the boot services table.
+pub fn hook_exit_boot_services() -> Result<(), &'static str> {
+    let st = uefi::table::system_table_raw().ok_or("no system table")?;
+    // SAFETY: the firmware's system table, valid while boot services run;
+    // only the ExitBootServices pointer and the header CRC change, as the
+    // UEFI specification allows a driver to (§4.2: the CRC is recomputed).
+    unsafe {
+        let bs = (*st.as_ptr()).boot_services;
+        if bs.is_null() {
+            return Err("no boot services table");
+        }
+        let old = (*bs).exit_boot_services as usize;
+        if old == exit_boot_services_hook as *const () as usize {
+            return Ok(());
+        }
+        FIRMWARE_EBS.store(old, Ordering::SeqCst);
+        (*bs).exit_boot_services = exit_boot_services_hook;
+        let size = (*bs).header.size as usize;
+        (*bs).header.crc = 0;
+        let bytes = core::slice::from_raw_parts(bs.cast::<u8>(), size);
+        (*bs).header.crc = crc32fast::hash(bytes);
+    }
+    Ok(())
+}
