@@ -602,7 +602,21 @@ pub struct PartitionInfo {
     pub flags: u16,
     /// Its console's I/O port, 0 for the log ring.
     pub console_port: u16,
+    /// Where its first processor starts (guest-physical addresses, the
+    /// Linux 64-bit boot protocol): RIP, RSI (the zero page), CR3 (an
+    /// identity map), the GDT's base; 0 RIP: nothing to start.
+    pub entry_rip: u64,
+    /// RSI at entry.
+    pub entry_rsi: u64,
+    /// CR3 at entry.
+    pub entry_cr3: u64,
+    /// GDT base at entry (its limit is [`APPLIANCE_GDT_LIMIT`]; code
+    /// selector 0x10, data 0x18).
+    pub entry_gdt: u64,
 }
+
+/// The GDT limit an appliance starts with (four descriptors).
+pub const APPLIANCE_GDT_LIMIT: u16 = 0x1f;
 
 impl PartitionInfo {
     /// The name as text.

@@ -8,6 +8,7 @@
 
 extern crate alloc;
 
+pub mod appliance_image;
 pub mod appliances;
 pub mod blob;
 pub mod boot_option;

@@ -15,6 +15,10 @@ pub mod reg {
     pub const ICR_LOW: u32 = 0x300;
     /// ICR, high half: destination.
     pub const ICR_HIGH: u32 = 0x310;
+    /// Logical destination register.
+    pub const LDR: u32 = 0xd0;
+    /// Destination format register.
+    pub const DFR: u32 = 0xe0;
 }
 
 /// MSR of the x2APIC ICR (64 bits, one write).

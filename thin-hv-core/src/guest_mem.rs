@@ -73,8 +73,10 @@ pub fn read_guest_phys(env: &impl Env, gpa: u64, buf: &mut [u8]) -> bool {
     if hv.phys_addr_bits < 64 && end > (1u64 << hv.phys_addr_bits) {
         return false;
     }
-    let part = hv.partition_of(env.cpu_index());
-    if hv.protected.overlaps(gpa, len) || hv.foreign_ram(part, gpa, len) {
+    let part = hv.space_of(env.cpu_index());
+    // An appliance's addresses are its own (`Env::read_phys` translates
+    // and bounds them); the OS's are host addresses.
+    if part.is_os() && (hv.protected.overlaps(gpa, len) || hv.foreign_ram(part, gpa, len)) {
         // Byte by byte so that partly protected reads stay exact.
         for (i, b) in buf.iter_mut().enumerate() {
             let a = gpa + i as u64;

@@ -23,6 +23,9 @@ pub struct Mailbox {
     pub sipi: AtomicU32,
     /// NMIs sent as wake-ups and not yet consumed.
     pub wake_nmis: AtomicU32,
+    /// thinhv starts this CPU at its partition's entry (the first
+    /// processor of an appliance), instead of waiting for a SIPI.
+    pub boot: AtomicBool,
 }
 
 /// [`Mailbox::sipi`]: a vector is present.
@@ -51,6 +54,17 @@ impl Mailbox {
                     Ordering::SeqCst,
                 )
                 .is_ok()
+    }
+
+    /// Asks the CPU, once in its INIT wait, to start at its partition's
+    /// entry.
+    pub fn post_boot(&self) {
+        self.boot.store(true, Ordering::SeqCst);
+    }
+
+    /// Takes a boot request.
+    pub fn take_boot(&self) -> bool {
+        self.boot.swap(false, Ordering::SeqCst)
     }
 
     /// Takes a pending INIT.
@@ -95,6 +109,17 @@ pub struct CpuSlot {
     pub apic_id: u32,
     /// The partition it belongs to, for good.
     pub partition: PartitionId,
+    /// It runs in its partition's address space (set when an appliance
+    /// processor first starts there; never for the OS's).
+    pub entered: AtomicBool,
+    /// An appliance processor's xAPIC logical destination and format as
+    /// its kernel wrote them: the hardware's LDR stays 0, so that no
+    /// logical destination the OS uses (IPIs, I/O APIC, MSIs) can name it;
+    /// its own partition's logical IPIs are resolved against these
+    /// (`handlers::ipi`).
+    pub vldr: AtomicU32,
+    /// See `vldr` (reset value: flat).
+    pub vdfr: AtomicU32,
     /// [`CpuState`] value.
     pub state: AtomicU32,
     /// INIT/SIPI mailbox.
@@ -222,6 +247,9 @@ impl Hv {
                     .get(i)
                     .map_or(0, thinhv_abi::handoff::CpuInfo::partition),
             ),
+            entered: AtomicBool::new(false),
+            vldr: AtomicU32::new(0),
+            vdfr: AtomicU32::new(u32::MAX),
             state: AtomicU32::new(CpuState::OFFLINE.0),
             mailbox: Mailbox::default(),
             cf8_latch: AtomicU32::new(0),
@@ -277,6 +305,19 @@ impl Hv {
             .filter_map(|(i, p)| Some((PartitionId(u8::try_from(i + 1).ok()?), p.as_ref()?)))
     }
 
+    /// The partition whose address space CPU `cpu` runs in now: its own
+    /// once it has entered it (an appliance processor before its claim
+    /// still runs the firmware, in the OS's).
+    pub fn space_of(&self, cpu: usize) -> PartitionId {
+        self.cpus().get(cpu).map_or(PartitionId::OS, |c| {
+            if c.entered.load(Ordering::SeqCst) {
+                c.partition
+            } else {
+                PartitionId::OS
+            }
+        })
+    }
+
     /// The partition CPU `cpu` belongs to.
     pub fn partition_of(&self, cpu: usize) -> PartitionId {
         self.cpus()
@@ -294,6 +335,18 @@ impl Hv {
             return false;
         }
         self.appliance(to).is_none_or(Partition::claimed)
+    }
+
+    /// The host-physical address of `[gpa, gpa + len)` as partition `part`
+    /// sees it: the OS's map is the identity; an appliance's guest-physical
+    /// `[0, RAM size)` is its RAM (anything else it sees is no memory).
+    pub fn host_address(&self, part: PartitionId, gpa: u64, len: u64) -> Option<u64> {
+        if part.is_os() {
+            return Some(gpa);
+        }
+        let ram = self.appliance(part)?.ram();
+        let end = gpa.checked_add(len)?;
+        (end <= ram.size).then_some(ram.base + gpa)
     }
 
     /// Whether any byte of `[gpa, gpa + len)` is RAM of an appliance other

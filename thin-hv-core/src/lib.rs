@@ -32,4 +32,5 @@ pub mod nmi;
 pub mod npt;
 pub mod partition;
 pub mod svm;
+pub mod uart;
 pub mod vmx;

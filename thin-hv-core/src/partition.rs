@@ -56,6 +56,8 @@ pub struct Partition {
     /// What the loader set up.
     pub info: PartitionInfo,
     state: AtomicU32,
+    /// Its console UART (`console = "log"`).
+    pub console: spin::Mutex<crate::uart::Uart>,
 }
 
 impl Partition {
@@ -64,6 +66,7 @@ impl Partition {
         Self {
             info,
             state: AtomicU32::new(PartitionState::UNCLAIMED.0),
+            console: spin::Mutex::new(crate::uart::Uart::default()),
         }
     }
 

@@ -14,7 +14,8 @@
 extern crate alloc;
 
 pub use thin_hv_core::{
-    apic, env, exit, guest, guest_mem, handlers, hv, insn, log_ring, mtrr, nmi, npt, svm, vmx,
+    apic, env, exit, guest, guest_mem, handlers, hv, insn, log_ring, mtrr, nmi, npt, partition,
+    svm, vmx,
 };
 
 #[cfg(target_os = "none")]

@@ -11,6 +11,7 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 use thinhv_abi::PhysRange;
 use thinhv_abi::hypercall::{Function, Status};
 use thinhv_config::Config;
+use thinhv_efi::appliance_image::{self, Entry};
 use thinhv_efi::appliances::{Cpu, Decision, decide};
 use uefi::boot::{self, AllocateType, MemoryType};
 use uefi::println;
@@ -24,6 +25,8 @@ pub struct Accepted {
     pub apic_ids: Vec<u32>,
     /// Its RAM (2 MiB aligned, reserved from the OS).
     pub ram: PhysRange,
+    /// How its first processor starts.
+    pub entry: Entry,
 }
 
 const ALIGN: u64 = 2 << 20;
@@ -44,8 +47,8 @@ pub fn prepare(config: &Config, cpus: &[Cpu], ram_bytes: u64) -> Vec<Accepted> {
                     a.label()
                 );
             }
-            Decision::Accepted { apic_ids } => match reserve(a.memory_bytes()) {
-                Ok(ram) => {
+            Decision::Accepted { apic_ids } => match load(a, &apic_ids) {
+                Ok((ram, entry)) => {
                     println!(
                         "thinhv: appliance {:?}: APIC IDs {:?}, {} MiB at {:#x}",
                         a.name, apic_ids, a.memory, ram.base
@@ -54,6 +57,7 @@ pub fn prepare(config: &Config, cpus: &[Cpu], ram_bytes: u64) -> Vec<Accepted> {
                         index: i,
                         apic_ids,
                         ram,
+                        entry,
                     });
                 }
                 Err(why) => {
@@ -66,6 +70,62 @@ pub fn prepare(config: &Config, cpus: &[Cpu], ram_bytes: u64) -> Vec<Accepted> {
         }
     }
     out
+}
+
+/// Reads the appliance's files, lays its RAM out, reserves the RAM and
+/// fills it (everything else zero).
+fn load(a: &thinhv_config::Appliance, apic_ids: &[u32]) -> Result<(PhysRange, Entry), String> {
+    let kernel =
+        super::config_file::read_esp(&a.kernel).map_err(|e| alloc::format!("kernel {e}"))?;
+    let initrd = match &a.initrd {
+        Some(p) => Some(super::config_file::read_esp(p).map_err(|e| alloc::format!("initrd {e}"))?),
+        None => None,
+    };
+    let cmdline = alloc::format!("{} tsc_early_khz={}", a.cmdline, tsc_khz());
+    let img = appliance_image::build(&appliance_image::Spec {
+        kernel: &kernel,
+        initrd: initrd.as_deref(),
+        cmdline: cmdline.trim_start(),
+        ram: a.memory_bytes(),
+        apic_ids,
+    })
+    .map_err(|e| alloc::format!("kernel {}: {e}", a.kernel))?;
+    let ram = reserve(a.memory_bytes())?;
+    // SAFETY: `ram` was just reserved for this appliance, identity-mapped,
+    // and nothing else uses it.
+    let bytes = unsafe { core::slice::from_raw_parts_mut(ram.base as *mut u8, ram.size as usize) };
+    bytes.fill(0);
+    for (gpa, piece) in &img.pieces {
+        let at = *gpa as usize;
+        bytes[at..at + piece.len()].copy_from_slice(piece);
+    }
+    log::info!(
+        "appliance {:?}: kernel at {:#x}, initrd at {:#x}+{:#x}, command line {cmdline:?}",
+        a.name,
+        img.kernel_at,
+        img.initrd_at.0,
+        img.initrd_at.1
+    );
+    Ok((ram, img.entry))
+}
+
+/// The TSC frequency in kHz, measured against the firmware's Stall (the
+/// appliance's kernel is told it: it has no PIT or HPET to calibrate
+/// against).
+fn tsc_khz() -> u64 {
+    static KHZ: AtomicUsize = AtomicUsize::new(0);
+    let known = KHZ.load(Ordering::Relaxed);
+    if known != 0 {
+        return known as u64;
+    }
+    // SAFETY: RDTSC has no side effects.
+    let t0 = unsafe { core::arch::x86_64::_rdtsc() };
+    boot::stall(core::time::Duration::from_millis(100));
+    // SAFETY: as above.
+    let t1 = unsafe { core::arch::x86_64::_rdtsc() };
+    let khz = (t1.wrapping_sub(t0) / 100).max(1);
+    KHZ.store(khz as usize, Ordering::Relaxed);
+    khz
 }
 
 /// `size` bytes of EfiReservedMemoryType, 2 MiB aligned (the slack around

@@ -97,3 +97,15 @@ pub fn load() -> Loaded {
         }
     }
 }
+
+/// Reads a whole file from the volume this image was loaded from
+/// (`\EFI\...` or `/EFI/...`).
+pub fn read_esp(path: &str) -> Result<Vec<u8>, String> {
+    let p = thinhv_config::normalize_esp_path(path);
+    let p16 = CString16::try_from(p.as_str()).map_err(|_| alloc::format!("{p}: bad path"))?;
+    let sfs = boot::get_image_file_system(boot::image_handle())
+        .map_err(|e| alloc::format!("{p}: no file system ({:?})", e.status()))?;
+    FileSystem::new(sfs)
+        .read(p16.as_ref())
+        .map_err(|e| alloc::format!("{p}: {e}"))
+}

@@ -328,6 +328,10 @@ pub fn install(config: &Config) -> Result<String, String> {
         } else {
             0
         });
+        p.entry_rip = a.entry.rip;
+        p.entry_rsi = a.entry.rsi;
+        p.entry_cr3 = a.entry.cr3;
+        p.entry_gdt = a.entry.gdt.0;
         p.console_port = match t.console {
             thinhv_config::Console::Log => 0,
             thinhv_config::Console::Port(port) => port,

@@ -14,6 +14,11 @@
  *                    exit counters before and after.
  *   ipi-unknown      INIT, SIPI, SIPI to APIC ID 0x7e, which no CPU has
  *                    (thinhv logs the refusals).
+ *   ipi-partition    INIT, SIPI, SIPI, NMI and a fixed IPI to `target` (an
+ *                    appliance's APIC ID), then an NMI to all but self, a
+ *                    logical-destination NMI to every flat ID (0xff), and,
+ *                    as the control, an NMI to `control` (an APIC ID of the
+ *                    OS's own) that must arrive (its NMI count rises).
  *   apic-reloc-init  moves this CPU's xAPIC with IA32_APIC_BASE and sends
  *                    INIT through the ICR at the new base to `target` (an
  *                    APIC ID whose CPU Linux has taken offline); thinhv's
@@ -42,7 +47,10 @@ module_param(attack, charp, 0);
 MODULE_PARM_DESC(attack, "hc-mmio | invd | ipi-unknown | apic-reloc-init");
 static int target = 1;
 module_param(target, int, 0);
-MODULE_PARM_DESC(target, "apic-reloc-init: APIC ID of an offline CPU");
+MODULE_PARM_DESC(target, "apic-reloc-init: APIC ID of an offline CPU; ipi-partition: an appliance's");
+static int control = 1;
+module_param(control, int, 0);
+MODULE_PARM_DESC(control, "ipi-partition: APIC ID of one of the OS's own CPUs");
 
 #define PFX "thinhv_attack: "
 
@@ -176,6 +184,7 @@ static void invd_attack(void)
 #define X2APIC_ICR_MSR 0x830
 #define ICR_INIT 0x4500 /* INIT, level assert, physical */
 #define ICR_SIPI 0x4600 /* Startup, level assert, physical */
+#define ICR_NMI 0x4400 /* NMI, level assert, physical */
 #define ICR_BUSY (1 << 12)
 
 static bool x2apic_on(void)
@@ -223,6 +232,37 @@ static void ipi_unknown(void)
 	if (apic)
 		iounmap(apic);
 	pr_info(PFX "attack ipi-unknown: sent=3 target=0x7e\n");
+}
+
+static void ipi_partition(void)
+{
+	void __iomem *apic = NULL;
+	unsigned long flags;
+	u64 base;
+
+	rdmsrl(THV_APIC_BASE_MSR, base);
+	if (!x2apic_on()) {
+		apic = ioremap(base & ~0xfffULL & ((1ULL << 52) - 1), 0x1000);
+		if (!apic) {
+			pr_info(PFX "attack ipi-partition: sent=0 error=ioremap\n");
+			return;
+		}
+	}
+	local_irq_save(flags);
+	send_ipi(apic, target, ICR_INIT);
+	send_ipi(apic, target, ICR_SIPI | 0x9f);
+	send_ipi(apic, target, ICR_SIPI | 0x9f);
+	send_ipi(apic, target, ICR_NMI);
+	send_ipi(apic, target, 0xfd);
+	/* Shorthand "all excluding self" (bits 18-19 = 3), NMI. */
+	send_ipi(apic, 0, ICR_NMI | (3 << 18));
+	/* Logical destination mode (bit 11), every flat logical ID. */
+	send_ipi(apic, 0xff, ICR_NMI | (1 << 11));
+	send_ipi(apic, control, ICR_NMI);
+	local_irq_restore(flags);
+	if (apic)
+		iounmap(apic);
+	pr_info(PFX "attack ipi-partition: sent=8 target=%d control=%d\n", target, control);
 }
 
 #define RELOC_TO 0xfec80000ULL
@@ -287,6 +327,8 @@ static int __init thinhv_attack_init(void)
 		ipi_unknown();
 	else if (!strcmp(attack, "apic-reloc-init"))
 		apic_reloc_init();
+	else if (!strcmp(attack, "ipi-partition"))
+		ipi_partition();
 	else
 		pr_info(PFX "unknown attack \"%s\"\n", attack);
 	return 0;

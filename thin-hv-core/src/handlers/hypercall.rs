@@ -37,6 +37,11 @@ pub(super) fn handle(cpu: &mut impl GuestCpu, env: &mut impl Env) -> Outcome {
         return finish(cpu, env, Status::NOT_PERMITTED, [None; 3]);
     }
     let hv = env.hv();
+    // Buffers are checked against the OS's RAM; an appliance has only the
+    // version call (and nothing of the hypervisor's state to read).
+    if !hv.space_of(env.cpu_index()).is_os() && func != Function::VERSION {
+        return finish(cpu, env, Status::NOT_PERMITTED, [None; 3]);
+    }
     match func {
         Function::VERSION => {
             let n = u64::from(hv.cpus_virtualized.load(Ordering::Relaxed));
@@ -165,7 +170,7 @@ pub(super) fn handle(cpu: &mut impl GuestCpu, env: &mut impl Env) -> Outcome {
             )
         }
         Function::CLAIM_APPLIANCE_CPUS => {
-            if !hv.is_sealed() || !hv.partition_of(env.cpu_index()).is_os() {
+            if !hv.is_sealed() || !hv.space_of(env.cpu_index()).is_os() {
                 return finish(cpu, env, Status::NOT_PERMITTED, [None; 3]);
             }
             let n = super::partition::claim_cpus(env);

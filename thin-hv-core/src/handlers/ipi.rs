@@ -84,7 +84,7 @@ pub fn icr_write(env: &mut impl Env, value: u64, x2apic: bool) -> Outcome {
         }
         Destination::AllIncludingSelf | Destination::AllExcludingSelf => {
             let n = env.hv().cpus().len();
-            let from = env.hv().partition_of(me);
+            let from = env.hv().space_of(me);
             for i in 0..n {
                 if i == me || env.hv().isolated(from, i) {
                     continue;
@@ -106,7 +106,7 @@ pub fn icr_write(env: &mut impl Env, value: u64, x2apic: bool) -> Outcome {
 
 fn deliver(env: &mut impl Env, apic_id: u32, icr: &Icr, x2apic: bool) {
     let hv = env.hv();
-    let from = hv.partition_of(env.cpu_index());
+    let from = hv.space_of(env.cpu_index());
     match hv.cpu_by_apic_id(apic_id) {
         Some(i) if hv.isolated(from, i) => {
             refuse(
@@ -156,9 +156,25 @@ fn deliver(env: &mut impl Env, apic_id: u32, icr: &Icr, x2apic: bool) {
 /// partition only.
 fn route_within_partition(env: &mut impl Env, value: u64, icr: &Icr, x2apic: bool) {
     let me = env.cpu_index();
-    let from = env.hv().partition_of(me);
+    let from = env.hv().space_of(me);
     let guest_high = (!x2apic).then(|| env.lapic_read(reg::ICR_HIGH));
     match icr.dest {
+        Destination::Logical(d) if !from.is_os() && !x2apic => {
+            for i in 0..env.hv().cpus().len() {
+                if !logical_match(env.hv(), from, d, i) {
+                    continue;
+                }
+                let id = env.hv().cpus()[i].apic_id;
+                forward(
+                    env,
+                    physical_icr(id, icr.mode, icr.vector, x2apic) | level_bits(icr),
+                    x2apic,
+                );
+                if icr.mode == DeliveryMode::LOWEST {
+                    break;
+                }
+            }
+        }
         Destination::SelfOnly | Destination::Logical(_) => forward(env, value, x2apic),
         Destination::Physical(id) => match env.hv().cpu_by_apic_id(id) {
             Some(t) if env.hv().isolated(from, t) => drop_crossing(env, icr, id),
@@ -168,7 +184,7 @@ fn route_within_partition(env: &mut impl Env, value: u64, icr: &Icr, x2apic: boo
             let n = env.hv().cpus().len();
             for i in 0..n {
                 if (i == me && icr.dest == Destination::AllExcludingSelf)
-                    || env.hv().partition_of(i) != from
+                    || env.hv().isolated(from, i)
                 {
                     continue;
                 }
@@ -180,6 +196,32 @@ fn route_within_partition(env: &mut impl Env, value: u64, icr: &Icr, x2apic: boo
     }
     if let Some(high) = guest_high {
         env.lapic_write(reg::ICR_HIGH, high);
+    }
+}
+
+/// Whether CPU `cpu` of appliance partition `part` is named by the xAPIC
+/// logical destination `dest`, by the logical IDs its kernel gave them (flat model:
+/// a bit mask; cluster model: cluster in bits 4–7, mask in bits 0–3; SDM
+/// Vol. 3A §11.6.2.2).
+pub(crate) fn logical_match(
+    hv: &crate::hv::Hv,
+    part: crate::partition::PartitionId,
+    dest: u32,
+    cpu: usize,
+) -> bool {
+    let Some(c) = hv.cpus().get(cpu) else {
+        return false;
+    };
+    if c.partition != part || !c.entered.load(Ordering::SeqCst) {
+        return false;
+    }
+    let id = c.vldr.load(Ordering::SeqCst) >> 24;
+    let flat = c.vdfr.load(Ordering::SeqCst) >> 28 == 0xf;
+    let d = dest & 0xff;
+    if flat {
+        id & d != 0
+    } else {
+        id >> 4 == d >> 4 && id & d & 0xf != 0
     }
 }
 

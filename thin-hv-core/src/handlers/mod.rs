@@ -1,6 +1,7 @@
 //! Exit handling, written once for both vendors against [`GuestCpu`] and
 //! [`Env`].
 pub mod apic_reloc;
+mod appliance_io;
 mod cpuid;
 mod cr_access;
 mod debug_trap;
@@ -192,7 +193,16 @@ fn dispatch(exit: &Exit, cpu: &mut impl GuestCpu, env: &mut impl Env) -> Handled
             size,
             input,
             string,
-        } => Handled::new(pcicfg::port(cpu, env, port, size, input, string), reason),
+        } => {
+            if env.hv().space_of(env.cpu_index()).is_os() {
+                Handled::new(pcicfg::port(cpu, env, port, size, input, string), reason)
+            } else {
+                Handled::new(
+                    appliance_io::port(cpu, env, port, size, input, string),
+                    reason,
+                )
+            }
+        }
         Exit::EntryFailed { detail } => {
             log::error!(
                 "VM entry failed on cpu {} (detail {detail:#x})",

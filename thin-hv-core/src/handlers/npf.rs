@@ -22,7 +22,11 @@ pub(super) fn handle(
     present: bool,
 ) -> Handled {
     let hv = env.hv();
-    if hv.touches_hypervisor(gpa, 1) || hv.foreign_ram(hv.partition_of(env.cpu_index()), gpa, 1) {
+    let part = hv.space_of(env.cpu_index());
+    if !part.is_os() {
+        return appliance(cpu, env, gpa, write, present);
+    }
+    if hv.touches_hypervisor(gpa, 1) || hv.foreign_ram(part, gpa, 1) {
         return Handled {
             outcome: protected(cpu, env, gpa, write, fetch),
             reason: ExitReason::PROTECTED_ACCESS,
@@ -64,6 +68,33 @@ pub(super) fn handle(
     cpu.inject_exception(vector::GP, Some(0));
     Handled {
         outcome: Outcome::Resume,
+        reason: ExitReason::NESTED_FAULT,
+    }
+}
+
+/// A nested fault on an appliance processor: a write to its local APIC
+/// (the ICR filtered as for the OS), or an access to an address where it
+/// has no memory and no device, which stops the appliance.
+fn appliance(
+    cpu: &mut impl GuestCpu,
+    env: &mut impl Env,
+    gpa: u64,
+    write: bool,
+    present: bool,
+) -> Handled {
+    if write && present && gpa & !0xfff == env.hv().apic_base {
+        return Handled {
+            outcome: apic_write(cpu, env, gpa),
+            reason: ExitReason::APIC_ACCESS,
+        };
+    }
+    log::error!(
+        "cpu {}: appliance access to {gpa:#x} (write {write}), where it has neither memory nor a device, rip {:#x}",
+        env.cpu_index(),
+        cpu.rip()
+    );
+    Handled {
+        outcome: Outcome::Fatal("an appliance touched an address outside its partition"),
         reason: ExitReason::NESTED_FAULT,
     }
 }
@@ -134,9 +165,18 @@ pub(super) fn apic_write(cpu: &mut impl GuestCpu, env: &mut impl Env, gpa: u64) 
     let value = value as u32;
     let offset = (gpa & 0xff0) as u32;
     let old = store.exchange.then(|| env.lapic_read(offset));
+    let appliance = !env.hv().space_of(env.cpu_index()).is_os();
     let outcome = if offset == reg::ICR_LOW && icr_virtualized(env.hv()) {
         let high = env.lapic_read(reg::ICR_HIGH);
         ipi::icr_write(env, (u64::from(high) << 32) | u64::from(value), false)
+    } else if appliance && matches!(offset, reg::LDR | reg::DFR) {
+        let slot = &env.hv().cpus()[env.cpu_index()];
+        if offset == reg::LDR {
+            slot.vldr.store(value & 0xff00_0000, Ordering::SeqCst);
+        } else {
+            slot.vdfr.store(value | 0x0fff_ffff, Ordering::SeqCst);
+        }
+        Outcome::Resume
     } else {
         env.lapic_write(offset, value);
         Outcome::Resume

@@ -18,12 +18,20 @@ pub fn claim_cpus(env: &mut impl Env) -> u64 {
         .collect();
     for id in parts.iter() {
         let mut cpus = 0;
+        let bootable = env.hv().appliance(id).is_some_and(|p| {
+            p.info.entry_rip != 0 && p.transition(PartitionState::STOPPED, PartitionState::STARTING)
+        });
         for i in 0..n {
             let slot = &env.hv().cpus()[i];
             if slot.partition != id || !slot.virtualized() {
                 continue;
             }
             let apic_id = slot.apic_id;
+            if bootable && cpus == 0 {
+                // Its first processor starts the kernel; the others wait
+                // for its INIT-SIPI-SIPI, as on a machine of their own.
+                slot.mailbox.post_boot();
+            }
             slot.mailbox.post_init();
             env.kick_for_init(apic_id);
             cpus += 1;

@@ -117,7 +117,7 @@ pub(super) fn ecam(
     Outcome::Resume
 }
 
-fn set_loaded(cpu: &mut impl GuestCpu, load: Load, value: u32) {
+pub(super) fn set_loaded(cpu: &mut impl GuestCpu, load: Load, value: u32) {
     let old = cpu.gpr(load.dest);
     cpu.set_gpr(load.dest, load.merge(old, u64::from(value)));
 }

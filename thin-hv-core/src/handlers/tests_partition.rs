@@ -25,6 +25,7 @@ fn claimed() -> FakeEnv {
     for i in [2, 3] {
         assert!(env.hv.cpus()[i].mailbox.take_init());
         env.hv.cpus()[i].set_state(thinhv_abi::status::CpuState::WAIT_FOR_SIPI);
+        env.hv.cpus()[i].entered.store(true, Ordering::SeqCst);
     }
     env.apic_writes.clear();
     env.nmis_sent.clear();
@@ -62,6 +63,7 @@ fn the_claim_parks_the_appliance_cpus_once_and_only_after_the_seal() {
     let cpu = hypercall(&mut env, 0, Function::CLAIM_APPLIANCE_CPUS, [0; 3]);
     assert_eq!(status(&cpu), Status::OK);
     env.cpu = 2;
+    env.hv.cpus()[2].entered.store(true, Ordering::SeqCst);
     let cpu = hypercall(&mut env, 0, Function::CLAIM_APPLIANCE_CPUS, [0; 3]);
     assert_eq!(status(&cpu), Status::NOT_PERMITTED);
 }

@@ -24,7 +24,7 @@ use thinhv_abi::layout::{HEAP_SIZE, PAGE};
 use thinhv_abi::status::{DeviceRecord, StatusPageHeader};
 use thinhv_paging::ept::EptFormat;
 use thinhv_paging::x86::{Flavor, X86Format};
-use thinhv_paging::{Attrs, BumpFrames, Mapper};
+use thinhv_paging::{Attrs, BumpFrames, FrameAlloc, Mapper};
 
 /// A bump allocator over the pool.
 struct Carver {
@@ -84,6 +84,8 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
     )?;
     hide_iommu_windows(&h, slat, slat_root, pool.blank_pa, &mut frames)?;
     hide_appliance_ram(&h, slat, slat_root, pool.blank_pa, &mut frames)?;
+    let (appliance_slat, appliance_iopm_pa) =
+        build_appliance_maps(&h, slat, apic_base, &mut frames)?;
     trap_mediated_functions(&h, slat, slat_root, host_top, pool.iopm_pa, &mut frames)?;
 
     let hv = Hv::from_handoff(&h, apic_base);
@@ -100,6 +102,8 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
         msr_map_pa: pool.msr_map_pa,
         iopm_pa: pool.iopm_pa,
         blank_pa: pool.blank_pa,
+        appliance_slat,
+        appliance_iopm_pa,
         canary_pa: pool.canary_pa,
         percpu_base: pool.percpu_base,
         status,
@@ -321,6 +325,56 @@ fn hide_appliance_ram(
         );
     }
     Ok(())
+}
+
+/// Each appliance's second-level tables: its guest-physical
+/// `[0, RAM size)` on its host RAM, and the local APIC page (reads reach
+/// the processor's own APIC, writes trap as for the OS: the ICR is
+/// filtered); nothing else. And one I/O permission map, every port
+/// intercepted, for all appliance processors.
+fn build_appliance_maps(
+    h: &Handoff,
+    slat: Slat,
+    apic_base: u64,
+    frames: &mut BumpFrames,
+) -> Result<([u64; thinhv_abi::handoff::MAX_APPLIANCES], u64), CoreError> {
+    let mut roots = [0u64; thinhv_abi::handoff::MAX_APPLIANCES];
+    if h.partitions().is_empty() {
+        return Ok((roots, 0));
+    }
+    let oom = |_| CoreError::OUT_OF_MEMORY;
+    // Three consecutive frames from the bump allocator.
+    let iopm = frames.alloc_frame().ok_or(CoreError::OUT_OF_MEMORY)?;
+    for i in 1..3 {
+        if frames.alloc_frame() != Some(iopm + i * PAGE) {
+            return Err(CoreError::OUT_OF_MEMORY);
+        }
+    }
+    // SAFETY: three frames just taken from the core's own allocator.
+    unsafe { core::ptr::write_bytes(iopm as *mut u8, 0xff, 3 * PAGE as usize) };
+    for (i, p) in h.partitions().iter().enumerate() {
+        // SAFETY: only this core's table roots and frames from its own
+        // allocator reach the engine (`IdentityMem::new`'s contract).
+        let mut mem = unsafe { IdentityMem::new() };
+        roots[i] = match slat {
+            Slat::Npt(fmt) => {
+                let mut m = Mapper::create(&fmt, &mut mem, frames).map_err(oom)?;
+                m.map(0, p.ram.base, p.ram.size, Attrs::RWX, frames)
+                    .map_err(oom)?;
+                m.map(apic_base, apic_base, PAGE, Attrs::MMIO_RO, frames)
+                    .map_err(oom)?;
+                m.root()
+            }
+            Slat::Ept(_) => {
+                log::error!(
+                    "appliance {:?}: not started: appliances on Intel VT-x are not built yet",
+                    p.name()
+                );
+                0
+            }
+        };
+    }
+    Ok((roots, iopm))
 }
 
 /// Maps every page of `range` to the blank frame, read-only.

@@ -61,6 +61,11 @@ pub struct Core {
     pub iopm_pa: u64,
     /// The blank frame the guest sees in place of the protected region.
     pub blank_pa: u64,
+    /// Second-level roots of the appliance partitions (partition `n` at
+    /// `n - 1`; 0 where none was built).
+    pub appliance_slat: [u64; thinhv_abi::handoff::MAX_APPLIANCES],
+    /// I/O permission map of appliance processors: every port exits.
+    pub appliance_iopm_pa: u64,
     /// The canary page.
     pub canary_pa: u64,
     /// First `PerCpu`.

@@ -60,8 +60,13 @@ impl Env for HwEnv {
         cpuid(leaf, subleaf)
     }
 
-    fn read_phys(&self, pa: u64, buf: &mut [u8]) {
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) {
         let len = buf.len() as u64;
+        let part = self.core.hv.space_of(self.cpu);
+        let Some(pa) = self.core.hv.host_address(part, gpa, len) else {
+            buf.fill(0);
+            return;
+        };
         if pa
             .checked_add(len)
             .is_none_or(|end| end > self.core.host_top)
@@ -69,7 +74,7 @@ impl Env for HwEnv {
             || self
                 .core
                 .hv
-                .foreign_ram(self.core.hv.partition_of(self.cpu), pa, len)
+                .foreign_ram(self.core.hv.space_of(self.cpu), pa, len)
         {
             // Outside the map, the core's own memory or another partition's
             // RAM (a guest page table pointed there must not make the walker
@@ -83,8 +88,13 @@ impl Env for HwEnv {
         unsafe { core::ptr::copy_nonoverlapping(pa as *const u8, buf.as_mut_ptr(), buf.len()) };
     }
 
-    fn write_phys(&mut self, pa: u64, data: &[u8]) {
+    fn write_phys(&mut self, gpa: u64, data: &[u8]) {
         let len = data.len() as u64;
+        let part = self.core.hv.space_of(self.cpu);
+        let Some(pa) = self.core.hv.host_address(part, gpa, len) else {
+            log::warn!("write_phys refused at guest {gpa:#x}+{len:#x}: no memory there");
+            return;
+        };
         if pa
             .checked_add(len)
             .is_none_or(|end| end > self.core.host_top)
@@ -92,7 +102,7 @@ impl Env for HwEnv {
             || self
                 .core
                 .hv
-                .foreign_ram(self.core.hv.partition_of(self.cpu), pa, len)
+                .foreign_ram(self.core.hv.space_of(self.cpu), pa, len)
         {
             // Callers validate buffers (`guest_mem::check_buffer`); this is
             // the last line, whatever a handler passes.

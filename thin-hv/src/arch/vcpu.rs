@@ -14,6 +14,7 @@ use super::instr::{cpuid, reset_platform};
 use super::percpu::{GuestRegs, PerCpu, RunState};
 use crate::handlers::{Handled, Outcome};
 use crate::hv::CpuSlot;
+use crate::partition::PartitionState;
 use core::fmt;
 use core::sync::atomic::Ordering;
 use thinhv_abi::exit::ExitReason;
@@ -77,6 +78,13 @@ pub trait Backend {
     fn sipi_arrived(&mut self, _core: &Core, _cpu: usize) {}
     /// Starts the guest in real mode at the SIPI vector's page.
     fn start_at(&mut self, core: &Core, cpu: usize, vector: u8);
+    /// Makes this CPU run in partition `p`'s address space (second-level
+    /// root, I/O map) from its next entry; called before every start of
+    /// an appliance processor.
+    fn enter_partition(&mut self, core: &Core, cpu: usize, slat_root: u64, iopm_pa: u64);
+    /// Starts the guest in 64-bit mode at an appliance's entry (the Linux
+    /// 64-bit boot protocol). Returns false where the backend cannot.
+    fn start_long(&mut self, core: &Core, cpu: usize, entry: &LongEntry) -> bool;
     /// Leaves guest mode on this CPU for good and continues natively where
     /// the guest was, with RAX = `rax` if given (roll-back before the
     /// seal). The neutral layer did the bookkeeping.
@@ -85,6 +93,21 @@ pub trait Backend {
     fn describe(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result;
     /// Just before the guest runs again (pending NMIs handed over).
     fn before_entry(&mut self, core: &Core, cpu: usize);
+}
+
+/// Where an appliance's first processor starts (guest-physical).
+#[derive(Clone, Copy, Debug)]
+pub struct LongEntry {
+    /// RIP.
+    pub rip: u64,
+    /// RSI (the zero page).
+    pub rsi: u64,
+    /// CR3 (identity map).
+    pub cr3: u64,
+    /// GDT base (limit `APPLIANCE_GDT_LIMIT`, code 0x10, data 0x18).
+    pub gdt: u64,
+    /// RSP: a stack below the boot structures.
+    pub rsp: u64,
 }
 
 /// The host NMI handler took an NMI on this CPU: counted in its shared
@@ -202,6 +225,19 @@ pub fn account(core: &Core, cpu: usize, handled: &Handled) {
 
 /// Carries out what the handlers decided, then prepares the entry.
 pub fn apply(core: &Core, cpu: usize, outcome: Outcome, b: &mut impl Backend) {
+    // Nothing an appliance does stops the machine: what would reset the
+    // platform or stop thinhv on an OS processor stops the appliance.
+    let outcome = match outcome {
+        Outcome::Reset | Outcome::Fatal(_) if !core.hv.space_of(cpu).is_os() => {
+            let why = match outcome {
+                Outcome::Fatal(w) => w,
+                _ => "triple fault",
+            };
+            crash_partition(core, cpu, why);
+            Outcome::WaitForSipi
+        }
+        o => o,
+    };
     match outcome {
         Outcome::Resume => {}
         Outcome::ResumeFlushTlb => b.flush_tlb(core),
@@ -243,6 +279,11 @@ pub fn init_then_sipi(core: &Core, cpu: usize, b: &mut impl Backend) {
     let vector = loop {
         // A further INIT while waiting changes nothing.
         let _ = slot.mailbox.take_init();
+        if slot.mailbox.take_boot() {
+            b.sipi_arrived(core, cpu);
+            boot_appliance(core, cpu, b);
+            return;
+        }
         if let Some(v) = slot.mailbox.take_sipi() {
             break v;
         }
@@ -254,12 +295,103 @@ pub fn init_then_sipi(core: &Core, cpu: usize, b: &mut impl Backend) {
 }
 
 fn start(core: &Core, cpu: usize, vector: u8, b: &mut impl Backend) {
+    enter_own_partition(core, cpu, b);
     b.start_at(core, cpu, vector);
     set_state(core, cpu, CpuState::RUNNING);
     log::debug!(
         "cpu {cpu}: SIPI {vector:#x}, starting at {:#x}",
         u64::from(vector) << 12
     );
+}
+
+/// An appliance processor runs in its partition's address space from its
+/// first start after the claim on (the OS's processors keep theirs).
+fn enter_own_partition(core: &Core, cpu: usize, b: &mut impl Backend) {
+    let p = core.hv.partition_of(cpu);
+    // Before its claim, the firmware still starts it (its ExitBootServices
+    // wakes every processor): in the OS's address space.
+    if !core
+        .hv
+        .appliance(p)
+        .is_some_and(crate::partition::Partition::claimed)
+    {
+        return;
+    }
+    let root = core.appliance_slat[usize::from(p.0) - 1];
+    if root != 0 {
+        b.enter_partition(core, cpu, root, core.appliance_iopm_pa);
+        core.hv.cpus()[cpu].entered.store(true, Ordering::SeqCst);
+    }
+}
+
+/// An appliance processor crashed (`why`): the partition is marked
+/// crashed and every processor of it waits in thinhv (this one through
+/// the caller's INIT wait, the others by a virtual INIT). Restarting per
+/// `on_crash` is `docs/appliances.md`'s next step.
+fn crash_partition(core: &Core, cpu: usize, why: &str) {
+    let id = core.hv.partition_of(cpu);
+    let Some(p) = core.hv.appliance(id) else {
+        return;
+    };
+    let was = p.state();
+    if !p.transition(was, PartitionState::CRASHED) || was == PartitionState::CRASHED {
+        return;
+    }
+    log::error!(
+        "appliance {:?}: crashed on cpu {cpu} ({why}); its processors are stopped, the OS runs on",
+        p.name()
+    );
+    let Some(global) = super::core_state::get() else {
+        return;
+    };
+    let mut env = super::env_impl::HwEnv { core: global, cpu };
+    for (i, slot) in core.hv.cpus().iter().enumerate() {
+        if i != cpu && slot.partition == id && slot.virtualized() {
+            slot.mailbox.post_init();
+            crate::env::Env::kick_for_init(&mut env, slot.apic_id);
+        }
+    }
+}
+
+/// Starts this CPU at its appliance's entry (the loader laid the RAM out).
+fn boot_appliance(core: &Core, cpu: usize, b: &mut impl Backend) {
+    let id = core.hv.partition_of(cpu);
+    let (Some(p), Some(info)) = (
+        core.hv.appliance(id),
+        core.handoff
+            .partitions()
+            .get(usize::from(id.0).wrapping_sub(1)),
+    ) else {
+        return;
+    };
+    if core.appliance_slat[usize::from(id.0) - 1] == 0 {
+        log::error!("appliance {:?}: no address space; stays stopped", p.name());
+        let _ = p.transition(PartitionState::STARTING, PartitionState::STOPPED);
+        return;
+    }
+    enter_own_partition(core, cpu, b);
+    let entry = LongEntry {
+        rip: info.entry_rip,
+        rsi: info.entry_rsi,
+        cr3: info.entry_cr3,
+        gdt: info.entry_gdt,
+        rsp: info.entry_cr3,
+    };
+    if b.start_long(core, cpu, &entry) {
+        set_state(core, cpu, CpuState::RUNNING);
+        let _ = p.transition(PartitionState::STARTING, PartitionState::RUNNING);
+        log::info!(
+            "appliance {:?}: cpu {cpu} starts its kernel at {:#x}",
+            p.name(),
+            entry.rip
+        );
+    } else {
+        log::error!(
+            "appliance {:?}: this backend cannot start it; stays stopped",
+            p.name()
+        );
+        let _ = p.transition(PartitionState::STARTING, PartitionState::STOPPED);
+    }
 }
 
 struct Describe<'a, B: ?Sized>(&'a B);

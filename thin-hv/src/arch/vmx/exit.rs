@@ -220,6 +220,14 @@ impl vcpu::Backend for VmxVcpu<'_> {
         start_at(vector);
     }
 
+    /// Appliances on VT-x are not built yet: their processors are never
+    /// started (`docs/appliances.md`), so nothing switches the EPT root.
+    fn enter_partition(&mut self, _core: &Core, _cpu: usize, _slat_root: u64, _iopm_pa: u64) {}
+
+    fn start_long(&mut self, _core: &Core, _cpu: usize, _e: &vcpu::LongEntry) -> bool {
+        false
+    }
+
     fn leave(&mut self, core: &Core, cpu: usize, rax: Option<u64>) -> ! {
         leave(core, cpu, self.run, rax)
     }
