@@ -613,6 +613,29 @@ pub struct PartitionInfo {
     /// GDT base at entry (its limit is [`APPLIANCE_GDT_LIMIT`]; code
     /// selector 0x10, data 0x18).
     pub entry_gdt: u64,
+    /// The TSC frequency the loader measured, kHz.
+    pub tsc_khz: u64,
+    /// A copy of what its RAM held at the first start (the pieces below,
+    /// back to back), reserved and hidden from the OS like its RAM: a
+    /// restart scrubs the RAM and puts these back.
+    pub image: PhysRange,
+    /// Number of valid `pieces`.
+    pub piece_count: u32,
+    /// Reserved.
+    pub reserved: u32,
+    /// Where each piece of `image` goes (guest-physical) and its length.
+    pub pieces: [PhysRange; MAX_IMAGE_PIECES],
+}
+
+/// Most pieces of an appliance image (page tables, GDT, zero page,
+/// command line, five ACPI tables, kernel, initrd).
+pub const MAX_IMAGE_PIECES: usize = 12;
+
+impl PartitionInfo {
+    /// The valid pieces.
+    pub fn pieces(&self) -> &[PhysRange] {
+        &self.pieces[..(self.piece_count as usize).min(MAX_IMAGE_PIECES)]
+    }
 }
 
 /// The GDT limit an appliance starts with (four descriptors).

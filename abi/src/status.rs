@@ -347,11 +347,74 @@ pub const fn iommu_offset(max_cpus: usize) -> usize {
     devices_offset(max_cpus) + MAX_DEVICES * core::mem::size_of::<DeviceRecord>()
 }
 
+/// One appliance partition (`thinhv appliances`); records whose name
+/// starts with a NUL are unused.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    zerocopy::FromBytes,
+    zerocopy::IntoBytes,
+    zerocopy::Immutable,
+    zerocopy::KnownLayout,
+)]
+#[repr(C)]
+pub struct ApplianceRecord {
+    /// Its name, NUL-padded.
+    pub name: [u8; 32],
+    /// `thin_hv_core::partition::PartitionState` value: 0 unclaimed, 1
+    /// stopped, 2 starting, 3 running, 4 crashed.
+    pub state: u32,
+    /// Processors.
+    pub cpu_count: u32,
+    /// Its RAM (host-physical).
+    pub ram_base: u64,
+    /// Its RAM size.
+    pub ram_size: u64,
+    /// TSC when its kernel last started (0: never).
+    pub started_tsc: u64,
+    /// TSC frequency in kHz (the loader's measurement).
+    pub tsc_khz: u64,
+    /// Starts after the first.
+    pub restarts: u32,
+    /// Crashes.
+    pub crashes: u32,
+    /// `handoff::partition_flags`.
+    pub flags: u32,
+    /// Console port (0: the log).
+    pub console_port: u16,
+    /// First APIC ID.
+    pub first_apic_id: u16,
+    /// Why it last stopped, NUL-padded.
+    pub reason: [u8; 40],
+}
+
+const _: () = assert!(core::mem::size_of::<ApplianceRecord>() == 128);
+
+/// Names for [`ApplianceRecord::state`].
+pub const fn appliance_state_name(state: u32) -> &'static str {
+    match state {
+        0 => "unclaimed",
+        1 => "stopped",
+        2 => "starting",
+        3 => "running",
+        4 => "crashed",
+        _ => "?",
+    }
+}
+
+/// Offset of the appliance records (`handoff::MAX_APPLIANCES` of them).
+pub const fn appliances_offset(max_cpus: usize) -> usize {
+    iommu_offset(max_cpus) + MAX_IOMMU_RECORDS * core::mem::size_of::<IommuRecord>()
+}
+
 /// Size of the status area for `max_cpus` CPUs, page-aligned, and the
 /// offset of its log ring.
 pub const fn status_area_layout(max_cpus: usize) -> (usize, usize) {
-    let iommu_end =
-        iommu_offset(max_cpus) + MAX_IOMMU_RECORDS * core::mem::size_of::<IommuRecord>();
+    let iommu_end = appliances_offset(max_cpus)
+        + crate::handoff::MAX_APPLIANCES * core::mem::size_of::<ApplianceRecord>();
     let log_offset = (iommu_end + 0xfff) & !0xfff;
     (log_offset + LOG_RING_SIZE, log_offset)
 }

@@ -18,6 +18,7 @@
 //! `0x4000_0000..` (any privilege level) give the version and the physical
 //! address of the read-only status page; `/dev/mem` (root) reads that page.
 //! See `docs/status-channel.md`.
+mod appliances;
 mod attack_msr;
 mod attack_pci;
 mod cpuid;
@@ -36,6 +37,11 @@ pub(crate) const USAGE: &str = "usage: thinhv <command>
   status [--json]   show thinhv's state (inside a guest; root for counters and log)
   log [--json]      print the hypervisor log (root)
   devices [--json]  PCI functions thinhv found, their owner, IOMMU domain and SR-IOV state (root)
+  appliances [--json]
+                    the appliance partitions: state, CPUs, memory, uptime, restarts,
+                    last console lines (root)
+  appliance console NAME
+                    an appliance's console lines (console = \"log\"; root)
   selftest          check the hypervisor's protection from inside the guest (root)
   check FILE        validate a thinhv.toml and print the effective settings
   install --esp DIR [--config FILE] [--efi FILE] [--dry-run]
@@ -63,6 +69,10 @@ fn main() -> ExitCode {
         "status" => report::status(rest.iter().any(|a| a == "--json")),
         "log" => report::log(rest.iter().any(|a| a == "--json")),
         "devices" => report::devices(rest.iter().any(|a| a == "--json")),
+        "appliances" => appliances::list(rest.iter().any(|a| a == "--json")),
+        "appliance" if rest.first().is_some_and(|a| a == "console") => {
+            appliances::console(&rest[1..])
+        }
         "selftest" => selftest::run(),
         "check" => check(rest),
         "install" => install::run_install(rest),

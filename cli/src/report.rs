@@ -25,6 +25,8 @@ pub struct Page {
     pub devices: Vec<DeviceRecord>,
     /// The IOMMU units.
     pub iommus: Vec<IommuRecord>,
+    /// The appliance partitions.
+    pub appliances: Vec<thinhv_abi::status::ApplianceRecord>,
 }
 
 /// Reads and checks the status page.
@@ -88,11 +90,24 @@ pub fn read_page(p: &Presence) -> Result<Page, String> {
         };
         iommus.push(r.0);
     }
+    let mut appliances = Vec::new();
+    for i in 0..thinhv_abi::handoff::MAX_APPLIANCES {
+        let off = thinhv_abi::status::appliances_offset(header.max_cpus as usize)
+            + i * core::mem::size_of::<thinhv_abi::status::ApplianceRecord>();
+        match bytes
+            .get(off..)
+            .and_then(|b| thinhv_abi::status::ApplianceRecord::read_from_prefix(b).ok())
+        {
+            Some((r, _)) if r.name[0] != 0 => appliances.push(r),
+            _ => break,
+        }
+    }
     Ok(Page {
         header,
         cpus,
         devices,
         iommus,
+        appliances,
         log: String::from_utf8_lossy(&text).into_owned(),
     })
 }

@@ -15,7 +15,7 @@
 //! |---|---|
 //! | 0 – 0x7ffff | RAM (the kernel's real-mode trampoline lives here) |
 //! | 0x80000 – 0x8ffff | reserved: page tables, GDT, zero page, command line, ACPI tables |
-//! | 0x90000 – 0xfffff | reserved (legacy holes) |
+//! | 0x90000 – 0xfffff | reserved (legacy holes); at 0xffff0 the reset vector: a reset through port 0xCF9 |
 //! | 0x100000 – end | RAM: the kernel at its preferred address, the initrd at the top |
 // Every address and length written into the boot structures here lies
 // below 4 GiB (`build` refuses larger appliances), and table lengths are a
@@ -43,6 +43,13 @@ const FADT: u64 = 0x8_9200;
 const MADT: u64 = 0x8_9400;
 const DSDT: u64 = 0x8_9800;
 const RESERVED_START: u64 = 0x8_0000;
+/// The real-mode reset vector (F000:FFF0). A kernel that restarts
+/// "through the BIOS" (Linux's `machine_real_restart`) jumps here; the
+/// platform answers with a reset request through port 0xCF9, which thinhv
+/// takes as the appliance's reset.
+const RESET_VECTOR: u64 = 0xf_fff0;
+/// `mov dx, 0xcf9; mov al, 0x0e; out dx, al; hlt; jmp $-1`.
+const RESET_STUB: [u8; 9] = [0xba, 0xf9, 0x0c, 0xb0, 0x0e, 0xee, 0xf4, 0xeb, 0xfd];
 const HIGH_RAM: u64 = 0x10_0000;
 /// The port of the 16550 the DSDT describes (the appliance's console).
 pub const CONSOLE_PORT: u16 = 0x3f8;
@@ -229,6 +236,7 @@ pub fn build(s: &Spec<'_>) -> Result<Image, String> {
     for (at, t) in acpi_tables(s.apic_ids) {
         pieces.push((at, t));
     }
+    pieces.push((RESET_VECTOR, RESET_STUB.to_vec()));
     pieces.push((kernel_at, pm.to_vec()));
     if let Some(i) = s.initrd {
         pieces.push((initrd_at.0, i.to_vec()));

@@ -76,8 +76,8 @@ fn a_linux_appliance_runs_beside_an_os_that_cannot_see_or_reach_it() {
     let kb = numbers(up.split("mem_kb=").nth(1).unwrap_or(""))[0];
     assert!((180_000.0..262_144.0).contains(&kb), "{up}");
     // Its clock keeps time: four of its 5 s ticks against the OS's clock.
-    let c = numbers(g.get("appliance_clock"));
-    let (app, os) = (c[1] - c[0], c[3] - c[2]);
+    let clock = numbers(g.get("appliance_clock"));
+    let (app, os) = (clock[1] - clock[0], clock[3] - clock[2]);
     assert!(
         (app / os - 1.0).abs() < 0.05,
         "appliance {app:.2} s, OS {os:.2} s: {}",
@@ -122,4 +122,68 @@ fn a_linux_appliance_runs_beside_an_os_that_cannot_see_or_reach_it() {
         g.get("appliance_dropped_ipis").parse::<u32>().unwrap() >= 2,
         "{log}"
     );
+    // `thinhv appliances` and its console, from the OS.
+    assert_eq!(g.get("appliance_console_up"), "1", "{facts}");
+    let list = appliances_json(facts);
+    let a = &list["appliances"][0];
+    assert_eq!(a["name"], "store", "{list}");
+    assert_eq!(a["state"], "running", "{list}");
+    assert_eq!(a["cpus"], 2, "{list}");
+    assert_eq!(a["memory_mib"], 256, "{list}");
+    assert_eq!(a["restarts"], 0, "{list}");
+    assert!(a["uptime_seconds"].as_f64().unwrap() > 20.0, "{list}");
+    assert!(
+        a["last_console_lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l.as_str().unwrap().contains("THINHV-APPLIANCE: uptime")),
+        "{list}"
+    );
+}
+
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn a_crashing_appliance_is_restarted_and_the_os_runs_on() {
+    let config = APPLIANCE.replace(
+        "thinhv_appliance=1",
+        "thinhv_appliance=1 thinhv_appliance_crash_at=1",
+    );
+    let g = os_with(
+        "appliance-restart",
+        &config,
+        "thinhv_appliance_restart_probe=1",
+    );
+    let facts = &g.facts;
+    // Up three times: crashed (a kernel panic; its emergency restart ends
+    // at the reset vector, which asks for a reset through port 0xCF9) and
+    // restarted twice, its RAM scrubbed and its image put back each time.
+    assert!(
+        g.get("appliance_ups").parse::<u32>().unwrap() >= 3,
+        "{facts}"
+    );
+    assert!(
+        g.get("appliance_restart_log").parse::<u32>().unwrap() >= 2,
+        "{facts}"
+    );
+    let list = appliances_json(facts);
+    let a = &list["appliances"][0];
+    assert!(a["restarts"].as_u64().unwrap() >= 2, "{list}");
+    assert!(a["crashes"].as_u64().unwrap() >= 2, "{list}");
+    assert_eq!(
+        a["last_stop_reason"], "the appliance asked for a reset",
+        "{list}"
+    );
+    // The OS ran on throughout (it reached this report after the restarts).
+    assert_eq!(cpu_list_len(g.get("online")), 2, "{facts}");
+    assert!(g.get("os_uptime_after_restarts").parse::<f64>().unwrap() > 30.0);
+}
+
+fn appliances_json(facts: &str) -> serde_json::Value {
+    let begin = facts
+        .find("THINHV-APPLIANCES-JSON-BEGIN")
+        .expect("thinhv appliances --json")
+        + "THINHV-APPLIANCES-JSON-BEGIN".len();
+    let end = facts.find("THINHV-APPLIANCES-JSON-END").expect("end");
+    serde_json::from_str(facts[begin..end].trim()).expect("JSON")
 }

@@ -36,8 +36,8 @@ fn probe_under_thinhv() {
     assert_ne!(get(&r, "cpuid7_ebx"), "0x0");
     // Hypercalls.
     assert_eq!(get(&r, "hc_version_status"), "0");
-    // ABI 2: the hand-off carries PCI ownership, the status page BARs.
-    assert_eq!(get(&r, "hc_abi"), "2");
+    // ABI 3: the hand-off carries appliance partitions.
+    assert_eq!(get(&r, "hc_abi"), thinhv_abi::ABI_VERSION.to_string());
     assert_eq!(get(&r, "hc_cpus"), "2");
     assert_eq!(get(&r, "status_cpus_virtualized"), "2");
     assert_eq!(get(&r, "status_sealed"), "1");

@@ -350,10 +350,12 @@ impl Hv {
     }
 
     /// Whether any byte of `[gpa, gpa + len)` is RAM of an appliance other
-    /// than `part`: partition `part` may neither read nor write it.
+    /// than `part`, or any appliance's image copy (what a restart puts
+    /// back): partition `part` may neither read nor write it.
     pub fn foreign_ram(&self, part: PartitionId, gpa: u64, len: u64) -> bool {
-        self.appliances()
-            .any(|(id, p)| id != part && p.ram().overlaps(gpa, len))
+        self.appliances().any(|(id, p)| {
+            (id != part && p.ram().overlaps(gpa, len)) || p.info.image.overlaps(gpa, len)
+        })
     }
 
     /// The processors.

@@ -3,9 +3,10 @@
 //! its state; whatever crosses partitions is checked where thinhv sees it
 //! (`handlers::ipi` for IPIs, [`crate::hv::Hv::foreign_ram`] for memory
 //! thinhv reads or writes for a guest).
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use thinhv_abi::PhysRange;
 use thinhv_abi::handoff::PartitionInfo;
+use thinhv_abi::status::ApplianceRecord;
 
 /// A partition number: 0 is the OS, `n` is appliance `n`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -58,6 +59,14 @@ pub struct Partition {
     state: AtomicU32,
     /// Its console UART (`console = "log"`).
     pub console: spin::Mutex<crate::uart::Uart>,
+    /// TSC when its kernel last started.
+    pub started_tsc: AtomicU64,
+    /// Starts after the first.
+    pub restarts: AtomicU32,
+    /// Crashes.
+    pub crashes: AtomicU32,
+    /// Why it last stopped.
+    reason: spin::Mutex<[u8; 40]>,
 }
 
 impl Partition {
@@ -67,6 +76,10 @@ impl Partition {
             info,
             state: AtomicU32::new(PartitionState::UNCLAIMED.0),
             console: spin::Mutex::new(crate::uart::Uart::default()),
+            started_tsc: AtomicU64::new(0),
+            restarts: AtomicU32::new(0),
+            crashes: AtomicU32::new(0),
+            reason: spin::Mutex::new([0; 40]),
         }
     }
 
@@ -90,6 +103,33 @@ impl Partition {
         self.state
             .compare_exchange(from.0, to.0, Ordering::SeqCst, Ordering::SeqCst)
             .is_ok()
+    }
+
+    /// Records why it stopped (cut to 40 bytes).
+    pub fn set_reason(&self, why: &str) {
+        let mut r = self.reason.lock();
+        *r = [0; 40];
+        let n = why.len().min(40);
+        r[..n].copy_from_slice(&why.as_bytes()[..n]);
+    }
+
+    /// Its record for the status page (`thinhv appliances`).
+    pub fn record(&self, first_apic_id: u32) -> ApplianceRecord {
+        let mut r: ApplianceRecord = zerocopy::FromZeros::new_zeroed();
+        r.name = self.info.name;
+        r.state = self.state().0;
+        r.cpu_count = self.info.cpu_count;
+        r.ram_base = self.info.ram.base;
+        r.ram_size = self.info.ram.size;
+        r.started_tsc = self.started_tsc.load(Ordering::SeqCst);
+        r.tsc_khz = self.info.tsc_khz;
+        r.restarts = self.restarts.load(Ordering::SeqCst);
+        r.crashes = self.crashes.load(Ordering::SeqCst);
+        r.flags = u32::from(self.info.flags);
+        r.console_port = self.info.console_port;
+        r.first_apic_id = u16::try_from(first_apic_id).unwrap_or(u16::MAX);
+        r.reason = *self.reason.lock();
+        r
     }
 
     /// Whether its processors are its own (no longer the firmware's).

@@ -27,6 +27,10 @@ pub struct Accepted {
     pub ram: PhysRange,
     /// How its first processor starts.
     pub entry: Entry,
+    /// The copy of its image a restart puts back (reserved, hidden).
+    pub image: PhysRange,
+    /// Where each piece of `image` goes.
+    pub pieces: Vec<PhysRange>,
 }
 
 const ALIGN: u64 = 2 << 20;
@@ -48,7 +52,7 @@ pub fn prepare(config: &Config, cpus: &[Cpu], ram_bytes: u64) -> Vec<Accepted> {
                 );
             }
             Decision::Accepted { apic_ids } => match load(a, &apic_ids) {
-                Ok((ram, entry)) => {
+                Ok((ram, entry, image, pieces)) => {
                     println!(
                         "thinhv: appliance {:?}: APIC IDs {:?}, {} MiB at {:#x}",
                         a.name, apic_ids, a.memory, ram.base
@@ -58,6 +62,8 @@ pub fn prepare(config: &Config, cpus: &[Cpu], ram_bytes: u64) -> Vec<Accepted> {
                         apic_ids,
                         ram,
                         entry,
+                        image,
+                        pieces,
                     });
                 }
                 Err(why) => {
@@ -74,7 +80,10 @@ pub fn prepare(config: &Config, cpus: &[Cpu], ram_bytes: u64) -> Vec<Accepted> {
 
 /// Reads the appliance's files, lays its RAM out, reserves the RAM and
 /// fills it (everything else zero).
-fn load(a: &thinhv_config::Appliance, apic_ids: &[u32]) -> Result<(PhysRange, Entry), String> {
+fn load(
+    a: &thinhv_config::Appliance,
+    apic_ids: &[u32],
+) -> Result<(PhysRange, Entry, PhysRange, Vec<PhysRange>), String> {
     let kernel =
         super::config_file::read_esp(&a.kernel).map_err(|e| alloc::format!("kernel {e}"))?;
     let initrd = match &a.initrd {
@@ -90,7 +99,28 @@ fn load(a: &thinhv_config::Appliance, apic_ids: &[u32]) -> Result<(PhysRange, En
         apic_ids,
     })
     .map_err(|e| alloc::format!("kernel {}: {e}", a.kernel))?;
-    let ram = reserve(a.memory_bytes())?;
+    if img.pieces.len() > thinhv_abi::handoff::MAX_IMAGE_PIECES {
+        return Err(String::from("internal: too many image pieces"));
+    }
+    let total: u64 = img.pieces.iter().map(|(_, b)| b.len() as u64).sum();
+    let image = reserve(total.div_ceil(4096) * 4096)?;
+    let ram = match reserve(a.memory_bytes()) {
+        Ok(r) => r,
+        Err(e) => {
+            free_range(image);
+            return Err(e);
+        }
+    };
+    // SAFETY: `image` was just reserved, identity-mapped, used by nothing.
+    let copy =
+        unsafe { core::slice::from_raw_parts_mut(image.base as *mut u8, image.size as usize) };
+    let mut at = 0usize;
+    let mut pieces = Vec::new();
+    for (gpa, piece) in &img.pieces {
+        copy[at..at + piece.len()].copy_from_slice(piece);
+        at += piece.len();
+        pieces.push(PhysRange::new(*gpa, piece.len() as u64));
+    }
     // SAFETY: `ram` was just reserved for this appliance, identity-mapped,
     // and nothing else uses it.
     let bytes = unsafe { core::slice::from_raw_parts_mut(ram.base as *mut u8, ram.size as usize) };
@@ -106,13 +136,21 @@ fn load(a: &thinhv_config::Appliance, apic_ids: &[u32]) -> Result<(PhysRange, En
         img.initrd_at.0,
         img.initrd_at.1
     );
-    Ok((ram, img.entry))
+    Ok((ram, img.entry, image, pieces))
+}
+
+fn free_range(r: PhysRange) {
+    if let Some(p) = core::ptr::NonNull::new(r.base as *mut u8) {
+        // SAFETY: reserved by `reserve`, used by nothing while thinhv is
+        // not running.
+        let _ = unsafe { boot::free_pages(p, (r.size / 4096) as usize) };
+    }
 }
 
 /// The TSC frequency in kHz, measured against the firmware's Stall (the
 /// appliance's kernel is told it: it has no PIT or HPET to calibrate
 /// against).
-fn tsc_khz() -> u64 {
+pub fn tsc_khz() -> u64 {
     static KHZ: AtomicUsize = AtomicUsize::new(0);
     let known = KHZ.load(Ordering::Relaxed);
     if known != 0 {
@@ -150,13 +188,11 @@ fn reserve(size: u64) -> Result<PhysRange, String> {
     Ok(PhysRange::new(base, size))
 }
 
-/// Gives back an appliance's RAM (when the installation fails).
+/// Gives back an appliance's RAM and image copy (when the installation
+/// fails).
 pub fn release(a: &Accepted) {
-    if let Some(p) = core::ptr::NonNull::new(a.ram.base as *mut u8) {
-        // SAFETY: reserved by `reserve`, used by nothing while thinhv is not
-        // running.
-        let _ = unsafe { boot::free_pages(p, (a.ram.size / 4096) as usize) };
-    }
+    free_range(a.ram);
+    free_range(a.image);
 }
 
 /// Replaces the MADT the RSDP leads to by a copy without `apic_ids`

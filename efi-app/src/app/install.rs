@@ -233,7 +233,7 @@ pub fn install(config: &Config) -> Result<String, String> {
     let appliance_pages: u64 = appliances
         .list
         .iter()
-        .map(|a| a.ram.size.div_ceil(2 << 20) + 4)
+        .map(|a| (a.ram.size + a.image.size).div_ceil(2 << 20) + 8)
         .sum();
     let iommu_pages = thinhv_abi::layout::iommu_pages(
         if iommu.mode == thinhv_abi::handoff::IOMMU_MODE_PROTECT {
@@ -332,6 +332,12 @@ pub fn install(config: &Config) -> Result<String, String> {
         p.entry_rsi = a.entry.rsi;
         p.entry_cr3 = a.entry.cr3;
         p.entry_gdt = a.entry.gdt.0;
+        p.tsc_khz = super::appliances::tsc_khz();
+        p.image = a.image;
+        p.piece_count = a.pieces.len() as u32;
+        for (slot, piece) in p.pieces.iter_mut().zip(&a.pieces) {
+            *slot = *piece;
+        }
         p.console_port = match t.console {
             thinhv_config::Console::Log => 0,
             thinhv_config::Console::Port(port) => port,

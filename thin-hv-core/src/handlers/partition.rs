@@ -46,6 +46,7 @@ pub fn claim_cpus(env: &mut impl Env) -> u64 {
             );
         }
     }
+    env.publish_appliances();
     claimed
 }
 

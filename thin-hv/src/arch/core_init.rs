@@ -108,6 +108,9 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
         percpu_base: pool.percpu_base,
         status,
     });
+    if let Some(core) = core_state::get() {
+        super::vcpu::publish_appliances(core);
+    }
     log::info!(
         "core ready: {} KiB reserved, {} with {} pages",
         h.region.size / 1024,
@@ -317,6 +320,9 @@ fn hide_appliance_ram(
 ) -> Result<(), CoreError> {
     for p in h.partitions() {
         blank_out(slat, slat_root, p.ram, blank_pa, frames)?;
+        if !p.image.is_empty() {
+            blank_out(slat, slat_root, p.image, blank_pa, frames)?;
+        }
         log::info!(
             "appliance {:?}: {} MiB at {:#x} out of the OS's second-level tables and IOMMU domain",
             p.name(),

@@ -455,6 +455,10 @@ impl Env for HwEnv {
         unsafe { super::instr::port_in(port, size) }
     }
 
+    fn publish_appliances(&self) {
+        super::vcpu::publish_appliances(self.core);
+    }
+
     fn port_write(&mut self, port: u16, size: u8, value: u32) {
         // SAFETY: as `port_read`, for the guest's OUT.
         unsafe { super::instr::port_out(port, size, value) }

@@ -564,19 +564,23 @@ fn identity_tables(
 /// What the OS's devices must never reach: thinhv's region and each
 /// appliance's RAM, sorted.
 pub struct Holes {
-    ranges: [PhysRange; 1 + MAX_APPLIANCES],
+    ranges: [PhysRange; 1 + 2 * MAX_APPLIANCES],
     n: usize,
 }
 
 impl Holes {
-    /// `region` and the appliances' RAM of the hand-off.
+    /// `region` and the appliances' RAM and image copies of the hand-off.
     pub fn new(region: PhysRange, partitions: &[PartitionInfo]) -> Self {
-        let mut ranges = [PhysRange::default(); 1 + MAX_APPLIANCES];
+        let mut ranges = [PhysRange::default(); 1 + 2 * MAX_APPLIANCES];
         ranges[0] = region;
         let mut n = 1;
         for p in partitions.iter().take(MAX_APPLIANCES) {
             ranges[n] = p.ram;
             n += 1;
+            if !p.image.is_empty() {
+                ranges[n] = p.image;
+                n += 1;
+            }
         }
         ranges[..n].sort_unstable_by_key(|r| r.base);
         Self { ranges, n }

@@ -70,6 +70,15 @@ impl StatusPage {
         }
     }
 
+    /// Writes appliance record `i`.
+    pub fn publish_appliance(&self, i: usize, r: &thinhv_abi::status::ApplianceRecord) {
+        if i < thinhv_abi::handoff::MAX_APPLIANCES {
+            let off = thinhv_abi::status::appliances_offset(self.cpus)
+                + i * core::mem::size_of::<thinhv_abi::status::ApplianceRecord>();
+            self.write(off as u64, r.as_bytes());
+        }
+    }
+
     /// Sets the number of IOMMU records.
     pub fn set_iommu_count(&self, n: usize) {
         let n = n.min(MAX_IOMMU_RECORDS) as u32;

@@ -324,6 +324,20 @@ fn enter_own_partition(core: &Core, cpu: usize, b: &mut impl Backend) {
     }
 }
 
+/// Writes every appliance's record to the status page.
+pub fn publish_appliances(core: &Core) {
+    for (id, p) in core.hv.appliances() {
+        let first = core
+            .hv
+            .cpus()
+            .iter()
+            .find(|c| c.partition == id)
+            .map_or(u32::MAX, |c| c.apic_id);
+        core.status
+            .publish_appliance(usize::from(id.0) - 1, &p.record(first));
+    }
+}
+
 /// An appliance processor crashed (`why`): the partition is marked
 /// crashed and every processor of it waits in thinhv (this one through
 /// the caller's INIT wait, the others by a virtual INIT). Restarting per
@@ -333,14 +347,18 @@ fn crash_partition(core: &Core, cpu: usize, why: &str) {
     let Some(p) = core.hv.appliance(id) else {
         return;
     };
-    let was = p.state();
-    if !p.transition(was, PartitionState::CRASHED) || was == PartitionState::CRASHED {
+    // Only a running appliance crashes (a sibling that faults while the
+    // first is being handled, or during a restart, just stops).
+    if !p.transition(PartitionState::RUNNING, PartitionState::CRASHED) {
         return;
     }
     log::error!(
         "appliance {:?}: crashed on cpu {cpu} ({why}); its processors are stopped, the OS runs on",
         p.name()
     );
+    p.crashes.fetch_add(1, Ordering::SeqCst);
+    p.set_reason(why);
+    publish_appliances(core);
     let Some(global) = super::core_state::get() else {
         return;
     };
@@ -351,6 +369,92 @@ fn crash_partition(core: &Core, cpu: usize, why: &str) {
             crate::env::Env::kick_for_init(&mut env, slot.apic_id);
         }
     }
+    if p.info.flags & thinhv_abi::handoff::partition_flags::RESTART_ON_CRASH != 0 {
+        restart_partition(core, cpu, id, &mut env);
+    }
+}
+
+/// Starts a crashed appliance again (`on_crash = "restart"`): once every
+/// other processor of it waits in thinhv, its RAM is scrubbed, the copy of
+/// its image the loader kept is put back, and its first processor is asked
+/// to start the kernel (this one, if it is the first, does so on its way
+/// into the INIT wait). No wake-up is sent: a waiting processor polls its
+/// mailbox, and an INIT posted now could reach it after it started.
+fn restart_partition(
+    core: &Core,
+    cpu: usize,
+    id: crate::partition::PartitionId,
+    env: &mut super::env_impl::HwEnv,
+) {
+    let Some(p) = core.hv.appliance(id) else {
+        return;
+    };
+    // Every other processor of the partition parked (a few seconds at
+    // most; one that never parks leaves the appliance crashed).
+    let parked = |i: usize, s: &CpuSlot| {
+        i == cpu || s.partition != id || s.state() == CpuState::WAIT_FOR_SIPI
+    };
+    let mut spins = 0u64;
+    while !core.hv.cpus().iter().enumerate().all(|(i, s)| parked(i, s)) {
+        core::hint::spin_loop();
+        spins += 1;
+        if spins > 2_000_000_000 {
+            log::error!(
+                "appliance {:?}: a processor did not stop; not restarted",
+                p.name()
+            );
+            return;
+        }
+    }
+    let ram = p.ram();
+    // SAFETY: the appliance's RAM is in the core's identity map, belongs to
+    // no one but the appliance, and none of its processors runs now.
+    unsafe { core::ptr::write_bytes(ram.base as *mut u8, 0, ram.size as usize) };
+    let mut from = p.info.image.base;
+    for piece in p.info.pieces() {
+        if piece.end() > ram.size || from + piece.size > p.info.image.end() {
+            log::error!(
+                "appliance {:?}: its image copy is inconsistent; not restarted",
+                p.name()
+            );
+            return;
+        }
+        // SAFETY: both ranges are in the core's identity map: the image
+        // copy the loader reserved for this appliance (hidden from the OS)
+        // and the appliance's RAM (bounds checked just above); they do not
+        // overlap.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                from as *const u8,
+                (ram.base + piece.base) as *mut u8,
+                piece.size as usize,
+            );
+        }
+        from += piece.size;
+    }
+    if !p.transition(PartitionState::CRASHED, PartitionState::STARTING) {
+        return;
+    }
+    p.restarts.fetch_add(1, Ordering::SeqCst);
+    let Some((first, slot)) = core
+        .hv
+        .cpus()
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.partition == id)
+    else {
+        return;
+    };
+    // It waits in its INIT loop (checked above), which takes the request
+    // (this CPU's own loop, if it is the first, after `apply`).
+    let _ = (first, env);
+    slot.mailbox.post_boot();
+    log::warn!(
+        "appliance {:?}: restarting ({} restart(s) so far): RAM scrubbed, image restored",
+        p.name(),
+        p.restarts.load(Ordering::SeqCst)
+    );
+    publish_appliances(core);
 }
 
 /// Starts this CPU at its appliance's entry (the loader laid the RAM out).
@@ -379,7 +483,11 @@ fn boot_appliance(core: &Core, cpu: usize, b: &mut impl Backend) {
     };
     if b.start_long(core, cpu, &entry) {
         set_state(core, cpu, CpuState::RUNNING);
+        // SAFETY: RDTSC has no side effects.
+        p.started_tsc
+            .store(unsafe { core::arch::x86_64::_rdtsc() }, Ordering::SeqCst);
         let _ = p.transition(PartitionState::STARTING, PartitionState::RUNNING);
+        publish_appliances(core);
         log::info!(
             "appliance {:?}: cpu {cpu} starts its kernel at {:#x}",
             p.name(),

@@ -1,0 +1,174 @@
+//! `thinhv appliances [--json]` and `thinhv appliance console NAME`: the
+//! appliance partitions as the status page shows them, and an appliance's
+//! console lines from thinhv's log (`console = "log"`).
+use crate::cpuid::presence;
+use crate::report::read_page;
+use serde_json::json;
+use std::process::ExitCode;
+use thinhv_abi::handoff::partition_flags;
+use thinhv_abi::status::{ApplianceRecord, appliance_state_name};
+
+fn text(b: &[u8]) -> String {
+    let n = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..n]).into_owned()
+}
+
+/// Seconds since its kernel last started, from the TSC.
+#[allow(clippy::cast_precision_loss)] // seconds for display
+fn uptime(r: &ApplianceRecord, now_tsc: u64) -> Option<f64> {
+    (r.started_tsc != 0 && r.tsc_khz != 0 && r.state == 3)
+        .then(|| now_tsc.saturating_sub(r.started_tsc) as f64 / (r.tsc_khz as f64 * 1000.0))
+}
+
+/// The console lines of appliance `name` in `log`.
+pub fn console_lines<'a>(log: &'a str, name: &str) -> Vec<&'a str> {
+    let tag = format!("[{name}] ");
+    log.lines()
+        .filter_map(|l| l.find(&tag).map(|i| &l[i + tag.len()..]))
+        .collect()
+}
+
+/// One appliance as JSON.
+pub fn record_json(r: &ApplianceRecord, now_tsc: u64, log: &str) -> serde_json::Value {
+    let name = text(&r.name);
+    let lines = console_lines(log, &name);
+    json!({
+        "name": name,
+        "state": appliance_state_name(r.state),
+        "cpus": r.cpu_count,
+        "first_apic_id": r.first_apic_id,
+        "memory_mib": r.ram_size >> 20,
+        "ram_base": r.ram_base,
+        "uptime_seconds": uptime(r, now_tsc),
+        "restarts": r.restarts,
+        "crashes": r.crashes,
+        "last_stop_reason": text(&r.reason),
+        "on_crash": if r.flags & u32::from(partition_flags::RESTART_ON_CRASH) != 0 { "restart" } else { "stop" },
+        "control": if r.flags & u32::from(partition_flags::OS_CONTROL) != 0 { "os" } else { "none" },
+        "console": if r.console_port == 0 { "log".to_string() } else { format!("{:#x}", r.console_port) },
+        "last_console_lines": lines[lines.len().saturating_sub(5)..],
+    })
+}
+
+fn now_tsc() -> u64 {
+    // SAFETY: RDTSC has no side effects (user mode may execute it unless
+    // the kernel set CR4.TSD, which Linux does not).
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// `thinhv appliances [--json]`.
+pub fn list(json_out: bool) -> ExitCode {
+    let p = presence();
+    if !p.is_thinhv() {
+        eprintln!("thinhv: not running under thinhv");
+        return ExitCode::from(crate::NOT_PRESENT);
+    }
+    let pg = match read_page(&p) {
+        Ok(pg) => pg,
+        Err(e) => {
+            eprintln!("thinhv: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let now = now_tsc();
+    if json_out {
+        let list: Vec<_> = pg
+            .appliances
+            .iter()
+            .map(|r| record_json(r, now, &pg.log))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "appliances": list })).unwrap_or_default()
+        );
+        return ExitCode::SUCCESS;
+    }
+    if pg.appliances.is_empty() {
+        println!("no appliances ([[appliance]] in thinhv.toml)");
+    }
+    for r in &pg.appliances {
+        let v = record_json(r, now, &pg.log);
+        println!(
+            "{:<16} {:<9} cpus {} (from APIC {}), {} MiB, uptime {}, restarts {}, crashes {}{}",
+            v["name"].as_str().unwrap_or("?"),
+            v["state"].as_str().unwrap_or("?"),
+            r.cpu_count,
+            r.first_apic_id,
+            r.ram_size >> 20,
+            uptime(r, now).map_or("-".to_string(), |s| format!("{s:.0} s")),
+            r.restarts,
+            r.crashes,
+            if r.reason[0] == 0 {
+                String::new()
+            } else {
+                format!(", last stop: {}", text(&r.reason))
+            }
+        );
+        for l in v["last_console_lines"].as_array().into_iter().flatten() {
+            println!("    | {}", l.as_str().unwrap_or(""));
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// `thinhv appliance console NAME`.
+pub fn console(rest: &[String]) -> ExitCode {
+    let Some(name) = rest.first() else {
+        eprintln!("usage: thinhv appliance console NAME");
+        return ExitCode::from(2);
+    };
+    let p = presence();
+    if !p.is_thinhv() {
+        eprintln!("thinhv: not running under thinhv");
+        return ExitCode::from(crate::NOT_PRESENT);
+    }
+    match read_page(&p) {
+        Ok(pg) => {
+            if !pg.appliances.iter().any(|r| text(&r.name) == *name) {
+                eprintln!("thinhv: no appliance named {name:?}");
+                return ExitCode::FAILURE;
+            }
+            for l in console_lines(&pg.log, name) {
+                println!("{l}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("thinhv: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_lines_are_the_tagged_ones_without_the_prefix() {
+        let log = "thinhv[cpu2] INFO  [store] hello\nthinhv INFO  other\nthinhv[cpu3] INFO  [store] world\nthinhv INFO  [mon] x\n";
+        assert_eq!(console_lines(log, "store"), ["hello", "world"]);
+        assert_eq!(console_lines(log, "mon"), ["x"]);
+    }
+
+    #[test]
+    fn records_show_state_uptime_and_policy() {
+        let mut r: ApplianceRecord = zerocopy::FromZeros::new_zeroed();
+        r.name[..5].copy_from_slice(b"store");
+        r.state = 3;
+        r.cpu_count = 2;
+        r.ram_size = 256 << 20;
+        r.started_tsc = 1_000_000;
+        r.tsc_khz = 1000;
+        r.flags = u32::from(partition_flags::RESTART_ON_CRASH);
+        let v = record_json(&r, 11_000_000, "");
+        assert_eq!(v["name"], "store");
+        assert_eq!(v["state"], "running");
+        assert_eq!(v["memory_mib"], 256);
+        assert_eq!(v["uptime_seconds"], 10.0);
+        assert_eq!(v["on_crash"], "restart");
+        assert_eq!(v["control"], "none");
+        r.state = 4;
+        assert!(record_json(&r, 11_000_000, "")["uptime_seconds"].is_null());
+    }
+}
