@@ -1,9 +1,8 @@
 //! Appliance partitions (issue 12): a stock Linux appliance on two of four
 //! cores beside the OS, and what the OS can see of it and do to it. QEMU
 //! TCG, q35 with VT-d (thinhv's), `-smp 4`, the Debian kernel for both.
-use thinhv_ovmf::esp::kernel_options;
 use thinhv_ovmf::qemu::Profile;
-use thinhv_tests::{Boot, Guest, boot_linux, built, cpu_list_len};
+use thinhv_tests::{Guest, boot_linux_under_thinhv, cpu_list_len};
 
 /// The Debian kernel and the test initramfs as the appliance (the same
 /// files on the ESP as the OS's; the initramfs's init, given
@@ -23,18 +22,9 @@ cmdline = \"console=ttyS0 quiet thinhv_appliance=1 panic=-1 tsc=reliable\"
 ";
 
 fn os_with(name: &str, extra_config: &str, options: &str) -> Guest {
-    let b = built();
     let mut m = Profile::svm(4);
     m.extra = ["-device", "intel-iommu"].map(String::from).to_vec();
-    let boot = Boot::new(&b, name, m);
-    boot.esp.install_linux(&b.linux).unwrap();
-    let config = thinhv_ovmf::esp::config_booting(
-        thinhv_ovmf::esp::KERNEL,
-        Some(&kernel_options(&format!("quiet thinhv_test=1 {options}"))),
-        &format!("\n[iommu]\nmode = \"protect\"\n{extra_config}"),
-    );
-    boot.esp.install_thinhv(&b.efi, Some(&config)).unwrap();
-    boot_linux(&boot)
+    boot_linux_under_thinhv(name, m, options, extra_config)
 }
 
 fn numbers(s: &str) -> Vec<f64> {

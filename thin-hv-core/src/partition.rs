@@ -40,14 +40,7 @@ impl PartitionState {
 
     /// Its name in logs and listings.
     pub const fn name(self) -> &'static str {
-        match self.0 {
-            0 => "unclaimed",
-            1 => "stopped",
-            2 => "starting",
-            3 => "running",
-            4 => "crashed",
-            _ => "?",
-        }
+        thinhv_abi::status::appliance_state_name(self.0)
     }
 }
 

@@ -210,20 +210,33 @@ static void send_ipi(void __iomem *apic, u32 dest, u32 low)
 		cpu_relax();
 }
 
-static void ipi_unknown(void)
+/*
+ * This CPU's xAPIC page, mapped (NULL in x2APIC mode, where send_ipi uses
+ * the MSR); false, with the attack's error line printed, if it cannot be.
+ */
+static bool map_apic(const char *name, void __iomem **apic)
 {
-	void __iomem *apic = NULL;
-	unsigned long flags;
 	u64 base;
 
+	*apic = NULL;
+	if (x2apic_on())
+		return true;
 	rdmsrl(THV_APIC_BASE_MSR, base);
-	if (!x2apic_on()) {
-		apic = ioremap(base & ~0xfffULL & ((1ULL << 52) - 1), 0x1000);
-		if (!apic) {
-			pr_info(PFX "attack ipi-unknown: sent=0 error=ioremap\n");
-			return;
-		}
+	*apic = ioremap(base & ~0xfffULL & ((1ULL << 52) - 1), 0x1000);
+	if (!*apic) {
+		pr_info(PFX "attack %s: sent=0 error=ioremap\n", name);
+		return false;
 	}
+	return true;
+}
+
+static void ipi_unknown(void)
+{
+	void __iomem *apic;
+	unsigned long flags;
+
+	if (!map_apic("ipi-unknown", &apic))
+		return;
 	local_irq_save(flags);
 	send_ipi(apic, 0x7e, ICR_INIT);
 	send_ipi(apic, 0x7e, ICR_SIPI | 0x9f);
@@ -236,18 +249,11 @@ static void ipi_unknown(void)
 
 static void ipi_partition(void)
 {
-	void __iomem *apic = NULL;
+	void __iomem *apic;
 	unsigned long flags;
-	u64 base;
 
-	rdmsrl(THV_APIC_BASE_MSR, base);
-	if (!x2apic_on()) {
-		apic = ioremap(base & ~0xfffULL & ((1ULL << 52) - 1), 0x1000);
-		if (!apic) {
-			pr_info(PFX "attack ipi-partition: sent=0 error=ioremap\n");
-			return;
-		}
-	}
+	if (!map_apic("ipi-partition", &apic))
+		return;
 	local_irq_save(flags);
 	send_ipi(apic, target, ICR_INIT);
 	send_ipi(apic, target, ICR_SIPI | 0x9f);
