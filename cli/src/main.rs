@@ -110,7 +110,16 @@ fn check(rest: &[String]) -> ExitCode {
     match thinhv_config::Config::parse(&text) {
         Ok(c) => {
             let (devices, sriov) = thinhv_efi::inventory::rules(&c);
-            let problems = thinhv_passthrough::policy::syntax_problems(&devices, &sriov);
+            let mut problems = thinhv_passthrough::policy::syntax_problems(&devices, &sriov);
+            for a in &c.appliance {
+                for d in &a.devices {
+                    if let Err(m) = thinhv_passthrough::policy::Matcher::parse(d) {
+                        problems.push(thinhv_passthrough::policy::Problem {
+                            message: format!("{}: devices: {m}", a.label()),
+                        });
+                    }
+                }
+            }
             if problems.is_empty() {
                 println!("{path}: ok\n\n# effective settings\n{}", c.effective());
                 return ExitCode::SUCCESS;

@@ -318,6 +318,25 @@ fn check_reports_every_setting_or_the_line() {
         "{}",
         text(&o)
     );
+    let appl = dir.join("appliance.toml");
+    fs::write(
+        &appl,
+        "[[appliance]]\nname = \"store\"\ncpus = 2\nmemory = 256\nkernel = '\\EFI\\a\\vmlinuz'\ndevices = [\"0000:zz:00.0\"]\n",
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_thinhv"))
+        .arg("check")
+        .arg(&appl)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains(
+            "[[appliance]] \"store\" (line 1): devices: \"0000:zz:00.0\" is not a PCI address"
+        ),
+        "{}",
+        text(&o)
+    );
     let bad = dir.join("bad.toml");
     fs::write(&bad, "[boot]\nnext = 'EFI/x.efi'\n").unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_thinhv"))

@@ -177,3 +177,39 @@ fn appliances_json(facts: &str) -> serde_json::Value {
     let end = facts.find("THINHV-APPLIANCES-JSON-END").expect("end");
     serde_json::from_str(facts[begin..end].trim()).expect("JSON")
 }
+
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn appliance_tables_the_machine_cannot_honour_are_left_out_and_the_os_boots() {
+    // Too many processors, too much memory, a kernel that is not there.
+    let config = "
+[[appliance]]
+name = \"many\"
+cpus = 8
+memory = 64
+kernel = '\\EFI\\Linux\\vmlinuz.efi'
+
+[[appliance]]
+name = \"fat\"
+cpus = 1
+memory = 4096
+kernel = '\\EFI\\Linux\\vmlinuz.efi'
+
+[[appliance]]
+name = \"lost\"
+cpus = 1
+memory = 64
+kernel = '\\EFI\\appliance\\missing.efi'
+";
+    let g = os_with("appliance-refused", config, "");
+    for why in [
+        "\"many\" (line 11) left out: cpus = 8, but 3 processor(s) are free",
+        "\"fat\" (line 17) left out: memory = 4096 MiB would leave the OS 0 MiB",
+        "\"lost\" (line 23) left out: kernel \\EFI\\appliance\\missing.efi: not found on the ESP",
+    ] {
+        assert!(g.serial.contains(why), "{why}\n{}", g.serial);
+    }
+    // Nothing was carved: the OS has all four processors.
+    assert!(!g.serial.contains("MADT:"), "{}", g.serial);
+    assert_eq!(cpu_list_len(g.get("online")), 4, "{}", g.facts);
+}

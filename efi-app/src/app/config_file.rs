@@ -107,5 +107,11 @@ pub fn read_esp(path: &str) -> Result<Vec<u8>, String> {
         .map_err(|e| alloc::format!("{p}: no file system ({:?})", e.status()))?;
     FileSystem::new(sfs)
         .read(p16.as_ref())
-        .map_err(|e| alloc::format!("{p}: {e}"))
+        .map_err(|e| match e {
+            uefi::fs::Error::Io(io) if io.uefi_error.status() == uefi::Status::NOT_FOUND => {
+                alloc::format!("{p}: not found on the ESP")
+            }
+            uefi::fs::Error::Io(io) => alloc::format!("{p}: {:?}", io.uefi_error.status()),
+            e => alloc::format!("{p}: {e}"),
+        })
 }
