@@ -1,8 +1,7 @@
 //! `thinhv appliances [--json]` and `thinhv appliance console NAME`: the
 //! appliance partitions as the status page shows them, and an appliance's
 //! console lines from thinhv's log (`console = "log"`).
-use crate::cpuid::presence;
-use crate::report::read_page;
+use crate::report::page_or_exit;
 use serde_json::json;
 use std::process::ExitCode;
 use thinhv_abi::handoff::partition_flags;
@@ -58,17 +57,9 @@ fn now_tsc() -> u64 {
 
 /// `thinhv appliances [--json]`.
 pub fn list(json_out: bool) -> ExitCode {
-    let p = presence();
-    if !p.is_thinhv() {
-        eprintln!("thinhv: not running under thinhv");
-        return ExitCode::from(crate::NOT_PRESENT);
-    }
-    let pg = match read_page(&p) {
+    let pg = match page_or_exit(json_out) {
         Ok(pg) => pg,
-        Err(e) => {
-            eprintln!("thinhv: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let now = now_tsc();
     if json_out {
@@ -117,27 +108,18 @@ pub fn console(rest: &[String]) -> ExitCode {
         eprintln!("usage: thinhv appliance console NAME");
         return ExitCode::from(2);
     };
-    let p = presence();
-    if !p.is_thinhv() {
-        eprintln!("thinhv: not running under thinhv");
-        return ExitCode::from(crate::NOT_PRESENT);
+    let pg = match page_or_exit(false) {
+        Ok(pg) => pg,
+        Err(code) => return code,
+    };
+    if !pg.appliances.iter().any(|r| text(&r.name) == *name) {
+        eprintln!("thinhv: no appliance named {name:?}");
+        return ExitCode::FAILURE;
     }
-    match read_page(&p) {
-        Ok(pg) => {
-            if !pg.appliances.iter().any(|r| text(&r.name) == *name) {
-                eprintln!("thinhv: no appliance named {name:?}");
-                return ExitCode::FAILURE;
-            }
-            for l in console_lines(&pg.log, name) {
-                println!("{l}");
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("thinhv: {e}");
-            ExitCode::FAILURE
-        }
+    for l in console_lines(&pg.log, name) {
+        println!("{l}");
     }
+    ExitCode::SUCCESS
 }
 
 #[cfg(test)]

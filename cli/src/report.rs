@@ -143,6 +143,19 @@ fn not_present(p: &Presence, json: bool) -> ExitCode {
     ExitCode::from(NOT_PRESENT)
 }
 
+/// The status page, or the exit code after saying why there is none
+/// (thinhv not running, or the page unreadable).
+pub fn page_or_exit(json: bool) -> Result<Page, ExitCode> {
+    let p = presence();
+    if !p.is_thinhv() {
+        return Err(not_present(&p, json));
+    }
+    read_page(&p).map_err(|e| {
+        eprintln!("thinhv: {e}");
+        ExitCode::FAILURE
+    })
+}
+
 /// `thinhv status`.
 pub fn status(json: bool) -> ExitCode {
     let p = presence();

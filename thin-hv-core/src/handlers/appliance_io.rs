@@ -6,11 +6,10 @@
 //! the machine; every other port reads as all ones (no device) and
 //! ignores writes, so the OS's PIT, RTC, PIC, COM ports and PCI
 //! configuration space are out of its reach.
-use super::pcicfg::set_loaded;
-use super::{Outcome, advance};
+use super::Outcome;
+use super::pcicfg::complete_port;
 use crate::env::Env;
 use crate::guest::{Gpr, GuestCpu, vector};
-use crate::insn::Load;
 use thinhv_passthrough::mediate::all_ones;
 
 /// The emulated console's base port.
@@ -71,19 +70,5 @@ pub(super) fn port(
         );
         return Outcome::Fatal("the appliance asked for a reset");
     }
-    if input {
-        set_loaded(
-            cpu,
-            Load {
-                dest: Gpr::Rax,
-                dest_size: size,
-                size,
-            },
-            loaded,
-        );
-    }
-    if !advance(cpu, env) {
-        cpu.inject_exception(vector::GP, Some(0));
-    }
-    Outcome::Resume
+    complete_port(cpu, env, size, input.then_some(loaded))
 }

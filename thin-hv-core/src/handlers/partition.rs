@@ -1,6 +1,6 @@
 //! Appliance partitions claiming their processors.
 use crate::env::Env;
-use crate::partition::PartitionState;
+use crate::partition::{PartitionId, PartitionState};
 
 /// Every unclaimed appliance partition claims its processors: each gets a
 /// virtual INIT (mailbox and wake-up, as `handlers::ipi` does for the OS's
@@ -10,13 +10,17 @@ use crate::partition::PartitionState;
 pub fn claim_cpus(env: &mut impl Env) -> u64 {
     let mut claimed = 0u64;
     let n = env.hv().cpus().len();
-    let parts: heapless_ids::Ids = env
-        .hv()
-        .appliances()
-        .filter(|(_, p)| p.transition(PartitionState::UNCLAIMED, PartitionState::STOPPED))
-        .map(|(id, _)| id)
-        .collect();
-    for id in parts.iter() {
+    for id in (1u8..)
+        .take(thinhv_abi::handoff::MAX_APPLIANCES)
+        .map(PartitionId)
+    {
+        if !env
+            .hv()
+            .appliance(id)
+            .is_some_and(|p| p.transition(PartitionState::UNCLAIMED, PartitionState::STOPPED))
+        {
+            continue;
+        }
         let mut cpus = 0;
         let bootable = env.hv().appliance(id).is_some_and(|p| {
             p.info.entry_rip != 0 && p.transition(PartitionState::STOPPED, PartitionState::STARTING)
@@ -48,35 +52,4 @@ pub fn claim_cpus(env: &mut impl Env) -> u64 {
     }
     env.publish_appliances();
     claimed
-}
-
-/// A fixed set of partition numbers (no allocation on the exit path).
-mod heapless_ids {
-    use crate::partition::PartitionId;
-    use thinhv_abi::handoff::MAX_APPLIANCES;
-
-    #[derive(Default)]
-    pub struct Ids {
-        ids: [PartitionId; MAX_APPLIANCES],
-        n: usize,
-    }
-
-    impl Ids {
-        pub fn iter(&self) -> impl Iterator<Item = PartitionId> + '_ {
-            self.ids[..self.n].iter().copied()
-        }
-    }
-
-    impl FromIterator<PartitionId> for Ids {
-        fn from_iter<I: IntoIterator<Item = PartitionId>>(it: I) -> Self {
-            let mut s = Self::default();
-            for id in it {
-                if s.n < MAX_APPLIANCES {
-                    s.ids[s.n] = id;
-                    s.n += 1;
-                }
-            }
-            s
-        }
-    }
 }

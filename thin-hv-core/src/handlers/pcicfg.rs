@@ -117,7 +117,7 @@ pub(super) fn ecam(
     Outcome::Resume
 }
 
-pub(super) fn set_loaded(cpu: &mut impl GuestCpu, load: Load, value: u32) {
+fn set_loaded(cpu: &mut impl GuestCpu, load: Load, value: u32) {
     let old = cpu.gpr(load.dest);
     cpu.set_gpr(load.dest, load.merge(old, u64::from(value)));
 }
@@ -176,13 +176,24 @@ pub(super) fn port(
         };
         loaded |= (got & mediate::all_ones(p.size)) << (8 * p.shift);
     }
-    if input {
+    complete_port(cpu, env, size, input.then_some(loaded))
+}
+
+/// Ends an emulated IN or OUT of `size` bytes: an IN's value into AL, AX
+/// or EAX, then past the instruction (#GP if it cannot be decoded).
+pub(super) fn complete_port(
+    cpu: &mut impl GuestCpu,
+    env: &impl Env,
+    size: u8,
+    loaded: Option<u32>,
+) -> Outcome {
+    if let Some(value) = loaded {
         let rax = Load {
             dest: Gpr::Rax,
             dest_size: size,
             size,
         };
-        set_loaded(cpu, rax, loaded);
+        set_loaded(cpu, rax, value);
     }
     if !advance(cpu, env) {
         cpu.inject_exception(vector::GP, Some(0));

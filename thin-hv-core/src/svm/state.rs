@@ -199,6 +199,55 @@ pub fn sipi_start(save: &mut SaveArea, vector: u8) {
     save.rip = 0;
 }
 
+/// Puts the save area in 64-bit mode at an appliance's entry (the Linux
+/// 64-bit boot protocol, `Documentation/arch/x86/boot.rst`): paging with
+/// `cr3`, flat code (0x10, long mode) and data (0x18) from the GDT at
+/// `gdt`, interrupts off. RSI (the zero page) is the caller's: it is not in
+/// the save area.
+pub fn long_mode_entry(save: &mut SaveArea, rip: u64, rsp: u64, cr3: u64, gdt: u64) {
+    // The descriptors the appliance's GDT holds (high dwords).
+    let code = Segment {
+        selector: 0x10,
+        attrib: attrib_from_descriptor_high(0x00af_9b00),
+        limit: 0xffff_ffff,
+        base: 0,
+    };
+    let data = Segment {
+        selector: 0x18,
+        attrib: attrib_from_descriptor_high(0x00cf_9300),
+        limit: 0xffff_ffff,
+        base: 0,
+    };
+    save.cs = code;
+    save.ds = data;
+    save.es = data;
+    save.fs = data;
+    save.gs = data;
+    save.ss = data;
+    save.gdtr = Segment {
+        selector: 0,
+        attrib: 0,
+        limit: u32::from(thinhv_abi::handoff::APPLIANCE_GDT_LIMIT),
+        base: gdt,
+    };
+    save.idtr = Segment::default();
+    save.tr = Segment {
+        selector: 0,
+        attrib: 0x8b,
+        limit: 0x67,
+        base: 0,
+    };
+    // PG, NE, ET, MP, PE; PAE; long mode active.
+    save.cr0 = 0x8000_0033;
+    save.cr3 = cr3;
+    save.cr4 = 0x20;
+    save.efer = EFER_SVME | 0x500;
+    save.rflags = 2;
+    save.rip = rip;
+    save.rsp = rsp;
+    save.rax = 0;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -370,7 +370,7 @@ fn crash_partition(core: &Core, cpu: usize, why: &str) {
         }
     }
     if p.info.flags & thinhv_abi::handoff::partition_flags::RESTART_ON_CRASH != 0 {
-        restart_partition(core, cpu, id, &mut env);
+        restart_partition(core, cpu, id);
     }
 }
 
@@ -380,12 +380,7 @@ fn crash_partition(core: &Core, cpu: usize, why: &str) {
 /// to start the kernel (this one, if it is the first, does so on its way
 /// into the INIT wait). No wake-up is sent: a waiting processor polls its
 /// mailbox, and an INIT posted now could reach it after it started.
-fn restart_partition(
-    core: &Core,
-    cpu: usize,
-    id: crate::partition::PartitionId,
-    env: &mut super::env_impl::HwEnv,
-) {
+fn restart_partition(core: &Core, cpu: usize, id: crate::partition::PartitionId) {
     let Some(p) = core.hv.appliance(id) else {
         return;
     };
@@ -436,18 +431,11 @@ fn restart_partition(
         return;
     }
     p.restarts.fetch_add(1, Ordering::SeqCst);
-    let Some((first, slot)) = core
-        .hv
-        .cpus()
-        .iter()
-        .enumerate()
-        .find(|(_, s)| s.partition == id)
-    else {
+    let Some(slot) = core.hv.cpus().iter().find(|s| s.partition == id) else {
         return;
     };
     // It waits in its INIT loop (checked above), which takes the request
     // (this CPU's own loop, if it is the first, after `apply`).
-    let _ = (first, env);
     slot.mailbox.post_boot();
     log::warn!(
         "appliance {:?}: restarting ({} restart(s) so far): RAM scrubbed, image restored",

@@ -12,8 +12,8 @@ use crate::handlers::msr::MSR_VM_CR;
 use crate::nmi::NmiTracker;
 use crate::nmi::svm as nmi_window;
 use crate::svm::exit_code::{self, ExitCode};
-use crate::svm::state::{init_state, sipi_start};
-use crate::svm::vmcb::{EFER_SVME, Segment, Vmcb, tlb};
+use crate::svm::state::{init_state, long_mode_entry, sipi_start};
+use crate::svm::vmcb::{EFER_SVME, Vmcb, tlb};
 use core::fmt;
 use core::sync::atomic::Ordering;
 use spin::MutexGuard;
@@ -184,48 +184,7 @@ impl vcpu::Backend for SvmVcpu<'_> {
     }
 
     fn start_long(&mut self, _core: &Core, _cpu: usize, e: &vcpu::LongEntry) -> bool {
-        let code = Segment {
-            selector: 0x10,
-            attrib: 0xa9b,
-            limit: 0xffff_ffff,
-            base: 0,
-        };
-        let data = Segment {
-            selector: 0x18,
-            attrib: 0xc93,
-            limit: 0xffff_ffff,
-            base: 0,
-        };
-        let s = &mut self.vmcb.save;
-        s.cs = code;
-        s.ds = data;
-        s.es = data;
-        s.fs = data;
-        s.gs = data;
-        s.ss = data;
-        s.gdtr = Segment {
-            selector: 0,
-            attrib: 0,
-            limit: u32::from(thinhv_abi::handoff::APPLIANCE_GDT_LIMIT),
-            base: e.gdt,
-        };
-        s.idtr = Segment::default();
-        s.tr = Segment {
-            selector: 0,
-            attrib: 0x8b,
-            limit: 0x67,
-            base: 0,
-        };
-        // PG, NE, ET, MP, PE; PAE; long mode active (Linux boot.rst, 64-bit
-        // boot protocol).
-        s.cr0 = 0x8000_0033;
-        s.cr3 = e.cr3;
-        s.cr4 = 0x20;
-        s.efer = EFER_SVME | 0x500;
-        s.rflags = 2;
-        s.rip = e.rip;
-        s.rsp = e.rsp;
-        s.rax = 0;
+        long_mode_entry(&mut self.vmcb.save, e.rip, e.rsp, e.cr3, e.gdt);
         self.run.regs = [0; 16];
         self.run.regs[6] = e.rsi;
         true
