@@ -389,9 +389,12 @@ pub struct ApplianceRecord {
     pub first_apic_id: u16,
     /// Why it last stopped, NUL-padded.
     pub reason: [u8; 40],
+    /// Its processors: bit `i` for the CPU record `i` (their exit counts
+    /// are its exits).
+    pub cpu_mask: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<ApplianceRecord>() == 128);
+const _: () = assert!(core::mem::size_of::<ApplianceRecord>() == 136);
 
 /// Names for [`ApplianceRecord::state`].
 pub const fn appliance_state_name(state: u32) -> &'static str {
@@ -410,11 +413,19 @@ pub const fn appliances_offset(max_cpus: usize) -> usize {
     iommu_offset(max_cpus) + MAX_IOMMU_RECORDS * core::mem::size_of::<IommuRecord>()
 }
 
+/// Offset of the appliance control doorbell ([`ControlCommand`], 8 bytes,
+/// the only place in the status area the OS may write: every other write
+/// there is discarded), followed by the last result ([`ControlResult`],
+/// 8 bytes).
+pub const fn control_offset(max_cpus: usize) -> usize {
+    appliances_offset(max_cpus)
+        + crate::handoff::MAX_APPLIANCES * core::mem::size_of::<ApplianceRecord>()
+}
+
 /// Size of the status area for `max_cpus` CPUs, page-aligned, and the
 /// offset of its log ring.
 pub const fn status_area_layout(max_cpus: usize) -> (usize, usize) {
-    let iommu_end = appliances_offset(max_cpus)
-        + crate::handoff::MAX_APPLIANCES * core::mem::size_of::<ApplianceRecord>();
+    let iommu_end = control_offset(max_cpus) + 16;
     let log_offset = (iommu_end + 0xfff) & !0xfff;
     (log_offset + LOG_RING_SIZE, log_offset)
 }
@@ -463,5 +474,149 @@ mod tests {
             assert!(devices_offset(n) >= CPUS_OFFSET + n * core::mem::size_of::<CpuRecord>());
             assert_eq!(size - log, LOG_RING_SIZE);
         }
+    }
+}
+
+/// What the OS asks of an appliance (`thinhv appliance stop|start|restart`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ControlOp {
+    /// Its processors stop and wait in thinhv.
+    Stop,
+    /// A stopped or crashed appliance boots again (RAM scrubbed, image
+    /// restored).
+    Start,
+    /// Stop, then start.
+    Restart,
+}
+
+impl ControlOp {
+    const fn code(self) -> u64 {
+        match self {
+            Self::Stop => 1,
+            Self::Start => 2,
+            Self::Restart => 3,
+        }
+    }
+
+    /// Its name in logs and on the command line.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Start => "start",
+            Self::Restart => "restart",
+        }
+    }
+}
+
+/// One control request, written as a single aligned 8-byte store to the
+/// doorbell at [`control_offset`]: bits 63..48 [`ControlCommand::MAGIC`],
+/// 47..16 a sequence number the caller picks (its result carries it back),
+/// 15..8 the appliance's partition number (its record's index + 1), 7..0
+/// the operation (1 stop, 2 start, 3 restart).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ControlCommand {
+    /// The operation.
+    pub op: ControlOp,
+    /// The appliance's partition number (1 for the first record).
+    pub partition: u8,
+    /// The caller's sequence number.
+    pub seq: u32,
+}
+
+impl ControlCommand {
+    /// Bits 63..48 of every command ("th").
+    pub const MAGIC: u64 = 0x7468;
+
+    /// The doorbell word.
+    pub const fn encode(self) -> u64 {
+        (Self::MAGIC << 48)
+            | ((self.seq as u64) << 16)
+            | ((self.partition as u64) << 8)
+            | self.op.code()
+    }
+
+    /// The command in a doorbell word, if it is one.
+    pub const fn decode(word: u64) -> Option<Self> {
+        if word >> 48 != Self::MAGIC {
+            return None;
+        }
+        let op = match word & 0xff {
+            1 => ControlOp::Stop,
+            2 => ControlOp::Start,
+            3 => ControlOp::Restart,
+            _ => return None,
+        };
+        Some(Self {
+            op,
+            partition: (word >> 8) as u8,
+            seq: (word >> 16) as u32,
+        })
+    }
+}
+
+/// The outcome of the last control request, at [`control_offset`] + 8:
+/// bits 63..32 its sequence number, 31..0 a
+/// [`crate::hypercall::Status`] (ok, not permitted: `control = "none"`,
+/// invalid argument: no such appliance or a malformed word).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ControlResult {
+    /// The request's sequence number.
+    pub seq: u32,
+    /// Its status.
+    pub status: crate::hypercall::Status,
+}
+
+impl ControlResult {
+    /// The result word.
+    pub const fn encode(self) -> u64 {
+        ((self.seq as u64) << 32) | (self.status.0 & 0xffff_ffff)
+    }
+
+    /// The result in a result word.
+    pub const fn decode(word: u64) -> Self {
+        Self {
+            seq: (word >> 32) as u32,
+            status: crate::hypercall::Status(word & 0xffff_ffff),
+        }
+    }
+}
+
+#[cfg(test)]
+mod control_tests {
+    use super::*;
+
+    #[test]
+    fn control_words_round_trip_and_strangers_are_not_commands() {
+        for op in [ControlOp::Stop, ControlOp::Start, ControlOp::Restart] {
+            let c = ControlCommand {
+                op,
+                partition: 3,
+                seq: 0xdead_beef,
+            };
+            assert_eq!(ControlCommand::decode(c.encode()), Some(c));
+        }
+        let stop = ControlCommand {
+            op: ControlOp::Stop,
+            partition: 1,
+            seq: 7,
+        }
+        .encode();
+        assert_eq!(stop, 0x7468_0000_0007_0101);
+        assert_eq!(ControlCommand::decode(stop & !(1 << 60)), None);
+        assert_eq!(ControlCommand::decode((stop & !0xff) | 4), None);
+        assert_eq!(ControlCommand::decode(0), None);
+        let r = ControlResult {
+            seq: 9,
+            status: crate::hypercall::Status::NOT_PERMITTED,
+        };
+        assert_eq!(ControlResult::decode(r.encode()), r);
+    }
+
+    #[test]
+    fn the_doorbell_sits_after_the_appliance_records_and_before_the_log() {
+        let (size, log) = status_area_layout(64);
+        assert!(control_offset(64) % 8 == 0);
+        assert!(control_offset(64) + 16 <= log);
+        assert!(log < size);
     }
 }

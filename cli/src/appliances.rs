@@ -1,11 +1,19 @@
-//! `thinhv appliances [--json]` and `thinhv appliance console NAME`: the
-//! appliance partitions as the status page shows them, and an appliance's
-//! console lines from thinhv's log (`console = "log"`).
+//! `thinhv appliances [--json]`, `thinhv appliance console NAME` and
+//! `thinhv appliance stop|start|restart NAME`: the appliance partitions
+//! as the status page shows them, an appliance's console lines from
+//! thinhv's log (`console = "log"`), and the OS's control of them through
+//! the status area's doorbell (`docs/appliances.md`).
+use crate::cpuid::presence;
+use crate::devmem;
 use crate::report::page_or_exit;
 use serde_json::json;
 use std::process::ExitCode;
 use thinhv_abi::handoff::partition_flags;
-use thinhv_abi::status::{ApplianceRecord, appliance_state_name};
+use thinhv_abi::hypercall::Status;
+use thinhv_abi::status::{
+    ApplianceRecord, ControlCommand, ControlOp, ControlResult, appliance_state_name, control_offset,
+};
+use zerocopy::FromBytes;
 
 fn text(b: &[u8]) -> String {
     let n = b.iter().position(|&c| c == 0).unwrap_or(b.len());
@@ -27,11 +35,23 @@ pub fn console_lines<'a>(log: &'a str, name: &str) -> Vec<&'a str> {
         .collect()
 }
 
-/// One appliance as JSON.
-pub fn record_json(r: &ApplianceRecord, now_tsc: u64, log: &str) -> serde_json::Value {
+/// Exits its processors made, from their CPU records.
+pub fn exits(r: &ApplianceRecord, cpus: &[thinhv_abi::status::CpuRecord]) -> u64 {
+    cpus.iter()
+        .enumerate()
+        .filter(|(i, _)| *i < 64 && r.cpu_mask & (1 << i) != 0)
+        .map(|(_, c)| c.exits.iter().sum::<u64>())
+        .sum()
+}
+
+/// One appliance as JSON (`exits`: [`exits`]).
+pub fn record_json(r: &ApplianceRecord, now_tsc: u64, log: &str, exits: u64) -> serde_json::Value {
     let name = text(&r.name);
     let lines = console_lines(log, &name);
     json!({
+        "exits": exits,
+        "tsc": now_tsc,
+        "tsc_khz": r.tsc_khz,
         "name": name,
         "state": appliance_state_name(r.state),
         "cpus": r.cpu_count,
@@ -66,7 +86,7 @@ pub fn list(json_out: bool) -> ExitCode {
         let list: Vec<_> = pg
             .appliances
             .iter()
-            .map(|r| record_json(r, now, &pg.log))
+            .map(|r| record_json(r, now, &pg.log, exits(r, &pg.cpus)))
             .collect();
         println!(
             "{}",
@@ -78,7 +98,7 @@ pub fn list(json_out: bool) -> ExitCode {
         println!("no appliances ([[appliance]] in thinhv.toml)");
     }
     for r in &pg.appliances {
-        let v = record_json(r, now, &pg.log);
+        let v = record_json(r, now, &pg.log, exits(r, &pg.cpus));
         println!(
             "{:<16} {:<9} cpus {} (from APIC {}), {} MiB, uptime {}, restarts {}, crashes {}{}",
             v["name"].as_str().unwrap_or("?"),
@@ -122,6 +142,101 @@ pub fn console(rest: &[String]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `thinhv appliance stop|start|restart NAME [--no-wait]`: rings the
+/// doorbell, reads thinhv's answer, then (unless `--no-wait`) waits up to
+/// 120 s until the appliance is stopped, or running again after it started.
+pub fn control(op: ControlOp, rest: &[String]) -> ExitCode {
+    let Some(name) = rest.iter().find(|a| !a.starts_with("--")) else {
+        eprintln!("usage: thinhv appliance {} NAME [--no-wait]", op.name());
+        return ExitCode::from(2);
+    };
+    let wait = !rest.iter().any(|a| a == "--no-wait");
+    let pg = match page_or_exit(false) {
+        Ok(pg) => pg,
+        Err(code) => return code,
+    };
+    let Some(i) = pg.appliances.iter().position(|r| text(&r.name) == *name) else {
+        eprintln!("thinhv: no appliance named {name:?}");
+        return ExitCode::FAILURE;
+    };
+    let before = pg.appliances[i];
+    let p = presence();
+    let max_cpus = pg.header.max_cpus as usize;
+    let doorbell = p.status_page + control_offset(max_cpus) as u64;
+    let seq = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.subsec_nanos() | 1)
+        ^ std::process::id();
+    let cmd = ControlCommand {
+        op,
+        partition: u8::try_from(i + 1).unwrap_or(0),
+        seq,
+    };
+    if let Err(e) = devmem::store_u64(doorbell, cmd.encode()) {
+        eprintln!(
+            "thinhv: cannot reach the appliance control doorbell at {doorbell:#x} through /dev/mem: {e} (root only)"
+        );
+        return ExitCode::FAILURE;
+    }
+    let answer = (0..200).find_map(|_| {
+        let r = devmem::read(doorbell + 8, 8)
+            .ok()
+            .and_then(|b| u64::read_from_bytes(&b).ok())
+            .map(ControlResult::decode)
+            .filter(|r| r.seq == seq);
+        if r.is_none() {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        r
+    });
+    match answer.map(|r| r.status) {
+        Some(Status::OK) => {}
+        Some(Status::NOT_PERMITTED) => {
+            eprintln!(
+                "thinhv: {} {name:?} refused by thinhv: its vendor set control = \"none\"",
+                op.name()
+            );
+            return ExitCode::FAILURE;
+        }
+        Some(s) => {
+            eprintln!("thinhv: {} {name:?} refused: {}", op.name(), s.name());
+            return ExitCode::FAILURE;
+        }
+        None => {
+            eprintln!("thinhv: no answer from thinhv to {} {name:?}", op.name());
+            return ExitCode::FAILURE;
+        }
+    }
+    if !wait {
+        println!("{} {name}: requested", op.name());
+        return ExitCode::SUCCESS;
+    }
+    let done = |r: &ApplianceRecord| match op {
+        ControlOp::Stop => r.state == 1,
+        // Running after a start that began after the request.
+        _ => r.state == 3 && r.started_tsc != before.started_tsc,
+    };
+    for _ in 0..1200 {
+        let now = page_or_exit(false)
+            .ok()
+            .and_then(|pg| pg.appliances.get(i).copied());
+        if let Some(r) = now.filter(|r| done(r) || (op != ControlOp::Stop && r.state == 4)) {
+            if r.state == 4 {
+                eprintln!(
+                    "thinhv: {name:?} crashed while starting: {}",
+                    text(&r.reason)
+                );
+                return ExitCode::FAILURE;
+            }
+            println!("{} {name}: {}", op.name(), appliance_state_name(r.state));
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    eprintln!("thinhv: {} {name:?}: not done after 120 s", op.name());
+    ExitCode::FAILURE
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,7 +258,7 @@ mod tests {
         r.started_tsc = 1_000_000;
         r.tsc_khz = 1000;
         r.flags = u32::from(partition_flags::RESTART_ON_CRASH);
-        let v = record_json(&r, 11_000_000, "");
+        let v = record_json(&r, 11_000_000, "", 0);
         assert_eq!(v["name"], "store");
         assert_eq!(v["state"], "running");
         assert_eq!(v["memory_mib"], 256);
@@ -151,6 +266,6 @@ mod tests {
         assert_eq!(v["on_crash"], "restart");
         assert_eq!(v["control"], "none");
         r.state = 4;
-        assert!(record_json(&r, 11_000_000, "")["uptime_seconds"].is_null());
+        assert!(record_json(&r, 11_000_000, "", 0)["uptime_seconds"].is_null());
     }
 }

@@ -27,3 +27,43 @@ pub fn write(pa: u64, data: &[u8]) -> std::io::Result<usize> {
     let f = OpenOptions::new().write(true).open("/dev/mem")?;
     f.write_at(data, pa)
 }
+
+/// Stores `value` at physical address `pa` (8-byte aligned) as one 8-byte
+/// store through a shared mapping of `/dev/mem` (root: the kernel allows
+/// it for regions that are not RAM). A `write()` would leave the kernel's
+/// copy routine to choose the width of its stores; a doorbell needs one
+/// aligned 8-byte store.
+pub fn store_u64(pa: u64, value: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    if pa % 8 != 0 {
+        return Err(std::io::Error::other("unaligned doorbell"));
+    }
+    let f = OpenOptions::new().read(true).write(true).open("/dev/mem")?;
+    let page = pa & !0xfff;
+    let offset = libc::off_t::try_from(page).map_err(std::io::Error::other)?;
+    // SAFETY: a new shared mapping of one page of /dev/mem, which aliases
+    // no memory of this process.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            offset,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the word lies in the page just mapped (offset < 4096,
+    // aligned); a volatile store of a u64 is one 8-byte store.
+    unsafe {
+        p.cast::<u8>()
+            .add((pa - page) as usize)
+            .cast::<u64>()
+            .write_volatile(value);
+        libc::munmap(p, 4096);
+    }
+    Ok(())
+}

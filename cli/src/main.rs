@@ -32,6 +32,7 @@ mod report;
 mod selftest;
 
 use std::process::ExitCode;
+use thinhv_abi::status::ControlOp;
 
 pub(crate) const USAGE: &str = "usage: thinhv <command>
   status [--json]   show thinhv's state (inside a guest; root for counters and log)
@@ -42,6 +43,9 @@ pub(crate) const USAGE: &str = "usage: thinhv <command>
                     last console lines (root)
   appliance console NAME
                     an appliance's console lines (console = \"log\"; root)
+  appliance stop|start|restart NAME [--no-wait]
+                    stop, start or restart an appliance (control = \"os\"; root);
+                    waits until it is stopped or running again
   selftest          check the hypervisor's protection from inside the guest (root)
   check FILE        validate a thinhv.toml and print the effective settings
   install --esp DIR [--config FILE] [--efi FILE] [--dry-run]
@@ -72,6 +76,15 @@ fn main() -> ExitCode {
         "appliances" => appliances::list(rest.iter().any(|a| a == "--json")),
         "appliance" if rest.first().is_some_and(|a| a == "console") => {
             appliances::console(&rest[1..])
+        }
+        "appliance" if rest.first().is_some_and(|a| a == "stop") => {
+            appliances::control(ControlOp::Stop, &rest[1..])
+        }
+        "appliance" if rest.first().is_some_and(|a| a == "start") => {
+            appliances::control(ControlOp::Start, &rest[1..])
+        }
+        "appliance" if rest.first().is_some_and(|a| a == "restart") => {
+            appliances::control(ControlOp::Restart, &rest[1..])
         }
         "selftest" => selftest::run(),
         "check" => check(rest),

@@ -36,7 +36,12 @@ fn numbers(s: &str) -> Vec<f64> {
 #[test]
 #[ignore = "boots QEMU; run with `cargo xtask test`"]
 fn a_linux_appliance_runs_beside_an_os_that_cannot_see_or_reach_it() {
-    let g = os_with("appliance", APPLIANCE, "thinhv_appliance_probe=1");
+    // The appliance attacks the OS at its tick 12, after the OS's attack.
+    let config = APPLIANCE.replace(
+        "thinhv_appliance=1",
+        "thinhv_appliance=1 thinhv_appliance_attack_at=12",
+    );
+    let g = os_with("appliance", &config, "thinhv_appliance_probe=1");
     let log = g.log.as_ref().expect("thinhv log --json")["log"]
         .as_str()
         .unwrap()
@@ -112,6 +117,28 @@ fn a_linux_appliance_runs_beside_an_os_that_cannot_see_or_reach_it() {
         g.get("appliance_dropped_ipis").parse::<u32>().unwrap() >= 2,
         "{log}"
     );
+    // The other way, from a hostile appliance kernel at the OS's CPU 0:
+    // INIT, SIPI, SIPI refused, NMI and the fixed IPI dropped, the OS's
+    // NMI counts unchanged and the OS runs on; the control NMIs reached
+    // the appliance's own second CPU. (Its attack came after the OS's.)
+    assert!(
+        g.get("appliance_tick_before_its_attack")
+            .parse::<u32>()
+            .unwrap()
+            < 12,
+        "{facts}"
+    );
+    let attack = g.get("appliance_attack");
+    assert!(attack.contains("ipi-partition: sent=8 target=0"), "{facts}");
+    let peer = numbers(attack.split("nmi_peer=").nth(1).unwrap_or(""));
+    assert!(peer[1] > peer[0], "control: {attack}");
+    let nmis = g.get("os_nmis_around_appliance_attack");
+    let (before, after) = nmis.split_once(' ').unwrap();
+    assert_eq!(before, after, "the OS's NMI counts (CPU 0, CPU 1): {nmis}");
+    let up = numbers(g.get("os_uptime_around_appliance_attack"));
+    assert!(up[1] > up[0], "{facts}");
+    assert_eq!(g.get("os_apic0_refused"), "3", "{log}");
+    assert_eq!(g.get("os_apic0_dropped"), "2", "{log}");
     // `thinhv appliances` and its console, from the OS.
     assert_eq!(g.get("appliance_console_up"), "1", "{facts}");
     let list = appliances_json(facts);
@@ -167,6 +194,81 @@ fn a_crashing_appliance_is_restarted_and_the_os_runs_on() {
     // The OS ran on throughout (it reached this report after the restarts).
     assert_eq!(cpu_list_len(g.get("online")), 2, "{facts}");
     assert!(g.get("os_uptime_after_restarts").parse::<f64>().unwrap() > 30.0);
+}
+
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn the_os_stops_and_starts_an_appliance_only_as_root_and_only_where_the_vendor_allows() {
+    // Two appliances of one CPU each: "store" the OS may control, "guard"
+    // it may not.
+    let config = "
+[[appliance]]
+name = \"store\"
+cpus = 1
+memory = 192
+kernel = '\\EFI\\Linux\\vmlinuz.efi'
+initrd = '\\EFI\\Linux\\initrd.img'
+cmdline = \"console=ttyS0 quiet thinhv_appliance=1 panic=-1 tsc=reliable\"
+control = \"os\"
+
+[[appliance]]
+name = \"guard\"
+cpus = 1
+memory = 160
+kernel = '\\EFI\\Linux\\vmlinuz.efi'
+initrd = '\\EFI\\Linux\\initrd.img'
+cmdline = \"console=ttyS0 quiet thinhv_appliance=1 panic=-1 tsc=reliable\"
+control = \"none\"
+";
+    let g = os_with(
+        "appliance-control",
+        config,
+        "thinhv_appliance_control_probe=1",
+    );
+    let facts = &g.facts;
+    assert_eq!(g.get("control_ups_at_start"), "1 1", "{facts}");
+    // An unprivileged process of the OS: refused by the OS (no /dev/mem),
+    // and the appliance runs on.
+    let v = g.get("control_unprivileged");
+    assert!(!v.starts_with("0 ") && v.contains("/dev/mem"), "{facts}");
+    assert_eq!(g.get("control_state_after_unprivileged"), "running");
+    // control = "none": root is refused by thinhv, and "guard" keeps
+    // ticking through an 11 s wait.
+    for k in ["control_none", "control_none_restart"] {
+        let v = g.get(k);
+        assert!(
+            v.starts_with("1 ") && v.contains("control = \"none\""),
+            "{k}: {facts}"
+        );
+    }
+    let guard: Vec<f64> = numbers(g.get("control_guard_after"));
+    assert!(
+        g.get("control_guard_after").starts_with("running"),
+        "{facts}"
+    );
+    assert!(guard[1] >= guard[0] + 2.0, "guard ticks: {facts}");
+    // The control: a root stop of "store" stops it; no tick while stopped.
+    let t = g.get("control_ticks_while_stopped");
+    assert!(t.ends_with("state stopped"), "{facts}");
+    let t = numbers(t);
+    assert_eq!(t[0], t[1], "ticks while stopped: {facts}");
+    // Ten stop/start cycles in a row, the appliance up after each, and a
+    // restart.
+    assert!(g.get("control_cycles_ok").starts_with("10 "), "{facts}");
+    assert!(g.get("control_restart").starts_with("0 "), "{facts}");
+    assert_eq!(g.get("control_ups_at_end"), "12 1", "{facts}");
+    assert_eq!(g.get("control_guard_state"), "running");
+    let list = appliances_json(facts);
+    let store = &list["appliances"][0];
+    assert_eq!(store["state"], "running", "{list}");
+    assert_eq!(store["restarts"], 11, "{list}");
+    assert_eq!(store["crashes"], 0, "{list}");
+    assert_eq!(store["last_stop_reason"], "stopped from the OS", "{list}");
+    let guard = &list["appliances"][1];
+    assert_eq!(guard["restarts"], 0, "{list}");
+    assert_eq!(guard["control"], "none", "{list}");
+    // The OS ran on with its two processors.
+    assert_eq!(cpu_list_len(g.get("online")), 2, "{facts}");
 }
 
 fn appliances_json(facts: &str) -> serde_json::Value {

@@ -103,8 +103,11 @@ pub trait Env {
     /// IN of `size` bytes from `port`.
     fn port_read(&self, port: u16, size: u8) -> u32;
     /// OUT of `size` bytes to `port`.
+    fn port_write(&mut self, port: u16, size: u8, value: u32);
     /// The appliance partitions changed state: their records on the
     /// status page are written again.
     fn publish_appliances(&self) {}
-    fn port_write(&mut self, port: u16, size: u8, value: u32);
+    /// Writes the result of the last appliance control request
+    /// (`thinhv_abi::status::ControlResult`) beside the doorbell.
+    fn publish_control(&self, result: thinhv_abi::status::ControlResult);
 }

@@ -379,6 +379,13 @@ impl Hv {
         self.protected.overlaps(gpa, len) || self.status.overlaps(gpa, len)
     }
 
+    /// The appliance control doorbell in the status area
+    /// (`thinhv_abi::status::ControlCommand`): the one 8-byte word of
+    /// thinhv's memory the OS's writes reach (through a nested fault).
+    pub fn control_doorbell(&self) -> u64 {
+        self.status.base + thinhv_abi::status::control_offset(self.cpu_count) as u64
+    }
+
     /// Whether CPUID presence is hidden.
     pub fn hidden(&self) -> bool {
         self.config.hide_hypervisor != 0

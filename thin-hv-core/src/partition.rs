@@ -3,7 +3,7 @@
 //! its state; whatever crosses partitions is checked where thinhv sees it
 //! (`handlers::ipi` for IPIs, [`crate::hv::Hv::foreign_ram`] for memory
 //! thinhv reads or writes for a guest).
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use thinhv_abi::PhysRange;
 use thinhv_abi::handoff::PartitionInfo;
 use thinhv_abi::status::ApplianceRecord;
@@ -60,6 +60,9 @@ pub struct Partition {
     pub crashes: AtomicU32,
     /// Why it last stopped.
     reason: spin::Mutex<[u8; 40]>,
+    /// Its RAM holds the image as the loader laid it out, never run: the
+    /// first boot needs no scrub and no restore.
+    pub fresh: AtomicBool,
 }
 
 impl Partition {
@@ -73,6 +76,7 @@ impl Partition {
             restarts: AtomicU32::new(0),
             crashes: AtomicU32::new(0),
             reason: spin::Mutex::new([0; 40]),
+            fresh: AtomicBool::new(true),
         }
     }
 
@@ -98,6 +102,24 @@ impl Partition {
             .is_ok()
     }
 
+    /// Stops it, from whatever state it is in once claimed; returns the
+    /// state it left, or `None` when it was unclaimed or already stopped.
+    pub fn stop(&self) -> Option<PartitionState> {
+        self.state
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| {
+                let s = PartitionState(s);
+                (s != PartitionState::UNCLAIMED && s != PartitionState::STOPPED)
+                    .then_some(PartitionState::STOPPED.0)
+            })
+            .ok()
+            .map(PartitionState)
+    }
+
+    /// Whether the OS may stop and start it (`control = "os"`).
+    pub fn os_may_control(&self) -> bool {
+        self.info.flags & thinhv_abi::handoff::partition_flags::OS_CONTROL != 0
+    }
+
     /// Records why it stopped (cut to 40 bytes).
     pub fn set_reason(&self, why: &str) {
         let mut r = self.reason.lock();
@@ -107,7 +129,8 @@ impl Partition {
     }
 
     /// Its record for the status page (`thinhv appliances`).
-    pub fn record(&self, first_apic_id: u32) -> ApplianceRecord {
+    /// `cpu_mask`: its processors by CPU index.
+    pub fn record(&self, first_apic_id: u32, cpu_mask: u64) -> ApplianceRecord {
         let mut r: ApplianceRecord = zerocopy::FromZeros::new_zeroed();
         r.name = self.info.name;
         r.state = self.state().0;
@@ -122,6 +145,7 @@ impl Partition {
         r.console_port = self.info.console_port;
         r.first_apic_id = u16::try_from(first_apic_id).unwrap_or(u16::MAX);
         r.reason = *self.reason.lock();
+        r.cpu_mask = cpu_mask;
         r
     }
 

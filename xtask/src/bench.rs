@@ -13,19 +13,27 @@ use thinhv_ovmf::{firmware, linux};
 const TIMEOUT: Duration = Duration::from_mins(5);
 
 struct Sample {
+    /// Seconds from QEMU's start to thinhv's banner (with thinhv).
+    hv_start: Option<f64>,
     secs: f64,
     status: Option<Value>,
+    /// The guest's serial output.
+    out: String,
 }
 
-/// One boot. `variant`: `None` for the plain machine, or a name, extra
-/// QEMU arguments and extra configuration (the PCI mediation runs).
+/// A machine other than the plain one: a name, extra QEMU arguments,
+/// extra configuration and extra kernel options.
+type Variant<'a> = (&'a str, &'a [&'a str], &'a str, &'a str);
+
+/// One boot. `variant`: `None` for the plain machine (the PCI mediation
+/// and appliance runs name theirs).
 fn boot_once(
     a: &artifacts::Artifacts,
     img: &linux::LinuxImage,
     hv: bool,
     smp: u32,
     n: usize,
-    variant: Option<(&str, &[&str], &str)>,
+    variant: Option<Variant<'_>>,
 ) -> Result<Sample, String> {
     let build = root().join("build").join("bench");
     std::fs::create_dir_all(&build).map_err(|e| e.to_string())?;
@@ -33,7 +41,10 @@ fn boot_once(
     let esp_dir = build.join(format!("esp-{}{tag}-{n}", if hv { "hv" } else { "native" }));
     let esp = Esp::create(&esp_dir).map_err(|e| e.to_string())?;
     esp.install_linux(img).map_err(|e| e.to_string())?;
-    let options = esp::kernel_options("quiet thinhv_bench=1");
+    let options = esp::kernel_options(&format!(
+        "quiet thinhv_bench=1 {}",
+        variant.map_or("", |v| v.3)
+    ));
     let mut config = esp::config_booting(esp::KERNEL, Some(&options), variant.map_or("", |v| v.2));
     if !hv {
         config = config.replace("[hypervisor]\n", "[hypervisor]\nenabled = false\n");
@@ -56,18 +67,29 @@ fn boot_once(
         &Serial::File(serial.clone()),
     );
     let mut run = Run::start(cmd, &serial).map_err(|e| e.to_string())?;
+    let hv_start = if hv {
+        Some(
+            run.wait_for("firmware-resident thin hypervisor", TIMEOUT)
+                .map_err(|e| format!("{e}\n{}", run.output()))?
+                .as_secs_f64(),
+        )
+    } else {
+        None
+    };
     let t = run
         .wait_for(linux::USERSPACE_MARKER, TIMEOUT)
         .map_err(|e| format!("{e}\n{}", run.output()))?;
-    run.wait_for("THINHV-BENCH-JSON-END", Duration::from_mins(1))
-        .map_err(|e| e.to_string())?;
+    run.wait_for("THINHV-BENCH-JSON-END", Duration::from_mins(4))
+        .map_err(|e| format!("{e}\n{}", run.output()))?;
     let out = run.output();
     let _ = run.wait_exit(Duration::from_secs(30));
     let status = section(&out, "THINHV-BENCH-JSON-BEGIN", "THINHV-BENCH-JSON-END")
         .and_then(|j| serde_json::from_str::<Value>(j.trim()).ok());
     Ok(Sample {
+        hv_start,
         secs: t.as_secs_f64(),
         status,
+        out,
     })
 }
 
@@ -205,6 +227,157 @@ fn exit_round_trips(a: &artifacts::Artifacts, runs: usize) -> Result<[f64; 6], S
     Ok(v.map(|mut x| median(&mut x)))
 }
 
+/// The number after `key` in `text` (`key` ends where the number starts).
+fn number_after(text: &str, key: &str) -> Option<f64> {
+    let rest = &text[text.find(key)? + key.len()..];
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// An appliance beside the OS (`docs/appliances.md`), runs alternated with
+/// the same machine without it: `-smp 4`, q35 with VT-d (thinhv's), the
+/// Debian kernel as both; the appliance has 2 CPUs and 256 MiB, the OS
+/// the other 2. Prints and returns the figures.
+fn appliance_figures(
+    a: &artifacts::Artifacts,
+    img: &linux::LinuxImage,
+    runs: usize,
+) -> Result<Value, String> {
+    const APPLIANCE: &str = "
+[[appliance]]
+name = \"store\"
+cpus = 2
+memory = 256
+kernel = '\\EFI\\Linux\\vmlinuz.efi'
+initrd = '\\EFI\\Linux\\initrd.img'
+cmdline = \"console=ttyS0 quiet thinhv_appliance=1 panic=-1 tsc=reliable\"
+";
+    const IOMMU: [&str; 2] = ["-device", "intel-iommu"];
+    let (mut alone, mut beside) = (Vec::new(), Vec::new());
+    let (mut alone_up, mut beside_up) = (Vec::new(), Vec::new());
+    let (mut app_wall, mut app_own, mut app_from_hv) = (Vec::new(), Vec::new(), Vec::new());
+    let mut idle_rate = Vec::new();
+    let mut reserved = (0u64, 0u64);
+    let os_uptime = |out: &str| number_after(out, "THINHV-GUEST: userspace up after ");
+    for n in 0..runs {
+        let s = boot_once(a, img, true, 4, n, Some(("-no-appliance", &IOMMU, "", "")))?;
+        let up = os_uptime(&s.out).unwrap_or(f64::NAN);
+        println!(
+            "run {n}: OS alone (4 CPUs)          userspace at {:.2} s (its uptime {up:.2} s)",
+            s.secs
+        );
+        alone.push(s.secs);
+        alone_up.push(up);
+        reserved.0 = s
+            .status
+            .as_ref()
+            .and_then(|v| v.get("bytes_reserved"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        let s = boot_once(
+            a,
+            img,
+            true,
+            4,
+            n,
+            Some(("-appliance", &IOMMU, APPLIANCE, "thinhv_bench_appliance=1")),
+        )?;
+        let up = os_uptime(&s.out).unwrap_or(f64::NAN);
+        beside.push(s.secs);
+        beside_up.push(up);
+        reserved.1 = s
+            .status
+            .as_ref()
+            .and_then(|v| v.get("bytes_reserved"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        let seen = number_after(&s.out, "THINHV-BENCH-APPLIANCE: up_at_os_uptime=")
+            .ok_or_else(|| format!("the OS did not see the appliance come up:\n{}", s.out))?;
+        let own = s
+            .out
+            .lines()
+            .find(|l| l.contains("THINHV-BENCH-APPLIANCE: up"))
+            .and_then(|l| number_after(l, "userspace up after "))
+            .unwrap_or(f64::NAN);
+        // When the OS saw it, on QEMU's clock: the OS's marker plus the
+        // OS's uptime since (the OS polls every 0.2 s: an upper bound).
+        let wall = s.secs + (seen - up);
+        let hv = s.hv_start.unwrap_or(0.0);
+        let sample = |k: u32| -> Option<Value> {
+            let j = section(
+                &s.out,
+                &format!("THINHV-BENCH-APPLIANCE-{k}-BEGIN"),
+                &format!("THINHV-BENCH-APPLIANCE-{k}-END"),
+            )?;
+            serde_json::from_str::<Value>(j.trim()).ok()?["appliances"][0]
+                .clone()
+                .into()
+        };
+        let (Some(x), Some(y)) = (sample(1), sample(2)) else {
+            return Err(format!("no appliance samples:\n{}", s.out));
+        };
+        let f = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0) as f64;
+        let secs = (f(&y, "tsc") - f(&x, "tsc")) / (f(&x, "tsc_khz") * 1000.0);
+        let rate = (f(&y, "exits") - f(&x, "exits")) / secs;
+        println!(
+            "run {n}: OS beside an appliance (2+2) userspace at {:.2} s (its uptime {up:.2} s); \
+             appliance up at {wall:.2} s ({:.2} s after thinhv's start; its own uptime {own:.2} s), \
+             idle exits {rate:.1}/s over {secs:.1} s",
+            s.secs,
+            wall - hv
+        );
+        app_wall.push(wall);
+        app_from_hv.push(wall - hv);
+        app_own.push(own);
+        idle_rate.push(rate);
+    }
+    let m = |v: &Vec<f64>| median(&mut v.clone());
+    println!();
+    println!(
+        "  appliance partitions (-smp 4, q35 + VT-d, 1024 MiB; appliance 2 CPUs, 256 MiB; median of {runs}, runs alternated):"
+    );
+    println!(
+        "    OS userspace, no appliance (4 CPUs):   {:6.2} s from QEMU start, its uptime {:6.2} s",
+        m(&alone),
+        m(&alone_up)
+    );
+    println!(
+        "    OS userspace beside it (2 CPUs):       {:6.2} s from QEMU start, its uptime {:6.2} s",
+        m(&beside),
+        m(&beside_up)
+    );
+    println!(
+        "    ratio (beside / alone):                {:6.3} wall, {:6.3} OS uptime",
+        m(&beside) / m(&alone),
+        m(&beside_up) / m(&alone_up)
+    );
+    println!(
+        "    appliance userspace: {:.2} s from QEMU start, {:.2} s after thinhv's start, its own uptime {:.2} s",
+        m(&app_wall),
+        m(&app_from_hv),
+        m(&app_own)
+    );
+    println!(
+        "    exits on the appliance's CPUs at idle: {:.1} per second (both CPUs)",
+        m(&idle_rate)
+    );
+    println!(
+        "    thinhv's reservation: {} KiB without, {} KiB with the appliance (+{} KiB; its 256 MiB and image copy are its own)",
+        reserved.0 / 1024,
+        reserved.1 / 1024,
+        reserved.1.saturating_sub(reserved.0) / 1024
+    );
+    Ok(serde_json::json!({
+        "os_alone_s": alone, "os_alone_uptime_s": alone_up,
+        "os_beside_appliance_s": beside, "os_beside_appliance_uptime_s": beside_up,
+        "appliance_up_s": app_wall, "appliance_up_after_thinhv_s": app_from_hv,
+        "appliance_own_uptime_s": app_own, "appliance_idle_exits_per_s": idle_rate,
+        "reserved_without": reserved.0, "reserved_with": reserved.1,
+    }))
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -213,6 +386,7 @@ fn median(v: &mut [f64]) -> f64 {
 pub fn run(args: &[String]) -> Result<(), String> {
     let mut runs = 3usize;
     let mut smp = 2u32;
+    let mut only_appliances = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -228,12 +402,24 @@ pub fn run(args: &[String]) -> Result<(), String> {
                     .and_then(|v| v.parse().ok())
                     .ok_or("--smp needs a number")?;
             }
+            "--appliances" => only_appliances = true,
             other => return Err(format!("unknown option {other:?}")),
         }
     }
     crate::deps::ensure()?;
     let a = artifacts::build()?;
     let img = linux::prepare(&root().join("build/cache"), &a.tool)?;
+    let appliances = appliance_figures(&a, &img, runs)?;
+    if only_appliances {
+        let path = root().join("build/bench-appliances.json");
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&appliances).unwrap_or_default(),
+        )
+        .map_err(|e| e.to_string())?;
+        println!("  (also in {})", path.display());
+        return Ok(());
+    }
     let trips = exit_round_trips(&a, runs)?;
     let mut native = Vec::new();
     let mut with = Vec::new();
@@ -258,10 +444,17 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let mut igb_budget = Vec::new();
     let mut budget_status = None;
     for n in 0..runs {
-        let s = boot_once(&a, &img, true, smp, n, Some(("-igb", &IGB, "")))?;
+        let s = boot_once(&a, &img, true, smp, n, Some(("-igb", &IGB, "", "")))?;
         println!("run {n}: igb machine, thinhv, no rules {:.2} s", s.secs);
         igb_plain.push(s.secs);
-        let s = boot_once(&a, &img, true, smp, n, Some(("-igb-budget", &IGB, budget)))?;
+        let s = boot_once(
+            &a,
+            &img,
+            true,
+            smp,
+            n,
+            Some(("-igb-budget", &IGB, budget, "")),
+        )?;
         println!("run {n}: igb machine, thinhv, VF budget {:.2} s", s.secs);
         igb_budget.push(s.secs);
         if s.status.is_some() {
@@ -367,6 +560,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         "apic_write_round_trip_cycles_bare": trips[2],
         "apic_write_round_trip_cycles_thinhv": trips[3],
         "cpuid_handler_cycles": trips[4], "apic_write_handler_cycles": trips[5],
+        "appliances": appliances,
     });
     let path = root().join("build/bench.json");
     std::fs::write(

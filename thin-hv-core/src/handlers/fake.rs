@@ -165,6 +165,8 @@ pub struct FakeEnv {
     pub slat_holes: std::collections::BTreeSet<u64>,
     /// `apic_page_trap(_, true)` succeeds (else: "cannot trap").
     pub apic_trap_ok: bool,
+    /// `publish_control` calls, in order.
+    pub control_results: std::cell::RefCell<Vec<thinhv_abi::status::ControlResult>>,
 }
 
 impl FakeEnv {
@@ -221,6 +223,7 @@ impl FakeEnv {
             apic_traps: Vec::new(),
             slat_holes: std::collections::BTreeSet::new(),
             apic_trap_ok: true,
+            control_results: std::cell::RefCell::default(),
         }
     }
 
@@ -395,6 +398,9 @@ impl Env for FakeEnv {
     }
     fn kick_for_init(&mut self, apic_id: u32) {
         self.nmis_sent.push(apic_id);
+    }
+    fn publish_control(&self, result: thinhv_abi::status::ControlResult) {
+        self.control_results.borrow_mut().push(result);
     }
     fn demand_map(&mut self, gpa: u64) -> bool {
         self.demand_calls.push(gpa);

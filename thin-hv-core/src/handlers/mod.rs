@@ -10,7 +10,7 @@ mod ipi;
 pub mod msr;
 pub mod msr_policy;
 mod npf;
-mod partition;
+pub mod partition;
 pub(crate) mod pcicfg;
 mod xsetbv;
 

@@ -26,6 +26,12 @@ pub(super) fn handle(
     if !part.is_os() {
         return appliance(cpu, env, gpa, write, present);
     }
+    if write && present && gpa & !7 == hv.control_doorbell() {
+        return Handled {
+            outcome: control_write(cpu, env),
+            reason: ExitReason::NESTED_FAULT,
+        };
+    }
     if hv.touches_hypervisor(gpa, 1) || hv.foreign_ram(part, gpa, 1) {
         return Handled {
             outcome: protected(cpu, env, gpa, write, fetch),
@@ -97,6 +103,35 @@ fn appliance(
         outcome: Outcome::Fatal("an appliance touched an address outside its partition"),
         reason: ExitReason::NESTED_FAULT,
     }
+}
+
+/// A write to the appliance control doorbell (the status area is
+/// read-only for the OS, so every store there exits): an aligned 8-byte
+/// store is a request ([`super::partition::control`]), whose result is
+/// published beside the doorbell; anything else is discarded like any
+/// other write to thinhv's memory.
+fn control_write(cpu: &mut impl GuestCpu, env: &mut impl Env) -> Outcome {
+    let Some(d) = decode_current(cpu, env) else {
+        cpu.inject_exception(vector::GP, Some(0));
+        return Outcome::Resume;
+    };
+    let next = cpu.rip().wrapping_add(d.len() as u64);
+    cpu.set_rip(next);
+    let Some(store) = d.store().filter(|s| s.size == 8 && !s.exchange) else {
+        log::warn!(
+            "cpu {}: appliance control doorbell written by {:?}, not an 8-byte store; discarded",
+            env.cpu_index(),
+            d.mnemonic()
+        );
+        return Outcome::Resume;
+    };
+    let word = match store.source {
+        StoreSource::Immediate(v) => v,
+        StoreSource::Register(r) => cpu.gpr(r),
+    };
+    let result = super::partition::control(env, word);
+    env.publish_control(result);
+    Outcome::Resume
 }
 
 fn protected(

@@ -1,6 +1,8 @@
 //! Appliance partitions claiming their processors.
 use crate::env::Env;
 use crate::partition::{PartitionId, PartitionState};
+use thinhv_abi::hypercall::Status;
+use thinhv_abi::status::{ControlCommand, ControlOp, ControlResult};
 
 /// Every unclaimed appliance partition claims its processors: each gets a
 /// virtual INIT (mailbox and wake-up, as `handlers::ipi` does for the OS's
@@ -52,4 +54,100 @@ pub fn claim_cpus(env: &mut impl Env) -> u64 {
     }
     env.publish_appliances();
     claimed
+}
+
+/// A request the OS wrote to the control doorbell
+/// (`thinhv appliance stop|start|restart`, `docs/appliances.md`). Who may
+/// write it inside the OS is the OS's business (the doorbell is reached
+/// through `/dev/mem`, root only); what thinhv enforces is the vendor's
+/// `control = "none"`, which no OS, however privileged, gets past.
+pub fn control(env: &mut impl Env, word: u64) -> ControlResult {
+    let seq = (word >> 16) as u32;
+    let done = |status| ControlResult { seq, status };
+    let Some(cmd) = ControlCommand::decode(word) else {
+        log::warn!("appliance control: {word:#x} is not a request; ignored");
+        return done(Status::INVALID_ARGUMENT);
+    };
+    let id = PartitionId(cmd.partition);
+    let Some(p) = env.hv().appliance(id).filter(|_| !id.is_os()) else {
+        log::warn!(
+            "appliance control: {} of partition {}: no such appliance",
+            cmd.op.name(),
+            id.0
+        );
+        return done(Status::INVALID_ARGUMENT);
+    };
+    if !p.os_may_control() {
+        log::warn!(
+            "appliance {:?}: {} from the OS refused (control = \"none\")",
+            p.name(),
+            cmd.op.name()
+        );
+        return done(Status::NOT_PERMITTED);
+    }
+    if !p.claimed() {
+        return done(Status::NOT_PERMITTED);
+    }
+    log::info!(
+        "appliance {:?}: {} requested by the OS (cpu {}), state {}",
+        p.name(),
+        cmd.op.name(),
+        env.cpu_index(),
+        p.state().name()
+    );
+    if matches!(cmd.op, ControlOp::Stop | ControlOp::Restart) {
+        stop(env, id, "stopped from the OS");
+    }
+    if matches!(cmd.op, ControlOp::Start | ControlOp::Restart) {
+        start(env, id);
+    }
+    env.publish_appliances();
+    done(Status::OK)
+}
+
+/// Stops appliance `id`: every processor of it gets a virtual INIT and
+/// waits in thinhv (those already waiting stay). Nothing happens to one
+/// already stopped.
+pub fn stop(env: &mut impl Env, id: PartitionId, why: &str) {
+    let Some(p) = env.hv().appliance(id) else {
+        return;
+    };
+    if p.stop().is_none() {
+        return;
+    }
+    p.set_reason(why);
+    for i in 0..env.hv().cpus().len() {
+        let slot = &env.hv().cpus()[i];
+        if slot.partition == id && slot.virtualized() {
+            let apic_id = slot.apic_id;
+            slot.mailbox.post_init();
+            env.kick_for_init(apic_id);
+        }
+    }
+}
+
+/// Starts appliance `id` if it is stopped or crashed: its first processor
+/// is asked to boot it, which (once every other processor of it waits)
+/// scrubs its RAM and restores its image unless the image was never run.
+/// A running or starting appliance is left alone.
+pub fn start(env: &mut impl Env, id: PartitionId) {
+    let Some(p) = env.hv().appliance(id) else {
+        return;
+    };
+    if !p.transition(PartitionState::STOPPED, PartitionState::STARTING)
+        && !p.transition(PartitionState::CRASHED, PartitionState::STARTING)
+    {
+        return;
+    }
+    if let Some(slot) = env
+        .hv()
+        .cpus()
+        .iter()
+        .find(|s| s.partition == id && s.virtualized())
+    {
+        // It waits in thinhv, or will once it takes the INIT a stop
+        // posted before this; a processor polls its mailbox while it
+        // waits, so no wake-up is needed.
+        slot.mailbox.post_boot();
+    }
 }

@@ -7,10 +7,10 @@ use thinhv_abi::hypercall::{Function, Status, StatusReport};
 use thinhv_abi::status::CpuState;
 use zerocopy::FromBytes;
 
-const RIP: u64 = 0x10_0000;
+pub(super) const RIP: u64 = 0x10_0000;
 
 /// A CPU at CPL 0 in 64-bit mode without paging, with `code` at RIP.
-fn at(env: &mut FakeEnv, code: &[u8]) -> FakeCpu {
+pub(super) fn at(env: &mut FakeEnv, code: &[u8]) -> FakeCpu {
     env.put(RIP, code);
     FakeCpu {
         rip: RIP,

@@ -173,3 +173,161 @@ fn appliance_ram_is_foreign_to_the_os_and_to_other_appliances() {
     assert!(!hv.foreign_ram(PartitionId(1), 0x4000_0000, 0x1000));
     assert!(hv.foreign_ram(PartitionId(2), 0x4000_0000, 0x1000));
 }
+
+/// `mov qword [rdx], rax`
+const STORE64: &[u8] = &[0x48, 0x89, 0x02];
+/// `mov dword [rdx], eax`
+const STORE32: &[u8] = &[0x89, 0x02];
+
+/// `code` storing `word` (RAX) to the control doorbell from a root
+/// process of the OS (CPL 3, its `/dev/mem` mapping) on CPU 0; the CPU
+/// after it.
+fn ring(env: &mut FakeEnv, code: &[u8], word: u64) -> super::fake::FakeCpu {
+    env.cpu = 0;
+    let mut cpu = super::tests::at(env, code);
+    cpu.cpl = 3;
+    cpu.regs[crate::guest::Gpr::Rax as usize] = word;
+    cpu.regs[crate::guest::Gpr::Rdx as usize] = env.hv.control_doorbell();
+    let exit = crate::exit::Exit::NestedFault {
+        gpa: env.hv.control_doorbell(),
+        write: true,
+        fetch: false,
+        present: true,
+        guest_table_walk: false,
+    };
+    super::handle(&exit, &mut cpu, env);
+    assert!(cpu.exceptions.is_empty(), "{:?}", cpu.exceptions);
+    assert_eq!(cpu.rip, super::tests::RIP + code.len() as u64);
+    cpu
+}
+
+fn command(op: thinhv_abi::status::ControlOp, partition: u8, seq: u32) -> u64 {
+    thinhv_abi::status::ControlCommand { op, partition, seq }.encode()
+}
+
+fn with_control(os: bool) -> FakeEnv {
+    let mut env = FakeEnv::with_appliance();
+    let mut h = thinhv_abi::handoff::Handoff::new();
+    h.cpu_count = 4;
+    for (i, c) in env.hv.cpus().iter().enumerate() {
+        h.cpus[i] = thinhv_abi::handoff::CpuInfo {
+            apic_id: c.apic_id,
+            flags: u32::from(i == 0) | (u32::from(c.partition.0) << 8),
+        };
+    }
+    h.partition_count = 1;
+    h.partitions[0] = env.hv.appliance(PartitionId(1)).unwrap().info;
+    if os {
+        h.partitions[0].flags |= thinhv_abi::handoff::partition_flags::OS_CONTROL;
+    }
+    let old = &env.hv;
+    let mut hv = crate::hv::Hv::from_handoff(&h, APIC);
+    hv.protected = old.protected;
+    hv.status = old.status;
+    hv.phys_addr_bits = old.phys_addr_bits;
+    hv.vendor = old.vendor;
+    for c in hv.cpus() {
+        c.set_state(thinhv_abi::status::CpuState::RUNNING);
+    }
+    env.hv = hv;
+    env.hv.sealed.store(true, Ordering::SeqCst);
+    let cpu = hypercall(&mut env, 0, Function::CLAIM_APPLIANCE_CPUS, [0; 3]);
+    assert_eq!(status(&cpu), Status::OK);
+    for i in [2, 3] {
+        let m = &env.hv.cpus()[i].mailbox;
+        assert!(m.take_init());
+        let _ = m.take_boot();
+    }
+    // Running, as after its boot.
+    let p = env.hv.appliance(PartitionId(1)).unwrap();
+    assert!(p.transition(PartitionState::STOPPED, PartitionState::RUNNING));
+    env.nmis_sent.clear();
+    env
+}
+
+#[test]
+fn the_os_stops_and_starts_an_appliance_through_the_doorbell() {
+    use thinhv_abi::status::{ControlOp, ControlResult};
+    let mut env = with_control(true);
+    ring(&mut env, STORE64, command(ControlOp::Stop, 1, 41));
+    let p = env.hv.appliance(PartitionId(1)).unwrap();
+    assert_eq!(p.state(), PartitionState::STOPPED);
+    // Its two processors were told to stop, and woken to take it.
+    assert_eq!(env.nmis_sent, [2, 3]);
+    for i in [2, 3] {
+        assert!(env.hv.cpus()[i].mailbox.take_init());
+        assert!(!env.hv.cpus()[i].mailbox.take_boot());
+    }
+    assert_eq!(
+        *env.control_results.borrow(),
+        [ControlResult {
+            seq: 41,
+            status: Status::OK
+        }]
+    );
+    // Stopping again changes nothing.
+    ring(&mut env, STORE64, command(ControlOp::Stop, 1, 42));
+    assert_eq!(env.nmis_sent.len(), 2);
+    // Start: its first processor is asked to boot it; no INIT.
+    ring(&mut env, STORE64, command(ControlOp::Start, 1, 43));
+    let p = env.hv.appliance(PartitionId(1)).unwrap();
+    assert_eq!(p.state(), PartitionState::STARTING);
+    assert!(env.hv.cpus()[2].mailbox.take_boot());
+    assert!(!env.hv.cpus()[3].mailbox.take_boot());
+    assert!(!env.hv.cpus()[2].mailbox.take_init());
+    // Restart from running: INITs first, then the boot.
+    assert!(p.transition(PartitionState::STARTING, PartitionState::RUNNING));
+    ring(&mut env, STORE64, command(ControlOp::Restart, 1, 44));
+    let p = env.hv.appliance(PartitionId(1)).unwrap();
+    assert_eq!(p.state(), PartitionState::STARTING);
+    assert!(env.hv.cpus()[2].mailbox.take_init());
+    assert!(env.hv.cpus()[3].mailbox.take_init());
+    assert!(env.hv.cpus()[2].mailbox.take_boot());
+    assert_eq!(env.control_results.borrow().last().unwrap().seq, 44);
+    // The OS's own processors were never touched.
+    assert!(!env.hv.cpus()[1].mailbox.take_init());
+}
+
+#[test]
+fn control_none_and_malformed_requests_are_refused() {
+    use thinhv_abi::status::{ControlOp, ControlResult};
+    // The control: the same request where the vendor allows it works.
+    let mut env = with_control(true);
+    ring(&mut env, STORE64, command(ControlOp::Stop, 1, 1));
+    assert_eq!(
+        env.hv.appliance(PartitionId(1)).unwrap().state(),
+        PartitionState::STOPPED
+    );
+    // control = "none": refused, whatever the OS's privilege.
+    let mut env = with_control(false);
+    for op in [ControlOp::Stop, ControlOp::Restart, ControlOp::Start] {
+        ring(&mut env, STORE64, command(op, 1, 5));
+    }
+    let p = env.hv.appliance(PartitionId(1)).unwrap();
+    assert_eq!(p.state(), PartitionState::RUNNING);
+    assert!(env.nmis_sent.is_empty());
+    assert!(env.control_results.borrow().iter().all(|r| *r
+        == ControlResult {
+            seq: 5,
+            status: Status::NOT_PERMITTED
+        }));
+    // No such appliance, partition 0 (the OS), no magic: invalid.
+    let mut env = with_control(true);
+    ring(&mut env, STORE64, command(ControlOp::Stop, 2, 6));
+    ring(&mut env, STORE64, command(ControlOp::Stop, 0, 7));
+    ring(&mut env, STORE64, 0x0000_0000_0008_0101);
+    let r = env.control_results.borrow().clone();
+    assert_eq!(r.len(), 3);
+    assert!(
+        r.iter().all(|r| r.status == Status::INVALID_ARGUMENT),
+        "{r:?}"
+    );
+    // A 4-byte store is not a request: discarded, nothing published.
+    ring(&mut env, STORE32, command(ControlOp::Stop, 1, 8));
+    assert_eq!(env.control_results.borrow().len(), 3);
+    assert_eq!(
+        env.hv.appliance(PartitionId(1)).unwrap().state(),
+        PartitionState::RUNNING
+    );
+    assert!(env.nmis_sent.is_empty());
+}

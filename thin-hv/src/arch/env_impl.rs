@@ -459,6 +459,10 @@ impl Env for HwEnv {
         super::vcpu::publish_appliances(self.core);
     }
 
+    fn publish_control(&self, result: thinhv_abi::status::ControlResult) {
+        self.core.status.set_control_result(result);
+    }
+
     fn port_write(&mut self, port: u16, size: u8, value: u32) {
         // SAFETY: as `port_read`, for the guest's OUT.
         unsafe { super::instr::port_out(port, size, value) }

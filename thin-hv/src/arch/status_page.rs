@@ -180,6 +180,13 @@ impl StatusPage {
         self.u32_at(0x64).store(n as u32, Ordering::Relaxed);
     }
 
+    /// The result of the last appliance control request, beside its
+    /// doorbell.
+    pub fn set_control_result(&self, r: thinhv_abi::status::ControlResult) {
+        let off = thinhv_abi::status::control_offset(self.cpus) as u64 + 8;
+        self.u64_at(off).store(r.encode(), Ordering::SeqCst);
+    }
+
     /// Bytes ever logged.
     pub fn log_head(&self) -> u64 {
         self.u64_at(0x58).load(Ordering::Acquire)

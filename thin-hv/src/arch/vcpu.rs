@@ -281,8 +281,9 @@ pub fn init_then_sipi(core: &Core, cpu: usize, b: &mut impl Backend) {
         let _ = slot.mailbox.take_init();
         if slot.mailbox.take_boot() {
             b.sipi_arrived(core, cpu);
-            boot_appliance(core, cpu, b);
-            return;
+            if boot_appliance(core, cpu, b) {
+                return;
+            }
         }
         if let Some(v) = slot.mailbox.take_sipi() {
             break v;
@@ -333,15 +334,22 @@ pub fn publish_appliances(core: &Core) {
             .iter()
             .find(|c| c.partition == id)
             .map_or(u32::MAX, |c| c.apic_id);
+        let mask = core
+            .hv
+            .cpus()
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| c.partition == id && *i < 64)
+            .fold(0u64, |m, (i, _)| m | 1 << i);
         core.status
-            .publish_appliance(usize::from(id.0) - 1, &p.record(first));
+            .publish_appliance(usize::from(id.0) - 1, &p.record(first, mask));
     }
 }
 
 /// An appliance processor crashed (`why`): the partition is marked
 /// crashed and every processor of it waits in thinhv (this one through
-/// the caller's INIT wait, the others by a virtual INIT). Restarting per
-/// `on_crash` is `docs/appliances.md`'s next step.
+/// the caller's INIT wait, the others by a virtual INIT); with
+/// `on_crash = "restart"` its first processor is asked to boot it again.
 fn crash_partition(core: &Core, cpu: usize, why: &str) {
     let id = core.hv.partition_of(cpu);
     let Some(p) = core.hv.appliance(id) else {
@@ -358,7 +366,6 @@ fn crash_partition(core: &Core, cpu: usize, why: &str) {
     );
     p.crashes.fetch_add(1, Ordering::SeqCst);
     p.set_reason(why);
-    publish_appliances(core);
     let Some(global) = super::core_state::get() else {
         return;
     };
@@ -370,35 +377,40 @@ fn crash_partition(core: &Core, cpu: usize, why: &str) {
         }
     }
     if p.info.flags & thinhv_abi::handoff::partition_flags::RESTART_ON_CRASH != 0 {
-        restart_partition(core, cpu, id);
+        log::warn!(
+            "appliance {:?}: restarting ({} restart(s) so far)",
+            p.name(),
+            p.restarts.load(Ordering::SeqCst) + 1
+        );
+        crate::handlers::partition::start(&mut env, id);
     }
+    publish_appliances(core);
 }
 
-/// Starts a crashed appliance again (`on_crash = "restart"`): once every
-/// other processor of it waits in thinhv, its RAM is scrubbed, the copy of
-/// its image the loader kept is put back, and its first processor is asked
-/// to start the kernel (this one, if it is the first, does so on its way
-/// into the INIT wait). No wake-up is sent: a waiting processor polls its
-/// mailbox, and an INIT posted now could reach it after it started.
-fn restart_partition(core: &Core, cpu: usize, id: crate::partition::PartitionId) {
-    let Some(p) = core.hv.appliance(id) else {
-        return;
+/// Before an appliance boots again: once every other processor of it
+/// waits in thinhv, its RAM is scrubbed and the copy of its image the
+/// loader kept is put back. False (and the appliance crashed, with the
+/// reason) when a processor does not stop or the copy does not fit.
+fn renew_image(core: &Core, cpu: usize, p: &crate::partition::Partition) -> bool {
+    let id = core.hv.partition_of(cpu);
+    let failed = |why: &str| {
+        log::error!("appliance {:?}: {why}; not started", p.name());
+        p.set_reason(why);
+        let _ = p.transition(PartitionState::STARTING, PartitionState::CRASHED);
+        publish_appliances(core);
+        false
     };
     // Every other processor of the partition parked (a few seconds at
     // most; one that never parks leaves the appliance crashed).
     let parked = |i: usize, s: &CpuSlot| {
-        i == cpu || s.partition != id || s.state() == CpuState::WAIT_FOR_SIPI
+        i == cpu || s.partition != id || !s.virtualized() || s.state() == CpuState::WAIT_FOR_SIPI
     };
     let mut spins = 0u64;
     while !core.hv.cpus().iter().enumerate().all(|(i, s)| parked(i, s)) {
         core::hint::spin_loop();
         spins += 1;
         if spins > 2_000_000_000 {
-            log::error!(
-                "appliance {:?}: a processor did not stop; not restarted",
-                p.name()
-            );
-            return;
+            return failed("a processor did not stop");
         }
     }
     let ram = p.ram();
@@ -408,11 +420,7 @@ fn restart_partition(core: &Core, cpu: usize, id: crate::partition::PartitionId)
     let mut from = p.info.image.base;
     for piece in p.info.pieces() {
         if piece.end() > ram.size || from + piece.size > p.info.image.end() {
-            log::error!(
-                "appliance {:?}: its image copy is inconsistent; not restarted",
-                p.name()
-            );
-            return;
+            return failed("its image copy is inconsistent");
         }
         // SAFETY: both ranges are in the core's identity map: the image
         // copy the loader reserved for this appliance (hidden from the OS)
@@ -427,26 +435,19 @@ fn restart_partition(core: &Core, cpu: usize, id: crate::partition::PartitionId)
         }
         from += piece.size;
     }
-    if !p.transition(PartitionState::CRASHED, PartitionState::STARTING) {
-        return;
-    }
-    p.restarts.fetch_add(1, Ordering::SeqCst);
-    let Some(slot) = core.hv.cpus().iter().find(|s| s.partition == id) else {
-        return;
-    };
-    // It waits in its INIT loop (checked above), which takes the request
-    // (this CPU's own loop, if it is the first, after `apply`).
-    slot.mailbox.post_boot();
+    let n = p.restarts.fetch_add(1, Ordering::SeqCst) + 1;
     log::warn!(
-        "appliance {:?}: restarting ({} restart(s) so far): RAM scrubbed, image restored",
-        p.name(),
-        p.restarts.load(Ordering::SeqCst)
+        "appliance {:?}: starting again ({n} restart(s)): RAM scrubbed, image restored",
+        p.name()
     );
-    publish_appliances(core);
+    true
 }
 
-/// Starts this CPU at its appliance's entry (the loader laid the RAM out).
-fn boot_appliance(core: &Core, cpu: usize, b: &mut impl Backend) {
+/// Starts this CPU at its appliance's entry (the loader laid the RAM out;
+/// after the first run, [`renew_image`] lays it out again). False, with
+/// the CPU still waiting, when the appliance is not to start after all (a
+/// stop came first) or cannot.
+fn boot_appliance(core: &Core, cpu: usize, b: &mut impl Backend) -> bool {
     let id = core.hv.partition_of(cpu);
     let (Some(p), Some(info)) = (
         core.hv.appliance(id),
@@ -454,12 +455,18 @@ fn boot_appliance(core: &Core, cpu: usize, b: &mut impl Backend) {
             .partitions()
             .get(usize::from(id.0).wrapping_sub(1)),
     ) else {
-        return;
+        return false;
     };
+    if p.state() != PartitionState::STARTING {
+        return false;
+    }
     if core.appliance_slat[usize::from(id.0) - 1] == 0 {
         log::error!("appliance {:?}: no address space; stays stopped", p.name());
         let _ = p.transition(PartitionState::STARTING, PartitionState::STOPPED);
-        return;
+        return false;
+    }
+    if !p.fresh.swap(false, Ordering::SeqCst) && !renew_image(core, cpu, p) {
+        return false;
     }
     enter_own_partition(core, cpu, b);
     let entry = LongEntry {
@@ -469,25 +476,28 @@ fn boot_appliance(core: &Core, cpu: usize, b: &mut impl Backend) {
         gdt: info.entry_gdt,
         rsp: info.entry_cr3,
     };
-    if b.start_long(core, cpu, &entry) {
-        set_state(core, cpu, CpuState::RUNNING);
-        // SAFETY: RDTSC has no side effects.
-        p.started_tsc
-            .store(unsafe { core::arch::x86_64::_rdtsc() }, Ordering::SeqCst);
-        let _ = p.transition(PartitionState::STARTING, PartitionState::RUNNING);
-        publish_appliances(core);
-        log::info!(
-            "appliance {:?}: cpu {cpu} starts its kernel at {:#x}",
-            p.name(),
-            entry.rip
-        );
-    } else {
+    if !b.start_long(core, cpu, &entry) {
         log::error!(
             "appliance {:?}: this backend cannot start it; stays stopped",
             p.name()
         );
         let _ = p.transition(PartitionState::STARTING, PartitionState::STOPPED);
+        return false;
     }
+    // SAFETY: RDTSC has no side effects.
+    p.started_tsc
+        .store(unsafe { core::arch::x86_64::_rdtsc() }, Ordering::SeqCst);
+    // A stop that came meanwhile posted an INIT, which this CPU takes at
+    // its first exit (the stop's kick makes one).
+    let _ = p.transition(PartitionState::STARTING, PartitionState::RUNNING);
+    set_state(core, cpu, CpuState::RUNNING);
+    publish_appliances(core);
+    log::info!(
+        "appliance {:?}: cpu {cpu} starts its kernel at {:#x}",
+        p.name(),
+        entry.rip
+    );
+    true
 }
 
 struct Describe<'a, B: ?Sized>(&'a B);
