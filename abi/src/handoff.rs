@@ -625,6 +625,79 @@ pub struct PartitionInfo {
     pub reserved: u32,
     /// Where each piece of `image` goes (guest-physical) and its length.
     pub pieces: [PhysRange; MAX_IMAGE_PIECES],
+    /// Number of valid `devices`.
+    pub device_count: u32,
+    /// Reserved.
+    pub reserved2: u32,
+    /// PCI functions given to it whole (`docs/appliances.md`).
+    pub devices: [PartitionDevice; MAX_PARTITION_DEVICES],
+}
+
+/// Most PCI functions of one appliance.
+pub const MAX_PARTITION_DEVICES: usize = 4;
+
+/// Most memory BARs of a function.
+pub const MAX_DEVICE_BARS: usize = 6;
+
+/// A PCI function given to an appliance: hidden from the OS (configuration
+/// space mediated, its BARs out of the OS's second-level tables, no DMA
+/// in the OS's IOMMU domain), in the appliance's configuration space at
+/// `vdevfn` of bus 0, its memory BARs at the same addresses in the
+/// appliance's second-level tables, its DMA in the appliance's IOMMU
+/// domain.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    zerocopy::FromBytes,
+    zerocopy::IntoBytes,
+    zerocopy::Immutable,
+    zerocopy::KnownLayout,
+)]
+#[repr(C)]
+pub struct PartitionDevice {
+    /// Requester ID (bus << 8 | device << 3 | function), segment 0.
+    pub rid: u16,
+    /// Device and function on the appliance's bus 0.
+    pub vdevfn: u8,
+    /// Number of valid `bars`.
+    pub bar_count: u8,
+    /// Reserved.
+    pub reserved: u32,
+    /// Its memory BARs: register index, flags and the range the firmware
+    /// assigned (`bar_regs`, `bars`). I/O BARs are not given.
+    pub bars: [PhysRange; MAX_DEVICE_BARS],
+    /// Per BAR: register index (bits 0..2), 64-bit (bit 4), prefetchable
+    /// (bit 5).
+    pub bar_regs: [u8; MAX_DEVICE_BARS],
+    /// Reserved.
+    pub reserved2: [u8; 2],
+}
+
+/// [`PartitionDevice::bar_regs`]: a 64-bit BAR.
+pub const BAR_REG_64: u8 = 1 << 4;
+/// [`PartitionDevice::bar_regs`]: prefetchable.
+pub const BAR_REG_PREFETCH: u8 = 1 << 5;
+
+impl PartitionDevice {
+    /// The valid BARs with their register bytes.
+    pub fn bars(&self) -> impl Iterator<Item = (u8, PhysRange)> + '_ {
+        self.bar_regs
+            .iter()
+            .copied()
+            .zip(self.bars.iter().copied())
+            .take(usize::from(self.bar_count).min(MAX_DEVICE_BARS))
+    }
+}
+
+impl PartitionInfo {
+    /// The PCI functions given to it.
+    pub fn devices(&self) -> &[PartitionDevice] {
+        &self.devices[..(self.device_count as usize).min(MAX_PARTITION_DEVICES)]
+    }
 }
 
 /// Most pieces of an appliance image (page tables, GDT, zero page,
@@ -880,6 +953,24 @@ impl Handoff {
                 .count();
             if n == 0 || n != a.cpu_count as usize {
                 return Err("appliance CPU count disagrees with the CPU list");
+            }
+            // Its devices' BARs: whole pages, apart from RAM and thinhv.
+            if a.device_count as usize > MAX_PARTITION_DEVICES {
+                return Err("too many appliance devices");
+            }
+            for d in a.devices() {
+                for (_, b) in d.bars() {
+                    if b.is_empty()
+                        || !b.base.is_multiple_of(4096)
+                        || !b.size.is_multiple_of(4096)
+                        || b.base.checked_add(b.size).is_none()
+                        || self.region.overlaps(b.base, b.size)
+                        || ram.iter().any(|o| o.overlaps(b.base, b.size))
+                        || parts.iter().any(|o| o.ram.overlaps(b.base, b.size))
+                    {
+                        return Err("appliance device BAR misaligned or overlapping memory");
+                    }
+                }
             }
         }
         if self.cpus().iter().all(|c| c.partition() != 0) {

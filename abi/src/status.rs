@@ -536,6 +536,7 @@ impl ControlCommand {
     }
 
     /// The command in a doorbell word, if it is one.
+    #[allow(clippy::cast_possible_truncation)] // the fields, by their widths
     pub const fn decode(word: u64) -> Option<Self> {
         if word >> 48 != Self::MAGIC {
             return None;
@@ -573,6 +574,7 @@ impl ControlResult {
     }
 
     /// The result in a result word.
+    #[allow(clippy::cast_possible_truncation)] // the sequence number, bits 63..32
     pub const fn decode(word: u64) -> Self {
         Self {
             seq: (word >> 32) as u32,
@@ -615,7 +617,7 @@ mod control_tests {
     #[test]
     fn the_doorbell_sits_after_the_appliance_records_and_before_the_log() {
         let (size, log) = status_area_layout(64);
-        assert!(control_offset(64) % 8 == 0);
+        assert!(control_offset(64).is_multiple_of(8));
         assert!(control_offset(64) + 16 <= log);
         assert!(log < size);
     }

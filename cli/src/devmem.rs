@@ -35,7 +35,7 @@ pub fn write(pa: u64, data: &[u8]) -> std::io::Result<usize> {
 /// aligned 8-byte store.
 pub fn store_u64(pa: u64, value: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    if pa % 8 != 0 {
+    if !pa.is_multiple_of(8) {
         return Err(std::io::Error::other("unaligned doorbell"));
     }
     let f = OpenOptions::new().read(true).write(true).open("/dev/mem")?;
@@ -56,13 +56,13 @@ pub fn store_u64(pa: u64, value: u64) -> std::io::Result<()> {
     if p == libc::MAP_FAILED {
         return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: the word lies in the page just mapped (offset < 4096,
-    // aligned); a volatile store of a u64 is one 8-byte store.
+    let words = p.cast::<u64>();
+    let index = usize::try_from((pa - page) / 8).map_err(std::io::Error::other)?;
+    // SAFETY: the mapping is page-aligned, so `words` is aligned for u64;
+    // `index` < 512 keeps the word in the page just mapped; a volatile
+    // store of a u64 is one 8-byte store. The page is unmapped after.
     unsafe {
-        p.cast::<u8>()
-            .add((pa - page) as usize)
-            .cast::<u64>()
-            .write_volatile(value);
+        words.add(index).write_volatile(value);
         libc::munmap(p, 4096);
     }
     Ok(())

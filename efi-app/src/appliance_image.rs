@@ -51,6 +51,16 @@ const RESET_VECTOR: u64 = 0xf_fff0;
 /// `mov dx, 0xcf9; mov al, 0x0e; out dx, al; hlt; jmp $-1`.
 const RESET_STUB: [u8; 9] = [0xba, 0xf9, 0x0c, 0xb0, 0x0e, 0xee, 0xf4, 0xeb, 0xfd];
 const HIGH_RAM: u64 = 0x10_0000;
+/// The legacy BIOS area, 0xF0000–0xFFFFF: the SMBIOS entry point (where
+/// Linux looks for it without EFI) and tables, and the reset vector.
+const BIOS_AREA: u64 = 0xf_0000;
+/// The SMBIOS structure table, after its 3.0 entry point.
+const SMBIOS_TABLE: u64 = 0xf_0100;
+/// The BIOS release date in SMBIOS (Linux's `dmi_get_bios_year`: from
+/// 2001 on it trusts PCI configuration mechanism 1 without probing for a
+/// host bridge, which the appliance has none of; from 2008 on it uses
+/// the root bridge's `_CRS` windows).
+const BIOS_DATE: &str = "01/01/2026";
 /// The port of the 16550 the DSDT describes (the appliance's console).
 pub const CONSOLE_PORT: u16 = 0x3f8;
 /// Selectors of the GDT.
@@ -179,6 +189,10 @@ pub struct Spec<'a> {
     pub ram: u64,
     /// Its processors' APIC IDs; the first starts the kernel.
     pub apic_ids: &'a [u32],
+    /// Memory ranges of the PCI functions it is given (their BARs, at the
+    /// addresses the firmware assigned): the windows of the PCI root
+    /// bridge in its DSDT. Empty: no PCI root bridge.
+    pub pci_windows: &'a [(u64, u64)],
 }
 
 /// Lays the appliance's RAM out.
@@ -233,10 +247,10 @@ pub fn build(s: &Spec<'_>) -> Result<Image, String> {
     let mut cmd = s.cmdline.as_bytes().to_vec();
     cmd.push(0);
     pieces.push((CMDLINE, cmd));
-    for (at, t) in acpi_tables(s.apic_ids) {
+    for (at, t) in acpi_tables(s.apic_ids, s.pci_windows) {
         pieces.push((at, t));
     }
-    pieces.push((RESET_VECTOR, RESET_STUB.to_vec()));
+    pieces.push((BIOS_AREA, bios_area()));
     pieces.push((kernel_at, pm.to_vec()));
     if let Some(i) = s.initrd {
         pieces.push((initrd_at.0, i.to_vec()));
@@ -334,16 +348,64 @@ fn sdt(sig: [u8; 4], revision: u8, body: &[u8]) -> Vec<u8> {
     t
 }
 
+/// 0xF0000–0xFFFFF: an SMBIOS 3.0 entry point and table (BIOS
+/// information with [`BIOS_DATE`], system information naming thinhv, the
+/// end-of-table structure; DMTF DSP0134 3.0 §5.2.2, §7.1, §7.2, §7.45),
+/// and at the reset vector the stub that asks for a reset.
+fn bios_area() -> Vec<u8> {
+    let mut a = vec![0u8; 0x1_0000];
+    let mut t = Vec::new();
+    let strings = |t: &mut Vec<u8>, list: &[&str]| {
+        for s in list {
+            t.extend_from_slice(s.as_bytes());
+            t.push(0);
+        }
+        t.push(0);
+    };
+    // Type 0, BIOS information (length 0x18): vendor 1, version 2,
+    // segment 0xF000, date 3, ROM size 0, characteristics "not
+    // supported" (bit 3), extension bytes, release 0.1.
+    t.extend_from_slice(&[0, 0x18, 0, 0, 1, 2, 0x00, 0xf0, 3, 0]);
+    t.extend_from_slice(&(1u64 << 3).to_le_bytes());
+    t.extend_from_slice(&[0, 0, 0, 1, 0xff, 0xff]);
+    strings(&mut t, &["thinhv", "0.1.0", BIOS_DATE]);
+    // Type 1, system information (length 0x1B): manufacturer 1, product
+    // 2, no version or serial, no UUID, woken by the power switch (6).
+    t.extend_from_slice(&[1, 0x1b, 1, 0, 1, 2, 0, 0]);
+    t.extend_from_slice(&[0; 16]);
+    t.extend_from_slice(&[6, 0, 0]);
+    strings(&mut t, &["thinhv", "appliance partition"]);
+    // Type 127, end of table.
+    t.extend_from_slice(&[127, 4, 2, 0, 0, 0]);
+    let off = (SMBIOS_TABLE - BIOS_AREA) as usize;
+    a[off..off + t.len()].copy_from_slice(&t);
+    // The 3.0 entry point ("_SM3_", 24 bytes).
+    let mut e = [0u8; 24];
+    e[..5].copy_from_slice(b"_SM3_");
+    e[6] = 24;
+    e[7] = 3;
+    e[10] = 1;
+    e[12..16].copy_from_slice(&(t.len() as u32).to_le_bytes());
+    e[16..24].copy_from_slice(&SMBIOS_TABLE.to_le_bytes());
+    checksum_fix(&mut e, 5);
+    a[..24].copy_from_slice(&e);
+    let stub = (RESET_VECTOR - BIOS_AREA) as usize;
+    a[stub..stub + RESET_STUB.len()].copy_from_slice(&RESET_STUB);
+    a
+}
+
 /// RSDP, XSDT, FADT, MADT, DSDT at their addresses.
-fn acpi_tables(apic_ids: &[u32]) -> Vec<(u64, Vec<u8>)> {
+fn acpi_tables(apic_ids: &[u32], pci_windows: &[(u64, u64)]) -> Vec<(u64, Vec<u8>)> {
     // FADT (ACPI 6.5 §5.2.9), revision 6.5, 276 bytes: hardware-reduced
     // (no PM timer, no SCI, no legacy devices), X_DSDT only.
     let mut f = vec![0u8; 276 - 36];
     let at = |o: usize| o - 36;
     f[at(40)..at(44)].copy_from_slice(&(DSDT as u32).to_le_bytes());
-    // Flags: HW_REDUCED_ACPI (bit 20), PWR_BUTTON / SLP_BUTTON absent
-    // (bits 4, 5 set mean "no such button").
-    let flags: u32 = 1 << 20 | 1 << 4 | 1 << 5;
+    // Flags: HW_REDUCED_ACPI (bit 20), FORCE_APIC_PHYSICAL_DESTINATION_MODE
+    // (bit 19: its IPIs and its devices' MSIs name APIC IDs, never the
+    // logical IDs it has none of in hardware), PWR_BUTTON / SLP_BUTTON
+    // absent (bits 4, 5 set mean "no such button").
+    let flags: u32 = 1 << 20 | 1 << 19 | 1 << 4 | 1 << 5;
     f[at(112)..at(116)].copy_from_slice(&flags.to_le_bytes());
     // IA-PC boot architecture flags: no legacy devices, no 8042, no VGA,
     // no MSI disable, no CMOS RTC (bits 0..5 as they apply).
@@ -368,7 +430,7 @@ fn acpi_tables(apic_ids: &[u32]) -> Vec<(u64, Vec<u8>)> {
         }
     }
     let madt = sdt(*b"APIC", 5, &m);
-    let dsdt = sdt(*b"DSDT", 2, &dsdt_body());
+    let dsdt = sdt(*b"DSDT", 2, &dsdt_body(pci_windows));
     let mut x = Vec::new();
     for a in [FADT, MADT] {
         x.extend_from_slice(&a.to_le_bytes());
@@ -395,7 +457,7 @@ fn acpi_tables(apic_ids: &[u32]) -> Vec<(u64, Vec<u8>)> {
 /// Name (_UID, 0) Name (_CRS, ResourceTemplate () { IO (Decode16, 0x3F8,
 /// 0x3F8, 1, 8) }) }` in `\_SB`: a 16550 with no interrupt, which Linux's
 /// 8250 driver then polls (ACPI 6.5 §19.6, §6.4.2.5).
-fn dsdt_body() -> Vec<u8> {
+fn dsdt_body(pci_windows: &[(u64, u64)]) -> Vec<u8> {
     // The IO resource descriptor and the end tag.
     let port = CONSOLE_PORT.to_le_bytes();
     let crs_buf = [
@@ -420,13 +482,59 @@ fn dsdt_body() -> Vec<u8> {
     let mut dev = vec![0x5b, 0x82];
     push_pkglen(&mut dev, dev_body.len());
     dev.extend_from_slice(&dev_body);
-    // Scope (\_SB) { device }
+    // Scope (\_SB) { devices }
     let mut scope_body = vec![b'\\', b'_', b'S', b'B', b'_'];
     scope_body.extend_from_slice(&dev);
+    if !pci_windows.is_empty() {
+        scope_body.extend_from_slice(&pci_root_bridge(pci_windows));
+    }
     let mut scope = vec![0x10];
     push_pkglen(&mut scope, scope_body.len());
     scope.extend_from_slice(&scope_body);
     scope
+}
+
+/// AML for `Device (PCI0) { Name (_HID, EisaId ("PNP0A03")) Name (_UID,
+/// 0) Name (_CRS, ResourceTemplate () { WordBusNumber (0, 0)
+/// QWordMemory (window)... }) }`: a PCI root bridge (conventional
+/// configuration space through ports 0xCF8/0xCFC, which thinhv presents)
+/// decoding bus 0 and the given memory ranges (ACPI 6.5 §6.4.3.5.1,
+/// §6.4.3.5.3).
+fn pci_root_bridge(windows: &[(u64, u64)]) -> Vec<u8> {
+    let mut crs = Vec::new();
+    // WordBusNumber: producer, MinFixed | MaxFixed, range 0..=0, length 1.
+    crs.extend_from_slice(&[0x88, 13, 0, 2, 0x0c, 0]);
+    for v in [0u16, 0, 0, 0, 1] {
+        crs.extend_from_slice(&v.to_le_bytes());
+    }
+    for &(base, size) in windows {
+        // QWordMemory: producer, MinFixed | MaxFixed, read-write,
+        // non-cacheable.
+        crs.extend_from_slice(&[0x8a, 43, 0, 0, 0x0c, 0x01]);
+        for v in [0u64, base, base + size - 1, 0, size] {
+            crs.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    crs.extend_from_slice(&[0x79, 0x00]);
+    // Buffer (WordConst size) { bytes }
+    let mut buffer = vec![0x0b];
+    buffer.extend_from_slice(&(crs.len() as u16).to_le_bytes());
+    buffer.extend_from_slice(&crs);
+    let mut buf_op = vec![0x11];
+    push_pkglen(&mut buf_op, buffer.len());
+    buf_op.extend_from_slice(&buffer);
+    let mut body = Vec::new();
+    body.extend_from_slice(b"PCI0");
+    // Name (_HID, EisaId ("PNP0A03")) = 0x030AD041
+    body.extend_from_slice(&[0x08, b'_', b'H', b'I', b'D', 0x0c]);
+    body.extend_from_slice(&0x030a_d041u32.to_le_bytes());
+    body.extend_from_slice(&[0x08, b'_', b'U', b'I', b'D', 0x00]);
+    body.extend_from_slice(&[0x08, b'_', b'C', b'R', b'S']);
+    body.extend_from_slice(&buf_op);
+    let mut dev = vec![0x5b, 0x82];
+    push_pkglen(&mut dev, body.len());
+    dev.extend_from_slice(&body);
+    dev
 }
 
 /// AML PkgLength (ACPI 6.5 §20.2.4) for `body` bytes after it.
@@ -475,6 +583,7 @@ mod tests {
             cmdline: "console=ttyS0",
             ram: 256 << 20,
             apic_ids: &[2, 3],
+            pci_windows: &[],
         })
         .unwrap();
         assert_eq!(img.kernel_at, 0x100_0000);
@@ -509,6 +618,7 @@ mod tests {
             cmdline: "",
             ram,
             apic_ids: &[1],
+            pci_windows: &[],
         };
         let e = build(&spec(64 << 20, None)).unwrap_err();
         assert!(e.contains("needs"), "{e}");
@@ -526,6 +636,7 @@ mod tests {
             cmdline: &long,
             ram: 256 << 20,
             apic_ids: &[1],
+            pci_windows: &[],
         })
         .unwrap_err();
         assert!(e.contains("command line"), "{e}");
@@ -533,7 +644,7 @@ mod tests {
 
     #[test]
     fn acpi_tables_checksum_and_name_only_the_appliance_cpus() {
-        let t = acpi_tables(&[2, 3, 300]);
+        let t = acpi_tables(&[2, 3, 300], &[]);
         for (_, b) in &t[1..] {
             assert_eq!(b.iter().fold(0u8, |a, x| a.wrapping_add(*x)), 0);
             assert_eq!(u32_at(b, 4) as usize, b.len());
@@ -548,9 +659,56 @@ mod tests {
         let fadt = &t[2].1;
         assert_ne!(u32_at(fadt, 112) & 1 << 20, 0);
         assert_eq!(u64_at(fadt, 140), DSDT);
+        // Physical destination mode forced.
+        assert_ne!(u32_at(fadt, 112) & 1 << 19, 0);
         // The DSDT's AML: one scope, its package length right.
         let d = &t[4].1[36..];
         assert_eq!(d[0], 0x10);
         assert_eq!(usize::from(d[1]), d.len() - 1);
+        assert!(!d.windows(4).any(|w| w == b"PCI0"));
+    }
+
+    #[test]
+    fn a_pci_root_bridge_decodes_the_given_windows() {
+        let w = [(0xc000_0000, 0x2_0000), (0x8_0000_0000, 0x4000)];
+        let t = acpi_tables(&[1], &w);
+        let dsdt = &t[4].1;
+        assert_eq!(dsdt.iter().fold(0u8, |a, x| a.wrapping_add(*x)), 0);
+        let d = &dsdt[36..];
+        // Scope's two-byte package length covers the whole body.
+        assert_eq!(d[0], 0x10);
+        let len = usize::from(d[1] & 0xf) | usize::from(d[2]) << 4;
+        assert_eq!(len, d.len() - 1);
+        let at = d.windows(4).position(|x| x == b"PCI0").unwrap();
+        let dev = &d[at..];
+        assert_eq!(&dev[5..10], b"_HID\x0c".as_slice());
+        assert_eq!(u32_at(dev, 10), 0x030a_d041);
+        // The _CRS buffer: bus 0..=0, then each window as a QWordMemory.
+        let crs = dev.windows(2).position(|x| x == [0x88, 13]).unwrap();
+        let q = &dev[crs + 16..];
+        assert_eq!(q[0], 0x8a);
+        assert_eq!(u64_at(q, 14), 0xc000_0000);
+        assert_eq!(u64_at(q, 22), 0xc001_ffff);
+        assert_eq!(u64_at(q, 38), 0x2_0000);
+        let q = &q[46..];
+        assert_eq!(u64_at(q, 14), 0x8_0000_0000);
+        assert_eq!(&q[46..48], &[0x79, 0x00]);
+    }
+
+    #[test]
+    fn the_bios_area_holds_smbios_with_a_date_and_the_reset_stub() {
+        let a = bios_area();
+        assert_eq!(a.len(), 0x1_0000);
+        assert_eq!(&a[..5], b"_SM3_");
+        assert_eq!(a[..24].iter().fold(0u8, |s, x| s.wrapping_add(*x)), 0);
+        assert_eq!(u64_at(&a, 16), SMBIOS_TABLE);
+        let t = &a[0x100..0x100 + u32_at(&a, 12) as usize];
+        // BIOS information, then system information, then the end.
+        assert_eq!((t[0], t[1]), (0, 0x18));
+        let text = String::from_utf8_lossy(t);
+        assert!(text.contains(BIOS_DATE), "{text}");
+        assert!(text.contains("appliance partition"), "{text}");
+        assert_eq!(&t[t.len() - 6..], &[127, 4, 2, 0, 0, 0]);
+        assert_eq!(&a[0xfff0..0xfff0 + RESET_STUB.len()], &RESET_STUB);
     }
 }

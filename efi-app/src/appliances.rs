@@ -130,10 +130,111 @@ impl Default for Decision {
     }
 }
 
+/// A PCI function an appliance gets whole.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AssignedDevice {
+    /// Its address (segment 0).
+    pub bdf: thinhv_passthrough::pci::Bdf,
+    /// Its device and function on the appliance's bus 0: device `i + 1`
+    /// for the appliance's `i`-th function, function 0 (the appliance has
+    /// no host bridge; Linux finds its configuration space through the
+    /// generated SMBIOS date and ACPI root bridge, `appliance_image`).
+    pub vdevfn: u8,
+    /// Its memory BARs: (register index, flags for
+    /// `thinhv_abi::handoff::PartitionDevice::bar_regs`, base, size).
+    pub bars: Vec<(u8, u8, u64, u64)>,
+}
+
+/// The functions appliance table `devices` names, out of `functions`
+/// (what the loader enumerated), none of `taken` (given to an earlier
+/// appliance) and not `boot` (the device the OS boots from). Each entry
+/// must match at least one function; every match must be an endpoint
+/// whose memory BARs the firmware assigned in whole pages (the OS's
+/// second-level tables can only take whole pages from it) on segment 0.
+pub fn assign_devices(
+    devices: &[String],
+    functions: &[thinhv_passthrough::pci::Function],
+    taken: &[thinhv_passthrough::pci::Bdf],
+    boot: Option<thinhv_passthrough::pci::Bdf>,
+) -> Result<Vec<AssignedDevice>, String> {
+    use thinhv_abi::handoff::{
+        BAR_REG_64, BAR_REG_PREFETCH, MAX_DEVICE_BARS, MAX_PARTITION_DEVICES,
+    };
+    use thinhv_passthrough::bars::BarKind;
+    use thinhv_passthrough::policy::Matcher;
+    let mut out: Vec<AssignedDevice> = Vec::new();
+    for d in devices {
+        let m = Matcher::parse(d)?;
+        let found: Vec<_> = functions.iter().filter(|f| m.matches(f)).collect();
+        if found.is_empty() {
+            return Err(format!(
+                "device \"{d}\" matches no PCI function of this machine"
+            ));
+        }
+        for f in found {
+            if out.iter().any(|o| o.bdf == f.bdf) {
+                continue;
+            }
+            let why = if taken.contains(&f.bdf) {
+                Some(String::from("is given to another appliance"))
+            } else if boot == Some(f.bdf) {
+                Some(String::from("is the device the OS boots from"))
+            } else if f.header_type & 0x7f != 0 {
+                Some(String::from("is a bridge, not an endpoint"))
+            } else if f.bdf.segment != 0 {
+                Some(String::from("is not on PCI segment 0"))
+            } else {
+                f.bars
+                    .iter()
+                    .find(|b| {
+                        b.kind != BarKind::Io
+                            && (b.base == 0 || b.base % 4096 != 0 || b.size % 4096 != 0)
+                    })
+                    .map(|b| {
+                        format!(
+                            "has BAR {} of {:#x} bytes at {:#x}, not whole pages the firmware assigned",
+                            b.index, b.size, b.base
+                        )
+                    })
+            };
+            if let Some(why) = why {
+                return Err(format!("device \"{d}\": {} {why}", f.bdf));
+            }
+            if out.len() == MAX_PARTITION_DEVICES {
+                return Err(format!(
+                    "devices name more than {MAX_PARTITION_DEVICES} PCI functions"
+                ));
+            }
+            let bars: Vec<_> = f
+                .bars
+                .iter()
+                .filter(|b| b.kind != BarKind::Io)
+                .take(MAX_DEVICE_BARS)
+                .map(|b| {
+                    let flags = if b.kind == BarKind::Mem64 {
+                        BAR_REG_64
+                    } else {
+                        0
+                    } | if b.prefetchable { BAR_REG_PREFETCH } else { 0 };
+                    (b.index, flags, b.base, b.size)
+                })
+                .collect();
+            out.push(AssignedDevice {
+                bdf: f.bdf,
+                vdevfn: u8::try_from((out.len() + 1) << 3).unwrap_or(0xf8),
+                bars,
+            });
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use thinhv_config::Config;
+    use thinhv_passthrough::bars::{Bar, BarKind};
+    use thinhv_passthrough::pci::{Bdf, Function};
 
     fn machine(n: u32) -> Vec<Cpu> {
         (0..n)
@@ -221,5 +322,88 @@ mod tests {
             matches!(&d[2], Decision::Refused(m) if m.contains("leave the OS 192 MiB")),
             "{d:?}"
         );
+    }
+
+    fn nic(bus: u8, bars: &[(u8, BarKind, u64, u64)]) -> Function {
+        Function {
+            bdf: Bdf::new(0, bus, 0, 0),
+            vendor: 0x8086,
+            device: 0x10d3,
+            class_rev: 0x0200_0000,
+            header_type: 0,
+            subsystem: (0, 0),
+            bridge_buses: None,
+            caps: Vec::new(),
+            ext_caps: Vec::new(),
+            sriov: None,
+            bars: bars
+                .iter()
+                .map(|&(index, kind, base, size)| Bar {
+                    index,
+                    kind,
+                    prefetchable: false,
+                    base,
+                    size,
+                })
+                .collect(),
+            vf_bars: Vec::new(),
+            windows: None,
+        }
+    }
+
+    #[test]
+    fn devices_are_matched_with_their_memory_bars_and_numbered_on_bus_0() {
+        let f = vec![
+            nic(
+                1,
+                &[
+                    (0, BarKind::Mem32, 0xc000_0000, 0x2_0000),
+                    (2, BarKind::Io, 0x6000, 0x20),
+                    (3, BarKind::Mem64, 0x8_0000_0000, 0x4000),
+                ],
+            ),
+            nic(2, &[(0, BarKind::Mem32, 0xc100_0000, 0x2_0000)]),
+        ];
+        let d = assign_devices(&[String::from("8086:10d3")], &f, &[], None).unwrap();
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[0].bdf, Bdf::new(0, 1, 0, 0));
+        assert_eq!((d[0].vdevfn, d[1].vdevfn), (0x08, 0x10));
+        // The I/O BAR is not given.
+        assert_eq!(
+            d[0].bars,
+            [
+                (0, 0, 0xc000_0000, 0x2_0000),
+                (3, thinhv_abi::handoff::BAR_REG_64, 0x8_0000_0000, 0x4000)
+            ]
+        );
+        // One by address; the same function twice is given once.
+        let d = assign_devices(
+            &[String::from("0000:02:00.0"), String::from("02:00.0")],
+            &f,
+            &[],
+            None,
+        )
+        .unwrap();
+        assert_eq!(d.len(), 1);
+    }
+
+    #[test]
+    fn devices_the_appliance_cannot_have_are_refused_with_the_reason() {
+        let f = vec![
+            nic(1, &[(0, BarKind::Mem32, 0xc000_0000, 0x2_0000)]),
+            nic(2, &[(0, BarKind::Mem32, 0xc100_0800, 0x800)]),
+        ];
+        let one = |d: &str, taken: &[Bdf], boot| {
+            assign_devices(&[String::from(d)], &f, taken, boot).unwrap_err()
+        };
+        assert!(one("1234:5678", &[], None).contains("matches no PCI function"));
+        assert!(one("01:00.0", &[Bdf::new(0, 1, 0, 0)], None).contains("another appliance"));
+        assert!(one("01:00.0", &[], Some(Bdf::new(0, 1, 0, 0))).contains("boots from"));
+        assert!(one("02:00.0", &[], None).contains("not whole pages"));
+        assert!(one("nonsense", &[], None).contains("neither"));
+        let mut bridge = f.clone();
+        bridge[0].header_type = 1;
+        let e = assign_devices(&[String::from("01:00.0")], &bridge, &[], None).unwrap_err();
+        assert!(e.contains("bridge"), "{e}");
     }
 }

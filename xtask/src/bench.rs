@@ -315,12 +315,21 @@ cmdline = \"console=ttyS0 quiet thinhv_appliance=1 panic=-1 tsc=reliable\"
                 .clone()
                 .into()
         };
-        let (Some(x), Some(y)) = (sample(1), sample(2)) else {
+        let (Some(first), Some(second)) = (sample(1), sample(2)) else {
             return Err(format!("no appliance samples:\n{}", s.out));
         };
-        let f = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0) as f64;
-        let secs = (f(&y, "tsc") - f(&x, "tsc")) / (f(&x, "tsc_khz") * 1000.0);
-        let rate = (f(&y, "exits") - f(&x, "exits")) / secs;
+        // Differences of counters: small enough for an f64.
+        #[allow(clippy::cast_precision_loss)]
+        let diff = |k: &str| {
+            second[k]
+                .as_u64()
+                .unwrap_or(0)
+                .saturating_sub(first[k].as_u64().unwrap_or(0)) as f64
+        };
+        #[allow(clippy::cast_precision_loss)]
+        let khz = first["tsc_khz"].as_u64().unwrap_or(1) as f64;
+        let secs = diff("tsc") / (khz * 1000.0);
+        let rate = diff("exits") / secs;
         println!(
             "run {n}: OS beside an appliance (2+2) userspace at {:.2} s (its uptime {up:.2} s); \
              appliance up at {wall:.2} s ({:.2} s after thinhv's start; its own uptime {own:.2} s), \

@@ -31,14 +31,22 @@ pub struct Accepted {
     pub image: PhysRange,
     /// Where each piece of `image` goes.
     pub pieces: Vec<PhysRange>,
+    /// The PCI functions it is given.
+    pub devices: Vec<thinhv_efi::appliances::AssignedDevice>,
 }
 
 const ALIGN: u64 = 2 << 20;
 
 /// Decides every table and reserves the RAM of those accepted; prints why
 /// any other is left out.
-pub fn prepare(config: &Config, cpus: &[Cpu], ram_bytes: u64) -> Vec<Accepted> {
-    let mut out = Vec::new();
+pub fn prepare(
+    config: &Config,
+    cpus: &[Cpu],
+    ram_bytes: u64,
+    functions: &[thinhv_passthrough::pci::Function],
+    boot_device: Option<thinhv_passthrough::pci::Bdf>,
+) -> Vec<Accepted> {
+    let mut out: Vec<Accepted> = Vec::new();
     for (i, d) in decide(&config.appliance, cpus, ram_bytes)
         .into_iter()
         .enumerate()
@@ -51,8 +59,25 @@ pub fn prepare(config: &Config, cpus: &[Cpu], ram_bytes: u64) -> Vec<Accepted> {
                     a.label()
                 );
             }
-            Decision::Accepted { apic_ids } => match load(a, &apic_ids) {
-                Ok((ram, entry, image, pieces)) => {
+            Decision::Accepted { apic_ids } => match thinhv_efi::appliances::assign_devices(
+                &a.devices,
+                functions,
+                &out.iter()
+                    .flat_map(|o| o.devices.iter().map(|d| d.bdf))
+                    .collect::<Vec<_>>(),
+                boot_device,
+            )
+            .and_then(|devices| load(a, &apic_ids, &devices).map(|l| (l, devices)))
+            {
+                Ok(((ram, entry, image, pieces), devices)) => {
+                    for d in &devices {
+                        println!(
+                            "thinhv: appliance {:?}: PCI function {} as its 00:{:02x}.0",
+                            a.name,
+                            d.bdf,
+                            d.vdevfn >> 3
+                        );
+                    }
                     println!(
                         "thinhv: appliance {:?}: APIC IDs {:?}, {} MiB at {:#x}",
                         a.name, apic_ids, a.memory, ram.base
@@ -64,6 +89,7 @@ pub fn prepare(config: &Config, cpus: &[Cpu], ram_bytes: u64) -> Vec<Accepted> {
                         entry,
                         image,
                         pieces,
+                        devices,
                     });
                 }
                 Err(why) => {
@@ -83,6 +109,7 @@ pub fn prepare(config: &Config, cpus: &[Cpu], ram_bytes: u64) -> Vec<Accepted> {
 fn load(
     a: &thinhv_config::Appliance,
     apic_ids: &[u32],
+    devices: &[thinhv_efi::appliances::AssignedDevice],
 ) -> Result<(PhysRange, Entry, PhysRange, Vec<PhysRange>), String> {
     let kernel =
         super::config_file::read_esp(&a.kernel).map_err(|e| alloc::format!("kernel {e}"))?;
@@ -97,6 +124,10 @@ fn load(
         cmdline: cmdline.trim_start(),
         ram: a.memory_bytes(),
         apic_ids,
+        pci_windows: &devices
+            .iter()
+            .flat_map(|d| d.bars.iter().map(|&(_, _, base, size)| (base, size)))
+            .collect::<Vec<_>>(),
     })
     .map_err(|e| alloc::format!("kernel {}: {e}", a.kernel))?;
     if img.pieces.len() > thinhv_abi::handoff::MAX_IMAGE_PIECES {

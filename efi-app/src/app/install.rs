@@ -151,27 +151,9 @@ pub fn install(config: &Config) -> Result<String, String> {
     }
     let bsp_apic = platform::apic_id();
     let mem = platform::memory().ok_or("cannot read the firmware memory map")?;
-    // Appliances first: their RAM leaves the OS's memory map (reserved
-    // type), so the map read again below no longer holds it.
-    let appliance_cpus: Vec<thinhv_efi::appliances::Cpu> = cpus
-        .iter()
-        .map(|c| thinhv_efi::appliances::Cpu {
-            apic_id: c.apic_id,
-            bsp: c.apic_id == bsp_apic,
-        })
-        .collect();
-    let appliances = ApplianceRam {
-        list: super::appliances::prepare(config, &appliance_cpus, mem.ram_bytes),
-        armed: true,
-    };
-    let mem = if appliances.list.is_empty() {
-        mem
-    } else {
-        platform::memory().ok_or("cannot read the firmware memory map")?
-    };
-    let page_1g = caps.features & thinhv_abi::handoff::features::PAGE_1G != 0;
     // The device inventory and ownership (a failure here costs the
-    // inventory and the rules, never the boot).
+    // inventory and the rules, never the boot). Before the appliances:
+    // they may be given functions.
     let (functions, regions) = match super::pci::ecam_regions() {
         Ok(regions) => (super::pci::functions(&regions), regions),
         Err(e) => {
@@ -179,9 +161,6 @@ pub fn install(config: &Config) -> Result<String, String> {
             (Vec::new(), Vec::new())
         }
     };
-    let max_bus = functions.iter().map(|f| f.bdf.bus).max().unwrap_or(0);
-    let max_apic = cpus.iter().map(|c| c.apic_id).max().unwrap_or(0);
-    let iommu = super::iommu::prepare(config, max_bus, max_apic);
     let segment0 = regions.iter().find(|r| r.segment == 0);
     let boot_device = super::pci::boot_device_path().and_then(|path| {
         thinhv_passthrough::policy::boot_device(
@@ -191,16 +170,45 @@ pub fn install(config: &Config) -> Result<String, String> {
             &path,
         )
     });
+    // Appliances first: their RAM leaves the OS's memory map (reserved
+    // type), so the map read again below no longer holds it.
+    let appliance_cpus: Vec<thinhv_efi::appliances::Cpu> = cpus
+        .iter()
+        .map(|c| thinhv_efi::appliances::Cpu {
+            apic_id: c.apic_id,
+            bsp: c.apic_id == bsp_apic,
+        })
+        .collect();
+    let mut appliances = ApplianceRam {
+        list: super::appliances::prepare(
+            config,
+            &appliance_cpus,
+            mem.ram_bytes,
+            &functions,
+            boot_device,
+        ),
+        armed: true,
+    };
+    let mem = if appliances.list.is_empty() {
+        mem
+    } else {
+        platform::memory().ok_or("cannot read the firmware memory map")?
+    };
+    let page_1g = caps.features & thinhv_abi::handoff::features::PAGE_1G != 0;
+    let max_bus = functions.iter().map(|f| f.bdf.bus).max().unwrap_or(0);
+    let max_apic = cpus.iter().map(|c| c.apic_id).max().unwrap_or(0);
+    let iommu = super::iommu::prepare(config, max_bus, max_apic);
     let (mut rules, budgets) = thinhv_efi::inventory::rules(config);
-    // An appliance's functions are hidden from the OS (and refused by the
-    // IOMMU) like `owner = "hidden"` ones.
+    // An appliance's functions are hidden from the OS (configuration
+    // space mediated, no DMA in the OS's domain) like `owner = "hidden"`
+    // ones; the core also takes their BARs from the OS.
     for a in &appliances.list {
         let t = &config.appliance[a.index];
         rules.extend(
-            t.devices
+            a.devices
                 .iter()
                 .map(|d| thinhv_passthrough::policy::DeviceRule {
-                    matcher: d.clone(),
+                    matcher: alloc::format!("{}", d.bdf),
                     owner: String::from("hidden"),
                     line: t.line,
                 }),
@@ -224,6 +232,23 @@ pub fn install(config: &Config) -> Result<String, String> {
     for w in pci_warnings {
         println!("thinhv: {w}");
     }
+    // An appliance whose function the inventory could not take from the
+    // OS is left out: a function is never the OS's and an appliance's.
+    appliances.list.retain(|a| {
+        let Some(d) = a
+            .devices
+            .iter()
+            .find(|d| pci.find(d.bdf.bus, d.bdf.rid() as u8).is_none() || !pci.is_blocked(d.bdf.rid()))
+        else {
+            return true;
+        };
+        println!(
+            "thinhv: appliance {:?} left out: its device {} stays with the OS (see above); the OS boots without it",
+            config.appliance[a.index].name, d.bdf
+        );
+        super::appliances::release(a);
+        false
+    });
     let (devices, devices_dropped) = inventory.records();
     // Second-level splits around each trapped ECAM page, and a context
     // table per bus with a blocked requester.
@@ -342,6 +367,16 @@ pub fn install(config: &Config) -> Result<String, String> {
             thinhv_config::Console::Log => 0,
             thinhv_config::Console::Port(port) => port,
         };
+        p.device_count = a.devices.len() as u32;
+        for (slot, d) in p.devices.iter_mut().zip(&a.devices) {
+            slot.rid = d.bdf.rid();
+            slot.vdevfn = d.vdevfn;
+            slot.bar_count = d.bars.len() as u8;
+            for (k, &(index, flags, base, size)) in d.bars.iter().enumerate() {
+                slot.bars[k] = PhysRange::new(base, size);
+                slot.bar_regs[k] = index | flags;
+            }
+        }
     }
     h.partition_count = appliances.list.len() as u32;
     // Exact RAM ranges: what does not fit is dropped, never merged across

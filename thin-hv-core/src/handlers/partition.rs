@@ -62,7 +62,7 @@ pub fn claim_cpus(env: &mut impl Env) -> u64 {
 /// through `/dev/mem`, root only); what thinhv enforces is the vendor's
 /// `control = "none"`, which no OS, however privileged, gets past.
 pub fn control(env: &mut impl Env, word: u64) -> ControlResult {
-    let seq = (word >> 16) as u32;
+    let seq = u32::try_from((word >> 16) & 0xffff_ffff).unwrap_or(0);
     let done = |status| ControlResult { seq, status };
     let Some(cmd) = ControlCommand::decode(word) else {
         log::warn!("appliance control: {word:#x} is not a request; ignored");
