@@ -964,6 +964,7 @@ impl Handoff {
                         || !b.base.is_multiple_of(4096)
                         || !b.size.is_multiple_of(4096)
                         || b.base.checked_add(b.size).is_none()
+                        || b.end() > identity_map_top(self.phys_top)
                         || self.region.overlaps(b.base, b.size)
                         || ram.iter().any(|o| o.overlaps(b.base, b.size))
                         || parts.iter().any(|o| o.ram.overlaps(b.base, b.size))

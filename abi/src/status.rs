@@ -189,7 +189,7 @@ pub struct DeviceRecord {
     pub subsys_device: u16,
     /// Header type (0x10).
     pub header_type: u8,
-    /// [`OWNER_OS`] or [`OWNER_HIDDEN`] (0x11).
+    /// [`OWNER_OS`], [`OWNER_HIDDEN`] or [`OWNER_APPLIANCE`] (0x11).
     pub owner: u8,
     /// [`DEV_FLAG_PCIE`], [`DEV_FLAG_SRIOV`], [`DEV_FLAG_VFS_ENABLED`]
     /// (0x12).
@@ -270,6 +270,10 @@ pub const IOMMU_DOMAIN_BLOCKED: u8 = 0;
 pub const OWNER_OS: u8 = 0;
 /// [`DeviceRecord::owner`]: hidden from the OS.
 pub const OWNER_HIDDEN: u8 = 1;
+/// [`DeviceRecord::owner`]: given to an appliance partition (hidden from
+/// the OS; its DMA in the appliance's IOMMU domain, whose number is
+/// [`DeviceRecord::iommu_domain`]).
+pub const OWNER_APPLIANCE: u8 = 2;
 /// [`DeviceRecord::flags`]: PCI Express function.
 pub const DEV_FLAG_PCIE: u8 = 1 << 0;
 /// [`DeviceRecord::flags`]: has an SR-IOV capability (a PF).

@@ -378,15 +378,22 @@ pub fn bdf(d: &DeviceRecord) -> String {
 }
 
 fn owner_name(d: &DeviceRecord) -> &'static str {
-    if d.owner == OWNER_HIDDEN {
-        "hidden"
-    } else {
-        "os"
+    match d.owner {
+        OWNER_HIDDEN => "hidden",
+        thinhv_abi::status::OWNER_APPLIANCE => "appliance",
+        _ => "os",
     }
 }
 
 /// What the IOMMU lets a function reach.
 fn dma_name(d: &DeviceRecord, iommu_on: bool) -> &'static str {
+    if d.owner == thinhv_abi::status::OWNER_APPLIANCE {
+        return if iommu_on {
+            "appliance-memory"
+        } else {
+            "unrestricted (no IOMMU)"
+        };
+    }
     match (iommu_on, d.iommu_domain == IOMMU_DOMAIN_BLOCKED) {
         (true, true) => "blocked",
         (true, false) => "os-memory",
@@ -455,7 +462,11 @@ pub fn devices_json(devs: &[DeviceRecord], iommus: &[IommuRecord]) -> serde_json
                 "pcie": d.flags & DEV_FLAG_PCIE != 0,
                 "owner": owner_name(d),
                 "rule": (d.rule != 0).then_some(d.rule),
-                "iommu_domain": domain.map(|x| if d.iommu_domain == IOMMU_DOMAIN_BLOCKED { 0 } else { x }),
+                "iommu_domain": domain.map(|x| match d.owner {
+                    thinhv_abi::status::OWNER_APPLIANCE => u16::from(d.iommu_domain),
+                    _ if d.iommu_domain == IOMMU_DOMAIN_BLOCKED => 0,
+                    _ => x,
+                }),
                 "dma": dma_name(d, domain.is_some()),
                 "bars": bars_json(d),
                 "sriov": sriov,
@@ -493,10 +504,12 @@ pub fn devices_text(devs: &[DeviceRecord], iommus: &[IommuRecord]) -> String {
             d.device,
             class_name(base, sub),
             owner_name(d),
-            if d.iommu_domain == IOMMU_DOMAIN_BLOCKED && domain != "none" {
-                "blocked"
+            if d.owner == thinhv_abi::status::OWNER_APPLIANCE && domain != "none" {
+                format!("{}", d.iommu_domain)
+            } else if d.iommu_domain == IOMMU_DOMAIN_BLOCKED && domain != "none" {
+                "blocked".to_string()
             } else {
-                domain.as_str()
+                domain.clone()
             },
             sriov
         );

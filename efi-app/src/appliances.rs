@@ -150,12 +150,15 @@ pub struct AssignedDevice {
 /// appliance) and not `boot` (the device the OS boots from). Each entry
 /// must match at least one function; every match must be an endpoint
 /// whose memory BARs the firmware assigned in whole pages (the OS's
-/// second-level tables can only take whole pages from it) on segment 0.
+/// second-level tables can only take whole pages from it) below
+/// `map_top` (where those tables end: above, the OS's tables would map
+/// the BAR back on first touch) on segment 0.
 pub fn assign_devices(
     devices: &[String],
     functions: &[thinhv_passthrough::pci::Function],
     taken: &[thinhv_passthrough::pci::Bdf],
     boot: Option<thinhv_passthrough::pci::Bdf>,
+    map_top: u64,
 ) -> Result<Vec<AssignedDevice>, String> {
     use thinhv_abi::handoff::{
         BAR_REG_64, BAR_REG_PREFETCH, MAX_DEVICE_BARS, MAX_PARTITION_DEVICES,
@@ -188,11 +191,14 @@ pub fn assign_devices(
                     .iter()
                     .find(|b| {
                         b.kind != BarKind::Io
-                            && (b.base == 0 || b.base % 4096 != 0 || b.size % 4096 != 0)
+                            && (b.base == 0
+                                || !b.base.is_multiple_of(4096)
+                                || !b.size.is_multiple_of(4096)
+                                || b.base.saturating_add(b.size) > map_top)
                     })
                     .map(|b| {
                         format!(
-                            "has BAR {} of {:#x} bytes at {:#x}, not whole pages the firmware assigned",
+                            "has BAR {} of {:#x} bytes at {:#x}: not whole pages the firmware assigned below {map_top:#x}",
                             b.index, b.size, b.base
                         )
                     })
@@ -324,6 +330,8 @@ mod tests {
         );
     }
 
+    const TOP: u64 = 1 << 40;
+
     fn nic(bus: u8, bars: &[(u8, BarKind, u64, u64)]) -> Function {
         Function {
             bdf: Bdf::new(0, bus, 0, 0),
@@ -364,7 +372,7 @@ mod tests {
             ),
             nic(2, &[(0, BarKind::Mem32, 0xc100_0000, 0x2_0000)]),
         ];
-        let d = assign_devices(&[String::from("8086:10d3")], &f, &[], None).unwrap();
+        let d = assign_devices(&[String::from("8086:10d3")], &f, &[], None, TOP).unwrap();
         assert_eq!(d.len(), 2);
         assert_eq!(d[0].bdf, Bdf::new(0, 1, 0, 0));
         assert_eq!((d[0].vdevfn, d[1].vdevfn), (0x08, 0x10));
@@ -382,6 +390,7 @@ mod tests {
             &f,
             &[],
             None,
+            TOP,
         )
         .unwrap();
         assert_eq!(d.len(), 1);
@@ -394,7 +403,7 @@ mod tests {
             nic(2, &[(0, BarKind::Mem32, 0xc100_0800, 0x800)]),
         ];
         let one = |d: &str, taken: &[Bdf], boot| {
-            assign_devices(&[String::from(d)], &f, taken, boot).unwrap_err()
+            assign_devices(&[String::from(d)], &f, taken, boot, TOP).unwrap_err()
         };
         assert!(one("1234:5678", &[], None).contains("matches no PCI function"));
         assert!(one("01:00.0", &[Bdf::new(0, 1, 0, 0)], None).contains("another appliance"));
@@ -403,7 +412,9 @@ mod tests {
         assert!(one("nonsense", &[], None).contains("neither"));
         let mut bridge = f.clone();
         bridge[0].header_type = 1;
-        let e = assign_devices(&[String::from("01:00.0")], &bridge, &[], None).unwrap_err();
+        let e = assign_devices(&[String::from("01:00.0")], &bridge, &[], None, TOP).unwrap_err();
         assert!(e.contains("bridge"), "{e}");
+        let e = assign_devices(&[String::from("01:00.0")], &f, &[], None, 0xc001_0000).unwrap_err();
+        assert!(e.contains("below 0xc0010000"), "{e}");
     }
 }

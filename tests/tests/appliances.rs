@@ -22,10 +22,31 @@ cmdline = \"console=ttyS0 quiet thinhv_appliance=1 panic=-1 tsc=reliable\"
 ";
 
 fn os_with(name: &str, extra_config: &str, options: &str) -> Guest {
+    os_on(name, extra_config, options, &[])
+}
+
+/// As [`os_with`], with more QEMU arguments.
+fn os_on(name: &str, extra_config: &str, options: &str, qemu: &[&str]) -> Guest {
     let mut m = Profile::svm(4);
     m.extra = ["-device", "intel-iommu"].map(String::from).to_vec();
+    m.extra.extend(qemu.iter().map(|s| (*s).to_string()));
     boot_linux_under_thinhv(name, m, options, extra_config)
 }
+
+/// Two e1000e NICs, each on a user network of its own, without option
+/// ROMs (no firmware driver runs them): 00:05.0 for the appliance,
+/// 00:06.0 hidden from the OS by a `[[device]]` rule (the control: a
+/// hidden function's BARs stay where the OS can reach them).
+const TWO_NICS: [&str; 8] = [
+    "-netdev",
+    "user,id=anet",
+    "-device",
+    "e1000e,netdev=anet,addr=0x5,romfile=",
+    "-netdev",
+    "user,id=hnet",
+    "-device",
+    "e1000e,netdev=hnet,addr=0x6,romfile=",
+];
 
 fn numbers(s: &str) -> Vec<f64> {
     s.split(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -36,12 +57,13 @@ fn numbers(s: &str) -> Vec<f64> {
 #[test]
 #[ignore = "boots QEMU; run with `cargo xtask test`"]
 fn a_linux_appliance_runs_beside_an_os_that_cannot_see_or_reach_it() {
-    // The appliance attacks the OS at its tick 12, after the OS's attack.
+    // The appliance attacks the OS at its tick 12, after the OS's attack;
+    // it has its own NIC.
     let config = APPLIANCE.replace(
         "thinhv_appliance=1",
         "thinhv_appliance=1 thinhv_appliance_attack_at=12",
-    );
-    let g = os_with("appliance", &config, "thinhv_appliance_probe=1");
+    ) + "devices = [\"0000:00:05.0\"]\n\n[[device]]\nmatch = \"0000:00:06.0\"\nowner = \"hidden\"\n";
+    let g = os_on("appliance", &config, "thinhv_appliance_probe=1", &TWO_NICS);
     let log = g.log.as_ref().expect("thinhv log --json")["log"]
         .as_str()
         .unwrap()
@@ -139,6 +161,25 @@ fn a_linux_appliance_runs_beside_an_os_that_cannot_see_or_reach_it() {
     assert!(up[1] > up[0], "{facts}");
     assert_eq!(g.get("os_apic0_refused"), "3", "{log}");
     assert_eq!(g.get("os_apic0_dropped"), "2", "{log}");
+    // Its NIC: the e1000e driver bound it through the configuration space
+    // thinhv presents, DHCP gave it an address on its own network and the
+    // gateway answers pings; the OS has no such function.
+    let net = g.get("appliance_net");
+    assert!(
+        net.contains("0x8086:0x10d3 driver=e1000e dhcp=10.0.2.15 ping=3/3"),
+        "{net}\n{log}"
+    );
+    assert_eq!(g.get("appliance_nic_in_sysfs"), "0", "{facts}");
+    // Its BAR from the OS through /dev/mem: zeros, and the write to its
+    // receive ring address lost; the control, the hidden NIC's BAR, answers
+    // and keeps the write. The appliance pings on after the OS's writes.
+    let bar = g.get("appliance_nic_bar");
+    assert!(bar.ends_with("ctrl=0x00000000 rdbal=0x00000000"), "{bar}");
+    let hidden = g.get("hidden_nic_bar");
+    assert!(hidden.ends_with("rdbal=0x12345000"), "{hidden}");
+    assert!(!hidden.contains("ctrl=0x00000000"), "{hidden}");
+    let after = g.get("appliance_ping_after_os_writes");
+    assert!(after.ends_with(" 3/3"), "{after}\n{log}");
     // `thinhv appliances` and its console, from the OS.
     assert_eq!(g.get("appliance_console_up"), "1", "{facts}");
     let list = appliances_json(facts);

@@ -44,6 +44,15 @@ impl PartitionState {
     }
 }
 
+/// The BAR registers of a function given to an appliance, as it sees
+/// them (`handlers::appliance_pci`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BarShadow {
+    pub(crate) value: [u32; 6],
+    pub(crate) mask: [u32; 6],
+    pub(crate) flags: [u32; 6],
+}
+
 /// One appliance partition.
 #[derive(Debug)]
 pub struct Partition {
@@ -63,6 +72,8 @@ pub struct Partition {
     /// Its RAM holds the image as the loader laid it out, never run: the
     /// first boot needs no scrub and no restore.
     pub fresh: AtomicBool,
+    /// Its functions' BARs as it sees them.
+    pub bar_shadow: spin::Mutex<[BarShadow; thinhv_abi::handoff::MAX_PARTITION_DEVICES]>,
 }
 
 impl Partition {
@@ -77,6 +88,12 @@ impl Partition {
             crashes: AtomicU32::new(0),
             reason: spin::Mutex::new([0; 40]),
             fresh: AtomicBool::new(true),
+            bar_shadow: spin::Mutex::new(core::array::from_fn(|i| {
+                info.devices()
+                    .get(i)
+                    .map(BarShadow::new)
+                    .unwrap_or_default()
+            })),
         }
     }
 

@@ -186,6 +186,7 @@ pub fn install(config: &Config) -> Result<String, String> {
             mem.ram_bytes,
             &functions,
             boot_device,
+            thinhv_abi::handoff::identity_map_top(mem.top),
         ),
         armed: true,
     };
@@ -249,7 +250,29 @@ pub fn install(config: &Config) -> Result<String, String> {
         super::appliances::release(a);
         false
     });
-    let (devices, devices_dropped) = inventory.records();
+    // The appliance's functions do no DMA until its driver says so (a
+    // firmware driver left running would write into the appliance's RAM
+    // through its IOMMU domain, which thinhv sets up at its start).
+    for a in &appliances.list {
+        for d in &a.devices {
+            if !super::pci::stop_bus_mastering(&regions, d.bdf) {
+                println!("thinhv: warning: {}: bus mastering not turned off", d.bdf);
+            }
+        }
+    }
+    let (mut devices, devices_dropped) = inventory.records();
+    // The appliances' functions are theirs, not merely hidden.
+    for (i, a) in appliances.list.iter().enumerate() {
+        for r in &mut devices {
+            if a.devices
+                .iter()
+                .any(|d| d.bdf.bus == r.bus && d.bdf.rid() as u8 == r.devfn)
+            {
+                r.owner = thinhv_abi::status::OWNER_APPLIANCE;
+                r.iommu_domain = 16 + i as u8;
+            }
+        }
+    }
     // Second-level splits around each trapped ECAM page, and a context
     // table per bus with a blocked requester.
     let pci_pages = 2 * u64::from(pci.count) + u64::from(pci.blocked_count) + 2;
@@ -258,7 +281,17 @@ pub fn install(config: &Config) -> Result<String, String> {
     let appliance_pages: u64 = appliances
         .list
         .iter()
-        .map(|a| (a.ram.size + a.image.size).div_ceil(2 << 20) + 8)
+        .map(|a| {
+            (a.ram.size + a.image.size).div_ceil(2 << 20)
+                + 8
+                // Its IOMMU domain's tables (2 MiB pages where the unit
+                // has them, else one table per 2 MiB) and a context table.
+                + a.ram.size.div_ceil(2 << 20)
+                + 8
+                // Each BAR split out of the OS's tables and mapped in its
+                // own: a few tables each.
+                + a.devices.iter().map(|d| 8 * d.bars.len() as u64).sum::<u64>()
+        })
         .sum();
     let iommu_pages = thinhv_abi::layout::iommu_pages(
         if iommu.mode == thinhv_abi::handoff::IOMMU_MODE_PROTECT {

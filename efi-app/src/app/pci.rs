@@ -91,3 +91,17 @@ pub fn boot_device_path() -> Option<Vec<(u8, u8)>> {
         .collect();
     (!nodes.is_empty()).then_some(nodes)
 }
+
+/// Turns bus mastering off on `bdf` (a function given to an appliance):
+/// whatever the firmware left running there stops reaching memory; the
+/// appliance's driver turns it on again. Only the command register is
+/// written (the status half as zeros, which clears nothing).
+pub fn stop_bus_mastering(regions: &[EcamRegion], bdf: Bdf) -> bool {
+    let mut ecam = Ecam { regions };
+    let cmd = ecam.read32(bdf, 0x04) & 0xffff;
+    if cmd == 0xffff {
+        return false;
+    }
+    ecam.write32(bdf, 0x04, cmd & !(1 << 2));
+    true
+}

@@ -36,6 +36,12 @@ pub(super) fn port(
         return Outcome::Resume;
     }
     let value = (cpu.gpr(Gpr::Rax) & 0xffff_ffff) as u32 & all_ones(size);
+    if let Some(v) = super::appliance_pci::port(env, part, port, size, input, value) {
+        return complete_port(cpu, env, size, input.then_some(v));
+    }
+    let Some(p) = env.hv().appliance(part) else {
+        return Outcome::Fatal("appliance port I/O without a partition");
+    };
     let given = p.info.console_port;
     let mut loaded = 0u32;
     if given != 0 && (given..given + 8).contains(&port) {

@@ -206,6 +206,16 @@ fn command(op: thinhv_abi::status::ControlOp, partition: u8, seq: u32) -> u64 {
 }
 
 fn with_control(os: bool) -> FakeEnv {
+    with_partition(|p| {
+        if os {
+            p.flags |= thinhv_abi::handoff::partition_flags::OS_CONTROL;
+        }
+    })
+}
+
+/// [`FakeEnv::with_appliance`] with partition 1's hand-off changed by
+/// `edit`, claimed and running.
+fn with_partition(edit: impl FnOnce(&mut thinhv_abi::handoff::PartitionInfo)) -> FakeEnv {
     let mut env = FakeEnv::with_appliance();
     let mut h = thinhv_abi::handoff::Handoff::new();
     h.cpu_count = 4;
@@ -217,9 +227,7 @@ fn with_control(os: bool) -> FakeEnv {
     }
     h.partition_count = 1;
     h.partitions[0] = env.hv.appliance(PartitionId(1)).unwrap().info;
-    if os {
-        h.partitions[0].flags |= thinhv_abi::handoff::partition_flags::OS_CONTROL;
-    }
+    edit(&mut h.partitions[0]);
     let old = &env.hv;
     let mut hv = crate::hv::Hv::from_handoff(&h, APIC);
     hv.protected = old.protected;
@@ -330,4 +338,126 @@ fn control_none_and_malformed_requests_are_refused() {
         PartitionState::RUNNING
     );
     assert!(env.nmis_sent.is_empty());
+}
+
+/// Port I/O from appliance CPU 2; what it read.
+fn appliance_io(env: &mut FakeEnv, port: u16, size: u8, input: bool, rax: u64) -> u64 {
+    env.cpu = 2;
+    env.hv.cpus()[2].entered.store(true, Ordering::SeqCst);
+    let mut c = super::fake::FakeCpu {
+        rip: super::tests::RIP,
+        hint: Some(super::tests::RIP + 1),
+        ..Default::default()
+    };
+    c.regs[crate::guest::Gpr::Rax as usize] = rax;
+    let h = super::handle(
+        &crate::exit::Exit::PortIo {
+            port,
+            size,
+            input,
+            string: false,
+        },
+        &mut c,
+        env,
+    );
+    assert_eq!(h.outcome, super::Outcome::Resume);
+    c.regs[crate::guest::Gpr::Rax as usize]
+}
+
+#[test]
+fn an_appliance_sees_only_its_own_function_with_bars_that_never_move() {
+    use thinhv_abi::PhysRange;
+    let mut env = with_partition(|p| {
+        p.device_count = 1;
+        p.devices[0].rid = 0x0100; // 01:00.0
+        p.devices[0].vdevfn = 0x08; // its 00:01.0
+        p.devices[0].bar_count = 1;
+        p.devices[0].bars[0] = PhysRange::new(0xc000_0000, 0x2_0000);
+    });
+    let real = |reg: u32| 0x8001_0000 | reg;
+    for (reg, v) in [
+        (0x00, 0x10d3_8086u32),
+        (0x04, 0x0010_0000),
+        (0x0c, 0x0080_0010),
+        (0x10, 0xc000_0000),
+        (0x30, 0xfeb0_0000),
+        (0x3c, 0x0000_010b),
+        (0x40, 0x1234_5678),
+    ] {
+        env.cf8_space.borrow_mut().insert(real(reg), v);
+    }
+    let read = |env: &mut FakeEnv, vaddr: u32, size: u8, port: u16| {
+        appliance_io(env, 0xcf8, 4, false, u64::from(vaddr));
+        appliance_io(env, port, size, true, 0) & 0xffff_ffff
+    };
+    let write = |env: &mut FakeEnv, vaddr: u32, size: u8, port: u16, v: u32| {
+        appliance_io(env, 0xcf8, 4, false, u64::from(vaddr));
+        appliance_io(env, port, size, false, u64::from(v));
+    };
+    // Mechanism 1 works: the latch reads back.
+    appliance_io(&mut env, 0xcf8, 4, false, 0x8000_0000);
+    assert_eq!(appliance_io(&mut env, 0xcf8, 4, true, 0), 0x8000_0000);
+    // Its function at 00:01.0; nothing at 00:00.0 or on bus 1 (where the
+    // real function is).
+    assert_eq!(read(&mut env, 0x8000_0800, 4, 0xcfc), 0x10d3_8086);
+    assert_eq!(read(&mut env, 0x8000_0000, 4, 0xcfc), 0xffff_ffff);
+    assert_eq!(read(&mut env, 0x8001_0000, 4, 0xcfc), 0xffff_ffff);
+    // Single-function header, no interrupt pin, no ROM, capabilities as
+    // they are.
+    assert_eq!(read(&mut env, 0x8000_080c, 1, 0xcfe), 0);
+    assert_eq!(read(&mut env, 0x8000_083c, 4, 0xcfc), 0x0b);
+    assert_eq!(read(&mut env, 0x8000_0830, 4, 0xcfc), 0);
+    assert_eq!(read(&mut env, 0x8000_0840, 2, 0xcfe), 0x1234);
+    // BAR 0: sizing, and the address back; the real BAR is untouched.
+    write(&mut env, 0x8000_0810, 4, 0xcfc, 0xffff_ffff);
+    assert_eq!(read(&mut env, 0x8000_0810, 4, 0xcfc), 0xfffe_0000);
+    write(&mut env, 0x8000_0810, 4, 0xcfc, 0x1000_0000);
+    assert_eq!(read(&mut env, 0x8000_0810, 4, 0xcfc), 0x1000_0000);
+    assert_eq!(env.cf8_space.borrow()[&real(0x10)], 0xc000_0000);
+    // Command: memory and bus master reach the function, I/O never.
+    write(&mut env, 0x8000_0804, 2, 0xcfc, 0x0007);
+    assert_eq!(env.cf8_space.borrow()[&real(0x04)] & 0xffff, 0x0006);
+    // The ROM BAR and header type are not written.
+    write(&mut env, 0x8000_0830, 4, 0xcfc, 0xffff_ffff);
+    assert_eq!(env.cf8_space.borrow()[&real(0x30)], 0xfeb0_0000);
+    write(&mut env, 0x8000_080c, 4, 0xcfc, 0xffff_ff20);
+    assert_eq!(env.cf8_space.borrow()[&real(0x0c)], 0x0080_ff20);
+}
+
+#[test]
+fn an_appliance_functions_bars_are_foreign_to_the_os_and_its_writes_there_are_discarded() {
+    use thinhv_abi::PhysRange;
+    let mut env = with_partition(|p| {
+        p.device_count = 1;
+        p.devices[0].rid = 0x0028;
+        p.devices[0].vdevfn = 0x08;
+        p.devices[0].bar_count = 1;
+        p.devices[0].bars[0] = PhysRange::new(0xc000_0000, 0x2_0000);
+    });
+    let os = PartitionId::OS;
+    assert!(env.hv.foreign_ram(os, 0xc001_fffc, 4));
+    assert!(!env.hv.foreign_ram(os, 0xc002_0000, 4));
+    // Its own BAR is not foreign to the appliance.
+    assert!(!env.hv.foreign_ram(PartitionId(1), 0xc000_0000, 4));
+    // The OS writes RDBAL through the blank page: discarded, counted, the
+    // instruction completed; nothing reached the device.
+    env.cpu = 0;
+    let mut cpu = super::tests::at(&mut env, STORE32);
+    cpu.regs[crate::guest::Gpr::Rdx as usize] = 0xc000_2800;
+    let h = super::handle(
+        &crate::exit::Exit::NestedFault {
+            gpa: 0xc000_2800,
+            write: true,
+            fetch: false,
+            present: true,
+            guest_table_walk: false,
+        },
+        &mut cpu,
+        &mut env,
+    );
+    assert_eq!(h.reason, thinhv_abi::exit::ExitReason::PROTECTED_ACCESS);
+    assert!(cpu.exceptions.is_empty(), "{:?}", cpu.exceptions);
+    assert_eq!(cpu.rip, super::tests::RIP + 2);
+    assert_eq!(env.hv.blocked_writes.load(Ordering::SeqCst), 1);
+    assert!(env.mmio_log.borrow().is_empty());
 }

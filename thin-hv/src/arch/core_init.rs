@@ -77,6 +77,7 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
     let iommu = super::iommu::Iommu::init(
         &h.iommu,
         &h.pci,
+        h.partitions(),
         &super::iommu::Holes::new(h.region, h.partitions()),
         host_top,
         &mut frames,
@@ -329,14 +330,27 @@ fn hide_appliance_ram(
             p.ram.size >> 20,
             p.ram.base
         );
+        for d in p.devices() {
+            for (_, bar) in d.bars() {
+                blank_out(slat, slat_root, bar, blank_pa, frames)?;
+            }
+            log::info!(
+                "appliance {:?}: PCI function {:02x}:{:02x}.{}: {} BAR(s) out of the OS's second-level tables and IOMMU domain",
+                p.name(),
+                d.rid >> 8,
+                (d.rid >> 3) & 0x1f,
+                d.rid & 7,
+                d.bar_count
+            );
+        }
     }
     Ok(())
 }
 
 /// Each appliance's second-level tables: its guest-physical
-/// `[0, RAM size)` on its host RAM, and the local APIC page (reads reach
+/// `[0, RAM size)` on its host RAM, the local APIC page (reads reach
 /// the processor's own APIC, writes trap as for the OS: the ICR is
-/// filtered); nothing else. And one I/O permission map, every port
+/// filtered), and its functions' BARs at their addresses; nothing else. And one I/O permission map, every port
 /// intercepted, for all appliance processors.
 fn build_appliance_maps(
     h: &Handoff,
@@ -369,6 +383,13 @@ fn build_appliance_maps(
                     .map_err(oom)?;
                 m.map(apic_base, apic_base, PAGE, Attrs::MMIO_RO, frames)
                     .map_err(oom)?;
+                // Its functions' BARs, where the firmware put them.
+                for d in p.devices() {
+                    for (_, bar) in d.bars() {
+                        m.map(bar.base, bar.base, bar.size, Attrs::MMIO_RW, frames)
+                            .map_err(oom)?;
+                    }
+                }
                 m.root()
             }
             Slat::Ept(_) => {

@@ -26,7 +26,7 @@ use spin::Mutex;
 use thinhv_abi::PhysRange;
 use thinhv_abi::handoff::{
     CoreError, IOMMU_KIND_AMDVI, IOMMU_KIND_VTD, IOMMU_MODE_PROTECT, IommuHandoff, MAX_APPLIANCES,
-    MAX_IOMMUS, PartitionInfo, PciHandoff,
+    MAX_DEVICE_BARS, MAX_IOMMUS, MAX_PARTITION_DEVICES, PartitionInfo, PciHandoff,
 };
 use thinhv_abi::layout::PAGE;
 use thinhv_abi::status::{
@@ -128,6 +128,7 @@ impl Iommu {
     pub fn init(
         h: &IommuHandoff,
         blocked: &PciHandoff,
+        partitions: &[PartitionInfo],
         holes: &Holes,
         top: u64,
         frames: &mut BumpFrames,
@@ -162,10 +163,10 @@ impl Iommu {
             let built = if outside {
                 Err("a register window lies outside the core's map")
             } else if h.kind == IOMMU_KIND_VTD {
-                me.build(h, blocked, holes, top, frames)
+                me.build(h, blocked, partitions, holes, top, frames)
                     .map(|root_table| Hw::Vtd { root_table })
             } else {
-                me.build_amdvi(h, blocked, holes, top, frames)
+                me.build_amdvi(h, blocked, partitions, holes, top, frames)
             };
             match built {
                 Ok(hw) => me.hw = hw,
@@ -189,6 +190,7 @@ impl Iommu {
         &self,
         h: &IommuHandoff,
         blocked: &PciHandoff,
+        partitions: &[PartitionInfo],
         holes: &Holes,
         top: u64,
         frames: &mut BumpFrames,
@@ -239,18 +241,45 @@ impl Iommu {
             mem.write_entry(ctx, 2 * i, c[0]);
             mem.write_entry(ctx, 2 * i + 1, c[1]);
         }
+        // Each appliance's domain: its guest-physical addresses (what its
+        // drivers program into its devices) onto its RAM, nothing else.
+        let mut assigned = [(0u16, [0u64; 2]); MAX_APPLIANCES * MAX_PARTITION_DEVICES];
+        let mut n_assigned = 0;
+        for (i, p) in partitions.iter().enumerate().take(MAX_APPLIANCES) {
+            if p.devices().is_empty() {
+                continue;
+            }
+            let top = partition_tables(&fmt, p, frames)?;
+            let root = if aw == 1 {
+                mem.read_entry(top, 0) & ADDR_MASK
+            } else {
+                top
+            };
+            let e = vtd::context_entry(root, aw, appliance_domain(i));
+            for d in p.devices() {
+                assigned[n_assigned] = (d.rid, e);
+                n_assigned += 1;
+            }
+        }
+        let assigned = &assigned[..n_assigned];
+        let entry_of = |rid: u16| {
+            if let Some((_, e)) = assigned.iter().find(|(r, _)| *r == rid) {
+                *e
+            } else if blocked.is_blocked(rid) {
+                [0, 0]
+            } else {
+                c
+            }
+        };
         for bus in 0..256u16 {
-            // A bus with a blocked requester gets its own context table in
-            // which that requester's entry is not present (every DMA of it
-            // faults); every other bus shares the one table.
-            let table = if (0..256u16).any(|df| blocked.is_blocked(bus << 8 | df)) {
+            // A bus with a blocked or an appliance's requester gets its own
+            // context table, in which a blocked requester's entry is not
+            // present (every DMA of it faults) and an appliance's points
+            // at its domain; every other bus shares the one table.
+            let table = if (0..256u16).any(|df| entry_of(bus << 8 | df) != c) {
                 let t = frames_take(frames)?;
                 for df in 0..256u16 {
-                    let e = if blocked.is_blocked(bus << 8 | df) {
-                        [0, 0]
-                    } else {
-                        c
-                    };
+                    let e = entry_of(bus << 8 | df);
                     mem.write_entry(t, 2 * usize::from(df), e[0]);
                     mem.write_entry(t, 2 * usize::from(df) + 1, e[1]);
                 }
@@ -271,6 +300,7 @@ impl Iommu {
         &self,
         h: &IommuHandoff,
         blocked: &PciHandoff,
+        partitions: &[PartitionInfo],
         holes: &Holes,
         top: u64,
         frames: &mut BumpFrames,
@@ -303,8 +333,26 @@ impl Iommu {
         let mut mem = unsafe { IdentityMem::new() };
         let open = amdvi::dte(pt_root, 1);
         let closed = amdvi::dte_blocked(2);
+        let mut assigned = [(0u16, [0u64; 4]); MAX_APPLIANCES * MAX_PARTITION_DEVICES];
+        let mut n_assigned = 0;
+        for (i, p) in partitions.iter().enumerate().take(MAX_APPLIANCES) {
+            if p.devices().is_empty() {
+                continue;
+            }
+            let e = amdvi::dte(
+                partition_tables(&AmdViFormat, p, frames)?,
+                appliance_domain(i),
+            );
+            for d in p.devices() {
+                assigned[n_assigned] = (d.rid, e);
+                n_assigned += 1;
+            }
+        }
+        let assigned = &assigned[..n_assigned];
         for id in 0..ids {
-            let e = if blocked.is_blocked(id as u16) {
+            let e = if let Some((_, e)) = assigned.iter().find(|(r, _)| u64::from(*r) == id) {
+                *e
+            } else if blocked.is_blocked(id as u16) {
                 closed
             } else {
                 open
@@ -561,17 +609,45 @@ fn identity_tables(
     Ok(root)
 }
 
-/// What the OS's devices must never reach: thinhv's region and each
-/// appliance's RAM, sorted.
+/// The IOMMU domain of appliance partition `i + 1` (1 is the OS's, 2
+/// the blocked requesters' on AMD-Vi).
+fn appliance_domain(i: usize) -> u16 {
+    16 + i as u16
+}
+
+/// An appliance's I/O page tables: its guest-physical `[0, RAM size)` on
+/// its RAM.
+fn partition_tables(
+    fmt: &impl EntryFormat,
+    p: &PartitionInfo,
+    frames: &mut BumpFrames,
+) -> Result<u64, &'static str> {
+    let oom = "out of memory for an appliance's IOMMU tables";
+    // SAFETY: only this core's table roots and frames from its own
+    // allocator reach the engine (`IdentityMem::new`'s contract).
+    let mut mem = unsafe { IdentityMem::new() };
+    let mut m = Mapper::create(fmt, &mut mem, frames).map_err(|_| oom)?;
+    m.map(0, p.ram.base, p.ram.size, Attrs::RWX, frames)
+        .map_err(|_| oom)?;
+    Ok(m.root())
+}
+
+/// Most ranges the OS's devices must never reach.
+const MAX_HOLES: usize = 1 + MAX_APPLIANCES * (2 + MAX_PARTITION_DEVICES * MAX_DEVICE_BARS);
+
+/// What the OS's devices must never reach: thinhv's region, each
+/// appliance's RAM and image copy, and the BARs of its functions (no
+/// peer-to-peer writes into them), sorted.
 pub struct Holes {
-    ranges: [PhysRange; 1 + 2 * MAX_APPLIANCES],
+    ranges: [PhysRange; MAX_HOLES],
     n: usize,
 }
 
 impl Holes {
-    /// `region` and the appliances' RAM and image copies of the hand-off.
+    /// `region` and the appliances' RAM, image copies and BARs of the
+    /// hand-off.
     pub fn new(region: PhysRange, partitions: &[PartitionInfo]) -> Self {
-        let mut ranges = [PhysRange::default(); 1 + 2 * MAX_APPLIANCES];
+        let mut ranges = [PhysRange::default(); MAX_HOLES];
         ranges[0] = region;
         let mut n = 1;
         for p in partitions.iter().take(MAX_APPLIANCES) {
@@ -580,6 +656,12 @@ impl Holes {
             if !p.image.is_empty() {
                 ranges[n] = p.image;
                 n += 1;
+            }
+            for d in p.devices() {
+                for (_, bar) in d.bars() {
+                    ranges[n] = bar;
+                    n += 1;
+                }
             }
         }
         ranges[..n].sort_unstable_by_key(|r| r.base);

@@ -1,0 +1,260 @@
+//! The PCI configuration space an appliance sees (`docs/appliances.md`):
+//! configuration mechanism 1 (ports 0xCF8 and 0xCFC–0xCFF, a latch per
+//! processor) on one bus, 0, where each function it was given sits at the
+//! device number the loader chose. Nothing else answers (all ones).
+//!
+//! Reads and writes reach the real function, except where they would
+//! reach beyond the appliance:
+//!
+//! - the BARs are registers of thinhv's: sizing works (all ones, then the
+//!   address back), but the real BAR never moves — its addresses are
+//!   what the appliance's second-level tables map and the OS's do not;
+//! - I/O space enable stays off (its I/O BARs are not given) and the
+//!   expansion ROM BAR reads 0;
+//! - the header says single-function, and the interrupt pin 0 (the
+//!   appliance has no I/O APIC: MSI or MSI-X, which reach its own
+//!   processors in physical destination mode).
+//!
+//! The capabilities (MSI, MSI-X, PCI Express, power management) are the
+//! function's own; that a hostile appliance could aim its device's MSIs
+//! at the OS's processors without interrupt remapping is issue 13's
+//! subject (`docs/security.md`).
+use crate::env::Env;
+use crate::partition::{BarShadow, PartitionId};
+use core::sync::atomic::Ordering;
+use thinhv_abi::handoff::PartitionDevice;
+use thinhv_passthrough::mediate::all_ones;
+
+/// CONFIG_ADDRESS.
+const ADDRESS: u16 = 0xcf8;
+/// CONFIG_DATA.
+const DATA: u16 = 0xcfc;
+
+/// Handles an appliance's access to `port` (0xCF8 as a dword, or
+/// 0xCFC–0xCFF); `None` for any other access, which the caller treats as
+/// a port without a device.
+pub(super) fn port(
+    env: &mut impl Env,
+    id: PartitionId,
+    port: u16,
+    size: u8,
+    input: bool,
+    value: u32,
+) -> Option<u32> {
+    let latch = &env.hv().cpus()[env.cpu_index()].cf8_latch;
+    if port == ADDRESS && size == 4 {
+        if input {
+            return Some(latch.load(Ordering::Relaxed));
+        }
+        latch.store(value, Ordering::Relaxed);
+        return Some(0);
+    }
+    if !(DATA..DATA + 4).contains(&port) || u16::from(size) > DATA + 4 - port {
+        return None;
+    }
+    let address = latch.load(Ordering::Relaxed);
+    let reg = (address & 0xfc) as u16 + (port - DATA);
+    let vdevfn = ((address >> 8) & 0xff) as u8;
+    let found = (address & 1 << 31 != 0 && (address >> 16) & 0xff == 0)
+        .then(|| env.hv().appliance(id))
+        .flatten()
+        .and_then(|p| {
+            let i = p.info.devices().iter().position(|d| d.vdevfn == vdevfn)?;
+            Some((i, p.info.devices()[i]))
+        });
+    let Some((i, dev)) = found else {
+        return Some(if input { all_ones(size) } else { 0 });
+    };
+    if input {
+        Some(read(env, id, i, &dev, reg, size))
+    } else {
+        write(env, id, i, &dev, reg, size, value);
+        Some(0)
+    }
+}
+
+/// Runs `f` on the BAR registers of the appliance's function `i`.
+fn with_bars<T>(
+    env: &impl Env,
+    id: PartitionId,
+    i: usize,
+    f: impl FnOnce(&mut BarShadow) -> T,
+) -> Option<T> {
+    let p = env.hv().appliance(id)?;
+    let mut shadow = p.bar_shadow.lock();
+    shadow.get_mut(i).map(f)
+}
+
+fn real_address(dev: &PartitionDevice, reg: u16) -> u32 {
+    1 << 31 | u32::from(dev.rid) << 8 | u32::from(reg & 0xfc)
+}
+
+fn read(
+    env: &mut impl Env,
+    id: PartitionId,
+    i: usize,
+    dev: &PartitionDevice,
+    reg: u16,
+    size: u8,
+) -> u32 {
+    let dword = reg & !3;
+    let v = match dword {
+        0x10..=0x27 => {
+            with_bars(env, id, i, |b| b.read(usize::from((dword - 0x10) / 4))).unwrap_or(0)
+        }
+        0x30 => 0,
+        _ => {
+            let v = env.legacy_config_access(real_address(dev, dword), DATA, 4, None);
+            match dword {
+                // Header type: single-function.
+                0x0c => v & !(0x80 << 16),
+                // Interrupt pin: none.
+                0x3c => v & !(0xff << 8),
+                _ => v,
+            }
+        }
+    };
+    (v >> (8 * (reg & 3))) & all_ones(size)
+}
+
+fn write(
+    env: &mut impl Env,
+    id: PartitionId,
+    i: usize,
+    dev: &PartitionDevice,
+    reg: u16,
+    size: u8,
+    value: u32,
+) {
+    let dword = reg & !3;
+    let shift = 8 * u32::from(reg & 3);
+    match dword {
+        0x10..=0x27 => {
+            let r = usize::from((dword - 0x10) / 4);
+            let mask = all_ones(size) << shift;
+            with_bars(env, id, i, |b| {
+                let old = b.read(r);
+                b.write(r, (old & !mask) | ((value << shift) & mask));
+            });
+        }
+        // Command: I/O space enable stays off; the rest (memory space,
+        // bus mastering: DMA its IOMMU domain confines, INTx disable)
+        // is the appliance's.
+        0x04 => {
+            let v = if reg == 0x04 { value & !1 } else { value };
+            env.legacy_config_access(real_address(dev, dword), DATA + (reg & 3), size, Some(v));
+        }
+        // Cache line size and latency timer only; the header type, BIST,
+        // CardBus pointer, subsystem IDs, ROM BAR, capability pointer
+        // and interrupt pin are not written.
+        0x0c => {
+            if reg < 0x0e {
+                let n = size.min(if reg & 3 == 0 { 2 } else { 1 });
+                env.legacy_config_access(
+                    real_address(dev, dword),
+                    DATA + (reg & 3),
+                    n,
+                    Some(value),
+                );
+            }
+        }
+        0x28..=0x3b => {}
+        // Interrupt line (a scratch register); not the pin or the rest.
+        0x3c => {
+            if reg == 0x3c {
+                env.legacy_config_access(real_address(dev, dword), DATA, 1, Some(value & 0xff));
+            }
+        }
+        _ => {
+            env.legacy_config_access(
+                real_address(dev, dword),
+                DATA + (reg & 3),
+                size,
+                Some(value),
+            );
+        }
+    }
+}
+
+impl BarShadow {
+    /// The registers of `dev` as the firmware assigned them.
+    #[allow(clippy::cast_possible_truncation)] // the halves of 64-bit values
+    pub fn new(dev: &PartitionDevice) -> Self {
+        let mut s = Self::default();
+        for (flags, r) in dev.bars() {
+            let i = usize::from(flags & 7);
+            let wide = flags & thinhv_abi::handoff::BAR_REG_64 != 0;
+            let low_flags = if wide { 4 } else { 0 }
+                | if flags & thinhv_abi::handoff::BAR_REG_PREFETCH != 0 {
+                    8
+                } else {
+                    0
+                };
+            if i >= 6 || (wide && i >= 5) {
+                continue;
+            }
+            let size_mask = !(r.size - 1);
+            s.mask[i] = (size_mask as u32) & !0xf;
+            s.flags[i] = low_flags;
+            s.value[i] = (r.base as u32 & !0xf) | low_flags;
+            if wide {
+                s.mask[i + 1] = (size_mask >> 32) as u32;
+                s.value[i + 1] = (r.base >> 32) as u32;
+            }
+        }
+        s
+    }
+
+    /// Register `r` (0..6).
+    pub fn read(&self, r: usize) -> u32 {
+        self.value.get(r).copied().unwrap_or(0)
+    }
+
+    /// A write to register `r`: the address bits the BAR's size leaves
+    /// writable, its flag bits fixed. (All ones reads back the size.)
+    pub fn write(&mut self, r: usize, v: u32) {
+        if r < 6 {
+            self.value[r] = (v & self.mask[r]) | self.flags[r];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use thinhv_abi::PhysRange;
+    use thinhv_abi::handoff::BAR_REG_64;
+
+    fn dev() -> PartitionDevice {
+        let mut d = PartitionDevice {
+            rid: 0x0100,
+            vdevfn: 0x08,
+            bar_count: 2,
+            ..Default::default()
+        };
+        d.bars[0] = PhysRange::new(0xc000_0000, 0x2_0000);
+        d.bar_regs[0] = 0;
+        d.bars[1] = PhysRange::new(0x8_0000_4000, 0x4000);
+        d.bar_regs[1] = 3 | BAR_REG_64;
+        d
+    }
+
+    #[test]
+    fn bars_size_like_hardware_and_never_move() {
+        let mut s = BarShadow::new(&dev());
+        assert_eq!(s.read(0), 0xc000_0000);
+        assert_eq!(s.read(3), 0x4 | 0x4000);
+        assert_eq!(s.read(4), 8);
+        // Sizing: all ones, read the mask, write the address back.
+        s.write(0, !0);
+        assert_eq!(s.read(0), 0xfffe_0000);
+        s.write(0, 0xc000_0000);
+        assert_eq!(s.read(0), 0xc000_0000);
+        s.write(3, !0);
+        s.write(4, !0);
+        assert_eq!((s.read(3), s.read(4)), (0xffff_c004, 0xffff_ffff));
+        // The I/O BAR (register 2) and the unused ones are not there.
+        s.write(2, !0);
+        assert_eq!((s.read(1), s.read(2), s.read(5)), (0, 0, 0));
+    }
+}
