@@ -30,6 +30,9 @@ pub struct Profile {
     pub mem_mb: u32,
     /// Further arguments (devices).
     pub extra: Vec<String>,
+    /// A reset of the guest restarts the machine, firmware first, as on a
+    /// server (default: QEMU ends, `-no-reboot`).
+    pub reboot: bool,
 }
 
 impl Profile {
@@ -43,6 +46,7 @@ impl Profile {
             smp,
             mem_mb: 1024,
             extra: Vec::new(),
+            reboot: false,
         }
     }
 
@@ -117,7 +121,10 @@ pub fn command(ovmf: &Ovmf, vars: &Path, esp: &Path, p: &Profile, serial: &Seria
     ));
     c.arg("-drive")
         .arg(format!("format=raw,file=fat:rw:{}", esp.display()));
-    c.args(["-nic", "none", "-no-reboot"]);
+    c.args(["-nic", "none"]);
+    if !p.reboot {
+        c.arg("-no-reboot");
+    }
     match serial {
         Serial::File(path) => {
             // A monitor socket beside the serial log, so a run that hangs

@@ -174,8 +174,28 @@ impl Boot {
     /// Boots and waits for `end`; returns the serial output. Panics (with
     /// the output) on timeout or early exit.
     pub fn run_until(&self, end: &str, timeout: Duration) -> String {
+        self.run_until_nth(end, 1, timeout)
+    }
+
+    /// As [`Self::run_until`], until `end` has appeared `n` times (a
+    /// machine that resets and boots again); QEMU is ended then.
+    pub fn run_until_nth(&self, end: &str, n: usize, timeout: Duration) -> String {
         let mut run = self.start();
-        match run.wait_for(end, timeout) {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut waited = run.wait_for(end, timeout);
+        while waited.is_ok() && run.output().matches(end).count() < n {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            std::thread::sleep(Duration::from_millis(200));
+            waited = if left.is_zero() {
+                Err(thinhv_ovmf::runner::WaitError::Timeout {
+                    marker: format!("{end} (x{n})"),
+                    after: timeout,
+                })
+            } else {
+                run.wait_for(end, left)
+            };
+        }
+        match waited {
             Ok(t) => {
                 eprintln!("[{}] {end:?} after {:.1} s", self.name, t.as_secs_f64());
                 let out = run.output();
@@ -281,6 +301,11 @@ pub fn boot_linux_under_thinhv(
     options: &str,
     extra_config: &str,
 ) -> Guest {
+    boot_linux(&linux_under_thinhv(name, profile, options, extra_config))
+}
+
+/// The machine [`boot_linux_under_thinhv`] boots, not started yet.
+pub fn linux_under_thinhv(name: &str, profile: Profile, options: &str, extra_config: &str) -> Boot {
     let b = built();
     let boot = Boot::new(&b, name, profile);
     boot.esp.install_linux(&b.linux).expect("install Linux");
@@ -294,7 +319,7 @@ pub fn boot_linux_under_thinhv(
     boot.esp
         .install_thinhv(&b.efi, Some(&config))
         .expect("install thinhv");
-    boot_linux(&boot)
+    boot
 }
 
 /// The `attack NAME: attempts=N succeeded=M` lines the guest tool

@@ -312,6 +312,40 @@ control = \"none\"
     assert_eq!(cpu_list_len(g.get("online")), 2, "{facts}");
 }
 
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn when_the_os_resets_the_machine_the_appliance_is_reset_with_it_and_boots_again() {
+    // A server's reset: QEMU restarts the machine (no -no-reboot). The OS
+    // waits for its appliance, then resets the platform (sysrq b).
+    let mut m = Profile::svm(4);
+    m.extra = ["-device", "intel-iommu"].map(String::from).to_vec();
+    m.reboot = true;
+    let boot = thinhv_tests::linux_under_thinhv(
+        "appliance-reboot",
+        m,
+        "thinhv_appliance_reboot_probe=1",
+        APPLIANCE,
+    );
+    let serial = boot.run_until_nth("THINHV-OS-REBOOTING", 2, std::time::Duration::from_mins(9));
+    // thinhv was loaded twice: the reset reached the platform (the OS's
+    // reset paths are the OS's), and the firmware started over.
+    assert_eq!(
+        serial.matches("firmware-resident thin hypervisor").count(),
+        2,
+        "{serial}"
+    );
+    // The appliance ran before the reset, and after it ran again as a
+    // fresh start: no restarts counted (thinhv itself was new).
+    let seen: Vec<&str> = serial
+        .lines()
+        .filter_map(|l| l.strip_prefix("reboot_probe_appliance="))
+        .collect();
+    assert_eq!(seen.len(), 2, "{serial}");
+    for s in seen {
+        assert!(s.starts_with("running ups=1 restarts=0"), "{s}");
+    }
+}
+
 fn appliances_json(facts: &str) -> serde_json::Value {
     let begin = facts
         .find("THINHV-APPLIANCES-JSON-BEGIN")
@@ -324,7 +358,7 @@ fn appliances_json(facts: &str) -> serde_json::Value {
 #[test]
 #[ignore = "boots QEMU; run with `cargo xtask test`"]
 fn appliance_tables_the_machine_cannot_honour_are_left_out_and_the_os_boots() {
-    // Too many processors, too much memory, a kernel that is not there.
+    // Too many processors, too much memory, a kernel that is not there,
     let config = "
 [[appliance]]
 name = \"many\"
@@ -342,13 +376,31 @@ kernel = '\\EFI\\Linux\\vmlinuz.efi'
 name = \"lost\"
 cpus = 1
 memory = 64
-kernel = '\\EFI\\appliance\\missing.efi'
+kernel = '\\EFI\\Linux\\missing.efi'
+
+[[appliance]]
+name = \"disk\"
+cpus = 1
+memory = 64
+kernel = '\\EFI\\Linux\\vmlinuz.efi'
+devices = [\"0000:00:1f.2\"]
+
+[[appliance]]
+name = \"ghost\"
+cpus = 1
+memory = 64
+kernel = '\\EFI\\Linux\\vmlinuz.efi'
+devices = [\"1234:5678\"]
 ";
+    // Also: the controller of the disk the OS boots from, and a device
+    // the machine does not have.
     let g = os_with("appliance-refused", config, "");
     for why in [
         "\"many\" (line 11) left out: cpus = 8, but 3 processor(s) are free",
         "\"fat\" (line 17) left out: memory = 4096 MiB would leave the OS 0 MiB",
-        "\"lost\" (line 23) left out: kernel \\EFI\\appliance\\missing.efi: not found on the ESP",
+        "\"lost\" (line 23) left out: kernel \\EFI\\Linux\\missing.efi: not found on the ESP",
+        "\"disk\" (line 29) left out: device \"0000:00:1f.2\": 0000:00:1f.2 is the device the OS boots from",
+        "\"ghost\" (line 36) left out: device \"1234:5678\" matches no PCI function of this machine",
     ] {
         assert!(g.serial.contains(why), "{why}\n{}", g.serial);
     }

@@ -299,3 +299,109 @@ fn vmx_cpu_profile_in_bochs() {
     assert_eq!(get(&r, "ap_cpuid7_ebx"), get(&r, "cpuid7_ebx"));
     assert_eq!(get(&r, "ap_cpuid1_ecx"), get(&r, "cpuid1_ecx"));
 }
+
+/// A payload in the Linux boot protocol's bzImage format, the smallest an
+/// appliance can be (Bochs boots no Linux in a test's time): a setup
+/// header with a 64-bit entry, and there code that writes one line to the
+/// console UART (0x3F8) and halts.
+fn tiny_appliance() -> Vec<u8> {
+    let mut k = vec![0u8; 2 * 512 + 0x200];
+    k[0x1f1] = 1; // setup_sects: the protected-mode part starts at 1024
+    k[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    k[0x201] = 106; // the header ends at 0x202 + 106
+    k[0x202..0x206].copy_from_slice(b"HdrS");
+    k[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    k[0x211] = 1; // LOADED_HIGH
+    k[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
+    k[0x230..0x234].copy_from_slice(&0x20_0000u32.to_le_bytes());
+    k[0x234] = 1; // relocatable
+    k[0x236..0x238].copy_from_slice(&0x3u16.to_le_bytes()); // XLF_KERNEL_64
+    k[0x238..0x23c].copy_from_slice(&0x7ffu32.to_le_bytes());
+    k[0x258..0x260].copy_from_slice(&0x100_0000u64.to_le_bytes());
+    k[0x260..0x264].copy_from_slice(&0x1_0000u32.to_le_bytes());
+    let code: [u8; 22] = [
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0x48, 0x8d, 0x35, 0x0b, 0x00, 0x00, 0x00, // lea rsi, [rip + 11] (the text)
+        0xac, // lodsb
+        0x84, 0xc0, // test al, al
+        0x74, 0x03, // jz +3 (to hlt)
+        0xee, // out dx, al
+        0xeb, 0xf8, // jmp back to lodsb
+        0xf4, // hlt
+        0xeb, 0xfd, // jmp back to hlt
+    ];
+    let entry = 1024 + 0x200;
+    k.truncate(entry);
+    k.extend_from_slice(&code);
+    k.extend_from_slice(b"THINHV-APPLIANCE: up on VMX\n\0");
+    k
+}
+
+#[test]
+#[ignore = "boots Bochs; run with `cargo xtask test`"]
+fn an_appliance_partition_starts_on_vmx_in_bochs() {
+    // Two processors: the probe (the OS's) on the boot processor, the
+    // appliance on the other; the probe leaves boot services at its end
+    // like an OS loader, which is when appliances start.
+    bochs::check().unwrap_or_else(|e| panic!("{e}"));
+    let b = built();
+    let name = "bochs-appliance";
+    let dir = b.work.join(name);
+    let esp = Esp::create(&dir.join("esp")).unwrap();
+    esp.put_file(PROBE, &b.probe).unwrap();
+    esp.put_bytes(r"\EFI\appliance\tiny", &tiny_appliance())
+        .unwrap();
+    esp.put_bytes(r"\EFI\thinhv\exit-boot-services", b"1\n")
+        .unwrap();
+    let config = format!(
+        "[hypervisor]\nlog_level = \"debug\"\n\n[boot]\nnext = '{PROBE}'\n\n\
+         [[appliance]]\nname = \"tiny\"\ncpus = 1\nmemory = 64\n\
+         kernel = '\\EFI\\appliance\\tiny'\ncmdline = \"\"\n"
+    );
+    esp.install_thinhv(&b.efi, Some(&config)).unwrap();
+    let disk = dir.join("disk.img");
+    bochs::disk_image(esp.root(), &disk).unwrap();
+    let serial = dir.join("serial.txt");
+    let rc = dir.join("rc");
+    std::fs::write(&rc, "c\n").unwrap();
+    let cfg = dir.join("bochsrc");
+    let fd = firmware::find_combined().unwrap();
+    std::fs::write(
+        &cfg,
+        bochs::config(
+            &fd,
+            &disk,
+            &serial,
+            &dir.join("bochs.log"),
+            Profile::default(),
+        ),
+    )
+    .unwrap();
+    let mut run = Run::start_group(bochs::command(&cfg, &rc), &serial).unwrap();
+    let marker = "[tiny] THINHV-APPLIANCE: up on VMX";
+    let t = run.wait_for(marker, TIMEOUT).unwrap_or_else(|e| {
+        panic!(
+            "{e}\n----- serial -----\n{}\n----- bochs -----\n{}",
+            run.output(),
+            run.qemu_messages()
+        )
+    });
+    eprintln!("[{name}] appliance up after {:.0} s", t.as_secs_f64());
+    let out = run.output();
+    drop(run);
+    // The probe ran first and left boot services; the appliance's
+    // processor was claimed after that, then ran its payload in its own
+    // EPT (its console port exits to thinhv's UART).
+    assert!(out.contains("THINHV-PROBE-END"), "{out}");
+    assert!(
+        out.contains("appliance \"tiny\" (partition 1): 1 processor(s) claimed"),
+        "{out}"
+    );
+    assert!(out.contains("THINHV-PROBE-EXITED-BOOT-SERVICES"), "{out}");
+    let claimed = out.find("1 processor(s) claimed").unwrap();
+    assert!(claimed < out.find(marker).unwrap(), "{out}");
+    assert!(
+        out.contains("appliance \"tiny\": cpu 1 starts its kernel at 0x1000200"),
+        "{out}"
+    );
+}

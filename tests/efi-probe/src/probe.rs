@@ -606,6 +606,31 @@ fn arm_then_start_thinhv() -> bool {
     true
 }
 
+/// ESP file whose presence makes the probe leave boot services at its end,
+/// as an OS loader does, and wait there: thinhv's appliance partitions
+/// start once the firmware's ExitBootServices has returned
+/// (`docs/appliances.md`).
+const EXIT_BOOT_SERVICES_MARKER: &str = "\\EFI\\thinhv\\exit-boot-services";
+
+/// Leaves boot services, says so on COM1 (the firmware's console is gone),
+/// and waits with interrupts off.
+fn exit_boot_services_and_wait() -> ! {
+    // SAFETY: nothing of boot services is used after this (the serial
+    // line is written through the port, the wait is HLT).
+    let _map = unsafe { uefi::boot::exit_boot_services(None) };
+    for &b in b"THINHV-PROBE-EXITED-BOOT-SERVICES\r\n" {
+        // SAFETY: COM1's transmit register; the probe is the only user of
+        // the port from here on.
+        unsafe {
+            core::arch::asm!("out dx, al", in("dx") 0x3f8u16, in("al") b, options(nomem, nostack));
+        }
+    }
+    loop {
+        // SAFETY: CLI and HLT only stop this processor.
+        unsafe { core::arch::asm!("cli; hlt", options(nomem, nostack)) };
+    }
+}
+
 #[uefi::entry]
 fn main() -> uefi::Status {
     if uefi::helpers::init().is_err() {
@@ -619,6 +644,9 @@ fn main() -> uefi::Status {
     run();
     println!("THINHV-PROBE-END");
     uefi::boot::stall(core::time::Duration::from_millis(200));
+    if crate::attacks_hc::esp_has(EXIT_BOOT_SERVICES_MARKER) {
+        exit_boot_services_and_wait();
+    }
     uefi::runtime::reset(
         uefi::runtime::ResetType::SHUTDOWN,
         uefi::Status::SUCCESS,

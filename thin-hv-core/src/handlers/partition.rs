@@ -116,6 +116,7 @@ pub fn stop(env: &mut impl Env, id: PartitionId, why: &str) {
         return;
     }
     p.set_reason(why);
+    quiesce_devices(env, id);
     for i in 0..env.hv().cpus().len() {
         let slot = &env.hv().cpus()[i];
         if slot.partition == id && slot.virtualized() {
@@ -149,5 +150,24 @@ pub fn start(env: &mut impl Env, id: PartitionId) {
         // posted before this; a processor polls its mailbox while it
         // waits, so no wake-up is needed.
         slot.mailbox.post_boot();
+    }
+}
+
+/// Turns bus mastering off on appliance `id`'s PCI functions: a stopped
+/// appliance's device must not write into RAM thinhv is about to scrub
+/// and fill again (its driver turns it on when the appliance boots).
+/// Function Level Reset and MSI teardown are issue 13's.
+pub fn quiesce_devices(env: &mut impl Env, id: PartitionId) {
+    let Some(p) = env.hv().appliance(id) else {
+        return;
+    };
+    let devices = p.info.devices;
+    let n = p.info.devices().len();
+    for d in &devices[..n] {
+        let address = 1 << 31 | u32::from(d.rid) << 8 | 0x04;
+        let command = env.legacy_config_access(address, 0xcfc, 2, None);
+        if command != 0xffff && command & 4 != 0 {
+            env.legacy_config_access(address, 0xcfc, 2, Some(command & !4));
+        }
     }
 }

@@ -461,3 +461,17 @@ fn an_appliance_functions_bars_are_foreign_to_the_os_and_its_writes_there_are_di
     assert_eq!(env.hv.blocked_writes.load(Ordering::SeqCst), 1);
     assert!(env.mmio_log.borrow().is_empty());
 }
+
+#[test]
+fn a_stop_turns_bus_mastering_off_on_the_appliances_functions() {
+    use thinhv_abi::status::ControlOp;
+    let mut env = with_partition(|p| {
+        p.flags |= thinhv_abi::handoff::partition_flags::OS_CONTROL;
+        p.device_count = 1;
+        p.devices[0].rid = 0x0100;
+        p.devices[0].vdevfn = 0x08;
+    });
+    env.cf8_space.borrow_mut().insert(0x8001_0004, 0x0010_0006);
+    ring(&mut env, STORE64, command(ControlOp::Stop, 1, 3));
+    assert_eq!(env.cf8_space.borrow()[&0x8001_0004], 0x0010_0002);
+}

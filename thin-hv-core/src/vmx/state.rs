@@ -364,6 +364,73 @@ pub const INIT_ZERO_SEGMENTS: [Field; 12] = [
     Field::GUEST_TR_BASE,
 ];
 
+/// VMX access rights from a segment descriptor's high dword (SDM Vol. 3C
+/// §24.4.1, Table 24-2): type, S, DPL, P (descriptor bits 8..15) and
+/// AVL, L, D/B, G (bits 20..23).
+pub const fn ar_from_descriptor_high(high: u32) -> u64 {
+    let a = (high >> 8) as u64;
+    (a & 0xff) | (a & 0xf000)
+}
+
+/// The guest state of an appliance's first processor at its 64-bit entry
+/// (the Linux 64-bit boot protocol): paging with `cr3`, flat code (0x10,
+/// long mode) and data (0x18) from its GDT at `gdt`, a placeholder TR,
+/// interrupts off, EFER.LME|LMA. CR0 and CR4 as the guest sees them are
+/// [`LONG_MODE_CR0`] and [`LONG_MODE_CR4`] (the caller adds the fixed
+/// bits); RSI is the caller's (not in the VMCS). The VM-entry control
+/// "IA-32e mode guest" must be set with it.
+pub fn long_mode_fields(rip: u64, rsp: u64, cr3: u64, gdt: u64) -> [(Field, u64); 35] {
+    let code = ar_from_descriptor_high(0x00af_9b00);
+    let data = ar_from_descriptor_high(0x00cf_9300);
+    let tr = placeholder_tr(true);
+    [
+        (Field::GUEST_CS_SELECTOR, 0x10),
+        (Field::GUEST_CS_BASE, 0),
+        (Field::GUEST_CS_LIMIT, 0xffff_ffff),
+        (Field::GUEST_CS_AR, code),
+        (Field::GUEST_SS_SELECTOR, 0x18),
+        (Field::GUEST_SS_BASE, 0),
+        (Field::GUEST_SS_LIMIT, 0xffff_ffff),
+        (Field::GUEST_SS_AR, data),
+        (Field::GUEST_DS_SELECTOR, 0x18),
+        (Field::GUEST_DS_BASE, 0),
+        (Field::GUEST_DS_LIMIT, 0xffff_ffff),
+        (Field::GUEST_DS_AR, data),
+        (Field::GUEST_ES_SELECTOR, 0x18),
+        (Field::GUEST_ES_BASE, 0),
+        (Field::GUEST_ES_LIMIT, 0xffff_ffff),
+        (Field::GUEST_ES_AR, data),
+        (Field::GUEST_FS_SELECTOR, 0x18),
+        (Field::GUEST_FS_BASE, 0),
+        (Field::GUEST_FS_LIMIT, 0xffff_ffff),
+        (Field::GUEST_FS_AR, data),
+        (Field::GUEST_GS_SELECTOR, 0x18),
+        (Field::GUEST_GS_BASE, 0),
+        (Field::GUEST_GS_LIMIT, 0xffff_ffff),
+        (Field::GUEST_GS_AR, data),
+        (Field::GUEST_TR_SELECTOR, u64::from(tr.selector)),
+        (Field::GUEST_TR_BASE, tr.base),
+        (Field::GUEST_TR_LIMIT, u64::from(tr.limit)),
+        (Field::GUEST_TR_AR, u64::from(tr.ar)),
+        (Field::GUEST_GDTR_BASE, gdt),
+        (
+            Field::GUEST_GDTR_LIMIT,
+            u64::from(thinhv_abi::handoff::APPLIANCE_GDT_LIMIT),
+        ),
+        (Field::GUEST_CR3, cr3),
+        (Field::GUEST_IA32_EFER, 0x500),
+        (Field::GUEST_RIP, rip),
+        (Field::GUEST_RSP, rsp),
+        (Field::GUEST_RFLAGS, 2),
+    ]
+}
+
+/// CR0 of an appliance at its 64-bit entry as it sees it: PG, NE, ET, MP,
+/// PE.
+pub const LONG_MODE_CR0: u64 = 0x8000_0033;
+/// CR4 of an appliance at its 64-bit entry: PAE.
+pub const LONG_MODE_CR4: u64 = 0x20;
+
 /// CR0 after INIT (CD, NW, ET) as the guest sees it.
 pub const INIT_CR0: u64 = 0x6000_0010;
 /// Data segment limits after INIT.
@@ -390,5 +457,24 @@ pub fn placeholder_tr(long_mode: bool) -> Seg {
         base: 0,
         limit: 0x67,
         ar: 0x8b,
+    }
+}
+
+#[cfg(test)]
+mod long_mode_tests {
+    use super::*;
+
+    #[test]
+    fn the_appliance_entry_has_long_mode_code_and_flat_data() {
+        assert_eq!(ar_from_descriptor_high(0x00af_9b00), 0xa09b);
+        assert_eq!(ar_from_descriptor_high(0x00cf_9300), 0xc093);
+        let f = long_mode_fields(0x100_0200, 0x8_0000, 0x8_0000, 0x8_6000);
+        let get = |k: Field| f.iter().find(|(x, _)| *x == k).unwrap().1;
+        assert_eq!(get(Field::GUEST_CS_AR) & (1 << 13), 1 << 13, "L");
+        assert_eq!(get(Field::GUEST_CS_AR) & (1 << 14), 0, "D must be 0 with L");
+        assert_eq!(get(Field::GUEST_IA32_EFER), 0x500);
+        assert_eq!(get(Field::GUEST_RIP), 0x100_0200);
+        assert_eq!(get(Field::GUEST_TR_AR), 0x8b);
+        assert_eq!(LONG_MODE_CR0 & 0x8000_0001, 0x8000_0001);
     }
 }

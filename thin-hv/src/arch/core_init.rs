@@ -362,8 +362,8 @@ fn build_appliance_maps(
     if h.partitions().is_empty() {
         return Ok((roots, 0));
     }
-    let oom = |_| CoreError::OUT_OF_MEMORY;
-    // Three consecutive frames from the bump allocator.
+    // Three consecutive frames from the bump allocator (SVM's I/O
+    // permission map; VMX's I/O bitmaps A and B are its first two).
     let iopm = frames.alloc_frame().ok_or(CoreError::OUT_OF_MEMORY)?;
     for i in 1..3 {
         if frames.alloc_frame() != Some(iopm + i * PAGE) {
@@ -377,31 +377,35 @@ fn build_appliance_maps(
         // allocator reach the engine (`IdentityMem::new`'s contract).
         let mut mem = unsafe { IdentityMem::new() };
         roots[i] = match slat {
-            Slat::Npt(fmt) => {
-                let mut m = Mapper::create(&fmt, &mut mem, frames).map_err(oom)?;
-                m.map(0, p.ram.base, p.ram.size, Attrs::RWX, frames)
-                    .map_err(oom)?;
-                m.map(apic_base, apic_base, PAGE, Attrs::MMIO_RO, frames)
-                    .map_err(oom)?;
-                // Its functions' BARs, where the firmware put them.
-                for d in p.devices() {
-                    for (_, bar) in d.bars() {
-                        m.map(bar.base, bar.base, bar.size, Attrs::MMIO_RW, frames)
-                            .map_err(oom)?;
-                    }
-                }
-                m.root()
-            }
-            Slat::Ept(_) => {
-                log::error!(
-                    "appliance {:?}: not started: appliances on Intel VT-x are not built yet",
-                    p.name()
-                );
-                0
-            }
+            Slat::Npt(fmt) => appliance_map(&fmt, &mut mem, p, apic_base, frames)?,
+            Slat::Ept(fmt) => appliance_map(&fmt, &mut mem, p, apic_base, frames)?,
         };
     }
     Ok((roots, iopm))
+}
+
+/// One appliance's second-level tables (`build_appliance_maps`).
+fn appliance_map(
+    fmt: &impl thinhv_paging::EntryFormat,
+    mem: &mut IdentityMem,
+    p: &thinhv_abi::handoff::PartitionInfo,
+    apic_base: u64,
+    frames: &mut BumpFrames,
+) -> Result<u64, CoreError> {
+    let oom = |_| CoreError::OUT_OF_MEMORY;
+    let mut m = Mapper::create(fmt, mem, frames).map_err(oom)?;
+    m.map(0, p.ram.base, p.ram.size, Attrs::RWX, frames)
+        .map_err(oom)?;
+    m.map(apic_base, apic_base, PAGE, Attrs::MMIO_RO, frames)
+        .map_err(oom)?;
+    // Its functions' BARs, where the firmware put them.
+    for d in p.devices() {
+        for (_, bar) in d.bars() {
+            m.map(bar.base, bar.base, bar.size, Attrs::MMIO_RW, frames)
+                .map_err(oom)?;
+        }
+    }
+    Ok(m.root())
 }
 
 /// Maps every page of `range` to the blank frame, read-only.

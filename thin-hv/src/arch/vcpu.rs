@@ -413,6 +413,10 @@ fn renew_image(core: &Core, cpu: usize, p: &crate::partition::Partition) -> bool
             return failed("a processor did not stop");
         }
     }
+    if let Some(global) = super::core_state::get() {
+        let mut env = super::env_impl::HwEnv { core: global, cpu };
+        crate::handlers::partition::quiesce_devices(&mut env, id);
+    }
     let ram = p.ram();
     // SAFETY: the appliance's RAM is in the core's identity map, belongs to
     // no one but the appliance, and none of its processors runs now.

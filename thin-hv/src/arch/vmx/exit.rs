@@ -17,7 +17,8 @@ use crate::vmx::exit_reason::{self, ExitReason};
 use crate::vmx::fields::Field;
 use crate::vmx::image::VmcsImage;
 use crate::vmx::state::{
-    INIT_CR0, INIT_LIMIT_FIELDS, INIT_ZERO_SEGMENTS, actual_cr, init_fields, sipi_cs,
+    INIT_CR0, INIT_LIMIT_FIELDS, INIT_ZERO_SEGMENTS, LONG_MODE_CR0, LONG_MODE_CR4, actual_cr,
+    init_fields, long_mode_fields, sipi_cs,
 };
 use core::fmt;
 use core::sync::atomic::{AtomicU32, Ordering};
@@ -220,12 +221,52 @@ impl vcpu::Backend for VmxVcpu<'_> {
         start_at(vector);
     }
 
-    /// Appliances on VT-x are not built yet: their processors are never
-    /// started (`docs/appliances.md`), so nothing switches the EPT root.
-    fn enter_partition(&mut self, _core: &Core, _cpu: usize, _slat_root: u64, _iopm_pa: u64) {}
+    /// The appliance's EPT, and I/O bitmaps A and B from its map (every
+    /// port exits).
+    fn enter_partition(&mut self, _core: &Core, _cpu: usize, slat_root: u64, iopm_pa: u64) {
+        write(Field::EPT_POINTER, thinhv_paging::ept::eptp(slat_root));
+        write(Field::IO_BITMAP_A, iopm_pa);
+        write(Field::IO_BITMAP_B, iopm_pa + 4096);
+        let p = vmread(Field::PROC_BASED_CONTROLS) | u64::from(proc1::IO_BITMAPS);
+        write(Field::PROC_BASED_CONTROLS, p);
+        // SAFETY: VMX root operation; INVEPT was checked at start. Nothing
+        // cached for the OS's EPT may serve the appliance's.
+        unsafe { invept_all() };
+    }
 
-    fn start_long(&mut self, _core: &Core, _cpu: usize, _e: &vcpu::LongEntry) -> bool {
-        false
+    fn start_long(&mut self, core: &Core, _cpu: usize, e: &vcpu::LongEntry) -> bool {
+        let r = rules(core);
+        for (f, v) in long_mode_fields(e.rip, e.rsp, e.cr3, e.gdt) {
+            write(f, v);
+        }
+        write(Field::GUEST_LDTR_SELECTOR, 0);
+        write(Field::GUEST_LDTR_AR, 1 << 16);
+        write(Field::GUEST_IDTR_BASE, 0);
+        write(Field::GUEST_IDTR_LIMIT, 0);
+        let (cr0, cr4) = actual_cr(
+            LONG_MODE_CR0,
+            LONG_MODE_CR4,
+            r.cr0_fixed0,
+            r.cr4_fixed0,
+            true,
+        );
+        write(Field::GUEST_CR0, cr0);
+        write(Field::CR0_READ_SHADOW, LONG_MODE_CR0);
+        write(Field::GUEST_CR4, cr4);
+        write(Field::CR4_READ_SHADOW, LONG_MODE_CR4);
+        let ent = vmread(Field::ENTRY_CONTROLS) | u64::from(entry::IA32E_GUEST);
+        write(Field::ENTRY_CONTROLS, ent);
+        write(Field::ENTRY_INTERRUPTION_INFO, 0);
+        write(Field::GUEST_INTERRUPTIBILITY, 0);
+        write(Field::GUEST_PENDING_DEBUG, 0);
+        write(Field::GUEST_ACTIVITY_STATE, 0);
+        self.run.regs = [0; 16];
+        self.run.regs[6] = e.rsi;
+        self.run.nmi_pending = 0;
+        set_nmi_window(false);
+        // SAFETY: VMX root operation; INVEPT was checked at start.
+        unsafe { invept_all() };
+        true
     }
 
     fn leave(&mut self, core: &Core, cpu: usize, rax: Option<u64>) -> ! {
