@@ -344,8 +344,25 @@ fn an_appliance_partition_starts_on_vmx_in_bochs() {
     // appliance on the other; the probe leaves boot services at its end
     // like an OS loader, which is when appliances start.
     bochs::check().unwrap_or_else(|e| panic!("{e}"));
-    let b = built();
     let name = "bochs-appliance";
+    // The appliance's processor is woken twice after thinhv started it:
+    // by the firmware's ExitBootServices (INIT-SIPI-SIPI to every AP) and
+    // by the claim (a virtual INIT). Each wake is an NMI, and Bochs before
+    // 2.8 keeps NMIs blocked after the first NMI VM exit (SF #1456,
+    // `docs/emulator-faults.md`), so the claim never reaches it there.
+    if let Some(v) = bochs::version().filter(|v| *v < (2, 8)) {
+        thinhv_tests::skipped(
+            "an_appliance_partition_starts_on_vmx_in_bochs",
+            &format!(
+                "Bochs {}.{} wakes a processor under VMX by an NMI only once (SF #1456, fixed in 2.8); \
+                 the appliance needs two wakes (ExitBootServices, then the claim). The VMX entry \
+                 state is checked by the unit test an_appliance_entry_in_long_mode_passes_the_entry_checks",
+                v.0, v.1
+            ),
+        );
+        return;
+    }
+    let b = built();
     let dir = b.work.join(name);
     let esp = Esp::create(&dir.join("esp")).unwrap();
     esp.put_file(PROBE, &b.probe).unwrap();

@@ -192,6 +192,47 @@ mod tests {
     }
 
     #[test]
+    fn an_appliance_entry_in_long_mode_passes_the_entry_checks() {
+        use super::super::state::{LONG_MODE_CR0, LONG_MODE_CR4, actual_cr, long_mode_fields};
+        // What the VMX backend writes at an appliance's 64-bit entry, on
+        // top of the VMCS of a CPU that last ran in real mode after INIT
+        // (IA-32e mode guest cleared), with the appliance's EPT and I/O
+        // bitmaps.
+        let (mut v, caps) = image();
+        v.set(
+            Field::ENTRY_CONTROLS,
+            v.get(Field::ENTRY_CONTROLS) & !u64::from(entry::IA32E_GUEST),
+        );
+        for (f, x) in long_mode_fields(0x100_0200, 0x8_0000, 0x8_0000, 0x8_6000) {
+            v.set(f, x);
+        }
+        v.set(Field::GUEST_LDTR_SELECTOR, 0);
+        v.set(Field::GUEST_LDTR_AR, 1 << 16);
+        v.set(Field::GUEST_IDTR_BASE, 0);
+        v.set(Field::GUEST_IDTR_LIMIT, 0);
+        let (cr0, cr4) = actual_cr(
+            LONG_MODE_CR0,
+            LONG_MODE_CR4,
+            caps.cr0_fixed0,
+            caps.cr4_fixed0,
+            true,
+        );
+        v.set(Field::GUEST_CR0, cr0);
+        v.set(Field::GUEST_CR4, cr4);
+        v.set(Field::EPT_POINTER, make_eptp(0x3d00_0000));
+        v.set(Field::IO_BITMAP_A, 0x3d10_0000);
+        v.set(Field::IO_BITMAP_B, 0x3d10_1000);
+        // Without the IA-32e mode guest control, long mode is refused...
+        assert!(!check(&v, &caps).is_empty());
+        // ...with it, nothing is.
+        v.set(
+            Field::ENTRY_CONTROLS,
+            v.get(Field::ENTRY_CONTROLS) | u64::from(entry::IA32E_GUEST),
+        );
+        assert_eq!(check(&v, &caps), vec![]);
+    }
+
+    #[test]
     fn the_vmcs_built_from_firmware_state_passes_the_entry_checks() {
         let (v, caps) = image();
         assert_eq!(check(&v, &caps), vec![]);
