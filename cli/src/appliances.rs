@@ -52,6 +52,7 @@ pub fn record_json(r: &ApplianceRecord, now_tsc: u64, log: &str, exits: u64) -> 
         "exits": exits,
         "tsc": now_tsc,
         "tsc_khz": r.tsc_khz,
+        "cpu_mask": r.cpu_mask,
         "name": name,
         "state": appliance_state_name(r.state),
         "cpus": r.cpu_count,

@@ -259,6 +259,7 @@ cmdline = \"console=ttyS0 quiet thinhv_appliance=1 panic=-1 tsc=reliable\"
     let (mut alone_up, mut beside_up) = (Vec::new(), Vec::new());
     let (mut app_wall, mut app_own, mut app_from_hv) = (Vec::new(), Vec::new(), Vec::new());
     let mut idle_rate = Vec::new();
+    let mut idle_reasons = Vec::new();
     let mut reserved = (0u64, 0u64);
     let os_uptime = |out: &str| number_after(out, "THINHV-GUEST: userspace up after ");
     for n in 0..runs {
@@ -330,12 +331,43 @@ cmdline = \"console=ttyS0 quiet thinhv_appliance=1 panic=-1 tsc=reliable\"
         let khz = first["tsc_khz"].as_u64().unwrap_or(1) as f64;
         let secs = diff("tsc") / (khz * 1000.0);
         let rate = diff("exits") / secs;
+        // By reason: the appliance's CPU records in the two status pages.
+        let mask = first["cpu_mask"].as_u64().unwrap_or(0);
+        let reasons = |k: u32| -> std::collections::BTreeMap<String, u64> {
+            let mut m = std::collections::BTreeMap::new();
+            let status = section(
+                &s.out,
+                &format!("THINHV-BENCH-STATUS-{k}-BEGIN"),
+                &format!("THINHV-BENCH-STATUS-{k}-END"),
+            )
+            .and_then(|j| serde_json::from_str::<Value>(j.trim()).ok());
+            let cpus = status.as_ref().and_then(|v| v["cpus"].as_array().cloned());
+            for (i, c) in cpus.unwrap_or_default().iter().enumerate() {
+                if i < 64 && mask & (1 << i) != 0 {
+                    for (r, n) in c["exits"].as_object().into_iter().flatten() {
+                        *m.entry(r.clone()).or_insert(0) += n.as_u64().unwrap_or(0);
+                    }
+                }
+            }
+            m
+        };
+        let (r1, r2) = (reasons(1), reasons(2));
+        #[allow(clippy::cast_precision_loss)]
+        let by_reason: Vec<String> = r2
+            .iter()
+            .filter_map(|(r, n)| {
+                let d = n.saturating_sub(*r1.get(r).unwrap_or(&0));
+                (d > 0).then(|| format!("{r} {:.1}/s", d as f64 / secs))
+            })
+            .collect();
+        idle_reasons.push(by_reason.join(", "));
         println!(
             "run {n}: OS beside an appliance (2+2) userspace at {:.2} s (its uptime {up:.2} s); \
              appliance up at {wall:.2} s ({:.2} s after thinhv's start; its own uptime {own:.2} s), \
-             idle exits {rate:.1}/s over {secs:.1} s",
+             idle exits {rate:.1}/s over {secs:.1} s ({})",
             s.secs,
-            wall - hv
+            wall - hv,
+            idle_reasons.last().map_or("", String::as_str)
         );
         app_wall.push(wall);
         app_from_hv.push(wall - hv);
@@ -383,6 +415,7 @@ cmdline = \"console=ttyS0 quiet thinhv_appliance=1 panic=-1 tsc=reliable\"
         "os_beside_appliance_s": beside, "os_beside_appliance_uptime_s": beside_up,
         "appliance_up_s": app_wall, "appliance_up_after_thinhv_s": app_from_hv,
         "appliance_own_uptime_s": app_own, "appliance_idle_exits_per_s": idle_rate,
+        "appliance_idle_exits_by_reason": idle_reasons,
         "reserved_without": reserved.0, "reserved_with": reserved.1,
     }))
 }

@@ -284,12 +284,15 @@ pub fn install(config: &Config) -> Result<String, String> {
         .map(|a| {
             (a.ram.size + a.image.size).div_ceil(2 << 20)
                 + 8
-                // Its IOMMU domain's tables (2 MiB pages where the unit
-                // has them, else one table per 2 MiB) and a context table.
-                + a.ram.size.div_ceil(2 << 20)
-                + 8
-                // Each BAR split out of the OS's tables and mapped in its
-                // own: a few tables each.
+                // With PCI functions: its IOMMU domain's tables (2 MiB
+                // pages where the unit has them, else one table per 2 MiB)
+                // and context tables; each BAR split out of the OS's
+                // tables and mapped in its own, a few tables each.
+                + if a.devices.is_empty() {
+                    0
+                } else {
+                    a.ram.size.div_ceil(2 << 20) + 8
+                }
                 + a.devices.iter().map(|d| 8 * d.bars.len() as u64).sum::<u64>()
         })
         .sum();
