@@ -453,38 +453,17 @@ fn acpi_tables(apic_ids: &[u32], pci_windows: &[(u64, u64)]) -> Vec<(u64, Vec<u8
     ]
 }
 
-/// AML for one device: `Device (COM1) { Name (_HID, EisaId ("PNP0501"))
-/// Name (_UID, 0) Name (_CRS, ResourceTemplate () { IO (Decode16, 0x3F8,
-/// 0x3F8, 1, 8) }) }` in `\_SB`: a 16550 with no interrupt, which Linux's
-/// 8250 driver then polls (ACPI 6.5 §19.6, §6.4.2.5).
+/// The DSDT's AML, in `\_SB`: `Device (COM1)` (`PNP0501`, `IO (Decode16,
+/// 0x3F8, 0x3F8, 1, 8)`), a 16550 with no interrupt, which Linux's 8250
+/// driver then polls (ACPI 6.5 §19.6, §6.4.2.5); and with PCI functions,
+/// `Device (PCI0)` ([`pci_root_bridge`]).
 fn dsdt_body(pci_windows: &[(u64, u64)]) -> Vec<u8> {
-    // The IO resource descriptor and the end tag.
+    // The IO resource descriptor; EisaId ("PNP0501") = 0x0105D041.
     let port = CONSOLE_PORT.to_le_bytes();
-    let crs_buf = [
-        0x47, 0x01, port[0], port[1], port[0], port[1], 0x01, 0x08, // IO
-        0x79, 0x00, // End tag (checksum 0: ignored)
-    ];
-    // Buffer (size) { bytes }
-    let mut buffer = vec![0x0a, crs_buf.len() as u8]; // BytePrefix size
-    buffer.extend_from_slice(&crs_buf);
-    let mut buf_op = vec![0x11];
-    push_pkglen(&mut buf_op, buffer.len());
-    buf_op.extend_from_slice(&buffer);
-    let mut dev_body = Vec::new();
-    dev_body.extend_from_slice(b"COM1");
-    // Name (_HID, EisaId ("PNP0501")) = 0x0105D041
-    dev_body.extend_from_slice(&[0x08, b'_', b'H', b'I', b'D', 0x0c]);
-    dev_body.extend_from_slice(&0x0105_d041u32.to_le_bytes());
-    dev_body.extend_from_slice(&[0x08, b'_', b'U', b'I', b'D', 0x00]);
-    dev_body.extend_from_slice(&[0x08, b'_', b'C', b'R', b'S']);
-    dev_body.extend_from_slice(&buf_op);
-    // Device: ExtOpPrefix DeviceOp PkgLength NameString body
-    let mut dev = vec![0x5b, 0x82];
-    push_pkglen(&mut dev, dev_body.len());
-    dev.extend_from_slice(&dev_body);
+    let io = [0x47, 0x01, port[0], port[1], port[0], port[1], 0x01, 0x08];
     // Scope (\_SB) { devices }
     let mut scope_body = vec![b'\\', b'_', b'S', b'B', b'_'];
-    scope_body.extend_from_slice(&dev);
+    scope_body.extend_from_slice(&aml_device(*b"COM1", 0x0105_d041, &io));
     if !pci_windows.is_empty() {
         scope_body.extend_from_slice(&pci_root_bridge(pci_windows));
     }
@@ -494,12 +473,36 @@ fn dsdt_body(pci_windows: &[(u64, u64)]) -> Vec<u8> {
     scope
 }
 
-/// AML for `Device (PCI0) { Name (_HID, EisaId ("PNP0A03")) Name (_UID,
-/// 0) Name (_CRS, ResourceTemplate () { WordBusNumber (0, 0)
-/// QWordMemory (window)... }) }`: a PCI root bridge (conventional
-/// configuration space through ports 0xCF8/0xCFC, which thinhv presents)
-/// decoding bus 0 and the given memory ranges (ACPI 6.5 §6.4.3.5.1,
-/// §6.4.3.5.3).
+/// AML for `Device (name) { Name (_HID, hid) Name (_UID, 0) Name (_CRS,
+/// ResourceTemplate () { resources }) }` (`hid` a compressed EISA ID;
+/// the end tag is added).
+fn aml_device(name: [u8; 4], hid: u32, resources: &[u8]) -> Vec<u8> {
+    let mut crs = resources.to_vec();
+    crs.extend_from_slice(&[0x79, 0x00]); // End tag (checksum 0: ignored)
+    // Buffer (WordConst size) { bytes }
+    let mut buffer = vec![0x0b];
+    buffer.extend_from_slice(&(crs.len() as u16).to_le_bytes());
+    buffer.extend_from_slice(&crs);
+    let mut buf_op = vec![0x11];
+    push_pkglen(&mut buf_op, buffer.len());
+    buf_op.extend_from_slice(&buffer);
+    let mut body = name.to_vec();
+    body.extend_from_slice(&[0x08, b'_', b'H', b'I', b'D', 0x0c]);
+    body.extend_from_slice(&hid.to_le_bytes());
+    body.extend_from_slice(&[0x08, b'_', b'U', b'I', b'D', 0x00]);
+    body.extend_from_slice(&[0x08, b'_', b'C', b'R', b'S']);
+    body.extend_from_slice(&buf_op);
+    // Device: ExtOpPrefix DeviceOp PkgLength NameString body
+    let mut dev = vec![0x5b, 0x82];
+    push_pkglen(&mut dev, body.len());
+    dev.extend_from_slice(&body);
+    dev
+}
+
+/// A PCI root bridge (`PNP0A03`, EisaId 0x030AD041): conventional
+/// configuration space through ports 0xCF8/0xCFC, which thinhv presents,
+/// decoding bus 0 (`WordBusNumber`) and the given memory ranges
+/// (`QWordMemory` each) (ACPI 6.5 §6.4.3.5.1, §6.4.3.5.3).
 fn pci_root_bridge(windows: &[(u64, u64)]) -> Vec<u8> {
     let mut crs = Vec::new();
     // WordBusNumber: producer, MinFixed | MaxFixed, range 0..=0, length 1.
@@ -515,26 +518,7 @@ fn pci_root_bridge(windows: &[(u64, u64)]) -> Vec<u8> {
             crs.extend_from_slice(&v.to_le_bytes());
         }
     }
-    crs.extend_from_slice(&[0x79, 0x00]);
-    // Buffer (WordConst size) { bytes }
-    let mut buffer = vec![0x0b];
-    buffer.extend_from_slice(&(crs.len() as u16).to_le_bytes());
-    buffer.extend_from_slice(&crs);
-    let mut buf_op = vec![0x11];
-    push_pkglen(&mut buf_op, buffer.len());
-    buf_op.extend_from_slice(&buffer);
-    let mut body = Vec::new();
-    body.extend_from_slice(b"PCI0");
-    // Name (_HID, EisaId ("PNP0A03")) = 0x030AD041
-    body.extend_from_slice(&[0x08, b'_', b'H', b'I', b'D', 0x0c]);
-    body.extend_from_slice(&0x030a_d041u32.to_le_bytes());
-    body.extend_from_slice(&[0x08, b'_', b'U', b'I', b'D', 0x00]);
-    body.extend_from_slice(&[0x08, b'_', b'C', b'R', b'S']);
-    body.extend_from_slice(&buf_op);
-    let mut dev = vec![0x5b, 0x82];
-    push_pkglen(&mut dev, body.len());
-    dev.extend_from_slice(&body);
-    dev
+    aml_device(*b"PCI0", 0x030a_d041, &crs)
 }
 
 /// AML PkgLength (ACPI 6.5 §20.2.4) for `body` bytes after it.

@@ -43,6 +43,21 @@ fn boot_probe_or_bare(name: &str, config: Option<&str>, markers: &[&str]) -> (St
     for m in markers {
         esp.put_bytes(m, b"1\n").unwrap();
     }
+    let mut run = start_bochs(&dir, &esp);
+    let t = wait_or_panic(&mut run, "THINHV-PROBE-END");
+    eprintln!("[{name}] probe finished after {:.0} s", t.as_secs_f64());
+    let out = run.output();
+    let _ = run.wait_exit(Duration::from_secs(30));
+    drop(run);
+    let r = section(&out, "THINHV-PROBE-BEGIN", "THINHV-PROBE-END")
+        .unwrap()
+        .to_string();
+    (out, r)
+}
+
+/// Bochs with two processors booting `esp` (in `dir`: the disk image,
+/// the bochsrc, the serial and Bochs logs).
+fn start_bochs(dir: &std::path::Path, esp: &Esp) -> Run {
     let disk = dir.join("disk.img");
     bochs::disk_image(esp.root(), &disk).unwrap();
     let serial = dir.join("serial.txt");
@@ -61,24 +76,19 @@ fn boot_probe_or_bare(name: &str, config: Option<&str>, markers: &[&str]) -> (St
         ),
     )
     .unwrap();
-    let mut run = Run::start_group(bochs::command(&cfg, &rc), &serial).unwrap();
-    let t = run
-        .wait_for("THINHV-PROBE-END", TIMEOUT)
-        .unwrap_or_else(|e| {
-            panic!(
-                "{e}\n----- serial -----\n{}\n----- bochs -----\n{}",
-                run.output(),
-                run.qemu_messages()
-            )
-        });
-    eprintln!("[{name}] probe finished after {:.0} s", t.as_secs_f64());
-    let out = run.output();
-    let _ = run.wait_exit(Duration::from_secs(30));
-    drop(run);
-    let r = section(&out, "THINHV-PROBE-BEGIN", "THINHV-PROBE-END")
-        .unwrap()
-        .to_string();
-    (out, r)
+    Run::start_group(bochs::command(&cfg, &rc), &serial).unwrap()
+}
+
+/// Waits for `marker`; panics with the serial and Bochs output if it does
+/// not come within [`TIMEOUT`].
+fn wait_or_panic(run: &mut Run, marker: &str) -> Duration {
+    run.wait_for(marker, TIMEOUT).unwrap_or_else(|e| {
+        panic!(
+            "{e}\n----- serial -----\n{}\n----- bochs -----\n{}",
+            run.output(),
+            run.qemu_messages()
+        )
+    })
 }
 
 /// The AP came up under thinhv: OVMF's INIT-SIPI-SIPI was taken as one
@@ -376,33 +386,9 @@ fn an_appliance_partition_starts_on_vmx_in_bochs() {
          kernel = '\\EFI\\appliance\\tiny'\ncmdline = \"\"\n"
     );
     esp.install_thinhv(&b.efi, Some(&config)).unwrap();
-    let disk = dir.join("disk.img");
-    bochs::disk_image(esp.root(), &disk).unwrap();
-    let serial = dir.join("serial.txt");
-    let rc = dir.join("rc");
-    std::fs::write(&rc, "c\n").unwrap();
-    let cfg = dir.join("bochsrc");
-    let fd = firmware::find_combined().unwrap();
-    std::fs::write(
-        &cfg,
-        bochs::config(
-            &fd,
-            &disk,
-            &serial,
-            &dir.join("bochs.log"),
-            Profile::default(),
-        ),
-    )
-    .unwrap();
-    let mut run = Run::start_group(bochs::command(&cfg, &rc), &serial).unwrap();
+    let mut run = start_bochs(&dir, &esp);
     let marker = "[tiny] THINHV-APPLIANCE: up on VMX";
-    let t = run.wait_for(marker, TIMEOUT).unwrap_or_else(|e| {
-        panic!(
-            "{e}\n----- serial -----\n{}\n----- bochs -----\n{}",
-            run.output(),
-            run.qemu_messages()
-        )
-    });
+    let t = wait_or_panic(&mut run, marker);
     eprintln!("[{name}] appliance up after {:.0} s", t.as_secs_f64());
     let out = run.output();
     drop(run);

@@ -21,6 +21,17 @@ struct Sample {
     out: String,
 }
 
+impl Sample {
+    /// Bytes thinhv reserved, from the guest's status report (0 without).
+    fn reserved(&self) -> u64 {
+        self.status
+            .as_ref()
+            .and_then(|v| v.get("bytes_reserved"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    }
+}
+
 /// A machine other than the plain one: a name, extra QEMU arguments,
 /// extra configuration and extra kernel options.
 type Variant<'a> = (&'a str, &'a [&'a str], &'a str, &'a str);
@@ -271,12 +282,7 @@ cmdline = \"console=ttyS0 quiet thinhv_appliance=1 panic=-1 tsc=reliable\"
         );
         alone.push(s.secs);
         alone_up.push(up);
-        reserved.0 = s
-            .status
-            .as_ref()
-            .and_then(|v| v.get("bytes_reserved"))
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
+        reserved.0 = s.reserved();
         let s = boot_once(
             a,
             img,
@@ -288,12 +294,7 @@ cmdline = \"console=ttyS0 quiet thinhv_appliance=1 panic=-1 tsc=reliable\"
         let up = os_uptime(&s.out).unwrap_or(f64::NAN);
         beside.push(s.secs);
         beside_up.push(up);
-        reserved.1 = s
-            .status
-            .as_ref()
-            .and_then(|v| v.get("bytes_reserved"))
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
+        reserved.1 = s.reserved();
         let seen = number_after(&s.out, "THINHV-BENCH-APPLIANCE: up_at_os_uptime=")
             .ok_or_else(|| format!("the OS did not see the appliance come up:\n{}", s.out))?;
         let own = s
