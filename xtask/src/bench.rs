@@ -268,6 +268,7 @@ cmdline = \"console=ttyS0 quiet thinhv_appliance=1 panic=-1 tsc=reliable\"
     const IOMMU: [&str; 2] = ["-device", "intel-iommu"];
     let (mut alone, mut beside) = (Vec::new(), Vec::new());
     let (mut alone_up, mut beside_up) = (Vec::new(), Vec::new());
+    let (mut alone2, mut alone2_up) = (Vec::new(), Vec::new());
     let (mut app_wall, mut app_own, mut app_from_hv) = (Vec::new(), Vec::new(), Vec::new());
     let mut idle_rate = Vec::new();
     let mut idle_reasons = Vec::new();
@@ -283,6 +284,22 @@ cmdline = \"console=ttyS0 quiet thinhv_appliance=1 panic=-1 tsc=reliable\"
         alone.push(s.secs);
         alone_up.push(up);
         reserved.0 = s.reserved();
+        // The OS on as many processors as it keeps beside the appliance.
+        let s = boot_once(
+            a,
+            img,
+            true,
+            2,
+            n,
+            Some(("-no-appliance-2", &IOMMU, "", "")),
+        )?;
+        let up = os_uptime(&s.out).unwrap_or(f64::NAN);
+        println!(
+            "run {n}: OS alone (2 CPUs)          userspace at {:.2} s (its uptime {up:.2} s)",
+            s.secs
+        );
+        alone2.push(s.secs);
+        alone2_up.push(up);
         let s = boot_once(
             a,
             img,
@@ -386,14 +403,25 @@ cmdline = \"console=ttyS0 quiet thinhv_appliance=1 panic=-1 tsc=reliable\"
         m(&alone_up)
     );
     println!(
+        "    OS userspace, no appliance (2 CPUs):   {:6.2} s from QEMU start, its uptime {:6.2} s",
+        m(&alone2),
+        m(&alone2_up)
+    );
+    println!(
         "    OS userspace beside it (2 CPUs):       {:6.2} s from QEMU start, its uptime {:6.2} s",
         m(&beside),
         m(&beside_up)
     );
     println!(
-        "    ratio (beside / alone):                {:6.3} wall, {:6.3} OS uptime",
+        "    ratio beside / alone on 4 CPUs:        {:6.3} wall, {:6.3} OS uptime",
         m(&beside) / m(&alone),
         m(&beside_up) / m(&alone_up)
+    );
+    println!(
+        "    ratio beside / alone on 2 CPUs:        {:6.3} wall, {:6.3} OS uptime (in TCG the \
+         appliance's processors share the host's cores with the OS's)",
+        m(&beside) / m(&alone2),
+        m(&beside_up) / m(&alone2_up)
     );
     println!(
         "    appliance userspace: {:.2} s from QEMU start, {:.2} s after thinhv's start, its own uptime {:.2} s",
@@ -413,6 +441,7 @@ cmdline = \"console=ttyS0 quiet thinhv_appliance=1 panic=-1 tsc=reliable\"
     );
     Ok(serde_json::json!({
         "os_alone_s": alone, "os_alone_uptime_s": alone_up,
+        "os_alone_2cpus_s": alone2, "os_alone_2cpus_uptime_s": alone2_up,
         "os_beside_appliance_s": beside, "os_beside_appliance_uptime_s": beside_up,
         "appliance_up_s": app_wall, "appliance_up_after_thinhv_s": app_from_hv,
         "appliance_own_uptime_s": app_own, "appliance_idle_exits_per_s": idle_rate,
