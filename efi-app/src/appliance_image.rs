@@ -61,7 +61,8 @@ const SMBIOS_TABLE: u64 = 0xf_0100;
 /// host bridge, which the appliance has none of; from 2008 on it uses
 /// the root bridge's `_CRS` windows).
 const BIOS_DATE: &str = "01/01/2026";
-/// The port of the 16550 the DSDT describes (the appliance's console).
+/// The port of the 16550 the DSDT describes when thinhv emulates the
+/// appliance's console (`console = "log"`).
 pub const CONSOLE_PORT: u16 = 0x3f8;
 /// Selectors of the GDT.
 pub const CODE_SELECTOR: u16 = 0x10;
@@ -189,6 +190,10 @@ pub struct Spec<'a> {
     pub ram: u64,
     /// Its processors' APIC IDs; the first starts the kernel.
     pub apic_ids: &'a [u32],
+    /// The I/O port of its console UART: [`CONSOLE_PORT`] (emulated), or
+    /// the COM port given to it (`console = "com2"`), which its DSDT then
+    /// describes instead.
+    pub console_port: u16,
     /// Memory ranges of the PCI functions it is given (their BARs, at the
     /// addresses the firmware assigned): the windows of the PCI root
     /// bridge in its DSDT. Empty: no PCI root bridge.
@@ -247,7 +252,7 @@ pub fn build(s: &Spec<'_>) -> Result<Image, String> {
     let mut cmd = s.cmdline.as_bytes().to_vec();
     cmd.push(0);
     pieces.push((CMDLINE, cmd));
-    for (at, t) in acpi_tables(s.apic_ids, s.pci_windows) {
+    for (at, t) in acpi_tables(s.apic_ids, s.console_port, s.pci_windows) {
         pieces.push((at, t));
     }
     pieces.push((BIOS_AREA, bios_area()));
@@ -395,7 +400,7 @@ fn bios_area() -> Vec<u8> {
 }
 
 /// RSDP, XSDT, FADT, MADT, DSDT at their addresses.
-fn acpi_tables(apic_ids: &[u32], pci_windows: &[(u64, u64)]) -> Vec<(u64, Vec<u8>)> {
+fn acpi_tables(apic_ids: &[u32], console: u16, pci_windows: &[(u64, u64)]) -> Vec<(u64, Vec<u8>)> {
     // FADT (ACPI 6.5 §5.2.9), revision 6.5, 276 bytes: hardware-reduced
     // (no PM timer, no SCI, no legacy devices), X_DSDT only.
     let mut f = vec![0u8; 276 - 36];
@@ -430,7 +435,7 @@ fn acpi_tables(apic_ids: &[u32], pci_windows: &[(u64, u64)]) -> Vec<(u64, Vec<u8
         }
     }
     let madt = sdt(*b"APIC", 5, &m);
-    let dsdt = sdt(*b"DSDT", 2, &dsdt_body(pci_windows));
+    let dsdt = sdt(*b"DSDT", 2, &dsdt_body(console, pci_windows));
     let mut x = Vec::new();
     for a in [FADT, MADT] {
         x.extend_from_slice(&a.to_le_bytes());
@@ -454,12 +459,12 @@ fn acpi_tables(apic_ids: &[u32], pci_windows: &[(u64, u64)]) -> Vec<(u64, Vec<u8
 }
 
 /// The DSDT's AML, in `\_SB`: `Device (COM1)` (`PNP0501`, `IO (Decode16,
-/// 0x3F8, 0x3F8, 1, 8)`), a 16550 with no interrupt, which Linux's 8250
+/// console, console, 1, 8)`), a 16550 with no interrupt, which Linux's 8250
 /// driver then polls (ACPI 6.5 §19.6, §6.4.2.5); and with PCI functions,
 /// `Device (PCI0)` ([`pci_root_bridge`]).
-fn dsdt_body(pci_windows: &[(u64, u64)]) -> Vec<u8> {
+fn dsdt_body(console: u16, pci_windows: &[(u64, u64)]) -> Vec<u8> {
     // The IO resource descriptor; EisaId ("PNP0501") = 0x0105D041.
-    let port = CONSOLE_PORT.to_le_bytes();
+    let port = console.to_le_bytes();
     let io = [0x47, 0x01, port[0], port[1], port[0], port[1], 0x01, 0x08];
     // Scope (\_SB) { devices }
     let mut scope_body = vec![b'\\', b'_', b'S', b'B', b'_'];
@@ -567,6 +572,7 @@ mod tests {
             cmdline: "console=ttyS0",
             ram: 256 << 20,
             apic_ids: &[2, 3],
+            console_port: CONSOLE_PORT,
             pci_windows: &[],
         })
         .unwrap();
@@ -602,6 +608,7 @@ mod tests {
             cmdline: "",
             ram,
             apic_ids: &[1],
+            console_port: CONSOLE_PORT,
             pci_windows: &[],
         };
         let e = build(&spec(64 << 20, None)).unwrap_err();
@@ -620,6 +627,7 @@ mod tests {
             cmdline: &long,
             ram: 256 << 20,
             apic_ids: &[1],
+            console_port: CONSOLE_PORT,
             pci_windows: &[],
         })
         .unwrap_err();
@@ -628,7 +636,7 @@ mod tests {
 
     #[test]
     fn acpi_tables_checksum_and_name_only_the_appliance_cpus() {
-        let t = acpi_tables(&[2, 3, 300], &[]);
+        let t = acpi_tables(&[2, 3, 300], CONSOLE_PORT, &[]);
         for (_, b) in &t[1..] {
             assert_eq!(b.iter().fold(0u8, |a, x| a.wrapping_add(*x)), 0);
             assert_eq!(u32_at(b, 4) as usize, b.len());
@@ -655,7 +663,7 @@ mod tests {
     #[test]
     fn a_pci_root_bridge_decodes_the_given_windows() {
         let w = [(0xc000_0000, 0x2_0000), (0x8_0000_0000, 0x4000)];
-        let t = acpi_tables(&[1], &w);
+        let t = acpi_tables(&[1], 0x2f8, &w);
         let dsdt = &t[4].1;
         assert_eq!(dsdt.iter().fold(0u8, |a, x| a.wrapping_add(*x)), 0);
         let d = &dsdt[36..];
@@ -663,6 +671,11 @@ mod tests {
         assert_eq!(d[0], 0x10);
         let len = usize::from(d[1] & 0xf) | usize::from(d[2]) << 4;
         assert_eq!(len, d.len() - 1);
+        // The console given to it (COM2) is the UART described.
+        assert!(
+            d.windows(6)
+                .any(|x| x == [0x47, 0x01, 0xf8, 0x02, 0xf8, 0x02])
+        );
         let at = d.windows(4).position(|x| x == b"PCI0").unwrap();
         let dev = &d[at..];
         assert_eq!(&dev[5..10], b"_HID\x0c".as_slice());

@@ -126,6 +126,10 @@ fn load(
         cmdline: cmdline.trim_start(),
         ram: a.memory_bytes(),
         apic_ids,
+        console_port: match a.console {
+            thinhv_config::Console::Log => appliance_image::CONSOLE_PORT,
+            thinhv_config::Console::Port(port) => port,
+        },
         pci_windows: &devices
             .iter()
             .flat_map(|d| d.bars.iter().map(|&(_, _, base, size)| (base, size)))
