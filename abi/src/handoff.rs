@@ -633,6 +633,13 @@ pub struct PartitionInfo {
     pub devices: [PartitionDevice; MAX_PARTITION_DEVICES],
 }
 
+/// The IOMMU domain of appliance partition `i + 1`'s PCI functions (1 is
+/// the OS's; 2 the blocked requesters' on AMD-Vi).
+#[allow(clippy::cast_possible_truncation)] // i < MAX_APPLIANCES
+pub const fn appliance_iommu_domain(i: usize) -> u16 {
+    16 + i as u16
+}
+
 /// Most PCI functions of one appliance.
 pub const MAX_PARTITION_DEVICES: usize = 4;
 

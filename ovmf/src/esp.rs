@@ -75,6 +75,24 @@ impl Esp {
     }
 }
 
+/// The appliance the tests and the bench run beside the OS
+/// (`docs/appliances.md`): the Debian kernel and the test initramfs (the
+/// same files on the ESP as the OS's; the initramfs's init, given
+/// `thinhv_appliance=1`, reports and then prints its uptime every 5 s) on
+/// 2 processors with 256 MiB. `tsc=reliable`: QEMU's TCG CPU does not
+/// report an invariant TSC, so Linux on an AMD CPU with two processors
+/// would fall back to counting timer ticks, which lose time when the
+/// emulator is busy; a server CPU reports it and needs no such option.
+pub const TEST_APPLIANCE: &str = "
+[[appliance]]
+name = \"store\"
+cpus = 2
+memory = 256
+kernel = '\\EFI\\Linux\\vmlinuz.efi'
+initrd = '\\EFI\\Linux\\initrd.img'
+cmdline = \"console=ttyS0 quiet thinhv_appliance=1 panic=-1 tsc=reliable\"
+";
+
 /// The kernel command line thinhv passes (initrd from the ESP).
 pub fn kernel_options(extra: &str) -> String {
     format!("initrd={INITRD} console=ttyS0,115200 panic=-1 {extra}")

@@ -4,22 +4,8 @@
 use thinhv_ovmf::qemu::Profile;
 use thinhv_tests::{Guest, boot_linux_under_thinhv, cpu_list_len};
 
-/// The Debian kernel and the test initramfs as the appliance (the same
-/// files on the ESP as the OS's; the initramfs's init, given
-/// `thinhv_appliance=1`, reports and then prints its uptime every 5 s).
-/// `tsc=reliable`: QEMU's TCG CPU does not report an invariant TSC, so
-/// Linux on an AMD CPU with two processors would fall back to counting
-/// timer ticks, which lose time when the emulator is busy; a server CPU
-/// reports it and needs no such option.
-const APPLIANCE: &str = "
-[[appliance]]
-name = \"store\"
-cpus = 2
-memory = 256
-kernel = '\\EFI\\Linux\\vmlinuz.efi'
-initrd = '\\EFI\\Linux\\initrd.img'
-cmdline = \"console=ttyS0 quiet thinhv_appliance=1 panic=-1 tsc=reliable\"
-";
+/// The test appliance (2 CPUs, 256 MiB, the Debian kernel).
+const APPLIANCE: &str = thinhv_ovmf::esp::TEST_APPLIANCE;
 
 fn os_with(name: &str, extra_config: &str, options: &str) -> Guest {
     os_on(name, extra_config, options, &[])

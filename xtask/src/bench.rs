@@ -256,15 +256,7 @@ fn appliance_figures(
     img: &linux::LinuxImage,
     runs: usize,
 ) -> Result<Value, String> {
-    const APPLIANCE: &str = "
-[[appliance]]
-name = \"store\"
-cpus = 2
-memory = 256
-kernel = '\\EFI\\Linux\\vmlinuz.efi'
-initrd = '\\EFI\\Linux\\initrd.img'
-cmdline = \"console=ttyS0 quiet thinhv_appliance=1 panic=-1 tsc=reliable\"
-";
+    const APPLIANCE: &str = esp::TEST_APPLIANCE;
     const IOMMU: [&str; 2] = ["-device", "intel-iommu"];
     let (mut alone, mut beside) = (Vec::new(), Vec::new());
     let (mut alone_up, mut beside_up) = (Vec::new(), Vec::new());

@@ -239,7 +239,7 @@ pub fn install(config: &Config) -> Result<String, String> {
         let Some(d) = a
             .devices
             .iter()
-            .find(|d| pci.find(d.bdf.bus, d.bdf.rid() as u8).is_none() || !pci.is_blocked(d.bdf.rid()))
+            .find(|d| pci.find(d.bdf.bus, d.bdf.devfn()).is_none() || !pci.is_blocked(d.bdf.rid()))
         else {
             return true;
         };
@@ -266,10 +266,11 @@ pub fn install(config: &Config) -> Result<String, String> {
         for r in &mut devices {
             if a.devices
                 .iter()
-                .any(|d| d.bdf.bus == r.bus && d.bdf.rid() as u8 == r.devfn)
+                .any(|d| d.bdf.bus == r.bus && d.bdf.devfn() == r.devfn)
             {
                 r.owner = thinhv_abi::status::OWNER_APPLIANCE;
-                r.iommu_domain = 16 + i as u8;
+                r.iommu_domain =
+                    u8::try_from(thinhv_abi::handoff::appliance_iommu_domain(i)).unwrap_or(0);
             }
         }
     }

@@ -89,6 +89,14 @@ fn real_address(dev: &PartitionDevice, reg: u16) -> u32 {
     1 << 31 | u32::from(dev.rid) << 8 | u32::from(reg & 0xfc)
 }
 
+/// Clears Bus Master Enable in `dev`'s command register.
+pub(super) fn stop_bus_mastering(env: &mut impl Env, dev: &PartitionDevice) {
+    let command = env.legacy_config_access(real_address(dev, 0x04), DATA, 2, None);
+    if command != 0xffff && command & 4 != 0 {
+        env.legacy_config_access(real_address(dev, 0x04), DATA, 2, Some(command & !4));
+    }
+}
+
 fn read(
     env: &mut impl Env,
     id: PartitionId,

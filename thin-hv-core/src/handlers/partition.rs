@@ -117,9 +117,16 @@ pub fn stop(env: &mut impl Env, id: PartitionId, why: &str) {
     }
     p.set_reason(why);
     quiesce_devices(env, id);
+    park(env, id, None);
+}
+
+/// Every processor of appliance `id` (but `except`, which parks on its
+/// own way out) gets a virtual INIT and the wake-up to take it: it then
+/// waits in thinhv.
+pub fn park(env: &mut impl Env, id: PartitionId, except: Option<usize>) {
     for i in 0..env.hv().cpus().len() {
         let slot = &env.hv().cpus()[i];
-        if slot.partition == id && slot.virtualized() {
+        if Some(i) != except && slot.partition == id && slot.virtualized() {
             let apic_id = slot.apic_id;
             slot.mailbox.post_init();
             env.kick_for_init(apic_id);
@@ -164,10 +171,6 @@ pub fn quiesce_devices(env: &mut impl Env, id: PartitionId) {
     let devices = p.info.devices;
     let n = p.info.devices().len();
     for d in &devices[..n] {
-        let address = 1 << 31 | u32::from(d.rid) << 8 | 0x04;
-        let command = env.legacy_config_access(address, 0xcfc, 2, None);
-        if command != 0xffff && command & 4 != 0 {
-            env.legacy_config_access(address, 0xcfc, 2, Some(command & !4));
-        }
+        super::appliance_pci::stop_bus_mastering(env, d);
     }
 }

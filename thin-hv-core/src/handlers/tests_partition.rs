@@ -342,26 +342,8 @@ fn control_none_and_malformed_requests_are_refused() {
 
 /// Port I/O from appliance CPU 2; what it read.
 fn appliance_io(env: &mut FakeEnv, port: u16, size: u8, input: bool, rax: u64) -> u64 {
-    env.cpu = 2;
     env.hv.cpus()[2].entered.store(true, Ordering::SeqCst);
-    let mut c = super::fake::FakeCpu {
-        rip: super::tests::RIP,
-        hint: Some(super::tests::RIP + 1),
-        ..Default::default()
-    };
-    c.regs[crate::guest::Gpr::Rax as usize] = rax;
-    let h = super::handle(
-        &crate::exit::Exit::PortIo {
-            port,
-            size,
-            input,
-            string: false,
-        },
-        &mut c,
-        env,
-    );
-    assert_eq!(h.outcome, super::Outcome::Resume);
-    c.regs[crate::guest::Gpr::Rax as usize]
+    super::tests_pcicfg::io(env, 2, port, size, input, rax)
 }
 
 #[test]

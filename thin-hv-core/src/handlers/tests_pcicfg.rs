@@ -70,7 +70,7 @@ fn machine() -> FakeEnv {
 
 /// IN or OUT of `size` bytes at `port` on CPU `cpu`, RAX holding `rax`
 /// before; RAX after.
-fn io(env: &mut FakeEnv, cpu: usize, port: u16, size: u8, input: bool, rax: u64) -> u64 {
+pub(super) fn io(env: &mut FakeEnv, cpu: usize, port: u16, size: u8, input: bool, rax: u64) -> u64 {
     env.cpu = cpu;
     let mut c = FakeCpu {
         rip: RIP,

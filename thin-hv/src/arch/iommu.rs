@@ -255,7 +255,7 @@ impl Iommu {
             } else {
                 top
             };
-            let e = vtd::context_entry(root, aw, appliance_domain(i));
+            let e = vtd::context_entry(root, aw, thinhv_abi::handoff::appliance_iommu_domain(i));
             for d in p.devices() {
                 assigned[n_assigned] = (d.rid, e);
                 n_assigned += 1;
@@ -341,7 +341,7 @@ impl Iommu {
             }
             let e = amdvi::dte(
                 partition_tables(&AmdViFormat, p, frames)?,
-                appliance_domain(i),
+                thinhv_abi::handoff::appliance_iommu_domain(i),
             );
             for d in p.devices() {
                 assigned[n_assigned] = (d.rid, e);
@@ -607,12 +607,6 @@ fn identity_tables(
             .map_err(|_| oom)?;
     }
     Ok(root)
-}
-
-/// The IOMMU domain of appliance partition `i + 1` (1 is the OS's, 2
-/// the blocked requesters' on AMD-Vi).
-fn appliance_domain(i: usize) -> u16 {
-    16 + i as u16
 }
 
 /// An appliance's I/O page tables: its guest-physical `[0, RAM size)` on

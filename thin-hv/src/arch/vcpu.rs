@@ -370,12 +370,7 @@ fn crash_partition(core: &Core, cpu: usize, why: &str) {
         return;
     };
     let mut env = super::env_impl::HwEnv { core: global, cpu };
-    for (i, slot) in core.hv.cpus().iter().enumerate() {
-        if i != cpu && slot.partition == id && slot.virtualized() {
-            slot.mailbox.post_init();
-            crate::env::Env::kick_for_init(&mut env, slot.apic_id);
-        }
-    }
+    crate::handlers::partition::park(&mut env, id, Some(cpu));
     if p.info.flags & thinhv_abi::handoff::partition_flags::RESTART_ON_CRASH != 0 {
         log::warn!(
             "appliance {:?}: restarting ({} restart(s) so far)",
