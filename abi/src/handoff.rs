@@ -735,6 +735,9 @@ pub mod partition_flags {
     pub const RESTART_ON_CRASH: u16 = 1 << 0;
     /// `control = "os"`: the OS's root may stop and start it.
     pub const OS_CONTROL: u16 = 1 << 1;
+    /// `apic = "x2apic"`: its processors start in x2APIC mode where the
+    /// processor has it.
+    pub const X2APIC: u16 = 1 << 2;
 }
 
 /// CPU features the loader found ([`Handoff::features`]).

@@ -351,6 +351,10 @@ pub const fn iommu_offset(max_cpus: usize) -> usize {
     devices_offset(max_cpus) + MAX_DEVICES * core::mem::size_of::<DeviceRecord>()
 }
 
+/// [`ApplianceRecord::flags`]: its processors were handed over in x2APIC
+/// mode (its table asked for it and the processor has it).
+pub const APPLIANCE_IN_X2APIC: u32 = 1 << 16;
+
 /// One appliance partition (`thinhv appliances`); records whose name
 /// starts with a NUL are unused.
 #[derive(
@@ -385,7 +389,8 @@ pub struct ApplianceRecord {
     pub restarts: u32,
     /// Crashes.
     pub crashes: u32,
-    /// `handoff::partition_flags`.
+    /// `handoff::partition_flags` (bits 0–15) and
+    /// [`APPLIANCE_IN_X2APIC`].
     pub flags: u32,
     /// Console port (0: the log).
     pub console_port: u16,

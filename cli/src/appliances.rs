@@ -65,6 +65,7 @@ pub fn record_json(r: &ApplianceRecord, now_tsc: u64, log: &str, exits: u64) -> 
         "last_stop_reason": text(&r.reason),
         "on_crash": if r.flags & u32::from(partition_flags::RESTART_ON_CRASH) != 0 { "restart" } else { "stop" },
         "control": if r.flags & u32::from(partition_flags::OS_CONTROL) != 0 { "os" } else { "none" },
+        "apic": if r.flags & thinhv_abi::status::APPLIANCE_IN_X2APIC != 0 { "x2apic" } else { "xapic" },
         "console": if r.console_port == 0 { "log".to_string() } else { format!("{:#x}", r.console_port) },
         "last_console_lines": lines[lines.len().saturating_sub(5)..],
     })
@@ -101,11 +102,12 @@ pub fn list(json_out: bool) -> ExitCode {
     for r in &pg.appliances {
         let v = record_json(r, now, &pg.log, exits(r, &pg.cpus));
         println!(
-            "{:<16} {:<9} cpus {} (from APIC {}), {} MiB, uptime {}, restarts {}, crashes {}{}",
+            "{:<16} {:<9} cpus {} (from APIC {}, {}), {} MiB, uptime {}, restarts {}, crashes {}{}",
             v["name"].as_str().unwrap_or("?"),
             v["state"].as_str().unwrap_or("?"),
             r.cpu_count,
             r.first_apic_id,
+            v["apic"].as_str().unwrap_or("?"),
             r.ram_size >> 20,
             uptime(r, now).map_or("-".to_string(), |s| format!("{s:.0} s")),
             r.restarts,
@@ -266,6 +268,9 @@ mod tests {
         assert_eq!(v["uptime_seconds"], 10.0);
         assert_eq!(v["on_crash"], "restart");
         assert_eq!(v["control"], "none");
+        assert_eq!(v["apic"], "xapic");
+        r.flags |= thinhv_abi::status::APPLIANCE_IN_X2APIC;
+        assert_eq!(record_json(&r, 11_000_000, "", 0)["apic"], "x2apic");
         r.state = 4;
         assert!(record_json(&r, 11_000_000, "", 0)["uptime_seconds"].is_null());
     }

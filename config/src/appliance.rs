@@ -171,6 +171,30 @@ impl Control {
     }
 }
 
+/// `apic`: the local APIC mode the appliance's processors start in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApicMode {
+    /// x2APIC where the processor has it (default): its kernel keeps the
+    /// mode the platform hands over, its EOI and timer registers are MSRs
+    /// that never exit, and only the ICR is thinhv's.
+    #[default]
+    X2apic,
+    /// xAPIC (a kernel built without x2APIC support): every write to the
+    /// APIC page exits, since the page holds the ICR.
+    Xapic,
+}
+
+impl ApicMode {
+    /// The spelling in the file.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::X2apic => "x2apic",
+            Self::Xapic => "xapic",
+        }
+    }
+}
+
 /// One `[[appliance]]` table.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -202,6 +226,9 @@ pub struct Appliance {
     /// Who may stop it.
     #[serde(default)]
     pub control: Control,
+    /// The APIC mode its processors start in.
+    #[serde(default)]
+    pub apic: ApicMode,
     /// Line of the `[[appliance]]` header (filled in by
     /// [`crate::Config::parse`]).
     #[serde(skip)]

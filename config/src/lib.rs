@@ -26,7 +26,7 @@ use core::fmt;
 use core::fmt::Write;
 use serde::Deserialize;
 
-pub use appliance::{Appliance, Console, Control, CpuSpec, OnCrash};
+pub use appliance::{ApicMode, Appliance, Console, Control, CpuSpec, OnCrash};
 pub use salvage::{Salvaged, salvage};
 pub use value::{InitSipi, IommuMode, LogLevel, OnFatal, Serial};
 
@@ -489,10 +489,11 @@ impl Config {
             let _ = writeln!(s, "]");
             let _ = writeln!(
                 s,
-                "console = {}\non_crash = \"{}\"\ncontrol = \"{}\"",
+                "console = {}\non_crash = \"{}\"\ncontrol = \"{}\"\napic = \"{}\"",
                 a.console,
                 a.on_crash.name(),
-                a.control.name()
+                a.control.name(),
+                a.apic.name()
             );
         }
         if self.debug != Debug::default() {

@@ -265,6 +265,7 @@ cmdline = "console=ttyS0 quiet"
 devices = ["8086:10d3"]
 on_crash = "stop"
 control = "none"
+apic = "xapic"
 
 [[appliance]] # a monitor on two named cores
 name = "mon"
@@ -281,13 +282,15 @@ console = "com2"
     assert_eq!(a.console, Console::Log, "console defaults to the log ring");
     assert_eq!((a.on_crash, a.control), (OnCrash::Stop, Control::None));
     assert_eq!(a.line, Some(6));
+    assert_eq!(a.apic, crate::ApicMode::Xapic);
     let b = &c.appliance[1];
+    assert_eq!(b.apic, crate::ApicMode::X2apic, "x2APIC by default");
     assert_eq!(b.cpus, CpuSpec::ApicIds(vec![6, 7]));
     assert_eq!(b.console, Console::Port(0x2f8));
     assert_eq!((b.on_crash, b.control), (OnCrash::Restart, Control::Os));
     assert_eq!(b.initrd, None);
-    assert_eq!(b.line, Some(17));
-    assert!(b.label().contains("line 17"), "{}", b.label());
+    assert_eq!(b.line, Some(18));
+    assert!(b.label().contains("line 18"), "{}", b.label());
     let again = Config::parse(&c.effective()).unwrap();
     let strip = |c: &Config| {
         c.appliance

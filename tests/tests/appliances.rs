@@ -76,6 +76,9 @@ fn a_linux_appliance_runs_beside_an_os_that_cannot_see_or_reach_it() {
     );
     let up = g.get("appliance_up");
     assert!(up.contains("cpus=2 online=0-1"), "{up}\n{log}");
+    // Its kernel kept the x2APIC mode thinhv handed its processors over in
+    // (EOI and timer MSRs never exit), and `thinhv appliances` says so.
+    assert!(up.ends_with(" apic=x2apic"), "{up}");
     let kb = numbers(up.split("mem_kb=").nth(1).unwrap_or(""))[0];
     assert!((180_000.0..262_144.0).contains(&kb), "{up}");
     // Its clock keeps time: four of its 5 s ticks against the OS's clock.
@@ -174,6 +177,7 @@ fn a_linux_appliance_runs_beside_an_os_that_cannot_see_or_reach_it() {
     assert_eq!(a["state"], "running", "{list}");
     assert_eq!(a["cpus"], 2, "{list}");
     assert_eq!(a["memory_mib"], 256, "{list}");
+    assert_eq!(a["apic"], "x2apic", "{list}");
     assert_eq!(a["restarts"], 0, "{list}");
     assert!(a["uptime_seconds"].as_f64().unwrap() > 20.0, "{list}");
     assert!(

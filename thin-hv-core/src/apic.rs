@@ -19,6 +19,28 @@ pub mod reg {
     pub const LDR: u32 = 0xd0;
     /// Destination format register.
     pub const DFR: u32 = 0xe0;
+    /// LVT LINT0 (the platform's 8259 INTR in virtual-wire mode).
+    pub const LVT_LINT0: u32 = 0x350;
+    /// LVT LINT1 (the platform's NMI).
+    pub const LVT_LINT1: u32 = 0x360;
+}
+
+/// LVT mask bit.
+pub const LVT_MASKED: u32 = 1 << 16;
+
+/// The bits of an LVT LINT register a write may carry: vector, delivery
+/// mode, delivery status and remote IRR (read-only, ignored), polarity,
+/// trigger mode, mask (SDM Vol. 3A Figure 11-8). In x2APIC mode a write
+/// with any other bit set raises #GP (§12.12.1.2).
+pub const LVT_LINT_WRITABLE: u64 = 0x1_f7ff;
+
+/// What reaches LVT LINT0/LINT1 when partition `appliance` (or the OS)
+/// writes `value`: an appliance's stay masked. Those pins carry the
+/// platform's legacy interrupt (the 8259's INTR, which the OS programs) and
+/// its NMI (the OS's to raise, through the chipset), and thinhv wires no
+/// platform line to an appliance.
+pub const fn lint_value(value: u32, appliance: bool) -> u32 {
+    if appliance { value | LVT_MASKED } else { value }
 }
 
 /// MSR of the x2APIC ICR (64 bits, one write).
@@ -31,6 +53,19 @@ pub const APIC_BASE_EXTD: u64 = 1 << 10;
 pub const APIC_BASE_EN: u64 = 1 << 11;
 /// IA32_APIC_BASE: address bits.
 pub const APIC_BASE_ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+
+/// The IA32_APIC_BASE values to write, in order, to take a local APIC
+/// whose register reads `base` to x2APIC mode: none when it is there
+/// already; through xAPIC when it is disabled, since disabled → x2APIC is
+/// an invalid transition (SDM Vol. 3A §12.12.5, Figure 12-27).
+pub fn to_x2apic(base: u64) -> [Option<u64>; 2] {
+    if base & APIC_BASE_EXTD != 0 && base & APIC_BASE_EN != 0 {
+        return [None, None];
+    }
+    let xapic = (base & !APIC_BASE_EXTD) | APIC_BASE_EN;
+    let first = (base & APIC_BASE_EN == 0).then_some(xapic);
+    [first, Some(xapic | APIC_BASE_EXTD)]
+}
 
 /// Delivery mode (ICR bits 8–10). A newtype: every 3-bit value is legal to
 /// write, reserved ones included.
@@ -185,6 +220,18 @@ mod tests {
             Icr::decode((3u64 << 56) | 0x4d00, false).dest,
             Destination::Logical(3)
         );
+    }
+
+    #[test]
+    fn to_x2apic_goes_through_xapic_from_disabled() {
+        let base = 0xfee0_0000;
+        let (en, extd) = (APIC_BASE_EN, APIC_BASE_EXTD);
+        assert_eq!(to_x2apic(base | en | extd | 1 << 8), [None, None]);
+        assert_eq!(
+            to_x2apic(base | en | 1 << 8),
+            [None, Some(base | en | extd | 1 << 8)]
+        );
+        assert_eq!(to_x2apic(base), [Some(base | en), Some(base | en | extd)]);
     }
 
     #[test]

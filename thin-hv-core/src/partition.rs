@@ -72,6 +72,8 @@ pub struct Partition {
     /// Its RAM holds the image as the loader laid it out, never run: the
     /// first boot needs no scrub and no restore.
     pub fresh: AtomicBool,
+    /// Its processors were handed over in x2APIC mode.
+    pub in_x2apic: AtomicBool,
     /// Its functions' BARs as it sees them.
     pub bar_shadow: spin::Mutex<[BarShadow; thinhv_abi::handoff::MAX_PARTITION_DEVICES]>,
 }
@@ -88,6 +90,7 @@ impl Partition {
             crashes: AtomicU32::new(0),
             reason: spin::Mutex::new([0; 40]),
             fresh: AtomicBool::new(true),
+            in_x2apic: AtomicBool::new(false),
             bar_shadow: spin::Mutex::new(core::array::from_fn(|i| {
                 info.devices()
                     .get(i)
@@ -158,12 +161,23 @@ impl Partition {
         r.tsc_khz = self.info.tsc_khz;
         r.restarts = self.restarts.load(Ordering::SeqCst);
         r.crashes = self.crashes.load(Ordering::SeqCst);
-        r.flags = u32::from(self.info.flags);
+        r.flags = u32::from(self.info.flags)
+            | if self.in_x2apic.load(Ordering::SeqCst) {
+                thinhv_abi::status::APPLIANCE_IN_X2APIC
+            } else {
+                0
+            };
         r.console_port = self.info.console_port;
         r.first_apic_id = u16::try_from(first_apic_id).unwrap_or(u16::MAX);
         r.reason = *self.reason.lock();
         r.cpu_mask = cpu_mask;
         r
+    }
+
+    /// Whether its processors start in x2APIC mode on a processor with
+    /// CPUID.1:ECX.x2APIC `has_x2apic`.
+    pub fn wants_x2apic(&self, has_x2apic: bool) -> bool {
+        has_x2apic && self.info.flags & thinhv_abi::handoff::partition_flags::X2APIC != 0
     }
 
     /// Whether its processors are its own (no longer the firmware's).

@@ -119,7 +119,14 @@ fn load(
         Some(p) => Some(super::config_file::read_esp(p).map_err(|e| alloc::format!("initrd {e}"))?),
         None => None,
     };
-    let cmdline = alloc::format!("{} tsc_early_khz={}", a.cmdline, tsc_khz());
+    // `noapic`: its platform has no I/O APIC, and Linux must know it
+    // before it decides on x2APIC (`starts_in_x2apic`).
+    let cmdline = alloc::format!(
+        "{} tsc_early_khz={}{}",
+        a.cmdline,
+        tsc_khz(),
+        if starts_in_x2apic(a) { " noapic" } else { "" }
+    );
     let img = appliance_image::build(&appliance_image::Spec {
         kernel: &kernel,
         initrd: initrd.as_deref(),
@@ -182,6 +189,16 @@ fn free_range(r: PhysRange) {
         // not running.
         let _ = unsafe { boot::free_pages(p, (r.size / 4096) as usize) };
     }
+}
+
+/// Whether the appliance's processors start in x2APIC mode: its table
+/// asks for it (the default) and the processor has it. Linux keeps a mode
+/// the platform handed over only when it skips interrupt remapping, which
+/// it does without I/O APIC support (`noapic`): otherwise, with no
+/// remapping unit and no hypervisor it knows, it switches back to xAPIC
+/// (`try_to_enable_x2apic`; `docs/appliances.md`).
+pub fn starts_in_x2apic(a: &thinhv_config::Appliance) -> bool {
+    a.apic == thinhv_config::ApicMode::X2apic && super::platform::cpuid(1, 0)[2] & (1 << 21) != 0
 }
 
 /// The TSC frequency in kHz, measured against the firmware's Stall (the

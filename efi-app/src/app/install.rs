@@ -389,6 +389,10 @@ pub fn install(config: &Config) -> Result<String, String> {
             partition_flags::OS_CONTROL
         } else {
             0
+        }) | (if super::appliances::starts_in_x2apic(t) {
+            partition_flags::X2APIC
+        } else {
+            0
         });
         p.entry_rip = a.entry.rip;
         p.entry_rsi = a.entry.rsi;

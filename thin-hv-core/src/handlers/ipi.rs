@@ -27,11 +27,14 @@
 //! counted ([`Hv::cross_partition_ipis`](crate::hv::Hv)); the shorthands
 //! "all including self" and "all excluding self" (and the physical
 //! broadcast ID) are sent as one physical IPI per CPU of the sender's own
-//! partition. Logical destinations of non-INIT IPIs go to the APIC
-//! unchanged: a claimed appliance CPU's logical ID register is one its own
-//! partition set (or the reset value 0, which no logical destination
-//! names); resolving them against each CPU's logical ID comes with
-//! appliances that run (`docs/appliances.md`).
+//! partition. A logical destination never reaches the APIC as one either:
+//! thinhv resolves it against the logical IDs of the sender's partition
+//! (in xAPIC mode the ones each CPU's kernel wrote, which thinhv keeps; in
+//! x2APIC mode the ones the processor derives from the APIC ID, SDM Vol.
+//! 3A §12.12.10.2) and sends one physical IPI per CPU it names. An
+//! appliance in x2APIC mode has a non-zero logical ID the hardware fixes,
+//! and an xAPIC sender's 0xFF reaches x2APIC processors as a broadcast, so
+//! an unresolved logical IPI from the OS could reach it.
 use super::Outcome;
 use crate::apic::{DeliveryMode, Destination, Icr, physical_icr, reg};
 use crate::env::Env;
@@ -159,9 +162,9 @@ fn route_within_partition(env: &mut impl Env, value: u64, icr: &Icr, x2apic: boo
     let from = env.hv().space_of(me);
     let guest_high = (!x2apic).then(|| env.lapic_read(reg::ICR_HIGH));
     match icr.dest {
-        Destination::Logical(d) if !from.is_os() && !x2apic => {
+        Destination::Logical(d) => {
             for i in 0..env.hv().cpus().len() {
-                if !logical_match(env.hv(), from, d, i) {
+                if !logical_match(env.hv(), from, d, i, x2apic) {
                     continue;
                 }
                 let id = env.hv().cpus()[i].apic_id;
@@ -175,7 +178,7 @@ fn route_within_partition(env: &mut impl Env, value: u64, icr: &Icr, x2apic: boo
                 }
             }
         }
-        Destination::SelfOnly | Destination::Logical(_) => forward(env, value, x2apic),
+        Destination::SelfOnly => forward(env, value, x2apic),
         Destination::Physical(id) => match env.hv().cpu_by_apic_id(id) {
             Some(t) if env.hv().isolated(from, t) => drop_crossing(env, icr, id),
             _ => forward(env, value, x2apic),
@@ -199,21 +202,30 @@ fn route_within_partition(env: &mut impl Env, value: u64, icr: &Icr, x2apic: boo
     }
 }
 
-/// Whether CPU `cpu` of appliance partition `part` is named by the xAPIC
-/// logical destination `dest`, by the logical IDs its kernel gave them (flat model:
-/// a bit mask; cluster model: cluster in bits 4–7, mask in bits 0–3; SDM
-/// Vol. 3A §11.6.2.2).
+/// Whether CPU `cpu` is in reach of partition `part` and named by the
+/// logical destination `dest`. An xAPIC destination (8 bits) is matched
+/// against the logical ID and model the CPU's kernel wrote (flat: a bit
+/// mask; cluster: cluster in bits 4–7, mask in bits 0–3; SDM Vol. 3A
+/// §11.6.2.2), an x2APIC one (32 bits, cluster in bits 16–31, mask in bits
+/// 0–15, all ones a broadcast) against the logical ID the processor
+/// derives from its APIC ID (§12.12.10.2). An appliance's CPU counts only
+/// once it runs in its partition.
 pub(crate) fn logical_match(
     hv: &crate::hv::Hv,
     part: crate::partition::PartitionId,
     dest: u32,
     cpu: usize,
+    x2apic: bool,
 ) -> bool {
     let Some(c) = hv.cpus().get(cpu) else {
         return false;
     };
-    if c.partition != part || !c.entered.load(Ordering::SeqCst) {
+    if hv.isolated(part, cpu) || (!part.is_os() && !c.entered.load(Ordering::SeqCst)) {
         return false;
+    }
+    if x2apic {
+        let id = c.apic_id;
+        return dest == u32::MAX || (dest >> 16 == id >> 4 && dest & (1 << (id & 0xf)) != 0);
     }
     let id = c.vldr.load(Ordering::SeqCst) >> 24;
     let flat = c.vdfr.load(Ordering::SeqCst) >> 28 == 0xf;
@@ -221,7 +233,7 @@ pub(crate) fn logical_match(
     if flat {
         id & d != 0
     } else {
-        id >> 4 == d >> 4 && id & d & 0xf != 0
+        d == 0xff || (id >> 4 == d >> 4 && id & d & 0xf != 0)
     }
 }
 

@@ -72,6 +72,17 @@ pub(super) fn write(cpu: &mut impl GuestCpu, env: &mut impl Env, msr: u32, value
             }
         }
         Rule::ApicBase => apic_base_write(cpu, env, value),
+        Rule::X2apicLint => {
+            let appliance = !env.hv().space_of(env.cpu_index()).is_os();
+            let x2apic = env.read_msr(policy::MSR_APIC_BASE) & crate::apic::APIC_BASE_EXTD != 0;
+            match CheckedWrite::x2apic_lint(msr, value, appliance) {
+                Some(w) if x2apic => {
+                    env.write_msr(w);
+                    advance_or_fault(cpu, env)
+                }
+                _ => gp(cpu),
+            }
+        }
         Rule::Pat => {
             if !policy::pat_ok(value) {
                 return gp(cpu);

@@ -33,6 +33,9 @@ pub enum Rule {
     FeatureControl,
     /// The x2APIC ICR: INIT/SIPI virtualized, everything else forwarded.
     X2apicIcr,
+    /// x2APIC LVT LINT0/LINT1: an appliance's kept masked
+    /// (`crate::apic::lint_value`), the OS's forwarded.
+    X2apicLint,
     /// IA32_APIC_BASE: reads show the guest's own base; writes checked,
     /// mode changes forwarded, relocation emulated (the hardware's base
     /// never moves: `super::apic_reloc`).
@@ -272,6 +275,15 @@ pub const POLICY: &[MsrRule] = &[
         vmx: (N, Rule::X2apicIcr),
         why: "SDM Vol. 3A §12.12.9: INIT/SIPI to CPUs under thinhv are virtualized",
     },
+    MsrRule {
+        first: 0x835,
+        last: 0x836,
+        name: "x2APIC LVT LINT0/LINT1",
+        svm: (N, Rule::X2apicLint),
+        vmx: (N, Rule::X2apicLint),
+        why: "SDM Vol. 3A §11.5.1: the pins carry the platform's 8259 INTR and NMI, which the \
+              OS controls; an appliance's stay masked",
+    },
 ];
 
 /// The table entry covering `msr`.
@@ -336,6 +348,19 @@ impl CheckedWrite {
         hwcr_write_ok(current, value).then_some(Self {
             msr: MSR_HWCR,
             value,
+        })
+    }
+
+    /// x2APIC LVT LINT0/LINT1 (0x835/0x836): the writable bits only
+    /// (None: #GP, as the processor would), masked for an appliance.
+    pub fn x2apic_lint(msr: u32, value: u64, appliance: bool) -> Option<Self> {
+        if !(0x835..=0x836).contains(&msr) || value & !crate::apic::LVT_LINT_WRITABLE != 0 {
+            return None;
+        }
+        let value = u32::try_from(value).ok()?;
+        Some(Self {
+            msr,
+            value: u64::from(crate::apic::lint_value(value, appliance)),
         })
     }
 

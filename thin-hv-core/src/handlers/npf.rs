@@ -204,13 +204,21 @@ pub(super) fn apic_write(cpu: &mut impl GuestCpu, env: &mut impl Env, gpa: u64) 
     let outcome = if offset == reg::ICR_LOW && icr_virtualized(env.hv()) {
         let high = env.lapic_read(reg::ICR_HIGH);
         ipi::icr_write(env, (u64::from(high) << 32) | u64::from(value), false)
-    } else if appliance && matches!(offset, reg::LDR | reg::DFR) {
+    } else if matches!(offset, reg::LDR | reg::DFR) && env.hv().has_appliances() {
+        // Kept for resolving logical destinations (`ipi`); an appliance's
+        // never reach the hardware, the OS's do as well.
         let slot = &env.hv().cpus()[env.cpu_index()];
         if offset == reg::LDR {
             slot.vldr.store(value & 0xff00_0000, Ordering::SeqCst);
         } else {
             slot.vdfr.store(value | 0x0fff_ffff, Ordering::SeqCst);
         }
+        if !appliance {
+            env.lapic_write(offset, value);
+        }
+        Outcome::Resume
+    } else if matches!(offset, reg::LVT_LINT0 | reg::LVT_LINT1) {
+        env.lapic_write(offset, crate::apic::lint_value(value, appliance));
         Outcome::Resume
     } else {
         env.lapic_write(offset, value);

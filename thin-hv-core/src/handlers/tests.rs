@@ -339,7 +339,7 @@ fn svm_instructions_raise_ud() {
     assert_eq!(cpu.rip, RIP);
 }
 
-fn npf(gpa: u64, write: bool, fetch: bool, present: bool) -> Exit {
+pub(super) fn npf(gpa: u64, write: bool, fetch: bool, present: bool) -> Exit {
     Exit::NestedFault {
         gpa,
         write,

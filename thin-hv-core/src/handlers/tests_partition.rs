@@ -457,3 +457,143 @@ fn a_stop_turns_bus_mastering_off_on_the_appliances_functions() {
     ring(&mut env, STORE64, command(ControlOp::Stop, 1, 3));
     assert_eq!(env.cf8_space.borrow()[&0x8001_0004], 0x0010_0002);
 }
+
+/// `mov dword [rdx+offset], eax` at the xAPIC page: the OS or an
+/// appliance writing one of its APIC registers.
+fn apic_store(env: &mut FakeEnv, offset: u32, value: u32) {
+    let mut code = vec![0x89, 0x82];
+    code.extend_from_slice(&offset.to_le_bytes());
+    let mut cpu = super::tests::at(env, &code);
+    cpu.regs[crate::guest::Gpr::Rax as usize] = u64::from(value);
+    crate::handlers::handle(
+        &super::tests::npf(APIC + u64::from(offset), true, false, true),
+        &mut cpu,
+        env,
+    );
+    assert_eq!(cpu.rip, super::tests::RIP + 6);
+}
+
+/// An x2APIC ICR write (`wrmsr` to 0x830) from the current CPU.
+fn x2apic_icr(env: &mut FakeEnv, value: u64) {
+    let mut cpu = super::tests::at(env, &[0x0f, 0x30]);
+    crate::handlers::handle(
+        &crate::exit::Exit::MsrWrite { msr: 0x830, value },
+        &mut cpu,
+        env,
+    );
+}
+
+/// Physical destinations of the x2APIC ICR writes that reached the APIC.
+fn x2apic_sent(env: &FakeEnv) -> Vec<(u32, u64)> {
+    env.x2apic_writes
+        .iter()
+        .map(|v| ((v >> 32) as u32, (v >> 8) & 7))
+        .collect()
+}
+
+#[test]
+fn the_oss_logical_ipis_reach_only_its_own_cpus() {
+    let mut env = claimed();
+    // The OS's kernel gives its CPUs flat logical IDs 1 and 2 (Linux's
+    // flat driver); the appliance's kernel gives its own 4 and 8 (the
+    // hardware keeps 0: thinhv keeps them, `npf::apic_write`).
+    for (cpu, ldr) in [(0usize, 1u32), (1, 2), (2, 4), (3, 8)] {
+        env.cpu = cpu;
+        apic_store(&mut env, 0xe0, u32::MAX);
+        apic_store(&mut env, 0xd0, ldr << 24);
+    }
+    // The OS's writes reached its APIC, the appliance's did not.
+    assert!(env.apic_writes.contains(&(0xd0, 2 << 24)));
+    assert!(!env.apic_writes.contains(&(0xd0, 4 << 24)));
+    env.cpu = 0;
+    env.apic_writes.clear();
+    // An NMI to every logical ID (0xff), and a fixed IPI naming CPU 1 and
+    // the appliance's CPU 2: physical IPIs to the OS's CPUs only.
+    icr(&mut env, 0xff << 24, 0x4c00);
+    assert_eq!(sent(&env), [(0, 4, 0), (1, 4, 0)]);
+    env.apic_writes.clear();
+    icr(&mut env, 0x06 << 24, 0x48ef);
+    assert_eq!(sent(&env), [(1, 0, 0)]);
+    // From the appliance, the same: its own CPUs only.
+    env.cpu = 2;
+    env.apic_writes.clear();
+    icr(&mut env, 0xff << 24, 0x4c00);
+    assert_eq!(sent(&env), [(2, 4, 0), (3, 4, 0)]);
+    // Control: without appliances the logical IPI reaches the APIC as the
+    // OS wrote it (the hardware then matches every logical ID).
+    let mut env = FakeEnv::new();
+    env.hv.sealed.store(true, Ordering::SeqCst);
+    icr(&mut env, 0xff << 24, 0x4c00);
+    assert_eq!(env.apic_writes.last(), Some(&(0x300, 0x4c00)));
+}
+
+#[test]
+fn an_appliance_in_x2apic_mode_reaches_only_its_own_cpus_by_logical_id() {
+    let mut env = claimed();
+    env.cpu = 2;
+    // Cluster 0, the bits of APIC IDs 0–3: only its own 2 and 3.
+    x2apic_icr(&mut env, (0x0000_000f << 32) | 0x4c00);
+    assert_eq!(x2apic_sent(&env), [(2, 4), (3, 4)]);
+    env.x2apic_writes.clear();
+    // The logical broadcast: the same two.
+    x2apic_icr(&mut env, (0xffff_ffffu64 << 32) | 0x48ef);
+    assert_eq!(x2apic_sent(&env), [(2, 0), (3, 0)]);
+    env.x2apic_writes.clear();
+    // The OS's CPUs 0 and 1 alone, and cluster 1: nothing.
+    x2apic_icr(&mut env, (0x0000_0003 << 32) | 0x4c00);
+    x2apic_icr(&mut env, (0x0001_000f << 32) | 0x4c00);
+    assert!(env.x2apic_writes.is_empty(), "{:?}", env.x2apic_writes);
+    // The OS in x2APIC mode naming the appliance's CPU 3 and its own 1.
+    env.cpu = 0;
+    x2apic_icr(&mut env, (0x0000_000a << 32) | 0x4c00);
+    assert_eq!(x2apic_sent(&env), [(1, 4)]);
+}
+
+#[test]
+fn an_appliances_lint_pins_stay_masked_in_both_apic_modes() {
+    let mut env = claimed();
+    // xAPIC: Linux's boot processor asks for ExtINT on LINT0 and NMI on
+    // LINT1 (virtual wire, as with `noapic`).
+    env.cpu = 2;
+    apic_store(&mut env, 0x350, 0x700);
+    apic_store(&mut env, 0x360, 0x400);
+    assert!(env.apic_writes.contains(&(0x350, 0x1_0700)));
+    assert!(env.apic_writes.contains(&(0x360, 0x1_0400)));
+    // x2APIC: the same through the MSRs; a reserved bit is a #GP.
+    env.msrs.insert(0x1b, 0xfee0_0000 | 0xc00);
+    let mut cpu = super::tests::at(&mut env, &[0x0f, 0x30]);
+    crate::handlers::handle(
+        &crate::exit::Exit::MsrWrite {
+            msr: 0x835,
+            value: 0x700,
+        },
+        &mut cpu,
+        &mut env,
+    );
+    assert_eq!(env.msr_writes.last(), Some(&(0x835, 0x1_0700)));
+    let mut cpu = super::tests::at(&mut env, &[0x0f, 0x30]);
+    crate::handlers::handle(
+        &crate::exit::Exit::MsrWrite {
+            msr: 0x836,
+            value: 1 << 11,
+        },
+        &mut cpu,
+        &mut env,
+    );
+    assert_eq!(cpu.exceptions, vec![(13, Some(0))]);
+    // Control: the OS's own CPU gets what it asks for.
+    env.cpu = 0;
+    env.apic_writes.clear();
+    apic_store(&mut env, 0x350, 0x700);
+    assert_eq!(env.apic_writes, [(0x350, 0x700)]);
+    let mut cpu = super::tests::at(&mut env, &[0x0f, 0x30]);
+    crate::handlers::handle(
+        &crate::exit::Exit::MsrWrite {
+            msr: 0x836,
+            value: 0x400,
+        },
+        &mut cpu,
+        &mut env,
+    );
+    assert_eq!(env.msr_writes.last(), Some(&(0x836, 0x400)));
+}

@@ -10,7 +10,7 @@
 //! for good, and what a fatal report names.
 use super::core_state::{Core, percpu};
 use super::idt::fatal;
-use super::instr::{cpuid, reset_platform};
+use super::instr::{cpuid, rdmsr, reset_platform, wrmsr};
 use super::percpu::{GuestRegs, PerCpu, RunState};
 use crate::handlers::{Handled, Outcome};
 use crate::hv::CpuSlot;
@@ -321,8 +321,37 @@ fn enter_own_partition(core: &Core, cpu: usize, b: &mut impl Backend) {
     let root = core.appliance_slat[usize::from(p.0) - 1];
     if root != 0 {
         b.enter_partition(core, cpu, root, core.appliance_iopm_pa);
-        core.hv.cpus()[cpu].entered.store(true, Ordering::SeqCst);
+        let slot = &core.hv.cpus()[cpu];
+        // Its kernel's logical IDs start from the reset values.
+        slot.vldr.store(0, Ordering::SeqCst);
+        slot.vdfr.store(u32::MAX, Ordering::SeqCst);
+        slot.entered.store(true, Ordering::SeqCst);
+        hand_over_apic_mode(core, p);
     }
+}
+
+/// A platform that enables x2APIC hands its processors over in that mode,
+/// and Linux keeps it ("x2apic: enabled by BIOS"): told `noapic` (the
+/// loader's, for a platform without an I/O APIC) it skips interrupt
+/// remapping and the check that would switch back to xAPIC
+/// (`docs/appliances.md`). Its EOI, timer and other registers are then
+/// MSRs that never exit; the ICR MSR still does.
+fn hand_over_apic_mode(core: &Core, p: crate::partition::PartitionId) {
+    let Some(part) = core.hv.appliance(p) else {
+        return;
+    };
+    if !part.wants_x2apic(cpuid(1, 0)[2] & (1 << 21) != 0) {
+        return;
+    }
+    // SAFETY: IA32_APIC_BASE exists on every x86-64 processor.
+    let base = unsafe { rdmsr(crate::apic::IA32_APIC_BASE) };
+    for value in crate::apic::to_x2apic(base).into_iter().flatten() {
+        // SAFETY: the processor has x2APIC (checked above) and `to_x2apic`
+        // gives only architecturally valid transitions at the same base;
+        // thinhv's own APIC accesses follow the mode (`HwEnv::x2apic`).
+        unsafe { wrmsr(crate::apic::IA32_APIC_BASE, value) };
+    }
+    part.in_x2apic.store(true, Ordering::SeqCst);
 }
 
 /// Writes every appliance's record to the status page.
