@@ -718,6 +718,38 @@ impl PartitionInfo {
     }
 }
 
+/// Where an appliance's RAM sits in its guest-physical space: its first
+/// [`APPLIANCE_LOW_RAM_TOP`] bytes from 0, the rest from
+/// [`APPLIANCE_HIGH_RAM_BASE`]. Between them is its MMIO hole, where its
+/// local APIC (0xFEE0_0000) and its functions' BARs below 4 GiB sit at
+/// their host addresses, as a PC's memory map has one below 4 GiB.
+pub const APPLIANCE_LOW_RAM_TOP: u64 = 0x8000_0000;
+/// See [`APPLIANCE_LOW_RAM_TOP`].
+pub const APPLIANCE_HIGH_RAM_BASE: u64 = 1 << 32;
+
+/// An appliance's RAM of `size` bytes in its guest-physical space, as
+/// (guest-physical address, offset in its host RAM, length): below
+/// [`APPLIANCE_LOW_RAM_TOP`], then from 4 GiB (length 0 when it all fits
+/// below).
+pub const fn appliance_ram_ranges(size: u64) -> [(u64, u64, u64); 2] {
+    let low = if size < APPLIANCE_LOW_RAM_TOP {
+        size
+    } else {
+        APPLIANCE_LOW_RAM_TOP
+    };
+    [(0, 0, low), (APPLIANCE_HIGH_RAM_BASE, low, size - low)]
+}
+
+/// The offset in an appliance's host RAM (of `size` bytes) of its
+/// guest-physical `[gpa, gpa + len)`, when all of it is RAM of one range.
+pub fn appliance_ram_offset(size: u64, gpa: u64, len: u64) -> Option<u64> {
+    let end = gpa.checked_add(len)?;
+    appliance_ram_ranges(size)
+        .into_iter()
+        .find(|&(at, _, n)| gpa >= at && end <= at + n && n != 0)
+        .map(|(at, off, _)| off + (gpa - at))
+}
+
 /// The GDT limit an appliance starts with (four descriptors).
 pub const APPLIANCE_GDT_LIMIT: u16 = 0x1f;
 
@@ -1000,6 +1032,34 @@ impl Default for Handoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn appliance_ram_leaves_a_hole_below_4_gib() {
+        let mib = 1u64 << 20;
+        // Small: all below; nothing from 4 GiB.
+        assert_eq!(
+            appliance_ram_ranges(256 * mib),
+            [(0, 0, 256 * mib), (1 << 32, 256 * mib, 0)]
+        );
+        assert_eq!(
+            appliance_ram_offset(256 * mib, 0x1000, 0x1000),
+            Some(0x1000)
+        );
+        assert_eq!(appliance_ram_offset(256 * mib, 256 * mib - 8, 16), None);
+        assert_eq!(appliance_ram_offset(256 * mib, 1 << 32, 8), None);
+        // 6 GiB: 2 GiB below, 4 GiB from 4 GiB; the hole is no RAM.
+        let size = 6u64 << 30;
+        assert_eq!(
+            appliance_ram_ranges(size),
+            [(0, 0, 2 << 30), (1 << 32, 2 << 30, 4 << 30)]
+        );
+        assert_eq!(appliance_ram_offset(size, 0xfee0_0000, 4), None);
+        assert_eq!(appliance_ram_offset(size, (2 << 30) - 4, 8), None);
+        assert_eq!(appliance_ram_offset(size, 1 << 32, 8), Some(2 << 30));
+        assert_eq!(appliance_ram_offset(size, (8 << 30) - 8, 8), Some(size - 8));
+        assert_eq!(appliance_ram_offset(size, 8 << 30, 1), None);
+        assert_eq!(appliance_ram_offset(size, u64::MAX, 2), None);
+    }
 
     fn valid() -> Handoff {
         let mut h = Handoff::new();

@@ -16,16 +16,19 @@
 //! | 0 – 0x7ffff | RAM (the kernel's real-mode trampoline lives here) |
 //! | 0x80000 – 0x8ffff | reserved: page tables, GDT, zero page, command line, ACPI tables |
 //! | 0x90000 – 0xfffff | reserved (legacy holes); at 0xffff0 the reset vector: a reset through port 0xCF9 |
-//! | 0x100000 – end | RAM: the kernel at its preferred address, the initrd at the top |
-// Every address and length written into the boot structures here lies
-// below 4 GiB (`build` refuses larger appliances), and table lengths are a
-// few hundred bytes: the narrowing casts cannot truncate.
+//! | 0x100000 – 2 GiB (or its end) | RAM: the kernel at its preferred address, the initrd at the top |
+//! | 2 GiB – 4 GiB | its MMIO hole: its local APIC, its functions' BARs below 4 GiB |
+//! | 4 GiB – | the rest of its RAM (`thinhv_abi::handoff::appliance_ram_ranges`) |
+// Every address written into 32-bit fields of the boot structures here
+// lies below its MMIO hole (the kernel, the initrd, the tables), and table
+// lengths are a few hundred bytes: the narrowing casts cannot truncate.
 #![allow(clippy::cast_possible_truncation)]
 
 use alloc::format;
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
+use thinhv_abi::handoff::appliance_ram_ranges;
 
 /// Page tables (PML4, PDPT, four page directories: 4 GiB in 2 MiB pages).
 pub const PML4: u64 = 0x8_0000;
@@ -210,16 +213,25 @@ pub fn build(s: &Spec<'_>) -> Result<Image, String> {
             h.cmdline_size
         ));
     }
-    if s.ram > 1 << 32 {
-        return Err(String::from(
-            "appliances above 4 GiB of RAM are not supported yet",
+    let ranges = appliance_ram_ranges(s.ram);
+    // Its MMIO hole holds its functions' BARs: none may fall on its RAM.
+    if let Some(&(base, size)) = s.pci_windows.iter().find(|&&(base, size)| {
+        ranges
+            .iter()
+            .any(|&(at, _, n)| base < at + n && at < base.saturating_add(size))
+    }) {
+        return Err(format!(
+            "a BAR of one of its functions, {base:#x}+{size:#x}, falls on its RAM, which it \
+             sees at 0-{:#x} and from 4 GiB",
+            ranges[0].2
         ));
     }
+    let low_ram = ranges[0].2;
     let pm = &s.kernel[(usize::from(h.setup_sects) + 1) * 512..];
     let align = u64::from(h.kernel_alignment.max(4096));
     let kernel_at = h.pref_address.max(HIGH_RAM).div_ceil(align) * align;
     let kernel_end = kernel_at + u64::from(h.init_size).max(pm.len() as u64);
-    if kernel_end > s.ram {
+    if kernel_end > low_ram {
         return Err(format!(
             "the kernel needs {} MiB from {:#x}; the appliance has {} MiB",
             (kernel_end - kernel_at) >> 20,
@@ -231,7 +243,7 @@ pub fn build(s: &Spec<'_>) -> Result<Image, String> {
         None => (0, 0),
         Some(i) => {
             let len = i.len() as u64;
-            let top = s.ram.min(u64::from(h.initrd_addr_max) + 1);
+            let top = low_ram.min(u64::from(h.initrd_addr_max) + 1);
             let at = top.checked_sub(len).map(|a| a & !0xfff);
             match at {
                 Some(a) if a >= kernel_end => (a, len),
@@ -300,13 +312,19 @@ fn gdt() -> Vec<u8> {
 const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;
 
-/// The appliance's memory map: its RAM only.
+/// The appliance's memory map: its RAM only, below its MMIO hole and from
+/// 4 GiB (`appliance_ram_ranges`).
 pub fn e820(ram: u64) -> Vec<(u64, u64, u32)> {
-    vec![
+    let [low, high] = appliance_ram_ranges(ram);
+    let mut map = vec![
         (0, RESERVED_START, E820_RAM),
         (RESERVED_START, HIGH_RAM - RESERVED_START, E820_RESERVED),
-        (HIGH_RAM, ram - HIGH_RAM, E820_RAM),
-    ]
+        (HIGH_RAM, low.2 - HIGH_RAM, E820_RAM),
+    ];
+    if high.2 != 0 {
+        map.push((high.0, high.2, E820_RAM));
+    }
+    map
 }
 
 fn zero_page(s: &Spec<'_>, h: &SetupHeader, kernel_at: u64, initrd: (u64, u64)) -> Vec<u8> {
@@ -597,6 +615,48 @@ mod tests {
             .collect();
         spans.sort_unstable();
         assert!(spans.windows(2).all(|w| w[0].1 <= w[1].0), "{spans:x?}");
+    }
+
+    #[test]
+    fn a_large_appliance_has_ram_from_4_gib_and_keeps_its_bars_in_the_hole() {
+        let k = bzimage(0x10000);
+        let initrd = vec![7u8; 0x12345];
+        let spec = |pci_windows| Spec {
+            kernel: &k,
+            initrd: Some(&initrd),
+            cmdline: "",
+            ram: 6 << 30,
+            apic_ids: &[1],
+            console_port: CONSOLE_PORT,
+            pci_windows,
+        };
+        let bar = [(0xfeb0_0000, 0x2_0000)];
+        let img = build(&spec(&bar)).unwrap();
+        // The initrd at the top of its RAM below the hole, not at 6 GiB.
+        assert_eq!(img.initrd_at, ((2 << 30) - 0x13000, 0x12345));
+        assert_eq!(
+            e820(6 << 30),
+            [
+                (0, RESERVED_START, E820_RAM),
+                (RESERVED_START, HIGH_RAM - RESERVED_START, E820_RESERVED),
+                (HIGH_RAM, (2 << 30) - HIGH_RAM, E820_RAM),
+                (1 << 32, 4 << 30, E820_RAM),
+            ]
+        );
+        let zp = &img.pieces.iter().find(|p| p.0 == BOOT_PARAMS).unwrap().1;
+        assert_eq!(zp[0x1e8], 4);
+        // Every piece lies in its RAM below the hole.
+        assert!(img.pieces.iter().all(|(at, b)| {
+            thinhv_abi::handoff::appliance_ram_offset(6 << 30, *at, b.len() as u64).is_some()
+        }));
+        // A 64-bit BAR where its high RAM is, or one below 2 GiB: refused.
+        static BAD: [[(u64, u64); 1]; 2] = [[(0x1_8000_0000, 0x4000)], [(0x7000_0000, 0x1000)]];
+        for bad in &BAD {
+            let e = build(&spec(bad)).unwrap_err();
+            assert!(e.contains("falls on its RAM"), "{e}");
+        }
+        // Up to 2 GiB the map is as before: one range.
+        assert_eq!(e820(256 << 20).len(), 3);
     }
 
     #[test]

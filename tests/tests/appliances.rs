@@ -306,15 +306,18 @@ control = \"none\"
 #[ignore = "boots QEMU; run with `cargo xtask test`"]
 fn when_the_os_resets_the_machine_the_appliance_is_reset_with_it_and_boots_again() {
     // A server's reset: QEMU restarts the machine (no -no-reboot). The OS
-    // waits for its appliance, then resets the platform (sysrq b).
+    // waits for its appliance, then resets the platform (sysrq b). The
+    // appliance here has 2176 MiB: 2 GiB below its MMIO hole and 128 MiB
+    // from 4 GiB, on a machine of 2700 MiB (all below 4 GiB in q35).
     let mut m = Profile::svm(4);
     m.extra = ["-device", "intel-iommu"].map(String::from).to_vec();
     m.reboot = true;
+    m.mem_mb = 2700;
     let boot = thinhv_tests::linux_under_thinhv(
         "appliance-reboot",
         m,
         "thinhv_appliance_reboot_probe=1",
-        APPLIANCE,
+        &APPLIANCE.replace("memory = 256", "memory = 2176"),
     );
     let serial = boot.run_until_nth("THINHV-OS-REBOOTING", 2, std::time::Duration::from_mins(9));
     // thinhv was loaded twice: the reset reached the platform (the OS's
@@ -333,6 +336,24 @@ fn when_the_os_resets_the_machine_the_appliance_is_reset_with_it_and_boots_again
     assert_eq!(seen.len(), 2, "{serial}");
     for s in seen {
         assert!(s.starts_with("running ups=1 restarts=0"), "{s}");
+    }
+    // Its RAM above the hole is its: an e820 of four entries (low RAM,
+    // reserved, RAM to 2 GiB, RAM from 4 GiB), its kernel's last System RAM
+    // the 128 MiB from 4 GiB, and MemTotal above what 2 GiB could give
+    // (less its kernel, its page structures and the 64 MiB bounce buffer
+    // Linux sets aside once it has RAM above 4 GiB).
+    let up: Vec<&str> = serial
+        .lines()
+        .filter_map(|l| l.strip_prefix("reboot_probe_appliance_up="))
+        .collect();
+    assert_eq!(up.len(), 2, "{serial}");
+    for u in up {
+        let kb = numbers(u.split("mem_kb=").nth(1).unwrap_or(""))[0];
+        assert!((2_050_000.0..2_228_224.0).contains(&kb), "{u}");
+        assert!(
+            u.ends_with(" e820 4 entries, last RAM 100000000-107ffffff"),
+            "{u}"
+        );
     }
 }
 

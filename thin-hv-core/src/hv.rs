@@ -338,15 +338,15 @@ impl Hv {
     }
 
     /// The host-physical address of `[gpa, gpa + len)` as partition `part`
-    /// sees it: the OS's map is the identity; an appliance's guest-physical
-    /// `[0, RAM size)` is its RAM (anything else it sees is no memory).
+    /// sees it: the OS's map is the identity; an appliance's RAM is where
+    /// `thinhv_abi::handoff::appliance_ram_ranges` puts it (anything else
+    /// it sees is no memory).
     pub fn host_address(&self, part: PartitionId, gpa: u64, len: u64) -> Option<u64> {
         if part.is_os() {
             return Some(gpa);
         }
         let ram = self.appliance(part)?.ram();
-        let end = gpa.checked_add(len)?;
-        (end <= ram.size).then_some(ram.base + gpa)
+        thinhv_abi::handoff::appliance_ram_offset(ram.size, gpa, len).map(|o| ram.base + o)
     }
 
     /// Whether any byte of `[gpa, gpa + len)` is RAM of an appliance other

@@ -170,7 +170,14 @@ fn load(
     let bytes = unsafe { core::slice::from_raw_parts_mut(ram.base as *mut u8, ram.size as usize) };
     bytes.fill(0);
     for (gpa, piece) in &img.pieces {
-        let at = *gpa as usize;
+        let Some(at) =
+            thinhv_abi::handoff::appliance_ram_offset(ram.size, *gpa, piece.len() as u64)
+        else {
+            free_range(ram);
+            free_range(image);
+            return Err(String::from("internal: an image piece outside its RAM"));
+        };
+        let at = at as usize;
         bytes[at..at + piece.len()].copy_from_slice(piece);
     }
     log::info!(

@@ -284,7 +284,9 @@ pub fn install(config: &Config) -> Result<String, String> {
         .iter()
         .map(|a| {
             (a.ram.size + a.image.size).div_ceil(2 << 20)
-                + 8
+                // The levels above, for its RAM below and above its MMIO
+                // hole in its own tables too.
+                + 12
                 // With PCI functions: its IOMMU domain's tables (2 MiB
                 // pages where the unit has them, else one table per 2 MiB)
                 // and context tables; each BAR split out of the OS's

@@ -394,8 +394,12 @@ fn appliance_map(
 ) -> Result<u64, CoreError> {
     let oom = |_| CoreError::OUT_OF_MEMORY;
     let mut m = Mapper::create(fmt, mem, frames).map_err(oom)?;
-    m.map(0, p.ram.base, p.ram.size, Attrs::RWX, frames)
-        .map_err(oom)?;
+    for (gpa, offset, len) in thinhv_abi::handoff::appliance_ram_ranges(p.ram.size) {
+        if len != 0 {
+            m.map(gpa, p.ram.base + offset, len, Attrs::RWX, frames)
+                .map_err(oom)?;
+        }
+    }
     m.map(apic_base, apic_base, PAGE, Attrs::MMIO_RO, frames)
         .map_err(oom)?;
     // Its functions' BARs, where the firmware put them.

@@ -609,8 +609,8 @@ fn identity_tables(
     Ok(root)
 }
 
-/// An appliance's I/O page tables: its guest-physical `[0, RAM size)` on
-/// its RAM.
+/// An appliance's I/O page tables: its RAM where its guest-physical map
+/// has it (`appliance_ram_ranges`).
 fn partition_tables(
     fmt: &impl EntryFormat,
     p: &PartitionInfo,
@@ -621,8 +621,12 @@ fn partition_tables(
     // allocator reach the engine (`IdentityMem::new`'s contract).
     let mut mem = unsafe { IdentityMem::new() };
     let mut m = Mapper::create(fmt, &mut mem, frames).map_err(|_| oom)?;
-    m.map(0, p.ram.base, p.ram.size, Attrs::RWX, frames)
-        .map_err(|_| oom)?;
+    for (gpa, offset, len) in thinhv_abi::handoff::appliance_ram_ranges(p.ram.size) {
+        if len != 0 {
+            m.map(gpa, p.ram.base + offset, len, Attrs::RWX, frames)
+                .map_err(|_| oom)?;
+        }
+    }
     Ok(m.root())
 }
 

@@ -447,9 +447,10 @@ fn renew_image(core: &Core, cpu: usize, p: &crate::partition::Partition) -> bool
     unsafe { core::ptr::write_bytes(ram.base as *mut u8, 0, ram.size as usize) };
     let mut from = p.info.image.base;
     for piece in p.info.pieces() {
-        if piece.end() > ram.size || from + piece.size > p.info.image.end() {
+        let at = thinhv_abi::handoff::appliance_ram_offset(ram.size, piece.base, piece.size);
+        let Some(at) = at.filter(|_| from + piece.size <= p.info.image.end()) else {
             return failed("its image copy is inconsistent");
-        }
+        };
         // SAFETY: both ranges are in the core's identity map: the image
         // copy the loader reserved for this appliance (hidden from the OS)
         // and the appliance's RAM (bounds checked just above); they do not
@@ -457,7 +458,7 @@ fn renew_image(core: &Core, cpu: usize, p: &crate::partition::Partition) -> bool
         unsafe {
             core::ptr::copy_nonoverlapping(
                 from as *const u8,
-                (ram.base + piece.base) as *mut u8,
+                (ram.base + at) as *mut u8,
                 piece.size as usize,
             );
         }
