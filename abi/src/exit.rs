@@ -45,9 +45,12 @@ impl ExitReason {
     /// A PCI configuration access thinhv mediates (a hidden function or a
     /// VF budget): a trapped ECAM page or the 0xCFC data port.
     pub const PCI_CONFIG: Self = Self(16);
+    /// Any other port access by an appliance (all its ports exit: its
+    /// console UART, its reset ports, and the rest reading all-ones).
+    pub const PORT_IO: Self = Self(17);
 
     /// Number of reasons; the length of a counter array.
-    pub const COUNT: usize = 17;
+    pub const COUNT: usize = 18;
 
     /// All reasons in index order.
     pub const ALL: [Self; Self::COUNT] = [
@@ -68,6 +71,7 @@ impl ExitReason {
         Self::INVD,
         Self::OTHER,
         Self::PCI_CONFIG,
+        Self::PORT_IO,
     ];
 
     /// Stable short name (used in logs, the status tool and JSON output).
@@ -89,6 +93,7 @@ impl ExitReason {
             13 => "cr_access",
             14 => "invd",
             16 => "pci_config",
+            17 => "port_io",
             _ => "other",
         }
     }

@@ -198,6 +198,13 @@ fn dispatch(exit: &Exit, cpu: &mut impl GuestCpu, env: &mut impl Env) -> Handled
             if env.hv().space_of(env.cpu_index()).is_os() {
                 Handled::new(pcicfg::port(cpu, env, port, size, input, string), reason)
             } else {
+                // Its configuration ports as for the OS; any other port is
+                // counted on its own (every port of an appliance exits).
+                let reason = if (0xcf8..=0xcff).contains(&port) {
+                    reason
+                } else {
+                    ExitReason::PORT_IO
+                };
                 Handled::new(
                     appliance_io::port(cpu, env, port, size, input, string),
                     reason,

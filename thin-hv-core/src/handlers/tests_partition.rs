@@ -597,3 +597,12 @@ fn an_appliances_lint_pins_stay_masked_in_both_apic_modes() {
     );
     assert_eq!(env.msr_writes.last(), Some(&(0x836, 0x400)));
 }
+
+#[test]
+fn an_appliances_other_ports_are_counted_as_port_io() {
+    let mut env = claimed();
+    // Its console UART's line status (transmitter empty) and a port of
+    // the OS's platform (all-ones); `appliance_io` checks the reason.
+    assert_eq!(appliance_io(&mut env, 0x3fd, 1, true, 0) & 0x60, 0x60);
+    assert_eq!(appliance_io(&mut env, 0x61, 1, true, 0) & 0xff, 0xff);
+}
