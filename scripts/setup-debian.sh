@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs everything thinhv needs on a Debian 12 (bookworm) machine:
 # QEMU >= 8 (from bookworm-backports), OVMF, Bochs, mtools/dosfstools,
-# busybox-static, and the two Rust targets. Safe to run again.
+# busybox-static, and the two Rust targets; g++ and libncurses-dev build a
+# newer Bochs from Debian's source (scripts/build-bochs.sh, run by
+# `cargo xtask test`). Safe to run again.
 # Without root it prints the exact commands instead of running them.
 set -euo pipefail
 
-need_pkgs=(ovmf bochs bochs-term bochsbios vgabios mtools dosfstools busybox-static cpio xz-utils zstd kmod make gcc-12 libelf1)
+need_pkgs=(ovmf bochs bochs-term bochsbios vgabios mtools dosfstools busybox-static cpio xz-utils zstd kmod make gcc-12 libelf1 g++ libncurses-dev)
 qemu_pkgs=(qemu-system-x86 qemu-utils)
 
 run() {

@@ -344,6 +344,8 @@ fn tiny_appliance() -> Vec<u8> {
     k.truncate(entry);
     k.extend_from_slice(&code);
     k.extend_from_slice(b"THINHV-APPLIANCE: up on VMX\n\0");
+    // A page at least: the loader refuses anything shorter as a bzImage.
+    k.resize(0x1000, 0);
     k
 }
 
@@ -400,9 +402,10 @@ fn an_appliance_partition_starts_on_vmx_in_bochs() {
         out.contains("appliance \"tiny\" (partition 1): 1 processor(s) claimed"),
         "{out}"
     );
-    assert!(out.contains("THINHV-PROBE-EXITED-BOOT-SERVICES"), "{out}");
     let claimed = out.find("1 processor(s) claimed").unwrap();
     assert!(claimed < out.find(marker).unwrap(), "{out}");
+    // thinhv logs the claim once the firmware's ExitBootServices has
+    // returned; then the appliance's processor starts its payload.
     assert!(
         out.contains("appliance \"tiny\": cpu 1 starts its kernel at 0x1000200"),
         "{out}"

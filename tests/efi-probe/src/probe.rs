@@ -612,19 +612,15 @@ fn arm_then_start_thinhv() -> bool {
 /// (`docs/appliances.md`).
 const EXIT_BOOT_SERVICES_MARKER: &str = "\\EFI\\thinhv\\exit-boot-services";
 
-/// Leaves boot services, says so on COM1 (the firmware's console is gone),
-/// and waits with interrupts off.
+/// Leaves boot services and waits with interrupts off. It writes nothing
+/// after that: the appliance's processor starts at once and thinhv logs
+/// it to COM1, and two writers on one UART garble each other's lines
+/// (seen in Bochs 3.0); thinhv's claim line shows that boot services were
+/// left.
 fn exit_boot_services_and_wait() -> ! {
-    // SAFETY: nothing of boot services is used after this (the serial
-    // line is written through the port, the wait is HLT).
+    // SAFETY: nothing of boot services is used after this (the wait is
+    // HLT).
     let _map = unsafe { uefi::boot::exit_boot_services(None) };
-    for &b in b"THINHV-PROBE-EXITED-BOOT-SERVICES\r\n" {
-        // SAFETY: COM1's transmit register; the probe is the only user of
-        // the port from here on.
-        unsafe {
-            core::arch::asm!("out dx, al", in("dx") 0x3f8u16, in("al") b, options(nomem, nostack));
-        }
-    }
     loop {
         // SAFETY: CLI and HLT only stop this processor.
         unsafe { core::arch::asm!("cli; hlt", options(nomem, nostack)) };
