@@ -26,7 +26,8 @@ for tool in g++ make apt-get tar; do
   command -v "$tool" >/dev/null 2>&1 || { echo "thinhv bochs: $tool not found"; exit 1; }
 done
 
-work="$build/cache/bochs-src"
+mkdir -p "$build/cache"
+work="$(cd "$build/cache" && pwd)/bochs-src"
 rm -rf "$work"
 mkdir -p "$work/lists/partial" "$work/cache/archives/partial"
 
@@ -40,8 +41,8 @@ if [ -z "$uri" ] && [ -f /etc/apt/sources.list ]; then
 fi
 [ -n "$uri" ] || { echo "thinhv bochs: no Debian mirror in the apt sources"; exit 1; }
 echo "deb-src $uri trixie main" >"$work/sources.list"
-apt_opts=(-o "Dir::Etc::sourcelist=$PWD/$work/sources.list" -o Dir::Etc::sourceparts=-
-  -o "Dir::State::Lists=$PWD/$work/lists" -o "Dir::Cache=$PWD/$work/cache"
+apt_opts=(-o "Dir::Etc::sourcelist=$work/sources.list" -o Dir::Etc::sourceparts=-
+  -o "Dir::State::Lists=$work/lists" -o "Dir::Cache=$work/cache"
   -o APT::Sandbox::User=root -qq)
 apt-get "${apt_opts[@]}" update
 # The source tarball is what is needed; a missing .dsc is not fatal.
