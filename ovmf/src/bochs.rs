@@ -15,19 +15,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The build directory (`THINHV_BUILD_DIR`, else `build/` in the
-/// workspace).
-fn build_dir() -> PathBuf {
-    std::env::var_os("THINHV_BUILD_DIR").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../build"),
-        PathBuf::from,
-    )
-}
-
 /// The Bochs `scripts/build-bochs.sh` built, and its (major, minor)
 /// version, if there is one.
 pub fn built() -> Option<(PathBuf, (u32, u32))> {
-    let dir = build_dir().join("cache/bochs");
+    let dir = crate::build_dir().join("cache/bochs");
     let bin = dir.join("bochs");
     let v = std::fs::read_to_string(dir.join("VERSION")).ok()?;
     bin.exists().then_some(())?;
@@ -129,23 +120,20 @@ pub fn disk_image(esp_dir: &Path, img: &Path) -> Result<(), String> {
     run(&mut cmd)
 }
 
-/// The `bochsrc` (for Debian's build: a built one has no sound support
-/// and takes no `sound` line).
+/// The `bochsrc`. Debian's build gets dummy sound drivers; a built one
+/// has no sound support and takes no `sound` line.
 pub fn config(ovmf_fd: &Path, disk: &Path, serial: &Path, log: &Path, p: Profile) -> String {
-    let c = config_for(ovmf_fd, disk, serial, log, p);
-    if built().is_some() {
-        let mut out = String::new();
-        for l in c.lines().filter(|l| !l.starts_with("sound:")) {
-            out.push_str(l);
-            out.push('\n');
-        }
-        out
-    } else {
-        c
-    }
+    config_for(ovmf_fd, disk, serial, log, p, built().is_none())
 }
 
-fn config_for(ovmf_fd: &Path, disk: &Path, serial: &Path, log: &Path, p: Profile) -> String {
+fn config_for(
+    ovmf_fd: &Path,
+    disk: &Path,
+    serial: &Path,
+    log: &Path,
+    p: Profile,
+    sound: bool,
+) -> String {
     format!(
         "megs: {mem}\n\
          romimage: file={ovmf}, address=0xffe00000\n\
@@ -156,7 +144,7 @@ fn config_for(ovmf_fd: &Path, disk: &Path, serial: &Path, log: &Path, p: Profile
          com1: enabled=true, mode=file, dev={serial}\n\
          display_library: term\n\
          speaker: enabled=0\n\
-         sound: waveoutdrv=dummy, waveindrv=dummy, midioutdrv=dummy\n\
+         {sound}\
          log: {log}\n\
          panic: action=fatal\n\
          error: action=report\n\
@@ -167,6 +155,11 @@ fn config_for(ovmf_fd: &Path, disk: &Path, serial: &Path, log: &Path, p: Profile
         disk = disk.display(),
         serial = serial.display(),
         log = log.display(),
+        sound = if sound {
+            "sound: waveoutdrv=dummy, waveindrv=dummy, midioutdrv=dummy\n"
+        } else {
+            ""
+        },
     )
 }
 
@@ -220,6 +213,7 @@ mod tests {
             Path::new("/s.txt"),
             Path::new("/l"),
             Profile::default(),
+            true,
         );
         assert!(c.contains("romimage: file=/o.fd, address=0xffe00000"));
         assert!(c.contains("cpu: model=tigerlake, count=2"));

@@ -18,6 +18,17 @@ pub mod linux;
 pub mod qemu;
 pub mod runner;
 
+use std::path::{Path, PathBuf};
+
+/// The build directory: `THINHV_BUILD_DIR` (what `cargo xtask` passes the
+/// tests), else `build/` in the workspace.
+pub fn build_dir() -> PathBuf {
+    std::env::var_os("THINHV_BUILD_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../build"),
+        PathBuf::from,
+    )
+}
+
 /// File under the integration tests' work directory that collects the
 /// SKIPPED lines (a capability the test bed lacks); `cargo xtask it`
 /// prints them after the run.

@@ -54,10 +54,7 @@ fn record(file: &str, text: &str) {
 
 /// The build directory's artifacts; panics with instructions when absent.
 pub fn built() -> Built {
-    let dir = std::env::var_os("THINHV_BUILD_DIR").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../build"),
-        PathBuf::from,
-    );
+    let dir = thinhv_ovmf::build_dir();
     let need = |p: PathBuf| {
         assert!(
             p.exists(),

@@ -329,10 +329,7 @@ fn when_the_os_resets_the_machine_the_appliance_is_reset_with_it_and_boots_again
     );
     // The appliance ran before the reset, and after it ran again as a
     // fresh start: no restarts counted (thinhv itself was new).
-    let seen: Vec<&str> = serial
-        .lines()
-        .filter_map(|l| l.strip_prefix("reboot_probe_appliance="))
-        .collect();
+    let seen = lines_after(&serial, "reboot_probe_appliance=");
     assert_eq!(seen.len(), 2, "{serial}");
     for s in seen {
         assert!(s.starts_with("running ups=1 restarts=0"), "{s}");
@@ -342,10 +339,7 @@ fn when_the_os_resets_the_machine_the_appliance_is_reset_with_it_and_boots_again
     // the 128 MiB from 4 GiB, and MemTotal above what 2 GiB could give
     // (less its kernel, its page structures and the 64 MiB bounce buffer
     // Linux sets aside once it has RAM above 4 GiB).
-    let up: Vec<&str> = serial
-        .lines()
-        .filter_map(|l| l.strip_prefix("reboot_probe_appliance_up="))
-        .collect();
+    let up = lines_after(&serial, "reboot_probe_appliance_up=");
     assert_eq!(up.len(), 2, "{serial}");
     for u in up {
         let kb = numbers(u.split("mem_kb=").nth(1).unwrap_or(""))[0];
@@ -355,6 +349,14 @@ fn when_the_os_resets_the_machine_the_appliance_is_reset_with_it_and_boots_again
             "{u}"
         );
     }
+}
+
+/// The rest of each line of `serial` that starts with `prefix`.
+fn lines_after<'a>(serial: &'a str, prefix: &str) -> Vec<&'a str> {
+    serial
+        .lines()
+        .filter_map(|l| l.strip_prefix(prefix))
+        .collect()
 }
 
 fn appliances_json(facts: &str) -> serde_json::Value {

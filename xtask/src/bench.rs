@@ -267,31 +267,24 @@ fn appliance_figures(
     let mut reserved = (0u64, 0u64);
     let os_uptime = |out: &str| number_after(out, "THINHV-GUEST: userspace up after ");
     for n in 0..runs {
-        let s = boot_once(a, img, true, 4, n, Some(("-no-appliance", &IOMMU, "", "")))?;
-        let up = os_uptime(&s.out).unwrap_or(f64::NAN);
-        println!(
-            "run {n}: OS alone (4 CPUs)          userspace at {:.2} s (its uptime {up:.2} s)",
-            s.secs
-        );
-        alone.push(s.secs);
-        alone_up.push(up);
-        reserved.0 = s.reserved();
-        // The OS on as many processors as it keeps beside the appliance.
-        let s = boot_once(
-            a,
-            img,
-            true,
-            2,
-            n,
-            Some(("-no-appliance-2", &IOMMU, "", "")),
-        )?;
-        let up = os_uptime(&s.out).unwrap_or(f64::NAN);
-        println!(
-            "run {n}: OS alone (2 CPUs)          userspace at {:.2} s (its uptime {up:.2} s)",
-            s.secs
-        );
-        alone2.push(s.secs);
-        alone2_up.push(up);
+        // The OS alone on all four processors, and on as many as it keeps
+        // beside the appliance.
+        for (cpus, tag) in [(4, "-no-appliance"), (2, "-no-appliance-2")] {
+            let s = boot_once(a, img, true, cpus, n, Some((tag, &IOMMU, "", "")))?;
+            let up = os_uptime(&s.out).unwrap_or(f64::NAN);
+            println!(
+                "run {n}: OS alone ({cpus} CPUs)          userspace at {:.2} s (its uptime {up:.2} s)",
+                s.secs
+            );
+            let (wall, uptime) = if cpus == 4 {
+                reserved.0 = s.reserved();
+                (&mut alone, &mut alone_up)
+            } else {
+                (&mut alone2, &mut alone2_up)
+            };
+            wall.push(s.secs);
+            uptime.push(up);
+        }
         let s = boot_once(
             a,
             img,

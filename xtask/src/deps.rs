@@ -90,7 +90,7 @@ fn newer_bochs() {
     println!("xtask: building Bochs from Debian's source (Debian 12's 2.7 has VMX faults)");
     let r = sh(Command::new("bash")
         .arg(root().join("scripts/build-bochs.sh"))
-        .arg(root().join("build"))
+        .arg(thinhv_ovmf::build_dir())
         .current_dir(root()));
     if let Err(e) = r {
         println!("xtask: warning: Bochs was not built ({e}); the tests use Bochs 2.7");

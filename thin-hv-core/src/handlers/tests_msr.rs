@@ -18,7 +18,7 @@ fn at(env: &mut FakeEnv, code: &[u8]) -> FakeCpu {
 }
 
 /// WRMSR `msr` = `value` on a fresh CPU; returns it after the exit.
-fn wrmsr(env: &mut FakeEnv, msr: u32, value: u64) -> FakeCpu {
+pub(super) fn wrmsr(env: &mut FakeEnv, msr: u32, value: u64) -> FakeCpu {
     let mut cpu = at(env, WRMSR);
     cpu.regs[Gpr::Rcx as usize] = u64::from(msr);
     handle(&Exit::MsrWrite { msr, value }, &mut cpu, env);

@@ -475,12 +475,7 @@ fn apic_store(env: &mut FakeEnv, offset: u32, value: u32) {
 
 /// An x2APIC ICR write (`wrmsr` to 0x830) from the current CPU.
 fn x2apic_icr(env: &mut FakeEnv, value: u64) {
-    let mut cpu = super::tests::at(env, &[0x0f, 0x30]);
-    crate::handlers::handle(
-        &crate::exit::Exit::MsrWrite { msr: 0x830, value },
-        &mut cpu,
-        env,
-    );
+    super::tests_msr::wrmsr(env, 0x830, value);
 }
 
 /// Physical destinations of the x2APIC ICR writes that reached the APIC.
@@ -561,40 +556,16 @@ fn an_appliances_lint_pins_stay_masked_in_both_apic_modes() {
     assert!(env.apic_writes.contains(&(0x360, 0x1_0400)));
     // x2APIC: the same through the MSRs; a reserved bit is a #GP.
     env.msrs.insert(0x1b, 0xfee0_0000 | 0xc00);
-    let mut cpu = super::tests::at(&mut env, &[0x0f, 0x30]);
-    crate::handlers::handle(
-        &crate::exit::Exit::MsrWrite {
-            msr: 0x835,
-            value: 0x700,
-        },
-        &mut cpu,
-        &mut env,
-    );
+    super::tests_msr::wrmsr(&mut env, 0x835, 0x700);
     assert_eq!(env.msr_writes.last(), Some(&(0x835, 0x1_0700)));
-    let mut cpu = super::tests::at(&mut env, &[0x0f, 0x30]);
-    crate::handlers::handle(
-        &crate::exit::Exit::MsrWrite {
-            msr: 0x836,
-            value: 1 << 11,
-        },
-        &mut cpu,
-        &mut env,
-    );
+    let cpu = super::tests_msr::wrmsr(&mut env, 0x836, 1 << 11);
     assert_eq!(cpu.exceptions, vec![(13, Some(0))]);
     // Control: the OS's own CPU gets what it asks for.
     env.cpu = 0;
     env.apic_writes.clear();
     apic_store(&mut env, 0x350, 0x700);
     assert_eq!(env.apic_writes, [(0x350, 0x700)]);
-    let mut cpu = super::tests::at(&mut env, &[0x0f, 0x30]);
-    crate::handlers::handle(
-        &crate::exit::Exit::MsrWrite {
-            msr: 0x836,
-            value: 0x400,
-        },
-        &mut cpu,
-        &mut env,
-    );
+    super::tests_msr::wrmsr(&mut env, 0x836, 0x400);
     assert_eq!(env.msr_writes.last(), Some(&(0x836, 0x400)));
 }
 

@@ -384,6 +384,22 @@ fn build_appliance_maps(
     Ok((roots, iopm))
 }
 
+/// Maps appliance `p`'s RAM where its guest-physical map has it
+/// (`thinhv_abi::handoff::appliance_ram_ranges`): in its second-level
+/// tables and in its IOMMU domain alike.
+pub(super) fn map_appliance_ram<F: thinhv_paging::EntryFormat, M: thinhv_paging::PhysMem>(
+    m: &mut Mapper<'_, F, M>,
+    p: &thinhv_abi::handoff::PartitionInfo,
+    frames: &mut BumpFrames,
+) -> Result<(), thinhv_paging::MapError> {
+    for (gpa, offset, len) in thinhv_abi::handoff::appliance_ram_ranges(p.ram.size) {
+        if len != 0 {
+            m.map(gpa, p.ram.base + offset, len, Attrs::RWX, frames)?;
+        }
+    }
+    Ok(())
+}
+
 /// One appliance's second-level tables (`build_appliance_maps`).
 fn appliance_map(
     fmt: &impl thinhv_paging::EntryFormat,
@@ -394,12 +410,7 @@ fn appliance_map(
 ) -> Result<u64, CoreError> {
     let oom = |_| CoreError::OUT_OF_MEMORY;
     let mut m = Mapper::create(fmt, mem, frames).map_err(oom)?;
-    for (gpa, offset, len) in thinhv_abi::handoff::appliance_ram_ranges(p.ram.size) {
-        if len != 0 {
-            m.map(gpa, p.ram.base + offset, len, Attrs::RWX, frames)
-                .map_err(oom)?;
-        }
-    }
+    map_appliance_ram(&mut m, p, frames).map_err(oom)?;
     m.map(apic_base, apic_base, PAGE, Attrs::MMIO_RO, frames)
         .map_err(oom)?;
     // Its functions' BARs, where the firmware put them.

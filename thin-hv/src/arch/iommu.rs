@@ -621,12 +621,7 @@ fn partition_tables(
     // allocator reach the engine (`IdentityMem::new`'s contract).
     let mut mem = unsafe { IdentityMem::new() };
     let mut m = Mapper::create(fmt, &mut mem, frames).map_err(|_| oom)?;
-    for (gpa, offset, len) in thinhv_abi::handoff::appliance_ram_ranges(p.ram.size) {
-        if len != 0 {
-            m.map(gpa, p.ram.base + offset, len, Attrs::RWX, frames)
-                .map_err(|_| oom)?;
-        }
-    }
+    super::core_init::map_appliance_ram(&mut m, p, frames).map_err(|_| oom)?;
     Ok(m.root())
 }
 
