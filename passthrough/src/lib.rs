@@ -1,6 +1,7 @@
 //! Device pass-through, as pure logic: PCI/ECAM enumeration and BAR sizing
 //! (`pci`, `bars`), the ownership policy (`policy`), what the OS sees of a
-//! mediated function's configuration space (`mediate`), the ACPI IOMMU
+//! mediated function's configuration space (`mediate`), quiescing and
+//! resetting a function that changes hands (`reset`), the ACPI IOMMU
 //! tables (`dmar`, `ivrs`, `acpi`) and the VT-d / AMD-Vi register drivers
 //! (`vtd`, `amdvi`) over an MMIO trait.
 #![cfg_attr(not(test), no_std)]
@@ -17,6 +18,7 @@ pub mod madt;
 pub mod mediate;
 pub mod pci;
 pub mod policy;
+pub mod reset;
 pub mod vtd;
 
 pub use thinhv_sriov as sriov;

@@ -100,6 +100,9 @@ pub trait Env {
         size: u8,
         write: Option<u32>,
     ) -> u32;
+    /// The time-stamp counter (for waits: the appliance's `tsc_khz` says
+    /// how fast it runs).
+    fn tsc(&self) -> u64;
     /// IN of `size` bytes from `port`.
     fn port_read(&self, port: u16, size: u8) -> u32;
     /// OUT of `size` bytes to `port`.

@@ -250,13 +250,39 @@ pub fn install(config: &Config) -> Result<String, String> {
         super::appliances::release(a);
         false
     });
-    // The appliance's functions do no DMA until its driver says so (a
-    // firmware driver left running would write into the appliance's RAM
-    // through its IOMMU domain, which thinhv sets up at its start).
+    // The appliance's functions leave the firmware's hands quiet and
+    // reset: their firmware drivers stopped (else they would drive the
+    // function until the OS leaves boot services, and write into the
+    // appliance's RAM through its IOMMU domain once it starts), then bus
+    // mastering and MSI off, a Function Level Reset where the function
+    // has one, and its BARs put back. Its driver in the appliance turns
+    // bus mastering on.
+    let root_bus = segment0.map_or(0, |r| r.bus_start);
     for a in &appliances.list {
         for d in &a.devices {
-            if !super::pci::stop_bus_mastering(&regions, d.bdf) {
-                println!("thinhv: warning: {}: bus mastering not turned off", d.bdf);
+            let khz = super::appliances::tsc_khz();
+            // SAFETY: RDTSC has no side effects.
+            let t0 = unsafe { core::arch::x86_64::_rdtsc() };
+            let stopped =
+                super::pci::disconnect_firmware_drivers(&inventory.functions, root_bus, d.bdf);
+            let bars: Vec<thinhv_passthrough::reset::Bar> = d
+                .bars
+                .iter()
+                .map(|&(index, flags, base, _)| thinhv_passthrough::reset::Bar {
+                    index,
+                    wide: flags & thinhv_abi::handoff::BAR_REG_64 != 0,
+                    base,
+                })
+                .collect();
+            let report = super::pci::reset_function(&regions, d.bdf, &bars);
+            // SAFETY: as above.
+            let ms = unsafe { core::arch::x86_64::_rdtsc() }.wrapping_sub(t0) / khz;
+            match report {
+                Some(r) => println!(
+                    "thinhv: appliance {:?}: {}: firmware handles disconnected {stopped}; {r} ({ms} ms)",
+                    config.appliance[a.index].name, d.bdf
+                ),
+                None => println!("thinhv: warning: {}: does not answer; not reset", d.bdf),
             }
         }
     }

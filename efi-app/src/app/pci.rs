@@ -92,16 +92,107 @@ pub fn boot_device_path() -> Option<Vec<(u8, u8)>> {
     (!nodes.is_empty()).then_some(nodes)
 }
 
-/// Turns bus mastering off on `bdf` (a function given to an appliance):
-/// whatever the firmware left running there stops reaching memory; the
-/// appliance's driver turns it on again. Only the command register is
-/// written (the status half as zeros, which clears nothing).
-pub fn stop_bus_mastering(regions: &[EcamRegion], bdf: Bdf) -> bool {
-    let mut ecam = Ecam { regions };
-    let cmd = ecam.read32(bdf, 0x04) & 0xffff;
-    if cmd == 0xffff {
-        return false;
+/// One function's configuration space through ECAM, with the firmware's
+/// stall for waits: what [`thinhv_passthrough::reset`] runs on.
+struct Function1<'a> {
+    ecam: Ecam<'a>,
+    bdf: Bdf,
+}
+
+impl thinhv_passthrough::reset::FunctionConfig for Function1<'_> {
+    fn read32(&mut self, reg: u16) -> u32 {
+        self.ecam.read32(self.bdf, reg)
     }
-    ecam.write32(bdf, 0x04, cmd & !(1 << 2));
-    true
+    fn write32(&mut self, reg: u16, value: u32) {
+        ConfigWrite::write32(&mut self.ecam, self.bdf, reg, value);
+    }
+    fn write16(&mut self, reg: u16, value: u16) {
+        let Some(base) = self.ecam.regions.iter().find_map(|r| r.address(self.bdf)) else {
+            return;
+        };
+        if reg > 0xffe || !reg.is_multiple_of(2) {
+            return;
+        }
+        // SAFETY: as `Ecam::read32`: the address lies in an ECAM window
+        // the MCFG describes (uncached MMIO); the function belongs to an
+        // appliance, whose reset sequence this write is part of.
+        unsafe { core::ptr::write_volatile((base + u64::from(reg)) as *mut u16, value) }
+    }
+    fn wait_us(&mut self, us: u32) {
+        boot::stall(core::time::Duration::from_micros(u64::from(us)));
+    }
+}
+
+/// Quiesces and resets `bdf` (a function given to an appliance) and puts
+/// `bars` back (`thinhv_passthrough::reset`); `None` when nothing answers
+/// there.
+pub fn reset_function(
+    regions: &[EcamRegion],
+    bdf: Bdf,
+    bars: &[thinhv_passthrough::reset::Bar],
+) -> Option<thinhv_passthrough::reset::Report> {
+    let mut f = Function1 {
+        ecam: Ecam { regions },
+        bdf,
+    };
+    thinhv_passthrough::reset::reset(&mut f, bars)
+}
+
+/// Stops every firmware driver that manages `bdf` (DisconnectController on
+/// the function's handle, which also ends its child handles: a NIC's
+/// SNP, an NVMe controller's namespaces): a function given to an appliance
+/// must not be driven by the firmware until the OS leaves boot services,
+/// nor reset under a driver that still thinks it owns it. The number of
+/// handles disconnected (0: no driver had it, or no handle matched).
+pub fn disconnect_firmware_drivers(functions: &[Function], root_bus: u8, bdf: Bdf) -> usize {
+    use uefi::Identify;
+    use uefi::proto::device_path::DevicePath;
+    let Ok(handles) = boot::locate_handle_buffer(boot::SearchType::ByProtocol(&DevicePath::GUID))
+    else {
+        return 0;
+    };
+    let mut n = 0;
+    for &h in handles.iter() {
+        // The path's PCI nodes, if the handle is a PCI function's own
+        // (its last node a PCI node: not a child such as a namespace).
+        let nodes = {
+            let Ok(dp) = (unsafe {
+                // SAFETY: GetProtocol opens the device path without taking
+                // it from its owner; it is only read, and dropped before
+                // DisconnectController below.
+                boot::open_protocol::<DevicePath>(
+                    boot::OpenProtocolParams {
+                        handle: h,
+                        agent: boot::image_handle(),
+                        controller: None,
+                    },
+                    boot::OpenProtocolAttributes::GetProtocol,
+                )
+            }) else {
+                continue;
+            };
+            let mut pci = Vec::new();
+            let mut last_is_pci = false;
+            for node in dp.node_iter() {
+                match node.as_enum() {
+                    Ok(DevicePathNodeEnum::HardwarePci(p)) => {
+                        pci.push((p.device(), p.function()));
+                        last_is_pci = true;
+                    }
+                    _ => last_is_pci = false,
+                }
+            }
+            if !last_is_pci {
+                continue;
+            }
+            pci
+        };
+        if thinhv_passthrough::policy::boot_device(functions, bdf.segment, root_bus, &nodes)
+            == Some(bdf)
+            && boot::disconnect_controller(h, None, None).is_ok()
+        {
+            n += 1;
+        }
+    }
+    n
 }

@@ -24,6 +24,7 @@ use crate::partition::{BarShadow, PartitionId};
 use core::sync::atomic::Ordering;
 use thinhv_abi::handoff::PartitionDevice;
 use thinhv_passthrough::mediate::all_ones;
+use thinhv_passthrough::reset::{self, FunctionConfig};
 
 /// CONFIG_ADDRESS.
 const ADDRESS: u16 = 0xcf8;
@@ -89,12 +90,89 @@ fn real_address(dev: &PartitionDevice, reg: u16) -> u32 {
     1 << 31 | u32::from(dev.rid) << 8 | u32::from(reg & 0xfc)
 }
 
-/// Clears Bus Master Enable in `dev`'s command register.
-pub(super) fn stop_bus_mastering(env: &mut impl Env, dev: &PartitionDevice) {
-    let command = env.legacy_config_access(real_address(dev, 0x04), DATA, 2, None);
-    if command != 0xffff && command & 4 != 0 {
-        env.legacy_config_access(real_address(dev, 0x04), DATA, 2, Some(command & !4));
+/// One of an appliance's functions through the configuration ports, for
+/// [`thinhv_passthrough::reset`]; waits count time-stamp ticks at
+/// `tsc_khz`.
+struct Function<'a, E: Env> {
+    env: &'a mut E,
+    dev: &'a PartitionDevice,
+    tsc_khz: u64,
+}
+
+impl<E: Env> FunctionConfig for Function<'_, E> {
+    fn read32(&mut self, reg: u16) -> u32 {
+        self.env
+            .legacy_config_access(real_address(self.dev, reg), DATA, 4, None)
     }
+    fn write32(&mut self, reg: u16, value: u32) {
+        self.env
+            .legacy_config_access(real_address(self.dev, reg), DATA, 4, Some(value));
+    }
+    fn write16(&mut self, reg: u16, value: u16) {
+        self.env.legacy_config_access(
+            real_address(self.dev, reg),
+            DATA + (reg & 2),
+            2,
+            Some(u32::from(value)),
+        );
+    }
+    fn wait_us(&mut self, us: u32) {
+        let ticks = u64::from(us) * self.tsc_khz / 1000;
+        let start = self.env.tsc();
+        while self.env.tsc().wrapping_sub(start) < ticks {
+            core::hint::spin_loop();
+        }
+    }
+}
+
+/// An unknown TSC rate is taken as 5 GHz: waits then last at least as
+/// long as asked on any processor.
+const TSC_KHZ_UNKNOWN: u64 = 5_000_000;
+
+/// Bus mastering and INTx off, MSI and MSI-X disabled on `dev`: it neither
+/// writes memory nor signals an interrupt from here (`None`: nothing
+/// answers there). No waiting: an OS processor may run this.
+pub(super) fn quiesce(env: &mut impl Env, dev: &PartitionDevice) -> Option<reset::Quiesced> {
+    let mut f = Function {
+        env,
+        dev,
+        tsc_khz: TSC_KHZ_UNKNOWN,
+    };
+    reset::quiesce(&mut f)
+}
+
+/// Quiesces and resets `dev` and puts its BARs back
+/// ([`thinhv_passthrough::reset::reset`]): before an appliance boots
+/// again. Waits up to about 1.2 s (on the appliance's own processor).
+pub(super) fn reset(
+    env: &mut impl Env,
+    dev: &PartitionDevice,
+    tsc_khz: u64,
+) -> Option<reset::Report> {
+    let mut bars = [reset::Bar {
+        index: 0,
+        wide: false,
+        base: 0,
+    }; thinhv_abi::handoff::MAX_DEVICE_BARS];
+    let mut n = 0;
+    for (regs, range) in dev.bars() {
+        bars[n] = reset::Bar {
+            index: regs & 7,
+            wide: regs & thinhv_abi::handoff::BAR_REG_64 != 0,
+            base: range.base,
+        };
+        n += 1;
+    }
+    let mut f = Function {
+        env,
+        dev,
+        tsc_khz: if tsc_khz == 0 {
+            TSC_KHZ_UNKNOWN
+        } else {
+            tsc_khz
+        },
+    };
+    reset::reset(&mut f, &bars[..n])
 }
 
 fn read(
@@ -145,11 +223,18 @@ fn write(
                 b.write(r, (old & !mask) | ((value << shift) & mask));
             });
         }
-        // Command: I/O space enable stays off; the rest (memory space,
-        // bus mastering: DMA its IOMMU domain confines, INTx disable)
-        // is the appliance's.
+        // Command: I/O space enable stays off and INTx disable on (a
+        // function's INTx pin is wired to the platform's I/O APIC, which
+        // is the OS's: an appliance that enabled it would raise the OS's
+        // interrupt line); the rest (memory space, bus mastering: DMA its
+        // IOMMU domain confines) is the appliance's.
         0x04 => {
-            let v = if reg == 0x04 { value & !1 } else { value };
+            let v = match (reg, size) {
+                (0x04, 1) => value & !1,
+                (0x04, _) => (value & !1) | 1 << 10,
+                (0x05, _) => value | 1 << 2,
+                _ => value,
+            };
             env.legacy_config_access(real_address(dev, dword), DATA + (reg & 3), size, Some(v));
         }
         // Cache line size and latency timer only; the header type, BIST,

@@ -167,6 +167,8 @@ pub struct FakeEnv {
     pub apic_trap_ok: bool,
     /// `publish_control` calls, in order.
     pub control_results: std::cell::RefCell<Vec<thinhv_abi::status::ControlResult>>,
+    /// The time-stamp counter [`Env::tsc`] reads (it advances per read).
+    pub tsc: std::cell::Cell<u64>,
 }
 
 impl FakeEnv {
@@ -224,6 +226,7 @@ impl FakeEnv {
             slat_holes: std::collections::BTreeSet::new(),
             apic_trap_ok: true,
             control_results: std::cell::RefCell::default(),
+            tsc: std::cell::Cell::new(0),
         }
     }
 
@@ -499,5 +502,12 @@ impl Env for FakeEnv {
     }
     fn port_write(&mut self, port: u16, size: u8, value: u32) {
         self.hw_out(port, size, value);
+    }
+    fn tsc(&self) -> u64 {
+        // A thousand ticks per read: waits end after a bounded number of
+        // reads.
+        let t = self.tsc.get() + 1000;
+        self.tsc.set(t);
+        t
     }
 }

@@ -160,10 +160,11 @@ pub fn start(env: &mut impl Env, id: PartitionId) {
     }
 }
 
-/// Turns bus mastering off on appliance `id`'s PCI functions: a stopped
-/// appliance's device must not write into RAM thinhv is about to scrub
-/// and fill again (its driver turns it on when the appliance boots).
-/// Function Level Reset and MSI teardown are issue 13's.
+/// Quiesces appliance `id`'s PCI functions (bus mastering and INTx off,
+/// MSI and MSI-X disabled): a stopped appliance's device must not write
+/// into RAM thinhv is about to scrub and fill again, nor interrupt anyone.
+/// No waiting (an OS processor runs this on a stop); the reset comes
+/// before the appliance boots again ([`reset_devices`]).
 pub fn quiesce_devices(env: &mut impl Env, id: PartitionId) {
     let Some(p) = env.hv().appliance(id) else {
         return;
@@ -171,6 +172,42 @@ pub fn quiesce_devices(env: &mut impl Env, id: PartitionId) {
     let devices = p.info.devices;
     let n = p.info.devices().len();
     for d in &devices[..n] {
-        super::appliance_pci::stop_bus_mastering(env, d);
+        let q = super::appliance_pci::quiesce(env, d);
+        let name = env.hv().appliance(id).map_or("", |p| p.name());
+        let (bus, dev, func) = (d.rid >> 8, (d.rid >> 3) & 0x1f, d.rid & 7);
+        if let Some(q) = q {
+            log::info!("appliance {name:?}: stopped: PCI 0000:{bus:02x}:{dev:02x}.{func}: {q}");
+        }
     }
+}
+
+/// Quiesces and resets appliance `id`'s PCI functions and puts their BARs
+/// back (`thinhv_passthrough::reset`), logging what each did: run on the
+/// appliance's own first processor before it boots again, while the
+/// others wait. False when a function did not come back as its driver
+/// expects it (not answering, or its BARs not restored).
+pub fn reset_devices(env: &mut impl Env, id: PartitionId) -> bool {
+    let Some(p) = env.hv().appliance(id) else {
+        return true;
+    };
+    let (devices, tsc_khz) = (p.info.devices, p.info.tsc_khz);
+    let n = p.info.devices().len();
+    let mut ok = true;
+    for d in &devices[..n] {
+        let (bus, dev, func) = (d.rid >> 8, (d.rid >> 3) & 0x1f, d.rid & 7);
+        let t0 = env.tsc();
+        let report = super::appliance_pci::reset(env, d, tsc_khz);
+        let ms = env.tsc().wrapping_sub(t0) / tsc_khz.max(1);
+        let name = env.hv().appliance(id).map_or("", |p| p.name());
+        if let Some(r) = report {
+            ok &= r.ok();
+            log::info!("appliance {name:?}: PCI 0000:{bus:02x}:{dev:02x}.{func}: {r} ({ms} ms)");
+        } else {
+            ok = false;
+            log::error!(
+                "appliance {name:?}: PCI 0000:{bus:02x}:{dev:02x}.{func}: not answering; not reset"
+            );
+        }
+    }
+    ok
 }

@@ -396,9 +396,15 @@ fn an_appliance_sees_only_its_own_function_with_bars_that_never_move() {
     write(&mut env, 0x8000_0810, 4, 0xcfc, 0x1000_0000);
     assert_eq!(read(&mut env, 0x8000_0810, 4, 0xcfc), 0x1000_0000);
     assert_eq!(env.cf8_space.borrow()[&real(0x10)], 0xc000_0000);
-    // Command: memory and bus master reach the function, I/O never.
+    // Command: memory and bus master reach the function, I/O never, and
+    // INTx stays disabled (its pin is wired to the OS's I/O APIC), by
+    // word or by byte.
     write(&mut env, 0x8000_0804, 2, 0xcfc, 0x0007);
-    assert_eq!(env.cf8_space.borrow()[&real(0x04)] & 0xffff, 0x0006);
+    assert_eq!(env.cf8_space.borrow()[&real(0x04)] & 0xffff, 0x0406);
+    write(&mut env, 0x8000_0804, 1, 0xcfd, 0x00);
+    assert_eq!(env.cf8_space.borrow()[&real(0x04)] & 0xffff, 0x0406);
+    write(&mut env, 0x8000_0804, 1, 0xcfc, 0x02);
+    assert_eq!(env.cf8_space.borrow()[&real(0x04)] & 0xffff, 0x0402);
     // The ROM BAR and header type are not written.
     write(&mut env, 0x8000_0830, 4, 0xcfc, 0xffff_ffff);
     assert_eq!(env.cf8_space.borrow()[&real(0x30)], 0xfeb0_0000);
@@ -445,7 +451,7 @@ fn an_appliance_functions_bars_are_foreign_to_the_os_and_its_writes_there_are_di
 }
 
 #[test]
-fn a_stop_turns_bus_mastering_off_on_the_appliances_functions() {
+fn a_stop_quiesces_the_appliances_functions() {
     use thinhv_abi::status::ControlOp;
     let mut env = with_partition(|p| {
         p.flags |= thinhv_abi::handoff::partition_flags::OS_CONTROL;
@@ -453,9 +459,61 @@ fn a_stop_turns_bus_mastering_off_on_the_appliances_functions() {
         p.devices[0].rid = 0x0100;
         p.devices[0].vdevfn = 0x08;
     });
-    env.cf8_space.borrow_mut().insert(0x8001_0004, 0x0010_0006);
+    let mut space = env.cf8_space.borrow_mut();
+    space.insert(0x8001_0000, 0x10d3_8086);
+    space.insert(0x8001_0004, 0x0010_0006);
+    space.insert(0x8001_0034, 0x40);
+    // MSI, enabled.
+    space.insert(0x8001_0040, 0x0081_0005);
+    drop(space);
     ring(&mut env, STORE64, command(ControlOp::Stop, 1, 3));
-    assert_eq!(env.cf8_space.borrow()[&0x8001_0004], 0x0010_0002);
+    // Bus mastering off, INTx disabled, MSI off; no reset on an OS CPU.
+    assert_eq!(env.cf8_space.borrow()[&0x8001_0004], 0x0010_0402);
+    assert_eq!(env.cf8_space.borrow()[&0x8001_0040], 0x0080_0005);
+}
+
+#[test]
+fn before_an_appliance_boots_again_its_function_is_reset_and_its_bars_put_back() {
+    use thinhv_abi::PhysRange;
+    use thinhv_abi::handoff::BAR_REG_64;
+    let mut env = with_partition(|p| {
+        p.tsc_khz = 1000;
+        p.device_count = 1;
+        p.devices[0].rid = 0x0100;
+        p.devices[0].vdevfn = 0x08;
+        p.devices[0].bar_count = 2;
+        p.devices[0].bars[0] = PhysRange::new(0xc000_0000, 0x2_0000);
+        p.devices[0].bars[1] = PhysRange::new(0x8_0000_4000, 0x4000);
+        p.devices[0].bar_regs[1] = 2 | BAR_REG_64;
+    });
+    let mut space = env.cf8_space.borrow_mut();
+    space.insert(0x8001_0000, 0x10d3_8086);
+    space.insert(0x8001_0004, 0x0010_0006);
+    space.insert(0x8001_0034, 0x40);
+    // PCI Express, Function Level Reset capable.
+    space.insert(0x8001_0040, 0x0002_0010);
+    space.insert(0x8001_0044, 1 << 28);
+    space.insert(0x8001_0048, 0x0000_2810);
+    // What a reset leaves in the BARs.
+    for reg in [0x10, 0x18, 0x1c] {
+        space.insert(0x8001_0000 | reg, 0);
+    }
+    drop(space);
+    assert!(super::partition::reset_devices(&mut env, PartitionId(1)));
+    let flr = env
+        .port_log
+        .borrow()
+        .iter()
+        .filter(|&&(rw, port, size, v)| rw == 'w' && port == 0xcfc && size == 2 && v & 0x8000 != 0)
+        .count();
+    assert_eq!(flr, 1, "Initiate FLR written once");
+    let space = env.cf8_space.borrow();
+    assert_eq!(space[&0x8001_0010], 0xc000_0000);
+    assert_eq!((space[&0x8001_0018], space[&0x8001_001c]), (0x4000, 8));
+    // Memory space on; bus mastering for its driver to turn on.
+    assert_eq!(space[&0x8001_0004] & 0xffff, 0x0402);
+    // The 100 ms after the FLR, at 1000 ticks per read and 1 MHz.
+    assert!(env.tsc.get() >= 100_000);
 }
 
 /// `mov dword [rdx+offset], eax` at the xAPIC page: the OS or an

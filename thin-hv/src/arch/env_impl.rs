@@ -463,6 +463,11 @@ impl Env for HwEnv {
         self.core.status.set_control_result(result);
     }
 
+    fn tsc(&self) -> u64 {
+        // SAFETY: RDTSC has no side effects; CR4.TSD is clear in thinhv.
+        unsafe { core::arch::x86_64::_rdtsc() }
+    }
+
     fn port_write(&mut self, port: u16, size: u8, value: u32) {
         // SAFETY: as `port_read`, for the guest's OUT.
         unsafe { super::instr::port_out(port, size, value) }

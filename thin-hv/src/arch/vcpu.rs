@@ -437,9 +437,13 @@ fn renew_image(core: &Core, cpu: usize, p: &crate::partition::Partition) -> bool
             return failed("a processor did not stop");
         }
     }
+    // Its PCI functions quiesced, reset and their BARs put back (FLR
+    // waits about 100 ms, on this processor, the appliance's own).
     if let Some(global) = super::core_state::get() {
         let mut env = super::env_impl::HwEnv { core: global, cpu };
-        crate::handlers::partition::quiesce_devices(&mut env, id);
+        if !crate::handlers::partition::reset_devices(&mut env, id) {
+            return failed("a PCI function of it did not come back from its reset");
+        }
     }
     let ram = p.ram();
     // SAFETY: the appliance's RAM is in the core's identity map, belongs to
