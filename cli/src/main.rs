@@ -90,7 +90,7 @@ fn main() -> ExitCode {
         "check" => check(rest),
         "install" => install::run_install(rest),
         // Test tool for the guest (QEMU's edu device); not for operators.
-        "dma-probe" => dma::run(),
+        "dma-probe" => dma::run(rest),
         // Attacks a hostile kernel tries (issue 11); test tools as well.
         "attack" if rest.first().is_some_and(|a| a == "msr") => attack_msr::run(&rest[1..]),
         "attack" => attack_pci::run(rest),

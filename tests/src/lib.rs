@@ -264,7 +264,13 @@ pub const LINUX_TIMEOUT: Duration = Duration::from_mins(7);
 
 /// Boots Linux in test mode and collects the reporter's output.
 pub fn boot_linux(boot: &Boot) -> Guest {
-    let serial = boot.run_until("THINHV-TEST-END", LINUX_TIMEOUT);
+    boot_linux_within(boot, LINUX_TIMEOUT)
+}
+
+/// As [`boot_linux`], for a test whose reporter takes longer than a boot
+/// (`timeout` from QEMU's start to its end marker).
+pub fn boot_linux_within(boot: &Boot, timeout: Duration) -> Guest {
+    let serial = boot.run_until("THINHV-TEST-END", timeout);
     let facts = section(&serial, "THINHV-TEST-BEGIN", "THINHV-TEST-END")
         .expect("test section")
         .to_string();
