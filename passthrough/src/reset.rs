@@ -143,6 +143,10 @@ pub struct Report {
     /// The command register right after the reset, before the restore
     /// (a reset function reads 0 there).
     pub command_after_reset: u16,
+    /// Whether the reset showed: the function decoded memory or I/O before
+    /// it and no longer after (a reset clears the command register);
+    /// `None` when it decoded neither before, or no reset was tried.
+    pub reset_seen: Option<bool>,
     /// Transactions Pending was still set after 100 ms (FLR went ahead).
     pub pending_timeout: bool,
     /// The function did not answer within 1 s of its reset.
@@ -168,7 +172,11 @@ impl core::fmt::Display for Report {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(f, "{}, reset {}", self.quiesced, self.method.name())?;
         if self.method != Method::None {
-            write!(f, " (command after {:#06x})", self.command_after_reset)?;
+            write!(f, " (command after {:#06x}", self.command_after_reset)?;
+            f.write_str(match self.reset_seen {
+                Some(false) => ": NO reset seen, its state may survive)",
+                _ => ")",
+            })?;
         }
         if self.pending_timeout {
             f.write_str(", transactions still pending after 100 ms")?;
@@ -249,10 +257,12 @@ pub fn reset(cfg: &mut impl FunctionConfig, bars: &[Bar]) -> Option<Report> {
         quiesced,
         method: Method::None,
         command_after_reset: quiesced.command,
+        reset_seen: None,
         pending_timeout: false,
         not_back: false,
         bars_restored: false,
     };
+    let decoding = (cfg.read32(COMMAND) & 0xffff) as u16 & (CMD_MEMORY | 1);
     let pcie = find_capability(cfg, CAP_PCIE);
     let flr = pcie.filter(|&c| cfg.read32(c + 4) & DEVCAP_FLR != 0);
     let pm = find_capability(cfg, CAP_PM);
@@ -280,6 +290,9 @@ pub fn reset(cfg: &mut impl FunctionConfig, bars: &[Bar]) -> Option<Report> {
             id != 0xffff && id != 0x0001
         });
         report.command_after_reset = (cfg.read32(COMMAND) & 0xffff) as u16;
+        if decoding != 0 && !report.not_back {
+            report.reset_seen = Some(report.command_after_reset & (CMD_MEMORY | 1) == 0);
+        }
     }
     for b in bars {
         let reg = 0x10 + 4 * u16::from(b.index);
@@ -471,6 +484,7 @@ mod tests {
         assert!(r.quiesced.msi && r.quiesced.msix);
         // The device reset itself: its command register reads 0.
         assert_eq!(r.command_after_reset, 0);
+        assert_eq!(r.reset_seen, Some(true));
         assert!(r.ok(), "{r}");
         assert_eq!(f.regs[&0x10], 0xc000_0000);
         assert_eq!((f.regs[&0x18], f.regs[&0x1c]), (0xc002_0004, 0x8));
@@ -511,6 +525,41 @@ mod tests {
         assert_eq!(r.command_after_reset, 0);
         assert!(r.ok(), "{r}");
         assert_eq!(f.regs[&0x74] & 3, 0, "back in D0");
+    }
+
+    #[test]
+    fn a_reset_that_does_not_show_is_said_so() {
+        // D3hot and back with No_Soft_Reset clear, on a function that keeps
+        // its configuration anyway (QEMU 10.0's e1000e).
+        struct Keeps(Fake);
+        impl FunctionConfig for Keeps {
+            fn read32(&mut self, reg: u16) -> u32 {
+                self.0.read32(reg)
+            }
+            fn write32(&mut self, reg: u16, value: u32) {
+                self.0.write32(reg, value);
+            }
+            fn write16(&mut self, reg: u16, value: u16) {
+                // PMCSR takes the power state, nothing else happens.
+                if reg == self.0.pm + 4 {
+                    let old = self.0.regs[&reg];
+                    self.0.regs.insert(reg, (old & !3) | u32::from(value & 3));
+                    return;
+                }
+                self.0.write16(reg, value);
+            }
+            fn wait_us(&mut self, us: u32) {
+                self.0.wait_us(us);
+            }
+        }
+        let mut k = Keeps(Fake::new(false, Some(true)));
+        let r = reset(&mut k, &BARS).unwrap();
+        assert_eq!(r.method, Method::PowerState);
+        assert_eq!(r.reset_seen, Some(false));
+        assert_eq!(r.command_after_reset, 0x0402);
+        assert!(r.to_string().contains("reset D3hot->D0 (command after 0x0402: NO reset seen, its state may survive), BARs restored"), "{r}");
+        // Its BARs kept their addresses: restored all the same.
+        assert!(r.ok());
     }
 
     #[test]

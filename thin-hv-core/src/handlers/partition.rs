@@ -201,7 +201,15 @@ pub fn reset_devices(env: &mut impl Env, id: PartitionId) -> bool {
         let name = env.hv().appliance(id).map_or("", |p| p.name());
         if let Some(r) = report {
             ok &= r.ok();
-            log::info!("appliance {name:?}: PCI 0000:{bus:02x}:{dev:02x}.{func}: {r} ({ms} ms)");
+            if r.reset_seen == Some(false) {
+                log::warn!(
+                    "appliance {name:?}: PCI 0000:{bus:02x}:{dev:02x}.{func}: {r} ({ms} ms)"
+                );
+            } else {
+                log::info!(
+                    "appliance {name:?}: PCI 0000:{bus:02x}:{dev:02x}.{func}: {r} ({ms} ms)"
+                );
+            }
         } else {
             ok = false;
             log::error!(
