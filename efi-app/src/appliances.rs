@@ -143,6 +143,43 @@ pub struct AssignedDevice {
     /// Its memory BARs: (register index, flags for
     /// `thinhv_abi::handoff::PartitionDevice::bar_regs`, base, size).
     pub bars: Vec<(u8, u8, u64, u64)>,
+    /// The bridges between the root bus and it, nearest first: the
+    /// appliance's too (hidden from the OS, which could otherwise reset the
+    /// function through them, disable their link or turn their forwarding
+    /// off), so everything behind them must be this appliance's.
+    pub upstream: Vec<thinhv_passthrough::pci::Bdf>,
+}
+
+/// The bridges from `f`'s bus up to the root bus, nearest first; `None`
+/// when a bus on the way has no bridge leading to it (the function is not
+/// reachable from a root bus the loader enumerated).
+fn bridges_above(
+    f: &thinhv_passthrough::pci::Function,
+    functions: &[thinhv_passthrough::pci::Function],
+) -> Option<Vec<thinhv_passthrough::pci::Bdf>> {
+    let mut out = Vec::new();
+    let mut bus = f.bdf.bus;
+    let roots: Vec<u8> = functions
+        .iter()
+        .filter(|g| {
+            !functions.iter().any(|b| {
+                b.bridge_buses
+                    .is_some_and(|(sec, sub)| (sec..=sub).contains(&g.bdf.bus))
+            })
+        })
+        .map(|g| g.bdf.bus)
+        .collect();
+    while !roots.contains(&bus) {
+        let b = functions
+            .iter()
+            .find(|b| b.bridge_buses.is_some_and(|(sec, _)| sec == bus))?;
+        if out.contains(&b.bdf) || out.len() > 32 {
+            return None;
+        }
+        out.push(b.bdf);
+        bus = b.bdf.bus;
+    }
+    Some(out)
 }
 
 /// The functions appliance table `devices` names, out of `functions`
@@ -225,11 +262,45 @@ pub fn assign_devices(
                     (b.index, flags, b.base, b.size)
                 })
                 .collect();
+            let Some(upstream) = bridges_above(f, functions) else {
+                return Err(format!(
+                    "device \"{d}\": {} is behind no bridge the loader found",
+                    f.bdf
+                ));
+            };
             out.push(AssignedDevice {
                 bdf: f.bdf,
                 vdevfn: u8::try_from((out.len() + 1) << 3).unwrap_or(0xf8),
                 bars,
+                upstream,
             });
+        }
+    }
+    // A bridge above one of its functions is the appliance's: everything
+    // behind it must be too (the function itself, or another bridge on
+    // the way to one).
+    for a in &out {
+        for &b in &a.upstream {
+            let Some((sec, sub)) = functions
+                .iter()
+                .find(|g| g.bdf == b)
+                .and_then(|g| g.bridge_buses)
+            else {
+                continue;
+            };
+            let other = functions.iter().find(|g| {
+                g.bdf.segment == b.segment
+                    && (sec..=sub).contains(&g.bdf.bus)
+                    && !out
+                        .iter()
+                        .any(|o| o.bdf == g.bdf || o.upstream.contains(&g.bdf))
+            });
+            if let Some(g) = other {
+                return Err(format!(
+                    "{} sits behind bridge {b}, which also leads to {}, not this appliance's: the OS, keeping that bridge, could reset or cut off the function through it",
+                    a.bdf, g.bdf
+                ));
+            }
         }
     }
     Ok(out)
@@ -416,5 +487,62 @@ mod tests {
         assert!(e.contains("bridge"), "{e}");
         let e = assign_devices(&[String::from("01:00.0")], &f, &[], None, 0xc001_0000).unwrap_err();
         assert!(e.contains("below 0xc0010000"), "{e}");
+    }
+
+    /// A bridge at `bdf` to buses `sec..=sub`.
+    fn bridge(bdf: Bdf, sec: u8, sub: u8) -> Function {
+        let mut b = nic(0, &[]);
+        b.bdf = bdf;
+        b.header_type = 1;
+        b.bridge_buses = Some((sec, sub));
+        b
+    }
+
+    #[test]
+    fn the_bridges_above_a_function_are_the_appliances_only_if_all_behind_them_is() {
+        // Root bus 0: a root port 00:07.0 to bus 1 (a switch's upstream
+        // port 01:00.0 to buses 2..=3, its downstream port 02:01.0 to bus
+        // 3, a NIC there), and a NIC on bus 0 itself.
+        let mut root_nic = nic(0, &[(0, BarKind::Mem32, 0xc200_0000, 0x2_0000)]);
+        root_nic.bdf = Bdf::new(0, 0, 5, 0);
+        let f = vec![
+            root_nic,
+            bridge(Bdf::new(0, 0, 7, 0), 1, 3),
+            bridge(Bdf::new(0, 1, 0, 0), 2, 3),
+            bridge(Bdf::new(0, 2, 1, 0), 3, 3),
+            nic(3, &[(0, BarKind::Mem32, 0xc000_0000, 0x2_0000)]),
+        ];
+        let d = assign_devices(&[String::from("03:00.0")], &f, &[], None, TOP).unwrap();
+        assert_eq!(
+            d[0].upstream,
+            [
+                Bdf::new(0, 2, 1, 0),
+                Bdf::new(0, 1, 0, 0),
+                Bdf::new(0, 0, 7, 0)
+            ]
+        );
+        // On the root bus: no bridge above.
+        let d = assign_devices(&[String::from("00:05.0")], &f, &[], None, TOP).unwrap();
+        assert!(d[0].upstream.is_empty());
+        // A second function behind the same switch, the OS's: refused.
+        let mut shared = f.clone();
+        let mut other = nic(3, &[(0, BarKind::Mem32, 0xc100_0000, 0x2_0000)]);
+        other.bdf = Bdf::new(0, 3, 0, 1);
+        shared.push(other);
+        let e = assign_devices(&[String::from("03:00.0")], &shared, &[], None, TOP).unwrap_err();
+        assert!(
+            e.contains("behind bridge 0000:02:01.0, which also leads to 0000:03:00.1"),
+            "{e}"
+        );
+        // Both functions the appliance's: accepted.
+        let d = assign_devices(
+            &[String::from("03:00.0"), String::from("03:00.1")],
+            &shared,
+            &[],
+            None,
+            TOP,
+        )
+        .unwrap();
+        assert_eq!(d.len(), 2);
     }
 }

@@ -29,6 +29,7 @@ pub fn rules(config: &thinhv_config::Config) -> (Vec<DeviceRule>, Vec<SriovRule>
             matcher: r.matcher.clone(),
             owner: r.owner.clone(),
             line: r.line,
+            bridge_ok: false,
         })
         .collect();
     let sriov = config
@@ -497,6 +498,7 @@ mod tests {
             matcher: m.into(),
             owner: owner.into(),
             line: None,
+            bridge_ok: false,
         }
     }
 

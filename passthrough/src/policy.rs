@@ -134,6 +134,10 @@ pub struct DeviceRule {
     pub owner: String,
     /// Line of its `[[device]]` header, for messages.
     pub line: Option<usize>,
+    /// A bridge may be hidden: set only by the loader, for the bridges
+    /// above an appliance's function when everything behind them is that
+    /// appliance's (a `[[device]]` rule never hides a bridge).
+    pub bridge_ok: bool,
 }
 
 /// A `[[sriov]]` rule as written.
@@ -307,7 +311,7 @@ pub fn resolve(
             }
             matched += 1;
             if owner == Owner::Hidden {
-                if f.header_type == 1 {
+                if f.header_type == 1 && !r.bridge_ok {
                     problem(format!(
                         "{name}: {} is a PCI bridge; hiding it would strand the devices behind \
                          it, so it stays with the OS",
@@ -556,6 +560,7 @@ mod tests {
             matcher: m.into(),
             owner: owner.into(),
             line: Some(7),
+            bridge_ok: false,
         }
     }
 
@@ -632,6 +637,22 @@ mod tests {
         assert_eq!(decision(&fs, &p, "0000:01:00.0").owner, Owner::Hidden);
         assert_eq!(decision(&fs, &p, "0000:00:04.0").owner, Owner::Os);
         assert_eq!(decision(&fs, &p, "0000:00:04.0").rule, None);
+    }
+
+    #[test]
+    fn a_bridge_is_hidden_only_for_an_appliance_by_the_loader() {
+        let fs = machine();
+        let hidden = |p: &Plan| decision(&fs, p, "0000:00:01.0").owner == Owner::Hidden;
+        // A `[[device]]` rule: refused (the control).
+        let p = resolve(&fs, &[dev("0000:00:01.0", "hidden")], &[], None, &Q35);
+        assert!(!hidden(&p));
+        assert_eq!(p.problems.len(), 1);
+        // The loader's, for the bridge above an appliance's function.
+        let mut rule = dev("0000:00:01.0", "hidden");
+        rule.bridge_ok = true;
+        let p = resolve(&fs, &[rule], &[], None, &Q35);
+        assert!(hidden(&p), "{:?}", p.problems);
+        assert!(p.problems.is_empty(), "{:?}", p.problems);
     }
 
     #[test]

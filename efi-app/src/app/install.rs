@@ -203,17 +203,29 @@ pub fn install(config: &Config) -> Result<String, String> {
     // An appliance's functions are hidden from the OS (configuration
     // space mediated, no DMA in the OS's domain) like `owner = "hidden"`
     // ones; the core also takes their BARs from the OS.
+    // The bridges above them too (everything behind those is the
+    // appliance's, `assign_devices` made sure): the OS could otherwise
+    // reset the function through them (Secondary Bus Reset), disable
+    // their link or turn their forwarding off.
     for a in &appliances.list {
         let t = &config.appliance[a.index];
-        rules.extend(
-            a.devices
-                .iter()
-                .map(|d| thinhv_passthrough::policy::DeviceRule {
-                    matcher: alloc::format!("{}", d.bdf),
-                    owner: String::from("hidden"),
-                    line: t.line,
-                }),
-        );
+        let mut hide: Vec<(thinhv_passthrough::pci::Bdf, bool)> = Vec::new();
+        for d in &a.devices {
+            hide.push((d.bdf, false));
+            for &b in &d.upstream {
+                if !hide.iter().any(|&(h, _)| h == b) {
+                    hide.push((b, true));
+                }
+            }
+        }
+        rules.extend(hide.into_iter().map(|(bdf, bridge_ok)| {
+            thinhv_passthrough::policy::DeviceRule {
+                matcher: alloc::format!("{bdf}"),
+                owner: String::from("hidden"),
+                line: t.line,
+                bridge_ok,
+            }
+        }));
     }
     // A rule the core could not enforce (another segment, an ECAM page
     // beyond the core's map) fails here, visibly, and the function stays
@@ -236,16 +248,17 @@ pub fn install(config: &Config) -> Result<String, String> {
     // An appliance whose function the inventory could not take from the
     // OS is left out: a function is never the OS's and an appliance's.
     appliances.list.retain(|a| {
-        let Some(d) = a
+        let Some(bdf) = a
             .devices
             .iter()
-            .find(|d| pci.find(d.bdf.bus, d.bdf.devfn()).is_none() || !pci.is_blocked(d.bdf.rid()))
+            .flat_map(|d| core::iter::once(d.bdf).chain(d.upstream.iter().copied()))
+            .find(|b| pci.find(b.bus, b.devfn()).is_none() || !pci.is_blocked(b.rid()))
         else {
             return true;
         };
         println!(
-            "thinhv: appliance {:?} left out: its device {} stays with the OS (see above); the OS boots without it",
-            config.appliance[a.index].name, d.bdf
+            "thinhv: appliance {:?} left out: its device or the bridge above it {bdf} stays with the OS (see above); the OS boots without it",
+            config.appliance[a.index].name
         );
         super::appliances::release(a);
         false
@@ -274,6 +287,11 @@ pub fn install(config: &Config) -> Result<String, String> {
                     base,
                 })
                 .collect();
+            // Its bridges forward memory and its DMA (the firmware may have
+            // left that to the OS, which no longer sees them).
+            for &b in &d.upstream {
+                super::pci::enable_forwarding(&regions, b);
+            }
             let report = super::pci::reset_function(&regions, d.bdf, &bars);
             // SAFETY: as above.
             let ms = unsafe { core::arch::x86_64::_rdtsc() }.wrapping_sub(t0) / khz;

@@ -123,6 +123,18 @@ impl thinhv_passthrough::reset::FunctionConfig for Function1<'_> {
     }
 }
 
+/// Memory Space and Bus Master Enable on bridge `bdf` (above a function
+/// given to an appliance): it forwards the function's BARs and its DMA.
+/// Only the command register is written (the status half as zeros, which
+/// clears nothing).
+pub fn enable_forwarding(regions: &[EcamRegion], bdf: Bdf) {
+    let mut ecam = Ecam { regions };
+    let cmd = ecam.read32(bdf, 0x04) & 0xffff;
+    if cmd != 0xffff && cmd & 0x6 != 0x6 {
+        ConfigWrite::write32(&mut ecam, bdf, 0x04, cmd | 0x6);
+    }
+}
+
 /// Quiesces and resets `bdf` (a function given to an appliance) and puts
 /// `bars` back (`thinhv_passthrough::reset`); `None` when nothing answers
 /// there.
