@@ -159,10 +159,19 @@ fn bridges_above(
 ) -> Option<Vec<thinhv_passthrough::pci::Bdf>> {
     let mut out = Vec::new();
     let mut bus = f.bdf.bus;
+    // The bridges of its segment that lead somewhere (a bridge not yet
+    // given buses reads secondary 0, which is no bus below it).
+    let bridges: Vec<&thinhv_passthrough::pci::Function> = functions
+        .iter()
+        .filter(|b| {
+            b.bdf.segment == f.bdf.segment && b.bridge_buses.is_some_and(|(sec, _)| sec > b.bdf.bus)
+        })
+        .collect();
     let roots: Vec<u8> = functions
         .iter()
+        .filter(|g| g.bdf.segment == f.bdf.segment)
         .filter(|g| {
-            !functions.iter().any(|b| {
+            !bridges.iter().any(|b| {
                 b.bridge_buses
                     .is_some_and(|(sec, sub)| (sec..=sub).contains(&g.bdf.bus))
             })
@@ -170,7 +179,7 @@ fn bridges_above(
         .map(|g| g.bdf.bus)
         .collect();
     while !roots.contains(&bus) {
-        let b = functions
+        let b = bridges
             .iter()
             .find(|b| b.bridge_buses.is_some_and(|(sec, _)| sec == bus))?;
         if out.contains(&b.bdf) || out.len() > 32 {
@@ -301,6 +310,32 @@ pub fn assign_devices(
                     a.bdf, g.bdf
                 ));
             }
+        }
+    }
+    // Function 0 of a device hidden from the OS hides the device's other
+    // functions from its enumeration too (Linux scans a slot from
+    // function 0): those must be the appliance's as well.
+    let theirs = |g: &thinhv_passthrough::pci::Bdf| {
+        out.iter().any(|o| o.bdf == *g || o.upstream.contains(g))
+    };
+    for h in out
+        .iter()
+        .flat_map(|o| core::iter::once(o.bdf).chain(o.upstream.iter().copied()))
+    {
+        if h.function != 0 {
+            continue;
+        }
+        if let Some(g) = functions.iter().find(|g| {
+            g.bdf.segment == h.segment
+                && g.bdf.bus == h.bus
+                && g.bdf.device == h.device
+                && g.bdf.function != 0
+                && !theirs(&g.bdf)
+        }) {
+            return Err(format!(
+                "{h} would be hidden from the OS with the appliance, and with it {} (another function of the same device, which the OS finds only through function 0)",
+                g.bdf
+            ));
         }
     }
     Ok(out)
@@ -534,6 +569,20 @@ mod tests {
             e.contains("behind bridge 0000:02:01.0, which also leads to 0000:03:00.1"),
             "{e}"
         );
+        // A root port at function 0 of a multi-function device whose
+        // function 1 (another root port, say) is the OS's: refused.
+        let mut multi = f.clone();
+        multi.push(bridge(Bdf::new(0, 0, 7, 1), 9, 9));
+        let e = assign_devices(&[String::from("03:00.0")], &multi, &[], None, TOP).unwrap_err();
+        assert!(
+            e.contains("0000:00:07.0 would be hidden") && e.contains("0000:00:07.1"),
+            "{e}"
+        );
+        // A bridge not given buses yet (secondary 0) leads nowhere.
+        let mut empty = f.clone();
+        empty.push(bridge(Bdf::new(0, 0, 8, 0), 0, 0));
+        let d = assign_devices(&[String::from("00:05.0")], &empty, &[], None, TOP).unwrap();
+        assert!(d[0].upstream.is_empty());
         // Both functions the appliance's: accepted.
         let d = assign_devices(
             &[String::from("03:00.0"), String::from("03:00.1")],

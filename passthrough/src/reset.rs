@@ -44,10 +44,11 @@ pub trait FunctionConfig {
     fn wait_us(&mut self, us: u32);
 }
 
-/// Capability IDs.
-const CAP_PM: u8 = 0x01;
+/// Capability IDs: power management, MSI, PCI Express, MSI-X.
+pub const CAP_PM: u8 = 0x01;
 const CAP_MSI: u8 = 0x05;
-const CAP_PCIE: u8 = 0x10;
+/// PCI Express.
+pub const CAP_PCIE: u8 = 0x10;
 const CAP_MSIX: u8 = 0x11;
 
 const COMMAND: u16 = 0x04;
@@ -206,6 +207,11 @@ pub fn quiesce(cfg: &mut impl FunctionConfig) -> Option<Quiesced> {
         return None;
     }
     let command = (cfg.read32(COMMAND) & 0xffff) as u16;
+    if command == 0xffff {
+        // Gone between the two reads: writing its "value" back would turn
+        // every decode on.
+        return None;
+    }
     cfg.write16(COMMAND, (command & !CMD_BUS_MASTER) | CMD_INTX_DISABLE);
     let mut q = Quiesced {
         command,
@@ -266,11 +272,22 @@ pub fn reset(cfg: &mut impl FunctionConfig, bars: &[Bar]) -> Option<Report> {
     let pcie = find_capability(cfg, CAP_PCIE);
     let flr = pcie.filter(|&c| cfg.read32(c + 4) & DEVCAP_FLR != 0);
     let pm = find_capability(cfg, CAP_PM);
+    // FLR is defined from D0 only: a function left in D3hot goes to D0
+    // first (10 ms, PCI PM 1.2 Table 5-6).
+    if let Some(cap) = pm {
+        let pmcsr = (cfg.read32(cap + 4) & 0xffff) as u16;
+        if pmcsr & 3 != 0 {
+            cfg.write16(cap + 4, pmcsr & !(3 | PMCSR_PME_STATUS));
+            cfg.wait_us(10_000);
+        }
+    }
+    let mut devctl = None;
     if let Some(cap) = flr {
         report.pending_timeout =
             !wait_until(cfg, 100, |r| (r(cap + 8) >> 16) & DEVSTA_PENDING == 0);
-        let devctl = (cfg.read32(cap + 8) & 0xffff) as u16;
-        cfg.write16(cap + 8, devctl | DEVCTL_FLR);
+        let saved = (cfg.read32(cap + 8) & 0xffff) as u16 & !DEVCTL_FLR;
+        devctl = Some((cap, saved));
+        cfg.write16(cap + 8, saved | DEVCTL_FLR);
         cfg.wait_us(100_000);
         report.method = Method::Flr;
     } else if let Some(cap) = pm.filter(|&c| cfg.read32(c + 4) & PMCSR_NO_SOFT_RESET == 0) {
@@ -294,6 +311,38 @@ pub fn reset(cfg: &mut impl FunctionConfig, bars: &[Bar]) -> Option<Report> {
             report.reset_seen = Some(report.command_after_reset & (CMD_MEMORY | 1) == 0);
         }
     }
+    if report.not_back {
+        // Nothing to restore into: writes to a function that does not
+        // answer would land whenever it does, as they were.
+        return Some(report);
+    }
+    // The Device Control settings the FLR cleared (payload and read
+    // request sizes, relaxed ordering, no-snoop, error reporting): the
+    // platform's, not the next owner's.
+    if let Some((cap, saved)) = devctl {
+        cfg.write16(cap + 8, saved);
+    }
+    report.bars_restored = restore(cfg, bars);
+    Some(report)
+}
+
+/// Step 3 alone: `bars` written back and read back (true when every one
+/// holds its address), then Memory Space Enable (only then), I/O space and
+/// bus mastering off, INTx Disable on.
+pub fn restore(cfg: &mut impl FunctionConfig, bars: &[Bar]) -> bool {
+    let restored = put_bars(cfg, bars);
+    // Memory space on only where its BARs are where they were: a BAR the
+    // reset cleared and that did not take its address back would decode
+    // at 0.
+    let command = (cfg.read32(COMMAND) & 0xffff) as u16 & !(CMD_BUS_MASTER | CMD_MEMORY | 1);
+    let memory = if restored { CMD_MEMORY } else { 0 };
+    cfg.write16(COMMAND, command | memory | CMD_INTX_DISABLE);
+    restored
+}
+
+/// `bars` written back and read back, nothing else: true when every one
+/// holds its address.
+pub fn put_bars(cfg: &mut impl FunctionConfig, bars: &[Bar]) -> bool {
     for b in bars {
         let reg = 0x10 + 4 * u16::from(b.index);
         cfg.write32(reg, (b.base & 0xffff_ffff) as u32);
@@ -301,7 +350,7 @@ pub fn reset(cfg: &mut impl FunctionConfig, bars: &[Bar]) -> Option<Report> {
             cfg.write32(reg + 4, (b.base >> 32) as u32);
         }
     }
-    report.bars_restored = bars.iter().all(|b| {
+    bars.iter().all(|b| {
         let reg = 0x10 + 4 * u16::from(b.index);
         let low = u64::from(cfg.read32(reg) & !0xf);
         let high = if b.wide {
@@ -310,14 +359,7 @@ pub fn reset(cfg: &mut impl FunctionConfig, bars: &[Bar]) -> Option<Report> {
             0
         };
         low | high == b.base
-    });
-    // Memory space on only where its BARs are where they were: a BAR the
-    // reset cleared and that did not take its address back would decode
-    // at 0.
-    let command = (cfg.read32(COMMAND) & 0xffff) as u16 & !(CMD_BUS_MASTER | CMD_MEMORY | 1);
-    let memory = if report.bars_restored { CMD_MEMORY } else { 0 };
-    cfg.write16(COMMAND, command | memory | CMD_INTX_DISABLE);
-    Some(report)
+    })
 }
 
 #[cfg(test)]
@@ -479,6 +521,11 @@ mod tests {
         let r = reset(&mut f, &BARS).unwrap();
         assert_eq!(f.flrs, 1);
         assert_eq!(f.d3, 0, "FLR is preferred");
+        // Literal registers: Initiate FLR (bit 15) in Device Control at
+        // PCIe capability + 8, then its settings back.
+        let at =
+            |reg: u16| -> Vec<u32> { f.log.iter().filter(|w| w.0 == reg).map(|w| w.1).collect() };
+        assert_eq!(at(0x68), [0xa810, 0x2810]);
         assert_eq!(r.method, Method::Flr);
         assert_eq!(r.quiesced.command, 0x0406);
         assert!(r.quiesced.msi && r.quiesced.msix);
@@ -522,6 +569,9 @@ mod tests {
         let r = reset(&mut f, &BARS).unwrap();
         assert_eq!((f.flrs, f.d3), (0, 1));
         assert_eq!(r.method, Method::PowerState);
+        // PMCSR at PM capability + 4: D3hot (3), then D0.
+        let pm: Vec<u32> = f.log.iter().filter(|w| w.0 == 0x74).map(|w| w.1).collect();
+        assert_eq!(pm, [3, 0]);
         assert_eq!(r.command_after_reset, 0);
         assert!(r.ok(), "{r}");
         assert_eq!(f.regs[&0x74] & 3, 0, "back in D0");

@@ -185,16 +185,25 @@ pub fn disconnect_firmware_drivers(functions: &[Function], root_bus: u8, bdf: Bd
             };
             let mut pci = Vec::new();
             let mut last_is_pci = false;
+            let mut root_uid = None;
             for node in dp.node_iter() {
                 match node.as_enum() {
                     Ok(DevicePathNodeEnum::HardwarePci(p)) => {
                         pci.push((p.device(), p.function()));
                         last_is_pci = true;
                     }
+                    Ok(DevicePathNodeEnum::AcpiAcpi(a)) if root_uid.is_none() => {
+                        root_uid = Some(a.uid());
+                        last_is_pci = false;
+                    }
                     _ => last_is_pci = false,
                 }
             }
-            if !last_is_pci {
+            // Only under the host bridge whose root bus is `root_bus`
+            // (UID 0): on a machine with several, the same chain of
+            // device and function numbers under another one is another
+            // function, perhaps the OS's.
+            if !last_is_pci || root_uid != Some(0) {
                 continue;
             }
             pci

@@ -127,7 +127,7 @@ impl<E: Env> FunctionConfig for Function<'_, E> {
 
 /// An unknown TSC rate is taken as 5 GHz: waits then last at least as
 /// long as asked on any processor.
-const TSC_KHZ_UNKNOWN: u64 = 5_000_000;
+pub(super) const TSC_KHZ_UNKNOWN: u64 = 5_000_000;
 
 /// Bus mastering and INTx off, MSI and MSI-X disabled on `dev`: it neither
 /// writes memory nor signals an interrupt from here (`None`: nothing
@@ -149,6 +149,21 @@ pub(super) fn reset(
     dev: &PartitionDevice,
     tsc_khz: u64,
 ) -> Option<reset::Report> {
+    let (bars, n) = bars_of(dev);
+    let mut f = Function {
+        env,
+        dev,
+        tsc_khz: if tsc_khz == 0 {
+            TSC_KHZ_UNKNOWN
+        } else {
+            tsc_khz
+        },
+    };
+    reset::reset(&mut f, &bars[..n])
+}
+
+/// `dev`'s memory BARs as the reset puts them back.
+fn bars_of(dev: &PartitionDevice) -> ([reset::Bar; thinhv_abi::handoff::MAX_DEVICE_BARS], usize) {
     let mut bars = [reset::Bar {
         index: 0,
         wide: false,
@@ -163,16 +178,74 @@ pub(super) fn reset(
         };
         n += 1;
     }
+    (bars, n)
+}
+
+/// The byte a write of `size` bytes of `value` at `reg` puts at `at`, if
+/// it covers it.
+fn byte_at(reg: u16, size: u8, value: u32, at: u16) -> Option<u8> {
+    (at >= reg && at < reg + u16::from(size)).then(|| value.to_le_bytes()[usize::from(at - reg)])
+}
+
+/// A write into the capabilities (or past them), as written, except the
+/// function's own resets: Initiate FLR in Device Control is thinhv's
+/// sequence instead (which puts the BARs back: the reset clears them, and
+/// the appliance's BAR writes never reach the function), and after a
+/// change to D0 in PMCSR (a reset where No_Soft_Reset is clear) the BARs
+/// are put back.
+fn own_reset(
+    env: &mut impl Env,
+    id: PartitionId,
+    dev: &PartitionDevice,
+    reg: u16,
+    size: u8,
+    value: u32,
+) {
     let mut f = Function {
         env,
         dev,
-        tsc_khz: if tsc_khz == 0 {
-            TSC_KHZ_UNKNOWN
-        } else {
-            tsc_khz
-        },
+        tsc_khz: TSC_KHZ_UNKNOWN,
     };
-    reset::reset(&mut f, &bars[..n])
+    let devctl = reset::find_capability(&mut f, reset::CAP_PCIE).map(|c| c + 8);
+    let pmcsr = reset::find_capability(&mut f, reset::CAP_PM).map(|c| c + 4);
+    let dword = reg & !3;
+    if let Some(d) = devctl
+        && byte_at(reg, size, value, d + 1).is_some_and(|b| b & 0x80 != 0)
+    {
+        let without = value & !(0x80u32 << (8 * (d + 1 - reg)));
+        env.legacy_config_access(
+            real_address(dev, dword),
+            DATA + (reg & 3),
+            size,
+            Some(without),
+        );
+        let khz = env.hv().appliance(id).map_or(0, |p| p.info.tsc_khz);
+        let r = reset(env, dev, khz);
+        let (bus, slot, func) = (dev.rid >> 8, (dev.rid >> 3) & 0x1f, dev.rid & 7);
+        if let Some(r) = r {
+            log::info!(
+                "an appliance's FLR of PCI 0000:{bus:02x}:{slot:02x}.{func}, done by thinhv: {r}"
+            );
+        }
+        return;
+    }
+    env.legacy_config_access(
+        real_address(dev, dword),
+        DATA + (reg & 3),
+        size,
+        Some(value),
+    );
+    if let Some(p) = pmcsr
+        && byte_at(reg, size, value, p).is_some_and(|b| b & 3 == 0)
+    {
+        let (bars, n) = bars_of(dev);
+        let mut f = Function {
+            env,
+            dev,
+            tsc_khz: TSC_KHZ_UNKNOWN,
+        };
+        let _ = reset::put_bars(&mut f, &bars[..n]);
+    }
 }
 
 fn read(
@@ -229,13 +302,31 @@ fn write(
         // interrupt line); the rest (memory space, bus mastering: DMA its
         // IOMMU domain confines) is the appliance's.
         0x04 => {
-            let v = match (reg, size) {
-                (0x04, 1) => value & !1,
-                (0x04, _) => (value & !1) | 1 << 10,
-                (0x05, _) => value | 1 << 2,
-                _ => value,
-            };
-            env.legacy_config_access(real_address(dev, dword), DATA + (reg & 3), size, Some(v));
+            if reg < 0x06 {
+                // The command word, whatever width wrote it: the written
+                // bytes over what it holds, I/O space off, INTx Disable on.
+                let mut word = env.legacy_config_access(real_address(dev, 0x04), DATA, 2, None);
+                for at in 0x04..0x06 {
+                    if let Some(b) = byte_at(reg, size, value, at) {
+                        let shift = 8 * u32::from(at - 0x04);
+                        word = (word & !(0xff << shift)) | u32::from(b) << shift;
+                    }
+                }
+                let word = (word & !1) | 1 << 10;
+                env.legacy_config_access(real_address(dev, 0x04), DATA, 2, Some(word));
+            }
+            // The status half as written (its bits clear where written one).
+            let end = reg + u16::from(size);
+            if end > 0x06 {
+                let at = reg.max(0x06);
+                let v = value >> (8 * (at - reg));
+                env.legacy_config_access(
+                    real_address(dev, 0x04),
+                    DATA + (at & 3),
+                    u8::try_from(end - at).unwrap_or(2),
+                    Some(v),
+                );
+            }
         }
         // Cache line size and latency timer only; the header type, BIST,
         // CardBus pointer, subsystem IDs, ROM BAR, capability pointer
@@ -258,13 +349,10 @@ fn write(
                 env.legacy_config_access(real_address(dev, dword), DATA, 1, Some(value & 0xff));
             }
         }
+        // Capabilities and the rest: as written, except the function's
+        // own resets.
         _ => {
-            env.legacy_config_access(
-                real_address(dev, dword),
-                DATA + (reg & 3),
-                size,
-                Some(value),
-            );
+            own_reset(env, id, dev, reg, size, value);
         }
     }
 }

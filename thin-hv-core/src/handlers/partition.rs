@@ -197,7 +197,12 @@ pub fn reset_devices(env: &mut impl Env, id: PartitionId) -> bool {
         let (bus, dev, func) = (d.rid >> 8, (d.rid >> 3) & 0x1f, d.rid & 7);
         let t0 = env.tsc();
         let report = super::appliance_pci::reset(env, d, tsc_khz);
-        let ms = env.tsc().wrapping_sub(t0) / tsc_khz.max(1);
+        let khz = if tsc_khz == 0 {
+            super::appliance_pci::TSC_KHZ_UNKNOWN
+        } else {
+            tsc_khz
+        };
+        let ms = env.tsc().wrapping_sub(t0) / khz;
         let name = env.hv().appliance(id).map_or("", |p| p.name());
         if let Some(r) = report {
             ok &= r.ok();

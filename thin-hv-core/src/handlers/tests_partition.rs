@@ -413,6 +413,50 @@ fn an_appliance_sees_only_its_own_function_with_bars_that_never_move() {
 }
 
 #[test]
+fn an_appliances_own_flr_is_done_by_thinhv_which_puts_the_bars_back() {
+    use thinhv_abi::PhysRange;
+    let mut env = with_partition(|p| {
+        p.tsc_khz = 1000;
+        p.device_count = 1;
+        p.devices[0].rid = 0x0100;
+        p.devices[0].vdevfn = 0x08;
+        p.devices[0].bar_count = 1;
+        p.devices[0].bars[0] = PhysRange::new(0xc000_0000, 0x2_0000);
+    });
+    for (reg, v) in [
+        (0x00, 0x10d3_8086u32),
+        (0x04, 0x0010_0406),
+        (0x10, 0xc000_0000),
+        (0x34, 0x40),
+        (0x40, 0x0002_0010),
+        (0x44, 1 << 28),
+        (0x48, 0x0000_2810),
+    ] {
+        env.cf8_space.borrow_mut().insert(0x8001_0000 | reg, v);
+    }
+    // What a reset leaves in the BAR, as if the FLR had happened already.
+    let reset_bar = |env: &mut FakeEnv| env.cf8_space.borrow_mut().insert(0x8001_0010, 0);
+    reset_bar(&mut env);
+    // The appliance's driver: Initiate FLR (word write at Device Control).
+    appliance_io(&mut env, 0xcf8, 4, false, 0x8000_0848);
+    appliance_io(&mut env, 0xcfc, 2, false, 0xa810);
+    let space = env.cf8_space.borrow();
+    // thinhv's sequence ran (bus mastering off, memory on, INTx off) and
+    // the BAR holds its address again; Device Control as it was.
+    assert_eq!(space[&0x8001_0010], 0xc000_0000);
+    assert_eq!(space[&0x8001_0004] & 0xffff, 0x0402);
+    assert_eq!(space[&0x8001_0048] & 0xffff, 0x2810);
+    drop(space);
+    let flrs = env
+        .port_log
+        .borrow()
+        .iter()
+        .filter(|&&(rw, port, size, v)| rw == 'w' && port == 0xcfc && size == 2 && v & 0x8000 != 0)
+        .count();
+    assert_eq!(flrs, 1, "one FLR, thinhv's");
+}
+
+#[test]
 fn an_appliance_functions_bars_are_foreign_to_the_os_and_its_writes_there_are_discarded() {
     use thinhv_abi::PhysRange;
     let mut env = with_partition(|p| {
