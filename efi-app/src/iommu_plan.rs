@@ -59,11 +59,23 @@ pub fn amdvi(r: &Ivrs, max_bus: u8) -> Result<IommuHandoff, String> {
         ..IommuHandoff::default()
     };
     for (slot, u) in h.units.iter_mut().zip(&units) {
+        let ioapic = u.entries.iter().find_map(|e| match *e {
+            thinhv_passthrough::ivrs::DeviceEntry::Special {
+                source, variety: 1, ..
+            } => Some(source),
+            _ => None,
+        });
         *slot = IommuUnit {
             base: u.base,
             size: AMDVI_WINDOW,
             segment: u.segment,
-            reserved: [0; 3],
+            ioapic_source: ioapic.unwrap_or(0),
+            flags: if ioapic.is_some() {
+                thinhv_abi::handoff::IOMMU_UNIT_IOAPIC
+            } else {
+                0
+            },
+            reserved: 0,
         };
     }
     h.count = u32::try_from(units.len()).unwrap_or(0);
@@ -166,7 +178,7 @@ pub fn vtd(d: &Dmar) -> Result<IommuHandoff, String> {
             base: u.base,
             size: u.register_bytes(),
             segment: u.segment,
-            reserved: [0; 3],
+            ..IommuUnit::default()
         };
     }
     h.count = u32::try_from(d.drhds.len()).unwrap_or(0);
