@@ -247,6 +247,68 @@ fn number_after(text: &str, key: &str) -> Option<f64> {
     rest[..end].parse().ok()
 }
 
+/// The exits on the appliance's processors between the guest's two
+/// samples `THINHV-BENCH-APPLIANCE{tag}-1/-2` (`thinhv appliances --json`)
+/// and `THINHV-BENCH-STATUS{tag}-1/-2` (`thinhv status --json`): seconds
+/// between them, exits per second, and per second by reason.
+fn appliance_exits(out: &str, tag: &str) -> Result<(f64, f64, String), String> {
+    let sample = |k: u32| -> Option<Value> {
+        let j = section(
+            out,
+            &format!("THINHV-BENCH-APPLIANCE{tag}-{k}-BEGIN"),
+            &format!("THINHV-BENCH-APPLIANCE{tag}-{k}-END"),
+        )?;
+        serde_json::from_str::<Value>(j.trim()).ok()?["appliances"][0]
+            .clone()
+            .into()
+    };
+    let (Some(first), Some(second)) = (sample(1), sample(2)) else {
+        return Err(format!("no appliance samples:\n{out}"));
+    };
+    // Differences of counters: small enough for an f64.
+    #[allow(clippy::cast_precision_loss)]
+    let diff = |k: &str| {
+        second[k]
+            .as_u64()
+            .unwrap_or(0)
+            .saturating_sub(first[k].as_u64().unwrap_or(0)) as f64
+    };
+    #[allow(clippy::cast_precision_loss)]
+    let khz = first["tsc_khz"].as_u64().unwrap_or(1) as f64;
+    let secs = diff("tsc") / (khz * 1000.0);
+    let rate = diff("exits") / secs;
+    // By reason: the appliance's CPU records in the two status pages.
+    let mask = first["cpu_mask"].as_u64().unwrap_or(0);
+    let reasons = |k: u32| -> std::collections::BTreeMap<String, u64> {
+        let mut m = std::collections::BTreeMap::new();
+        let status = section(
+            out,
+            &format!("THINHV-BENCH-STATUS{tag}-{k}-BEGIN"),
+            &format!("THINHV-BENCH-STATUS{tag}-{k}-END"),
+        )
+        .and_then(|j| serde_json::from_str::<Value>(j.trim()).ok());
+        let cpus = status.as_ref().and_then(|v| v["cpus"].as_array().cloned());
+        for (i, c) in cpus.unwrap_or_default().iter().enumerate() {
+            if i < 64 && mask & (1 << i) != 0 {
+                for (r, n) in c["exits"].as_object().into_iter().flatten() {
+                    *m.entry(r.clone()).or_insert(0) += n.as_u64().unwrap_or(0);
+                }
+            }
+        }
+        m
+    };
+    let (r1, r2) = (reasons(1), reasons(2));
+    #[allow(clippy::cast_precision_loss)]
+    let by_reason: Vec<String> = r2
+        .iter()
+        .filter_map(|(r, n)| {
+            let d = n.saturating_sub(*r1.get(r).unwrap_or(&0));
+            (d > 0).then(|| format!("{r} {:.1}/s", d as f64 / secs))
+        })
+        .collect();
+    Ok((secs, rate, by_reason.join(", ")))
+}
+
 /// An appliance beside the OS (`docs/appliances.md`), runs alternated with
 /// the same machine without it: `-smp 4`, q35 with VT-d (thinhv's), the
 /// Debian kernel as both; the appliance has 2 CPUs and 256 MiB, the OS
@@ -309,61 +371,8 @@ fn appliance_figures(
         // OS's uptime since (the OS polls every 0.2 s: an upper bound).
         let wall = s.secs + (seen - up);
         let hv = s.hv_start.unwrap_or(0.0);
-        let sample = |k: u32| -> Option<Value> {
-            let j = section(
-                &s.out,
-                &format!("THINHV-BENCH-APPLIANCE-{k}-BEGIN"),
-                &format!("THINHV-BENCH-APPLIANCE-{k}-END"),
-            )?;
-            serde_json::from_str::<Value>(j.trim()).ok()?["appliances"][0]
-                .clone()
-                .into()
-        };
-        let (Some(first), Some(second)) = (sample(1), sample(2)) else {
-            return Err(format!("no appliance samples:\n{}", s.out));
-        };
-        // Differences of counters: small enough for an f64.
-        #[allow(clippy::cast_precision_loss)]
-        let diff = |k: &str| {
-            second[k]
-                .as_u64()
-                .unwrap_or(0)
-                .saturating_sub(first[k].as_u64().unwrap_or(0)) as f64
-        };
-        #[allow(clippy::cast_precision_loss)]
-        let khz = first["tsc_khz"].as_u64().unwrap_or(1) as f64;
-        let secs = diff("tsc") / (khz * 1000.0);
-        let rate = diff("exits") / secs;
-        // By reason: the appliance's CPU records in the two status pages.
-        let mask = first["cpu_mask"].as_u64().unwrap_or(0);
-        let reasons = |k: u32| -> std::collections::BTreeMap<String, u64> {
-            let mut m = std::collections::BTreeMap::new();
-            let status = section(
-                &s.out,
-                &format!("THINHV-BENCH-STATUS-{k}-BEGIN"),
-                &format!("THINHV-BENCH-STATUS-{k}-END"),
-            )
-            .and_then(|j| serde_json::from_str::<Value>(j.trim()).ok());
-            let cpus = status.as_ref().and_then(|v| v["cpus"].as_array().cloned());
-            for (i, c) in cpus.unwrap_or_default().iter().enumerate() {
-                if i < 64 && mask & (1 << i) != 0 {
-                    for (r, n) in c["exits"].as_object().into_iter().flatten() {
-                        *m.entry(r.clone()).or_insert(0) += n.as_u64().unwrap_or(0);
-                    }
-                }
-            }
-            m
-        };
-        let (r1, r2) = (reasons(1), reasons(2));
-        #[allow(clippy::cast_precision_loss)]
-        let by_reason: Vec<String> = r2
-            .iter()
-            .filter_map(|(r, n)| {
-                let d = n.saturating_sub(*r1.get(r).unwrap_or(&0));
-                (d > 0).then(|| format!("{r} {:.1}/s", d as f64 / secs))
-            })
-            .collect();
-        idle_reasons.push(by_reason.join(", "));
+        let (secs, rate, by_reason) = appliance_exits(&s.out, "")?;
+        idle_reasons.push(by_reason);
         println!(
             "run {n}: OS beside an appliance (2+2) userspace at {:.2} s (its uptime {up:.2} s); \
              appliance up at {wall:.2} s ({:.2} s after thinhv's start; its own uptime {own:.2} s), \
@@ -435,6 +444,113 @@ fn appliance_figures(
     }))
 }
 
+/// An appliance's own NVMe controller (given whole, behind a root port)
+/// against the OS's own (on the root bus), on one machine: `-smp 4`, q35
+/// with VT-d (thinhv's), 256 MiB disks. The appliance reads 128 MiB with
+/// O_DIRECT in 1 MiB blocks, again and again for 30 s; the OS samples the
+/// exits on the appliance's processors over 10 s of that, then reads its
+/// own controller the same way twenty times. Prints and returns the
+/// figures.
+fn appliance_nvme_figures(
+    a: &artifacts::Artifacts,
+    img: &linux::LinuxImage,
+    runs: usize,
+) -> Result<Value, String> {
+    let build = root().join("build").join("bench");
+    std::fs::create_dir_all(&build).map_err(|e| e.to_string())?;
+    let disk = |name: &str| -> Result<String, String> {
+        let p = build.join(name);
+        std::fs::File::create(&p)
+            .and_then(|f| f.set_len(256 << 20))
+            .map_err(|e| e.to_string())?;
+        Ok(p.display().to_string())
+    };
+    let (os_disk, app_disk) = (disk("nvme-os.img")?, disk("nvme-appliance.img")?);
+    let args: Vec<String> = [
+        "-device",
+        "intel-iommu",
+        "-drive",
+        &format!("file={os_disk},if=none,id=osnvme,format=raw"),
+        "-device",
+        "nvme,drive=osnvme,serial=os0",
+        "-device",
+        "pcie-root-port,id=rp1,chassis=1,addr=0x7",
+        "-drive",
+        &format!("file={app_disk},if=none,id=anvme,format=raw"),
+        "-device",
+        "nvme,drive=anvme,serial=appliance0,bus=rp1",
+    ]
+    .map(String::from)
+    .to_vec();
+    let extra: Vec<&str> = args.iter().map(String::as_str).collect();
+    let config = esp::TEST_APPLIANCE.replace(
+        "thinhv_appliance=1",
+        "thinhv_appliance=1 thinhv_appliance_nvme_bench=1",
+    ) + "devices = [\"0000:01:00.0\"]\n";
+    let reads = |out: &str, who: &str| -> Vec<f64> {
+        out.lines()
+            .filter_map(|l| {
+                l.strip_prefix(&format!("THINHV-BENCH-NVME: {who} nvme read 128 MiB in "))
+            })
+            .filter_map(|l| l.trim_end_matches(" s").trim().parse().ok())
+            .collect()
+    };
+    let (mut app, mut os, mut rates, mut why) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for n in 0..runs {
+        let s = boot_once(
+            a,
+            img,
+            true,
+            4,
+            n,
+            Some((
+                "-appliance-nvme",
+                &extra,
+                &config,
+                "thinhv_bench_appliance_nvme=1",
+            )),
+        )?;
+        let (mut a_reads, mut o_reads) = (reads(&s.out, "appliance"), reads(&s.out, "os"));
+        if a_reads.is_empty() || o_reads.is_empty() {
+            return Err(format!("no NVMe read times:\n{}", s.out));
+        }
+        let (secs, rate, by_reason) = appliance_exits(&s.out, "-NVME")?;
+        let (ma, mo) = (median(&mut a_reads), median(&mut o_reads));
+        println!(
+            "run {n}: 128 MiB NVMe read: appliance {ma:.3} s (median of {}), OS {mo:.3} s (median of {}); \
+             exits on the appliance's CPUs while it reads: {rate:.1}/s over {secs:.1} s ({by_reason})",
+            a_reads.len(),
+            o_reads.len()
+        );
+        app.push(ma);
+        os.push(mo);
+        rates.push(rate);
+        why.push(by_reason);
+    }
+    let m = |v: &Vec<f64>| median(&mut v.clone());
+    println!();
+    println!(
+        "  appliance NVMe (its own controller, given whole; -smp 4, q35 + VT-d; median of {runs}):"
+    );
+    println!(
+        "    128 MiB O_DIRECT read: appliance {:.3} s ({:.0} MiB/s), OS on its own controller {:.3} s ({:.0} MiB/s), ratio appliance/OS {:.3}",
+        m(&app),
+        128.0 / m(&app),
+        m(&os),
+        128.0 / m(&os),
+        m(&app) / m(&os)
+    );
+    println!(
+        "    exits on the appliance's CPUs during its reads: {:.1} per second (both CPUs)",
+        m(&rates)
+    );
+    Ok(serde_json::json!({
+        "appliance_read_128m_s": app, "os_read_128m_s": os,
+        "appliance_exits_per_s_while_reading": rates,
+        "appliance_exits_by_reason_while_reading": why,
+    }))
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -444,6 +560,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let mut runs = 3usize;
     let mut smp = 2u32;
     let mut only_appliances = false;
+    let mut only_nvme = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -460,12 +577,24 @@ pub fn run(args: &[String]) -> Result<(), String> {
                     .ok_or("--smp needs a number")?;
             }
             "--appliances" => only_appliances = true,
+            "--appliance-nvme" => only_nvme = true,
             other => return Err(format!("unknown option {other:?}")),
         }
     }
     crate::deps::ensure()?;
     let a = artifacts::build()?;
     let img = linux::prepare(&root().join("build/cache"), &a.tool)?;
+    if only_nvme {
+        let figures = appliance_nvme_figures(&a, &img, runs)?;
+        let path = root().join("build/bench-appliance-nvme.json");
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&figures).unwrap_or_default(),
+        )
+        .map_err(|e| e.to_string())?;
+        println!("  (also in {})", path.display());
+        return Ok(());
+    }
     let appliances = appliance_figures(&a, &img, runs)?;
     if only_appliances {
         let path = root().join("build/bench-appliances.json");

@@ -21,7 +21,8 @@ const HELP: &str = "cargo xtask <command>
   it [FILTER..]    only the QEMU integration tests (optionally those matching FILTER)
   bench            boot time with and without thinhv, exits, memory, binary size,
                      and the CPUID/APIC-write exit round trips measured in the guest;
-                     an appliance beside the OS (--appliances: only that; --runs N)
+                     an appliance beside the OS (--appliances: only that; --runs N);
+                     --appliance-nvme: only an appliance's own NVMe read against the OS's
   soak [N]         boot Linux under thinhv N times (SMP 4, igb + NVMe; default 10) and
                      report every hang or failure with its hang report (not part of CI)
   lint             rustfmt check and clippy on the host, UEFI and core targets
