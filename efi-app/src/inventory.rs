@@ -53,6 +53,10 @@ pub struct Inventory {
     pub plan: Plan,
     /// Whether the IOMMU will protect (hidden functions get no DMA).
     pub iommu: bool,
+    /// How many of the rules came from `[[device]]` tables; the loader's
+    /// own, for the appliances' functions and the bridges above them,
+    /// follow (`None`: all are the configuration's).
+    pub config_rules: Option<usize>,
 }
 
 /// What the core can mediate on this machine: the ECAM region of segment
@@ -83,6 +87,7 @@ impl Inventory {
             functions,
             plan,
             iommu,
+            config_rules: None,
         }
     }
 
@@ -275,6 +280,7 @@ impl Inventory {
             dec.owner.name()
         );
         match dec.rule {
+            Some(r) if self.config_rules.is_some_and(|n| r >= n) => s.push_str(" (appliance)"),
             Some(r) => {
                 let _ = write!(s, " ([[device]] #{})", r + 1);
             }
@@ -613,6 +619,24 @@ mod tests {
         )
             }),
             "{lines:?}"
+        );
+        // Had the rule been the loader's (an appliance's function), the
+        // line says so rather than name a table the file does not have.
+        let mut theirs = Inventory::assess(
+            inv.functions.clone(),
+            &[rule("0000:00:03.0", "hidden")],
+            &[],
+            None,
+            true,
+            &q35(),
+        );
+        theirs.config_rules = Some(0);
+        assert!(
+            theirs.report().iter().any(|l| l.contains(
+                "0000:00:03.0 8086:10d3 Ethernet controller owner=hidden (appliance) iommu: no DMA"
+            )),
+            "{:?}",
+            theirs.report()
         );
         assert!(
             lines.iter().any(|l| l.contains(

@@ -230,7 +230,7 @@ pub fn install(config: &Config) -> Result<String, String> {
     // A rule the core could not enforce (another segment, an ECAM page
     // beyond the core's map) fails here, visibly, and the function stays
     // the OS's.
-    let inventory = thinhv_efi::inventory::Inventory::assess(
+    let mut inventory = thinhv_efi::inventory::Inventory::assess(
         functions,
         &rules,
         &budgets,
@@ -238,6 +238,7 @@ pub fn install(config: &Config) -> Result<String, String> {
         iommu.mode == thinhv_abi::handoff::IOMMU_MODE_PROTECT,
         &thinhv_efi::inventory::reach(segment0, mem.top),
     );
+    inventory.config_rules = Some(config.device.len());
     for l in inventory.report() {
         println!("thinhv: {l}");
     }
