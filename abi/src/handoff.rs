@@ -1017,7 +1017,8 @@ impl Handoff {
                         || !b.base.is_multiple_of(4096)
                         || !b.size.is_multiple_of(4096)
                         || b.base.checked_add(b.size).is_none()
-                        || b.end() > identity_map_top(self.phys_top)
+                        || (self.phys_addr_bits < 64
+                            && b.end() > 1u64 << self.phys_addr_bits.min(52))
                         || self.region.overlaps(b.base, b.size)
                         || ram.iter().any(|o| o.overlaps(b.base, b.size))
                         || parts.iter().any(|o| o.ram.overlaps(b.base, b.size))

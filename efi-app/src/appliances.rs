@@ -197,14 +197,15 @@ fn bridges_above(
 /// must match at least one function; every match must be an endpoint
 /// whose memory BARs the firmware assigned in whole pages (the OS's
 /// second-level tables can only take whole pages from it) below
-/// `map_top` (where those tables end: above, the OS's tables would map
-/// the BAR back on first touch) on segment 0.
+/// `addr_limit` (the end of the processor's physical address space) on
+/// segment 0. (A BAR above the core's identity map is blanked in a GiB
+/// the core maps for the OS at its start, as a first touch there would.)
 pub fn assign_devices(
     devices: &[String],
     functions: &[thinhv_passthrough::pci::Function],
     taken: &[thinhv_passthrough::pci::Bdf],
     boot: Option<thinhv_passthrough::pci::Bdf>,
-    map_top: u64,
+    addr_limit: u64,
 ) -> Result<Vec<AssignedDevice>, String> {
     use thinhv_abi::handoff::{
         BAR_REG_64, BAR_REG_PREFETCH, MAX_DEVICE_BARS, MAX_PARTITION_DEVICES,
@@ -240,11 +241,11 @@ pub fn assign_devices(
                             && (b.base == 0
                                 || !b.base.is_multiple_of(4096)
                                 || !b.size.is_multiple_of(4096)
-                                || b.base.saturating_add(b.size) > map_top)
+                                || b.base.saturating_add(b.size) > addr_limit)
                     })
                     .map(|b| {
                         format!(
-                            "has BAR {} of {:#x} bytes at {:#x}: not whole pages the firmware assigned below {map_top:#x}",
+                            "has BAR {} of {:#x} bytes at {:#x}: not whole pages the firmware assigned below {addr_limit:#x}",
                             b.index, b.size, b.base
                         )
                     })

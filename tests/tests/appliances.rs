@@ -45,11 +45,35 @@ fn numbers(s: &str) -> Vec<f64> {
 fn a_linux_appliance_runs_beside_an_os_that_cannot_see_or_reach_it() {
     // The appliance attacks the OS at its tick 12, after the OS's attack;
     // it has its own NIC.
+    // And an NVMe on the root bus (00:07.0), whose 64-bit BAR OVMF puts
+    // above 4 GiB.
     let config = APPLIANCE.replace(
         "thinhv_appliance=1",
         "thinhv_appliance=1 thinhv_appliance_attack_at=12",
-    ) + "devices = [\"0000:00:05.0\"]\n\n[[device]]\nmatch = \"0000:00:06.0\"\nowner = \"hidden\"\n";
-    let g = os_on("appliance", &config, "thinhv_appliance_probe=1", &TWO_NICS);
+    ) + "devices = [\"0000:00:05.0\", \"0000:00:07.0\"]\n\n[[device]]\nmatch = \"0000:00:06.0\"\nowner = \"hidden\"\n";
+    let disk = thinhv_tests::built().work.join("appliance-high-bar.img");
+    std::fs::File::create(&disk)
+        .and_then(|file| file.set_len(32 << 20))
+        .unwrap();
+    let drive = format!("file={},if=none,id=hnvme,format=raw", disk.display());
+    // The OS's own NVMe (00:08.0), the control.
+    let os_disk = thinhv_tests::built().work.join("appliance-os-nvme.img");
+    std::fs::File::create(&os_disk)
+        .and_then(|file| file.set_len(32 << 20))
+        .unwrap();
+    let os_drive = format!("file={},if=none,id=onvme,format=raw", os_disk.display());
+    let mut qemu = TWO_NICS.to_vec();
+    qemu.extend([
+        "-drive",
+        &drive,
+        "-device",
+        "nvme,drive=hnvme,serial=appliance1,addr=0x7",
+        "-drive",
+        &os_drive,
+        "-device",
+        "nvme,drive=onvme,serial=os1,addr=0x8",
+    ]);
+    let g = os_on("appliance", &config, "thinhv_appliance_probe=1", &qemu);
     let log = g.log.as_ref().expect("thinhv log --json")["log"]
         .as_str()
         .unwrap()
@@ -178,6 +202,27 @@ fn a_linux_appliance_runs_beside_an_os_that_cannot_see_or_reach_it() {
     let hidden = g.get("hidden_nic_bar");
     assert!(hidden.ends_with("rdbal=0x12345000"), "{hidden}");
     assert!(!hidden.contains("ctrl=0x00000000"), "{hidden}");
+    // Its NVMe above 4 GiB: the appliance wrote its disk; the OS reads
+    // the controller's capabilities as zeros (its BAR blank in the GiB
+    // thinhv mapped for the OS, not mapped back on first touch).
+    let nvme = g.get("appliance_nvme_bar");
+    let bar: u64 = nvme.split(' ').next().unwrap().parse().unwrap_or(0);
+    assert!(bar >= 1 << 32, "{nvme}");
+    assert!(nvme.ends_with(" cap=0x00000000"), "{nvme}");
+    // The control: the OS's own NVMe, its BAR in the same GiB, answers
+    // (CAP is never 0 on a controller).
+    let own = g.get("os_nvme_bar");
+    let own_bar: u64 = own.split(' ').next().unwrap().parse().unwrap_or(0);
+    assert_eq!(own_bar >> 30, bar >> 30, "{own} {nvme}");
+    assert!(
+        !own.ends_with(" cap=0x00000000") && own.contains(" cap=0x"),
+        "{own}"
+    );
+    assert!(
+        g.get("appliance_disk")
+            .starts_with("THINHV-APPLIANCE: disk nvme boot=1 ok=written"),
+        "{facts}"
+    );
     let after = g.get("appliance_ping_after_os_writes");
     assert!(after.ends_with(" 3/3"), "{after}\n{log}");
     // `thinhv appliances` and its console, from the OS.
@@ -381,10 +426,8 @@ fn an_appliances_own_nvme_is_reset_at_hand_over_and_every_restart_and_keeps_its_
         "intel-iommu",
         "-drive",
         &drive,
-        // Behind a root port, whose non-prefetchable window is 32-bit:
-        // OVMF puts the NVMe's 64-bit BAR below 4 GiB there (on the root
-        // bus it goes above, and a function with a BAR above thinhv's map
-        // is refused: docs/appliances.md, "Not built yet").
+        // Behind a root port (the bridge the appliance takes with it:
+        // docs/appliances.md, "PCI functions").
         "-device",
         "pcie-root-port,id=rp1,chassis=1,addr=0x7",
         "-device",

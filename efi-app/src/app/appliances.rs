@@ -45,7 +45,7 @@ pub fn prepare(
     ram_bytes: u64,
     functions: &[thinhv_passthrough::pci::Function],
     boot_device: Option<thinhv_passthrough::pci::Bdf>,
-    map_top: u64,
+    addr_limit: u64,
 ) -> Vec<Accepted> {
     let mut out: Vec<Accepted> = Vec::new();
     for (i, d) in decide(&config.appliance, cpus, ram_bytes)
@@ -67,7 +67,7 @@ pub fn prepare(
                     .flat_map(|o| o.devices.iter().map(|d| d.bdf))
                     .collect::<Vec<_>>(),
                 boot_device,
-                map_top,
+                addr_limit,
             )
             .and_then(|devices| load(a, &apic_ids, &devices).map(|l| (l, devices)))
             {

@@ -186,7 +186,7 @@ pub fn install(config: &Config) -> Result<String, String> {
             mem.ram_bytes,
             &functions,
             boot_device,
-            thinhv_abi::handoff::identity_map_top(mem.top),
+            1u64 << caps.phys_addr_bits.min(52),
         ),
         armed: true,
     };
@@ -341,7 +341,7 @@ pub fn install(config: &Config) -> Result<String, String> {
                 } else {
                     a.ram.size.div_ceil(2 << 20) + 8
                 }
-                + a.devices.iter().map(|d| 8 * d.bars.len() as u64).sum::<u64>()
+                + a.devices.iter().map(|d| 12 * d.bars.len() as u64).sum::<u64>()
         })
         .sum();
     let iommu_pages = thinhv_abi::layout::iommu_pages(

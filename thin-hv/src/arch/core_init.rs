@@ -332,6 +332,13 @@ fn hide_appliance_ram(
         );
         for d in p.devices() {
             for (_, bar) in d.bars() {
+                // Above the map's top the OS's tables are filled a GiB at
+                // a time on first touch (`npt::demand_map`), which would
+                // map the BAR back: its GiBs are mapped now, as that would,
+                // and the BAR blanked inside them.
+                if bar.end() > thinhv_abi::handoff::identity_map_top(h.phys_top) {
+                    premap_gibs(slat, slat_root, bar, frames)?;
+                }
                 blank_out(slat, slat_root, bar, blank_pa, frames)?;
             }
             log::info!(
@@ -421,6 +428,45 @@ fn appliance_map(
         }
     }
     Ok(m.root())
+}
+
+/// Maps every GiB `range` touches 1:1 in the OS's second-level tables, as
+/// a first touch there would (`npt::demand_map`), where nothing maps it
+/// yet.
+fn premap_gibs(
+    slat: Slat,
+    slat_root: u64,
+    range: PhysRange,
+    frames: &mut BumpFrames,
+) -> Result<(), CoreError> {
+    const GIB: u64 = 1 << 30;
+    // SAFETY: only this core's table roots and frames from its own
+    // allocator reach the engine (`IdentityMem::new`'s contract).
+    let mut mem = unsafe { IdentityMem::new() };
+    let mut gib = range.base & !(GIB - 1);
+    while gib < range.end() {
+        let r = match slat {
+            Slat::Npt(fmt) => {
+                let mut m = Mapper::open(&fmt, &mut mem, slat_root);
+                if m.translate(gib).is_some() {
+                    Ok(())
+                } else {
+                    m.map(gib, gib, GIB, Attrs::RWX, frames)
+                }
+            }
+            Slat::Ept(fmt) => {
+                let mut m = Mapper::open(&fmt, &mut mem, slat_root);
+                if m.translate(gib).is_some() {
+                    Ok(())
+                } else {
+                    m.map(gib, gib, GIB, Attrs::RWX, frames)
+                }
+            }
+        };
+        r.map_err(|_| CoreError::OUT_OF_MEMORY)?;
+        gib += GIB;
+    }
+    Ok(())
 }
 
 /// Maps every page of `range` to the blank frame, read-only.
