@@ -204,20 +204,9 @@ pub struct IommuUnit {
     pub size: u64,
     /// PCI segment.
     pub segment: u16,
-    /// AMD-Vi: the device ID the I/O APIC's interrupts carry (the IVRS's
-    /// special entry), valid with [`IOMMU_UNIT_IOAPIC`].
-    pub ioapic_source: u16,
-    /// [`IOMMU_UNIT_IOAPIC`].
-    pub flags: u16,
     /// Reserved.
-    pub reserved: u16,
+    pub reserved: [u16; 3],
 }
-
-/// [`IommuUnit::flags`]: the IVRS names the I/O APIC behind this AMD-Vi
-/// unit (`ioapic_source`): the unit remaps interrupts (an IVRS without one
-/// is also how QEMU's amd-iommu says `intremap=off`), and thinhv filters
-/// the kinds of interrupt messages devices may send (`amdvi::irq_filter`).
-pub const IOMMU_UNIT_IOAPIC: u16 = 1;
 
 impl IommuUnit {
     /// The whole pages its registers occupy: what the guest's second-level

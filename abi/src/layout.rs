@@ -42,9 +42,7 @@ pub const fn table_pages(top: u64, page_1g: bool) -> u64 {
 pub const fn iommu_pages(kind: u8, device_ids: u64) -> u64 {
     match kind {
         crate::handoff::IOMMU_KIND_VTD => 2,
-        // The device table; the command buffer, event log and semaphore;
-        // the interrupt table of the interrupt filter.
-        crate::handoff::IOMMU_KIND_AMDVI => (device_ids * 32).div_ceil(PAGE) + 4,
+        crate::handoff::IOMMU_KIND_AMDVI => (device_ids * 32).div_ceil(PAGE) + 3,
         _ => 0,
     }
 }
@@ -81,10 +79,10 @@ mod tests {
         // A 4-CPU machine with 2 GiB: well under 2 MiB of pool.
         assert!(pool_size(4, 2 << 30, true, 0) < 2 << 20);
         assert_eq!(pool_size(1, 0, true, 0) % 4096, 0);
-        // AMD-Vi for 16 buses: a 128 KiB device table and four pages.
+        // AMD-Vi for 16 buses: a 128 KiB device table and three pages.
         assert_eq!(
             iommu_pages(crate::handoff::IOMMU_KIND_AMDVI, 16 * 256),
-            32 + 4
+            32 + 3
         );
         assert_eq!(
             pool_size(1, 0, true, 35) - pool_size(1, 0, true, 0),

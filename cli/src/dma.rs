@@ -80,12 +80,9 @@ impl Bar {
         unsafe { self.base.as_ptr().add(off).cast::<u64>().write_volatile(v) }
     }
     fn dma(&self, src: u64, dst: u64, to_ram: bool) -> bool {
-        self.dma_len(src, dst, PAGE as u64, to_ram)
-    }
-    fn dma_len(&self, src: u64, dst: u64, len: u64, to_ram: bool) -> bool {
         self.w64(0x80, src);
         self.w64(0x88, dst);
-        self.w64(0x90, len);
+        self.w64(0x90, PAGE as u64);
         self.w64(0x98, 1 | if to_ram { 2 } else { 0 });
         for _ in 0..2000 {
             if self.r64(0x98) & 1 == 0 {
@@ -147,12 +144,6 @@ fn count(b: &[u8]) -> usize {
 /// the device and back into another page by DMA (`dma_completed`,
 /// `dma_ordinary_bytes` of 4096 when it landed).
 fn edu_ready(bdf: &str) -> Result<Bar, String> {
-    edu_with_pages(bdf).map(|(bar, _, _)| bar)
-}
-
-/// As [`edu_ready`], also returning the two pinned pages and their
-/// physical addresses.
-fn edu_with_pages(bdf: &str) -> Result<(Bar, &'static mut [u8], [u64; 2]), String> {
     let cfg = OpenOptions::new()
         .read(true)
         .write(true)
@@ -172,7 +163,7 @@ fn edu_with_pages(bdf: &str) -> Result<(Bar, &'static mut [u8], [u64; 2]), Strin
     let ok = bar.dma(pa[0], EDU_BUFFER, false) && bar.dma(EDU_BUFFER, pa[1], true);
     println!("dma_completed={}", u8::from(ok));
     println!("dma_ordinary_bytes={}", count(&buf[PAGE..]));
-    Ok((bar, buf, pa))
+    Ok(bar)
 }
 
 /// `thinhv dma-probe --to ADDR...`: after the control round trip, the
@@ -207,61 +198,10 @@ fn run_to(addrs: &[String]) -> ExitCode {
     }
 }
 
-/// `thinhv dma-probe --msi ADDR DATA [N]`: after the control round trip,
-/// the device writes the 4-byte `DATA` at bus address `ADDR` (both hex),
-/// `N` times (default 1) a few milliseconds apart: an interrupt message
-/// when `ADDR` is in 0xFEEx_xxxx, which a device the OS drives can be
-/// told to send to any processor (`dma_msi_completed`: how many the
-/// device completed; whether they were delivered is for the target to
-/// see).
-fn run_msi(args: &[String]) -> ExitCode {
-    let hex = |a: &str| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok();
-    let (Some(addr), Some(data)) = (
-        args.first().and_then(|a| hex(a)),
-        args.get(1)
-            .and_then(|a| hex(a))
-            .and_then(|d| u32::try_from(d).ok()),
-    ) else {
-        println!("dma_probe_error=usage: thinhv dma-probe --msi ADDR DATA [N]");
-        return ExitCode::FAILURE;
-    };
-    let times: u32 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(1);
-    let Some(bdf) = find_edu() else {
-        println!("edu_found=0");
-        return ExitCode::SUCCESS;
-    };
-    println!("edu_found=1");
-    println!("edu_bdf={bdf}");
-    let r = (|| -> Result<(), String> {
-        let (bar, buf, pa) = edu_with_pages(&bdf)?;
-        buf[..4].copy_from_slice(&data.to_le_bytes());
-        if !bar.dma_len(pa[0], EDU_BUFFER, 4, false) {
-            return Err("the message did not reach the device".into());
-        }
-        let mut done = 0;
-        for _ in 0..times {
-            done += u32::from(bar.dma_len(EDU_BUFFER, addr, 4, true));
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        println!("dma_msi_completed={done}");
-        Ok(())
-    })();
-    match r {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            println!("dma_probe_error={e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// `thinhv dma-probe [--to ADDR... | --msi ADDR DATA [N]]`.
+/// `thinhv dma-probe [--to ADDR...]`.
 pub fn run(args: &[String]) -> ExitCode {
     if args.first().is_some_and(|a| a == "--to") {
         return run_to(&args[1..]);
-    }
-    if args.first().is_some_and(|a| a == "--msi") {
-        return run_msi(&args[1..]);
     }
     let Some(bdf) = find_edu() else {
         println!("edu_found=0");

@@ -59,23 +59,11 @@ pub fn amdvi(r: &Ivrs, max_bus: u8) -> Result<IommuHandoff, String> {
         ..IommuHandoff::default()
     };
     for (slot, u) in h.units.iter_mut().zip(&units) {
-        let ioapic = u.entries.iter().find_map(|e| match *e {
-            thinhv_passthrough::ivrs::DeviceEntry::Special {
-                source, variety: 1, ..
-            } => Some(source),
-            _ => None,
-        });
         *slot = IommuUnit {
             base: u.base,
             size: AMDVI_WINDOW,
             segment: u.segment,
-            ioapic_source: ioapic.unwrap_or(0),
-            flags: if ioapic.is_some() {
-                thinhv_abi::handoff::IOMMU_UNIT_IOAPIC
-            } else {
-                0
-            },
-            reserved: 0,
+            reserved: [0; 3],
         };
     }
     h.count = u32::try_from(units.len()).unwrap_or(0);
@@ -178,7 +166,7 @@ pub fn vtd(d: &Dmar) -> Result<IommuHandoff, String> {
             base: u.base,
             size: u.register_bytes(),
             segment: u.segment,
-            ..IommuUnit::default()
+            reserved: [0; 3],
         };
     }
     h.count = u32::try_from(d.drhds.len()).unwrap_or(0);

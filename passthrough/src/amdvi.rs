@@ -178,36 +178,6 @@ pub const fn dte(pt_root: u64, domain: u16) -> [u64; 4] {
     [q0, domain as u64, 0, 0]
 }
 
-/// `e` with the interrupt messages no device driver sends kept from every
-/// processor (AMD I/O Virtualization Technology (IOMMU) Specification
-/// 48882 rev. 3.x, §2.2.2.2 "Device Table Entry Format", Table 7): INIT,
-/// NMI, ExtINT, LINT0 and LINT1 messages are target-aborted (their pass
-/// bits clear), SMIs blocked (SysMgt 00b), and fixed and arbitrated
-/// interrupts forwarded as they are (IntCtl 01b: no remapping). IV is set,
-/// with a one-entry interrupt table at `table` (IntTabLen 0) that IntCtl
-/// 01b never consults. For the I/O APIC's own device ID (`ioapic`),
-/// ExtINT, LINT0 and LINT1 pass (the 8259's virtual wire through pin 0);
-/// NMI and INIT do not: the I/O APIC is the OS's to program, and a
-/// redirection entry with NMI or INIT delivery aimed at an appliance's
-/// processor is the same attack as a device's message (an OS that routes
-/// an NMI source through its I/O APIC loses it: `docs/appliances.md`).
-///
-/// What this does not do: a fixed-vector MSI still reaches whichever
-/// processor its address names (remapping those needs entries built from
-/// each device's MSI programming).
-pub const fn irq_filter(mut e: [u64; 4], table: u64, ioapic: bool) -> [u64; 4] {
-    // SysMgt (bits 105:104): 00b, SMIs target-aborted.
-    e[1] &= !(3 << 40);
-    let mut q2 = 1 // IV
-        | (table & 0x000f_ffff_ffff_ffc0) // IntTableRootPtr
-        | (1 << 60); // IntCtl 01b
-    if ioapic {
-        q2 |= (1 << 57) | (1 << 62) | (1 << 63); // EIntPass, Lint0Pass, Lint1Pass
-    }
-    e[2] = q2;
-    e
-}
-
 /// A device table entry that refuses every DMA of the device: valid,
 /// translation valid, paging mode 0 (translation disabled, access decided
 /// by IR and IW) with read and write permission clear.
@@ -406,31 +376,6 @@ mod tests {
         assert_eq!((b[0] >> 9) & 7, 0, "mode 0: IR/IW decide");
         assert_eq!(b[0] >> 61, 0, "neither read nor write");
         assert_eq!(b[1], 2);
-    }
-
-    #[test]
-    fn the_interrupt_filter_passes_fixed_interrupts_only_and_the_ioapic_its_own() {
-        let e = irq_filter(dte(0x1234_5000, 7), 0x8_0000, false);
-        // Translation untouched.
-        assert_eq!(e[0], dte(0x1234_5000, 7)[0]);
-        assert_eq!(e[1], 7);
-        // IV, table, IntCtl 01b; INIT, ExtINT, NMI, LINT0/1 not passed.
-        assert_eq!(e[2], 1 | 0x8_0000 | (1 << 60));
-        for bit in [56, 57, 58, 62, 63] {
-            assert_eq!(e[2] >> bit & 1, 0, "bit {bit}");
-        }
-        let io = irq_filter(dte(0x1234_5000, 7), 0x8_0000, true);
-        // The I/O APIC: ExtINT, LINT0/1 pass; INIT and NMI do not.
-        for bit in [56, 58] {
-            assert_eq!(io[2] >> bit & 1, 0, "bit {bit}");
-        }
-        for bit in [57, 62, 63] {
-            assert_eq!(io[2] >> bit & 1, 1, "bit {bit}");
-        }
-        // SysMgt cleared wherever it was.
-        let mut smi = dte_blocked(2);
-        smi[1] |= 3 << 40;
-        assert_eq!(irq_filter(smi, 0x8_0000, false)[1], 2);
     }
 
     #[test]

@@ -349,26 +349,6 @@ impl Iommu {
             }
         }
         let assigned = &assigned[..n_assigned];
-        // Where the IVRS names the I/O APIC (the unit remaps interrupts),
-        // no device may send INIT, NMI, SMI, ExtINT or LINT messages to any
-        // processor (an OS's device at an appliance's, an appliance's at
-        // the OS's); the I/O APIC keeps ExtINT and LINT.
-        let unit = h
-            .units()
-            .iter()
-            .find(|u| u.flags & thinhv_abi::handoff::IOMMU_UNIT_IOAPIC != 0)
-            .copied();
-        let filter = match unit {
-            Some(_) => Some(frames_take(frames)?),
-            None => None,
-        };
-        let unit = unit.unwrap_or_default();
-        if filter.is_some() {
-            log::info!(
-                "IOMMU: AMD-Vi: INIT, NMI, SMI and ExtINT messages from devices blocked (the I/O APIC, device {:#06x}, keeps ExtINT)",
-                unit.ioapic_source
-            );
-        }
         for id in 0..ids {
             let e = if let Some((_, e)) = assigned.iter().find(|(r, _)| u64::from(*r) == id) {
                 *e
@@ -376,10 +356,6 @@ impl Iommu {
                 closed
             } else {
                 open
-            };
-            let e = match filter {
-                Some(table) => amdvi::irq_filter(e, table, u64::from(unit.ioapic_source) == id),
-                None => e,
             };
             let at = dev_table + id * 32;
             let (table, index) = (at & !(PAGE - 1), ((at & (PAGE - 1)) / 8) as usize);
