@@ -172,25 +172,32 @@ fn edu_ready(bdf: &str) -> Result<Bar, String> {
 /// Whether it landed, or was refused and counted, is for the caller to
 /// see (the IOMMU's fault count on the status page, the target's memory).
 /// Needs no thinhv: an appliance runs it as well as the OS.
-fn run_to(addrs: &[String]) -> ExitCode {
+fn run_to(bdf: &str, addrs: &[String]) -> Result<ExitCode, String> {
+    let bar = edu_ready(bdf)?;
+    for a in addrs {
+        let to =
+            u64::from_str_radix(a.trim_start_matches("0x"), 16).map_err(|e| format!("{a}: {e}"))?;
+        let ok = bar.dma(EDU_BUFFER, to, true);
+        println!("dma_to_{to:#x}_completed={}", u8::from(ok));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `thinhv dma-probe [--to ADDR...]`.
+pub fn run(args: &[String]) -> ExitCode {
     let Some(bdf) = find_edu() else {
         println!("edu_found=0");
         return ExitCode::SUCCESS;
     };
     println!("edu_found=1");
     println!("edu_bdf={bdf}");
-    let r = (|| -> Result<(), String> {
-        let bar = edu_ready(&bdf)?;
-        for a in addrs {
-            let to = u64::from_str_radix(a.trim_start_matches("0x"), 16)
-                .map_err(|e| format!("{a}: {e}"))?;
-            let ok = bar.dma(EDU_BUFFER, to, true);
-            println!("dma_to_{to:#x}_completed={}", u8::from(ok));
-        }
-        Ok(())
-    })();
+    let r = if args.first().is_some_and(|a| a == "--to") {
+        run_to(&bdf, &args[1..])
+    } else {
+        into_thinhv(&bdf)
+    };
     match r {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             println!("dma_probe_error={e}");
             ExitCode::FAILURE
@@ -198,76 +205,59 @@ fn run_to(addrs: &[String]) -> ExitCode {
     }
 }
 
-/// `thinhv dma-probe [--to ADDR...]`.
-pub fn run(args: &[String]) -> ExitCode {
-    if args.first().is_some_and(|a| a == "--to") {
-        return run_to(&args[1..]);
-    }
-    let Some(bdf) = find_edu() else {
-        println!("edu_found=0");
-        return ExitCode::SUCCESS;
-    };
-    println!("edu_found=1");
-    println!("edu_bdf={bdf}");
+/// The default probe: DMA into thinhv's status area and its image, and
+/// the IOMMU's fault counts after (`NOT_PRESENT` without thinhv).
+fn into_thinhv(bdf: &str) -> Result<ExitCode, String> {
     let p = presence();
     if !p.is_thinhv() {
         println!("thinhv=absent");
-        return ExitCode::from(crate::NOT_PRESENT);
+        return Ok(ExitCode::from(crate::NOT_PRESENT));
     }
-    let r = (|| -> Result<(), String> {
-        let bar = edu_ready(&bdf)?;
+    let bar = edu_ready(bdf)?;
 
-        // thinhv's status area: its last page, read back through /dev/mem.
-        let page = read_page(&p)?;
-        let last = p.status_page + u64::from(p.status_size) - PAGE as u64;
-        let before = devmem::read(last, PAGE).map_err(|e| e.to_string())?;
-        let ok = bar.dma(EDU_BUFFER, last, true);
-        let after = devmem::read(last, PAGE).map_err(|e| e.to_string())?;
-        println!("dma_status_completed={}", u8::from(ok));
+    // thinhv's status area: its last page, read back through /dev/mem.
+    let page = read_page(&p)?;
+    let last = p.status_page + u64::from(p.status_size) - PAGE as u64;
+    let before = devmem::read(last, PAGE).map_err(|e| e.to_string())?;
+    let ok = bar.dma(EDU_BUFFER, last, true);
+    let after = devmem::read(last, PAGE).map_err(|e| e.to_string())?;
+    println!("dma_status_completed={}", u8::from(ok));
+    println!(
+        "dma_into_status_bytes={}",
+        count(&after).saturating_sub(count(&before))
+    );
+    let translating = page
+        .iommus
+        .iter()
+        .any(|u| u.state == thinhv_abi::status::IOMMU_STATE_TRANSLATING);
+    if translating {
+        // The core's image: its CRC says whether anything landed.
+        let target = page.header.protected_base + 0x10000;
+        let i0 = cpuid(thinhv_abi::cpuid::LEAF_INTEGRITY, 0);
+        let ok = bar.dma(EDU_BUFFER, target, true);
+        let i1 = cpuid(thinhv_abi::cpuid::LEAF_INTEGRITY, 0);
+        println!("dma_core_completed={}", u8::from(ok));
+        println!("dma_core_target={target:#x}");
         println!(
-            "dma_into_status_bytes={}",
-            count(&after).saturating_sub(count(&before))
+            "dma_core_crc_unchanged={}",
+            u8::from(i0[1] == i1[1] && i1[0] == i1[1])
         );
-        let translating = page
-            .iommus
-            .iter()
-            .any(|u| u.state == thinhv_abi::status::IOMMU_STATE_TRANSLATING);
-        if translating {
-            // The core's image: its CRC says whether anything landed.
-            let target = page.header.protected_base + 0x10000;
-            let i0 = cpuid(thinhv_abi::cpuid::LEAF_INTEGRITY, 0);
-            let ok = bar.dma(EDU_BUFFER, target, true);
-            let i1 = cpuid(thinhv_abi::cpuid::LEAF_INTEGRITY, 0);
-            println!("dma_core_completed={}", u8::from(ok));
-            println!("dma_core_target={target:#x}");
-            println!(
-                "dma_core_crc_unchanged={}",
-                u8::from(i0[1] == i1[1] && i1[0] == i1[1])
-            );
-        } else {
-            println!("dma_core_skipped=1");
-        }
-        // Reading thinhv's CPUID leaves makes it collect the faults.
-        let _ = cpuid(thinhv_abi::cpuid::LEAF_SIGNATURE, 0);
-        let page = read_page(&p)?;
-        if let Some(u) = page.iommus.first() {
-            println!("iommu_state={}", u.state);
-            println!("iommu_faults={}", u.faults);
-            println!(
-                "iommu_last_fault_source={:02x}:{:02x}.{}",
-                u.last_fault_source >> 8,
-                (u.last_fault_source >> 3) & 0x1f,
-                u.last_fault_source & 7
-            );
-            println!("iommu_last_fault_address={:#x}", u.last_fault_address);
-        }
-        Ok(())
-    })();
-    match r {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            println!("dma_probe_error={e}");
-            ExitCode::FAILURE
-        }
+    } else {
+        println!("dma_core_skipped=1");
     }
+    // Reading thinhv's CPUID leaves makes it collect the faults.
+    let _ = cpuid(thinhv_abi::cpuid::LEAF_SIGNATURE, 0);
+    let page = read_page(&p)?;
+    if let Some(u) = page.iommus.first() {
+        println!("iommu_state={}", u.state);
+        println!("iommu_faults={}", u.faults);
+        println!(
+            "iommu_last_fault_source={:02x}:{:02x}.{}",
+            u.last_fault_source >> 8,
+            (u.last_fault_source >> 3) & 0x1f,
+            u.last_fault_source & 7
+        );
+        println!("iommu_last_fault_address={:#x}", u.last_fault_address);
+    }
+    Ok(ExitCode::SUCCESS)
 }
