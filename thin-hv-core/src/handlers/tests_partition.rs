@@ -412,6 +412,35 @@ fn an_appliance_sees_only_its_own_function_with_bars_that_never_move() {
     assert_eq!(env.cf8_space.borrow()[&real(0x0c)], 0x0080_ff20);
 }
 
+/// The real configuration space of function 01:00.0 (the appliance's
+/// 00:01.0): `regs` as (offset, dword).
+fn function_config(env: &FakeEnv, regs: &[(u32, u32)]) {
+    let mut space = env.cf8_space.borrow_mut();
+    for &(reg, v) in regs {
+        space.insert(0x8001_0000 | reg, v);
+    }
+}
+
+/// A PCI Express function capable of FLR: its ID, command (memory and bus
+/// mastering on), capability list at 0x40, Device Control 0x2810.
+const FLR_CAPABLE: [(u32, u32); 6] = [
+    (0x00, 0x10d3_8086),
+    (0x04, 0x0010_0006),
+    (0x34, 0x40),
+    (0x40, 0x0002_0010),
+    (0x44, 1 << 28),
+    (0x48, 0x0000_2810),
+];
+
+/// Word writes with Initiate FLR (bit 15) that reached CONFIG_DATA.
+fn flr_writes(env: &FakeEnv) -> usize {
+    env.port_log
+        .borrow()
+        .iter()
+        .filter(|&&(rw, port, size, v)| rw == 'w' && port == 0xcfc && size == 2 && v & 0x8000 != 0)
+        .count()
+}
+
 #[test]
 fn an_appliances_own_flr_is_done_by_thinhv_which_puts_the_bars_back() {
     use thinhv_abi::PhysRange;
@@ -423,20 +452,10 @@ fn an_appliances_own_flr_is_done_by_thinhv_which_puts_the_bars_back() {
         p.devices[0].bar_count = 1;
         p.devices[0].bars[0] = PhysRange::new(0xc000_0000, 0x2_0000);
     });
-    for (reg, v) in [
-        (0x00, 0x10d3_8086u32),
-        (0x04, 0x0010_0406),
-        (0x10, 0xc000_0000),
-        (0x34, 0x40),
-        (0x40, 0x0002_0010),
-        (0x44, 1 << 28),
-        (0x48, 0x0000_2810),
-    ] {
-        env.cf8_space.borrow_mut().insert(0x8001_0000 | reg, v);
-    }
-    // What a reset leaves in the BAR, as if the FLR had happened already.
-    let reset_bar = |env: &mut FakeEnv| env.cf8_space.borrow_mut().insert(0x8001_0010, 0);
-    reset_bar(&mut env);
+    function_config(&env, &FLR_CAPABLE);
+    // Its driver had it running (INTx off); what a reset leaves in the
+    // BAR, as if the FLR had happened already.
+    function_config(&env, &[(0x04, 0x0010_0406), (0x10, 0)]);
     // The appliance's driver: Initiate FLR (word write at Device Control).
     appliance_io(&mut env, 0xcf8, 4, false, 0x8000_0848);
     appliance_io(&mut env, 0xcfc, 2, false, 0xa810);
@@ -447,13 +466,7 @@ fn an_appliances_own_flr_is_done_by_thinhv_which_puts_the_bars_back() {
     assert_eq!(space[&0x8001_0004] & 0xffff, 0x0402);
     assert_eq!(space[&0x8001_0048] & 0xffff, 0x2810);
     drop(space);
-    let flrs = env
-        .port_log
-        .borrow()
-        .iter()
-        .filter(|&&(rw, port, size, v)| rw == 'w' && port == 0xcfc && size == 2 && v & 0x8000 != 0)
-        .count();
-    assert_eq!(flrs, 1, "one FLR, thinhv's");
+    assert_eq!(flr_writes(&env), 1, "one FLR, thinhv's");
 }
 
 #[test]
@@ -503,13 +516,16 @@ fn a_stop_quiesces_the_appliances_functions() {
         p.devices[0].rid = 0x0100;
         p.devices[0].vdevfn = 0x08;
     });
-    let mut space = env.cf8_space.borrow_mut();
-    space.insert(0x8001_0000, 0x10d3_8086);
-    space.insert(0x8001_0004, 0x0010_0006);
-    space.insert(0x8001_0034, 0x40);
-    // MSI, enabled.
-    space.insert(0x8001_0040, 0x0081_0005);
-    drop(space);
+    // MSI at 0x40, enabled.
+    function_config(
+        &env,
+        &[
+            (0x00, 0x10d3_8086),
+            (0x04, 0x0010_0006),
+            (0x34, 0x40),
+            (0x40, 0x0081_0005),
+        ],
+    );
     ring(&mut env, STORE64, command(ControlOp::Stop, 1, 3));
     // Bus mastering off, INTx disabled, MSI off; no reset on an OS CPU.
     assert_eq!(env.cf8_space.borrow()[&0x8001_0004], 0x0010_0402);
@@ -530,27 +546,11 @@ fn before_an_appliance_boots_again_its_function_is_reset_and_its_bars_put_back()
         p.devices[0].bars[1] = PhysRange::new(0x8_0000_4000, 0x4000);
         p.devices[0].bar_regs[1] = 2 | BAR_REG_64;
     });
-    let mut space = env.cf8_space.borrow_mut();
-    space.insert(0x8001_0000, 0x10d3_8086);
-    space.insert(0x8001_0004, 0x0010_0006);
-    space.insert(0x8001_0034, 0x40);
-    // PCI Express, Function Level Reset capable.
-    space.insert(0x8001_0040, 0x0002_0010);
-    space.insert(0x8001_0044, 1 << 28);
-    space.insert(0x8001_0048, 0x0000_2810);
+    function_config(&env, &FLR_CAPABLE);
     // What a reset leaves in the BARs.
-    for reg in [0x10, 0x18, 0x1c] {
-        space.insert(0x8001_0000 | reg, 0);
-    }
-    drop(space);
+    function_config(&env, &[(0x10, 0), (0x18, 0), (0x1c, 0)]);
     assert!(super::partition::reset_devices(&mut env, PartitionId(1)));
-    let flr = env
-        .port_log
-        .borrow()
-        .iter()
-        .filter(|&&(rw, port, size, v)| rw == 'w' && port == 0xcfc && size == 2 && v & 0x8000 != 0)
-        .count();
-    assert_eq!(flr, 1, "Initiate FLR written once");
+    assert_eq!(flr_writes(&env), 1, "Initiate FLR written once");
     let space = env.cf8_space.borrow();
     assert_eq!(space[&0x8001_0010], 0xc000_0000);
     assert_eq!((space[&0x8001_0018], space[&0x8001_001c]), (0x4000, 8));
