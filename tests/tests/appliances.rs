@@ -51,17 +51,9 @@ fn a_linux_appliance_runs_beside_an_os_that_cannot_see_or_reach_it() {
         "thinhv_appliance=1",
         "thinhv_appliance=1 thinhv_appliance_attack_at=12",
     ) + "devices = [\"0000:00:05.0\", \"0000:00:07.0\"]\n\n[[device]]\nmatch = \"0000:00:06.0\"\nowner = \"hidden\"\n";
-    let disk = thinhv_tests::built().work.join("appliance-high-bar.img");
-    std::fs::File::create(&disk)
-        .and_then(|file| file.set_len(32 << 20))
-        .unwrap();
-    let drive = format!("file={},if=none,id=hnvme,format=raw", disk.display());
+    let drive = thinhv_tests::raw_drive("appliance-high-bar.img", "hnvme", 32 << 20);
     // The OS's own NVMe (00:08.0), the control.
-    let os_disk = thinhv_tests::built().work.join("appliance-os-nvme.img");
-    std::fs::File::create(&os_disk)
-        .and_then(|file| file.set_len(32 << 20))
-        .unwrap();
-    let os_drive = format!("file={},if=none,id=onvme,format=raw", os_disk.display());
+    let os_drive = thinhv_tests::raw_drive("appliance-os-nvme.img", "onvme", 32 << 20);
     let mut qemu = TWO_NICS.to_vec();
     qemu.extend([
         "-drive",
@@ -415,11 +407,7 @@ fn an_appliances_own_nvme_is_reset_at_hand_over_and_every_restart_and_keeps_its_
     // conventional PCI, no FLR, no power management: quiesced only). It
     // writes 16 MiB on its first boot; the OS restarts it ten times and it
     // checks the data each time.
-    let disk = thinhv_tests::built().work.join("appliance-nvme.img");
-    std::fs::File::create(&disk)
-        .and_then(|file| file.set_len(64 << 20))
-        .unwrap();
-    let drive = format!("file={},if=none,id=anvme,format=raw", disk.display());
+    let drive = thinhv_tests::raw_drive("appliance-nvme.img", "anvme", 64 << 20);
     let mut machine = Profile::svm(4);
     machine.extra = [
         "-device",
