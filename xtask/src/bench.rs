@@ -585,26 +585,14 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let a = artifacts::build()?;
     let img = linux::prepare(&root().join("build/cache"), &a.tool)?;
     if only_nvme {
-        let figures = appliance_nvme_figures(&a, &img, runs)?;
-        let path = root().join("build/bench-appliance-nvme.json");
-        std::fs::write(
-            &path,
-            serde_json::to_string_pretty(&figures).unwrap_or_default(),
-        )
-        .map_err(|e| e.to_string())?;
-        println!("  (also in {})", path.display());
-        return Ok(());
+        return save(
+            "bench-appliance-nvme.json",
+            &appliance_nvme_figures(&a, &img, runs)?,
+        );
     }
     let appliances = appliance_figures(&a, &img, runs)?;
     if only_appliances {
-        let path = root().join("build/bench-appliances.json");
-        std::fs::write(
-            &path,
-            serde_json::to_string_pretty(&appliances).unwrap_or_default(),
-        )
-        .map_err(|e| e.to_string())?;
-        println!("  (also in {})", path.display());
-        return Ok(());
+        return save("bench-appliances.json", &appliances);
     }
     let trips = exit_round_trips(&a, runs)?;
     let mut native = Vec::new();
@@ -748,10 +736,15 @@ pub fn run(args: &[String]) -> Result<(), String> {
         "cpuid_handler_cycles": trips[4], "apic_write_handler_cycles": trips[5],
         "appliances": appliances,
     });
-    let path = root().join("build/bench.json");
+    save("bench.json", &out)
+}
+
+/// Writes `figures` to `build/{name}` and says where.
+fn save(name: &str, figures: &Value) -> Result<(), String> {
+    let path = root().join("build").join(name);
     std::fs::write(
         &path,
-        serde_json::to_string_pretty(&out).unwrap_or_default(),
+        serde_json::to_string_pretty(figures).unwrap_or_default(),
     )
     .map_err(|e| e.to_string())?;
     println!("  (also in {})", path.display());
