@@ -36,6 +36,16 @@ impl Bdf {
         }
     }
 
+    /// The function of routing ID `rid` on `segment`.
+    pub const fn from_rid(segment: u16, rid: u16) -> Self {
+        Self::new(
+            segment,
+            (rid >> 8) as u8,
+            ((rid >> 3) & 0x1f) as u8,
+            (rid & 7) as u8,
+        )
+    }
+
     /// Routing ID: bus << 8 | device << 3 | function.
     pub const fn rid(self) -> u16 {
         ((self.bus as u16) << 8) | ((self.device as u16) << 3) | self.function as u16
@@ -509,6 +519,8 @@ mod tests {
         assert_eq!(b.to_string(), "0000:02:00.0");
         assert_eq!(Bdf::parse("02:1f.7"), Some(Bdf::new(0, 2, 0x1f, 7)));
         assert_eq!(Bdf::new(0, 2, 0x10, 2).rid(), 0x0282);
+        assert_eq!(Bdf::from_rid(0, 0x0282), Bdf::new(0, 2, 0x10, 2));
+        assert_eq!(Bdf::from_rid(0, 0x0100).to_string(), "0000:01:00.0");
         for bad in [
             "",
             "02:00",

@@ -221,11 +221,9 @@ fn own_reset(
         );
         let khz = env.hv().appliance(id).map_or(0, |p| p.info.tsc_khz);
         let r = reset(env, dev, khz);
-        let (bus, slot, func) = (dev.rid >> 8, (dev.rid >> 3) & 0x1f, dev.rid & 7);
+        let bdf = thinhv_passthrough::pci::Bdf::from_rid(0, dev.rid);
         if let Some(r) = r {
-            log::info!(
-                "an appliance's FLR of PCI 0000:{bus:02x}:{slot:02x}.{func}, done by thinhv: {r}"
-            );
+            log::info!("an appliance's FLR of PCI {bdf}, done by thinhv: {r}");
         }
         return;
     }

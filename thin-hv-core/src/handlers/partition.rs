@@ -174,9 +174,9 @@ pub fn quiesce_devices(env: &mut impl Env, id: PartitionId) {
     for d in &devices[..n] {
         let q = super::appliance_pci::quiesce(env, d);
         let name = env.hv().appliance(id).map_or("", |p| p.name());
-        let (bus, dev, func) = (d.rid >> 8, (d.rid >> 3) & 0x1f, d.rid & 7);
+        let bdf = thinhv_passthrough::pci::Bdf::from_rid(0, d.rid);
         if let Some(q) = q {
-            log::info!("appliance {name:?}: stopped: PCI 0000:{bus:02x}:{dev:02x}.{func}: {q}");
+            log::info!("appliance {name:?}: stopped: PCI {bdf}: {q}");
         }
     }
 }
@@ -194,7 +194,7 @@ pub fn reset_devices(env: &mut impl Env, id: PartitionId) -> bool {
     let n = p.info.devices().len();
     let mut ok = true;
     for d in &devices[..n] {
-        let (bus, dev, func) = (d.rid >> 8, (d.rid >> 3) & 0x1f, d.rid & 7);
+        let bdf = thinhv_passthrough::pci::Bdf::from_rid(0, d.rid);
         let t0 = env.tsc();
         let report = super::appliance_pci::reset(env, d, tsc_khz);
         let khz = if tsc_khz == 0 {
@@ -207,19 +207,13 @@ pub fn reset_devices(env: &mut impl Env, id: PartitionId) -> bool {
         if let Some(r) = report {
             ok &= r.ok();
             if r.reset_seen == Some(false) {
-                log::warn!(
-                    "appliance {name:?}: PCI 0000:{bus:02x}:{dev:02x}.{func}: {r} ({ms} ms)"
-                );
+                log::warn!("appliance {name:?}: PCI {bdf}: {r} ({ms} ms)");
             } else {
-                log::info!(
-                    "appliance {name:?}: PCI 0000:{bus:02x}:{dev:02x}.{func}: {r} ({ms} ms)"
-                );
+                log::info!("appliance {name:?}: PCI {bdf}: {r} ({ms} ms)");
             }
         } else {
             ok = false;
-            log::error!(
-                "appliance {name:?}: PCI 0000:{bus:02x}:{dev:02x}.{func}: not answering; not reset"
-            );
+            log::error!("appliance {name:?}: PCI {bdf}: not answering; not reset");
         }
     }
     ok
