@@ -94,12 +94,12 @@ pub fn boot_device_path() -> Option<Vec<(u8, u8)>> {
 
 /// One function's configuration space through ECAM, with the firmware's
 /// stall for waits: what [`thinhv_passthrough::reset`] runs on.
-struct Function1<'a> {
+struct EcamFunction<'a> {
     ecam: Ecam<'a>,
     bdf: Bdf,
 }
 
-impl thinhv_passthrough::reset::FunctionConfig for Function1<'_> {
+impl thinhv_passthrough::reset::FunctionConfig for EcamFunction<'_> {
     fn read32(&mut self, reg: u16) -> u32 {
         self.ecam.read32(self.bdf, reg)
     }
@@ -143,7 +143,7 @@ pub fn reset_function(
     bdf: Bdf,
     bars: &[thinhv_passthrough::reset::Bar],
 ) -> Option<thinhv_passthrough::reset::Report> {
-    let mut f = Function1 {
+    let mut f = EcamFunction {
         ecam: Ecam { regions },
         bdf,
     };
