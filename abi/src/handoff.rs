@@ -274,6 +274,53 @@ pub const MAX_PCI_BLOCKED: usize = 32;
 pub const PCI_ACTION_HIDE: u8 = 1;
 /// [`PciMediation::action`]: the OS sees at most `os_vfs` VFs of this PF.
 pub const PCI_ACTION_VF_BUDGET: u8 = 2;
+/// [`PciMediation::action`]: the OS shares this PF's VFs with appliances:
+/// its SR-IOV registers are a view ([`PciHandoff::shared`] entry
+/// `PciMediation::reserved`).
+pub const PCI_ACTION_VF_SHARED: u8 = 3;
+
+/// Most PFs whose VFs the OS shares with appliances.
+pub const MAX_SHARED_PFS: usize = 4;
+
+/// A PF whose VFs the OS shares with appliances: its SR-IOV capability as
+/// the loader set it up (`thinhv_passthrough::shared_pf::Setup`).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    zerocopy::FromBytes,
+    zerocopy::IntoBytes,
+    zerocopy::Immutable,
+    zerocopy::KnownLayout,
+)]
+#[repr(C)]
+pub struct SharedPf {
+    /// Requester ID of the PF (segment 0).
+    pub rid: u16,
+    /// Offset of the SR-IOV capability.
+    pub cap: u16,
+    /// The OS's budget (its VFs are `1..=os_vfs`).
+    pub os_vfs: u16,
+    /// InitialVFs as the device reports it.
+    pub initial_vfs: u16,
+    /// NumVFs in the device.
+    pub num_vfs: u16,
+    /// SR-IOV Control in the device.
+    pub control: u16,
+    /// Offset of Device Control (PCI Express capability + 8), 0 if none.
+    pub devctl: u16,
+    /// Reserved.
+    pub reserved: u16,
+    /// System Page Size in the device.
+    pub page_size: u32,
+    /// VF BAR registers in the device.
+    pub vf_bars: [u32; 6],
+    /// Per VF BAR register, the bits a write sets.
+    pub vf_bar_masks: [u32; 6],
+}
 
 /// One function whose configuration space the core mediates.
 #[derive(
@@ -366,6 +413,12 @@ pub struct PciHandoff {
     /// Requesters the IOMMU gives no access at all (hidden functions and
     /// their potential VFs).
     pub blocked: [RidRange; MAX_PCI_BLOCKED],
+    /// Valid `shared`.
+    pub shared_count: u32,
+    /// Reserved.
+    pub reserved3: u32,
+    /// PFs whose VFs the OS shares with appliances.
+    pub shared: [SharedPf; MAX_SHARED_PFS],
 }
 
 impl PciHandoff {
@@ -672,16 +725,19 @@ pub struct PartitionDevice {
     pub vdevfn: u8,
     /// Number of valid `bars`.
     pub bar_count: u8,
-    /// Reserved.
-    pub reserved: u32,
+    /// A VF: its vendor (bits 0..16) and device ID (bits 16..32), which the
+    /// appliance reads in its header (a VF's own read all ones); 0 for a
+    /// function given whole.
+    pub vf_ids: u32,
     /// Its memory BARs: register index, flags and the range the firmware
     /// assigned (`bar_regs`, `bars`). I/O BARs are not given.
     pub bars: [PhysRange; MAX_DEVICE_BARS],
     /// Per BAR: register index (bits 0..2), 64-bit (bit 4), prefetchable
     /// (bit 5).
     pub bar_regs: [u8; MAX_DEVICE_BARS],
-    /// Reserved.
-    pub reserved2: [u8; 2],
+    /// A VF: the requester ID of its PF (whose SR-IOV capability holds
+    /// its BARs); 0 for a function given whole.
+    pub pf_rid: u16,
 }
 
 /// [`PartitionDevice::bar_regs`]: a 64-bit BAR.
@@ -690,6 +746,11 @@ pub const BAR_REG_64: u8 = 1 << 4;
 pub const BAR_REG_PREFETCH: u8 = 1 << 5;
 
 impl PartitionDevice {
+    /// Whether it is a VF (of an SR-IOV PF the OS owns).
+    pub const fn is_vf(&self) -> bool {
+        self.vf_ids != 0
+    }
+
     /// The valid BARs with their register bytes.
     pub fn bars(&self) -> impl Iterator<Item = (u8, PhysRange)> + '_ {
         self.bar_regs

@@ -19,6 +19,7 @@ pub mod mediate;
 pub mod pci;
 pub mod policy;
 pub mod reset;
+pub mod shared_pf;
 pub mod vtd;
 
 pub use thinhv_sriov as sriov;
