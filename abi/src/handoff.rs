@@ -427,6 +427,11 @@ impl PciHandoff {
         &self.mediated[..(self.count as usize).min(MAX_PCI_MEDIATED)]
     }
 
+    /// The valid shared PFs.
+    pub fn shared(&self) -> &[SharedPf] {
+        &self.shared[..(self.shared_count as usize).min(MAX_SHARED_PFS)]
+    }
+
     /// The valid blocked ranges.
     pub fn blocked(&self) -> &[RidRange] {
         &self.blocked[..(self.blocked_count as usize).min(MAX_PCI_BLOCKED)]

@@ -366,6 +366,20 @@ fn check_one(a: &Appliance) -> Result<(), String> {
         if a.devices[..i].contains(d) {
             return Err(format!("device {d:?} is listed twice"));
         }
+        if d.starts_with("vf:") && vf_entry(d).is_none() {
+            return Err(format!(
+                "device {d:?}: a VF is named \"vf:<PF>#<n>\", n from 1 (\"vf:8086:10c9#3\")"
+            ));
+        }
     }
     Ok(())
+}
+
+/// A `devices` entry naming a VF, `vf:<PF>#<n>`: the PF's match (the
+/// `[[device]] match` syntax) and the VF's index `n` (from 1); `None` for
+/// any other entry or a malformed one.
+pub fn vf_entry(d: &str) -> Option<(&str, u16)> {
+    let (pf, n) = d.strip_prefix("vf:")?.rsplit_once('#')?;
+    let n: u16 = n.trim().parse().ok().filter(|&n| n >= 1)?;
+    (!pf.trim().is_empty()).then_some((pf.trim(), n))
 }

@@ -148,6 +148,120 @@ pub struct AssignedDevice {
     /// function through them, disable their link or turn their forwarding
     /// off), so everything behind them must be this appliance's.
     pub upstream: Vec<thinhv_passthrough::pci::Bdf>,
+    /// A VF: its PF's routing ID and its IDs (vendor | device << 16).
+    pub vf: Option<(u16, u32)>,
+}
+
+/// A VF an appliance's `devices` names (`vf:<PF>#<n>`), enabled by the
+/// loader before the appliance's functions are assigned.
+#[derive(Clone, Debug)]
+pub struct EnabledVf {
+    /// The `devices` entry.
+    pub entry: String,
+    /// The VF as a function ([`thinhv_passthrough::shared_pf::vf_function`]).
+    pub function: thinhv_passthrough::pci::Function,
+    /// Its PF.
+    pub pf: thinhv_passthrough::pci::Bdf,
+}
+
+/// The PF of VF entry `pf`/`index` (`thinhv_config::appliance::vf_entry`)
+/// out of `functions`, with the OS's budget of its VFs (the last
+/// `[[sriov]]` rule of `budgets` that matches it): exactly one SR-IOV
+/// function must match, not `taken` by an appliance; the VF must exist
+/// (`index` up to TotalVFs), lie beyond the OS's budget (VFs `1..=os_vfs`
+/// are the OS's) and have VF BARs the firmware assigned, in the window
+/// of the bridge above.
+pub fn vf_pf<'a>(
+    pf: &str,
+    index: u16,
+    functions: &'a [thinhv_passthrough::pci::Function],
+    budgets: &[thinhv_passthrough::policy::SriovRule],
+    taken: &[thinhv_passthrough::pci::Bdf],
+) -> Result<(&'a thinhv_passthrough::pci::Function, u16), String> {
+    use thinhv_passthrough::bars::{VfSpace, check_vf_space, parent_of};
+    use thinhv_passthrough::policy::Matcher;
+    let m = Matcher::parse(pf)?;
+    let found: Vec<_> = functions
+        .iter()
+        .filter(|f| m.matches(f) && f.sriov.is_some())
+        .collect();
+    let f = match found.as_slice() {
+        [f] => *f,
+        [] => return Err(format!("\"{pf}\" matches no SR-IOV PF of this machine")),
+        [a, b, ..] => {
+            return Err(format!(
+                "\"{pf}\" matches more than one SR-IOV PF ({} and {}): name it by address",
+                a.bdf, b.bdf
+            ));
+        }
+    };
+    let Some(cap) = f.sriov else {
+        return Err(format!("{} has no SR-IOV capability", f.bdf));
+    };
+    if taken.contains(&f.bdf) {
+        return Err(format!("{} is given to an appliance whole", f.bdf));
+    }
+    if index > cap.total_vfs {
+        return Err(format!(
+            "{} has {} VFs; there is no VF {index}",
+            f.bdf, cap.total_vfs
+        ));
+    }
+    let os_vfs = budgets
+        .iter()
+        .rev()
+        .find(|r| Matcher::parse(&r.device).is_ok_and(|m| m.matches(f)))
+        .and_then(|r| u16::try_from(r.os_vfs).ok())
+        .filter(|&n| n < cap.total_vfs)
+        .unwrap_or(cap.total_vfs);
+    if index <= os_vfs {
+        return Err(format!(
+            "VF {index} of {} is within the OS's {os_vfs} VFs: a [[sriov]] rule with os_vfs below {index} keeps it for appliances",
+            f.bdf
+        ));
+    }
+    // A NIC's PF driver numbers its own queue pool after its VFs (igb's
+    // and ixgbe's default pool is their VF count): with all its VFs on,
+    // the OS's PF would program the queues of VF os_vfs + 1.
+    if f.base_class() == 0x02 && index == os_vfs + 1 {
+        return Err(format!(
+            "VF {index} of {} shares its queues with the PF's own pool once the OS uses its {os_vfs} VFs (a NIC's PF driver numbers its pool after its VFs): VFs from {} can be an appliance's",
+            f.bdf,
+            os_vfs + 2
+        ));
+    }
+    match check_vf_space(f, parent_of(functions, f.bdf), index) {
+        VfSpace::Fits | VfSpace::RootBus => Ok((f, os_vfs)),
+        VfSpace::Unassigned { bar } => Err(format!(
+            "{}: the firmware assigned no address to VF BAR {bar}",
+            f.bdf
+        )),
+        VfSpace::NoRoom { bar, needed, .. } => Err(format!(
+            "{}: VF BAR {bar} for {index} VFs ({needed:#x} bytes) does not fit the bridge window",
+            f.bdf
+        )),
+        VfSpace::None => Err(format!("{} has no VF BARs", f.bdf)),
+    }
+}
+
+/// `f`'s memory BARs as [`AssignedDevice::bars`] holds them.
+fn bars_of(
+    f: &thinhv_passthrough::pci::Function,
+    wide: u8,
+    prefetch: u8,
+    most: usize,
+) -> Vec<(u8, u8, u64, u64)> {
+    use thinhv_passthrough::bars::BarKind;
+    f.bars
+        .iter()
+        .filter(|b| b.kind != BarKind::Io)
+        .take(most)
+        .map(|b| {
+            let flags = if b.kind == BarKind::Mem64 { wide } else { 0 }
+                | if b.prefetchable { prefetch } else { 0 };
+            (b.index, flags, b.base, b.size)
+        })
+        .collect()
 }
 
 /// The bridges from `f`'s bus up to the root bus, nearest first; `None`
@@ -200,9 +314,13 @@ fn bridges_above(
 /// `addr_limit` (the end of the processor's physical address space) on
 /// segment 0. (A BAR above the core's identity map is blanked in a GiB
 /// the core maps for the OS at its start, as a first touch there would.)
+///
+/// A VF entry (`vf:<PF>#<n>`) takes the VF the loader enabled for it
+/// (`vfs`): behind the bridge above its PF, which stays the OS's.
 pub fn assign_devices(
     devices: &[String],
     functions: &[thinhv_passthrough::pci::Function],
+    vfs: &[EnabledVf],
     taken: &[thinhv_passthrough::pci::Bdf],
     boot: Option<thinhv_passthrough::pci::Bdf>,
     addr_limit: u64,
@@ -214,6 +332,31 @@ pub fn assign_devices(
     use thinhv_passthrough::policy::Matcher;
     let mut out: Vec<AssignedDevice> = Vec::new();
     for d in devices {
+        if d.starts_with("vf:") {
+            let Some(v) = vfs.iter().find(|v| &v.entry == d) else {
+                return Err(format!("device \"{d}\": the VF was not enabled"));
+            };
+            if out.len() == MAX_PARTITION_DEVICES {
+                return Err(format!(
+                    "devices name more than {MAX_PARTITION_DEVICES} PCI functions"
+                ));
+            }
+            let f = &v.function;
+            if taken.contains(&f.bdf) {
+                return Err(format!(
+                    "device \"{d}\": {} is given to another appliance",
+                    f.bdf
+                ));
+            }
+            out.push(AssignedDevice {
+                bdf: f.bdf,
+                vdevfn: u8::try_from((out.len() + 1) << 3).unwrap_or(0xf8),
+                bars: bars_of(f, BAR_REG_64, BAR_REG_PREFETCH, MAX_DEVICE_BARS),
+                upstream: Vec::new(),
+                vf: Some((v.pf.rid(), u32::from(f.vendor) | u32::from(f.device) << 16)),
+            });
+            continue;
+        }
         let m = Matcher::parse(d)?;
         let found: Vec<_> = functions.iter().filter(|f| m.matches(f)).collect();
         if found.is_empty() {
@@ -258,20 +401,7 @@ pub fn assign_devices(
                     "devices name more than {MAX_PARTITION_DEVICES} PCI functions"
                 ));
             }
-            let bars: Vec<_> = f
-                .bars
-                .iter()
-                .filter(|b| b.kind != BarKind::Io)
-                .take(MAX_DEVICE_BARS)
-                .map(|b| {
-                    let flags = if b.kind == BarKind::Mem64 {
-                        BAR_REG_64
-                    } else {
-                        0
-                    } | if b.prefetchable { BAR_REG_PREFETCH } else { 0 };
-                    (b.index, flags, b.base, b.size)
-                })
-                .collect();
+            let bars = bars_of(f, BAR_REG_64, BAR_REG_PREFETCH, MAX_DEVICE_BARS);
             let Some(upstream) = bridges_above(f, functions) else {
                 return Err(format!(
                     "device \"{d}\": {} is behind no bridge the loader found",
@@ -283,6 +413,7 @@ pub fn assign_devices(
                 vdevfn: u8::try_from((out.len() + 1) << 3).unwrap_or(0xf8),
                 bars,
                 upstream,
+                vf: None,
             });
         }
     }
@@ -479,7 +610,7 @@ mod tests {
             ),
             nic(2, &[(0, BarKind::Mem32, 0xc100_0000, 0x2_0000)]),
         ];
-        let d = assign_devices(&[String::from("8086:10d3")], &f, &[], None, TOP).unwrap();
+        let d = assign_devices(&[String::from("8086:10d3")], &f, &[], &[], None, TOP).unwrap();
         assert_eq!(d.len(), 2);
         assert_eq!(d[0].bdf, Bdf::new(0, 1, 0, 0));
         assert_eq!((d[0].vdevfn, d[1].vdevfn), (0x08, 0x10));
@@ -496,6 +627,7 @@ mod tests {
             &[String::from("0000:02:00.0"), String::from("02:00.0")],
             &f,
             &[],
+            &[],
             None,
             TOP,
         )
@@ -510,7 +642,7 @@ mod tests {
             nic(2, &[(0, BarKind::Mem32, 0xc100_0800, 0x800)]),
         ];
         let one = |d: &str, taken: &[Bdf], boot| {
-            assign_devices(&[String::from(d)], &f, taken, boot, TOP).unwrap_err()
+            assign_devices(&[String::from(d)], &f, &[], taken, boot, TOP).unwrap_err()
         };
         assert!(one("1234:5678", &[], None).contains("matches no PCI function"));
         assert!(one("01:00.0", &[Bdf::new(0, 1, 0, 0)], None).contains("another appliance"));
@@ -519,9 +651,11 @@ mod tests {
         assert!(one("nonsense", &[], None).contains("neither"));
         let mut bridge = f.clone();
         bridge[0].header_type = 1;
-        let e = assign_devices(&[String::from("01:00.0")], &bridge, &[], None, TOP).unwrap_err();
+        let e =
+            assign_devices(&[String::from("01:00.0")], &bridge, &[], &[], None, TOP).unwrap_err();
         assert!(e.contains("bridge"), "{e}");
-        let e = assign_devices(&[String::from("01:00.0")], &f, &[], None, 0xc001_0000).unwrap_err();
+        let e = assign_devices(&[String::from("01:00.0")], &f, &[], &[], None, 0xc001_0000)
+            .unwrap_err();
         assert!(e.contains("below 0xc0010000"), "{e}");
     }
 
@@ -548,7 +682,7 @@ mod tests {
             bridge(Bdf::new(0, 2, 1, 0), 3, 3),
             nic(3, &[(0, BarKind::Mem32, 0xc000_0000, 0x2_0000)]),
         ];
-        let d = assign_devices(&[String::from("03:00.0")], &f, &[], None, TOP).unwrap();
+        let d = assign_devices(&[String::from("03:00.0")], &f, &[], &[], None, TOP).unwrap();
         assert_eq!(
             d[0].upstream,
             [
@@ -558,14 +692,15 @@ mod tests {
             ]
         );
         // On the root bus: no bridge above.
-        let d = assign_devices(&[String::from("00:05.0")], &f, &[], None, TOP).unwrap();
+        let d = assign_devices(&[String::from("00:05.0")], &f, &[], &[], None, TOP).unwrap();
         assert!(d[0].upstream.is_empty());
         // A second function behind the same switch, the OS's: refused.
         let mut shared = f.clone();
         let mut other = nic(3, &[(0, BarKind::Mem32, 0xc100_0000, 0x2_0000)]);
         other.bdf = Bdf::new(0, 3, 0, 1);
         shared.push(other);
-        let e = assign_devices(&[String::from("03:00.0")], &shared, &[], None, TOP).unwrap_err();
+        let e =
+            assign_devices(&[String::from("03:00.0")], &shared, &[], &[], None, TOP).unwrap_err();
         assert!(
             e.contains("behind bridge 0000:02:01.0, which also leads to 0000:03:00.1"),
             "{e}"
@@ -574,7 +709,8 @@ mod tests {
         // function 1 (another root port, say) is the OS's: refused.
         let mut multi = f.clone();
         multi.push(bridge(Bdf::new(0, 0, 7, 1), 9, 9));
-        let e = assign_devices(&[String::from("03:00.0")], &multi, &[], None, TOP).unwrap_err();
+        let e =
+            assign_devices(&[String::from("03:00.0")], &multi, &[], &[], None, TOP).unwrap_err();
         assert!(
             e.contains("0000:00:07.0 would be hidden") && e.contains("0000:00:07.1"),
             "{e}"
@@ -582,17 +718,132 @@ mod tests {
         // A bridge not given buses yet (secondary 0) leads nowhere.
         let mut empty = f.clone();
         empty.push(bridge(Bdf::new(0, 0, 8, 0), 0, 0));
-        let d = assign_devices(&[String::from("00:05.0")], &empty, &[], None, TOP).unwrap();
+        let d = assign_devices(&[String::from("00:05.0")], &empty, &[], &[], None, TOP).unwrap();
         assert!(d[0].upstream.is_empty());
         // Both functions the appliance's: accepted.
         let d = assign_devices(
             &[String::from("03:00.0"), String::from("03:00.1")],
             &shared,
             &[],
+            &[],
             None,
             TOP,
         )
         .unwrap();
         assert_eq!(d.len(), 2);
+    }
+
+    /// An igb-like PF at 01:00.0 (8 VFs, VF BAR0 16 KiB at 0xfe00_0000)
+    /// behind root port 00:01.0 (window 0xfe00_0000..=0xfe0f_ffff).
+    fn igb_machine() -> Vec<Function> {
+        use thinhv_passthrough::bars::Windows;
+        let mut pf = nic(1, &[(0, BarKind::Mem32, 0xc000_0000, 0x2_0000)]);
+        pf.device = 0x10c9;
+        pf.sriov = Some(thinhv_passthrough::sriov::SriovCap {
+            offset: 0x160,
+            total_vfs: 8,
+            initial_vfs: 8,
+            first_vf_offset: 0x80,
+            vf_stride: 2,
+            vf_device_id: 0x10ca,
+            ..Default::default()
+        });
+        pf.vf_bars = vec![Bar {
+            index: 0,
+            kind: BarKind::Mem32,
+            prefetchable: false,
+            base: 0xfe00_0000,
+            size: 0x4000,
+        }];
+        let mut rp = nic(0, &[]);
+        rp.bdf = Bdf::new(0, 0, 1, 0);
+        rp.header_type = 1;
+        rp.bridge_buses = Some((1, 1));
+        rp.windows = Some(Windows {
+            mem: Some((0xfe00_0000, 0xfe0f_ffff)),
+            ..Default::default()
+        });
+        vec![rp, pf]
+    }
+
+    fn rule(os_vfs: u32) -> Vec<thinhv_passthrough::policy::SriovRule> {
+        vec![thinhv_passthrough::policy::SriovRule {
+            device: String::from("8086:10c9"),
+            os_vfs,
+            line: None,
+        }]
+    }
+
+    #[test]
+    fn a_vf_beyond_the_oss_budget_of_one_pf_is_an_appliances() {
+        let f = igb_machine();
+        let (pf, os_vfs) = vf_pf("8086:10c9", 4, &f, &rule(2), &[]).unwrap();
+        assert_eq!((pf.bdf, os_vfs), (Bdf::new(0, 1, 0, 0), 2));
+        // A NIC's VF just beyond the budget: the PF's own queue pool.
+        assert!(
+            vf_pf("8086:10c9", 3, &f, &rule(2), &[])
+                .unwrap_err()
+                .contains("shares its queues with the PF's own pool")
+        );
+        assert_eq!(
+            thinhv_config::appliance::vf_entry("vf:0000:01:00.0#3"),
+            Some(("0000:01:00.0", 3))
+        );
+        assert_eq!(thinhv_config::appliance::vf_entry("vf:8086:10c9#0"), None);
+        assert_eq!(thinhv_config::appliance::vf_entry("8086:10c9"), None);
+        let e = |pf: &str, n: u16, rules: &[thinhv_passthrough::policy::SriovRule]| {
+            vf_pf(pf, n, &f, rules, &[]).unwrap_err()
+        };
+        // Within the OS's VFs: without a rule all 8 are the OS's.
+        assert!(e("8086:10c9", 3, &[]).contains("within the OS's 8 VFs"));
+        assert!(e("8086:10c9", 2, &rule(2)).contains("within the OS's 2 VFs"));
+        assert!(e("8086:10c9", 9, &rule(2)).contains("has 8 VFs; there is no VF 9"));
+        assert!(e("8086:10d3", 3, &rule(2)).contains("matches no SR-IOV PF"));
+        // Beyond the bridge window: 64 VFs' worth would not fit, but 8 do;
+        // a VF BAR the firmware did not assign.
+        let mut g = igb_machine();
+        g[1].vf_bars[0].base = 0;
+        assert!(
+            vf_pf("8086:10c9", 4, &g, &rule(2), &[])
+                .unwrap_err()
+                .contains("assigned no address")
+        );
+        let mut g = igb_machine();
+        g[1].vf_bars[0].base = 0xfe0f_8000;
+        assert!(
+            vf_pf("8086:10c9", 4, &g, &rule(2), &[])
+                .unwrap_err()
+                .contains("does not fit")
+        );
+        // A PF given whole to an appliance.
+        assert!(
+            vf_pf("8086:10c9", 4, &f, &rule(2), &[Bdf::new(0, 1, 0, 0)])
+                .unwrap_err()
+                .contains("given to an appliance whole")
+        );
+    }
+
+    #[test]
+    fn an_enabled_vf_is_assigned_with_its_slot_of_the_vf_bars_and_no_bridge() {
+        let f = igb_machine();
+        let mut vf = nic(1, &[(0, BarKind::Mem32, 0xfe00_8000, 0x4000)]);
+        vf.bdf = Bdf::new(0, 1, 0x10, 4);
+        vf.device = 0x10ca;
+        let vfs = [EnabledVf {
+            entry: String::from("vf:8086:10c9#3"),
+            function: vf,
+            pf: Bdf::new(0, 1, 0, 0),
+        }];
+        let d =
+            assign_devices(&[String::from("vf:8086:10c9#3")], &f, &vfs, &[], None, TOP).unwrap();
+        assert_eq!(d.len(), 1);
+        assert_eq!((d[0].bdf, d[0].vdevfn), (Bdf::new(0, 1, 0x10, 4), 0x08));
+        assert_eq!(d[0].bars, [(0, 0, 0xfe00_8000, 0x4000)]);
+        assert!(d[0].upstream.is_empty());
+        assert_eq!(d[0].vf, Some((0x0100, 0x10ca_8086)));
+        // Not enabled: refused.
+        let e = assign_devices(&[String::from("vf:8086:10c9#4")], &f, &vfs, &[], None, TOP)
+            .unwrap_err();
+        assert!(e.contains("was not enabled"), "{e}");
     }
 }

@@ -154,6 +154,8 @@ pub struct Report {
     pub not_back: bool,
     /// Every BAR reads back the address it was given.
     pub bars_restored: bool,
+    /// There were none to give back (a VF's BARs are its PF's).
+    pub no_bars: bool,
 }
 
 impl core::fmt::Display for Quiesced {
@@ -185,7 +187,9 @@ impl core::fmt::Display for Report {
         if self.not_back {
             f.write_str(", NOT answering 1 s after its reset")?;
         }
-        f.write_str(if self.bars_restored {
+        f.write_str(if self.no_bars {
+            ", no BARs to restore"
+        } else if self.bars_restored {
             ", BARs restored"
         } else {
             ", BARs NOT restored"
@@ -200,10 +204,24 @@ impl Report {
     }
 }
 
+/// Whether a function answers configuration reads (`r` reads a dword):
+/// its vendor ID, or for a VF (whose vendor and device ID read all ones,
+/// PCIe Base 6.0 §9.3.4.1.1) its class code register. A function still
+/// initialising answers all ones (or completes with Configuration Request
+/// Retry Status, 0x0001 in the vendor ID where the root complex shows it).
+fn answers(r: &mut dyn FnMut(u16) -> u32) -> bool {
+    let class = r(0x08);
+    match r(0) & 0xffff {
+        0x0001 => false,
+        0xffff => class != u32::MAX,
+        _ => true,
+    }
+}
+
 /// Step 1 alone: no more DMA and no more interrupts from the function.
 /// `None` when nothing answers there.
 pub fn quiesce(cfg: &mut impl FunctionConfig) -> Option<Quiesced> {
-    if cfg.read32(0) & 0xffff == 0xffff {
+    if !answers(&mut |r| cfg.read32(r)) {
         return None;
     }
     let command = (cfg.read32(COMMAND) & 0xffff) as u16;
@@ -267,6 +285,7 @@ pub fn reset(cfg: &mut impl FunctionConfig, bars: &[Bar]) -> Option<Report> {
         pending_timeout: false,
         not_back: false,
         bars_restored: false,
+        no_bars: false,
     };
     let decoding = (cfg.read32(COMMAND) & 0xffff) as u16 & (CMD_MEMORY | 1);
     let pcie = find_capability(cfg, CAP_PCIE);
@@ -302,10 +321,7 @@ pub fn reset(cfg: &mut impl FunctionConfig, bars: &[Bar]) -> Option<Report> {
         // A function still initialising answers all ones (or completes
         // with Configuration Request Retry Status, 0x0001 in the vendor ID
         // where the root complex shows it).
-        report.not_back = !wait_until(cfg, 1000, |r| {
-            let id = r(0) & 0xffff;
-            id != 0xffff && id != 0x0001
-        });
+        report.not_back = !wait_until(cfg, 1000, |r| answers(r));
         report.command_after_reset = (cfg.read32(COMMAND) & 0xffff) as u16;
         if decoding != 0 && !report.not_back {
             report.reset_seen = Some(report.command_after_reset & (CMD_MEMORY | 1) == 0);
@@ -323,6 +339,7 @@ pub fn reset(cfg: &mut impl FunctionConfig, bars: &[Bar]) -> Option<Report> {
         cfg.write16(cap + 8, saved);
     }
     report.bars_restored = restore(cfg, bars);
+    report.no_bars = bars.is_empty();
     Some(report)
 }
 
@@ -432,6 +449,9 @@ mod tests {
 
     impl FunctionConfig for Fake {
         fn read32(&mut self, reg: u16) -> u32 {
+            if reg == 8 && self.slow > 0 {
+                return u32::MAX;
+            }
             if reg == 0 && self.slow > 0 {
                 self.slow -= 1;
                 return u32::MAX;
@@ -513,6 +533,25 @@ mod tests {
             base: 0x8_c002_0000,
         },
     ];
+
+    #[test]
+    fn a_vf_whose_ids_read_all_ones_is_quiesced_and_reset_by_flr() {
+        // A VF: vendor and device ID all ones, its class code readable;
+        // its BARs are its PF's VF BARs (none to put back).
+        let mut f = Fake::new(true, None);
+        f.regs.insert(0, u32::MAX);
+        f.regs.insert(8, 0x0200_0001);
+        let r = reset(&mut f, &[]).unwrap();
+        assert_eq!(f.flrs, 1);
+        assert!(!r.not_back && r.ok(), "{r}");
+        assert_eq!(r.method, Method::Flr);
+        assert!(r.to_string().ends_with(", no BARs to restore"), "{r}");
+        // Nothing answers at all: no function.
+        let mut g = Fake::new(true, None);
+        g.regs.insert(0, u32::MAX);
+        g.regs.insert(8, u32::MAX);
+        assert!(reset(&mut g, &[]).is_none());
+    }
 
     #[test]
     fn flr_resets_then_the_bars_and_memory_space_come_back_without_bus_mastering() {

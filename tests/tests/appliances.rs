@@ -561,6 +561,162 @@ fn an_appliances_own_nvme_is_reset_at_hand_over_and_every_restart_and_keeps_its_
     assert_eq!(a["crashes"], 0, "{list}");
 }
 
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn an_appliances_vf_of_the_oss_igb_survives_what_the_os_does_to_its_pf() {
+    // QEMU's igb behind a root port, the OS's (its VF budget 2); its VF 4
+    // the appliance's (VF 3 would share its queues with the PF's own
+    // pool once the OS runs its 2 VFs). The OS creates its 2 VFs, tries 3
+    // and writes NumVFs behind Linux's back (thinhv_sriov=1), then
+    // unloads and loads igb, writes NumVFs 0, resets the PF (FLR),
+    // removes it and rescans.
+    let mut machine = Profile::svm(4);
+    machine.extra = ["-device", "intel-iommu"].map(String::from).to_vec();
+    machine
+        .extra
+        .extend(thinhv_ovmf::qemu::IGB_BEHIND_ROOT_PORT.map(String::from));
+    let config = APPLIANCE.to_string()
+        + "devices = [\"vf:8086:10c9#4\"]\n\n[[sriov]]\ndevice = \"8086:10c9\"\nos_vfs = 2\n";
+    let boot = thinhv_tests::linux_under_thinhv(
+        "appliance-vf",
+        machine,
+        "thinhv_sriov=1 thinhv_appliance_vf_probe=1",
+        &config,
+    );
+    let g = thinhv_tests::boot_linux_within(&boot, std::time::Duration::from_mins(14));
+    let facts = &g.facts;
+    // Before the OS: NumVFs 4 and VF Enable (the OS's two, an unused one,
+    // the appliance's), VF 4 at 01:10.6 given to the appliance as its
+    // 00:01.0, handed over reset by FLR (a VF's BARs are its PF's VF BARs,
+    // which stay).
+    let enabled = lines_after(
+        &g.serial,
+        "thinhv: appliance \"store\": VF 4 of 0000:01:00.0 enabled at ",
+    );
+    assert_eq!(enabled.len(), 1, "{}", g.serial);
+    assert!(
+        enabled[0].starts_with("0000:01:10.6 (NumVFs 4, the OS's budget 2) in "),
+        "{}",
+        enabled[0]
+    );
+    assert!(
+        g.serial
+            .contains("thinhv: appliance \"store\": PCI function 0000:01:10.6 as its 00:01.0"),
+        "{}",
+        g.serial
+    );
+    let handover = lines_after(&g.serial, "thinhv: appliance \"store\": 0000:01:10.6: ");
+    assert_eq!(handover.len(), 1, "{}", g.serial);
+    assert!(
+        handover[0].starts_with("firmware handles disconnected 0; quiesced (command 0x0000, msi off, msi-x off), reset FLR (command after 0x0000), no BARs to restore ("),
+        "{}",
+        handover[0]
+    );
+    // The appliance's igbvf binds it: memory space and bus mastering on,
+    // MSI-X on. No PF driver answers its mailbox (the OS's igb serves the
+    // VFs it enabled itself).
+    assert_eq!(
+        g.get("vf_bound"),
+        "THINHV-APPLIANCE: vf 0x8086:0x10ca driver=igbvf command=0x0406 msix=0x8002 mailbox=no-pf-driver",
+        "{facts}"
+    );
+    // The OS sees its budget, creates its 2 VFs (igbvf binds them),
+    // is refused a third, and its NumVFs written behind Linux's back is
+    // refused too.
+    assert_eq!(
+        g.get("vf_pf"),
+        "0000:01:00.0 totalvfs=2 driver=igb",
+        "{facts}"
+    );
+    assert_eq!(
+        g.get("sriov_vfs_0000:01:00.0"),
+        " 0000:01:10.0=igbvf 0000:01:10.2=igbvf",
+        "{facts}"
+    );
+    assert!(
+        g.get("sriov_over_0000:01:00.0").starts_with("refused"),
+        "{facts}"
+    );
+    assert_eq!(g.get("sriov_direct_numvfs_0000:01:00.0"), "0", "{facts}");
+    // After each thing the OS did, the appliance's VF is as its driver
+    // left it: the same on every tick line.
+    let alive = "driver=igbvf command=0x0406 msix=0x8002";
+    for k in [
+        "vf_at_start",
+        "vf_after_os_vfs",
+        "vf_after_numvfs0",
+        "vf_after_reload",
+        "vf_after_reset",
+        "vf_after_rescan",
+    ] {
+        let v = g.get(k);
+        assert!(v.starts_with("tick ") && v.ends_with(alive), "{k}: {facts}");
+    }
+    assert_eq!(g.get("vf_pf_driver_reloaded"), "igb", "{facts}");
+    // The PF's FLR took every VF (a device rule): thinhv wrote the setup
+    // back and restarted the appliance, which bound its VF again (its
+    // tick count started over).
+    assert_eq!(
+        g.get("vf_reset_log"),
+        "Function Level Reset by the OS; it resets the PF's VFs, an appliance's too / \
+         its VFs were reset with it (VF Enable read clear); NumVFs 4 and VF Enable written again / \
+         its VF 0000:01:10.6 was reset with its PF 0000:01:00.0",
+        "{facts}"
+    );
+    assert_eq!(g.get("vf_bound_after_reset"), g.get("vf_bound"), "{facts}");
+    let log = g.log.as_ref().expect("thinhv log --json")["log"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        log.contains(
+            "appliance \"store\": PCI 0000:01:10.6: quiesced (command 0x0400, msi off, msi-x off), reset FLR (command after 0x0000), no BARs to restore ("
+        ),
+        "{log}"
+    );
+    // The OS's VFs on and off, in its view: by thinhv_sriov=1, by the
+    // probe, and again after the reset.
+    assert_eq!(
+        log.matches("the OS turned its VFs on (its view").count(),
+        3,
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("the OS turned its VFs off (its view").count(),
+        3,
+        "{log}"
+    );
+    let after_reset: u32 = g.get("vf_after_reset")["tick ".len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(after_reset < 5, "a new boot's ticks: {facts}");
+    // The OS's own VFs work after the reset, and after the rescan the PF
+    // is back with its driver and its budget.
+    assert_eq!(g.get("vf_os_vfs_after_reset"), "2", "{facts}");
+    assert_eq!(g.get("vf_pf_after_rescan"), "igb totalvfs=2", "{facts}");
+    // The OS never sees the appliance's VF.
+    assert!(!g.get("pci_sysfs").contains("01:10.6"), "{facts}");
+    let list = appliances_json(facts);
+    let a = &list["appliances"][0];
+    assert_eq!(a["state"], "running", "{list}");
+    assert_eq!(a["crashes"], 1, "{list}");
+    assert_eq!(a["restarts"], 1, "{list}");
+    // Its VF is the appliance's in thinhv's inventory, in its IOMMU
+    // domain.
+    let devices = g.devices.as_ref().expect("devices");
+    let vf = devices["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["bdf"] == "0000:01:10.6")
+        .unwrap_or_else(|| panic!("{devices}"));
+    assert_eq!(vf["owner"], "appliance", "{vf}");
+    assert_eq!(vf["iommu_domain"], 16, "{vf}");
+}
+
 /// The rest of each line of `serial` that starts with `prefix`.
 fn lines_after<'a>(serial: &'a str, prefix: &str) -> Vec<&'a str> {
     serial

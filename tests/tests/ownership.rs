@@ -451,3 +451,40 @@ fn a_hidden_device_left_running_cannot_dma_through_amdvi() {
     assert_eq!(get(&r, "dma_ordinary_bytes"), "0", "{r}");
     assert_eq!(get(&r, "dma_into_status_bytes"), "0");
 }
+
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn qemu_igb_moves_its_pf_queues_to_vfs_enabled_behind_its_driver() {
+    // An emulator fault, shown without thinhv (docs/emulator-faults.md):
+    // QEMU's igb performs queue n's DMA as VF (n mod 8) + 1 whenever that
+    // VF exists, with VMDq off too, where an 82576 keeps the queues the
+    // PF's. VF Enable and NumVFs 1 written behind igb's back (as thinhv
+    // keeps an appliance's VF enabled) stop the PF's traffic: VF 1's bus
+    // mastering is off. Cleared again, the PF works again (the control).
+    let b = built();
+    let mut m = Profile::svm(2);
+    m.extra = IGB.map(String::from).to_vec();
+    let boot = Boot::new(&b, "qemu-igb-vfs", m);
+    boot.esp.install_linux(&b.linux).unwrap();
+    let config = thinhv_ovmf::esp::config_booting(
+        thinhv_ovmf::esp::KERNEL,
+        Some(&kernel_options("quiet thinhv_test=1 thinhv_qemu_igb_vfs=1")),
+        "",
+    )
+    .replace("[hypervisor]\n", "[hypervisor]\nenabled = false\n");
+    boot.esp.install_thinhv(&b.efi, Some(&config)).unwrap();
+    let g = boot_linux(&boot);
+    assert_eq!(g.get("cpuinfo_hypervisor"), "0", "without thinhv");
+    assert!(g.get("igb_vfs_ping_before").starts_with("3/3"), "{}", g.facts);
+    let enabled = g.get("igb_vfs_numvfs");
+    let control = u16::from_str_radix(enabled.trim_start_matches("1 control="), 16).unwrap();
+    assert!(
+        enabled.starts_with("1 control=") && control & 9 == 9,
+        "NumVFs 1, VF Enable and VF MSE: {}",
+        g.facts
+    );
+    assert_eq!(g.get("igb_vfs_ping_enabled"), "0/3", "{}", g.facts);
+    assert_ne!(g.get("igb_vfs_hangs_enabled"), "0", "{}", g.facts);
+    assert_eq!(g.get("igb_vfs_ping_after"), "3/3", "{}", g.facts);
+}
+

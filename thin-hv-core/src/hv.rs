@@ -216,6 +216,9 @@ pub struct Hv {
     pub pci: PciHandoff,
     /// Configuration writes refused (VF budgets).
     pub refused_pci_writes: AtomicU64,
+    /// The OS's view of each PF whose VFs it shares with appliances.
+    pub shared_pfs:
+        spin::Mutex<[crate::handlers::shared_pf::State; thinhv_abi::handoff::MAX_SHARED_PFS]>,
     /// INIT and STARTUP IPIs refused: to CPUs not under thinhv after the
     /// seal, or in logical destination mode (`handlers::ipi`).
     pub refused_ipis: AtomicU64,
@@ -277,6 +280,7 @@ impl Hv {
             cpus_virtualized: AtomicU32::new(0),
             pci: h.pci,
             refused_pci_writes: AtomicU64::new(0),
+            shared_pfs: spin::Mutex::new(crate::handlers::shared_pf::initial(&h.pci)),
             refused_ipis: AtomicU64::new(0),
             legacy_config_lock: spin::Mutex::new(()),
             apic_reloc: crate::handlers::apic_reloc::Relocations::default(),

@@ -39,6 +39,12 @@ const ALIGN: u64 = 2 << 20;
 
 /// Decides every table and reserves the RAM of those accepted; prints why
 /// any other is left out.
+///
+/// VFs the tables name (`vf:<PF>#<n>`) are enabled here, before the OS:
+/// the PFs whose VFs an accepted appliance has are returned with their
+/// setup and those VFs; a PF whose VFs no accepted appliance kept is put
+/// back as the firmware left it.
+#[allow(clippy::too_many_arguments)]
 pub fn prepare(
     config: &Config,
     cpus: &[Cpu],
@@ -46,13 +52,21 @@ pub fn prepare(
     functions: &[thinhv_passthrough::pci::Function],
     boot_device: Option<thinhv_passthrough::pci::Bdf>,
     addr_limit: u64,
-) -> Vec<Accepted> {
+    regions: &[thinhv_passthrough::pci::EcamRegion],
+    budgets: &[thinhv_passthrough::policy::SriovRule],
+) -> (Vec<Accepted>, Vec<SharedPf>) {
     let mut out: Vec<Accepted> = Vec::new();
+    let mut shared: Vec<SharedPf> = Vec::new();
+    let mut touched: Vec<&thinhv_passthrough::pci::Function> = Vec::new();
     for (i, d) in decide(&config.appliance, cpus, ram_bytes)
         .into_iter()
         .enumerate()
     {
         let a = &config.appliance[i];
+        let taken: Vec<_> = out
+            .iter()
+            .flat_map(|o| o.devices.iter().map(|d| d.bdf))
+            .collect();
         match d {
             Decision::Refused(why) => {
                 println!(
@@ -60,18 +74,43 @@ pub fn prepare(
                     a.label()
                 );
             }
-            Decision::Accepted { apic_ids } => match thinhv_efi::appliances::assign_devices(
-                &a.devices,
+            Decision::Accepted { apic_ids } => match enable_vfs(
+                a,
                 functions,
-                &out.iter()
-                    .flat_map(|o| o.devices.iter().map(|d| d.bdf))
-                    .collect::<Vec<_>>(),
-                boot_device,
-                addr_limit,
+                &taken,
+                regions,
+                budgets,
+                &shared,
+                &mut touched,
             )
-            .and_then(|devices| load(a, &apic_ids, &devices).map(|l| (l, devices)))
+            .and_then(|vfs| {
+                thinhv_efi::appliances::assign_devices(
+                    &a.devices,
+                    functions,
+                    &vfs.iter().map(|(v, _)| v.clone()).collect::<Vec<_>>(),
+                    &taken,
+                    boot_device,
+                    addr_limit,
+                )
+                .map(|devices| (devices, vfs))
+            })
+            .and_then(|(devices, vfs)| load(a, &apic_ids, &devices).map(|l| (l, devices, vfs)))
             {
-                Ok(((ram, entry, image, pieces), devices)) => {
+                Ok(((ram, entry, image, pieces), devices, vfs)) => {
+                    for (v, pf) in vfs {
+                        match shared.iter_mut().find(|s| s.pf == v.pf) {
+                            Some(s) => {
+                                s.setup = pf.setup;
+                                s.vfs.push(v.function);
+                            }
+                            None => shared.push(SharedPf {
+                                pf: v.pf,
+                                setup: pf.setup,
+                                devctl: pf.devctl,
+                                vfs: alloc::vec![v.function],
+                            }),
+                        }
+                    }
                     for d in &devices {
                         println!(
                             "thinhv: appliance {:?}: PCI function {} as its 00:{:02x}.0",
@@ -103,7 +142,103 @@ pub fn prepare(
             },
         }
     }
-    out
+    // A PF the loader enabled VFs of for an appliance left out: as the
+    // firmware left it (or as the appliances it kept need it).
+    for pf in touched {
+        match shared.iter().find(|s| s.pf == pf.bdf) {
+            Some(s) => {
+                let _ = super::pci::provision(regions, pf.bdf, &s.setup);
+            }
+            None => super::pci::restore_sriov(regions, pf),
+        }
+    }
+    (out, shared)
+}
+
+/// A PF whose VFs the OS shares with appliances.
+pub struct SharedPf {
+    /// The PF.
+    pub pf: thinhv_passthrough::pci::Bdf,
+    /// What the loader wrote into its SR-IOV capability.
+    pub setup: thinhv_passthrough::shared_pf::Setup,
+    /// Offset of its Device Control register (0: none).
+    pub devctl: u16,
+    /// The appliances' VFs of it.
+    pub vfs: Vec<thinhv_passthrough::pci::Function>,
+}
+
+/// The setup of one PF for an appliance's VF.
+#[derive(Clone, Copy)]
+pub struct PfSetup {
+    setup: thinhv_passthrough::shared_pf::Setup,
+    devctl: u16,
+}
+
+/// Enables the VFs appliance table `a` names, each on top of what earlier
+/// appliances' VFs of the same PF need (`shared`), and returns them; the
+/// PFs written are added to `touched`.
+fn enable_vfs<'f>(
+    a: &thinhv_config::Appliance,
+    functions: &'f [thinhv_passthrough::pci::Function],
+    taken: &[thinhv_passthrough::pci::Bdf],
+    regions: &[thinhv_passthrough::pci::EcamRegion],
+    budgets: &[thinhv_passthrough::policy::SriovRule],
+    shared: &[SharedPf],
+    touched: &mut Vec<&'f thinhv_passthrough::pci::Function>,
+) -> Result<Vec<(thinhv_efi::appliances::EnabledVf, PfSetup)>, String> {
+    let mut out: Vec<(thinhv_efi::appliances::EnabledVf, PfSetup)> = Vec::new();
+    for d in &a.devices {
+        let Some((pf, index)) = thinhv_config::appliance::vf_entry(d) else {
+            continue;
+        };
+        let (pf, os_vfs) = thinhv_efi::appliances::vf_pf(pf, index, functions, budgets, taken)
+            .map_err(|e| alloc::format!("device \"{d}\": {e}"))?;
+        let before = shared
+            .iter()
+            .find(|s| s.pf == pf.bdf)
+            .map(|s| s.setup.num_vfs)
+            .into_iter()
+            .chain(
+                out.iter()
+                    .filter(|(v, _)| v.pf == pf.bdf)
+                    .map(|(_, s)| s.setup.num_vfs),
+            );
+        let num_vfs = before.fold(index, u16::max);
+        let setup = thinhv_passthrough::shared_pf::setup_for(pf, os_vfs, num_vfs)
+            .ok_or_else(|| alloc::format!("device \"{d}\": {} has no SR-IOV", pf.bdf))?;
+        let devctl = pf
+            .caps
+            .iter()
+            .find(|c| c.0 == thinhv_passthrough::pci::CAP_ID_PCIE)
+            .map_or(0, |c| c.1 + 8);
+        if !touched.iter().any(|t| t.bdf == pf.bdf) {
+            touched.push(pf);
+        }
+        let khz = tsc_khz();
+        // SAFETY: RDTSC has no side effects.
+        let t0 = unsafe { core::arch::x86_64::_rdtsc() };
+        let vf = super::pci::enable_vf(regions, pf, &setup, index)
+            .map_err(|e| alloc::format!("device \"{d}\": {e}"))?;
+        // SAFETY: as above.
+        let ms = unsafe { core::arch::x86_64::_rdtsc() }.wrapping_sub(t0) / khz;
+        println!(
+            "thinhv: appliance {:?}: VF {index} of {} enabled at {} (NumVFs {num_vfs}, the OS's budget {os_vfs}) in {ms} ms",
+            a.name, pf.bdf, vf.bdf
+        );
+        // Earlier VFs of the same PF now hold the larger setup.
+        for (_, s) in out.iter_mut().filter(|(v, _)| v.pf == pf.bdf) {
+            s.setup = setup;
+        }
+        out.push((
+            thinhv_efi::appliances::EnabledVf {
+                entry: d.clone(),
+                function: vf,
+                pf: pf.bdf,
+            },
+            PfSetup { setup, devctl },
+        ));
+    }
+    Ok(out)
 }
 
 /// Reads the appliance's files, lays its RAM out, reserves the RAM and

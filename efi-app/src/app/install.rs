@@ -179,17 +179,22 @@ pub fn install(config: &Config) -> Result<String, String> {
             bsp: c.apic_id == bsp_apic,
         })
         .collect();
-    let mut appliances = ApplianceRam {
-        list: super::appliances::prepare(
-            config,
-            &appliance_cpus,
-            mem.ram_bytes,
-            &functions,
-            boot_device,
-            1u64 << caps.phys_addr_bits.min(52),
-        ),
-        armed: true,
-    };
+    let (mut rules, budgets) = thinhv_efi::inventory::rules(config);
+    let (list, shared_pfs) = super::appliances::prepare(
+        config,
+        &appliance_cpus,
+        mem.ram_bytes,
+        &functions,
+        boot_device,
+        1u64 << caps.phys_addr_bits.min(52),
+        &regions,
+        &budgets,
+    );
+    let mut appliances = ApplianceRam { list, armed: true };
+    // The VFs the loader enabled for appliances are functions from now on
+    // (the inventory hides them from the OS like the appliances' others).
+    let mut functions = functions;
+    functions.extend(shared_pfs.iter().flat_map(|s| s.vfs.iter().cloned()));
     let mem = if appliances.list.is_empty() {
         mem
     } else {
@@ -199,7 +204,6 @@ pub fn install(config: &Config) -> Result<String, String> {
     let max_bus = functions.iter().map(|f| f.bdf.bus).max().unwrap_or(0);
     let max_apic = cpus.iter().map(|c| c.apic_id).max().unwrap_or(0);
     let iommu = super::iommu::prepare(config, max_bus, max_apic);
-    let (mut rules, budgets) = thinhv_efi::inventory::rules(config);
     // An appliance's functions are hidden from the OS (configuration
     // space mediated, no DMA in the OS's domain) like `owner = "hidden"`
     // ones; the core also takes their BARs from the OS.
@@ -242,9 +246,44 @@ pub fn install(config: &Config) -> Result<String, String> {
     for l in inventory.report() {
         println!("thinhv: {l}");
     }
-    let (pci, pci_warnings) = inventory.handoff(segment0);
+    let (mut pci, pci_warnings) = inventory.handoff(segment0);
     for w in pci_warnings {
         println!("thinhv: {w}");
+    }
+    // A PF with an appliance's VF: its VF budget becomes a view of its
+    // SR-IOV registers, the device keeping the loader's setup.
+    for s in &shared_pfs {
+        let k = pci.shared_count as usize;
+        let found = pci.mediated[..pci.count as usize].iter_mut().find(|m| {
+            m.bus == s.pf.bus
+                && m.devfn == s.pf.devfn()
+                && m.action == thinhv_abi::handoff::PCI_ACTION_VF_BUDGET
+                && m.os_vfs == s.setup.os_vfs
+        });
+        match found {
+            Some(m) if k < thinhv_abi::handoff::MAX_SHARED_PFS => {
+                m.action = thinhv_abi::handoff::PCI_ACTION_VF_SHARED;
+                m.reserved = k as u8;
+                pci.shared[k] = thinhv_abi::handoff::SharedPf {
+                    rid: s.pf.rid(),
+                    cap: s.setup.cap,
+                    os_vfs: s.setup.os_vfs,
+                    initial_vfs: s.setup.initial_vfs,
+                    num_vfs: s.setup.num_vfs,
+                    control: s.setup.control,
+                    devctl: s.devctl,
+                    reserved: 0,
+                    page_size: s.setup.page_size,
+                    vf_bars: s.setup.vf_bars,
+                    vf_bar_masks: s.setup.vf_bar_masks,
+                };
+                pci.shared_count += 1;
+            }
+            _ => println!(
+                "thinhv: {}: its VF budget is not mediated (see above): its VFs cannot be shared with an appliance",
+                s.pf
+            ),
+        }
     }
     // An appliance whose function the inventory could not take from the
     // OS is left out: a function is never the OS's and an appliance's.
@@ -254,6 +293,17 @@ pub fn install(config: &Config) -> Result<String, String> {
             .iter()
             .flat_map(|d| core::iter::once(d.bdf).chain(d.upstream.iter().copied()))
             .find(|b| pci.find(b.bus, b.devfn()).is_none() || !pci.is_blocked(b.rid()))
+            .or_else(|| {
+                // A VF's PF must be shared (its view mediated).
+                a.devices.iter().find_map(|d| {
+                    let (pf_rid, _) = d.vf?;
+                    let pf = thinhv_passthrough::pci::Bdf::from_rid(0, pf_rid);
+                    let shared = pci.find(pf.bus, pf.devfn()).is_some_and(|m| {
+                        m.action == thinhv_abi::handoff::PCI_ACTION_VF_SHARED
+                    });
+                    (!shared).then_some(pf)
+                })
+            })
         else {
             return true;
         };
@@ -279,9 +329,11 @@ pub fn install(config: &Config) -> Result<String, String> {
             let t0 = unsafe { core::arch::x86_64::_rdtsc() };
             let stopped =
                 super::pci::disconnect_firmware_drivers(&inventory.functions, root_bus, d.bdf);
+            // A VF's BARs are its PF's VF BARs: none of its own to put back.
             let bars: Vec<thinhv_passthrough::reset::Bar> = d
                 .bars
                 .iter()
+                .filter(|_| d.vf.is_none())
                 .map(|&(index, flags, base, _)| thinhv_passthrough::reset::Bar {
                     index,
                     wide: flags & thinhv_abi::handoff::BAR_REG_64 != 0,
@@ -459,6 +511,10 @@ pub fn install(config: &Config) -> Result<String, String> {
         for (slot, d) in p.devices.iter_mut().zip(&a.devices) {
             slot.rid = d.bdf.rid();
             slot.vdevfn = d.vdevfn;
+            if let Some((pf_rid, ids)) = d.vf {
+                slot.pf_rid = pf_rid;
+                slot.vf_ids = ids;
+            }
             slot.bar_count = d.bars.len() as u8;
             for (k, &(index, flags, base, size)) in d.bars.iter().enumerate() {
                 slot.bars[k] = PhysRange::new(base, size);

@@ -94,7 +94,7 @@ pub fn boot_device_path() -> Option<Vec<(u8, u8)>> {
 
 /// One function's configuration space through ECAM, with the firmware's
 /// stall for waits: what [`thinhv_passthrough::reset`] runs on.
-struct EcamFunction<'a> {
+pub struct EcamFunction<'a> {
     ecam: Ecam<'a>,
     bdf: Bdf,
 }
@@ -133,6 +133,75 @@ pub fn enable_forwarding(regions: &[EcamRegion], bdf: Bdf) {
     if cmd != 0xffff && cmd & 0x6 != 0x6 {
         ConfigWrite::write32(&mut ecam, bdf, 0x04, cmd | 0x6);
     }
+}
+
+/// Writes `setup` into PF `pf` and waits the 100 ms its VFs take to
+/// answer.
+pub fn provision<'a>(
+    regions: &'a [EcamRegion],
+    pf: Bdf,
+    setup: &thinhv_passthrough::shared_pf::Setup,
+) -> EcamFunction<'a> {
+    use thinhv_passthrough::reset::FunctionConfig;
+    let mut f = EcamFunction {
+        ecam: Ecam { regions },
+        bdf: pf,
+    };
+    for w in setup.provision() {
+        if w.size == 2 {
+            f.write16(w.offset, w.value as u16);
+        } else {
+            f.write32(w.offset, w.value);
+        }
+    }
+    f.wait_us(100_000);
+    f
+}
+
+/// SR-IOV Control and NumVFs of `pf` back as enumerated (VFs the loader
+/// enabled for an appliance left out go away).
+pub fn restore_sriov(regions: &[EcamRegion], pf: &Function) {
+    use thinhv_passthrough::reset::FunctionConfig;
+    let Some(cap) = pf.sriov else {
+        return;
+    };
+    let mut f = EcamFunction {
+        ecam: Ecam { regions },
+        bdf: pf.bdf,
+    };
+    f.write16(cap.offset + 8, cap.control);
+    f.write16(cap.offset + 0x10, cap.num_vfs);
+}
+
+/// Writes `setup` into PF `pf` (`Setup::provision`: NumVFs, the firmware's
+/// page size and VF BARs, VF Enable and VF MSE), waits the 100 ms the VFs
+/// take to answer, and returns VF `index` as a function of its own, or
+/// why not.
+pub fn enable_vf(
+    regions: &[EcamRegion],
+    pf: &Function,
+    setup: &thinhv_passthrough::shared_pf::Setup,
+    index: u16,
+) -> Result<Function, alloc::string::String> {
+    use thinhv_passthrough::reset::FunctionConfig;
+    let mut f = provision(regions, pf.bdf, setup);
+    let mut bytes = [0u8; thinhv_passthrough::sriov::CAP_SIZE];
+    for (i, ch) in bytes.chunks_mut(4).enumerate() {
+        ch.copy_from_slice(&f.read32(setup.cap + 4 * i as u16).to_le_bytes());
+    }
+    let now = thinhv_passthrough::sriov::SriovCap::parse(setup.cap, &bytes)
+        .map_err(|_| alloc::format!("{}: its SR-IOV capability no longer reads", pf.bdf))?;
+    if !now.vfs_enabled() || now.num_vfs != setup.num_vfs {
+        return Err(alloc::format!(
+            "{}: VF Enable and NumVFs {} did not take (Control {:#06x}, NumVFs {})",
+            pf.bdf,
+            setup.num_vfs,
+            now.control,
+            now.num_vfs
+        ));
+    }
+    thinhv_passthrough::shared_pf::vf_function(&f.ecam, pf, &now, index)
+        .ok_or_else(|| alloc::format!("{}: VF {index} does not answer", pf.bdf))
 }
 
 /// Quiesces and resets `bdf` (a function given to an appliance) and puts

@@ -162,7 +162,8 @@ pub(super) fn reset(
     reset::reset(&mut f, &bars[..n])
 }
 
-/// `dev`'s memory BARs as the reset puts them back.
+/// `dev`'s memory BARs as the reset puts them back (none for a VF: its
+/// BARs are its PF's VF BARs, which the reset does not touch).
 fn bars_of(dev: &PartitionDevice) -> ([reset::Bar; thinhv_abi::handoff::MAX_DEVICE_BARS], usize) {
     let mut bars = [reset::Bar {
         index: 0,
@@ -170,7 +171,7 @@ fn bars_of(dev: &PartitionDevice) -> ([reset::Bar; thinhv_abi::handoff::MAX_DEVI
         base: 0,
     }; thinhv_abi::handoff::MAX_DEVICE_BARS];
     let mut n = 0;
-    for (regs, range) in dev.bars() {
+    for (regs, range) in dev.bars().filter(|_| !dev.is_vf()) {
         bars[n] = reset::Bar {
             index: regs & 7,
             wide: regs & thinhv_abi::handoff::BAR_REG_64 != 0,
@@ -183,7 +184,7 @@ fn bars_of(dev: &PartitionDevice) -> ([reset::Bar; thinhv_abi::handoff::MAX_DEVI
 
 /// The byte a write of `size` bytes of `value` at `reg` puts at `at`, if
 /// it covers it.
-fn byte_at(reg: u16, size: u8, value: u32, at: u16) -> Option<u8> {
+pub(super) fn byte_at(reg: u16, size: u8, value: u32, at: u16) -> Option<u8> {
     (at >= reg && at < reg + u16::from(size)).then(|| value.to_le_bytes()[usize::from(at - reg)])
 }
 
@@ -260,6 +261,9 @@ fn read(
             with_bars(env, id, i, |b| b.read(usize::from((dword - 0x10) / 4))).unwrap_or(0)
         }
         0x30 => 0,
+        // A VF's vendor and device ID read all ones: the PF's vendor and
+        // the VF device ID of its SR-IOV capability instead.
+        0x00 if dev.is_vf() => dev.vf_ids,
         _ => {
             let v = env.legacy_config_access(real_address(dev, dword), DATA, 4, None);
             match dword {

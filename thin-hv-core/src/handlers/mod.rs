@@ -13,6 +13,7 @@ pub mod msr_policy;
 mod npf;
 pub mod partition;
 pub(crate) mod pcicfg;
+pub mod shared_pf;
 mod xsetbv;
 
 #[cfg(test)]

@@ -120,6 +120,37 @@ pub fn stop(env: &mut impl Env, id: PartitionId, why: &str) {
     park(env, id, None);
 }
 
+/// Appliance `id` lost a device under it (`why`; its VF was reset with
+/// the OS's PF): like a crash, it is marked crashed, its functions
+/// quiesced and its processors stopped, and with `on_crash = "restart"`
+/// it boots again (its functions reset first). Only a running appliance;
+/// an OS processor may run this.
+pub fn lose_devices(env: &mut impl Env, id: PartitionId, why: &str) {
+    let Some(p) = env.hv().appliance(id) else {
+        return;
+    };
+    if !p.transition(PartitionState::RUNNING, PartitionState::CRASHED) {
+        return;
+    }
+    p.crashes.fetch_add(1, core::sync::atomic::Ordering::SeqCst);
+    p.set_reason(why);
+    log::error!(
+        "appliance {:?}: crashed ({why}); its processors are stopped, the OS runs on",
+        p.name()
+    );
+    let restart = p.info.flags & thinhv_abi::handoff::partition_flags::RESTART_ON_CRASH != 0;
+    quiesce_devices(env, id);
+    park(env, id, None);
+    if restart {
+        log::warn!(
+            "appliance {:?}: restarting",
+            env.hv().appliance(id).map_or("", |p| p.name())
+        );
+        start(env, id);
+    }
+    env.publish_appliances();
+}
+
 /// Every processor of appliance `id` (but `except`, which parks on its
 /// own way out) gets a virtual INIT and the wake-up to take it: it then
 /// waits in thinhv.

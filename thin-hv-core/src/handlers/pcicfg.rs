@@ -24,7 +24,7 @@ use crate::env::Env;
 use crate::guest::{Gpr, GuestCpu, vector};
 use crate::insn::{Load, StoreSource};
 use core::sync::atomic::Ordering;
-use thinhv_abi::handoff::{PCI_ACTION_HIDE, PciMediation};
+use thinhv_abi::handoff::{PCI_ACTION_HIDE, PCI_ACTION_VF_SHARED, PciMediation};
 use thinhv_passthrough::mediate::{self, CONFIG_DATA, Policy, PortPiece, PortRole, Refusal};
 
 /// The low 32 bits.
@@ -48,7 +48,7 @@ fn bdf(m: &PciMediation) -> (u8, u8, u8) {
     (m.bus, m.devfn >> 3, m.devfn & 7)
 }
 
-fn report(env: &impl Env, m: &PciMediation, refusal: Refusal) {
+pub(super) fn report(env: &impl Env, m: &PciMediation, refusal: Refusal) {
     let count = env.hv().refused_pci_writes.fetch_add(1, Ordering::Relaxed) + 1;
     let (bus, dev, func) = bdf(m);
     match refusal {
@@ -88,7 +88,25 @@ pub(super) fn ecam(
     let next = wrap_ip(cpu.mode(), cpu.rip().wrapping_add(d.len() as u64));
     let fits =
         |size: u8| matches!(size, 1 | 2 | 4) && usize::from(offset) + usize::from(size) <= 4096;
-    if let Some(load) = d.load().filter(|l| fits(l.size)) {
+    let shared = m.action == PCI_ACTION_VF_SHARED;
+    if shared && let Some(load) = d.load().filter(|l| fits(l.size)) {
+        let v = super::shared_pf::access(env, &m, offset, load.size, None, |env, _| {
+            env.mmio_read(gpa, load.size)
+        });
+        set_loaded(cpu, load, v);
+    } else if shared && let Some(store) = d.store().filter(|s| fits(s.size) && !s.exchange) {
+        let value = match store.source {
+            StoreSource::Immediate(v) => v,
+            StoreSource::Register(r) => cpu.gpr(r),
+        };
+        let value = low32(value) & mediate::all_ones(store.size);
+        super::shared_pf::access(env, &m, offset, store.size, Some(value), |env, v| {
+            if let Some(v) = v {
+                env.mmio_write(gpa, store.size, v);
+            }
+            0
+        });
+    } else if let Some(load) = d.load().filter(|l| fits(l.size)) {
         let v = mediate::read(&policy, offset, load.size, || env.mmio_read(gpa, load.size));
         set_loaded(cpu, load, v);
     } else if let Some(store) = d.store().filter(|s| fits(s.size) && !s.exchange) {
@@ -227,6 +245,11 @@ fn data(env: &mut impl Env, p: PortPiece, input: bool, value: u32) -> u32 {
     let target = mediate::cf8_target(address, byte)
         .and_then(|(bus, devfn, off)| env.hv().pci.find(bus, devfn).map(|m| (*m, off)));
     match target {
+        Some((m, off)) if m.action == PCI_ACTION_VF_SHARED => {
+            super::shared_pf::access(env, &m, off, p.size, (!input).then_some(value), |env, v| {
+                env.legacy_config_access(address, p.port, p.size, v)
+            })
+        }
         None if input => env.legacy_config_access(address, p.port, p.size, None),
         None => env.legacy_config_access(address, p.port, p.size, Some(value)),
         Some((m, off)) if input => mediate::read(&policy_of(&m), off, p.size, || {

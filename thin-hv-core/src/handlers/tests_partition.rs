@@ -2,6 +2,7 @@
 //! processors; the claim itself; memory of another partition.
 use super::fake::*;
 use super::tests::{hypercall, icr, status};
+use crate::env::Env;
 use crate::partition::{PartitionId, PartitionState};
 use core::sync::atomic::Ordering;
 use thinhv_abi::hypercall::{Function, Status};
@@ -678,4 +679,145 @@ fn an_appliances_other_ports_are_counted_as_port_io() {
     // the OS's platform (all-ones); `appliance_io` checks the reason.
     assert_eq!(appliance_io(&mut env, 0x3fd, 1, true, 0) & 0x60, 0x60);
     assert_eq!(appliance_io(&mut env, 0x61, 1, true, 0) & 0xff, 0xff);
+}
+
+/// Appliance 1 (restarted on a crash) with VF 3 of the OS's PF 01:00.0
+/// (01:10.4) as its 00:01.0 (for [`with_partition`]).
+fn vf_partition(p: &mut thinhv_abi::handoff::PartitionInfo) {
+    p.tsc_khz = 1000;
+    p.flags |= thinhv_abi::handoff::partition_flags::RESTART_ON_CRASH;
+    p.device_count = 1;
+    p.devices[0].rid = 0x0184;
+    p.devices[0].vdevfn = 0x08;
+    p.devices[0].pf_rid = 0x0100;
+    p.devices[0].vf_ids = 0x10ca_8086;
+}
+
+/// The PF's SR-IOV capability at 0x160 shared (the OS's budget 2, NumVFs
+/// 3 in the device), behind ECAM; its mediation.
+fn share_pf(env: &mut FakeEnv) -> thinhv_abi::handoff::PciMediation {
+    use thinhv_abi::handoff::{PCI_ACTION_VF_SHARED, PciMediation, SharedPf};
+    let m = PciMediation {
+        bus: 1,
+        devfn: 0,
+        action: PCI_ACTION_VF_SHARED,
+        reserved: 0,
+        sriov_cap: 0x160,
+        os_vfs: 2,
+        initial_vfs: 8,
+        total_vfs: 8,
+    };
+    let pci = &mut env.hv.pci;
+    pci.ecam_base = 0xb000_0000;
+    pci.bus_end = 0xff;
+    pci.mediated[0] = m;
+    pci.count = 1;
+    pci.shared[0] = SharedPf {
+        rid: 0x0100,
+        cap: 0x160,
+        os_vfs: 2,
+        initial_vfs: 8,
+        num_vfs: 3,
+        control: 0x19,
+        devctl: 0xa8,
+        page_size: 1,
+        vf_bars: [0xfe00_000c, 0, 0, 0xfe01_000c, 0, 0],
+        vf_bar_masks: [0xffff_c000, !0, 0, 0xffff_c000, !0, 0],
+        ..Default::default()
+    };
+    pci.shared_count = 1;
+    *env.hv.shared_pfs.lock() = super::shared_pf::initial(&env.hv.pci);
+    env.mmio_write(PF_ECAM + 0x168, 2, 0x19);
+    env.mmio_write(PF_ECAM + 0x170, 2, 3);
+    env.mmio_write(PF_ECAM + 0x184, 4, 0xfe00_000c);
+    m
+}
+
+const PF_ECAM: u64 = 0xb000_0000 + (1 << 20);
+
+/// The OS's access to the shared PF's ECAM page at `offset`.
+fn pf_access(
+    env: &mut FakeEnv,
+    m: &thinhv_abi::handoff::PciMediation,
+    offset: u16,
+    size: u8,
+    write: Option<u32>,
+) -> u32 {
+    env.cpu = 0;
+    super::shared_pf::access(env, m, offset, size, write, |env, v| match v {
+        Some(v) => {
+            env.mmio_write(PF_ECAM + u64::from(offset), size, v);
+            0
+        }
+        None => env.mmio_read(PF_ECAM + u64::from(offset), size),
+    })
+}
+
+#[test]
+fn the_os_turns_its_vfs_off_while_the_appliances_vf_stays_enabled() {
+    let mut env = with_partition(vf_partition);
+    let m = share_pf(&mut env);
+    // The appliance reads its VF's IDs (a VF's own read all ones).
+    appliance_io(&mut env, 0xcf8, 4, false, 0x8000_0800);
+    assert_eq!(appliance_io(&mut env, 0xcfc, 4, true, 0), 0x10ca_8086);
+    // The OS: VFs off (ARI as the firmware left it), its budget.
+    assert_eq!(pf_access(&mut env, &m, 0x168, 2, None), 0x10);
+    assert_eq!(pf_access(&mut env, &m, 0x16e, 2, None), 2);
+    // Its 2 VFs on, then off and NumVFs 0, as Linux does: the device
+    // keeps VF Enable and NumVFs 3.
+    pf_access(&mut env, &m, 0x170, 2, Some(2));
+    pf_access(&mut env, &m, 0x168, 2, Some(0x19));
+    assert_eq!(pf_access(&mut env, &m, 0x170, 2, None), 2);
+    pf_access(&mut env, &m, 0x168, 2, Some(0x10));
+    pf_access(&mut env, &m, 0x170, 2, Some(0));
+    // Above the budget: refused.
+    pf_access(&mut env, &m, 0x170, 2, Some(3));
+    assert_eq!(pf_access(&mut env, &m, 0x170, 2, None), 0);
+    assert_eq!(env.hv.refused_pci_writes.load(Ordering::SeqCst), 1);
+    assert_eq!(env.mmio_read(PF_ECAM + 0x168, 2), 0x19);
+    assert_eq!(env.mmio_read(PF_ECAM + 0x170, 2), 3);
+    let p = env.hv.appliance(PartitionId(1)).unwrap();
+    assert_eq!(p.state(), PartitionState::RUNNING);
+}
+
+#[test]
+fn a_pf_reset_by_the_os_gives_the_vfs_back_and_restarts_the_appliance() {
+    let mut env = with_partition(vf_partition);
+    let m = share_pf(&mut env);
+    // The OS's FLR of the PF reaches the device…
+    pf_access(&mut env, &m, 0xa8, 2, Some(0x8000));
+    assert_eq!(env.mmio_read(PF_ECAM + 0xa8, 2), 0x8000);
+    // …which resets its SR-IOV capability.
+    env.mmio_write(PF_ECAM + 0x168, 2, 0);
+    env.mmio_write(PF_ECAM + 0x170, 2, 0);
+    env.mmio_write(PF_ECAM + 0x184, 4, 0xc);
+    // Within the 100 ms the OS waits, nothing is written; the OS sees the
+    // capability's reset values.
+    assert_eq!(pf_access(&mut env, &m, 0x168, 2, None), 0);
+    assert_eq!(env.mmio_read(PF_ECAM + 0x170, 2), 0);
+    let p = env.hv.appliance(PartitionId(1)).unwrap();
+    assert_eq!(p.state(), PartitionState::RUNNING);
+    // After them: the setup is back in the device, the appliance crashed
+    // (its VF lost its state) and is starting again.
+    env.tsc.set(env.tsc.get() + 200_000);
+    assert_eq!(pf_access(&mut env, &m, 0x184, 4, None), 0xc);
+    assert_eq!(env.mmio_read(PF_ECAM + 0x168, 2), 0x19);
+    assert_eq!(env.mmio_read(PF_ECAM + 0x170, 2), 3);
+    assert_eq!(env.mmio_read(PF_ECAM + 0x184, 4), 0xfe00_000c);
+    let p = env.hv.appliance(PartitionId(1)).unwrap();
+    assert_eq!(p.state(), PartitionState::STARTING);
+    assert_eq!(p.crashes.load(Ordering::SeqCst), 1);
+    // The OS restores its registers (Linux's pci_restore_state): its view.
+    pf_access(&mut env, &m, 0x184, 4, Some(0xfe00_0000));
+    assert_eq!(pf_access(&mut env, &m, 0x184, 4, None), 0xfe00_000c);
+    // Once only: the next access finds the setup in place.
+    pf_access(&mut env, &m, 0x168, 2, None);
+    assert_eq!(
+        env.hv
+            .appliance(PartitionId(1))
+            .unwrap()
+            .crashes
+            .load(Ordering::SeqCst),
+        1
+    );
 }
