@@ -126,7 +126,9 @@ fn check(rest: &[String]) -> ExitCode {
             let mut problems = thinhv_passthrough::policy::syntax_problems(&devices, &sriov);
             for a in &c.appliance {
                 for d in &a.devices {
-                    if let Err(m) = thinhv_passthrough::policy::Matcher::parse(d) {
+                    // A VF entry names its PF by the same syntax.
+                    let m = thinhv_config::appliance::vf_entry(d).map_or(d.as_str(), |(pf, _)| pf);
+                    if let Err(m) = thinhv_passthrough::policy::Matcher::parse(m) {
                         problems.push(thinhv_passthrough::policy::Problem {
                             message: format!("{}: devices: {m}", a.label()),
                         });

@@ -353,6 +353,8 @@ fn appliance_errors_name_the_table_line() {
     bad("initrd = \"../x\"\n", "initrd");
     bad("cmdline = \"a\\u0000b\"\n", "NUL");
     bad("devices = [\"1:2\", \"1:2\"]\n", "listed twice");
+    bad("devices = [\"vf:8086:10c9#0\"]\n", "a VF is named");
+    bad("devices = [\"vf:8086:10c9\"]\n", "a VF is named");
     bad("console = \"com1\"\n", "thinhv's own log port");
     bad("vcpus = 2\n", "unknown field");
     let e = Config::parse(&format!("[cpu]\ninit_sipi = \"activity\"\n\n{base}")).unwrap_err();

@@ -244,24 +244,45 @@ pub fn vf_pf<'a>(
     }
 }
 
-/// `f`'s memory BARs as [`AssignedDevice::bars`] holds them.
-fn bars_of(
+/// Adds `f` to `out` as the appliance's next function (device
+/// `out.len() + 1` on its bus 0), with its memory BARs.
+fn give(
+    out: &mut Vec<AssignedDevice>,
     f: &thinhv_passthrough::pci::Function,
-    wide: u8,
-    prefetch: u8,
-    most: usize,
-) -> Vec<(u8, u8, u64, u64)> {
+    upstream: Vec<thinhv_passthrough::pci::Bdf>,
+    vf: Option<(u16, u32)>,
+) -> Result<(), String> {
+    use thinhv_abi::handoff::{
+        BAR_REG_64, BAR_REG_PREFETCH, MAX_DEVICE_BARS, MAX_PARTITION_DEVICES,
+    };
     use thinhv_passthrough::bars::BarKind;
-    f.bars
+    if out.len() == MAX_PARTITION_DEVICES {
+        return Err(format!(
+            "devices name more than {MAX_PARTITION_DEVICES} PCI functions"
+        ));
+    }
+    let bars = f
+        .bars
         .iter()
         .filter(|b| b.kind != BarKind::Io)
-        .take(most)
+        .take(MAX_DEVICE_BARS)
         .map(|b| {
-            let flags = if b.kind == BarKind::Mem64 { wide } else { 0 }
-                | if b.prefetchable { prefetch } else { 0 };
+            let flags = if b.kind == BarKind::Mem64 {
+                BAR_REG_64
+            } else {
+                0
+            } | if b.prefetchable { BAR_REG_PREFETCH } else { 0 };
             (b.index, flags, b.base, b.size)
         })
-        .collect()
+        .collect();
+    out.push(AssignedDevice {
+        bdf: f.bdf,
+        vdevfn: u8::try_from((out.len() + 1) << 3).unwrap_or(0xf8),
+        bars,
+        upstream,
+        vf,
+    });
+    Ok(())
 }
 
 /// The bridges from `f`'s bus up to the root bus, nearest first; `None`
@@ -325,9 +346,6 @@ pub fn assign_devices(
     boot: Option<thinhv_passthrough::pci::Bdf>,
     addr_limit: u64,
 ) -> Result<Vec<AssignedDevice>, String> {
-    use thinhv_abi::handoff::{
-        BAR_REG_64, BAR_REG_PREFETCH, MAX_DEVICE_BARS, MAX_PARTITION_DEVICES,
-    };
     use thinhv_passthrough::bars::BarKind;
     use thinhv_passthrough::policy::Matcher;
     let mut out: Vec<AssignedDevice> = Vec::new();
@@ -336,11 +354,6 @@ pub fn assign_devices(
             let Some(v) = vfs.iter().find(|v| &v.entry == d) else {
                 return Err(format!("device \"{d}\": the VF was not enabled"));
             };
-            if out.len() == MAX_PARTITION_DEVICES {
-                return Err(format!(
-                    "devices name more than {MAX_PARTITION_DEVICES} PCI functions"
-                ));
-            }
             let f = &v.function;
             if taken.contains(&f.bdf) {
                 return Err(format!(
@@ -348,13 +361,8 @@ pub fn assign_devices(
                     f.bdf
                 ));
             }
-            out.push(AssignedDevice {
-                bdf: f.bdf,
-                vdevfn: u8::try_from((out.len() + 1) << 3).unwrap_or(0xf8),
-                bars: bars_of(f, BAR_REG_64, BAR_REG_PREFETCH, MAX_DEVICE_BARS),
-                upstream: Vec::new(),
-                vf: Some((v.pf.rid(), u32::from(f.vendor) | u32::from(f.device) << 16)),
-            });
+            let ids = u32::from(f.vendor) | u32::from(f.device) << 16;
+            give(&mut out, f, Vec::new(), Some((v.pf.rid(), ids)))?;
             continue;
         }
         let m = Matcher::parse(d)?;
@@ -396,25 +404,13 @@ pub fn assign_devices(
             if let Some(why) = why {
                 return Err(format!("device \"{d}\": {} {why}", f.bdf));
             }
-            if out.len() == MAX_PARTITION_DEVICES {
-                return Err(format!(
-                    "devices name more than {MAX_PARTITION_DEVICES} PCI functions"
-                ));
-            }
-            let bars = bars_of(f, BAR_REG_64, BAR_REG_PREFETCH, MAX_DEVICE_BARS);
             let Some(upstream) = bridges_above(f, functions) else {
                 return Err(format!(
                     "device \"{d}\": {} is behind no bridge the loader found",
                     f.bdf
                 ));
             };
-            out.push(AssignedDevice {
-                bdf: f.bdf,
-                vdevfn: u8::try_from((out.len() + 1) << 3).unwrap_or(0xf8),
-                bars,
-                upstream,
-                vf: None,
-            });
+            give(&mut out, f, upstream, None)?;
         }
     }
     // A bridge above one of its functions is the appliance's: everything

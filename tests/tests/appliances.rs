@@ -403,8 +403,9 @@ fn when_the_os_resets_the_machine_the_appliance_is_reset_with_it_and_boots_again
 #[ignore = "boots QEMU; run with `cargo xtask test`"]
 fn an_appliances_own_nvme_is_reset_at_hand_over_and_every_restart_and_keeps_its_data() {
     // The appliance gets an NVMe function whole (01:00.0, which OVMF's
-    // NVMe driver runs until the loader stops it) and QEMU's edu (00:08.0:
-    // conventional PCI, no FLR, no power management: quiesced only). It
+    // NVMe driver runs until the loader stops it), QEMU's edu (00:08.0:
+    // conventional PCI, no FLR, no power management: quiesced only) and a
+    // VF of the OS's igb (02:10.6). It
     // writes 16 MiB on its first boot; the OS restarts it ten times and it
     // checks the data each time.
     let drive = thinhv_tests::raw_drive("appliance-nvme.img", "anvme", 64 << 20);
@@ -426,11 +427,19 @@ fn an_appliances_own_nvme_is_reset_at_hand_over_and_every_restart_and_keeps_its_
         "edu,addr=0x8,dma_mask=0xffffffffffffffff",
         "-device",
         "edu,addr=0x9,dma_mask=0xffffffffffffffff",
+        // And VF 4 of the OS's igb (02:00.0, behind a root port of its
+        // own): reset by FLR before each boot too.
+        "-device",
+        "pcie-root-port,id=rp2,chassis=2,addr=0xa",
+        "-netdev",
+        "user,id=vfnet",
+        "-device",
+        "igb,netdev=vfnet,bus=rp2",
     ]
     .map(String::from)
     .to_vec();
     let config = APPLIANCE.to_string()
-        + "control = \"os\"\ndevices = [\"0000:01:00.0\", \"0000:00:08.0\"]\n";
+        + "control = \"os\"\ndevices = [\"0000:01:00.0\", \"0000:00:08.0\", \"vf:8086:10c9#4\"]\n\n[[sriov]]\ndevice = \"8086:10c9\"\nos_vfs = 2\n";
     let boot = thinhv_tests::linux_under_thinhv(
         "appliance-nvme",
         machine,
@@ -478,6 +487,17 @@ fn an_appliances_own_nvme_is_reset_at_hand_over_and_every_restart_and_keeps_its_
             "{facts}"
         );
     }
+    // Its VF: bound by igbvf on each of the eleven boots, reset by FLR
+    // before each of the ten later ones (a VF's BARs are its PF's).
+    let vf_lines: Vec<&str> = g.get("disk_vf_lines").split(';').collect();
+    assert_eq!(vf_lines.len(), 11, "{facts}");
+    assert!(
+        vf_lines.iter().all(|l| l.starts_with(
+            "THINHV-APPLIANCE: vf 0x8086:0x10ca driver=igbvf command=0x0406 msix=0x8002"
+        )),
+        "{facts}"
+    );
+    assert_eq!(g.get("disk_vf_resets"), "10", "{facts}");
     // At each of the ten stops (on the OS's processor that asked) its
     // function was quiesced while the appliance's driver had it running:
     // memory space and bus mastering on, MSI-X on.
