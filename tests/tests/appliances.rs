@@ -669,7 +669,7 @@ fn an_appliances_vf_of_the_oss_igb_survives_what_the_os_does_to_its_pf() {
     assert!(msix.contains(" appliance's 0x00000000 at "), "{facts}");
     let counts = numbers(msix.split("blocked_writes=").nth(1).unwrap_or(""));
     assert!(
-        counts.len() == 2 && counts[1] == counts[0] + 1.0,
+        counts.len() == 2 && (counts[1] - counts[0] - 1.0).abs() < 0.5,
         "one of the two writes caught: {facts}"
     );
     // After each thing the OS did, the appliance's VF is as its driver
