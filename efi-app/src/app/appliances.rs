@@ -146,9 +146,10 @@ pub fn prepare(
     // firmware left it (or as the appliances it kept need it).
     for pf in touched {
         match shared.iter().find(|s| s.pf == pf.bdf) {
-            Some(s) => {
+            Some(s) if !super::pci::holds(regions, pf.bdf, &s.setup) => {
                 let _ = super::pci::provision(regions, pf.bdf, &s.setup);
             }
+            Some(_) => {}
             None => super::pci::restore_sriov(regions, pf),
         }
     }

@@ -158,6 +158,18 @@ pub fn provision<'a>(
     f
 }
 
+/// Whether PF `pf` holds `setup` already (VF Enable on, its NumVFs).
+pub fn holds(
+    regions: &[EcamRegion],
+    pf: Bdf,
+    setup: &thinhv_passthrough::shared_pf::Setup,
+) -> bool {
+    let ecam = Ecam { regions };
+    let control = ecam.read32(pf, setup.cap + 8) & 0xffff;
+    let num_vfs = ecam.read32(pf, setup.cap + 0x10) & 0xffff;
+    control == u32::from(setup.control) && num_vfs == u32::from(setup.num_vfs)
+}
+
 /// SR-IOV Control and NumVFs of `pf` back as enumerated (VFs the loader
 /// enabled for an appliance left out go away).
 pub fn restore_sriov(regions: &[EcamRegion], pf: &Function) {
