@@ -13,6 +13,7 @@ use thinhv_abi::hypercall::{Function, Status};
 use thinhv_config::Config;
 use thinhv_efi::appliance_image::{self, Entry};
 use thinhv_efi::appliances::{Cpu, Decision, decide};
+use thinhv_passthrough::shared_pf::Setup;
 use uefi::boot::{self, AllocateType, MemoryType};
 use uefi::println;
 
@@ -97,16 +98,16 @@ pub fn prepare(
             .and_then(|(devices, vfs)| load(a, &apic_ids, &devices).map(|l| (l, devices, vfs)))
             {
                 Ok(((ram, entry, image, pieces), devices, vfs)) => {
-                    for (v, pf) in vfs {
+                    for (v, setup) in vfs {
                         match shared.iter_mut().find(|s| s.pf == v.pf) {
                             Some(s) => {
-                                s.setup = pf.setup;
+                                s.setup = setup;
                                 s.vfs.push(v.function);
                             }
                             None => shared.push(SharedPf {
                                 pf: v.pf,
-                                setup: pf.setup,
-                                devctl: pf.devctl,
+                                setup,
+                                devctl: devctl_of(functions, v.pf),
                                 vfs: alloc::vec![v.function],
                             }),
                         }
@@ -161,18 +162,28 @@ pub struct SharedPf {
     /// The PF.
     pub pf: thinhv_passthrough::pci::Bdf,
     /// What the loader wrote into its SR-IOV capability.
-    pub setup: thinhv_passthrough::shared_pf::Setup,
+    pub setup: Setup,
     /// Offset of its Device Control register (0: none).
     pub devctl: u16,
     /// The appliances' VFs of it.
     pub vfs: Vec<thinhv_passthrough::pci::Function>,
 }
 
-/// The setup of one PF for an appliance's VF.
-#[derive(Clone, Copy)]
-pub struct PfSetup {
-    setup: thinhv_passthrough::shared_pf::Setup,
-    devctl: u16,
+/// Offset of the Device Control register of function `bdf` (0: not PCI
+/// Express).
+fn devctl_of(
+    functions: &[thinhv_passthrough::pci::Function],
+    bdf: thinhv_passthrough::pci::Bdf,
+) -> u16 {
+    functions
+        .iter()
+        .find(|f| f.bdf == bdf)
+        .and_then(|f| {
+            f.caps
+                .iter()
+                .find(|c| c.0 == thinhv_passthrough::pci::CAP_ID_PCIE)
+        })
+        .map_or(0, |c| c.1 + 8)
 }
 
 /// Enables the VFs appliance table `a` names, each on top of what earlier
@@ -186,8 +197,8 @@ fn enable_vfs<'f>(
     budgets: &[thinhv_passthrough::policy::SriovRule],
     shared: &[SharedPf],
     touched: &mut Vec<&'f thinhv_passthrough::pci::Function>,
-) -> Result<Vec<(thinhv_efi::appliances::EnabledVf, PfSetup)>, String> {
-    let mut out: Vec<(thinhv_efi::appliances::EnabledVf, PfSetup)> = Vec::new();
+) -> Result<Vec<(thinhv_efi::appliances::EnabledVf, Setup)>, String> {
+    let mut out: Vec<(thinhv_efi::appliances::EnabledVf, Setup)> = Vec::new();
     for d in &a.devices {
         let Some((pf, index)) = thinhv_config::appliance::vf_entry(d) else {
             continue;
@@ -202,16 +213,11 @@ fn enable_vfs<'f>(
             .chain(
                 out.iter()
                     .filter(|(v, _)| v.pf == pf.bdf)
-                    .map(|(_, s)| s.setup.num_vfs),
+                    .map(|(_, s)| s.num_vfs),
             );
         let num_vfs = before.fold(index, u16::max);
         let setup = thinhv_passthrough::shared_pf::setup_for(pf, os_vfs, num_vfs)
             .ok_or_else(|| alloc::format!("device \"{d}\": {} has no SR-IOV", pf.bdf))?;
-        let devctl = pf
-            .caps
-            .iter()
-            .find(|c| c.0 == thinhv_passthrough::pci::CAP_ID_PCIE)
-            .map_or(0, |c| c.1 + 8);
         if !touched.iter().any(|t| t.bdf == pf.bdf) {
             touched.push(pf);
         }
@@ -228,7 +234,7 @@ fn enable_vfs<'f>(
         );
         // Earlier VFs of the same PF now hold the larger setup.
         for (_, s) in out.iter_mut().filter(|(v, _)| v.pf == pf.bdf) {
-            s.setup = setup;
+            *s = setup;
         }
         out.push((
             thinhv_efi::appliances::EnabledVf {
@@ -236,7 +242,7 @@ fn enable_vfs<'f>(
                 function: vf,
                 pf: pf.bdf,
             },
-            PfSetup { setup, devctl },
+            setup,
         ));
     }
     Ok(out)

@@ -89,25 +89,14 @@ pub(super) fn ecam(
     let fits =
         |size: u8| matches!(size, 1 | 2 | 4) && usize::from(offset) + usize::from(size) <= 4096;
     let shared = m.action == PCI_ACTION_VF_SHARED;
-    if shared && let Some(load) = d.load().filter(|l| fits(l.size)) {
-        let v = super::shared_pf::access(env, &m, offset, load.size, None, |env, _| {
-            env.mmio_read(gpa, load.size)
-        });
-        set_loaded(cpu, load, v);
-    } else if shared && let Some(store) = d.store().filter(|s| fits(s.size) && !s.exchange) {
-        let value = match store.source {
-            StoreSource::Immediate(v) => v,
-            StoreSource::Register(r) => cpu.gpr(r),
+    if let Some(load) = d.load().filter(|l| fits(l.size)) {
+        let v = if shared {
+            super::shared_pf::access(env, &m, offset, load.size, None, |env, _| {
+                env.mmio_read(gpa, load.size)
+            })
+        } else {
+            mediate::read(&policy, offset, load.size, || env.mmio_read(gpa, load.size))
         };
-        let value = low32(value) & mediate::all_ones(store.size);
-        super::shared_pf::access(env, &m, offset, store.size, Some(value), |env, v| {
-            if let Some(v) = v {
-                env.mmio_write(gpa, store.size, v);
-            }
-            0
-        });
-    } else if let Some(load) = d.load().filter(|l| fits(l.size)) {
-        let v = mediate::read(&policy, offset, load.size, || env.mmio_read(gpa, load.size));
         set_loaded(cpu, load, v);
     } else if let Some(store) = d.store().filter(|s| fits(s.size) && !s.exchange) {
         let value = match store.source {
@@ -115,14 +104,23 @@ pub(super) fn ecam(
             StoreSource::Register(r) => cpu.gpr(r),
         };
         let value = low32(value) & mediate::all_ones(store.size);
-        let w = mediate::write(&policy, offset, store.size, value, |reg| {
-            read16(env, &m, reg)
-        });
-        if let Some(v) = w.forward {
-            env.mmio_write(gpa, store.size, v);
-        }
-        if let Some(r) = w.refused {
-            report(env, &m, r);
+        if shared {
+            super::shared_pf::access(env, &m, offset, store.size, Some(value), |env, v| {
+                if let Some(v) = v {
+                    env.mmio_write(gpa, store.size, v);
+                }
+                0
+            });
+        } else {
+            let w = mediate::write(&policy, offset, store.size, value, |reg| {
+                read16(env, &m, reg)
+            });
+            if let Some(v) = w.forward {
+                env.mmio_write(gpa, store.size, v);
+            }
+            if let Some(r) = w.refused {
+                report(env, &m, r);
+            }
         }
     } else {
         log::error!(
