@@ -120,32 +120,44 @@ pub fn stop(env: &mut impl Env, id: PartitionId, why: &str) {
     park(env, id, None);
 }
 
-/// Appliance `id` lost a device under it (`why`; its VF was reset with
-/// the OS's PF): like a crash, it is marked crashed, its functions
-/// quiesced and its processors stopped, and with `on_crash = "restart"`
-/// it boots again (its functions reset first). Only a running appliance;
-/// an OS processor may run this.
-pub fn lose_devices(env: &mut impl Env, id: PartitionId, why: &str) {
+/// Appliance `id` crashed (`why`): a processor of it faulted (`on_cpu`,
+/// which parks on its own way out), or a device under it was lost (its
+/// VF reset with the OS's PF; any processor may run this). Only a running
+/// appliance crashes (a sibling that faults while the first is being
+/// handled, or during a restart, just stops): it is marked crashed, its
+/// functions quiesced and its processors stopped, and with
+/// `on_crash = "restart"` its first processor is asked to boot it again
+/// (its functions reset first).
+pub fn crash(env: &mut impl Env, id: PartitionId, why: &str, on_cpu: Option<usize>) {
     let Some(p) = env.hv().appliance(id) else {
         return;
     };
     if !p.transition(PartitionState::RUNNING, PartitionState::CRASHED) {
         return;
     }
+    match on_cpu {
+        Some(cpu) => log::error!(
+            "appliance {:?}: crashed on cpu {cpu} ({why}); its processors are stopped, the OS runs on",
+            p.name()
+        ),
+        None => log::error!(
+            "appliance {:?}: crashed ({why}); its processors are stopped, the OS runs on",
+            p.name()
+        ),
+    }
     p.crashes.fetch_add(1, core::sync::atomic::Ordering::SeqCst);
     p.set_reason(why);
-    log::error!(
-        "appliance {:?}: crashed ({why}); its processors are stopped, the OS runs on",
-        p.name()
-    );
     let restart = p.info.flags & thinhv_abi::handoff::partition_flags::RESTART_ON_CRASH != 0;
     quiesce_devices(env, id);
-    park(env, id, None);
+    park(env, id, on_cpu);
     if restart {
-        log::warn!(
-            "appliance {:?}: restarting",
-            env.hv().appliance(id).map_or("", |p| p.name())
-        );
+        if let Some(p) = env.hv().appliance(id) {
+            log::warn!(
+                "appliance {:?}: restarting ({} restart(s) so far)",
+                p.name(),
+                p.restarts.load(core::sync::atomic::Ordering::SeqCst) + 1
+            );
+        }
         start(env, id);
     }
     env.publish_appliances();

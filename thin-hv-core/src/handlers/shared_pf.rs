@@ -165,6 +165,6 @@ fn recover(env: &mut impl Env, m: &PciMediation, i: usize, s: &SharedPf, setup: 
             "appliance {name:?}: its VF {} was reset with its PF {pf}",
             Bdf::from_rid(0, vf)
         );
-        super::partition::lose_devices(env, id, "its VF was reset with its PF");
+        super::partition::crash(env, id, "its VF was reset with its PF", None);
     }
 }

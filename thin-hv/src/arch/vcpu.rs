@@ -375,40 +375,16 @@ pub fn publish_appliances(core: &Core) {
     }
 }
 
-/// An appliance processor crashed (`why`): the partition is marked
-/// crashed and every processor of it waits in thinhv (this one through
-/// the caller's INIT wait, the others by a virtual INIT); with
-/// `on_crash = "restart"` its first processor is asked to boot it again.
+/// An appliance processor crashed (`why`): its partition crashes
+/// ([`crate::handlers::partition::crash`]; this processor parks through
+/// the caller's INIT wait).
 fn crash_partition(core: &Core, cpu: usize, why: &str) {
-    let id = core.hv.partition_of(cpu);
-    let Some(p) = core.hv.appliance(id) else {
-        return;
-    };
-    // Only a running appliance crashes (a sibling that faults while the
-    // first is being handled, or during a restart, just stops).
-    if !p.transition(PartitionState::RUNNING, PartitionState::CRASHED) {
-        return;
-    }
-    log::error!(
-        "appliance {:?}: crashed on cpu {cpu} ({why}); its processors are stopped, the OS runs on",
-        p.name()
-    );
-    p.crashes.fetch_add(1, Ordering::SeqCst);
-    p.set_reason(why);
     let Some(global) = super::core_state::get() else {
         return;
     };
+    let id = core.hv.partition_of(cpu);
     let mut env = super::env_impl::HwEnv { core: global, cpu };
-    crate::handlers::partition::park(&mut env, id, Some(cpu));
-    if p.info.flags & thinhv_abi::handoff::partition_flags::RESTART_ON_CRASH != 0 {
-        log::warn!(
-            "appliance {:?}: restarting ({} restart(s) so far)",
-            p.name(),
-            p.restarts.load(Ordering::SeqCst) + 1
-        );
-        crate::handlers::partition::start(&mut env, id);
-    }
-    publish_appliances(core);
+    crate::handlers::partition::crash(&mut env, id, why, Some(cpu));
 }
 
 /// Before an appliance boots again: once every other processor of it
