@@ -282,6 +282,14 @@ pub const PCI_ACTION_VF_SHARED: u8 = 3;
 /// Most PFs whose VFs the OS shares with appliances.
 pub const MAX_SHARED_PFS: usize = 4;
 
+/// A function the OS sees in a PF's place ([`PciHandoff::presented`],
+/// index in [`PciMediation::reserved`]): an NVMe PF thinhv keeps shows the
+/// OS its VF 1 there.
+pub const PCI_ACTION_PRESENT_VF: u8 = 4;
+
+/// Most BARs thinhv keeps from everyone ([`PciHandoff::held`]).
+pub const MAX_HELD_BARS: usize = 8;
+
 /// A PF whose VFs the OS shares with appliances: its SR-IOV capability as
 /// the loader set it up (`thinhv_passthrough::shared_pf::Setup`).
 #[derive(
@@ -419,6 +427,16 @@ pub struct PciHandoff {
     pub reserved3: u32,
     /// PFs whose VFs the OS shares with appliances.
     pub shared: [SharedPf; MAX_SHARED_PFS],
+    /// Functions the OS sees in a PF's place ([`PCI_ACTION_PRESENT_VF`]):
+    /// the real function (`rid`), its IDs (`vf_ids`) and BARs.
+    pub presented: [PartitionDevice; MAX_SHARED_PFS],
+    /// Valid `held`.
+    pub held_count: u32,
+    /// Reserved.
+    pub reserved4: u32,
+    /// BARs of functions thinhv keeps (an NVMe PF's): blank in the OS's
+    /// second-level tables and IOMMU domain, mapped nowhere.
+    pub held: [PhysRange; MAX_HELD_BARS],
 }
 
 impl PciHandoff {
@@ -430,6 +448,54 @@ impl PciHandoff {
     /// The valid shared PFs.
     pub fn shared(&self) -> &[SharedPf] {
         &self.shared[..(self.shared_count as usize).min(MAX_SHARED_PFS)]
+    }
+
+    /// The valid held BARs.
+    pub fn held(&self) -> &[PhysRange] {
+        &self.held[..(self.held_count as usize).min(MAX_HELD_BARS)]
+    }
+
+    /// Takes `rid` out of the blocked ranges (a range around it is split;
+    /// false when that needs a slot there is not).
+    pub fn unblock(&mut self, rid: u16) -> bool {
+        let n = (self.blocked_count as usize).min(MAX_PCI_BLOCKED);
+        let Some(i) = self.blocked[..n]
+            .iter()
+            .position(|r| (r.first..=r.last).contains(&rid))
+        else {
+            return true;
+        };
+        let r = self.blocked[i];
+        let mut parts = [None, None];
+        if r.first < rid {
+            parts[0] = Some(RidRange {
+                first: r.first,
+                last: rid - 1,
+            });
+        }
+        if rid < r.last {
+            parts[1] = Some(RidRange {
+                first: rid + 1,
+                last: r.last,
+            });
+        }
+        let [a, b] = parts;
+        match (a, b) {
+            (None, None) => {
+                self.blocked.copy_within(i + 1..n, i);
+                self.blocked_count -= 1;
+            }
+            (Some(x), None) | (None, Some(x)) => self.blocked[i] = x,
+            (Some(x), Some(y)) => {
+                if n == MAX_PCI_BLOCKED {
+                    return false;
+                }
+                self.blocked[i] = x;
+                self.blocked[n] = y;
+                self.blocked_count += 1;
+            }
+        }
+        true
     }
 
     /// The valid blocked ranges.
@@ -1294,5 +1360,36 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(u.window(), PhysRange::new(0xfeb8_0000, 0x8_1000));
+    }
+}
+
+#[cfg(test)]
+mod tests_unblock {
+    use super::*;
+
+    fn ranges(h: &PciHandoff) -> Vec<(u16, u16)> {
+        h.blocked().iter().map(|r| (r.first, r.last)).collect()
+    }
+
+    #[test]
+    fn unblocking_splits_trims_or_drops_the_range_around_it() {
+        let mut h = PciHandoff::default();
+        h.blocked[0] = RidRange {
+            first: 0x100,
+            last: 0x100,
+        };
+        h.blocked[1] = RidRange {
+            first: 0x101,
+            last: 0x17f,
+        };
+        h.blocked_count = 2;
+        assert!(h.unblock(0x101));
+        assert_eq!(ranges(&h), [(0x100, 0x100), (0x102, 0x17f)]);
+        assert!(h.unblock(0x110));
+        assert_eq!(ranges(&h), [(0x100, 0x100), (0x102, 0x10f), (0x111, 0x17f)]);
+        assert!(h.unblock(0x100));
+        assert_eq!(ranges(&h), [(0x102, 0x10f), (0x111, 0x17f)]);
+        assert!(h.unblock(0x200), "not blocked: nothing to do");
+        assert!(!h.is_blocked(0x101) && !h.is_blocked(0x110) && h.is_blocked(0x10f));
     }
 }

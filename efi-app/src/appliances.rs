@@ -220,6 +220,13 @@ pub fn vf_pf<'a>(
             f.bdf
         ));
     }
+    // An NVMe PF is thinhv's: the OS gets VF 1 in its place, no more.
+    if f.is_nvme() && os_vfs > 1 {
+        return Err(format!(
+            "{} is an NVMe PF: the OS gets one of its controllers (VF 1, in the PF's place), not {os_vfs}: a [[sriov]] rule with os_vfs = 1 or 0",
+            f.bdf
+        ));
+    }
     // A NIC's PF driver numbers its own queue pool after its VFs (igb's
     // and ixgbe's default pool is their VF count): with all its VFs on,
     // the OS's PF would program the queues of VF os_vfs + 1.

@@ -17,6 +17,12 @@ pub const IGB_BEHIND_ROOT_PORT: [&str; 6] = [
     "igb,netdev=n0,bus=rp1",
 ];
 
+/// An NVMe PF with SR-IOV (id `nvpf`, in subsystem `nvsub`, on bus
+/// `rp1`): two secondary controllers, each given at most 2 queues and 1
+/// interrupt of the 4 and 2 flexible ones. Its namespaces are `nvme-ns`
+/// devices on bus `nvpf`.
+pub const NVME_SRIOV_PF: &str = "nvme,id=nvpf,serial=nvmepf,subsys=nvsub,bus=rp1,sriov_max_vfs=2,sriov_vq_flexible=4,sriov_vi_flexible=2";
+
 /// A machine to boot.
 #[derive(Clone, Debug)]
 pub struct Profile {

@@ -1,7 +1,8 @@
 //! Device pass-through, as pure logic: PCI/ECAM enumeration and BAR sizing
 //! (`pci`, `bars`), the ownership policy (`policy`), what the OS sees of a
 //! mediated function's configuration space (`mediate`), quiescing and
-//! resetting a function that changes hands (`reset`), the ACPI IOMMU
+//! resetting a function that changes hands (`reset`), NVMe
+//! virtualization management (`nvme_virt`), the ACPI IOMMU
 //! tables (`dmar`, `ivrs`, `acpi`) and the VT-d / AMD-Vi register drivers
 //! (`vtd`, `amdvi`) over an MMIO trait.
 #![cfg_attr(not(test), no_std)]
@@ -16,6 +17,7 @@ pub mod dmar;
 pub mod ivrs;
 pub mod madt;
 pub mod mediate;
+pub mod nvme_virt;
 pub mod pci;
 pub mod policy;
 pub mod reset;

@@ -171,6 +171,11 @@ pub struct Function {
 pub const CAP_ID_PCIE: u16 = 0x10;
 
 impl Function {
+    /// An NVM Express controller (class 01h, subclass 08h, interface 02h).
+    pub fn is_nvme(&self) -> bool {
+        self.class_rev >> 8 == 0x01_0802
+    }
+
     /// Base class.
     pub fn base_class(&self) -> u8 {
         (self.class_rev >> 24) as u8

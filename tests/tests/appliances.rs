@@ -583,6 +583,120 @@ fn an_appliances_own_nvme_is_reset_at_hand_over_and_every_restart_and_keeps_its_
 
 #[test]
 #[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn an_appliance_boots_from_its_nvme_vf_while_the_os_uses_another_of_the_same_pf() {
+    // QEMU's NVMe with SR-IOV behind a root port (01:00.0): two secondary
+    // controllers, two namespaces that start attached to none. thinhv
+    // keeps the PF and sets them up before the OS: VF 1 (01:00.1) with
+    // namespace 1 for the OS, shown in the PF's place; VF 2 (01:00.2) with
+    // namespace 2 for the appliance. The appliance writes 16 MiB on its
+    // first boot and checks them after two restarts; the OS writes and
+    // reads its own namespace before and after.
+    let os_ns = thinhv_tests::raw_drive("nvmevf-os.img", "osns", 32 << 20);
+    let app_ns = thinhv_tests::raw_drive("nvmevf-appliance.img", "appns", 64 << 20);
+    let mut machine = Profile::svm(4);
+    machine.extra = [
+        "-device",
+        "intel-iommu",
+        "-device",
+        "pcie-root-port,id=rp1,chassis=1,addr=0x7",
+        "-device",
+        "nvme-subsys,id=nvsub",
+        "-device",
+        thinhv_ovmf::qemu::NVME_SRIOV_PF,
+        "-drive",
+        &os_ns,
+        "-device",
+        "nvme-ns,drive=osns,bus=nvpf,nsid=1,detached=true",
+        "-drive",
+        &app_ns,
+        "-device",
+        "nvme-ns,drive=appns,bus=nvpf,nsid=2,detached=true",
+    ]
+    .map(String::from)
+    .to_vec();
+    let config = APPLIANCE.to_string()
+        + "control = \"os\"\ndevices = [\"vf:0000:01:00.0#2\"]\n\n[[sriov]]\ndevice = \"0000:01:00.0\"\nos_vfs = 1\n";
+    let boot =
+        thinhv_tests::linux_under_thinhv("nvme-vf", machine, "thinhv_nvme_vf_probe=1", &config);
+    let g = thinhv_tests::boot_linux_within(&boot, std::time::Duration::from_mins(10));
+    let facts = &g.facts;
+    // Before the OS: the primary's flexible resources released (its FLR),
+    // the two secondaries given 2 queues and 1 interrupt each, online,
+    // each with its namespace.
+    for (vf, scid_ns) in [(1, "namespace 1"), (2, "namespace 2")] {
+        let l = lines_after(
+            &g.serial,
+            &format!("thinhv: NVMe 0000:01:00.0: VF {vf} is secondary controller "),
+        );
+        assert_eq!(l.len(), 1, "{}", g.serial);
+        assert!(
+            l[0].ends_with(&format!(
+                "with {scid_ns}, 2 queues and 1 interrupts, online"
+            )),
+            "{}",
+            l[0]
+        );
+    }
+    assert!(
+        g.serial
+            .contains("thinhv: NVMe 0000:01:00.0: kept by thinhv; the OS sees its VF 1 (0000:01:00.1) in its place"),
+        "{}",
+        g.serial
+    );
+    // The OS: one controller, at the PF's address, with the PF's vendor
+    // and the VF device ID; namespace 1 only; its data written and read
+    // back before and after the appliance's restarts.
+    assert_eq!(g.get("nvmevf_os_ctrls").trim(), "nvme0", "{facts}");
+    assert!(
+        g.get("nvmevf_os_pci")
+            .starts_with("0000:01:00.0 0x1b36:0x0010 class=0x010802"),
+        "{facts}"
+    );
+    // (nvme0c0n1 is the hidden path node of the subsystem's namespace.)
+    assert_eq!(g.get("nvmevf_os_ns").trim(), "nvme0c0n1 nvme0n1", "{facts}");
+    assert_eq!(g.get("nvmevf_os_nsid"), "1", "{facts}");
+    assert_eq!(g.get("nvmevf_os_rw_1"), "ok", "{facts}");
+    assert_eq!(g.get("nvmevf_os_rw_2"), "ok", "{facts}");
+    // The appliance: three boots on its VF's namespace, the data written
+    // on the first read back on the two others; its VF reset by FLR
+    // before each boot again.
+    let lines: Vec<&str> = g.get("nvmevf_disk_lines").split(';').collect();
+    assert_eq!(lines.len(), 3, "{facts}");
+    assert!(
+        lines[0].starts_with("THINHV-APPLIANCE: disk nvme boot=1 ok=written"),
+        "{facts}"
+    );
+    let sha = lines[0].rsplit("sha=").next().unwrap();
+    for (k, l) in lines.iter().enumerate().skip(1) {
+        assert_eq!(
+            *l,
+            format!("THINHV-APPLIANCE: disk nvme boot={} ok=1 sha={sha}", k + 1),
+            "{facts}"
+        );
+    }
+    assert_eq!(g.get("nvmevf_vf_resets"), "2", "{facts}");
+    // The PF's registers are no one's: the OS's writes to its admin queue
+    // attributes and CC (CC.EN to 0 would take every secondary offline)
+    // read back as zeros, and both disks kept working after them (above).
+    // The control: the same write to its own VF's registers lands, and
+    // its CAP reads non-zero.
+    let pf = g.get("nvmevf_pf_bar");
+    assert!(
+        pf.ends_with(" cap=0x00000000 cc=0x00000000 aqa=0x00000000"),
+        "{facts}"
+    );
+    let own = g.get("nvmevf_os_vf_bar");
+    assert!(own.ends_with(" aqa=0x00FF00FF"), "{facts}");
+    assert!(!own.contains("cap=0x00000000"), "{facts}");
+    let list = appliances_json(facts);
+    let a = &list["appliances"][0];
+    assert_eq!(a["state"], "running", "{list}");
+    assert_eq!(a["restarts"], 2, "{list}");
+    assert_eq!(a["crashes"], 0, "{list}");
+}
+
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
 fn an_appliances_vf_of_the_oss_igb_survives_what_the_os_does_to_its_pf() {
     // QEMU's igb behind a root port, the OS's (its VF budget 2); its VF 4
     // the appliance's (VF 3 would share its queues with the PF's own

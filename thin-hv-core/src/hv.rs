@@ -219,6 +219,10 @@ pub struct Hv {
     /// The OS's view of each PF whose VFs it shares with appliances.
     pub shared_pfs:
         spin::Mutex<[crate::handlers::shared_pf::State; thinhv_abi::handoff::MAX_SHARED_PFS]>,
+    /// The BAR registers of the functions the OS sees in a PF's place
+    /// (`PciHandoff::presented`), as it sees them.
+    pub presented_bars:
+        spin::Mutex<[crate::partition::BarShadow; thinhv_abi::handoff::MAX_SHARED_PFS]>,
     /// INIT and STARTUP IPIs refused: to CPUs not under thinhv after the
     /// seal, or in logical destination mode (`handlers::ipi`).
     pub refused_ipis: AtomicU64,
@@ -281,6 +285,9 @@ impl Hv {
             pci: h.pci,
             refused_pci_writes: AtomicU64::new(0),
             shared_pfs: spin::Mutex::new(crate::handlers::shared_pf::initial(&h.pci)),
+            presented_bars: spin::Mutex::new(core::array::from_fn(|i| {
+                crate::partition::BarShadow::new(&h.pci.presented[i])
+            })),
             refused_ipis: AtomicU64::new(0),
             legacy_config_lock: spin::Mutex::new(()),
             apic_reloc: crate::handlers::apic_reloc::Relocations::default(),

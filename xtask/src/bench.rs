@@ -451,10 +451,15 @@ fn appliance_figures(
 /// exits on the appliance's processors over 10 s of that, then reads its
 /// own controller the same way twenty times. Prints and returns the
 /// figures.
+///
+/// With `vf`, one NVMe PF with SR-IOV behind the root port instead, which
+/// thinhv keeps: the appliance reads its VF 2's namespace, the OS its VF
+/// 1's (shown to it in the PF's place).
 fn appliance_nvme_figures(
     a: &artifacts::Artifacts,
     img: &linux::LinuxImage,
     runs: usize,
+    vf: bool,
 ) -> Result<Value, String> {
     let build = root().join("build").join("bench");
     std::fs::create_dir_all(&build).map_err(|e| e.to_string())?;
@@ -466,7 +471,7 @@ fn appliance_nvme_figures(
         Ok(p.display().to_string())
     };
     let (os_disk, app_disk) = (disk("nvme-os.img")?, disk("nvme-appliance.img")?);
-    let args: Vec<String> = [
+    let whole = [
         "-device",
         "intel-iommu",
         "-drive",
@@ -482,11 +487,36 @@ fn appliance_nvme_figures(
     ]
     .map(String::from)
     .to_vec();
+    let vfs = [
+        "-device",
+        "intel-iommu",
+        "-device",
+        "pcie-root-port,id=rp1,chassis=1,addr=0x7",
+        "-device",
+        "nvme-subsys,id=nvsub",
+        "-device",
+        qemu::NVME_SRIOV_PF,
+        "-drive",
+        &format!("file={os_disk},if=none,id=osnvme,format=raw"),
+        "-device",
+        "nvme-ns,drive=osnvme,bus=nvpf,nsid=1,detached=true",
+        "-drive",
+        &format!("file={app_disk},if=none,id=anvme,format=raw"),
+        "-device",
+        "nvme-ns,drive=anvme,bus=nvpf,nsid=2,detached=true",
+    ]
+    .map(String::from)
+    .to_vec();
+    let args = if vf { vfs } else { whole };
     let extra: Vec<&str> = args.iter().map(String::as_str).collect();
     let config = esp::TEST_APPLIANCE.replace(
         "thinhv_appliance=1",
         "thinhv_appliance=1 thinhv_appliance_nvme_bench=1",
-    ) + "devices = [\"0000:01:00.0\"]\n";
+    ) + if vf {
+        "devices = [\"vf:0000:01:00.0#2\"]\n\n[[sriov]]\ndevice = \"0000:01:00.0\"\nos_vfs = 1\n"
+    } else {
+        "devices = [\"0000:01:00.0\"]\n"
+    };
     let reads = |out: &str, who: &str| -> Vec<f64> {
         out.lines()
             .filter_map(|l| {
@@ -530,12 +560,18 @@ fn appliance_nvme_figures(
     let m = |v: &Vec<f64>| median(&mut v.clone());
     println!();
     println!(
-        "  appliance NVMe (its own controller, given whole; -smp 4, q35 + VT-d; median of {runs}):"
+        "  appliance NVMe ({}; -smp 4, q35 + VT-d; median of {runs}):",
+        if vf {
+            "its VF of an NVMe PF thinhv keeps, the OS on another VF of it"
+        } else {
+            "its own controller, given whole"
+        }
     );
     println!(
-        "    128 MiB O_DIRECT read: appliance {:.3} s ({:.0} MiB/s), OS on its own controller {:.3} s ({:.0} MiB/s), ratio appliance/OS {:.3}",
+        "    128 MiB O_DIRECT read: appliance {:.3} s ({:.0} MiB/s), OS on its own {} {:.3} s ({:.0} MiB/s), ratio appliance/OS {:.3}",
         m(&app),
         128.0 / m(&app),
+        if vf { "VF" } else { "controller" },
         m(&os),
         128.0 / m(&os),
         m(&app) / m(&os)
@@ -561,6 +597,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let mut smp = 2u32;
     let mut only_appliances = false;
     let mut only_nvme = false;
+    let mut only_nvme_vf = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -578,6 +615,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             }
             "--appliances" => only_appliances = true,
             "--appliance-nvme" => only_nvme = true,
+            "--appliance-nvme-vf" => only_nvme_vf = true,
             other => return Err(format!("unknown option {other:?}")),
         }
     }
@@ -587,7 +625,13 @@ pub fn run(args: &[String]) -> Result<(), String> {
     if only_nvme {
         return save(
             "bench-appliance-nvme.json",
-            &appliance_nvme_figures(&a, &img, runs)?,
+            &appliance_nvme_figures(&a, &img, runs, false)?,
+        );
+    }
+    if only_nvme_vf {
+        return save(
+            "bench-appliance-nvme-vf.json",
+            &appliance_nvme_figures(&a, &img, runs, true)?,
         );
     }
     let appliances = appliance_figures(&a, &img, runs)?;

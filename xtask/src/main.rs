@@ -22,7 +22,8 @@ const HELP: &str = "cargo xtask <command>
   bench            boot time with and without thinhv, exits, memory, binary size,
                      and the CPUID/APIC-write exit round trips measured in the guest;
                      an appliance beside the OS (--appliances: only that; --runs N);
-                     --appliance-nvme: only an appliance's own NVMe read against the OS's
+                     --appliance-nvme: only an appliance's own NVMe read against the OS's;
+                     --appliance-nvme-vf: the same on two VFs of an NVMe PF thinhv keeps
   soak [N]         boot Linux under thinhv N times (SMP 4, igb + NVMe; default 10) and
                      report every hang or failure with its hang report (not part of CI)
   lint             rustfmt check and clippy on the host, UEFI and core targets

@@ -55,6 +55,7 @@ pub fn prepare(
     addr_limit: u64,
     regions: &[thinhv_passthrough::pci::EcamRegion],
     budgets: &[thinhv_passthrough::policy::SriovRule],
+    root_bus: u8,
 ) -> (Vec<Accepted>, Vec<SharedPf>) {
     let mut out: Vec<Accepted> = Vec::new();
     let mut shared: Vec<SharedPf> = Vec::new();
@@ -77,6 +78,8 @@ pub fn prepare(
             }
             Decision::Accepted { apic_ids } => match enable_vfs(
                 a,
+                &config.appliance,
+                root_bus,
                 functions,
                 &taken,
                 regions,
@@ -105,6 +108,7 @@ pub fn prepare(
                                 s.vfs.push(v.function);
                             }
                             None => shared.push(SharedPf {
+                                nvme: functions.iter().any(|f| f.bdf == v.pf && f.is_nvme()),
                                 pf: v.pf,
                                 setup,
                                 devctl: devctl_of(functions, v.pf),
@@ -159,6 +163,8 @@ pub fn prepare(
 
 /// A PF whose VFs the OS shares with appliances.
 pub struct SharedPf {
+    /// An NVMe PF, which thinhv keeps (the OS gets its VF 1 in its place).
+    pub nvme: bool,
     /// The PF.
     pub pf: thinhv_passthrough::pci::Bdf,
     /// What the loader wrote into its SR-IOV capability.
@@ -189,8 +195,11 @@ fn devctl_of(
 /// Enables the VFs appliance table `a` names, each on top of what earlier
 /// appliances' VFs of the same PF need (`shared`), and returns them; the
 /// PFs written are added to `touched`.
+#[allow(clippy::too_many_arguments)]
 fn enable_vfs<'f>(
     a: &thinhv_config::Appliance,
+    all: &[thinhv_config::Appliance],
+    root_bus: u8,
     functions: &'f [thinhv_passthrough::pci::Function],
     taken: &[thinhv_passthrough::pci::Bdf],
     regions: &[thinhv_passthrough::pci::EcamRegion],
@@ -215,7 +224,18 @@ fn enable_vfs<'f>(
                     .filter(|(v, _)| v.pf == pf.bdf)
                     .map(|(_, s)| s.num_vfs),
             );
-        let num_vfs = before.fold(index, u16::max);
+        let mut num_vfs = before.fold(index, u16::max);
+        // An NVMe PF's secondary controllers are set up once, for every
+        // appliance that names one (and the OS's VF 1).
+        let nvme_wants = pf
+            .is_nvme()
+            .then(|| nvme_wants(all, functions, budgets, pf, os_vfs));
+        let first_nvme = pf.is_nvme()
+            && !shared.iter().any(|s| s.pf == pf.bdf)
+            && !out.iter().any(|(v, _)| v.pf == pf.bdf);
+        if let Some(w) = &nvme_wants {
+            num_vfs = w.iter().map(|w| w.0).fold(num_vfs, u16::max);
+        }
         let setup = thinhv_passthrough::shared_pf::setup_for(pf, os_vfs, num_vfs)
             .ok_or_else(|| alloc::format!("device \"{d}\": {} has no SR-IOV", pf.bdf))?;
         if !touched.iter().any(|t| t.bdf == pf.bdf) {
@@ -224,8 +244,24 @@ fn enable_vfs<'f>(
         let khz = tsc_khz();
         // SAFETY: RDTSC has no side effects.
         let t0 = unsafe { core::arch::x86_64::_rdtsc() };
-        let vf = super::pci::enable_vf(regions, pf, &setup, index)
-            .map_err(|e| alloc::format!("device \"{d}\": {e}"))?;
+        let vf = if let Some(wants) = nvme_wants {
+            if first_nvme {
+                let done = super::nvme::provision(regions, pf, &setup, &wants, || {
+                    super::pci::disconnect_firmware_drivers(functions, root_bus, pf.bdf);
+                })
+                .map_err(|e| alloc::format!("device \"{d}\": {e}"))?;
+                for p in done {
+                    println!(
+                        "thinhv: NVMe {}: VF {} is secondary controller {:#x} with namespace {}, {} queues and {} interrupts, online",
+                        pf.bdf, p.vfn, p.scid, p.nsid, p.nvq, p.nvi
+                    );
+                }
+            }
+            super::pci::vf_of(regions, pf, &setup, index)
+        } else {
+            super::pci::enable_vf(regions, pf, &setup, index)
+        }
+        .map_err(|e| alloc::format!("device \"{d}\": {e}"))?;
         // SAFETY: as above.
         let ms = unsafe { core::arch::x86_64::_rdtsc() }.wrapping_sub(t0) / khz;
         println!(
@@ -246,6 +282,31 @@ fn enable_vfs<'f>(
         ));
     }
     Ok(out)
+}
+
+/// The secondary controllers of NVMe PF `pf` to set up (VF, namespace):
+/// VF 1 for the OS when its budget is 1, and every VF an appliance table
+/// names; VF `k` gets namespace `k` (`docs/appliances.md`).
+fn nvme_wants(
+    all: &[thinhv_config::Appliance],
+    functions: &[thinhv_passthrough::pci::Function],
+    budgets: &[thinhv_passthrough::policy::SriovRule],
+    pf: &thinhv_passthrough::pci::Function,
+    os_vfs: u16,
+) -> Vec<(u16, u32)> {
+    let mut vfs: Vec<u16> = (1..=os_vfs).collect();
+    for a in all {
+        for d in &a.devices {
+            if let Some((name, index)) = thinhv_config::appliance::vf_entry(d)
+                && thinhv_efi::appliances::vf_pf(name, index, functions, budgets, &[])
+                    .is_ok_and(|(f, _)| f.bdf == pf.bdf)
+                && !vfs.contains(&index)
+            {
+                vfs.push(index);
+            }
+        }
+    }
+    vfs.into_iter().map(|v| (v, u32::from(v))).collect()
 }
 
 /// Reads the appliance's files, lays its RAM out, reserves the RAM and

@@ -189,6 +189,10 @@ pub fn install(config: &Config) -> Result<String, String> {
         1u64 << caps.phys_addr_bits.min(52),
         &regions,
         &budgets,
+        regions
+            .iter()
+            .find(|r| r.segment == 0)
+            .map_or(0, |r| r.bus_start),
     );
     let mut appliances = ApplianceRam { list, armed: true };
     // The VFs the loader enabled for appliances are functions from now on
@@ -231,13 +235,41 @@ pub fn install(config: &Config) -> Result<String, String> {
             }
         }));
     }
+    // An NVMe PF with an appliance's VF is thinhv's: hidden from the OS,
+    // which gets its VF 1 in the PF's place (below).
+    for s in shared_pfs.iter().filter(|s| s.nvme) {
+        rules.push(thinhv_passthrough::policy::DeviceRule {
+            matcher: alloc::format!("{}", s.pf),
+            owner: String::from("hidden"),
+            line: None,
+            bridge_ok: false,
+        });
+    }
     // A rule the core could not enforce (another segment, an ECAM page
     // beyond the core's map) fails here, visibly, and the function stays
     // the OS's.
+    // A `[[sriov]]` rule that names only NVMe PFs thinhv keeps was the
+    // loader's (VF 1 for the OS or none): the OS's inventory has no PF
+    // left for it.
+    let kept: Vec<_> = shared_pfs.iter().filter(|s| s.nvme).map(|s| s.pf).collect();
+    let os_budgets: Vec<_> = budgets
+        .iter()
+        .filter(|r| {
+            let Ok(m) = thinhv_passthrough::policy::Matcher::parse(&r.device) else {
+                return true;
+            };
+            let mut pfs = functions
+                .iter()
+                .filter(|f| f.sriov.is_some() && m.matches(f))
+                .peekable();
+            pfs.peek().is_none() || pfs.any(|f| !kept.contains(&f.bdf))
+        })
+        .cloned()
+        .collect();
     let mut inventory = thinhv_efi::inventory::Inventory::assess(
         functions,
         &rules,
-        &budgets,
+        &os_budgets,
         boot_device,
         iommu.mode == thinhv_abi::handoff::IOMMU_MODE_PROTECT,
         &thinhv_efi::inventory::reach(segment0, mem.top),
@@ -252,7 +284,10 @@ pub fn install(config: &Config) -> Result<String, String> {
     }
     // A PF with an appliance's VF: its VF budget becomes a view of its
     // SR-IOV registers, the device keeping the loader's setup.
-    for s in &shared_pfs {
+    for s in shared_pfs.iter().filter(|s| s.nvme) {
+        present_nvme_vf(&mut pci, &regions, &inventory.functions, s);
+    }
+    for s in shared_pfs.iter().filter(|s| !s.nvme) {
         let k = pci.shared_count as usize;
         let found = pci.mediated[..pci.count as usize].iter_mut().find(|m| {
             m.bus == s.pf.bus
@@ -294,12 +329,18 @@ pub fn install(config: &Config) -> Result<String, String> {
             .flat_map(|d| core::iter::once(d.bdf).chain(d.upstream.iter().copied()))
             .find(|b| pci.find(b.bus, b.devfn()).is_none() || !pci.is_blocked(b.rid()))
             .or_else(|| {
-                // A VF's PF must be shared (its view mediated).
+                // A VF's PF must be shared (its view mediated), or an NVMe
+                // PF thinhv keeps.
                 a.devices.iter().find_map(|d| {
                     let (pf_rid, _) = d.vf?;
                     let pf = thinhv_passthrough::pci::Bdf::from_rid(0, pf_rid);
                     let shared = pci.find(pf.bus, pf.devfn()).is_some_and(|m| {
-                        m.action == thinhv_abi::handoff::PCI_ACTION_VF_SHARED
+                        matches!(
+                            m.action,
+                            thinhv_abi::handoff::PCI_ACTION_VF_SHARED
+                                | thinhv_abi::handoff::PCI_ACTION_PRESENT_VF
+                        ) || (m.action == thinhv_abi::handoff::PCI_ACTION_HIDE
+                            && shared_pfs.iter().any(|s| s.nvme && s.pf == pf))
                     });
                     (!shared).then_some(pf)
                 })
@@ -740,6 +781,90 @@ impl Drop for ApplianceRam {
 
 /// After the seal: the appliances' processors out of the OS's MADT, and
 /// the hook after which they claim them.
+/// NVMe PF `s`, thinhv's: its BARs held from everyone, and (with an OS
+/// budget of 1) its VF 1 shown to the OS in its place, that VF's DMA in
+/// the OS's domain.
+fn present_nvme_vf(
+    pci: &mut thinhv_abi::handoff::PciHandoff,
+    regions: &[thinhv_passthrough::pci::EcamRegion],
+    functions: &[thinhv_passthrough::pci::Function],
+    s: &super::appliances::SharedPf,
+) {
+    use thinhv_abi::handoff::{BAR_REG_64, BAR_REG_PREFETCH, MAX_HELD_BARS, PartitionDevice};
+    let Some(pf) = functions.iter().find(|f| f.bdf == s.pf) else {
+        return;
+    };
+    for b in pf
+        .bars
+        .iter()
+        .filter(|b| b.base != 0 && b.kind != thinhv_passthrough::bars::BarKind::Io)
+    {
+        let k = pci.held_count as usize;
+        if k < MAX_HELD_BARS {
+            pci.held[k] = PhysRange::new(b.base, b.size);
+            pci.held_count += 1;
+        } else {
+            println!(
+                "thinhv: warning: {}: BAR {} not held (too many)",
+                pf.bdf, b.index
+            );
+        }
+    }
+    if s.setup.os_vfs == 0 {
+        return;
+    }
+    let k = (0..thinhv_abi::handoff::MAX_SHARED_PFS).find(|&k| pci.presented[k].rid == 0);
+    let vf = super::pci::vf_of(regions, pf, &s.setup, 1);
+    let m = pci.mediated[..pci.count as usize]
+        .iter_mut()
+        .find(|m| m.bus == pf.bdf.bus && m.devfn == pf.bdf.devfn());
+    match (k, vf, m) {
+        (Some(k), Ok(vf), Some(m)) => {
+            let mut d = PartitionDevice {
+                rid: vf.bdf.rid(),
+                vf_ids: u32::from(vf.vendor) | u32::from(vf.device) << 16,
+                pf_rid: pf.bdf.rid(),
+                ..PartitionDevice::default()
+            };
+            for b in vf.bars.iter().filter(|b| b.base != 0) {
+                let n = usize::from(d.bar_count);
+                if n < d.bars.len() {
+                    d.bars[n] = PhysRange::new(b.base, b.size);
+                    d.bar_regs[n] = b.index
+                        | if b.kind == thinhv_passthrough::bars::BarKind::Mem64 {
+                            BAR_REG_64
+                        } else {
+                            0
+                        }
+                        | if b.prefetchable { BAR_REG_PREFETCH } else { 0 };
+                    d.bar_count += 1;
+                }
+            }
+            pci.presented[k] = d;
+            m.action = thinhv_abi::handoff::PCI_ACTION_PRESENT_VF;
+            m.reserved = k as u8;
+            if !pci.unblock(vf.bdf.rid()) {
+                println!(
+                    "thinhv: warning: {}: its DMA stays blocked (no room to unblock it)",
+                    vf.bdf
+                );
+            }
+            println!(
+                "thinhv: NVMe {}: kept by thinhv; the OS sees its VF 1 ({}) in its place",
+                pf.bdf, vf.bdf
+            );
+        }
+        (_, Err(e), _) => println!(
+            "thinhv: NVMe {}: the OS gets none of its controllers: {e}",
+            pf.bdf
+        ),
+        _ => println!(
+            "thinhv: NVMe {}: the OS gets none of its controllers (not mediated)",
+            pf.bdf
+        ),
+    }
+}
+
 fn carve_for_appliances(list: &[super::appliances::Accepted]) {
     let ids: Vec<u32> = list
         .iter()

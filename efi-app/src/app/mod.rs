@@ -19,6 +19,7 @@ mod config_file;
 mod hypercall;
 mod install;
 mod iommu;
+mod nvme;
 mod pci;
 mod platform;
 

@@ -99,6 +99,14 @@ pub struct EcamFunction<'a> {
     bdf: Bdf,
 }
 
+/// Function `bdf`'s configuration space.
+pub fn function(regions: &[EcamRegion], bdf: Bdf) -> EcamFunction<'_> {
+    EcamFunction {
+        ecam: Ecam { regions },
+        bdf,
+    }
+}
+
 impl thinhv_passthrough::reset::FunctionConfig for EcamFunction<'_> {
     fn read32(&mut self, reg: u16) -> u32 {
         self.ecam.read32(self.bdf, reg)
@@ -195,8 +203,20 @@ pub fn enable_vf(
     setup: &thinhv_passthrough::shared_pf::Setup,
     index: u16,
 ) -> Result<Function, alloc::string::String> {
+    provision(regions, pf.bdf, setup);
+    vf_of(regions, pf, setup, index)
+}
+
+/// VF `index` of `pf`, which holds `setup`, as a function of its own, or
+/// why not.
+pub fn vf_of(
+    regions: &[EcamRegion],
+    pf: &Function,
+    setup: &thinhv_passthrough::shared_pf::Setup,
+    index: u16,
+) -> Result<Function, alloc::string::String> {
     use thinhv_passthrough::reset::FunctionConfig;
-    let mut f = provision(regions, pf.bdf, setup);
+    let mut f = function(regions, pf.bdf);
     let mut bytes = [0u8; thinhv_passthrough::sriov::CAP_SIZE];
     for (i, ch) in bytes.chunks_mut(4).enumerate() {
         ch.copy_from_slice(&f.read32(setup.cap + 4 * i as u16).to_le_bytes());

@@ -67,23 +67,31 @@ pub(super) fn port(
         return Some(if input { all_ones(size) } else { 0 });
     };
     if input {
-        Some(read(env, id, i, &dev, reg, size))
+        Some(read(env, Viewer::Appliance(id, i), &dev, reg, size))
     } else {
-        write(env, id, i, &dev, reg, size, value);
+        write(env, Viewer::Appliance(id, i), &dev, reg, size, value);
         Some(0)
     }
 }
 
-/// Runs `f` on the BAR registers of the appliance's function `i`.
-fn with_bars<T>(
-    env: &impl Env,
-    id: PartitionId,
-    i: usize,
-    f: impl FnOnce(&mut BarShadow) -> T,
-) -> Option<T> {
-    let p = env.hv().appliance(id)?;
-    let mut shadow = p.bar_shadow.lock();
-    shadow.get_mut(i).map(f)
+/// Whose view of a function: an appliance's function `i`, or the
+/// function the OS sees in a PF's place (`PciHandoff::presented[k]`).
+#[derive(Clone, Copy)]
+pub(super) enum Viewer {
+    Appliance(PartitionId, usize),
+    Os(usize),
+}
+
+/// Runs `f` on the BAR registers `who` sees.
+fn with_bars<T>(env: &impl Env, who: Viewer, f: impl FnOnce(&mut BarShadow) -> T) -> Option<T> {
+    match who {
+        Viewer::Appliance(id, i) => {
+            let p = env.hv().appliance(id)?;
+            let mut shadow = p.bar_shadow.lock();
+            shadow.get_mut(i).map(f)
+        }
+        Viewer::Os(k) => env.hv().presented_bars.lock().get_mut(k).map(f),
+    }
 }
 
 fn real_address(dev: &PartitionDevice, reg: u16) -> u32 {
@@ -196,7 +204,7 @@ pub(super) fn byte_at(reg: u16, size: u8, value: u32, at: u16) -> Option<u8> {
 /// are put back.
 fn own_reset(
     env: &mut impl Env,
-    id: PartitionId,
+    who: Viewer,
     dev: &PartitionDevice,
     reg: u16,
     size: u8,
@@ -220,7 +228,10 @@ fn own_reset(
             size,
             Some(without),
         );
-        let khz = env.hv().appliance(id).map_or(0, |p| p.info.tsc_khz);
+        let khz = match who {
+            Viewer::Appliance(id, _) => env.hv().appliance(id).map_or(0, |p| p.info.tsc_khz),
+            Viewer::Os(_) => 0,
+        };
         let r = reset(env, dev, khz);
         let bdf = thinhv_passthrough::pci::Bdf::from_rid(0, dev.rid);
         if let Some(r) = r {
@@ -247,10 +258,9 @@ fn own_reset(
     }
 }
 
-fn read(
+pub(super) fn read(
     env: &mut impl Env,
-    id: PartitionId,
-    i: usize,
+    who: Viewer,
     dev: &PartitionDevice,
     reg: u16,
     size: u8,
@@ -258,7 +268,7 @@ fn read(
     let dword = reg & !3;
     let v = match dword {
         0x10..=0x27 => {
-            with_bars(env, id, i, |b| b.read(usize::from((dword - 0x10) / 4))).unwrap_or(0)
+            with_bars(env, who, |b| b.read(usize::from((dword - 0x10) / 4))).unwrap_or(0)
         }
         0x30 => 0,
         // A VF's vendor and device ID read all ones: the PF's vendor and
@@ -278,10 +288,9 @@ fn read(
     (v >> (8 * (reg & 3))) & all_ones(size)
 }
 
-fn write(
+pub(super) fn write(
     env: &mut impl Env,
-    id: PartitionId,
-    i: usize,
+    who: Viewer,
     dev: &PartitionDevice,
     reg: u16,
     size: u8,
@@ -293,7 +302,7 @@ fn write(
         0x10..=0x27 => {
             let r = usize::from((dword - 0x10) / 4);
             let mask = all_ones(size) << shift;
-            with_bars(env, id, i, |b| {
+            with_bars(env, who, |b| {
                 let old = b.read(r);
                 b.write(r, (old & !mask) | ((value << shift) & mask));
             });
@@ -354,7 +363,7 @@ fn write(
         // Capabilities and the rest: as written, except the function's
         // own resets.
         _ => {
-            own_reset(env, id, dev, reg, size, value);
+            own_reset(env, who, dev, reg, size, value);
         }
     }
 }

@@ -24,7 +24,9 @@ use crate::env::Env;
 use crate::guest::{Gpr, GuestCpu, vector};
 use crate::insn::{Load, StoreSource};
 use core::sync::atomic::Ordering;
-use thinhv_abi::handoff::{PCI_ACTION_HIDE, PCI_ACTION_VF_SHARED, PciMediation};
+use thinhv_abi::handoff::{
+    PCI_ACTION_HIDE, PCI_ACTION_PRESENT_VF, PCI_ACTION_VF_SHARED, PciMediation,
+};
 use thinhv_passthrough::mediate::{self, CONFIG_DATA, Policy, PortPiece, PortRole, Refusal};
 
 /// The low 32 bits.
@@ -61,6 +63,20 @@ pub(super) fn report(env: &impl Env, m: &PciMediation, refusal: Refusal) {
     }
 }
 
+/// The function the OS sees in place of `m` (a PF thinhv keeps), with its
+/// index in `PciHandoff::presented`.
+fn presented(
+    env: &impl Env,
+    m: &PciMediation,
+) -> Option<(usize, thinhv_abi::handoff::PartitionDevice)> {
+    let k = usize::from(m.reserved);
+    (m.action == PCI_ACTION_PRESENT_VF)
+        .then(|| env.hv().pci.presented.get(k).copied())
+        .flatten()
+        .filter(|d| d.rid != 0)
+        .map(|d| (k, d))
+}
+
 /// Reads the 16-bit register `reg` of `m` through ECAM.
 fn read16(env: &impl Env, m: &PciMediation, reg: u16) -> u16 {
     (env.mmio_read(env.hv().pci.page_of(m) + u64::from(reg), 2) & 0xffff) as u16
@@ -89,8 +105,17 @@ pub(super) fn ecam(
     let fits =
         |size: u8| matches!(size, 1 | 2 | 4) && usize::from(offset) + usize::from(size) <= 4096;
     let shared = m.action == PCI_ACTION_VF_SHARED;
+    let presented = presented(env, &m);
     if let Some(load) = d.load().filter(|l| fits(l.size)) {
-        let v = if shared {
+        let v = if let Some((k, dev)) = presented {
+            super::appliance_pci::read(
+                env,
+                super::appliance_pci::Viewer::Os(k),
+                &dev,
+                offset,
+                load.size,
+            )
+        } else if shared {
             super::shared_pf::access(env, &m, offset, load.size, None, |env, _| {
                 env.mmio_read(gpa, load.size)
             })
@@ -104,7 +129,16 @@ pub(super) fn ecam(
             StoreSource::Register(r) => cpu.gpr(r),
         };
         let value = low32(value) & mediate::all_ones(store.size);
-        if shared {
+        if let Some((k, dev)) = presented {
+            super::appliance_pci::write(
+                env,
+                super::appliance_pci::Viewer::Os(k),
+                &dev,
+                offset,
+                store.size,
+                value,
+            );
+        } else if shared {
             super::shared_pf::access(env, &m, offset, store.size, Some(value), |env, v| {
                 if let Some(v) = v {
                     env.mmio_write(gpa, store.size, v);
@@ -242,6 +276,17 @@ fn data(env: &mut impl Env, p: PortPiece, input: bool, value: u32) -> u32 {
     let byte = (p.port.wrapping_sub(CONFIG_DATA) & 3) as u8;
     let target = mediate::cf8_target(address, byte)
         .and_then(|(bus, devfn, off)| env.hv().pci.find(bus, devfn).map(|m| (*m, off)));
+    if let Some((k, dev, off)) =
+        target.and_then(|(m, off)| presented(env, &m).map(|(k, dev)| (k, dev, off)))
+    {
+        let who = super::appliance_pci::Viewer::Os(k);
+        return if input {
+            super::appliance_pci::read(env, who, &dev, off, p.size)
+        } else {
+            super::appliance_pci::write(env, who, &dev, off, p.size, value);
+            0
+        };
+    }
     match target {
         Some((m, off)) if m.action == PCI_ACTION_VF_SHARED => {
             super::shared_pf::access(env, &m, off, p.size, (!input).then_some(value), |env, v| {

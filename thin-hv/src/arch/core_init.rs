@@ -78,7 +78,7 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
         &h.iommu,
         &h.pci,
         h.partitions(),
-        &super::iommu::Holes::new(h.region, h.partitions()),
+        &super::iommu::Holes::new(h.region, h.partitions(), h.pci.held()),
         host_top,
         &mut frames,
         status,
@@ -319,6 +319,19 @@ fn hide_appliance_ram(
     blank_pa: u64,
     frames: &mut BumpFrames,
 ) -> Result<(), CoreError> {
+    // BARs of functions thinhv keeps (an NVMe PF whose secondary
+    // controllers it set up): no one's.
+    for &bar in h.pci.held() {
+        if bar.end() > thinhv_abi::handoff::identity_map_top(h.phys_top) {
+            premap_gibs(slat, slat_root, bar, frames)?;
+        }
+        blank_out(slat, slat_root, bar, blank_pa, frames)?;
+        log::info!(
+            "PCI: BAR {:#x}+{:#x} of a function thinhv keeps out of the OS's second-level tables and IOMMU domain",
+            bar.base,
+            bar.size
+        );
+    }
     for p in h.partitions() {
         blank_out(slat, slat_root, p.ram, blank_pa, frames)?;
         if !p.image.is_empty() {

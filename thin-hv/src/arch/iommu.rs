@@ -626,7 +626,9 @@ fn partition_tables(
 }
 
 /// Most ranges the OS's devices must never reach.
-const MAX_HOLES: usize = 1 + MAX_APPLIANCES * (2 + MAX_PARTITION_DEVICES * MAX_DEVICE_BARS);
+const MAX_HOLES: usize = 1
+    + thinhv_abi::handoff::MAX_HELD_BARS
+    + MAX_APPLIANCES * (2 + MAX_PARTITION_DEVICES * MAX_DEVICE_BARS);
 
 /// What the OS's devices must never reach: thinhv's region, each
 /// appliance's RAM and image copy, and the BARs of its functions (no
@@ -637,12 +639,16 @@ pub struct Holes {
 }
 
 impl Holes {
-    /// `region` and the appliances' RAM, image copies and BARs of the
-    /// hand-off.
-    pub fn new(region: PhysRange, partitions: &[PartitionInfo]) -> Self {
+    /// `region`, the BARs thinhv keeps (`held`) and the appliances' RAM,
+    /// image copies and BARs of the hand-off.
+    pub fn new(region: PhysRange, partitions: &[PartitionInfo], held: &[PhysRange]) -> Self {
         let mut ranges = [PhysRange::default(); MAX_HOLES];
         ranges[0] = region;
         let mut n = 1;
+        for &r in held.iter().take(thinhv_abi::handoff::MAX_HELD_BARS) {
+            ranges[n] = r;
+            n += 1;
+        }
         for p in partitions.iter().take(MAX_APPLIANCES) {
             ranges[n] = p.ram;
             n += 1;
