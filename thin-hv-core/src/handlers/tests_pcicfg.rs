@@ -310,3 +310,77 @@ fn a_vf_budget_write_through_an_overlapping_access_is_refused() {
             .all(|(latch, _)| *latch & !3 == ext(PF, 0x170) || *latch & !3 == ext(PF, 0x16c))
     );
 }
+
+/// An NVMe PF thinhv keeps at 01:00.0, whose VF 1 (01:00.1: its IDs read
+/// all ones, its BARs 0) the OS sees in its place.
+fn presenting() -> FakeEnv {
+    use thinhv_abi::PhysRange;
+    use thinhv_abi::handoff::{BAR_REG_64, PCI_ACTION_PRESENT_VF, PartitionDevice};
+    let mut env = machine();
+    env.hv.pci.mediated[1] = PciMediation {
+        bus: 1,
+        devfn: 0,
+        action: PCI_ACTION_PRESENT_VF,
+        reserved: 0,
+        ..Default::default()
+    };
+    let mut vf = PartitionDevice {
+        rid: 0x0101,
+        vf_ids: 0x0010_1b36,
+        pf_rid: 0x0100,
+        bar_count: 1,
+        ..Default::default()
+    };
+    vf.bars[0] = PhysRange::new(0xc100_4000, 0x4000);
+    vf.bar_regs[0] = BAR_REG_64;
+    env.hv.pci.presented[0] = vf;
+    env.hv.presented_bars.lock()[0] = crate::partition::BarShadow::new(&vf);
+    env.cf8_space.borrow_mut().extend([
+        (VF1, 0xffff_ffff),
+        (VF1 | 4, 0x0010_0000),
+        (VF1 | 8, 0x0108_0200),
+        (VF1 | 0x10, 0),
+        (VF1 | 0x14, 0),
+    ]);
+    env
+}
+
+/// 0000:01:00.1 through CONFIG_ADDRESS.
+const VF1: u32 = 0x8001_0100;
+
+#[test]
+fn the_os_sees_the_vf_thinhv_presents_in_a_kept_pfs_place() {
+    let mut env = presenting();
+    let read = |env: &mut FakeEnv, reg: u32| {
+        out32(env, 0, 0xcf8, PF | reg);
+        in32(env, 0, 0xcfc)
+    };
+    // Its IDs: the PF's vendor and the VF device ID (the VF's own read all
+    // ones); its class the VF's own.
+    assert_eq!(read(&mut env, 0), 0x0010_1b36);
+    assert_eq!(read(&mut env, 8), 0x0108_0200);
+    // Its BAR 0: the VF's slot of the PF's VF BAR, 64-bit; sizing answers
+    // the slot's size and never reaches the device.
+    assert_eq!(read(&mut env, 0x10), 0xc100_4004);
+    assert_eq!(read(&mut env, 0x14), 0);
+    out32(&mut env, 0, 0xcf8, PF | 0x10);
+    out32(&mut env, 0, 0xcfc, 0xffff_ffff);
+    assert_eq!(in32(&mut env, 0, 0xcfc), 0xffff_c004);
+    out32(&mut env, 0, 0xcfc, 0xc100_4000);
+    assert_eq!(read(&mut env, 0x10), 0xc100_4004);
+    assert_eq!(env.cf8_space.borrow()[&(VF1 | 0x10)], 0);
+    // Memory space and bus mastering reach the VF (INTx Disable on: a VF
+    // has no INTx).
+    out32(&mut env, 0, 0xcf8, PF | 4);
+    out32(&mut env, 0, 0xcfc, 0x0000_0006);
+    assert_eq!(env.cf8_space.borrow()[&(VF1 | 4)] & 0xffff, 0x0406);
+    // Not one access reached the PF's own registers.
+    assert!(
+        data_accesses(&env)
+            .iter()
+            .all(|(latch, _)| latch & !0xff != PF & !0xff),
+        "{:?}",
+        data_accesses(&env)
+    );
+    assert_eq!(env.cf8_space.borrow()[&PF], 0x10c9_8086);
+}
