@@ -287,6 +287,12 @@ pub const MAX_SHARED_PFS: usize = 4;
 /// OS its VF 1 there.
 pub const PCI_ACTION_PRESENT_VF: u8 = 4;
 
+/// A bridge the OS keeps but may neither reset (Secondary Bus Reset) nor
+/// take the link of (Link Disable): the one above an NVMe PF thinhv keeps.
+/// [`PciMediation::sriov_cap`] holds the offset of its PCI Express
+/// capability (0: none).
+pub const PCI_ACTION_BRIDGE_GUARD: u8 = 5;
+
 /// Most BARs thinhv keeps from everyone ([`PciHandoff::held`]).
 pub const MAX_HELD_BARS: usize = 8;
 

@@ -16,6 +16,13 @@
 //!   Size, VF MSE, ARI), passes through unchanged, so the PF's own driver
 //!   works as on bare metal within the budget.
 //!
+//! * A **guarded bridge** (the one above an NVMe PF thinhv keeps, whose
+//!   reset would take every secondary controller offline) reads as the
+//!   device; a write that sets Secondary Bus Reset in Bridge Control or
+//!   Link Disable in Link Control reaches the device with that bit
+//!   cleared. Everything else (windows, bus numbers, the rest of both
+//!   registers) is the OS's, which keeps the bridge.
+//!
 //! Accesses are 1, 2 or 4 bytes at any offset; registers are compared byte
 //! by byte, so a dword write that covers NumVFs is judged by its NumVFs
 //! bytes.
@@ -38,7 +45,21 @@ pub enum Policy {
         /// InitialVFs as the device reports it.
         initial_vfs: u16,
     },
+    /// A bridge the OS keeps but may not reset or take the link of.
+    BridgeGuard {
+        /// Offset of its PCI Express capability (0: none).
+        pcie_cap: u16,
+    },
 }
+
+/// Bridge Control (type 1 header).
+pub const BRIDGE_CONTROL: u16 = 0x3e;
+/// Bridge Control: Secondary Bus Reset.
+pub const SECONDARY_BUS_RESET: u16 = 1 << 6;
+/// Link Control, from the PCI Express capability.
+pub const LINK_CONTROL: u16 = 0x10;
+/// Link Control: Link Disable.
+pub const LINK_DISABLE: u16 = 1 << 4;
 
 /// A write thinhv did not let through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,6 +78,10 @@ pub enum Refusal {
         /// The budget.
         budget: u16,
     },
+    /// Secondary Bus Reset on a guarded bridge: the bit was cleared.
+    BridgeReset,
+    /// Link Disable on a guarded bridge: the bit was cleared.
+    LinkDisable,
 }
 
 /// What happens to a write.
@@ -100,6 +125,7 @@ pub const fn all_ones(size: u8) -> u32 {
 pub fn read(policy: &Policy, offset: u16, size: u8, real: impl FnOnce() -> u32) -> u32 {
     match *policy {
         Policy::Hidden => all_ones(size),
+        Policy::BridgeGuard { .. } => real(),
         Policy::VfBudget {
             cap,
             os_vfs,
@@ -127,11 +153,15 @@ pub fn write(
     value: u32,
     read16: impl Fn(u16) -> u16,
 ) -> WriteOutcome {
-    let Policy::VfBudget { cap, os_vfs, .. } = *policy else {
-        return WriteOutcome {
-            forward: None,
-            refused: None,
-        };
+    let (cap, os_vfs) = match *policy {
+        Policy::VfBudget { cap, os_vfs, .. } => (cap, os_vfs),
+        Policy::BridgeGuard { pcie_cap } => return guard_write(pcie_cap, offset, size, value),
+        Policy::Hidden => {
+            return WriteOutcome {
+                forward: None,
+                refused: None,
+            };
+        }
     };
     let bytes = bytes_of(value, size);
     let byte_at = |reg: u16| -> Option<u8> {
@@ -173,6 +203,34 @@ pub fn write(
     WriteOutcome {
         forward: Some(value),
         refused: None,
+    }
+}
+
+/// A guarded bridge's write: Secondary Bus Reset and Link Disable
+/// cleared from whatever bytes of theirs it covers.
+fn guard_write(pcie_cap: u16, offset: u16, size: u8, value: u32) -> WriteOutcome {
+    let mut forward = value;
+    let mut refused = None;
+    let mut clear = |reg: u16, bit: u16, why: Refusal| {
+        for k in 0..2u16 {
+            let at = reg + k;
+            let b = (bit >> (8 * k)) as u8;
+            if b != 0 && at >= offset && at < offset + u16::from(size) {
+                let shift = 8 * u32::from(at - offset);
+                if forward & (u32::from(b) << shift) != 0 {
+                    forward &= !(u32::from(b) << shift);
+                    refused = Some(why);
+                }
+            }
+        }
+    };
+    clear(BRIDGE_CONTROL, SECONDARY_BUS_RESET, Refusal::BridgeReset);
+    if pcie_cap != 0 {
+        clear(pcie_cap + LINK_CONTROL, LINK_DISABLE, Refusal::LinkDisable);
+    }
+    WriteOutcome {
+        forward: Some(forward),
+        refused,
     }
 }
 
@@ -313,6 +371,47 @@ pub const fn cf8_target(cf8: u32, byte: u8) -> Option<(u8, u8, u16)> {
 mod tests {
     use super::*;
     use std::cell::Cell;
+
+    #[test]
+    fn a_guarded_bridge_is_never_reset_nor_its_link_disabled() {
+        let guard = Policy::BridgeGuard { pcie_cap: 0x40 };
+        let w = |offset, size, value| write(&guard, offset, size, value, |_| 0);
+        // Bridge Control as a word, as the high half of the dword at 0x3c
+        // (interrupt line and pin below it) and as its low byte: SBR
+        // cleared, the rest as written.
+        assert_eq!(
+            w(0x3e, 2, 0x0043),
+            WriteOutcome {
+                forward: Some(0x0003),
+                refused: Some(Refusal::BridgeReset)
+            }
+        );
+        assert_eq!(w(0x3c, 4, 0x0052_010b).forward, Some(0x0012_010b));
+        assert_eq!(w(0x3e, 1, 0x40).forward, Some(0));
+        assert_eq!(w(0x3f, 1, 0x40).forward, Some(0x40), "bit 14: not SBR");
+        // Link Disable in Link Control (0x40 + 0x10), alone and in the
+        // dword with Link Status; Retrain Link passes.
+        assert_eq!(
+            w(0x50, 4, 0x0000_0030),
+            WriteOutcome {
+                forward: Some(0x0000_0020),
+                refused: Some(Refusal::LinkDisable)
+            }
+        );
+        assert_eq!(w(0x50, 2, 0x0020).refused, None);
+        // The rest of the bridge is the OS's; reads are the device's.
+        assert_eq!(
+            w(0x18, 4, 0x0002_0100),
+            WriteOutcome {
+                forward: Some(0x0002_0100),
+                refused: None
+            }
+        );
+        assert_eq!(read(&guard, 0x3e, 2, || 0x43), 0x43);
+        // Without a PCI Express capability only Bridge Control is judged.
+        let plain = Policy::BridgeGuard { pcie_cap: 0 };
+        assert_eq!(write(&plain, 0x10, 2, 0x10, |_| 0).forward, Some(0x10));
+    }
 
     const CAP: u16 = 0x160;
     const BUDGET: Policy = Policy::VfBudget {

@@ -362,18 +362,19 @@ impl Hv {
 
     /// Whether any byte of `[gpa, gpa + len)` is RAM of an appliance other
     /// than `part` or a BAR of its PCI functions, or any appliance's image
-    /// copy (what a restart puts back): partition `part` may neither read
-    /// nor write it.
+    /// copy (what a restart puts back), or a BAR of a function thinhv keeps
+    /// (`PciHandoff::held`): partition `part` may neither read nor write it.
     pub fn foreign_ram(&self, part: PartitionId, gpa: u64, len: u64) -> bool {
-        self.appliances().any(|(id, p)| {
-            (id != part
-                && (p.ram().overlaps(gpa, len)
-                    || p.info
-                        .devices()
-                        .iter()
-                        .any(|d| d.bars().any(|(_, b)| b.overlaps(gpa, len)))))
-                || p.info.image.overlaps(gpa, len)
-        })
+        self.pci.held().iter().any(|b| b.overlaps(gpa, len))
+            || self.appliances().any(|(id, p)| {
+                (id != part
+                    && (p.ram().overlaps(gpa, len)
+                        || p.info
+                            .devices()
+                            .iter()
+                            .any(|d| d.bars().any(|(_, b)| b.overlaps(gpa, len)))))
+                    || p.info.image.overlaps(gpa, len)
+            })
     }
 
     /// The processors.

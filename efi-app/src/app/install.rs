@@ -286,6 +286,7 @@ pub fn install(config: &Config) -> Result<String, String> {
     // SR-IOV registers, the device keeping the loader's setup.
     for s in shared_pfs.iter().filter(|s| s.nvme) {
         present_nvme_vf(&mut pci, &regions, &inventory.functions, s);
+        guard_bridges_above(&mut pci, &inventory.functions, s.pf);
     }
     for s in shared_pfs.iter().filter(|s| !s.nvme) {
         let k = pci.shared_count as usize;
@@ -862,6 +863,50 @@ fn present_nvme_vf(
             "thinhv: NVMe {}: the OS gets none of its controllers (not mediated)",
             pf.bdf
         ),
+    }
+}
+
+/// The bridges above `bdf` (an NVMe PF thinhv keeps) stay the OS's, but
+/// their Secondary Bus Reset and Link Disable are refused: either would
+/// reset the PF, which takes every secondary controller offline, and
+/// nothing after the loader can bring them back.
+fn guard_bridges_above(
+    pci: &mut thinhv_abi::handoff::PciHandoff,
+    functions: &[thinhv_passthrough::pci::Function],
+    bdf: thinhv_passthrough::pci::Bdf,
+) {
+    let mut at = bdf;
+    while let Some(b) = thinhv_passthrough::bars::parent_of(functions, at) {
+        if b.bdf == at {
+            break;
+        }
+        let k = pci.count as usize;
+        if pci.find(b.bdf.bus, b.bdf.devfn()).is_some() {
+            // Already mediated (hidden): nothing the OS can write.
+        } else if k < thinhv_abi::handoff::MAX_PCI_MEDIATED {
+            pci.mediated[k] = thinhv_abi::handoff::PciMediation {
+                bus: b.bdf.bus,
+                devfn: b.bdf.devfn(),
+                action: thinhv_abi::handoff::PCI_ACTION_BRIDGE_GUARD,
+                sriov_cap: b
+                    .caps
+                    .iter()
+                    .find(|c| c.0 == thinhv_passthrough::pci::CAP_ID_PCIE)
+                    .map_or(0, |c| c.1),
+                ..Default::default()
+            };
+            pci.count += 1;
+            println!(
+                "thinhv: PCI {}: the OS's, but its Secondary Bus Reset and Link Disable are refused (the NVMe PF {bdf} below is thinhv's)",
+                b.bdf
+            );
+        } else {
+            println!(
+                "thinhv: warning: PCI {}: cannot be guarded (too many mediated functions): the OS can reset the NVMe PF {bdf} below",
+                b.bdf
+            );
+        }
+        at = b.bdf;
     }
 }
 

@@ -25,7 +25,8 @@ use crate::guest::{Gpr, GuestCpu, vector};
 use crate::insn::{Load, StoreSource};
 use core::sync::atomic::Ordering;
 use thinhv_abi::handoff::{
-    PCI_ACTION_HIDE, PCI_ACTION_PRESENT_VF, PCI_ACTION_VF_SHARED, PciMediation,
+    PCI_ACTION_BRIDGE_GUARD, PCI_ACTION_HIDE, PCI_ACTION_PRESENT_VF, PCI_ACTION_VF_SHARED,
+    PciMediation,
 };
 use thinhv_passthrough::mediate::{self, CONFIG_DATA, Policy, PortPiece, PortRole, Refusal};
 
@@ -35,14 +36,16 @@ const fn low32(v: u64) -> u32 {
 }
 
 fn policy_of(m: &PciMediation) -> Policy {
-    if m.action == PCI_ACTION_HIDE {
-        Policy::Hidden
-    } else {
-        Policy::VfBudget {
+    match m.action {
+        PCI_ACTION_HIDE => Policy::Hidden,
+        PCI_ACTION_BRIDGE_GUARD => Policy::BridgeGuard {
+            pcie_cap: m.sriov_cap,
+        },
+        _ => Policy::VfBudget {
             cap: m.sriov_cap,
             os_vfs: m.os_vfs,
             initial_vfs: m.initial_vfs,
-        }
+        },
     }
 }
 
@@ -59,6 +62,12 @@ pub(super) fn report(env: &impl Env, m: &PciMediation, refusal: Refusal) {
         ),
         Refusal::VfEnableAboveBudget { num_vfs, budget } => log::warn!(
             "PCI 0000:{bus:02x}:{dev:02x}.{func}: VF Enable with NumVFs = {num_vfs} refused: the OS may use {budget} VFs ({count} refused writes)"
+        ),
+        Refusal::BridgeReset => log::warn!(
+            "PCI 0000:{bus:02x}:{dev:02x}.{func}: Secondary Bus Reset refused: it would take an NVMe PF thinhv keeps, and every secondary controller, offline ({count} refused writes)"
+        ),
+        Refusal::LinkDisable => log::warn!(
+            "PCI 0000:{bus:02x}:{dev:02x}.{func}: Link Disable refused: it would take an NVMe PF thinhv keeps, and every secondary controller, offline ({count} refused writes)"
         ),
     }
 }

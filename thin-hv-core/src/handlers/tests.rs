@@ -350,6 +350,38 @@ pub(super) fn npf(gpa: u64, write: bool, fetch: bool, present: bool) -> Exit {
 }
 
 #[test]
+fn writes_to_a_bar_thinhv_keeps_are_discarded_and_counted() {
+    let mut env = FakeEnv::new();
+    let bar = thinhv_abi::PhysRange::new(0xc100_0000, 0x4000);
+    // The control: before the BAR is held, the same write is no protected
+    // access (an unexpected fault, #GP).
+    let mut cpu = at(&mut env, &[0x89, 0x18]);
+    let h = handle(&npf(bar.base + 0x14, true, false, true), &mut cpu, &mut env);
+    assert_ne!(h.reason, thinhv_abi::exit::ExitReason::PROTECTED_ACCESS);
+    env.hv.pci.held[0] = bar;
+    env.hv.pci.held_count = 1;
+    assert!(
+        env.hv
+            .foreign_ram(crate::partition::PartitionId::OS, bar.base + 0x3ffc, 8)
+    );
+    assert!(
+        env.hv
+            .foreign_ram(crate::partition::PartitionId(1), bar.base, 1)
+    );
+    let mut cpu = at(&mut env, &[0x89, 0x18]);
+    let h = handle(&npf(bar.base + 0x14, true, false, true), &mut cpu, &mut env);
+    assert_eq!(h.reason, thinhv_abi::exit::ExitReason::PROTECTED_ACCESS);
+    assert_eq!(cpu.rip, RIP + 2, "instruction skipped");
+    assert!(cpu.exceptions.is_empty());
+    assert_eq!(
+        env.hv
+            .blocked_writes
+            .load(core::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[test]
 fn writes_to_the_protected_region_are_discarded_and_counted() {
     let mut env = FakeEnv::new();
     // mov dword [rax], ebx
