@@ -464,40 +464,34 @@ impl PciHandoff {
     /// Takes `rid` out of the blocked ranges (a range around it is split;
     /// false when that needs a slot there is not).
     pub fn unblock(&mut self, rid: u16) -> bool {
-        let n = (self.blocked_count as usize).min(MAX_PCI_BLOCKED);
-        let Some(i) = self.blocked[..n]
+        let count = (self.blocked_count as usize).min(MAX_PCI_BLOCKED);
+        let Some(at) = self.blocked[..count]
             .iter()
             .position(|r| (r.first..=r.last).contains(&rid))
         else {
             return true;
         };
-        let r = self.blocked[i];
-        let mut parts = [None, None];
-        if r.first < rid {
-            parts[0] = Some(RidRange {
-                first: r.first,
-                last: rid - 1,
-            });
-        }
-        if rid < r.last {
-            parts[1] = Some(RidRange {
-                first: rid + 1,
-                last: r.last,
-            });
-        }
-        let [a, b] = parts;
-        match (a, b) {
+        let range = self.blocked[at];
+        let below = (range.first < rid).then(|| RidRange {
+            first: range.first,
+            last: rid - 1,
+        });
+        let above = (rid < range.last).then(|| RidRange {
+            first: rid + 1,
+            last: range.last,
+        });
+        match (below, above) {
             (None, None) => {
-                self.blocked.copy_within(i + 1..n, i);
+                self.blocked.copy_within(at + 1..count, at);
                 self.blocked_count -= 1;
             }
-            (Some(x), None) | (None, Some(x)) => self.blocked[i] = x,
-            (Some(x), Some(y)) => {
-                if n == MAX_PCI_BLOCKED {
+            (Some(part), None) | (None, Some(part)) => self.blocked[at] = part,
+            (Some(low), Some(high)) => {
+                if count == MAX_PCI_BLOCKED {
                     return false;
                 }
-                self.blocked[i] = x;
-                self.blocked[n] = y;
+                self.blocked[at] = low;
+                self.blocked[count] = high;
                 self.blocked_count += 1;
             }
         }

@@ -827,6 +827,25 @@ mod tests {
     }
 
     #[test]
+    fn an_nvme_pf_gives_the_os_one_vf_at_most_and_any_vf_after_it_to_appliances() {
+        // The same PF as an NVMe controller: VF 2 right after the OS's one
+        // (no PF queue pool to keep clear), and no budget above 1.
+        let mut f = igb_machine();
+        f[1].class_rev = 0x0108_0200;
+        let (pf, os_vfs) = vf_pf("8086:10c9", 2, &f, &rule(1), &[]).unwrap();
+        assert!(pf.is_nvme());
+        assert_eq!(os_vfs, 1);
+        assert!(vf_pf("8086:10c9", 1, &f, &rule(0), &[]).is_ok());
+        assert!(
+            vf_pf("8086:10c9", 4, &f, &rule(2), &[])
+                .unwrap_err()
+                .contains("is an NVMe PF: the OS gets one of its controllers")
+        );
+        // The control: as a NIC, budget 2 is fine for VF 4.
+        assert!(vf_pf("8086:10c9", 4, &igb_machine(), &rule(2), &[]).is_ok());
+    }
+
+    #[test]
     fn an_enabled_vf_is_assigned_with_its_slot_of_the_vf_bars_and_no_bridge() {
         let f = igb_machine();
         let mut vf = nic(1, &[(0, BarKind::Mem32, 0xfe00_8000, 0x4000)]);

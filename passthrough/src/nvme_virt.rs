@@ -104,6 +104,7 @@ impl Command {
 
     /// The 16 dwords of its submission queue entry, with command ID `cid`
     /// and its data at `prp1` (one page).
+    #[allow(clippy::cast_possible_truncation)] // the halves of PRP 1
     pub fn entry(&self, cid: u16, prp1: u64) -> [u32; 16] {
         let mut e = [0u32; 16];
         e[0] = u32::from(cid) << 16 | u32::from(self.opcode);
@@ -337,6 +338,7 @@ pub fn provision(
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)] // the fake's small counts and fields
 mod tests {
     use super::*;
     use alloc::vec;

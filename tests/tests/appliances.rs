@@ -691,16 +691,23 @@ fn an_appliance_boots_from_its_nvme_vf_while_the_os_uses_another_of_the_same_pf(
     // working after (the control, a root port thinhv does not guard:
     // `an_appliances_vf_of_the_oss_igb_survives_what_the_os_does_to_its_pf`,
     // where the same Secondary Bus Reset resets the igb PF).
-    let b = g.get("nvmevf_bridge");
-    let n = numbers(b);
-    assert_eq!(n.len(), 5, "{facts}");
-    assert_eq!((n[0] as u32) & 0x40, 0, "{facts}");
+    let ints = |s: &str| -> Vec<u64> {
+        s.split_whitespace()
+            .filter_map(|t| t.parse().ok())
+            .collect()
+    };
+    let bridge = ints(g.get("nvmevf_bridge"));
+    assert_eq!(bridge.len(), 5, "{facts}");
+    assert_eq!(bridge[0] & 0x40, 0, "{facts}");
     assert_eq!(
-        n[1], n[0],
+        bridge[1], bridge[0],
         "Secondary Bus Reset did not read back clear: {facts}"
     );
-    assert_eq!(n[3], n[2], "Link Disable did not read back clear: {facts}");
-    assert_eq!(n[4], 2.0, "{facts}");
+    assert_eq!(
+        bridge[3], bridge[2],
+        "Link Disable did not read back clear: {facts}"
+    );
+    assert_eq!(bridge[4], 2, "{facts}");
     assert!(
         g.serial.contains("thinhv: PCI 0000:00:07.0: the OS's, but its Secondary Bus Reset and Link Disable are refused"),
         "{}",
@@ -708,9 +715,9 @@ fn an_appliance_boots_from_its_nvme_vf_while_the_os_uses_another_of_the_same_pf(
     );
     // The two writes were caught and counted (discarded, the instruction
     // skipped: the OS's process runs on).
-    let w = numbers(g.get("nvmevf_pf_blocked_writes"));
-    assert_eq!(w.len(), 2, "{facts}");
-    assert_eq!(w[1] - w[0], 2.0, "{facts}");
+    let writes = ints(g.get("nvmevf_pf_blocked_writes"));
+    assert_eq!(writes.len(), 2, "{facts}");
+    assert_eq!(writes[1] - writes[0], 2, "{facts}");
     let own = g.get("nvmevf_os_vf_bar");
     assert!(own.ends_with(" aqa=0x00FF00FF"), "{facts}");
     assert!(!own.contains("cap=0x00000000"), "{facts}");

@@ -789,10 +789,10 @@ fn present_nvme_vf(
     pci: &mut thinhv_abi::handoff::PciHandoff,
     regions: &[thinhv_passthrough::pci::EcamRegion],
     functions: &[thinhv_passthrough::pci::Function],
-    s: &super::appliances::SharedPf,
+    shared: &super::appliances::SharedPf,
 ) {
     use thinhv_abi::handoff::{BAR_REG_64, BAR_REG_PREFETCH, MAX_HELD_BARS, PartitionDevice};
-    let Some(pf) = functions.iter().find(|f| f.bdf == s.pf) else {
+    let Some(pf) = functions.iter().find(|f| f.bdf == shared.pf) else {
         return;
     };
     for b in pf
@@ -811,15 +811,15 @@ fn present_nvme_vf(
             );
         }
     }
-    if s.setup.os_vfs == 0 {
+    if shared.setup.os_vfs == 0 {
         return;
     }
-    let k = (0..thinhv_abi::handoff::MAX_SHARED_PFS).find(|&k| pci.presented[k].rid == 0);
-    let vf = super::pci::vf_of(regions, pf, &s.setup, 1);
+    let slot = (0..thinhv_abi::handoff::MAX_SHARED_PFS).find(|&k| pci.presented[k].rid == 0);
+    let vf = super::pci::vf_of(regions, pf, &shared.setup, 1);
     let m = pci.mediated[..pci.count as usize]
         .iter_mut()
         .find(|m| m.bus == pf.bdf.bus && m.devfn == pf.bdf.devfn());
-    match (k, vf, m) {
+    match (slot, vf, m) {
         (Some(k), Ok(vf), Some(m)) => {
             let mut d = PartitionDevice {
                 rid: vf.bdf.rid(),

@@ -28,7 +28,7 @@ const DOORBELLS: u64 = 0x1000;
 
 /// The PF's admin queue, the loader's: three pages (submission queue,
 /// completion queue, one data page).
-struct Pf<'a> {
+struct Admin<'a> {
     regions: &'a [EcamRegion],
     pf: &'a Function,
     setup: &'a Setup,
@@ -44,7 +44,7 @@ struct Pf<'a> {
     timeout: u64,
 }
 
-impl Pf<'_> {
+impl Admin<'_> {
     fn read32(&self, reg: u64) -> u32 {
         // SAFETY: `bar0` is the PF's BAR 0 as the firmware assigned it
         // (identity-mapped MMIO while boot services run); its registers are
@@ -57,7 +57,7 @@ impl Pf<'_> {
         unsafe { core::ptr::write_volatile((self.bar0 + reg) as *mut u32, v) }
     }
     fn page(&self, k: usize) -> *mut u8 {
-        // SAFETY: `pages` spans three pages (`with_admin_queue`).
+        // SAFETY: `pages` spans three pages (`provision` allocates them).
         unsafe { self.pages.as_ptr().add(k * 4096) }
     }
     fn config(&self) -> super::pci::EcamFunction<'_> {
@@ -97,7 +97,7 @@ impl Pf<'_> {
         self.timeout = (cap >> 24) & 0xff;
         self.write32(REG_CC, 0);
         self.wait_ready(false)?;
-        // SAFETY: the three pages are the loader's (`with_admin_queue`).
+        // SAFETY: the three pages are the loader's (`provision` allocates them).
         unsafe { core::ptr::write_bytes(self.pages.as_ptr(), 0, 3 * 4096) };
         let n = u32::from(ENTRIES - 1);
         self.write32(REG_AQA, n << 16 | n);
@@ -116,7 +116,7 @@ impl Pf<'_> {
     }
 }
 
-impl Primary for Pf<'_> {
+impl Primary for Admin<'_> {
     fn run(&mut self, cmd: Command, data: &mut [u8; 4096]) -> Result<u32, Failed> {
         self.cid = self.cid.wrapping_add(1);
         let page = self.page(2);
@@ -124,7 +124,8 @@ impl Primary for Pf<'_> {
         // writes it only while this command runs.
         unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), page, 4096) };
         let entry = cmd.entry(self.cid, page as u64);
-        let sq = self.page(0) as *mut u32;
+        #[allow(clippy::cast_ptr_alignment)] // the pages are page-aligned (`allocate_pages`)
+        let sq = self.page(0).cast::<u32>();
         for (i, w) in entry.iter().enumerate() {
             // SAFETY: entry `tail` of the submission queue page (8 entries
             // of 64 bytes).
@@ -132,7 +133,8 @@ impl Primary for Pf<'_> {
         }
         self.tail = (self.tail + 1) % ENTRIES;
         self.write32(DOORBELLS, u32::from(self.tail));
-        let cq = self.page(1) as *const u32;
+        #[allow(clippy::cast_ptr_alignment)] // as `sq`
+        let cq = self.page(1).cast::<u32>().cast_const();
         for _ in 0..2000 {
             // SAFETY: entry `head` of the completion queue page (8 entries
             // of 16 bytes), which the controller writes.
@@ -213,7 +215,7 @@ pub fn provision(
     disconnect();
     let pages = boot::allocate_pages(AllocateType::AnyPages, MemoryType::LOADER_DATA, 3)
         .map_err(|e| format!("no memory for its admin queue: {:?}", e.status()))?;
-    let mut p = Pf {
+    let mut p = Admin {
         regions,
         pf,
         setup,
