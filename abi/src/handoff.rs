@@ -792,7 +792,10 @@ pub const MAX_DEVICE_BARS: usize = 6;
 pub struct PartitionDevice {
     /// Requester ID (bus << 8 | device << 3 | function), segment 0.
     pub rid: u16,
-    /// Device and function on the appliance's bus 0.
+    /// Device and function on the appliance's bus 0. For a function the
+    /// OS sees in a PF's place (`PciHandoff::presented`): the offset of the
+    /// Enhanced Allocation capability thinhv shows there, fixing its BAR 0
+    /// (`thinhv_passthrough::fixed_bar`), or 0 for none.
     pub vdevfn: u8,
     /// Number of valid `bars`.
     pub bar_count: u8,

@@ -13,6 +13,7 @@
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 use std::process::ExitCode;
+use thinhv_passthrough::nvme_virt::{self, Command};
 
 /// `struct nvme_passthru_cmd` (`linux/nvme_ioctl.h`), 72 bytes.
 #[repr(C)]
@@ -42,7 +43,15 @@ struct PassthruCmd {
 const NVME_IOCTL_ADMIN_CMD: libc::c_ulong =
     (3 << 30) | (72 << 16) | ((b'N' as libc::c_ulong) << 8) | 0x41;
 
-fn admin(fd: i32, mut c: PassthruCmd, buf: Option<&mut [u8]>) -> Result<u32, String> {
+/// Runs `cmd` through the kernel, with `buf` as its data.
+fn admin(fd: i32, cmd: Command, buf: Option<&mut [u8]>) -> Result<u32, String> {
+    let mut c = PassthruCmd {
+        opcode: cmd.opcode,
+        nsid: cmd.nsid,
+        cdw10: cmd.cdw10,
+        cdw11: cmd.cdw11,
+        ..PassthruCmd::default()
+    };
     if let Some(b) = buf {
         c.addr = b.as_mut_ptr() as u64;
         c.data_len = u32::try_from(b.len()).map_err(|_| "buffer too large")?;
@@ -72,29 +81,23 @@ fn num(s: Option<&String>) -> Result<u32, String> {
     .map_err(|_| format!("not a number: {s}"))
 }
 
-fn le16(b: &[u8], o: usize) -> u16 {
-    u16::from_le_bytes([b[o], b[o + 1]])
-}
-
 fn command(fd: i32, args: &[String]) -> Result<(), String> {
     match args.first().map(String::as_str) {
         Some("sec-list") => {
-            let mut b = vec![0u8; 4096];
-            let c = PassthruCmd {
-                opcode: 0x06,
-                cdw10: 0x15,
-                ..PassthruCmd::default()
-            };
-            admin(fd, c, Some(&mut b))?;
-            for i in 0..usize::from(b[0]).min(127) {
-                let e = &b[32 + i * 32..64 + i * 32];
+            let mut b = [0u8; 4096];
+            admin(
+                fd,
+                Command::identify(nvme_virt::CNS_SECONDARY_LIST, 0),
+                Some(&mut b),
+            )?;
+            for s in nvme_virt::parse_secondaries(&b) {
                 println!(
                     "scid={} vf={} state={} vq={} vi={}",
-                    le16(e, 0),
-                    le16(e, 8),
-                    if e[4] & 1 == 1 { "online" } else { "offline" },
-                    le16(e, 10),
-                    le16(e, 12)
+                    s.scid,
+                    s.vfn,
+                    if s.online { "online" } else { "offline" },
+                    s.nvq,
+                    s.nvi
                 );
             }
             Ok(())
@@ -106,27 +109,22 @@ fn command(fd: i32, args: &[String]) -> Result<(), String> {
                 num(args.get(3))?,
                 num(args.get(4))?,
             );
-            let c = PassthruCmd {
-                opcode: 0x1c,
-                cdw10: (action & 0xf) | ((kind & 7) << 8) | (cntlid << 16),
-                cdw11: count & 0xffff,
-                ..PassthruCmd::default()
-            };
+            let narrow = |v: u32| u16::try_from(v).map_err(|_| format!("{v} is too large"));
+            let c = Command::virt_mgmt(
+                u8::try_from(action).map_err(|_| "bad action")?,
+                u8::try_from(kind).map_err(|_| "bad type")?,
+                narrow(cntlid)?,
+                narrow(count)?,
+            );
             let r = admin(fd, c, None)?;
             println!("virt-mgmt controller {cntlid} action {action} type {kind} count {count}: ok ({r})");
             Ok(())
         }
         Some("ns-attach") => {
             let (nsid, cntlid) = (num(args.get(1))?, num(args.get(2))?);
-            let mut b = vec![0u8; 4096];
-            b[0..2].copy_from_slice(&1u16.to_le_bytes());
-            b[2..4].copy_from_slice(&u16::try_from(cntlid).map_err(|_| "bad id")?.to_le_bytes());
-            let c = PassthruCmd {
-                opcode: 0x15,
-                nsid,
-                ..PassthruCmd::default()
-            };
-            admin(fd, c, Some(&mut b))?;
+            let mut b = [0u8; 4096];
+            nvme_virt::controller_list(&mut b, u16::try_from(cntlid).map_err(|_| "bad id")?);
+            admin(fd, Command::attach(nsid), Some(&mut b))?;
             println!("namespace {nsid} attached to controller {cntlid}");
             Ok(())
         }

@@ -2,7 +2,8 @@
 //! (`pci`, `bars`), the ownership policy (`policy`), what the OS sees of a
 //! mediated function's configuration space (`mediate`), quiescing and
 //! resetting a function that changes hands (`reset`), NVMe
-//! virtualization management (`nvme_virt`), the ACPI IOMMU
+//! virtualization management (`nvme_virt`), a BAR the OS must not move
+//! (`fixed_bar`), the ACPI IOMMU
 //! tables (`dmar`, `ivrs`, `acpi`) and the VT-d / AMD-Vi register drivers
 //! (`vtd`, `amdvi`) over an MMIO trait.
 #![cfg_attr(not(test), no_std)]
@@ -14,6 +15,7 @@ pub mod acpi;
 pub mod amdvi;
 pub mod bars;
 pub mod dmar;
+pub mod fixed_bar;
 pub mod ivrs;
 pub mod madt;
 pub mod mediate;

@@ -589,8 +589,9 @@ fn an_appliance_boots_from_its_nvme_vf_while_the_os_uses_another_of_the_same_pf(
     // keeps the PF and sets them up before the OS: VF 1 (01:00.1) with
     // namespace 1 for the OS, shown in the PF's place; VF 2 (01:00.2) with
     // namespace 2 for the appliance. The appliance writes 16 MiB on its
-    // first boot and checks them after two restarts; the OS writes and
-    // reads its own namespace before and after.
+    // first boot and checks them after ten restarts; the OS writes and
+    // reads its own namespace before and after. The appliance also has VF
+    // 4 of the OS's igb (02:10.6); the OS restarts it ten times.
     let os_ns = thinhv_tests::raw_drive("nvmevf-os.img", "osns", 32 << 20);
     let app_ns = thinhv_tests::raw_drive("nvmevf-appliance.img", "appns", 64 << 20);
     let mut machine = Profile::svm(4);
@@ -611,14 +612,22 @@ fn an_appliance_boots_from_its_nvme_vf_while_the_os_uses_another_of_the_same_pf(
         &app_ns,
         "-device",
         "nvme-ns,drive=appns,bus=nvpf,nsid=2,detached=true",
+        // And VF 4 of the OS's igb (02:00.0, behind a root port of its
+        // own).
+        "-device",
+        "pcie-root-port,id=rp2,chassis=2,addr=0xa",
+        "-netdev",
+        "user,id=vfnet",
+        "-device",
+        "igb,netdev=vfnet,bus=rp2",
     ]
     .map(String::from)
     .to_vec();
     let config = APPLIANCE.to_string()
-        + "control = \"os\"\ndevices = [\"vf:0000:01:00.0#2\"]\n\n[[sriov]]\ndevice = \"0000:01:00.0\"\nos_vfs = 1\n";
+        + "control = \"os\"\ndevices = [\"vf:0000:01:00.0#2\", \"vf:8086:10c9#4\"]\n\n[[sriov]]\ndevice = \"0000:01:00.0\"\nos_vfs = 1\n\n[[sriov]]\ndevice = \"8086:10c9\"\nos_vfs = 2\n";
     let boot =
         thinhv_tests::linux_under_thinhv("nvme-vf", machine, "thinhv_nvme_vf_probe=1", &config);
-    let g = thinhv_tests::boot_linux_within(&boot, std::time::Duration::from_mins(10));
+    let g = thinhv_tests::boot_linux_within(&boot, std::time::Duration::from_mins(14));
     let facts = &g.facts;
     // Before the OS: the primary's flexible resources released (its FLR),
     // the two secondaries given 4 queues and 3 interrupts each, online,
@@ -657,11 +666,11 @@ fn an_appliance_boots_from_its_nvme_vf_while_the_os_uses_another_of_the_same_pf(
     assert_eq!(g.get("nvmevf_os_nsid"), "1", "{facts}");
     assert_eq!(g.get("nvmevf_os_rw_1"), "ok", "{facts}");
     assert_eq!(g.get("nvmevf_os_rw_2"), "ok", "{facts}");
-    // The appliance: three boots on its VF's namespace, the data written
-    // on the first read back on the two others; its VF reset by FLR
-    // before each boot again.
+    // The appliance: eleven boots on its VF's namespace, the data written
+    // on the first read back on the ten others; its NVMe VF and its igb
+    // VF (bound by igbvf each time) reset by FLR before each boot again.
     let lines: Vec<&str> = g.get("nvmevf_disk_lines").split(';').collect();
-    assert_eq!(lines.len(), 3, "{facts}");
+    assert_eq!(lines.len(), 11, "{facts}");
     assert!(
         lines[0].starts_with("THINHV-APPLIANCE: disk nvme boot=1 ok=written"),
         "{facts}"
@@ -674,7 +683,34 @@ fn an_appliance_boots_from_its_nvme_vf_while_the_os_uses_another_of_the_same_pf(
             "{facts}"
         );
     }
-    assert_eq!(g.get("nvmevf_vf_resets"), "2", "{facts}");
+    assert_eq!(g.get("nvmevf_vf_resets"), "10", "{facts}");
+    let vf_lines: Vec<&str> = g.get("nvmevf_igbvf_lines").split(';').collect();
+    assert_eq!(vf_lines.len(), 11, "{facts}");
+    assert!(
+        vf_lines.iter().all(|l| l.starts_with(
+            "THINHV-APPLIANCE: vf 0x8086:0x10ca driver=igbvf command=0x0406 msix=0x8002"
+        )),
+        "{facts}"
+    );
+    assert_eq!(g.get("nvmevf_igbvf_resets"), "10", "{facts}");
+    // The OS's own controller after its reset (thinhv runs the FLR on the
+    // VF) and after remove and rescan (found again at 01:00.0).
+    assert_eq!(g.get("nvmevf_os_rw_3"), "ok", "{facts}");
+    // Its BAR 0 stays where thinhv fixed it (an Enhanced Allocation entry
+    // in the view): Linux places a rescanned function's BARs anew, except
+    // fixed ones, and this one cannot move on its own.
+    let fixed = g.get("nvmevf_os_bar_fixed");
+    let bar = fixed.split(' ').next().unwrap_or("");
+    assert!(
+        bar.starts_with("0x") && bar != "0x0000000000000000",
+        "{facts}"
+    );
+    assert_eq!(
+        g.get("nvmevf_os_after_rescan"),
+        format!("0000:01:00.0 {bar}"),
+        "{facts}"
+    );
+    assert_eq!(g.get("nvmevf_os_rw_4"), "ok", "{facts}");
     // The PF's registers are no one's: the OS's writes to its admin queue
     // attributes and CC (CC.EN to 0 would take every secondary offline)
     // read back as zeros, and both disks kept working after them (above).
@@ -724,7 +760,7 @@ fn an_appliance_boots_from_its_nvme_vf_while_the_os_uses_another_of_the_same_pf(
     let list = appliances_json(facts);
     let a = &list["appliances"][0];
     assert_eq!(a["state"], "running", "{list}");
-    assert_eq!(a["restarts"], 2, "{list}");
+    assert_eq!(a["restarts"], 10, "{list}");
     assert_eq!(a["crashes"], 0, "{list}");
 }
 

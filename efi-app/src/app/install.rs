@@ -841,6 +841,27 @@ fn present_nvme_vf(
                     d.bar_count += 1;
                 }
             }
+            // Its BAR 0 fixed for the OS (an Enhanced Allocation entry in
+            // 16 free bytes of the VF's configuration space): Linux would
+            // otherwise place it anew after a remove and rescan, where the
+            // slot cannot follow.
+            if d.bar_count == 1 && d.bars[0].end() <= 1 << 32 {
+                use thinhv_passthrough::reset::FunctionConfig;
+                let mut c = super::pci::function(regions, vf.bdf);
+                let mut bytes = [0u8; 256];
+                for (i, ch) in bytes.chunks_mut(4).enumerate() {
+                    ch.copy_from_slice(&c.read32(4 * i as u16).to_le_bytes());
+                }
+                d.vdevfn = thinhv_passthrough::fixed_bar::free_slot(|o| bytes[usize::from(o)])
+                    .and_then(|o| u8::try_from(o).ok())
+                    .unwrap_or(0);
+            }
+            if d.vdevfn == 0 {
+                println!(
+                    "thinhv: NVMe {}: no room for an Enhanced Allocation capability in {}: the OS may move its BAR (a remove and rescan does), and its controller then no longer answers",
+                    pf.bdf, vf.bdf
+                );
+            }
             pci.presented[k] = d;
             m.action = thinhv_abi::handoff::PCI_ACTION_PRESENT_VF;
             m.reserved = k as u8;

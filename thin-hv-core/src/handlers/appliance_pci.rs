@@ -23,6 +23,7 @@ use crate::env::Env;
 use crate::partition::{BarShadow, PartitionId};
 use core::sync::atomic::Ordering;
 use thinhv_abi::handoff::PartitionDevice;
+use thinhv_passthrough::fixed_bar;
 use thinhv_passthrough::mediate::all_ones;
 use thinhv_passthrough::reset::{self, FunctionConfig};
 
@@ -266,7 +267,17 @@ pub(super) fn read(
     size: u8,
 ) -> u32 {
     let dword = reg & !3;
+    let ea = ea_of(who, dev);
     let v = match dword {
+        // The OS's view of a VF in a PF's place: an Enhanced Allocation
+        // capability fixing its BAR 0, at the head of the list.
+        d if ea != 0 && (ea..ea + fixed_bar::EA_BYTES).contains(&d) => {
+            let first = env.legacy_config_access(real_address(dev, 0x34), DATA, 1, None);
+            let next = u8::try_from(first & 0xfc).unwrap_or(0);
+            let bar = dev.bars[0];
+            fixed_bar::ea_dword(ea, next, bar.base, bar.size, d)
+        }
+        0x34 if ea != 0 => u32::from(dev.vdevfn),
         0x10..=0x27 => {
             with_bars(env, who, |b| b.read(usize::from((dword - 0x10) / 4))).unwrap_or(0)
         }
@@ -288,6 +299,15 @@ pub(super) fn read(
     (v >> (8 * (reg & 3))) & all_ones(size)
 }
 
+/// Where the OS's view of a VF in a PF's place shows its Enhanced
+/// Allocation capability (0: none, and never in an appliance's view).
+fn ea_of(who: Viewer, dev: &PartitionDevice) -> u16 {
+    match who {
+        Viewer::Os(_) if dev.vdevfn >= 0x40 && dev.bar_count > 0 => u16::from(dev.vdevfn),
+        _ => 0,
+    }
+}
+
 pub(super) fn write(
     env: &mut impl Env,
     who: Viewer,
@@ -298,7 +318,11 @@ pub(super) fn write(
 ) {
     let dword = reg & !3;
     let shift = 8 * u32::from(reg & 3);
+    let ea = ea_of(who, dev);
     match dword {
+        // The Enhanced Allocation capability is thinhv's (read-only, as
+        // its fixed entry is).
+        d if ea != 0 && (ea..ea + fixed_bar::EA_BYTES).contains(&d) => {}
         0x10..=0x27 => {
             let r = usize::from((dword - 0x10) / 4);
             let mask = all_ones(size) << shift;

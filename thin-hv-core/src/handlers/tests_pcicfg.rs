@@ -333,6 +333,8 @@ fn presenting() -> FakeEnv {
     };
     vf.bars[0] = PhysRange::new(0xc100_4000, 0x4000);
     vf.bar_regs[0] = BAR_REG_64;
+    // Its Enhanced Allocation capability at 0x4c (`fixed_bar`).
+    vf.vdevfn = 0x4c;
     env.hv.pci.presented[0] = vf;
     env.hv.presented_bars.lock()[0] = crate::partition::BarShadow::new(&vf);
     env.cf8_space.borrow_mut().extend([
@@ -341,6 +343,8 @@ fn presenting() -> FakeEnv {
         (VF1 | 8, 0x0108_0200),
         (VF1 | 0x10, 0),
         (VF1 | 0x14, 0),
+        (VF1 | 0x34, 0x60),
+        (VF1 | 0x4c, 0),
     ]);
     env
 }
@@ -369,6 +373,18 @@ fn the_os_sees_the_vf_thinhv_presents_in_a_kept_pfs_place() {
     out32(&mut env, 0, 0xcfc, 0xc100_4000);
     assert_eq!(read(&mut env, 0x10), 0xc100_4004);
     assert_eq!(env.cf8_space.borrow()[&(VF1 | 0x10)], 0);
+    // Its capability list starts with an Enhanced Allocation capability
+    // fixing BAR 0 (the OS never moves it), then the VF's own; a write
+    // there reaches nothing.
+    assert_eq!(read(&mut env, 0x34), 0x4c);
+    assert_eq!(read(&mut env, 0x4c), 0x0001_6014);
+    assert_eq!(read(&mut env, 0x50), 0x80ff_0002);
+    assert_eq!(read(&mut env, 0x54), 0xc100_4000);
+    assert_eq!(read(&mut env, 0x58), 0x3ffc);
+    out32(&mut env, 0, 0xcf8, PF | 0x54);
+    out32(&mut env, 0, 0xcfc, 0x1234_0000);
+    assert_eq!(read(&mut env, 0x54), 0xc100_4000);
+    assert_eq!(env.cf8_space.borrow()[&(VF1 | 0x4c)], 0);
     // Memory space and bus mastering reach the VF (INTx Disable on: a VF
     // has no INTx).
     out32(&mut env, 0, 0xcf8, PF | 4);
