@@ -25,6 +25,31 @@ pub const IGB_BEHIND_ROOT_PORT: [&str; 6] = [
 /// namespaces are `nvme-ns` devices on bus `nvpf`.
 pub const NVME_SRIOV_PF: &str = "nvme,id=nvpf,serial=nvmepf,subsys=nvsub,bus=rp1,sriov_max_vfs=2,sriov_vq_flexible=8,sriov_vi_flexible=6";
 
+/// The QEMU arguments of [`NVME_SRIOV_PF`] behind root port `rp1` at
+/// 00:07.0, with namespace 1 on the raw image `os_image` and namespace 2
+/// on `appliance_image`, both attached to no controller at start (thinhv
+/// attaches them: `docs/appliances.md`, "NVMe VFs").
+pub fn nvme_sriov_machine(os_image: &str, appliance_image: &str) -> Vec<String> {
+    [
+        "-device",
+        "pcie-root-port,id=rp1,chassis=1,addr=0x7",
+        "-device",
+        "nvme-subsys,id=nvsub",
+        "-device",
+        NVME_SRIOV_PF,
+        "-drive",
+        &format!("file={os_image},if=none,id=osns,format=raw"),
+        "-device",
+        "nvme-ns,drive=osns,bus=nvpf,nsid=1,detached=true",
+        "-drive",
+        &format!("file={appliance_image},if=none,id=appns,format=raw"),
+        "-device",
+        "nvme-ns,drive=appns,bus=nvpf,nsid=2,detached=true",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// A machine to boot.
 #[derive(Clone, Debug)]
 pub struct Profile {

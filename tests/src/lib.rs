@@ -262,11 +262,17 @@ impl Guest {
 /// A QEMU `-drive` value for a new sparse raw disk of `bytes` in the
 /// build's work directory (`name`), with drive id `id`.
 pub fn raw_drive(name: &str, id: &str, bytes: u64) -> String {
+    format!("file={},if=none,id={id},format=raw", raw_image(name, bytes))
+}
+
+/// A sparse raw image of `bytes` named `name` in the work directory
+/// (created anew); its path.
+pub fn raw_image(name: &str, bytes: u64) -> String {
     let path = built().work.join(name);
     std::fs::File::create(&path)
         .and_then(|file| file.set_len(bytes))
         .unwrap();
-    format!("file={},if=none,id={id},format=raw", path.display())
+    path.display().to_string()
 }
 
 /// Timeout for a Linux boot under TCG (SMP 4 takes longest).

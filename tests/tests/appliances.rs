@@ -592,37 +592,24 @@ fn an_appliance_boots_from_its_nvme_vf_while_the_os_uses_another_of_the_same_pf(
     // first boot and checks them after ten restarts; the OS writes and
     // reads its own namespace before and after. The appliance also has VF
     // 4 of the OS's igb (02:10.6); the OS restarts it ten times.
-    let os_ns = thinhv_tests::raw_drive("nvmevf-os.img", "osns", 32 << 20);
-    let app_ns = thinhv_tests::raw_drive("nvmevf-appliance.img", "appns", 64 << 20);
     let mut machine = Profile::svm(4);
-    machine.extra = [
-        "-device",
-        "intel-iommu",
-        "-device",
-        "pcie-root-port,id=rp1,chassis=1,addr=0x7",
-        "-device",
-        "nvme-subsys,id=nvsub",
-        "-device",
-        thinhv_ovmf::qemu::NVME_SRIOV_PF,
-        "-drive",
-        &os_ns,
-        "-device",
-        "nvme-ns,drive=osns,bus=nvpf,nsid=1,detached=true",
-        "-drive",
-        &app_ns,
-        "-device",
-        "nvme-ns,drive=appns,bus=nvpf,nsid=2,detached=true",
-        // And VF 4 of the OS's igb (02:00.0, behind a root port of its
-        // own).
-        "-device",
-        "pcie-root-port,id=rp2,chassis=2,addr=0xa",
-        "-netdev",
-        "user,id=vfnet",
-        "-device",
-        "igb,netdev=vfnet,bus=rp2",
-    ]
-    .map(String::from)
-    .to_vec();
+    machine.extra = vec![String::from("-device"), String::from("intel-iommu")];
+    machine.extra.extend(thinhv_ovmf::qemu::nvme_sriov_machine(
+        &thinhv_tests::raw_image("nvmevf-os.img", 32 << 20),
+        &thinhv_tests::raw_image("nvmevf-appliance.img", 64 << 20),
+    ));
+    // And VF 4 of the OS's igb (02:00.0, behind a root port of its own).
+    machine.extra.extend(
+        [
+            "-device",
+            "pcie-root-port,id=rp2,chassis=2,addr=0xa",
+            "-netdev",
+            "user,id=vfnet",
+            "-device",
+            "igb,netdev=vfnet,bus=rp2",
+        ]
+        .map(String::from),
+    );
     let config = APPLIANCE.to_string()
         + "control = \"os\"\ndevices = [\"vf:0000:01:00.0#2\", \"vf:8086:10c9#4\"]\n\n[[sriov]]\ndevice = \"0000:01:00.0\"\nos_vfs = 1\n\n[[sriov]]\ndevice = \"8086:10c9\"\nos_vfs = 2\n";
     let boot =

@@ -487,26 +487,8 @@ fn appliance_nvme_figures(
     ]
     .map(String::from)
     .to_vec();
-    let vfs = [
-        "-device",
-        "intel-iommu",
-        "-device",
-        "pcie-root-port,id=rp1,chassis=1,addr=0x7",
-        "-device",
-        "nvme-subsys,id=nvsub",
-        "-device",
-        qemu::NVME_SRIOV_PF,
-        "-drive",
-        &format!("file={os_disk},if=none,id=osnvme,format=raw"),
-        "-device",
-        "nvme-ns,drive=osnvme,bus=nvpf,nsid=1,detached=true",
-        "-drive",
-        &format!("file={app_disk},if=none,id=anvme,format=raw"),
-        "-device",
-        "nvme-ns,drive=anvme,bus=nvpf,nsid=2,detached=true",
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut vfs = vec![String::from("-device"), String::from("intel-iommu")];
+    vfs.extend(qemu::nvme_sriov_machine(&os_disk, &app_disk));
     let args = if vf { vfs } else { whole };
     let extra: Vec<&str> = args.iter().map(String::as_str).collect();
     let config = esp::TEST_APPLIANCE.replace(
