@@ -3,7 +3,7 @@
 //! mediated function's configuration space (`mediate`), quiescing and
 //! resetting a function that changes hands (`reset`), NVMe
 //! virtualization management (`nvme_virt`), a BAR the OS must not move
-//! (`fixed_bar`), the ACPI IOMMU
+//! (`fixed_bar`), interrupt remapping entries (`irq_remap`), the ACPI IOMMU
 //! tables (`dmar`, `ivrs`, `acpi`) and the VT-d / AMD-Vi register drivers
 //! (`vtd`, `amdvi`) over an MMIO trait.
 #![cfg_attr(not(test), no_std)]
@@ -16,6 +16,7 @@ pub mod amdvi;
 pub mod bars;
 pub mod dmar;
 pub mod fixed_bar;
+pub mod irq_remap;
 pub mod ivrs;
 pub mod madt;
 pub mod mediate;
