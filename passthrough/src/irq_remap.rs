@@ -24,6 +24,9 @@
 //! ([`Cores`]), [`vtd`] and [`amdvi`] encode entries and messages, and
 //! [`Slots`] hands out entries per source, the same entry again when a
 //! source reprograms the same vector slot.
+// Register fields are extracted by mask and shift; a table has at most
+// 65536 entries (`Slots::new`).
+#![allow(clippy::cast_possible_truncation)]
 
 use alloc::vec::Vec;
 
@@ -272,8 +275,9 @@ pub struct Slots {
 }
 
 impl Slots {
-    /// A table of `n` entries, all free.
+    /// A table of `n` entries (at most 65536), all free.
     pub fn new(n: usize) -> Self {
+        assert!(n <= 1 << 16, "a remapping table has at most 65536 entries");
         Self {
             keys: alloc::vec![None; n],
         }
