@@ -69,6 +69,11 @@ impl Bar {
         // SAFETY: inside the mapped BAR, 4-byte aligned register.
         unsafe { self.base.as_ptr().add(off).cast::<u32>().read_volatile() }
     }
+    fn w32(&self, off: usize, v: u32) {
+        assert!(off + 4 <= self.len);
+        // SAFETY: as in `r32`.
+        unsafe { self.base.as_ptr().add(off).cast::<u32>().write_volatile(v) }
+    }
     fn r64(&self, off: usize) -> u64 {
         assert!(off + 8 <= self.len);
         // SAFETY: as in `r32`, 8-byte register.
@@ -183,7 +188,84 @@ fn run_to(bdf: &str, addrs: &[String]) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `thinhv dma-probe [--to ADDR...]`.
+/// `thinhv dma-probe --raise ADDR DATA [N]`: programs the edu's MSI
+/// capability through sysfs `config` (message address `ADDR`, data
+/// `DATA`, both hex; MSI enabled, memory space and bus mastering on) and
+/// raises its interrupt `N` times (default 3), 20 ms apart, acknowledging
+/// each. Prints what the capability reads back (`msi_readback=ADDR/DATA`)
+/// and `msi_raised=N`. Whether the messages were delivered, and where, is
+/// for the target to see; no driver of the kernel's owns the vector.
+fn run_raise(bdf: &str, args: &[String]) -> Result<ExitCode, String> {
+    let hex = |a: &str| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok();
+    let (Some(addr), Some(data)) = (
+        args.first().and_then(|a| hex(a)),
+        args.get(1)
+            .and_then(|a| hex(a))
+            .and_then(|d| u16::try_from(d).ok()),
+    ) else {
+        return Err("usage: thinhv dma-probe --raise ADDR DATA [N]".into());
+    };
+    let times: u32 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(3);
+    let cfg = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/sys/bus/pci/devices/{bdf}/config"))
+        .map_err(|e| e.to_string())?;
+    let mut space = [0u8; 256];
+    cfg.read_exact_at(&mut space, 0)
+        .map_err(|e| e.to_string())?;
+    let mut at = usize::from(space[0x34] & 0xfc);
+    let mut found = None;
+    for _ in 0..48 {
+        if at < 0x40 {
+            break;
+        }
+        if space[at] == 0x05 {
+            found = Some(at);
+            break;
+        }
+        at = usize::from(space[at + 1] & 0xfc);
+    }
+    let cap = found.ok_or("no MSI capability")?;
+    let wide = space[cap + 2] & 0x80 != 0;
+    let data_at = cap + if wide { 0xc } else { 8 };
+    let put = |bytes: &[u8], off: usize| {
+        cfg.write_all_at(bytes, off as u64)
+            .map_err(|e| format!("config {off:#x}: {e}"))
+    };
+    put(&((addr & 0xffff_ffff) as u32).to_le_bytes(), cap + 4)?;
+    if wide {
+        put(&((addr >> 32) as u32).to_le_bytes(), cap + 8)?;
+    }
+    put(&data.to_le_bytes(), data_at)?;
+    let control = u16::from_le_bytes([space[cap + 2], space[cap + 3]]) | 1;
+    put(&control.to_le_bytes(), cap + 2)?;
+    let command = u16::from_le_bytes([space[4], space[5]]) | 0x6;
+    put(&command.to_le_bytes(), 4)?;
+    cfg.read_exact_at(&mut space, 0)
+        .map_err(|e| e.to_string())?;
+    let lo = u32::from_le_bytes(space[cap + 4..cap + 8].try_into().unwrap_or_default());
+    let hi = if wide {
+        u32::from_le_bytes(space[cap + 8..cap + 12].try_into().unwrap_or_default())
+    } else {
+        0
+    };
+    let d = u16::from_le_bytes([space[data_at], space[data_at + 1]]);
+    println!(
+        "msi_readback={:#x}/{d:#x}",
+        u64::from(hi) << 32 | u64::from(lo)
+    );
+    let bar = Bar::open(bdf).map_err(|e| format!("resource0: {e}"))?;
+    for _ in 0..times {
+        bar.w32(0x60, 1);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        bar.w32(0x64, 1);
+    }
+    println!("msi_raised={times}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `thinhv dma-probe [--to ADDR... | --raise ADDR DATA [N]]`.
 pub fn run(args: &[String]) -> ExitCode {
     let Some(bdf) = find_edu() else {
         println!("edu_found=0");
@@ -193,6 +275,8 @@ pub fn run(args: &[String]) -> ExitCode {
     println!("edu_bdf={bdf}");
     let r = if args.first().is_some_and(|a| a == "--to") {
         run_to(&bdf, &args[1..])
+    } else if args.first().is_some_and(|a| a == "--raise") {
+        run_raise(&bdf, &args[1..])
     } else {
         into_thinhv(&bdf)
     };

@@ -201,6 +201,12 @@ pub const fn cmd_invalidate_devtab(id: u16) -> [u32; 4] {
     [id as u32, 2 << 28, 0, 0]
 }
 
+/// INVALIDATE_INTERRUPT_TABLE for `id`: the unit reads the device's
+/// interrupt remapping entries again.
+pub const fn cmd_invalidate_interrupt_table(id: u16) -> [u32; 4] {
+    [id as u32, 5 << 28, 0, 0]
+}
+
 /// INVALIDATE_IOMMU_PAGES: every page of `domain` (S = 1, PDE = 1, the
 /// all-pages address).
 pub const fn cmd_invalidate_domain(domain: u16) -> [u32; 4] {
@@ -376,6 +382,14 @@ mod tests {
         assert_eq!((b[0] >> 9) & 7, 0, "mode 0: IR/IW decide");
         assert_eq!(b[0] >> 61, 0, "neither read nor write");
         assert_eq!(b[1], 2);
+    }
+
+    #[test]
+    fn interrupt_table_invalidation_names_the_device() {
+        assert_eq!(
+            cmd_invalidate_interrupt_table(0x0108),
+            [0x0108, 0x5000_0000, 0, 0]
+        );
     }
 
     #[test]

@@ -46,10 +46,12 @@ pub trait FunctionConfig {
 
 /// Capability IDs: power management, MSI, PCI Express, MSI-X.
 pub const CAP_PM: u8 = 0x01;
-const CAP_MSI: u8 = 0x05;
+/// MSI.
+pub const CAP_MSI: u8 = 0x05;
 /// PCI Express.
 pub const CAP_PCIE: u8 = 0x10;
-const CAP_MSIX: u8 = 0x11;
+/// MSI-X.
+pub const CAP_MSIX: u8 = 0x11;
 
 const COMMAND: u16 = 0x04;
 const CMD_MEMORY: u16 = 1 << 1;

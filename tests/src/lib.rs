@@ -325,6 +325,17 @@ pub fn boot_linux_under_thinhv(
 
 /// The machine [`boot_linux_under_thinhv`] boots, not started yet.
 pub fn linux_under_thinhv(name: &str, profile: Profile, options: &str, extra_config: &str) -> Boot {
+    linux_under_thinhv_iommu(name, profile, options, extra_config, "protect")
+}
+
+/// As [`linux_under_thinhv`], with `[iommu] mode = "{iommu_mode}"`.
+pub fn linux_under_thinhv_iommu(
+    name: &str,
+    profile: Profile,
+    options: &str,
+    extra_config: &str,
+    iommu_mode: &str,
+) -> Boot {
     let b = built();
     let boot = Boot::new(&b, name, profile);
     boot.esp.install_linux(&b.linux).expect("install Linux");
@@ -333,7 +344,7 @@ pub fn linux_under_thinhv(name: &str, profile: Profile, options: &str, extra_con
         Some(&esp::kernel_options(&format!(
             "quiet thinhv_test=1 {options}"
         ))),
-        &format!("\n[iommu]\nmode = \"protect\"\n{extra_config}"),
+        &format!("\n[iommu]\nmode = \"{iommu_mode}\"\n{extra_config}"),
     );
     boot.esp
         .install_thinhv(&b.efi, Some(&config))

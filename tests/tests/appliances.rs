@@ -937,6 +937,74 @@ fn an_appliances_vf_of_the_oss_igb_survives_what_the_os_does_to_its_pf() {
     assert_eq!(vf["iommu_domain"], 16, "{vf}");
 }
 
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn an_appliances_msi_reaches_its_own_processor_and_never_the_oss_where_amd_vi_remaps_it() {
+    // The appliance's edu (00:08.0, MSI only) on an AMD-Vi machine that
+    // remaps interrupts (`amd-iommu,intremap=on`). From its user space
+    // (`thinhv dma-probe --raise`, writing the MSI capability through
+    // sysfs) the appliance sends three messages with vector 0xdf to its
+    // own first processor, then three NMIs to APIC ID 0, the OS's first
+    // processor. thinhv keeps what it wrote, gives the function a message
+    // naming entry 0 of its own remapping table, and writes that entry only
+    // for the first. The control: the same machine with the IOMMU left to
+    // no one (`[iommu] mode = "off"`), where the NMIs reach the OS.
+    let config = APPLIANCE.replace(
+        "thinhv_appliance=1",
+        "thinhv_appliance=1 thinhv_appliance_msi_probe=1",
+    ) + "devices = [\"0000:00:08.0\"]\n";
+    let boot = |name: &str, mode: &str, options: &str| {
+        let mut machine = Profile::svm(4);
+        machine.extra = [
+            "-device",
+            "amd-iommu,pt=off,intremap=on",
+            "-device",
+            "edu,addr=0x8,dma_mask=0xffffffffffffffff",
+        ]
+        .map(String::from)
+        .to_vec();
+        thinhv_tests::boot_linux(&thinhv_tests::linux_under_thinhv_iommu(
+            name, machine, options, &config, mode,
+        ))
+    };
+    let guarded = boot("appliance-msi", "protect", "thinhv_msi_probe=1");
+    let open = boot(
+        "appliance-msi-control",
+        "off",
+        "thinhv_msi_probe=1 amd_iommu=off",
+    );
+    for g in [&guarded, &open] {
+        let facts = &g.facts;
+        // The appliance's own messages arrive either way (three "No irq
+        // handler" reports), and it reads back what it wrote.
+        assert!(
+            g.get("msi_own")
+                .contains("msi_readback=0xfee02000/0xdf msi_raised=3"),
+            "{facts}"
+        );
+        assert_eq!(g.get("msi_own_handled"), "3", "{facts}");
+        assert!(
+            g.get("msi_attack")
+                .contains("msi_readback=0xfee00000/0x400 msi_raised=3"),
+            "{facts}"
+        );
+    }
+    let facts = &guarded.facts;
+    assert_eq!(guarded.get("msi_remapped"), "1", "{facts}");
+    // The address, then the NMI data: two refusals, counted and logged.
+    assert_eq!(guarded.get("msi_refused"), "2", "{facts}");
+    assert_eq!(guarded.get("os_nmis"), "0", "{facts}");
+    assert_eq!(guarded.get("os_unknown_nmis"), "0", "{facts}");
+    let facts = &open.facts;
+    assert_eq!(open.get("msi_remapped"), "0", "{facts}");
+    assert_eq!(open.get("msi_refused"), "0", "{facts}");
+    assert_eq!(
+        open.get("os_nmis"),
+        "3",
+        "control: the NMIs reach the OS without remapping: {facts}"
+    );
+}
+
 /// The rest of each line of `serial` that starts with `prefix`.
 fn lines_after<'a>(serial: &'a str, prefix: &str) -> Vec<&'a str> {
     serial

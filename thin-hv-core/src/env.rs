@@ -107,6 +107,25 @@ pub trait Env {
     fn port_read(&self, port: u16, size: u8) -> u32;
     /// OUT of `size` bytes to `port`.
     fn port_write(&mut self, port: u16, size: u8, value: u32);
+    /// Whether the interrupt messages of the function with routing ID
+    /// `rid` go through a remapping table that thinhv writes
+    /// ([`Env::remap_interrupt`]): what it sends must then name an entry.
+    fn remaps_interrupts(&self, _rid: u16) -> bool {
+        false
+    }
+    /// Writes entry `slot` of the remapping table of `rid` to deliver
+    /// `target` (`None`: not present, every message naming it aborted),
+    /// invalidates the unit's copy, and returns the message (address,
+    /// data) that names the entry. `Err` where the entry cannot be
+    /// written (no table for `rid`, a target the format cannot name).
+    fn remap_interrupt(
+        &mut self,
+        _rid: u16,
+        _slot: u16,
+        _target: Option<thinhv_passthrough::irq_remap::Target>,
+    ) -> Result<(u64, u32), thinhv_passthrough::irq_remap::Refusal> {
+        Err(thinhv_passthrough::irq_remap::Refusal::Malformed)
+    }
     /// The appliance partitions changed state: their records on the
     /// status page are written again.
     fn publish_appliances(&self) {}

@@ -239,6 +239,9 @@ pub struct Hv {
     partition_count: usize,
     /// IPIs dropped because they crossed partitions (`handlers::ipi`).
     pub cross_partition_ipis: AtomicU64,
+    /// Interrupt messages an appliance programmed into its functions that
+    /// thinhv gave no remapping entry (`handlers::appliance_msi`).
+    pub refused_msis: AtomicU64,
 }
 
 impl Hv {
@@ -294,6 +297,7 @@ impl Hv {
             partitions: core::array::from_fn(|i| h.partitions().get(i).map(|p| Partition::new(*p))),
             partition_count: h.partitions().len(),
             cross_partition_ipis: AtomicU64::new(0),
+            refused_msis: AtomicU64::new(0),
         }
     }
 

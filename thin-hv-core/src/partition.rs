@@ -76,6 +76,27 @@ pub struct Partition {
     pub in_x2apic: AtomicBool,
     /// Its functions' BARs as it sees them.
     pub bar_shadow: spin::Mutex<[BarShadow; thinhv_abi::handoff::MAX_PARTITION_DEVICES]>,
+    /// Its functions' MSI address and data as it wrote them, where the
+    /// function's messages are remapped (`handlers::appliance_msi`).
+    pub msi_shadow: spin::Mutex<[MsiShadow; thinhv_abi::handoff::MAX_PARTITION_DEVICES]>,
+}
+
+/// The MSI address and data an appliance wrote into one of its functions
+/// (the function holds a message naming its remapping entry instead).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MsiShadow {
+    /// Message address, both halves.
+    pub addr: u64,
+    /// Message data (16 bits).
+    pub data: u16,
+    /// Where its MSI capability is (0: not looked up yet), and whether
+    /// its address is 64 bits wide.
+    pub cap: u16,
+    /// See `cap`.
+    pub wide: bool,
+    /// The message last refused (address, data), counted once however
+    /// often the appliance writes it again.
+    pub refused: Option<(u64, u16)>,
 }
 
 impl Partition {
@@ -97,6 +118,7 @@ impl Partition {
                     .map(BarShadow::new)
                     .unwrap_or_default()
             })),
+            msi_shadow: spin::Mutex::new(Default::default()),
         }
     }
 

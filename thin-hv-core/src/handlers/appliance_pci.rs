@@ -16,9 +16,11 @@
 //!   processors in physical destination mode).
 //!
 //! The capabilities (MSI, MSI-X, PCI Express, power management) are the
-//! function's own; that a hostile appliance could aim its device's MSIs
-//! at the OS's processors without interrupt remapping is issue 13's
-//! subject (`docs/security.md`).
+//! function's own, except the MSI address and data of a function whose
+//! messages are remapped (`appliance_msi`). A function whose messages are
+//! not remapped (an MSI-X function, or any without an IOMMU that remaps)
+//! can be aimed at the OS's processors by a hostile appliance
+//! (`docs/security.md`).
 use crate::env::Env;
 use crate::partition::{BarShadow, PartitionId};
 use core::sync::atomic::Ordering;
@@ -95,17 +97,17 @@ fn with_bars<T>(env: &impl Env, who: Viewer, f: impl FnOnce(&mut BarShadow) -> T
     }
 }
 
-fn real_address(dev: &PartitionDevice, reg: u16) -> u32 {
+pub(super) fn real_address(dev: &PartitionDevice, reg: u16) -> u32 {
     1 << 31 | u32::from(dev.rid) << 8 | u32::from(reg & 0xfc)
 }
 
 /// One of an appliance's functions through the configuration ports, for
 /// [`thinhv_passthrough::reset`]; waits count time-stamp ticks at
 /// `tsc_khz`.
-struct Function<'a, E: Env> {
-    env: &'a mut E,
-    dev: &'a PartitionDevice,
-    tsc_khz: u64,
+pub(super) struct Function<'a, E: Env> {
+    pub(super) env: &'a mut E,
+    pub(super) dev: &'a PartitionDevice,
+    pub(super) tsc_khz: u64,
 }
 
 impl<E: Env> FunctionConfig for Function<'_, E> {
@@ -285,6 +287,14 @@ pub(super) fn read(
         // A VF's vendor and device ID read all ones: the PF's vendor and
         // the VF device ID of its SR-IOV capability instead.
         0x00 if dev.is_vf() => dev.vf_ids,
+        // A remapped function's MSI address and data: as the appliance
+        // wrote them.
+        d if d >= 0x40
+            && let Viewer::Appliance(id, i) = who
+            && let Some(v) = super::appliance_msi::read(env, id, i, dev, d) =>
+        {
+            v
+        }
         _ => {
             let v = env.legacy_config_access(real_address(dev, dword), DATA, 4, None);
             match dword {
@@ -384,6 +394,9 @@ pub(super) fn write(
                 env.legacy_config_access(real_address(dev, dword), DATA, 1, Some(value & 0xff));
             }
         }
+        // A remapped function's MSI capability: `appliance_msi`.
+        _ if let Viewer::Appliance(id, i) = who
+            && super::appliance_msi::write(env, id, i, dev, reg, size, value) => {}
         // Capabilities and the rest: as written, except the function's
         // own resets.
         _ => {

@@ -169,6 +169,11 @@ pub struct FakeEnv {
     pub control_results: std::cell::RefCell<Vec<thinhv_abi::status::ControlResult>>,
     /// The time-stamp counter [`Env::tsc`] reads (it advances per read).
     pub tsc: std::cell::Cell<u64>,
+    /// Routing IDs whose interrupts are remapped, and the entries written
+    /// ((rid, slot) → target; `None` not present), AMD-Vi style: the
+    /// message names its slot in data.
+    pub remapped: Vec<u16>,
+    pub irq_entries: HashMap<(u16, u16), Option<thinhv_passthrough::irq_remap::Target>>,
 }
 
 impl FakeEnv {
@@ -227,6 +232,8 @@ impl FakeEnv {
             apic_trap_ok: true,
             control_results: std::cell::RefCell::default(),
             tsc: std::cell::Cell::new(0),
+            remapped: Vec::new(),
+            irq_entries: HashMap::new(),
         }
     }
 
@@ -479,6 +486,21 @@ impl Env for FakeEnv {
             self.mmio.insert(pa + i as u64, *x);
         }
         self.mmio_log.borrow_mut().push(('w', pa, size, value));
+    }
+    fn remaps_interrupts(&self, rid: u16) -> bool {
+        self.remapped.contains(&rid)
+    }
+    fn remap_interrupt(
+        &mut self,
+        rid: u16,
+        slot: u16,
+        target: Option<thinhv_passthrough::irq_remap::Target>,
+    ) -> Result<(u64, u32), thinhv_passthrough::irq_remap::Refusal> {
+        if !self.remapped.contains(&rid) {
+            return Err(thinhv_passthrough::irq_remap::Refusal::Malformed);
+        }
+        self.irq_entries.insert((rid, slot), target);
+        Ok(thinhv_passthrough::irq_remap::amdvi::msi(slot))
     }
     fn legacy_config_access(
         &mut self,

@@ -2,6 +2,7 @@
 //! [`Env`].
 pub mod apic_reloc;
 mod appliance_io;
+mod appliance_msi;
 mod appliance_pci;
 mod cpuid;
 mod cr_access;

@@ -821,3 +821,106 @@ fn a_pf_reset_by_the_os_gives_the_vfs_back_and_restarts_the_appliance() {
         1
     );
 }
+
+/// An appliance's function with a 64-bit MSI capability at 0x50 (after a
+/// PCI Express one at 0x40), remapped or not.
+fn msi_function(remapped: bool) -> FakeEnv {
+    let mut env = with_partition(|p| {
+        p.device_count = 1;
+        p.devices[0].rid = 0x0100;
+        p.devices[0].vdevfn = 0x08;
+    });
+    function_config(
+        &env,
+        &[
+            (0x00, 0x11e8_1234),
+            (0x04, 0x0010_0006),
+            (0x34, 0x40),
+            (0x40, 0x0002_5010),
+            (0x50, 0x0080_0005),
+            (0x54, 0),
+            (0x58, 0),
+            (0x5c, 0),
+        ],
+    );
+    if remapped {
+        env.remapped.push(0x0100);
+    }
+    env
+}
+
+fn appliance_write(env: &mut FakeEnv, reg: u32, size: u8, v: u32) {
+    appliance_io(env, 0xcf8, 4, false, u64::from(0x8000_0800 | (reg & 0xfc)));
+    appliance_io(env, 0xcfc + (reg & 3) as u16, size, false, u64::from(v));
+}
+
+fn appliance_read(env: &mut FakeEnv, reg: u32) -> u32 {
+    appliance_io(env, 0xcf8, 4, false, u64::from(0x8000_0800 | reg));
+    (appliance_io(env, 0xcfc, 4, true, 0) & 0xffff_ffff) as u32
+}
+
+#[test]
+fn an_appliances_msi_reaches_only_its_own_processors_through_its_remapping_entry() {
+    use thinhv_passthrough::irq_remap::{Delivery, Target};
+    let mut env = msi_function(true);
+    // Linux: address, high half, data, then enable (with Multiple Message
+    // Enable asked for).
+    appliance_write(&mut env, 0x54, 4, 0xfee0_2000);
+    appliance_write(&mut env, 0x58, 4, 0);
+    appliance_write(&mut env, 0x5c, 2, 0x0041);
+    appliance_write(&mut env, 0x52, 2, 0x0071);
+    let space = |env: &FakeEnv, reg: u32| env.cf8_space.borrow()[&(0x8001_0000 | reg)];
+    // The function holds the message naming entry 0; enabled, one vector.
+    assert_eq!(space(&env, 0x54), 0xfee0_0000);
+    assert_eq!(space(&env, 0x58), 0);
+    assert_eq!(space(&env, 0x5c) & 0xffff, 0);
+    assert_eq!(space(&env, 0x50) >> 16, 0x0001);
+    // Entry 0: its processor 2 (APIC ID 2), vector 0x41, physical, fixed.
+    assert_eq!(
+        env.irq_entries[&(0x0100, 0)],
+        Some(Target {
+            apic_id: 2,
+            vector: 0x41,
+            delivery: Delivery::Fixed,
+            level: false
+        })
+    );
+    // It reads back what it wrote.
+    assert_eq!(appliance_read(&mut env, 0x54), 0xfee0_2000);
+    assert_eq!(appliance_read(&mut env, 0x5c) & 0xffff, 0x41);
+    assert_eq!(env.hv.refused_msis.load(Ordering::SeqCst), 0);
+    // Hostile: its processor 3 first (fine), then the OS's processor 1,
+    // then an NMI: the entry is taken away, the function's message stays.
+    appliance_write(&mut env, 0x54, 4, 0xfee0_3000);
+    assert_eq!(env.irq_entries[&(0x0100, 0)].unwrap().apic_id, 3);
+    appliance_write(&mut env, 0x54, 4, 0xfee0_1000);
+    assert_eq!(env.irq_entries[&(0x0100, 0)], None);
+    appliance_write(&mut env, 0x54, 4, 0xfee0_3000);
+    appliance_write(&mut env, 0x5c, 2, 0x0400);
+    assert_eq!(env.irq_entries[&(0x0100, 0)], None);
+    assert_eq!(env.hv.refused_msis.load(Ordering::SeqCst), 2);
+    assert_eq!(space(&env, 0x54), 0xfee0_0000);
+    assert_eq!(space(&env, 0x5c) & 0xffff, 0);
+    assert_eq!(appliance_read(&mut env, 0x5c) & 0xffff, 0x400);
+    // Disabled: no entry, whatever it holds.
+    appliance_write(&mut env, 0x5c, 2, 0x0041);
+    assert!(env.irq_entries[&(0x0100, 0)].is_some());
+    appliance_write(&mut env, 0x52, 2, 0x0000);
+    assert_eq!(env.irq_entries[&(0x0100, 0)], None);
+}
+
+#[test]
+fn without_remapping_an_appliances_msi_reaches_the_function_as_written() {
+    // The control: the same writes where the function's messages are not
+    // remapped land as written (the OS's processor, NMI), and no entry is
+    // written.
+    let mut env = msi_function(false);
+    appliance_write(&mut env, 0x54, 4, 0xfee0_1000);
+    appliance_write(&mut env, 0x5c, 2, 0x0400);
+    appliance_write(&mut env, 0x52, 2, 0x0001);
+    let space = |env: &FakeEnv, reg: u32| env.cf8_space.borrow()[&(0x8001_0000 | reg)];
+    assert_eq!(space(&env, 0x54), 0xfee0_1000);
+    assert_eq!(space(&env, 0x5c) & 0xffff, 0x400);
+    assert!(env.irq_entries.is_empty());
+    assert_eq!(env.hv.refused_msis.load(Ordering::SeqCst), 0);
+}

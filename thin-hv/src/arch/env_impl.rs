@@ -8,6 +8,7 @@ use crate::hv::Hv;
 use core::sync::atomic::Ordering;
 use thinhv_abi::exit::EXIT_REASON_COUNT;
 use thinhv_abi::hypercall::StatusReport;
+use thinhv_passthrough::irq_remap;
 
 /// The environment of one CPU's exit handler.
 pub struct HwEnv {
@@ -375,6 +376,32 @@ impl Env for HwEnv {
 
     fn iommu_poll(&self) {
         self.core.iommu.poll();
+    }
+
+    fn remaps_interrupts(&self, rid: u16) -> bool {
+        self.core.iommu.remaps(rid)
+    }
+
+    fn remap_interrupt(
+        &mut self,
+        rid: u16,
+        slot: u16,
+        target: Option<irq_remap::Target>,
+    ) -> Result<(u64, u32), irq_remap::Refusal> {
+        let entry = match target {
+            Some(t) => irq_remap::amdvi::irte(&t)?,
+            None => 0,
+        };
+        self.core.iommu.set_irte(rid, slot, entry).map_err(|why| {
+            log::error!(
+                "IOMMU: interrupt remapping entry {slot} of {:02x}:{:02x}.{}: {why}",
+                rid >> 8,
+                (rid >> 3) & 0x1f,
+                rid & 7
+            );
+            irq_remap::Refusal::Malformed
+        })?;
+        Ok(irq_remap::amdvi::msi(slot))
     }
 
     fn mmio_read(&self, pa: u64, size: u8) -> u32 {

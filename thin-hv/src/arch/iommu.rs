@@ -35,6 +35,8 @@ use thinhv_abi::status::{
 use thinhv_paging::iommu::{ADDR_MASK, AmdViFormat, VtdFormat};
 use thinhv_paging::{Attrs, BumpFrames, EntryFormat, FrameAlloc, Mapper, PhysMem};
 use thinhv_passthrough::amdvi::{self, Ring};
+use thinhv_passthrough::irq_remap;
+use thinhv_passthrough::reset;
 use thinhv_passthrough::vtd::{self, Caps, Mmio};
 
 /// A 256-entry ring of 16-byte entries in the core's memory.
@@ -55,6 +57,8 @@ impl Ring for PhysRing {
 }
 
 /// What the units were set up with.
+// One per core, built once: the size of the AMD-Vi variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Copy, Debug)]
 enum Hw {
     /// Nothing to enable.
@@ -68,7 +72,76 @@ enum Hw {
         cmd_buf: u64,
         event_log: u64,
         sem: u64,
+        irq: IrqTables,
     },
+}
+
+/// Interrupt remapping tables of appliances' functions (AMD-Vi: one page
+/// each, `irq_remap::amdvi::ENTRIES` 32-bit entries), by routing ID.
+#[derive(Clone, Copy, Debug)]
+struct IrqTables {
+    tables: [(u16, u64); MAX_APPLIANCES * MAX_PARTITION_DEVICES],
+    count: usize,
+}
+
+impl IrqTables {
+    const fn new() -> Self {
+        Self {
+            tables: [(0, 0); MAX_APPLIANCES * MAX_PARTITION_DEVICES],
+            count: 0,
+        }
+    }
+
+    fn of(&self, rid: u16) -> Option<u64> {
+        self.tables[..self.count]
+            .iter()
+            .find(|(r, _)| *r == rid)
+            .map(|(_, t)| *t)
+    }
+}
+
+/// One function's configuration space through 0xCF8/0xCFC, at
+/// `CORE_OP_INIT` (native, before any processor is virtualized): to find
+/// which capabilities it has.
+struct InitConfig {
+    rid: u16,
+}
+
+impl InitConfig {
+    fn select(&self, reg: u16) {
+        // SAFETY: CORE_OP_INIT runs natively with no guest running;
+        // selecting a dword of a function's configuration space changes
+        // nothing but the address latch, which the next access sets again.
+        unsafe {
+            super::instr::port_out(
+                thinhv_passthrough::mediate::CONFIG_ADDRESS,
+                4,
+                1 << 31 | u32::from(self.rid) << 8 | u32::from(reg & 0xfc),
+            );
+        }
+    }
+}
+
+impl reset::FunctionConfig for InitConfig {
+    fn read32(&mut self, reg: u16) -> u32 {
+        self.select(reg);
+        // SAFETY: as in `select`: a read of the dword just selected.
+        unsafe { super::instr::port_in(thinhv_passthrough::mediate::CONFIG_ADDRESS + 4, 4) }
+    }
+    fn write32(&mut self, _reg: u16, _value: u32) {
+        // Only capabilities are looked up here: nothing is written.
+    }
+    fn write16(&mut self, _reg: u16, _value: u16) {}
+    fn wait_us(&mut self, _us: u32) {}
+}
+
+/// Whether thinhv remaps the function's interrupts: it signals by MSI
+/// only. An MSI-X function is not remapped yet (its table lives in a BAR,
+/// which the appliance writes directly), nor one without MSI.
+fn msi_only(rid: u16) -> bool {
+    let mut f = InitConfig { rid };
+    reset::find_capability(&mut f, reset::CAP_MSI).is_some()
+        && reset::find_capability(&mut f, reset::CAP_MSIX).is_none()
 }
 
 /// A unit's registers through the identity map.
@@ -116,6 +189,11 @@ pub struct Iommu {
     /// [`Iommu::enable`] has run (it acts once; later calls report).
     started: AtomicBool,
 }
+
+/// Completion-wait values for interrupt table invalidations (distinct
+/// from the one `amdvi_enable` uses).
+static IRQ_TOKEN: core::sync::atomic::AtomicU64 =
+    core::sync::atomic::AtomicU64::new(0x6972_7100_0000_0000);
 
 /// Largest address the identity map for devices covers with 3-level tables.
 const THREE_LEVEL_LIMIT: u64 = 1 << 39;
@@ -335,6 +413,7 @@ impl Iommu {
         let closed = amdvi::dte_blocked(2);
         let mut assigned = [(0u16, [0u64; 4]); MAX_APPLIANCES * MAX_PARTITION_DEVICES];
         let mut n_assigned = 0;
+        let mut irq = IrqTables::new();
         for (i, p) in partitions.iter().enumerate().take(MAX_APPLIANCES) {
             if p.devices().is_empty() {
                 continue;
@@ -344,6 +423,24 @@ impl Iommu {
                 thinhv_abi::handoff::appliance_iommu_domain(i),
             );
             for d in p.devices() {
+                // A function whose messages thinhv remaps: its own table,
+                // every entry not present until the appliance programs
+                // its MSI (`handlers::appliance_msi`).
+                let e = if msi_only(d.rid) {
+                    let table = frames_take(frames)?;
+                    irq.tables[irq.count] = (d.rid, table);
+                    irq.count += 1;
+                    log::info!(
+                        "IOMMU: interrupts of {:02x}:{:02x}.{} (appliance {}) remapped through its table at {table:#x}",
+                        d.rid >> 8,
+                        (d.rid >> 3) & 0x1f,
+                        d.rid & 7,
+                        p.name()
+                    );
+                    irq_remap::amdvi::dte(e, table, false)
+                } else {
+                    e
+                };
                 assigned[n_assigned] = (d.rid, e);
                 n_assigned += 1;
             }
@@ -369,6 +466,7 @@ impl Iommu {
             cmd_buf: frames_take(frames)?,
             event_log: frames_take(frames)?,
             sem: frames_take(frames)?,
+            irq,
         })
     }
 
@@ -407,6 +505,7 @@ impl Iommu {
                             cmd_buf,
                             event_log,
                             sem,
+                            ..
                         } => amdvi_enable(
                             u.base,
                             dev_table,
@@ -479,6 +578,63 @@ impl Iommu {
         }
         self.publish_all();
         failed
+    }
+
+    /// Whether the interrupts of `rid` are remapped through a table of
+    /// thinhv's (AMD-Vi, an appliance's MSI function, units translating).
+    pub fn remaps(&self, rid: u16) -> bool {
+        match self.hw {
+            Hw::AmdVi { irq, .. } => {
+                self.started.load(Ordering::SeqCst) && self.protect && irq.of(rid).is_some()
+            }
+            _ => false,
+        }
+    }
+
+    /// Writes entry `slot` of the remapping table of `rid` and has every
+    /// translating unit read it again (INVALIDATE_INTERRUPT_TABLE, then a
+    /// completion wait).
+    pub fn set_irte(&self, rid: u16, slot: u16, entry: u32) -> Result<(), &'static str> {
+        let Hw::AmdVi {
+            cmd_buf, sem, irq, ..
+        } = self.hw
+        else {
+            return Err("no interrupt remapping table");
+        };
+        let table = irq.of(rid).ok_or("no interrupt remapping table")?;
+        if usize::from(slot) >= irq_remap::amdvi::ENTRIES {
+            return Err("no such entry");
+        }
+        let g = self.units.lock();
+        let (units, n) = &*g;
+        let at = (table + 4 * u64::from(slot)) as *mut u32;
+        // SAFETY: `table` is a page of the core's pool given to this
+        // function's interrupt table; `slot` is below the entries a page
+        // holds. The line is written back before the unit is told.
+        unsafe {
+            core::ptr::write_volatile(at, entry);
+            core::arch::x86_64::_mm_clflush(at.cast::<u8>());
+            core::arch::x86_64::_mm_mfence();
+        }
+        for u in units[..*n]
+            .iter()
+            .filter(|u| u.record.state == IOMMU_STATE_TRANSLATING)
+        {
+            let token = IRQ_TOKEN.fetch_add(1, Ordering::Relaxed);
+            amdvi::submit(
+                &mut Window { base: u.base },
+                &mut PhysRing { base: cmd_buf },
+                &[
+                    amdvi::cmd_invalidate_interrupt_table(rid),
+                    amdvi::cmd_completion_wait(sem, token),
+                ],
+            );
+            // SAFETY: `sem` is the pool page for completion waits; the unit
+            // stores the token there by DMA.
+            amdvi::wait(|| unsafe { core::ptr::read_volatile(sem as *const u64) } == token)
+                .map_err(|_| "the command buffer did not complete")?;
+        }
+        Ok(())
     }
 
     /// Reads and clears recorded faults, counting them.
