@@ -169,8 +169,22 @@ pub struct Function {
 
 /// Legacy capability ID of PCI Express.
 pub const CAP_ID_PCIE: u16 = 0x10;
+/// Legacy capability ID of MSI.
+pub const CAP_ID_MSI: u16 = 0x05;
+/// Legacy capability ID of MSI-X.
+pub const CAP_ID_MSIX: u16 = 0x11;
 
 impl Function {
+    /// The offset of its MSI capability if it signals by MSI only (no
+    /// MSI-X).
+    pub fn msi_only(&self) -> Option<u16> {
+        let has = |id| self.caps.iter().find(|c| c.0 == id).map(|c| c.1);
+        has(CAP_ID_MSIX)
+            .is_none()
+            .then(|| has(CAP_ID_MSI))
+            .flatten()
+    }
+
     /// An NVM Express controller (class 01h, subclass 08h, interface 02h).
     pub fn is_nvme(&self) -> bool {
         self.class_rev >> 8 == 0x01_0802

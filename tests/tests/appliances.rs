@@ -1005,6 +1005,115 @@ fn an_appliances_msi_reaches_its_own_processor_and_never_the_oss_where_amd_vi_re
     );
 }
 
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn an_os_devices_msi_never_reaches_an_appliance_where_amd_vi_remaps_it() {
+    // Test 4 of issue 13: the OS's edu (00:09.0, MSI only) on an AMD-Vi
+    // machine that remaps interrupts. From the OS's user space (`thinhv
+    // dma-probe --raise`, writing the MSI capability through sysfs: what
+    // a hostile kernel can do as well) it sends three messages with vector
+    // 0xdf to the OS's first processor, then three NMIs and three with
+    // vector 0xdf to APIC ID 2, the appliance's first processor. thinhv
+    // keeps what the OS wrote and gives the function a message naming
+    // entry 0 of its own table, written only for the first. The control:
+    // the IOMMU left to no one, where the messages reach the appliance.
+    let config = APPLIANCE.replace(
+        "thinhv_appliance=1",
+        "thinhv_appliance=1 thinhv_appliance_nmi_report=1",
+    );
+    let boot = |name: &str, mode: &str, options: &str| {
+        let mut machine = Profile::svm(4);
+        machine.extra = [
+            "-device",
+            "amd-iommu,pt=off,intremap=on",
+            "-device",
+            "edu,addr=0x9,dma_mask=0xffffffffffffffff",
+        ]
+        .map(String::from)
+        .to_vec();
+        thinhv_tests::boot_linux(&thinhv_tests::linux_under_thinhv_iommu(
+            name, machine, options, &config, mode,
+        ))
+    };
+    let guarded = boot("os-msi", "protect", "thinhv_os_msi_probe=1");
+    let open = boot(
+        "os-msi-control",
+        "off",
+        "thinhv_os_msi_probe=1 amd_iommu=off",
+    );
+    let pair = |g: &Guest, key: &str| -> Vec<u64> {
+        g.get(key)
+            .split(' ')
+            .filter_map(|n| n.parse().ok())
+            .collect()
+    };
+    for g in [&guarded, &open] {
+        let facts = &g.facts;
+        // The OS's own messages arrive either way, and it reads back what
+        // it wrote.
+        assert!(
+            g.get("os_msi_own")
+                .contains("msi_readback=0xfee00000/0xdf msi_raised=3"),
+            "{facts}"
+        );
+        // And in logical destination mode (flat, bit 0: its first
+        // processor), which thinhv resolves against the logical IDs the
+        // OS's kernel wrote.
+        assert!(
+            g.get("os_msi_own_logical")
+                .contains("msi_readback=0xfee01004/0xdf msi_raised=3"),
+            "{facts}"
+        );
+        assert_eq!(g.get("os_msi_own_handled"), "6", "{facts}");
+        assert!(
+            g.get("os_msi_nmi")
+                .contains("msi_readback=0xfee02000/0x400 msi_raised=3"),
+            "{facts}"
+        );
+        assert!(
+            g.get("os_msi_fixed")
+                .contains("msi_readback=0xfee02000/0xdf msi_raised=3"),
+            "{facts}"
+        );
+    }
+    let facts = &guarded.facts;
+    assert!(
+        guarded.get("os_msi_remapped").starts_with("interrupts of "),
+        "{facts}"
+    );
+    // Three refusals: the address (to the appliance's processor), the NMI,
+    // the vector 0xdf there; nothing the OS's own kernel programmed.
+    assert_eq!(guarded.get("msi_refused"), "3", "{facts}");
+    let (nmis, unhandled) = (
+        pair(&guarded, "os_msi_appliance_nmis"),
+        pair(&guarded, "os_msi_appliance_unhandled"),
+    );
+    assert_eq!(nmis.len(), 2, "{facts}");
+    assert_eq!(nmis[0], nmis[1], "NMIs reached the appliance: {facts}");
+    assert_eq!(unhandled.len(), 2, "{facts}");
+    assert_eq!(
+        unhandled[0], unhandled[1],
+        "messages reached the appliance: {facts}"
+    );
+    let facts = &open.facts;
+    assert_eq!(open.get("msi_refused"), "0", "{facts}");
+    let (nmis, unhandled) = (
+        pair(&open, "os_msi_appliance_nmis"),
+        pair(&open, "os_msi_appliance_unhandled"),
+    );
+    assert_eq!(nmis.len(), 2, "{facts}");
+    assert_eq!(
+        nmis[1],
+        nmis[0] + 3,
+        "control: the NMIs reach the appliance without remapping: {facts}"
+    );
+    assert_eq!(
+        unhandled[1],
+        unhandled[0] + 3,
+        "control: the vector 0xdf messages reach the appliance: {facts}"
+    );
+}
+
 /// The rest of each line of `serial` that starts with `prefix`.
 fn lines_after<'a>(serial: &'a str, prefix: &str) -> Vec<&'a str> {
     serial

@@ -240,8 +240,11 @@ pub struct Hv {
     /// IPIs dropped because they crossed partitions (`handlers::ipi`).
     pub cross_partition_ipis: AtomicU64,
     /// Interrupt messages an appliance programmed into its functions that
-    /// thinhv gave no remapping entry (`handlers::appliance_msi`).
+    /// thinhv gave no remapping entry (`handlers::msi_remap`).
     pub refused_msis: AtomicU64,
+    /// The MSI address and data the OS wrote into its functions whose
+    /// messages are remapped (`PCI_ACTION_MSI`), by mediation index.
+    pub os_msi: spin::Mutex<[crate::partition::MsiShadow; thinhv_abi::handoff::MAX_PCI_MEDIATED]>,
 }
 
 impl Hv {
@@ -298,6 +301,9 @@ impl Hv {
             partition_count: h.partitions().len(),
             cross_partition_ipis: AtomicU64::new(0),
             refused_msis: AtomicU64::new(0),
+            os_msi: spin::Mutex::new(
+                [crate::partition::MsiShadow::default(); thinhv_abi::handoff::MAX_PCI_MEDIATED],
+            ),
         }
     }
 

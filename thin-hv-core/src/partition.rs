@@ -77,7 +77,7 @@ pub struct Partition {
     /// Its functions' BARs as it sees them.
     pub bar_shadow: spin::Mutex<[BarShadow; thinhv_abi::handoff::MAX_PARTITION_DEVICES]>,
     /// Its functions' MSI address and data as it wrote them, where the
-    /// function's messages are remapped (`handlers::appliance_msi`).
+    /// function's messages are remapped (`handlers::msi_remap`).
     pub msi_shadow: spin::Mutex<[MsiShadow; thinhv_abi::handoff::MAX_PARTITION_DEVICES]>,
 }
 

@@ -7,6 +7,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::arch::naked_asm;
 use core::ffi::c_void;
+use core::fmt::Write as _;
 use core::sync::atomic::{AtomicU64, Ordering};
 use core::time::Duration;
 use thinhv_abi::PhysRange;
@@ -356,6 +357,15 @@ pub fn install(config: &Config) -> Result<String, String> {
         super::appliances::release(a);
         false
     });
+    // With appliances on an AMD-Vi unit, the OS's MSI-only functions'
+    // messages are remapped too (their address and data judged against
+    // the OS's processors): none can reach an appliance's processor.
+    if iommu.mode == thinhv_abi::handoff::IOMMU_MODE_PROTECT
+        && iommu.kind == thinhv_abi::handoff::IOMMU_KIND_AMDVI
+        && !appliances.list.is_empty()
+    {
+        remap_os_msi(&mut pci, &inventory.functions);
+    }
     // The appliance's functions leave the firmware's hands quiet and
     // reset: their firmware drivers stopped (else they would drive the
     // function until the OS leaves boot services, and write into the
@@ -884,6 +894,60 @@ fn present_nvme_vf(
             "thinhv: NVMe {}: the OS gets none of its controllers (not mediated)",
             pf.bdf
         ),
+    }
+}
+
+/// Every function of the OS's that signals by MSI only (and is not
+/// mediated otherwise) gets `PCI_ACTION_MSI`: the core keeps and judges
+/// what the OS writes into its MSI capability, and its IOMMU entry
+/// remaps its messages. MSI-X functions are not remapped yet (said).
+fn remap_os_msi(
+    pci: &mut thinhv_abi::handoff::PciHandoff,
+    functions: &[thinhv_passthrough::pci::Function],
+) {
+    let mut names = String::new();
+    let (mut n, mut msix, mut over) = (0, 0, 0);
+    for f in functions {
+        let rid = f.bdf.rid();
+        if f.bdf.segment != 0 || pci.find(f.bdf.bus, f.bdf.devfn()).is_some() || pci.is_blocked(rid)
+        {
+            continue;
+        }
+        let Some(cap) = f.msi_only() else {
+            if f.caps
+                .iter()
+                .any(|c| c.0 == thinhv_passthrough::pci::CAP_ID_MSIX)
+            {
+                msix += 1;
+            }
+            continue;
+        };
+        let k = pci.count as usize;
+        if k >= thinhv_abi::handoff::MAX_PCI_MEDIATED {
+            over += 1;
+            continue;
+        }
+        pci.mediated[k] = thinhv_abi::handoff::PciMediation {
+            bus: f.bdf.bus,
+            devfn: f.bdf.devfn(),
+            action: thinhv_abi::handoff::PCI_ACTION_MSI,
+            sriov_cap: cap,
+            ..Default::default()
+        };
+        pci.count += 1;
+        n += 1;
+        let _ = write!(names, " {}", f.bdf);
+    }
+    println!("thinhv: interrupts: the OS's MSI functions remapped ({n}):{names}");
+    if msix > 0 {
+        println!(
+            "thinhv: warning: interrupts: {msix} MSI-X function(s) of the OS's are not remapped: a hostile OS can aim them at an appliance's processors"
+        );
+    }
+    if over > 0 {
+        println!(
+            "thinhv: warning: interrupts: {over} MSI function(s) of the OS's not remapped (too many mediated functions)"
+        );
     }
 }
 

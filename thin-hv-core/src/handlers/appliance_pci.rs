@@ -17,7 +17,7 @@
 //!
 //! The capabilities (MSI, MSI-X, PCI Express, power management) are the
 //! function's own, except the MSI address and data of a function whose
-//! messages are remapped (`appliance_msi`). A function whose messages are
+//! messages are remapped (`msi_remap`). A function whose messages are
 //! not remapped (an MSI-X function, or any without an IOMMU that remaps)
 //! can be aimed at the OS's processors by a hostile appliance
 //! (`docs/security.md`).
@@ -291,7 +291,12 @@ pub(super) fn read(
         // wrote them.
         d if d >= 0x40
             && let Viewer::Appliance(id, i) = who
-            && let Some(v) = super::appliance_msi::read(env, id, i, dev, d) =>
+            && let Some(v) = super::msi_remap::read(
+                env,
+                super::msi_remap::Owner::Appliance(id, i),
+                dev.rid,
+                d,
+            ) =>
         {
             v
         }
@@ -394,9 +399,16 @@ pub(super) fn write(
                 env.legacy_config_access(real_address(dev, dword), DATA, 1, Some(value & 0xff));
             }
         }
-        // A remapped function's MSI capability: `appliance_msi`.
+        // A remapped function's MSI capability: `msi_remap`.
         _ if let Viewer::Appliance(id, i) = who
-            && super::appliance_msi::write(env, id, i, dev, reg, size, value) => {}
+            && super::msi_remap::write(
+                env,
+                super::msi_remap::Owner::Appliance(id, i),
+                dev.rid,
+                reg,
+                size,
+                value,
+            ) => {}
         // Capabilities and the rest: as written, except the function's
         // own resets.
         _ => {

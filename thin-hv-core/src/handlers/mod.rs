@@ -2,13 +2,13 @@
 //! [`Env`].
 pub mod apic_reloc;
 mod appliance_io;
-mod appliance_msi;
 mod appliance_pci;
 mod cpuid;
 mod cr_access;
 mod debug_trap;
 mod hypercall;
 mod ipi;
+mod msi_remap;
 pub mod msr;
 pub mod msr_policy;
 mod npf;

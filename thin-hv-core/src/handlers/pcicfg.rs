@@ -25,8 +25,8 @@ use crate::guest::{Gpr, GuestCpu, vector};
 use crate::insn::{Load, StoreSource};
 use core::sync::atomic::Ordering;
 use thinhv_abi::handoff::{
-    PCI_ACTION_BRIDGE_GUARD, PCI_ACTION_HIDE, PCI_ACTION_PRESENT_VF, PCI_ACTION_VF_SHARED,
-    PciMediation,
+    PCI_ACTION_BRIDGE_GUARD, PCI_ACTION_HIDE, PCI_ACTION_MSI, PCI_ACTION_PRESENT_VF,
+    PCI_ACTION_VF_SHARED, PciMediation,
 };
 use thinhv_passthrough::mediate::{self, CONFIG_DATA, Policy, PortPiece, PortRole, Refusal};
 
@@ -86,6 +86,24 @@ fn presented(
         .map(|d| (k, d))
 }
 
+/// The OS's function `m` whose MSI thinhv remaps: its owner record.
+fn msi_owner(env: &impl Env, m: &PciMediation) -> Option<super::msi_remap::Owner> {
+    (m.action == PCI_ACTION_MSI)
+        .then(|| {
+            env.hv()
+                .pci
+                .mediated()
+                .iter()
+                .position(|x| x.bus == m.bus && x.devfn == m.devfn)
+        })
+        .flatten()
+        .map(super::msi_remap::Owner::Os)
+}
+
+fn rid_of(m: &PciMediation) -> u16 {
+    u16::from(m.bus) << 8 | u16::from(m.devfn)
+}
+
 /// Reads the 16-bit register `reg` of `m` through ECAM.
 fn read16(env: &impl Env, m: &PciMediation, reg: u16) -> u16 {
     (env.mmio_read(env.hv().pci.page_of(m) + u64::from(reg), 2) & 0xffff) as u16
@@ -115,8 +133,14 @@ pub(super) fn ecam(
         |size: u8| matches!(size, 1 | 2 | 4) && usize::from(offset) + usize::from(size) <= 4096;
     let shared = m.action == PCI_ACTION_VF_SHARED;
     let presented = presented(env, &m);
+    let msi = msi_owner(env, &m);
     if let Some(load) = d.load().filter(|l| fits(l.size)) {
-        let v = if let Some((k, dev)) = presented {
+        let v = if let Some(owner) = msi {
+            super::msi_remap::read(env, owner, rid_of(&m), offset & !3).map_or_else(
+                || env.mmio_read(gpa, load.size),
+                |v| (v >> (8 * (offset & 3))) & mediate::all_ones(load.size),
+            )
+        } else if let Some((k, dev)) = presented {
             super::appliance_pci::read(
                 env,
                 super::appliance_pci::Viewer::Os(k),
@@ -138,7 +162,11 @@ pub(super) fn ecam(
             StoreSource::Register(r) => cpu.gpr(r),
         };
         let value = low32(value) & mediate::all_ones(store.size);
-        if let Some((k, dev)) = presented {
+        if let Some(owner) = msi {
+            if !super::msi_remap::write(env, owner, rid_of(&m), offset, store.size, value) {
+                env.mmio_write(gpa, store.size, value);
+            }
+        } else if let Some((k, dev)) = presented {
             super::appliance_pci::write(
                 env,
                 super::appliance_pci::Viewer::Os(k),
@@ -293,6 +321,21 @@ fn data(env: &mut impl Env, p: PortPiece, input: bool, value: u32) -> u32 {
             super::appliance_pci::read(env, who, &dev, off, p.size)
         } else {
             super::appliance_pci::write(env, who, &dev, off, p.size, value);
+            0
+        };
+    }
+    if let Some((m, off)) = target
+        && let Some(owner) = msi_owner(env, &m)
+    {
+        return if input {
+            super::msi_remap::read(env, owner, rid_of(&m), off & !3).map_or_else(
+                || env.legacy_config_access(address, p.port, p.size, None),
+                |v| (v >> (8 * (off & 3))) & mediate::all_ones(p.size),
+            )
+        } else {
+            if !super::msi_remap::write(env, owner, rid_of(&m), off, p.size, value) {
+                env.legacy_config_access(address, p.port, p.size, Some(value));
+            }
             0
         };
     }

@@ -400,3 +400,64 @@ fn the_os_sees_the_vf_thinhv_presents_in_a_kept_pfs_place() {
     );
     assert_eq!(env.cf8_space.borrow()[&PF], 0x10c9_8086);
 }
+
+#[test]
+fn the_oss_msi_in_logical_mode_becomes_an_entry_for_the_processor_its_kernel_named() {
+    use thinhv_abi::handoff::PCI_ACTION_MSI;
+    use thinhv_passthrough::irq_remap::{Delivery, Target};
+    let mut env = machine();
+    // 00:02.0, the OS's, signals by MSI (32-bit address, at 0x50); its
+    // messages are remapped.
+    let k = env.hv.pci.count as usize;
+    env.hv.pci.mediated[k] = PciMediation {
+        bus: 0,
+        devfn: 2 << 3,
+        action: PCI_ACTION_MSI,
+        sriov_cap: 0x50,
+        ..Default::default()
+    };
+    env.hv.pci.count += 1;
+    env.remapped.push(0x0010);
+    env.cf8_space.borrow_mut().extend([
+        (ALLOWED | 4, 0x0010_0006),
+        (ALLOWED | 0x34, 0x50),
+        (ALLOWED | 0x50, 0x0000_0005),
+        (ALLOWED | 0x54, 0),
+        (ALLOWED | 0x58, 0),
+    ]);
+    // Its kernel's flat logical IDs: CPU 0 bit 0, CPU 1 bit 1.
+    for (i, c) in env.hv.cpus().iter().enumerate() {
+        c.vldr.store((1 << i) << 24, Ordering::SeqCst);
+        c.vdfr.store(0xffff_ffff, Ordering::SeqCst);
+    }
+    let out = |env: &mut FakeEnv, reg: u32, size: u8, v: u32| {
+        io(env, 0, 0xcf8, 4, false, u64::from(ALLOWED | reg));
+        io(env, 0, 0xcfc, size, false, u64::from(v));
+    };
+    // Logical destination 0x02 (CPU 1), vector 0x41, then enable.
+    out(&mut env, 0x54, 4, 0xfee0_2004);
+    out(&mut env, 0x58, 2, 0x0041);
+    out(&mut env, 0x50, 4, 0x0001_0005);
+    assert_eq!(
+        env.irq_entries[&(0x0010, 0)],
+        Some(Target {
+            apic_id: 1,
+            vector: 0x41,
+            delivery: Delivery::Fixed,
+            level: false
+        })
+    );
+    // The function holds the message naming entry 0; the OS reads back
+    // its own.
+    assert_eq!(env.cf8_space.borrow()[&(ALLOWED | 0x54)], 0xfee0_0000);
+    assert_eq!(env.cf8_space.borrow()[&(ALLOWED | 0x58)] & 0xffff, 0);
+    io(&mut env, 0, 0xcf8, 4, false, u64::from(ALLOWED | 0x54));
+    assert_eq!(io(&mut env, 0, 0xcfc, 4, true, 0), 0xfee0_2004);
+    // A mask naming none of its processors' logical IDs: refused.
+    out(&mut env, 0x54, 4, 0xfee1_0004);
+    assert_eq!(env.irq_entries[&(0x0010, 0)], None);
+    assert_eq!(env.hv.refused_msis.load(Ordering::SeqCst), 1);
+    // The rest of its configuration space is as written.
+    out(&mut env, 0x04, 2, 0x0407);
+    assert_eq!(env.cf8_space.borrow()[&(ALLOWED | 4)] & 0xffff, 0x0407);
+}

@@ -26,7 +26,8 @@ use spin::Mutex;
 use thinhv_abi::PhysRange;
 use thinhv_abi::handoff::{
     CoreError, IOMMU_KIND_AMDVI, IOMMU_KIND_VTD, IOMMU_MODE_PROTECT, IommuHandoff, MAX_APPLIANCES,
-    MAX_DEVICE_BARS, MAX_IOMMUS, MAX_PARTITION_DEVICES, PartitionInfo, PciHandoff,
+    MAX_DEVICE_BARS, MAX_IOMMUS, MAX_PARTITION_DEVICES, MAX_PCI_MEDIATED, PartitionInfo,
+    PciHandoff,
 };
 use thinhv_abi::layout::PAGE;
 use thinhv_abi::status::{
@@ -76,20 +77,36 @@ enum Hw {
     },
 }
 
-/// Interrupt remapping tables of appliances' functions (AMD-Vi: one page
-/// each, `irq_remap::amdvi::ENTRIES` 32-bit entries), by routing ID.
+/// Most functions with an interrupt remapping table: every appliance's,
+/// and the OS's mediated ones (`PCI_ACTION_MSI`).
+const MAX_IRQ_TABLES: usize = MAX_APPLIANCES * MAX_PARTITION_DEVICES + MAX_PCI_MEDIATED;
+
+/// Interrupt remapping tables of functions whose MSI thinhv remaps
+/// (AMD-Vi: one page each, `irq_remap::amdvi::ENTRIES` 32-bit entries),
+/// by routing ID.
 #[derive(Clone, Copy, Debug)]
 struct IrqTables {
-    tables: [(u16, u64); MAX_APPLIANCES * MAX_PARTITION_DEVICES],
+    tables: [(u16, u64); MAX_IRQ_TABLES],
     count: usize,
 }
 
 impl IrqTables {
     const fn new() -> Self {
         Self {
-            tables: [(0, 0); MAX_APPLIANCES * MAX_PARTITION_DEVICES],
+            tables: [(0, 0); MAX_IRQ_TABLES],
             count: 0,
         }
+    }
+
+    fn add(&mut self, rid: u16, frames: &mut BumpFrames) -> Result<u64, &'static str> {
+        let slot = self
+            .tables
+            .get_mut(self.count)
+            .ok_or("too many interrupt remapping tables")?;
+        let table = frames_take(frames)?;
+        *slot = (rid, table);
+        self.count += 1;
+        Ok(table)
     }
 
     fn of(&self, rid: u16) -> Option<u64> {
@@ -425,11 +442,9 @@ impl Iommu {
             for d in p.devices() {
                 // A function whose messages thinhv remaps: its own table,
                 // every entry not present until the appliance programs
-                // its MSI (`handlers::appliance_msi`).
+                // its MSI (`handlers::msi_remap`).
                 let e = if msi_only(d.rid) {
-                    let table = frames_take(frames)?;
-                    irq.tables[irq.count] = (d.rid, table);
-                    irq.count += 1;
+                    let table = irq.add(d.rid, frames)?;
                     log::info!(
                         "IOMMU: interrupts of {:02x}:{:02x}.{} (appliance {}) remapped through its table at {table:#x}",
                         d.rid >> 8,
@@ -445,12 +460,27 @@ impl Iommu {
                 n_assigned += 1;
             }
         }
+        // The OS's functions whose MSI thinhv remaps: a table each.
+        let mut os_msi = 0;
+        for m in blocked
+            .mediated()
+            .iter()
+            .filter(|m| m.action == thinhv_abi::handoff::PCI_ACTION_MSI)
+        {
+            irq.add(u16::from(m.bus) << 8 | u16::from(m.devfn), frames)?;
+            os_msi += 1;
+        }
+        if os_msi > 0 {
+            log::info!("IOMMU: interrupts of {os_msi} MSI function(s) of the OS's remapped");
+        }
         let assigned = &assigned[..n_assigned];
         for id in 0..ids {
             let e = if let Some((_, e)) = assigned.iter().find(|(r, _)| u64::from(*r) == id) {
                 *e
             } else if blocked.is_blocked(id as u16) {
                 closed
+            } else if let Some(table) = irq.of(id as u16) {
+                irq_remap::amdvi::dte(open, table, false)
             } else {
                 open
             };
