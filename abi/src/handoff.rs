@@ -293,10 +293,12 @@ pub const PCI_ACTION_PRESENT_VF: u8 = 4;
 /// capability (0: none).
 pub const PCI_ACTION_BRIDGE_GUARD: u8 = 5;
 
-/// A function of the OS's that signals by MSI only, whose messages thinhv
-/// remaps (an AMD-Vi unit, appliances present): the address and data the
-/// OS writes into its MSI capability are thinhv's to judge and keep
-/// (`handlers::msi_remap` in the core); the rest is as written.
+/// A function of the OS's that signals by MSI or MSI-X, whose messages
+/// thinhv remaps (an AMD-Vi unit, appliances present): the address and
+/// data the OS writes into its MSI capability and MSI-X table are
+/// thinhv's to judge and keep (`handlers::msi_remap` in the core); the
+/// rest is as written. [`PciMediation::sriov_cap`]: its MSI capability
+/// where it has no MSI-X (0 otherwise).
 pub const PCI_ACTION_MSI: u8 = 6;
 
 /// Most BARs thinhv keeps from everyone ([`PciHandoff::held`]).

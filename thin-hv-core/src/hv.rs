@@ -130,6 +130,10 @@ pub struct CpuSlot {
     /// this CPU's data-port accesses reach (`handlers::pcicfg`). Only this
     /// CPU touches it.
     pub cf8_latch: AtomicU32,
+    /// A page left the OS's second-level tables while this CPU handled an
+    /// exit (an MSI-X table thinhv traps): its guest TLB is flushed before
+    /// it resumes.
+    pub flush_tlb: AtomicBool,
     /// Its emulated MTRRs.
     pub mtrr: MtrrShadow,
     /// NMIs the host NMI handler took on this CPU and no exit has looked at
@@ -239,12 +243,15 @@ pub struct Hv {
     partition_count: usize,
     /// IPIs dropped because they crossed partitions (`handlers::ipi`).
     pub cross_partition_ipis: AtomicU64,
-    /// Interrupt messages an appliance programmed into its functions that
+    /// Interrupt messages a partition programmed into its functions that
     /// thinhv gave no remapping entry (`handlers::msi_remap`).
     pub refused_msis: AtomicU64,
     /// The MSI address and data the OS wrote into its functions whose
     /// messages are remapped (`PCI_ACTION_MSI`), by mediation index.
     pub os_msi: spin::Mutex<[crate::partition::MsiShadow; thinhv_abi::handoff::MAX_PCI_MEDIATED]>,
+    /// The MSI-X tables thinhv traps (functions whose messages are
+    /// remapped), by routing ID (`handlers::msi_remap`).
+    pub msix: spin::Mutex<alloc::collections::BTreeMap<u16, crate::partition::MsixTable>>,
 }
 
 impl Hv {
@@ -266,6 +273,7 @@ impl Hv {
             state: AtomicU32::new(CpuState::OFFLINE.0),
             mailbox: Mailbox::default(),
             cf8_latch: AtomicU32::new(0),
+            flush_tlb: AtomicBool::new(false),
             mtrr: MtrrShadow::default(),
             host_nmis: AtomicU32::new(0),
             vmx_live: AtomicBool::new(false),
@@ -301,6 +309,7 @@ impl Hv {
             partition_count: h.partitions().len(),
             cross_partition_ipis: AtomicU64::new(0),
             refused_msis: AtomicU64::new(0),
+            msix: spin::Mutex::new(alloc::collections::BTreeMap::new()),
             os_msi: spin::Mutex::new(
                 [crate::partition::MsiShadow::default(); thinhv_abi::handoff::MAX_PCI_MEDIATED],
             ),

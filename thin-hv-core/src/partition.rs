@@ -95,8 +95,45 @@ pub struct MsiShadow {
     /// See `cap`.
     pub wide: bool,
     /// The message last refused (address, data), counted once however
-    /// often the appliance writes it again.
-    pub refused: Option<(u64, u16)>,
+    /// often the owner writes it again.
+    pub refused: Option<(u64, u32)>,
+    /// Where its MSI-X capability is: 0 not looked up yet, 1 none.
+    pub msix: u16,
+}
+
+/// An MSI-X table thinhv traps: where it is, and the messages its owner
+/// wrote into it (the function holds messages naming its remapping
+/// entries).
+#[derive(Clone, Debug, Default)]
+pub struct MsixTable {
+    /// Whose function.
+    pub owner: PartitionId,
+    /// Physical address of entry 0.
+    pub base: u64,
+    /// Entries.
+    pub entries: u16,
+    /// Per entry: address, data, and the message last refused.
+    pub shadow: alloc::vec::Vec<MsixEntry>,
+}
+
+/// One MSI-X entry as its owner wrote it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MsixEntry {
+    /// Message address.
+    pub addr: u64,
+    /// Message data.
+    pub data: u32,
+    /// The message last refused.
+    pub refused: Option<(u64, u32)>,
+}
+
+impl MsixTable {
+    /// The pages it spans.
+    pub fn pages(&self) -> core::ops::Range<u64> {
+        let first = self.base & !0xfff;
+        let end = (self.base + u64::from(self.entries) * 16 + 0xfff) & !0xfff;
+        first..end
+    }
 }
 
 impl Partition {

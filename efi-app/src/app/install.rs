@@ -357,9 +357,9 @@ pub fn install(config: &Config) -> Result<String, String> {
         super::appliances::release(a);
         false
     });
-    // With appliances on an AMD-Vi unit, the OS's MSI-only functions'
-    // messages are remapped too (their address and data judged against
-    // the OS's processors): none can reach an appliance's processor.
+    // With appliances on an AMD-Vi unit, the OS's functions' messages are
+    // remapped too (their address and data judged against the OS's
+    // processors): none can reach an appliance's processor.
     if iommu.mode == thinhv_abi::handoff::IOMMU_MODE_PROTECT
         && iommu.kind == thinhv_abi::handoff::IOMMU_KIND_AMDVI
         && !appliances.list.is_empty()
@@ -897,31 +897,32 @@ fn present_nvme_vf(
     }
 }
 
-/// Every function of the OS's that signals by MSI only (and is not
+/// Every function of the OS's that signals by MSI or MSI-X (and is not
 /// mediated otherwise) gets `PCI_ACTION_MSI`: the core keeps and judges
-/// what the OS writes into its MSI capability, and its IOMMU entry
-/// remaps its messages. MSI-X functions are not remapped yet (said).
+/// what the OS writes into its MSI capability and MSI-X table, and its
+/// IOMMU entry remaps its messages. A function mediated for another
+/// reason (a PF whose VFs the OS shares, an NVMe VF in its PF's place)
+/// is not remapped (said).
 fn remap_os_msi(
     pci: &mut thinhv_abi::handoff::PciHandoff,
     functions: &[thinhv_passthrough::pci::Function],
 ) {
+    use thinhv_passthrough::pci::{CAP_ID_MSI, CAP_ID_MSIX};
     let mut names = String::new();
-    let (mut n, mut msix, mut over) = (0, 0, 0);
+    let (mut n, mut other, mut over) = (0, 0, 0);
     for f in functions {
         let rid = f.bdf.rid();
-        if f.bdf.segment != 0 || pci.find(f.bdf.bus, f.bdf.devfn()).is_some() || pci.is_blocked(rid)
-        {
+        let signals = f
+            .caps
+            .iter()
+            .any(|c| c.0 == CAP_ID_MSI || c.0 == CAP_ID_MSIX);
+        if f.bdf.segment != 0 || !signals || pci.is_blocked(rid) {
             continue;
         }
-        let Some(cap) = f.msi_only() else {
-            if f.caps
-                .iter()
-                .any(|c| c.0 == thinhv_passthrough::pci::CAP_ID_MSIX)
-            {
-                msix += 1;
-            }
+        if pci.find(f.bdf.bus, f.bdf.devfn()).is_some() {
+            other += 1;
             continue;
-        };
+        }
         let k = pci.count as usize;
         if k >= thinhv_abi::handoff::MAX_PCI_MEDIATED {
             over += 1;
@@ -931,22 +932,22 @@ fn remap_os_msi(
             bus: f.bdf.bus,
             devfn: f.bdf.devfn(),
             action: thinhv_abi::handoff::PCI_ACTION_MSI,
-            sriov_cap: cap,
+            sriov_cap: f.msi_only().unwrap_or(0),
             ..Default::default()
         };
         pci.count += 1;
         n += 1;
         let _ = write!(names, " {}", f.bdf);
     }
-    println!("thinhv: interrupts: the OS's MSI functions remapped ({n}):{names}");
-    if msix > 0 {
+    println!("thinhv: interrupts: the OS's MSI and MSI-X functions remapped ({n}):{names}");
+    if other > 0 {
         println!(
-            "thinhv: warning: interrupts: {msix} MSI-X function(s) of the OS's are not remapped: a hostile OS can aim them at an appliance's processors"
+            "thinhv: warning: interrupts: {other} function(s) of the OS's mediated otherwise are not remapped: a hostile OS can aim them at an appliance's processors"
         );
     }
     if over > 0 {
         println!(
-            "thinhv: warning: interrupts: {over} MSI function(s) of the OS's not remapped (too many mediated functions)"
+            "thinhv: warning: interrupts: {over} function(s) of the OS's not remapped (too many mediated functions)"
         );
     }
 }

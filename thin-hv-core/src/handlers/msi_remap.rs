@@ -321,22 +321,355 @@ fn program(
 }
 
 fn refused(env: &impl Env, owner: Owner, rid: u16, shadow: &mut MsiShadow, why: &str) {
-    let message = (shadow.addr, shadow.data);
-    if shadow.refused == Some(message) {
+    let (addr, data) = (shadow.addr, u32::from(shadow.data));
+    note_refusal(
+        env,
+        owner.partition(),
+        rid,
+        &mut shadow.refused,
+        addr,
+        data,
+        why,
+    );
+}
+
+/// Counts and logs (rate-limited) a refused message, once however often
+/// its owner writes it again (`last`).
+fn note_refusal(
+    env: &impl Env,
+    owner: PartitionId,
+    rid: u16,
+    last: &mut Option<(u64, u32)>,
+    addr: u64,
+    data: u32,
+    why: &str,
+) {
+    if *last == Some((addr, data)) {
         return;
     }
-    shadow.refused = Some(message);
+    *last = Some((addr, data));
     let n = env.hv().refused_msis.fetch_add(1, Ordering::Relaxed) + 1;
     if n <= LOG_FIRST || n.is_multiple_of(1024) {
-        let whose = match owner {
-            Owner::Appliance(id, _) => env.hv().appliance(id).map_or("?", |p| p.name()),
-            Owner::Os(_) => "the OS",
+        let whose = if owner.is_os() {
+            "the OS"
+        } else {
+            env.hv().appliance(owner).map_or("?", |p| p.name())
         };
         log::warn!(
-            "{whose}: MSI of PCI {} (address {:#x}, data {:#06x}) refused: {why} ({n} so far)",
+            "{whose}: MSI of PCI {} (address {addr:#x}, data {data:#06x}) refused: {why} ({n} so far)",
             thinhv_passthrough::pci::Bdf::from_rid(0, rid),
-            shadow.addr,
-            shadow.data
         );
+    }
+}
+
+/// The MSI-X capability of `rid` (looked up once), if its messages are
+/// remapped.
+fn msix_cap(env: &mut impl Env, owner: Owner, rid: u16) -> Option<u16> {
+    if !env.remaps_interrupts(rid) {
+        return None;
+    }
+    let known = owner.with_shadow(env.hv(), |s| s.msix)?;
+    if known != 0 {
+        return (known != 1).then_some(known);
+    }
+    let at = reset::find_capability(&mut Config { env, rid }, reset::CAP_MSIX);
+    owner.with_shadow(env.hv(), |s| s.msix = at.unwrap_or(1));
+    at
+}
+
+/// After a write at `reg` (`size` bytes) reached `rid`: where it covered
+/// the MSI-X Message Control word and MSI-X is enabled now, the table is
+/// trapped (once per place: `setup_msix`).
+pub(super) fn after_write(env: &mut impl Env, owner: Owner, rid: u16, reg: u16, size: u8) {
+    let Some(cap) = msix_cap(env, owner, rid) else {
+        return;
+    };
+    let control = cap + 2;
+    if reg + u16::from(size) <= control || reg >= control + 2 {
+        return;
+    }
+    let mut f = Config { env, rid };
+    if f.read(control, 2) & (1 << 15) != 0 {
+        setup_msix(env, owner, rid, cap);
+    }
+}
+
+/// MSI-X entries thinhv remaps: an AMD-Vi table's indices.
+const MSIX_MAX: u16 = irq_remap::amdvi::ENTRIES as u16;
+
+/// Traps the MSI-X table of `rid` (capability at `cap`) where its BAR puts
+/// it now: its pages leave the owner's second-level tables, what the
+/// function holds becomes the owner's (as written so far), and each entry
+/// the message naming its remapping entry (written where unmasked).
+fn setup_msix(env: &mut impl Env, owner: Owner, rid: u16, msix: u16) {
+    let mut f = Config { env, rid };
+    let entries = (f.read(msix + 2, 2) & 0x7ff) as u16 + 1;
+    let table = f.read(msix + 4, 4);
+    let bir = (table & 7) as u16;
+    let base = if bir < 6 {
+        let lo = f.read(0x10 + 4 * bir, 4);
+        let hi = if lo & 0b111 == 0b100 && bir < 5 {
+            f.read(0x14 + 4 * bir, 4)
+        } else {
+            0
+        };
+        (lo & 1 == 0).then(|| (u64::from(hi) << 32 | u64::from(lo & !0xf)) + u64::from(table & !7))
+    } else {
+        None
+    };
+    let Some(base) = base.filter(|b| *b != 0) else {
+        log::error!(
+            "PCI {}: its MSI-X table is not in a memory BAR; its MSI-X interrupts are not remapped",
+            thinhv_passthrough::pci::Bdf::from_rid(0, rid)
+        );
+        return;
+    };
+    let old = env.hv().msix.lock().get(&rid).cloned();
+    if old
+        .as_ref()
+        .is_some_and(|t| t.base == base && t.entries == entries)
+    {
+        return;
+    }
+    if let Some(t) = &old {
+        for page in t.pages().step_by(4096) {
+            env.apic_page_trap(page, false);
+        }
+    }
+    let mut t = crate::partition::MsixTable {
+        owner: owner.partition(),
+        base,
+        entries,
+        shadow: alloc::vec![crate::partition::MsixEntry::default(); usize::from(entries)],
+    };
+    let mut trapped = alloc::vec::Vec::new();
+    for page in t.pages().step_by(4096) {
+        if !env.apic_page_trap(page, true) {
+            // Its programming cannot be followed: its messages pass as it
+            // sends them rather than be lost (MSI as the owner wrote it).
+            for p in trapped {
+                env.apic_page_trap(p, false);
+            }
+            let bdf = thinhv_passthrough::pci::Bdf::from_rid(0, rid);
+            if let Some(cap) = cap(env, owner, rid)
+                && let Some(s) = owner.with_shadow(env.hv(), |s| *s)
+            {
+                let mut f = Config { env, rid };
+                f.write(cap.at + 4, 4, s.addr as u32);
+                if cap.wide {
+                    f.write(cap.at + 8, 4, (s.addr >> 32) as u32);
+                }
+                f.write(cap.data(), 2, u32::from(s.data));
+            }
+            let stopped = env.stop_remapping(rid);
+            log::error!(
+                "PCI {bdf}: its MSI-X table at {base:#x} cannot be trapped (outside thinhv's map): its interrupts are NOT remapped{}",
+                if stopped { "" } else { " and may be lost" }
+            );
+            return;
+        }
+        trapped.push(page);
+    }
+    env.hv().cpus()[env.cpu_index()]
+        .flush_tlb
+        .store(true, Ordering::SeqCst);
+    for i in 0..entries {
+        let at = base + u64::from(i) * 16;
+        let e = &mut t.shadow[usize::from(i)];
+        e.addr = u64::from(env.mmio_read(at, 4)) | u64::from(env.mmio_read(at + 4, 4)) << 32;
+        e.data = env.mmio_read(at + 8, 4);
+    }
+    log::info!(
+        "PCI {}: MSI-X table of {entries} entries at {base:#x} trapped, its messages remapped",
+        thinhv_passthrough::pci::Bdf::from_rid(0, rid)
+    );
+    for i in 0..entries {
+        let unmasked = env.mmio_read(base + u64::from(i) * 16 + 12, 4) & 1 == 0;
+        program_entry(env, rid, &mut t, i, unmasked);
+    }
+    env.hv().msix.lock().insert(rid, t);
+}
+
+/// Writes the remapping entry for MSI-X entry `i` of `t` (what its owner
+/// wrote, judged, where the entry is unmasked; else not present) and the
+/// message naming it into the function.
+fn program_entry(
+    env: &mut impl Env,
+    rid: u16,
+    t: &mut crate::partition::MsixTable,
+    i: u16,
+    unmasked: bool,
+) {
+    let at = t.base + u64::from(i) * 16;
+    let Some(e) = t.shadow.get_mut(usize::from(i)) else {
+        return;
+    };
+    if i >= MSIX_MAX {
+        // No entry names it: every message it sends is aborted.
+        return;
+    }
+    let target = if unmasked {
+        let cores = PartitionCores {
+            hv: env.hv(),
+            id: t.owner,
+        };
+        match irq_remap::decode_msi(e.addr, e.data)
+            .and_then(|r| irq_remap::judge(&r, &cores, Policy::default()))
+        {
+            Ok(target) => {
+                e.refused = None;
+                Some(target)
+            }
+            Err(why) => {
+                let (addr, data) = (e.addr, e.data);
+                note_refusal(
+                    env,
+                    t.owner,
+                    rid,
+                    &mut e.refused,
+                    addr,
+                    data,
+                    why.describe(),
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let message = match env.remap_interrupt(rid, i, target) {
+        Ok(m) => m,
+        Err(why) => {
+            let (addr, data) = (e.addr, e.data);
+            note_refusal(
+                env,
+                t.owner,
+                rid,
+                &mut e.refused,
+                addr,
+                data,
+                why.describe(),
+            );
+            match env.remap_interrupt(rid, i, None) {
+                Ok(m) => m,
+                Err(_) => return,
+            }
+        }
+    };
+    env.mmio_write(at, 4, message.0 as u32);
+    env.mmio_write(at + 4, 4, (message.0 >> 32) as u32);
+    env.mmio_write(at + 8, 4, message.1);
+}
+
+/// A load or store of the owner's at `gpa`, in a page of an MSI-X table
+/// thinhv traps (`None`: not such a page). Entries' address and data are
+/// the owner's as it wrote them; a write there, or one that unmasks an
+/// entry, writes the entry's remapping entry; the rest of the page is the
+/// function's.
+pub(super) fn msix_access(
+    cpu: &mut impl crate::guest::GuestCpu,
+    env: &mut impl Env,
+    gpa: u64,
+) -> Option<super::Outcome> {
+    let rid = {
+        let tables = env.hv().msix.lock();
+        let (rid, t) = tables.iter().find(|(_, t)| t.pages().contains(&gpa))?;
+        if t.owner != env.hv().space_of(env.cpu_index()) {
+            return None;
+        }
+        *rid
+    };
+    let Some(d) = super::decode_current(cpu, env) else {
+        log::error!(
+            "cpu {}: cannot decode the MSI-X table access at rip {:#x}; #GP",
+            env.cpu_index(),
+            cpu.rip()
+        );
+        cpu.inject_exception(crate::guest::vector::GP, Some(0));
+        return Some(super::Outcome::Resume);
+    };
+    let next = super::wrap_ip(cpu.mode(), cpu.rip().wrapping_add(d.len() as u64));
+    if let Some(load) = d.load().filter(|l| matches!(l.size, 4 | 8)) {
+        let mut v = 0u64;
+        for half in 0..u64::from(load.size / 4) {
+            v |= u64::from(msix_read32(env, rid, gpa + 4 * half)) << (32 * half);
+        }
+        let old = cpu.gpr(load.dest);
+        cpu.set_gpr(load.dest, load.merge(old, v));
+    } else if let Some(store) = d.store().filter(|s| matches!(s.size, 4 | 8) && !s.exchange) {
+        let value = match store.source {
+            crate::insn::StoreSource::Immediate(v) => v,
+            crate::insn::StoreSource::Register(r) => cpu.gpr(r),
+        };
+        for half in 0..u64::from(store.size / 4) {
+            msix_write32(env, rid, gpa + 4 * half, (value >> (32 * half)) as u32);
+        }
+    } else {
+        log::error!(
+            "cpu {}: unsupported MSI-X table access {:?} at {gpa:#x} (rip {:#x}); skipped",
+            env.cpu_index(),
+            d.mnemonic(),
+            cpu.rip()
+        );
+    }
+    cpu.set_rip(next);
+    Some(super::Outcome::Resume)
+}
+
+/// Entry and dword of `gpa` in `t`, if it is in the table.
+fn entry_of(t: &crate::partition::MsixTable, gpa: u64) -> Option<(u16, u64)> {
+    let off = gpa.checked_sub(t.base)?;
+    let i = u16::try_from(off / 16).ok().filter(|i| *i < t.entries)?;
+    Some((i, (off % 16) & !3))
+}
+
+fn msix_read32(env: &mut impl Env, rid: u16, gpa: u64) -> u32 {
+    let shadow = env.hv().msix.lock().get(&rid).and_then(|t| {
+        let (i, field) = entry_of(t, gpa)?;
+        let e = t.shadow.get(usize::from(i))?;
+        match field {
+            0 => Some(e.addr as u32),
+            4 => Some((e.addr >> 32) as u32),
+            8 => Some(e.data),
+            _ => None,
+        }
+    });
+    shadow.unwrap_or_else(|| env.mmio_read(gpa & !3, 4))
+}
+
+fn msix_write32(env: &mut impl Env, rid: u16, gpa: u64, value: u32) {
+    let Some(mut t) = env.hv().msix.lock().get(&rid).cloned() else {
+        return;
+    };
+    let Some((i, field)) = entry_of(&t, gpa) else {
+        env.mmio_write(gpa & !3, 4, value);
+        return;
+    };
+    if let Some(e) = t.shadow.get_mut(usize::from(i)) {
+        match field {
+            0 => e.addr = (e.addr & !0xffff_ffff) | u64::from(value),
+            4 => e.addr = (e.addr & 0xffff_ffff) | u64::from(value) << 32,
+            8 => e.data = value,
+            _ => {}
+        }
+    }
+    let control = t.base + u64::from(i) * 16 + 12;
+    if field == 12 {
+        // Vector control: an unmask reaches the function after its entry
+        // is written; a mask before the entry goes.
+        let unmasked = value & 1 == 0;
+        if unmasked {
+            program_entry(env, rid, &mut t, i, true);
+            env.mmio_write(control, 4, value);
+        } else {
+            env.mmio_write(control, 4, value);
+            program_entry(env, rid, &mut t, i, false);
+        }
+    } else {
+        let unmasked = env.mmio_read(control, 4) & 1 == 0;
+        program_entry(env, rid, &mut t, i, unmasked);
+    }
+    if let Some(slot) = env.hv().msix.lock().get_mut(&rid) {
+        slot.shadow = t.shadow;
     }
 }

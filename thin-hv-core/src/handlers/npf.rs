@@ -44,6 +44,12 @@ pub(super) fn handle(
             reason: ExitReason::PCI_CONFIG,
         };
     }
+    if !present && let Some(outcome) = super::msi_remap::msix_access(cpu, env, gpa) {
+        return Handled {
+            outcome,
+            reason: ExitReason::PCI_CONFIG,
+        };
+    }
     if let Some(outcome) = super::apic_reloc::access(cpu, env, gpa, fetch) {
         return Handled {
             outcome,

@@ -165,6 +165,7 @@ pub(super) fn ecam(
         if let Some(owner) = msi {
             if !super::msi_remap::write(env, owner, rid_of(&m), offset, store.size, value) {
                 env.mmio_write(gpa, store.size, value);
+                super::msi_remap::after_write(env, owner, rid_of(&m), offset, store.size);
             }
         } else if let Some((k, dev)) = presented {
             super::appliance_pci::write(
@@ -201,7 +202,20 @@ pub(super) fn ecam(
         );
     }
     cpu.set_rip(next);
-    Outcome::Resume
+    resume(env)
+}
+
+/// Resume, flushing this CPU's guest TLB where a page left its
+/// second-level tables meanwhile (`CpuSlot::flush_tlb`).
+fn resume(env: &impl Env) -> Outcome {
+    if env.hv().cpus()[env.cpu_index()]
+        .flush_tlb
+        .swap(false, Ordering::SeqCst)
+    {
+        Outcome::ResumeFlushTlb
+    } else {
+        Outcome::Resume
+    }
 }
 
 fn set_loaded(cpu: &mut impl GuestCpu, load: Load, value: u32) {
@@ -263,7 +277,10 @@ pub(super) fn port(
         };
         loaded |= (got & mediate::all_ones(p.size)) << (8 * p.shift);
     }
-    complete_port(cpu, env, size, input.then_some(loaded))
+    match complete_port(cpu, env, size, input.then_some(loaded)) {
+        Outcome::Resume => resume(env),
+        other => other,
+    }
 }
 
 /// Ends an emulated IN or OUT of `size` bytes: an IN's value into AL, AX
@@ -335,6 +352,7 @@ fn data(env: &mut impl Env, p: PortPiece, input: bool, value: u32) -> u32 {
         } else {
             if !super::msi_remap::write(env, owner, rid_of(&m), off, p.size, value) {
                 env.legacy_config_access(address, p.port, p.size, Some(value));
+                super::msi_remap::after_write(env, owner, rid_of(&m), off, p.size);
             }
             0
         };
