@@ -237,8 +237,11 @@ pub struct IommuHandoff {
     pub mode: u8,
     /// [`IOMMU_KIND_NONE`], [`IOMMU_KIND_VTD`] or [`IOMMU_KIND_AMDVI`].
     pub kind: u8,
+    /// [`IOMMU_INTERRUPTS_REMAP`] (thinhv remaps interrupt messages where
+    /// appliances need it and the unit can) or [`IOMMU_INTERRUPTS_OFF`].
+    pub interrupts: u8,
     /// Reserved.
-    pub reserved: [u8; 2],
+    pub reserved: u8,
     /// Valid `units`.
     pub count: u32,
     /// The units.
@@ -252,7 +255,21 @@ pub struct IommuHandoff {
     pub reserved_ranges: [PhysRange; MAX_IOMMU_RESERVED],
 }
 
+/// [`IommuHandoff::interrupts`]: interrupt messages are not remapped
+/// (`[iommu] interrupts = "off"`).
+pub const IOMMU_INTERRUPTS_OFF: u8 = 0;
+/// [`IommuHandoff::interrupts`]: remapped (the default).
+pub const IOMMU_INTERRUPTS_REMAP: u8 = 1;
+
 impl IommuHandoff {
+    /// Whether thinhv remaps interrupt messages through the unit it owns
+    /// (AMD-Vi, `[iommu] interrupts = "remap"`).
+    pub const fn remaps_interrupts(&self) -> bool {
+        self.mode == IOMMU_MODE_PROTECT
+            && self.kind == IOMMU_KIND_AMDVI
+            && self.interrupts == IOMMU_INTERRUPTS_REMAP
+    }
+
     /// The valid units.
     pub fn units(&self) -> &[IommuUnit] {
         &self.units[..(self.count as usize).min(MAX_IOMMUS)]

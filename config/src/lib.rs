@@ -28,7 +28,7 @@ use serde::Deserialize;
 
 pub use appliance::{ApicMode, Appliance, Console, Control, CpuSpec, OnCrash};
 pub use salvage::{Salvaged, salvage};
-pub use value::{InitSipi, IommuMode, LogLevel, OnFatal, Serial};
+pub use value::{InitSipi, IommuInterrupts, IommuMode, LogLevel, OnFatal, Serial};
 
 /// File name the loader looks for beside its own image.
 pub const FILE_NAME: &str = "thinhv.toml";
@@ -176,6 +176,10 @@ impl Cpu {
 pub struct Iommu {
     /// Who owns the IOMMU.
     pub mode: IommuMode,
+    /// Whether thinhv remaps interrupt messages through the IOMMU it owns
+    /// (with appliances, on AMD-Vi: `docs/appliances.md`, "Interrupt
+    /// isolation").
+    pub interrupts: IommuInterrupts,
 }
 
 /// One `[[device]]` table. `match` and `owner` are checked against the
@@ -452,7 +456,12 @@ impl Config {
             }
             let _ = writeln!(s, "#   XCR0 allowed: {:#x}", p.xcr0_allowed);
         }
-        let _ = writeln!(s, "\n[iommu]\nmode = \"{}\"", self.iommu.mode.name());
+        let _ = writeln!(
+            s,
+            "\n[iommu]\nmode = \"{}\"\ninterrupts = \"{}\"",
+            self.iommu.mode.name(),
+            self.iommu.interrupts.name()
+        );
         for r in &self.device {
             let _ = writeln!(
                 s,

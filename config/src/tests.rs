@@ -391,3 +391,16 @@ fn appliance_errors_name_the_table_line() {
     let e = Config::parse(&many).unwrap_err();
     assert!(e.message.contains("at most 8"), "{e}");
 }
+
+#[test]
+fn interrupt_remapping_is_on_unless_turned_off() {
+    let c = Config::parse("[iommu]\nmode = \"protect\"\n").unwrap();
+    assert_eq!(c.iommu.interrupts, crate::IommuInterrupts::Remap);
+    let c = Config::parse("[iommu]\ninterrupts = \"off\"\n").unwrap();
+    assert_eq!(c.iommu.interrupts, crate::IommuInterrupts::Off);
+    assert_eq!(
+        Config::parse(&c.effective()).unwrap().iommu.interrupts,
+        crate::IommuInterrupts::Off
+    );
+    assert!(Config::parse("[iommu]\ninterrupts = \"filter\"\n").is_err());
+}

@@ -114,6 +114,29 @@ impl IommuMode {
     }
 }
 
+/// `iommu.interrupts`: whether thinhv remaps interrupt messages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IommuInterrupts {
+    /// With appliances, on an AMD-Vi unit thinhv owns: the OS's and the
+    /// appliances' functions reach only their own processors.
+    #[default]
+    Remap,
+    /// Messages pass as functions send them: a partition's devices can
+    /// interrupt, NMI or INIT the other's processors (said at boot).
+    Off,
+}
+
+impl IommuInterrupts {
+    /// The spelling in the file.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Remap => "remap",
+            Self::Off => "off",
+        }
+    }
+}
+
 /// `hypervisor.serial`: an I/O port (`0x3f8`, `"0x2f8"`, `"com1"`..`"com4"`)
 /// or `"none"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -325,16 +325,17 @@ pub fn boot_linux_under_thinhv(
 
 /// The machine [`boot_linux_under_thinhv`] boots, not started yet.
 pub fn linux_under_thinhv(name: &str, profile: Profile, options: &str, extra_config: &str) -> Boot {
-    linux_under_thinhv_iommu(name, profile, options, extra_config, "protect")
+    linux_under_thinhv_iommu(name, profile, options, extra_config, "mode = \"protect\"")
 }
 
-/// As [`linux_under_thinhv`], with `[iommu] mode = "{iommu_mode}"`.
+/// As [`linux_under_thinhv`], with `iommu` as the `[iommu]` section's
+/// lines.
 pub fn linux_under_thinhv_iommu(
     name: &str,
     profile: Profile,
     options: &str,
     extra_config: &str,
-    iommu_mode: &str,
+    iommu: &str,
 ) -> Boot {
     let b = built();
     let boot = Boot::new(&b, name, profile);
@@ -344,7 +345,7 @@ pub fn linux_under_thinhv_iommu(
         Some(&esp::kernel_options(&format!(
             "quiet thinhv_test=1 {options}"
         ))),
-        &format!("\n[iommu]\nmode = \"{iommu_mode}\"\n{extra_config}"),
+        &format!("\n[iommu]\n{iommu}\n{extra_config}"),
     );
     boot.esp
         .install_thinhv(&b.efi, Some(&config))

@@ -947,12 +947,16 @@ fn an_appliances_msi_reaches_its_own_processor_and_never_the_oss_where_amd_vi_re
     // own first processor, then three NMIs to APIC ID 0, the OS's first
     // processor. thinhv keeps what it wrote, gives the function a message
     // naming entry 0 of its own remapping table, and writes that entry only
-    // for the first. The control: the same machine with the IOMMU left to
-    // no one (`[iommu] mode = "off"`), where the NMIs reach the OS.
+    // for the first. The control: the same machine with `[iommu] interrupts
+    // = "off"` (the IOMMU still thinhv's), where the NMIs reach the OS.
+    // Its e1000e (00:05.0, MSI-X) too: DHCP and ping through its
+    // remapped entries, then its MSI-X entry 2 rewritten through /dev/mem
+    // (`iomem=relaxed`: beside its driver) to an NMI at the OS's
+    // processor 0, and a link interrupt raised.
     let config = APPLIANCE.replace(
         "thinhv_appliance=1",
-        "thinhv_appliance=1 thinhv_appliance_msi_probe=1",
-    ) + "devices = [\"0000:00:08.0\"]\n";
+        "thinhv_appliance=1 thinhv_appliance_msi_probe=1 iomem=relaxed",
+    ) + "devices = [\"0000:00:08.0\", \"0000:00:05.0\"]\n";
     let boot = |name: &str, mode: &str, options: &str| {
         let mut machine = Profile::svm(4);
         machine.extra = [
@@ -960,6 +964,10 @@ fn an_appliances_msi_reaches_its_own_processor_and_never_the_oss_where_amd_vi_re
             "amd-iommu,pt=off,intremap=on",
             "-device",
             "edu,addr=0x8,dma_mask=0xffffffffffffffff",
+            "-netdev",
+            "user,id=anet",
+            "-device",
+            "e1000e,netdev=anet,addr=0x5,romfile=",
         ]
         .map(String::from)
         .to_vec();
@@ -967,11 +975,11 @@ fn an_appliances_msi_reaches_its_own_processor_and_never_the_oss_where_amd_vi_re
             name, machine, options, &config, mode,
         ))
     };
-    let guarded = boot("appliance-msi", "protect", "thinhv_msi_probe=1");
+    let guarded = boot("appliance-msi", "mode = \"protect\"", "thinhv_msi_probe=1");
     let open = boot(
         "appliance-msi-control",
-        "off",
-        "thinhv_msi_probe=1 amd_iommu=off",
+        "mode = \"protect\"\ninterrupts = \"off\"",
+        "thinhv_msi_probe=1",
     );
     for g in [&guarded, &open] {
         let facts = &g.facts;
@@ -989,18 +997,38 @@ fn an_appliances_msi_reaches_its_own_processor_and_never_the_oss_where_amd_vi_re
             "{facts}"
         );
     }
+    for g in [&guarded, &open] {
+        let facts = &g.facts;
+        // Its NIC works; the rewritten entry reads back as written, and
+        // the NIC works after it is put back.
+        assert!(
+            g.get("appliance_net")
+                .ends_with("driver=e1000e dhcp=10.0.2.15 ping=3/3"),
+            "{facts}"
+        );
+        assert_eq!(
+            g.get("msix_attack"),
+            "entry=0xFEE00000/0x00000400 ping=3/3",
+            "{facts}"
+        );
+    }
     let facts = &guarded.facts;
-    assert_eq!(guarded.get("msi_remapped"), "1", "{facts}");
-    // The address, then the NMI data: two refusals, counted and logged.
-    assert_eq!(guarded.get("msi_refused"), "2", "{facts}");
+    // Both functions remapped; the e1000e's table emulated.
+    assert_eq!(guarded.get("msi_remapped"), "2", "{facts}");
+    assert_eq!(guarded.get("msix_emulated"), "1", "{facts}");
+    // The edu's address, then its NMI data; the e1000e's address, its NMI,
+    // and the NMI at its own processor on the way back: five refusals.
+    assert_eq!(guarded.get("msi_refused"), "5", "{facts}");
     assert_eq!(guarded.get("os_nmis"), "0", "{facts}");
     assert_eq!(guarded.get("os_unknown_nmis"), "0", "{facts}");
     let facts = &open.facts;
     assert_eq!(open.get("msi_remapped"), "0", "{facts}");
     assert_eq!(open.get("msi_refused"), "0", "{facts}");
+    // The edu's three and the e1000e's one (the NIC masks its "other"
+    // cause until a driver takes the interrupt).
     assert_eq!(
         open.get("os_nmis"),
-        "3",
+        "4",
         "control: the NMIs reach the OS without remapping: {facts}"
     );
 }
@@ -1016,7 +1044,7 @@ fn an_os_devices_msi_never_reaches_an_appliance_where_amd_vi_remaps_it() {
     // vector 0xdf to APIC ID 2, the appliance's first processor. thinhv
     // keeps what the OS wrote and gives the function a message naming
     // entry 0 of its own table, written only for the first. The control:
-    // the IOMMU left to no one, where the messages reach the appliance.
+    // `[iommu] interrupts = "off"`, where the messages reach the appliance.
     let config = APPLIANCE.replace(
         "thinhv_appliance=1",
         "thinhv_appliance=1 thinhv_appliance_nmi_report=1",
@@ -1047,11 +1075,15 @@ fn an_os_devices_msi_never_reaches_an_appliance_where_amd_vi_remaps_it() {
     };
     // `iomem=relaxed`: /dev/mem reaches the e1000e's registers beside its
     // driver (which claims them exclusively), as a hostile kernel would.
-    let guarded = boot("os-msi", "protect", "thinhv_os_msi_probe=1 iomem=relaxed");
+    let guarded = boot(
+        "os-msi",
+        "mode = \"protect\"",
+        "thinhv_os_msi_probe=1 iomem=relaxed",
+    );
     let open = boot(
         "os-msi-control",
-        "off",
-        "thinhv_os_msi_probe=1 iomem=relaxed amd_iommu=off",
+        "mode = \"protect\"\ninterrupts = \"off\"",
+        "thinhv_os_msi_probe=1 iomem=relaxed",
     );
     let pair = |g: &Guest, key: &str| -> Vec<u64> {
         g.get(key)

@@ -207,8 +207,9 @@ pub struct Hv {
     pub apic_base: u64,
     /// Vendor backend (`thinhv_abi::hypercall::VENDOR_*`).
     pub vendor: u32,
-    /// Processors.
-    cpus: [CpuSlot; MAX_CPUS],
+    /// Processors (on the heap: the state is built on the firmware's
+    /// stack at `CORE_OP_INIT`, which 256 slots would overflow).
+    cpus: alloc::boxed::Box<[CpuSlot]>,
     cpu_count: usize,
     /// The loader has handed over to the OS.
     pub sealed: AtomicBool,
@@ -260,27 +261,32 @@ impl Hv {
         let mut ram = [PhysRange::default(); MAX_RAM_RANGES];
         let n = h.ram().len();
         ram[..n].copy_from_slice(h.ram());
-        let cpus = core::array::from_fn(|i| CpuSlot {
-            apic_id: h.cpus.get(i).map_or(u32::MAX, |c| c.apic_id),
-            partition: PartitionId(
-                h.cpus
-                    .get(i)
-                    .map_or(0, thinhv_abi::handoff::CpuInfo::partition),
-            ),
-            entered: AtomicBool::new(false),
-            vldr: AtomicU32::new(0),
-            vdfr: AtomicU32::new(u32::MAX),
-            state: AtomicU32::new(CpuState::OFFLINE.0),
-            mailbox: Mailbox::default(),
-            cf8_latch: AtomicU32::new(0),
-            flush_tlb: AtomicBool::new(false),
-            mtrr: MtrrShadow::default(),
-            host_nmis: AtomicU32::new(0),
-            vmx_live: AtomicBool::new(false),
-            handler_cycles: AtomicU64::new(0),
-            handler_exits: AtomicU64::new(0),
-            apic_vbase: AtomicU64::new(apic_base),
-        });
+        let count = usize::try_from(h.cpu_count)
+            .unwrap_or(MAX_CPUS)
+            .clamp(1, MAX_CPUS);
+        let cpus = (0..count)
+            .map(|i| CpuSlot {
+                apic_id: h.cpus.get(i).map_or(u32::MAX, |c| c.apic_id),
+                partition: PartitionId(
+                    h.cpus
+                        .get(i)
+                        .map_or(0, thinhv_abi::handoff::CpuInfo::partition),
+                ),
+                entered: AtomicBool::new(false),
+                vldr: AtomicU32::new(0),
+                vdfr: AtomicU32::new(u32::MAX),
+                state: AtomicU32::new(CpuState::OFFLINE.0),
+                mailbox: Mailbox::default(),
+                cf8_latch: AtomicU32::new(0),
+                flush_tlb: AtomicBool::new(false),
+                mtrr: MtrrShadow::default(),
+                host_nmis: AtomicU32::new(0),
+                vmx_live: AtomicBool::new(false),
+                handler_cycles: AtomicU64::new(0),
+                handler_exits: AtomicU64::new(0),
+                apic_vbase: AtomicU64::new(apic_base),
+            })
+            .collect();
         Self {
             config: h.config,
             cpuid: h.cpuid,

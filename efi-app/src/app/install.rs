@@ -360,10 +360,7 @@ pub fn install(config: &Config) -> Result<String, String> {
     // With appliances on an AMD-Vi unit, the OS's functions' messages are
     // remapped too (their address and data judged against the OS's
     // processors): none can reach an appliance's processor.
-    if iommu.mode == thinhv_abi::handoff::IOMMU_MODE_PROTECT
-        && iommu.kind == thinhv_abi::handoff::IOMMU_KIND_AMDVI
-        && !appliances.list.is_empty()
-    {
+    if iommu.remaps_interrupts() && !appliances.list.is_empty() {
         remap_os_msi(&mut pci, &inventory.functions);
     }
     // The appliance's functions leave the firmware's hands quiet and

@@ -78,12 +78,23 @@ pub fn prepare(config: &Config, max_bus: u8, max_apic_id: u32) -> IommuHandoff {
         println!("thinhv: IOMMU: {n}");
     }
     match plan {
-        Ok(h) => {
+        Ok(mut h) => {
             println!(
                 "thinhv: IOMMU: {}; thinhv takes it ([iommu] mode = \"{}\")",
                 thinhv_efi::iommu_plan::describe(&h),
                 config.iommu.mode.name()
             );
+            h.interrupts = match config.iommu.interrupts {
+                thinhv_config::IommuInterrupts::Remap => {
+                    thinhv_abi::handoff::IOMMU_INTERRUPTS_REMAP
+                }
+                thinhv_config::IommuInterrupts::Off => {
+                    println!(
+                        "thinhv: IOMMU: interrupt messages not remapped ([iommu] interrupts = \"off\"): with appliances, each partition's devices can interrupt the other's processors"
+                    );
+                    thinhv_abi::handoff::IOMMU_INTERRUPTS_OFF
+                }
+            };
             h
         }
         Err(e) => {

@@ -100,6 +100,12 @@ fn appliance(
             reason: ExitReason::APIC_ACCESS,
         };
     }
+    if !present && let Some(outcome) = super::msi_remap::msix_access(cpu, env, gpa) {
+        return Handled {
+            outcome,
+            reason: ExitReason::PCI_CONFIG,
+        };
+    }
     log::error!(
         "cpu {}: appliance access to {gpa:#x} (write {write}), where it has neither memory nor a device, rip {:#x}",
         env.cpu_index(),

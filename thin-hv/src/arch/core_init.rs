@@ -85,11 +85,37 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
     )?;
     hide_iommu_windows(&h, slat, slat_root, pool.blank_pa, &mut frames)?;
     hide_appliance_ram(&h, slat, slat_root, pool.blank_pa, &mut frames)?;
+    // An appliance's MSI-X tables (where thinhv remaps its functions'
+    // messages): out of its second-level tables, emulated
+    // (`handlers::msi_remap`).
+    let msix = if iommu.remaps_appliances() {
+        appliance_msix_tables(&h, host_top)
+    } else {
+        alloc::vec::Vec::new()
+    };
     let (appliance_slat, appliance_iopm_pa) =
-        build_appliance_maps(&h, slat, apic_base, &mut frames)?;
+        build_appliance_maps(&h, slat, apic_base, &msix, &mut frames)?;
     trap_mediated_functions(&h, slat, slat_root, host_top, pool.iopm_pa, &mut frames)?;
 
     let hv = Hv::from_handoff(&h, apic_base);
+    for &(part, rid, base, entries) in &msix {
+        hv.msix.lock().insert(
+            rid,
+            thin_hv_core::partition::MsixTable {
+                owner: part,
+                base,
+                entries,
+                shadow: alloc::vec![thin_hv_core::partition::MsixEntry::default(); usize::from(entries)],
+            },
+        );
+        log::info!(
+            "appliance {}: MSI-X table of {:02x}:{:02x}.{} ({entries} entries at {base:#x}) emulated, its messages remapped",
+            part.0,
+            rid >> 8,
+            (rid >> 3) & 0x1f,
+            rid & 7
+        );
+    }
     core_state::install(Core {
         hv,
         handoff: h,
@@ -372,10 +398,31 @@ fn hide_appliance_ram(
 /// the processor's own APIC, writes trap as for the OS: the ICR is
 /// filtered), and its functions' BARs at their addresses; nothing else. And one I/O permission map, every port
 /// intercepted, for all appliance processors.
+/// The MSI-X tables of appliances' functions whose messages are remapped:
+/// (partition, routing ID, address of entry 0, entries).
+fn appliance_msix_tables(
+    h: &Handoff,
+    top: u64,
+) -> alloc::vec::Vec<(thin_hv_core::partition::PartitionId, u16, u64, u16)> {
+    let mut out = alloc::vec::Vec::new();
+    for (i, p) in h.partitions().iter().enumerate() {
+        let part = thin_hv_core::partition::PartitionId(u8::try_from(i + 1).unwrap_or(u8::MAX));
+        for d in p.devices() {
+            if let Some(Some((base, entries))) = super::iommu::appliance_msix(d)
+                && super::iommu::appliance_remapped(d, top)
+            {
+                out.push((part, d.rid, base, entries));
+            }
+        }
+    }
+    out
+}
+
 fn build_appliance_maps(
     h: &Handoff,
     slat: Slat,
     apic_base: u64,
+    msix: &[(thin_hv_core::partition::PartitionId, u16, u64, u16)],
     frames: &mut BumpFrames,
 ) -> Result<([u64; thinhv_abi::handoff::MAX_APPLIANCES], u64), CoreError> {
     let mut roots = [0u64; thinhv_abi::handoff::MAX_APPLIANCES];
@@ -396,9 +443,15 @@ fn build_appliance_maps(
         // SAFETY: only this core's table roots and frames from its own
         // allocator reach the engine (`IdentityMem::new`'s contract).
         let mut mem = unsafe { IdentityMem::new() };
+        let part = thin_hv_core::partition::PartitionId(u8::try_from(i + 1).unwrap_or(u8::MAX));
+        let tables: alloc::vec::Vec<(u64, u16)> = msix
+            .iter()
+            .filter(|t| t.0 == part)
+            .map(|t| (t.2, t.3))
+            .collect();
         roots[i] = match slat {
-            Slat::Npt(fmt) => appliance_map(&fmt, &mut mem, p, apic_base, frames)?,
-            Slat::Ept(fmt) => appliance_map(&fmt, &mut mem, p, apic_base, frames)?,
+            Slat::Npt(fmt) => appliance_map(&fmt, &mut mem, p, apic_base, &tables, frames)?,
+            Slat::Ept(fmt) => appliance_map(&fmt, &mut mem, p, apic_base, &tables, frames)?,
         };
     }
     Ok((roots, iopm))
@@ -426,6 +479,7 @@ fn appliance_map(
     mem: &mut IdentityMem,
     p: &thinhv_abi::handoff::PartitionInfo,
     apic_base: u64,
+    msix: &[(u64, u16)],
     frames: &mut BumpFrames,
 ) -> Result<u64, CoreError> {
     let oom = |_| CoreError::OUT_OF_MEMORY;
@@ -433,11 +487,20 @@ fn appliance_map(
     map_appliance_ram(&mut m, p, frames).map_err(oom)?;
     m.map(apic_base, apic_base, PAGE, Attrs::MMIO_RO, frames)
         .map_err(oom)?;
-    // Its functions' BARs, where the firmware put them.
+    // Its functions' BARs, where the firmware put them, but for the pages
+    // of MSI-X tables thinhv emulates.
     for d in p.devices() {
         for (_, bar) in d.bars() {
             m.map(bar.base, bar.base, bar.size, Attrs::MMIO_RW, frames)
                 .map_err(oom)?;
+        }
+    }
+    for &(base, entries) in msix {
+        let end = (base + u64::from(entries) * 16).next_multiple_of(PAGE);
+        let mut page = base & !(PAGE - 1);
+        while page < end {
+            m.unmap_page(page, frames).map_err(oom)?;
+            page += PAGE;
         }
     }
     Ok(m.root())

@@ -37,7 +37,7 @@ use thinhv_paging::iommu::{ADDR_MASK, AmdViFormat, VtdFormat};
 use thinhv_paging::{Attrs, BumpFrames, EntryFormat, FrameAlloc, Mapper, PhysMem};
 use thinhv_passthrough::amdvi::{self, Ring};
 use thinhv_passthrough::irq_remap;
-use thinhv_passthrough::reset;
+use thinhv_passthrough::reset::{self, FunctionConfig as _};
 use thinhv_passthrough::vtd::{self, Caps, Mmio};
 
 /// A 256-entry ring of 16-byte entries in the core's memory.
@@ -152,13 +152,41 @@ impl reset::FunctionConfig for InitConfig {
     fn wait_us(&mut self, _us: u32) {}
 }
 
-/// Whether thinhv remaps the function's interrupts: it signals by MSI
-/// only. An MSI-X function is not remapped yet (its table lives in a BAR,
-/// which the appliance writes directly), nor one without MSI.
-fn msi_only(rid: u16) -> bool {
-    let mut f = InitConfig { rid };
-    reset::find_capability(&mut f, reset::CAP_MSI).is_some()
-        && reset::find_capability(&mut f, reset::CAP_MSIX).is_none()
+/// Where an appliance's function keeps its MSI-X table (physical address
+/// of entry 0, entries): in one of its memory BARs, by the capability's
+/// BIR and offset. `None` without MSI-X; `Some(None)` where the table is
+/// not in a BAR it was given.
+pub fn appliance_msix(d: &thinhv_abi::handoff::PartitionDevice) -> Option<Option<(u64, u16)>> {
+    let mut f = InitConfig { rid: d.rid };
+    let cap = reset::find_capability(&mut f, reset::CAP_MSIX)?;
+    let control = f.read32(cap) >> 16;
+    let table = f.read32(cap + 4);
+    let entries = (control & 0x7ff) as u16 + 1;
+    let bir = (table & 7) as u8;
+    Some(
+        d.bars()
+            .find(|(regs, _)| regs & 7 == bir)
+            .map(|(_, bar)| (bar.base + u64::from(table & !7), entries))
+            .filter(|(base, n)| base + u64::from(*n) * 16 <= bar_end(d, bir)),
+    )
+}
+
+fn bar_end(d: &thinhv_abi::handoff::PartitionDevice, bir: u8) -> u64 {
+    d.bars()
+        .find(|(regs, _)| regs & 7 == bir)
+        .map_or(0, |(_, bar)| bar.end())
+}
+
+/// Whether thinhv remaps the messages of an appliance's function `d`: it
+/// signals by MSI or MSI-X, and an MSI-X table lies in one of its BARs
+/// below `top` (the core's own map), where thinhv can emulate it.
+pub fn appliance_remapped(d: &thinhv_abi::handoff::PartitionDevice, top: u64) -> bool {
+    let msi = reset::find_capability(&mut InitConfig { rid: d.rid }, reset::CAP_MSI).is_some();
+    match appliance_msix(d) {
+        None => msi,
+        Some(None) => false,
+        Some(Some((base, n))) => base + u64::from(n) * 16 <= top,
+    }
 }
 
 /// A unit's registers through the identity map.
@@ -208,6 +236,8 @@ pub struct Iommu {
     /// Functions whose interrupts are no longer remapped
     /// ([`Iommu::stop_remapping`]).
     unremapped: Mutex<([u16; MAX_IRQ_TABLES], usize)>,
+    /// `[iommu] interrupts = "remap"`.
+    remap_interrupts: bool,
 }
 
 /// Completion-wait values for interrupt table invalidations (distinct
@@ -253,6 +283,7 @@ impl Iommu {
             status,
             started: AtomicBool::new(false),
             unremapped: Mutex::new(([0; MAX_IRQ_TABLES], 0)),
+            remap_interrupts: h.remaps_interrupts(),
         };
         if protect {
             let outside = h
@@ -447,7 +478,7 @@ impl Iommu {
                 // A function whose messages thinhv remaps: its own table,
                 // every entry not present until the appliance programs
                 // its MSI (`handlers::msi_remap`).
-                let e = if msi_only(d.rid) {
+                let e = if h.remaps_interrupts() && appliance_remapped(d, top) {
                     let table = irq.add(d.rid, frames)?;
                     log::info!(
                         "IOMMU: interrupts of {:02x}:{:02x}.{} (appliance {}) remapped through its table at {table:#x}",
@@ -612,6 +643,12 @@ impl Iommu {
         }
         self.publish_all();
         failed
+    }
+
+    /// Whether appliances' functions get remapping tables (AMD-Vi units
+    /// set up to protect, `[iommu] interrupts = "remap"`).
+    pub fn remaps_appliances(&self) -> bool {
+        self.protect && self.remap_interrupts && matches!(self.hw, Hw::AmdVi { .. })
     }
 
     /// Whether the interrupts of `rid` are remapped through a table of
