@@ -1198,6 +1198,42 @@ fn an_os_devices_msi_never_reaches_an_appliance_where_amd_vi_remaps_it() {
     );
 }
 
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn an_appliance_with_pci_functions_is_left_out_when_the_iommu_is_not_thinhvs() {
+    // Its functions DMA to its guest-physical addresses, which only its
+    // IOMMU domain puts in its own RAM: with `[iommu] mode = "off"` they
+    // would reach the OS's memory (the appliance's e1000e in
+    // `appliance-msi-control` did, before this rule, and its driver timed
+    // out). The appliance is left out, said why, and the OS boots with all
+    // the processors.
+    let config = APPLIANCE.to_string() + "devices = [\"0000:00:08.0\"]\n";
+    let mut machine = Profile::svm(4);
+    machine.extra = [
+        "-device",
+        "amd-iommu,pt=off",
+        "-device",
+        "edu,addr=0x8,dma_mask=0xffffffffffffffff",
+    ]
+    .map(String::from)
+    .to_vec();
+    let g = thinhv_tests::boot_linux(&thinhv_tests::linux_under_thinhv_iommu(
+        "appliance-no-iommu",
+        machine,
+        "",
+        &config,
+        "mode = \"off\"",
+    ));
+    let left_out = lines_after(&g.serial, "thinhv: [[appliance]] \"store\" (line ");
+    assert_eq!(left_out.len(), 1, "{}", g.serial);
+    assert!(
+        left_out[0].contains(") left out: it has PCI functions and the IOMMU is not thinhv's (their DMA would reach the OS's memory)"),
+        "{}",
+        left_out[0]
+    );
+    assert_eq!(g.get("nproc"), "4", "{}", g.facts);
+}
+
 /// The rest of each line of `serial` that starts with `prefix`.
 fn lines_after<'a>(serial: &'a str, prefix: &str) -> Vec<&'a str> {
     serial

@@ -209,6 +209,22 @@ pub fn install(config: &Config) -> Result<String, String> {
     let max_bus = functions.iter().map(|f| f.bdf.bus).max().unwrap_or(0);
     let max_apic = cpus.iter().map(|c| c.apic_id).max().unwrap_or(0);
     let iommu = super::iommu::prepare(config, max_bus, max_apic);
+    // An appliance's functions DMA to its guest-physical addresses, which
+    // only its IOMMU domain puts in its own RAM: without the IOMMU they
+    // would reach the OS's memory.
+    if iommu.mode != thinhv_abi::handoff::IOMMU_MODE_PROTECT {
+        appliances.list.retain(|a| {
+            if a.devices.is_empty() {
+                return true;
+            }
+            println!(
+                "thinhv: {} left out: it has PCI functions and the IOMMU is not thinhv's (their DMA would reach the OS's memory); the OS boots without it",
+                config.appliance[a.index].label()
+            );
+            super::appliances::release(a);
+            false
+        });
+    }
     // An appliance's functions are hidden from the OS (configuration
     // space mediated, no DMA in the OS's domain) like `owner = "hidden"`
     // ones; the core also takes their BARs from the OS.
