@@ -1375,6 +1375,25 @@ mod tests {
     }
 
     #[test]
+    fn interrupts_are_remapped_only_by_an_amdvi_unit_thinhv_protects_with() {
+        let mut h = IommuHandoff {
+            mode: IOMMU_MODE_PROTECT,
+            kind: IOMMU_KIND_AMDVI,
+            interrupts: IOMMU_INTERRUPTS_REMAP,
+            ..IommuHandoff::default()
+        };
+        assert!(h.remaps_interrupts());
+        h.interrupts = IOMMU_INTERRUPTS_OFF;
+        assert!(!h.remaps_interrupts());
+        h.interrupts = IOMMU_INTERRUPTS_REMAP;
+        h.kind = IOMMU_KIND_VTD;
+        assert!(!h.remaps_interrupts(), "not on VT-d yet");
+        h.kind = IOMMU_KIND_AMDVI;
+        h.mode = IOMMU_MODE_OFF;
+        assert!(!h.remaps_interrupts());
+    }
+
+    #[test]
     fn an_iommu_window_is_whole_pages() {
         let u = IommuUnit {
             base: 0xfed9_0010,
