@@ -1024,11 +1024,11 @@ fn an_appliances_msi_reaches_its_own_processor_and_never_the_oss_where_amd_vi_re
     let facts = &open.facts;
     assert_eq!(open.get("msi_remapped"), "0", "{facts}");
     assert_eq!(open.get("msi_refused"), "0", "{facts}");
-    // The edu's three and the e1000e's one (the NIC masks its "other"
-    // cause until a driver takes the interrupt).
-    assert_eq!(
-        open.get("os_nmis"),
-        "4",
+    // The edu's three and at least one of the e1000e's (the NIC masks its
+    // "other" cause until a driver takes the interrupt).
+    let nmis: u64 = open.get("os_nmis").parse().unwrap_or(0);
+    assert!(
+        nmis > 3,
         "control: the NMIs reach the OS without remapping: {facts}"
     );
 }
@@ -1134,18 +1134,19 @@ fn an_os_devices_msi_never_reaches_an_appliance_where_amd_vi_remaps_it() {
     let facts = &guarded.facts;
     assert_eq!(
         guarded.get("os_msi_remapped"),
-        "interrupts of 5 function(s) of the OS's remapped",
+        "interrupts of 4 function(s) of the OS's remapped",
         "{facts}"
     );
     // The e1000e's table is trapped; the NVMe's (BAR 0 at 0xe0_0000_2000,
-    // where OVMF puts 64-bit BARs) lies outside thinhv's own map, so its
-    // messages are not remapped: its entry stops remapping rather than
-    // lose them, and the NVMe works (above).
+    // where OVMF puts 64-bit BARs) lies beyond thinhv's own map, so the
+    // loader leaves the NVMe unremapped, said, and it works (above).
     assert_eq!(guarded.get("os_msix_trapped"), "1", "{facts}");
-    assert_eq!(
-        guarded.get("os_msix_not_remapped").trim_end(),
-        "PCI 0000:00:04.0: its MSI-X table at 0xe000002000 cannot be trapped",
-        "{facts}"
+    assert!(
+        guarded.serial.contains(
+            "thinhv: warning: interrupts: 0000:00:04.0: its MSI-X table (0xe000002000) is beyond thinhv's map: not remapped"
+        ),
+        "{}",
+        guarded.serial
     );
     // The MSI-X entry aimed at the appliance: refused as the address, the
     // NMI, and the NMI at the OS's own processor on the way back (three

@@ -113,12 +113,6 @@ pub trait Env {
     fn remaps_interrupts(&self, _rid: u16) -> bool {
         false
     }
-    /// Stops remapping the messages of `rid` (they pass as the function
-    /// sends them): for a function whose programming thinhv cannot follow.
-    /// False where it could not.
-    fn stop_remapping(&mut self, _rid: u16) -> bool {
-        false
-    }
     /// Writes entry `slot` of the remapping table of `rid` to deliver
     /// `target` (`None`: not present, every message naming it aborted),
     /// invalidates the unit's copy, and returns the message (address,

@@ -131,7 +131,11 @@ impl MsixTable {
     /// The pages it spans.
     pub fn pages(&self) -> core::ops::Range<u64> {
         let first = self.base & !0xfff;
-        let end = (self.base + u64::from(self.entries) * 16 + 0xfff) & !0xfff;
+        // Empty where it would wrap (an owner's BAR near the top).
+        let end = self
+            .base
+            .checked_add(u64::from(self.entries) * 16 + 0xfff)
+            .map_or(first, |e| e & !0xfff);
         first..end
     }
 }

@@ -377,7 +377,12 @@ pub fn install(config: &Config) -> Result<String, String> {
     // remapped too (their address and data judged against the OS's
     // processors): none can reach an appliance's processor.
     if iommu.remaps_interrupts() && !appliances.list.is_empty() {
-        remap_os_msi(&mut pci, &inventory.functions);
+        remap_os_msi(
+            &mut pci,
+            &inventory.functions,
+            &regions,
+            thinhv_abi::handoff::identity_map_top(mem.top),
+        );
     }
     // The appliance's functions leave the firmware's hands quiet and
     // reset: their firmware drivers stopped (else they would drive the
@@ -915,10 +920,13 @@ fn present_nvme_vf(
 /// what the OS writes into its MSI capability and MSI-X table, and its
 /// IOMMU entry remaps its messages. A function mediated for another
 /// reason (a PF whose VFs the OS shares, an NVMe VF in its PF's place)
-/// is not remapped (said).
+/// is not remapped (said), nor one whose MSI-X table the firmware put
+/// beyond the core's own map (`top`), where the core cannot emulate it.
 fn remap_os_msi(
     pci: &mut thinhv_abi::handoff::PciHandoff,
     functions: &[thinhv_passthrough::pci::Function],
+    regions: &[thinhv_passthrough::pci::EcamRegion],
+    top: u64,
 ) {
     use thinhv_passthrough::pci::{CAP_ID_MSI, CAP_ID_MSIX};
     let mut names = String::new();
@@ -931,6 +939,22 @@ fn remap_os_msi(
             .any(|c| c.0 == CAP_ID_MSI || c.0 == CAP_ID_MSIX);
         if f.bdf.segment != 0 || !signals || pci.is_blocked(rid) {
             continue;
+        }
+        if let Some(cap) = f.caps.iter().find(|c| c.0 == CAP_ID_MSIX) {
+            let table = super::pci::read32(regions, f.bdf, cap.1 + 4);
+            let at = f
+                .bars
+                .iter()
+                .find(|b| u32::from(b.index) == table & 7)
+                .map(|b| b.base + u64::from(table & !7));
+            if at.is_none_or(|a| a == 0 || a >= top) {
+                println!(
+                    "thinhv: warning: interrupts: {}: its MSI-X table ({}) is beyond thinhv's map: not remapped, a hostile OS can aim it at an appliance's processors",
+                    f.bdf,
+                    at.map_or_else(|| String::from("in no memory BAR"), |a| format!("{a:#x}"))
+                );
+                continue;
+            }
         }
         if pci.find(f.bdf.bus, f.bdf.devfn()).is_some() {
             other += 1;

@@ -15,6 +15,12 @@ struct Ecam<'a> {
     regions: &'a [EcamRegion],
 }
 
+/// A dword of `bdf`'s configuration space through ECAM (all ones where no
+/// window reaches it).
+pub fn read32(regions: &[EcamRegion], bdf: Bdf, offset: u16) -> u32 {
+    Ecam { regions }.read32(bdf, offset)
+}
+
 impl ConfigSpace for Ecam<'_> {
     fn read32(&self, bdf: Bdf, offset: u16) -> u32 {
         let Some(base) = self.regions.iter().find_map(|r| r.address(bdf)) else {

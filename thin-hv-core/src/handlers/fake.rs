@@ -490,10 +490,6 @@ impl Env for FakeEnv {
     fn remaps_interrupts(&self, rid: u16) -> bool {
         self.remapped.contains(&rid)
     }
-    fn stop_remapping(&mut self, rid: u16) -> bool {
-        self.remapped.retain(|r| *r != rid);
-        true
-    }
     fn remap_interrupt(
         &mut self,
         rid: u16,

@@ -8,9 +8,10 @@
 //! return that), judges the message against the owner's processors
 //! ([`thinhv_passthrough::irq_remap::judge`]: a fixed or lowest-priority
 //! interrupt to one of its own processors; the entry names it in physical
-//! destination mode) and writes entry 0 of the function's remapping
-//! table: the message, or not present where it is refused. The function
-//! itself holds the message that names entry 0, so whatever the owner
+//! destination mode) and writes the function's MSI entry of its remapping
+//! table (the last; MSI-X entry `k` is entry `k`): the message, or not
+//! present where it is refused. The function itself holds the message
+//! that names that entry, so whatever the owner
 //! writes, and whatever the function writes by DMA to the interrupt
 //! window, reaches at most the processor judged here. Multiple Message
 //! Enable stays 0 (one vector: Linux on x86 uses one without remapping of
@@ -301,11 +302,11 @@ fn program(
     } else {
         None
     };
-    let message = match env.remap_interrupt(rid, 0, target) {
+    let message = match env.remap_interrupt(rid, MSI_SLOT, target) {
         Ok(m) => m,
         Err(why) => {
             refused(env, owner, rid, shadow, why.describe());
-            match env.remap_interrupt(rid, 0, None) {
+            match env.remap_interrupt(rid, MSI_SLOT, None) {
                 Ok(m) => m,
                 Err(_) => return,
             }
@@ -394,14 +395,20 @@ pub(super) fn after_write(env: &mut impl Env, owner: Owner, rid: u16, reg: u16, 
     }
 }
 
-/// MSI-X entries thinhv remaps: an AMD-Vi table's indices.
-const MSIX_MAX: u16 = irq_remap::amdvi::ENTRIES as u16;
+/// The remapping entry of a function's MSI (the table's last), apart from
+/// its MSI-X entries.
+const MSI_SLOT: u16 = irq_remap::amdvi::ENTRIES as u16 - 1;
+/// An entry never written (not present): the message of MSI-X entries
+/// beyond [`MSIX_MAX`].
+const NEVER_SLOT: u16 = irq_remap::amdvi::ENTRIES as u16 - 2;
+/// MSI-X entries thinhv remaps: those below the two above.
+const MSIX_MAX: u16 = NEVER_SLOT;
 
 /// Traps the MSI-X table of `rid` (capability at `cap`) where its BAR puts
 /// it now: its pages leave the owner's second-level tables, what the
 /// function holds becomes the owner's (as written so far), and each entry
 /// the message naming its remapping entry (written where unmasked).
-fn setup_msix(env: &mut impl Env, owner: Owner, rid: u16, msix: u16) {
+fn setup_msix<E: Env>(env: &mut E, owner: Owner, rid: u16, msix: u16) {
     let mut f = Config { env, rid };
     let entries = (f.read(msix + 2, 2) & 0x7ff) as u16 + 1;
     let table = f.read(msix + 4, 4);
@@ -413,13 +420,17 @@ fn setup_msix(env: &mut impl Env, owner: Owner, rid: u16, msix: u16) {
         } else {
             0
         };
-        (lo & 1 == 0).then(|| (u64::from(hi) << 32 | u64::from(lo & !0xf)) + u64::from(table & !7))
+        (lo & 1 == 0)
+            .then(|| {
+                (u64::from(hi) << 32 | u64::from(lo & !0xf)).checked_add(u64::from(table & !7))
+            })
+            .flatten()
     } else {
         None
     };
     let Some(base) = base.filter(|b| *b != 0) else {
         log::error!(
-            "PCI {}: its MSI-X table is not in a memory BAR; its MSI-X interrupts are not remapped",
+            "PCI {}: its MSI-X table is not in a memory BAR: its MSI-X messages are refused",
             thinhv_passthrough::pci::Bdf::from_rid(0, rid)
         );
         return;
@@ -431,40 +442,53 @@ fn setup_msix(env: &mut impl Env, owner: Owner, rid: u16, msix: u16) {
     {
         return;
     }
-    if let Some(t) = &old {
-        for page in t.pages().step_by(4096) {
-            env.apic_page_trap(page, false);
-        }
-    }
     let mut t = crate::partition::MsixTable {
         owner: owner.partition(),
         base,
         entries,
         shadow: alloc::vec![crate::partition::MsixEntry::default(); usize::from(entries)],
     };
+    // Only pages of device memory nobody else owns: never RAM, another
+    // partition's memory or BARs, thinhv's, the interrupt window (the
+    // local APIC), a page another trap holds.
+    let owner_part = owner.partition();
+    let refused_page = |env: &E, page: u64| {
+        let hv = env.hv();
+        hv.touches_hypervisor(page, 4096)
+            || hv.foreign_ram(owner_part, page, 4096)
+            || hv.ram().iter().any(|r| r.overlaps(page, 4096))
+            || (0xfee0_0000..0xfef0_0000).contains(&page)
+            || page == hv.apic_base & !0xfff
+            || hv
+                .msix
+                .lock()
+                .iter()
+                .any(|(r, t)| *r != rid && t.pages().contains(&page))
+    };
+    let bdf = thinhv_passthrough::pci::Bdf::from_rid(0, rid);
+    if t.pages().step_by(4096).any(|p| refused_page(env, p)) || t.pages().is_empty() {
+        log::error!(
+            "PCI {bdf}: its MSI-X table at {base:#x} is not device memory of its own: its MSI-X messages are refused"
+        );
+        return;
+    }
+    if let Some(t) = &old {
+        for page in t.pages().step_by(4096) {
+            env.apic_page_trap(page, false);
+        }
+        env.hv().msix.lock().remove(&rid);
+    }
     let mut trapped = alloc::vec::Vec::new();
     for page in t.pages().step_by(4096) {
         if !env.apic_page_trap(page, true) {
-            // Its programming cannot be followed: its messages pass as it
-            // sends them rather than be lost (MSI as the owner wrote it).
+            // Outside thinhv's map: its programming cannot be followed.
+            // Its entries stay not present (remapping is never turned off
+            // for a place the owner chose).
             for p in trapped {
                 env.apic_page_trap(p, false);
             }
-            let bdf = thinhv_passthrough::pci::Bdf::from_rid(0, rid);
-            if let Some(cap) = cap(env, owner, rid)
-                && let Some(s) = owner.with_shadow(env.hv(), |s| *s)
-            {
-                let mut f = Config { env, rid };
-                f.write(cap.at + 4, 4, s.addr as u32);
-                if cap.wide {
-                    f.write(cap.at + 8, 4, (s.addr >> 32) as u32);
-                }
-                f.write(cap.data(), 2, u32::from(s.data));
-            }
-            let stopped = env.stop_remapping(rid);
             log::error!(
-                "PCI {bdf}: its MSI-X table at {base:#x} cannot be trapped (outside thinhv's map): its interrupts are NOT remapped{}",
-                if stopped { "" } else { " and may be lost" }
+                "PCI {bdf}: its MSI-X table at {base:#x} cannot be trapped (outside thinhv's map): its MSI-X messages are refused"
             );
             return;
         }
@@ -505,7 +529,13 @@ fn program_entry(
         return;
     };
     if i >= MSIX_MAX {
-        // No entry names it: every message it sends is aborted.
+        // It names an entry that is never written: every message it sends
+        // is aborted.
+        if let Ok((addr, data)) = env.remap_interrupt(rid, NEVER_SLOT, None) {
+            env.mmio_write(at, 4, addr as u32);
+            env.mmio_write(at + 4, 4, (addr >> 32) as u32);
+            env.mmio_write(at + 8, 4, data);
+        }
         return;
     }
     let target = if unmasked {

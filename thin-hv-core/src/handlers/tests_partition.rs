@@ -870,14 +870,15 @@ fn an_appliances_msi_reaches_only_its_own_processors_through_its_remapping_entry
     appliance_write(&mut env, 0x5c, 2, 0x0041);
     appliance_write(&mut env, 0x52, 2, 0x0071);
     let space = |env: &FakeEnv, reg: u32| env.cf8_space.borrow()[&(0x8001_0000 | reg)];
-    // The function holds the message naming entry 0; enabled, one vector.
+    // The function holds the message naming its MSI entry (the table's
+    // last, 511); enabled, one vector.
     assert_eq!(space(&env, 0x54), 0xfee0_0000);
     assert_eq!(space(&env, 0x58), 0);
-    assert_eq!(space(&env, 0x5c) & 0xffff, 0);
+    assert_eq!(space(&env, 0x5c) & 0xffff, 511);
     assert_eq!(space(&env, 0x50) >> 16, 0x0001);
     // Entry 0: its processor 2 (APIC ID 2), vector 0x41, physical, fixed.
     assert_eq!(
-        env.irq_entries[&(0x0100, 0)],
+        env.irq_entries[&(0x0100, 511)],
         Some(Target {
             apic_id: 2,
             vector: 0x41,
@@ -892,21 +893,21 @@ fn an_appliances_msi_reaches_only_its_own_processors_through_its_remapping_entry
     // Hostile: its processor 3 first (fine), then the OS's processor 1,
     // then an NMI: the entry is taken away, the function's message stays.
     appliance_write(&mut env, 0x54, 4, 0xfee0_3000);
-    assert_eq!(env.irq_entries[&(0x0100, 0)].unwrap().apic_id, 3);
+    assert_eq!(env.irq_entries[&(0x0100, 511)].unwrap().apic_id, 3);
     appliance_write(&mut env, 0x54, 4, 0xfee0_1000);
-    assert_eq!(env.irq_entries[&(0x0100, 0)], None);
+    assert_eq!(env.irq_entries[&(0x0100, 511)], None);
     appliance_write(&mut env, 0x54, 4, 0xfee0_3000);
     appliance_write(&mut env, 0x5c, 2, 0x0400);
-    assert_eq!(env.irq_entries[&(0x0100, 0)], None);
+    assert_eq!(env.irq_entries[&(0x0100, 511)], None);
     assert_eq!(env.hv.refused_msis.load(Ordering::SeqCst), 2);
     assert_eq!(space(&env, 0x54), 0xfee0_0000);
-    assert_eq!(space(&env, 0x5c) & 0xffff, 0);
+    assert_eq!(space(&env, 0x5c) & 0xffff, 511);
     assert_eq!(appliance_read(&mut env, 0x5c) & 0xffff, 0x400);
     // Disabled: no entry, whatever it holds.
     appliance_write(&mut env, 0x5c, 2, 0x0041);
-    assert!(env.irq_entries[&(0x0100, 0)].is_some());
+    assert!(env.irq_entries[&(0x0100, 511)].is_some());
     appliance_write(&mut env, 0x52, 2, 0x0000);
-    assert_eq!(env.irq_entries[&(0x0100, 0)], None);
+    assert_eq!(env.irq_entries[&(0x0100, 511)], None);
 }
 
 #[test]

@@ -445,7 +445,7 @@ fn the_oss_msi_in_logical_mode_becomes_an_entry_for_the_processor_its_kernel_nam
     out(&mut env, 0x58, 2, 0x0041);
     out(&mut env, 0x50, 4, 0x0001_0005);
     assert_eq!(
-        env.irq_entries[&(0x0010, 0)],
+        env.irq_entries[&(0x0010, 511)],
         Some(Target {
             apic_id: 1,
             vector: 0x41,
@@ -453,15 +453,15 @@ fn the_oss_msi_in_logical_mode_becomes_an_entry_for_the_processor_its_kernel_nam
             level: false
         })
     );
-    // The function holds the message naming entry 0; the OS reads back
-    // its own.
+    // The function holds the message naming its MSI entry (511); the OS
+    // reads back its own.
     assert_eq!(env.cf8_space.borrow()[&(ALLOWED | 0x54)], 0xfee0_0000);
-    assert_eq!(env.cf8_space.borrow()[&(ALLOWED | 0x58)] & 0xffff, 0);
+    assert_eq!(env.cf8_space.borrow()[&(ALLOWED | 0x58)] & 0xffff, 511);
     io(&mut env, 0, 0xcf8, 4, false, u64::from(ALLOWED | 0x54));
     assert_eq!(io(&mut env, 0, 0xcfc, 4, true, 0), 0xfee0_2004);
     // A mask naming none of its processors' logical IDs: refused.
     out(&mut env, 0x54, 4, 0xfee1_0004);
-    assert_eq!(env.irq_entries[&(0x0010, 0)], None);
+    assert_eq!(env.irq_entries[&(0x0010, 511)], None);
     assert_eq!(env.hv.refused_msis.load(Ordering::SeqCst), 1);
     // The rest of its configuration space is as written.
     out(&mut env, 0x04, 2, 0x0407);
@@ -580,14 +580,28 @@ fn the_oss_msix_table_is_trapped_at_enable_and_its_entries_judged_at_unmask() {
 }
 
 #[test]
-fn an_msix_table_outside_thinhvs_map_stops_remapping_rather_than_lose_interrupts() {
+fn an_msix_table_the_owner_put_out_of_reach_is_refused_and_stays_remapped() {
+    // Outside thinhv's map (the trap fails): no entry is ever written, the
+    // function's messages stay remapped (so all aborted): the owner cannot
+    // turn remapping off by moving its BAR.
     let mut env = msix_function();
     env.apic_trap_ok = false;
     io(&mut env, 0, 0xcf8, 4, false, u64::from(ALLOWED | 0x70));
     io(&mut env, 0, 0xcfe, 2, false, 0x8003);
     assert!(env.slat_holes.is_empty());
-    assert!(!env.remapped.contains(&0x0010), "remapping stopped");
-    // The entries are the function's, as the OS writes them.
+    assert!(env.remapped.contains(&0x0010), "still remapped");
     assert!(env.hv.msix.lock().is_empty());
     assert!(env.irq_entries.is_empty());
+    // On another partition's or thinhv's memory, or the interrupt window:
+    // refused before any trap.
+    let mut env = msix_function();
+    for bar in [0xfee0_0000u32, (PROTECTED.base as u32) & !0xfff] {
+        env.cf8_space
+            .borrow_mut()
+            .insert(ALLOWED | 0x10, bar.wrapping_sub(0x2000));
+        io(&mut env, 0, 0xcf8, 4, false, u64::from(ALLOWED | 0x70));
+        io(&mut env, 0, 0xcfe, 2, false, 0x8003);
+        assert!(env.slat_holes.is_empty(), "{bar:#x}");
+        assert!(env.hv.msix.lock().is_empty(), "{bar:#x}");
+    }
 }

@@ -382,14 +382,6 @@ impl Env for HwEnv {
         self.core.iommu.remaps(rid)
     }
 
-    fn stop_remapping(&mut self, rid: u16) -> bool {
-        self.core
-            .iommu
-            .stop_remapping(rid)
-            .map_err(|why| log::error!("IOMMU: interrupts of {rid:#06x} still remapped: {why}"))
-            .is_ok()
-    }
-
     fn remap_interrupt(
         &mut self,
         rid: u16,

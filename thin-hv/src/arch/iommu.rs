@@ -233,9 +233,6 @@ pub struct Iommu {
     status: StatusPage,
     /// [`Iommu::enable`] has run (it acts once; later calls report).
     started: AtomicBool,
-    /// Functions whose interrupts are no longer remapped
-    /// ([`Iommu::stop_remapping`]).
-    unremapped: Mutex<([u16; MAX_IRQ_TABLES], usize)>,
     /// `[iommu] interrupts = "remap"`.
     remap_interrupts: bool,
 }
@@ -282,7 +279,6 @@ impl Iommu {
             protect,
             status,
             started: AtomicBool::new(false),
-            unremapped: Mutex::new(([0; MAX_IRQ_TABLES], 0)),
             remap_interrupts: h.remaps_interrupts(),
         };
         if protect {
@@ -656,10 +652,7 @@ impl Iommu {
     pub fn remaps(&self, rid: u16) -> bool {
         match self.hw {
             Hw::AmdVi { irq, .. } => {
-                self.started.load(Ordering::SeqCst) && self.protect && irq.of(rid).is_some() && {
-                    let g = self.unremapped.lock();
-                    !g.0[..g.1].contains(&rid)
-                }
+                self.started.load(Ordering::SeqCst) && self.protect && irq.of(rid).is_some()
             }
             _ => false,
         }
@@ -705,63 +698,6 @@ impl Iommu {
             );
             // SAFETY: `sem` is the pool page for completion waits; the unit
             // stores the token there by DMA.
-            amdvi::wait(|| unsafe { core::ptr::read_volatile(sem as *const u64) } == token)
-                .map_err(|_| "the command buffer did not complete")?;
-        }
-        Ok(())
-    }
-
-    /// Stops remapping the interrupts of `rid` (its device table entry
-    /// without IV: messages pass as the function sends them), for a
-    /// function whose programming thinhv cannot follow: losing its
-    /// interrupts would be worse.
-    pub fn stop_remapping(&self, rid: u16) -> Result<(), &'static str> {
-        let Hw::AmdVi {
-            dev_table,
-            cmd_buf,
-            sem,
-            irq,
-            ..
-        } = self.hw
-        else {
-            return Err("no interrupt remapping");
-        };
-        irq.of(rid).ok_or("no interrupt remapping table")?;
-        {
-            let mut g = self.unremapped.lock();
-            let (list, n) = &mut *g;
-            if !list[..*n].contains(&rid) && *n < list.len() {
-                list[*n] = rid;
-                *n += 1;
-            }
-        }
-        let g = self.units.lock();
-        let (units, n) = &*g;
-        let q2 = (dev_table + u64::from(rid) * 32 + 16) as *mut u64;
-        // SAFETY: the device table is the core's, `rid` indexes an entry
-        // inside it (a table exists for `rid`, so the entry does); only
-        // its interrupt quadword is cleared. The line is written back
-        // before the units are told.
-        unsafe {
-            core::ptr::write_volatile(q2, 0);
-            core::arch::x86_64::_mm_clflush(q2.cast::<u8>());
-            core::arch::x86_64::_mm_mfence();
-        }
-        for u in units[..*n]
-            .iter()
-            .filter(|u| u.record.state == IOMMU_STATE_TRANSLATING)
-        {
-            let token = IRQ_TOKEN.fetch_add(1, Ordering::Relaxed);
-            amdvi::submit(
-                &mut Window { base: u.base },
-                &mut PhysRing { base: cmd_buf },
-                &[
-                    amdvi::cmd_invalidate_devtab(rid),
-                    amdvi::cmd_invalidate_interrupt_table(rid),
-                    amdvi::cmd_completion_wait(sem, token),
-                ],
-            );
-            // SAFETY: as in `set_irte`.
             amdvi::wait(|| unsafe { core::ptr::read_volatile(sem as *const u64) } == token)
                 .map_err(|_| "the command buffer did not complete")?;
         }
