@@ -144,16 +144,21 @@ fn count(b: &[u8]) -> usize {
     b.iter().filter(|&&x| x == PATTERN).count()
 }
 
+/// `bdf`'s configuration space through sysfs `config`, read and write.
+fn open_config(bdf: &str) -> Result<fs::File, String> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/sys/bus/pci/devices/{bdf}/config"))
+        .map_err(|e| e.to_string())
+}
+
 /// Memory space and bus mastering on for `bdf` (through sysfs `config`),
 /// its BAR0 mapped, and the control: a page of this process copied into
 /// the device and back into another page by DMA (`dma_completed`,
 /// `dma_ordinary_bytes` of 4096 when it landed).
 fn edu_ready(bdf: &str) -> Result<Bar, String> {
-    let cfg = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(format!("/sys/bus/pci/devices/{bdf}/config"))
-        .map_err(|e| e.to_string())?;
+    let cfg = open_config(bdf)?;
     let mut cmd = [0u8; 2];
     cfg.read_exact_at(&mut cmd, 4).map_err(|e| e.to_string())?;
     let c = u16::from_le_bytes(cmd) | 0x6;
@@ -206,11 +211,7 @@ fn run_raise(bdf: &str, args: &[String]) -> Result<ExitCode, String> {
         return Err("usage: thinhv dma-probe --raise ADDR DATA [N]".into());
     };
     let times: u32 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(3);
-    let cfg = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(format!("/sys/bus/pci/devices/{bdf}/config"))
-        .map_err(|e| e.to_string())?;
+    let cfg = open_config(bdf)?;
     let mut space = [0u8; 256];
     cfg.read_exact_at(&mut space, 0)
         .map_err(|e| e.to_string())?;

@@ -97,35 +97,48 @@ fn with_bars<T>(env: &impl Env, who: Viewer, f: impl FnOnce(&mut BarShadow) -> T
     }
 }
 
-pub(super) fn real_address(dev: &PartitionDevice, reg: u16) -> u32 {
+fn real_address(dev: &PartitionDevice, reg: u16) -> u32 {
     1 << 31 | u32::from(dev.rid) << 8 | u32::from(reg & 0xfc)
 }
 
-/// One of an appliance's functions through the configuration ports, for
-/// [`thinhv_passthrough::reset`]; waits count time-stamp ticks at
-/// `tsc_khz`.
+/// A function (routing ID `rid`, segment 0) through the configuration
+/// ports, for [`thinhv_passthrough::reset`] and `msi_remap`; waits count
+/// time-stamp ticks at `tsc_khz`.
 pub(super) struct Function<'a, E: Env> {
     pub(super) env: &'a mut E,
-    pub(super) dev: &'a PartitionDevice,
+    pub(super) rid: u16,
     pub(super) tsc_khz: u64,
+}
+
+impl<E: Env> Function<'_, E> {
+    fn address(&self, reg: u16) -> u32 {
+        1 << 31 | u32::from(self.rid) << 8 | u32::from(reg & 0xfc)
+    }
+
+    /// `size` bytes at `reg` (within one dword).
+    pub(super) fn read(&mut self, reg: u16, size: u8) -> u32 {
+        let a = self.address(reg);
+        self.env
+            .legacy_config_access(a, DATA + (reg & 3), size, None)
+    }
+
+    /// Writes `size` bytes of `value` at `reg` (within one dword).
+    pub(super) fn write(&mut self, reg: u16, size: u8, value: u32) {
+        let a = self.address(reg);
+        self.env
+            .legacy_config_access(a, DATA + (reg & 3), size, Some(value));
+    }
 }
 
 impl<E: Env> FunctionConfig for Function<'_, E> {
     fn read32(&mut self, reg: u16) -> u32 {
-        self.env
-            .legacy_config_access(real_address(self.dev, reg), DATA, 4, None)
+        self.read(reg, 4)
     }
     fn write32(&mut self, reg: u16, value: u32) {
-        self.env
-            .legacy_config_access(real_address(self.dev, reg), DATA, 4, Some(value));
+        self.write(reg, 4, value);
     }
     fn write16(&mut self, reg: u16, value: u16) {
-        self.env.legacy_config_access(
-            real_address(self.dev, reg),
-            DATA + (reg & 2),
-            2,
-            Some(u32::from(value)),
-        );
+        self.write(reg, 2, u32::from(value));
     }
     fn wait_us(&mut self, us: u32) {
         let ticks = u64::from(us) * self.tsc_khz / 1000;
@@ -146,7 +159,7 @@ pub(super) const TSC_KHZ_UNKNOWN: u64 = 5_000_000;
 pub(super) fn quiesce(env: &mut impl Env, dev: &PartitionDevice) -> Option<reset::Quiesced> {
     let mut f = Function {
         env,
-        dev,
+        rid: dev.rid,
         tsc_khz: TSC_KHZ_UNKNOWN,
     };
     reset::quiesce(&mut f)
@@ -163,7 +176,7 @@ pub(super) fn reset(
     let (bars, n) = bars_of(dev);
     let mut f = Function {
         env,
-        dev,
+        rid: dev.rid,
         tsc_khz: if tsc_khz == 0 {
             TSC_KHZ_UNKNOWN
         } else {
@@ -215,7 +228,7 @@ fn own_reset(
 ) {
     let mut f = Function {
         env,
-        dev,
+        rid: dev.rid,
         tsc_khz: TSC_KHZ_UNKNOWN,
     };
     let devctl = reset::find_capability(&mut f, reset::CAP_PCIE).map(|c| c + 8);
@@ -254,7 +267,7 @@ fn own_reset(
         let (bars, n) = bars_of(dev);
         let mut f = Function {
             env,
-            dev,
+            rid: dev.rid,
             tsc_khz: TSC_KHZ_UNKNOWN,
         };
         let _ = reset::put_bars(&mut f, &bars[..n]);

@@ -19,19 +19,16 @@
 // Configuration offsets are below 0x100, message halves are split by
 // truncation on purpose.
 #![allow(clippy::cast_possible_truncation)]
-use super::appliance_pci::{TSC_KHZ_UNKNOWN, byte_at};
+use super::appliance_pci::{Function, TSC_KHZ_UNKNOWN, byte_at};
 use crate::env::Env;
 use crate::hv::Hv;
 use crate::partition::{MsiShadow, PartitionId};
 use core::sync::atomic::Ordering;
 use thinhv_passthrough::irq_remap::{self, Cores, Policy, Target};
-use thinhv_passthrough::mediate::CONFIG_ADDRESS;
-use thinhv_passthrough::reset::{self, FunctionConfig};
+use thinhv_passthrough::reset;
 
 /// Refused messages logged one by one; after that every 1024th.
 const LOG_FIRST: u64 = 8;
-/// CONFIG_DATA.
-const DATA: u16 = CONFIG_ADDRESS + 4;
 
 /// Whose function, and where thinhv keeps what its owner wrote.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,47 +52,6 @@ impl Owner {
         match self {
             Self::Appliance(id, i) => hv.appliance(id)?.msi_shadow.lock().get_mut(i).map(f),
             Self::Os(k) => hv.os_msi.lock().get_mut(k).map(f),
-        }
-    }
-}
-
-/// The function with routing ID `rid` through the configuration ports.
-struct Config<'a, E: Env> {
-    env: &'a mut E,
-    rid: u16,
-}
-
-impl<E: Env> Config<'_, E> {
-    fn address(&self, reg: u16) -> u32 {
-        1 << 31 | u32::from(self.rid) << 8 | u32::from(reg & 0xfc)
-    }
-    fn read(&mut self, reg: u16, size: u8) -> u32 {
-        let a = self.address(reg);
-        self.env
-            .legacy_config_access(a, DATA + (reg & 3), size, None)
-    }
-    fn write(&mut self, reg: u16, size: u8, value: u32) {
-        let a = self.address(reg);
-        self.env
-            .legacy_config_access(a, DATA + (reg & 3), size, Some(value));
-    }
-}
-
-impl<E: Env> FunctionConfig for Config<'_, E> {
-    fn read32(&mut self, reg: u16) -> u32 {
-        self.read(reg, 4)
-    }
-    fn write32(&mut self, reg: u16, value: u32) {
-        self.write(reg, 4, value);
-    }
-    fn write16(&mut self, reg: u16, value: u16) {
-        self.write(reg, 2, u32::from(value));
-    }
-    fn wait_us(&mut self, us: u32) {
-        let ticks = u64::from(us) * TSC_KHZ_UNKNOWN / 1000;
-        let start = self.env.tsc();
-        while self.env.tsc().wrapping_sub(start) < ticks {
-            core::hint::spin_loop();
         }
     }
 }
@@ -158,7 +114,11 @@ fn cap(env: &mut impl Env, owner: Owner, rid: u16) -> Option<MsiCap> {
             wide: known.wide,
         });
     }
-    let mut f = Config { env, rid };
+    let mut f = Function {
+        env,
+        rid,
+        tsc_khz: TSC_KHZ_UNKNOWN,
+    };
     let at = reset::find_capability(&mut f, reset::CAP_MSI)?;
     let control = f.read(at + 2, 2);
     let cap = MsiCap {
@@ -210,7 +170,13 @@ pub(super) fn read(env: &mut impl Env, owner: Owner, rid: u16, dword: u16) -> Op
         return None;
     }
     let shadow = owner.with_shadow(env.hv(), |s| *s)?;
-    let mut v = Config { env, rid }.read(dword, 4).to_le_bytes();
+    let mut v = Function {
+        env,
+        rid,
+        tsc_khz: TSC_KHZ_UNKNOWN,
+    }
+    .read(dword, 4)
+    .to_le_bytes();
     for (k, b) in v.iter_mut().enumerate() {
         if let Some(s) = cap.shadow_byte(&shadow, dword + k as u16) {
             *b = s;
@@ -239,7 +205,11 @@ pub(super) fn write(
     let Some(mut shadow) = owner.with_shadow(env.hv(), |s| *s) else {
         return true;
     };
-    let mut f = Config { env, rid };
+    let mut f = Function {
+        env,
+        rid,
+        tsc_khz: TSC_KHZ_UNKNOWN,
+    };
     let mut control: Option<u16> = None;
     for at in reg..end {
         let Some(b) = byte_at(reg, size, value, at) else {
@@ -267,7 +237,12 @@ pub(super) fn write(
     owner.with_shadow(env.hv(), |s| *s = shadow);
     if let Some(c) = control {
         // Multiple Message Enable 0: one vector.
-        Config { env, rid }.write(cap.control(), 2, u32::from(c & !(7 << 4)));
+        Function {
+            env,
+            rid,
+            tsc_khz: TSC_KHZ_UNKNOWN,
+        }
+        .write(cap.control(), 2, u32::from(c & !(7 << 4)));
     }
     true
 }
@@ -282,38 +257,24 @@ fn program(
     shadow: &mut MsiShadow,
     enabled: bool,
 ) {
-    let target: Option<Target> = if enabled {
-        let cores = PartitionCores {
-            hv: env.hv(),
-            id: owner.partition(),
-        };
-        let judged = irq_remap::decode_msi(shadow.addr, u32::from(shadow.data))
-            .and_then(|r| irq_remap::judge(&r, &cores, Policy::default()));
-        match judged {
-            Ok(t) => {
-                shadow.refused = None;
-                Some(t)
-            }
-            Err(why) => {
-                refused(env, owner, rid, shadow, why.describe());
-                None
-            }
-        }
-    } else {
-        None
-    };
-    let message = match env.remap_interrupt(rid, MSI_SLOT, target) {
-        Ok(m) => m,
-        Err(why) => {
-            refused(env, owner, rid, shadow, why.describe());
-            match env.remap_interrupt(rid, MSI_SLOT, None) {
-                Ok(m) => m,
-                Err(_) => return,
-            }
-        }
+    let (addr, data) = (shadow.addr, u32::from(shadow.data));
+    let Some(message) = write_entry(
+        env,
+        owner.partition(),
+        rid,
+        MSI_SLOT,
+        (addr, data),
+        enabled,
+        &mut shadow.refused,
+    ) else {
+        return;
     };
     let (addr, data) = message;
-    let mut f = Config { env, rid };
+    let mut f = Function {
+        env,
+        rid,
+        tsc_khz: TSC_KHZ_UNKNOWN,
+    };
     f.write(cap.at + 4, 4, addr as u32);
     if cap.wide {
         f.write(cap.at + 8, 4, (addr >> 32) as u32);
@@ -321,17 +282,55 @@ fn program(
     f.write(cap.data(), 2, data & 0xffff);
 }
 
-fn refused(env: &impl Env, owner: Owner, rid: u16, shadow: &mut MsiShadow, why: &str) {
-    let (addr, data) = (shadow.addr, u32::from(shadow.data));
-    note_refusal(
-        env,
-        owner.partition(),
-        rid,
-        &mut shadow.refused,
-        addr,
-        data,
-        why,
-    );
+/// Writes entry `slot` of `rid`'s remapping table for the owner's message
+/// `(addr, data)`: what it asks for where `live` (MSI enabled, the MSI-X
+/// entry unmasked) and [`irq_remap::judge`] accepts it for the owner's
+/// processors, else not present (a refusal noted once per message in
+/// `last`). Returns the message naming the entry, for the function.
+fn write_entry(
+    env: &mut impl Env,
+    owner: PartitionId,
+    rid: u16,
+    slot: u16,
+    (addr, data): (u64, u32),
+    live: bool,
+    last: &mut Option<(u64, u32)>,
+) -> Option<(u64, u32)> {
+    let target: Option<Target> = if live {
+        let cores = PartitionCores {
+            hv: env.hv(),
+            id: owner,
+        };
+        match irq_remap::decode_msi(addr, data)
+            .and_then(|r| irq_remap::judge(&r, &cores, Policy::default()))
+        {
+            Ok(t) => {
+                *last = None;
+                Some(t)
+            }
+            Err(why) => {
+                note_refusal(env, owner, rid, last, addr, data, why.describe());
+                None
+            }
+        }
+    } else {
+        None
+    };
+    match env.remap_interrupt(rid, slot, target) {
+        Ok(m) => Some(m),
+        Err(why) => {
+            note_refusal(env, owner, rid, last, addr, data, why.describe());
+            env.remap_interrupt(rid, slot, None).ok()
+        }
+    }
+}
+
+/// Writes `message` into the MSI-X entry at `at` (address, both halves,
+/// and data; vector control is left alone).
+fn write_msix_message(env: &mut impl Env, at: u64, (addr, data): (u64, u32)) {
+    env.mmio_write(at, 4, addr as u32);
+    env.mmio_write(at + 4, 4, (addr >> 32) as u32);
+    env.mmio_write(at + 8, 4, data);
 }
 
 /// Counts and logs (rate-limited) a refused message, once however often
@@ -373,7 +372,14 @@ fn msix_cap(env: &mut impl Env, owner: Owner, rid: u16) -> Option<u16> {
     if known != 0 {
         return (known != 1).then_some(known);
     }
-    let at = reset::find_capability(&mut Config { env, rid }, reset::CAP_MSIX);
+    let at = reset::find_capability(
+        &mut Function {
+            env,
+            rid,
+            tsc_khz: TSC_KHZ_UNKNOWN,
+        },
+        reset::CAP_MSIX,
+    );
     owner.with_shadow(env.hv(), |s| s.msix = at.unwrap_or(1));
     at
 }
@@ -389,7 +395,11 @@ pub(super) fn after_write(env: &mut impl Env, owner: Owner, rid: u16, reg: u16, 
     if reg + u16::from(size) <= control || reg >= control + 2 {
         return;
     }
-    let mut f = Config { env, rid };
+    let mut f = Function {
+        env,
+        rid,
+        tsc_khz: TSC_KHZ_UNKNOWN,
+    };
     if f.read(control, 2) & (1 << 15) != 0 {
         setup_msix(env, owner, rid, cap);
     }
@@ -409,7 +419,11 @@ const MSIX_MAX: u16 = NEVER_SLOT;
 /// function holds becomes the owner's (as written so far), and each entry
 /// the message naming its remapping entry (written where unmasked).
 fn setup_msix<E: Env>(env: &mut E, owner: Owner, rid: u16, msix: u16) {
-    let mut f = Config { env, rid };
+    let mut f = Function {
+        env,
+        rid,
+        tsc_khz: TSC_KHZ_UNKNOWN,
+    };
     let entries = (f.read(msix + 2, 2) & 0x7ff) as u16 + 1;
     let table = f.read(msix + 4, 4);
     let bir = (table & 7) as u16;
@@ -531,64 +545,15 @@ fn program_entry(
     if i >= MSIX_MAX {
         // It names an entry that is never written: every message it sends
         // is aborted.
-        if let Ok((addr, data)) = env.remap_interrupt(rid, NEVER_SLOT, None) {
-            env.mmio_write(at, 4, addr as u32);
-            env.mmio_write(at + 4, 4, (addr >> 32) as u32);
-            env.mmio_write(at + 8, 4, data);
+        if let Ok(message) = env.remap_interrupt(rid, NEVER_SLOT, None) {
+            write_msix_message(env, at, message);
         }
         return;
     }
-    let target = if unmasked {
-        let cores = PartitionCores {
-            hv: env.hv(),
-            id: t.owner,
-        };
-        match irq_remap::decode_msi(e.addr, e.data)
-            .and_then(|r| irq_remap::judge(&r, &cores, Policy::default()))
-        {
-            Ok(target) => {
-                e.refused = None;
-                Some(target)
-            }
-            Err(why) => {
-                let (addr, data) = (e.addr, e.data);
-                note_refusal(
-                    env,
-                    t.owner,
-                    rid,
-                    &mut e.refused,
-                    addr,
-                    data,
-                    why.describe(),
-                );
-                None
-            }
-        }
-    } else {
-        None
-    };
-    let message = match env.remap_interrupt(rid, i, target) {
-        Ok(m) => m,
-        Err(why) => {
-            let (addr, data) = (e.addr, e.data);
-            note_refusal(
-                env,
-                t.owner,
-                rid,
-                &mut e.refused,
-                addr,
-                data,
-                why.describe(),
-            );
-            match env.remap_interrupt(rid, i, None) {
-                Ok(m) => m,
-                Err(_) => return,
-            }
-        }
-    };
-    env.mmio_write(at, 4, message.0 as u32);
-    env.mmio_write(at + 4, 4, (message.0 >> 32) as u32);
-    env.mmio_write(at + 8, 4, message.1);
+    let message = (e.addr, e.data);
+    if let Some(m) = write_entry(env, t.owner, rid, i, message, unmasked, &mut e.refused) {
+        write_msix_message(env, at, m);
+    }
 }
 
 /// A load or store of the owner's at `gpa`, in a page of an MSI-X table

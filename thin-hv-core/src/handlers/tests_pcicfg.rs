@@ -409,21 +409,10 @@ fn the_os_sees_the_vf_thinhv_presents_in_a_kept_pfs_place() {
 
 #[test]
 fn the_oss_msi_in_logical_mode_becomes_an_entry_for_the_processor_its_kernel_named() {
-    use thinhv_abi::handoff::PCI_ACTION_MSI;
     use thinhv_passthrough::irq_remap::{Delivery, Target};
-    let mut env = machine();
     // 00:02.0, the OS's, signals by MSI (32-bit address, at 0x50); its
     // messages are remapped.
-    let k = env.hv.pci.count as usize;
-    env.hv.pci.mediated[k] = PciMediation {
-        bus: 0,
-        devfn: 2 << 3,
-        action: PCI_ACTION_MSI,
-        sriov_cap: 0x50,
-        ..Default::default()
-    };
-    env.hv.pci.count += 1;
-    env.remapped.push(0x0010);
+    let mut env = remapped_function(0x50);
     env.cf8_space.borrow_mut().extend([
         (ALLOWED | 4, 0x0010_0006),
         (ALLOWED | 0x34, 0x50),
@@ -468,20 +457,27 @@ fn the_oss_msi_in_logical_mode_becomes_an_entry_for_the_processor_its_kernel_nam
     assert_eq!(env.cf8_space.borrow()[&(ALLOWED | 4)] & 0xffff, 0x0407);
 }
 
-/// 00:02.0 with MSI-X (4 entries, table at BAR 0 + 0x2000, BAR 0 at
-/// 0xc000_0000), its messages remapped; every entry masked.
-fn msix_function() -> FakeEnv {
-    use thinhv_abi::handoff::PCI_ACTION_MSI;
+/// [`machine`] with 00:02.0 (the OS's) mediated as `PCI_ACTION_MSI` (its
+/// MSI capability at `msi`, 0 for none) and its messages remapped.
+fn remapped_function(msi: u16) -> FakeEnv {
     let mut env = machine();
     let k = env.hv.pci.count as usize;
     env.hv.pci.mediated[k] = PciMediation {
         bus: 0,
         devfn: 2 << 3,
-        action: PCI_ACTION_MSI,
+        action: thinhv_abi::handoff::PCI_ACTION_MSI,
+        sriov_cap: msi,
         ..Default::default()
     };
     env.hv.pci.count += 1;
     env.remapped.push(0x0010);
+    env
+}
+
+/// 00:02.0 with MSI-X (4 entries, table at BAR 0 + 0x2000, BAR 0 at
+/// 0xc000_0000), its messages remapped; every entry masked.
+fn msix_function() -> FakeEnv {
+    let mut env = remapped_function(0);
     env.cf8_space.borrow_mut().extend([
         (ALLOWED | 4, 0x0010_0006),
         (ALLOWED | 0x10, 0xc000_0000),
