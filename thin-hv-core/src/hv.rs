@@ -82,6 +82,17 @@ impl Mailbox {
     pub fn take_wakes(&self) -> u32 {
         self.wake_nmis.swap(0, Ordering::SeqCst)
     }
+
+    /// The CPU took `nmis` physical NMIs in host mode while it waited for
+    /// its SIPI (SVM's NMI sink): those were the wake-ups sent so far,
+    /// however many coalesced into them, and none is left for the guest's
+    /// next NMI exit to mistake for one (which would swallow a real NMI).
+    /// With none taken, a wake-up is still in flight and stays counted.
+    pub fn wakes_taken_in_host(&self, nmis: u32) {
+        if nmis > 0 {
+            self.take_wakes();
+        }
+    }
 }
 
 /// A processor's MTRRs as its guest sees them. Guest writes land here and
@@ -438,5 +449,26 @@ impl Hv {
     /// Whether the hypervisor has been sealed.
     pub fn is_sealed(&self) -> bool {
         self.sealed.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod mailbox_tests {
+    use super::Mailbox;
+
+    #[test]
+    fn wake_ups_taken_in_host_mode_are_not_counted_again() {
+        // Two INITs, their kicks coalesced into the one NMI the waiting
+        // CPU took: nothing is left to swallow the guest's next NMI.
+        let mb = Mailbox::default();
+        mb.post_init();
+        mb.post_init();
+        mb.wakes_taken_in_host(1);
+        assert_eq!(mb.take_wakes(), 0);
+        // None taken yet: the kick is in flight and stays counted, so its
+        // NMI exit is still known as a wake-up.
+        mb.post_init();
+        mb.wakes_taken_in_host(0);
+        assert_eq!(mb.take_wakes(), 1);
     }
 }

@@ -75,7 +75,12 @@ pub trait Backend {
     /// itself and exits on the SIPI (VMX wait-for-SIPI activity state).
     fn enter_init(&mut self, core: &Core, cpu: usize) -> bool;
     /// The SIPI has arrived in the host wait, before the guest starts.
-    fn sipi_arrived(&mut self, _core: &Core, _cpu: usize) {}
+    /// Returns how many physical NMIs (wake-ups) it took in host mode
+    /// just now; a backend whose host NMI handler leaves them for the next
+    /// exit (VMX) takes none here.
+    fn sipi_arrived(&mut self, _core: &Core, _cpu: usize) -> u32 {
+        0
+    }
     /// Starts the guest in real mode at the SIPI vector's page.
     fn start_at(&mut self, core: &Core, cpu: usize, vector: u8);
     /// Makes this CPU run in partition `p`'s address space (second-level
@@ -280,7 +285,8 @@ pub fn init_then_sipi(core: &Core, cpu: usize, b: &mut impl Backend) {
         // A further INIT while waiting changes nothing.
         let _ = slot.mailbox.take_init();
         if slot.mailbox.take_boot() {
-            b.sipi_arrived(core, cpu);
+            let nmis = b.sipi_arrived(core, cpu);
+            slot.mailbox.wakes_taken_in_host(nmis);
             if boot_appliance(core, cpu, b) {
                 return;
             }
@@ -290,7 +296,8 @@ pub fn init_then_sipi(core: &Core, cpu: usize, b: &mut impl Backend) {
         }
         core::hint::spin_loop();
     };
-    b.sipi_arrived(core, cpu);
+    let nmis = b.sipi_arrived(core, cpu);
+    slot.mailbox.wakes_taken_in_host(nmis);
     core.status.count(cpu, ExitReason::SIPI);
     start(core, cpu, vector, b);
 }

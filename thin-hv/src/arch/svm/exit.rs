@@ -158,12 +158,14 @@ impl vcpu::Backend for SvmVcpu<'_> {
         true
     }
 
-    fn sipi_arrived(&mut self, core: &Core, cpu: usize) {
+    fn sipi_arrived(&mut self, core: &Core, cpu: usize) -> u32 {
         // The kick that delivered this INIT may have arrived after the exit
-        // that took it (the sender posts, then sends the NMI): it is still
-        // pending here and must not reach the restarted guest as an NMI. A
-        // SIPI comes after the INIT's kick, so by now the kick has arrived.
-        let _ = super::nmi::consume_pending_nmi(core, cpu, 1);
+        // that took it (the sender posts, then sends the NMI), or while this
+        // CPU already waited here: it is still pending and must not reach
+        // the restarted guest as an NMI. A SIPI comes after the INIT's kick,
+        // so by now the kick has normally arrived; the caller settles the
+        // mailbox's count of wake-ups with what was taken.
+        super::nmi::consume_pending_nmi(core, cpu, 1)
     }
 
     fn start_at(&mut self, core: &Core, _cpu: usize, vector: u8) {
