@@ -169,6 +169,8 @@ impl Default for CoreConfig {
 
 /// Most IOMMU units thinhv drives.
 pub const MAX_IOMMUS: usize = 8;
+/// Most I/O APICs whose redirection entries thinhv judges.
+pub const MAX_IOAPICS: usize = 8;
 /// Most reserved-memory (RMRR / IVMD unity) ranges kept mapped for DMA.
 pub const MAX_IOMMU_RESERVED: usize = 16;
 
@@ -206,6 +208,32 @@ pub struct IommuUnit {
     pub segment: u16,
     /// Reserved.
     pub reserved: [u16; 3],
+}
+
+/// An I/O APIC whose redirection entries thinhv judges for the OS: its
+/// register page is out of the OS's second-level tables and emulated
+/// (`handlers::ioapic`), where appliances run and `[iommu] interrupts` is
+/// `"remap"`.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    zerocopy::FromBytes,
+    zerocopy::IntoBytes,
+    zerocopy::Immutable,
+    zerocopy::KnownLayout,
+)]
+#[repr(C)]
+pub struct IoApicInfo {
+    /// Register base (IOREGSEL; IOWIN at +0x10), from the MADT.
+    pub base: u64,
+    /// Its first global system interrupt.
+    pub gsi_base: u32,
+    /// Its I/O APIC ID.
+    pub id: u32,
 }
 
 impl IommuUnit {
@@ -1027,6 +1055,12 @@ pub struct Handoff {
     pub reserved2: u32,
     /// Appliance partitions 1..=`partition_count` (index `n - 1`).
     pub partitions: [PartitionInfo; MAX_APPLIANCES],
+    /// Valid `ioapics` (none: the OS programs its I/O APICs unchecked).
+    pub ioapic_count: u32,
+    /// Reserved.
+    pub reserved3: u32,
+    /// The I/O APICs whose entries thinhv judges.
+    pub ioapics: [IoApicInfo; MAX_IOAPICS],
 }
 
 impl Handoff {
@@ -1049,6 +1083,11 @@ impl Handoff {
     /// The valid appliance partitions (partition `n` at index `n - 1`).
     pub fn partitions(&self) -> &[PartitionInfo] {
         &self.partitions[..(self.partition_count as usize).min(MAX_APPLIANCES)]
+    }
+
+    /// The I/O APICs whose entries thinhv judges.
+    pub fn ioapics(&self) -> &[IoApicInfo] {
+        &self.ioapics[..(self.ioapic_count as usize).min(MAX_IOAPICS)]
     }
 
     /// The valid RAM ranges.
@@ -1083,6 +1122,7 @@ impl Handoff {
             || self.iommu.count as usize > MAX_IOMMUS
             || self.iommu.reserved_count as usize > MAX_IOMMU_RESERVED
             || self.partition_count as usize > MAX_APPLIANCES
+            || self.ioapic_count as usize > MAX_IOAPICS
             || self
                 .cpus()
                 .iter()
@@ -1097,6 +1137,13 @@ impl Handoff {
             return Err("range count out of range");
         }
         self.pci.check(identity_map_top(self.phys_top))?;
+        if self.ioapics().iter().any(|a| {
+            !a.base.is_multiple_of(4096)
+                || a.base.saturating_add(4096) > identity_map_top(self.phys_top)
+        }) {
+            // Its page is trapped like an ECAM page: whole, in the core's map.
+            return Err("I/O APIC registers not page-aligned or outside the core's map");
+        }
         let p = self.protected;
         if p.is_empty() || !p.base.is_multiple_of(4096) || !p.size.is_multiple_of(4096) {
             return Err("protected region not page-aligned");
@@ -1238,6 +1285,22 @@ mod tests {
     #[test]
     fn accepts_a_consistent_handoff() {
         assert_eq!(valid().validate(), Ok(()));
+    }
+
+    #[test]
+    fn io_apics_are_whole_pages_in_the_cores_map() {
+        let mut h = valid();
+        h.ioapic_count = 1;
+        h.ioapics[0].base = 0xfec0_0000;
+        assert_eq!(h.validate(), Ok(()));
+        assert_eq!(h.ioapics().len(), 1);
+        h.ioapics[0].base = 0xfec0_0400;
+        assert!(h.validate().is_err());
+        h.ioapics[0].base = 1 << 40;
+        assert!(h.validate().is_err());
+        h.ioapics[0].base = 0xfec0_0000;
+        h.ioapic_count = u32::try_from(MAX_IOAPICS).unwrap() + 1;
+        assert!(h.validate().is_err());
     }
 
     #[test]

@@ -333,6 +333,53 @@ impl Slots {
 }
 
 /// VT-d interrupt remapping (Intel VT-d 4.x §5.1, §9.10, §11.4.8.2).
+/// I/O APIC redirection entries in compatibility format, as thinhv writes
+/// them for an entry the OS programmed (82093AA datasheet §3.2.4).
+pub mod ioapic {
+    use super::{Delivery, Target};
+
+    /// Interrupt mask.
+    pub const MASK: u64 = 1 << 16;
+    /// Trigger mode: level.
+    pub const LEVEL: u64 = 1 << 15;
+    /// Remote IRR (read-only).
+    pub const REMOTE_IRR: u64 = 1 << 14;
+    /// Input pin polarity: active low.
+    pub const ACTIVE_LOW: u64 = 1 << 13;
+    /// Delivery status (read-only).
+    pub const DELIVERY_STATUS: u64 = 1 << 12;
+    /// The bits the hardware keeps, whatever is written.
+    pub const READ_ONLY: u64 = REMOTE_IRR | DELIVERY_STATUS;
+
+    /// The entry for `t`, judged from the OS's entry `rte`: its pin's
+    /// polarity and mask as the OS wrote them, and `t` in physical
+    /// destination mode. `None` for a processor the 8-bit destination
+    /// cannot name.
+    pub fn physical(rte: u64, t: &Target) -> Option<u64> {
+        let id = u8::try_from(t.apic_id).ok()?;
+        let mode: u64 = match t.delivery {
+            Delivery::Fixed => 0,
+            Delivery::Lowest => 1,
+            Delivery::Nmi => 4,
+            Delivery::ExtInt => 7,
+            _ => return None,
+        };
+        Some(
+            u64::from(id) << 56
+                | (rte & (MASK | ACTIVE_LOW))
+                | if t.level { LEVEL } else { 0 }
+                | mode << 8
+                | u64::from(t.vector),
+        )
+    }
+
+    /// A masked entry that names no one: for an entry the OS may not have
+    /// (the pin, its polarity and trigger mode, kept as it wrote them).
+    pub const fn refused(rte: u64) -> u64 {
+        MASK | (rte & (LEVEL | ACTIVE_LOW | 0xff))
+    }
+}
+
 pub mod vtd {
     use super::{Delivery, Refusal, Target};
 
@@ -748,6 +795,23 @@ mod tests {
             5 << 49 | 1 << 48 | 1 << 16 | 1 << 15 | 1 << 13 | 1 << 11 | 0x30
         );
         assert_eq!(decode_ioapic(rte), Err(Refusal::Malformed));
+    }
+
+    #[test]
+    fn io_apic_entries_in_physical_mode_with_the_pins_polarity() {
+        // Logical (bit 11), lowest priority, level, active low, masked:
+        // written as physical to the processor the judge chose.
+        let rte = 0x0300_0000_0001_a931u64;
+        let t = judge(&decode_ioapic(rte).unwrap(), &os(), Policy::default()).unwrap();
+        let hw = ioapic::physical(rte, &t).unwrap();
+        assert_eq!(hw, 0x0000_0000_0001_a131);
+        assert_eq!(decode_ioapic(hw).unwrap().dest, Dest::Physical(0));
+        let far = Target { apic_id: 300, ..t };
+        assert_eq!(ioapic::physical(rte, &far), None);
+        // An NMI at another partition's processor: masked, naming no one.
+        let nmi = 0x0200_0000_0000_0400u64;
+        assert_eq!(ioapic::refused(nmi), ioapic::MASK);
+        assert_eq!(ioapic::refused(rte), 0x0001_a031);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use alloc::vec::Vec;
 
 /// Entry types (ACPI 6.5 Table 5.21).
 const LOCAL_APIC: u8 = 0;
+const IO_APIC: u8 = 1;
 const LOCAL_APIC_NMI: u8 = 4;
 const LOCAL_X2APIC: u8 = 9;
 const LOCAL_X2APIC_NMI: u8 = 0xa;
@@ -109,6 +110,36 @@ pub fn processor_ids(madt: &[u8]) -> Result<Vec<u32>, TableError> {
     Ok(ids)
 }
 
+/// An I/O APIC structure of the MADT (ACPI 6.5 §5.2.12.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoApic {
+    /// Its I/O APIC ID.
+    pub id: u8,
+    /// The physical address of its registers (IOREGSEL; IOWIN at +0x10).
+    pub address: u32,
+    /// The first global system interrupt of its inputs.
+    pub gsi_base: u32,
+}
+
+/// The I/O APICs the MADT lists, in table order.
+pub fn io_apics(madt: &[u8]) -> Result<Vec<IoApic>, TableError> {
+    let (_, t) = checked(madt, b"APIC")?;
+    if t.len() < FIXED {
+        return Err(TableError::TooShort);
+    }
+    let mut out = Vec::new();
+    for e in entries(&t[FIXED..])? {
+        if e[0] == IO_APIC && e.len() >= 12 {
+            out.push(IoApic {
+                id: e[2],
+                address: u32_at(e, 4).ok_or(TableError::TooShort)?,
+                gsi_base: u32_at(e, 8).ok_or(TableError::TooShort)?,
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// The entries of an interrupt-controller structure list.
 fn entries(body: &[u8]) -> Result<Vec<&[u8]>, TableError> {
     let mut out = Vec::new();
@@ -166,6 +197,21 @@ mod tests {
         t[4..8].copy_from_slice(&len.to_le_bytes());
         set_checksum(&mut t);
         t
+    }
+
+    #[test]
+    fn lists_the_io_apics() {
+        let mut madt = qemu_like(2);
+        assert_eq!(
+            io_apics(&madt).unwrap(),
+            [IoApic {
+                id: 0,
+                address: 0xfec0_0000,
+                gsi_base: 0
+            }]
+        );
+        madt[9] ^= 1;
+        assert!(io_apics(&madt).is_err(), "a bad checksum is refused");
     }
 
     #[test]

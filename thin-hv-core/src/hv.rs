@@ -264,6 +264,13 @@ pub struct Hv {
     /// The MSI-X tables thinhv traps (functions whose messages are
     /// remapped), by routing ID (`handlers::msi_remap`).
     pub msix: spin::Mutex<alloc::collections::BTreeMap<u16, crate::partition::MsixTable>>,
+    /// The I/O APICs whose entries thinhv judges for the OS
+    /// (`handlers::ioapic`).
+    pub ioapics: spin::Mutex<alloc::vec::Vec<crate::handlers::ioapic::IoApicGuard>>,
+    /// Held while thinhv drives an I/O APIC's IOREGSEL and IOWIN.
+    pub ioapic_hw: AtomicBool,
+    /// I/O APIC entries of the OS's that thinhv masked (`handlers::ioapic`).
+    pub refused_rtes: AtomicU64,
 }
 
 impl Hv {
@@ -327,6 +334,14 @@ impl Hv {
             cross_partition_ipis: AtomicU64::new(0),
             refused_msis: AtomicU64::new(0),
             msix: spin::Mutex::new(alloc::collections::BTreeMap::new()),
+            ioapics: spin::Mutex::new(
+                h.ioapics()
+                    .iter()
+                    .map(|a| crate::handlers::ioapic::IoApicGuard::new(a.base))
+                    .collect(),
+            ),
+            ioapic_hw: AtomicBool::new(false),
+            refused_rtes: AtomicU64::new(0),
             os_msi: spin::Mutex::new(
                 [crate::partition::MsiShadow::default(); thinhv_abi::handoff::MAX_PCI_MEDIATED],
             ),

@@ -459,9 +459,22 @@ pub fn release(a: &Accepted) {
     free_range(a.image);
 }
 
-/// Replaces the MADT the RSDP leads to by a copy without `apic_ids`
-/// (XSDT and RSDT entries both). Returns the processor entries removed.
-pub fn carve_madt(apic_ids: &[u32]) -> Result<usize, &'static str> {
+/// The ACPI table at `pa` (0: none), its length read first and bounded.
+fn acpi_table(pa: u64) -> Option<&'static [u8]> {
+    if pa == 0 {
+        return None;
+    }
+    // SAFETY: root-table entries point at tables in identity-mapped
+    // ACPI memory; the length field is read before the whole table.
+    let len = unsafe { core::ptr::read_unaligned((pa + 4) as *const u32) } as usize;
+    (36..=1 << 20)
+        .contains(&len)
+        // SAFETY: as above, `len` bytes.
+        .then(|| unsafe { core::slice::from_raw_parts(pa as *const u8, len) })
+}
+
+/// The RSDP (ACPI 2.0, 36 bytes), and the XSDT's and RSDT's addresses.
+fn root_pointers() -> Result<(&'static mut [u8], u64, u64), &'static str> {
     let rsdp_pa = rsdp_address().ok_or("no RSDP")?;
     // SAFETY: the ACPI 2.0 RSDP is 36 bytes of identity-mapped memory the
     // firmware published; boot services are still running.
@@ -470,21 +483,13 @@ pub fn carve_madt(apic_ids: &[u32]) -> Result<usize, &'static str> {
     let rsdt_pa = u64::from(u32::from_le_bytes(
         rsdp[16..20].try_into().map_err(|_| "RSDP")?,
     ));
-    let table = |pa: u64| -> Option<&'static [u8]> {
-        if pa == 0 {
-            return None;
-        }
-        // SAFETY: root-table entries point at tables in identity-mapped
-        // ACPI memory; the length field is read before the whole table.
-        let len = unsafe { core::ptr::read_unaligned((pa + 4) as *const u32) } as usize;
-        (36..=1 << 20)
-            .contains(&len)
-            // SAFETY: as above, `len` bytes.
-            .then(|| unsafe { core::slice::from_raw_parts(pa as *const u8, len) })
-    };
-    let sig = |pa: u64| table(pa).map(|t| &t[..4] == b"APIC");
+    Ok((rsdp, xsdt_pa, rsdt_pa))
+}
+
+/// The address of the MADT the XSDT (else the RSDT) lists.
+fn find_madt(xsdt_pa: u64, rsdt_pa: u64) -> Result<u64, &'static str> {
     let root_entries = |pa: u64, size: usize| -> Vec<u64> {
-        table(pa).map_or(Vec::new(), |t| {
+        acpi_table(pa).map_or(Vec::new(), |t| {
             t[36..]
                 .chunks_exact(size)
                 .map(|e| {
@@ -495,11 +500,26 @@ pub fn carve_madt(apic_ids: &[u32]) -> Result<usize, &'static str> {
                 .collect()
         })
     };
-    let old = root_entries(xsdt_pa, 8)
+    root_entries(xsdt_pa, 8)
         .into_iter()
         .chain(root_entries(rsdt_pa, 4))
-        .find(|&pa| sig(pa) == Some(true))
-        .ok_or("no MADT")?;
+        .find(|&pa| acpi_table(pa).is_some_and(|t| &t[..4] == b"APIC"))
+        .ok_or("no MADT")
+}
+
+/// The I/O APICs the firmware's MADT lists.
+pub fn io_apics() -> Result<Vec<thinhv_passthrough::madt::IoApic>, &'static str> {
+    let (_, xsdt_pa, rsdt_pa) = root_pointers()?;
+    let madt = acpi_table(find_madt(xsdt_pa, rsdt_pa)?).ok_or("MADT")?;
+    thinhv_passthrough::madt::io_apics(madt).map_err(|_| "the MADT is malformed")
+}
+
+/// Replaces the MADT the RSDP leads to by a copy without `apic_ids`
+/// (XSDT and RSDT entries both). Returns the processor entries removed.
+pub fn carve_madt(apic_ids: &[u32]) -> Result<usize, &'static str> {
+    let (rsdp, xsdt_pa, rsdt_pa) = root_pointers()?;
+    let table = acpi_table;
+    let old = find_madt(xsdt_pa, rsdt_pa)?;
     let carved = thinhv_passthrough::madt::without_processors(table(old).ok_or("MADT")?, apic_ids)
         .map_err(|_| "the MADT is malformed")?;
     let new = copy_to_acpi_memory(&carved.table)?;

@@ -610,6 +610,9 @@ pub fn install(config: &Config) -> Result<String, String> {
     h.ram_count = ram.kept.len() as u32;
     h.features = caps.features;
     h.phys_top = mem.top;
+    if !appliances.list.is_empty() {
+        judge_io_apics(&mut h);
+    }
     h.phys_addr_bits = caps.phys_addr_bits;
     h.config.log_level = config.hypervisor.log_level.as_u8();
     h.config.serial_port = config.hypervisor.serial.port();
@@ -1030,6 +1033,56 @@ fn guard_bridges_above(
             );
         }
         at = b.bdf;
+    }
+}
+
+/// With appliances, the OS's I/O APIC entries are judged like its MSIs
+/// (`[iommu] interrupts = "remap"`, whatever the IOMMU): thinhv traps
+/// their register pages, so that no entry the OS writes sends an
+/// interrupt, NMI, INIT or SMI to an appliance's processor.
+fn judge_io_apics(h: &mut Handoff) {
+    if h.iommu.interrupts != thinhv_abi::handoff::IOMMU_INTERRUPTS_REMAP {
+        println!(
+            "thinhv: warning: interrupts: [iommu] interrupts = \"off\": the OS's I/O APIC entries are not judged; a hostile OS can aim them at an appliance's processors"
+        );
+        return;
+    }
+    let list = match super::appliances::io_apics() {
+        Ok(l) => l,
+        Err(e) => {
+            println!(
+                "thinhv: warning: interrupts: cannot read the I/O APICs from the MADT ({e}); their entries are not judged"
+            );
+            return;
+        }
+    };
+    let top = thinhv_abi::handoff::identity_map_top(h.phys_top);
+    for a in list {
+        let base = u64::from(a.address);
+        if base % 4096 != 0 || base + 4096 > top {
+            println!(
+                "thinhv: warning: interrupts: I/O APIC {} at {base:#x} cannot be trapped (not a page of its own in thinhv's map); its entries are not judged",
+                a.id
+            );
+            continue;
+        }
+        let Some(slot) = h.ioapics.get_mut(h.ioapic_count as usize) else {
+            println!(
+                "thinhv: warning: interrupts: I/O APIC {} at {base:#x}: more I/O APICs than thinhv judges; its entries are not judged",
+                a.id
+            );
+            continue;
+        };
+        *slot = thinhv_abi::handoff::IoApicInfo {
+            base,
+            gsi_base: a.gsi_base,
+            id: u32::from(a.id),
+        };
+        h.ioapic_count += 1;
+        println!(
+            "thinhv: interrupts: I/O APIC {} at {base:#x} (GSI {}+): its entries judged",
+            a.id, a.gsi_base
+        );
     }
 }
 

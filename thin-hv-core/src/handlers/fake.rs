@@ -148,6 +148,11 @@ pub struct FakeEnv {
     /// Device memory: byte-addressed; every access is recorded.
     pub mmio: HashMap<u64, u8>,
     pub mmio_log: std::cell::RefCell<Vec<(char, u64, u8, u32)>>,
+    /// An I/O APIC at [`FAKE_IOAPIC`]: its IOREGSEL and its registers by
+    /// index (IOWIN reaches the selected one; delivery status and remote
+    /// IRR bits of an entry's low dword are kept as they are).
+    pub ioapic_sel: std::cell::Cell<u32>,
+    pub ioapic_regs: std::cell::RefCell<HashMap<u32, u32>>,
     /// Port space: the 0xCF8 latch and data bytes.
     pub ports: std::cell::RefCell<HashMap<u16, u32>>,
     pub port_log: std::cell::RefCell<Vec<(char, u16, u8, u32)>>,
@@ -175,6 +180,9 @@ pub struct FakeEnv {
     pub remapped: Vec<u16>,
     pub irq_entries: HashMap<(u16, u16), Option<thinhv_passthrough::irq_remap::Target>>,
 }
+
+/// Where the fake I/O APIC's registers are.
+pub const FAKE_IOAPIC: u64 = 0xfec0_0000;
 
 impl FakeEnv {
     /// Four CPUs (APIC IDs 0, 1, 2, 3), this one is CPU 0; RAM is
@@ -223,6 +231,8 @@ impl FakeEnv {
             iommu_polls: std::cell::Cell::new(0),
             mmio: HashMap::new(),
             mmio_log: std::cell::RefCell::default(),
+            ioapic_sel: std::cell::Cell::new(0),
+            ioapic_regs: std::cell::RefCell::default(),
             ports: std::cell::RefCell::default(),
             port_log: std::cell::RefCell::default(),
             cf8_space: std::cell::RefCell::default(),
@@ -468,6 +478,15 @@ impl Env for FakeEnv {
         self.iommu_polls.set(self.iommu_polls.get() + 1);
     }
     fn mmio_read(&self, pa: u64, size: u8) -> u32 {
+        if pa == FAKE_IOAPIC + 0x10 {
+            let v = *self
+                .ioapic_regs
+                .borrow()
+                .get(&self.ioapic_sel.get())
+                .unwrap_or(&0);
+            self.mmio_log.borrow_mut().push(('r', pa, size, v));
+            return v;
+        }
         let mut b = [0u8; 4];
         for (i, x) in b.iter_mut().enumerate().take(usize::from(size)) {
             *x = *self.mmio.get(&(pa + i as u64)).unwrap_or(&0xff);
@@ -477,6 +496,21 @@ impl Env for FakeEnv {
         v
     }
     fn mmio_write(&mut self, pa: u64, size: u8, value: u32) {
+        if pa == FAKE_IOAPIC {
+            self.ioapic_sel.set(value);
+        }
+        if pa == FAKE_IOAPIC + 0x10 {
+            let sel = self.ioapic_sel.get();
+            let mut regs = self.ioapic_regs.borrow_mut();
+            let keep = if sel >= 0x10 && sel.is_multiple_of(2) {
+                regs.get(&sel).copied().unwrap_or(0) & 0x5000
+            } else {
+                0
+            };
+            regs.insert(sel, (value & !0x5000) | keep);
+            self.mmio_log.borrow_mut().push(('w', pa, size, value));
+            return;
+        }
         for (i, x) in value
             .to_le_bytes()
             .iter()

@@ -7,6 +7,7 @@ mod cpuid;
 mod cr_access;
 mod debug_trap;
 mod hypercall;
+pub mod ioapic;
 mod ipi;
 mod msi_remap;
 pub mod msr;
@@ -29,6 +30,9 @@ mod tests_apic_reloc;
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
 mod tests_hostile;
+#[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
+mod tests_ioapic;
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
 mod tests_msr;

@@ -136,9 +136,9 @@ fn cap(env: &mut impl Env, owner: Owner, rid: u16) -> Option<MsiCap> {
 /// destination resolves against the logical IDs the OS's kernel wrote
 /// (`ipi::logical_match`); an appliance's are refused (Linux programs
 /// physical ones in x2APIC mode without remapping of its own).
-struct PartitionCores<'a> {
-    hv: &'a Hv,
-    id: PartitionId,
+pub(super) struct PartitionCores<'a> {
+    pub(super) hv: &'a Hv,
+    pub(super) id: PartitionId,
 }
 
 impl Cores for PartitionCores<'_> {

@@ -50,6 +50,12 @@ pub(super) fn handle(
             reason: ExitReason::PCI_CONFIG,
         };
     }
+    if !present && let Some(outcome) = super::ioapic::access(cpu, env, gpa) {
+        return Handled {
+            outcome,
+            reason: ExitReason::APIC_ACCESS,
+        };
+    }
     if let Some(outcome) = super::apic_reloc::access(cpu, env, gpa, fetch) {
         return Handled {
             outcome,

@@ -96,6 +96,7 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
     let (appliance_slat, appliance_iopm_pa) =
         build_appliance_maps(&h, slat, apic_base, &msix, &mut frames)?;
     trap_mediated_functions(&h, slat, slat_root, host_top, pool.iopm_pa, &mut frames)?;
+    trap_io_apics(&h, slat, slat_root, host_top, &mut frames)?;
 
     let hv = Hv::from_handoff(&h, apic_base);
     for &(part, rid, base, entries) in &msix {
@@ -615,6 +616,38 @@ fn trap_mediated_functions(
         log::info!(
             "PCI: {} functions mediated (ECAM pages and ports 0xcf8-0xcff trapped)",
             h.pci.count
+        );
+    }
+    Ok(())
+}
+
+/// The I/O APICs whose entries thinhv judges (`handlers::ioapic`): their
+/// register pages out of the OS's second-level tables, so that every
+/// access exits.
+fn trap_io_apics(
+    h: &Handoff,
+    slat: Slat,
+    slat_root: u64,
+    host_top: u64,
+    frames: &mut BumpFrames,
+) -> Result<(), CoreError> {
+    // SAFETY: only this core's table roots and frames from its own
+    // allocator reach the engine (`IdentityMem::new`'s contract).
+    let mut mem = unsafe { IdentityMem::new() };
+    for a in h.ioapics() {
+        if a.base.saturating_add(PAGE) > host_top {
+            // `Handoff::validate` refused this already.
+            return Err(CoreError::BAD_HANDOFF);
+        }
+        let r = match slat {
+            Slat::Npt(fmt) => Mapper::open(&fmt, &mut mem, slat_root).unmap_page(a.base, frames),
+            Slat::Ept(fmt) => Mapper::open(&fmt, &mut mem, slat_root).unmap_page(a.base, frames),
+        };
+        r.map_err(|_| CoreError::OUT_OF_MEMORY)?;
+        log::info!(
+            "I/O APIC {} at {:#x}: the OS's redirection entries judged (its page trapped)",
+            a.id,
+            a.base
         );
     }
     Ok(())

@@ -1,0 +1,147 @@
+//! The OS's I/O APIC entries judged (`handlers::ioapic`): what reaches the
+//! hardware, what the OS reads back, the firmware's entries at the first
+//! access.
+use super::fake::*;
+use super::ioapic::IoApicGuard;
+use super::{Handled, handle};
+use crate::guest::Gpr;
+use core::sync::atomic::Ordering;
+
+const RIP: u64 = 0x10_0000;
+
+/// An OS and an appliance (processors 2 and 3), and an I/O APIC of 24
+/// entries, every one masked but entry 2, which the firmware left live as
+/// an NMI to the appliance's first processor.
+fn machine() -> FakeEnv {
+    let env = FakeEnv::with_appliance();
+    {
+        let mut regs = env.ioapic_regs.borrow_mut();
+        regs.insert(0x01, 0x0017_0020);
+        for pin in 0..24 {
+            regs.insert(0x10 + 2 * pin, 0x0001_0000);
+            regs.insert(0x11 + 2 * pin, 0);
+        }
+        regs.insert(0x14, 0x0000_0400);
+        regs.insert(0x15, 0x0200_0000);
+    }
+    env.hv.ioapics.lock().push(IoApicGuard::new(FAKE_IOAPIC));
+    // The OS's kernel's flat logical IDs: CPU 0 bit 0, CPU 1 bit 1.
+    for i in 0..2 {
+        let c = &env.hv.cpus()[i];
+        c.vldr.store((1 << i) << 24, Ordering::SeqCst);
+        c.vdfr.store(0xffff_ffff, Ordering::SeqCst);
+    }
+    env
+}
+
+/// `mov [rdx], eax` (a store of `value`) or `mov eax, [rdx]` at `gpa` in
+/// the trapped page, on the OS's processor 0; EAX after.
+fn access(env: &mut FakeEnv, gpa: u64, value: Option<u32>) -> (u32, Handled) {
+    let code: &[u8] = if value.is_some() {
+        &[0x89, 0x02]
+    } else {
+        &[0x8b, 0x02]
+    };
+    let mut cpu = super::tests::at(env, code);
+    cpu.regs[Gpr::Rax as usize] = u64::from(value.unwrap_or(0));
+    let h = handle(
+        &super::tests::npf(gpa, value.is_some(), false, false),
+        &mut cpu,
+        env,
+    );
+    assert_eq!(cpu.rip, RIP + 2, "instruction completed");
+    ((cpu.regs[Gpr::Rax as usize] & 0xffff_ffff) as u32, h)
+}
+
+/// The OS writes entry `pin` (high dword, then low), as Linux does.
+fn write_entry(env: &mut FakeEnv, pin: u32, rte: u64) {
+    access(env, FAKE_IOAPIC, Some(0x11 + 2 * pin));
+    access(env, FAKE_IOAPIC + 0x10, Some((rte >> 32) as u32));
+    access(env, FAKE_IOAPIC, Some(0x10 + 2 * pin));
+    access(env, FAKE_IOAPIC + 0x10, Some(rte as u32));
+}
+
+fn read_entry(env: &mut FakeEnv, pin: u32) -> u64 {
+    access(env, FAKE_IOAPIC, Some(0x10 + 2 * pin));
+    let lo = access(env, FAKE_IOAPIC + 0x10, None).0;
+    access(env, FAKE_IOAPIC, Some(0x11 + 2 * pin));
+    let hi = access(env, FAKE_IOAPIC + 0x10, None).0;
+    u64::from(hi) << 32 | u64::from(lo)
+}
+
+fn hardware(env: &FakeEnv, pin: u32) -> u64 {
+    let regs = env.ioapic_regs.borrow();
+    u64::from(regs[&(0x11 + 2 * pin)]) << 32 | u64::from(regs[&(0x10 + 2 * pin)])
+}
+
+#[test]
+fn an_entry_aimed_at_an_appliance_is_masked_and_reads_back_as_the_os_wrote_it() {
+    let mut env = machine();
+    // Untouched until the OS's first access; then the firmware's live NMI
+    // at the appliance is masked, and the OS reads the version register.
+    assert_eq!(hardware(&env, 2), 0x0200_0000_0000_0400);
+    access(&mut env, FAKE_IOAPIC, Some(0x01));
+    let (version, h) = access(&mut env, FAKE_IOAPIC + 0x10, None);
+    assert_eq!(version, 0x0017_0020);
+    assert_eq!(h.reason, thinhv_abi::exit::ExitReason::APIC_ACCESS);
+    assert_ne!(hardware(&env, 2) & (1 << 16), 0, "masked");
+    assert_eq!(env.hv.refused_rtes.load(Ordering::SeqCst), 1);
+    // Hostile: an NMI at APIC ID 2 (the appliance's), then INIT and SMI at
+    // the OS's own processor 1, then a fixed vector at APIC ID 3. Each is
+    // masked in the hardware; the OS reads back what it wrote.
+    let hostile = [
+        0x0200_0000_0000_0400u64,
+        0x0100_0000_0000_0500,
+        0x0100_0000_0000_0200,
+        0x0300_0000_0000_0041,
+    ];
+    for (k, rte) in hostile.into_iter().enumerate() {
+        write_entry(&mut env, 4, rte);
+        assert_eq!(read_entry(&mut env, 4), rte);
+        // Masked, naming no one (the vector kept).
+        assert_eq!(hardware(&env, 4), (1 << 16) | (rte & 0xff), "{rte:#x}");
+        assert_eq!(env.hv.refused_rtes.load(Ordering::SeqCst), 2 + k as u64);
+    }
+    // Written again: masked, not counted again.
+    write_entry(&mut env, 4, hostile[3]);
+    assert_eq!(env.hv.refused_rtes.load(Ordering::SeqCst), 5);
+    // The NMI at the OS's own processor 1 is the OS's business.
+    write_entry(&mut env, 4, 0x0100_0000_0000_0400);
+    assert_eq!(hardware(&env, 4), 0x0100_0000_0000_0400);
+    // Linux's entry: logical flat 0x02 (its processor 1), lowest
+    // priority, level, active low, vector 0x31: physical to APIC ID 1.
+    write_entry(&mut env, 9, 0x0200_0000_0000_a931);
+    assert_eq!(hardware(&env, 9), 0x0100_0000_0000_a131);
+    assert_eq!(read_entry(&mut env, 9), 0x0200_0000_0000_a931);
+    // Remote IRR is the hardware's; the OS's mask reaches it.
+    env.ioapic_regs.borrow_mut().insert(0x10 + 18, 0x0000_e131);
+    assert_eq!(read_entry(&mut env, 9) as u32, 0x0000_e931);
+    write_entry(&mut env, 9, 0x0200_0000_0001_a931);
+    assert_eq!(hardware(&env, 9) & (1 << 16), 1 << 16);
+    // The OS's broadcast logical destination names its own processors
+    // only: its first.
+    write_entry(&mut env, 10, 0xff00_0000_0000_0841);
+    assert_eq!(hardware(&env, 10), 0x0000_0000_0000_0041);
+    assert_eq!(env.hv.refused_rtes.load(Ordering::SeqCst), 5);
+    // The EOI register is the hardware's.
+    access(&mut env, FAKE_IOAPIC + 0x40, Some(0x31));
+    assert_eq!(
+        env.mmio_log.borrow().last(),
+        Some(&('w', FAKE_IOAPIC + 0x40, 4, 0x31))
+    );
+}
+
+#[test]
+fn an_appliance_never_reaches_the_io_apic_through_this_path() {
+    let mut env = machine();
+    env.cpu = 2;
+    let mut cpu = super::tests::at(&mut env, &[0x89, 0x02]);
+    cpu.regs[Gpr::Rax as usize] = 0x14;
+    let _ = handle(
+        &super::tests::npf(FAKE_IOAPIC, true, false, false),
+        &mut cpu,
+        &mut env,
+    );
+    assert_ne!(env.ioapic_sel.get(), 0x14);
+    assert!(env.hv.ioapics.lock()[0].base == FAKE_IOAPIC);
+}
