@@ -27,6 +27,13 @@ pub fn claim_cpus(env: &mut impl Env) -> u64 {
         let bootable = env.hv().appliance(id).is_some_and(|p| {
             p.info.entry_rip != 0 && p.transition(PartitionState::STOPPED, PartitionState::STARTING)
         });
+        // The state the claim left it in: once posted, its first
+        // processor may be running it before the line below is written.
+        let state = if bootable {
+            PartitionState::STARTING
+        } else {
+            PartitionState::STOPPED
+        };
         for i in 0..n {
             let slot = &env.hv().cpus()[i];
             if slot.partition != id || !slot.virtualized() {
@@ -48,7 +55,7 @@ pub fn claim_cpus(env: &mut impl Env) -> u64 {
                 "appliance {:?} (partition {}): {cpus} processor(s) claimed, state {}",
                 p.name(),
                 id.0,
-                p.state().name()
+                state.name()
             );
         }
     }
