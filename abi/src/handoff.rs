@@ -290,11 +290,13 @@ pub const IOMMU_INTERRUPTS_OFF: u8 = 0;
 pub const IOMMU_INTERRUPTS_REMAP: u8 = 1;
 
 impl IommuHandoff {
-    /// Whether thinhv remaps interrupt messages through the unit it owns
-    /// (AMD-Vi, `[iommu] interrupts = "remap"`).
+    /// Whether thinhv judges the interrupt messages of the functions it
+    /// mediates (`[iommu] interrupts = "remap"`, a unit it protects with):
+    /// on AMD-Vi through remapping tables of its own, on VT-d by writing
+    /// the judged message itself (compatibility format).
     pub const fn remaps_interrupts(&self) -> bool {
         self.mode == IOMMU_MODE_PROTECT
-            && self.kind == IOMMU_KIND_AMDVI
+            && (self.kind == IOMMU_KIND_AMDVI || self.kind == IOMMU_KIND_VTD)
             && self.interrupts == IOMMU_INTERRUPTS_REMAP
     }
 
@@ -1438,7 +1440,7 @@ mod tests {
     }
 
     #[test]
-    fn interrupts_are_remapped_only_by_an_amdvi_unit_thinhv_protects_with() {
+    fn interrupts_are_remapped_only_by_a_unit_thinhv_protects_with() {
         let mut h = IommuHandoff {
             mode: IOMMU_MODE_PROTECT,
             kind: IOMMU_KIND_AMDVI,
@@ -1450,7 +1452,9 @@ mod tests {
         assert!(!h.remaps_interrupts());
         h.interrupts = IOMMU_INTERRUPTS_REMAP;
         h.kind = IOMMU_KIND_VTD;
-        assert!(!h.remaps_interrupts(), "not on VT-d yet");
+        assert!(h.remaps_interrupts(), "judged, in compatibility format");
+        h.kind = IOMMU_KIND_NONE;
+        assert!(!h.remaps_interrupts());
         h.kind = IOMMU_KIND_AMDVI;
         h.mode = IOMMU_MODE_OFF;
         assert!(!h.remaps_interrupts());

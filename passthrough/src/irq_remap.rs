@@ -333,6 +333,32 @@ impl Slots {
 }
 
 /// VT-d interrupt remapping (Intel VT-d 4.x §5.1, §9.10, §11.4.8.2).
+/// Messages in compatibility format (Intel SDM Vol. 3A §11.11), as thinhv
+/// writes them into a function whose messages it judges but no remapping
+/// table holds (VT-d, where thinhv does not enable interrupt remapping).
+pub mod compat {
+    use super::{Delivery, Refusal, Target};
+
+    /// The message for `t`: physical destination mode, its delivery mode,
+    /// vector and trigger (level messages assert). An APIC ID above 255
+    /// does not fit the address.
+    pub fn msi(t: &Target) -> Result<(u64, u32), Refusal> {
+        let id = u8::try_from(t.apic_id).map_err(|_| Refusal::Wide(t.apic_id))?;
+        let mode: u32 = match t.delivery {
+            Delivery::Fixed => 0,
+            Delivery::Lowest => 1,
+            Delivery::Nmi => 4,
+            Delivery::ExtInt => 7,
+            d => return Err(Refusal::Delivery(d)),
+        };
+        let level = if t.level { 3 << 14 } else { 0 };
+        Ok((
+            0xfee0_0000 | u64::from(id) << 12,
+            level | mode << 8 | u32::from(t.vector),
+        ))
+    }
+}
+
 /// I/O APIC redirection entries in compatibility format, as thinhv writes
 /// them for an entry the OS programmed (82093AA datasheet §3.2.4).
 pub mod ioapic {
@@ -795,6 +821,24 @@ mod tests {
             5 << 49 | 1 << 48 | 1 << 16 | 1 << 15 | 1 << 13 | 1 << 11 | 0x30
         );
         assert_eq!(decode_ioapic(rte), Err(Refusal::Malformed));
+    }
+
+    #[test]
+    fn compatibility_messages_name_the_judged_processor_in_physical_mode() {
+        // Logical flat 0x02 (processor 1), lowest priority, level: the
+        // message names APIC ID 1 physically and asserts.
+        let r = decode_msi(0xfee0_2004, 0x8131).unwrap();
+        let t = judge(&r, &os(), Policy::default()).unwrap();
+        assert_eq!(compat::msi(&t), Ok((0xfee0_1000, 0xc131)));
+        assert_eq!(
+            decode_msi(0xfee0_1000, 0xc131).unwrap().dest,
+            Dest::Physical(1)
+        );
+        let wide = Target {
+            apic_id: 0x100,
+            ..t
+        };
+        assert_eq!(compat::msi(&wide), Err(Refusal::Wide(0x100)));
     }
 
     #[test]

@@ -48,6 +48,34 @@ impl HwEnv {
     }
 }
 
+impl HwEnv {
+    /// The message a function whose message was refused holds where
+    /// thinhv writes judged messages itself (VT-d): vector 15, fixed, to
+    /// its owner's first processor.
+    fn parked_message(&self, rid: u16) -> Result<(u64, u32), irq_remap::Refusal> {
+        let hv = &self.core.hv;
+        let owner = (1..=thinhv_abi::handoff::MAX_APPLIANCES)
+            .find_map(|n| {
+                let id = thin_hv_core::partition::PartitionId(u8::try_from(n).ok()?);
+                hv.appliance(id)
+                    .filter(|p| p.info.devices().iter().any(|d| d.rid == rid))
+                    .map(|_| id)
+            })
+            .unwrap_or(thin_hv_core::partition::PartitionId::OS);
+        let cpu = hv
+            .cpus()
+            .iter()
+            .find(|c| c.partition == owner)
+            .ok_or(irq_remap::Refusal::Foreign)?;
+        irq_remap::compat::msi(&irq_remap::Target {
+            apic_id: cpu.apic_id,
+            vector: 15,
+            delivery: irq_remap::Delivery::Fixed,
+            level: false,
+        })
+    }
+}
+
 impl Env for HwEnv {
     fn hv(&self) -> &Hv {
         &self.core.hv
@@ -388,6 +416,16 @@ impl Env for HwEnv {
         slot: u16,
         target: Option<irq_remap::Target>,
     ) -> Result<(u64, u32), irq_remap::Refusal> {
+        if self.core.iommu.judges_in_compat_format() {
+            // VT-d: the judged message itself; a refused one becomes vector
+            // 15 at the owner's own first processor, which its APIC
+            // refuses as an illegal vector (an APIC error there, nothing
+            // delivered, no one else reached).
+            return match target {
+                Some(t) => irq_remap::compat::msi(&t),
+                None => self.parked_message(rid),
+            };
+        }
         let entry = match target {
             Some(t) => irq_remap::amdvi::irte(&t)?,
             None => 0,

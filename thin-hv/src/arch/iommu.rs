@@ -64,8 +64,10 @@ impl Ring for PhysRing {
 enum Hw {
     /// Nothing to enable.
     None,
-    /// VT-d root table.
-    Vtd { root_table: u64 },
+    /// VT-d root table; the functions whose messages thinhv judges and
+    /// writes itself in compatibility format (no remapping table: their
+    /// entries are empty).
+    Vtd { root_table: u64, judged: IrqTables },
     /// AMD-Vi structures.
     AmdVi {
         dev_table: u64,
@@ -107,6 +109,17 @@ impl IrqTables {
         *slot = (rid, table);
         self.count += 1;
         Ok(table)
+    }
+
+    /// A function with no table of its own (VT-d: its messages judged).
+    fn add_judged(&mut self, rid: u16) -> Result<(), &'static str> {
+        let slot = self
+            .tables
+            .get_mut(self.count)
+            .ok_or("too many functions with judged interrupts")?;
+        *slot = (rid, 0);
+        self.count += 1;
+        Ok(())
     }
 
     fn of(&self, rid: u16) -> Option<u64> {
@@ -175,6 +188,50 @@ fn bar_end(d: &thinhv_abi::handoff::PartitionDevice, bir: u8) -> u64 {
     d.bars()
         .find(|(regs, _)| regs & 7 == bir)
         .map_or(0, |(_, bar)| bar.end())
+}
+
+/// VT-d: the functions whose messages thinhv judges and writes itself
+/// (`[iommu] interrupts = "remap"`): an appliance's that signal by MSI or
+/// MSI-X ([`appliance_remapped`]), and the OS's mediated for it
+/// (`PCI_ACTION_MSI`). Without remapping on the unit, a function's DMA to
+/// the interrupt window still passes as written (`docs/appliances.md`).
+fn judged_functions(
+    h: &IommuHandoff,
+    blocked: &PciHandoff,
+    partitions: &[PartitionInfo],
+    top: u64,
+) -> Result<IrqTables, &'static str> {
+    let mut judged = IrqTables::new();
+    if !h.remaps_interrupts() {
+        return Ok(judged);
+    }
+    for p in partitions.iter().take(MAX_APPLIANCES) {
+        for d in p.devices().iter().filter(|d| appliance_remapped(d, top)) {
+            judged.add_judged(d.rid)?;
+            log::info!(
+                "IOMMU: interrupts of {:02x}:{:02x}.{} (appliance {}) judged (VT-d: written in compatibility format)",
+                d.rid >> 8,
+                (d.rid >> 3) & 0x1f,
+                d.rid & 7,
+                p.name()
+            );
+        }
+    }
+    let mut os_msi = 0;
+    for m in blocked
+        .mediated()
+        .iter()
+        .filter(|m| m.action == thinhv_abi::handoff::PCI_ACTION_MSI)
+    {
+        judged.add_judged(u16::from(m.bus) << 8 | u16::from(m.devfn))?;
+        os_msi += 1;
+    }
+    if os_msi > 0 {
+        log::info!(
+            "IOMMU: interrupts of {os_msi} function(s) of the OS's judged (VT-d: written in compatibility format)"
+        );
+    }
+    Ok(judged)
 }
 
 /// Whether thinhv remaps the messages of an appliance's function `d`: it
@@ -290,7 +347,12 @@ impl Iommu {
                 Err("a register window lies outside the core's map")
             } else if h.kind == IOMMU_KIND_VTD {
                 me.build(h, blocked, partitions, holes, top, frames)
-                    .map(|root_table| Hw::Vtd { root_table })
+                    .and_then(|root_table| {
+                        Ok(Hw::Vtd {
+                            root_table,
+                            judged: judged_functions(h, blocked, partitions, top)?,
+                        })
+                    })
             } else {
                 me.build_amdvi(h, blocked, partitions, holes, top, frames)
             };
@@ -555,7 +617,7 @@ impl Iommu {
                 unsafe { core::arch::asm!("wbinvd", options(nostack)) };
                 for u in &mut units[..*n] {
                     let r: Result<(), &'static str> = match self.hw {
-                        Hw::Vtd { root_table } => {
+                        Hw::Vtd { root_table, .. } => {
                             vtd::enable(&mut Window { base: u.base }, root_table)
                                 .map(|_| ())
                                 .map_err(vtd::VtdError::describe)
@@ -641,21 +703,30 @@ impl Iommu {
         failed
     }
 
-    /// Whether appliances' functions get remapping tables (AMD-Vi units
-    /// set up to protect, `[iommu] interrupts = "remap"`).
+    /// Whether appliances' functions' messages are judged (units set up
+    /// to protect, `[iommu] interrupts = "remap"`): through remapping
+    /// tables on AMD-Vi, written by thinhv on VT-d.
     pub fn remaps_appliances(&self) -> bool {
-        self.protect && self.remap_interrupts && matches!(self.hw, Hw::AmdVi { .. })
+        self.protect
+            && self.remap_interrupts
+            && matches!(self.hw, Hw::AmdVi { .. } | Hw::Vtd { .. })
     }
 
-    /// Whether the interrupts of `rid` are remapped through a table of
-    /// thinhv's (AMD-Vi, an appliance's MSI function, units translating).
+    /// Whether the interrupts of `rid` are judged (units translating): on
+    /// AMD-Vi through a table of thinhv's, on VT-d written by thinhv.
     pub fn remaps(&self, rid: u16) -> bool {
-        match self.hw {
-            Hw::AmdVi { irq, .. } => {
-                self.started.load(Ordering::SeqCst) && self.protect && irq.of(rid).is_some()
-            }
-            _ => false,
-        }
+        let judged = match self.hw {
+            Hw::AmdVi { irq, .. } => irq.of(rid).is_some(),
+            Hw::Vtd { judged, .. } => judged.of(rid).is_some(),
+            Hw::None => false,
+        };
+        judged && self.started.load(Ordering::SeqCst) && self.protect
+    }
+
+    /// Whether a judged message is written into the function itself
+    /// (VT-d: compatibility format) rather than into a remapping table.
+    pub fn judges_in_compat_format(&self) -> bool {
+        matches!(self.hw, Hw::Vtd { .. })
     }
 
     /// Writes entry `slot` of the remapping table of `rid` and has every
