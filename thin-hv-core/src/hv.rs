@@ -264,6 +264,9 @@ pub struct Hv {
     /// The MSI-X tables thinhv traps (functions whose messages are
     /// remapped), by routing ID (`handlers::msi_remap`).
     pub msix: spin::Mutex<alloc::collections::BTreeMap<u16, crate::partition::MsixTable>>,
+    /// Held by the processor writing into a trapped MSI-X table
+    /// (`handlers::msi_remap`).
+    pub msix_writer: AtomicBool,
     /// The I/O APICs whose entries thinhv judges for the OS
     /// (`handlers::ioapic`).
     pub ioapics: spin::Mutex<alloc::vec::Vec<crate::handlers::ioapic::IoApicGuard>>,
@@ -334,6 +337,7 @@ impl Hv {
             cross_partition_ipis: AtomicU64::new(0),
             refused_msis: AtomicU64::new(0),
             msix: spin::Mutex::new(alloc::collections::BTreeMap::new()),
+            msix_writer: AtomicBool::new(false),
             ioapics: spin::Mutex::new(
                 h.ioapics()
                     .iter()

@@ -55,6 +55,7 @@ use crate::exit::Exit;
 use crate::guest::{CpuMode, GuestCpu, vector};
 use crate::guest_mem::fetch_instruction;
 use crate::insn::{self, Decoded, decode};
+use core::sync::atomic::Ordering;
 use thinhv_abi::exit::ExitReason;
 
 /// What the vendor loop does after a handler returns.
@@ -105,8 +106,18 @@ impl Handled {
 /// interrupt shadow: [`debug_trap`]).
 pub fn handle(exit: &Exit, cpu: &mut impl GuestCpu, env: &mut impl Env) -> Handled {
     let before = debug_trap::before(exit, cpu, env);
-    let handled = dispatch(exit, cpu, env);
+    let mut handled = dispatch(exit, cpu, env);
     debug_trap::after(exit, cpu, before, handled.outcome);
+    // A page left the second-level tables (another processor trapped an
+    // MSI-X table): this processor's cached translations go before it
+    // resumes (`msi_remap::trap_pages_everywhere`).
+    if handled.outcome == Outcome::Resume
+        && env.hv().cpus()[env.cpu_index()]
+            .flush_tlb
+            .swap(false, Ordering::SeqCst)
+    {
+        handled.outcome = Outcome::ResumeFlushTlb;
+    }
     handled
 }
 

@@ -508,9 +508,7 @@ fn setup_msix<E: Env>(env: &mut E, owner: Owner, rid: u16, msix: u16) {
         }
         trapped.push(page);
     }
-    env.hv().cpus()[env.cpu_index()]
-        .flush_tlb
-        .store(true, Ordering::SeqCst);
+    flush_everywhere(env);
     for i in 0..entries {
         let at = base + u64::from(i) * 16;
         let e = &mut t.shadow[usize::from(i)];
@@ -553,6 +551,29 @@ fn program_entry(
     let message = (e.addr, e.data);
     if let Some(m) = write_entry(env, t.owner, rid, i, message, unmasked, &mut e.refused) {
         write_msix_message(env, at, m);
+    }
+}
+
+/// Pages left the second-level tables the OS's processors share: every
+/// processor of the OS flushes its cached translations before it resumes.
+/// This one at the end of its exit; the others at their next exit, which
+/// a wake-up NMI forces (taken as a kick, never given to the guest). Not
+/// waited for: a processor that waits in host mode for another would
+/// hold off that one's NMI if it did the same.
+fn flush_everywhere(env: &mut impl Env) {
+    let me = env.cpu_index();
+    let mut kick = alloc::vec::Vec::new();
+    for (i, c) in env.hv().cpus().iter().enumerate() {
+        if env.hv().partition_of(i).is_os() && c.virtualized() {
+            c.flush_tlb.store(true, Ordering::SeqCst);
+            if i != me {
+                c.mailbox.wake_nmis.fetch_add(1, Ordering::SeqCst);
+                kick.push(c.apic_id);
+            }
+        }
+    }
+    for apic_id in kick {
+        env.kick_for_init(apic_id);
     }
 }
 
@@ -632,7 +653,24 @@ fn msix_read32(env: &mut impl Env, rid: u16, gpa: u64) -> u32 {
     shadow.unwrap_or_else(|| env.mmio_read(gpa & !3, 4))
 }
 
+/// A store of the owner's into a trapped MSI-X table page. One at a
+/// time, machine-wide: each works on a copy of the table's shadow and puts
+/// it back, which two processors writing different entries at once would
+/// otherwise race on (writes are rare: at setup and affinity changes).
 fn msix_write32(env: &mut impl Env, rid: u16, gpa: u64, value: u32) {
+    while env
+        .hv()
+        .msix_writer
+        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        core::hint::spin_loop();
+    }
+    msix_write32_alone(env, rid, gpa, value);
+    env.hv().msix_writer.store(false, Ordering::Release);
+}
+
+fn msix_write32_alone(env: &mut impl Env, rid: u16, gpa: u64, value: u32) {
     let Some(mut t) = env.hv().msix.lock().get(&rid).cloned() else {
         return;
     };

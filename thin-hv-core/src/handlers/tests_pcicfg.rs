@@ -531,6 +531,22 @@ fn the_oss_msix_table_is_trapped_at_enable_and_its_entries_judged_at_unmask() {
         !env.hv.cpus()[0].flush_tlb.load(Ordering::SeqCst),
         "taken by the exit's outcome"
     );
+    // Every other processor of the OS flushes at its next exit, which a
+    // wake-up NMI forces (counted, so not given to its guest).
+    for i in 1..4 {
+        let c = &env.hv.cpus()[i];
+        assert!(c.flush_tlb.load(Ordering::SeqCst), "cpu {i}");
+        assert_eq!(c.mailbox.wake_nmis.load(Ordering::SeqCst), 1, "cpu {i}");
+    }
+    assert_eq!(env.nmis_sent, [1, 2, 3]);
+    // CPU 1's kick: an NMI exit, no NMI for its guest, and the flush.
+    env.cpu = 1;
+    let mut cpu = super::tests::at(&mut env, &[0x90]);
+    let h = handle(&Exit::Nmi, &mut cpu, &mut env);
+    assert_eq!(h.outcome, Outcome::ResumeFlushTlb);
+    assert_eq!(cpu.nmis, 0, "a kick, not the guest's NMI");
+    assert!(!env.hv.cpus()[1].flush_tlb.load(Ordering::SeqCst));
+    env.cpu = 0;
     // Entry 1: its processor 1, vector 0x41; then unmasked.
     table_access(&mut env, 0xc000_2010, Some(0xfee0_1000));
     table_access(&mut env, 0xc000_2014, Some(0));
