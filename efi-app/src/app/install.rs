@@ -377,11 +377,14 @@ pub fn install(config: &Config) -> Result<String, String> {
     // remapped too (their address and data judged against the OS's
     // processors): none can reach an appliance's processor.
     if iommu.remaps_interrupts() && !appliances.list.is_empty() {
+        // An MSI-X table beyond the core's own map is mapped by the core
+        // when the OS enables MSI-X; only one beyond the physical address
+        // width cannot be.
         remap_os_msi(
             &mut pci,
             &inventory.functions,
             &regions,
-            thinhv_abi::handoff::identity_map_top(mem.top),
+            1u64 << caps.phys_addr_bits.min(52),
         );
     }
     // The appliance's functions leave the firmware's hands quiet and
@@ -923,13 +926,13 @@ fn present_nvme_vf(
 /// what the OS writes into its MSI capability and MSI-X table, and its
 /// IOMMU entry remaps its messages. A function mediated for another
 /// reason (a PF whose VFs the OS shares, an NVMe VF in its PF's place)
-/// is not remapped (said), nor one whose MSI-X table the firmware put
-/// beyond the core's own map (`top`), where the core cannot emulate it.
+/// is not remapped (said), nor one whose MSI-X table lies at or beyond
+/// `limit` (the physical address width), where no one can reach it.
 fn remap_os_msi(
     pci: &mut thinhv_abi::handoff::PciHandoff,
     functions: &[thinhv_passthrough::pci::Function],
     regions: &[thinhv_passthrough::pci::EcamRegion],
-    top: u64,
+    limit: u64,
 ) {
     use thinhv_passthrough::pci::{CAP_ID_MSI, CAP_ID_MSIX};
     let mut names = String::new();
@@ -950,9 +953,9 @@ fn remap_os_msi(
                 .iter()
                 .find(|b| u32::from(b.index) == table & 7)
                 .map(|b| b.base + u64::from(table & !7));
-            if at.is_none_or(|a| a == 0 || a >= top) {
+            if at.is_none_or(|a| a == 0 || a >= limit) {
                 println!(
-                    "thinhv: warning: interrupts: {}: its MSI-X table ({}) is beyond thinhv's map: not remapped, a hostile OS can aim it at an appliance's processors",
+                    "thinhv: warning: interrupts: {}: its MSI-X table ({}) is beyond the physical address width: not remapped, a hostile OS can aim it at an appliance's processors",
                     f.bdf,
                     at.map_or_else(|| String::from("in no memory BAR"), |a| format!("{a:#x}"))
                 );

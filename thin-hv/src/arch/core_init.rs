@@ -135,6 +135,7 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
         canary_pa: pool.canary_pa,
         percpu_base: pool.percpu_base,
         status,
+        high_mmio: Mutex::new(alloc::vec::Vec::new()),
     });
     if let Some(core) = core_state::get() {
         super::vcpu::publish_appliances(core);

@@ -72,6 +72,10 @@ pub struct Core {
     pub percpu_base: u64,
     /// Status page writer.
     pub status: StatusPage,
+    /// Device pages beyond `host_top` the core mapped (uncached) into its
+    /// own tables to emulate accesses there: MSI-X tables the OS's
+    /// firmware put beyond it (`Env::apic_page_trap`).
+    pub high_mmio: Mutex<alloc::vec::Vec<u64>>,
 }
 
 static CORE: Once<Core> = Once::new();

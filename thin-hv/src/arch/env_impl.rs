@@ -37,10 +37,12 @@ impl HwEnv {
     /// host's identity map, never the core's memory or its status page.
     fn mmio_allowed(&self, pa: u64, size: u8) -> bool {
         let len = u64::from(size.clamp(1, 4));
-        let ok = pa
-            .checked_add(len)
-            .is_some_and(|end| end <= self.core.host_top)
-            && !self.core.hv.touches_hypervisor(pa, len);
+        let mapped = pa.checked_add(len).is_some_and(|end| {
+            end <= self.core.host_top
+                || (pa & !0xfff == (end - 1) & !0xfff
+                    && self.core.high_mmio.lock().contains(&(pa & !0xfff)))
+        });
+        let ok = mapped && !self.core.hv.touches_hypervisor(pa, len);
         if !ok {
             log::warn!("MMIO access refused at {pa:#x} (size {size})");
         }
@@ -49,6 +51,40 @@ impl HwEnv {
 }
 
 impl HwEnv {
+    /// Makes the device page `page`, beyond the core's initial map,
+    /// reachable by the core (mapped uncached into its own tables, once),
+    /// and the GiB around it present in the second-level tables (as a
+    /// first touch would), so that the caller can take the page out.
+    fn map_high(&mut self, page: u64) -> bool {
+        use thinhv_paging::x86::{Flavor, X86Format};
+        use thinhv_paging::{Attrs, Mapper};
+        let core = self.core;
+        let mut high = core.high_mmio.lock();
+        if !high.contains(&page) {
+            let fmt = X86Format {
+                flavor: Flavor::Host,
+                page_1g: core.handoff.features & thinhv_abi::handoff::features::PAGE_1G != 0,
+                nx: false,
+            };
+            let mut frames = core.frames.lock();
+            // SAFETY: only this core's table roots and frames from its own
+            // allocator reach the engine (`IdentityMem::new`'s contract).
+            // The page lies beyond every RAM range (above `host_top`), so
+            // the new entry aliases none of the core's memory; nothing was
+            // mapped there before, so no processor has it cached.
+            let mut mem = unsafe { IdentityMem::new() };
+            if Mapper::open(&fmt, &mut mem, core.host_cr3)
+                .map(page, page, 4096, Attrs::MMIO_RW, &mut *frames)
+                .is_err()
+            {
+                return false;
+            }
+            high.push(page);
+        }
+        drop(high);
+        self.demand_map(page)
+    }
+
     /// The message a function whose message was refused holds where
     /// thinhv writes judged messages itself (VT-d): vector 15, fixed, to
     /// its owner's first processor.
@@ -275,8 +311,10 @@ impl Env for HwEnv {
             .units()
             .iter()
             .any(|u| u.window().overlaps(page, PAGE));
+        let bits = hv.phys_addr_bits.min(52);
+        let high = page.saturating_add(PAGE) > core.host_top;
         if !page.is_multiple_of(PAGE)
-            || page.saturating_add(PAGE) > core.host_top
+            || (high && page.saturating_add(PAGE) > 1u64 << bits)
             || hv.touches_hypervisor(page, PAGE)
             || hv.pci.mediated_at(page).is_some()
             || iommu_window
@@ -284,6 +322,9 @@ impl Env for HwEnv {
             // Outside the core's own map (it could not make the accesses
             // for the other CPUs), or a page the second-level tables
             // already keep from the guest.
+            return false;
+        }
+        if high && trap && !self.map_high(page) {
             return false;
         }
         let mut frames = core.frames.lock();
