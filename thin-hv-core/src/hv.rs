@@ -352,6 +352,12 @@ impl Hv {
         }
     }
 
+    /// Whether `page` holds the registers of an I/O APIC whose entries
+    /// thinhv judges: never mapped to the OS, nor taken by another trap.
+    pub fn is_ioapic_page(&self, page: u64) -> bool {
+        self.ioapics.lock().iter().any(|a| a.base == page & !0xfff)
+    }
+
     /// Whether any appliance partition exists.
     pub fn has_appliances(&self) -> bool {
         self.partition_count != 0

@@ -173,6 +173,10 @@ pub(super) fn move_to(env: &mut impl Env, new: u64) -> Result<(), &'static str> 
         if hv.pci.mediated_at(new).is_some() {
             return Err("the page is a mediated PCI configuration page");
         }
+        if hv.is_ioapic_page(new) {
+            // Moving back would map it to the OS (`handlers::ioapic`).
+            return Err("the page holds an I/O APIC's registers");
+        }
     }
     lock(env);
     let r = relocate(env, new);

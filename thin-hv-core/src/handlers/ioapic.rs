@@ -16,7 +16,12 @@
 //!   mode), and for a refused one a masked entry naming no one, counted
 //!   ([`Hv::refused_rtes`](crate::hv::Hv)) and logged once per distinct
 //!   entry;
-//! * every other register, and the EOI register, is the hardware's.
+//! * the ID register and the EOI register are the hardware's; a store
+//!   anywhere else (a read-only register, an index past the entries,
+//!   another offset of the page) is not passed on.
+//!
+//! Every entry is judged at the claim (`load_all`), the firmware's
+//! included.
 //!
 //! A select and its window access reach the hardware together under
 //! [`Hv::ioapic_hw`](crate::hv::Hv), so that two processors of the OS
@@ -36,6 +41,9 @@ use thinhv_passthrough::irq_remap::{self, Policy, ioapic};
 /// IOREGSEL, IOWIN and the EOI register (I/O APIC version 0x20 and later).
 const IOREGSEL: u64 = 0x00;
 const IOWIN: u64 = 0x10;
+const EOI: u64 = 0x40;
+/// The ID register.
+const REG_ID: u32 = 0x00;
 /// The version register: maximum redirection entry in bits 23:16.
 const REG_VERSION: u32 = 0x01;
 /// The first redirection entry's low dword; entry `n` at `0x10 + 2n`.
@@ -231,12 +239,37 @@ fn write(env: &mut impl Env, at: usize, off: u64, value: u32) {
                 // the entry, and only a refusal then is counted.
                 program(env, at, base, pin, !high);
             }
-            None => hw_write(env, base, select, value),
+            // Its ID (version and arbitration are read-only); nothing
+            // else, so that no alias of an entry is reached.
+            None if select == REG_ID => hw_write(env, base, select, value),
+            None => ignored(env, base, off, value),
         },
-        // The EOI register, and anything else in the page: the hardware's.
-        _ => env.mmio_write(base + off, 4, value),
+        EOI => env.mmio_write(base + EOI, 4, value),
+        _ => ignored(env, base, off, value),
     }
     unlock(env);
+}
+
+/// A store the I/O APIC has no register for (or a read-only one): not
+/// passed on.
+fn ignored(env: &impl Env, base: u64, off: u64, value: u32) {
+    log::debug!(
+        "cpu {}: I/O APIC {base:#x}: store of {value:#x} at +{off:#x} ignored",
+        env.cpu_index()
+    );
+}
+
+/// Judges every entry of every I/O APIC now, the firmware's included (at
+/// the claim, before any appliance runs), rather than at the OS's first
+/// access: an OS that never touches its I/O APIC keeps no entry aimed
+/// elsewhere either.
+pub fn load_all(env: &mut impl Env) {
+    let n = env.hv().ioapics.lock().len();
+    for at in 0..n {
+        lock(env);
+        let _ = loaded(env, at);
+        unlock(env);
+    }
 }
 
 /// The entry and half an IOREGSEL value selects, if it selects one.
@@ -275,6 +308,12 @@ fn program(env: &mut impl Env, at: usize, base: u64, pin: u32, note: bool) {
         }
     };
     let index = FIRST_RTE + 2 * pin;
+    if hw_read(env, base, index + 1) == (hw >> 32) as u32 {
+        // The same destination: the low dword alone (masking around it
+        // could lose an edge).
+        hw_write(env, base, index, hw as u32);
+        return;
+    }
     hw_write(env, base, index, (hw as u32) | ioapic::MASK as u32);
     hw_write(env, base, index + 1, (hw >> 32) as u32);
     hw_write(env, base, index, hw as u32);

@@ -185,6 +185,59 @@ pub(super) fn read(env: &mut impl Env, owner: Owner, rid: u16, dword: u16) -> Op
     Some(u32::from_le_bytes(v))
 }
 
+/// A store of the owner's into the configuration space of a remapped
+/// function, `raw` writing it to the function: the MSI capability as
+/// [`write`] keeps it; the rest passes, with one care. A store that leaves
+/// MSI-X enabled and unmasked reaches the function first with Function
+/// Mask set; the owner's value follows only once thinhv has trapped the
+/// table and written every entry, so no entry sends a message thinhv has
+/// not judged (where no remapping table holds the function's messages,
+/// VT-d, that message would reach any processor). A table thinhv refused
+/// stays masked.
+pub(super) fn store<E: Env>(
+    env: &mut E,
+    owner: Owner,
+    rid: u16,
+    reg: u16,
+    size: u8,
+    value: u32,
+    mut raw: impl FnMut(&mut E, u32),
+) {
+    if write(env, owner, rid, reg, size, value) {
+        return;
+    }
+    let Some(masked) = masked_first(env, owner, rid, reg, size, value) else {
+        raw(env, value);
+        after_write(env, owner, rid, reg, size);
+        return;
+    };
+    raw(env, masked);
+    after_write(env, owner, rid, reg, size);
+    let trapped = env.hv().msix.lock().contains_key(&rid);
+    raw(env, if trapped { value } else { masked });
+}
+
+/// `value` with Function Mask set, where the store (`size` bytes at `reg`)
+/// sets MSI-X Enable with Function Mask clear.
+fn masked_first(
+    env: &mut impl Env,
+    owner: Owner,
+    rid: u16,
+    reg: u16,
+    size: u8,
+    value: u32,
+) -> Option<u32> {
+    let cap = msix_cap(env, owner, rid)?;
+    // Enable (bit 7) and Function Mask (bit 6) of the control's high byte.
+    let high = cap + 3;
+    if reg > high || reg + u16::from(size) <= high {
+        return None;
+    }
+    let shift = 8 * u32::from(high - reg);
+    let byte = (value >> shift) & 0xff;
+    (byte & 0x80 != 0 && byte & 0x40 == 0).then_some(value | 0x40 << shift)
+}
+
 /// A write into the MSI capability of a remapped function: handled (true)
 /// or not this module's (false).
 pub(super) fn write(
@@ -401,7 +454,21 @@ pub(super) fn after_write(env: &mut impl Env, owner: Owner, rid: u16, reg: u16, 
         tsc_khz: TSC_KHZ_UNKNOWN,
     };
     if f.read(control, 2) & (1 << 15) != 0 {
+        // As a table store: one at a time (`msix_write32`).
+        take_msix_writer(env);
         setup_msix(env, owner, rid, cap);
+        env.hv().msix_writer.store(false, Ordering::Release);
+    }
+}
+
+fn take_msix_writer(env: &impl Env) {
+    while env
+        .hv()
+        .msix_writer
+        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        core::hint::spin_loop();
     }
 }
 
@@ -464,7 +531,7 @@ fn setup_msix<E: Env>(env: &mut E, owner: Owner, rid: u16, msix: u16) {
     };
     // Only pages of device memory nobody else owns: never RAM, another
     // partition's memory or BARs, thinhv's, the interrupt window (the
-    // local APIC), a page another trap holds.
+    // local APIC), an I/O APIC's registers, a page another trap holds.
     let owner_part = owner.partition();
     let refused_page = |env: &E, page: u64| {
         let hv = env.hv();
@@ -473,6 +540,7 @@ fn setup_msix<E: Env>(env: &mut E, owner: Owner, rid: u16, msix: u16) {
             || hv.ram().iter().any(|r| r.overlaps(page, 4096))
             || (0xfee0_0000..0xfef0_0000).contains(&page)
             || page == hv.apic_base & !0xfff
+            || hv.is_ioapic_page(page)
             || hv
                 .msix
                 .lock()
@@ -566,7 +634,9 @@ fn flush_everywhere(env: &mut impl Env) {
     for (i, c) in env.hv().cpus().iter().enumerate() {
         if env.hv().partition_of(i).is_os() && c.virtualized() {
             c.flush_tlb.store(true, Ordering::SeqCst);
-            if i != me {
+            // One waiting for its SIPI flushes when it starts; a kick
+            // there would only be mistaken for its INIT's.
+            if i != me && c.state() == thinhv_abi::status::CpuState::RUNNING {
                 c.mailbox.wake_nmis.fetch_add(1, Ordering::SeqCst);
                 kick.push(c.apic_id);
             }
@@ -658,14 +728,7 @@ fn msix_read32(env: &mut impl Env, rid: u16, gpa: u64) -> u32 {
 /// it back, which two processors writing different entries at once would
 /// otherwise race on (writes are rare: at setup and affinity changes).
 fn msix_write32(env: &mut impl Env, rid: u16, gpa: u64, value: u32) {
-    while env
-        .hv()
-        .msix_writer
-        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-        .is_err()
-    {
-        core::hint::spin_loop();
-    }
+    take_msix_writer(env);
     msix_write32_alone(env, rid, gpa, value);
     env.hv().msix_writer.store(false, Ordering::Release);
 }

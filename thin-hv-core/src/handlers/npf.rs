@@ -44,16 +44,16 @@ pub(super) fn handle(
             reason: ExitReason::PCI_CONFIG,
         };
     }
-    if !present && let Some(outcome) = super::msi_remap::msix_access(cpu, env, gpa) {
-        return Handled {
-            outcome,
-            reason: ExitReason::PCI_CONFIG,
-        };
-    }
     if !present && let Some(outcome) = super::ioapic::access(cpu, env, gpa) {
         return Handled {
             outcome,
             reason: ExitReason::APIC_ACCESS,
+        };
+    }
+    if !present && let Some(outcome) = super::msi_remap::msix_access(cpu, env, gpa) {
+        return Handled {
+            outcome,
+            reason: ExitReason::PCI_CONFIG,
         };
     }
     if let Some(outcome) = super::apic_reloc::access(cpu, env, gpa, fetch) {

@@ -59,6 +59,9 @@ pub fn claim_cpus(env: &mut impl Env) -> u64 {
             );
         }
     }
+    // The OS's I/O APIC entries, the firmware's included, judged before
+    // any appliance runs.
+    super::ioapic::load_all(env);
     env.publish_appliances();
     claimed
 }

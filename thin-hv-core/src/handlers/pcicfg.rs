@@ -163,10 +163,15 @@ pub(super) fn ecam(
         };
         let value = low32(value) & mediate::all_ones(store.size);
         if let Some(owner) = msi {
-            if !super::msi_remap::write(env, owner, rid_of(&m), offset, store.size, value) {
-                env.mmio_write(gpa, store.size, value);
-                super::msi_remap::after_write(env, owner, rid_of(&m), offset, store.size);
-            }
+            super::msi_remap::store(
+                env,
+                owner,
+                rid_of(&m),
+                offset,
+                store.size,
+                value,
+                |env, v| env.mmio_write(gpa, store.size, v),
+            );
         } else if let Some((k, dev)) = presented {
             super::appliance_pci::write(
                 env,
@@ -350,10 +355,9 @@ fn data(env: &mut impl Env, p: PortPiece, input: bool, value: u32) -> u32 {
                 |v| (v >> (8 * (off & 3))) & mediate::all_ones(p.size),
             )
         } else {
-            if !super::msi_remap::write(env, owner, rid_of(&m), off, p.size, value) {
-                env.legacy_config_access(address, p.port, p.size, Some(value));
-                super::msi_remap::after_write(env, owner, rid_of(&m), off, p.size);
-            }
+            super::msi_remap::store(env, owner, rid_of(&m), off, p.size, value, |env, v| {
+                env.legacy_config_access(address, p.port, p.size, Some(v));
+            });
             0
         };
     }

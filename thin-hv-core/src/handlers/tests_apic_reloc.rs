@@ -302,6 +302,15 @@ fn pages_thinhv_cannot_emulate_are_refused_with_nothing_changed() {
         assert!(gp, "{page:#x}");
         assert_eq!(vbase(&env, 0), APIC);
     }
+    // An I/O APIC's registers thinhv judges: moving back would map them
+    // to the OS.
+    env.hv
+        .ioapics
+        .lock()
+        .push(super::ioapic::IoApicGuard::new(FAKE_IOAPIC));
+    let (gp, _) = set_base(&mut env, 0, FAKE_IOAPIC | FLAGS);
+    assert!(gp);
+    assert_eq!(vbase(&env, 0), APIC);
     // The core cannot take the page out of its tables.
     env.apic_trap_ok = false;
     assert!(set_base(&mut env, 0, X | FLAGS).0);

@@ -145,3 +145,34 @@ fn an_appliance_never_reaches_the_io_apic_through_this_path() {
     assert_ne!(env.ioapic_sel.get(), 0x14);
     assert!(env.hv.ioapics.lock()[0].base == FAKE_IOAPIC);
 }
+
+#[test]
+fn the_claim_judges_the_firmwares_entries_and_stray_stores_reach_nothing() {
+    use thinhv_abi::hypercall::Function;
+    let mut env = machine();
+    env.hv.sealed.store(true, Ordering::SeqCst);
+    // The OS never touches its I/O APIC: the claim judges the firmware's
+    // live NMI at the appliance all the same.
+    let _ = super::tests::hypercall(&mut env, 0, Function::CLAIM_APPLIANCE_CPUS, [0; 3]);
+    assert_ne!(hardware(&env, 2) & (1 << 16), 0, "masked at the claim");
+    assert_eq!(env.hv.refused_rtes.load(Ordering::SeqCst), 1);
+    // A read-only register, an index past the 24 entries (an alias on
+    // some parts), another offset of the page: nothing reaches them.
+    access(&mut env, FAKE_IOAPIC, Some(0x01));
+    access(&mut env, FAKE_IOAPIC + 0x10, Some(0xdead));
+    access(&mut env, FAKE_IOAPIC, Some(0x40));
+    access(&mut env, FAKE_IOAPIC + 0x10, Some(0x400));
+    access(&mut env, FAKE_IOAPIC + 0x20, Some(5));
+    assert_eq!(env.ioapic_regs.borrow()[&0x01], 0x0017_0020);
+    assert!(!env.ioapic_regs.borrow().contains_key(&0x40));
+    assert!(
+        env.mmio_log
+            .borrow()
+            .iter()
+            .all(|&(d, pa, _, _)| d != 'w' || pa != FAKE_IOAPIC + 0x20)
+    );
+    // The ID register is the hardware's.
+    access(&mut env, FAKE_IOAPIC, Some(0x00));
+    access(&mut env, FAKE_IOAPIC + 0x10, Some(0x0200_0000));
+    assert_eq!(env.ioapic_regs.borrow()[&0x00], 0x0200_0000);
+}

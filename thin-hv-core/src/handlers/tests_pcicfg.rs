@@ -585,6 +585,19 @@ fn the_oss_msix_table_is_trapped_at_enable_and_its_entries_judged_at_unmask() {
     assert_eq!(env.hv.refused_msis.load(Ordering::SeqCst), 2);
     assert_eq!(env.mmio_read(0xc000_2010, 4), 0xfee0_0000);
     assert_eq!(env.mmio_read(0xc000_2018, 4), 1);
+    // Disabled, then enabled without Function Mask, as a driver may: the
+    // function gets it masked first, its entries are written, then the
+    // owner's value.
+    io(&mut env, 0, 0xcf8, 4, false, u64::from(ALLOWED | 0x70));
+    io(&mut env, 0, 0xcfe, 2, false, 0x0003);
+    let before = env.port_log.borrow().len();
+    io(&mut env, 0, 0xcfe, 2, false, 0x8003);
+    let controls: Vec<u32> = env.port_log.borrow()[before..]
+        .iter()
+        .filter(|(d, port, _, _)| *d == 'w' && *port == 0xcfe)
+        .map(|&(_, _, _, v)| v)
+        .collect();
+    assert_eq!(controls, [0xc003, 0x8003]);
     // Beyond the table (its PBA page is not trapped; in the table's page
     // past its 4 entries): the function's.
     env.mmio_write(0xc000_2040, 4, 0x1234);
@@ -600,6 +613,9 @@ fn an_msix_table_the_owner_put_out_of_reach_is_refused_and_stays_remapped() {
     env.apic_trap_ok = false;
     io(&mut env, 0, 0xcf8, 4, false, u64::from(ALLOWED | 0x70));
     io(&mut env, 0, 0xcfe, 2, false, 0x8003);
+    // Enabled without Function Mask: it reached the function masked, and
+    // stays so (no entry of a table thinhv does not follow may send).
+    assert_eq!(env.cf8_space.borrow()[&(ALLOWED | 0x70)] >> 16, 0xc003);
     assert!(env.slat_holes.is_empty());
     assert!(env.remapped.contains(&0x0010), "still remapped");
     assert!(env.hv.msix.lock().is_empty());

@@ -317,6 +317,7 @@ impl Env for HwEnv {
             || (high && page.saturating_add(PAGE) > 1u64 << bits)
             || hv.touches_hypervisor(page, PAGE)
             || hv.pci.mediated_at(page).is_some()
+            || hv.is_ioapic_page(page)
             || iommu_window
         {
             // Outside the core's own map (it could not make the accesses

@@ -122,6 +122,11 @@ pub extern "sysv64" fn vmx_exit(run: &mut RunState) {
         let mut env = HwEnv { core, cpu };
         let h = handlers::handle(&Exit::Nmi, &mut guest, &mut env);
         core.status.count(cpu, h.reason);
+        if h.outcome == Outcome::ResumeFlushTlb {
+            // A kick that asked for a flush (`msi_remap`): its request was
+            // taken just now, whatever this exit was about.
+            VmxVcpu::new(run, reason, qual).flush_tlb(core);
+        }
         if h.outcome == Outcome::WaitForSipi {
             // INIT discards whatever this exit was about.
             let mut vcpu = VmxVcpu::new(run, reason, qual);
