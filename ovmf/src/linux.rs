@@ -160,7 +160,8 @@ pub const MODULES: &[&str] = &[
     "drivers/net/ethernet/intel/igbvf/igbvf.ko",
     // /dev/cpu/N/msr, for the attack suite's MSR writes from the kernel.
     "arch/x86/kernel/msr.ko",
-    // A function's INTx pin from user space (the I/O APIC tests).
+    // A function's INTx pin from user space: loaded by the I/O APIC test
+    // only (`/init` skips them).
     "drivers/uio/uio.ko",
     "drivers/uio/uio_pci_generic.ko",
 ];
