@@ -67,8 +67,8 @@ pub struct IoApicGuard {
     pub base: u64,
     /// IOREGSEL as the OS wrote it.
     select: u32,
-    /// The entries as the OS wrote them (empty until the first access,
-    /// which reads them from the hardware).
+    /// The entries as the OS wrote them (empty until the claim or the
+    /// first access, which reads them from the hardware).
     shadow: Vec<u64>,
     /// Per entry, the last refused value (logged once).
     refused: Vec<Option<u64>>,
