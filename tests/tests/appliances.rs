@@ -1104,12 +1104,6 @@ fn os_msi_isolation(name: &str, unit: &str, functions: &str, how: &str) {
         "mode = \"protect\"\ninterrupts = \"off\"",
         "thinhv_os_msi_probe=1 iomem=relaxed",
     );
-    let pair = |g: &Guest, key: &str| -> Vec<u64> {
-        g.get(key)
-            .split(' ')
-            .filter_map(|n| n.parse().ok())
-            .collect()
-    };
     for g in [&guarded, &open] {
         let facts = &g.facts;
         // The OS's own messages arrive either way, and it reads back what
@@ -1175,7 +1169,7 @@ fn os_msi_isolation(name: &str, unit: &str, functions: &str, how: &str) {
     // NMI, and the NMI at the OS's own processor on the way back (three
     // messages), none reaching the appliance.
     assert_eq!(guarded.get("os_msix_refused"), "3", "{facts}");
-    let nmis = pair(&guarded, "os_msix_appliance_nmis");
+    let nmis = counts(&guarded, "os_msix_appliance_nmis");
     assert_eq!(nmis.len(), 2, "{facts}");
     assert_eq!(
         nmis[0], nmis[1],
@@ -1185,8 +1179,8 @@ fn os_msi_isolation(name: &str, unit: &str, functions: &str, how: &str) {
     // the vector 0xdf there; nothing the OS's own kernel programmed.
     assert_eq!(guarded.get("msi_refused"), "3", "{facts}");
     let (nmis, unhandled) = (
-        pair(&guarded, "os_msi_appliance_nmis"),
-        pair(&guarded, "os_msi_appliance_unhandled"),
+        counts(&guarded, "os_msi_appliance_nmis"),
+        counts(&guarded, "os_msi_appliance_unhandled"),
     );
     assert_eq!(nmis.len(), 2, "{facts}");
     assert_eq!(nmis[0], nmis[1], "NMIs reached the appliance: {facts}");
@@ -1197,7 +1191,7 @@ fn os_msi_isolation(name: &str, unit: &str, functions: &str, how: &str) {
     );
     let facts = &open.facts;
     assert_eq!(open.get("msi_refused"), "0", "{facts}");
-    let nmis = pair(&open, "os_msix_appliance_nmis");
+    let nmis = counts(&open, "os_msix_appliance_nmis");
     assert_eq!(nmis.len(), 2, "{facts}");
     // (One: the NIC masks its "other" cause until a driver takes the
     // interrupt, and here the appliance took it.)
@@ -1206,8 +1200,8 @@ fn os_msi_isolation(name: &str, unit: &str, functions: &str, how: &str) {
         "control: the e1000e's NMI reaches the appliance without remapping: {facts}"
     );
     let (nmis, unhandled) = (
-        pair(&open, "os_msi_appliance_nmis"),
-        pair(&open, "os_msi_appliance_unhandled"),
+        counts(&open, "os_msi_appliance_nmis"),
+        counts(&open, "os_msi_appliance_unhandled"),
     );
     assert_eq!(nmis.len(), 2, "{facts}");
     assert_eq!(
@@ -1370,20 +1364,14 @@ fn an_os_io_apic_entry_never_reaches_an_appliance_where_thinhv_judges_it() {
         "os-ioapic-control",
         "mode = \"protect\"\ninterrupts = \"off\"",
     );
-    let pair = |g: &Guest, key: &str| -> Vec<u64> {
-        g.get(key)
-            .split(' ')
-            .filter_map(|n| n.parse().ok())
-            .collect()
-    };
     for g in [&guarded, &open] {
         let facts = &g.facts;
         assert!(g.get("ioapic_pin").contains("uio=uio0"), "{facts}");
         // The pin works through the kernel's entry, before and after.
-        let own = pair(g, "ioapic_own");
+        let own = counts(g, "ioapic_own");
         assert_eq!(own.len(), 2, "{facts}");
         assert_eq!(own[1], own[0] + 3, "the kernel's entry: {facts}");
-        let after = pair(g, "ioapic_own_after");
+        let after = counts(g, "ioapic_own_after");
         assert_eq!(after.len(), 2, "{facts}");
         assert_eq!(after[1], after[0] + 1, "the kernel's entry back: {facts}");
         // The NMI at its own processor 1 arrives either way.
@@ -1412,7 +1400,7 @@ fn an_os_io_apic_entry_never_reaches_an_appliance_where_thinhv_judges_it() {
     let facts = &guarded.facts;
     assert_eq!(guarded.get("ioapic_judged"), "1", "{facts}");
     assert_eq!(guarded.get("ioapic_refused"), "1", "{facts}");
-    let nmis = pair(&guarded, "ioapic_appliance_nmis");
+    let nmis = counts(&guarded, "ioapic_appliance_nmis");
     assert_eq!(nmis.len(), 2, "{facts}");
     assert_eq!(nmis[0], nmis[1], "NMIs reached the appliance: {facts}");
     let facts = &open.facts;
@@ -1424,11 +1412,19 @@ fn an_os_io_apic_entry_never_reaches_an_appliance_where_thinhv_judges_it() {
         "{}",
         open.serial
     );
-    let nmis = pair(&open, "ioapic_appliance_nmis");
+    let nmis = counts(&open, "ioapic_appliance_nmis");
     assert_eq!(nmis.len(), 2, "{facts}");
     assert_eq!(
         nmis[1],
         nmis[0] + 3,
         "control: the I/O APIC's NMIs reach the appliance: {facts}"
     );
+}
+
+/// The whole numbers of the fact `key`, in order.
+fn counts(g: &Guest, key: &str) -> Vec<u64> {
+    g.get(key)
+        .split(' ')
+        .filter_map(|n| n.parse().ok())
+        .collect()
 }

@@ -477,6 +477,24 @@ impl Hv {
     }
 }
 
+/// Spins until this processor holds `flag` (a lock around device
+/// accesses that an exit handler makes through `Env`, which a guard
+/// borrowed from the state could not span). Never held while waiting for
+/// another processor.
+pub fn hold(flag: &AtomicBool) {
+    while flag
+        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        core::hint::spin_loop();
+    }
+}
+
+/// Lets go of `flag` ([`hold`]).
+pub fn release(flag: &AtomicBool) {
+    flag.store(false, Ordering::Release);
+}
+
 #[cfg(test)]
 mod mailbox_tests {
     use super::Mailbox;

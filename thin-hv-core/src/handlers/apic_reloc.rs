@@ -130,17 +130,11 @@ impl Relocations {
 /// Takes the lock. A spin flag rather than a guard: the guard would
 /// borrow `env`, which the table changes need mutably.
 fn lock(env: &impl Env) {
-    let l = &env.hv().apic_reloc.lock;
-    while l
-        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-        .is_err()
-    {
-        core::hint::spin_loop();
-    }
+    crate::hv::hold(&env.hv().apic_reloc.lock);
 }
 
 fn unlock(env: &impl Env) {
-    env.hv().apic_reloc.lock.store(false, Ordering::Release);
+    crate::hv::release(&env.hv().apic_reloc.lock);
 }
 
 /// This CPU's xAPIC base as its guest set it.

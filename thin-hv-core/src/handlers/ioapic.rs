@@ -33,6 +33,7 @@ use super::Outcome;
 use super::msi_remap::PartitionCores;
 use crate::env::Env;
 use crate::guest::GuestCpu;
+use crate::hv::{hold, release};
 use crate::partition::PartitionId;
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
@@ -135,22 +136,6 @@ pub(super) fn access(cpu: &mut impl GuestCpu, env: &mut impl Env, gpa: u64) -> O
     Some(Outcome::Resume)
 }
 
-/// Takes the hardware's IOREGSEL for this processor (until [`unlock`]).
-fn lock(env: &impl Env) {
-    while env
-        .hv()
-        .ioapic_hw
-        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-        .is_err()
-    {
-        core::hint::spin_loop();
-    }
-}
-
-fn unlock(env: &impl Env) {
-    env.hv().ioapic_hw.store(false, Ordering::Release);
-}
-
 /// The hardware's register `index` of the I/O APIC at `base`.
 fn hw_read(env: &mut impl Env, base: u64, index: u32) -> u32 {
     env.mmio_write(base + IOREGSEL, 4, index);
@@ -196,7 +181,7 @@ fn loaded(env: &mut impl Env, at: usize) -> (u64, u32, u32) {
 
 /// The dword at `off` of I/O APIC `at` as the OS sees it.
 fn read(env: &mut impl Env, at: usize, off: u64) -> u32 {
-    lock(env);
+    hold(&env.hv().ioapic_hw);
     let (base, select, pins) = loaded(env, at);
     let v = match off {
         IOREGSEL => select,
@@ -214,13 +199,13 @@ fn read(env: &mut impl Env, at: usize, off: u64) -> u32 {
         },
         _ => env.mmio_read(base + off, 4),
     };
-    unlock(env);
+    release(&env.hv().ioapic_hw);
     v
 }
 
 /// A store of the OS's of `value` at `off` of I/O APIC `at`.
 fn write(env: &mut impl Env, at: usize, off: u64, value: u32) {
-    lock(env);
+    hold(&env.hv().ioapic_hw);
     let (base, select, pins) = loaded(env, at);
     match off {
         IOREGSEL => env.hv().ioapics.lock()[at].select = value & 0xff,
@@ -247,7 +232,7 @@ fn write(env: &mut impl Env, at: usize, off: u64, value: u32) {
         EOI => env.mmio_write(base + EOI, 4, value),
         _ => ignored(env, base, off, value),
     }
-    unlock(env);
+    release(&env.hv().ioapic_hw);
 }
 
 /// A store the I/O APIC has no register for (or a read-only one): not
@@ -266,9 +251,9 @@ fn ignored(env: &impl Env, base: u64, off: u64, value: u32) {
 pub fn load_all(env: &mut impl Env) {
     let n = env.hv().ioapics.lock().len();
     for at in 0..n {
-        lock(env);
+        hold(&env.hv().ioapic_hw);
         let _ = loaded(env, at);
-        unlock(env);
+        release(&env.hv().ioapic_hw);
     }
 }
 

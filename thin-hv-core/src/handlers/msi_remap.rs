@@ -455,20 +455,9 @@ pub(super) fn after_write(env: &mut impl Env, owner: Owner, rid: u16, reg: u16, 
     };
     if f.read(control, 2) & (1 << 15) != 0 {
         // As a table store: one at a time (`msix_write32`).
-        take_msix_writer(env);
+        crate::hv::hold(&env.hv().msix_writer);
         setup_msix(env, owner, rid, cap);
-        env.hv().msix_writer.store(false, Ordering::Release);
-    }
-}
-
-fn take_msix_writer(env: &impl Env) {
-    while env
-        .hv()
-        .msix_writer
-        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-        .is_err()
-    {
-        core::hint::spin_loop();
+        crate::hv::release(&env.hv().msix_writer);
     }
 }
 
@@ -728,9 +717,9 @@ fn msix_read32(env: &mut impl Env, rid: u16, gpa: u64) -> u32 {
 /// it back, which two processors writing different entries at once would
 /// otherwise race on (writes are rare: at setup and affinity changes).
 fn msix_write32(env: &mut impl Env, rid: u16, gpa: u64, value: u32) {
-    take_msix_writer(env);
+    crate::hv::hold(&env.hv().msix_writer);
     msix_write32_alone(env, rid, gpa, value);
-    env.hv().msix_writer.store(false, Ordering::Release);
+    crate::hv::release(&env.hv().msix_writer);
 }
 
 fn msix_write32_alone(env: &mut impl Env, rid: u16, gpa: u64, value: u32) {

@@ -1042,3 +1042,19 @@ fn legacy_ports_hide_the_same_function_and_pass_the_rest() {
     );
     assert_eq!(cpu.exceptions, vec![(vector::GP, Some(0))]);
 }
+
+/// `mov [rdx], eax` (a store of `value`) or `mov eax, [rdx]` at `gpa`, a
+/// page the second-level tables leave out (a nested fault, not present),
+/// on the current processor; EAX after, and the exit's handling.
+pub(super) fn trapped_access(env: &mut FakeEnv, gpa: u64, value: Option<u32>) -> (u32, Handled) {
+    let code: &[u8] = if value.is_some() {
+        &[0x89, 0x02]
+    } else {
+        &[0x8b, 0x02]
+    };
+    let mut cpu = at(env, code);
+    cpu.regs[Gpr::Rax as usize] = u64::from(value.unwrap_or(0));
+    let h = handle(&npf(gpa, value.is_some(), false, false), &mut cpu, env);
+    assert_eq!(cpu.rip, RIP + 2, "instruction completed");
+    ((cpu.regs[Gpr::Rax as usize] & 0xffff_ffff) as u32, h)
+}

@@ -7,8 +7,6 @@ use super::{Handled, handle};
 use crate::guest::Gpr;
 use core::sync::atomic::Ordering;
 
-const RIP: u64 = 0x10_0000;
-
 /// An OS and an appliance (processors 2 and 3), and an I/O APIC of 24
 /// entries, every one masked but entry 2, which the firmware left live as
 /// an NMI to the appliance's first processor.
@@ -34,23 +32,9 @@ fn machine() -> FakeEnv {
     env
 }
 
-/// `mov [rdx], eax` (a store of `value`) or `mov eax, [rdx]` at `gpa` in
-/// the trapped page, on the OS's processor 0; EAX after.
+/// An access of the OS's processor 0 in the trapped page.
 fn access(env: &mut FakeEnv, gpa: u64, value: Option<u32>) -> (u32, Handled) {
-    let code: &[u8] = if value.is_some() {
-        &[0x89, 0x02]
-    } else {
-        &[0x8b, 0x02]
-    };
-    let mut cpu = super::tests::at(env, code);
-    cpu.regs[Gpr::Rax as usize] = u64::from(value.unwrap_or(0));
-    let h = handle(
-        &super::tests::npf(gpa, value.is_some(), false, false),
-        &mut cpu,
-        env,
-    );
-    assert_eq!(cpu.rip, RIP + 2, "instruction completed");
-    ((cpu.regs[Gpr::Rax as usize] & 0xffff_ffff) as u32, h)
+    super::tests::trapped_access(env, gpa, value)
 }
 
 /// The OS writes entry `pin` (high dword, then low), as Linux does.

@@ -496,25 +496,6 @@ fn msix_function() -> FakeEnv {
     env
 }
 
-/// `mov [rdx], eax` at `gpa` (not present: a trapped page) with `value`;
-/// or `mov eax, [rdx]`, returning what EAX got.
-fn table_access(env: &mut FakeEnv, gpa: u64, value: Option<u32>) -> (u32, Handled) {
-    let code: &[u8] = if value.is_some() {
-        &[0x89, 0x02]
-    } else {
-        &[0x8b, 0x02]
-    };
-    let mut cpu = super::tests::at(env, code);
-    cpu.regs[Gpr::Rax as usize] = u64::from(value.unwrap_or(0));
-    let h = handle(
-        &super::tests::npf(gpa, value.is_some(), false, false),
-        &mut cpu,
-        env,
-    );
-    assert_eq!(cpu.rip, RIP + 2, "instruction completed");
-    ((cpu.regs[Gpr::Rax as usize] & 0xffff_ffff) as u32, h)
-}
-
 #[test]
 fn the_oss_msix_table_is_trapped_at_enable_and_its_entries_judged_at_unmask() {
     use thinhv_passthrough::irq_remap::{Delivery, Target};
@@ -548,15 +529,15 @@ fn the_oss_msix_table_is_trapped_at_enable_and_its_entries_judged_at_unmask() {
     assert!(!env.hv.cpus()[1].flush_tlb.load(Ordering::SeqCst));
     env.cpu = 0;
     // Entry 1: its processor 1, vector 0x41; then unmasked.
-    table_access(&mut env, 0xc000_2010, Some(0xfee0_1000));
-    table_access(&mut env, 0xc000_2014, Some(0));
-    table_access(&mut env, 0xc000_2018, Some(0x41));
+    super::tests::trapped_access(&mut env, 0xc000_2010, Some(0xfee0_1000));
+    super::tests::trapped_access(&mut env, 0xc000_2014, Some(0));
+    super::tests::trapped_access(&mut env, 0xc000_2018, Some(0x41));
     assert_eq!(
         env.irq_entries.get(&(0x0010, 1)),
         Some(&None),
         "masked: no entry yet"
     );
-    let (_, h) = table_access(&mut env, 0xc000_201c, Some(0));
+    let (_, h) = super::tests::trapped_access(&mut env, 0xc000_201c, Some(0));
     assert_eq!(h.reason, thinhv_abi::exit::ExitReason::PCI_CONFIG);
     assert_eq!(
         env.irq_entries[&(0x0010, 1)],
@@ -572,15 +553,24 @@ fn the_oss_msix_table_is_trapped_at_enable_and_its_entries_judged_at_unmask() {
     assert_eq!(env.mmio_read(0xc000_2010, 4), 0xfee0_0000);
     assert_eq!(env.mmio_read(0xc000_2018, 4), 1);
     assert_eq!(env.mmio_read(0xc000_201c, 4), 0);
-    assert_eq!(table_access(&mut env, 0xc000_2010, None).0, 0xfee0_1000);
-    assert_eq!(table_access(&mut env, 0xc000_2018, None).0, 0x41);
-    assert_eq!(table_access(&mut env, 0xc000_201c, None).0, 0);
+    assert_eq!(
+        super::tests::trapped_access(&mut env, 0xc000_2010, None).0,
+        0xfee0_1000
+    );
+    assert_eq!(
+        super::tests::trapped_access(&mut env, 0xc000_2018, None).0,
+        0x41
+    );
+    assert_eq!(
+        super::tests::trapped_access(&mut env, 0xc000_201c, None).0,
+        0
+    );
     // Hostile: an NMI, then a processor that is not the OS's: no entry,
     // two refusals; the function still holds the message naming entry 1.
-    table_access(&mut env, 0xc000_2018, Some(0x400));
+    super::tests::trapped_access(&mut env, 0xc000_2018, Some(0x400));
     assert_eq!(env.irq_entries[&(0x0010, 1)], None);
-    table_access(&mut env, 0xc000_2018, Some(0x41));
-    table_access(&mut env, 0xc000_2010, Some(0xfee0_9000));
+    super::tests::trapped_access(&mut env, 0xc000_2018, Some(0x41));
+    super::tests::trapped_access(&mut env, 0xc000_2010, Some(0xfee0_9000));
     assert_eq!(env.irq_entries[&(0x0010, 1)], None);
     assert_eq!(env.hv.refused_msis.load(Ordering::SeqCst), 2);
     assert_eq!(env.mmio_read(0xc000_2010, 4), 0xfee0_0000);
@@ -601,7 +591,10 @@ fn the_oss_msix_table_is_trapped_at_enable_and_its_entries_judged_at_unmask() {
     // Beyond the table (its PBA page is not trapped; in the table's page
     // past its 4 entries): the function's.
     env.mmio_write(0xc000_2040, 4, 0x1234);
-    assert_eq!(table_access(&mut env, 0xc000_2040, None).0, 0x1234);
+    assert_eq!(
+        super::tests::trapped_access(&mut env, 0xc000_2040, None).0,
+        0x1234
+    );
 }
 
 #[test]

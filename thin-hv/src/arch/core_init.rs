@@ -589,9 +589,6 @@ fn trap_mediated_functions(
     iopm_pa: u64,
     frames: &mut BumpFrames,
 ) -> Result<(), CoreError> {
-    // SAFETY: only this core's table roots and frames from its own
-    // allocator reach the engine (`IdentityMem::new`'s contract).
-    let mut mem = unsafe { IdentityMem::new() };
     for m in h.pci.mediated() {
         let page = h.pci.page_of(m);
         if page.saturating_add(PAGE) > host_top {
@@ -601,11 +598,7 @@ fn trap_mediated_functions(
             log::error!("PCI: ECAM page {page:#x} lies outside the core's map; refusing to start");
             return Err(CoreError::BAD_HANDOFF);
         }
-        let r = match slat {
-            Slat::Npt(fmt) => Mapper::open(&fmt, &mut mem, slat_root).unmap_page(page, frames),
-            Slat::Ept(fmt) => Mapper::open(&fmt, &mut mem, slat_root).unmap_page(page, frames),
-        };
-        r.map_err(|_| CoreError::OUT_OF_MEMORY)?;
+        unmap_from_os(slat, slat_root, page, frames)?;
     }
     if h.pci.count > 0 {
         // SAFETY: carved from the pool above (12 KiB, zeroed), used by no
@@ -622,6 +615,24 @@ fn trap_mediated_functions(
     Ok(())
 }
 
+/// Takes the 4 KiB `page` out of the OS's second-level tables, so that
+/// every access to it exits.
+fn unmap_from_os(
+    slat: Slat,
+    slat_root: u64,
+    page: u64,
+    frames: &mut BumpFrames,
+) -> Result<(), CoreError> {
+    // SAFETY: only this core's table roots and frames from its own
+    // allocator reach the engine (`IdentityMem::new`'s contract).
+    let mut mem = unsafe { IdentityMem::new() };
+    let r = match slat {
+        Slat::Npt(fmt) => Mapper::open(&fmt, &mut mem, slat_root).unmap_page(page, frames),
+        Slat::Ept(fmt) => Mapper::open(&fmt, &mut mem, slat_root).unmap_page(page, frames),
+    };
+    r.map_err(|_| CoreError::OUT_OF_MEMORY)
+}
+
 /// The I/O APICs whose entries thinhv judges (`handlers::ioapic`): their
 /// register pages out of the OS's second-level tables, so that every
 /// access exits.
@@ -632,19 +643,12 @@ fn trap_io_apics(
     host_top: u64,
     frames: &mut BumpFrames,
 ) -> Result<(), CoreError> {
-    // SAFETY: only this core's table roots and frames from its own
-    // allocator reach the engine (`IdentityMem::new`'s contract).
-    let mut mem = unsafe { IdentityMem::new() };
     for a in h.ioapics() {
         if a.base.saturating_add(PAGE) > host_top {
             // `Handoff::validate` refused this already.
             return Err(CoreError::BAD_HANDOFF);
         }
-        let r = match slat {
-            Slat::Npt(fmt) => Mapper::open(&fmt, &mut mem, slat_root).unmap_page(a.base, frames),
-            Slat::Ept(fmt) => Mapper::open(&fmt, &mut mem, slat_root).unmap_page(a.base, frames),
-        };
-        r.map_err(|_| CoreError::OUT_OF_MEMORY)?;
+        unmap_from_os(slat, slat_root, a.base, frames)?;
         log::info!(
             "I/O APIC {} at {:#x}: the OS's redirection entries judged (its page trapped)",
             a.id,
