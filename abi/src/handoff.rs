@@ -234,6 +234,27 @@ pub struct IoApicInfo {
     pub gsi_base: u32,
     /// Its I/O APIC ID.
     pub id: u32,
+    /// [`IOAPIC_SOURCE_KNOWN`] with the source ID its messages carry
+    /// (VT-d: from the DMAR's I/O APIC device scope) in bits 15:0; 0
+    /// where none is known.
+    pub source: u32,
+    /// Reserved.
+    pub reserved: u32,
+}
+
+/// [`IoApicInfo::source`]: the source ID is known.
+pub const IOAPIC_SOURCE_KNOWN: u32 = 1 << 16;
+
+impl IoApicInfo {
+    /// The source ID its messages carry, where known.
+    #[allow(clippy::cast_possible_truncation)] // the low 16 bits, masked
+    pub const fn source_id(&self) -> Option<u16> {
+        if self.source & IOAPIC_SOURCE_KNOWN != 0 {
+            Some((self.source & 0xffff) as u16)
+        } else {
+            None
+        }
+    }
 }
 
 impl IommuUnit {
@@ -268,8 +289,8 @@ pub struct IommuHandoff {
     /// [`IOMMU_INTERRUPTS_REMAP`] (thinhv remaps interrupt messages where
     /// appliances need it and the unit can) or [`IOMMU_INTERRUPTS_OFF`].
     pub interrupts: u8,
-    /// Reserved.
-    pub reserved: u8,
+    /// [`IOMMU_FLAG_BLOCK_COMPAT`] or 0.
+    pub flags: u8,
     /// Valid `units`.
     pub count: u32,
     /// The units.
@@ -283,6 +304,13 @@ pub struct IommuHandoff {
     pub reserved_ranges: [PhysRange; MAX_IOMMU_RESERVED],
 }
 
+/// [`IommuHandoff::flags`]: every interrupt source the OS has sends
+/// through an entry thinhv writes (its MSI and MSI-X functions, its I/O
+/// APICs; no MSI-capable HPET, no virtual functions it can create), so a
+/// VT-d unit that remaps interrupts may block compatibility-format
+/// messages once the appliances are claimed.
+pub const IOMMU_FLAG_BLOCK_COMPAT: u8 = 1;
+
 /// [`IommuHandoff::interrupts`]: interrupt messages are not remapped
 /// (`[iommu] interrupts = "off"`).
 pub const IOMMU_INTERRUPTS_OFF: u8 = 0;
@@ -292,8 +320,9 @@ pub const IOMMU_INTERRUPTS_REMAP: u8 = 1;
 impl IommuHandoff {
     /// Whether thinhv judges the interrupt messages of the functions it
     /// mediates (`[iommu] interrupts = "remap"`, a unit it protects with):
-    /// on AMD-Vi through remapping tables of its own, on VT-d by writing
-    /// the judged message itself (compatibility format).
+    /// through remapping tables of its own (AMD-Vi; VT-d where the unit
+    /// remaps interrupts), else by writing the judged message itself
+    /// (VT-d, compatibility format).
     pub const fn remaps_interrupts(&self) -> bool {
         self.mode == IOMMU_MODE_PROTECT
             && (self.kind == IOMMU_KIND_AMDVI || self.kind == IOMMU_KIND_VTD)

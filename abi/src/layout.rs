@@ -36,11 +36,22 @@ pub const fn table_pages(top: u64, page_1g: bool) -> u64 {
     1 + pdpts + if page_1g { 0 } else { gibs }
 }
 
+/// Entries of thinhv's VT-d interrupt remapping table (log2): 4096, for
+/// every unit.
+pub const VTD_IRT_ENTRIES_LOG2: u8 = 12;
+/// Pages the VT-d interrupt remapping table occupies (16 bytes an entry).
+pub const VTD_IRT_PAGES: u64 = (16u64 << VTD_IRT_ENTRIES_LOG2) / PAGE;
+
 /// Pages the IOMMU structures need besides their identity table: VT-d root
-/// and context table; AMD-Vi device table for `device_ids` requesters,
+/// and context table, and where interrupts are remapped (`remap`) the
+/// remapping table, an invalidation queue per unit and the page their
+/// waits store to; AMD-Vi device table for `device_ids` requesters,
 /// command buffer, event log and completion-wait page.
-pub const fn iommu_pages(kind: u8, device_ids: u64) -> u64 {
+pub const fn iommu_pages(kind: u8, device_ids: u64, remap: bool) -> u64 {
     match kind {
+        crate::handoff::IOMMU_KIND_VTD if remap => {
+            2 + VTD_IRT_PAGES + crate::handoff::MAX_IOMMUS as u64 + 1
+        }
         crate::handoff::IOMMU_KIND_VTD => 2,
         crate::handoff::IOMMU_KIND_AMDVI => (device_ids * 32).div_ceil(PAGE) + 3,
         _ => 0,
@@ -81,8 +92,15 @@ mod tests {
         assert_eq!(pool_size(1, 0, true, 0) % 4096, 0);
         // AMD-Vi for 16 buses: a 128 KiB device table and three pages.
         assert_eq!(
-            iommu_pages(crate::handoff::IOMMU_KIND_AMDVI, 16 * 256),
+            iommu_pages(crate::handoff::IOMMU_KIND_AMDVI, 16 * 256, true),
             32 + 3
+        );
+        // VT-d: root and context table; with interrupt remapping a 64 KiB
+        // table, a queue for each of up to 8 units and the wait page.
+        assert_eq!(iommu_pages(crate::handoff::IOMMU_KIND_VTD, 0, false), 2);
+        assert_eq!(
+            iommu_pages(crate::handoff::IOMMU_KIND_VTD, 0, true),
+            2 + 16 + 8 + 1
         );
         assert_eq!(
             pool_size(1, 0, true, 35) - pool_size(1, 0, true, 0),

@@ -177,6 +177,44 @@ pub fn vtd(d: &Dmar) -> Result<IommuHandoff, String> {
     Ok(h)
 }
 
+/// Interrupt sources the DMAR names outside PCI: each I/O APIC's source
+/// ID by its I/O APIC ID, and how many MSI-capable HPETs there are.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IrqSources {
+    /// (I/O APIC ID, source ID), from the I/O APIC device scopes whose
+    /// path is one hop (an I/O APIC behind a bridge is left out).
+    pub ioapics: alloc::vec::Vec<(u8, u16)>,
+    /// HPET device scopes: HPETs that can send MSIs.
+    pub hpets: usize,
+}
+
+impl IrqSources {
+    /// The source ID of the I/O APIC with ID `id`.
+    pub fn ioapic(&self, id: u8) -> Option<u16> {
+        self.ioapics
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, sid)| *sid)
+    }
+}
+
+/// The DMAR's I/O APIC and HPET device scopes, over every unit.
+pub fn irq_sources(d: &Dmar) -> IrqSources {
+    use thinhv_passthrough::dmar::{SCOPE_HPET, SCOPE_IOAPIC};
+    let mut out = IrqSources::default();
+    for s in d.drhds.iter().flat_map(|u| u.scopes.iter()) {
+        match (s.kind, s.path.as_slice()) {
+            (SCOPE_IOAPIC, &[(dev, func)]) => out.ioapics.push((
+                s.enumeration_id,
+                u16::from(s.start_bus) << 8 | u16::from(dev & 0x1f) << 3 | u16::from(func & 7),
+            )),
+            (SCOPE_HPET, _) => out.hpets += 1,
+            _ => {}
+        }
+    }
+    out
+}
+
 /// A line describing the units, for the boot console.
 pub fn describe(h: &IommuHandoff) -> String {
     use core::fmt::Write;
@@ -212,6 +250,31 @@ mod tests {
         assert_eq!(h.units[0].base, 0xfed9_0000);
         assert_eq!(h.units[0].size, 4096);
         assert_eq!(describe(&h), "1 VT-d unit(s) at 0xfed90000");
+    }
+
+    #[test]
+    fn the_dmar_names_the_io_apic_source_and_msi_capable_hpets() {
+        use thinhv_passthrough::dmar::{DeviceScope, SCOPE_HPET, SCOPE_IOAPIC};
+        let bytes = include_bytes!("../../passthrough/tests/data/qemu-q35-intel-iommu.dmar");
+        let mut d = thinhv_passthrough::dmar::parse(bytes).unwrap();
+        let s = irq_sources(&d);
+        assert_eq!(s.ioapics, [(0, 0xff00)], "QEMU's I/O APIC: bus 0xff, 00.0");
+        assert_eq!((s.ioapic(0), s.ioapic(1), s.hpets), (Some(0xff00), None, 0));
+        let scope = |kind, id, bus, path: &[(u8, u8)]| DeviceScope {
+            kind,
+            enumeration_id: id,
+            start_bus: bus,
+            path: path.to_vec(),
+        };
+        d.drhds[0].scopes.extend([
+            scope(SCOPE_IOAPIC, 8, 0xf0, &[(0x1f, 7)]),
+            scope(SCOPE_IOAPIC, 9, 0, &[(1, 0), (0, 0)]),
+            scope(SCOPE_HPET, 0, 0, &[(0x1f, 0)]),
+        ]);
+        let s = irq_sources(&d);
+        assert_eq!(s.ioapic(8), Some(0xf0ff));
+        assert_eq!(s.ioapic(9), None, "behind a bridge: not known");
+        assert_eq!(s.hpets, 1);
     }
 
     #[test]

@@ -10,8 +10,16 @@
 //! update when a function appears.
 //!
 //! Invalidation is register-based (context command and IOTLB registers,
-//! global), enough for tables that never change after enabling. Faults are
-//! polled from the fault recording registers (interrupts stay masked).
+//! global), enough for tables that never change after enabling, unless
+//! thinhv remaps interrupts on the unit: the interrupt entry cache can be
+//! invalidated only through the invalidation queue (VT-d §6.5.2), and once
+//! the queue is on the registers must not be used, so every invalidation
+//! then goes through it ([`enable_queued`], [`Queue`]). Interrupt
+//! remapping ([`enable_remapping`]) starts with compatibility-format
+//! messages still passing (the firmware's) and blocks them later
+//! ([`block_compat`]), when every source thinhv knows of sends remappable
+//! ones. Faults are polled from the fault recording registers (interrupts
+//! stay masked).
 #![allow(clippy::cast_possible_truncation)]
 use alloc::vec::Vec;
 
@@ -47,6 +55,14 @@ pub mod reg {
     pub const FSTS: u64 = 0x34;
     /// Fault event control.
     pub const FECTL: u64 = 0x38;
+    /// Invalidation queue head.
+    pub const IQH: u64 = 0x80;
+    /// Invalidation queue tail.
+    pub const IQT: u64 = 0x88;
+    /// Invalidation queue address.
+    pub const IQA: u64 = 0x90;
+    /// Interrupt remapping table address.
+    pub const IRTA: u64 = 0xb8;
 }
 
 /// GCMD/GSTS bits.
@@ -57,6 +73,14 @@ pub mod gcmd {
     pub const SRTP: u32 = 1 << 30;
     /// Write buffer flush / status.
     pub const WBF: u32 = 1 << 27;
+    /// Queued invalidation enable / status.
+    pub const QIE: u32 = 1 << 26;
+    /// Interrupt remapping enable / status.
+    pub const IRE: u32 = 1 << 25;
+    /// Set interrupt remapping table pointer / status.
+    pub const SIRTP: u32 = 1 << 24;
+    /// Compatibility format interrupts pass / status.
+    pub const CFI: u32 = 1 << 23;
     /// The one-shot bits, which must not be echoed back into GCMD.
     pub const ONE_SHOT: u32 = 0x96ff_ffff;
 }
@@ -68,6 +92,9 @@ const IOTLB_IVT_GLOBAL: u64 = (1 << 63) | (1 << 60) | (1 << 49) | (1 << 48);
 /// FSTS: primary fault overflow, primary pending fault.
 const FSTS_PFO: u32 = 1 << 0;
 const FSTS_PPF: u32 = 1 << 1;
+/// FSTS: invalidation queue error, invalidation time-out error.
+const FSTS_IQE: u32 = 1 << 4;
+const FSTS_ITE: u32 = 1 << 6;
 /// FECTL: interrupt mask.
 const FECTL_IM: u32 = 1 << 31;
 
@@ -114,6 +141,18 @@ impl Caps {
     pub fn coherent(&self) -> bool {
         self.ecap & 1 != 0
     }
+    /// Queued invalidation.
+    pub fn queued_invalidation(&self) -> bool {
+        self.ecap & (1 << 1) != 0
+    }
+    /// Interrupt remapping.
+    pub fn interrupt_remapping(&self) -> bool {
+        self.ecap & (1 << 3) != 0
+    }
+    /// Extended interrupt mode (32-bit x2APIC destinations in entries).
+    pub fn extended_interrupt_mode(&self) -> bool {
+        self.ecap & (1 << 4) != 0
+    }
     /// The address width (context-entry AW) thinhv uses: 2 (48-bit,
     /// 4-level) if supported, else 1 (39-bit, 3-level), else none.
     pub fn address_width(&self) -> Option<u8> {
@@ -145,6 +184,9 @@ pub enum VtdError {
     /// Translation was already on (the firmware or an earlier loader left
     /// it enabled).
     AlreadyEnabled,
+    /// The unit stopped the invalidation queue on a descriptor it refused
+    /// (FSTS.IQE) or on a device's time-out (FSTS.ITE).
+    QueueError,
 }
 
 impl VtdError {
@@ -154,6 +196,7 @@ impl VtdError {
             Self::NoUsableAddressWidth => "no 3- or 4-level second-level page tables (CAP.SAGAW)",
             Self::Timeout(what) => what,
             Self::AlreadyEnabled => "translation already enabled by the firmware",
+            Self::QueueError => "the invalidation queue stopped on an error (FSTS.IQE/ITE)",
         }
     }
 }
@@ -233,16 +276,152 @@ pub fn enable(m: &mut impl Mmio, root_table: u64) -> Result<Caps, VtdError> {
     Ok(c)
 }
 
-/// Turns translation off (roll-back before the OS starts).
+/// Turns translation off (roll-back before the OS starts), then interrupt
+/// remapping and the invalidation queue where they are on.
 pub fn disable(m: &mut impl Mmio) -> Result<(), VtdError> {
-    let status = m.read32(reg::GSTS) & gcmd::ONE_SHOT & !gcmd::TE;
+    gcmd_clear(m, gcmd::TE, "translation disable")?;
+    for (bit, what) in [
+        (gcmd::IRE, "interrupt remapping disable"),
+        (gcmd::QIE, "queued invalidation disable"),
+    ] {
+        if m.read32(reg::GSTS) & bit != 0 {
+            gcmd_clear(m, bit, what)?;
+        }
+    }
+    Ok(())
+}
+
+/// The invalidation queue's memory: one page of 256 descriptors, and the
+/// dword the unit's wait descriptors store their token to.
+pub trait QueueMemory {
+    /// Writes descriptor `i` (taken modulo 256).
+    fn write(&mut self, i: usize, d: [u64; 2]);
+    /// The page's physical address.
+    fn base(&self) -> u64;
+    /// The status dword's physical address.
+    fn status_address(&self) -> u64;
+    /// The status dword (the last token the unit stored).
+    fn status(&self) -> u32;
+}
+
+/// Descriptors in the queue this driver submits (128-bit, VT-d §6.5.2).
+pub mod desc {
+    /// Context-cache invalidation, global.
+    pub const CONTEXT_GLOBAL: [u64; 2] = [0x1 | (1 << 4), 0];
+    /// IOTLB invalidation, global, draining reads and writes.
+    pub const IOTLB_GLOBAL: [u64; 2] = [0x2 | (1 << 4) | (1 << 6) | (1 << 7), 0];
+    /// Interrupt entry cache invalidation, every entry.
+    pub const IEC_GLOBAL: [u64; 2] = [0x4, 0];
+    /// Interrupt entry cache invalidation of entry `index` alone.
+    pub const fn iec_index(index: u16) -> [u64; 2] {
+        [0x4 | (1 << 4) | ((index as u64) << 32), 0]
+    }
+    /// Invalidation wait: store `token` at `status` once every descriptor
+    /// before it completed.
+    pub const fn wait(status: u64, token: u32) -> [u64; 2] {
+        [0x5 | (1 << 5) | ((token as u64) << 32), status & !3]
+    }
+}
+
+/// Descriptors the queue holds.
+const QUEUE_ENTRIES: u64 = 256;
+
+/// Submits `descs` and a wait behind them, and waits until the unit stored
+/// the wait's token: every one of them has then completed.
+pub fn queue_run(
+    m: &mut impl Mmio,
+    q: &mut impl QueueMemory,
+    descs: &[[u64; 2]],
+) -> Result<(), VtdError> {
+    let token = q.status().wrapping_add(1).max(1);
+    let mut tail = (m.read64(reg::IQT) >> 4) % QUEUE_ENTRIES;
+    for d in descs
+        .iter()
+        .copied()
+        .chain(core::iter::once(desc::wait(q.status_address(), token)))
+    {
+        q.write(tail as usize, d);
+        tail = (tail + 1) % QUEUE_ENTRIES;
+    }
+    m.write64(reg::IQT, tail << 4);
+    for _ in 0..POLLS {
+        if q.status() == token {
+            return Ok(());
+        }
+        if m.read32(reg::FSTS) & (FSTS_IQE | FSTS_ITE) != 0 {
+            return Err(VtdError::QueueError);
+        }
+        core::hint::spin_loop();
+    }
+    Err(VtdError::Timeout("invalidation wait"))
+}
+
+/// Like [`enable`], with invalidation through the queue `q` (turned on
+/// here; from now on the invalidation registers are not used).
+pub fn enable_queued(
+    m: &mut impl Mmio,
+    root_table: u64,
+    q: &mut impl QueueMemory,
+) -> Result<Caps, VtdError> {
+    let c = caps(m);
+    c.address_width().ok_or(VtdError::NoUsableAddressWidth)?;
+    if m.read32(reg::GSTS) & gcmd::TE != 0 {
+        return Err(VtdError::AlreadyEnabled);
+    }
+    m.write32(reg::FECTL, FECTL_IM);
+    m.write64(reg::RTADDR, root_table & !0xfff);
+    gcmd_set(m, gcmd::SRTP, "set root table pointer")?;
+    if c.rwbf() {
+        gcmd_set_oneshot(m, gcmd::WBF)?;
+    }
+    // The queue starts empty: tail 0, one page of 128-bit descriptors.
+    m.write64(reg::IQT, 0);
+    m.write64(reg::IQA, q.base() & !0xfff);
+    gcmd_set(m, gcmd::QIE, "queued invalidation enable")?;
+    queue_run(m, q, &[desc::CONTEXT_GLOBAL, desc::IOTLB_GLOBAL])?;
+    gcmd_set(m, gcmd::TE, "translation enable")?;
+    Ok(c)
+}
+
+/// Turns interrupt remapping on through `table` (2^`entries_log2`
+/// entries; 32-bit destinations where `x2apic`), with
+/// compatibility-format messages still passing until [`block_compat`].
+/// The queue must be on ([`enable_queued`]).
+pub fn enable_remapping(
+    m: &mut impl Mmio,
+    q: &mut impl QueueMemory,
+    table: u64,
+    entries_log2: u8,
+    x2apic: bool,
+) -> Result<(), VtdError> {
+    m.write64(
+        reg::IRTA,
+        crate::irq_remap::vtd::irta(table, entries_log2, x2apic),
+    );
+    gcmd_set(m, gcmd::SIRTP, "set interrupt remapping table pointer")?;
+    queue_run(m, q, &[desc::IEC_GLOBAL])?;
+    gcmd_set(m, gcmd::CFI, "compatibility format interrupts")?;
+    gcmd_set(m, gcmd::IRE, "interrupt remapping enable")
+}
+
+/// Blocks compatibility-format messages: from now on only a message that
+/// names a present entry of the table, from the source the entry names,
+/// is delivered.
+pub fn block_compat(m: &mut impl Mmio, q: &mut impl QueueMemory) -> Result<(), VtdError> {
+    gcmd_clear(m, gcmd::CFI, "compatibility format interrupts blocked")?;
+    queue_run(m, q, &[desc::IEC_GLOBAL])
+}
+
+/// Writes GCMD without `bit` and waits for its status to clear.
+fn gcmd_clear(m: &mut impl Mmio, bit: u32, what: &'static str) -> Result<(), VtdError> {
+    let status = m.read32(reg::GSTS) & gcmd::ONE_SHOT & !bit;
     m.write32(reg::GCMD, status);
     for _ in 0..POLLS {
-        if m.read32(reg::GSTS) & gcmd::TE == 0 {
+        if m.read32(reg::GSTS) & bit == 0 {
             return Ok(());
         }
     }
-    Err(VtdError::Timeout("translation disable"))
+    Err(VtdError::Timeout(what))
 }
 
 /// One recorded fault.
@@ -256,6 +435,9 @@ pub struct Fault {
     pub address: u64,
     /// A write (else a read).
     pub write: bool,
+    /// An interrupt message refused by remapping (reasons 0x20 to 0x27):
+    /// the entry it named (`address` is then 0).
+    pub interrupt_index: Option<u16>,
 }
 
 /// Collects and clears every recorded fault; the second value says
@@ -273,12 +455,17 @@ pub fn take_faults(m: &mut impl Mmio, c: &Caps) -> (Vec<Fault>, bool) {
             continue;
         }
         let lo = m.read64(off);
+        let reason = ((hi >> 32) & 0xff) as u8;
+        // An interrupt request's record holds the entry it named in bits
+        // 63:48 where a DMA's holds the page (VT-d §11.4.14).
+        let interrupt = (0x20..=0x27).contains(&reason);
         out.push(Fault {
             source: (hi & 0xffff) as u16,
-            reason: ((hi >> 32) & 0xff) as u8,
-            address: lo & !0xfff,
+            reason,
+            address: if interrupt { 0 } else { lo & !0xfff },
             // T bit (62): 1 = read, 0 = write (VT-d §11.4.14).
             write: hi & (1 << 62) == 0,
+            interrupt_index: interrupt.then_some((lo >> 48) as u16),
         });
         // F is write-1-to-clear, in the top dword.
         m.write32(off + 12, 1 << 31);
@@ -307,7 +494,9 @@ pub const fn context_entry(sl_root: u64, aw: u8, domain: u16) -> [u64; 2] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use core::cell::RefCell;
     use std::collections::BTreeMap;
+    use std::rc::Rc;
 
     /// A register model of one unit: commands take effect in GSTS,
     /// invalidations complete at once, faults can be injected.
@@ -317,6 +506,43 @@ mod tests {
         ecap: u64,
         log: Vec<&'static str>,
         stuck: bool,
+        /// The invalidation queue's memory, shared with the test's
+        /// [`FakeQueue`]; a tail write runs what lies between head and
+        /// tail.
+        queue: Option<Rc<RefCell<FakeQueue>>>,
+        /// Descriptors of a type this unit refuses (FSTS.IQE).
+        refuse: Option<u64>,
+    }
+
+    /// Queue memory: 256 descriptors and the status dword.
+    struct FakeQueue {
+        descs: Vec<[u64; 2]>,
+        status: u32,
+    }
+
+    #[derive(Clone)]
+    struct SharedQueue(Rc<RefCell<FakeQueue>>);
+
+    impl QueueMemory for SharedQueue {
+        fn write(&mut self, i: usize, d: [u64; 2]) {
+            self.0.borrow_mut().descs[i % 256] = d;
+        }
+        fn base(&self) -> u64 {
+            0x7000
+        }
+        fn status_address(&self) -> u64 {
+            0x8000
+        }
+        fn status(&self) -> u32 {
+            self.0.borrow().status
+        }
+    }
+
+    fn queue() -> SharedQueue {
+        SharedQueue(Rc::new(RefCell::new(FakeQueue {
+            descs: alloc::vec![[0; 2]; 256],
+            status: 0,
+        })))
     }
 
     impl FakeUnit {
@@ -331,7 +557,50 @@ mod tests {
                 ecap,
                 log: Vec::new(),
                 stuck: false,
+                queue: None,
+                refuse: None,
             }
+        }
+        /// With queued invalidation and interrupt remapping, its queue
+        /// memory `q`.
+        fn with_queue(q: &SharedQueue) -> Self {
+            let mut u = Self::new();
+            u.ecap |= (1 << 1) | (1 << 3);
+            u.queue = Some(q.0.clone());
+            u
+        }
+        /// Runs the descriptors from head to `tail`.
+        fn run_queue(&mut self, tail: u64) {
+            let Some(q) = self.queue.clone() else {
+                return;
+            };
+            if self.gsts() & gcmd::QIE == 0 {
+                assert_eq!(tail, 0, "descriptors queued with the queue off");
+                return;
+            }
+            let mut head = self.regs.get(&reg::IQH).copied().unwrap_or(0) >> 4;
+            while head != tail >> 4 {
+                let d = q.borrow().descs[head as usize];
+                if Some(d[0] & 0xf) == self.refuse {
+                    let f = self.regs.get(&reg::FSTS).copied().unwrap_or(0);
+                    self.regs.insert(reg::FSTS, f | u64::from(FSTS_IQE));
+                    break;
+                }
+                self.log.push(match d[0] & 0xf {
+                    1 => "q:context",
+                    2 => "q:iotlb",
+                    4 if d[0] & (1 << 4) == 0 => "q:iec",
+                    4 => "q:iec-index",
+                    5 => {
+                        assert_eq!(d[1], 0x8000, "status address");
+                        q.borrow_mut().status = (d[0] >> 32) as u32;
+                        "q:wait"
+                    }
+                    _ => "q:?",
+                });
+                head = (head + 1) % 256;
+            }
+            self.regs.insert(reg::IQH, head << 4);
         }
         fn gsts(&self) -> u32 {
             self.regs.get(&reg::GSTS).copied().unwrap_or(0) as u32
@@ -363,20 +632,46 @@ mod tests {
         fn write32(&mut self, offset: u64, value: u32) {
             match offset {
                 reg::GCMD => {
-                    assert_eq!(
-                        value & !gcmd::ONE_SHOT & !(gcmd::TE | gcmd::SRTP | gcmd::WBF),
-                        0
+                    let one_shot = gcmd::SRTP | gcmd::WBF | gcmd::SIRTP;
+                    assert_eq!(value & !gcmd::ONE_SHOT & !one_shot, 0);
+                    assert!(
+                        (value & one_shot).count_ones() <= 1,
+                        "one command at a time"
                     );
                     let mut s = self.gsts();
+                    let toggles = (value ^ s) & (gcmd::QIE | gcmd::IRE | gcmd::CFI | gcmd::TE);
+                    assert!(toggles.count_ones() <= 1, "one command at a time");
                     if value & gcmd::SRTP != 0 {
                         self.log.push("srtp");
                         s |= gcmd::SRTP;
+                    }
+                    if value & gcmd::SIRTP != 0 {
+                        self.log.push("sirtp");
+                        s |= gcmd::SIRTP;
+                    }
+                    for (bit, on, off) in [
+                        (gcmd::QIE, "qie", "qie-off"),
+                        (gcmd::IRE, "ire", "ire-off"),
+                        (gcmd::CFI, "cfi", "cfi-off"),
+                    ] {
+                        if value & bit != 0 && s & bit == 0 {
+                            self.log.push(on);
+                            s |= bit;
+                            if bit == gcmd::QIE {
+                                self.regs.insert(reg::IQH, 0);
+                            }
+                        } else if value & bit == 0 && s & bit != 0 {
+                            self.log.push(off);
+                            s &= !bit;
+                        }
                     }
                     if value & gcmd::WBF != 0 {
                         self.log.push("wbf");
                     }
                     if value & gcmd::TE != 0 && !self.stuck {
-                        self.log.push("te");
+                        if s & gcmd::TE == 0 {
+                            self.log.push("te");
+                        }
                         s |= gcmd::TE;
                     } else if value & gcmd::TE == 0 {
                         s &= !gcmd::TE;
@@ -402,8 +697,26 @@ mod tests {
         }
         fn write64(&mut self, offset: u64, value: u64) {
             match offset {
-                reg::CCMD => self.log.push("ccmd"),
-                0x208 => self.log.push("iotlb"),
+                reg::CCMD => {
+                    assert_eq!(
+                        self.gsts() & gcmd::QIE,
+                        0,
+                        "register invalidation with the queue on"
+                    );
+                    self.log.push("ccmd");
+                }
+                0x208 => {
+                    assert_eq!(
+                        self.gsts() & gcmd::QIE,
+                        0,
+                        "register invalidation with the queue on"
+                    );
+                    self.log.push("iotlb");
+                }
+                reg::IQT => {
+                    self.regs.insert(offset, value);
+                    self.run_queue(value);
+                }
                 _ => {
                     self.regs.insert(offset, value);
                 }
@@ -446,6 +759,69 @@ mod tests {
     }
 
     #[test]
+    fn with_the_queue_every_invalidation_goes_through_it() {
+        let mut q = queue();
+        let mut u = FakeUnit::with_queue(&q);
+        let c = enable_queued(&mut u, 0x1234_5000, &mut q).unwrap();
+        assert!(c.queued_invalidation() && c.interrupt_remapping());
+        assert_eq!(u.regs[&reg::IQA], 0x7000, "one page, 128-bit descriptors");
+        assert_eq!(
+            u.log,
+            ["srtp", "wbf", "qie", "q:context", "q:iotlb", "q:wait", "te"],
+            "no register invalidation once the queue is on"
+        );
+        assert_eq!(q.status(), 1);
+        // Each run waits for a token of its own.
+        queue_run(&mut u, &mut q, &[desc::iec_index(7)]).unwrap();
+        assert_eq!(q.status(), 2);
+        assert_eq!(u.log[7..], ["q:iec-index", "q:wait"]);
+        assert_eq!(q.0.borrow().descs[3], [0x4 | 1 << 4 | 7 << 32, 0]);
+    }
+
+    #[test]
+    fn remapping_starts_with_compatibility_format_passing_then_blocks_it() {
+        let mut q = queue();
+        let mut u = FakeUnit::with_queue(&q);
+        enable_queued(&mut u, 0x1000, &mut q).unwrap();
+        u.log.clear();
+        enable_remapping(&mut u, &mut q, 0x20_0000, 12, false).unwrap();
+        assert_eq!(u.regs[&reg::IRTA], 0x20_0000 | 0xb, "4096 entries, xAPIC");
+        assert_eq!(u.log, ["sirtp", "q:iec", "q:wait", "cfi", "ire"]);
+        let on = gcmd::TE | gcmd::QIE | gcmd::IRE | gcmd::CFI;
+        assert_eq!(u.gsts() & on, on);
+        u.log.clear();
+        block_compat(&mut u, &mut q).unwrap();
+        assert_eq!(u.log, ["cfi-off", "q:iec", "q:wait"]);
+        assert_eq!(u.gsts() & on, on & !gcmd::CFI, "the rest stays on");
+        // The roll-back turns everything off, translation first.
+        u.log.clear();
+        disable(&mut u).unwrap();
+        assert_eq!(u.log, ["ire-off", "qie-off"]);
+        assert_eq!(u.gsts() & on, 0);
+    }
+
+    #[test]
+    fn a_descriptor_the_unit_refuses_is_an_error_not_a_hang() {
+        let mut q = queue();
+        let mut u = FakeUnit::with_queue(&q);
+        u.refuse = Some(2);
+        assert_eq!(
+            enable_queued(&mut u, 0x1000, &mut q),
+            Err(VtdError::QueueError)
+        );
+        assert_eq!(u.gsts() & gcmd::TE, 0, "translation never turned on");
+        // A unit that never stores the token times out.
+        let mut q = queue();
+        let mut u = FakeUnit::with_queue(&q);
+        enable_queued(&mut u, 0x1000, &mut q).unwrap();
+        u.queue = None;
+        assert_eq!(
+            queue_run(&mut u, &mut q, &[desc::IEC_GLOBAL]),
+            Err(VtdError::Timeout("invalidation wait"))
+        );
+    }
+
+    #[test]
     fn a_unit_that_does_not_acknowledge_times_out() {
         let mut u = FakeUnit::new();
         u.stuck = true;
@@ -469,8 +845,18 @@ mod tests {
                 source: 0x0100,
                 reason: 6,
                 address: 0x3dbf_8000,
-                write: true
+                write: true,
+                interrupt_index: None,
             }]
+        );
+        // A refused interrupt message: the entry it named, not a page.
+        u.fault(0, 0x0008, 0x0025 << 48, true);
+        let r = u.regs[&0x228];
+        u.regs.insert(0x228, (r & !(0xff << 32)) | (0x22 << 32));
+        let (f, _) = take_faults(&mut u, &c);
+        assert_eq!(
+            (f[0].reason, f[0].address, f[0].interrupt_index),
+            (0x22, 0, Some(0x25))
         );
         // Cleared: nothing the second time.
         assert_eq!(take_faults(&mut u, &c).0.len(), 0);

@@ -126,6 +126,10 @@ pub trait Env {
     ) -> Result<(u64, u32), thinhv_passthrough::irq_remap::Refusal> {
         Err(thinhv_passthrough::irq_remap::Refusal::Malformed)
     }
+    /// The appliances are claimed and every entry thinhv judges is
+    /// written: where the IOMMU allows it, messages that name no entry
+    /// (compatibility format) are blocked from now on.
+    fn block_compat_interrupts(&mut self) {}
     /// The appliance partitions changed state: their records on the
     /// status page are written again.
     fn publish_appliances(&self) {}

@@ -341,7 +341,7 @@ impl Hv {
             ioapics: spin::Mutex::new(
                 h.ioapics()
                     .iter()
-                    .map(|a| crate::handlers::ioapic::IoApicGuard::new(a.base))
+                    .map(|a| crate::handlers::ioapic::IoApicGuard::new(a.base, a.source_id()))
                     .collect(),
             ),
             ioapic_hw: AtomicBool::new(false),

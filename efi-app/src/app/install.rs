@@ -376,16 +376,17 @@ pub fn install(config: &Config) -> Result<String, String> {
     // With appliances on an AMD-Vi unit, the OS's functions' messages are
     // remapped too (their address and data judged against the OS's
     // processors): none can reach an appliance's processor.
+    let mut os_irq_left = None;
     if iommu.remaps_interrupts() && !appliances.list.is_empty() {
         // An MSI-X table beyond the core's own map is mapped by the core
         // when the OS enables MSI-X; only one beyond the physical address
         // width cannot be.
-        remap_os_msi(
+        os_irq_left = Some(remap_os_msi(
             &mut pci,
             &inventory.functions,
             &regions,
             1u64 << caps.phys_addr_bits.min(52),
-        );
+        ));
     }
     // The appliance's functions leave the firmware's hands quiet and
     // reset: their firmware drivers stopped (else they would drive the
@@ -476,6 +477,7 @@ pub fn install(config: &Config) -> Result<String, String> {
             0
         },
         u64::from(iommu.device_ids),
+        iommu.remaps_interrupts() && !appliances.list.is_empty(),
     );
     let p = plan::plan(
         layout.span,
@@ -614,7 +616,11 @@ pub fn install(config: &Config) -> Result<String, String> {
     h.features = caps.features;
     h.phys_top = mem.top;
     if !appliances.list.is_empty() {
-        judge_io_apics(&mut h);
+        let sources = super::iommu::interrupt_sources();
+        let unjudged = judge_io_apics(&mut h, sources.as_ref());
+        if let Some((functions, vf_pfs)) = os_irq_left {
+            block_compat_if_all_remapped(&mut h, functions, vf_pfs, unjudged, sources.as_ref());
+        }
     }
     h.phys_addr_bits = caps.phys_addr_bits;
     h.config.log_level = config.hypervisor.log_level.as_u8();
@@ -928,15 +934,28 @@ fn present_nvme_vf(
 /// reason (a PF whose VFs the OS shares, an NVMe VF in its PF's place)
 /// is not remapped (said), nor one whose MSI-X table lies at or beyond
 /// `limit` (the physical address width), where no one can reach it.
+/// Returns how many of the OS's interrupt sources stay outside thinhv's
+/// entries: functions not remapped, and SR-IOV PFs on which the OS can
+/// create virtual functions (their tables are not trapped).
 fn remap_os_msi(
     pci: &mut thinhv_abi::handoff::PciHandoff,
     functions: &[thinhv_passthrough::pci::Function],
     regions: &[thinhv_passthrough::pci::EcamRegion],
     limit: u64,
-) {
+) -> (usize, usize) {
     use thinhv_passthrough::pci::{CAP_ID_MSI, CAP_ID_MSIX};
     let mut names = String::new();
-    let (mut n, mut other, mut over) = (0, 0, 0);
+    let (mut n, mut other, mut over, mut beyond) = (0, 0, 0, 0);
+    let vf_pfs = functions
+        .iter()
+        .filter(|f| f.sriov.is_some() && !pci.is_blocked(f.bdf.rid()))
+        .filter(|f| {
+            pci.find(f.bdf.bus, f.bdf.devfn()).is_none_or(|m| {
+                !(m.action == thinhv_abi::handoff::PCI_ACTION_HIDE
+                    || m.action == thinhv_abi::handoff::PCI_ACTION_VF_BUDGET && m.os_vfs == 0)
+            })
+        })
+        .count();
     for f in functions {
         let rid = f.bdf.rid();
         let signals = f
@@ -959,6 +978,7 @@ fn remap_os_msi(
                     f.bdf,
                     at.map_or_else(|| String::from("in no memory BAR"), |a| format!("{a:#x}"))
                 );
+                beyond += 1;
                 continue;
             }
         }
@@ -993,6 +1013,7 @@ fn remap_os_msi(
             "thinhv: warning: interrupts: {over} function(s) of the OS's not remapped (too many mediated functions)"
         );
     }
+    (other + over + beyond, vf_pfs)
 }
 
 /// The bridges above `bdf` (an NVMe PF thinhv keeps) stay the OS's, but
@@ -1043,12 +1064,16 @@ fn guard_bridges_above(
 /// (`[iommu] interrupts = "remap"`, whatever the IOMMU): thinhv traps
 /// their register pages, so that no entry the OS writes sends an
 /// interrupt, NMI, INIT or SMI to an appliance's processor.
-fn judge_io_apics(h: &mut Handoff) {
+///
+/// On VT-d, each gets the source ID the DMAR names for it, so that its
+/// entries can go through the unit's remapping table. Returns how many
+/// I/O APICs are not judged or have no known source ID.
+fn judge_io_apics(h: &mut Handoff, sources: Option<&thinhv_efi::iommu_plan::IrqSources>) -> usize {
     if h.iommu.interrupts != thinhv_abi::handoff::IOMMU_INTERRUPTS_REMAP {
         println!(
             "thinhv: warning: interrupts: [iommu] interrupts = \"off\": the OS's I/O APIC entries are not judged; a hostile OS can aim them at an appliance's processors"
         );
-        return;
+        return 0;
     }
     let list = match super::appliances::io_apics() {
         Ok(l) => l,
@@ -1056,9 +1081,10 @@ fn judge_io_apics(h: &mut Handoff) {
             println!(
                 "thinhv: warning: interrupts: cannot read the I/O APICs from the MADT ({e}); their entries are not judged"
             );
-            return;
+            return 1;
         }
     };
+    let mut left = 0;
     let top = thinhv_abi::handoff::identity_map_top(h.phys_top);
     for a in list {
         let base = u64::from(a.address);
@@ -1067,6 +1093,7 @@ fn judge_io_apics(h: &mut Handoff) {
                 "thinhv: warning: interrupts: I/O APIC {} at {base:#x} cannot be trapped (not a page of its own in thinhv's map); its entries are not judged",
                 a.id
             );
+            left += 1;
             continue;
         }
         let Some(slot) = h.ioapics.get_mut(h.ioapic_count as usize) else {
@@ -1074,17 +1101,84 @@ fn judge_io_apics(h: &mut Handoff) {
                 "thinhv: warning: interrupts: I/O APIC {} at {base:#x}: more I/O APICs than thinhv judges; its entries are not judged",
                 a.id
             );
+            left += 1;
             continue;
         };
+        let sid = sources.and_then(|s| s.ioapic(a.id));
         *slot = thinhv_abi::handoff::IoApicInfo {
             base,
             gsi_base: a.gsi_base,
             id: u32::from(a.id),
+            source: sid.map_or(0, |s| {
+                thinhv_abi::handoff::IOAPIC_SOURCE_KNOWN | u32::from(s)
+            }),
+            reserved: 0,
         };
         h.ioapic_count += 1;
+        if sources.is_some() && sid.is_none() {
+            left += 1;
+        }
         println!(
-            "thinhv: interrupts: I/O APIC {} at {base:#x} (GSI {}+): its entries judged",
-            a.id, a.gsi_base
+            "thinhv: interrupts: I/O APIC {} at {base:#x} (GSI {}+): its entries judged{}",
+            a.id,
+            a.gsi_base,
+            sid.map_or_else(String::new, |s| format!(
+                " (source {:02x}:{:02x}.{} in the DMAR)",
+                s >> 8,
+                (s >> 3) & 0x1f,
+                s & 7
+            ))
+        );
+    }
+    left
+}
+
+/// VT-d: whether the unit may block compatibility-format messages once
+/// the appliances are claimed (`IOMMU_FLAG_BLOCK_COMPAT`): only where every
+/// interrupt source of the OS's sends through an entry thinhv writes.
+/// Without it, a device's own DMA to the interrupt window still passes as
+/// written; the warning names why.
+fn block_compat_if_all_remapped(
+    h: &mut Handoff,
+    functions: usize,
+    vf_pfs: usize,
+    ioapics: usize,
+    sources: Option<&thinhv_efi::iommu_plan::IrqSources>,
+) {
+    if h.iommu.kind != thinhv_abi::handoff::IOMMU_KIND_VTD {
+        return;
+    }
+    let mut why = Vec::new();
+    if functions > 0 {
+        why.push(format!("{functions} function(s) of the OS's not remapped"));
+    }
+    if vf_pfs > 0 {
+        why.push(format!(
+            "{vf_pfs} SR-IOV PF(s) on which the OS can create virtual functions"
+        ));
+    }
+    if ioapics > 0 {
+        why.push(format!(
+            "{ioapics} I/O APIC(s) not judged or without a source ID in the DMAR"
+        ));
+    }
+    match sources {
+        None => why.push(String::from("no DMAR to name the I/O APICs' source IDs")),
+        Some(s) if s.hpets > 0 => why.push(format!(
+            "{} MSI-capable HPET(s) in the DMAR, whose messages thinhv does not write",
+            s.hpets
+        )),
+        Some(_) => {}
+    }
+    if why.is_empty() {
+        h.iommu.flags |= thinhv_abi::handoff::IOMMU_FLAG_BLOCK_COMPAT;
+        println!(
+            "thinhv: interrupts: every interrupt source of the OS's goes through thinhv's entries: compatibility-format messages blocked once the appliances start (where the VT-d unit remaps interrupts)"
+        );
+    } else {
+        println!(
+            "thinhv: warning: interrupts: compatibility-format messages stay allowed on VT-d ({}): a device's own DMA to the interrupt window is not stopped",
+            why.join("; ")
         );
     }
 }

@@ -104,6 +104,15 @@ pub fn prepare(config: &Config, max_bus: u8, max_apic_id: u32) -> IommuHandoff {
     }
 }
 
+/// The DMAR's I/O APIC and HPET device scopes (`None` without a DMAR, or
+/// one that does not parse).
+pub fn interrupt_sources() -> Option<thinhv_efi::iommu_plan::IrqSources> {
+    let tables = tables().ok()?;
+    let dmar = table::<RawDmar>(&tables)?;
+    let d = thinhv_passthrough::dmar::parse(&dmar).ok()?;
+    Some(thinhv_efi::iommu_plan::irq_sources(&d))
+}
+
 /// After seal: report, and hide the table if every unit translates.
 pub fn after_seal(h: &IommuHandoff, on: u64, total: u64) {
     if h.mode != IOMMU_MODE_PROTECT || total == 0 {

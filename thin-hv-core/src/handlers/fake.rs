@@ -179,6 +179,11 @@ pub struct FakeEnv {
     /// message names its slot in data.
     pub remapped: Vec<u16>,
     pub irq_entries: HashMap<(u16, u16), Option<thinhv_passthrough::irq_remap::Target>>,
+    /// VT-d style instead: the message names entry slot + 1 in remappable
+    /// format (entry 0, never present, for a refused one).
+    pub vtd_format: bool,
+    /// `block_compat_interrupts` calls.
+    pub compat_blocks: u32,
 }
 
 /// Where the fake I/O APIC's registers are.
@@ -244,6 +249,8 @@ impl FakeEnv {
             tsc: std::cell::Cell::new(0),
             remapped: Vec::new(),
             irq_entries: HashMap::new(),
+            vtd_format: false,
+            compat_blocks: 0,
         }
     }
 
@@ -534,7 +541,14 @@ impl Env for FakeEnv {
             return Err(thinhv_passthrough::irq_remap::Refusal::Malformed);
         }
         self.irq_entries.insert((rid, slot), target);
+        if self.vtd_format {
+            let handle = if target.is_some() { slot + 1 } else { 0 };
+            return Ok(thinhv_passthrough::irq_remap::vtd::msi(handle));
+        }
         Ok(thinhv_passthrough::irq_remap::amdvi::msi(slot))
+    }
+    fn block_compat_interrupts(&mut self) {
+        self.compat_blocks += 1;
     }
     fn legacy_config_access(
         &mut self,

@@ -66,6 +66,10 @@ const OS_POLICY: Policy = Policy {
 pub struct IoApicGuard {
     /// Its register page.
     pub base: u64,
+    /// The source ID its messages carry, where known (VT-d: from the
+    /// DMAR): its entries then go through the IOMMU's remapping table
+    /// where the IOMMU remaps it.
+    pub source: Option<u16>,
     /// IOREGSEL as the OS wrote it.
     select: u32,
     /// The entries as the OS wrote them (empty until the claim or the
@@ -76,10 +80,11 @@ pub struct IoApicGuard {
 }
 
 impl IoApicGuard {
-    /// The I/O APIC whose registers are at `base`.
-    pub fn new(base: u64) -> Self {
+    /// The I/O APIC whose registers are at `base`, sending as `source`.
+    pub fn new(base: u64, source: Option<u16>) -> Self {
         Self {
             base,
+            source,
             ..Self::default()
         }
     }
@@ -268,7 +273,13 @@ fn rte_of(select: u32, pins: u32) -> Option<(u32, bool)> {
 /// with the low one masked, so the entry is never live with half of
 /// another.
 fn program(env: &mut impl Env, at: usize, base: u64, pin: u32, note: bool) {
-    let rte = env.hv().ioapics.lock()[at].shadow[pin as usize];
+    let (rte, source) = {
+        let list = env.hv().ioapics.lock();
+        (list[at].shadow[pin as usize], list[at].source)
+    };
+    // Where the IOMMU remaps this I/O APIC's messages, an entry of its
+    // table holds the judged target and the I/O APIC names the entry.
+    let remapped = source.filter(|&s| env.remaps_interrupts(s));
     let hw = if rte & ioapic::MASK != 0 {
         ioapic::refused(rte)
     } else {
@@ -278,7 +289,10 @@ fn program(env: &mut impl Env, at: usize, base: u64, pin: u32, note: bool) {
         };
         let judged = irq_remap::decode_ioapic(rte)
             .and_then(|r| irq_remap::judge(&r, &cores, OS_POLICY))
-            .and_then(|t| ioapic::physical(rte, &t).ok_or(irq_remap::Refusal::Foreign));
+            .and_then(|t| match remapped {
+                Some(sid) => remapped_rte(env, sid, pin, rte, t),
+                None => ioapic::physical(rte, &t).ok_or(irq_remap::Refusal::Foreign),
+            });
         match judged {
             Ok(v) => {
                 env.hv().ioapics.lock()[at].refused[pin as usize] = None;
@@ -287,6 +301,10 @@ fn program(env: &mut impl Env, at: usize, base: u64, pin: u32, note: bool) {
             Err(why) => {
                 if note {
                     note_refusal(env, at, pin, rte, why.describe());
+                }
+                if let Some(sid) = remapped {
+                    // Its entry, if it had one, is no longer present.
+                    let _ = env.remap_interrupt(sid, pin as u16, None);
                 }
                 ioapic::refused(rte)
             }
@@ -302,6 +320,29 @@ fn program(env: &mut impl Env, at: usize, base: u64, pin: u32, note: bool) {
     hw_write(env, base, index, (hw as u32) | ioapic::MASK as u32);
     hw_write(env, base, index + 1, (hw >> 32) as u32);
     hw_write(env, base, index, hw as u32);
+}
+
+/// The hardware's entry for `pin` of the I/O APIC sending as `sid`,
+/// whose entry in the IOMMU's table now delivers `t`: in remappable
+/// format (VT-d) naming that entry, or as judged where the IOMMU gave a
+/// message in compatibility format.
+fn remapped_rte(
+    env: &mut impl Env,
+    sid: u16,
+    pin: u32,
+    rte: u64,
+    t: irq_remap::Target,
+) -> Result<u64, irq_remap::Refusal> {
+    let (addr, data) = env.remap_interrupt(sid, pin as u16, Some(t))?;
+    match irq_remap::vtd::handle_of(addr, data) {
+        Some(handle) => Ok(irq_remap::vtd::ioapic_rte(
+            handle,
+            &t,
+            rte & ioapic::ACTIVE_LOW != 0,
+            false,
+        )),
+        None => ioapic::physical(rte, &t).ok_or(irq_remap::Refusal::Foreign),
+    }
 }
 
 /// Counts and logs (rate-limited) a refused entry, once however often the

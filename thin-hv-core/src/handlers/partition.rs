@@ -62,6 +62,7 @@ pub fn claim_cpus(env: &mut impl Env) -> u64 {
     // The OS's I/O APIC entries, the firmware's included, judged before
     // any appliance runs.
     super::ioapic::load_all(env);
+    env.block_compat_interrupts();
     env.publish_appliances();
     claimed
 }

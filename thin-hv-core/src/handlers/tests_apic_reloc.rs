@@ -307,7 +307,7 @@ fn pages_thinhv_cannot_emulate_are_refused_with_nothing_changed() {
     env.hv
         .ioapics
         .lock()
-        .push(super::ioapic::IoApicGuard::new(FAKE_IOAPIC));
+        .push(super::ioapic::IoApicGuard::new(FAKE_IOAPIC, None));
     let (gp, _) = set_base(&mut env, 0, FAKE_IOAPIC | FLAGS);
     assert!(gp);
     assert_eq!(vbase(&env, 0), APIC);

@@ -22,7 +22,10 @@ fn machine() -> FakeEnv {
         regs.insert(0x14, 0x0000_0400);
         regs.insert(0x15, 0x0200_0000);
     }
-    env.hv.ioapics.lock().push(IoApicGuard::new(FAKE_IOAPIC));
+    env.hv
+        .ioapics
+        .lock()
+        .push(IoApicGuard::new(FAKE_IOAPIC, None));
     // The OS's kernel's flat logical IDs: CPU 0 bit 0, CPU 1 bit 1.
     for i in 0..2 {
         let c = &env.hv.cpus()[i];
@@ -159,4 +162,38 @@ fn the_claim_judges_the_firmwares_entries_and_stray_stores_reach_nothing() {
     access(&mut env, FAKE_IOAPIC, Some(0x00));
     access(&mut env, FAKE_IOAPIC + 0x10, Some(0x0200_0000));
     assert_eq!(env.ioapic_regs.borrow()[&0x00], 0x0200_0000);
+}
+
+#[test]
+fn where_the_iommu_remaps_the_io_apic_its_entries_name_a_remapping_entry() {
+    use thinhv_passthrough::irq_remap::{Delivery, vtd};
+    let mut env = machine();
+    env.hv.ioapics.lock()[0].source = Some(0xff00);
+    env.remapped.push(0xff00);
+    env.vtd_format = true;
+    // The firmware's live NMI at the appliance: refused at the first
+    // access, and its entry (none yet) left not present.
+    access(&mut env, FAKE_IOAPIC, Some(0x01));
+    assert_eq!(env.irq_entries.get(&(0xff00, 2)), Some(&None));
+    assert_ne!(hardware(&env, 2) & (1 << 16), 0, "masked");
+    // Linux's entry for pin 9: level, active low, vector 0x31, logical
+    // lowest priority to both of the OS's processors.
+    let linux = 0x0300_0000_0000_a931u64;
+    write_entry(&mut env, 9, linux);
+    let t = env.irq_entries[&(0xff00, 9)].expect("an entry for pin 9");
+    assert!(t.apic_id < 2, "one of the OS's processors");
+    assert_eq!((t.vector, t.level), (0x31, true));
+    assert!(matches!(t.delivery, Delivery::Fixed | Delivery::Lowest));
+    // In the hardware: remappable format naming entry 10 (the fake's slot
+    // + 1), vector and trigger kept for the EOI, polarity kept, unmasked.
+    let hw = hardware(&env, 9);
+    assert_eq!(hw, vtd::ioapic_rte(10, &t, true, false));
+    assert_ne!(hw & (1 << 48), 0, "remappable format");
+    assert_eq!(hw & 0xff, 0x31);
+    assert_eq!(read_entry(&mut env, 9), linux, "reads back as written");
+    // Rewritten as an NMI at the appliance's APIC ID 2: masked, and the
+    // remapping entry no longer present.
+    write_entry(&mut env, 9, 0x0200_0000_0000_0400);
+    assert_eq!(env.irq_entries[&(0xff00, 9)], None);
+    assert_ne!(hardware(&env, 9) & (1 << 16), 0, "masked");
 }

@@ -78,6 +78,7 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
         &h.iommu,
         &h.pci,
         h.partitions(),
+        h.ioapics(),
         &super::iommu::Holes::new(h.region, h.partitions(), h.pci.held()),
         host_top,
         &mut frames,

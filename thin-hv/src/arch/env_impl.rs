@@ -458,6 +458,12 @@ impl Env for HwEnv {
         slot: u16,
         target: Option<irq_remap::Target>,
     ) -> Result<(u64, u32), irq_remap::Refusal> {
+        if self.core.iommu.remaps_through_vtd_table() {
+            // VT-d remapping: the entry holds the judged target; a refused
+            // message names entry 0, which is never present.
+            let handle = self.core.iommu.set_vtd_entry(rid, slot, target)?;
+            return Ok(irq_remap::vtd::msi(handle));
+        }
         if self.core.iommu.judges_in_compat_format() {
             // VT-d: the judged message itself; a refused one becomes vector
             // 15 at the owner's own first processor, which its APIC
@@ -482,6 +488,10 @@ impl Env for HwEnv {
             irq_remap::Refusal::Malformed
         })?;
         Ok(irq_remap::amdvi::msi(slot))
+    }
+
+    fn block_compat_interrupts(&mut self) {
+        self.core.iommu.block_compat();
     }
 
     fn mmio_read(&self, pa: u64, size: u8) -> u32 {

@@ -64,10 +64,16 @@ impl Ring for PhysRing {
 enum Hw {
     /// Nothing to enable.
     None,
-    /// VT-d root table; the functions whose messages thinhv judges and
-    /// writes itself in compatibility format (no remapping table: their
-    /// entries are empty).
-    Vtd { root_table: u64, judged: IrqTables },
+    /// VT-d root table; the sources whose messages thinhv judges (no
+    /// table of their own: their entries are empty); and where the units
+    /// remap interrupts, thinhv's remapping table and queues. Without it
+    /// a judged message is written into the function in compatibility
+    /// format.
+    Vtd {
+        root_table: u64,
+        judged: IrqTables,
+        ir: Option<VtdIr>,
+    },
     /// AMD-Vi structures.
     AmdVi {
         dev_table: u64,
@@ -79,9 +85,70 @@ enum Hw {
     },
 }
 
+/// VT-d interrupt remapping: one table for every unit (2^
+/// `VTD_IRT_ENTRIES_LOG2` entries), an invalidation queue per unit (unit
+/// `i` at `queues + i` pages) and the page their waits store to (unit `i`
+/// at +16 `i`).
+#[derive(Clone, Copy, Debug)]
+struct VtdIr {
+    table: u64,
+    queues: u64,
+    status: u64,
+    /// Entries name 32-bit destinations (every unit has ECAP.EIM).
+    x2apic: bool,
+}
+
+impl VtdIr {
+    fn queue(&self, unit: usize) -> PhysQueue {
+        PhysQueue {
+            base: self.queues + unit as u64 * PAGE,
+            status: self.status + 16 * unit as u64,
+        }
+    }
+}
+
+/// One unit's invalidation queue page and status dword.
+struct PhysQueue {
+    base: u64,
+    status: u64,
+}
+
+impl vtd::QueueMemory for PhysQueue {
+    fn write(&mut self, i: usize, d: [u64; 2]) {
+        // SAFETY: `base` is a pool page given to this unit's queue; i < 256
+        // keeps the 16-byte descriptor inside it. Written back before the
+        // tail moves, for a unit that does not snoop.
+        unsafe {
+            let at = (self.base as *mut [u64; 2]).add(i % 256);
+            core::ptr::write_volatile(at, d);
+            core::arch::x86_64::_mm_clflush(at.cast::<u8>());
+            core::arch::x86_64::_mm_mfence();
+        }
+    }
+    fn base(&self) -> u64 {
+        self.base
+    }
+    fn status_address(&self) -> u64 {
+        self.status
+    }
+    fn status(&self) -> u32 {
+        // SAFETY: the pool page for the units' wait stores; the unit writes
+        // the dword by DMA, so it is read through memory each time.
+        unsafe { core::ptr::read_volatile(self.status as *const u32) }
+    }
+}
+
+/// Key of the remapping table's entry 0, which is never present: a
+/// refused message names it.
+const NEVER_PRESENT: irq_remap::Key = irq_remap::Key {
+    source: u16::MAX,
+    slot: u16::MAX,
+};
+
 /// Most functions with an interrupt remapping table: every appliance's,
 /// and the OS's mediated ones (`PCI_ACTION_MSI`).
-const MAX_IRQ_TABLES: usize = MAX_APPLIANCES * MAX_PARTITION_DEVICES + MAX_PCI_MEDIATED;
+const MAX_IRQ_TABLES: usize =
+    MAX_APPLIANCES * MAX_PARTITION_DEVICES + MAX_PCI_MEDIATED + thinhv_abi::handoff::MAX_IOAPICS;
 
 /// Interrupt remapping tables of functions whose MSI thinhv remaps
 /// (AMD-Vi: one page each, `irq_remap::amdvi::ENTRIES` 32-bit entries),
@@ -199,17 +266,32 @@ fn judged_functions(
     h: &IommuHandoff,
     blocked: &PciHandoff,
     partitions: &[PartitionInfo],
+    ioapics: &[thinhv_abi::handoff::IoApicInfo],
+    ir: bool,
     top: u64,
 ) -> Result<IrqTables, &'static str> {
     let mut judged = IrqTables::new();
     if !h.remaps_interrupts() {
         return Ok(judged);
     }
+    let how = if ir {
+        "through thinhv's remapping table"
+    } else {
+        "written in compatibility format"
+    };
+    if ir {
+        // The I/O APICs' entries, by the source ID their messages carry.
+        for a in ioapics {
+            if let Some(sid) = a.source_id() {
+                judged.add_judged(sid)?;
+            }
+        }
+    }
     for p in partitions.iter().take(MAX_APPLIANCES) {
         for d in p.devices().iter().filter(|d| appliance_remapped(d, top)) {
             judged.add_judged(d.rid)?;
             log::info!(
-                "IOMMU: interrupts of {:02x}:{:02x}.{} (appliance {}) judged (VT-d: written in compatibility format)",
+                "IOMMU: interrupts of {:02x}:{:02x}.{} (appliance {}) judged (VT-d: {how})",
                 d.rid >> 8,
                 (d.rid >> 3) & 0x1f,
                 d.rid & 7,
@@ -227,9 +309,7 @@ fn judged_functions(
         os_msi += 1;
     }
     if os_msi > 0 {
-        log::info!(
-            "IOMMU: interrupts of {os_msi} function(s) of the OS's judged (VT-d: written in compatibility format)"
-        );
+        log::info!("IOMMU: interrupts of {os_msi} function(s) of the OS's judged (VT-d: {how})");
     }
     Ok(judged)
 }
@@ -292,6 +372,16 @@ pub struct Iommu {
     started: AtomicBool,
     /// `[iommu] interrupts = "remap"`.
     remap_interrupts: bool,
+    /// VT-d: every translating unit remaps interrupts through thinhv's
+    /// table (else judged messages are written in compatibility format).
+    ir_on: AtomicBool,
+    /// VT-d: the remapping table's entries, by source and slot.
+    irt: Mutex<Option<irq_remap::Slots>>,
+    /// The loader found every interrupt source of the OS's remappable
+    /// (`IOMMU_FLAG_BLOCK_COMPAT`).
+    may_block_compat: bool,
+    /// Compatibility-format messages are blocked ([`Iommu::block_compat`]).
+    compat_blocked: AtomicBool,
 }
 
 /// Completion-wait values for interrupt table invalidations (distinct
@@ -307,10 +397,12 @@ impl Iommu {
     /// both the core's own map (the register windows must lie below it) and
     /// the identity map for devices; `holes` is what devices must never
     /// reach.
+    #[allow(clippy::too_many_arguments)]
     pub fn init(
         h: &IommuHandoff,
         blocked: &PciHandoff,
         partitions: &[PartitionInfo],
+        ioapics: &[thinhv_abi::handoff::IoApicInfo],
         holes: &Holes,
         top: u64,
         frames: &mut BumpFrames,
@@ -337,6 +429,10 @@ impl Iommu {
             status,
             started: AtomicBool::new(false),
             remap_interrupts: h.remaps_interrupts(),
+            ir_on: AtomicBool::new(false),
+            irt: Mutex::new(None),
+            may_block_compat: h.flags & thinhv_abi::handoff::IOMMU_FLAG_BLOCK_COMPAT != 0,
+            compat_blocked: AtomicBool::new(false),
         };
         if protect {
             let outside = h
@@ -348,9 +444,21 @@ impl Iommu {
             } else if h.kind == IOMMU_KIND_VTD {
                 me.build(h, blocked, partitions, holes, top, frames)
                     .and_then(|root_table| {
+                        let ir = me.vtd_remapping(h, partitions, frames)?;
+                        if ir.is_some() {
+                            *me.irt.lock() = Some(irt_slots());
+                        }
                         Ok(Hw::Vtd {
                             root_table,
-                            judged: judged_functions(h, blocked, partitions, top)?,
+                            judged: judged_functions(
+                                h,
+                                blocked,
+                                partitions,
+                                ioapics,
+                                ir.is_some(),
+                                top,
+                            )?,
+                            ir,
                         })
                     })
             } else {
@@ -480,6 +588,55 @@ impl Iommu {
             mem.write_entry(root, 2 * usize::from(bus) + 1, r[1]);
         }
         Ok(root)
+    }
+
+    /// VT-d: thinhv's interrupt remapping table, the units' queues and
+    /// their wait page, where interrupts are judged for appliances and
+    /// every unit can remap them with queued invalidation (else `None`:
+    /// judged messages are written in compatibility format).
+    fn vtd_remapping(
+        &self,
+        h: &IommuHandoff,
+        partitions: &[PartitionInfo],
+        frames: &mut BumpFrames,
+    ) -> Result<Option<VtdIr>, &'static str> {
+        if !h.remaps_interrupts() || partitions.is_empty() {
+            return Ok(None);
+        }
+        let g = self.units.lock();
+        let (units, n) = &*g;
+        let caps = || units[..*n].iter().filter_map(|u| u.caps);
+        if !caps().all(|c| c.interrupt_remapping() && c.queued_invalidation()) {
+            log::warn!(
+                "IOMMU: a VT-d unit cannot remap interrupts (ECAP.IR or QI clear): judged messages are written in compatibility format, and a device's own DMA to the interrupt window is not stopped"
+            );
+            return Ok(None);
+        }
+        let x2apic = caps().all(|c| c.extended_interrupt_mode());
+        let table = frames_take(frames)?;
+        for i in 1..thinhv_abi::layout::VTD_IRT_PAGES {
+            if frames_take(frames)? != table + i * PAGE {
+                return Err("the interrupt remapping table is not contiguous");
+            }
+        }
+        let queues = frames_take(frames)?;
+        for i in 1..*n as u64 {
+            if frames_take(frames)? != queues + i * PAGE {
+                return Err("the invalidation queues are not contiguous");
+            }
+        }
+        let status = frames_take(frames)?;
+        log::info!(
+            "IOMMU: VT-d interrupt remapping through thinhv's table at {table:#x} ({} entries, {} destinations)",
+            1u32 << thinhv_abi::layout::VTD_IRT_ENTRIES_LOG2,
+            if x2apic { "32-bit" } else { "8-bit" }
+        );
+        Ok(Some(VtdIr {
+            table,
+            queues,
+            status,
+            x2apic,
+        }))
     }
 
     /// AMD-Vi: the I/O page table, the device table (every entry the same),
@@ -615,8 +772,38 @@ impl Iommu {
                 // unit walks them.
                 // SAFETY: writing back caches loses nothing.
                 unsafe { core::arch::asm!("wbinvd", options(nostack)) };
-                for u in &mut units[..*n] {
+                let mut ir_on = true;
+                for (i, u) in units[..*n].iter_mut().enumerate() {
                     let r: Result<(), &'static str> = match self.hw {
+                        Hw::Vtd {
+                            root_table,
+                            ir: Some(ir),
+                            ..
+                        } => {
+                            let w = &mut Window { base: u.base };
+                            let q = &mut ir.queue(i);
+                            let on = vtd::enable_queued(w, root_table, q)
+                                .map_err(vtd::VtdError::describe);
+                            if on.is_ok() {
+                                // Compatibility format still passes: a
+                                // failure here leaves the unit judging
+                                // as without remapping.
+                                if let Err(e) = vtd::enable_remapping(
+                                    w,
+                                    q,
+                                    ir.table,
+                                    thinhv_abi::layout::VTD_IRT_ENTRIES_LOG2,
+                                    ir.x2apic,
+                                ) {
+                                    ir_on = false;
+                                    log::error!(
+                                        "IOMMU: unit {:#x}: interrupt remapping: {e}; judged messages are written in compatibility format",
+                                        u.base
+                                    );
+                                }
+                            }
+                            on.map(|_| ())
+                        }
                         Hw::Vtd { root_table, .. } => {
                             vtd::enable(&mut Window { base: u.base }, root_table)
                                 .map(|_| ())
@@ -650,9 +837,16 @@ impl Iommu {
                         }
                         Err(e) => {
                             u.record.state = IOMMU_STATE_FAILED;
+                            ir_on = false;
                             log::error!("IOMMU: unit {:#x}: {e}", u.base);
                         }
                     }
+                }
+                if matches!(self.hw, Hw::Vtd { ir: Some(_), .. }) && ir_on {
+                    self.ir_on.store(true, Ordering::SeqCst);
+                    log::info!(
+                        "IOMMU: {n} VT-d unit(s) remapping interrupts (compatibility format still passing)"
+                    );
                 }
             }
         }
@@ -698,6 +892,7 @@ impl Iommu {
                 }
             }
             self.started.store(false, Ordering::SeqCst);
+            self.ir_on.store(false, Ordering::SeqCst);
         }
         self.publish_all();
         failed
@@ -724,9 +919,118 @@ impl Iommu {
     }
 
     /// Whether a judged message is written into the function itself
-    /// (VT-d: compatibility format) rather than into a remapping table.
+    /// (VT-d without interrupt remapping: compatibility format) rather
+    /// than into a remapping table.
     pub fn judges_in_compat_format(&self) -> bool {
-        matches!(self.hw, Hw::Vtd { .. })
+        matches!(self.hw, Hw::Vtd { .. }) && !self.ir_on.load(Ordering::SeqCst)
+    }
+
+    /// VT-d: judged messages name entries of thinhv's remapping table.
+    pub fn remaps_through_vtd_table(&self) -> bool {
+        matches!(self.hw, Hw::Vtd { ir: Some(_), .. }) && self.ir_on.load(Ordering::SeqCst)
+    }
+
+    /// VT-d with interrupt remapping: the entry of `rid`'s `slot` in
+    /// thinhv's table delivers `target`, usable by `rid` alone; every unit
+    /// reads it again. `None` frees the entry (not present). Returns the
+    /// entry's handle: 0, never present, for `None`.
+    pub fn set_vtd_entry(
+        &self,
+        rid: u16,
+        slot: u16,
+        target: Option<irq_remap::Target>,
+    ) -> Result<u16, irq_remap::Refusal> {
+        let Hw::Vtd { ir: Some(ir), .. } = self.hw else {
+            return Err(irq_remap::Refusal::Malformed);
+        };
+        let key = irq_remap::Key { source: rid, slot };
+        let mut g = self.irt.lock();
+        let slots = g.as_mut().ok_or(irq_remap::Refusal::Malformed)?;
+        let (handle, entry) = match target {
+            Some(t) => {
+                let e = irq_remap::vtd::irte(&t, rid, ir.x2apic)?;
+                (slots.assign(key, None)?, e)
+            }
+            None => match slots.release(key) {
+                Some(h) => (h, irq_remap::vtd::NOT_PRESENT),
+                None => return Ok(0),
+            },
+        };
+        let at = (ir.table + 16 * u64::from(handle)) as *mut u64;
+        // SAFETY: `table` is the pool block of `VTD_IRT_PAGES` pages given to
+        // the remapping table and `handle` is below its entries (`Slots`
+        // of that size). A new entry gets its source first and its
+        // present bit last; a live one changes in its low quadword alone
+        // (the source stays), so the unit never reads half of another.
+        unsafe {
+            if entry[0] & 1 != 0 {
+                core::ptr::write_volatile(at.add(1), entry[1]);
+                core::ptr::write_volatile(at, entry[0]);
+            } else {
+                core::ptr::write_volatile(at, entry[0]);
+                core::ptr::write_volatile(at.add(1), entry[1]);
+            }
+            core::arch::x86_64::_mm_clflush(at.cast::<u8>());
+            core::arch::x86_64::_mm_mfence();
+        }
+        drop(g);
+        self.on_every_unit(ir, &[vtd::desc::iec_index(handle)])
+            .map_err(|e| {
+                log::error!("IOMMU: interrupt entry {handle}: {e}");
+                irq_remap::Refusal::Malformed
+            })?;
+        Ok(if entry[0] & 1 != 0 { handle } else { 0 })
+    }
+
+    /// Runs `descs` through the queue of every translating VT-d unit.
+    fn on_every_unit(&self, ir: VtdIr, descs: &[[u64; 2]]) -> Result<(), &'static str> {
+        let g = self.units.lock();
+        let (units, n) = &*g;
+        for (i, u) in units[..*n].iter().enumerate() {
+            if u.record.state == IOMMU_STATE_TRANSLATING {
+                vtd::queue_run(&mut Window { base: u.base }, &mut ir.queue(i), descs)
+                    .map_err(vtd::VtdError::describe)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// When the appliances are claimed: where every unit remaps interrupts
+    /// and the loader found every source of the OS's remappable
+    /// (`IOMMU_FLAG_BLOCK_COMPAT`), compatibility-format messages are
+    /// blocked from now on, so that no device reaches a processor but
+    /// through an entry thinhv wrote for it. Once.
+    pub fn block_compat(&self) {
+        let Hw::Vtd { ir: Some(ir), .. } = self.hw else {
+            return;
+        };
+        if !self.ir_on.load(Ordering::SeqCst) || self.compat_blocked.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if !self.may_block_compat {
+            log::warn!(
+                "IOMMU: compatibility-format interrupts still pass (not every source of the OS's is remapped: see the loader's warning); a device's own DMA to the interrupt window is not stopped"
+            );
+            return;
+        }
+        let g = self.units.lock();
+        let (units, n) = &*g;
+        for (i, u) in units[..*n].iter().enumerate() {
+            if u.record.state != IOMMU_STATE_TRANSLATING {
+                continue;
+            }
+            match vtd::block_compat(&mut Window { base: u.base }, &mut ir.queue(i)) {
+                Ok(()) => log::info!(
+                    "IOMMU: unit {:#x}: compatibility-format interrupts blocked; only entries thinhv wrote deliver",
+                    u.base
+                ),
+                Err(e) => log::error!(
+                    "IOMMU: unit {:#x}: compatibility-format interrupts could not be blocked: {}",
+                    u.base,
+                    e.describe()
+                ),
+            }
+        }
     }
 
     /// Writes entry `slot` of the remapping table of `rid` and has every
@@ -803,6 +1107,7 @@ impl Iommu {
                                 reason: e.code,
                                 address: e.address & !0xfff,
                                 write: e.write,
+                                interrupt_index: None,
                             })
                             .collect(),
                         o,
@@ -819,7 +1124,17 @@ impl Iommu {
                 u.record.last_fault_source = f.source;
                 u.record.last_fault_reason = f.reason;
                 u.record.last_fault_write = u8::from(f.write);
-                if u.record.faults <= 32 {
+                if let Some(index) = f.interrupt_index.filter(|_| u.record.faults <= 32) {
+                    log::warn!(
+                        "IOMMU {:#x}: interrupt message by {:02x}:{:02x}.{} naming entry {index} blocked (reason {:#x}, {} so far)",
+                        u.base,
+                        f.source >> 8,
+                        (f.source >> 3) & 0x1f,
+                        f.source & 7,
+                        f.reason,
+                        u.record.faults
+                    );
+                } else if u.record.faults <= 32 {
                     log::warn!(
                         "IOMMU {:#x}: DMA {} by {:02x}:{:02x}.{} at {:#x} blocked (reason {:#x}, {} so far)",
                         u.base,
@@ -1010,6 +1325,14 @@ fn amdvi_enable(
     // SAFETY: as above; the IOMMU writes the value by DMA.
     amdvi::wait(|| unsafe { core::ptr::read_volatile(sem as *const u64) } == 0x7468_696e)
         .map_err(|_| "the command buffer did not complete")
+}
+
+/// The remapping table's entries: 0 reserved (never present), the rest
+/// free.
+fn irt_slots() -> irq_remap::Slots {
+    let mut slots = irq_remap::Slots::new(1 << thinhv_abi::layout::VTD_IRT_ENTRIES_LOG2);
+    let _ = slots.assign(NEVER_PRESENT, Some(0));
+    slots
 }
 
 fn frames_take(frames: &mut BumpFrames) -> Result<u64, &'static str> {
