@@ -15,11 +15,10 @@
 //! invalidated only through the invalidation queue (VT-d §6.5.2), and once
 //! the queue is on the registers must not be used, so every invalidation
 //! then goes through it ([`enable_queued`], [`Queue`]). Interrupt
-//! remapping ([`enable_remapping`]) starts with compatibility-format
-//! messages still passing (the firmware's) and blocks them later
-//! ([`block_compat`]), when every source thinhv knows of sends remappable
-//! ones. Faults are polled from the fault recording registers (interrupts
-//! stay masked).
+//! remapping ([`enable_remapping`]) starts once the firmware is done,
+//! with compatibility-format messages blocked where every source thinhv
+//! knows of sends remappable ones. Faults are polled from the fault
+//! recording registers (interrupts stay masked).
 #![allow(clippy::cast_possible_truncation)]
 use alloc::vec::Vec;
 
@@ -384,15 +383,18 @@ pub fn enable_queued(
 }
 
 /// Turns interrupt remapping on through `table` (2^`entries_log2`
-/// entries; 32-bit destinations where `x2apic`), with
-/// compatibility-format messages still passing until [`block_compat`].
-/// The queue must be on ([`enable_queued`]).
+/// entries; 32-bit destinations where `x2apic`). Where `compat`,
+/// compatibility-format messages keep passing (GCMD.CFI, acknowledged
+/// before remapping starts); else only a message that names a present
+/// entry, from the source the entry names, is delivered. The queue must
+/// be on ([`enable_queued`]). On an error remapping is left off.
 pub fn enable_remapping(
     m: &mut impl Mmio,
     q: &mut impl QueueMemory,
     table: u64,
     entries_log2: u8,
     x2apic: bool,
+    compat: bool,
 ) -> Result<(), VtdError> {
     m.write64(
         reg::IRTA,
@@ -400,16 +402,18 @@ pub fn enable_remapping(
     );
     gcmd_set(m, gcmd::SIRTP, "set interrupt remapping table pointer")?;
     queue_run(m, q, &[desc::IEC_GLOBAL])?;
-    gcmd_set(m, gcmd::CFI, "compatibility format interrupts")?;
+    if compat {
+        gcmd_set(m, gcmd::CFI, "compatibility format interrupts")?;
+    } else if m.read32(reg::GSTS) & gcmd::CFI != 0 {
+        gcmd_clear(m, gcmd::CFI, "compatibility format interrupts blocked")?;
+    }
     gcmd_set(m, gcmd::IRE, "interrupt remapping enable")
 }
 
-/// Blocks compatibility-format messages: from now on only a message that
-/// names a present entry of the table, from the source the entry names,
-/// is delivered.
-pub fn block_compat(m: &mut impl Mmio, q: &mut impl QueueMemory) -> Result<(), VtdError> {
-    gcmd_clear(m, gcmd::CFI, "compatibility format interrupts blocked")?;
-    queue_run(m, q, &[desc::IEC_GLOBAL])
+/// Turns interrupt remapping off (a unit whose peers could not turn it
+/// on: every unit judges the same way).
+pub fn disable_remapping(m: &mut impl Mmio) -> Result<(), VtdError> {
+    gcmd_clear(m, gcmd::IRE, "interrupt remapping disable")
 }
 
 /// Writes GCMD without `bit` and waits for its status to clear.
@@ -512,6 +516,8 @@ mod tests {
         queue: Option<Rc<RefCell<FakeQueue>>>,
         /// Descriptors of a type this unit refuses (FSTS.IQE).
         refuse: Option<u64>,
+        /// GCMD.CFI is not implemented (QEMU's intel-iommu).
+        ignore_cfi: bool,
     }
 
     /// Queue memory: 256 descriptors and the status dword.
@@ -559,6 +565,7 @@ mod tests {
                 stuck: false,
                 queue: None,
                 refuse: None,
+                ignore_cfi: false,
             }
         }
         /// With queued invalidation and interrupt remapping, its queue
@@ -649,11 +656,15 @@ mod tests {
                         self.log.push("sirtp");
                         s |= gcmd::SIRTP;
                     }
+                    let cfi = if self.ignore_cfi { 0 } else { gcmd::CFI };
                     for (bit, on, off) in [
                         (gcmd::QIE, "qie", "qie-off"),
                         (gcmd::IRE, "ire", "ire-off"),
-                        (gcmd::CFI, "cfi", "cfi-off"),
+                        (cfi, "cfi", "cfi-off"),
                     ] {
+                        if bit == 0 {
+                            continue;
+                        }
                         if value & bit != 0 && s & bit == 0 {
                             self.log.push(on);
                             s |= bit;
@@ -779,21 +790,41 @@ mod tests {
     }
 
     #[test]
-    fn remapping_starts_with_compatibility_format_passing_then_blocks_it() {
+    fn remapping_blocks_compatibility_format_unless_told_to_let_it_pass() {
         let mut q = queue();
         let mut u = FakeUnit::with_queue(&q);
         enable_queued(&mut u, 0x1000, &mut q).unwrap();
         u.log.clear();
-        enable_remapping(&mut u, &mut q, 0x20_0000, 12, false).unwrap();
+        enable_remapping(&mut u, &mut q, 0x20_0000, 12, false, false).unwrap();
         assert_eq!(u.regs[&reg::IRTA], 0x20_0000 | 0xb, "4096 entries, xAPIC");
-        assert_eq!(u.log, ["sirtp", "q:iec", "q:wait", "cfi", "ire"]);
-        let on = gcmd::TE | gcmd::QIE | gcmd::IRE | gcmd::CFI;
-        assert_eq!(u.gsts() & on, on);
+        assert_eq!(u.log, ["sirtp", "q:iec", "q:wait", "ire"]);
+        let on = gcmd::TE | gcmd::QIE | gcmd::IRE;
+        assert_eq!(
+            u.gsts() & (on | gcmd::CFI),
+            on,
+            "compatibility format blocked"
+        );
+        // Off again, and on with compatibility format passing: CFI is
+        // acknowledged before remapping starts.
+        disable_remapping(&mut u).unwrap();
         u.log.clear();
-        block_compat(&mut u, &mut q).unwrap();
-        assert_eq!(u.log, ["cfi-off", "q:iec", "q:wait"]);
-        assert_eq!(u.gsts() & on, on & !gcmd::CFI, "the rest stays on");
+        enable_remapping(&mut u, &mut q, 0x20_0000, 12, true, true).unwrap();
+        assert_eq!(u.regs[&reg::IRTA], 0x20_0000 | 1 << 11 | 0xb, "x2APIC");
+        assert_eq!(u.log, ["sirtp", "q:iec", "q:wait", "cfi", "ire"]);
+        assert_eq!(u.gsts() & (on | gcmd::CFI), on | gcmd::CFI);
+        // A unit that never acknowledges CFI: remapping stays off.
+        disable_remapping(&mut u).unwrap();
+        enable_remapping(&mut u, &mut q, 0x20_0000, 12, false, false).unwrap();
+        assert_eq!(u.gsts() & gcmd::CFI, 0, "blocked again");
+        disable_remapping(&mut u).unwrap();
+        u.ignore_cfi = true;
+        assert_eq!(
+            enable_remapping(&mut u, &mut q, 0x20_0000, 12, false, true),
+            Err(VtdError::Timeout("compatibility format interrupts"))
+        );
+        assert_eq!(u.gsts() & gcmd::IRE, 0);
         // The roll-back turns everything off, translation first.
+        enable_remapping(&mut u, &mut q, 0x20_0000, 12, false, false).unwrap();
         u.log.clear();
         disable(&mut u).unwrap();
         assert_eq!(u.log, ["ire-off", "qie-off"]);

@@ -268,7 +268,10 @@ pub fn raw_drive(name: &str, id: &str, bytes: u64) -> String {
 /// A sparse raw image of `bytes` named `name` in the work directory
 /// (created anew); its path.
 pub fn raw_image(name: &str, bytes: u64) -> String {
-    let path = built().work.join(name);
+    let work = &built().work;
+    // The first test of a fresh checkout may be the first to use it.
+    std::fs::create_dir_all(work).unwrap();
+    let path = work.join(name);
     std::fs::File::create(&path)
         .and_then(|file| file.set_len(bytes))
         .unwrap();

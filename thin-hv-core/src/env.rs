@@ -126,10 +126,12 @@ pub trait Env {
     ) -> Result<(u64, u32), thinhv_passthrough::irq_remap::Refusal> {
         Err(thinhv_passthrough::irq_remap::Refusal::Malformed)
     }
-    /// The appliances are claimed and every entry thinhv judges is
-    /// written: where the IOMMU allows it, messages that name no entry
-    /// (compatibility format) are blocked from now on.
-    fn block_compat_interrupts(&mut self) {}
+    /// The appliances are claimed (the firmware is done, the OS and the
+    /// appliances not started): where the IOMMU can, interrupt messages
+    /// go through its remapping table from now on ([`Env::remap_interrupt`]
+    /// gives messages that name entries), and where every source is
+    /// remapped, messages that name no entry are blocked.
+    fn start_interrupt_remapping(&mut self) {}
     /// The appliance partitions changed state: their records on the
     /// status page are written again.
     fn publish_appliances(&self) {}

@@ -182,8 +182,8 @@ pub struct FakeEnv {
     /// VT-d style instead: the message names entry slot + 1 in remappable
     /// format (entry 0, never present, for a refused one).
     pub vtd_format: bool,
-    /// `block_compat_interrupts` calls.
-    pub compat_blocks: u32,
+    /// `start_interrupt_remapping` calls.
+    pub remapping_starts: u32,
 }
 
 /// Where the fake I/O APIC's registers are.
@@ -250,7 +250,7 @@ impl FakeEnv {
             remapped: Vec::new(),
             irq_entries: HashMap::new(),
             vtd_format: false,
-            compat_blocks: 0,
+            remapping_starts: 0,
         }
     }
 
@@ -547,8 +547,8 @@ impl Env for FakeEnv {
         }
         Ok(thinhv_passthrough::irq_remap::amdvi::msi(slot))
     }
-    fn block_compat_interrupts(&mut self) {
-        self.compat_blocks += 1;
+    fn start_interrupt_remapping(&mut self) {
+        self.remapping_starts += 1;
     }
     fn legacy_config_access(
         &mut self,

@@ -61,8 +61,10 @@ pub fn claim_cpus(env: &mut impl Env) -> u64 {
     }
     // The OS's I/O APIC entries, the firmware's included, judged before
     // any appliance runs.
+    // Interrupt remapping first, so that the I/O APIC's entries, judged
+    // next, name entries of the IOMMU's table where it remaps them.
+    env.start_interrupt_remapping();
     super::ioapic::load_all(env);
-    env.block_compat_interrupts();
     env.publish_appliances();
     claimed
 }

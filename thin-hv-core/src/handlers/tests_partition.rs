@@ -22,10 +22,7 @@ fn claimed() -> FakeEnv {
     let cpu = hypercall(&mut env, 0, Function::CLAIM_APPLIANCE_CPUS, [0; 3]);
     assert_eq!(status(&cpu), Status::OK);
     assert_eq!(cpu.regs[crate::guest::Gpr::Rbx as usize], 2);
-    assert_eq!(
-        env.compat_blocks, 1,
-        "compatibility-format messages blocked once every entry is judged"
-    );
+    assert_eq!(env.remapping_starts, 1, "interrupt remapping started");
     // The parked CPUs took their INIT (the real ones do, on the wake-up).
     for i in [2, 3] {
         assert!(env.hv.cpus()[i].mailbox.take_init());

@@ -490,8 +490,8 @@ impl Env for HwEnv {
         Ok(irq_remap::amdvi::msi(slot))
     }
 
-    fn block_compat_interrupts(&mut self) {
-        self.core.iommu.block_compat();
+    fn start_interrupt_remapping(&mut self) {
+        self.core.iommu.start_remapping();
     }
 
     fn mmio_read(&self, pa: u64, size: u8) -> u32 {

@@ -314,6 +314,29 @@ fn judged_functions(
     Ok(judged)
 }
 
+/// Why compatibility-format messages must keep passing once interrupts
+/// are remapped, if they must (see [`Iommu::start_remapping`]).
+fn compat_needed(h: &IommuHandoff, partitions: &[PartitionInfo], top: u64) -> Option<&'static str> {
+    if h.flags & thinhv_abi::handoff::IOMMU_FLAG_BLOCK_COMPAT == 0 {
+        return Some(
+            "not every interrupt source of the OS's is remapped: see the loader's warning",
+        );
+    }
+    let signals = |d: &thinhv_abi::handoff::PartitionDevice| {
+        let mut f = InitConfig { rid: d.rid };
+        reset::find_capability(&mut f, reset::CAP_MSI).is_some()
+            || reset::find_capability(&mut f, reset::CAP_MSIX).is_some()
+    };
+    partitions
+        .iter()
+        .take(MAX_APPLIANCES)
+        .flat_map(PartitionInfo::devices)
+        .any(|d| signals(d) && !appliance_remapped(d, top))
+        .then_some(
+            "an appliance's function signals through an MSI-X table thinhv cannot trap, and would lose its interrupts",
+        )
+}
+
 /// Whether thinhv remaps the messages of an appliance's function `d`: it
 /// signals by MSI or MSI-X, and an MSI-X table lies in one of its BARs
 /// below `top` (the core's own map), where thinhv can emulate it.
@@ -377,11 +400,13 @@ pub struct Iommu {
     ir_on: AtomicBool,
     /// VT-d: the remapping table's entries, by source and slot.
     irt: Mutex<Option<irq_remap::Slots>>,
-    /// The loader found every interrupt source of the OS's remappable
-    /// (`IOMMU_FLAG_BLOCK_COMPAT`).
-    may_block_compat: bool,
-    /// Compatibility-format messages are blocked ([`Iommu::block_compat`]).
-    compat_blocked: AtomicBool,
+    /// Why compatibility-format messages must keep passing, if they must:
+    /// the loader did not find every interrupt source of the OS's
+    /// remappable (`IOMMU_FLAG_BLOCK_COMPAT`), or an appliance's function
+    /// signals through a table thinhv cannot trap.
+    compat_needed: Option<&'static str>,
+    /// [`Iommu::start_remapping`] ran.
+    remapping_started: AtomicBool,
 }
 
 /// Completion-wait values for interrupt table invalidations (distinct
@@ -431,8 +456,8 @@ impl Iommu {
             remap_interrupts: h.remaps_interrupts(),
             ir_on: AtomicBool::new(false),
             irt: Mutex::new(None),
-            may_block_compat: h.flags & thinhv_abi::handoff::IOMMU_FLAG_BLOCK_COMPAT != 0,
-            compat_blocked: AtomicBool::new(false),
+            compat_needed: compat_needed(h, partitions, top),
+            remapping_started: AtomicBool::new(false),
         };
         if protect {
             let outside = h
@@ -772,38 +797,21 @@ impl Iommu {
                 // unit walks them.
                 // SAFETY: writing back caches loses nothing.
                 unsafe { core::arch::asm!("wbinvd", options(nostack)) };
-                let mut ir_on = true;
                 for (i, u) in units[..*n].iter_mut().enumerate() {
                     let r: Result<(), &'static str> = match self.hw {
+                        // With the queue where interrupts will be
+                        // remapped (at the claim: [`Iommu::start_remapping`]).
                         Hw::Vtd {
                             root_table,
                             ir: Some(ir),
                             ..
-                        } => {
-                            let w = &mut Window { base: u.base };
-                            let q = &mut ir.queue(i);
-                            let on = vtd::enable_queued(w, root_table, q)
-                                .map_err(vtd::VtdError::describe);
-                            if on.is_ok() {
-                                // Compatibility format still passes: a
-                                // failure here leaves the unit judging
-                                // as without remapping.
-                                if let Err(e) = vtd::enable_remapping(
-                                    w,
-                                    q,
-                                    ir.table,
-                                    thinhv_abi::layout::VTD_IRT_ENTRIES_LOG2,
-                                    ir.x2apic,
-                                ) {
-                                    ir_on = false;
-                                    log::error!(
-                                        "IOMMU: unit {:#x}: interrupt remapping: {e}; judged messages are written in compatibility format",
-                                        u.base
-                                    );
-                                }
-                            }
-                            on.map(|_| ())
-                        }
+                        } => vtd::enable_queued(
+                            &mut Window { base: u.base },
+                            root_table,
+                            &mut ir.queue(i),
+                        )
+                        .map(|_| ())
+                        .map_err(vtd::VtdError::describe),
                         Hw::Vtd { root_table, .. } => {
                             vtd::enable(&mut Window { base: u.base }, root_table)
                                 .map(|_| ())
@@ -837,16 +845,9 @@ impl Iommu {
                         }
                         Err(e) => {
                             u.record.state = IOMMU_STATE_FAILED;
-                            ir_on = false;
                             log::error!("IOMMU: unit {:#x}: {e}", u.base);
                         }
                     }
-                }
-                if matches!(self.hw, Hw::Vtd { ir: Some(_), .. }) && ir_on {
-                    self.ir_on.store(true, Ordering::SeqCst);
-                    log::info!(
-                        "IOMMU: {n} VT-d unit(s) remapping interrupts (compatibility format still passing)"
-                    );
                 }
             }
         }
@@ -995,41 +996,71 @@ impl Iommu {
         Ok(())
     }
 
-    /// When the appliances are claimed: where every unit remaps interrupts
-    /// and the loader found every source of the OS's remappable
-    /// (`IOMMU_FLAG_BLOCK_COMPAT`), compatibility-format messages are
-    /// blocked from now on, so that no device reaches a processor but
-    /// through an entry thinhv wrote for it. Once.
-    pub fn block_compat(&self) {
+    /// When the appliances are claimed (the firmware is done, the OS not
+    /// started): every VT-d unit starts remapping interrupts through
+    /// thinhv's table. Compatibility-format messages are blocked from then
+    /// on, unless the loader did not find every interrupt source of the
+    /// OS's remappable or an appliance's function cannot be remapped
+    /// (`compat_needed`): then they keep passing, which the unit must
+    /// acknowledge (GCMD.CFI). A unit that fails leaves every unit
+    /// without remapping: judged messages are then written in
+    /// compatibility format. Once.
+    pub fn start_remapping(&self) {
         let Hw::Vtd { ir: Some(ir), .. } = self.hw else {
             return;
         };
-        if !self.ir_on.load(Ordering::SeqCst) || self.compat_blocked.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        if !self.may_block_compat {
-            log::warn!(
-                "IOMMU: compatibility-format interrupts still pass (not every source of the OS's is remapped: see the loader's warning); a device's own DMA to the interrupt window is not stopped"
-            );
+        if !self.started.load(Ordering::SeqCst)
+            || self.remapping_started.swap(true, Ordering::SeqCst)
+        {
             return;
         }
         let g = self.units.lock();
         let (units, n) = &*g;
-        for (i, u) in units[..*n].iter().enumerate() {
-            if u.record.state != IOMMU_STATE_TRANSLATING {
-                continue;
+        let units = &units[..*n];
+        if units
+            .iter()
+            .any(|u| u.record.state != IOMMU_STATE_TRANSLATING)
+        {
+            log::error!(
+                "IOMMU: not every VT-d unit translates: interrupts are not remapped; judged messages are written in compatibility format"
+            );
+            return;
+        }
+        let compat = self.compat_needed.is_some();
+        let mut failed = None;
+        for (i, u) in units.iter().enumerate() {
+            if let Err(e) = vtd::enable_remapping(
+                &mut Window { base: u.base },
+                &mut ir.queue(i),
+                ir.table,
+                thinhv_abi::layout::VTD_IRT_ENTRIES_LOG2,
+                ir.x2apic,
+                compat,
+            ) {
+                failed = Some((u.base, e));
+                break;
             }
-            match vtd::block_compat(&mut Window { base: u.base }, &mut ir.queue(i)) {
-                Ok(()) => log::info!(
-                    "IOMMU: unit {:#x}: compatibility-format interrupts blocked; only entries thinhv wrote deliver",
-                    u.base
-                ),
-                Err(e) => log::error!(
-                    "IOMMU: unit {:#x}: compatibility-format interrupts could not be blocked: {}",
-                    u.base,
-                    e.describe()
-                ),
+        }
+        if let Some((base, e)) = failed {
+            for u in units {
+                let _ = vtd::disable_remapping(&mut Window { base: u.base });
             }
+            log::error!(
+                "IOMMU: unit {base:#x}: interrupt remapping: {}; no unit remaps, judged messages are written in compatibility format",
+                e.describe()
+            );
+            return;
+        }
+        self.ir_on.store(true, Ordering::SeqCst);
+        match self.compat_needed {
+            None => log::info!(
+                "IOMMU: {} VT-d unit(s) remapping interrupts; compatibility-format messages blocked, only entries thinhv wrote deliver",
+                units.len()
+            ),
+            Some(why) => log::warn!(
+                "IOMMU: {} VT-d unit(s) remapping interrupts; compatibility-format messages still pass ({why}): a device's own DMA to the interrupt window is not stopped",
+                units.len()
+            ),
         }
     }
 
