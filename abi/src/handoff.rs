@@ -306,9 +306,11 @@ pub struct IommuHandoff {
 
 /// [`IommuHandoff::flags`]: every interrupt source the OS has sends
 /// through an entry thinhv writes (its MSI and MSI-X functions, its I/O
-/// APICs; no MSI-capable HPET, no virtual functions it can create), so a
-/// VT-d unit that remaps interrupts may block compatibility-format
-/// messages once the appliances are claimed.
+/// APICs; no MSI-capable HPET, no virtual functions it can create), so
+/// once the appliances are claimed a VT-d unit that remaps interrupts may
+/// block compatibility-format messages, and an AMD-Vi unit may abort the
+/// interrupts of every requester ID without a remapping table but the
+/// I/O APICs'.
 pub const IOMMU_FLAG_BLOCK_COMPAT: u8 = 1;
 
 /// [`IommuHandoff::interrupts`]: interrupt messages are not remapped

@@ -215,6 +215,30 @@ pub fn irq_sources(d: &Dmar) -> IrqSources {
     out
 }
 
+/// Interrupt sources the IVRS names outside PCI: each I/O APIC's device
+/// ID by its I/O APIC ID (special device entries, variety 1), and how
+/// many HPETs (variety 2), over every unit.
+pub fn irq_sources_ivrs(r: &Ivrs) -> IrqSources {
+    use thinhv_passthrough::ivrs::DeviceEntry;
+    let mut out = IrqSources::default();
+    for e in r.units().iter().flat_map(|u| u.entries.iter()) {
+        if let DeviceEntry::Special {
+            handle,
+            source,
+            variety,
+            ..
+        } = *e
+        {
+            match variety {
+                1 if out.ioapic(handle).is_none() => out.ioapics.push((handle, source)),
+                2 => out.hpets += 1,
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
 /// A line describing the units, for the boot console.
 pub fn describe(h: &IommuHandoff) -> String {
     use core::fmt::Write;
@@ -275,6 +299,15 @@ mod tests {
         assert_eq!(s.ioapic(8), Some(0xf0ff));
         assert_eq!(s.ioapic(9), None, "behind a bridge: not known");
         assert_eq!(s.hpets, 1);
+    }
+
+    #[test]
+    fn the_ivrs_names_the_io_apic_device_id_and_the_hpets() {
+        let bytes = include_bytes!("../../passthrough/tests/data/qemu-q35-amd-iommu.ivrs");
+        let r = thinhv_passthrough::ivrs::parse(bytes).unwrap();
+        let s = irq_sources_ivrs(&r);
+        assert_eq!(s.ioapic(0), Some(0x00a0), "QEMU's I/O APIC: 00:14.0");
+        assert_eq!(s.hpets, 0);
     }
 
     #[test]

@@ -526,6 +526,18 @@ pub mod amdvi {
         e
     }
 
+    /// Device table entry bits 191:128 (`e[2]`) that abort every
+    /// interrupt of the device: IV set, IntCtl 00b (fixed and arbitrated
+    /// messages target-aborted), no pass bit (INIT, NMI, ExtINT, LINT0/1
+    /// aborted), SysMgt 00b (SMI blocked), no table.
+    pub const ABORT_ALL: u64 = 1;
+
+    /// Whether a device table entry's bits 191:128 leave the device's
+    /// interrupts unremapped (IV clear: they pass as sent).
+    pub const fn passes_unremapped(q2: u64) -> bool {
+        q2 & 1 == 0
+    }
+
     /// The 32-bit entry for `t`: RemapEn, IntType, DM 0 (physical),
     /// Destination 15:8, Vector 23:16.
     pub const fn irte(t: &Target) -> Result<u32, Refusal> {
@@ -908,6 +920,19 @@ mod tests {
         }
         for bit in [56, 58] {
             assert_eq!(io[2] >> bit & 1, 0, "bit {bit}");
+        }
+        assert!(!amdvi::passes_unremapped(e[2]));
+        assert!(amdvi::passes_unremapped(base[2]), "IV clear: unremapped");
+    }
+
+    #[test]
+    fn amdvi_abort_all_refuses_every_kind_of_interrupt() {
+        let q2 = amdvi::ABORT_ALL;
+        assert!(!amdvi::passes_unremapped(q2), "IV set");
+        assert_eq!(q2 >> 60 & 3, 0, "IntCtl 00b: fixed and arbitrated aborted");
+        assert_eq!(q2 >> 1 & 0xf, 0, "no table");
+        for bit in [56, 57, 58, 62, 63] {
+            assert_eq!(q2 >> bit & 1, 0, "pass bit {bit} clear");
         }
     }
 }

@@ -1078,13 +1078,25 @@ fn appliance_msi_isolation(name: &str, unit: &str, control: bool) -> Guest {
 fn an_os_devices_msi_never_reaches_an_appliance_where_amd_vi_remaps_it() {
     // Five functions: the edu, the NVMe, the e1000e, the AHCI controller
     // and the AMD-Vi unit's own.
-    os_msi_isolation(
+    let g = os_msi_isolation(
         "os-msi",
         "amd-iommu,pt=off,intremap=on",
         "5",
         "remapped",
         true,
     );
+    // Every source of the OS's remapped, so at the claim every other
+    // requester ID's interrupts are aborted but the I/O APIC's (QEMU's
+    // 00:14.0 in the IVRS), and the OS's devices keep working (above).
+    // (QEMU judges a message written by DMA by the I/O APIC's entry,
+    // `docs/emulator-faults.md`, so the abort cannot be shown here.)
+    for line in [
+        "I/O APIC 0 at 0xfec00000 (GSI 0+): its entries judged (source 00:14.0 in the IVRS)",
+        "the interrupts of every other requester ID aborted (AMD-Vi, the I/O APICs excepted, where every appliance function is remapped) once the appliances start",
+        "requester ID(s) without a remapping table aborted (the I/O APICs' excepted): only entries thinhv wrote deliver",
+    ] {
+        assert!(g.serial.contains(line), "{line}\n{}", g.serial);
+    }
 }
 
 #[test]
@@ -1135,7 +1147,7 @@ fn an_os_devices_msi_never_reaches_an_appliance_through_vt_d_interrupt_remapping
     for line in [
         "interrupts of 4 function(s) of the OS's judged (VT-d: through thinhv's remapping table)",
         "I/O APIC 0 at 0xfec00000 (GSI 0+): its entries judged (source ff:00.0 in the DMAR)",
-        "every interrupt source of the OS's goes through thinhv's entries: compatibility-format messages blocked once the appliances start",
+        "every interrupt source of the OS's goes through thinhv's entries: compatibility-format messages blocked (where the VT-d unit remaps interrupts and every appliance function is remapped) once the appliances start",
         "1 VT-d unit(s) remapping interrupts; compatibility-format messages blocked, only entries thinhv wrote deliver",
     ] {
         assert!(serial.contains(line), "{line}\n{serial}");

@@ -341,7 +341,16 @@ impl Hv {
             ioapics: spin::Mutex::new(
                 h.ioapics()
                     .iter()
-                    .map(|a| crate::handlers::ioapic::IoApicGuard::new(a.base, a.source_id()))
+                    .map(|a| {
+                        // Its entries go through the IOMMU's table on
+                        // VT-d only (AMD-Vi's I/O APIC has none of
+                        // thinhv's: its messages are judged as written).
+                        let vtd = h.iommu.kind == thinhv_abi::handoff::IOMMU_KIND_VTD;
+                        crate::handlers::ioapic::IoApicGuard::new(
+                            a.base,
+                            a.source_id().filter(|_| vtd),
+                        )
+                    })
                     .collect(),
             ),
             ioapic_hw: AtomicBool::new(false),

@@ -1065,9 +1065,10 @@ fn guard_bridges_above(
 /// their register pages, so that no entry the OS writes sends an
 /// interrupt, NMI, INIT or SMI to an appliance's processor.
 ///
-/// On VT-d, each gets the source ID the DMAR names for it, so that its
-/// entries can go through the unit's remapping table. Returns how many
-/// I/O APICs are not judged or have no known source ID.
+/// Each gets the source ID the DMAR (or the IVRS) names for it: on VT-d
+/// its entries then go through the unit's remapping table; on AMD-Vi its
+/// messages are the ones left unremapped when the rest are aborted.
+/// Returns how many I/O APICs are not judged or have no known source ID.
 fn judge_io_apics(h: &mut Handoff, sources: Option<&thinhv_efi::iommu_plan::IrqSources>) -> usize {
     if h.iommu.interrupts != thinhv_abi::handoff::IOMMU_INTERRUPTS_REMAP {
         println!(
@@ -1123,21 +1124,28 @@ fn judge_io_apics(h: &mut Handoff, sources: Option<&thinhv_efi::iommu_plan::IrqS
             a.id,
             a.gsi_base,
             sid.map_or_else(String::new, |s| format!(
-                " (source {:02x}:{:02x}.{} in the DMAR)",
+                " (source {:02x}:{:02x}.{} in the {})",
                 s >> 8,
                 (s >> 3) & 0x1f,
-                s & 7
+                s & 7,
+                if h.iommu.kind == thinhv_abi::handoff::IOMMU_KIND_AMDVI {
+                    "IVRS"
+                } else {
+                    "DMAR"
+                }
             ))
         );
     }
     left
 }
 
-/// VT-d: whether the unit may block compatibility-format messages once
-/// the appliances are claimed (`IOMMU_FLAG_BLOCK_COMPAT`): only where every
-/// interrupt source of the OS's sends through an entry thinhv writes.
-/// Without it, a device's own DMA to the interrupt window still passes as
-/// written; the warning names why.
+/// Whether the IOMMU may refuse every interrupt message that names no
+/// entry of thinhv's once the appliances are claimed
+/// (`IOMMU_FLAG_BLOCK_COMPAT`: on VT-d compatibility format blocked, on
+/// AMD-Vi every requester ID without a remapping table aborted, the I/O
+/// APICs' excepted): only where every interrupt source of the OS's sends
+/// through an entry thinhv writes. Without it, a device's own DMA to the
+/// interrupt window still passes as written; the warning names why.
 fn block_compat_if_all_remapped(
     h: &mut Handoff,
     functions: usize,
@@ -1145,9 +1153,6 @@ fn block_compat_if_all_remapped(
     ioapics: usize,
     sources: Option<&thinhv_efi::iommu_plan::IrqSources>,
 ) {
-    if h.iommu.kind != thinhv_abi::handoff::IOMMU_KIND_VTD {
-        return;
-    }
     let mut why = Vec::new();
     if functions > 0 {
         why.push(format!("{functions} function(s) of the OS's not remapped"));
@@ -1163,21 +1168,34 @@ fn block_compat_if_all_remapped(
         ));
     }
     match sources {
-        None => why.push(String::from("no DMAR to name the I/O APICs' source IDs")),
+        None => why.push(String::from(
+            "no DMAR or IVRS to name the I/O APICs' source IDs",
+        )),
         Some(s) if s.hpets > 0 => why.push(format!(
-            "{} MSI-capable HPET(s) in the DMAR, whose messages thinhv does not write",
+            "{} HPET(s) that can send MSIs, whose messages thinhv does not write",
             s.hpets
         )),
         Some(_) => {}
     }
+    let amd = h.iommu.kind == thinhv_abi::handoff::IOMMU_KIND_AMDVI;
     if why.is_empty() {
         h.iommu.flags |= thinhv_abi::handoff::IOMMU_FLAG_BLOCK_COMPAT;
         println!(
-            "thinhv: interrupts: every interrupt source of the OS's goes through thinhv's entries: compatibility-format messages blocked once the appliances start (where the VT-d unit remaps interrupts)"
+            "thinhv: interrupts: every interrupt source of the OS's goes through thinhv's entries: {} once the appliances start",
+            if amd {
+                "the interrupts of every other requester ID aborted (AMD-Vi, the I/O APICs excepted, where every appliance function is remapped)"
+            } else {
+                "compatibility-format messages blocked (where the VT-d unit remaps interrupts and every appliance function is remapped)"
+            }
         );
     } else {
         println!(
-            "thinhv: warning: interrupts: compatibility-format messages stay allowed on VT-d ({}): a device's own DMA to the interrupt window is not stopped",
+            "thinhv: warning: interrupts: {} ({}): a device's own DMA to the interrupt window is not stopped",
+            if amd {
+                "requester IDs without a remapping table keep sending unremapped on AMD-Vi"
+            } else {
+                "compatibility-format messages stay allowed on VT-d"
+            },
             why.join("; ")
         );
     }

@@ -104,13 +104,18 @@ pub fn prepare(config: &Config, max_bus: u8, max_apic_id: u32) -> IommuHandoff {
     }
 }
 
-/// The DMAR's I/O APIC and HPET device scopes (`None` without a DMAR, or
-/// one that does not parse).
+/// The I/O APICs' source IDs and the MSI-capable HPETs the DMAR (device
+/// scopes) or else the IVRS (special device entries) names (`None`
+/// without either, or one that does not parse).
 pub fn interrupt_sources() -> Option<thinhv_efi::iommu_plan::IrqSources> {
     let tables = tables().ok()?;
-    let dmar = table::<RawDmar>(&tables)?;
-    let d = thinhv_passthrough::dmar::parse(&dmar).ok()?;
-    Some(thinhv_efi::iommu_plan::irq_sources(&d))
+    if let Some(dmar) = table::<RawDmar>(&tables) {
+        let d = thinhv_passthrough::dmar::parse(&dmar).ok()?;
+        return Some(thinhv_efi::iommu_plan::irq_sources(&d));
+    }
+    let ivrs = table::<RawIvrs>(&tables)?;
+    let r = thinhv_passthrough::ivrs::parse(&ivrs).ok()?;
+    Some(thinhv_efi::iommu_plan::irq_sources_ivrs(&r))
 }
 
 /// After seal: report, and hide the table if every unit translates.

@@ -407,6 +407,8 @@ pub struct Iommu {
     compat_needed: Option<&'static str>,
     /// [`Iommu::start_remapping`] ran.
     remapping_started: AtomicBool,
+    /// The I/O APICs' source IDs (the loader's, from the DMAR or IVRS).
+    ioapic_sources: alloc::vec::Vec<u16>,
 }
 
 /// Completion-wait values for interrupt table invalidations (distinct
@@ -458,6 +460,10 @@ impl Iommu {
             irt: Mutex::new(None),
             compat_needed: compat_needed(h, partitions, top),
             remapping_started: AtomicBool::new(false),
+            ioapic_sources: ioapics
+                .iter()
+                .filter_map(thinhv_abi::handoff::IoApicInfo::source_id)
+                .collect(),
         };
         if protect {
             let outside = h
@@ -1006,6 +1012,22 @@ impl Iommu {
     /// without remapping: judged messages are then written in
     /// compatibility format. Once.
     pub fn start_remapping(&self) {
+        if let Hw::AmdVi {
+            dev_table,
+            dev_table_pages,
+            cmd_buf,
+            sem,
+            ..
+        } = self.hw
+        {
+            if self.remap_interrupts
+                && self.started.load(Ordering::SeqCst)
+                && !self.remapping_started.swap(true, Ordering::SeqCst)
+            {
+                self.abort_unremapped(dev_table, dev_table_pages, cmd_buf, sem);
+            }
+            return;
+        }
         let Hw::Vtd { ir: Some(ir), .. } = self.hw else {
             return;
         };
@@ -1046,8 +1068,11 @@ impl Iommu {
                 let _ = vtd::disable_remapping(&mut Window { base: u.base });
             }
             log::error!(
-                "IOMMU: unit {base:#x}: interrupt remapping: {}; no unit remaps, judged messages are written in compatibility format",
-                e.describe()
+                "IOMMU: unit {base:#x}: interrupt remapping: {e}{}; no unit remaps, judged messages are written in compatibility format",
+                self.compat_needed
+                    .map_or_else(alloc::string::String::new, |why| alloc::format!(
+                        " (compatibility format must keep passing: {why})"
+                    ))
             );
             return;
         }
@@ -1108,6 +1133,79 @@ impl Iommu {
                 .map_err(|_| "the command buffer did not complete")?;
         }
         Ok(())
+    }
+
+    /// AMD-Vi, at the claim: where every interrupt source of the OS's is
+    /// remapped (`compat_needed` is `None`), every requester ID whose
+    /// device table entry leaves its interrupts unremapped (no table of
+    /// thinhv's) has them aborted from now on, the I/O APICs' excepted
+    /// (their entries are judged as written). So a function without a
+    /// table, whatever it writes by DMA to the interrupt window, reaches no
+    /// processor.
+    fn abort_unremapped(&self, dev_table: u64, pages: u64, cmd_buf: u64, sem: u64) {
+        if let Some(why) = self.compat_needed {
+            log::warn!(
+                "IOMMU: requester IDs without a remapping table keep sending unremapped ({why}); a device's own DMA to the interrupt window is not stopped"
+            );
+            return;
+        }
+        let ids = pages * PAGE / 32;
+        let mut changed = alloc::vec::Vec::new();
+        for id in 0..ids {
+            if self.ioapic_sources.contains(&(id as u16)) {
+                continue;
+            }
+            let q2 = (dev_table + id * 32 + 16) as *mut u64;
+            // SAFETY: `dev_table` is the contiguous pool block of `pages`
+            // pages holding the device table (`build_amdvi`); entry `id`
+            // is below `ids`, and its bits 191:128 are one aligned quadword
+            // the unit reads whole.
+            unsafe {
+                if irq_remap::amdvi::passes_unremapped(core::ptr::read_volatile(q2)) {
+                    core::ptr::write_volatile(q2, irq_remap::amdvi::ABORT_ALL);
+                    core::arch::x86_64::_mm_clflush(q2.cast::<u8>());
+                    changed.push(id as u16);
+                }
+            }
+        }
+        // SAFETY: a store fence (SSE2, which every x86-64 processor has):
+        // the written-back entries are in memory before the unit is told.
+        unsafe { core::arch::x86_64::_mm_mfence() };
+        let g = self.units.lock();
+        let (units, n) = &*g;
+        for u in units[..*n]
+            .iter()
+            .filter(|u| u.record.state == IOMMU_STATE_TRANSLATING)
+        {
+            for batch in changed.chunks(128) {
+                let token = IRQ_TOKEN.fetch_add(1, Ordering::Relaxed);
+                let mut cmds: alloc::vec::Vec<[u32; 4]> = batch
+                    .iter()
+                    .map(|&id| amdvi::cmd_invalidate_devtab(id))
+                    .collect();
+                cmds.push(amdvi::cmd_completion_wait(sem, token));
+                amdvi::submit(
+                    &mut Window { base: u.base },
+                    &mut PhysRing { base: cmd_buf },
+                    &cmds,
+                );
+                // SAFETY: `sem` is the pool page for completion waits; the
+                // unit stores the token there by DMA.
+                if amdvi::wait(|| unsafe { core::ptr::read_volatile(sem as *const u64) } == token)
+                    .is_err()
+                {
+                    log::error!(
+                        "IOMMU: unit {:#x}: the command buffer did not complete; aborted interrupts may take effect late",
+                        u.base
+                    );
+                    break;
+                }
+            }
+        }
+        log::info!(
+            "IOMMU: interrupts of {} requester ID(s) without a remapping table aborted (the I/O APICs' excepted): only entries thinhv wrote deliver",
+            changed.len()
+        );
     }
 
     /// Reads and clears recorded faults, counting them.
