@@ -331,14 +331,26 @@ pub fn iommu_text(units: &[IommuRecord]) -> String {
     for u in units {
         let _ = write!(
             s,
-            "IOMMU:              {} unit {:#x} (segment {}): {}, {} DMA faults",
+            "IOMMU:              {} unit {:#x} (segment {}): {}, {} faults",
             kind_name(u.kind),
             u.base,
             u.segment,
             state_name(u.state),
             u.faults
         );
-        if u.faults > 0 {
+        // VT-d reasons 0x20 to 0x27: an interrupt message refused by
+        // remapping (the record holds no address).
+        if u.faults > 0
+            && u.kind == thinhv_abi::handoff::IOMMU_KIND_VTD
+            && (0x20..=0x27).contains(&u.last_fault_reason)
+        {
+            let _ = write!(
+                s,
+                " (last: an interrupt message by {} refused, reason {:#x})",
+                rid(u.last_fault_source),
+                u.last_fault_reason
+            );
+        } else if u.faults > 0 {
             let _ = write!(
                 s,
                 " (last: {} by {} at {:#x}, reason {:#x})",
@@ -640,7 +652,21 @@ mod tests {
         assert_eq!(j["units"][0]["last_fault"]["source"], "01:00.0");
         assert_eq!(iommu_json(&[])["managed"], false);
         let t = iommu_text(&[on]);
-        assert!(t.contains("VT-d unit 0xfed90000 (segment 0): translating, 2 DMA faults (last: write by 01:00.0"), "{t}");
+        assert!(
+            t.contains(
+                "VT-d unit 0xfed90000 (segment 0): translating, 2 faults (last: write by 01:00.0"
+            ),
+            "{t}"
+        );
+        let refused = IommuRecord {
+            last_fault_reason: 0x22,
+            ..on
+        };
+        let t = iommu_text(&[refused]);
+        assert!(
+            t.contains("2 faults (last: an interrupt message by 01:00.0 refused, reason 0x22)"),
+            "{t}"
+        );
         let d = &devices_json(&[nic()], &[on])["devices"][0];
         assert_eq!(d["dma"], "os-memory");
         assert_eq!(d["bars"][0]["base"], 0xfe80_0000u64);
