@@ -36,9 +36,9 @@ pub const fn table_pages(top: u64, page_1g: bool) -> u64 {
     1 + pdpts + if page_1g { 0 } else { gibs }
 }
 
-/// Entries of thinhv's VT-d interrupt remapping table (log2): 4096, for
-/// every unit.
-pub const VTD_IRT_ENTRIES_LOG2: u8 = 12;
+/// Entries of thinhv's VT-d interrupt remapping table (log2): 8192, for
+/// every unit, shared out among the partitions and I/O APICs.
+pub const VTD_IRT_ENTRIES_LOG2: u8 = 13;
 /// Pages the VT-d interrupt remapping table occupies (16 bytes an entry).
 pub const VTD_IRT_PAGES: u64 = (16u64 << VTD_IRT_ENTRIES_LOG2) / PAGE;
 
@@ -95,12 +95,12 @@ mod tests {
             iommu_pages(crate::handoff::IOMMU_KIND_AMDVI, 16 * 256, true),
             32 + 3
         );
-        // VT-d: root and context table; with interrupt remapping a 64 KiB
-        // table, a queue for each of up to 8 units and the wait page.
+        // VT-d: root and context table; with interrupt remapping a 128
+        // KiB table, a queue for each of up to 8 units and the wait page.
         assert_eq!(iommu_pages(crate::handoff::IOMMU_KIND_VTD, 0, false), 2);
         assert_eq!(
             iommu_pages(crate::handoff::IOMMU_KIND_VTD, 0, true),
-            2 + 16 + 8 + 1
+            2 + 32 + 8 + 1
         );
         assert_eq!(
             pool_size(1, 0, true, 35) - pool_size(1, 0, true, 0),

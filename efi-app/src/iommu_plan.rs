@@ -239,6 +239,46 @@ pub fn irq_sources_ivrs(r: &Ivrs) -> IrqSources {
     out
 }
 
+/// Why not every interrupt source of the OS's sends through an entry
+/// thinhv writes, one reason per kind of source left out (empty where
+/// every one does): `functions` of its MSI or MSI-X functions not
+/// remapped, `vf_pfs` SR-IOV PFs on which it can create virtual functions,
+/// `ioapics` I/O APICs not judged or without a known source ID, and the
+/// table's HPETs that can send MSIs (`sources`: `None` without a DMAR or
+/// IVRS to name them).
+pub fn unremapped_sources(
+    functions: usize,
+    vf_pfs: usize,
+    ioapics: usize,
+    sources: Option<&IrqSources>,
+) -> alloc::vec::Vec<String> {
+    let mut why = alloc::vec::Vec::new();
+    if functions > 0 {
+        why.push(format!("{functions} function(s) of the OS's not remapped"));
+    }
+    if vf_pfs > 0 {
+        why.push(format!(
+            "{vf_pfs} SR-IOV PF(s) on which the OS can create virtual functions"
+        ));
+    }
+    if ioapics > 0 {
+        why.push(format!(
+            "{ioapics} I/O APIC(s) not judged or without a source ID in the DMAR or IVRS"
+        ));
+    }
+    match sources {
+        None => why.push(String::from(
+            "no DMAR or IVRS to name the I/O APICs' source IDs",
+        )),
+        Some(s) if s.hpets > 0 => why.push(format!(
+            "{} HPET(s) that can send MSIs, whose messages thinhv does not write",
+            s.hpets
+        )),
+        Some(_) => {}
+    }
+    why
+}
+
 /// A line describing the units, for the boot console.
 pub fn describe(h: &IommuHandoff) -> String {
     use core::fmt::Write;
@@ -308,6 +348,33 @@ mod tests {
         let s = irq_sources_ivrs(&r);
         assert_eq!(s.ioapic(0), Some(0x00a0), "QEMU's I/O APIC: 00:14.0");
         assert_eq!(s.hpets, 0);
+    }
+
+    #[test]
+    fn every_source_left_out_is_named() {
+        let qemu = IrqSources {
+            ioapics: alloc::vec![(0, 0xff00)],
+            hpets: 0,
+        };
+        assert!(unremapped_sources(0, 0, 0, Some(&qemu)).is_empty());
+        let hpet = IrqSources {
+            hpets: 1,
+            ..qemu.clone()
+        };
+        let why = unremapped_sources(2, 1, 1, Some(&hpet));
+        assert_eq!(
+            why,
+            [
+                "2 function(s) of the OS's not remapped",
+                "1 SR-IOV PF(s) on which the OS can create virtual functions",
+                "1 I/O APIC(s) not judged or without a source ID in the DMAR or IVRS",
+                "1 HPET(s) that can send MSIs, whose messages thinhv does not write",
+            ]
+        );
+        assert_eq!(
+            unremapped_sources(0, 0, 0, None),
+            ["no DMAR or IVRS to name the I/O APICs' source IDs"]
+        );
     }
 
     #[test]

@@ -298,6 +298,25 @@ impl Slots {
         Ok(pick as u16)
     }
 
+    /// The entry of `key`: the one it has, else the first free one in
+    /// `range` (the share of the table its source may use, so that no
+    /// source takes another's entries however many it asks for).
+    pub fn assign_within(
+        &mut self,
+        key: Key,
+        range: core::ops::Range<usize>,
+    ) -> Result<u16, Refusal> {
+        if let Some(i) = self.index_of(key) {
+            return Ok(i);
+        }
+        let end = range.end.min(self.keys.len());
+        let pick = (range.start.min(end)..end)
+            .find(|&i| self.keys[i].is_none())
+            .ok_or(Refusal::Full)?;
+        self.keys[pick] = Some(key);
+        Ok(pick as u16)
+    }
+
     /// The entry `key` has.
     pub fn index_of(&self, key: Key) -> Option<u16> {
         self.keys
@@ -529,7 +548,8 @@ pub mod amdvi {
     /// Device table entry bits 191:128 (`e[2]`) that abort every
     /// interrupt of the device: IV set, IntCtl 00b (fixed and arbitrated
     /// messages target-aborted), no pass bit (INIT, NMI, ExtINT, LINT0/1
-    /// aborted), SysMgt 00b (SMI blocked), no table.
+    /// aborted), no table. (SMIs follow SysMgt, bits 105:104 in `e[1]`,
+    /// which thinhv's entries leave 00b: blocked.)
     pub const ABORT_ALL: u64 = 1;
 
     /// Whether a device table entry's bits 191:128 leave the device's
@@ -923,6 +943,32 @@ mod tests {
         }
         assert!(!amdvi::passes_unremapped(e[2]));
         assert!(amdvi::passes_unremapped(base[2]), "IV clear: unremapped");
+    }
+
+    #[test]
+    fn a_source_takes_entries_only_from_its_own_share() {
+        let mut s = Slots::new(16);
+        let k = |source, slot| Key { source, slot };
+        assert_eq!(s.assign_within(k(1, 0), 4..6), Ok(4));
+        assert_eq!(s.assign_within(k(1, 1), 4..6), Ok(5));
+        assert_eq!(
+            s.assign_within(k(1, 2), 4..6),
+            Err(Refusal::Full),
+            "its share is full"
+        );
+        assert_eq!(s.assign_within(k(1, 0), 4..6), Ok(4), "the one it has");
+        assert_eq!(
+            s.assign_within(k(2, 0), 6..99),
+            Ok(6),
+            "another share is untouched"
+        );
+        assert_eq!(
+            s.assign_within(k(3, 0), 20..30),
+            Err(Refusal::Full),
+            "beyond the table"
+        );
+        s.release(k(1, 1));
+        assert_eq!(s.assign_within(k(1, 2), 4..6), Ok(5));
     }
 
     #[test]

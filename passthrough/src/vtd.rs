@@ -186,6 +186,9 @@ pub enum VtdError {
     /// The unit stopped the invalidation queue on a descriptor it refused
     /// (FSTS.IQE) or on a device's time-out (FSTS.ITE).
     QueueError,
+    /// Compatibility format asked to pass with 32-bit destinations, where
+    /// the unit blocks it whatever GCMD.CFI says (VT-d §9.10).
+    CompatWithX2apic,
 }
 
 impl VtdError {
@@ -196,6 +199,9 @@ impl VtdError {
             Self::Timeout(what) => what,
             Self::AlreadyEnabled => "translation already enabled by the firmware",
             Self::QueueError => "the invalidation queue stopped on an error (FSTS.IQE/ITE)",
+            Self::CompatWithX2apic => {
+                "compatibility format cannot pass with 32-bit destinations (IRTA.EIME)"
+            }
         }
     }
 }
@@ -301,6 +307,9 @@ pub trait QueueMemory {
     fn status_address(&self) -> u64;
     /// The status dword (the last token the unit stored).
     fn status(&self) -> u32;
+    /// A token this queue has not waited for before (never 0), so that a
+    /// wait that completes late cannot satisfy a later one.
+    fn next_token(&mut self) -> u32;
 }
 
 /// Descriptors in the queue this driver submits (128-bit, VT-d §6.5.2).
@@ -332,7 +341,7 @@ pub fn queue_run(
     q: &mut impl QueueMemory,
     descs: &[[u64; 2]],
 ) -> Result<(), VtdError> {
-    let token = q.status().wrapping_add(1).max(1);
+    let token = q.next_token();
     let mut tail = (m.read64(reg::IQT) >> 4) % QUEUE_ENTRIES;
     for d in descs
         .iter()
@@ -386,8 +395,10 @@ pub fn enable_queued(
 /// entries; 32-bit destinations where `x2apic`). Where `compat`,
 /// compatibility-format messages keep passing (GCMD.CFI, acknowledged
 /// before remapping starts); else only a message that names a present
-/// entry, from the source the entry names, is delivered. The queue must
-/// be on ([`enable_queued`]). On an error remapping is left off.
+/// entry, from the source the entry names, is delivered. With `x2apic`
+/// (IRTA.EIME) the unit blocks compatibility format whatever CFI says, so
+/// the two are refused together. The queue must be on
+/// ([`enable_queued`]). On an error remapping is left off.
 pub fn enable_remapping(
     m: &mut impl Mmio,
     q: &mut impl QueueMemory,
@@ -396,6 +407,9 @@ pub fn enable_remapping(
     x2apic: bool,
     compat: bool,
 ) -> Result<(), VtdError> {
+    if x2apic && compat {
+        return Err(VtdError::CompatWithX2apic);
+    }
     m.write64(
         reg::IRTA,
         crate::irq_remap::vtd::irta(table, entries_log2, x2apic),
@@ -524,6 +538,7 @@ mod tests {
     struct FakeQueue {
         descs: Vec<[u64; 2]>,
         status: u32,
+        tokens: u32,
     }
 
     #[derive(Clone)]
@@ -542,12 +557,18 @@ mod tests {
         fn status(&self) -> u32 {
             self.0.borrow().status
         }
+        fn next_token(&mut self) -> u32 {
+            let mut q = self.0.borrow_mut();
+            q.tokens += 1;
+            q.tokens
+        }
     }
 
     fn queue() -> SharedQueue {
         SharedQueue(Rc::new(RefCell::new(FakeQueue {
             descs: alloc::vec![[0; 2]; 256],
             status: 0,
+            tokens: 0,
         })))
     }
 
@@ -787,6 +808,9 @@ mod tests {
         assert_eq!(q.status(), 2);
         assert_eq!(u.log[7..], ["q:iec-index", "q:wait"]);
         assert_eq!(q.0.borrow().descs[3], [0x4 | 1 << 4 | 7 << 32, 0]);
+        // 32-bit destinations, compatibility format blocked.
+        enable_remapping(&mut u, &mut q, 0x20_0000, 12, true, false).unwrap();
+        assert_eq!(u.regs[&reg::IRTA], 0x20_0000 | 1 << 11 | 0xb, "EIME");
     }
 
     #[test]
@@ -805,11 +829,17 @@ mod tests {
             "compatibility format blocked"
         );
         // Off again, and on with compatibility format passing: CFI is
-        // acknowledged before remapping starts.
+        // acknowledged before remapping starts. Not with 32-bit
+        // destinations, where the unit would block it anyway.
         disable_remapping(&mut u).unwrap();
         u.log.clear();
-        enable_remapping(&mut u, &mut q, 0x20_0000, 12, true, true).unwrap();
-        assert_eq!(u.regs[&reg::IRTA], 0x20_0000 | 1 << 11 | 0xb, "x2APIC");
+        assert_eq!(
+            enable_remapping(&mut u, &mut q, 0x20_0000, 12, true, true),
+            Err(VtdError::CompatWithX2apic)
+        );
+        assert!(u.log.is_empty(), "nothing written");
+        enable_remapping(&mut u, &mut q, 0x20_0000, 12, false, true).unwrap();
+        assert_eq!(u.regs[&reg::IRTA], 0x20_0000 | 0xb);
         assert_eq!(u.log, ["sirtp", "q:iec", "q:wait", "cfi", "ire"]);
         assert_eq!(u.gsts() & (on | gcmd::CFI), on | gcmd::CFI);
         // A unit that never acknowledges CFI: remapping stays off.
@@ -841,7 +871,8 @@ mod tests {
             Err(VtdError::QueueError)
         );
         assert_eq!(u.gsts() & gcmd::TE, 0, "translation never turned on");
-        // A unit that never stores the token times out.
+        // A unit that never stores the token times out; its late store
+        // cannot satisfy the next wait, which has a token of its own.
         let mut q = queue();
         let mut u = FakeUnit::with_queue(&q);
         enable_queued(&mut u, 0x1000, &mut q).unwrap();
@@ -849,6 +880,12 @@ mod tests {
         assert_eq!(
             queue_run(&mut u, &mut q, &[desc::IEC_GLOBAL]),
             Err(VtdError::Timeout("invalidation wait"))
+        );
+        q.0.borrow_mut().status = 2;
+        assert_eq!(
+            queue_run(&mut u, &mut q, &[desc::IEC_GLOBAL]),
+            Err(VtdError::Timeout("invalidation wait")),
+            "the late token 2 does not complete wait 3"
         );
     }
 

@@ -935,8 +935,9 @@ fn present_nvme_vf(
 /// is not remapped (said), nor one whose MSI-X table lies at or beyond
 /// `limit` (the physical address width), where no one can reach it.
 /// Returns how many of the OS's interrupt sources stay outside thinhv's
-/// entries: functions not remapped, and SR-IOV PFs on which the OS can
-/// create virtual functions (their tables are not trapped).
+/// entries: functions not remapped (a table beyond reach, behind a
+/// conventional bridge, mediated otherwise), and SR-IOV PFs on which the
+/// OS can create virtual functions (their tables are not trapped).
 fn remap_os_msi(
     pci: &mut thinhv_abi::handoff::PciHandoff,
     functions: &[thinhv_passthrough::pci::Function],
@@ -963,6 +964,17 @@ fn remap_os_msi(
             .iter()
             .any(|c| c.0 == CAP_ID_MSI || c.0 == CAP_ID_MSIX);
         if f.bdf.segment != 0 || !signals || pci.is_blocked(rid) {
+            continue;
+        }
+        // Behind a conventional bridge a function's messages carry the
+        // bridge's ID, not its own: an entry bound to its own would refuse
+        // them. Left as the OS programs it (and said).
+        if let Some(b) = conventional_bridge_above(f, functions, regions) {
+            println!(
+                "thinhv: warning: interrupts: {}: behind the conventional PCI bridge {b} (its messages carry the bridge's ID): not remapped, a hostile OS can aim it at an appliance's processors",
+                f.bdf
+            );
+            beyond += 1;
             continue;
         }
         if let Some(cap) = f.caps.iter().find(|c| c.0 == CAP_ID_MSIX) {
@@ -1014,6 +1026,34 @@ fn remap_os_msi(
         );
     }
     (other + over + beyond, vf_pfs)
+}
+
+/// A bridge above `f` whose secondary side is conventional PCI (a
+/// PCI Express to PCI/PCI-X bridge, or a bridge without a PCI Express
+/// capability), if there is one.
+fn conventional_bridge_above(
+    f: &thinhv_passthrough::pci::Function,
+    functions: &[thinhv_passthrough::pci::Function],
+    regions: &[thinhv_passthrough::pci::EcamRegion],
+) -> Option<thinhv_passthrough::pci::Bdf> {
+    functions
+        .iter()
+        .filter(|b| {
+            b.bdf.segment == f.bdf.segment
+                && b.bridge_buses
+                    .is_some_and(|(sec, sub)| (sec..=sub).contains(&f.bdf.bus))
+        })
+        .find(|b| {
+            b.caps
+                .iter()
+                .find(|c| c.0 == thinhv_passthrough::pci::CAP_ID_PCIE)
+                .is_none_or(|c| {
+                    // Device/port type, PCI Express capabilities bits 7:4:
+                    // 7 is a PCI Express to PCI/PCI-X bridge.
+                    (super::pci::read32(regions, b.bdf, c.1) >> 20) & 0xf == 7
+                })
+        })
+        .map(|b| b.bdf)
 }
 
 /// The bridges above `bdf` (an NVMe PF thinhv keeps) stay the OS's, but
@@ -1153,30 +1193,7 @@ fn block_compat_if_all_remapped(
     ioapics: usize,
     sources: Option<&thinhv_efi::iommu_plan::IrqSources>,
 ) {
-    let mut why = Vec::new();
-    if functions > 0 {
-        why.push(format!("{functions} function(s) of the OS's not remapped"));
-    }
-    if vf_pfs > 0 {
-        why.push(format!(
-            "{vf_pfs} SR-IOV PF(s) on which the OS can create virtual functions"
-        ));
-    }
-    if ioapics > 0 {
-        why.push(format!(
-            "{ioapics} I/O APIC(s) not judged or without a source ID in the DMAR"
-        ));
-    }
-    match sources {
-        None => why.push(String::from(
-            "no DMAR or IVRS to name the I/O APICs' source IDs",
-        )),
-        Some(s) if s.hpets > 0 => why.push(format!(
-            "{} HPET(s) that can send MSIs, whose messages thinhv does not write",
-            s.hpets
-        )),
-        Some(_) => {}
-    }
+    let why = thinhv_efi::iommu_plan::unremapped_sources(functions, vf_pfs, ioapics, sources);
     let amd = h.iommu.kind == thinhv_abi::handoff::IOMMU_KIND_AMDVI;
     if why.is_empty() {
         h.iommu.flags |= thinhv_abi::handoff::IOMMU_FLAG_BLOCK_COMPAT;

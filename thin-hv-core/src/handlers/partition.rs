@@ -10,6 +10,12 @@ use thinhv_abi::status::{ControlCommand, ControlOp, ControlResult};
 /// from another partition (`Hv::isolated`). Returns the processors
 /// claimed.
 pub fn claim_cpus(env: &mut impl Env) -> u64 {
+    // Before any appliance runs: interrupt remapping (where the IOMMU
+    // does it, every message judged from now on names an entry), then the
+    // OS's I/O APIC entries, the firmware's included, judged (naming
+    // entries where the IOMMU remaps them).
+    env.start_interrupt_remapping();
+    super::ioapic::load_all(env);
     let mut claimed = 0u64;
     let n = env.hv().cpus().len();
     for id in (1u8..)
@@ -59,12 +65,6 @@ pub fn claim_cpus(env: &mut impl Env) -> u64 {
             );
         }
     }
-    // The OS's I/O APIC entries, the firmware's included, judged before
-    // any appliance runs.
-    // Interrupt remapping first, so that the I/O APIC's entries, judged
-    // next, name entries of the IOMMU's table where it remaps them.
-    env.start_interrupt_remapping();
-    super::ioapic::load_all(env);
     env.publish_appliances();
     claimed
 }

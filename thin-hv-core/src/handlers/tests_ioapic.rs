@@ -188,6 +188,8 @@ fn where_the_iommu_remaps_the_io_apic_its_entries_name_a_remapping_entry() {
     // + 1), vector and trigger kept for the EOI, polarity kept, unmasked.
     let hw = hardware(&env, 9);
     assert_eq!(hw, vtd::ioapic_rte(10, &t, true, false));
+    // Handle 10 in bits 63:49, format bit 48, level, active low, vector.
+    assert_eq!(hw, 0x0015_0000_0000_a031);
     assert_ne!(hw & (1 << 48), 0, "remappable format");
     assert_eq!(hw & 0xff, 0x31);
     assert_eq!(read_entry(&mut env, 9), linux, "reads back as written");

@@ -458,21 +458,24 @@ impl Env for HwEnv {
         slot: u16,
         target: Option<irq_remap::Target>,
     ) -> Result<(u64, u32), irq_remap::Refusal> {
-        if self.core.iommu.remaps_through_vtd_table() {
-            // VT-d remapping: the entry holds the judged target; a refused
-            // message names entry 0, which is never present.
-            let handle = self.core.iommu.set_vtd_entry(rid, slot, target)?;
-            return Ok(irq_remap::vtd::msi(handle));
-        }
-        if self.core.iommu.judges_in_compat_format() {
-            // VT-d: the judged message itself; a refused one becomes vector
-            // 15 at the owner's own first processor, which its APIC
-            // refuses as an illegal vector (an APIC error there, nothing
-            // delivered, no one else reached).
-            return match target {
-                Some(t) => irq_remap::compat::msi(&t),
-                None => self.parked_message(rid),
-            };
+        match self.core.iommu.message_format() {
+            super::iommu::MessageFormat::VtdTable => {
+                // VT-d remapping: the entry holds the judged target; a
+                // refused message names entry 0, which is never present.
+                let handle = self.core.iommu.set_vtd_entry(rid, slot, target)?;
+                return Ok(irq_remap::vtd::msi(handle));
+            }
+            super::iommu::MessageFormat::VtdCompat => {
+                // VT-d: the judged message itself; a refused one becomes
+                // vector 15 at the owner's own first processor, which its
+                // APIC refuses as an illegal vector (an APIC error there,
+                // nothing delivered, no one else reached).
+                return match target {
+                    Some(t) => irq_remap::compat::msi(&t),
+                    None => self.parked_message(rid),
+                };
+            }
+            super::iommu::MessageFormat::AmdViTable | super::iommu::MessageFormat::None => {}
         }
         let entry = match target {
             Some(t) => irq_remap::amdvi::irte(&t)?,

@@ -103,14 +103,20 @@ impl VtdIr {
         PhysQueue {
             base: self.queues + unit as u64 * PAGE,
             status: self.status + 16 * unit as u64,
+            unit: unit % MAX_IOMMUS,
         }
     }
 }
+
+/// The last wait token of each unit's queue.
+static QUEUE_TOKENS: [core::sync::atomic::AtomicU32; MAX_IOMMUS] =
+    [const { core::sync::atomic::AtomicU32::new(0) }; MAX_IOMMUS];
 
 /// One unit's invalidation queue page and status dword.
 struct PhysQueue {
     base: u64,
     status: u64,
+    unit: usize,
 }
 
 impl vtd::QueueMemory for PhysQueue {
@@ -135,6 +141,10 @@ impl vtd::QueueMemory for PhysQueue {
         // SAFETY: the pool page for the units' wait stores; the unit writes
         // the dword by DMA, so it is read through memory each time.
         unsafe { core::ptr::read_volatile(self.status as *const u32) }
+    }
+    fn next_token(&mut self) -> u32 {
+        let t = QUEUE_TOKENS[self.unit].fetch_add(1, Ordering::SeqCst);
+        t.wrapping_add(1).max(1)
     }
 }
 
@@ -385,6 +395,19 @@ struct Unit {
     record: IommuRecord,
 }
 
+/// How thinhv writes a judged interrupt message ([`Iommu::message_format`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MessageFormat {
+    /// An entry of the function's own AMD-Vi table, named by its index.
+    AmdViTable,
+    /// An entry of thinhv's VT-d table, named in remappable format.
+    VtdTable,
+    /// VT-d without remapping: the judged message itself.
+    VtdCompat,
+    /// No IOMMU judges messages.
+    None,
+}
+
 /// The IOMMU state.
 pub struct Iommu {
     units: Mutex<([Unit; MAX_IOMMUS], usize)>,
@@ -400,6 +423,13 @@ pub struct Iommu {
     ir_on: AtomicBool,
     /// VT-d: the remapping table's entries, by source and slot.
     irt: Mutex<Option<irq_remap::Slots>>,
+    /// VT-d: the share of the table each source may take entries from
+    /// (an appliance's functions and each I/O APIC have their own; every
+    /// other source is the OS's), so that no partition can use up
+    /// another's.
+    irt_shares: IrtShares,
+    /// VT-d: an invalidation failed; no entry is changed any more.
+    irt_broken: AtomicBool,
     /// Why compatibility-format messages must keep passing, if they must:
     /// the loader did not find every interrupt source of the OS's
     /// remappable (`IOMMU_FLAG_BLOCK_COMPAT`), or an appliance's function
@@ -458,6 +488,8 @@ impl Iommu {
             remap_interrupts: h.remaps_interrupts(),
             ir_on: AtomicBool::new(false),
             irt: Mutex::new(None),
+            irt_shares: IrtShares::new(partitions, ioapics),
+            irt_broken: AtomicBool::new(false),
             compat_needed: compat_needed(h, partitions, top),
             remapping_started: AtomicBool::new(false),
             ioapic_sources: ioapics
@@ -643,7 +675,9 @@ impl Iommu {
             );
             return Ok(None);
         }
-        let x2apic = caps().all(|c| c.extended_interrupt_mode());
+        // 32-bit destinations only where compatibility format need not
+        // pass: with them the unit blocks it whatever CFI says.
+        let x2apic = caps().all(|c| c.extended_interrupt_mode()) && self.compat_needed.is_none();
         let table = frames_take(frames)?;
         for i in 1..thinhv_abi::layout::VTD_IRT_PAGES {
             if frames_take(frames)? != table + i * PAGE {
@@ -925,16 +959,17 @@ impl Iommu {
         judged && self.started.load(Ordering::SeqCst) && self.protect
     }
 
-    /// Whether a judged message is written into the function itself
-    /// (VT-d without interrupt remapping: compatibility format) rather
-    /// than into a remapping table.
-    pub fn judges_in_compat_format(&self) -> bool {
-        matches!(self.hw, Hw::Vtd { .. }) && !self.ir_on.load(Ordering::SeqCst)
-    }
-
-    /// VT-d: judged messages name entries of thinhv's remapping table.
-    pub fn remaps_through_vtd_table(&self) -> bool {
-        matches!(self.hw, Hw::Vtd { ir: Some(_), .. }) && self.ir_on.load(Ordering::SeqCst)
+    /// How a judged message reaches the function (read once per message:
+    /// remapping on VT-d starts at the claim).
+    pub fn message_format(&self) -> MessageFormat {
+        match self.hw {
+            Hw::AmdVi { .. } => MessageFormat::AmdViTable,
+            Hw::Vtd { ir: Some(_), .. } if self.ir_on.load(Ordering::SeqCst) => {
+                MessageFormat::VtdTable
+            }
+            Hw::Vtd { .. } => MessageFormat::VtdCompat,
+            Hw::None => MessageFormat::None,
+        }
     }
 
     /// VT-d with interrupt remapping: the entry of `rid`'s `slot` in
@@ -951,12 +986,21 @@ impl Iommu {
             return Err(irq_remap::Refusal::Malformed);
         };
         let key = irq_remap::Key { source: rid, slot };
+        if self.irt_broken.load(Ordering::SeqCst) {
+            // Entries stay as they are (each names its owner's processor
+            // or nothing); new ones are refused.
+            return if target.is_some() {
+                Err(irq_remap::Refusal::Malformed)
+            } else {
+                Ok(0)
+            };
+        }
         let mut g = self.irt.lock();
         let slots = g.as_mut().ok_or(irq_remap::Refusal::Malformed)?;
         let (handle, entry) = match target {
             Some(t) => {
                 let e = irq_remap::vtd::irte(&t, rid, ir.x2apic)?;
-                (slots.assign(key, None)?, e)
+                (slots.assign_within(key, self.irt_shares.of(rid))?, e)
             }
             None => match slots.release(key) {
                 Some(h) => (h, irq_remap::vtd::NOT_PRESENT),
@@ -966,9 +1010,11 @@ impl Iommu {
         let at = (ir.table + 16 * u64::from(handle)) as *mut u64;
         // SAFETY: `table` is the pool block of `VTD_IRT_PAGES` pages given to
         // the remapping table and `handle` is below its entries (`Slots`
-        // of that size). A new entry gets its source first and its
-        // present bit last; a live one changes in its low quadword alone
-        // (the source stays), so the unit never reads half of another.
+        // of that size). A present entry gets its high quadword (the
+        // source, the same for a live entry, whose key names it) before
+        // its low one (present bit, destination, vector); one not present
+        // loses its present bit first. The unit never reads half of
+        // another entry.
         unsafe {
             if entry[0] & 1 != 0 {
                 core::ptr::write_volatile(at.add(1), entry[1]);
@@ -983,7 +1029,11 @@ impl Iommu {
         drop(g);
         self.on_every_unit(ir, &[vtd::desc::iec_index(handle)])
             .map_err(|e| {
-                log::error!("IOMMU: interrupt entry {handle}: {e}");
+                if !self.irt_broken.swap(true, Ordering::SeqCst) {
+                    log::error!(
+                        "IOMMU: interrupt entry {handle}: {e}; no remapping entry changes from now on (new messages are refused)"
+                    );
+                }
                 irq_remap::Refusal::Malformed
             })?;
         Ok(if entry[0] & 1 != 0 { handle } else { 0 })
@@ -1454,6 +1504,53 @@ fn amdvi_enable(
     // SAFETY: as above; the IOMMU writes the value by DMA.
     amdvi::wait(|| unsafe { core::ptr::read_volatile(sem as *const u64) } == 0x7468_696e)
         .map_err(|_| "the command buffer did not complete")
+}
+
+/// Entries of thinhv's VT-d table for each I/O APIC (pins, at most 120).
+const IRT_IOAPIC_SHARE: usize = 128;
+/// Entries of thinhv's VT-d table for each appliance with functions.
+const IRT_APPLIANCE_SHARE: usize = 256;
+
+/// How thinhv's VT-d remapping table is shared out: from the top, a share
+/// for each I/O APIC with a known source and each appliance with
+/// functions; the OS's sources take from the rest, above entry 0.
+struct IrtShares {
+    /// (source, first entry, end).
+    own: alloc::vec::Vec<(u16, usize, usize)>,
+    /// The OS's share's end.
+    os_end: usize,
+}
+
+impl IrtShares {
+    fn new(partitions: &[PartitionInfo], ioapics: &[thinhv_abi::handoff::IoApicInfo]) -> Self {
+        let mut end = 1usize << thinhv_abi::layout::VTD_IRT_ENTRIES_LOG2;
+        let mut own = alloc::vec::Vec::new();
+        for sid in ioapics
+            .iter()
+            .filter_map(thinhv_abi::handoff::IoApicInfo::source_id)
+        {
+            own.push((sid, end - IRT_IOAPIC_SHARE, end));
+            end -= IRT_IOAPIC_SHARE;
+        }
+        for p in partitions.iter().take(MAX_APPLIANCES) {
+            if p.devices().is_empty() {
+                continue;
+            }
+            for d in p.devices() {
+                own.push((d.rid, end - IRT_APPLIANCE_SHARE, end));
+            }
+            end -= IRT_APPLIANCE_SHARE;
+        }
+        Self { own, os_end: end }
+    }
+
+    /// The entries `rid` may take.
+    fn of(&self, rid: u16) -> core::ops::Range<usize> {
+        self.own
+            .iter()
+            .find(|(s, _, _)| *s == rid)
+            .map_or(1..self.os_end, |&(_, a, b)| a..b)
+    }
 }
 
 /// The remapping table's entries: 0 reserved (never present), the rest
