@@ -263,19 +263,26 @@ fn gcmd_set_oneshot(m: &mut impl Mmio, bit: u32) -> Result<(), VtdError> {
     Err(VtdError::Timeout("write-buffer flush"))
 }
 
-/// Points the unit at `root_table`, invalidates, and turns translation on.
-/// The tables must be complete (and flushed from caches on non-coherent
-/// units) before this is called.
-pub fn enable(m: &mut impl Mmio, root_table: u64) -> Result<Caps, VtdError> {
+/// Checks the unit is usable and not yet translating, masks fault
+/// interrupts (faults are polled) and points it at `root_table`: what
+/// [`enable`] and [`enable_queued`] both start with.
+fn set_root(m: &mut impl Mmio, root_table: u64) -> Result<Caps, VtdError> {
     let c = caps(m);
     c.address_width().ok_or(VtdError::NoUsableAddressWidth)?;
     if m.read32(reg::GSTS) & gcmd::TE != 0 {
         return Err(VtdError::AlreadyEnabled);
     }
-    // Fault interrupts stay masked: faults are polled.
     m.write32(reg::FECTL, FECTL_IM);
     m.write64(reg::RTADDR, root_table & !0xfff);
     gcmd_set(m, gcmd::SRTP, "set root table pointer")?;
+    Ok(c)
+}
+
+/// Points the unit at `root_table`, invalidates, and turns translation on.
+/// The tables must be complete (and flushed from caches on non-coherent
+/// units) before this is called.
+pub fn enable(m: &mut impl Mmio, root_table: u64) -> Result<Caps, VtdError> {
+    let c = set_root(m, root_table)?;
     invalidate_all(m, &c)?;
     gcmd_set(m, gcmd::TE, "translation enable")?;
     Ok(c)
@@ -371,14 +378,7 @@ pub fn enable_queued(
     root_table: u64,
     q: &mut impl QueueMemory,
 ) -> Result<Caps, VtdError> {
-    let c = caps(m);
-    c.address_width().ok_or(VtdError::NoUsableAddressWidth)?;
-    if m.read32(reg::GSTS) & gcmd::TE != 0 {
-        return Err(VtdError::AlreadyEnabled);
-    }
-    m.write32(reg::FECTL, FECTL_IM);
-    m.write64(reg::RTADDR, root_table & !0xfff);
-    gcmd_set(m, gcmd::SRTP, "set root table pointer")?;
+    let c = set_root(m, root_table)?;
     if c.rwbf() {
         gcmd_set_oneshot(m, gcmd::WBF)?;
     }
