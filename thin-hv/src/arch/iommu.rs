@@ -94,7 +94,8 @@ struct VtdIr {
     table: u64,
     queues: u64,
     status: u64,
-    /// Entries name 32-bit destinations (every unit has ECAP.EIM).
+    /// Entries name 32-bit destinations (IRTA.EIME): every unit has
+    /// ECAP.EIM and compatibility format need not pass.
     x2apic: bool,
 }
 
