@@ -679,18 +679,16 @@ impl Iommu {
         // 32-bit destinations only where compatibility format need not
         // pass: with them the unit blocks it whatever CFI says.
         let x2apic = caps().all(|c| c.extended_interrupt_mode()) && self.compat_needed.is_none();
-        let table = frames_take(frames)?;
-        for i in 1..thinhv_abi::layout::VTD_IRT_PAGES {
-            if frames_take(frames)? != table + i * PAGE {
-                return Err("the interrupt remapping table is not contiguous");
-            }
-        }
-        let queues = frames_take(frames)?;
-        for i in 1..*n as u64 {
-            if frames_take(frames)? != queues + i * PAGE {
-                return Err("the invalidation queues are not contiguous");
-            }
-        }
+        let table = frames_take_run(
+            frames,
+            thinhv_abi::layout::VTD_IRT_PAGES,
+            "the interrupt remapping table is not contiguous",
+        )?;
+        let queues = frames_take_run(
+            frames,
+            *n as u64,
+            "the invalidation queues are not contiguous",
+        )?;
         let status = frames_take(frames)?;
         log::info!(
             "IOMMU: VT-d interrupt remapping through thinhv's table at {table:#x} ({} entries, {} destinations)",
@@ -732,13 +730,7 @@ impl Iommu {
         let pages = (ids * 32).div_ceil(PAGE);
         // The bump allocator hands out consecutive frames: the device table
         // is one contiguous block.
-        let dev_table = frames_take(frames)?;
-        for i in 1..pages {
-            let f = frames_take(frames)?;
-            if f != dev_table + i * PAGE {
-                return Err("the device table is not contiguous");
-            }
-        }
+        let dev_table = frames_take_run(frames, pages, "the device table is not contiguous")?;
         // SAFETY: only this core's table roots and frames from its own
         // allocator reach the engine (`IdentityMem::new`'s contract).
         let mut mem = unsafe { IdentityMem::new() };
@@ -1560,6 +1552,22 @@ fn irt_slots() -> irq_remap::Slots {
     let mut slots = irq_remap::Slots::new(1 << thinhv_abi::layout::VTD_IRT_ENTRIES_LOG2);
     let _ = slots.assign(NEVER_PRESENT, Some(0));
     slots
+}
+
+/// `pages` (at least one) zeroed frames in a row: the bump allocator hands
+/// out consecutive frames, and anything else is `not_contiguous`.
+fn frames_take_run(
+    frames: &mut BumpFrames,
+    pages: u64,
+    not_contiguous: &'static str,
+) -> Result<u64, &'static str> {
+    let first = frames_take(frames)?;
+    for i in 1..pages {
+        if frames_take(frames)? != first + i * PAGE {
+            return Err(not_contiguous);
+        }
+    }
+    Ok(first)
 }
 
 fn frames_take(frames: &mut BumpFrames) -> Result<u64, &'static str> {
