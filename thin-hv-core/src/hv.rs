@@ -19,7 +19,9 @@ use thinhv_abi::status::CpuState;
 pub struct Mailbox {
     /// An INIT is pending.
     pub init_pending: AtomicBool,
-    /// `SIPI_VALID | vector` of the first SIPI after the INIT, or 0.
+    /// Where the CPU is between INIT and start-up: 0 (not waiting: a SIPI
+    /// is ignored), [`SIPI_WAITING`] (an INIT came; the first SIPI counts)
+    /// or `SIPI_VALID | vector` (that SIPI, not yet taken).
     pub sipi: AtomicU32,
     /// NMIs sent as wake-ups and not yet consumed.
     pub wake_nmis: AtomicU32,
@@ -30,30 +32,48 @@ pub struct Mailbox {
 
 /// [`Mailbox::sipi`]: a vector is present.
 pub const SIPI_VALID: u32 = 0x100;
+/// [`Mailbox::sipi`]: waiting for a SIPI, none yet.
+pub const SIPI_WAITING: u32 = 0x200;
 
 impl Mailbox {
-    /// Posts an INIT. The caller then sends the wake-up NMI.
+    /// Posts an INIT. The caller then sends the wake-up NMI. From here on
+    /// the first SIPI counts, however long the target takes to reach its
+    /// wait: the wait belongs to the INIT, not to the target's progress
+    /// (a SIPI sent while the target is still between its NMI exit and its
+    /// wait loop is not lost).
     pub fn post_init(&self) {
-        self.sipi.store(0, Ordering::SeqCst);
+        self.sipi.store(SIPI_WAITING, Ordering::SeqCst);
         self.init_pending.store(true, Ordering::SeqCst);
         self.wake_nmis.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Posts a SIPI; only the first one after an INIT counts, as on
-    /// hardware. Returns whether it was taken.
-    pub fn post_sipi(&self, vector: u8, target_state: CpuState) -> bool {
-        let waiting =
-            self.init_pending.load(Ordering::SeqCst) || target_state == CpuState::WAIT_FOR_SIPI;
-        waiting
-            && self
-                .sipi
-                .compare_exchange(
-                    0,
-                    SIPI_VALID | u32::from(vector),
-                    Ordering::SeqCst,
-                    Ordering::SeqCst,
-                )
-                .is_ok()
+    /// hardware, and none once the CPU has started. Returns whether it was
+    /// taken.
+    pub fn post_sipi(&self, vector: u8) -> bool {
+        self.sipi
+            .compare_exchange(
+                SIPI_WAITING,
+                SIPI_VALID | u32::from(vector),
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok()
+    }
+
+    /// The CPU enters its wait for a SIPI (an INIT of its own, to itself,
+    /// posts nothing): from here on the first SIPI counts. A SIPI that has
+    /// already arrived stays.
+    pub fn arm(&self) {
+        let _ = self
+            .sipi
+            .compare_exchange(0, SIPI_WAITING, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// The CPU leaves its wait without a SIPI (thinhv starts it itself):
+    /// a later SIPI is ignored, as on a running processor.
+    pub fn disarm(&self) {
+        self.sipi.store(0, Ordering::SeqCst);
     }
 
     /// Asks the CPU, once in its INIT wait, to start at its partition's
@@ -72,10 +92,17 @@ impl Mailbox {
         self.init_pending.swap(false, Ordering::SeqCst)
     }
 
-    /// Takes the SIPI vector, if one arrived.
+    /// Takes the SIPI vector, if one arrived; the CPU then no longer
+    /// waits, and a second SIPI is ignored. An INIT posted meanwhile wins
+    /// (the CPU waits again for the SIPI after it).
     pub fn take_sipi(&self) -> Option<u8> {
-        let v = self.sipi.swap(0, Ordering::SeqCst);
-        (v & SIPI_VALID != 0).then_some((v & 0xff) as u8)
+        let v = self.sipi.load(Ordering::SeqCst);
+        (v & SIPI_VALID != 0
+            && self
+                .sipi
+                .compare_exchange(v, 0, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok())
+        .then_some((v & 0xff) as u8)
     }
 
     /// Takes the count of wake-up NMIs sent.
@@ -522,5 +549,98 @@ mod mailbox_tests {
         mb.post_init();
         mb.wakes_taken_in_host(0);
         assert_eq!(mb.take_wakes(), 1);
+    }
+
+    #[test]
+    fn a_sipi_sent_before_the_target_reaches_its_wait_is_not_lost() {
+        // The firmware's INIT-SIPI-SIPI (OVMF's ExitBootServices wakes every
+        // processor once and waits for all of them): the target took the
+        // INIT at its NMI exit and has not reached its wait loop when both
+        // SIPIs arrive. The first counts.
+        let mb = Mailbox::default();
+        mb.post_init();
+        assert!(mb.take_init());
+        assert!(mb.post_sipi(0x9a));
+        assert!(!mb.post_sipi(0x9a), "the second SIPI is ignored");
+        mb.arm();
+        assert_eq!(mb.take_sipi(), Some(0x9a));
+    }
+
+    #[test]
+    fn a_started_processor_ignores_sipis_until_its_next_init() {
+        let mb = Mailbox::default();
+        assert!(!mb.post_sipi(0x10), "no INIT yet");
+        mb.post_init();
+        assert!(mb.post_sipi(0x10));
+        assert_eq!(mb.take_sipi(), Some(0x10));
+        // The second SIPI of the pair comes after the target took the
+        // first (it still reads as waiting until it runs): ignored, and
+        // nothing is left to start it at a stale vector later.
+        assert!(!mb.post_sipi(0x20));
+        assert_eq!(mb.take_sipi(), None);
+        mb.arm();
+        assert!(mb.post_sipi(0x30), "an INIT to itself arms its wait");
+        assert_eq!(mb.take_sipi(), Some(0x30));
+    }
+
+    #[test]
+    fn an_init_before_the_sipi_was_taken_waits_for_the_next_sipi() {
+        let mb = Mailbox::default();
+        mb.post_init();
+        assert!(mb.post_sipi(0x10));
+        mb.post_init();
+        mb.arm();
+        assert_eq!(mb.take_sipi(), None);
+        assert!(mb.post_sipi(0x20));
+        assert_eq!(mb.take_sipi(), Some(0x20));
+    }
+
+    #[test]
+    fn a_processor_thinhv_starts_itself_ignores_a_later_sipi() {
+        let mb = Mailbox::default();
+        mb.post_boot();
+        mb.post_init();
+        mb.arm();
+        assert!(mb.take_boot());
+        mb.disarm();
+        assert!(!mb.post_sipi(0x10));
+        // Its next INIT arms it again.
+        mb.post_init();
+        assert!(mb.post_sipi(0x11));
+        assert_eq!(mb.take_sipi(), Some(0x11));
+    }
+
+    #[test]
+    fn no_sipi_is_lost_however_the_target_lags_behind_the_sender() {
+        // Sender and target on two threads, the target yielding for a
+        // varying time between its INIT exit and its wait, as a processor
+        // whose emulator thread is descheduled does.
+        use std::sync::Arc;
+        let mb = Arc::new(Mailbox::default());
+        for round in 0..2000u32 {
+            let vector = (round % 200) as u8 + 1;
+            let t = Arc::clone(&mb);
+            let target = std::thread::spawn(move || {
+                while !t.take_init() {
+                    std::hint::spin_loop();
+                }
+                for _ in 0..(round % 7) {
+                    std::thread::yield_now();
+                }
+                t.arm();
+                loop {
+                    if let Some(v) = t.take_sipi() {
+                        return v;
+                    }
+                    std::thread::yield_now();
+                }
+            });
+            mb.post_init();
+            let first = mb.post_sipi(vector);
+            let second = mb.post_sipi(vector.wrapping_add(1));
+            assert!(first && !second, "round {round}");
+            assert_eq!(target.join().unwrap(), vector, "round {round}");
+            assert_eq!(mb.take_sipi(), None, "round {round}");
+        }
     }
 }

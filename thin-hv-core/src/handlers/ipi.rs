@@ -126,7 +126,7 @@ fn deliver(env: &mut impl Env, apic_id: u32, icr: &Icr, x2apic: bool) {
                 log::debug!("cpu {}: virtual INIT to apic {apic_id}", env.cpu_index());
                 env.kick_for_init(apic_id);
             } else {
-                let taken = slot.mailbox.post_sipi(icr.vector, slot.state());
+                let taken = slot.mailbox.post_sipi(icr.vector);
                 log::debug!(
                     "cpu {}: virtual SIPI {:#x} to apic {apic_id} ({})",
                     env.cpu_index(),

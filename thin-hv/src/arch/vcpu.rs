@@ -281,15 +281,21 @@ pub fn init_then_sipi(core: &Core, cpu: usize, b: &mut impl Backend) {
         return;
     }
     let slot = &core.hv.cpus()[cpu];
+    // An INIT of its own posted nothing: the first SIPI counts from here.
+    slot.mailbox.arm();
     let vector = loop {
         // A further INIT while waiting changes nothing.
         let _ = slot.mailbox.take_init();
         if slot.mailbox.take_boot() {
             let nmis = b.sipi_arrived(core, cpu);
             slot.mailbox.wakes_taken_in_host(nmis);
+            // Started by thinhv, not by a SIPI: one sent to it later is
+            // ignored (an INIT posted meanwhile arms it again).
+            slot.mailbox.disarm();
             if boot_appliance(core, cpu, b) {
                 return;
             }
+            slot.mailbox.arm();
         }
         if let Some(v) = slot.mailbox.take_sipi() {
             break v;
