@@ -376,8 +376,19 @@ pub const PCI_ACTION_BRIDGE_GUARD: u8 = 5;
 /// data the OS writes into its MSI capability and MSI-X table are
 /// thinhv's to judge and keep (`handlers::msi_remap` in the core); the
 /// rest is as written. [`PciMediation::sriov_cap`]: its MSI capability
-/// where it has no MSI-X (0 otherwise).
+/// where it has no MSI-X (0 otherwise); [`PciMediation::source_check`]:
+/// which requester IDs its remapping entries accept.
 pub const PCI_ACTION_MSI: u8 = 6;
+
+/// [`PciMediation::source_check`]: its own routing ID, all 16 bits (VT-d
+/// SVT 01b).
+pub const MSI_SOURCE_OWN: u8 = 0;
+/// [`PciMediation::source_check`]: a requester ID whose bus lies within
+/// [`PciMediation::source`]'s (first bus << 8 | last bus; VT-d SVT 10b):
+/// a function behind a PCI Express to PCI bridge, whose messages carry the
+/// bridge's secondary bus with device and function 0 (or, from PCI-X, its
+/// own ID), never the ID of a function outside that bridge.
+pub const MSI_SOURCE_BUSES: u8 = 1;
 
 /// Most BARs thinhv keeps from everyone ([`PciHandoff::held`]).
 pub const MAX_HELD_BARS: usize = 8;
@@ -453,6 +464,12 @@ pub struct PciMediation {
     pub initial_vfs: u16,
     /// VF budget: TotalVFs as the device reports it.
     pub total_vfs: u16,
+    /// MSI: see [`Self::source_check`].
+    pub source: u16,
+    /// MSI: [`MSI_SOURCE_OWN`] or [`MSI_SOURCE_BUSES`].
+    pub source_check: u8,
+    /// Reserved (0).
+    pub reserved2: u8,
 }
 
 /// An inclusive range of PCI routing IDs (bus << 8 | devfn).

@@ -239,6 +239,83 @@ pub fn irq_sources_ivrs(r: &Ivrs) -> IrqSources {
     out
 }
 
+/// Where an OS function's messages come from, as the IOMMU sees them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MsiSource {
+    /// Its own requester ID (no conventional bridge above it).
+    Own,
+    /// A requester ID on the buses `first..=last` below `bridge`, the
+    /// topmost PCI Express to PCI/PCI-X bridge above it: its secondary
+    /// bus with device and function 0, or from PCI-X the function's own.
+    Buses {
+        /// The bridge.
+        bridge: thinhv_passthrough::pci::Bdf,
+        /// Its secondary bus.
+        first: u8,
+        /// Its subordinate bus.
+        last: u8,
+    },
+}
+
+/// Where `f`'s messages come from, or why its remapping entries could
+/// not check it (`Err`). `conventional(b)`: `Some(true)` for a PCI Express
+/// to PCI/PCI-X bridge, `Some(false)` for another PCI Express function,
+/// `None` for one without a PCI Express capability. `not_os(g)`: `g` is
+/// not the OS's (an appliance's or hidden). Only VT-d (`vtd`) entries can
+/// check a range of buses (SVT 10b); a bridge without PCI Express puts
+/// its own ID on the bus above, shared with everything there.
+pub fn msi_source(
+    f: &thinhv_passthrough::pci::Function,
+    functions: &[thinhv_passthrough::pci::Function],
+    conventional: impl Fn(&thinhv_passthrough::pci::Function) -> Option<bool>,
+    not_os: impl Fn(&thinhv_passthrough::pci::Function) -> bool,
+    vtd: bool,
+) -> Result<MsiSource, String> {
+    let above = |b: &&thinhv_passthrough::pci::Function| {
+        b.bdf.segment == f.bdf.segment
+            && b.bridge_buses
+                .is_some_and(|(sec, sub)| (sec..=sub).contains(&f.bdf.bus))
+    };
+    // The topmost bridge with a conventional secondary side: the one
+    // whose buses include the others'.
+    let Some(b) = functions
+        .iter()
+        .filter(above)
+        .filter(|b| conventional(b) != Some(false))
+        .min_by_key(|b| b.bridge_buses.map_or(0, |(sec, _)| sec))
+    else {
+        return Ok(MsiSource::Own);
+    };
+    if !vtd {
+        return Err(format!(
+            "behind the conventional PCI bridge {} (its messages carry the bridge's ID)",
+            b.bdf
+        ));
+    }
+    if conventional(b).is_none() {
+        return Err(format!(
+            "behind the PCI bridge {} without PCI Express (its messages carry that bridge's own ID)",
+            b.bdf
+        ));
+    }
+    let Some((first, last)) = b.bridge_buses else {
+        return Err(format!("behind the bridge {} without buses", b.bdf));
+    };
+    if let Some(other) = functions.iter().find(|g| {
+        g.bdf.segment == f.bdf.segment && (first..=last).contains(&g.bdf.bus) && not_os(g)
+    }) {
+        return Err(format!(
+            "behind the PCI Express to PCI bridge {} with {}, which is not the OS's (their messages carry the same IDs)",
+            b.bdf, other.bdf
+        ));
+    }
+    Ok(MsiSource::Buses {
+        bridge: b.bdf,
+        first,
+        last,
+    })
+}
+
 /// Why not every interrupt source of the OS's sends through an entry
 /// thinhv writes, one reason per kind of source left out (empty where
 /// every one does): `functions` of its MSI or MSI-X functions not
@@ -303,6 +380,75 @@ pub fn describe(h: &IommuHandoff) -> String {
 
 #[cfg(test)]
 mod tests {
+    fn fun(bus: u8, dev: u8, buses: Option<(u8, u8)>) -> thinhv_passthrough::pci::Function {
+        thinhv_passthrough::pci::Function {
+            bdf: thinhv_passthrough::pci::Bdf {
+                segment: 0,
+                bus,
+                device: dev,
+                function: 0,
+            },
+            bridge_buses: buses,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_function_behind_a_pcie_to_pci_bridge_is_checked_by_the_buses_below_the_topmost() {
+        use super::{MsiSource, msi_source};
+        // Root port 00:1c.0 (buses 1-4) > PCI Express to PCI bridge 01:00.0
+        // (buses 2-4) > conventional bridge 02:01.0 (buses 3-3) > the
+        // function 03:02.0; and 00:05.0 on the root bus.
+        let fs = [
+            fun(0, 0x1c, Some((1, 4))),
+            fun(1, 0, Some((2, 4))),
+            fun(2, 1, Some((3, 3))),
+            fun(3, 2, None),
+            fun(0, 5, None),
+        ];
+        let kind = |g: &thinhv_passthrough::pci::Function| match (g.bdf.bus, g.bdf.device) {
+            (1, 0) => Some(true),
+            (2, 1) => None,
+            _ => Some(false),
+        };
+        let os = |_: &thinhv_passthrough::pci::Function| false;
+        assert_eq!(
+            msi_source(&fs[3], &fs, kind, os, true),
+            Ok(MsiSource::Buses {
+                bridge: fs[1].bdf,
+                first: 2,
+                last: 4
+            })
+        );
+        assert_eq!(msi_source(&fs[4], &fs, kind, os, true), Ok(MsiSource::Own));
+        // A root port alone is no conventional bridge.
+        assert_eq!(msi_source(&fs[1], &fs, kind, os, true), Ok(MsiSource::Own));
+        // AMD-Vi keeps no table for the alias.
+        assert!(
+            msi_source(&fs[3], &fs, kind, os, false)
+                .unwrap_err()
+                .contains("conventional PCI bridge 0000:01:00.0")
+        );
+        // Another owner's function below the bridge sends the same IDs.
+        let hidden = |g: &thinhv_passthrough::pci::Function| g.bdf.bus == 2 && g.bdf.device == 1;
+        assert!(
+            msi_source(&fs[3], &fs, kind, hidden, true)
+                .unwrap_err()
+                .contains("with 0000:02:01.0, which is not the OS's")
+        );
+        // A topmost bridge without PCI Express: its own ID, on the bus
+        // above, shared with everything there.
+        let legacy = |g: &thinhv_passthrough::pci::Function| match (g.bdf.bus, g.bdf.device) {
+            (1, 0) | (2, 1) => None,
+            _ => Some(false),
+        };
+        assert!(
+            msi_source(&fs[3], &fs, legacy, os, true)
+                .unwrap_err()
+                .contains("without PCI Express")
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -441,6 +441,36 @@ pub mod vtd {
     /// no redirection hint; the destination in bits 47:40 (xAPIC) or 63:32
     /// (x2APIC, EIME set).
     pub const fn irte(t: &Target, sid: u16, x2apic: bool) -> Result<[u64; 2], Refusal> {
+        irte_checked(t, sid, SVT_SID, x2apic)
+    }
+
+    /// SVT 01b: the whole source ID is compared (SQ 00b).
+    pub const SVT_SID: u8 = 1;
+    /// SVT 10b: the requester's bus must lie within SID's buses, the first
+    /// in bits 15:8 and the last in bits 7:0 (VT-d §9.10).
+    pub const SVT_BUSES: u8 = 2;
+
+    /// The entry for `t`, usable only by the requesters whose bus lies in
+    /// `first..=last` (SVT 10b): a function behind a PCI Express to PCI
+    /// bridge, whose messages carry the bridge's secondary bus.
+    pub const fn irte_buses(
+        t: &Target,
+        first: u8,
+        last: u8,
+        x2apic: bool,
+    ) -> Result<[u64; 2], Refusal> {
+        if first > last {
+            return Err(Refusal::Malformed);
+        }
+        irte_checked(t, (first as u16) << 8 | last as u16, SVT_BUSES, x2apic)
+    }
+
+    const fn irte_checked(
+        t: &Target,
+        sid: u16,
+        svt: u8,
+        x2apic: bool,
+    ) -> Result<[u64; 2], Refusal> {
         let dst = if x2apic {
             t.apic_id as u64
         } else if t.apic_id > 0xff {
@@ -453,7 +483,7 @@ pub mod vtd {
             | ((t.delivery.bits() as u64) << 5)
             | ((t.vector as u64) << 16)
             | (dst << 32);
-        let hi = (sid as u64) | (1 << 18); // SID, SQ 00b, SVT 01b
+        let hi = (sid as u64) | ((svt as u64) << 18); // SID, SQ 00b, SVT
         Ok([lo, hi])
     }
 
@@ -826,6 +856,12 @@ mod tests {
         assert_eq!(vtd::target_of(vtd::NOT_PRESENT, false), None);
         // IRTA: 2^(S+1) entries, EIME.
         assert_eq!(vtd::irta(0x8_0000, 8, true), 0x8_0000 | 1 << 11 | 7);
+        // Behind a PCI Express to PCI bridge: buses 2 to 4 (first in
+        // 15:8, last in 7:0), SVT 10b; the rest as above.
+        let e = vtd::irte_buses(&t, 2, 4, false).unwrap();
+        assert_eq!(e[1], 0x0204 | 2 << 18);
+        assert_eq!(e[0], vtd::irte(&t, 0x0108, false).unwrap()[0]);
+        assert_eq!(vtd::irte_buses(&t, 4, 2, false), Err(Refusal::Malformed));
     }
 
     #[test]

@@ -1081,6 +1081,7 @@ fn an_os_devices_msi_never_reaches_an_appliance_where_amd_vi_remaps_it() {
     let g = os_msi_isolation(
         "os-msi",
         "amd-iommu,pt=off,intremap=on",
+        EDU_0_9,
         "5",
         "remapped",
         true,
@@ -1111,6 +1112,7 @@ fn an_os_devices_msi_never_reaches_an_appliance_where_thinhv_judges_it_on_vt_d()
     let g = os_msi_isolation(
         "os-msi-vtd",
         "intel-iommu,intremap=off",
+        EDU_0_9,
         "4",
         "judged",
         false,
@@ -1136,16 +1138,31 @@ fn an_os_devices_msi_never_reaches_an_appliance_through_vt_d_interrupt_remapping
     // this shows is the remapping itself: the OS's own messages, its
     // NVMe, NIC and I/O APIC interrupts arrive through it, and the hostile
     // ones fault at the unit.
+    //
+    // Here the OS's edu sits behind a PCI Express to PCI bridge (00:09.0,
+    // QEMU's pcie-pci-bridge, secondary bus 1), so its messages carry the
+    // requester ID 01:00.0, not its own 01:01.0: its entries check the
+    // requester's bus (SVT 10b, buses 1 to 1) instead of its ID. Five
+    // functions: the edu, the bridge (MSI for its hot-plug controller),
+    // the NVMe, the e1000e and the AHCI controller.
     let g = os_msi_isolation(
         "os-msi-vtd-ir",
         "intel-iommu,intremap=on",
-        "4",
+        &[
+            "-device",
+            "pcie-pci-bridge,id=pb,addr=0x9",
+            "-device",
+            "edu,bus=pb,addr=0x1,dma_mask=0xffffffffffffffff",
+        ],
+        "5",
         "judged",
         true,
     );
     let serial = &g.serial;
     for line in [
-        "interrupts of 4 function(s) of the OS's judged (VT-d: through thinhv's remapping table)",
+        "thinhv: interrupts: 0000:01:01.0: behind the PCI Express to PCI bridge 0000:00:09.0: its entries accept requesters on buses 01-01 (the IDs its messages carry)",
+        "IOMMU: interrupts of 01:01.0 (the OS's, behind a PCI Express to PCI bridge) accepted from buses 01-01 (VT-d: SVT 10b)",
+        "interrupts of 5 function(s) of the OS's judged (VT-d: through thinhv's remapping table)",
         "I/O APIC 0 at 0xfec00000 (GSI 0+): its entries judged (source ff:00.0 in the DMAR)",
         "every interrupt source of the OS's goes through thinhv's entries: compatibility-format messages blocked (where the VT-d unit remaps interrupts and every appliance function is remapped) once the appliances start",
         "1 VT-d unit(s) remapping interrupts; compatibility-format messages blocked, only entries thinhv wrote deliver",
@@ -1154,12 +1171,13 @@ fn an_os_devices_msi_never_reaches_an_appliance_through_vt_d_interrupt_remapping
     }
     // The edu's refused messages named entry 0 and faulted at the unit
     // (reason 0x22: entry not present; the unit records one while the
-    // same source's fault is pending), and so did the e1000e's refused
-    // MSI-X entry.
+    // same source's fault is pending), with the bridge's ID, and so did
+    // the e1000e's refused MSI-X entry. Its own messages passed its
+    // entries' bus check (above: 6 handled).
     let log = g.log.as_ref().expect("thinhv log --json")["log"]
         .as_str()
         .unwrap();
-    for f in ["00:09.0", "00:05.0"] {
+    for f in ["01:00.0", "00:05.0"] {
         let line = format!(
             "IOMMU 0xfed90000: interrupt message by {f} naming entry 0 blocked (reason 0x22"
         );
@@ -1167,12 +1185,22 @@ fn an_os_devices_msi_never_reaches_an_appliance_through_vt_d_interrupt_remapping
     }
 }
 
+/// The OS's edu at 00:09.0, on the root bus.
+const EDU_0_9: &[&str] = &["-device", "edu,addr=0x9,dma_mask=0xffffffffffffffff"];
+
 /// Issue 13's test 4 on the machine with IOMMU `unit` (runs named after
 /// `name`); `functions` of the OS's functions' messages are said `how`
 /// ("remapped" or "judged") at boot. With `control`, the same machine
 /// with `[iommu] interrupts = "off"` shows the attack arriving.
-fn os_msi_isolation(name: &str, unit: &str, functions: &str, how: &str, control: bool) -> Guest {
-    // Test 4 of issue 13: the OS's edu (00:09.0, MSI only) on a machine
+fn os_msi_isolation(
+    name: &str,
+    unit: &str,
+    edu: &[&str],
+    functions: &str,
+    how: &str,
+    control: bool,
+) -> Guest {
+    // Test 4 of issue 13: the OS's edu (MSI only; `edu`: where it sits) on a machine
     // whose messages thinhv judges. From the OS's user space (`thinhv
     // dma-probe --raise`, writing the MSI capability through sysfs: what
     // a hostile kernel can do as well) it sends three messages with vector
@@ -1188,23 +1216,22 @@ fn os_msi_isolation(name: &str, unit: &str, functions: &str, how: &str, control:
     let boot = |name: &str, mode: &str, options: &str| {
         let drive = thinhv_tests::raw_drive(&format!("{name}.img"), "osnvme", 64 << 20);
         let mut machine = Profile::svm(4);
-        machine.extra = [
-            "-device",
-            unit,
-            "-device",
-            "edu,addr=0x9,dma_mask=0xffffffffffffffff",
-            // The OS's NVMe and e1000e: MSI-X, remapped too.
-            "-drive",
-            &drive,
-            "-device",
-            "nvme,drive=osnvme,serial=os0,addr=0x4",
-            "-netdev",
-            "user,id=net0",
-            "-device",
-            "e1000e,netdev=net0,addr=0x5,romfile=",
-        ]
-        .map(String::from)
-        .to_vec();
+        machine.extra = ["-device", unit]
+            .into_iter()
+            .chain(edu.iter().copied())
+            .chain([
+                // The OS's NVMe and e1000e: MSI-X, remapped too.
+                "-drive",
+                &drive,
+                "-device",
+                "nvme,drive=osnvme,serial=os0,addr=0x4",
+                "-netdev",
+                "user,id=net0",
+                "-device",
+                "e1000e,netdev=net0,addr=0x5,romfile=",
+            ])
+            .map(String::from)
+            .collect();
         thinhv_tests::boot_linux(&thinhv_tests::linux_under_thinhv_iommu(
             name, machine, options, &config, mode,
         ))

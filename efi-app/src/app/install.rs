@@ -386,6 +386,7 @@ pub fn install(config: &Config) -> Result<String, String> {
             &inventory.functions,
             &regions,
             1u64 << caps.phys_addr_bits.min(52),
+            iommu.kind == thinhv_abi::handoff::IOMMU_KIND_VTD,
         ));
     }
     // The appliance's functions leave the firmware's hands quiet and
@@ -943,6 +944,7 @@ fn remap_os_msi(
     functions: &[thinhv_passthrough::pci::Function],
     regions: &[thinhv_passthrough::pci::EcamRegion],
     limit: u64,
+    vtd: bool,
 ) -> (usize, usize) {
     use thinhv_passthrough::pci::{CAP_ID_MSI, CAP_ID_MSIX};
     let mut names = String::new();
@@ -968,15 +970,19 @@ fn remap_os_msi(
         }
         // Behind a conventional bridge a function's messages carry the
         // bridge's ID, not its own: an entry bound to its own would refuse
-        // them. Left as the OS programs it (and said).
-        if let Some(b) = conventional_bridge_above(f, functions, regions) {
-            println!(
-                "thinhv: warning: interrupts: {}: behind the conventional PCI bridge {b} (its messages carry the bridge's ID): not remapped, a hostile OS can aim it at an appliance's processors",
-                f.bdf
-            );
-            beyond += 1;
-            continue;
-        }
+        // them. On VT-d its entries check the bridge's buses instead;
+        // elsewhere it is left as the OS programs it (and said).
+        let buses = match conventional_source(f, functions, regions, pci, vtd) {
+            Ok(b) => b,
+            Err(why) => {
+                println!(
+                    "thinhv: warning: interrupts: {}: {why}: not remapped, a hostile OS can aim it at an appliance's processors",
+                    f.bdf
+                );
+                beyond += 1;
+                continue;
+            }
+        };
         if let Some(cap) = f.caps.iter().find(|c| c.0 == CAP_ID_MSIX) {
             let table = super::pci::read32(regions, f.bdf, cap.1 + 4);
             let at = f
@@ -1010,6 +1016,15 @@ fn remap_os_msi(
             sriov_cap: f.msi_only().unwrap_or(0),
             ..Default::default()
         };
+        if let Some((b, first, last)) = buses {
+            let m = &mut pci.mediated[k];
+            m.source_check = thinhv_abi::handoff::MSI_SOURCE_BUSES;
+            m.source = u16::from(first) << 8 | u16::from(last);
+            println!(
+                "thinhv: interrupts: {}: behind the PCI Express to PCI bridge {b}: its entries accept requesters on buses {first:02x}-{last:02x} (the IDs its messages carry)",
+                f.bdf
+            );
+        }
         pci.count += 1;
         n += 1;
         let _ = write!(names, " {}", f.bdf);
@@ -1028,32 +1043,41 @@ fn remap_os_msi(
     (other + over + beyond, vf_pfs)
 }
 
-/// A bridge above `f` whose secondary side is conventional PCI (a
-/// PCI Express to PCI/PCI-X bridge, or a bridge without a PCI Express
-/// capability), if there is one.
-fn conventional_bridge_above(
+/// Where `f`'s messages come from (`iommu_plan::msi_source`), the bridges'
+/// PCI Express device/port type read from their configuration space:
+/// `Ok(Some((bridge, first, last)))` where its entries must check a range
+/// of buses, `Ok(None)` where its own ID.
+fn conventional_source(
     f: &thinhv_passthrough::pci::Function,
     functions: &[thinhv_passthrough::pci::Function],
     regions: &[thinhv_passthrough::pci::EcamRegion],
-) -> Option<thinhv_passthrough::pci::Bdf> {
-    functions
-        .iter()
-        .filter(|b| {
-            b.bdf.segment == f.bdf.segment
-                && b.bridge_buses
-                    .is_some_and(|(sec, sub)| (sec..=sub).contains(&f.bdf.bus))
-        })
-        .find(|b| {
-            b.caps
-                .iter()
-                .find(|c| c.0 == thinhv_passthrough::pci::CAP_ID_PCIE)
-                .is_none_or(|c| {
-                    // Device/port type, PCI Express capabilities bits 7:4:
-                    // 7 is a PCI Express to PCI/PCI-X bridge.
-                    (super::pci::read32(regions, b.bdf, c.1) >> 20) & 0xf == 7
-                })
-        })
-        .map(|b| b.bdf)
+    pci: &thinhv_abi::handoff::PciHandoff,
+    vtd: bool,
+) -> Result<Option<(thinhv_passthrough::pci::Bdf, u8, u8)>, String> {
+    let conventional = |b: &thinhv_passthrough::pci::Function| {
+        b.caps
+            .iter()
+            .find(|c| c.0 == thinhv_passthrough::pci::CAP_ID_PCIE)
+            .map(|c| {
+                // Device/port type, PCI Express capabilities bits 7:4: 7
+                // is a PCI Express to PCI/PCI-X bridge.
+                (super::pci::read32(regions, b.bdf, c.1) >> 20) & 0xf == 7
+            })
+    };
+    let not_os = |g: &thinhv_passthrough::pci::Function| {
+        pci.is_blocked(g.bdf.rid())
+            || pci
+                .find(g.bdf.bus, g.bdf.devfn())
+                .is_some_and(|m| m.action == thinhv_abi::handoff::PCI_ACTION_HIDE)
+    };
+    match thinhv_efi::iommu_plan::msi_source(f, functions, conventional, not_os, vtd)? {
+        thinhv_efi::iommu_plan::MsiSource::Own => Ok(None),
+        thinhv_efi::iommu_plan::MsiSource::Buses {
+            bridge,
+            first,
+            last,
+        } => Ok(Some((bridge, first, last))),
+    }
 }
 
 /// The bridges above `bdf` (an NVMe PF thinhv keeps) stay the OS's, but

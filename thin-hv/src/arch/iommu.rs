@@ -164,6 +164,10 @@ const MAX_IRQ_TABLES: usize =
 /// Interrupt remapping tables of functions whose MSI thinhv remaps
 /// (AMD-Vi: one page each, `irq_remap::amdvi::ENTRIES` 32-bit entries),
 /// by routing ID.
+/// [`IrqTables`] on VT-d: the value of a judged function whose entries
+/// check the requester's bus (never a table's address: those are pages).
+const JUDGED_BUSES: u64 = 1 << 63;
+
 #[derive(Clone, Copy, Debug)]
 struct IrqTables {
     tables: [(u16, u64); MAX_IRQ_TABLES],
@@ -198,6 +202,21 @@ impl IrqTables {
         *slot = (rid, 0);
         self.count += 1;
         Ok(())
+    }
+
+    /// VT-d: a function behind a PCI Express to PCI bridge, whose
+    /// messages carry a requester ID on `first..=last`.
+    fn add_judged_buses(&mut self, rid: u16, first: u8, last: u8) -> Result<(), &'static str> {
+        self.add_judged(rid)?;
+        self.tables[self.count - 1].1 = JUDGED_BUSES | u64::from(first) << 8 | u64::from(last);
+        Ok(())
+    }
+
+    /// VT-d: the buses [`Self::add_judged_buses`] gave `rid`, if any.
+    fn buses_of(&self, rid: u16) -> Option<(u8, u8)> {
+        self.of(rid)
+            .filter(|v| v & JUDGED_BUSES != 0)
+            .map(|v| ((v >> 8) as u8, v as u8))
     }
 
     fn of(&self, rid: u16) -> Option<u64> {
@@ -316,7 +335,19 @@ fn judged_functions(
         .iter()
         .filter(|m| m.action == thinhv_abi::handoff::PCI_ACTION_MSI)
     {
-        judged.add_judged(u16::from(m.bus) << 8 | u16::from(m.devfn))?;
+        let rid = u16::from(m.bus) << 8 | u16::from(m.devfn);
+        if m.source_check == thinhv_abi::handoff::MSI_SOURCE_BUSES {
+            let (first, last) = ((m.source >> 8) as u8, m.source as u8);
+            judged.add_judged_buses(rid, first, last)?;
+            log::info!(
+                "IOMMU: interrupts of {:02x}:{:02x}.{} (the OS's, behind a PCI Express to PCI bridge) accepted from buses {first:02x}-{last:02x} (VT-d: SVT 10b)",
+                m.bus,
+                m.devfn >> 3,
+                m.devfn & 7
+            );
+        } else {
+            judged.add_judged(rid)?;
+        }
         os_msi += 1;
     }
     if os_msi > 0 {
@@ -975,7 +1006,12 @@ impl Iommu {
         slot: u16,
         target: Option<irq_remap::Target>,
     ) -> Result<u16, irq_remap::Refusal> {
-        let Hw::Vtd { ir: Some(ir), .. } = self.hw else {
+        let Hw::Vtd {
+            ir: Some(ir),
+            judged,
+            ..
+        } = self.hw
+        else {
             return Err(irq_remap::Refusal::Malformed);
         };
         let key = irq_remap::Key { source: rid, slot };
@@ -992,7 +1028,10 @@ impl Iommu {
         let slots = g.as_mut().ok_or(irq_remap::Refusal::Malformed)?;
         let (handle, entry) = match target {
             Some(t) => {
-                let e = irq_remap::vtd::irte(&t, rid, ir.x2apic)?;
+                let e = match judged.buses_of(rid) {
+                    Some((first, last)) => irq_remap::vtd::irte_buses(&t, first, last, ir.x2apic)?,
+                    None => irq_remap::vtd::irte(&t, rid, ir.x2apic)?,
+                };
                 (slots.assign_within(key, self.irt_shares.of(rid))?, e)
             }
             None => match slots.release(key) {
