@@ -17,11 +17,11 @@ use thinhv_abi::status::CpuState;
 /// NMI, which every CPU under thinhv intercepts.
 #[derive(Debug, Default)]
 pub struct Mailbox {
-    /// An INIT is pending.
-    pub init_pending: AtomicBool,
-    /// Where the CPU is between INIT and start-up: 0 (not waiting: a SIPI
-    /// is ignored), [`SIPI_WAITING`] (an INIT came; the first SIPI counts)
-    /// or `SIPI_VALID | vector` (that SIPI, not yet taken).
+    /// INIT and SIPI in one word, so that a start-up and the INIT it
+    /// answers are taken together: [`SIPI_INIT`] (an INIT is pending: the
+    /// CPU takes it at its next exit), [`SIPI_WAITING`] (an INIT came; the
+    /// first SIPI counts) or [`SIPI_VALID`] with the vector in bits 7:0
+    /// (that SIPI, not yet taken); 0: running (a SIPI is ignored).
     pub sipi: AtomicU32,
     /// NMIs sent as wake-ups and not yet consumed.
     pub wake_nmis: AtomicU32,
@@ -34,16 +34,18 @@ pub struct Mailbox {
 pub const SIPI_VALID: u32 = 0x100;
 /// [`Mailbox::sipi`]: waiting for a SIPI, none yet.
 pub const SIPI_WAITING: u32 = 0x200;
+/// [`Mailbox::sipi`]: an INIT is pending.
+pub const SIPI_INIT: u32 = 0x400;
 
 impl Mailbox {
     /// Posts an INIT. The caller then sends the wake-up NMI. From here on
     /// the first SIPI counts, however long the target takes to reach its
     /// wait: the wait belongs to the INIT, not to the target's progress
     /// (a SIPI sent while the target is still between its NMI exit and its
-    /// wait loop is not lost).
+    /// wait loop is not lost). A SIPI not yet taken is dropped: this INIT
+    /// needs its own.
     pub fn post_init(&self) {
-        self.sipi.store(SIPI_WAITING, Ordering::SeqCst);
-        self.init_pending.store(true, Ordering::SeqCst);
+        self.sipi.store(SIPI_INIT | SIPI_WAITING, Ordering::SeqCst);
         self.wake_nmis.fetch_add(1, Ordering::SeqCst);
     }
 
@@ -52,13 +54,16 @@ impl Mailbox {
     /// taken.
     pub fn post_sipi(&self, vector: u8) -> bool {
         self.sipi
-            .compare_exchange(
-                SIPI_WAITING,
-                SIPI_VALID | u32::from(vector),
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            )
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+                (w & SIPI_WAITING != 0).then_some(w & SIPI_INIT | SIPI_VALID | u32::from(vector))
+            })
             .is_ok()
+    }
+
+    /// Whether an INIT is pending (not yet taken at an exit or by the
+    /// start-up that answered it).
+    pub fn init_pending(&self) -> bool {
+        self.sipi.load(Ordering::SeqCst) & SIPI_INIT != 0
     }
 
     /// The CPU enters its wait for a SIPI (an INIT of its own, to itself,
@@ -71,9 +76,14 @@ impl Mailbox {
     }
 
     /// The CPU leaves its wait without a SIPI (thinhv starts it itself):
-    /// a later SIPI is ignored, as on a running processor.
+    /// a later SIPI is ignored, as on a running processor. An INIT posted
+    /// meanwhile keeps its wait (the CPU takes it at its first exit).
     pub fn disarm(&self) {
-        self.sipi.store(0, Ordering::SeqCst);
+        let _ = self
+            .sipi
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+                (w & SIPI_INIT == 0 && w != 0).then_some(0)
+            });
     }
 
     /// Asks the CPU, once in its INIT wait, to start at its partition's
@@ -87,22 +97,23 @@ impl Mailbox {
         self.boot.swap(false, Ordering::SeqCst)
     }
 
-    /// Takes a pending INIT.
+    /// Takes a pending INIT (its wait, and a SIPI already posted for it,
+    /// stay).
     pub fn take_init(&self) -> bool {
-        self.init_pending.swap(false, Ordering::SeqCst)
+        self.sipi.fetch_and(!SIPI_INIT, Ordering::SeqCst) & SIPI_INIT != 0
     }
 
-    /// Takes the SIPI vector, if one arrived; the CPU then no longer
-    /// waits, and a second SIPI is ignored. An INIT posted meanwhile wins
-    /// (the CPU waits again for the SIPI after it).
+    /// Takes the SIPI vector, if one arrived, with the INIT it answers
+    /// (which the CPU may not have taken yet if it was already waiting):
+    /// the CPU then runs, and a second SIPI is ignored. An INIT posted
+    /// after the SIPI wins (the CPU waits again for the SIPI after it).
     pub fn take_sipi(&self) -> Option<u8> {
-        let v = self.sipi.load(Ordering::SeqCst);
-        (v & SIPI_VALID != 0
-            && self
-                .sipi
-                .compare_exchange(v, 0, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok())
-        .then_some((v & 0xff) as u8)
+        self.sipi
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+                (w & SIPI_VALID != 0).then_some(0)
+            })
+            .ok()
+            .map(|w| (w & 0xff) as u8)
     }
 
     /// Takes the count of wake-up NMIs sent.
@@ -596,10 +607,45 @@ mod mailbox_tests {
     }
 
     #[test]
+    fn an_init_a_waiting_processor_has_not_taken_is_answered_by_its_sipi() {
+        // The target already waits (it took an earlier INIT and checked
+        // for a new one) when INIT-SIPI arrive: it starts with the SIPI,
+        // and no INIT is left behind to stop it again at its next exit
+        // (where the second SIPI, already ignored, could not restart it).
+        let mb = Mailbox::default();
+        mb.post_init();
+        assert!(mb.take_init());
+        mb.arm();
+        assert!(!mb.take_init());
+        mb.post_init();
+        assert!(mb.post_sipi(0x9a));
+        assert_eq!(mb.take_sipi(), Some(0x9a));
+        assert!(!mb.post_sipi(0x9a));
+        assert!(!mb.init_pending());
+        assert!(!mb.take_init());
+    }
+
+    #[test]
+    fn an_init_posted_while_thinhv_starts_the_processor_keeps_its_wait() {
+        let mb = Mailbox::default();
+        mb.post_boot();
+        mb.post_init();
+        assert!(mb.take_init());
+        assert!(mb.take_boot());
+        // A stop's INIT lands before the boot is done.
+        mb.post_init();
+        mb.disarm();
+        assert!(mb.post_sipi(0x10), "the stop's wait kept");
+        assert!(mb.take_init());
+        assert_eq!(mb.take_sipi(), Some(0x10));
+    }
+
+    #[test]
     fn a_processor_thinhv_starts_itself_ignores_a_later_sipi() {
         let mb = Mailbox::default();
         mb.post_boot();
         mb.post_init();
+        assert!(mb.take_init());
         mb.arm();
         assert!(mb.take_boot());
         mb.disarm();

@@ -429,11 +429,7 @@ fn linux_init_sipi_sipi_to_a_virtualized_cpu_goes_through_the_mailbox() {
     let mut env = FakeEnv::new();
     assert_eq!(icr(&mut env, 2 << 24, 0xc500), Outcome::Resume);
     let slot = &env.hv.cpus()[2];
-    assert!(
-        slot.mailbox
-            .init_pending
-            .load(core::sync::atomic::Ordering::SeqCst)
-    );
+    assert!(slot.mailbox.init_pending());
     assert_eq!(env.nmis_sent, vec![2]);
     // Nothing INIT-like reached the APIC.
     assert!(

@@ -179,7 +179,7 @@ fn an_icr_init_through_the_new_base_is_a_virtual_init() {
     write32(&mut env, 0, X + 0x310, 2 << 24);
     assert_eq!(env.apic[&ICR_HIGH], 2 << 24);
     assert_eq!(write32(&mut env, 0, X + 0x300, 0xc500), Outcome::Resume);
-    assert!(env.hv.cpus()[2].mailbox.init_pending.load(Ordering::SeqCst));
+    assert!(env.hv.cpus()[2].mailbox.init_pending());
     assert_eq!(env.nmis_sent, vec![2]);
     write32(&mut env, 0, X + 0x300, 0x0699);
     assert_eq!(env.hv.cpus()[2].mailbox.take_sipi(), Some(0x99));
