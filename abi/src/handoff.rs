@@ -423,14 +423,19 @@ pub struct SharedPf {
     pub control: u16,
     /// Offset of Device Control (PCI Express capability + 8), 0 if none.
     pub devctl: u16,
-    /// Reserved.
-    pub reserved: u16,
+    /// First VF Offset with the setup's NumVFs (VF `k` is at routing ID
+    /// `rid + first_vf_offset + (k - 1) * vf_stride`).
+    pub first_vf_offset: u16,
     /// System Page Size in the device.
     pub page_size: u32,
     /// VF BAR registers in the device.
     pub vf_bars: [u32; 6],
     /// Per VF BAR register, the bits a write sets.
     pub vf_bar_masks: [u32; 6],
+    /// VF Stride with the setup's NumVFs.
+    pub vf_stride: u16,
+    /// Reserved (0).
+    pub reserved: u16,
 }
 
 /// One function whose configuration space the core mediates.
@@ -468,8 +473,22 @@ pub struct PciMediation {
     pub source: u16,
     /// MSI: [`MSI_SOURCE_OWN`] or [`MSI_SOURCE_BUSES`].
     pub source_check: u8,
-    /// Reserved (0).
-    pub reserved2: u8,
+    /// [`MEDIATION_REMAP_MSI`] or 0.
+    pub flags: u8,
+}
+
+/// [`PciMediation::flags`]: a PF whose VFs the OS shares
+/// ([`PCI_ACTION_VF_SHARED`]) whose own MSI and MSI-X messages thinhv
+/// remaps too, as for [`PCI_ACTION_MSI`].
+pub const MEDIATION_REMAP_MSI: u8 = 1;
+
+impl PciMediation {
+    /// Whether thinhv judges and remaps this function's MSI and MSI-X
+    /// messages.
+    pub const fn remaps_msi(&self) -> bool {
+        self.action == PCI_ACTION_MSI
+            || self.action == PCI_ACTION_VF_SHARED && self.flags & MEDIATION_REMAP_MSI != 0
+    }
 }
 
 /// An inclusive range of PCI routing IDs (bus << 8 | devfn).
@@ -658,6 +677,9 @@ impl PciHandoff {
                 .is_none_or(|end| end > map_top)
             {
                 return Err("mediated PCI function's ECAM page beyond the core's map");
+            }
+            if m.source_check == MSI_SOURCE_BUSES && (m.source >> 8) > (m.source & 0xff) {
+                return Err("mediated PCI function's source buses out of order");
             }
         }
         Ok(())
@@ -1440,6 +1462,16 @@ mod tests {
         // The same with memory described up to 8 GiB: mapped, accepted.
         h.phys_top = 8 << 30;
         assert_eq!(h.validate(), Ok(()));
+        // Source buses (SVT 10b): the first may not follow the last.
+        h.pci.mediated[0].action = PCI_ACTION_MSI;
+        h.pci.mediated[0].source_check = MSI_SOURCE_BUSES;
+        h.pci.mediated[0].source = 0x0203;
+        assert_eq!(h.validate(), Ok(()));
+        h.pci.mediated[0].source = 0x0302;
+        assert_eq!(
+            h.validate(),
+            Err("mediated PCI function's source buses out of order")
+        );
     }
 
     #[test]

@@ -441,7 +441,7 @@ pub mod vtd {
     /// no redirection hint; the destination in bits 47:40 (xAPIC) or 63:32
     /// (x2APIC, EIME set).
     pub const fn irte(t: &Target, sid: u16, x2apic: bool) -> Result<[u64; 2], Refusal> {
-        irte_checked(t, sid, SVT_SID, x2apic)
+        irte_checked(*t, sid, SVT_SID, x2apic)
     }
 
     /// SVT 01b: the whole source ID is compared (SQ 00b).
@@ -462,15 +462,10 @@ pub mod vtd {
         if first > last {
             return Err(Refusal::Malformed);
         }
-        irte_checked(t, (first as u16) << 8 | last as u16, SVT_BUSES, x2apic)
+        irte_checked(*t, (first as u16) << 8 | last as u16, SVT_BUSES, x2apic)
     }
 
-    const fn irte_checked(
-        t: &Target,
-        sid: u16,
-        svt: u8,
-        x2apic: bool,
-    ) -> Result<[u64; 2], Refusal> {
+    const fn irte_checked(t: Target, sid: u16, svt: u8, x2apic: bool) -> Result<[u64; 2], Refusal> {
         let dst = if x2apic {
             t.apic_id as u64
         } else if t.apic_id > 0xff {

@@ -305,8 +305,34 @@ pub fn install(config: &Config) -> Result<String, String> {
         present_nvme_vf(&mut pci, &regions, &inventory.functions, s);
         guard_bridges_above(&mut pci, &inventory.functions, s.pf);
     }
+    // The OS's VFs of each such PF, enabled by the loader's setup from the
+    // start (the OS's VF Enable is a view): their interrupts are remapped
+    // like its other functions' (`remap_os_msi`).
+    let mut os_vfs_of_shared = alloc::vec::Vec::new();
     for s in shared_pfs.iter().filter(|s| !s.nvme) {
         let k = pci.shared_count as usize;
+        let vfs: alloc::vec::Vec<_> = inventory
+            .functions
+            .iter()
+            .find(|f| f.bdf == s.pf)
+            .map(|pf| {
+                // Every VF the device has enabled: the OS's, those beyond
+                // its budget that no appliance has (the OS can still
+                // program them), and the appliances' (skipped where
+                // remapped: they are not the OS's).
+                (1..=s.setup.num_vfs)
+                    .map_while(|i| super::pci::vf_of(&regions, pf, &s.setup, i).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let rid = |i: usize| {
+            vfs.get(i)
+                .map(|f: &thinhv_passthrough::pci::Function| f.bdf.rid())
+        };
+        let (first_vf_offset, vf_stride) = (
+            rid(0).map_or(0, |r| r.wrapping_sub(s.pf.rid())),
+            rid(1).zip(rid(0)).map_or(0, |(b, a)| b.wrapping_sub(a)),
+        );
         let found = pci.mediated[..pci.count as usize].iter_mut().find(|m| {
             m.bus == s.pf.bus
                 && m.devfn == s.pf.devfn()
@@ -325,12 +351,24 @@ pub fn install(config: &Config) -> Result<String, String> {
                     num_vfs: s.setup.num_vfs,
                     control: s.setup.control,
                     devctl: s.devctl,
-                    reserved: 0,
+                    first_vf_offset,
                     page_size: s.setup.page_size,
                     vf_bars: s.setup.vf_bars,
                     vf_bar_masks: s.setup.vf_bar_masks,
+                    vf_stride,
+                    reserved: 0,
                 };
                 pci.shared_count += 1;
+                if vfs.len() == usize::from(s.setup.num_vfs) {
+                    os_vfs_of_shared.push((s.pf, vfs));
+                } else {
+                    println!(
+                        "thinhv: warning: interrupts: {}: {} of its {} VF(s) answer: the OS's are not remapped",
+                        s.pf,
+                        vfs.len(),
+                        s.setup.num_vfs
+                    );
+                }
             }
             _ => println!(
                 "thinhv: {}: its VF budget is not mediated (see above): its VFs cannot be shared with an appliance",
@@ -384,6 +422,7 @@ pub fn install(config: &Config) -> Result<String, String> {
         os_irq_left = Some(remap_os_msi(
             &mut pci,
             &inventory.functions,
+            &os_vfs_of_shared,
             &regions,
             1u64 << caps.phys_addr_bits.min(52),
             iommu.kind == thinhv_abi::handoff::IOMMU_KIND_VTD,
@@ -931,9 +970,12 @@ fn present_nvme_vf(
 /// Every function of the OS's that signals by MSI or MSI-X (and is not
 /// mediated otherwise) gets `PCI_ACTION_MSI`: the core keeps and judges
 /// what the OS writes into its MSI capability and MSI-X table, and its
-/// IOMMU entry remaps its messages. A function mediated for another
-/// reason (a PF whose VFs the OS shares, an NVMe VF in its PF's place)
-/// is not remapped (said), nor one whose MSI-X table lies at or beyond
+/// IOMMU entry remaps its messages; so do a PF whose VFs the OS shares
+/// with appliances (its mediation flagged `MEDIATION_REMAP_MSI`) and
+/// every VF of it that is not an appliance's (`shared_vfs`: the device
+/// has them enabled from the start, the OS's view aside). A function
+/// mediated for another reason (an NVMe VF in its PF's place) is not
+/// remapped (said), nor one whose MSI-X table lies at or beyond
 /// `limit` (the physical address width), where no one can reach it.
 /// Returns how many of the OS's interrupt sources stay outside thinhv's
 /// entries: functions not remapped (a table beyond reach, behind a
@@ -942,6 +984,10 @@ fn present_nvme_vf(
 fn remap_os_msi(
     pci: &mut thinhv_abi::handoff::PciHandoff,
     functions: &[thinhv_passthrough::pci::Function],
+    shared_vfs: &[(
+        thinhv_passthrough::pci::Bdf,
+        alloc::vec::Vec<thinhv_passthrough::pci::Function>,
+    )],
     regions: &[thinhv_passthrough::pci::EcamRegion],
     limit: u64,
     vtd: bool,
@@ -949,9 +995,12 @@ fn remap_os_msi(
     use thinhv_passthrough::pci::{CAP_ID_MSI, CAP_ID_MSIX};
     let mut names = String::new();
     let (mut n, mut other, mut over, mut beyond) = (0, 0, 0, 0);
+    // A PF shared with appliances whose VFs of the OS's all answer: those
+    // are remapped below, and the OS creates no other.
     let vf_pfs = functions
         .iter()
         .filter(|f| f.sriov.is_some() && !pci.is_blocked(f.bdf.rid()))
+        .filter(|f| !shared_vfs.iter().any(|(pf, _)| *pf == f.bdf))
         .filter(|f| {
             pci.find(f.bdf.bus, f.bdf.devfn()).is_none_or(|m| {
                 !(m.action == thinhv_abi::handoff::PCI_ACTION_HIDE
@@ -959,7 +1008,10 @@ fn remap_os_msi(
             })
         })
         .count();
-    for f in functions {
+    for f in functions
+        .iter()
+        .chain(shared_vfs.iter().flat_map(|(_, vfs)| vfs))
+    {
         let rid = f.bdf.rid();
         let signals = f
             .caps
@@ -1000,8 +1052,21 @@ fn remap_os_msi(
                 continue;
             }
         }
-        if pci.find(f.bdf.bus, f.bdf.devfn()).is_some() {
-            other += 1;
+        if let Some(i) = pci.mediated[..pci.count as usize]
+            .iter()
+            .position(|m| m.bus == f.bdf.bus && m.devfn == f.bdf.devfn())
+        {
+            // A PF whose VFs it shares with appliances keeps its SR-IOV
+            // view and has its own messages remapped too; any other
+            // mediation is said.
+            let m = &mut pci.mediated[i];
+            if m.action == thinhv_abi::handoff::PCI_ACTION_VF_SHARED && buses.is_none() {
+                m.flags |= thinhv_abi::handoff::MEDIATION_REMAP_MSI;
+                n += 1;
+                let _ = write!(names, " {}", f.bdf);
+            } else {
+                other += 1;
+            }
             continue;
         }
         let k = pci.count as usize;

@@ -349,7 +349,10 @@ fn write_entry(
     live: bool,
     last: &mut Option<(u64, u32)>,
 ) -> Option<(u64, u32)> {
-    let target: Option<Target> = if live {
+    // Address 0: the owner took its message away (Linux writes a zeroed
+    // message when it frees the interrupt, MSI still enabled). Not present,
+    // and no refusal: it asks for nothing.
+    let target: Option<Target> = if live && addr != 0 {
         let cores = PartitionCores {
             hv: env.hv(),
             id: owner,
@@ -483,21 +486,23 @@ fn setup_msix<E: Env>(env: &mut E, owner: Owner, rid: u16, msix: u16) {
     let entries = (f.read(msix + 2, 2) & 0x7ff) as u16 + 1;
     let table = f.read(msix + 4, 4);
     let bir = (table & 7) as u16;
-    let base = if bir < 6 {
+    let bar = if bir < 6 {
         let lo = f.read(0x10 + 4 * bir, 4);
         let hi = if lo & 0b111 == 0b100 && bir < 5 {
             f.read(0x14 + 4 * bir, 4)
         } else {
             0
         };
-        (lo & 1 == 0)
-            .then(|| {
-                (u64::from(hi) << 32 | u64::from(lo & !0xf)).checked_add(u64::from(table & !7))
-            })
-            .flatten()
+        (lo & 1 == 0).then_some(u64::from(hi) << 32 | u64::from(lo & !0xf))
     } else {
         None
     };
+    // A VF's own BAR registers read 0: its BARs are its slots of its PF's
+    // VF BARs.
+    let base = bar
+        .filter(|b| *b != 0)
+        .or_else(|| vf_bar(env.hv(), rid, bir))
+        .and_then(|b| b.checked_add(u64::from(table & !7)));
     let Some(base) = base.filter(|b| *b != 0) else {
         log::error!(
             "PCI {}: its MSI-X table is not in a memory BAR: its MSI-X messages are refused",
@@ -581,6 +586,41 @@ fn setup_msix<E: Env>(env: &mut E, owner: Owner, rid: u16, msix: u16) {
         program_entry(env, rid, &mut t, i, unmasked);
     }
     env.hv().msix.lock().insert(rid, t);
+}
+
+/// BAR `bir` of `rid` where it is a VF of a PF the OS shares with
+/// appliances (`PciHandoff::shared`; the caller asks only for functions
+/// whose messages it remaps): the PF's VF BAR as the loader
+/// set it up (the device keeps it: `handlers::shared_pf`), plus the VF's
+/// slot. VF `k` has routing ID PF + First VF Offset + (k - 1) × VF Stride
+/// (SR-IOV §9.3.3.9–10), read from the setup's NumVFs.
+pub(super) fn vf_bar(hv: &Hv, rid: u16, bir: u16) -> Option<u64> {
+    let bir = usize::from(bir);
+    hv.pci.shared().iter().find_map(|s| {
+        // First VF Offset 0: the loader found no VF (never the PF itself).
+        if s.first_vf_offset == 0 || rid == s.rid {
+            return None;
+        }
+        let k = (1..=s.num_vfs).find(|&k| {
+            u32::from(s.rid)
+                + u32::from(s.first_vf_offset)
+                + u32::from(k - 1) * u32::from(s.vf_stride)
+                == u32::from(rid)
+        })?;
+        let lo = *s.vf_bars.get(bir)?;
+        let wide = lo & 0b110 == 0b100 && bir < 5;
+        let (hi, hi_mask) = if wide {
+            (s.vf_bars[bir + 1], s.vf_bar_masks[bir + 1])
+        } else {
+            (0, u32::MAX)
+        };
+        let mask = u64::from(hi_mask) << 32 | u64::from(s.vf_bar_masks[bir] & !0xf);
+        let size = (!mask).wrapping_add(1);
+        let base = u64::from(hi) << 32 | u64::from(lo & !0xf);
+        (lo & 1 == 0 && base != 0 && size != 0)
+            .then(|| base.checked_add(u64::from(k - 1).checked_mul(size)?))
+            .flatten()
+    })
 }
 
 /// Writes the remapping entry for MSI-X entry `i` of `t` (what its owner

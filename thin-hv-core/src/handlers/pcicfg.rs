@@ -25,8 +25,8 @@ use crate::guest::{Gpr, GuestCpu, vector};
 use crate::insn::{Load, StoreSource};
 use core::sync::atomic::Ordering;
 use thinhv_abi::handoff::{
-    PCI_ACTION_BRIDGE_GUARD, PCI_ACTION_HIDE, PCI_ACTION_MSI, PCI_ACTION_PRESENT_VF,
-    PCI_ACTION_VF_SHARED, PciMediation,
+    PCI_ACTION_BRIDGE_GUARD, PCI_ACTION_HIDE, PCI_ACTION_PRESENT_VF, PCI_ACTION_VF_SHARED,
+    PciMediation,
 };
 use thinhv_passthrough::mediate::{self, CONFIG_DATA, Policy, PortPiece, PortRole, Refusal};
 
@@ -88,7 +88,7 @@ fn presented(
 
 /// The OS's function `m` whose MSI thinhv remaps: its owner record.
 fn msi_owner(env: &impl Env, m: &PciMediation) -> Option<super::msi_remap::Owner> {
-    (m.action == PCI_ACTION_MSI)
+    m.remaps_msi()
         .then(|| {
             env.hv()
                 .pci
@@ -137,7 +137,15 @@ pub(super) fn ecam(
     if let Some(load) = d.load().filter(|l| fits(l.size)) {
         let v = if let Some(owner) = msi {
             super::msi_remap::read(env, owner, rid_of(&m), offset & !3).map_or_else(
-                || env.mmio_read(gpa, load.size),
+                || {
+                    if shared {
+                        super::shared_pf::access(env, &m, offset, load.size, None, |env, _| {
+                            env.mmio_read(gpa, load.size)
+                        })
+                    } else {
+                        env.mmio_read(gpa, load.size)
+                    }
+                },
                 |v| (v >> (8 * (offset & 3))) & mediate::all_ones(load.size),
             )
         } else if let Some((k, dev)) = presented {
@@ -170,7 +178,18 @@ pub(super) fn ecam(
                 offset,
                 store.size,
                 value,
-                |env, v| env.mmio_write(gpa, store.size, v),
+                |env, v| {
+                    if shared {
+                        super::shared_pf::access(env, &m, offset, store.size, Some(v), |env, v| {
+                            if let Some(v) = v {
+                                env.mmio_write(gpa, store.size, v);
+                            }
+                            0
+                        });
+                    } else {
+                        env.mmio_write(gpa, store.size, v);
+                    }
+                },
             );
         } else if let Some((k, dev)) = presented {
             super::appliance_pci::write(
@@ -349,14 +368,30 @@ fn data(env: &mut impl Env, p: PortPiece, input: bool, value: u32) -> u32 {
     if let Some((m, off)) = target
         && let Some(owner) = msi_owner(env, &m)
     {
+        // A PF shared with appliances keeps its SR-IOV view beneath.
+        let shared = m.action == PCI_ACTION_VF_SHARED;
         return if input {
             super::msi_remap::read(env, owner, rid_of(&m), off & !3).map_or_else(
-                || env.legacy_config_access(address, p.port, p.size, None),
+                || {
+                    if shared {
+                        super::shared_pf::access(env, &m, off, p.size, None, |env, v| {
+                            env.legacy_config_access(address, p.port, p.size, v)
+                        })
+                    } else {
+                        env.legacy_config_access(address, p.port, p.size, None)
+                    }
+                },
                 |v| (v >> (8 * (off & 3))) & mediate::all_ones(p.size),
             )
         } else {
             super::msi_remap::store(env, owner, rid_of(&m), off, p.size, value, |env, v| {
-                env.legacy_config_access(address, p.port, p.size, Some(v));
+                if shared {
+                    super::shared_pf::access(env, &m, off, p.size, Some(v), |env, v| {
+                        env.legacy_config_access(address, p.port, p.size, v)
+                    });
+                } else {
+                    env.legacy_config_access(address, p.port, p.size, Some(v));
+                }
             });
             0
         };

@@ -707,6 +707,7 @@ fn share_pf(env: &mut FakeEnv) -> thinhv_abi::handoff::PciMediation {
         os_vfs: 2,
         initial_vfs: 8,
         total_vfs: 8,
+        ..Default::default()
     };
     let pci = &mut env.hv.pci;
     pci.ecam_base = 0xb000_0000;
@@ -752,6 +753,42 @@ fn pf_access(
         }
         None => env.mmio_read(PF_ECAM + u64::from(offset), size),
     })
+}
+
+#[test]
+fn the_oss_vfs_of_a_shared_pf_find_their_msix_tables_in_the_pfs_vf_bars() {
+    let mut env = with_partition(vf_partition);
+    share_pf(&mut env);
+    // QEMU's igb with NumVFs 3: First VF Offset 0x80, VF Stride 2.
+    env.hv.pci.shared[0].first_vf_offset = 0x80;
+    env.hv.pci.shared[0].vf_stride = 2;
+    // VF 1 (01:10.0) and VF 2 (01:10.2): their slots of VF BAR 0 and VF
+    // BAR 3 (64-bit, 16 KiB each).
+    assert_eq!(
+        super::msi_remap::vf_bar(&env.hv, 0x0180, 3),
+        Some(0xfe01_0000)
+    );
+    assert_eq!(
+        super::msi_remap::vf_bar(&env.hv, 0x0182, 3),
+        Some(0xfe01_4000)
+    );
+    assert_eq!(
+        super::msi_remap::vf_bar(&env.hv, 0x0182, 0),
+        Some(0xfe00_4000)
+    );
+    // VF 3 (beyond the OS's budget, enabled for the appliance) too; none
+    // beyond NumVFs, nor the PF, nor an unimplemented BAR.
+    assert_eq!(
+        super::msi_remap::vf_bar(&env.hv, 0x0184, 3),
+        Some(0xfe01_8000)
+    );
+    assert_eq!(super::msi_remap::vf_bar(&env.hv, 0x0186, 3), None);
+    assert_eq!(super::msi_remap::vf_bar(&env.hv, 0x0100, 3), None);
+    assert_eq!(super::msi_remap::vf_bar(&env.hv, 0x0180, 2), None);
+    // No VF found by the loader (offset 0): not even VF 1 at the PF's ID.
+    env.hv.pci.shared[0].first_vf_offset = 0;
+    assert_eq!(super::msi_remap::vf_bar(&env.hv, 0x0100, 3), None);
+    assert_eq!(super::msi_remap::vf_bar(&env.hv, 0x0180, 3), None);
 }
 
 #[test]
@@ -909,6 +946,14 @@ fn an_appliances_msi_reaches_only_its_own_processors_through_its_remapping_entry
     assert!(env.irq_entries[&(0x0100, 511)].is_some());
     appliance_write(&mut env, 0x52, 2, 0x0000);
     assert_eq!(env.irq_entries[&(0x0100, 511)], None);
+    // Linux freeing the interrupt: a zeroed message while still enabled.
+    // No entry, and nothing refused (it asks for nothing).
+    appliance_write(&mut env, 0x52, 2, 0x0001);
+    assert!(env.irq_entries[&(0x0100, 511)].is_some());
+    appliance_write(&mut env, 0x54, 4, 0);
+    appliance_write(&mut env, 0x5c, 2, 0);
+    assert_eq!(env.irq_entries[&(0x0100, 511)], None);
+    assert_eq!(env.hv.refused_msis.load(Ordering::SeqCst), 2);
 }
 
 #[test]

@@ -161,13 +161,13 @@ const NEVER_PRESENT: irq_remap::Key = irq_remap::Key {
 const MAX_IRQ_TABLES: usize =
     MAX_APPLIANCES * MAX_PARTITION_DEVICES + MAX_PCI_MEDIATED + thinhv_abi::handoff::MAX_IOAPICS;
 
-/// Interrupt remapping tables of functions whose MSI thinhv remaps
-/// (AMD-Vi: one page each, `irq_remap::amdvi::ENTRIES` 32-bit entries),
-/// by routing ID.
 /// [`IrqTables`] on VT-d: the value of a judged function whose entries
 /// check the requester's bus (never a table's address: those are pages).
 const JUDGED_BUSES: u64 = 1 << 63;
 
+/// Interrupt remapping tables of functions whose MSI thinhv remaps
+/// (AMD-Vi: one page each, `irq_remap::amdvi::ENTRIES` 32-bit entries),
+/// by routing ID.
 #[derive(Clone, Copy, Debug)]
 struct IrqTables {
     tables: [(u16, u64); MAX_IRQ_TABLES],
@@ -330,11 +330,7 @@ fn judged_functions(
         }
     }
     let mut os_msi = 0;
-    for m in blocked
-        .mediated()
-        .iter()
-        .filter(|m| m.action == thinhv_abi::handoff::PCI_ACTION_MSI)
-    {
+    for m in blocked.mediated().iter().filter(|m| m.remaps_msi()) {
         let rid = u16::from(m.bus) << 8 | u16::from(m.devfn);
         if m.source_check == thinhv_abi::handoff::MSI_SOURCE_BUSES {
             let (first, last) = ((m.source >> 8) as u8, m.source as u8);
@@ -801,11 +797,7 @@ impl Iommu {
         }
         // The OS's functions whose MSI thinhv remaps: a table each.
         let mut os_msi = 0;
-        for m in blocked
-            .mediated()
-            .iter()
-            .filter(|m| m.action == thinhv_abi::handoff::PCI_ACTION_MSI)
-        {
+        for m in blocked.mediated().iter().filter(|m| m.remaps_msi()) {
             irq.add(u16::from(m.bus) << 8 | u16::from(m.devfn), frames)?;
             os_msi += 1;
         }
@@ -997,7 +989,9 @@ impl Iommu {
     }
 
     /// VT-d with interrupt remapping: the entry of `rid`'s `slot` in
-    /// thinhv's table delivers `target`, usable by `rid` alone; every unit
+    /// thinhv's table delivers `target`, usable by `rid` alone (by the
+    /// requesters on its buses where `rid` sits behind a PCI Express to
+    /// PCI bridge: [`IrqTables::add_judged_buses`]); every unit
     /// reads it again. `None` frees the entry (not present). Returns the
     /// entry's handle: 0, never present, for `None`.
     pub fn set_vtd_entry(
