@@ -104,6 +104,25 @@ fn rid_of(m: &PciMediation) -> u16 {
     u16::from(m.bus) << 8 | u16::from(m.devfn)
 }
 
+/// An access to the OS's function `m` that its MSI remapping leaves alone
+/// (`write`: the value a store writes; `device` performs it on the
+/// device, a store where `Some`): through the SR-IOV view of a PF the OS
+/// shares with an appliance, else straight to the device.
+fn beneath<E: Env>(
+    env: &mut E,
+    m: &PciMediation,
+    offset: u16,
+    size: u8,
+    write: Option<u32>,
+    device: impl FnOnce(&mut E, Option<u32>) -> u32,
+) -> u32 {
+    if m.action == PCI_ACTION_VF_SHARED {
+        super::shared_pf::access(env, m, offset, size, write, device)
+    } else {
+        device(env, write)
+    }
+}
+
 /// Reads the 16-bit register `reg` of `m` through ECAM.
 fn read16(env: &impl Env, m: &PciMediation, reg: u16) -> u16 {
     (env.mmio_read(env.hv().pci.page_of(m) + u64::from(reg), 2) & 0xffff) as u16
@@ -138,13 +157,9 @@ pub(super) fn ecam(
         let v = if let Some(owner) = msi {
             super::msi_remap::read(env, owner, rid_of(&m), offset & !3).map_or_else(
                 || {
-                    if shared {
-                        super::shared_pf::access(env, &m, offset, load.size, None, |env, _| {
-                            env.mmio_read(gpa, load.size)
-                        })
-                    } else {
+                    beneath(env, &m, offset, load.size, None, |env, _| {
                         env.mmio_read(gpa, load.size)
-                    }
+                    })
                 },
                 |v| (v >> (8 * (offset & 3))) & mediate::all_ones(load.size),
             )
@@ -179,16 +194,12 @@ pub(super) fn ecam(
                 store.size,
                 value,
                 |env, v| {
-                    if shared {
-                        super::shared_pf::access(env, &m, offset, store.size, Some(v), |env, v| {
-                            if let Some(v) = v {
-                                env.mmio_write(gpa, store.size, v);
-                            }
-                            0
-                        });
-                    } else {
-                        env.mmio_write(gpa, store.size, v);
-                    }
+                    beneath(env, &m, offset, store.size, Some(v), |env, v| {
+                        if let Some(v) = v {
+                            env.mmio_write(gpa, store.size, v);
+                        }
+                        0
+                    });
                 },
             );
         } else if let Some((k, dev)) = presented {
@@ -368,30 +379,20 @@ fn data(env: &mut impl Env, p: PortPiece, input: bool, value: u32) -> u32 {
     if let Some((m, off)) = target
         && let Some(owner) = msi_owner(env, &m)
     {
-        // A PF shared with appliances keeps its SR-IOV view beneath.
-        let shared = m.action == PCI_ACTION_VF_SHARED;
         return if input {
             super::msi_remap::read(env, owner, rid_of(&m), off & !3).map_or_else(
                 || {
-                    if shared {
-                        super::shared_pf::access(env, &m, off, p.size, None, |env, v| {
-                            env.legacy_config_access(address, p.port, p.size, v)
-                        })
-                    } else {
-                        env.legacy_config_access(address, p.port, p.size, None)
-                    }
+                    beneath(env, &m, off, p.size, None, |env, v| {
+                        env.legacy_config_access(address, p.port, p.size, v)
+                    })
                 },
                 |v| (v >> (8 * (off & 3))) & mediate::all_ones(p.size),
             )
         } else {
             super::msi_remap::store(env, owner, rid_of(&m), off, p.size, value, |env, v| {
-                if shared {
-                    super::shared_pf::access(env, &m, off, p.size, Some(v), |env, v| {
-                        env.legacy_config_access(address, p.port, p.size, v)
-                    });
-                } else {
-                    env.legacy_config_access(address, p.port, p.size, Some(v));
-                }
+                beneath(env, &m, off, p.size, Some(v), |env, v| {
+                    env.legacy_config_access(address, p.port, p.size, v)
+                });
             });
             0
         };
