@@ -380,6 +380,8 @@ pub fn describe(h: &IommuHandoff) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     fn fun(bus: u8, dev: u8, buses: Option<(u8, u8)>) -> thinhv_passthrough::pci::Function {
         thinhv_passthrough::pci::Function {
             bdf: thinhv_passthrough::pci::Bdf {
@@ -395,7 +397,6 @@ mod tests {
 
     #[test]
     fn a_function_behind_a_pcie_to_pci_bridge_is_checked_by_the_buses_below_the_topmost() {
-        use super::{MsiSource, msi_source};
         // Root port 00:1c.0 (buses 1-4) > PCI Express to PCI bridge 01:00.0
         // (buses 2-4) > conventional bridge 02:01.0 (buses 3-3) > the
         // function 03:02.0; and 00:05.0 on the root bus.
@@ -448,8 +449,6 @@ mod tests {
                 .contains("without PCI Express")
         );
     }
-
-    use super::*;
 
     #[test]
     fn qemu_dmar_becomes_one_unit() {

@@ -1024,8 +1024,8 @@ fn remap_os_msi(
         // bridge's ID, not its own: an entry bound to its own would refuse
         // them. On VT-d its entries check the bridge's buses instead;
         // elsewhere it is left as the OS programs it (and said).
-        let buses = match conventional_source(f, functions, regions, pci, vtd) {
-            Ok(b) => b,
+        let source = match conventional_source(f, functions, regions, pci, vtd) {
+            Ok(s) => s,
             Err(why) => {
                 println!(
                     "thinhv: warning: interrupts: {}: {why}: not remapped, a hostile OS can aim it at an appliance's processors",
@@ -1060,7 +1060,9 @@ fn remap_os_msi(
             // view and has its own messages remapped too; any other
             // mediation is said.
             let m = &mut pci.mediated[i];
-            if m.action == thinhv_abi::handoff::PCI_ACTION_VF_SHARED && buses.is_none() {
+            if m.action == thinhv_abi::handoff::PCI_ACTION_VF_SHARED
+                && source == thinhv_efi::iommu_plan::MsiSource::Own
+            {
                 m.flags |= thinhv_abi::handoff::MEDIATION_REMAP_MSI;
                 n += 1;
                 let _ = write!(names, " {}", f.bdf);
@@ -1081,7 +1083,12 @@ fn remap_os_msi(
             sriov_cap: f.msi_only().unwrap_or(0),
             ..Default::default()
         };
-        if let Some((b, first, last)) = buses {
+        if let thinhv_efi::iommu_plan::MsiSource::Buses {
+            bridge: b,
+            first,
+            last,
+        } = source
+        {
             let m = &mut pci.mediated[k];
             m.source_check = thinhv_abi::handoff::MSI_SOURCE_BUSES;
             m.source = u16::from(first) << 8 | u16::from(last);
@@ -1109,16 +1116,14 @@ fn remap_os_msi(
 }
 
 /// Where `f`'s messages come from (`iommu_plan::msi_source`), the bridges'
-/// PCI Express device/port type read from their configuration space:
-/// `Ok(Some((bridge, first, last)))` where its entries must check a range
-/// of buses, `Ok(None)` where its own ID.
+/// PCI Express device/port type read from their configuration space.
 fn conventional_source(
     f: &thinhv_passthrough::pci::Function,
     functions: &[thinhv_passthrough::pci::Function],
     regions: &[thinhv_passthrough::pci::EcamRegion],
     pci: &thinhv_abi::handoff::PciHandoff,
     vtd: bool,
-) -> Result<Option<(thinhv_passthrough::pci::Bdf, u8, u8)>, String> {
+) -> Result<thinhv_efi::iommu_plan::MsiSource, String> {
     let conventional = |b: &thinhv_passthrough::pci::Function| {
         b.caps
             .iter()
@@ -1135,14 +1140,7 @@ fn conventional_source(
                 .find(g.bdf.bus, g.bdf.devfn())
                 .is_some_and(|m| m.action == thinhv_abi::handoff::PCI_ACTION_HIDE)
     };
-    match thinhv_efi::iommu_plan::msi_source(f, functions, conventional, not_os, vtd)? {
-        thinhv_efi::iommu_plan::MsiSource::Own => Ok(None),
-        thinhv_efi::iommu_plan::MsiSource::Buses {
-            bridge,
-            first,
-            last,
-        } => Ok(Some((bridge, first, last))),
-    }
+    thinhv_efi::iommu_plan::msi_source(f, functions, conventional, not_os, vtd)
 }
 
 /// The bridges above `bdf` (an NVMe PF thinhv keeps) stay the OS's, but
