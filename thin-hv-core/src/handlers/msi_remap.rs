@@ -592,8 +592,8 @@ fn setup_msix<E: Env>(env: &mut E, owner: Owner, rid: u16, msix: u16) {
 /// appliances (`PciHandoff::shared`; the caller asks only for functions
 /// whose messages it remaps): the PF's VF BAR as the loader
 /// set it up (the device keeps it: `handlers::shared_pf`), plus the VF's
-/// slot. VF `k` has routing ID PF + First VF Offset + (k - 1) × VF Stride
-/// (SR-IOV §9.3.3.9–10), read from the setup's NumVFs.
+/// slot. VF `k`'s routing ID is `SriovCap::vf_rid` of the First VF
+/// Offset and VF Stride the loader read with the setup's NumVFs.
 pub(super) fn vf_bar(hv: &Hv, rid: u16, bir: u16) -> Option<u64> {
     let bir = usize::from(bir);
     hv.pci.shared().iter().find_map(|s| {
@@ -601,12 +601,12 @@ pub(super) fn vf_bar(hv: &Hv, rid: u16, bir: u16) -> Option<u64> {
         if s.first_vf_offset == 0 || rid == s.rid {
             return None;
         }
-        let k = (1..=s.num_vfs).find(|&k| {
-            u32::from(s.rid)
-                + u32::from(s.first_vf_offset)
-                + u32::from(k - 1) * u32::from(s.vf_stride)
-                == u32::from(rid)
-        })?;
+        let layout = thinhv_passthrough::sriov::SriovCap {
+            first_vf_offset: s.first_vf_offset,
+            vf_stride: s.vf_stride,
+            ..Default::default()
+        };
+        let k = (1..=s.num_vfs).find(|&k| layout.vf_rid(s.rid, k) == Some(rid))?;
         let lo = *s.vf_bars.get(bir)?;
         let wide = lo & 0b110 == 0b100 && bir < 5;
         let (hi, hi_mask) = if wide {
