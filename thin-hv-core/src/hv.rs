@@ -296,6 +296,10 @@ pub struct Hv {
     /// Interrupt messages a partition programmed into its functions that
     /// thinhv gave no remapping entry (`handlers::msi_remap`).
     pub refused_msis: AtomicU64,
+    /// Refused messages logged so far, by requester ID
+    /// (`handlers::msi_remap`): each function's first ones are logged
+    /// whatever the others did.
+    pub msi_refusals_logged: spin::Mutex<alloc::collections::BTreeMap<u16, u64>>,
     /// The MSI address and data the OS wrote into its functions whose
     /// messages are remapped (`PCI_ACTION_MSI`), by mediation index.
     pub os_msi: spin::Mutex<[crate::partition::MsiShadow; thinhv_abi::handoff::MAX_PCI_MEDIATED]>,
@@ -374,6 +378,7 @@ impl Hv {
             partition_count: h.partitions().len(),
             cross_partition_ipis: AtomicU64::new(0),
             refused_msis: AtomicU64::new(0),
+            msi_refusals_logged: spin::Mutex::new(alloc::collections::BTreeMap::new()),
             msix: spin::Mutex::new(alloc::collections::BTreeMap::new()),
             msix_writer: AtomicBool::new(false),
             ioapics: spin::Mutex::new(

@@ -27,8 +27,12 @@ use core::sync::atomic::Ordering;
 use thinhv_passthrough::irq_remap::{self, Cores, Policy, Target};
 use thinhv_passthrough::reset;
 
-/// Refused messages logged one by one; after that every 1024th.
+/// Refused messages logged one by one for each function (one busy
+/// function does not silence the next); after that every 1024th of all.
 const LOG_FIRST: u64 = 8;
+/// Functions whose refusals are logged by their own count; beyond them,
+/// by the count of all.
+const LOG_FUNCTIONS: usize = 64;
 
 /// Whose function, and where thinhv keeps what its owner wrote.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -405,7 +409,7 @@ fn note_refusal(
     }
     *last = Some((addr, data));
     let n = env.hv().refused_msis.fetch_add(1, Ordering::Relaxed) + 1;
-    if n <= LOG_FIRST || n.is_multiple_of(1024) {
+    if logs_refusal(&mut env.hv().msi_refusals_logged.lock(), rid, n) {
         let whose = if owner.is_os() {
             "the OS"
         } else {
@@ -416,6 +420,20 @@ fn note_refusal(
             thinhv_passthrough::pci::Bdf::from_rid(0, rid),
         );
     }
+}
+
+/// Whether the `n`th refused message of all, by `rid`, is logged
+/// (`logged`: how many each function had, for the first
+/// [`LOG_FUNCTIONS`]).
+fn logs_refusal(logged: &mut alloc::collections::BTreeMap<u16, u64>, rid: u16, n: u64) -> bool {
+    let own = if logged.len() < LOG_FUNCTIONS || logged.contains_key(&rid) {
+        let k = logged.entry(rid).or_insert(0);
+        *k += 1;
+        *k
+    } else {
+        n
+    };
+    own <= LOG_FIRST || n.is_multiple_of(1024)
 }
 
 /// The MSI-X capability of `rid` (looked up once), if its messages are
@@ -796,5 +814,35 @@ fn msix_write32_alone(env: &mut impl Env, rid: u16, gpa: u64, value: u32) {
     }
     if let Some(slot) = env.hv().msix.lock().get_mut(&rid) {
         slot.shadow = t.shadow;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_function_has_its_first_refusals_logged_whatever_the_others_did() {
+        let mut logged = alloc::collections::BTreeMap::new();
+        let mut n = 0;
+        let mut log = |n: &mut u64, rid| {
+            *n += 1;
+            logs_refusal(&mut logged, rid, *n)
+        };
+        // A busy function: its first eight, then silence.
+        assert!((0..8).all(|_| log(&mut n, 0x0100)));
+        assert!((0..20).all(|_| !log(&mut n, 0x0100)));
+        // The next function still gets its first eight.
+        assert!((0..8).all(|_| log(&mut n, 0x0210)));
+        assert!(!log(&mut n, 0x0210));
+        // Beyond LOG_FUNCTIONS functions, the count of all decides.
+        for rid in 0..LOG_FUNCTIONS as u16 {
+            log(&mut n, 0x1000 + rid);
+        }
+        assert!(!log(&mut n, 0x2000));
+        // Every 1024th of all, whoever sent it.
+        n = 1023;
+        assert!(log(&mut n, 0x0100));
+        assert!(!log(&mut n, 0x2000));
     }
 }
