@@ -478,8 +478,9 @@ pub struct PciMediation {
 }
 
 /// [`PciMediation::flags`]: a PF whose VFs the OS shares
-/// ([`PCI_ACTION_VF_SHARED`]) whose own MSI and MSI-X messages thinhv
-/// remaps too, as for [`PCI_ACTION_MSI`].
+/// ([`PCI_ACTION_VF_SHARED`]) or has a budget of ([`PCI_ACTION_VF_BUDGET`])
+/// whose own MSI and MSI-X messages thinhv remaps too, as for
+/// [`PCI_ACTION_MSI`].
 pub const MEDIATION_REMAP_MSI: u8 = 1;
 
 impl PciMediation {
@@ -487,7 +488,8 @@ impl PciMediation {
     /// messages.
     pub const fn remaps_msi(&self) -> bool {
         self.action == PCI_ACTION_MSI
-            || self.action == PCI_ACTION_VF_SHARED && self.flags & MEDIATION_REMAP_MSI != 0
+            || (self.action == PCI_ACTION_VF_SHARED || self.action == PCI_ACTION_VF_BUDGET)
+                && self.flags & MEDIATION_REMAP_MSI != 0
     }
 }
 
@@ -565,6 +567,17 @@ pub struct PciHandoff {
     /// BARs of functions thinhv keeps (an NVMe PF's): blank in the OS's
     /// second-level tables and IOMMU domain, mapped nowhere.
     pub held: [PhysRange; MAX_HELD_BARS],
+    /// Valid `budget`.
+    pub budget_count: u32,
+    /// Reserved.
+    pub reserved5: u32,
+    /// PFs with a plain VF budget ([`PCI_ACTION_VF_BUDGET`]) whose VFs'
+    /// messages thinhv remaps: `rid`, `cap`, `os_vfs`, `vf_bar_masks`, and
+    /// First VF Offset and VF Stride with NumVFs = `os_vfs`, as the loader
+    /// read them. The OS places the VF BARs and turns VF Enable on and
+    /// off: those are read from the device when a VF's MSI-X is enabled
+    /// (`vf_bars`, `num_vfs` and `control` unused).
+    pub budget: [SharedPf; MAX_SHARED_PFS],
 }
 
 impl PciHandoff {
@@ -576,6 +589,11 @@ impl PciHandoff {
     /// The valid shared PFs.
     pub fn shared(&self) -> &[SharedPf] {
         &self.shared[..(self.shared_count as usize).min(MAX_SHARED_PFS)]
+    }
+
+    /// The valid [`Self::budget`] entries.
+    pub fn budget(&self) -> &[SharedPf] {
+        &self.budget[..(self.budget_count as usize).min(MAX_SHARED_PFS)]
     }
 
     /// The valid held BARs.

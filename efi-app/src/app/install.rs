@@ -419,10 +419,12 @@ pub fn install(config: &Config) -> Result<String, String> {
         // An MSI-X table beyond the core's own map is mapped by the core
         // when the OS enables MSI-X; only one beyond the physical address
         // width cannot be.
+        let budget_vfs = budget_vfs(&mut pci, &inventory.functions, &regions);
         os_irq_left = Some(remap_os_msi(
             &mut pci,
             &inventory.functions,
             &os_vfs_of_shared,
+            &budget_vfs,
             &regions,
             1u64 << caps.phys_addr_bits.min(52),
             iommu.kind == thinhv_abi::handoff::IOMMU_KIND_VTD,
@@ -988,6 +990,7 @@ fn remap_os_msi(
         thinhv_passthrough::pci::Bdf,
         alloc::vec::Vec<thinhv_passthrough::pci::Function>,
     )],
+    budget_vfs: &[(thinhv_passthrough::pci::Bdf, alloc::vec::Vec<u16>)],
     regions: &[thinhv_passthrough::pci::EcamRegion],
     limit: u64,
     vtd: bool,
@@ -995,12 +998,43 @@ fn remap_os_msi(
     use thinhv_passthrough::pci::{CAP_ID_MSI, CAP_ID_MSIX};
     let mut names = String::new();
     let (mut n, mut other, mut over, mut beyond) = (0, 0, 0, 0);
-    // A PF shared with appliances whose VFs of the OS's all answer: those
-    // are remapped below, and the OS creates no other.
+    // The VFs the OS may create on a PF with a plain budget: registered
+    // up front (they answer only once it turns VF Enable on); the PF
+    // counts as remapped only if all of them are.
+    let mut budget_done = alloc::vec::Vec::new();
+    let mut vf_names = String::new();
+    for (pf, rids) in budget_vfs {
+        let room = (pci.count as usize + rids.len()) <= thinhv_abi::handoff::MAX_PCI_MEDIATED;
+        if !room {
+            over += rids.len();
+            continue;
+        }
+        for &rid in rids {
+            let k = pci.count as usize;
+            pci.mediated[k] = thinhv_abi::handoff::PciMediation {
+                bus: (rid >> 8) as u8,
+                devfn: (rid & 0xff) as u8,
+                action: thinhv_abi::handoff::PCI_ACTION_MSI,
+                ..Default::default()
+            };
+            pci.count += 1;
+            n += 1;
+            let _ = write!(
+                vf_names,
+                " {}",
+                thinhv_passthrough::pci::Bdf::from_rid(pf.segment, rid)
+            );
+        }
+        budget_done.push(*pf);
+    }
+    // A PF shared with appliances whose VFs of the OS's all answer, or
+    // one with a plain budget whose VFs are all registered: those are
+    // remapped, and the OS creates no other.
     let vf_pfs = functions
         .iter()
         .filter(|f| f.sriov.is_some() && !pci.is_blocked(f.bdf.rid()))
         .filter(|f| !shared_vfs.iter().any(|(pf, _)| *pf == f.bdf))
+        .filter(|f| !budget_done.contains(&f.bdf))
         .filter(|f| {
             pci.find(f.bdf.bus, f.bdf.devfn()).is_none_or(|m| {
                 !(m.action == thinhv_abi::handoff::PCI_ACTION_HIDE
@@ -1060,9 +1094,11 @@ fn remap_os_msi(
             // view and has its own messages remapped too; any other
             // mediation is said.
             let m = &mut pci.mediated[i];
-            if m.action == thinhv_abi::handoff::PCI_ACTION_VF_SHARED
-                && source == thinhv_efi::iommu_plan::MsiSource::Own
-            {
+            // (A budget of 0: the OS creates no VF.)
+            let vf_pf = m.action == thinhv_abi::handoff::PCI_ACTION_VF_SHARED
+                || m.action == thinhv_abi::handoff::PCI_ACTION_VF_BUDGET
+                    && (m.os_vfs == 0 || budget_done.contains(&f.bdf));
+            if vf_pf && source == thinhv_efi::iommu_plan::MsiSource::Own {
                 m.flags |= thinhv_abi::handoff::MEDIATION_REMAP_MSI;
                 n += 1;
                 let _ = write!(names, " {}", f.bdf);
@@ -1101,7 +1137,9 @@ fn remap_os_msi(
         n += 1;
         let _ = write!(names, " {}", f.bdf);
     }
-    println!("thinhv: interrupts: the OS's MSI and MSI-X functions remapped ({n}):{names}");
+    println!(
+        "thinhv: interrupts: the OS's MSI and MSI-X functions remapped ({n}):{names}{vf_names}"
+    );
     if other > 0 {
         println!(
             "thinhv: warning: interrupts: {other} function(s) of the OS's mediated otherwise are not remapped: a hostile OS can aim them at an appliance's processors"
@@ -1113,6 +1151,95 @@ fn remap_os_msi(
         );
     }
     (other + over + beyond, vf_pfs)
+}
+
+/// The PFs with a plain VF budget (`PCI_ACTION_VF_BUDGET`, `os_vfs` above
+/// 0) whose VFs' messages can be remapped, with the routing IDs of the
+/// VFs the OS may create: First VF Offset and VF Stride read with NumVFs
+/// set to the budget (they may depend on it; VF Enable is off, so nothing
+/// appears), NumVFs then put back. Each gets a `PciHandoff::budget` entry
+/// the core finds their MSI-X tables by. A PF whose VFs the firmware left
+/// enabled, or that has no room, is said and left out.
+fn budget_vfs(
+    pci: &mut thinhv_abi::handoff::PciHandoff,
+    functions: &[thinhv_passthrough::pci::Function],
+    regions: &[thinhv_passthrough::pci::EcamRegion],
+) -> alloc::vec::Vec<(thinhv_passthrough::pci::Bdf, alloc::vec::Vec<u16>)> {
+    use thinhv_passthrough::reset::FunctionConfig;
+    let mut out = alloc::vec::Vec::new();
+    for i in 0..(pci.count as usize).min(thinhv_abi::handoff::MAX_PCI_MEDIATED) {
+        let m = pci.mediated[i];
+        if m.action != thinhv_abi::handoff::PCI_ACTION_VF_BUDGET || m.os_vfs == 0 {
+            continue;
+        }
+        let Some((pf, cap)) = functions
+            .iter()
+            .find(|f| f.bdf.segment == 0 && f.bdf.bus == m.bus && f.bdf.devfn() == m.devfn)
+            .and_then(|f| Some((f, f.sriov?)))
+        else {
+            continue;
+        };
+        let k = pci.budget_count as usize;
+        if k >= thinhv_abi::handoff::MAX_SHARED_PFS {
+            println!(
+                "thinhv: warning: interrupts: {}: too many PFs with a VF budget: the VFs the OS creates are not remapped",
+                pf.bdf
+            );
+            continue;
+        }
+        // Control and NumVFs as they are now (the firmware may have
+        // changed them since the inventory).
+        let mut f = super::pci::function(regions, pf.bdf);
+        if f.read32(cap.offset + 8) & 1 != 0 {
+            println!(
+                "thinhv: warning: interrupts: {}: its VFs are enabled: the VFs the OS creates are not remapped",
+                pf.bdf
+            );
+            continue;
+        }
+        let num_vfs = (f.read32(cap.offset + 0x10) & 0xffff) as u16;
+        f.write16(cap.offset + 0x10, m.os_vfs);
+        let v = f.read32(cap.offset + 0x14);
+        f.write16(cap.offset + 0x10, num_vfs);
+        let (offset, stride) = ((v & 0xffff) as u16, (v >> 16) as u16);
+        let rids: alloc::vec::Vec<u16> = (1..=m.os_vfs)
+            .map_while(|k| {
+                u16::try_from(
+                    u32::from(pf.bdf.rid())
+                        + u32::from(offset)
+                        + u32::from(k - 1) * u32::from(stride),
+                )
+                .ok()
+            })
+            // On a bus the ECAM region decodes (else the core could not
+            // trap its configuration space).
+            .take_while(|r| (pci.bus_start..=pci.bus_end).contains(&((r >> 8) as u8)))
+            .collect();
+        if offset == 0 || (stride == 0 && m.os_vfs > 1) || rids.len() != usize::from(m.os_vfs) {
+            println!(
+                "thinhv: warning: interrupts: {}: its VFs' routing IDs do not fit (First VF Offset {offset:#x}, VF Stride {stride:#x}): the VFs the OS creates are not remapped",
+                pf.bdf
+            );
+            continue;
+        }
+        let masks = thinhv_passthrough::shared_pf::setup_for(pf, m.os_vfs, m.os_vfs)
+            .map(|s| s.vf_bar_masks)
+            .unwrap_or_default();
+        pci.budget[k] = thinhv_abi::handoff::SharedPf {
+            rid: pf.bdf.rid(),
+            cap: cap.offset,
+            os_vfs: m.os_vfs,
+            first_vf_offset: offset,
+            vf_stride: stride,
+            // The page size the masks were sized under.
+            page_size: f.read32(cap.offset + 0x20),
+            vf_bar_masks: masks,
+            ..Default::default()
+        };
+        pci.budget_count += 1;
+        out.push((pf.bdf, rids));
+    }
+    out
 }
 
 /// Where `f`'s messages come from (`iommu_plan::msi_source`), the bridges'

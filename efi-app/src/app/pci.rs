@@ -128,8 +128,9 @@ impl thinhv_passthrough::reset::FunctionConfig for EcamFunction<'_> {
             return;
         }
         // SAFETY: as `Ecam::read32`: the address lies in an ECAM window
-        // the MCFG describes (uncached MMIO); the function belongs to an
-        // appliance, whose reset sequence this write is part of.
+        // the MCFG describes (uncached MMIO); the loader writes it before
+        // the OS runs: an appliance's function's reset sequence, or a PF's
+        // SR-IOV registers it sets up or reads the VF layout from.
         unsafe { core::ptr::write_volatile((base + u64::from(reg)) as *mut u16, value) }
     }
     fn wait_us(&mut self, us: u32) {

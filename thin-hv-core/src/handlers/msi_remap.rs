@@ -454,8 +454,27 @@ fn msix_cap(env: &mut impl Env, owner: Owner, rid: u16) -> Option<u16> {
         },
         reset::CAP_MSIX,
     );
-    owner.with_shadow(env.hv(), |s| s.msix = at.unwrap_or(1));
+    // A VF the OS may create and remove (a PF with a plain budget) reads
+    // as nothing while absent: found nothing is not remembered for it.
+    if at.is_some() || !budget_vf(env.hv(), rid) {
+        owner.with_shadow(env.hv(), |s| s.msix = at.unwrap_or(1));
+    }
     at
+}
+
+/// Whether `rid` is one of the VFs the OS may create on a PF with a plain
+/// budget (`PciHandoff::budget`, at the loader's First VF Offset and VF
+/// Stride).
+fn budget_vf(hv: &Hv, rid: u16) -> bool {
+    hv.pci.budget().iter().any(|s| {
+        s.first_vf_offset != 0
+            && (1..=s.os_vfs).any(|k| {
+                u32::from(s.rid)
+                    + u32::from(s.first_vf_offset)
+                    + u32::from(k - 1) * u32::from(s.vf_stride)
+                    == u32::from(rid)
+            })
+    })
 }
 
 /// After a write at `reg` (`size` bytes) reached `rid`: where it covered
@@ -519,7 +538,7 @@ fn setup_msix<E: Env>(env: &mut E, owner: Owner, rid: u16, msix: u16) {
     // VF BARs.
     let base = bar
         .filter(|b| *b != 0)
-        .or_else(|| vf_bar(env.hv(), rid, bir))
+        .or_else(|| vf_bar(env, rid, bir))
         .and_then(|b| b.checked_add(u64::from(table & !7)));
     let Some(base) = base.filter(|b| *b != 0) else {
         log::error!(
@@ -606,38 +625,86 @@ fn setup_msix<E: Env>(env: &mut E, owner: Owner, rid: u16, msix: u16) {
     env.hv().msix.lock().insert(rid, t);
 }
 
-/// BAR `bir` of `rid` where it is a VF of a PF the OS shares with
-/// appliances (`PciHandoff::shared`; the caller asks only for functions
-/// whose messages it remaps): the PF's VF BAR as the loader
-/// set it up (the device keeps it: `handlers::shared_pf`), plus the VF's
-/// slot. VF `k`'s routing ID is `SriovCap::vf_rid` of the First VF
-/// Offset and VF Stride the loader read with the setup's NumVFs.
-pub(super) fn vf_bar(hv: &Hv, rid: u16, bir: u16) -> Option<u64> {
-    let bir = usize::from(bir);
-    hv.pci.shared().iter().find_map(|s| {
-        // First VF Offset 0: the loader found no VF (never the PF itself).
-        if s.first_vf_offset == 0 || rid == s.rid {
+/// BAR `bir` of `rid` where it is a VF whose messages thinhv remaps (the
+/// caller asks for no other), from its PF's VF BAR plus its slot. VF `k`'s
+/// routing ID is `SriovCap::vf_rid` of a First VF Offset and VF Stride.
+/// - A PF the OS shares with an appliance (`PciHandoff::shared`): the
+///   loader's setup, which the device keeps (`handlers::shared_pf`).
+/// - A PF with a plain budget (`PciHandoff::budget`): the OS's own VFs,
+///   read from the device now: VF Enable on, `k` within NumVFs and the
+///   budget, the VF BAR where the OS put it.
+pub(super) fn vf_bar(env: &mut impl Env, rid: u16, bir: u16) -> Option<u64> {
+    let b = usize::from(bir);
+    let index = |s: &thinhv_abi::handoff::SharedPf, offset: u16, stride: u16, n: u16| {
+        // First VF Offset 0: no VF known (never the PF itself).
+        if offset == 0 || rid == s.rid {
             return None;
         }
         let layout = thinhv_passthrough::sriov::SriovCap {
-            first_vf_offset: s.first_vf_offset,
-            vf_stride: s.vf_stride,
+            first_vf_offset: offset,
+            vf_stride: stride,
             ..Default::default()
         };
-        let k = (1..=s.num_vfs).find(|&k| layout.vf_rid(s.rid, k) == Some(rid))?;
-        let lo = *s.vf_bars.get(bir)?;
-        let wide = lo & 0b110 == 0b100 && bir < 5;
-        let (hi, hi_mask) = if wide {
-            (s.vf_bars[bir + 1], s.vf_bar_masks[bir + 1])
+        (1..=n).find(|&k| layout.vf_rid(s.rid, k) == Some(rid))
+    };
+    let slot = |s: &thinhv_abi::handoff::SharedPf, k: u16, lo: u32, hi: u32| {
+        let wide = lo & 0b110 == 0b100 && b < 5;
+        let hi_mask = if wide {
+            s.vf_bar_masks[b + 1]
         } else {
-            (0, u32::MAX)
+            u32::MAX
         };
-        let mask = u64::from(hi_mask) << 32 | u64::from(s.vf_bar_masks[bir] & !0xf);
-        let size = (!mask).wrapping_add(1);
+        let hi = if wide { hi } else { 0 };
+        let lo_mask = s.vf_bar_masks[b] & !0xf;
+        let mask = u64::from(hi_mask) << 32 | u64::from(lo_mask);
+        // A zero mask: a BAR never sized, not a 4 GiB slot.
+        let size = if lo_mask == 0 && !wide {
+            0
+        } else {
+            (!mask).wrapping_add(1)
+        };
         let base = u64::from(hi) << 32 | u64::from(lo & !0xf);
         (lo & 1 == 0 && base != 0 && size != 0)
             .then(|| base.checked_add(u64::from(k - 1).checked_mul(size)?))
             .flatten()
+    };
+    if b >= 6 {
+        return None;
+    }
+    let shared = env.hv().pci.shared().iter().find_map(|s| {
+        let k = index(s, s.first_vf_offset, s.vf_stride, s.num_vfs)?;
+        slot(
+            s,
+            k,
+            s.vf_bars[b],
+            s.vf_bars.get(b + 1).copied().unwrap_or(0),
+        )
+    });
+    if shared.is_some() {
+        return shared;
+    }
+    let budget: alloc::vec::Vec<_> = env.hv().pci.budget().to_vec();
+    budget.iter().find_map(|s| {
+        // The SR-IOV capability is extended configuration space: through
+        // ECAM (the PF is mediated, so its page lies in the ECAM region).
+        let page = env.hv().pci.ecam_base + (u64::from(s.rid) << 12);
+        let read = |reg: u16, size: u8| env.mmio_read(page + u64::from(reg), size);
+        // The VF BAR masks hold under the page size the loader sized them
+        // with: under another, the slot is unknown (the table stays masked).
+        if read(s.cap + 0x20, 4) != s.page_size {
+            return None;
+        }
+        let control = read(s.cap + 8, 2);
+        let num_vfs = (read(s.cap + 0x10, 2) as u16).min(s.os_vfs);
+        let offset = read(s.cap + 0x14, 2) as u16;
+        let stride = read(s.cap + 0x16, 2) as u16;
+        let at = s.cap + 0x24 + 4 * bir;
+        let (lo, hi) = (read(at, 4), if b < 5 { read(at + 4, 4) } else { 0 });
+        if control & 1 == 0 {
+            return None;
+        }
+        let k = index(s, offset, stride, num_vfs)?;
+        slot(s, k, lo, hi)
     })
 }
 

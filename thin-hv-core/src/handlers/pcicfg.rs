@@ -25,8 +25,8 @@ use crate::guest::{Gpr, GuestCpu, vector};
 use crate::insn::{Load, StoreSource};
 use core::sync::atomic::Ordering;
 use thinhv_abi::handoff::{
-    PCI_ACTION_BRIDGE_GUARD, PCI_ACTION_HIDE, PCI_ACTION_PRESENT_VF, PCI_ACTION_VF_SHARED,
-    PciMediation,
+    PCI_ACTION_BRIDGE_GUARD, PCI_ACTION_HIDE, PCI_ACTION_PRESENT_VF, PCI_ACTION_VF_BUDGET,
+    PCI_ACTION_VF_SHARED, PciMediation,
 };
 use thinhv_passthrough::mediate::{self, CONFIG_DATA, Policy, PortPiece, PortRole, Refusal};
 
@@ -104,10 +104,10 @@ fn rid_of(m: &PciMediation) -> u16 {
     u16::from(m.bus) << 8 | u16::from(m.devfn)
 }
 
-/// An access to the OS's function `m` that its MSI remapping leaves alone
-/// (`write`: the value a store writes; `device` performs it on the
-/// device, a store where `Some`): through the SR-IOV view of a PF the OS
-/// shares with an appliance, else straight to the device.
+/// An access to the OS's function `m` that the MSI remapping leaves
+/// alone (`write`: the value a store writes; `device` performs it, `Some`
+/// a store): through the SR-IOV view of a PF the OS shares with an
+/// appliance, or the VF budget of its own PF, else to the device.
 fn beneath<E: Env>(
     env: &mut E,
     m: &PciMediation,
@@ -116,10 +116,24 @@ fn beneath<E: Env>(
     write: Option<u32>,
     device: impl FnOnce(&mut E, Option<u32>) -> u32,
 ) -> u32 {
-    if m.action == PCI_ACTION_VF_SHARED {
-        super::shared_pf::access(env, m, offset, size, write, device)
-    } else {
-        device(env, write)
+    match (m.action, write) {
+        (PCI_ACTION_VF_SHARED, _) => super::shared_pf::access(env, m, offset, size, write, device),
+        (PCI_ACTION_VF_BUDGET, None) => {
+            mediate::read(&policy_of(m), offset, size, || device(env, None))
+        }
+        (PCI_ACTION_VF_BUDGET, Some(value)) => {
+            let w = mediate::write(&policy_of(m), offset, size, value, |reg| {
+                read16(env, m, reg)
+            });
+            if let Some(v) = w.forward {
+                device(env, Some(v));
+            }
+            if let Some(r) = w.refused {
+                report(env, m, r);
+            }
+            0
+        }
+        _ => device(env, write),
     }
 }
 

@@ -765,30 +765,79 @@ fn the_oss_vfs_of_a_shared_pf_find_their_msix_tables_in_the_pfs_vf_bars() {
     // VF 1 (01:10.0) and VF 2 (01:10.2): their slots of VF BAR 0 and VF
     // BAR 3 (64-bit, 16 KiB each).
     assert_eq!(
-        super::msi_remap::vf_bar(&env.hv, 0x0180, 3),
+        super::msi_remap::vf_bar(&mut env, 0x0180, 3),
         Some(0xfe01_0000)
     );
     assert_eq!(
-        super::msi_remap::vf_bar(&env.hv, 0x0182, 3),
+        super::msi_remap::vf_bar(&mut env, 0x0182, 3),
         Some(0xfe01_4000)
     );
     assert_eq!(
-        super::msi_remap::vf_bar(&env.hv, 0x0182, 0),
+        super::msi_remap::vf_bar(&mut env, 0x0182, 0),
         Some(0xfe00_4000)
     );
     // VF 3 (beyond the OS's budget, enabled for the appliance) too; none
     // beyond NumVFs, nor the PF, nor an unimplemented BAR.
     assert_eq!(
-        super::msi_remap::vf_bar(&env.hv, 0x0184, 3),
+        super::msi_remap::vf_bar(&mut env, 0x0184, 3),
         Some(0xfe01_8000)
     );
-    assert_eq!(super::msi_remap::vf_bar(&env.hv, 0x0186, 3), None);
-    assert_eq!(super::msi_remap::vf_bar(&env.hv, 0x0100, 3), None);
-    assert_eq!(super::msi_remap::vf_bar(&env.hv, 0x0180, 2), None);
+    assert_eq!(super::msi_remap::vf_bar(&mut env, 0x0186, 3), None);
+    assert_eq!(super::msi_remap::vf_bar(&mut env, 0x0100, 3), None);
+    assert_eq!(super::msi_remap::vf_bar(&mut env, 0x0180, 2), None);
     // No VF found by the loader (offset 0): not even VF 1 at the PF's ID.
     env.hv.pci.shared[0].first_vf_offset = 0;
-    assert_eq!(super::msi_remap::vf_bar(&env.hv, 0x0100, 3), None);
-    assert_eq!(super::msi_remap::vf_bar(&env.hv, 0x0180, 3), None);
+    assert_eq!(super::msi_remap::vf_bar(&mut env, 0x0100, 3), None);
+    assert_eq!(super::msi_remap::vf_bar(&mut env, 0x0180, 3), None);
+}
+
+#[test]
+fn the_oss_own_vfs_of_a_budget_pf_find_their_msix_tables_where_it_put_its_vf_bars() {
+    let mut env = with_partition(vf_partition);
+    let pci = &mut env.hv.pci;
+    pci.ecam_base = 0xb000_0000;
+    pci.bus_end = 0xff;
+    pci.budget[0] = thinhv_abi::handoff::SharedPf {
+        rid: 0x0100,
+        cap: 0x160,
+        os_vfs: 2,
+        first_vf_offset: 0x80,
+        vf_stride: 2,
+        page_size: 1,
+        vf_bar_masks: [0xffff_c000, !0, 0, 0xffff_c000, !0, 0],
+        ..Default::default()
+    };
+    pci.budget_count = 1;
+    env.mmio_write(PF_ECAM + 0x180, 4, 1);
+    // The OS's VFs off: nothing.
+    env.mmio_write(PF_ECAM + 0x168, 2, 0x10);
+    env.mmio_write(PF_ECAM + 0x174, 4, 0x0002_0080);
+    env.mmio_write(PF_ECAM + 0x170, 2, 2);
+    env.mmio_write(PF_ECAM + 0x190, 4, 0xd001_000c);
+    env.mmio_write(PF_ECAM + 0x194, 4, 0);
+    assert_eq!(super::msi_remap::vf_bar(&mut env, 0x0182, 3), None);
+    // On, with its VF BAR 3 where it put it: VF 2's slot.
+    env.mmio_write(PF_ECAM + 0x168, 2, 0x19);
+    assert_eq!(
+        super::msi_remap::vf_bar(&mut env, 0x0182, 3),
+        Some(0xd001_4000)
+    );
+    assert_eq!(
+        super::msi_remap::vf_bar(&mut env, 0x0180, 3),
+        Some(0xd001_0000)
+    );
+    // Beyond NumVFs (1 now), or beyond the budget whatever NumVFs says.
+    env.mmio_write(PF_ECAM + 0x170, 2, 1);
+    assert_eq!(super::msi_remap::vf_bar(&mut env, 0x0182, 3), None);
+    env.mmio_write(PF_ECAM + 0x170, 2, 3);
+    assert_eq!(super::msi_remap::vf_bar(&mut env, 0x0184, 3), None);
+    // Nor the PF itself.
+    assert_eq!(super::msi_remap::vf_bar(&mut env, 0x0100, 3), None);
+    // Another System Page Size than the masks were sized under: unknown.
+    env.mmio_write(PF_ECAM + 0x170, 2, 2);
+    assert!(super::msi_remap::vf_bar(&mut env, 0x0182, 3).is_some());
+    env.mmio_write(PF_ECAM + 0x180, 4, 2);
+    assert_eq!(super::msi_remap::vf_bar(&mut env, 0x0182, 3), None);
 }
 
 #[test]
