@@ -765,6 +765,9 @@ fn an_appliances_vf_of_the_oss_igb_survives_what_the_os_does_to_its_pf() {
     machine
         .extra
         .extend(thinhv_ovmf::qemu::IGB_BEHIND_ROOT_PORT.map(String::from));
+    // Every BAR below 4 GiB: QEMU 10.0 decodes igb's VF BARs as 32-bit
+    // ones (`docs/emulator-faults.md`).
+    machine.extra.extend(BARS_BELOW_4G.map(String::from));
     let config = APPLIANCE.to_string()
         + "devices = [\"vf:8086:10c9#4\"]\n\n[[sriov]]\ndevice = \"8086:10c9\"\nos_vfs = 2\n";
     let boot = thinhv_tests::linux_under_thinhv(
@@ -862,9 +865,9 @@ fn an_appliances_vf_of_the_oss_igb_survives_what_the_os_does_to_its_pf() {
     // and of its own VF 01:10.0 through /dev/mem: thinhv catches and
     // counts the write to the appliance's (its page is blank: it reads 0)
     // and not the OS's own (the control), whose trapped table keeps what
-    // the OS wrote (it reads back) and whose entry thinhv refuses (0x4321:
-    // a reserved delivery mode). The blank page's control is the hidden
-    // NIC in a_linux_appliance_runs_beside.
+    // the OS wrote (it reads back) and whose entry, once the OS unmasks
+    // it, thinhv refuses (0x4321: a reserved delivery mode). The blank
+    // page's control is the hidden NIC in a_linux_appliance_runs_beside.
     let msix = g.get("vf_msix_data");
     assert!(msix.starts_with("own 0x00004321 "), "{facts}");
     assert!(msix.contains(" appliance's 0x00000000 at "), "{facts}");
@@ -1211,15 +1214,12 @@ fn an_os_devices_msi_never_reaches_an_appliance_through_vt_d_interrupt_remapping
             "user,id=inet",
             "-device",
             "igb,netdev=inet,bus=rpi",
-            // OVMF without a 64-bit PCI aperture: every BAR below 4 GiB,
-            // the igb's VF BARs too, which QEMU 10.0 decodes as 32-bit
-            // ones (docs/emulator-faults.md). (With 40 physical address
-            // bits on an AMD CPU, OVMF ignores the aperture's size and puts
-            // it at the top; with 39 it does not. The later -cpu wins.)
-            "-cpu",
-            "max,hypervisor=off,phys-bits=39",
-            "-fw_cfg",
-            "name=opt/ovmf/X-PciMmio64Mb,string=0",
+            // Every BAR below 4 GiB, the igb's VF BARs too, which QEMU
+            // 10.0 decodes as 32-bit ones (docs/emulator-faults.md).
+            BARS_BELOW_4G[0],
+            BARS_BELOW_4G[1],
+            BARS_BELOW_4G[2],
+            BARS_BELOW_4G[3],
         ],
         &More {
             config: "\n[[sriov]]\ndevice = \"8086:10c9\"\nos_vfs = 2\n",
@@ -1299,6 +1299,17 @@ fn an_os_devices_msi_never_reaches_an_appliance_through_vt_d_interrupt_remapping
         "control: the VF's NMI reaches the appliance without remapping: {facts}"
     );
 }
+
+/// QEMU arguments for an OVMF without a 64-bit PCI aperture: every BAR
+/// below 4 GiB. (With 40 physical address bits on an AMD CPU, OVMF sizes
+/// its aperture itself and puts it at the top of the address space; with
+/// 39 it takes the size given. The later `-cpu` wins.)
+const BARS_BELOW_4G: [&str; 4] = [
+    "-cpu",
+    "max,hypervisor=off,phys-bits=39",
+    "-fw_cfg",
+    "name=opt/ovmf/X-PciMmio64Mb,string=0",
+];
 
 /// What a machine of [`os_msi_isolation`] adds to the common one.
 struct More<'a> {
