@@ -268,6 +268,9 @@ pub struct Hv {
     pub cpus_virtualized: AtomicU32,
     /// Mediated PCI functions (hidden ones, VF budgets).
     pub pci: PciHandoff,
+    /// The IOMMU units' register windows, as the loader found them (also
+    /// where thinhv does not take them).
+    pub(crate) iommu_windows: [PhysRange; thinhv_abi::handoff::MAX_IOMMUS],
     /// Configuration writes refused (VF budgets).
     pub refused_pci_writes: AtomicU64,
     /// The OS's view of each PF whose VFs it shares with appliances.
@@ -366,6 +369,15 @@ impl Hv {
             blocked_writes: AtomicU64::new(0),
             cpus_virtualized: AtomicU32::new(0),
             pci: h.pci,
+            iommu_windows: core::array::from_fn(|i| {
+                h.iommu
+                    .units()
+                    .get(i)
+                    .map_or(PhysRange::default(), |u| PhysRange {
+                        base: u.base,
+                        size: u.size.max(4096),
+                    })
+            }),
             refused_pci_writes: AtomicU64::new(0),
             shared_pfs: spin::Mutex::new(crate::handlers::shared_pf::initial(&h.pci)),
             presented_bars: spin::Mutex::new(core::array::from_fn(|i| {
@@ -402,6 +414,24 @@ impl Hv {
                 [crate::partition::MsiShadow::default(); thinhv_abi::handoff::MAX_PCI_MEDIATED],
             ),
         }
+    }
+
+    /// Whether `page` is the platform's own MMIO, which no device's BAR
+    /// may claim and thinhv never writes on a partition's behalf: the
+    /// chipset range below 4 GiB (from 0xFEC0_0000: I/O APICs, HPET, the
+    /// usual IOMMU windows, local APICs, the firmware's flash), an IOMMU
+    /// unit's registers wherever they are, the ECAM region.
+    pub fn is_platform_page(&self, page: u64) -> bool {
+        let page = page & !0xfff;
+        let ecam = (self.pci.ecam_base != 0 && self.pci.bus_end >= self.pci.bus_start).then(|| {
+            PhysRange {
+                base: self.pci.ecam_base + (u64::from(self.pci.bus_start) << 20),
+                size: (u64::from(self.pci.bus_end - self.pci.bus_start) + 1) << 20,
+            }
+        });
+        (0xfec0_0000..0x1_0000_0000).contains(&page)
+            || self.iommu_windows.iter().any(|w| w.overlaps(page, 4096))
+            || ecam.is_some_and(|e| e.overlaps(page, 4096))
     }
 
     /// Whether `page` holds the registers of an I/O APIC whose entries

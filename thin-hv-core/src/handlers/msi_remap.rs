@@ -562,7 +562,9 @@ fn setup_msix<E: Env>(env: &mut E, owner: Owner, rid: u16, msix: u16) {
     };
     // Only pages of device memory nobody else owns: never RAM, another
     // partition's memory or BARs, thinhv's, the interrupt window (the
-    // local APIC), an I/O APIC's registers, a page another trap holds.
+    // local APIC), an I/O APIC's registers, the platform's own registers
+    // (an IOMMU unit's, ECAM: thinhv writes entries there), a page another
+    // trap holds. (The owner places its BARs, a VF's in its PF's VF BARs.)
     let owner_part = owner.partition();
     let refused_page = |env: &E, page: u64| {
         let hv = env.hv();
@@ -572,6 +574,7 @@ fn setup_msix<E: Env>(env: &mut E, owner: Owner, rid: u16, msix: u16) {
             || (0xfee0_0000..0xfef0_0000).contains(&page)
             || page == hv.apic_base & !0xfff
             || hv.is_ioapic_page(page)
+            || hv.is_platform_page(page)
             || hv
                 .msix
                 .lock()

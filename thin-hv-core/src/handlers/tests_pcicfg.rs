@@ -613,10 +613,19 @@ fn an_msix_table_the_owner_put_out_of_reach_is_refused_and_stays_remapped() {
     assert!(env.remapped.contains(&0x0010), "still remapped");
     assert!(env.hv.msix.lock().is_empty());
     assert!(env.irq_entries.is_empty());
-    // On another partition's or thinhv's memory, or the interrupt window:
-    // refused before any trap.
+    // On another partition's or thinhv's memory, the interrupt window, or
+    // the platform's own registers thinhv would write entries into (the
+    // HPET's, an IOMMU unit's outside the chipset range, a function's
+    // configuration space through ECAM): refused before any trap.
     let mut env = msix_function();
-    for bar in [0xfee0_0000u32, (PROTECTED.base as u32) & !0xfff] {
+    env.hv.iommu_windows[0] = thinhv_abi::PhysRange::new(0xfd80_0000, 0x8_0000);
+    for bar in [
+        0xfee0_0000u32,
+        (PROTECTED.base as u32) & !0xfff,
+        0xfed0_0000,
+        0xfd80_0000 + 0x1000,
+        (ECAM as u32) + (3 << 15),
+    ] {
         env.cf8_space
             .borrow_mut()
             .insert(ALLOWED | 0x10, bar.wrapping_sub(0x2000));
