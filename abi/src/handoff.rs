@@ -302,7 +302,19 @@ pub struct IommuHandoff {
     /// Memory devices use for DMA by firmware agreement (RMRR), kept
     /// identity-mapped.
     pub reserved_ranges: [PhysRange; MAX_IOMMU_RESERVED],
+    /// Valid `passing`.
+    pub passing_count: u32,
+    /// Reserved.
+    pub reserved1: u32,
+    /// AMD-Vi: requester IDs whose interrupts keep passing unremapped
+    /// where [`IOMMU_FLAG_BLOCK_COMPAT`] has the others' aborted: those an
+    /// OS function behind a conventional PCI bridge may send with (the
+    /// bridge's own, and every ID on the buses below it, all the OS's).
+    pub passing: [RidRange; MAX_PASSING],
 }
+
+/// Most [`IommuHandoff::passing`] ranges (two per bridge).
+pub const MAX_PASSING: usize = 8;
 
 /// [`IommuHandoff::flags`]: every interrupt source the OS has sends
 /// through an entry thinhv writes (its MSI and MSI-X functions, its I/O
@@ -310,7 +322,8 @@ pub struct IommuHandoff {
 /// once the appliances are claimed a VT-d unit that remaps interrupts may
 /// block compatibility-format messages, and an AMD-Vi unit may abort the
 /// interrupts of every requester ID without a remapping table but the
-/// I/O APICs'.
+/// I/O APICs' and [`IommuHandoff::passing`] (on AMD-Vi the functions
+/// behind a conventional bridge are the exception to "every source").
 pub const IOMMU_FLAG_BLOCK_COMPAT: u8 = 1;
 
 /// [`IommuHandoff::interrupts`]: interrupt messages are not remapped
@@ -329,6 +342,19 @@ impl IommuHandoff {
         self.mode == IOMMU_MODE_PROTECT
             && (self.kind == IOMMU_KIND_AMDVI || self.kind == IOMMU_KIND_VTD)
             && self.interrupts == IOMMU_INTERRUPTS_REMAP
+    }
+
+    /// The valid [`Self::passing`] ranges.
+    pub fn passing(&self) -> &[RidRange] {
+        &self.passing[..(self.passing_count as usize).min(MAX_PASSING)]
+    }
+
+    /// Whether the interrupts of `rid` keep passing unremapped
+    /// ([`Self::passing`]).
+    pub fn passes(&self, rid: u16) -> bool {
+        self.passing()
+            .iter()
+            .any(|r| (r.first..=r.last).contains(&rid))
     }
 
     /// The valid units.
@@ -1211,6 +1237,8 @@ impl Handoff {
             || (self.device_count != 0 && self.devices_pa == 0)
             || self.iommu.count as usize > MAX_IOMMUS
             || self.iommu.reserved_count as usize > MAX_IOMMU_RESERVED
+            || self.iommu.passing_count as usize > MAX_PASSING
+            || self.iommu.passing().iter().any(|r| r.first > r.last)
             || self.partition_count as usize > MAX_APPLIANCES
             || self.ioapic_count as usize > MAX_IOAPICS
             || self
@@ -1390,6 +1418,26 @@ mod tests {
         assert!(h.validate().is_err());
         h.ioapics[0].base = 0xfec0_0000;
         h.ioapic_count = u32::try_from(MAX_IOAPICS).unwrap() + 1;
+        assert!(h.validate().is_err());
+    }
+
+    #[test]
+    fn passing_ranges_are_counted_and_in_order() {
+        let mut h = valid();
+        h.iommu.passing_count = 1;
+        h.iommu.passing[0] = RidRange {
+            first: 0x0100,
+            last: 0x01ff,
+        };
+        assert_eq!(h.validate(), Ok(()));
+        assert!(h.iommu.passes(0x01ff) && !h.iommu.passes(0x0200));
+        h.iommu.passing[0] = RidRange {
+            first: 0x01ff,
+            last: 0x0100,
+        };
+        assert!(h.validate().is_err());
+        h.iommu.passing[0] = RidRange::default();
+        h.iommu.passing_count = u32::try_from(MAX_PASSING).unwrap() + 1;
         assert!(h.validate().is_err());
     }
 

@@ -255,6 +255,18 @@ pub enum MsiSource {
         /// Its subordinate bus.
         last: u8,
     },
+    /// AMD-Vi: an ID of the topmost conventional bridge above it, or one
+    /// on its buses `first..=last` (an alias, for which thinhv keeps no
+    /// remapping table), every function there the OS's: not remapped, and
+    /// those IDs' interrupts keep passing where the others' are aborted.
+    Passing {
+        /// The bridge.
+        bridge: thinhv_passthrough::pci::Bdf,
+        /// Its secondary bus.
+        first: u8,
+        /// Its subordinate bus.
+        last: u8,
+    },
 }
 
 /// Where `f`'s messages come from, or why its remapping entries could
@@ -263,7 +275,9 @@ pub enum MsiSource {
 /// `None` for one without a PCI Express capability. `not_os(g)`: `g` is
 /// not the OS's (an appliance's or hidden). Only VT-d (`vtd`) entries can
 /// check a range of buses (SVT 10b); a bridge without PCI Express puts
-/// its own ID on the bus above, shared with everything there.
+/// its own ID on the bus above, shared with everything there. On AMD-Vi
+/// such a function is [`MsiSource::Passing`] where everything below the
+/// bridge is the OS's.
 pub fn msi_source(
     f: &thinhv_passthrough::pci::Function,
     functions: &[thinhv_passthrough::pci::Function],
@@ -287,10 +301,22 @@ pub fn msi_source(
         return Ok(MsiSource::Own);
     };
     if !vtd {
-        return Err(format!(
-            "behind the conventional PCI bridge {} (its messages carry the bridge's ID)",
-            b.bdf
-        ));
+        let Some((first, last)) = b.bridge_buses else {
+            return Err(format!("behind the bridge {} without buses", b.bdf));
+        };
+        if let Some(other) = functions.iter().find(|g| {
+            g.bdf.segment == f.bdf.segment && (first..=last).contains(&g.bdf.bus) && not_os(g)
+        }) {
+            return Err(format!(
+                "behind the conventional PCI bridge {} with {}, which is not the OS's (their messages carry the same IDs)",
+                b.bdf, other.bdf
+            ));
+        }
+        return Ok(MsiSource::Passing {
+            bridge: b.bdf,
+            first,
+            last,
+        });
     }
     if conventional(b).is_none() {
         return Err(format!(
@@ -314,6 +340,82 @@ pub fn msi_source(
         first,
         last,
     })
+}
+
+/// The IDs a function behind the conventional bridge `bridge` (its buses
+/// `first..=last`) may send with ([`MsiSource::Passing`]): the bridge's
+/// own, every ID on those buses (its secondary bus with device and
+/// function 0 among them), and the ID the IVRS says any of them sends
+/// with instead (`aliases`: its alias entries, device IDs `start..=end`
+/// carrying `source`).
+pub fn passing_ids(
+    bridge: u16,
+    first: u8,
+    last: u8,
+    aliases: &[(u16, u16, u16)],
+) -> alloc::vec::Vec<thinhv_abi::handoff::RidRange> {
+    use thinhv_abi::handoff::RidRange;
+    let below = RidRange {
+        first: u16::from(first) << 8,
+        last: u16::from(last) << 8 | 0xff,
+    };
+    let mut out = alloc::vec![
+        RidRange {
+            first: bridge,
+            last: bridge
+        },
+        below
+    ];
+    for &(start, end, source) in aliases {
+        let touches = start <= below.last && end >= below.first || (start..=end).contains(&bridge);
+        let known = out.iter().any(|r| (r.first..=r.last).contains(&source));
+        if touches && !known {
+            out.push(RidRange {
+                first: source,
+                last: source,
+            });
+        }
+    }
+    out
+}
+
+/// The IVRS's alias entries as (first device ID, last, the ID their
+/// requests carry), over every unit.
+pub fn ivrs_aliases(r: &Ivrs) -> alloc::vec::Vec<(u16, u16, u16)> {
+    use thinhv_passthrough::ivrs::DeviceEntry;
+    r.units()
+        .iter()
+        .flat_map(|u| u.entries.iter())
+        .filter_map(|e| match *e {
+            DeviceEntry::Alias { id, source, .. } => Some((id, id, source)),
+            DeviceEntry::AliasRange {
+                start, end, source, ..
+            } => Some((start, end, source)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Adds `ids` to `h`'s passing ranges ([`MsiSource::Passing`]), once
+/// each; `false` where they do not all fit (then none is added).
+pub fn add_passing(
+    h: &mut thinhv_abi::handoff::IommuHandoff,
+    ids: &[thinhv_abi::handoff::RidRange],
+) -> bool {
+    let new: alloc::vec::Vec<_> = ids
+        .iter()
+        .filter(|r| !h.passing().contains(r))
+        .copied()
+        .collect();
+    let n = h.passing().len();
+    let total = n + new.len();
+    if total > thinhv_abi::handoff::MAX_PASSING {
+        return false;
+    }
+    h.passing[n..total].copy_from_slice(&new);
+    // At most MAX_PASSING (checked above).
+    h.passing_count = u32::try_from(total).unwrap_or(0);
+    true
 }
 
 /// Why not every interrupt source of the OS's sends through an entry
@@ -424,11 +526,35 @@ mod tests {
         assert_eq!(msi_source(&fs[4], &fs, kind, os, true), Ok(MsiSource::Own));
         // A root port alone is no conventional bridge.
         assert_eq!(msi_source(&fs[1], &fs, kind, os, true), Ok(MsiSource::Own));
-        // AMD-Vi keeps no table for the alias.
+        // AMD-Vi keeps no table for the alias: the IDs the bridge's side
+        // may send with keep passing, whatever the bridge's kind; where
+        // another owner's function sits below, not even that.
+        let legacy_top = |g: &thinhv_passthrough::pci::Function| match (g.bdf.bus, g.bdf.device) {
+            (1, 0) | (2, 1) => None,
+            _ => Some(false),
+        };
+        for k in [
+            &kind as &dyn Fn(&thinhv_passthrough::pci::Function) -> Option<bool>,
+            &legacy_top,
+        ] {
+            assert_eq!(
+                msi_source(&fs[3], &fs, k, os, false),
+                Ok(MsiSource::Passing {
+                    bridge: fs[1].bdf,
+                    first: 2,
+                    last: 4
+                })
+            );
+        }
+        assert_eq!(msi_source(&fs[4], &fs, kind, os, false), Ok(MsiSource::Own));
+        let hidden_below =
+            |g: &thinhv_passthrough::pci::Function| g.bdf.bus == 2 && g.bdf.device == 1;
         assert!(
-            msi_source(&fs[3], &fs, kind, os, false)
+            msi_source(&fs[3], &fs, kind, hidden_below, false)
                 .unwrap_err()
-                .contains("conventional PCI bridge 0000:01:00.0")
+                .contains(
+                    "conventional PCI bridge 0000:01:00.0 with 0000:02:01.0, which is not the OS's"
+                )
         );
         // Another owner's function below the bridge sends the same IDs.
         let hidden = |g: &thinhv_passthrough::pci::Function| g.bdf.bus == 2 && g.bdf.device == 1;
@@ -448,6 +574,56 @@ mod tests {
                 .unwrap_err()
                 .contains("without PCI Express")
         );
+    }
+
+    #[test]
+    fn a_conventional_bridges_ids_pass_with_the_aliases_the_ivrs_gives_below_it() {
+        use thinhv_abi::handoff::RidRange;
+        let r = |first, last| RidRange { first, last };
+        // Bridge 00:0a.0 (0x0050), buses 1-2; the IVRS aliases 01:00.0-
+        // 01:1f.7 to 00:0a.0 (already in), 02:03.0 to 03:00.0, and 05:00.0
+        // (elsewhere) to 06:00.0.
+        let aliases = [
+            (0x0100, 0x01ff, 0x0050),
+            (0x0218, 0x0218, 0x0300),
+            (0x0500, 0x0500, 0x0600),
+        ];
+        assert_eq!(
+            passing_ids(0x0050, 1, 2, &aliases),
+            [r(0x0050, 0x0050), r(0x0100, 0x02ff), r(0x0300, 0x0300)]
+        );
+        assert_eq!(
+            passing_ids(0x0050, 1, 1, &[]),
+            [r(0x0050, 0x0050), r(0x0100, 0x01ff)]
+        );
+    }
+
+    #[test]
+    fn qemus_ivrs_has_no_aliases() {
+        let bytes = include_bytes!("../../passthrough/tests/data/qemu-q35-amd-iommu.ivrs");
+        let r = thinhv_passthrough::ivrs::parse(bytes).unwrap();
+        assert_eq!(ivrs_aliases(&r), []);
+    }
+
+    #[test]
+    fn passing_ranges_are_added_once_and_all_or_none() {
+        use thinhv_abi::handoff::{IommuHandoff, MAX_PASSING, RidRange};
+        let r = |first, last| RidRange { first, last };
+        let mut h = IommuHandoff::default();
+        assert!(add_passing(&mut h, &[r(0x0048, 0x0048), r(0x0100, 0x01ff)]));
+        // A second function behind the same bridge adds nothing.
+        assert!(add_passing(&mut h, &[r(0x0048, 0x0048), r(0x0100, 0x01ff)]));
+        assert_eq!(h.passing(), [r(0x0048, 0x0048), r(0x0100, 0x01ff)]);
+        assert!(h.passes(0x0048) && h.passes(0x0180) && !h.passes(0x0200));
+        for k in 1..u16::try_from(MAX_PASSING / 2).unwrap() {
+            assert!(add_passing(
+                &mut h,
+                &[r(k, k), r(k << 8 | 0x1000, k << 8 | 0x10ff)]
+            ));
+        }
+        assert_eq!(h.passing().len(), MAX_PASSING);
+        assert!(!add_passing(&mut h, &[r(0x50, 0x50)]));
+        assert_eq!(h.passing().len(), MAX_PASSING, "none added");
     }
 
     #[test]

@@ -208,7 +208,7 @@ pub fn install(config: &Config) -> Result<String, String> {
     let page_1g = caps.features & thinhv_abi::handoff::features::PAGE_1G != 0;
     let max_bus = functions.iter().map(|f| f.bdf.bus).max().unwrap_or(0);
     let max_apic = cpus.iter().map(|c| c.apic_id).max().unwrap_or(0);
-    let iommu = super::iommu::prepare(config, max_bus, max_apic);
+    let mut iommu = super::iommu::prepare(config, max_bus, max_apic);
     // An appliance's functions DMA to its guest-physical addresses, which
     // only its IOMMU domain puts in its own RAM: without the IOMMU they
     // would reach the OS's memory.
@@ -427,7 +427,7 @@ pub fn install(config: &Config) -> Result<String, String> {
             &budget_vfs,
             &regions,
             1u64 << caps.phys_addr_bits.min(52),
-            iommu.kind == thinhv_abi::handoff::IOMMU_KIND_VTD,
+            &mut iommu,
         ));
     }
     // The appliance's functions leave the firmware's hands quiet and
@@ -979,10 +979,15 @@ fn present_nvme_vf(
 /// mediated for another reason (an NVMe VF in its PF's place) is not
 /// remapped (said), nor one whose MSI-X table lies at or beyond
 /// `limit` (the physical address width), where no one can reach it.
+/// On AMD-Vi a function behind a conventional bridge, everything below it
+/// the OS's, is not remapped either, but its bridge's IDs go to
+/// `iommu.passing` (said) and it does not count below: the interrupts of
+/// every other ID can still be aborted.
 /// Returns how many of the OS's interrupt sources stay outside thinhv's
 /// entries: functions not remapped (a table beyond reach, behind a
-/// conventional bridge, mediated otherwise), and SR-IOV PFs on which the
-/// OS can create virtual functions (their tables are not trapped).
+/// conventional bridge on VT-d without a bus check, mediated otherwise),
+/// and SR-IOV PFs on which the OS can create virtual functions (their
+/// tables are not trapped).
 fn remap_os_msi(
     pci: &mut thinhv_abi::handoff::PciHandoff,
     functions: &[thinhv_passthrough::pci::Function],
@@ -993,9 +998,11 @@ fn remap_os_msi(
     budget_vfs: &[(thinhv_passthrough::pci::Bdf, alloc::vec::Vec<u16>)],
     regions: &[thinhv_passthrough::pci::EcamRegion],
     limit: u64,
-    vtd: bool,
+    iommu: &mut thinhv_abi::handoff::IommuHandoff,
 ) -> (usize, usize) {
     use thinhv_passthrough::pci::{CAP_ID_MSI, CAP_ID_MSIX};
+    let vtd = iommu.kind == thinhv_abi::handoff::IOMMU_KIND_VTD;
+    let mut ivrs_aliases = None;
     let mut names = String::new();
     let (mut n, mut other, mut over, mut beyond) = (0, 0, 0, 0);
     // The VFs the OS may create on a PF with a plain budget: registered
@@ -1059,6 +1066,32 @@ fn remap_os_msi(
         // them. On VT-d its entries check the bridge's buses instead;
         // elsewhere it is left as the OS programs it (and said).
         let source = match conventional_source(f, functions, regions, pci, vtd) {
+            Ok(thinhv_efi::iommu_plan::MsiSource::Passing {
+                bridge,
+                first,
+                last,
+            }) => {
+                let aliases = ivrs_aliases.get_or_insert_with(super::iommu::ivrs_aliases);
+                let ids = thinhv_efi::iommu_plan::passing_ids(bridge.rid(), first, last, aliases);
+                if thinhv_efi::iommu_plan::add_passing(iommu, &ids) {
+                    println!(
+                        "thinhv: warning: interrupts: {}: behind the conventional PCI bridge {bridge} (its messages carry an ID of the bridge's, for which AMD-Vi has no table of thinhv's): not remapped, a hostile OS can aim it at an appliance's processors; the interrupts of {bridge}, of buses {first:02x}-{last:02x}{} keep passing",
+                        f.bdf,
+                        if ids.len() > 2 {
+                            " and of the IDs the IVRS aliases them to"
+                        } else {
+                            ""
+                        }
+                    );
+                } else {
+                    println!(
+                        "thinhv: warning: interrupts: {}: behind the conventional PCI bridge {bridge}: not remapped, a hostile OS can aim it at an appliance's processors (too many such bridges)",
+                        f.bdf
+                    );
+                    beyond += 1;
+                }
+                continue;
+            }
             Ok(s) => s,
             Err(why) => {
                 println!(
@@ -1409,7 +1442,13 @@ fn block_compat_if_all_remapped(
 ) {
     let why = thinhv_efi::iommu_plan::unremapped_sources(functions, vf_pfs, ioapics, sources);
     let amd = h.iommu.kind == thinhv_abi::handoff::IOMMU_KIND_AMDVI;
-    if why.is_empty() {
+    let passing = h.iommu.passing().len();
+    if why.is_empty() && passing > 0 {
+        h.iommu.flags |= thinhv_abi::handoff::IOMMU_FLAG_BLOCK_COMPAT;
+        println!(
+            "thinhv: interrupts: every interrupt source of the OS's but those behind conventional bridges goes through thinhv's entries: the interrupts of every other requester ID aborted once the appliances start (AMD-Vi, the I/O APICs and {passing} range(s) of the bridges' IDs excepted, where every appliance function is remapped)"
+        );
+    } else if why.is_empty() {
         h.iommu.flags |= thinhv_abi::handoff::IOMMU_FLAG_BLOCK_COMPAT;
         println!(
             "thinhv: interrupts: every interrupt source of the OS's goes through thinhv's entries: {} once the appliances start",

@@ -118,6 +118,19 @@ pub fn interrupt_sources() -> Option<thinhv_efi::iommu_plan::IrqSources> {
     Some(thinhv_efi::iommu_plan::irq_sources_ivrs(&r))
 }
 
+/// The IVRS's alias entries (`iommu_plan::ivrs_aliases`; none without
+/// an IVRS, or one that does not parse).
+pub fn ivrs_aliases() -> alloc::vec::Vec<(u16, u16, u16)> {
+    let Some(r) = tables()
+        .ok()
+        .and_then(|t| table::<RawIvrs>(&t))
+        .and_then(|ivrs| thinhv_passthrough::ivrs::parse(&ivrs).ok())
+    else {
+        return alloc::vec::Vec::new();
+    };
+    thinhv_efi::iommu_plan::ivrs_aliases(&r)
+}
+
 /// After seal: report, and hide the table if every unit translates.
 pub fn after_seal(h: &IommuHandoff, on: u64, total: u64) {
     if h.mode != IOMMU_MODE_PROTECT || total == 0 {

@@ -467,6 +467,10 @@ pub struct Iommu {
     remapping_started: AtomicBool,
     /// The I/O APICs' source IDs (the loader's, from the DMAR or IVRS).
     ioapic_sources: alloc::vec::Vec<u16>,
+    /// AMD-Vi: the IDs whose interrupts keep passing at the abort
+    /// (`IommuHandoff::passing`: the OS's functions behind conventional
+    /// bridges).
+    passing: alloc::vec::Vec<thinhv_abi::handoff::RidRange>,
 }
 
 /// Completion-wait values for interrupt table invalidations (distinct
@@ -524,6 +528,7 @@ impl Iommu {
                 .iter()
                 .filter_map(thinhv_abi::handoff::IoApicInfo::source_id)
                 .collect(),
+            passing: h.passing().to_vec(),
         };
         if protect {
             let outside = h
@@ -1227,8 +1232,17 @@ impl Iommu {
         }
         let ids = pages * PAGE / 32;
         let mut changed = alloc::vec::Vec::new();
+        let mut passing = 0usize;
         for id in 0..ids {
             if self.ioapic_sources.contains(&(id as u16)) {
+                continue;
+            }
+            if self
+                .passing
+                .iter()
+                .any(|r| (r.first..=r.last).contains(&(id as u16)))
+            {
+                passing += 1;
                 continue;
             }
             let q2 = (dev_table + id * 32 + 16) as *mut u64;
@@ -1278,10 +1292,17 @@ impl Iommu {
                 }
             }
         }
-        log::info!(
-            "IOMMU: interrupts of {} requester ID(s) without a remapping table aborted (the I/O APICs' excepted): only entries thinhv wrote deliver",
-            changed.len()
-        );
+        if passing == 0 {
+            log::info!(
+                "IOMMU: interrupts of {} requester ID(s) without a remapping table aborted (the I/O APICs' excepted): only entries thinhv wrote deliver",
+                changed.len()
+            );
+        } else {
+            log::warn!(
+                "IOMMU: interrupts of {} requester ID(s) without a remapping table aborted (the I/O APICs' excepted); those of {passing} ID(s) of conventional bridges and the buses below them keep passing unremapped (the OS's functions there are not remapped)",
+                changed.len()
+            );
+        }
     }
 
     /// Reads and clears recorded faults, counting them.
