@@ -545,6 +545,7 @@ fn setup_msix<E: Env>(env: &mut E, owner: Owner, rid: u16, msix: u16) {
             "PCI {}: its MSI-X table is not in a memory BAR: its MSI-X messages are refused",
             thinhv_passthrough::pci::Bdf::from_rid(0, rid)
         );
+        forget_table(env, rid);
         return;
     };
     let old = env.hv().msix.lock().get(&rid).cloned();
@@ -586,6 +587,7 @@ fn setup_msix<E: Env>(env: &mut E, owner: Owner, rid: u16, msix: u16) {
         log::error!(
             "PCI {bdf}: its MSI-X table at {base:#x} is not device memory of its own: its MSI-X messages are refused"
         );
+        forget_table(env, rid);
         return;
     }
     if let Some(t) = &old {
@@ -606,6 +608,9 @@ fn setup_msix<E: Env>(env: &mut E, owner: Owner, rid: u16, msix: u16) {
             log::error!(
                 "PCI {bdf}: its MSI-X table at {base:#x} cannot be trapped (outside thinhv's map): its MSI-X messages are refused"
             );
+            if let Some(t) = &old {
+                clear_entries(env, rid, t.entries);
+            }
             return;
         }
         trapped.push(page);
@@ -626,6 +631,29 @@ fn setup_msix<E: Env>(env: &mut E, owner: Owner, rid: u16, msix: u16) {
         program_entry(env, rid, &mut t, i, unmasked);
     }
     env.hv().msix.lock().insert(rid, t);
+}
+
+/// Forgets the table of `rid` thinhv trapped, if any, where its new one
+/// is refused: its pages go back to the owner and its remapping entries
+/// become not present, so neither what the function holds at the old
+/// place nor anything at the new one delivers, and [`store`] keeps the
+/// function masked (it asks whether a table is trapped).
+fn forget_table(env: &mut impl Env, rid: u16) {
+    let Some(t) = env.hv().msix.lock().remove(&rid) else {
+        return;
+    };
+    for page in t.pages().step_by(4096) {
+        env.apic_page_trap(page, false);
+    }
+    clear_entries(env, rid, t.entries);
+}
+
+/// The remapping entries of MSI-X entries `0..entries` of `rid` not
+/// present.
+fn clear_entries(env: &mut impl Env, rid: u16, entries: u16) {
+    for i in 0..entries.min(MSIX_MAX) {
+        let _ = env.remap_interrupt(rid, i, None);
+    }
 }
 
 /// BAR `bir` of `rid` where it is a VF whose messages thinhv remaps (the

@@ -598,6 +598,49 @@ fn the_oss_msix_table_is_trapped_at_enable_and_its_entries_judged_at_unmask() {
 }
 
 #[test]
+fn a_trapped_table_moved_where_it_is_refused_is_forgotten_and_the_function_stays_masked() {
+    use thinhv_passthrough::irq_remap::{Delivery, Target};
+    // Trapped at 0xc000_2000, entry 1 judged for the OS's processor 1.
+    let mut env = msix_function();
+    io(&mut env, 0, 0xcf8, 4, false, u64::from(ALLOWED | 0x70));
+    io(&mut env, 0, 0xcfe, 2, false, 0xc003);
+    super::tests::trapped_access(&mut env, 0xc000_2010, Some(0xfee0_1000));
+    super::tests::trapped_access(&mut env, 0xc000_2018, Some(0x41));
+    super::tests::trapped_access(&mut env, 0xc000_201c, Some(0));
+    assert_eq!(
+        env.irq_entries[&(0x0010, 1)],
+        Some(Target {
+            apic_id: 1,
+            vector: 0x41,
+            delivery: Delivery::Fixed,
+            level: false
+        })
+    );
+    // MSI-X off, the BAR moved onto the HPET, MSI-X on without Function
+    // Mask: refused, and the old trap does not count for it.
+    io(&mut env, 0, 0xcfe, 2, false, 0x0003);
+    env.cf8_space
+        .borrow_mut()
+        .insert(ALLOWED | 0x10, 0xfed0_0000 - 0x2000);
+    io(&mut env, 0, 0xcfe, 2, false, 0x8003);
+    assert_eq!(
+        env.cf8_space.borrow()[&(ALLOWED | 0x70)] >> 16,
+        0xc003,
+        "the function stays masked"
+    );
+    assert!(env.hv.msix.lock().is_empty(), "the old table forgotten");
+    assert!(
+        !env.slat_holes.contains(&0xc000_2000),
+        "its page given back"
+    );
+    assert_eq!(
+        env.irq_entries[&(0x0010, 1)],
+        None,
+        "its entries not present"
+    );
+}
+
+#[test]
 fn an_msix_table_the_owner_put_out_of_reach_is_refused_and_stays_remapped() {
     // Outside thinhv's map (the trap fails): no entry is ever written, the
     // function's messages stay remapped (so all aborted): the owner cannot
