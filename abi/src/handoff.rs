@@ -318,7 +318,8 @@ pub const MAX_PASSING: usize = 8;
 
 /// [`IommuHandoff::flags`]: every interrupt source the OS has sends
 /// through an entry thinhv writes (its MSI and MSI-X functions, its I/O
-/// APICs; no MSI-capable HPET, no virtual functions it can create), so
+/// APICs; no MSI-capable HPET, no virtual functions it can create that
+/// thinhv has not registered), so
 /// once the appliances are claimed a VT-d unit that remaps interrupts may
 /// block compatibility-format messages, and an AMD-Vi unit may abort the
 /// interrupts of every requester ID without a remapping table but the

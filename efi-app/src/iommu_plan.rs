@@ -343,11 +343,11 @@ pub fn msi_source(
 }
 
 /// The IDs a function behind the conventional bridge `bridge` (its buses
-/// `first..=last`) may send with ([`MsiSource::Passing`]): the bridge's
-/// own, every ID on those buses (its secondary bus with device and
-/// function 0 among them), and the ID the IVRS says any of them sends
-/// with instead (`aliases`: its alias entries, device IDs `start..=end`
-/// carrying `source`).
+/// `first..=last`) may send with ([`MsiSource::Passing`]), in this order:
+/// the bridge's own, every ID on those buses (its secondary bus with
+/// device and function 0 among them), then each ID the IVRS says any of
+/// them sends with instead (`aliases`: its alias entries, device IDs
+/// `start..=end` carrying `source`), which the caller checks.
 pub fn passing_ids(
     bridge: u16,
     first: u8,

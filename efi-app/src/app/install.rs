@@ -1005,50 +1005,11 @@ fn remap_os_msi(
     let mut ivrs_aliases = None;
     let mut names = String::new();
     let (mut n, mut other, mut over, mut beyond) = (0, 0, 0, 0);
-    // The VFs the OS may create on a PF with a plain budget: registered
-    // up front (they answer only once it turns VF Enable on); the PF
-    // counts as remapped only if all of them are.
-    let mut budget_done = alloc::vec::Vec::new();
     let mut vf_names = String::new();
-    for (pf, rids) in budget_vfs {
-        let room = (pci.count as usize + rids.len()) <= thinhv_abi::handoff::MAX_PCI_MEDIATED;
-        if !room {
-            over += rids.len();
-            continue;
-        }
-        for &rid in rids {
-            let k = pci.count as usize;
-            pci.mediated[k] = thinhv_abi::handoff::PciMediation {
-                bus: (rid >> 8) as u8,
-                devfn: (rid & 0xff) as u8,
-                action: thinhv_abi::handoff::PCI_ACTION_MSI,
-                ..Default::default()
-            };
-            pci.count += 1;
-            n += 1;
-            let _ = write!(
-                vf_names,
-                " {}",
-                thinhv_passthrough::pci::Bdf::from_rid(pf.segment, rid)
-            );
-        }
-        budget_done.push(*pf);
-    }
-    // A PF shared with appliances whose VFs of the OS's all answer, or
-    // one with a plain budget whose VFs are all registered: those are
-    // remapped, and the OS creates no other.
-    let vf_pfs = functions
-        .iter()
-        .filter(|f| f.sriov.is_some() && !pci.is_blocked(f.bdf.rid()))
-        .filter(|f| !shared_vfs.iter().any(|(pf, _)| *pf == f.bdf))
-        .filter(|f| !budget_done.contains(&f.bdf))
-        .filter(|f| {
-            pci.find(f.bdf.bus, f.bdf.devfn()).is_none_or(|m| {
-                !(m.action == thinhv_abi::handoff::PCI_ACTION_HIDE
-                    || m.action == thinhv_abi::handoff::PCI_ACTION_VF_BUDGET && m.os_vfs == 0)
-            })
-        })
-        .count();
+    // The budget PFs whose VFs are registered after every function that
+    // exists (below): a PF counts as remapped only once all of its VFs
+    // are.
+    let mut pending_pfs = alloc::vec::Vec::new();
     for f in functions
         .iter()
         .chain(shared_vfs.iter().flat_map(|(_, vfs)| vfs))
@@ -1073,6 +1034,24 @@ fn remap_os_msi(
             }) => {
                 let aliases = ivrs_aliases.get_or_insert_with(super::iommu::ivrs_aliases);
                 let ids = thinhv_efi::iommu_plan::passing_ids(bridge.rid(), first, last, aliases);
+                // An ID the IVRS aliases them to that is another owner's
+                // (outside the bridge's buses, which msi_source checked)
+                // must not pass.
+                let foreign = ids.iter().skip(2).map(|r| r.first).find(|&id| {
+                    pci.is_blocked(id)
+                        || pci
+                            .find((id >> 8) as u8, (id & 0xff) as u8)
+                            .is_some_and(|m| m.action == thinhv_abi::handoff::PCI_ACTION_HIDE)
+                });
+                if let Some(id) = foreign {
+                    println!(
+                        "thinhv: warning: interrupts: {}: behind the conventional PCI bridge {bridge}, which the IVRS aliases to {}, not the OS's: not remapped, a hostile OS can aim it at an appliance's processors",
+                        f.bdf,
+                        thinhv_passthrough::pci::Bdf::from_rid(0, id)
+                    );
+                    beyond += 1;
+                    continue;
+                }
                 if thinhv_efi::iommu_plan::add_passing(iommu, &ids) {
                     println!(
                         "thinhv: warning: interrupts: {}: behind the conventional PCI bridge {bridge} (its messages carry an ID of the bridge's, for which AMD-Vi has no table of thinhv's): not remapped, a hostile OS can aim it at an appliance's processors; the interrupts of {bridge}, of buses {first:02x}-{last:02x}{} keep passing",
@@ -1127,11 +1106,15 @@ fn remap_os_msi(
             // view and has its own messages remapped too; any other
             // mediation is said.
             let m = &mut pci.mediated[i];
+            let own = source == thinhv_efi::iommu_plan::MsiSource::Own;
             // (A budget of 0: the OS creates no VF.)
-            let vf_pf = m.action == thinhv_abi::handoff::PCI_ACTION_VF_SHARED
-                || m.action == thinhv_abi::handoff::PCI_ACTION_VF_BUDGET
-                    && (m.os_vfs == 0 || budget_done.contains(&f.bdf));
-            if vf_pf && source == thinhv_efi::iommu_plan::MsiSource::Own {
+            let budget = m.action == thinhv_abi::handoff::PCI_ACTION_VF_BUDGET;
+            if own && budget && m.os_vfs > 0 && budget_vfs.iter().any(|(pf, _)| *pf == f.bdf) {
+                pending_pfs.push((i, f.bdf));
+            } else if own
+                && (m.action == thinhv_abi::handoff::PCI_ACTION_VF_SHARED
+                    || budget && m.os_vfs == 0)
+            {
                 m.flags |= thinhv_abi::handoff::MEDIATION_REMAP_MSI;
                 n += 1;
                 let _ = write!(names, " {}", f.bdf);
@@ -1170,6 +1153,59 @@ fn remap_os_msi(
         n += 1;
         let _ = write!(names, " {}", f.bdf);
     }
+    // The VFs the OS may create on a PF with a plain budget, registered
+    // now (they answer only once it turns VF Enable on) where the
+    // functions that exist left room; the PF counts as remapped only if
+    // all of its VFs are.
+    let mut budget_done = alloc::vec::Vec::new();
+    for (pf, rids) in budget_vfs {
+        let room = (pci.count as usize + rids.len()) <= thinhv_abi::handoff::MAX_PCI_MEDIATED;
+        if !room {
+            over += rids.len();
+            continue;
+        }
+        for &rid in rids {
+            let k = pci.count as usize;
+            pci.mediated[k] = thinhv_abi::handoff::PciMediation {
+                bus: (rid >> 8) as u8,
+                devfn: (rid & 0xff) as u8,
+                action: thinhv_abi::handoff::PCI_ACTION_MSI,
+                ..Default::default()
+            };
+            pci.count += 1;
+            n += 1;
+            let _ = write!(
+                vf_names,
+                " {}",
+                thinhv_passthrough::pci::Bdf::from_rid(pf.segment, rid)
+            );
+        }
+        budget_done.push(*pf);
+    }
+    for (i, bdf) in pending_pfs {
+        if budget_done.contains(&bdf) {
+            pci.mediated[i].flags |= thinhv_abi::handoff::MEDIATION_REMAP_MSI;
+            n += 1;
+            let _ = write!(names, " {bdf}");
+        } else {
+            other += 1;
+        }
+    }
+    // A PF shared with appliances whose VFs of the OS's all answer, or
+    // one with a plain budget whose VFs are all registered: those are
+    // remapped, and the OS creates no other.
+    let vf_pfs = functions
+        .iter()
+        .filter(|f| f.sriov.is_some() && !pci.is_blocked(f.bdf.rid()))
+        .filter(|f| !shared_vfs.iter().any(|(pf, _)| *pf == f.bdf))
+        .filter(|f| !budget_done.contains(&f.bdf))
+        .filter(|f| {
+            pci.find(f.bdf.bus, f.bdf.devfn()).is_none_or(|m| {
+                !(m.action == thinhv_abi::handoff::PCI_ACTION_HIDE
+                    || m.action == thinhv_abi::handoff::PCI_ACTION_VF_BUDGET && m.os_vfs == 0)
+            })
+        })
+        .count();
     println!(
         "thinhv: interrupts: the OS's MSI and MSI-X functions remapped ({n}):{names}{vf_names}"
     );
@@ -1233,7 +1269,27 @@ fn budget_vfs(
         let num_vfs = (f.read32(cap.offset + 0x10) & 0xffff) as u16;
         f.write16(cap.offset + 0x10, m.os_vfs);
         let v = f.read32(cap.offset + 0x14);
+        // The layout with ARI Capable Hierarchy the other way (the OS
+        // sets it where the port above forwards ARI, and a device may then
+        // place its VFs elsewhere): where it differs, the VFs' IDs are not
+        // known before the OS.
+        let control = (f.read32(cap.offset + 8) & 0xffff) as u16;
+        f.write16(cap.offset + 8, control ^ 0x10);
+        let flipped = (f.read32(cap.offset + 8) & 0x10) as u16 != control & 0x10;
+        let v_ari = if flipped {
+            f.read32(cap.offset + 0x14)
+        } else {
+            v
+        };
+        f.write16(cap.offset + 8, control);
         f.write16(cap.offset + 0x10, num_vfs);
+        if v_ari != v {
+            println!(
+                "thinhv: warning: interrupts: {}: its VFs' routing IDs change with ARI Capable Hierarchy (First VF Offset and VF Stride {v:#010x}, else {v_ari:#010x}): the VFs the OS creates are not remapped",
+                pf.bdf
+            );
+            continue;
+        }
         let (offset, stride) = ((v & 0xffff) as u16, (v >> 16) as u16);
         let rids: alloc::vec::Vec<u16> = (1..=m.os_vfs)
             .map_while(|k| {

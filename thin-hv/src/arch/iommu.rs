@@ -1237,14 +1237,10 @@ impl Iommu {
             if self.ioapic_sources.contains(&(id as u16)) {
                 continue;
             }
-            if self
+            let excepted = self
                 .passing
                 .iter()
-                .any(|r| (r.first..=r.last).contains(&(id as u16)))
-            {
-                passing += 1;
-                continue;
-            }
+                .any(|r| (r.first..=r.last).contains(&(id as u16)));
             let q2 = (dev_table + id * 32 + 16) as *mut u64;
             // SAFETY: `dev_table` is the contiguous pool block of `pages`
             // pages holding the device table (`build_amdvi`); entry `id`
@@ -1252,6 +1248,10 @@ impl Iommu {
             // the unit reads whole.
             unsafe {
                 if irq_remap::amdvi::passes_unremapped(core::ptr::read_volatile(q2)) {
+                    if excepted {
+                        passing += 1;
+                        continue;
+                    }
                     core::ptr::write_volatile(q2, irq_remap::amdvi::ABORT_ALL);
                     core::arch::x86_64::_mm_clflush(q2.cast::<u8>());
                     changed.push(id as u16);
