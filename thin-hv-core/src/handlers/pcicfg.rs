@@ -118,23 +118,35 @@ fn beneath<E: Env>(
 ) -> u32 {
     match (m.action, write) {
         (PCI_ACTION_VF_SHARED, _) => super::shared_pf::access(env, m, offset, size, write, device),
-        (PCI_ACTION_VF_BUDGET, None) => {
-            mediate::read(&policy_of(m), offset, size, || device(env, None))
-        }
-        (PCI_ACTION_VF_BUDGET, Some(value)) => {
-            let w = mediate::write(&policy_of(m), offset, size, value, |reg| {
-                read16(env, m, reg)
-            });
-            if let Some(v) = w.forward {
-                device(env, Some(v));
-            }
-            if let Some(r) = w.refused {
-                report(env, m, r);
-            }
-            0
-        }
+        (PCI_ACTION_VF_BUDGET, _) => policed(env, m, offset, size, write, device),
         _ => device(env, write),
     }
+}
+
+/// An access to `m` as its policy has it (a VF budget, a hidden
+/// function): a load reads through the policy; a store reaches the device
+/// (`device`, `Some`) as far as the policy lets it, and a refusal is
+/// reported. Returns what a load reads.
+fn policed<E: Env>(
+    env: &mut E,
+    m: &PciMediation,
+    offset: u16,
+    size: u8,
+    write: Option<u32>,
+    device: impl FnOnce(&mut E, Option<u32>) -> u32,
+) -> u32 {
+    let policy = policy_of(m);
+    let Some(value) = write else {
+        return mediate::read(&policy, offset, size, || device(env, None));
+    };
+    let w = mediate::write(&policy, offset, size, value, |reg| read16(env, m, reg));
+    if let Some(v) = w.forward {
+        device(env, Some(v));
+    }
+    if let Some(r) = w.refused {
+        report(env, m, r);
+    }
+    0
 }
 
 /// Reads the 16-bit register `reg` of `m` through ECAM.
@@ -152,7 +164,6 @@ pub(super) fn ecam(
     offset: u16,
 ) -> Outcome {
     let me = env.cpu_index();
-    let policy = policy_of(&m);
     let Some(d) = decode_current(cpu, env) else {
         log::error!(
             "cpu {me}: cannot decode the configuration access at rip {:#x}; #GP",
@@ -190,7 +201,9 @@ pub(super) fn ecam(
                 env.mmio_read(gpa, load.size)
             })
         } else {
-            mediate::read(&policy, offset, load.size, || env.mmio_read(gpa, load.size))
+            policed(env, &m, offset, load.size, None, |env, _| {
+                env.mmio_read(gpa, load.size)
+            })
         };
         set_loaded(cpu, load, v);
     } else if let Some(store) = d.store().filter(|s| fits(s.size) && !s.exchange) {
@@ -233,15 +246,12 @@ pub(super) fn ecam(
                 0
             });
         } else {
-            let w = mediate::write(&policy, offset, store.size, value, |reg| {
-                read16(env, &m, reg)
+            policed(env, &m, offset, store.size, Some(value), |env, v| {
+                if let Some(v) = v {
+                    env.mmio_write(gpa, store.size, v);
+                }
+                0
             });
-            if let Some(v) = w.forward {
-                env.mmio_write(gpa, store.size, v);
-            }
-            if let Some(r) = w.refused {
-                report(env, &m, r);
-            }
         }
     } else {
         log::error!(
@@ -419,20 +429,8 @@ fn data(env: &mut impl Env, p: PortPiece, input: bool, value: u32) -> u32 {
         }
         None if input => env.legacy_config_access(address, p.port, p.size, None),
         None => env.legacy_config_access(address, p.port, p.size, Some(value)),
-        Some((m, off)) if input => mediate::read(&policy_of(&m), off, p.size, || {
-            env.legacy_config_access(address, p.port, p.size, None)
+        Some((m, off)) => policed(env, &m, off, p.size, (!input).then_some(value), |env, v| {
+            env.legacy_config_access(address, p.port, p.size, v)
         }),
-        Some((m, off)) => {
-            let w = mediate::write(&policy_of(&m), off, p.size, value, |reg| {
-                read16(env, &m, reg)
-            });
-            if let Some(v) = w.forward {
-                env.legacy_config_access(address, p.port, p.size, Some(v));
-            }
-            if let Some(r) = w.refused {
-                report(env, &m, r);
-            }
-            0
-        }
     }
 }
