@@ -302,19 +302,50 @@ pub struct IommuHandoff {
     /// Memory devices use for DMA by firmware agreement (RMRR), kept
     /// identity-mapped.
     pub reserved_ranges: [PhysRange; MAX_IOMMU_RESERVED],
-    /// Valid `passing`.
-    pub passing_count: u32,
+    /// Valid `shared`.
+    pub shared_count: u32,
     /// Reserved.
     pub reserved1: u32,
-    /// AMD-Vi: requester IDs whose interrupts keep passing unremapped
-    /// where [`IOMMU_FLAG_BLOCK_COMPAT`] has the others' aborted: those an
-    /// OS function behind a conventional PCI bridge may send with (the
-    /// bridge's own, and every ID on the buses below it, all the OS's).
-    pub passing: [RidRange; MAX_PASSING],
+    /// AMD-Vi: requester IDs whose device table entries name one
+    /// interrupt remapping table of thinhv's, shared by the functions
+    /// among them whose messages thinhv remaps (each a part of its
+    /// entries): the IDs an OS function behind a conventional PCI bridge
+    /// may send with (the bridge's own, every ID on the buses below it,
+    /// the IDs the IVRS aliases them to), all the OS's.
+    pub shared: [SharedIds; MAX_SHARED_IDS],
 }
 
-/// Most [`IommuHandoff::passing`] ranges (two per bridge).
-pub const MAX_PASSING: usize = 8;
+/// Most [`IommuHandoff::shared`] ranges.
+pub const MAX_SHARED_IDS: usize = 8;
+/// Most tables [`IommuHandoff::shared`] ranges name (`SharedIds::table`
+/// below it).
+pub const MAX_SHARED_TABLES: usize = 4;
+
+/// Requester IDs `first..=last` whose interrupts go through shared
+/// table `table` ([`IommuHandoff::shared`]).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    zerocopy::FromBytes,
+    zerocopy::IntoBytes,
+    zerocopy::Immutable,
+    zerocopy::KnownLayout,
+)]
+#[repr(C)]
+pub struct SharedIds {
+    /// First routing ID.
+    pub first: u16,
+    /// Last routing ID.
+    pub last: u16,
+    /// Which shared table (below [`MAX_SHARED_TABLES`]).
+    pub table: u8,
+    /// Reserved.
+    pub reserved: [u8; 3],
+}
 
 /// [`IommuHandoff::flags`]: every interrupt source the OS has sends
 /// through an entry thinhv writes (its MSI and MSI-X functions, its I/O
@@ -323,8 +354,7 @@ pub const MAX_PASSING: usize = 8;
 /// once the appliances are claimed a VT-d unit that remaps interrupts may
 /// block compatibility-format messages, and an AMD-Vi unit may abort the
 /// interrupts of every requester ID without a remapping table but the
-/// I/O APICs' and [`IommuHandoff::passing`] (on AMD-Vi the functions
-/// behind a conventional bridge are the exception to "every source").
+/// I/O APICs' (the IDs of [`IommuHandoff::shared`] have a table).
 pub const IOMMU_FLAG_BLOCK_COMPAT: u8 = 1;
 
 /// [`IommuHandoff::interrupts`]: interrupt messages are not remapped
@@ -345,17 +375,31 @@ impl IommuHandoff {
             && self.interrupts == IOMMU_INTERRUPTS_REMAP
     }
 
-    /// The valid [`Self::passing`] ranges.
-    pub fn passing(&self) -> &[RidRange] {
-        &self.passing[..(self.passing_count as usize).min(MAX_PASSING)]
+    /// The valid [`Self::shared`] ranges.
+    pub fn shared(&self) -> &[SharedIds] {
+        &self.shared[..(self.shared_count as usize).min(MAX_SHARED_IDS)]
     }
 
-    /// Whether the interrupts of `rid` keep passing unremapped
-    /// ([`Self::passing`]).
-    pub fn passes(&self, rid: u16) -> bool {
-        self.passing()
+    /// The shared table whose entries the interrupts of `rid` are looked
+    /// up in ([`Self::shared`]), if any.
+    pub fn shared_table_of(&self, rid: u16) -> Option<u8> {
+        self.shared()
             .iter()
-            .any(|r| (r.first..=r.last).contains(&rid))
+            .find(|r| (r.first..=r.last).contains(&rid))
+            .map(|r| r.table)
+    }
+
+    /// Whether the shared ranges are sound: each in order, naming a table
+    /// below [`MAX_SHARED_TABLES`], and ranges of different tables
+    /// disjoint (an ID's device table entry names one table).
+    fn shared_sound(&self) -> bool {
+        let s = self.shared();
+        s.iter()
+            .all(|r| r.first <= r.last && usize::from(r.table) < MAX_SHARED_TABLES)
+            && s.iter().all(|a| {
+                s.iter()
+                    .all(|b| a.table == b.table || a.last < b.first || b.last < a.first)
+            })
     }
 
     /// The valid units.
@@ -1238,8 +1282,8 @@ impl Handoff {
             || (self.device_count != 0 && self.devices_pa == 0)
             || self.iommu.count as usize > MAX_IOMMUS
             || self.iommu.reserved_count as usize > MAX_IOMMU_RESERVED
-            || self.iommu.passing_count as usize > MAX_PASSING
-            || self.iommu.passing().iter().any(|r| r.first > r.last)
+            || self.iommu.shared_count as usize > MAX_SHARED_IDS
+            || !self.iommu.shared_sound()
             || self.partition_count as usize > MAX_APPLIANCES
             || self.ioapic_count as usize > MAX_IOAPICS
             || self
@@ -1423,22 +1467,35 @@ mod tests {
     }
 
     #[test]
-    fn passing_ranges_are_counted_and_in_order() {
+    fn shared_ranges_are_counted_in_order_and_name_one_table_each() {
         let mut h = valid();
-        h.iommu.passing_count = 1;
-        h.iommu.passing[0] = RidRange {
-            first: 0x0100,
-            last: 0x01ff,
+        let r = |first, last, table| SharedIds {
+            first,
+            last,
+            table,
+            ..Default::default()
         };
+        h.iommu.shared_count = 3;
+        h.iommu.shared[..3].copy_from_slice(&[
+            r(0x0048, 0x0048, 0),
+            r(0x0100, 0x01ff, 0),
+            r(0x0200, 0x02ff, 1),
+        ]);
         assert_eq!(h.validate(), Ok(()));
-        assert!(h.iommu.passes(0x01ff) && !h.iommu.passes(0x0200));
-        h.iommu.passing[0] = RidRange {
-            first: 0x01ff,
-            last: 0x0100,
-        };
+        assert_eq!(h.iommu.shared_table_of(0x01ff), Some(0));
+        assert_eq!(h.iommu.shared_table_of(0x0200), Some(1));
+        assert_eq!(h.iommu.shared_table_of(0x0300), None);
+        // One table's ranges may touch each other; two tables' may not.
+        h.iommu.shared[2] = r(0x01ff, 0x02ff, 1);
         assert!(h.validate().is_err());
-        h.iommu.passing[0] = RidRange::default();
-        h.iommu.passing_count = u32::try_from(MAX_PASSING).unwrap() + 1;
+        h.iommu.shared[2] = r(0x0100, 0x0100, 0);
+        assert_eq!(h.validate(), Ok(()));
+        h.iommu.shared[2] = r(0x02ff, 0x0200, 1);
+        assert!(h.validate().is_err());
+        h.iommu.shared[2] = r(0x0200, 0x02ff, u8::try_from(MAX_SHARED_TABLES).unwrap());
+        assert!(h.validate().is_err());
+        h.iommu.shared[2] = SharedIds::default();
+        h.iommu.shared_count = u32::try_from(MAX_SHARED_IDS).unwrap() + 1;
         assert!(h.validate().is_err());
     }
 

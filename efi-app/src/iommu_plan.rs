@@ -256,10 +256,10 @@ pub enum MsiSource {
         last: u8,
     },
     /// AMD-Vi: an ID of the topmost conventional bridge above it, or one
-    /// on its buses `first..=last` (an alias, for which thinhv keeps no
-    /// remapping table), every function there the OS's: not remapped, and
-    /// those IDs' interrupts keep passing where the others' are aborted.
-    Passing {
+    /// on its buses `first..=last` (an alias), every function there the
+    /// OS's: remapped through one table those IDs share
+    /// ([`shared_ids`], [`add_shared`]).
+    Shared {
         /// The bridge.
         bridge: thinhv_passthrough::pci::Bdf,
         /// Its secondary bus.
@@ -276,7 +276,7 @@ pub enum MsiSource {
 /// not the OS's (an appliance's or hidden). Only VT-d (`vtd`) entries can
 /// check a range of buses (SVT 10b); a bridge without PCI Express puts
 /// its own ID on the bus above, shared with everything there. On AMD-Vi
-/// such a function is [`MsiSource::Passing`] where everything below the
+/// such a function is [`MsiSource::Shared`] where everything below the
 /// bridge is the OS's.
 pub fn msi_source(
     f: &thinhv_passthrough::pci::Function,
@@ -312,7 +312,7 @@ pub fn msi_source(
                 b.bdf, other.bdf
             ));
         }
-        return Ok(MsiSource::Passing {
+        return Ok(MsiSource::Shared {
             bridge: b.bdf,
             first,
             last,
@@ -343,12 +343,14 @@ pub fn msi_source(
 }
 
 /// The IDs a function behind the conventional bridge `bridge` (its buses
-/// `first..=last`) may send with ([`MsiSource::Passing`]), in this order:
+/// `first..=last`) may send with ([`MsiSource::Shared`]), in this order:
 /// the bridge's own, every ID on those buses (its secondary bus with
 /// device and function 0 among them), then each ID the IVRS says any of
-/// them sends with instead (`aliases`: its alias entries, device IDs
-/// `start..=end` carrying `source`), which the caller checks.
-pub fn passing_ids(
+/// them sends with instead, and each range of IDs it says send with one
+/// of them (`aliases`: its alias entries, device IDs `start..=end`
+/// carrying `source`). Everything past the first two the caller checks
+/// is the OS's.
+pub fn shared_ids(
     bridge: u16,
     first: u8,
     last: u8,
@@ -366,17 +368,28 @@ pub fn passing_ids(
         },
         below
     ];
-    for &(start, end, source) in aliases {
-        let touches = start <= below.last && end >= below.first || (start..=end).contains(&bridge);
-        let known = out.iter().any(|r| (r.first..=r.last).contains(&source));
-        if touches && !known {
-            out.push(RidRange {
-                first: source,
-                last: source,
-            });
+    let within = |out: &[RidRange], id: u16| out.iter().any(|r| (r.first..=r.last).contains(&id));
+    // Until nothing changes: an ID added can bring in another's alias.
+    loop {
+        let n = out.len();
+        for &(start, end, source) in aliases {
+            let touches = out.iter().any(|r| start <= r.last && end >= r.first);
+            if touches && !within(&out, source) {
+                out.push(RidRange {
+                    first: source,
+                    last: source,
+                });
+            } else if within(&out, source) && !(start..=end).all(|id| within(&out, id)) {
+                out.push(RidRange {
+                    first: start,
+                    last: end,
+                });
+            }
+        }
+        if out.len() == n {
+            return out;
         }
     }
-    out
 }
 
 /// The IVRS's alias entries as (first device ID, last, the ID their
@@ -396,26 +409,47 @@ pub fn ivrs_aliases(r: &Ivrs) -> alloc::vec::Vec<(u16, u16, u16)> {
         .collect()
 }
 
-/// Adds `ids` to `h`'s passing ranges ([`MsiSource::Passing`]), once
-/// each; `false` where they do not all fit (then none is added).
-pub fn add_passing(
+/// The shared table of `h` whose IDs are `ids` ([`MsiSource::Shared`]):
+/// the one that has exactly those (another function behind the same
+/// bridge), else a new one. `None` where `ids` overlap another table's,
+/// or where no table or range is left (then nothing is added).
+pub fn add_shared(
     h: &mut thinhv_abi::handoff::IommuHandoff,
     ids: &[thinhv_abi::handoff::RidRange],
-) -> bool {
-    let new: alloc::vec::Vec<_> = ids
-        .iter()
-        .filter(|r| !h.passing().contains(r))
-        .copied()
-        .collect();
-    let n = h.passing().len();
-    let total = n + new.len();
-    if total > thinhv_abi::handoff::MAX_PASSING {
-        return false;
+) -> Option<u8> {
+    use thinhv_abi::handoff::{MAX_SHARED_IDS, MAX_SHARED_TABLES, SharedIds};
+    let same = |t: u8| {
+        let mine: alloc::vec::Vec<_> = h
+            .shared()
+            .iter()
+            .filter(|r| r.table == t)
+            .map(|r| (r.first, r.last))
+            .collect();
+        mine.len() == ids.len() && ids.iter().all(|r| mine.contains(&(r.first, r.last)))
+    };
+    if let Some(t) = h.shared().iter().map(|r| r.table).find(|&t| same(t)) {
+        return Some(t);
     }
-    h.passing[n..total].copy_from_slice(&new);
-    // At most MAX_PASSING (checked above).
-    h.passing_count = u32::try_from(total).unwrap_or(0);
-    true
+    let overlaps = h
+        .shared()
+        .iter()
+        .any(|s| ids.iter().any(|r| r.first <= s.last && r.last >= s.first));
+    let n = h.shared().len();
+    let table = h.shared().iter().map(|r| r.table + 1).max().unwrap_or(0);
+    if overlaps || usize::from(table) >= MAX_SHARED_TABLES || n + ids.len() > MAX_SHARED_IDS {
+        return None;
+    }
+    for (k, r) in ids.iter().enumerate() {
+        h.shared[n + k] = SharedIds {
+            first: r.first,
+            last: r.last,
+            table,
+            ..Default::default()
+        };
+    }
+    // At most MAX_SHARED_IDS (checked above).
+    h.shared_count = u32::try_from(n + ids.len()).unwrap_or(0);
+    Some(table)
 }
 
 /// Why not every interrupt source of the OS's sends through an entry
@@ -526,9 +560,9 @@ mod tests {
         assert_eq!(msi_source(&fs[4], &fs, kind, os, true), Ok(MsiSource::Own));
         // A root port alone is no conventional bridge.
         assert_eq!(msi_source(&fs[1], &fs, kind, os, true), Ok(MsiSource::Own));
-        // AMD-Vi keeps no table for the alias: the IDs the bridge's side
-        // may send with keep passing, whatever the bridge's kind; where
-        // another owner's function sits below, not even that.
+        // AMD-Vi: the IDs the bridge's side may send with share one table,
+        // whatever the bridge's kind; not where another owner's function
+        // sits below.
         let legacy_top = |g: &thinhv_passthrough::pci::Function| match (g.bdf.bus, g.bdf.device) {
             (1, 0) | (2, 1) => None,
             _ => Some(false),
@@ -539,7 +573,7 @@ mod tests {
         ] {
             assert_eq!(
                 msi_source(&fs[3], &fs, k, os, false),
-                Ok(MsiSource::Passing {
+                Ok(MsiSource::Shared {
                     bridge: fs[1].bdf,
                     first: 2,
                     last: 4
@@ -577,23 +611,32 @@ mod tests {
     }
 
     #[test]
-    fn a_conventional_bridges_ids_pass_with_the_aliases_the_ivrs_gives_below_it() {
+    fn a_conventional_bridges_ids_are_shared_with_the_aliases_the_ivrs_gives() {
         use thinhv_abi::handoff::RidRange;
         let r = |first, last| RidRange { first, last };
         // Bridge 00:0a.0 (0x0050), buses 1-2; the IVRS aliases 01:00.0-
-        // 01:1f.7 to 00:0a.0 (already in), 02:03.0 to 03:00.0, and 05:00.0
-        // (elsewhere) to 06:00.0.
+        // 01:1f.7 to 00:0a.0 (already in), 02:03.0 to 03:00.0, 03:00.0's
+        // neighbours 03:00.1-03:00.7 to 03:00.0 (which is in by then),
+        // 05:00.0 (elsewhere) to 06:00.0, and 07:00.0-07:00.3 to 01:05.0.
         let aliases = [
             (0x0100, 0x01ff, 0x0050),
+            (0x0301, 0x0307, 0x0300),
             (0x0218, 0x0218, 0x0300),
             (0x0500, 0x0500, 0x0600),
+            (0x0700, 0x0703, 0x0128),
         ];
         assert_eq!(
-            passing_ids(0x0050, 1, 2, &aliases),
-            [r(0x0050, 0x0050), r(0x0100, 0x02ff), r(0x0300, 0x0300)]
+            shared_ids(0x0050, 1, 2, &aliases),
+            [
+                r(0x0050, 0x0050),
+                r(0x0100, 0x02ff),
+                r(0x0300, 0x0300),
+                r(0x0700, 0x0703),
+                r(0x0301, 0x0307)
+            ]
         );
         assert_eq!(
-            passing_ids(0x0050, 1, 1, &[]),
+            shared_ids(0x0050, 1, 1, &[]),
             [r(0x0050, 0x0050), r(0x0100, 0x01ff)]
         );
     }
@@ -606,24 +649,39 @@ mod tests {
     }
 
     #[test]
-    fn passing_ranges_are_added_once_and_all_or_none() {
-        use thinhv_abi::handoff::{IommuHandoff, MAX_PASSING, RidRange};
+    fn a_bridges_ids_get_one_table_once_and_tables_never_overlap() {
+        use thinhv_abi::handoff::{IommuHandoff, MAX_SHARED_IDS, MAX_SHARED_TABLES, RidRange};
         let r = |first, last| RidRange { first, last };
         let mut h = IommuHandoff::default();
-        assert!(add_passing(&mut h, &[r(0x0048, 0x0048), r(0x0100, 0x01ff)]));
+        let a = [r(0x0048, 0x0048), r(0x0100, 0x01ff)];
+        assert_eq!(add_shared(&mut h, &a), Some(0));
         // A second function behind the same bridge adds nothing.
-        assert!(add_passing(&mut h, &[r(0x0048, 0x0048), r(0x0100, 0x01ff)]));
-        assert_eq!(h.passing(), [r(0x0048, 0x0048), r(0x0100, 0x01ff)]);
-        assert!(h.passes(0x0048) && h.passes(0x0180) && !h.passes(0x0200));
-        for k in 1..u16::try_from(MAX_PASSING / 2).unwrap() {
-            assert!(add_passing(
-                &mut h,
-                &[r(k, k), r(k << 8 | 0x1000, k << 8 | 0x10ff)]
-            ));
+        assert_eq!(add_shared(&mut h, &a), Some(0));
+        assert_eq!(h.shared().len(), 2);
+        assert_eq!(h.shared_table_of(0x0048), Some(0));
+        assert_eq!(h.shared_table_of(0x0180), Some(0));
+        assert_eq!(h.shared_table_of(0x0200), None);
+        // IDs that overlap another table's: none added.
+        assert_eq!(
+            add_shared(&mut h, &[r(0x0050, 0x0050), r(0x01f0, 0x02ff)]),
+            None
+        );
+        assert_eq!(h.shared().len(), 2);
+        for k in 1..u16::try_from(MAX_SHARED_TABLES).unwrap() {
+            assert_eq!(
+                add_shared(&mut h, &[r(k, k), r(k << 8 | 0x1000, k << 8 | 0x10ff)]),
+                Some(u8::try_from(k).unwrap())
+            );
         }
-        assert_eq!(h.passing().len(), MAX_PASSING);
-        assert!(!add_passing(&mut h, &[r(0x50, 0x50)]));
-        assert_eq!(h.passing().len(), MAX_PASSING, "none added");
+        assert_eq!(h.shared().len(), MAX_SHARED_IDS);
+        // No table left.
+        assert_eq!(add_shared(&mut h, &[r(0x50, 0x50)]), None);
+        assert_eq!(h.shared().len(), MAX_SHARED_IDS, "none added");
+        assert!(
+            h.shared()
+                .iter()
+                .all(|s| usize::from(s.table) < MAX_SHARED_TABLES)
+        );
     }
 
     #[test]

@@ -551,6 +551,67 @@ pub mod amdvi {
     /// IntTabLen for [`ENTRIES`] (2^9).
     pub const INT_TAB_LEN: u64 = 9;
 
+    /// A function's part of a table it shares with other functions
+    /// (behind one conventional bridge their messages carry the same IDs,
+    /// so one table must serve them all): entries `first..first + len`.
+    /// Its slots are numbered as in a table of its own ([`Share::OWN`]):
+    /// MSI-X entries from 0, the MSI message at `ENTRIES - 1`, the entry
+    /// that is never written at `ENTRIES - 2`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Share {
+        /// First entry.
+        pub first: u16,
+        /// Entries.
+        pub len: u16,
+    }
+
+    /// The fewest entries a share has: the MSI message, the entry never
+    /// written, and room for MSI-X.
+    pub const MIN_SHARE: usize = 8;
+
+    impl Share {
+        /// A table of the function's own.
+        pub const OWN: Self = Self {
+            first: 0,
+            len: ENTRIES as u16,
+        };
+
+        /// The `i`th of `n` equal shares of a table, or `None` where they
+        /// would be smaller than [`MIN_SHARE`] (or `i` is not below `n`).
+        pub const fn nth(i: usize, n: usize) -> Option<Self> {
+            if n == 0 || i >= n || ENTRIES / n < MIN_SHARE {
+                return None;
+            }
+            let len = ENTRIES / n;
+            Some(Self {
+                first: (i * len) as u16,
+                len: len as u16,
+            })
+        }
+
+        /// The table's entry for the function's `slot`, or `None` where
+        /// its share has no room for it.
+        pub const fn index(self, slot: u16) -> Option<u16> {
+            let msi = ENTRIES as u16 - 1;
+            let k = if slot == msi {
+                self.len - 1
+            } else if slot == msi - 1 {
+                self.len - 2
+            } else if slot < self.len - 2 {
+                slot
+            } else {
+                return None;
+            };
+            Some(self.first + k)
+        }
+
+        /// The entry that is never written (`ENTRIES - 2`'s): what a
+        /// refused message names.
+        pub const fn never(self) -> u16 {
+            self.first + self.len - 2
+        }
+    }
+
     /// `e` (a device table entry) with interrupts remapped through the
     /// table at `table` (IV, IntTabLen, IntTableRootPtr, IntCtl 10b): fixed
     /// and arbitrated messages go through the table; INIT, NMI, ExtINT,
@@ -638,6 +699,45 @@ pub mod amdvi {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shares_of_a_table_are_disjoint_and_keep_each_functions_slots_apart() {
+        use amdvi::{ENTRIES, MIN_SHARE, Share};
+        let msi = ENTRIES as u16 - 1;
+        // A table of its own: every slot is its entry.
+        assert_eq!(Share::OWN.index(0), Some(0));
+        assert_eq!(Share::OWN.index(509), Some(509));
+        assert_eq!(Share::OWN.index(msi), Some(msi));
+        assert_eq!(Share::OWN.never(), msi - 1);
+        for n in 1..=ENTRIES / MIN_SHARE {
+            let mut seen = alloc::vec![false; ENTRIES];
+            for i in 0..n {
+                let s = Share::nth(i, n).unwrap();
+                assert!(usize::from(s.len) >= MIN_SHARE);
+                let mut mine = alloc::vec::Vec::new();
+                for slot in (0..s.len - 2).chain([msi - 1, msi]) {
+                    mine.push(s.index(slot).unwrap());
+                }
+                if n > 1 {
+                    // Beyond its room for MSI-X entries.
+                    assert_eq!(s.index(s.len - 2), None);
+                    assert_eq!(s.index(msi - 2), None);
+                }
+                assert_eq!(s.index(msi - 1), Some(s.never()));
+                for e in mine {
+                    let e = usize::from(e);
+                    assert!(
+                        e < ENTRIES && !seen[e],
+                        "entry {e} of {n} shares given twice"
+                    );
+                    seen[e] = true;
+                }
+            }
+        }
+        assert_eq!(Share::nth(0, ENTRIES / MIN_SHARE + 1), None);
+        assert_eq!(Share::nth(2, 2), None);
+        assert_eq!(Share::nth(0, 0), None);
+    }
 
     /// An owner with APIC IDs `ids`; in xAPIC flat mode each processor's
     /// logical ID is 1 << its position in `all` (every processor of the

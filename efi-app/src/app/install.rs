@@ -980,9 +980,8 @@ fn present_nvme_vf(
 /// remapped (said), nor one whose MSI-X table lies at or beyond
 /// `limit` (the physical address width), where no one can reach it.
 /// On AMD-Vi a function behind a conventional bridge, everything below it
-/// the OS's, is not remapped either, but its bridge's IDs go to
-/// `iommu.passing` (said) and it does not count below: the interrupts of
-/// every other ID can still be aborted.
+/// the OS's, is remapped through a table the IDs it may send with share
+/// (`iommu.shared`; the core gives each function there a part of it).
 /// Returns how many of the OS's interrupt sources stay outside thinhv's
 /// entries: functions not remapped (a table beyond reach, behind a
 /// conventional bridge on VT-d without a bus check, mediated otherwise),
@@ -1003,6 +1002,11 @@ fn remap_os_msi(
     use thinhv_passthrough::pci::{CAP_ID_MSI, CAP_ID_MSIX};
     let vtd = iommu.kind == thinhv_abi::handoff::IOMMU_KIND_VTD;
     let mut ivrs_aliases = None;
+    // Functions per shared table (AMD-Vi, behind a conventional bridge),
+    // and how many one table has room for.
+    let mut shared_members = [0usize; thinhv_abi::handoff::MAX_SHARED_TABLES];
+    let shared_room = thinhv_passthrough::irq_remap::amdvi::ENTRIES
+        / thinhv_passthrough::irq_remap::amdvi::MIN_SHARE;
     let mut names = String::new();
     let (mut n, mut other, mut over, mut beyond) = (0, 0, 0, 0);
     let mut vf_names = String::new();
@@ -1027,49 +1031,72 @@ fn remap_os_msi(
         // them. On VT-d its entries check the bridge's buses instead;
         // elsewhere it is left as the OS programs it (and said).
         let source = match conventional_source(f, functions, regions, pci, vtd) {
-            Ok(thinhv_efi::iommu_plan::MsiSource::Passing {
+            Ok(thinhv_efi::iommu_plan::MsiSource::Shared {
                 bridge,
                 first,
                 last,
             }) => {
                 let aliases = ivrs_aliases.get_or_insert_with(super::iommu::ivrs_aliases);
-                let ids = thinhv_efi::iommu_plan::passing_ids(bridge.rid(), first, last, aliases);
-                // An ID the IVRS aliases them to that is another owner's
-                // (outside the bridge's buses, which msi_source checked)
-                // must not pass.
-                let foreign = ids.iter().skip(2).map(|r| r.first).find(|&id| {
-                    pci.is_blocked(id)
-                        || pci
-                            .find((id >> 8) as u8, (id & 0xff) as u8)
-                            .is_some_and(|m| m.action == thinhv_abi::handoff::PCI_ACTION_HIDE)
-                });
+                let ids = thinhv_efi::iommu_plan::shared_ids(bridge.rid(), first, last, aliases);
+                // An ID the IVRS aliases them to, or one it says sends
+                // with theirs, that is another owner's (outside the
+                // bridge's buses, which msi_source checked) must not share
+                // their table.
+                let foreign = ids
+                    .iter()
+                    .skip(2)
+                    .flat_map(|r| r.first..=r.last)
+                    .find(|&id| {
+                        pci.is_blocked(id)
+                            || pci
+                                .find((id >> 8) as u8, (id & 0xff) as u8)
+                                .is_some_and(|m| m.action == thinhv_abi::handoff::PCI_ACTION_HIDE)
+                    });
                 if let Some(id) = foreign {
                     println!(
-                        "thinhv: warning: interrupts: {}: behind the conventional PCI bridge {bridge}, which the IVRS aliases to {}, not the OS's: not remapped, a hostile OS can aim it at an appliance's processors",
+                        "thinhv: warning: interrupts: {}: behind the conventional PCI bridge {bridge}, whose IDs the IVRS aliases to or from {}, not the OS's: not remapped, a hostile OS can aim it at an appliance's processors",
                         f.bdf,
                         thinhv_passthrough::pci::Bdf::from_rid(0, id)
                     );
                     beyond += 1;
                     continue;
                 }
-                if thinhv_efi::iommu_plan::add_passing(iommu, &ids) {
+                let table = thinhv_efi::iommu_plan::add_shared(iommu, &ids);
+                let members = table.map(|t| {
+                    let m = &mut shared_members[usize::from(t)];
+                    *m += 1;
+                    *m
+                });
+                if members.is_none_or(|m| m > shared_room) {
                     println!(
-                        "thinhv: warning: interrupts: {}: behind the conventional PCI bridge {bridge} (its messages carry an ID of the bridge's, for which AMD-Vi has no table of thinhv's): not remapped, a hostile OS can aim it at an appliance's processors; the interrupts of {bridge}, of buses {first:02x}-{last:02x}{} keep passing",
+                        "thinhv: warning: interrupts: {}: behind the conventional PCI bridge {bridge}: not remapped, a hostile OS can aim it at an appliance's processors ({})",
                         f.bdf,
-                        if ids.len() > 2 {
-                            " and of the IDs the IVRS aliases them to"
+                        if members.is_none() {
+                            "too many such bridges"
                         } else {
-                            ""
+                            "too many functions share its IDs"
                         }
                     );
-                } else {
-                    println!(
-                        "thinhv: warning: interrupts: {}: behind the conventional PCI bridge {bridge}: not remapped, a hostile OS can aim it at an appliance's processors (too many such bridges)",
-                        f.bdf
-                    );
+                    if let Some(t) = table {
+                        shared_members[usize::from(t)] -= 1;
+                    }
                     beyond += 1;
+                    continue;
                 }
-                continue;
+                println!(
+                    "thinhv: interrupts: {}: behind the conventional PCI bridge {bridge}: remapped through the table its IDs share (the bridge's, buses {first:02x}-{last:02x}{})",
+                    f.bdf,
+                    if ids.len() > 2 {
+                        ", the IDs the IVRS aliases to or from them"
+                    } else {
+                        ""
+                    }
+                );
+                thinhv_efi::iommu_plan::MsiSource::Shared {
+                    bridge,
+                    first,
+                    last,
+                }
             }
             Ok(s) => s,
             Err(why) => {
@@ -1498,13 +1525,7 @@ fn block_compat_if_all_remapped(
 ) {
     let why = thinhv_efi::iommu_plan::unremapped_sources(functions, vf_pfs, ioapics, sources);
     let amd = h.iommu.kind == thinhv_abi::handoff::IOMMU_KIND_AMDVI;
-    let passing = h.iommu.passing().len();
-    if why.is_empty() && passing > 0 {
-        h.iommu.flags |= thinhv_abi::handoff::IOMMU_FLAG_BLOCK_COMPAT;
-        println!(
-            "thinhv: interrupts: every interrupt source of the OS's but those behind conventional bridges goes through thinhv's entries: the interrupts of every other requester ID aborted once the appliances start (AMD-Vi, the I/O APICs and {passing} range(s) of the bridges' IDs excepted, where every appliance function is remapped)"
-        );
-    } else if why.is_empty() {
+    if why.is_empty() {
         h.iommu.flags |= thinhv_abi::handoff::IOMMU_FLAG_BLOCK_COMPAT;
         println!(
             "thinhv: interrupts: every interrupt source of the OS's goes through thinhv's entries: {} once the appliances start",

@@ -481,16 +481,21 @@ impl Env for HwEnv {
             Some(t) => irq_remap::amdvi::irte(&t)?,
             None => 0,
         };
-        self.core.iommu.set_irte(rid, slot, entry).map_err(|why| {
-            log::error!(
-                "IOMMU: interrupt remapping entry {slot} of {:02x}:{:02x}.{}: {why}",
-                rid >> 8,
-                (rid >> 3) & 0x1f,
-                rid & 7
-            );
-            irq_remap::Refusal::Malformed
-        })?;
-        Ok(irq_remap::amdvi::msi(slot))
+        match self.core.iommu.set_irte(rid, slot, entry) {
+            Ok(index) => Ok(irq_remap::amdvi::msi(index)),
+            // Its part of the table its IDs share has no room for the
+            // slot: refused (and counted) like any other.
+            Err(super::iommu::IrteError::Full) => Err(irq_remap::Refusal::Full),
+            Err(super::iommu::IrteError::Failed(why)) => {
+                log::error!(
+                    "IOMMU: interrupt remapping entry {slot} of {:02x}:{:02x}.{}: {why}",
+                    rid >> 8,
+                    (rid >> 3) & 0x1f,
+                    rid & 7
+                );
+                Err(irq_remap::Refusal::Malformed)
+            }
+        }
     }
 
     fn start_interrupt_remapping(&mut self) {

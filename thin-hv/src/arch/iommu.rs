@@ -171,6 +171,9 @@ const JUDGED_BUSES: u64 = 1 << 63;
 #[derive(Clone, Copy, Debug)]
 struct IrqTables {
     tables: [(u16, u64); MAX_IRQ_TABLES],
+    /// AMD-Vi: each function's part of its table (the whole of one of its
+    /// own; a part of one it shares behind a conventional bridge).
+    shares: [irq_remap::amdvi::Share; MAX_IRQ_TABLES],
     count: usize,
 }
 
@@ -178,8 +181,36 @@ impl IrqTables {
     const fn new() -> Self {
         Self {
             tables: [(0, 0); MAX_IRQ_TABLES],
+            shares: [irq_remap::amdvi::Share::OWN; MAX_IRQ_TABLES],
             count: 0,
         }
+    }
+
+    /// AMD-Vi: `rid` takes `share` of `table`, which other functions'
+    /// IDs name too.
+    fn add_shared(
+        &mut self,
+        rid: u16,
+        table: u64,
+        share: irq_remap::amdvi::Share,
+    ) -> Result<(), &'static str> {
+        let k = self.count;
+        let slot = self
+            .tables
+            .get_mut(k)
+            .ok_or("too many interrupt remapping tables")?;
+        *slot = (rid, table);
+        self.shares[k] = share;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// AMD-Vi: `rid`'s table and its part of it.
+    fn share_of(&self, rid: u16) -> Option<(u64, irq_remap::amdvi::Share)> {
+        let k = self.tables[..self.count]
+            .iter()
+            .position(|(r, _)| *r == rid)?;
+        Some((self.tables[k].1, self.shares[k]))
     }
 
     fn add(&mut self, rid: u16, frames: &mut BumpFrames) -> Result<u64, &'static str> {
@@ -456,7 +487,8 @@ pub struct Iommu {
     /// other source is the OS's), so that no partition can use up
     /// another's.
     irt_shares: IrtShares,
-    /// VT-d: an invalidation failed; no entry is changed any more.
+    /// An invalidation failed. VT-d: no entry is changed any more;
+    /// AMD-Vi: every write invalidates, even of the value an entry holds.
     irt_broken: AtomicBool,
     /// Why compatibility-format messages must keep passing, if they must:
     /// the loader did not find every interrupt source of the OS's
@@ -467,10 +499,20 @@ pub struct Iommu {
     remapping_started: AtomicBool,
     /// The I/O APICs' source IDs (the loader's, from the DMAR or IVRS).
     ioapic_sources: alloc::vec::Vec<u16>,
-    /// AMD-Vi: the IDs whose interrupts keep passing at the abort
-    /// (`IommuHandoff::passing`: the OS's functions behind conventional
-    /// bridges).
-    passing: alloc::vec::Vec<thinhv_abi::handoff::RidRange>,
+    /// AMD-Vi: the IDs whose device table entries name a table they
+    /// share (`IommuHandoff::shared`: the OS's functions behind
+    /// conventional bridges).
+    shared: alloc::vec::Vec<thinhv_abi::handoff::SharedIds>,
+}
+
+/// Why an AMD-Vi remapping entry was not written.
+#[derive(Clone, Copy, Debug)]
+pub enum IrteError {
+    /// The function's part of a table it shares has no room for that
+    /// slot.
+    Full,
+    /// Anything else (no table, a unit that did not complete).
+    Failed(&'static str),
 }
 
 /// Completion-wait values for interrupt table invalidations (distinct
@@ -528,7 +570,7 @@ impl Iommu {
                 .iter()
                 .filter_map(thinhv_abi::handoff::IoApicInfo::source_id)
                 .collect(),
-            passing: h.passing().to_vec(),
+            shared: h.shared().to_vec(),
         };
         if protect {
             let outside = h
@@ -800,22 +842,67 @@ impl Iommu {
                 n_assigned += 1;
             }
         }
-        // The OS's functions whose MSI thinhv remaps: a table each.
+        // The OS's functions whose MSI thinhv remaps: a table each, or
+        // behind a conventional bridge an equal part of the one table the
+        // IDs they send with share (`IommuHandoff::shared`).
+        let mut shared_tables = [0u64; thinhv_abi::handoff::MAX_SHARED_TABLES];
+        for r in h.shared() {
+            let t = &mut shared_tables[usize::from(r.table)];
+            if *t == 0 {
+                *t = frames_take(frames)?;
+            }
+        }
         let mut os_msi = 0;
-        for m in blocked.mediated().iter().filter(|m| m.remaps_msi()) {
-            irq.add(u16::from(m.bus) << 8 | u16::from(m.devfn), frames)?;
+        let remapped = || {
+            blocked
+                .mediated()
+                .iter()
+                .filter(|m| m.remaps_msi())
+                .map(|m| u16::from(m.bus) << 8 | u16::from(m.devfn))
+        };
+        for rid in remapped().filter(|&r| h.shared_table_of(r).is_none()) {
+            irq.add(rid, frames)?;
             os_msi += 1;
+        }
+        for (t, &table) in shared_tables.iter().enumerate().filter(|(_, t)| **t != 0) {
+            let members: alloc::vec::Vec<u16> = remapped()
+                .filter(|&r| h.shared_table_of(r) == Some(t as u8))
+                .collect();
+            for (i, &rid) in members.iter().enumerate() {
+                let Some(share) = irq_remap::amdvi::Share::nth(i, members.len()) else {
+                    // The loader keeps them within room; if not, these
+                    // lose their interrupts (the table's other entries
+                    // are all the OS's).
+                    log::error!(
+                        "IOMMU: interrupts of {:02x}:{:02x}.{}: no room in the table its IDs share",
+                        rid >> 8,
+                        (rid >> 3) & 0x1f,
+                        rid & 7
+                    );
+                    continue;
+                };
+                irq.add_shared(rid, table, share)?;
+                os_msi += 1;
+            }
+            log::info!(
+                "IOMMU: interrupts of {} function(s) behind a conventional bridge remapped through one table at {table:#x}, which the IDs they send with share ({} entries each)",
+                members.len(),
+                irq_remap::amdvi::ENTRIES / members.len().max(1)
+            );
         }
         if os_msi > 0 {
             log::info!("IOMMU: interrupts of {os_msi} function(s) of the OS's remapped");
         }
         let assigned = &assigned[..n_assigned];
         for id in 0..ids {
+            let shared = h
+                .shared_table_of(id as u16)
+                .map(|t| shared_tables[usize::from(t)]);
             let e = if let Some((_, e)) = assigned.iter().find(|(r, _)| u64::from(*r) == id) {
                 *e
             } else if blocked.is_blocked(id as u16) {
                 closed
-            } else if let Some(table) = irq.of(id as u16) {
+            } else if let Some(table) = irq.of(id as u16).or(shared) {
                 irq_remap::amdvi::dte(open, table, false)
             } else {
                 open
@@ -1170,26 +1257,72 @@ impl Iommu {
         }
     }
 
-    /// Writes entry `slot` of the remapping table of `rid` and has every
-    /// translating unit read it again (INVALIDATE_INTERRUPT_TABLE, then a
-    /// completion wait).
-    pub fn set_irte(&self, rid: u16, slot: u16, entry: u32) -> Result<(), &'static str> {
+    /// Writes entry `slot` of the remapping table of `rid` (the entry its
+    /// part of a shared table gives that slot) and has every translating
+    /// unit read it again (INVALIDATE_INTERRUPT_TABLE for every requester
+    /// ID whose device table entry names the table, then a completion
+    /// wait). Returns the table's index of the entry, what the function's
+    /// message names. `entry` 0 (not present) for a slot its part has no
+    /// room for takes the entry its part never writes.
+    pub fn set_irte(&self, rid: u16, slot: u16, entry: u32) -> Result<u16, IrteError> {
         let Hw::AmdVi {
-            cmd_buf, sem, irq, ..
+            dev_table_pages,
+            cmd_buf,
+            sem,
+            irq,
+            ..
         } = self.hw
         else {
-            return Err("no interrupt remapping table");
+            return Err(IrteError::Failed("no interrupt remapping table"));
         };
-        let table = irq.of(rid).ok_or("no interrupt remapping table")?;
-        if usize::from(slot) >= irq_remap::amdvi::ENTRIES {
-            return Err("no such entry");
+        let (table, share) = irq
+            .share_of(rid)
+            .ok_or(IrteError::Failed("no interrupt remapping table"))?;
+        let index = match share.index(slot) {
+            Some(i) => i,
+            None if entry == 0 => share.never(),
+            None => return Err(IrteError::Full),
+        };
+        if usize::from(index) >= irq_remap::amdvi::ENTRIES {
+            return Err(IrteError::Failed("no such entry"));
         }
+        // The IDs whose entries name the table: `rid`'s alone, or every ID
+        // of a shared table (within the device table).
+        let ids = (dev_table_pages * PAGE / 32).min(0x1_0000) as u32;
+        let mut invalidate = alloc::vec::Vec::new();
+        match self
+            .shared
+            .iter()
+            .find(|r| (r.first..=r.last).contains(&rid))
+        {
+            Some(mine) => {
+                for r in self.shared.iter().filter(|r| r.table == mine.table) {
+                    invalidate.extend(
+                        (u32::from(r.first)..=u32::from(r.last))
+                            .filter(|&id| id < ids)
+                            .map(|id| id as u16),
+                    );
+                }
+            }
+            None => invalidate.push(rid),
+        }
+        // Held from the read to the last wait: entries are written one at
+        // a time.
         let g = self.units.lock();
         let (units, n) = &*g;
-        let at = (table + 4 * u64::from(slot)) as *mut u32;
+        let at = (table + 4 * u64::from(index)) as *mut u32;
         // SAFETY: `table` is a page of the core's pool given to this
-        // function's interrupt table; `slot` is below the entries a page
-        // holds. The line is written back before the unit is told.
+        // function's interrupt table (or to the one its IDs share, of
+        // which `index` is in its part); `index` is below the entries a
+        // page holds.
+        let now = unsafe { core::ptr::read_volatile(at) };
+        if now == entry && !self.irt_broken.load(Ordering::SeqCst) {
+            // What every unit read after the last write (each write was
+            // followed by its invalidation): nothing to tell them.
+            return Ok(index);
+        }
+        // SAFETY: as above; the line is written back before the unit is
+        // told.
         unsafe {
             core::ptr::write_volatile(at, entry);
             core::arch::x86_64::_mm_clflush(at.cast::<u8>());
@@ -1199,21 +1332,30 @@ impl Iommu {
             .iter()
             .filter(|u| u.record.state == IOMMU_STATE_TRANSLATING)
         {
-            let token = IRQ_TOKEN.fetch_add(1, Ordering::Relaxed);
-            amdvi::submit(
-                &mut Window { base: u.base },
-                &mut PhysRing { base: cmd_buf },
-                &[
-                    amdvi::cmd_invalidate_interrupt_table(rid),
-                    amdvi::cmd_completion_wait(sem, token),
-                ],
-            );
-            // SAFETY: `sem` is the pool page for completion waits; the unit
-            // stores the token there by DMA.
-            amdvi::wait(|| unsafe { core::ptr::read_volatile(sem as *const u64) } == token)
-                .map_err(|_| "the command buffer did not complete")?;
+            for batch in invalidate.chunks(128) {
+                let token = IRQ_TOKEN.fetch_add(1, Ordering::Relaxed);
+                let mut cmds: alloc::vec::Vec<[u32; 4]> = batch
+                    .iter()
+                    .map(|&id| amdvi::cmd_invalidate_interrupt_table(id))
+                    .collect();
+                cmds.push(amdvi::cmd_completion_wait(sem, token));
+                amdvi::submit(
+                    &mut Window { base: u.base },
+                    &mut PhysRing { base: cmd_buf },
+                    &cmds,
+                );
+                // SAFETY: `sem` is the pool page for completion waits; the
+                // unit stores the token there by DMA.
+                if amdvi::wait(|| unsafe { core::ptr::read_volatile(sem as *const u64) } == token)
+                    .is_err()
+                {
+                    // A later write of the same value invalidates again.
+                    self.irt_broken.store(true, Ordering::SeqCst);
+                    return Err(IrteError::Failed("the command buffer did not complete"));
+                }
+            }
         }
-        Ok(())
+        Ok(index)
     }
 
     /// AMD-Vi, at the claim: where every interrupt source of the OS's is
@@ -1232,15 +1374,10 @@ impl Iommu {
         }
         let ids = pages * PAGE / 32;
         let mut changed = alloc::vec::Vec::new();
-        let mut passing = 0usize;
         for id in 0..ids {
             if self.ioapic_sources.contains(&(id as u16)) {
                 continue;
             }
-            let excepted = self
-                .passing
-                .iter()
-                .any(|r| (r.first..=r.last).contains(&(id as u16)));
             let q2 = (dev_table + id * 32 + 16) as *mut u64;
             // SAFETY: `dev_table` is the contiguous pool block of `pages`
             // pages holding the device table (`build_amdvi`); entry `id`
@@ -1248,10 +1385,6 @@ impl Iommu {
             // the unit reads whole.
             unsafe {
                 if irq_remap::amdvi::passes_unremapped(core::ptr::read_volatile(q2)) {
-                    if excepted {
-                        passing += 1;
-                        continue;
-                    }
                     core::ptr::write_volatile(q2, irq_remap::amdvi::ABORT_ALL);
                     core::arch::x86_64::_mm_clflush(q2.cast::<u8>());
                     changed.push(id as u16);
@@ -1292,17 +1425,10 @@ impl Iommu {
                 }
             }
         }
-        if passing == 0 {
-            log::info!(
-                "IOMMU: interrupts of {} requester ID(s) without a remapping table aborted (the I/O APICs' excepted): only entries thinhv wrote deliver",
-                changed.len()
-            );
-        } else {
-            log::warn!(
-                "IOMMU: interrupts of {} requester ID(s) without a remapping table aborted (the I/O APICs' excepted); those of {passing} ID(s) of conventional bridges and the buses below them keep passing unremapped (the OS's functions there are not remapped)",
-                changed.len()
-            );
-        }
+        log::info!(
+            "IOMMU: interrupts of {} requester ID(s) without a remapping table aborted (the I/O APICs' excepted): only entries thinhv wrote deliver",
+            changed.len()
+        );
     }
 
     /// Reads and clears recorded faults, counting them.
