@@ -1222,6 +1222,10 @@ pub struct Handoff {
     pub reserved3: u32,
     /// The I/O APICs whose entries thinhv judges.
     pub ioapics: [IoApicInfo; MAX_IOAPICS],
+    /// The HPET whose FSB (MSI) delivery the OS may not turn on: its
+    /// register page, read-only in the OS's second-level tables (every
+    /// store exits and is passed on without Tn_FSB_EN_CNF); 0 for none.
+    pub hpet: u64,
 }
 
 impl Handoff {
@@ -1306,6 +1310,12 @@ impl Handoff {
         }) {
             // Its page is trapped like an ECAM page: whole, in the core's map.
             return Err("I/O APIC registers not page-aligned or outside the core's map");
+        }
+        if self.hpet != 0
+            && (!self.hpet.is_multiple_of(4096)
+                || self.hpet.saturating_add(4096) > identity_map_top(self.phys_top))
+        {
+            return Err("HPET registers not page-aligned or outside the core's map");
         }
         let p = self.protected;
         if p.is_empty() || !p.base.is_multiple_of(4096) || !p.size.is_multiple_of(4096) {
@@ -1464,6 +1474,19 @@ mod tests {
         h.ioapics[0].base = 0xfec0_0000;
         h.ioapic_count = u32::try_from(MAX_IOAPICS).unwrap() + 1;
         assert!(h.validate().is_err());
+    }
+
+    #[test]
+    fn the_hpet_is_a_whole_page_in_the_cores_map() {
+        let mut h = valid();
+        h.hpet = 0xfed0_0000;
+        assert_eq!(h.validate(), Ok(()));
+        h.hpet = 0xfed0_0400;
+        assert!(h.validate().is_err());
+        h.hpet = 1 << 40;
+        assert!(h.validate().is_err());
+        h.hpet = 0;
+        assert_eq!(h.validate(), Ok(()));
     }
 
     #[test]

@@ -456,15 +456,19 @@ pub fn add_shared(
 /// thinhv writes, one reason per kind of source left out (empty where
 /// every one does): `functions` of its MSI or MSI-X functions not
 /// remapped, `vf_pfs` SR-IOV PFs on which it can create virtual functions,
-/// `ioapics` I/O APICs not judged or without a known source ID, and the
-/// table's HPETs that can send MSIs (`sources`: `None` without a DMAR or
-/// IVRS to name them).
+/// `ioapics` I/O APICs not judged or without a known source ID, and HPETs
+/// that can send MSIs: the table's (`sources`: `None` without a DMAR or
+/// IVRS to name them) beyond the `hpets_guarded` whose FSB delivery thinhv
+/// withholds, or the `hpets_left` the firmware's HPET tables give that it
+/// does not, whichever is more.
 pub fn unremapped_sources(
     functions: usize,
     vf_pfs: usize,
     ioapics: usize,
+    hpets: (usize, usize),
     sources: Option<&IrqSources>,
 ) -> alloc::vec::Vec<String> {
+    let (hpets_guarded, hpets_left) = hpets;
     let mut why = alloc::vec::Vec::new();
     if functions > 0 {
         why.push(format!("{functions} function(s) of the OS's not remapped"));
@@ -479,15 +483,17 @@ pub fn unremapped_sources(
             "{ioapics} I/O APIC(s) not judged or without a source ID in the DMAR or IVRS"
         ));
     }
-    match sources {
-        None => why.push(String::from(
+    let table_hpets = sources.map_or(0, |s| s.hpets.saturating_sub(hpets_guarded));
+    let hpets = table_hpets.max(hpets_left);
+    if sources.is_none() {
+        why.push(String::from(
             "no DMAR or IVRS to name the I/O APICs' source IDs",
-        )),
-        Some(s) if s.hpets > 0 => why.push(format!(
-            "{} HPET(s) that can send MSIs, whose messages thinhv does not write",
-            s.hpets
-        )),
-        Some(_) => {}
+        ));
+    }
+    if hpets > 0 {
+        why.push(format!(
+            "{hpets} HPET(s) that can send MSIs, whose FSB delivery thinhv does not withhold"
+        ));
     }
     why
 }
@@ -735,23 +741,38 @@ mod tests {
             ioapics: alloc::vec![(0, 0xff00)],
             hpets: 0,
         };
-        assert!(unremapped_sources(0, 0, 0, Some(&qemu)).is_empty());
+        assert!(unremapped_sources(0, 0, 0, (0, 0), Some(&qemu)).is_empty());
         let hpet = IrqSources {
             hpets: 1,
             ..qemu.clone()
         };
-        let why = unremapped_sources(2, 1, 1, Some(&hpet));
+        let why = unremapped_sources(2, 1, 1, (0, 0), Some(&hpet));
         assert_eq!(
             why,
             [
                 "2 function(s) of the OS's not remapped",
                 "1 SR-IOV PF(s) on which the OS can create virtual functions",
                 "1 I/O APIC(s) not judged or without a source ID in the DMAR or IVRS",
-                "1 HPET(s) that can send MSIs, whose messages thinhv does not write",
+                "1 HPET(s) that can send MSIs, whose FSB delivery thinhv does not withhold",
             ]
         );
+        // The DMAR's HPET guarded: nothing left; a second one, or an HPET
+        // table thinhv cannot guard, is.
+        assert!(unremapped_sources(0, 0, 0, (1, 0), Some(&hpet)).is_empty());
+        let two = IrqSources {
+            hpets: 2,
+            ..qemu.clone()
+        };
         assert_eq!(
-            unremapped_sources(0, 0, 0, None),
+            unremapped_sources(0, 0, 0, (1, 0), Some(&two)),
+            ["1 HPET(s) that can send MSIs, whose FSB delivery thinhv does not withhold"]
+        );
+        assert_eq!(
+            unremapped_sources(0, 0, 0, (1, 1), Some(&qemu)),
+            ["1 HPET(s) that can send MSIs, whose FSB delivery thinhv does not withhold"]
+        );
+        assert_eq!(
+            unremapped_sources(0, 0, 0, (0, 0), None),
             ["no DMAR or IVRS to name the I/O APICs' source IDs"]
         );
     }

@@ -16,6 +16,7 @@ pub mod amdvi;
 pub mod bars;
 pub mod dmar;
 pub mod fixed_bar;
+pub mod hpet;
 pub mod irq_remap;
 pub mod ivrs;
 pub mod madt;

@@ -319,6 +319,11 @@ pub struct Hv {
     pub ioapic_hw: AtomicBool,
     /// I/O APIC entries of the OS's that thinhv masked (`handlers::ioapic`).
     pub refused_rtes: AtomicU64,
+    /// The HPET register page whose stores thinhv passes on without FSB
+    /// delivery (`handlers::hpet`), or 0.
+    pub hpet: u64,
+    /// Stores of the OS's that asked for a timer's FSB delivery.
+    pub refused_fsb: AtomicU64,
 }
 
 impl Hv {
@@ -410,6 +415,8 @@ impl Hv {
             ),
             ioapic_hw: AtomicBool::new(false),
             refused_rtes: AtomicU64::new(0),
+            hpet: h.hpet,
+            refused_fsb: AtomicU64::new(0),
             os_msi: spin::Mutex::new(
                 [crate::partition::MsiShadow::default(); thinhv_abi::handoff::MAX_PCI_MEDIATED],
             ),

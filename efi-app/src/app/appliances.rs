@@ -486,8 +486,9 @@ fn root_pointers() -> Result<(&'static mut [u8], u64, u64), &'static str> {
     Ok((rsdp, xsdt_pa, rsdt_pa))
 }
 
-/// The address of the MADT the XSDT (else the RSDT) lists.
-fn find_madt(xsdt_pa: u64, rsdt_pa: u64) -> Result<u64, &'static str> {
+/// The addresses of every table with `signature` the XSDT and the RSDT
+/// list (each once).
+fn find_tables(xsdt_pa: u64, rsdt_pa: u64, signature: [u8; 4]) -> Vec<u64> {
     let root_entries = |pa: u64, size: usize| -> Vec<u64> {
         acpi_table(pa).map_or(Vec::new(), |t| {
             t[36..]
@@ -500,10 +501,41 @@ fn find_madt(xsdt_pa: u64, rsdt_pa: u64) -> Result<u64, &'static str> {
                 .collect()
         })
     };
-    root_entries(xsdt_pa, 8)
+    let mut out = Vec::new();
+    for pa in root_entries(xsdt_pa, 8)
         .into_iter()
         .chain(root_entries(rsdt_pa, 4))
-        .find(|&pa| acpi_table(pa).is_some_and(|t| &t[..4] == b"APIC"))
+    {
+        if !out.contains(&pa) && acpi_table(pa).is_some_and(|t| t[..4] == signature) {
+            out.push(pa);
+        }
+    }
+    out
+}
+
+/// The HPETs' register blocks the firmware's HPET tables give (in
+/// memory, each once), and how many of its HPET tables give none.
+pub fn hpets() -> (Vec<u64>, usize) {
+    let Ok((_, xsdt_pa, rsdt_pa)) = root_pointers() else {
+        return (Vec::new(), 0);
+    };
+    let mut bases = Vec::new();
+    let mut unusable = 0;
+    for pa in find_tables(xsdt_pa, rsdt_pa, *b"HPET") {
+        match acpi_table(pa).and_then(thinhv_passthrough::hpet::table_base) {
+            Some(b) if !bases.contains(&b) => bases.push(b),
+            Some(_) => {}
+            None => unusable += 1,
+        }
+    }
+    (bases, unusable)
+}
+
+/// The address of the MADT the XSDT (else the RSDT) lists.
+fn find_madt(xsdt_pa: u64, rsdt_pa: u64) -> Result<u64, &'static str> {
+    find_tables(xsdt_pa, rsdt_pa, *b"APIC")
+        .first()
+        .copied()
         .ok_or("no MADT")
 }
 

@@ -488,8 +488,14 @@ pub fn install(config: &Config) -> Result<String, String> {
         }
     }
     // Second-level splits around each trapped ECAM page, and a context
-    // table per bus with a blocked requester.
-    let pci_pages = 2 * u64::from(pci.count) + u64::from(pci.blocked_count) + 2;
+    // table per bus with a blocked requester; the tables conventional
+    // bridges' IDs share (AMD-Vi), and the splits around the HPET's
+    // read-only page.
+    let pci_pages = 2 * u64::from(pci.count)
+        + u64::from(pci.blocked_count)
+        + 2
+        + thinhv_abi::handoff::MAX_SHARED_TABLES as u64
+        + 2;
     // A page table per 2 MiB of appliance RAM mapped to the blank frame in
     // the OS's second-level tables, and the levels above.
     let appliance_pages: u64 = appliances
@@ -660,8 +666,15 @@ pub fn install(config: &Config) -> Result<String, String> {
     if !appliances.list.is_empty() {
         let sources = super::iommu::interrupt_sources();
         let unjudged = judge_io_apics(&mut h, sources.as_ref());
+        let hpets = guard_hpet(&mut h);
         if let Some((functions, vf_pfs)) = os_irq_left {
-            block_compat_if_all_remapped(&mut h, functions, vf_pfs, unjudged, sources.as_ref());
+            block_compat_if_all_remapped(
+                &mut h,
+                (functions, vf_pfs),
+                unjudged,
+                hpets,
+                sources.as_ref(),
+            );
         }
     }
     h.phys_addr_bits = caps.phys_addr_bits;
@@ -1509,6 +1522,47 @@ fn judge_io_apics(h: &mut Handoff, sources: Option<&thinhv_efi::iommu_plan::IrqS
     left
 }
 
+/// With appliances, the OS may not turn on an HPET timer's FSB delivery
+/// (`[iommu] interrupts = "remap"`): thinhv makes the HPET's register
+/// page read-only for it and passes every store on without
+/// Tn_FSB_EN_CNF, so that no timer sends a message of the OS's
+/// composing; its timers interrupt through their I/O APIC routes, which
+/// thinhv judges. Returns (HPETs guarded, HPETs the firmware's tables give
+/// that are not: more than one, one that is not a page of its own in
+/// thinhv's map, a table that gives no register block in memory).
+fn guard_hpet(h: &mut Handoff) -> (usize, usize) {
+    if h.iommu.interrupts != thinhv_abi::handoff::IOMMU_INTERRUPTS_REMAP {
+        return (0, 0);
+    }
+    let (bases, unusable) = super::appliances::hpets();
+    let top = thinhv_abi::handoff::identity_map_top(h.phys_top);
+    let mut left = unusable;
+    if unusable > 0 {
+        println!(
+            "thinhv: warning: interrupts: {unusable} HPET table(s) give no register block in memory: their FSB delivery is not withheld"
+        );
+    }
+    for base in bases {
+        if h.hpet != 0 || base % 4096 != 0 || base + 4096 > top {
+            println!(
+                "thinhv: warning: interrupts: HPET at {base:#x}: {}; the OS can turn on its FSB delivery and aim it at an appliance's processors",
+                if h.hpet != 0 {
+                    "thinhv guards one HPET"
+                } else {
+                    "not a page of its own in thinhv's map"
+                }
+            );
+            left += 1;
+            continue;
+        }
+        h.hpet = base;
+        println!(
+            "thinhv: interrupts: HPET at {base:#x}: the OS's stores pass without FSB delivery (its timers interrupt through the I/O APIC)"
+        );
+    }
+    (usize::from(h.hpet != 0), left)
+}
+
 /// Whether the IOMMU may refuse every interrupt message that names no
 /// entry of thinhv's once the appliances are claimed
 /// (`IOMMU_FLAG_BLOCK_COMPAT`: on VT-d compatibility format blocked, on
@@ -1518,12 +1572,13 @@ fn judge_io_apics(h: &mut Handoff, sources: Option<&thinhv_efi::iommu_plan::IrqS
 /// interrupt window still passes as written; the warning names why.
 fn block_compat_if_all_remapped(
     h: &mut Handoff,
-    functions: usize,
-    vf_pfs: usize,
+    (functions, vf_pfs): (usize, usize),
     ioapics: usize,
+    hpets: (usize, usize),
     sources: Option<&thinhv_efi::iommu_plan::IrqSources>,
 ) {
-    let why = thinhv_efi::iommu_plan::unremapped_sources(functions, vf_pfs, ioapics, sources);
+    let why =
+        thinhv_efi::iommu_plan::unremapped_sources(functions, vf_pfs, ioapics, hpets, sources);
     let amd = h.iommu.kind == thinhv_abi::handoff::IOMMU_KIND_AMDVI;
     if why.is_empty() {
         h.iommu.flags |= thinhv_abi::handoff::IOMMU_FLAG_BLOCK_COMPAT;

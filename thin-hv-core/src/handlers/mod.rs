@@ -6,6 +6,7 @@ mod appliance_pci;
 mod cpuid;
 mod cr_access;
 mod debug_trap;
+mod hpet;
 mod hypercall;
 pub mod ioapic;
 mod ipi;

@@ -44,6 +44,15 @@ pub(super) fn handle(
             reason: ExitReason::PCI_CONFIG,
         };
     }
+    if write
+        && present
+        && let Some(outcome) = super::hpet::write(cpu, env, gpa)
+    {
+        return Handled {
+            outcome,
+            reason: ExitReason::APIC_ACCESS,
+        };
+    }
     if !present && let Some(outcome) = super::ioapic::access(cpu, env, gpa) {
         return Handled {
             outcome,

@@ -199,3 +199,47 @@ fn where_the_iommu_remaps_the_io_apic_its_entries_name_a_remapping_entry() {
     assert_eq!(env.irq_entries[&(0xff00, 9)], None);
     assert_ne!(hardware(&env, 9) & (1 << 16), 0, "masked");
 }
+
+/// The OS's store of `value` (`code`: `mov [rdx], eax` or `rax`) at
+/// `gpa` in the HPET's page, which is present and read-only; and whether
+/// the instruction completed.
+fn hpet_store(env: &mut FakeEnv, gpa: u64, code: &[u8], value: u64) -> (Handled, bool) {
+    let mut cpu = super::tests::at(env, code);
+    cpu.regs[Gpr::Rax as usize] = value;
+    cpu.regs[Gpr::Rdx as usize] = gpa;
+    let h = handle(&super::tests::npf(gpa, true, false, true), &mut cpu, env);
+    (h, cpu.rip == super::tests::RIP + code.len() as u64)
+}
+
+#[test]
+fn an_hpet_timer_never_gets_fsb_delivery_from_the_os() {
+    const HPET: u64 = 0xfed0_0000;
+    let mut env = machine();
+    // The control: where the loader names no HPET, such a store is no
+    // access thinhv handles (an unexpected fault, #GP).
+    let (h, done) = hpet_store(&mut env, HPET + 0x140, &[0x89, 0x02], 0x4104);
+    assert_eq!(h.reason, thinhv_abi::exit::ExitReason::NESTED_FAULT);
+    assert!(!done && env.mmio_log.borrow().is_empty());
+    env.hv.hpet = HPET;
+    // Timer 2: FSB route at the appliance's processor with an NMI, then
+    // FSB, 32-bit mode and its interrupt enabled.
+    for (off, value) in [(0x150, 0x400), (0x154, 0xfee0_2000), (0x140, 0x4104)] {
+        let (h, done) = hpet_store(&mut env, HPET + off, &[0x89, 0x02], value);
+        assert!(done);
+        assert_eq!(h.reason, thinhv_abi::exit::ExitReason::APIC_ACCESS);
+    }
+    // A quadword store to timer 0's configuration, as two dwords.
+    assert!(hpet_store(&mut env, HPET + 0x100, &[0x48, 0x89, 0x02], 0x4004).1);
+    assert_eq!(
+        *env.mmio_log.borrow(),
+        [
+            ('w', HPET + 0x150, 4, 0x400),
+            ('w', HPET + 0x154, 4, 0xfee0_2000),
+            ('w', HPET + 0x140, 4, 0x104),
+            ('w', HPET + 0x100, 4, 0x4),
+            ('w', HPET + 0x104, 4, 0),
+        ],
+        "everything as written but Tn_FSB_EN_CNF"
+    );
+    assert_eq!(env.hv.refused_fsb.load(Ordering::SeqCst), 2);
+}

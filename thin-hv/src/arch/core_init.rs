@@ -98,6 +98,7 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
         build_appliance_maps(&h, slat, apic_base, &msix, &mut frames)?;
     trap_mediated_functions(&h, slat, slat_root, host_top, pool.iopm_pa, &mut frames)?;
     trap_io_apics(&h, slat, slat_root, host_top, &mut frames)?;
+    guard_hpet(&h, slat, slat_root, host_top, &mut frames)?;
 
     let hv = Hv::from_handoff(&h, apic_base);
     for &(part, rid, base, entries) in &msix {
@@ -656,6 +657,50 @@ fn trap_io_apics(
             a.base
         );
     }
+    Ok(())
+}
+
+/// The HPET whose FSB delivery the OS may not turn on
+/// (`handlers::hpet`): its register page read-only (uncached) in the OS's
+/// second-level tables, so that every store exits and reads do not.
+fn guard_hpet(
+    h: &Handoff,
+    slat: Slat,
+    slat_root: u64,
+    host_top: u64,
+    frames: &mut BumpFrames,
+) -> Result<(), CoreError> {
+    if h.hpet == 0 {
+        return Ok(());
+    }
+    if h.hpet.saturating_add(PAGE) > host_top {
+        // `Handoff::validate` refused this already.
+        return Err(CoreError::BAD_HANDOFF);
+    }
+    // SAFETY: only this core's table roots and frames from its own
+    // allocator reach the engine (`IdentityMem::new`'s contract).
+    let mut mem = unsafe { IdentityMem::new() };
+    let r = match slat {
+        Slat::Npt(fmt) => Mapper::open(&fmt, &mut mem, slat_root).map(
+            h.hpet,
+            h.hpet,
+            PAGE,
+            Attrs::MMIO_RO,
+            frames,
+        ),
+        Slat::Ept(fmt) => Mapper::open(&fmt, &mut mem, slat_root).map(
+            h.hpet,
+            h.hpet,
+            PAGE,
+            Attrs::MMIO_RO,
+            frames,
+        ),
+    };
+    r.map_err(|_| CoreError::OUT_OF_MEMORY)?;
+    log::info!(
+        "HPET at {:#x}: the OS's stores pass without FSB delivery (its page read-only)",
+        h.hpet
+    );
     Ok(())
 }
 
