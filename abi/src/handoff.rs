@@ -414,7 +414,7 @@ impl IommuHandoff {
 }
 
 /// Most PCI functions whose configuration space the core mediates.
-pub const MAX_PCI_MEDIATED: usize = 32;
+pub const MAX_PCI_MEDIATED: usize = 128;
 /// Most routing-ID ranges the IOMMU refuses all DMA.
 pub const MAX_PCI_BLOCKED: usize = 32;
 
@@ -591,7 +591,6 @@ pub struct RidRange {
     Clone,
     Copy,
     Debug,
-    Default,
     PartialEq,
     Eq,
     zerocopy::FromBytes,
@@ -649,6 +648,13 @@ pub struct PciHandoff {
     /// off: those are read from the device when a VF's MSI-X is enabled
     /// (`vf_bars`, `num_vfs` and `control` unused).
     pub budget: [SharedPf; MAX_SHARED_PFS],
+}
+
+impl Default for PciHandoff {
+    fn default() -> Self {
+        // All zero: nothing mediated, nothing blocked.
+        zerocopy::FromZeros::new_zeroed()
+    }
 }
 
 impl PciHandoff {

@@ -1059,7 +1059,9 @@ impl Iommu {
     /// Whether the interrupts of `rid` are judged (units translating): on
     /// AMD-Vi through a table of thinhv's, on VT-d written by thinhv.
     pub fn remaps(&self, rid: u16) -> bool {
-        let judged = match self.hw {
+        // By reference: the tables are kilobytes, and this runs on a
+        // processor's host stack.
+        let judged = match &self.hw {
             Hw::AmdVi { irq, .. } => irq.of(rid).is_some(),
             Hw::Vtd { judged, .. } => judged.of(rid).is_some(),
             Hw::None => false,
@@ -1096,10 +1098,11 @@ impl Iommu {
             ir: Some(ir),
             judged,
             ..
-        } = self.hw
+        } = &self.hw
         else {
             return Err(irq_remap::Refusal::Malformed);
         };
+        let ir = *ir;
         let key = irq_remap::Key { source: rid, slot };
         if self.irt_broken.load(Ordering::SeqCst) {
             // Entries stay as they are (each names its owner's processor
@@ -1271,10 +1274,11 @@ impl Iommu {
             sem,
             irq,
             ..
-        } = self.hw
+        } = &self.hw
         else {
             return Err(IrteError::Failed("no interrupt remapping table"));
         };
+        let (dev_table_pages, cmd_buf, sem) = (*dev_table_pages, *cmd_buf, *sem);
         let (table, share) = irq
             .share_of(rid)
             .ok_or(IrteError::Failed("no interrupt remapping table"))?;
