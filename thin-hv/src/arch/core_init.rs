@@ -58,7 +58,7 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
     let apic_msr = unsafe { rdmsr(crate::apic::IA32_APIC_BASE) };
     let apic_base = apic_msr & crate::apic::APIC_BASE_ADDR_MASK;
     let page_1g = h.features & features::PAGE_1G != 0;
-    let (host_top, host_cr3) = build_host_map(&h, apic_base, &mut frames)?;
+    let (host_top, host_cr3, reach) = build_host_map(&h, apic_base, &mut frames)?;
 
     // The guest's second-level map, and the MSR map.
     let plan = npt::Plan {
@@ -81,6 +81,7 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
         h.ioapics(),
         &super::iommu::Holes::new(h.region, h.partitions(), h.pci.held()),
         host_top,
+        &reach,
         &mut frames,
         status,
     )?;
@@ -90,7 +91,7 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
     // messages): out of its second-level tables, emulated
     // (`handlers::msi_remap`).
     let msix = if iommu.remaps_appliances() {
-        appliance_msix_tables(&h, host_top)
+        appliance_msix_tables(&h, &reach)
     } else {
         alloc::vec::Vec::new()
     };
@@ -137,7 +138,7 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
         canary_pa: pool.canary_pa,
         percpu_base: pool.percpu_base,
         status,
-        high_mmio: Mutex::new(alloc::vec::Vec::new()),
+        high_mmio: Mutex::new(reach.high),
     });
     if let Some(core) = core_state::get() {
         super::vcpu::publish_appliances(core);
@@ -273,7 +274,7 @@ fn build_host_map(
     h: &Handoff,
     apic_base: u64,
     frames: &mut BumpFrames,
-) -> Result<(u64, u64), CoreError> {
+) -> Result<(u64, u64, super::iommu::Reach), CoreError> {
     let host_top = thinhv_abi::handoff::identity_map_top(h.phys_top);
     let host_fmt = X86Format {
         flavor: Flavor::Host,
@@ -288,7 +289,23 @@ fn build_host_map(
     m.map(0, 0, host_top, Attrs::RWX, frames).map_err(oom)?;
     m.map(apic_base, apic_base, PAGE, Attrs::MMIO_RW, frames)
         .map_err(oom)?;
-    Ok((host_top, m.root()))
+    // Appliances' MSI-X tables beyond the identity map (64-bit BARs
+    // above the top of RAM): uncached, so that thinhv can emulate them. A
+    // page that cannot be mapped leaves its function unremapped.
+    let mut reach = super::iommu::Reach {
+        top: host_top,
+        high: alloc::vec::Vec::new(),
+    };
+    let limit = 1u64 << h.phys_addr_bits.clamp(32, 48);
+    for page in super::iommu::appliance_table_pages(h.partitions(), host_top) {
+        if page.saturating_add(PAGE) <= limit
+            && m.map(page, page, PAGE, Attrs::MMIO_RW, frames).is_ok()
+        {
+            log::info!("appliance MSI-X table page {page:#x}: mapped (beyond the identity map)");
+            reach.high.push(page);
+        }
+    }
+    Ok((host_top, m.root(), reach))
 }
 
 /// The guest's second-level tables (NPT, or EPT with MTRR types) and the
@@ -406,14 +423,14 @@ fn hide_appliance_ram(
 /// (partition, routing ID, address of entry 0, entries).
 fn appliance_msix_tables(
     h: &Handoff,
-    top: u64,
+    reach: &super::iommu::Reach,
 ) -> alloc::vec::Vec<(thin_hv_core::partition::PartitionId, u16, u64, u16)> {
     let mut out = alloc::vec::Vec::new();
     for (i, p) in h.partitions().iter().enumerate() {
         let part = thin_hv_core::partition::PartitionId(u8::try_from(i + 1).unwrap_or(u8::MAX));
         for d in p.devices() {
             if let Some(Some((base, entries))) = super::iommu::appliance_msix(d)
-                && super::iommu::appliance_remapped(d, top)
+                && super::iommu::appliance_remapped(d, reach)
             {
                 out.push((part, d.rid, base, entries));
             }

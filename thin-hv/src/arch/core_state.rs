@@ -73,8 +73,9 @@ pub struct Core {
     /// Status page writer.
     pub status: StatusPage,
     /// Device pages beyond `host_top` the core mapped (uncached) into its
-    /// own tables to emulate accesses there: MSI-X tables the OS's
-    /// firmware put beyond it (`Env::apic_page_trap`).
+    /// own tables to emulate accesses there: MSI-X tables the firmware put
+    /// beyond it, the OS's when it enables MSI-X (`Env::apic_page_trap`),
+    /// appliances' at `CORE_OP_INIT` (`iommu::appliance_table_pages`).
     pub high_mmio: Mutex<alloc::vec::Vec<u64>>,
 }
 

@@ -329,7 +329,7 @@ fn judged_functions(
     partitions: &[PartitionInfo],
     ioapics: &[thinhv_abi::handoff::IoApicInfo],
     ir: bool,
-    top: u64,
+    reach: &Reach,
 ) -> Result<IrqTables, &'static str> {
     let mut judged = IrqTables::new();
     if !h.remaps_interrupts() {
@@ -349,7 +349,7 @@ fn judged_functions(
         }
     }
     for p in partitions.iter().take(MAX_APPLIANCES) {
-        for d in p.devices().iter().filter(|d| appliance_remapped(d, top)) {
+        for d in p.devices().iter().filter(|d| appliance_remapped(d, reach)) {
             judged.add_judged(d.rid)?;
             log::info!(
                 "IOMMU: interrupts of {:02x}:{:02x}.{} (appliance {}) judged (VT-d: {how})",
@@ -385,7 +385,11 @@ fn judged_functions(
 
 /// Why compatibility-format messages must keep passing once interrupts
 /// are remapped, if they must (see [`Iommu::start_remapping`]).
-fn compat_needed(h: &IommuHandoff, partitions: &[PartitionInfo], top: u64) -> Option<&'static str> {
+fn compat_needed(
+    h: &IommuHandoff,
+    partitions: &[PartitionInfo],
+    reach: &Reach,
+) -> Option<&'static str> {
     if h.flags & thinhv_abi::handoff::IOMMU_FLAG_BLOCK_COMPAT == 0 {
         return Some(
             "not every interrupt source of the OS's is remapped: see the loader's warning",
@@ -400,21 +404,69 @@ fn compat_needed(h: &IommuHandoff, partitions: &[PartitionInfo], top: u64) -> Op
         .iter()
         .take(MAX_APPLIANCES)
         .flat_map(PartitionInfo::devices)
-        .any(|d| signals(d) && !appliance_remapped(d, top))
+        .any(|d| signals(d) && !appliance_remapped(d, reach))
         .then_some(
             "an appliance's function signals through an MSI-X table thinhv cannot trap, and would lose its interrupts",
         )
 }
 
+/// What the core's own map reaches of appliances' MSI-X tables: all
+/// below `top`, and the pages beyond it mapped at `CORE_OP_INIT`
+/// ([`appliance_table_pages`]).
+#[derive(Clone, Debug, Default)]
+pub struct Reach {
+    /// The top of the core's identity map.
+    pub top: u64,
+    /// Pages beyond it the core mapped (uncached).
+    pub high: alloc::vec::Vec<u64>,
+}
+
+impl Reach {
+    /// Whether the core reaches every byte of `base..base + len`.
+    pub fn covers(&self, base: u64, len: u64) -> bool {
+        let Some(end) = base.checked_add(len) else {
+            return false;
+        };
+        end <= self.top
+            || (base & !(PAGE - 1)..end)
+                .step_by(PAGE as usize)
+                .all(|p| p < self.top || self.high.contains(&p))
+    }
+}
+
+/// The pages of appliances' MSI-X tables at or beyond `top` (the core's
+/// identity map), each once: the core maps them at `CORE_OP_INIT` so
+/// that it can emulate those tables too.
+pub fn appliance_table_pages(partitions: &[PartitionInfo], top: u64) -> alloc::vec::Vec<u64> {
+    let mut out = alloc::vec::Vec::new();
+    for d in partitions
+        .iter()
+        .take(MAX_APPLIANCES)
+        .flat_map(PartitionInfo::devices)
+    {
+        if let Some(Some((base, n))) = appliance_msix(d) {
+            let end = base + u64::from(n) * 16;
+            let mut p = base & !(PAGE - 1);
+            while p < end {
+                if p.saturating_add(PAGE) > top && !out.contains(&p) {
+                    out.push(p);
+                }
+                p += PAGE;
+            }
+        }
+    }
+    out
+}
+
 /// Whether thinhv remaps the messages of an appliance's function `d`: it
 /// signals by MSI or MSI-X, and an MSI-X table lies in one of its BARs
-/// below `top` (the core's own map), where thinhv can emulate it.
-pub fn appliance_remapped(d: &thinhv_abi::handoff::PartitionDevice, top: u64) -> bool {
+/// where the core reaches it (`reach`), so that thinhv can emulate it.
+pub fn appliance_remapped(d: &thinhv_abi::handoff::PartitionDevice, reach: &Reach) -> bool {
     let msi = reset::find_capability(&mut InitConfig { rid: d.rid }, reset::CAP_MSI).is_some();
     match appliance_msix(d) {
         None => msi,
         Some(None) => false,
-        Some(Some((base, n))) => base + u64::from(n) * 16 <= top,
+        Some(Some((base, n))) => reach.covers(base, u64::from(n) * 16),
     }
 }
 
@@ -527,7 +579,7 @@ impl Iommu {
     /// Builds the tables (protect mode), or records why not. `top` bounds
     /// both the core's own map (the register windows must lie below it) and
     /// the identity map for devices; `holes` is what devices must never
-    /// reach.
+    /// reach; `reach` what the core maps of appliances' MSI-X tables.
     #[allow(clippy::too_many_arguments)]
     pub fn init(
         h: &IommuHandoff,
@@ -536,6 +588,7 @@ impl Iommu {
         ioapics: &[thinhv_abi::handoff::IoApicInfo],
         holes: &Holes,
         top: u64,
+        reach: &Reach,
         frames: &mut BumpFrames,
         status: StatusPage,
     ) -> Result<Self, CoreError> {
@@ -564,7 +617,7 @@ impl Iommu {
             irt: Mutex::new(None),
             irt_shares: IrtShares::new(partitions, ioapics),
             irt_broken: AtomicBool::new(false),
-            compat_needed: compat_needed(h, partitions, top),
+            compat_needed: compat_needed(h, partitions, reach),
             remapping_started: AtomicBool::new(false),
             ioapic_sources: ioapics
                 .iter()
@@ -594,13 +647,13 @@ impl Iommu {
                                 partitions,
                                 ioapics,
                                 ir.is_some(),
-                                top,
+                                reach,
                             )?,
                             ir,
                         })
                     })
             } else {
-                me.build_amdvi(h, blocked, partitions, holes, top, frames)
+                me.build_amdvi(h, blocked, partitions, holes, reach, frames)
             };
             match built {
                 Ok(hw) => me.hw = hw,
@@ -785,9 +838,11 @@ impl Iommu {
         blocked: &PciHandoff,
         partitions: &[PartitionInfo],
         holes: &Holes,
-        top: u64,
+        reach: &Reach,
         frames: &mut BumpFrames,
     ) -> Result<Hw, &'static str> {
+        // The core's identity map's top.
+        let top = reach.top;
         {
             let g = self.units.lock();
             let (units, n) = &*g;
@@ -825,7 +880,7 @@ impl Iommu {
                 // A function whose messages thinhv remaps: its own table,
                 // every entry not present until the appliance programs
                 // its MSI (`handlers::msi_remap`).
-                let e = if h.remaps_interrupts() && appliance_remapped(d, top) {
+                let e = if h.remaps_interrupts() && appliance_remapped(d, reach) {
                     let table = irq.add(d.rid, frames)?;
                     log::info!(
                         "IOMMU: interrupts of {:02x}:{:02x}.{} (appliance {}) remapped through its table at {table:#x}",
