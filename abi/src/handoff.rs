@@ -1317,6 +1317,20 @@ impl Handoff {
             // Its page is trapped like an ECAM page: whole, in the core's map.
             return Err("I/O APIC registers not page-aligned or outside the core's map");
         }
+        if self
+            .partitions()
+            .iter()
+            .flat_map(PartitionInfo::devices)
+            .map(|d| d.rid)
+            .chain(self.ioapics().iter().filter_map(IoApicInfo::source_id))
+            .any(|rid| self.iommu.shared_table_of(rid).is_some())
+        {
+            // Every ID of a shared table is the OS's: an appliance's
+            // function or an I/O APIC there would name the OS's entries.
+            return Err(
+                "a shared interrupt remapping table's IDs include an appliance's or an I/O APIC's",
+            );
+        }
         if self.hpet != 0
             && (!self.hpet.is_multiple_of(4096)
                 || self.hpet.saturating_add(4096) > identity_map_top(self.phys_top))
@@ -1523,6 +1537,15 @@ mod tests {
         assert!(h.validate().is_err());
         h.iommu.shared[2] = r(0x0200, 0x02ff, u8::try_from(MAX_SHARED_TABLES).unwrap());
         assert!(h.validate().is_err());
+        // An I/O APIC whose source ID a shared table covers would name the
+        // OS's entries.
+        h.iommu.shared[2] = r(0x0200, 0x02ff, 1);
+        h.ioapic_count = 1;
+        h.ioapics[0].base = 0xfec0_0000;
+        h.ioapics[0].source = IOAPIC_SOURCE_KNOWN | 0x0210;
+        assert!(h.validate().is_err());
+        h.ioapics[0].source = IOAPIC_SOURCE_KNOWN | 0x0310;
+        assert_eq!(h.validate(), Ok(()));
         h.iommu.shared[2] = SharedIds::default();
         h.iommu.shared_count = u32::try_from(MAX_SHARED_IDS).unwrap() + 1;
         assert!(h.validate().is_err());

@@ -19,22 +19,38 @@ pub const MAX_TIMERS: u64 = 32;
 /// Tn_FSB_EN_CNF: the timer signals by FSB (an MSI) instead of its I/O
 /// APIC route.
 pub const FSB_EN: u64 = 1 << 14;
+/// Tn_INT_ENB_CNF: the timer interrupts at all.
+pub const INT_ENB: u64 = 1 << 2;
+
+/// Whether `at` (an offset in the register page) is byte `byte` of a
+/// timer's configuration register, and which timer's.
+fn config_byte(at: u64, byte: u64) -> Option<u64> {
+    let end = TIMER_CONFIG + MAX_TIMERS * TIMER_STRIDE;
+    ((TIMER_CONFIG..end).contains(&at) && (at - TIMER_CONFIG) % TIMER_STRIDE == byte)
+        .then(|| (at - TIMER_CONFIG) / TIMER_STRIDE)
+}
 
 /// `value`, stored as `size` bytes at offset `off` of the register page,
-/// with every timer's Tn_FSB_EN_CNF it covers clear; and which timer had
-/// it set, if one did.
+/// with every timer's Tn_FSB_EN_CNF it covers clear, and where a store
+/// asked for FSB delivery, that timer's Tn_INT_ENB_CNF too if the store
+/// covers it (the timer then interrupts no one, rather than through an
+/// I/O APIC route the OS did not set up); and which timer had FSB
+/// delivery asked for, if one did.
 pub fn without_fsb(off: u64, size: u8, value: u64) -> (u64, Option<u64>) {
     let mut v = value;
     let mut refused = None;
-    for k in 0..u64::from(size.min(8)) {
-        let at = off + k;
+    let n = u64::from(size.min(8));
+    for k in 0..n {
         // Bit 14 of the configuration is bit 6 of its second byte.
-        let end = TIMER_CONFIG + MAX_TIMERS * TIMER_STRIDE;
-        if (TIMER_CONFIG..end).contains(&at) && (at - TIMER_CONFIG) % TIMER_STRIDE == 1 {
+        if let Some(timer) = config_byte(off + k, 1) {
             let bit = 1u64 << (8 * k + 6);
             if v & bit != 0 {
                 v &= !bit;
-                refused = Some((at - TIMER_CONFIG) / TIMER_STRIDE);
+                refused = Some(timer);
+                // Bit 2, in its first byte, when the store holds it.
+                if k >= 1 {
+                    v &= !(1u64 << (8 * (k - 1) + 2));
+                }
             }
         }
     }
@@ -77,16 +93,19 @@ mod tests {
 
     #[test]
     fn fsb_enable_is_cleared_whatever_the_width_of_the_store() {
-        // Timer 2's configuration, a dword: FSB, 32-bit mode, enabled.
-        assert_eq!(without_fsb(0x140, 4, 0x4104), (0x104, Some(2)));
+        // Timer 2's configuration, a dword: FSB, 32-bit mode, enabled:
+        // neither FSB nor the interrupt is left on.
+        assert_eq!(without_fsb(0x140, 4, 0x4104), (0x100, Some(2)));
         // A quadword over the configuration and the route capability.
         assert_eq!(
             without_fsb(0x100, 8, 0x00f0_0000_0000_4004),
-            (0x00f0_0000_0000_0004, Some(0))
+            (0x00f0_0000_0000_0000, Some(0))
         );
-        // The byte holding bit 14, and a word.
+        // The byte holding bit 14 alone (bit 2 is not in it), and a word.
         assert_eq!(without_fsb(0x161, 1, 0x41), (0x01, Some(3)));
-        assert_eq!(without_fsb(0x160, 2, 0xc004), (0x8004, Some(3)));
+        assert_eq!(without_fsb(0x160, 2, 0xc004), (0x8000, Some(3)));
+        // The interrupt enabled without FSB: as written.
+        assert_eq!(without_fsb(0x160, 4, 0x0004), (0x0004, None));
         // The last timer a block can have.
         assert_eq!(without_fsb(0x4e0, 4, FSB_EN), (0, Some(31)));
         // Without the bit: as written.

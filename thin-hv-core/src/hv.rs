@@ -447,6 +447,13 @@ impl Hv {
         self.ioapics.lock().iter().any(|a| a.base == page & !0xfff)
     }
 
+    /// Whether `page` holds the HPET's registers whose stores thinhv
+    /// passes on without FSB delivery (`handlers::hpet`): read-only for the
+    /// OS, and never taken by another trap (which would map it back).
+    pub fn is_hpet_page(&self, page: u64) -> bool {
+        self.hpet != 0 && self.hpet == page & !0xfff
+    }
+
     /// Whether any appliance partition exists.
     pub fn has_appliances(&self) -> bool {
         self.partition_count != 0

@@ -1043,6 +1043,9 @@ fn remap_os_msi(
         // bridge's ID, not its own: an entry bound to its own would refuse
         // them. On VT-d its entries check the bridge's buses instead;
         // elsewhere it is left as the OS programs it (and said).
+        // AMD-Vi, behind a conventional bridge: the IDs whose table it
+        // will share.
+        let mut shared = None;
         let source = match conventional_source(f, functions, regions, pci, vtd) {
             Ok(thinhv_efi::iommu_plan::MsiSource::Shared {
                 bridge,
@@ -1074,37 +1077,10 @@ fn remap_os_msi(
                     beyond += 1;
                     continue;
                 }
-                let table = thinhv_efi::iommu_plan::add_shared(iommu, &ids);
-                let members = table.map(|t| {
-                    let m = &mut shared_members[usize::from(t)];
-                    *m += 1;
-                    *m
-                });
-                if members.is_none_or(|m| m > shared_room) {
-                    println!(
-                        "thinhv: warning: interrupts: {}: behind the conventional PCI bridge {bridge}: not remapped, a hostile OS can aim it at an appliance's processors ({})",
-                        f.bdf,
-                        if members.is_none() {
-                            "too many such bridges"
-                        } else {
-                            "too many functions share its IDs"
-                        }
-                    );
-                    if let Some(t) = table {
-                        shared_members[usize::from(t)] -= 1;
-                    }
-                    beyond += 1;
-                    continue;
-                }
-                println!(
-                    "thinhv: interrupts: {}: behind the conventional PCI bridge {bridge}: remapped through the table its IDs share (the bridge's, buses {first:02x}-{last:02x}{})",
-                    f.bdf,
-                    if ids.len() > 2 {
-                        ", the IDs the IVRS aliases to or from them"
-                    } else {
-                        ""
-                    }
-                );
+                // The table is taken once the function is registered
+                // (below): one left out before that keeps its IDs' entries
+                // as they were.
+                shared = Some(ids);
                 thinhv_efi::iommu_plan::MsiSource::Shared {
                     bridge,
                     first,
@@ -1167,6 +1143,52 @@ fn remap_os_msi(
         if k >= thinhv_abi::handoff::MAX_PCI_MEDIATED {
             over += 1;
             continue;
+        }
+        if let (
+            Some(ids),
+            thinhv_efi::iommu_plan::MsiSource::Shared {
+                bridge,
+                first,
+                last,
+            },
+        ) = (&shared, source)
+        {
+            let table = thinhv_efi::iommu_plan::add_shared(iommu, ids);
+            let members = table.map(|t| {
+                let m = &mut shared_members[usize::from(t)];
+                *m += 1;
+                *m
+            });
+            if members.is_none_or(|m| m > shared_room) {
+                println!(
+                    "thinhv: warning: interrupts: {}: behind the conventional PCI bridge {bridge}: not remapped ({}); {}",
+                    f.bdf,
+                    if members.is_none() {
+                        "too many such bridges"
+                    } else {
+                        "too many functions share its IDs"
+                    },
+                    if members.is_none() {
+                        "a hostile OS can aim it at an appliance's processors"
+                    } else {
+                        "its messages name entries of the table the others there share, and are lost"
+                    }
+                );
+                if let Some(t) = table {
+                    shared_members[usize::from(t)] -= 1;
+                }
+                beyond += 1;
+                continue;
+            }
+            println!(
+                "thinhv: interrupts: {}: behind the conventional PCI bridge {bridge}: remapped through the table its IDs share (the bridge's, buses {first:02x}-{last:02x}{})",
+                f.bdf,
+                if ids.len() > 2 {
+                    ", the IDs the IVRS aliases to or from them"
+                } else {
+                    ""
+                }
+            );
         }
         pci.mediated[k] = thinhv_abi::handoff::PciMediation {
             bus: f.bdf.bus,
@@ -1472,7 +1494,7 @@ fn judge_io_apics(h: &mut Handoff, sources: Option<&thinhv_efi::iommu_plan::IrqS
     let top = thinhv_abi::handoff::identity_map_top(h.phys_top);
     for a in list {
         let base = u64::from(a.address);
-        if base % 4096 != 0 || base + 4096 > top {
+        if base % 4096 != 0 || base.saturating_add(4096) > top {
             println!(
                 "thinhv: warning: interrupts: I/O APIC {} at {base:#x} cannot be trapped (not a page of its own in thinhv's map); its entries are not judged",
                 a.id
@@ -1543,7 +1565,7 @@ fn guard_hpet(h: &mut Handoff) -> (usize, usize) {
         );
     }
     for base in bases {
-        if h.hpet != 0 || base % 4096 != 0 || base + 4096 > top {
+        if h.hpet != 0 || base % 4096 != 0 || base.saturating_add(4096) > top {
             println!(
                 "thinhv: warning: interrupts: HPET at {base:#x}: {}; the OS can turn on its FSB delivery and aim it at an appliance's processors",
                 if h.hpet != 0 {

@@ -171,6 +171,11 @@ pub(super) fn move_to(env: &mut impl Env, new: u64) -> Result<(), &'static str> 
             // Moving back would map it to the OS (`handlers::ioapic`).
             return Err("the page holds an I/O APIC's registers");
         }
+        if hv.is_hpet_page(new) {
+            // Its stores would reach the HPET unfiltered, and moving back
+            // would map it writable (`handlers::hpet`).
+            return Err("the page holds the HPET's registers");
+        }
     }
     lock(env);
     let r = relocate(env, new);

@@ -311,6 +311,19 @@ fn pages_thinhv_cannot_emulate_are_refused_with_nothing_changed() {
     let (gp, _) = set_base(&mut env, 0, FAKE_IOAPIC | FLAGS);
     assert!(gp);
     assert_eq!(vbase(&env, 0), APIC);
+    // The HPET whose FSB delivery thinhv withholds: its stores would pass
+    // unfiltered, and moving back would map it writable. (The control:
+    // the same page before the loader names it moves.)
+    let hpet = 0xfed0_0000;
+    let (gp, _) = set_base(&mut env, 1, hpet | FLAGS);
+    assert!(!gp);
+    assert_eq!(vbase(&env, 1), hpet);
+    assert!(!set_base(&mut env, 1, APIC | FLAGS).0);
+    assert_eq!(vbase(&env, 1), APIC);
+    env.hv.hpet = hpet;
+    let (gp, _) = set_base(&mut env, 0, hpet | FLAGS);
+    assert!(gp);
+    assert_eq!(vbase(&env, 0), APIC);
     // The core cannot take the page out of its tables.
     env.apic_trap_ok = false;
     assert!(set_base(&mut env, 0, X | FLAGS).0);

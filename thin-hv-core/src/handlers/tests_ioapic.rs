@@ -235,11 +235,11 @@ fn an_hpet_timer_never_gets_fsb_delivery_from_the_os() {
         [
             ('w', HPET + 0x150, 4, 0x400),
             ('w', HPET + 0x154, 4, 0xfee0_2000),
-            ('w', HPET + 0x140, 4, 0x104),
-            ('w', HPET + 0x100, 4, 0x4),
+            ('w', HPET + 0x140, 4, 0x100),
+            ('w', HPET + 0x100, 4, 0),
             ('w', HPET + 0x104, 4, 0),
         ],
-        "everything as written but Tn_FSB_EN_CNF"
+        "everything as written but Tn_FSB_EN_CNF (and the interrupt it was for)"
     );
     assert_eq!(env.hv.refused_fsb.load(Ordering::SeqCst), 2);
 }

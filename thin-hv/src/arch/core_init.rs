@@ -303,6 +303,10 @@ fn build_host_map(
         {
             log::info!("appliance MSI-X table page {page:#x}: mapped (beyond the identity map)");
             reach.high.push(page);
+        } else {
+            log::warn!(
+                "appliance MSI-X table page {page:#x}: cannot be mapped; its function's messages are not remapped"
+            );
         }
     }
     Ok((host_top, m.root(), reach))
@@ -714,8 +718,32 @@ fn guard_hpet(
         ),
     };
     r.map_err(|_| CoreError::OUT_OF_MEMORY)?;
+    // A timer the firmware left with FSB delivery on would send whatever
+    // the OS writes into its FSB route register: off, and its interrupt
+    // with it, before the OS runs.
+    let reg = |off: u64| (h.hpet + off) as *mut u32;
+    // SAFETY: `h.hpet` is the HPET's register page, below the core's
+    // identity map (checked above; `Handoff::validate` too), read
+    // natively before any guest runs; the capabilities register is a
+    // dword at offset 0.
+    let timers = (u64::from(unsafe { core::ptr::read_volatile(reg(0)) } >> 8) & 0x1f) + 1;
+    let mut off = 0;
+    for t in 0..timers {
+        let at =
+            thinhv_passthrough::hpet::TIMER_CONFIG + t * thinhv_passthrough::hpet::TIMER_STRIDE;
+        // SAFETY: timer `t`'s configuration register, a dword inside the
+        // same page (32 timers at most end at 0x500).
+        unsafe {
+            let v = core::ptr::read_volatile(reg(at));
+            if u64::from(v) & thinhv_passthrough::hpet::FSB_EN != 0 {
+                let (v, _) = thinhv_passthrough::hpet::without_fsb(at, 4, u64::from(v));
+                core::ptr::write_volatile(reg(at), v as u32);
+                off += 1;
+            }
+        }
+    }
     log::info!(
-        "HPET at {:#x}: the OS's stores pass without FSB delivery (its page read-only)",
+        "HPET at {:#x}: the OS's stores pass without FSB delivery (its page read-only; {off} of its {timers} timers had it on)",
         h.hpet
     );
     Ok(())

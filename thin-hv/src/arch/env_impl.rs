@@ -318,6 +318,7 @@ impl Env for HwEnv {
             || hv.touches_hypervisor(page, PAGE)
             || hv.pci.mediated_at(page).is_some()
             || hv.is_ioapic_page(page)
+            || hv.is_hpet_page(page)
             || iommu_window
         {
             // Outside the core's own map (it could not make the accesses

@@ -307,8 +307,8 @@ pub fn appliance_msix(d: &thinhv_abi::handoff::PartitionDevice) -> Option<Option
     Some(
         d.bars()
             .find(|(regs, _)| regs & 7 == bir)
-            .map(|(_, bar)| (bar.base + u64::from(table & !7), entries))
-            .filter(|(base, n)| base + u64::from(*n) * 16 <= bar_end(d, bir)),
+            .map(|(_, bar)| (bar.base.saturating_add(u64::from(table & !7)), entries))
+            .filter(|(base, n)| base.saturating_add(u64::from(*n) * 16) <= bar_end(d, bir)),
     )
 }
 
@@ -445,7 +445,7 @@ pub fn appliance_table_pages(partitions: &[PartitionInfo], top: u64) -> alloc::v
         .flat_map(PartitionInfo::devices)
     {
         if let Some(Some((base, n))) = appliance_msix(d) {
-            let end = base + u64::from(n) * 16;
+            let end = base.saturating_add(u64::from(n) * 16);
             let mut p = base & !(PAGE - 1);
             while p < end {
                 if p.saturating_add(PAGE) > top && !out.contains(&p) {
@@ -923,11 +923,14 @@ impl Iommu {
             let members: alloc::vec::Vec<u16> = remapped()
                 .filter(|&r| h.shared_table_of(r) == Some(t as u8))
                 .collect();
+            // At most as many as get a part of MIN_SHARE entries; the
+            // loader keeps them within that, and any beyond lose their
+            // interrupts (every entry of the table is the OS's).
+            let room = members
+                .len()
+                .min(irq_remap::amdvi::ENTRIES / irq_remap::amdvi::MIN_SHARE);
             for (i, &rid) in members.iter().enumerate() {
-                let Some(share) = irq_remap::amdvi::Share::nth(i, members.len()) else {
-                    // The loader keeps them within room; if not, these
-                    // lose their interrupts (the table's other entries
-                    // are all the OS's).
+                let Some(share) = irq_remap::amdvi::Share::nth(i, room) else {
                     log::error!(
                         "IOMMU: interrupts of {:02x}:{:02x}.{}: no room in the table its IDs share",
                         rid >> 8,
@@ -939,11 +942,11 @@ impl Iommu {
                 irq.add_shared(rid, table, share)?;
                 os_msi += 1;
             }
-            log::info!(
-                "IOMMU: interrupts of {} function(s) behind a conventional bridge remapped through one table at {table:#x}, which the IDs they send with share ({} entries each)",
-                members.len(),
-                irq_remap::amdvi::ENTRIES / members.len().max(1)
-            );
+            if let Some(each) = irq_remap::amdvi::ENTRIES.checked_div(room) {
+                log::info!(
+                    "IOMMU: interrupts of {room} function(s) behind a conventional bridge remapped through one table at {table:#x}, which the IDs they send with share ({each} entries each)"
+                );
+            }
         }
         if os_msi > 0 {
             log::info!("IOMMU: interrupts of {os_msi} function(s) of the OS's remapped");
@@ -1503,12 +1506,13 @@ impl Iommu {
             if u.record.state != IOMMU_STATE_TRANSLATING {
                 continue;
             }
-            let (faults, overflow) = match (self.hw, u.caps) {
+            // By reference: `Hw` holds kilobytes of tables.
+            let (faults, overflow) = match (&self.hw, u.caps) {
                 (Hw::Vtd { .. }, Some(c)) => vtd::take_faults(&mut Window { base: u.base }, &c),
                 (Hw::AmdVi { event_log, .. }, _) => {
                     let (ev, o) = amdvi::take_events(
                         &mut Window { base: u.base },
-                        &PhysRing { base: event_log },
+                        &PhysRing { base: *event_log },
                     );
                     (
                         ev.iter()
