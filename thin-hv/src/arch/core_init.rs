@@ -656,6 +656,29 @@ fn unmap_from_os(
     r.map_err(|_| CoreError::OUT_OF_MEMORY)
 }
 
+/// Maps the 4 KiB `page` identity with `attrs` in the OS's second-level
+/// tables.
+fn map_in_os(
+    slat: Slat,
+    slat_root: u64,
+    page: u64,
+    attrs: Attrs,
+    frames: &mut BumpFrames,
+) -> Result<(), CoreError> {
+    // SAFETY: only this core's table roots and frames from its own
+    // allocator reach the engine (`IdentityMem::new`'s contract).
+    let mut mem = unsafe { IdentityMem::new() };
+    let r = match slat {
+        Slat::Npt(fmt) => {
+            Mapper::open(&fmt, &mut mem, slat_root).map(page, page, PAGE, attrs, frames)
+        }
+        Slat::Ept(fmt) => {
+            Mapper::open(&fmt, &mut mem, slat_root).map(page, page, PAGE, attrs, frames)
+        }
+    };
+    r.map_err(|_| CoreError::OUT_OF_MEMORY)
+}
+
 /// The I/O APICs whose entries thinhv judges (`handlers::ioapic`): their
 /// register pages out of the OS's second-level tables, so that every
 /// access exits.
@@ -698,26 +721,7 @@ fn guard_hpet(
         // `Handoff::validate` refused this already.
         return Err(CoreError::BAD_HANDOFF);
     }
-    // SAFETY: only this core's table roots and frames from its own
-    // allocator reach the engine (`IdentityMem::new`'s contract).
-    let mut mem = unsafe { IdentityMem::new() };
-    let r = match slat {
-        Slat::Npt(fmt) => Mapper::open(&fmt, &mut mem, slat_root).map(
-            h.hpet,
-            h.hpet,
-            PAGE,
-            Attrs::MMIO_RO,
-            frames,
-        ),
-        Slat::Ept(fmt) => Mapper::open(&fmt, &mut mem, slat_root).map(
-            h.hpet,
-            h.hpet,
-            PAGE,
-            Attrs::MMIO_RO,
-            frames,
-        ),
-    };
-    r.map_err(|_| CoreError::OUT_OF_MEMORY)?;
+    map_in_os(slat, slat_root, h.hpet, Attrs::MMIO_RO, frames)?;
     // A timer the firmware left with FSB delivery on would send whatever
     // the OS writes into its FSB route register: off, and its interrupt
     // with it, before the OS runs.

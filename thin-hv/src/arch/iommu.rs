@@ -1394,27 +1394,14 @@ impl Iommu {
             .iter()
             .filter(|u| u.record.state == IOMMU_STATE_TRANSLATING)
         {
-            for batch in invalidate.chunks(128) {
-                let token = IRQ_TOKEN.fetch_add(1, Ordering::Relaxed);
-                let mut cmds: alloc::vec::Vec<[u32; 4]> = batch
-                    .iter()
-                    .map(|&id| amdvi::cmd_invalidate_interrupt_table(id))
-                    .collect();
-                cmds.push(amdvi::cmd_completion_wait(sem, token));
-                amdvi::submit(
-                    &mut Window { base: u.base },
-                    &mut PhysRing { base: cmd_buf },
-                    &cmds,
-                );
-                // SAFETY: `sem` is the pool page for completion waits; the
-                // unit stores the token there by DMA.
-                if amdvi::wait(|| unsafe { core::ptr::read_volatile(sem as *const u64) } == token)
-                    .is_err()
-                {
-                    // A later write of the same value invalidates again.
-                    self.irt_broken.store(true, Ordering::SeqCst);
-                    return Err(IrteError::Failed("the command buffer did not complete"));
-                }
+            if invalidate_each(u.base, cmd_buf, sem, &invalidate, |id| {
+                amdvi::cmd_invalidate_interrupt_table(id)
+            })
+            .is_err()
+            {
+                // A later write of the same value invalidates again.
+                self.irt_broken.store(true, Ordering::SeqCst);
+                return Err(IrteError::Failed("the command buffer did not complete"));
             }
         }
         Ok(index)
@@ -1462,29 +1449,13 @@ impl Iommu {
             .iter()
             .filter(|u| u.record.state == IOMMU_STATE_TRANSLATING)
         {
-            for batch in changed.chunks(128) {
-                let token = IRQ_TOKEN.fetch_add(1, Ordering::Relaxed);
-                let mut cmds: alloc::vec::Vec<[u32; 4]> = batch
-                    .iter()
-                    .map(|&id| amdvi::cmd_invalidate_devtab(id))
-                    .collect();
-                cmds.push(amdvi::cmd_completion_wait(sem, token));
-                amdvi::submit(
-                    &mut Window { base: u.base },
-                    &mut PhysRing { base: cmd_buf },
-                    &cmds,
+            if invalidate_each(u.base, cmd_buf, sem, &changed, amdvi::cmd_invalidate_devtab)
+                .is_err()
+            {
+                log::error!(
+                    "IOMMU: unit {:#x}: the command buffer did not complete; aborted interrupts may take effect late",
+                    u.base
                 );
-                // SAFETY: `sem` is the pool page for completion waits; the
-                // unit stores the token there by DMA.
-                if amdvi::wait(|| unsafe { core::ptr::read_volatile(sem as *const u64) } == token)
-                    .is_err()
-                {
-                    log::error!(
-                        "IOMMU: unit {:#x}: the command buffer did not complete; aborted interrupts may take effect late",
-                        u.base
-                    );
-                    break;
-                }
             }
         }
         log::info!(
@@ -1795,6 +1766,30 @@ fn irt_slots() -> irq_remap::Slots {
     let mut slots = irq_remap::Slots::new(1 << thinhv_abi::layout::VTD_IRT_ENTRIES_LOG2);
     let _ = slots.assign(NEVER_PRESENT, Some(0));
     slots
+}
+
+/// AMD-Vi: `command(id)` for each of `ids` on the unit at `base`, through
+/// the command buffer at `cmd_buf`, in batches of 128 (the buffer holds
+/// 256), each followed by a completion wait on `sem`. `Err` at the first
+/// wait that does not complete (the rest are not sent).
+fn invalidate_each(
+    base: u64,
+    cmd_buf: u64,
+    sem: u64,
+    ids: &[u16],
+    command: impl Fn(u16) -> [u32; 4],
+) -> Result<(), ()> {
+    for batch in ids.chunks(128) {
+        let token = IRQ_TOKEN.fetch_add(1, Ordering::Relaxed);
+        let mut cmds: alloc::vec::Vec<[u32; 4]> = batch.iter().map(|&id| command(id)).collect();
+        cmds.push(amdvi::cmd_completion_wait(sem, token));
+        amdvi::submit(&mut Window { base }, &mut PhysRing { base: cmd_buf }, &cmds);
+        // SAFETY: `sem` is the pool page for completion waits; the unit
+        // stores the token there by DMA.
+        amdvi::wait(|| unsafe { core::ptr::read_volatile(sem as *const u64) } == token)
+            .map_err(|_| ())?;
+    }
+    Ok(())
 }
 
 /// `pages` (at least one) zeroed frames in a row: the bump allocator hands
