@@ -5,7 +5,8 @@
 //! virtualization management (`nvme_virt`), a BAR the OS must not move
 //! (`fixed_bar`), interrupt remapping entries (`irq_remap`), the ACPI IOMMU
 //! tables (`dmar`, `ivrs`, `acpi`) and the VT-d / AMD-Vi register drivers
-//! (`vtd`, `amdvi`) over an MMIO trait.
+//! (`vtd`, `amdvi`) over an MMIO trait, and the VT-d unit thinhv emulates
+//! for the OS (`vvtd`).
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
@@ -27,5 +28,6 @@ pub mod policy;
 pub mod reset;
 pub mod shared_pf;
 pub mod vtd;
+pub mod vvtd;
 
 pub use thinhv_sriov as sriov;

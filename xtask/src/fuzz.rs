@@ -6,11 +6,12 @@
 use std::path::Path;
 use std::process::Command;
 
-const TARGETS: [(&str, &[&str]); 4] = [
+const TARGETS: [(&str, &[&str]); 5] = [
     ("dmar", &["dmar"]),
     ("ivrs", &["ivrs"]),
     ("ext_caps", &[]),
     ("mediation", &[]),
+    ("vvtd", &[]),
 ];
 
 pub fn run(args: &[String]) -> Result<(), String> {
