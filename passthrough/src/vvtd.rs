@@ -387,6 +387,11 @@ pub struct OsFault {
     pub write: bool,
 }
 
+/// A fault the OS's tables would not have caused: thinhv's protection
+/// refused the request (thinhv counts it; the OS is not told).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ThinhvFault;
+
 /// The latched interrupt remapping table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Irt {
@@ -1106,6 +1111,127 @@ impl Unit {
             read,
             write,
         }))
+    }
+
+    /// Calls `f(iova, page)` for every page the second-level tables at
+    /// `root` map in `range`, in order, skipping what is not present.
+    /// A table that cannot be read, or an entry with reserved bits, maps
+    /// nothing below it (a request there faults; [`Unit::walk`] gives the
+    /// reason). At most `budget` pages are reported; the return is the
+    /// IOVA to resume from if the budget ran out.
+    pub fn leaves(
+        &self,
+        mem: &impl OsMemory,
+        root: u64,
+        levels: u8,
+        range: core::ops::Range<u64>,
+        budget: u64,
+        f: &mut impl FnMut(u64, Page),
+    ) -> Option<u64> {
+        let top = 12 + 9 * u32::from(levels);
+        let (from, to) = (range.start, range.end.min(1 << top));
+        let mut left = budget;
+        self.leaves_in(
+            mem,
+            root,
+            levels,
+            0,
+            from & !0xfff,
+            to,
+            true,
+            true,
+            &mut left,
+            f,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn leaves_in(
+        &self,
+        mem: &impl OsMemory,
+        table: u64,
+        level: u8,
+        base: u64,
+        from: u64,
+        to: u64,
+        read: bool,
+        write: bool,
+        left: &mut u64,
+        f: &mut impl FnMut(u64, Page),
+    ) -> Option<u64> {
+        let shift = 12 + 9 * (u32::from(level) - 1);
+        let span = 1u64 << shift;
+        let first = from.saturating_sub(base) >> shift;
+        for i in first.min(512)..512 {
+            let at = base + i * span;
+            if at >= to {
+                break;
+            }
+            let Ok([e]) = read_u64s::<1>(mem, table + i * 8) else {
+                return None;
+            };
+            if e & 3 == 0 || e & (1 << 7) != 0 || e & !self.pa_mask() & 0x000f_ffff_ffff_f000 != 0 {
+                continue;
+            }
+            let (r, w) = (read && e & 1 != 0, write && e & 2 != 0);
+            let next = e & 0x000f_ffff_ffff_f000;
+            if level == 1 {
+                if *left == 0 {
+                    return Some(at);
+                }
+                *left -= 1;
+                f(
+                    at,
+                    Page {
+                        gpa: next,
+                        read: r,
+                        write: w,
+                    },
+                );
+            } else if let Some(resume) =
+                self.leaves_in(mem, next, level - 1, at, from.max(at), to, r, w, left, f)
+            {
+                return Some(resume);
+            }
+        }
+        None
+    }
+
+    /// Whose a fault the real unit reported for an OS requester is: the
+    /// OS's own tables refuse the request (the fault, to record in the
+    /// OS's registers; `None` where the OS's context asked for no fault
+    /// records, FPD), or they allow it and thinhv's protection refused it
+    /// (`Err`).
+    pub fn classify(
+        &self,
+        mem: &impl OsMemory,
+        sid: u16,
+        addr: u64,
+        write: bool,
+    ) -> Result<Option<OsFault>, ThinhvFault> {
+        let fault = |reason| OsFault {
+            sid,
+            reason,
+            info: addr & !0xfff,
+            write,
+        };
+        let (root, levels) = match self.context(mem, sid) {
+            Ok(Context::Off | Context::PassThrough { .. }) => return Err(ThinhvFault),
+            Ok(Context::Tables { root, levels, .. }) => (root, levels),
+            Err((_, true)) => return Ok(None),
+            Err((r, false)) => return Ok(Some(fault(r))),
+        };
+        match self.walk(mem, root, levels, addr) {
+            Err(r) => Ok(Some(fault(r))),
+            Ok(None) => Ok(Some(fault(if write {
+                reason::WRITE
+            } else {
+                reason::READ
+            }))),
+            Ok(Some(p)) if write && !p.write => Ok(Some(fault(reason::WRITE))),
+            Ok(Some(p)) if !write && !p.read => Ok(Some(fault(reason::READ))),
+            Ok(Some(_)) => Err(ThinhvFault),
+        }
     }
 
     /// The OS's remapping entry `index`, decoded; Err is the fault reason

@@ -857,3 +857,115 @@ fn the_fuzz_driver_reaches_the_queue_the_tables_and_the_faults() {
     u.write(reg::IQT, 8, 0x10, &mut mem, &mut fx);
     assert!(fx.queue_error.is_some());
 }
+
+#[test]
+fn the_oss_leaves_are_walked_in_order_within_range_and_budget() {
+    let b = Bench::new(OFFER);
+    tables(&mut b.ram.borrow_mut());
+    // A third page far away (index 1 at the top level), and a branch in
+    // memory that is not the OS's (skipped: nothing below it).
+    b.ram.borrow_mut().put(0x20000 + 8, &[0x24003]);
+    b.ram.borrow_mut().put(0x24000, &[0x25003]);
+    b.ram.borrow_mut().put(0x25000, &[0x26003]);
+    b.ram.borrow_mut().put(0x26000 + 5 * 8, &[0x32002]);
+    b.ram.borrow_mut().put(0x21000 + 16, &[DENIED.start | 3]);
+    let mem = b.ram.clone();
+    let u = b.unit.borrow();
+    let mut got = Vec::new();
+    let resume = u.leaves(&mem, 0x20000, 4, 0..u64::MAX, 100, &mut |iova, p| {
+        got.push((iova, p.gpa, p.read, p.write));
+    });
+    assert_eq!(resume, None);
+    assert_eq!(
+        got,
+        [
+            (0x4000_0000, 0x30000, true, true),
+            (0x4000_1000, 0x31000, true, false),
+            ((1 << 39) + 0x5000, 0x32000, false, true),
+        ]
+    );
+    // A range that starts inside: only what is in it.
+    got.clear();
+    u.leaves(
+        &mem,
+        0x20000,
+        4,
+        0x4000_1000..1 << 39,
+        100,
+        &mut |iova, _| {
+            got.push((iova, 0, false, false));
+        },
+    );
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, 0x4000_1000);
+    // A budget of 2: where to resume, and resuming there finds the rest.
+    got.clear();
+    let resume = u.leaves(&mem, 0x20000, 4, 0..u64::MAX, 2, &mut |iova, _| {
+        got.push((iova, 0, false, false));
+    });
+    assert_eq!(resume, Some((1 << 39) + 0x5000));
+    let again = u.leaves(
+        &mem,
+        0x20000,
+        4,
+        resume.unwrap()..u64::MAX,
+        2,
+        &mut |iova, _| {
+            got.push((iova, 0, false, false));
+        },
+    );
+    assert_eq!((again, got.len()), (None, 3));
+    // The same tables entered one level down, as 3-level tables: index 1
+    // maps the two pages at 1 GiB; index 2's table is not the OS's memory.
+    got.clear();
+    u.leaves(&mem, 0x21000, 3, 0..u64::MAX, 100, &mut |iova, _| {
+        got.push((iova, 0, false, false));
+    });
+    let at: Vec<u64> = got.iter().map(|g| g.0).collect();
+    assert_eq!(at, [1 << 30, (1 << 30) + 0x1000]);
+}
+
+#[test]
+fn a_real_fault_is_the_oss_where_its_tables_refuse_and_thinhvs_where_they_allow() {
+    let b = Bench::new(OFFER);
+    tables(&mut b.ram.borrow_mut());
+    let mem = b.ram.clone();
+    let classify = |sid, addr, write| b.unit.borrow().classify(&mem, sid, addr, write);
+    // Translation off: everything the OS allows; any fault is thinhv's.
+    assert_eq!(classify(0x10, 0x4000_2000, true), Err(ThinhvFault));
+    b.w(reg::RTADDR, 8, 0x10000);
+    b.w(reg::GCMD, 4, u64::from(gsts::RTPS));
+    b.w(reg::GCMD, 4, u64::from(gsts::TES));
+    // Mapped read-write: thinhv's (its protection refused the page).
+    assert_eq!(classify(0x10, 0x4000_0000, true), Err(ThinhvFault));
+    // A write to the read-only page, a read of an unmapped one.
+    let os = |reason, addr, write| {
+        Ok(Some(OsFault {
+            sid: 0x10,
+            reason,
+            info: addr,
+            write,
+        }))
+    };
+    assert_eq!(
+        classify(0x10, 0x4000_1234, true),
+        os(reason::WRITE, 0x4000_1000, true)
+    );
+    assert_eq!(classify(0x10, 0x4000_1234, false), Err(ThinhvFault));
+    assert_eq!(
+        classify(0x10, 0x4000_2000, false),
+        os(reason::READ, 0x4000_2000, false)
+    );
+    // Pass-through: thinhv's. Not present with FPD: nobody records it.
+    assert_eq!(classify(0x18, 0x1000, true), Err(ThinhvFault));
+    assert_eq!(classify(0x30, 0x1000, true), Ok(None));
+    assert_eq!(
+        classify(0x100, 0, false),
+        Ok(Some(OsFault {
+            sid: 0x100,
+            reason: reason::ROOT_NOT_PRESENT,
+            info: 0,
+            write: false
+        }))
+    );
+}

@@ -34,3 +34,4 @@ pub mod partition;
 pub mod svm;
 pub mod uart;
 pub mod vmx;
+pub mod vvtd_shadow;
