@@ -6,7 +6,7 @@
 //! (`fixed_bar`), interrupt remapping entries (`irq_remap`), the ACPI IOMMU
 //! tables (`dmar`, `ivrs`, `acpi`) and the VT-d / AMD-Vi register drivers
 //! (`vtd`, `amdvi`) over an MMIO trait, and the VT-d unit thinhv emulates
-//! for the OS (`vvtd`).
+//! for the OS (`vvtd`) and its AMD-Vi counterpart (`vamdvi`).
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
@@ -27,6 +27,7 @@ pub mod pci;
 pub mod policy;
 pub mod reset;
 pub mod shared_pf;
+pub mod vamdvi;
 pub mod vtd;
 pub mod vvtd;
 

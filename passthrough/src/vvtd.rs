@@ -160,7 +160,7 @@ pub trait OsMemory {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Denied;
 
-fn read_u64s<const N: usize>(mem: &impl OsMemory, gpa: u64) -> Result<[u64; N], Denied> {
+pub(crate) fn read_u64s<const N: usize>(mem: &impl OsMemory, gpa: u64) -> Result<[u64; N], Denied> {
     let mut b = [0u8; 32];
     let b = &mut b[..N * 8];
     mem.read(gpa, b)?;
@@ -273,7 +273,7 @@ impl Flushes {
     /// Distinct flushes kept before they become "everything".
     pub const MAX: usize = 8;
 
-    fn add(&mut self, s: Scope) {
+    pub(crate) fn add(&mut self, s: Scope) {
         if self.all || self.items[..usize::from(self.len)].contains(&s) {
             return;
         }
@@ -286,7 +286,7 @@ impl Flushes {
         self.len += 1;
     }
 
-    fn everything(&mut self) {
+    pub(crate) fn everything(&mut self) {
         self.all = true;
         self.len = 0;
     }
@@ -1364,7 +1364,7 @@ pub fn compose(
         }
         _ => return Err(IrteRefusal::Unvalidated),
     }
-    let target = judge(e, cores, policy).map_err(IrteRefusal::Target)?;
+    let target = judge_target(e, cores, policy).map_err(IrteRefusal::Target)?;
     let dst = if x2apic {
         u64::from(target.apic_id)
     } else if target.apic_id > 0xff {
@@ -1387,7 +1387,11 @@ pub fn compose(
 /// as cluster (31:16) and a mask of its 16 processors (x2APIC ID =
 /// cluster << 4 | bit), refused whole if it names any processor that is
 /// not the OS's; the first it names is the target, as `judge` does.
-fn judge(e: &OsIrte, cores: &impl Cores, policy: Policy) -> Result<Target, Refusal> {
+pub(crate) fn judge_target(
+    e: &OsIrte,
+    cores: &impl Cores,
+    policy: Policy,
+) -> Result<Target, Refusal> {
     let req = |dest| Request {
         dest,
         vector: e.vector,
@@ -1450,15 +1454,16 @@ pub mod fuzz {
     /// appliance's memory), nothing above (MMIO).
     pub struct Memory {
         bytes: Vec<u8>,
-        /// Bytes written through the unit, and whether any write was not
-        /// a wait descriptor's 4-byte status.
+        /// Bytes written through the unit.
         pub written: usize,
-        /// A write of another size happened.
+        /// A write of other than 4 bytes (a wait's status) happened.
         pub odd_write: bool,
+        /// The sizes of the unit's writes, as a mask of 1 << size.
+        pub sizes: u64,
     }
 
-    const SIZE: u64 = 0x1_0000;
-    const HOLE: core::ops::Range<u64> = 0x8000..0xa000;
+    pub(crate) const SIZE: u64 = 0x1_0000;
+    pub(crate) const HOLE: core::ops::Range<u64> = 0x8000..0xa000;
 
     impl Memory {
         /// Filled from `seed`, repeated.
@@ -1476,11 +1481,12 @@ pub mod fuzz {
                 bytes,
                 written: 0,
                 odd_write: false,
+                sizes: 0,
             }
         }
 
         /// The OS writes its own RAM (not through the unit).
-        fn os_write(&mut self, gpa: u64, data: &[u8]) {
+        pub(crate) fn os_write(&mut self, gpa: u64, data: &[u8]) {
             if let Ok(r) = Self::range(gpa, data.len()) {
                 self.bytes[r].copy_from_slice(data);
             }
@@ -1505,6 +1511,7 @@ pub mod fuzz {
             self.bytes[r].copy_from_slice(data);
             self.written += data.len();
             self.odd_write |= data.len() != 4;
+            self.sizes |= 1 << data.len().min(63);
             Ok(())
         }
     }

@@ -6,12 +6,13 @@
 use std::path::Path;
 use std::process::Command;
 
-const TARGETS: [(&str, &[&str]); 5] = [
+const TARGETS: [(&str, &[&str]); 6] = [
     ("dmar", &["dmar"]),
     ("ivrs", &["ivrs"]),
     ("ext_caps", &[]),
     ("mediation", &[]),
     ("vvtd", &[]),
+    ("vamdvi", &[]),
 ];
 
 pub fn run(args: &[String]) -> Result<(), String> {
