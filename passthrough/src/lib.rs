@@ -6,7 +6,8 @@
 //! (`fixed_bar`), interrupt remapping entries (`irq_remap`), the ACPI IOMMU
 //! tables (`dmar`, `ivrs`, `acpi`) and the VT-d / AMD-Vi register drivers
 //! (`vtd`, `amdvi`) over an MMIO trait, and the VT-d unit thinhv emulates
-//! for the OS (`vvtd`) and its AMD-Vi counterpart (`vamdvi`).
+//! for the OS (`vvtd`), its AMD-Vi counterpart (`vamdvi`) and the ACPI
+//! tables that announce them (`os_tables`).
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
@@ -23,6 +24,7 @@ pub mod ivrs;
 pub mod madt;
 pub mod mediate;
 pub mod nvme_virt;
+pub mod os_tables;
 pub mod pci;
 pub mod policy;
 pub mod reset;
