@@ -787,6 +787,38 @@ impl Unit {
         }
     }
 
+    /// Calls `f(iova, page)` for every 4 KiB page the I/O page tables at
+    /// `root` map in `range`, in order (a large page as its 4 KiB pages),
+    /// skipping what is not present or malformed and tables that cannot be
+    /// read; at most `budget` pages, returning where to resume if it ran
+    /// out.
+    pub fn leaves(
+        &self,
+        mem: &impl OsMemory,
+        root: u64,
+        levels: u8,
+        range: core::ops::Range<u64>,
+        budget: u64,
+        f: &mut impl FnMut(u64, Page),
+    ) -> Option<u64> {
+        let top = 12 + 9 * u32::from(levels.clamp(1, 4));
+        let mut left = budget;
+        let walk = Leaves {
+            unit: self,
+            from: range.start & !0xfff,
+            to: range.end.min(1 << top),
+        };
+        walk.table(
+            mem,
+            root,
+            u32::from(levels.clamp(1, 4)),
+            0,
+            (true, true),
+            &mut left,
+            f,
+        )
+    }
+
     /// The OS's remapping entry `index` of `table` (32-bit entries, or
     /// 128-bit where the OS set GAEn): RemapEn 0, IntType 4:2, DM 6,
     /// GuestMode 7 (not offered: refused), destination 15:8 (32-bit) or
@@ -861,6 +893,114 @@ impl Unit {
             svt: 1,
             x2apic,
         })
+    }
+}
+
+/// A walk of every page in a range.
+struct Leaves<'a> {
+    unit: &'a Unit,
+    from: u64,
+    to: u64,
+}
+
+impl Leaves<'_> {
+    /// The table at `table` of `level`, covering IOVAs from `base`.
+    #[allow(clippy::too_many_arguments)]
+    fn table(
+        &self,
+        mem: &impl OsMemory,
+        table: u64,
+        level: u32,
+        base: u64,
+        rights: (bool, bool),
+        left: &mut u64,
+        f: &mut impl FnMut(u64, Page),
+    ) -> Option<u64> {
+        let span = 1u64 << (12 + 9 * (level - 1));
+        let first = (self.from.saturating_sub(base) / span).min(512);
+        for i in first..512 {
+            let at = base + i * span;
+            if at >= self.to {
+                break;
+            }
+            let Ok([e]) = read_u64s::<1>(mem, table + i * 8) else {
+                return None;
+            };
+            if e & 1 == 0 {
+                continue;
+            }
+            let addr = e & 0x000f_ffff_ffff_f000;
+            if addr & !self.unit.offer.pa_mask() != 0 {
+                continue;
+            }
+            let r = (
+                rights.0 && e & (1 << 61) != 0,
+                rights.1 && e & (1 << 62) != 0,
+            );
+            let next = ((e >> 9) & 7) as u32;
+            let size = match next {
+                0 => span,
+                7 => {
+                    let size = 1u64 << (13 + (addr >> 12).trailing_ones());
+                    if size > 1u64 << (12 + 9 * level) || size >= 1 << 52 {
+                        continue;
+                    }
+                    size
+                }
+                n if n < level => {
+                    // Skipped levels: only the first 2^(12 + 9n) bytes of
+                    // this entry's span are reachable.
+                    let sub = Leaves {
+                        unit: self.unit,
+                        from: self.from,
+                        to: self.to.min(at + (1u64 << (12 + 9 * n))),
+                    };
+                    if let Some(resume) = sub.table(mem, addr, n, at, r, left, f) {
+                        return Some(resume);
+                    }
+                    continue;
+                }
+                _ => continue,
+            };
+            if level == 1 && next != 0 && next != 7 {
+                continue;
+            }
+            let page_base = addr & !(size - 1);
+            let mut iova = at.max(self.from);
+            while iova < (at + span).min(self.to) {
+                if *left == 0 {
+                    return Some(iova);
+                }
+                *left -= 1;
+                f(
+                    iova,
+                    Page {
+                        gpa: page_base + (iova & (size - 1) & !0xfff),
+                        read: r.0,
+                        write: r.1,
+                    },
+                );
+                iova += 0x1000;
+            }
+        }
+        None
+    }
+}
+
+impl crate::vvtd::OsPageTables for Unit {
+    fn page(&self, mem: &impl OsMemory, root: u64, levels: u8, iova: u64) -> Option<Page> {
+        self.walk(mem, root, levels, iova).ok().flatten()
+    }
+    fn pages(
+        &self,
+        mem: &impl OsMemory,
+        root: u64,
+        levels: u8,
+        range: core::ops::Range<u64>,
+        budget: u64,
+        f: &mut impl FnMut(u64, Page),
+    ) -> Option<u64> {
+        self.leaves(mem, root, levels, range, budget, f)
     }
 }
 

@@ -173,6 +173,44 @@ pub(crate) fn read_u64s<const N: usize>(mem: &impl OsMemory, gpa: u64) -> Result
     Ok(out)
 }
 
+/// The OS's I/O page tables as an emulated unit reads them, whatever the
+/// vendor's format: what a shadow ([`thin-hv-core`'s `vvtd_shadow`]) is
+/// built from.
+pub trait OsPageTables {
+    /// The 4 KiB page `iova` translates to, or `None` (not mapped, or the
+    /// walk faults).
+    fn page(&self, mem: &impl OsMemory, root: u64, levels: u8, iova: u64) -> Option<Page>;
+    /// Every mapped 4 KiB page in `range`, in order, at most `budget`;
+    /// the IOVA to resume from if the budget ran out. A large page is
+    /// reported as its 4 KiB pages.
+    fn pages(
+        &self,
+        mem: &impl OsMemory,
+        root: u64,
+        levels: u8,
+        range: core::ops::Range<u64>,
+        budget: u64,
+        f: &mut impl FnMut(u64, Page),
+    ) -> Option<u64>;
+}
+
+impl OsPageTables for Unit {
+    fn page(&self, mem: &impl OsMemory, root: u64, levels: u8, iova: u64) -> Option<Page> {
+        self.walk(mem, root, levels, iova).ok().flatten()
+    }
+    fn pages(
+        &self,
+        mem: &impl OsMemory,
+        root: u64,
+        levels: u8,
+        range: core::ops::Range<u64>,
+        budget: u64,
+        f: &mut impl FnMut(u64, Page),
+    ) -> Option<u64> {
+        self.leaves(mem, root, levels, range, budget, f)
+    }
+}
+
 /// What thinhv offers the OS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Offer {

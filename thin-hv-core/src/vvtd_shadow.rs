@@ -1,8 +1,10 @@
 //! The OS's DMA translation composed with thinhv's protection (issue 14):
-//! for each domain of the OS's emulated VT-d unit
-//! ([`thinhv_passthrough::vvtd`]) a shadow second-level tree in thinhv's
-//! memory, which the real unit's context entries name for the OS's
-//! functions in that domain.
+//! for each domain of the OS's emulated VT-d or AMD-Vi unit
+//! ([`thinhv_passthrough::vvtd`], [`thinhv_passthrough::vamdvi`]) a
+//! shadow tree in thinhv's memory, in the real unit's format ([`Format`]:
+//! VT-d second-level or AMD-Vi I/O page-table entries), which the real
+//! unit's context or device table entries name for the OS's functions in
+//! that domain.
 //!
 //! A shadow entry maps an I/O address to the page the OS's tables map it
 //! to, with the OS's rights (read, write, or both: Linux maps a buffer a
@@ -18,11 +20,14 @@
 //! sees the OS's change from then on. Pages the OS's tables refuse are not
 //! in the shadow, so the real unit faults there, and
 //! [`thinhv_passthrough::vvtd::Unit::classify`] tells whose fault it is.
+//! The same shadow serves both vendors' units
+//! ([`thinhv_passthrough::vvtd::OsPageTables`]); an AMD-Vi large page is
+//! shadowed as its 4 KiB pages.
 // Table indexes are 9 bits.
 #![allow(clippy::cast_possible_truncation)]
 
 use thinhv_paging::{FrameAlloc, PhysMem};
-use thinhv_passthrough::vvtd::{OsMemory, Page, Unit};
+use thinhv_passthrough::vvtd::{OsMemory, OsPageTables, Page};
 
 /// Which OS-physical pages a DMA of the OS's devices may reach.
 pub trait DmaReach {
@@ -37,10 +42,50 @@ pub trait FreeFrames: FrameAlloc {
     fn free_frame(&mut self, frame: u64);
 }
 
-/// VT-d second-level entry bits (VT-d 4.x §9.8).
-const R: u64 = 1;
-const W: u64 = 2;
 const ADDR: u64 = 0x000f_ffff_ffff_f000;
+
+/// The real unit's entry format: a 4-level tree of 4 KiB leaves.
+pub trait Format {
+    /// An entry at `level` (3 to 1) pointing to the table at `table`.
+    fn table(&self, table: u64, level: u32) -> u64;
+    /// A leaf mapping `page` with these rights (at least one).
+    fn leaf(&self, page: u64, read: bool, write: bool) -> u64;
+    /// Whether an entry is present.
+    fn present(&self, e: u64) -> bool;
+}
+
+/// VT-d second-level entries (VT-d 4.x §9.8): R 0, W 1 at every level.
+#[derive(Clone, Copy, Debug)]
+pub struct Vtd;
+
+impl Format for Vtd {
+    fn table(&self, table: u64, _: u32) -> u64 {
+        table | 3
+    }
+    fn leaf(&self, page: u64, read: bool, write: bool) -> u64 {
+        (page & ADDR) | u64::from(read) | (u64::from(write) << 1)
+    }
+    fn present(&self, e: u64) -> bool {
+        e & 3 != 0
+    }
+}
+
+/// AMD-Vi I/O page-table entries (AMD 48882 §2.2.3): PR 0, NextLevel 11:9
+/// (the level below, 0 in a leaf), IR 61, IW 62; directories allow both.
+#[derive(Clone, Copy, Debug)]
+pub struct AmdVi;
+
+impl Format for AmdVi {
+    fn table(&self, table: u64, level: u32) -> u64 {
+        table | 1 | (u64::from(level - 1) << 9) | (3 << 61)
+    }
+    fn leaf(&self, page: u64, read: bool, write: bool) -> u64 {
+        (page & ADDR) | 1 | (u64::from(read) << 61) | (u64::from(write) << 62)
+    }
+    fn present(&self, e: u64) -> bool {
+        e & 1 != 0
+    }
+}
 
 /// What a sync changed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -64,9 +109,10 @@ pub enum ShadowError {
     OutOfFrames,
 }
 
-/// One OS domain's shadow: a 4-level tree of 4 KiB leaves.
+/// One OS domain's shadow: a 4-level tree of 4 KiB leaves in format `F`.
 #[derive(Debug)]
-pub struct Shadow {
+pub struct Shadow<F: Format> {
+    fmt: F,
     /// The OS's domain ID.
     pub domain: u16,
     root: u64,
@@ -89,9 +135,10 @@ fn index(iova: u64, level: u32) -> usize {
     ((iova >> (12 + 9 * level)) & 0x1ff) as usize
 }
 
-impl Shadow {
+impl<F: Format> Shadow<F> {
     /// An empty shadow for `domain`.
     pub fn new(
+        fmt: F,
         domain: u16,
         pt: &mut impl PhysMem,
         frames: &mut impl FrameAlloc,
@@ -99,6 +146,7 @@ impl Shadow {
         let root = frames.alloc_frame().ok_or(ShadowError::OutOfFrames)?;
         pt.zero_frame(root);
         Ok(Self {
+            fmt,
             domain,
             root,
             pages: 0,
@@ -116,7 +164,7 @@ impl Shadow {
         let mut table = self.root;
         for level in (1..4).rev() {
             let e = pt.read_entry(table, index(iova, level));
-            if e & (R | W) == 0 {
+            if !self.fmt.present(e) {
                 return 0;
             }
             table = e & ADDR;
@@ -135,14 +183,14 @@ impl Shadow {
         for level in (1..4).rev() {
             let i = index(iova, level);
             let e = pt.read_entry(table, i);
-            table = if e & (R | W) != 0 {
+            table = if self.fmt.present(e) {
                 e & ADDR
             } else if leaf == 0 {
                 return Ok(());
             } else {
                 let t = frames.alloc_frame().ok_or(ShadowError::OutOfFrames)?;
                 pt.zero_frame(t);
-                pt.write_entry(table, i, t | R | W);
+                pt.write_entry(table, i, self.fmt.table(t, level));
                 self.tables += 1;
                 t
             };
@@ -151,7 +199,7 @@ impl Shadow {
         let old = pt.read_entry(table, i);
         if old != leaf {
             pt.write_entry(table, i, leaf);
-            match (old & (R | W) != 0, leaf & (R | W) != 0) {
+            match (self.fmt.present(old), self.fmt.present(leaf)) {
                 (false, true) => self.pages += 1,
                 (true, false) => self.pages -= 1,
                 _ => {}
@@ -169,12 +217,13 @@ impl Shadow {
         budget: u64,
     ) -> (alloc::vec::Vec<u64>, Option<u64>) {
         let mut out = alloc::vec::Vec::new();
-        let resume = Self::leaves_in(pt, self.root, 3, 0, from, to, budget, &mut out);
+        let resume = self.leaves_in(pt, self.root, 3, 0, from, to, budget, &mut out);
         (out, resume)
     }
 
     #[allow(clippy::too_many_arguments)]
     fn leaves_in(
+        &self,
         pt: &impl PhysMem,
         table: u64,
         level: u32,
@@ -192,7 +241,7 @@ impl Shadow {
                 break;
             }
             let e = pt.read_entry(table, i as usize);
-            if e & (R | W) == 0 {
+            if !self.fmt.present(e) {
                 continue;
             }
             if level == 0 {
@@ -201,7 +250,7 @@ impl Shadow {
                 }
                 out.push(at);
             } else if let Some(r) =
-                Self::leaves_in(pt, e & ADDR, level - 1, at, from.max(at), to, budget, out)
+                self.leaves_in(pt, e & ADDR, level - 1, at, from.max(at), to, budget, out)
             {
                 return Some(r);
             }
@@ -211,17 +260,16 @@ impl Shadow {
 
     /// The leaf for the OS's `page`, or 0 where thinhv refuses it or the
     /// OS gave it no rights.
-    fn leaf(page: Option<Page>, reach: &impl DmaReach, refused: &mut u64) -> u64 {
+    fn leaf(&self, page: Option<Page>, reach: &impl DmaReach, refused: &mut u64) -> u64 {
         let Some(p) = page else { return 0 };
-        let rights = (u64::from(p.read) * R) | (u64::from(p.write) * W);
-        if rights == 0 {
+        if !p.read && !p.write {
             return 0;
         }
         if !reach.os_may_dma(p.gpa) {
             *refused += 1;
             return 0;
         }
-        (p.gpa & ADDR) | rights
+        self.fmt.leaf(p.gpa, p.read, p.write)
     }
 
     /// Brings `[from, to)` of the shadow to what the OS's tables map now:
@@ -233,7 +281,7 @@ impl Shadow {
     #[allow(clippy::too_many_arguments)]
     pub fn sync(
         &mut self,
-        unit: &Unit,
+        unit: &impl OsPageTables,
         os: &impl OsMemory,
         tables: OsTables,
         reach: &impl DmaReach,
@@ -246,11 +294,8 @@ impl Shadow {
         let mut s = Synced::default();
         let (old, resume_old) = self.leaves(pt, from, to, budget);
         for iova in old {
-            let page = unit
-                .walk(os, tables.root, tables.levels, iova)
-                .ok()
-                .flatten();
-            let leaf = Self::leaf(page, reach, &mut s.refused);
+            let page = unit.page(os, tables.root, tables.levels, iova);
+            let leaf = self.leaf(page, reach, &mut s.refused);
             if leaf != self.entry(pt, iova) {
                 self.set(pt, frames, iova, leaf)?;
                 if leaf == 0 {
@@ -261,7 +306,7 @@ impl Shadow {
             }
         }
         let mut new = alloc::vec::Vec::new();
-        let resume_new = unit.leaves(
+        let resume_new = unit.pages(
             os,
             tables.root,
             tables.levels,
@@ -273,7 +318,7 @@ impl Shadow {
         );
         let mut refused = 0;
         for (iova, p) in new {
-            let leaf = Self::leaf(Some(p), reach, &mut refused);
+            let leaf = self.leaf(Some(p), reach, &mut refused);
             if leaf != 0 && leaf != self.entry(pt, iova) {
                 self.set(pt, frames, iova, leaf)?;
                 s.mapped += 1;
@@ -290,18 +335,24 @@ impl Shadow {
 
     /// Gives every frame of the shadow back.
     pub fn free(self, pt: &impl PhysMem, frames: &mut impl FreeFrames) {
-        fn free_in(pt: &impl PhysMem, frames: &mut impl FreeFrames, table: u64, level: u32) {
+        fn free_in<F: Format>(
+            fmt: &F,
+            pt: &impl PhysMem,
+            frames: &mut impl FreeFrames,
+            table: u64,
+            level: u32,
+        ) {
             if level > 0 {
                 for i in 0..512 {
                     let e = pt.read_entry(table, i);
-                    if e & (R | W) != 0 {
-                        free_in(pt, frames, e & ADDR, level - 1);
+                    if fmt.present(e) {
+                        free_in(fmt, pt, frames, e & ADDR, level - 1);
                     }
                 }
             }
             frames.free_frame(table);
         }
-        free_in(pt, frames, self.root, 3);
+        free_in(&self.fmt, pt, frames, self.root, 3);
     }
 }
 

@@ -1,6 +1,6 @@
 use super::*;
 use std::collections::HashMap;
-use thinhv_passthrough::vvtd::{Denied, Effects, Offer, reg};
+use thinhv_passthrough::vvtd::{Denied, Effects, Offer, Unit, reg};
 
 /// The OS's RAM: 1 MiB at 0.
 struct OsRam(Vec<u8>);
@@ -136,7 +136,7 @@ struct World {
     unit: Unit,
     pt: Tables,
     frames: Frames,
-    shadow: Shadow,
+    shadow: Shadow<Vtd>,
 }
 
 impl World {
@@ -145,7 +145,7 @@ impl World {
         let unit = unit(&mut os);
         let mut pt = Tables::default();
         let mut frames = Frames::new(64);
-        let shadow = Shadow::new(5, &mut pt, &mut frames).unwrap();
+        let shadow = Shadow::new(Vtd, 5, &mut pt, &mut frames).unwrap();
         Self {
             os,
             unit,
@@ -286,7 +286,7 @@ fn a_shadow_out_of_frames_leaves_the_page_out_and_gives_every_frame_back() {
     let mut pt = Tables::default();
     // The root and two more tables: a leaf needs three below the root.
     let mut frames = Frames::new(3);
-    let mut shadow = Shadow::new(1, &mut pt, &mut frames).unwrap();
+    let mut shadow = Shadow::new(Vtd, 1, &mut pt, &mut frames).unwrap();
     let r = shadow.sync(
         &unit,
         &os,
@@ -321,4 +321,92 @@ fn a_shadow_out_of_frames_leaves_the_page_out_and_gives_every_frame_back() {
     let mut back = Frames::new(0);
     shadow.free(&pt, &mut back);
     assert_eq!(back.freed.len() as u64, tables);
+}
+
+/// An AMD-Vi unit, on, with the OS's 3-level I/O page tables at 0x20000:
+/// a 2 MiB page at IOVA 0 onto 0x0 (over thinhv's 0x9_0000..0xA_0000
+/// and the appliance's 0xA_0000..0xB_0000), and at IOVA 0x4000_0000 a
+/// 64 KiB page (NextLevel 7) onto 0xC_0000, read-only.
+fn amd_world() -> (OsRam, thinhv_passthrough::vamdvi::Unit) {
+    use thinhv_passthrough::vamdvi::{self, ctrl};
+    let mut os = OsRam(vec![0; 0x10_0000]);
+    let pde = |next: u64, level: u64| next | 1 | (level << 9) | (3 << 61);
+    os.put(0x20000, pde(0x21000, 2));
+    os.put(0x20000 + 8, pde(0x22000, 2));
+    os.put(0x21000, 1 | (3 << 61)); // 2 MiB at 0, NextLevel 0
+    os.put(0x22000, pde(0x23000, 1));
+    for i in 0..16 {
+        os.put(0x23000 + i * 8, 0xc_7000 | 1 | (7 << 9) | (1 << 61));
+    }
+    let mut u = vamdvi::Unit::new(vamdvi::Offer {
+        host_width: 46,
+        x2apic: false,
+    });
+    let mut fx = vamdvi::Effects::default();
+    u.write(vamdvi::reg::CONTROL, 8, ctrl::IOMMU_EN, &mut os, &mut fx);
+    (os, u)
+}
+
+#[test]
+fn an_amd_vi_shadow_splits_large_pages_and_keeps_thinhvs_pages_out_of_them() {
+    let (os, unit) = amd_world();
+    let mut pt = Tables::default();
+    let mut frames = Frames::new(64);
+    let mut shadow = Shadow::new(AmdVi, 2, &mut pt, &mut frames).unwrap();
+    let tables = OsTables {
+        root: 0x20000,
+        levels: 3,
+    };
+    let s = shadow
+        .sync(
+            &unit,
+            &os,
+            tables,
+            &OsReach,
+            &mut pt,
+            &mut frames,
+            0,
+            u64::MAX,
+            1 << 20,
+        )
+        .unwrap();
+    // Of the 2 MiB page, the OS may reach the pages below 1 MiB less 32
+    // (thinhv's 16, the appliance's 16): 224; the 256 above 1 MiB are not
+    // its RAM. And the 64 KiB page's 16.
+    assert_eq!((s.mapped, s.refused, s.resume), (224 + 16, 32 + 256, None));
+    let leaf = |iova| shadow.entry(&pt, iova);
+    let amd = |page: u64, w: bool| page | 1 | (1 << 61) | (u64::from(w) << 62);
+    assert_eq!(leaf(0x8_f000), amd(0x8_f000, true));
+    assert_eq!(
+        leaf(0x9_0000),
+        0,
+        "thinhv's page inside the OS's 2 MiB page"
+    );
+    assert_eq!(leaf(0xa_f000), 0, "the appliance's");
+    assert_eq!(leaf(0xb_0000), amd(0xb_0000, true));
+    assert_eq!(leaf(0x4000_0000), amd(0xc_0000, false));
+    assert_eq!(leaf(0x4000_f000), amd(0xc_f000, false));
+    assert_eq!(leaf(0x4001_0000), 0);
+    // Directories in AMD-Vi format: present, NextLevel one below, IR/IW.
+    let top = pt.read_entry(shadow.root(), 0);
+    assert_eq!(top & 0xe01, 1 | (2 << 9));
+    // The control: with nothing refused, the whole 2 MiB page is mapped.
+    let mut pt2 = Tables::default();
+    let mut frames2 = Frames::new(64);
+    let mut control = Shadow::new(AmdVi, 2, &mut pt2, &mut frames2).unwrap();
+    let s = control
+        .sync(
+            &unit,
+            &os,
+            tables,
+            &Everything,
+            &mut pt2,
+            &mut frames2,
+            0,
+            u64::MAX,
+            1 << 20,
+        )
+        .unwrap();
+    assert_eq!((s.mapped, s.refused), (512 + 16, 0));
+    assert_eq!(control.entry(&pt2, 0x9_0000), amd(0x9_0000, true));
 }
