@@ -633,20 +633,17 @@ fn every_page_of_the_oss_io_page_tables_is_walked_within_range_and_budget() {
     }
     // A budget of 100, resumed until done, gives the same pages.
     let mut again = Vec::new();
-    let mut from = 0;
-    loop {
-        match u.leaves(&mem, 0x40000, 3, from..u64::MAX, 100, &mut |iova, p| {
-            again.push((iova, p))
-        }) {
-            Some(r) => from = r,
-            None => break,
-        }
+    let mut from = Some(0);
+    while let Some(f) = from {
+        from = u.leaves(&mem, 0x40000, 3, f..u64::MAX, 100, &mut |iova, p| {
+            again.push((iova, p));
+        });
     }
     assert_eq!(again, got);
     // A range inside the 2 MiB page.
     got.clear();
     u.leaves(&mem, 0x40000, 3, 0x1000..0x3000, 10, &mut |iova, p| {
-        got.push((iova, p))
+        got.push((iova, p));
     });
     assert_eq!(
         got.iter().map(|g| g.0).collect::<Vec<_>>(),
