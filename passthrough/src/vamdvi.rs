@@ -1004,6 +1004,44 @@ impl crate::vvtd::OsPageTables for Unit {
     }
 }
 
+/// Brings a device's real interrupt table up to date with the OS's entry
+/// for it: each of its first `real_entries` OS entries judged ([`judge`])
+/// and handed to `write(index, Some(target))`, or `None` (an entry that
+/// delivers nothing) where the OS has none, it cannot be read, or thinhv
+/// refuses it. Entries beyond `real_entries` are not composed (their
+/// messages find nothing). Returns (composed, refused).
+#[allow(clippy::too_many_arguments)]
+pub fn sync_table(
+    unit: &Unit,
+    mem: &impl OsMemory,
+    device_id: u16,
+    table: Interrupts,
+    real_entries: u32,
+    cores: &impl Cores,
+    policy: Policy,
+    write: &mut impl FnMut(u32, Option<Target>),
+) -> (u32, u32) {
+    let Interrupts::Table { entries, .. } = table else {
+        return (0, 0);
+    };
+    let (mut composed, mut refused) = (0, 0);
+    for index in 0..entries.min(real_entries) {
+        let judged = unit
+            .os_irte(mem, device_id, table, index)
+            .ok()
+            .map(|e| judge(&e, cores, policy));
+        let t = if let Some(Ok(t)) = judged {
+            composed += 1;
+            Some(t)
+        } else {
+            refused += u32::from(judged.is_some());
+            None
+        };
+        write(index, t);
+    }
+    (composed, refused)
+}
+
 /// The processor an OS entry of a device's own table may reach, judged as
 /// [`crate::vvtd::compose`] judges a VT-d entry's (the table is the
 /// device's own, so no source validation is needed).

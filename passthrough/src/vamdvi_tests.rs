@@ -650,3 +650,58 @@ fn every_page_of_the_oss_io_page_tables_is_walked_within_range_and_budget() {
         [0x1000, 0x2000]
     );
 }
+
+#[test]
+fn a_devices_real_table_follows_the_oss_entries_for_it() {
+    let b = Bench::new(OFFER);
+    up(&b);
+    let table = Interrupts::Table {
+        base: 0x5_0000,
+        entries: 1024,
+        nmi_pass: false,
+        init_pass: false,
+        extint_pass: false,
+    };
+    {
+        let mut r = b.ram.borrow_mut();
+        let e32 = |dest: u32, vector: u32| 1u32 | (dest << 8) | (vector << 16);
+        for (i, v) in [
+            (0usize, e32(1, 0x41)),
+            (1, e32(5, 0x42)),
+            (2, e32(1, 0x43) | (5 << 2)),
+            (600, e32(2, 0x44)),
+        ] {
+            r.0[0x5_0000 + i * 4..0x5_0000 + i * 4 + 4].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    let mut real = Vec::new();
+    let (composed, refused) = sync_table(
+        &b.unit.borrow(),
+        &b.mem(),
+        0x10,
+        table,
+        512,
+        &OsCores,
+        Policy::default(),
+        &mut |i, t| real.push((i, t.map(|t| t.apic_id))),
+    );
+    // Entry 0 composed; 1 (the appliance's processor) and 2 (INIT)
+    // refused; entry 600 is beyond the real table's 512.
+    assert_eq!((composed, refused), (1, 2));
+    assert_eq!(real.len(), 512);
+    assert_eq!(real[0], (0, Some(1)));
+    assert_eq!(real[1], (1, None));
+    assert_eq!(real[2], (2, None));
+    // No table: nothing to write.
+    let (c, r) = sync_table(
+        &b.unit.borrow(),
+        &b.mem(),
+        0x10,
+        Interrupts::Unremapped,
+        512,
+        &OsCores,
+        Policy::default(),
+        &mut |_, _| panic!("written"),
+    );
+    assert_eq!((c, r), (0, 0));
+}

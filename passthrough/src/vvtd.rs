@@ -1468,6 +1468,99 @@ pub(crate) fn judge_target(
     Ok(Target { apic_id, ..t })
 }
 
+/// What a sync of remapping entries did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EntriesSynced {
+    /// Real entries written with an OS entry composed.
+    pub composed: u32,
+    /// Real entries written not present: the OS's entry is not present,
+    /// cannot be read, or is malformed.
+    pub absent: u32,
+    /// Real entries written not present because thinhv refused the OS's
+    /// entry ([`IrteRefusal`]); the first refusal, for the log.
+    pub refused: u32,
+    /// The first refusal and the entry it was for.
+    pub first_refusal: Option<(u32, IrteRefusal)>,
+}
+
+/// Brings the real table's OS half (entries `0..2^IRT_MAX_LOG2`, one to
+/// one with the OS's) up to date over `scope` (`Scope::Entries`, or every
+/// entry where `all`): each OS entry read, composed ([`compose`]) and
+/// handed to `write(index, entry)`, or a not-present entry where there is
+/// none or thinhv refuses it. With remapping off, every entry in scope is
+/// written not present. Bounded by the table: at most 2^15 entries.
+#[allow(clippy::too_many_arguments)]
+pub fn sync_entries(
+    unit: &Unit,
+    mem: &impl OsMemory,
+    scope: Option<Scope>,
+    sources: &impl Sources,
+    cores: &impl Cores,
+    policy: Policy,
+    real_x2apic: bool,
+    write: &mut impl FnMut(u32, [u64; 2]),
+) -> EntriesSynced {
+    let limit = 1u32 << IRT_MAX_LOG2;
+    let (first, count) = match scope {
+        Some(Scope::Entries { index, order }) => (u32::from(index), 1u32 << order.min(15)),
+        _ => (0, limit),
+    };
+    let mut out = EntriesSynced::default();
+    for index in first..first.saturating_add(count).min(limit) {
+        let entry = match unit.os_irte(mem, index) {
+            Err(_) => None,
+            Ok(e) => match compose(&e, sources, cores, policy, real_x2apic) {
+                Ok(real) => Some(real),
+                Err(r) => {
+                    out.refused += 1;
+                    out.first_refusal.get_or_insert((index, r));
+                    write(index, [0, 0]);
+                    continue;
+                }
+            },
+        };
+        if let Some(real) = entry {
+            out.composed += 1;
+            write(index, real);
+        } else {
+            out.absent += 1;
+            write(index, [0, 0]);
+        }
+    }
+    out
+}
+
+/// Where an event interrupt the OS programmed ([`Event`]) goes: its
+/// address and data read as a compatibility-format message (VT-d 4.x
+/// §11.4.9: these messages are not remapped), the destination widened by
+/// the upper address's bits 31:8 in x2APIC mode (`x2apic`), then judged
+/// against the OS's processors as any of its messages. The OS may aim its
+/// fault event anywhere; this is what keeps it on its own processors.
+pub fn event_target(
+    ev: Event,
+    x2apic: bool,
+    cores: &impl Cores,
+    policy: Policy,
+) -> Result<Target, Refusal> {
+    let req = irq_remap::decode_msi(u64::from(ev.addr), ev.data)?;
+    let e = OsIrte {
+        logical: matches!(req.dest, Dest::Logical(_)),
+        level: req.level,
+        delivery: req.delivery,
+        vector: req.vector,
+        dest: match req.dest {
+            Dest::Physical(d) | Dest::Logical(d) => {
+                u32::from(d) | if x2apic { ev.upper & !0xff } else { 0 }
+            }
+        },
+        sid: 0,
+        sq: 0,
+        svt: 1,
+        x2apic,
+    };
+    judge_target(&e, cores, policy)
+}
+
 /// A stand-in that has every processor, to judge delivery and vector alone.
 struct Always;
 

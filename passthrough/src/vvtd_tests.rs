@@ -969,3 +969,121 @@ fn a_real_fault_is_the_oss_where_its_tables_refuse_and_thinhvs_where_they_allow(
         }))
     );
 }
+
+#[test]
+fn the_real_tables_os_half_follows_the_oss_entries_at_each_invalidation() {
+    let b = Bench::new(OFFER);
+    let mem = b.ram.clone();
+    // 256 entries at 0x50000, x2APIC mode, remapping on.
+    b.w(reg::IRTA, 8, 0x50000 | (1 << 11) | 7);
+    b.w(reg::GCMD, 4, u64::from(gsts::IRTPS));
+    b.w(reg::GCMD, 4, u64::from(gsts::IRES));
+    let put = |i: u64, e: OsIrte| {
+        let lo = 1
+            | (u64::from(e.logical) << 2)
+            | (u64::from(e.delivery.bits()) << 5)
+            | (u64::from(e.vector) << 16)
+            | (u64::from(e.dest) << 32);
+        let hi = u64::from(e.sid) | (u64::from(e.sq) << 16) | (u64::from(e.svt) << 18);
+        b.ram.borrow_mut().put(0x50000 + i * 16, &[lo, hi]);
+    };
+    put(0, os_entry(1, 0x10, 0, 1));
+    put(1, os_entry(4, 0x10, 0, 1)); // the appliance's processor
+    put(2, os_entry(2, 0x40, 0, 1)); // the appliance's function
+    put(3, os_entry(2, 0x10, 0, 0)); // no source validation
+    put(5, os_entry(3, 0x18, 0, 1));
+    let mut real = std::collections::BTreeMap::new();
+    let s = sync_entries(
+        &b.unit.borrow(),
+        &mem,
+        None,
+        &OsSources,
+        &OsCores,
+        Policy::default(),
+        true,
+        &mut |i, e| {
+            real.insert(i, e);
+        },
+    );
+    assert_eq!((s.composed, s.refused), (2, 3));
+    assert_eq!(s.absent, (1 << IRT_MAX_LOG2) - 5);
+    assert_eq!(
+        s.first_refusal,
+        Some((1, IrteRefusal::Target(Refusal::Foreign)))
+    );
+    assert_eq!(irvtd::target_of(real[&0], true).unwrap().apic_id, 1);
+    assert_eq!(irvtd::target_of(real[&5], true).unwrap().apic_id, 3);
+    for i in [1, 2, 3, 4, 6, 255, 256, (1 << 15) - 1] {
+        assert_eq!(real[&i], [0, 0], "{i}");
+    }
+    assert!(
+        !real.contains_key(&(1 << 15)),
+        "the real table's upper half is thinhv's"
+    );
+    // An index-selective invalidation touches its entries only.
+    put(1, os_entry(2, 0x10, 0, 1));
+    let mut touched = Vec::new();
+    let s = sync_entries(
+        &b.unit.borrow(),
+        &mem,
+        Some(Scope::Entries { index: 0, order: 1 }),
+        &OsSources,
+        &OsCores,
+        Policy::default(),
+        true,
+        &mut |i, e| touched.push((i, irvtd::target_of(e, true).map(|t| t.apic_id))),
+    );
+    assert_eq!(s.composed, 2);
+    assert_eq!(touched, [(0, Some(1)), (1, Some(2))]);
+    // Remapping off: every entry in scope goes not present.
+    b.w(reg::GCMD, 4, 0);
+    let mut n = 0;
+    sync_entries(
+        &b.unit.borrow(),
+        &mem,
+        Some(Scope::Entries { index: 0, order: 3 }),
+        &OsSources,
+        &OsCores,
+        Policy::default(),
+        true,
+        &mut |_, e| {
+            assert_eq!(e, [0, 0]);
+            n += 1;
+        },
+    );
+    assert_eq!(n, 8);
+}
+
+#[test]
+fn the_oss_event_interrupts_reach_only_its_own_processors() {
+    let p = Policy::default();
+    let ev = |addr, upper, data| Event { addr, upper, data };
+    // Fixed, vector 0x41, to APIC 2 (xAPIC), then to the appliance's 4.
+    let t = event_target(ev(0xfee0_2000, 0, 0x41), false, &OsCores, p).unwrap();
+    assert_eq!((t.apic_id, t.vector), (2, 0x41));
+    assert_eq!(
+        event_target(ev(0xfee0_4000, 0, 0x41), false, &OsCores, p),
+        Err(Refusal::Foreign)
+    );
+    // NMI and INIT are refused, as the broadcast is.
+    assert!(event_target(ev(0xfee0_2000, 0, 0x400), false, &OsCores, p).is_err());
+    assert!(event_target(ev(0xfee0_2000, 0, 0x500), false, &OsCores, p).is_err());
+    assert!(event_target(ev(0xfeef_f000, 0, 0x41), false, &OsCores, p).is_err());
+    // x2APIC: the upper address widens the destination: 0x100 | 2 is not
+    // the OS's, 2 is.
+    assert_eq!(
+        event_target(ev(0xfee0_2000, 0x100, 0x41), true, &OsCores, p),
+        Err(Refusal::Foreign)
+    );
+    assert_eq!(
+        event_target(ev(0xfee0_2000, 0, 0x41), true, &OsCores, p)
+            .unwrap()
+            .apic_id,
+        2
+    );
+    // Not an interrupt address.
+    assert_eq!(
+        event_target(ev(0x1000, 0, 0x41), false, &OsCores, p),
+        Err(Refusal::Malformed)
+    );
+}
