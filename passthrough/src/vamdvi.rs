@@ -29,7 +29,7 @@
 #![allow(clippy::cast_possible_truncation)]
 
 use crate::irq_remap::{Cores, Delivery, Policy, Refusal, Target};
-use crate::vvtd::{Denied, Flushes, OsIrte, OsMemory, Page, Scope, read_u64s};
+use crate::vvtd::{Denied, Flushes, OsIrte, OsMemory, Page, Scope, merge, read_u64s};
 
 /// Register offsets (AMD 48882 chapter 3).
 pub use crate::amdvi::reg;
@@ -197,14 +197,6 @@ pub struct Unit {
     pub events_logged: u64,
     /// Events lost (log off, full, or not in the OS's memory).
     pub events_lost: u64,
-}
-
-fn merge(old: u64, offset: u64, size: u8, value: u64) -> u64 {
-    match (size, offset & 4) {
-        (8, _) => value,
-        (_, 0) => (old & !0xffff_ffff) | (value & 0xffff_ffff),
-        _ => (old & 0xffff_ffff) | (value << 32),
-    }
 }
 
 /// Entries of a ring whose length field is `len` (2^len, 8 to 15).
@@ -430,15 +422,7 @@ impl Unit {
                 }
             }
             // INVALIDATE_DEVTAB_ENTRY: DeviceID 15:0.
-            2 => {
-                if c[0] >> 16 != 0 || c[1] & 0x0fff_ffff != 0 || c[2] != 0 || c[3] != 0 {
-                    return Err(illegal(c));
-                }
-                fx.devices.add(Scope::Device {
-                    sid: c[0] as u16,
-                    mask: 0,
-                });
-            }
+            2 => fx.devices.add(device_only(c).ok_or_else(|| illegal(c))?),
             // INVALIDATE_IOMMU_PAGES: PASID (none offered: 0), DomainID,
             // S 0, PDE 1, GN 2 (0); address 63:12, with S the range's size
             // in its trailing ones from bit 12.
@@ -465,15 +449,9 @@ impl Unit {
                 }
             }
             // INVALIDATE_INTERRUPT_TABLE: DeviceID 15:0.
-            5 => {
-                if c[0] >> 16 != 0 || c[1] & 0x0fff_ffff != 0 || c[2] != 0 || c[3] != 0 {
-                    return Err(illegal(c));
-                }
-                fx.interrupt_tables.add(Scope::Device {
-                    sid: c[0] as u16,
-                    mask: 0,
-                });
-            }
+            5 => fx
+                .interrupt_tables
+                .add(device_only(c).ok_or_else(|| illegal(c))?),
             // INVALIDATE_IOMMU_ALL.
             8 => {
                 if c[0] != 0 || c[1] & 0x0fff_ffff != 0 || c[2] != 0 || c[3] != 0 {
@@ -549,6 +527,18 @@ impl Unit {
         ];
         self.log(mem, e, fx);
     }
+}
+
+/// The device a command that names only a DeviceID (dword 0, 15:0) is
+/// for; `None` where any other bit but the opcode is set.
+const fn device_only(c: [u32; 4]) -> Option<Scope> {
+    if c[0] >> 16 != 0 || c[1] & 0x0fff_ffff != 0 || c[2] != 0 || c[3] != 0 {
+        return None;
+    }
+    Some(Scope::Device {
+        sid: c[0] as u16,
+        mask: 0,
+    })
 }
 
 /// How the OS's device table entry treats one device.

@@ -4,6 +4,7 @@ use super::*;
 use crate::amdvi::{self, Ring};
 use crate::irq_remap::Cores;
 use crate::vtd::Mmio;
+use crate::vvtd::tests::programs;
 use std::cell::RefCell;
 use std::rc::Rc;
 
@@ -559,21 +560,6 @@ fn the_exclusion_range_applies_as_the_os_set_it() {
     assert!(u().excluded(0x10_0000, false));
     b.w(reg::EXCL_BASE, 8, 0x10_0000 | 2);
     assert!(!u().excluded(0x10_0000, true), "ExEn clear");
-}
-
-/// The same xorshift as the VT-d model's test.
-fn programs(seed: u64, n: usize, len: usize) -> impl Iterator<Item = Vec<u8>> {
-    let mut s = seed;
-    (0..n).map(move |_| {
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 24) as u8
-            })
-            .collect()
-    })
 }
 
 #[test]

@@ -469,7 +469,9 @@ pub struct Unit {
     pub faults_lost: u64,
 }
 
-fn merge(old: u64, offset: u64, size: u8, value: u64) -> u64 {
+/// A register's new value after a write of `size` bytes at `offset`: the
+/// whole quadword, or the dword `offset` names within it.
+pub(crate) fn merge(old: u64, offset: u64, size: u8, value: u64) -> u64 {
     match (size, offset & 4) {
         (8, _) => value,
         (_, 0) => (old & !0xffff_ffff) | (value & 0xffff_ffff),
@@ -1866,4 +1868,4 @@ pub mod fuzz {
 
 #[cfg(test)]
 #[path = "vvtd_tests.rs"]
-mod tests;
+pub(crate) mod tests;

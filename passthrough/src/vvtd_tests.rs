@@ -799,8 +799,9 @@ fn the_oss_remapping_entries_are_read_and_fault_as_hardware_does() {
     assert_eq!(read(5), Err((reason::IRT_INDEX, false)));
 }
 
-/// A small xorshift, so that every run checks the same programs.
-fn programs(seed: u64, n: usize, len: usize) -> impl Iterator<Item = Vec<u8>> {
+/// A small xorshift, so that every run checks the same programs (the
+/// AMD-Vi model's test uses it too).
+pub(crate) fn programs(seed: u64, n: usize, len: usize) -> impl Iterator<Item = Vec<u8>> {
     let mut s = seed;
     (0..n).map(move |_| {
         (0..len)
