@@ -574,6 +574,30 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// `--os-iommu-model`: what composing the OS's IOMMU programming costs
+/// on this host, before any exit (`thin-hv-core/examples/os_iommu_cost.rs`,
+/// `docs/os-iommu.md`); no emulator involved.
+fn os_iommu_model() -> Result<(), String> {
+    let st = std::process::Command::new(env!("CARGO"))
+        .current_dir(root())
+        .args([
+            "run",
+            "--release",
+            "-q",
+            "-p",
+            "thin-hv-core",
+            "--example",
+            "os_iommu_cost",
+        ])
+        .status()
+        .map_err(|e| e.to_string())?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(format!("the OS IOMMU model benchmark failed ({st})"))
+    }
+}
+
 pub fn run(args: &[String]) -> Result<(), String> {
     let mut runs = 3usize;
     let mut smp = 2u32;
@@ -598,6 +622,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             "--appliances" => only_appliances = true,
             "--appliance-nvme" => only_nvme = true,
             "--appliance-nvme-vf" => only_nvme_vf = true,
+            "--os-iommu-model" => return os_iommu_model(),
             other => return Err(format!("unknown option {other:?}")),
         }
     }
