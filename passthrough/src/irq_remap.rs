@@ -122,7 +122,8 @@ pub enum Refusal {
     /// The table has no free entry.
     Full,
     /// The processor's APIC ID does not fit the entry format (AMD-Vi's
-    /// 32-bit entries carry 8 bits; above that needs the 128-bit format).
+    /// 32-bit entries and VT-d's xAPIC-mode entries carry 8 bits, of which
+    /// 0xFF is the broadcast; above that needs x2APIC destinations).
     Wide(u32),
 }
 
@@ -468,7 +469,8 @@ pub mod vtd {
     const fn irte_checked(t: Target, sid: u16, svt: u8, x2apic: bool) -> Result<[u64; 2], Refusal> {
         let dst = if x2apic {
             t.apic_id as u64
-        } else if t.apic_id > 0xff {
+        } else if t.apic_id >= 0xff {
+            // 0xFF is the broadcast in an 8-bit destination.
             return Err(Refusal::Wide(t.apic_id));
         } else {
             (t.apic_id as u64) << 8
@@ -647,7 +649,8 @@ pub mod amdvi {
     /// The 32-bit entry for `t`: RemapEn, IntType, DM 0 (physical),
     /// Destination 15:8, Vector 23:16.
     pub const fn irte(t: &Target) -> Result<u32, Refusal> {
-        if t.apic_id > 0xff {
+        // 0xFF is the broadcast in an 8-bit destination.
+        if t.apic_id >= 0xff {
             return Err(Refusal::Wide(t.apic_id));
         }
         let int_type = match t.delivery {

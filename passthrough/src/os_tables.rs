@@ -244,7 +244,8 @@ fn ivhd_entries(
 /// x2APIC support from it), with the device entries the OS owns
 /// (`keep(device ID)`; ranges split around the others) and the I/O APIC
 /// and HPET entries; the memory definitions of all devices, and of the
-/// OS's. `None` only where a block would not fit its length field.
+/// OS's devices (a range of devices split like the device entries).
+/// `None` only where a block would not fit its length field.
 pub fn os_ivrs(real: &crate::ivrs::Ivrs, efr: u64, keep: impl Fn(u16) -> bool) -> Option<Vec<u8>> {
     let mut t = header(*b"IVRS", 2);
     t.extend_from_slice(&(real.iv_info | IVINFO_EFR_SUP).to_le_bytes());
@@ -265,15 +266,21 @@ pub fn os_ivrs(real: &crate::ivrs::Ivrs, efr: u64, keep: impl Fn(u16) -> bool) -
         t[start + 2..start + 4].copy_from_slice(&len.to_le_bytes());
     }
     for m in &real.ivmds {
-        if m.kind == 0x21 && !keep(m.device_id) {
-            continue;
+        // 20h: every device; 21h: one device, kept if it is the OS's; 22h:
+        // a range of devices, split into the OS's runs of it.
+        let ranges = match m.kind {
+            0x21 if !keep(m.device_id) => Vec::new(),
+            0x22 => runs(m.device_id, m.aux.max(m.device_id), &keep),
+            _ => alloc::vec![(m.device_id, m.aux)],
+        };
+        for (first, last) in ranges {
+            t.extend_from_slice(&[m.kind, m.flags, 32, 0]);
+            t.extend_from_slice(&first.to_le_bytes());
+            t.extend_from_slice(&last.to_le_bytes());
+            t.extend_from_slice(&[0; 8]);
+            t.extend_from_slice(&m.start.to_le_bytes());
+            t.extend_from_slice(&m.length.to_le_bytes());
         }
-        t.extend_from_slice(&[m.kind, m.flags, 32, 0]);
-        t.extend_from_slice(&m.device_id.to_le_bytes());
-        t.extend_from_slice(&m.aux.to_le_bytes());
-        t.extend_from_slice(&[0; 8]);
-        t.extend_from_slice(&m.start.to_le_bytes());
-        t.extend_from_slice(&m.length.to_le_bytes());
     }
     finish(t)
 }
@@ -501,6 +508,14 @@ mod tests {
                     start: 0x3000,
                     length: 0x1000
                 },
+                Ivmd {
+                    kind: 0x22,
+                    flags: 7,
+                    device_id: 0x08,
+                    aux: 0x18,
+                    start: 0x5000,
+                    length: 0x1000
+                },
             ],
             skipped: alloc::vec![],
         };
@@ -534,6 +549,14 @@ mod tests {
             dte: 0
         }));
         assert!(h.entries.contains(&real.ivhds[0].entries[3]));
-        assert_eq!(os.ivmds, alloc::vec![real.ivmds[1]]);
+        let range = |first, last| Ivmd {
+            device_id: first,
+            aux: last,
+            ..real.ivmds[2]
+        };
+        assert_eq!(
+            os.ivmds,
+            alloc::vec![real.ivmds[1], range(0x08, 0x0f), range(0x11, 0x18)]
+        );
     }
 }

@@ -50,6 +50,9 @@ pub mod ctrl {
     pub const GA_EN: u64 = 1 << 17;
     /// x2APIC: 32-bit destinations in 128-bit entries.
     pub const XT_EN: u64 = 1 << 50;
+    /// The unit's own interrupts through the IntCapXT registers (MMIO
+    /// 170h to 180h) instead of its MSI capability.
+    pub const INT_CAP_XT_EN: u64 = 1 << 51;
     /// Bits the OS may set: the enables above, InvTimeOut (7:5), PassPW,
     /// ResPassPW, Coherent, Isoc (8 to 11), HtTunEn (1).
     pub const KEPT: u64 = IOMMU_EN
@@ -96,6 +99,11 @@ pub mod event {
 
 /// The register window (16 KiB).
 pub const WINDOW: u64 = 0x4000;
+/// The IntCapXT registers (where x2APIC is offered): the event log's, the
+/// peripheral page request log's and the guest virtual APIC log's
+/// interrupts, as the OS programs them: DM 2, destination 31:8 (bits
+/// 23:0) and 63:56 (bits 31:24), vector 39:32.
+pub const INT_CAP_XT: [u64; 3] = [0x170, 0x178, 0x180];
 /// A page-selective invalidation larger than 2^MAX_ORDER pages is done as
 /// the whole domain.
 pub const MAX_ORDER: u8 = 9;
@@ -120,7 +128,7 @@ impl Offer {
     pub(crate) const fn kept(self) -> u64 {
         ctrl::KEPT
             | if self.x2apic {
-                ctrl::GA_EN | ctrl::XT_EN
+                ctrl::GA_EN | ctrl::XT_EN | ctrl::INT_CAP_XT_EN
             } else {
                 0
             }
@@ -193,6 +201,7 @@ pub struct Unit {
     evt_head: u64,
     evt_tail: u64,
     status: u64,
+    int_cap_xt: [u64; 3],
     /// Events logged for the OS.
     pub events_logged: u64,
     /// Events lost (log off, full, or not in the OS's memory).
@@ -221,6 +230,7 @@ impl Unit {
             evt_head: 0,
             evt_tail: 0,
             status: 0,
+            int_cap_xt: [0; 3],
             events_logged: 0,
             events_lost: 0,
         }
@@ -258,6 +268,9 @@ impl Unit {
             reg::EVT_HEAD => self.evt_head,
             reg::EVT_TAIL => self.evt_tail,
             reg::STATUS => self.status,
+            o if self.offer.x2apic && INT_CAP_XT.contains(&o) => {
+                self.int_cap_xt[((o - INT_CAP_XT[0]) / 8) as usize]
+            }
             _ => 0,
         };
         match (size, offset & 4) {
@@ -322,6 +335,10 @@ impl Unit {
                 self.evt_tail = m(self.evt_tail) & 0x7fff0 & ((ring_entries(self.evtlog) << 4) - 1);
             }
             reg::STATUS => self.status &= !(m(0) & status::W1C),
+            o if self.offer.x2apic && INT_CAP_XT.contains(&o) => {
+                let r = &mut self.int_cap_xt[((o - INT_CAP_XT[0]) / 8) as usize];
+                *r = m(*r) & 0xff00_00ff_ffff_ff04;
+            }
             _ => {}
         }
     }
@@ -556,7 +573,11 @@ pub struct Device {
     pub exclusion: bool,
 }
 
-/// What the OS's entry does with a device's DMA.
+/// What the OS's entry does with a device's DMA. The entry's IR and IW
+/// are the device's own rights, on top of its domain's page tables (which
+/// the domain's shadow follows): the real device table entry must carry
+/// them, or a device the OS allowed only to read could write through its
+/// domain's shadow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dma {
     /// Passed untranslated (unit off, V or TV clear, or the exclusion
@@ -582,7 +603,13 @@ pub enum Dma {
     },
 }
 
-/// What the OS's entry does with a device's interrupts.
+/// What the OS's entry does with a device's interrupts: what the OS asks
+/// for, never what the real entry gets. The real entry stays remapped
+/// through thinhv's judged entries, whatever the OS says: `Unremapped` and
+/// the pass bits (INIT, ExtINT, NMI; LINT0/1 and SysMgt are not even
+/// decoded) are requests thinhv judges message by message as today (a
+/// message passing unremapped could name any processor and any delivery
+/// mode), never copied into the real device table entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Interrupts {
     /// Not remapped (IV clear, or IntCtl 01b): messages pass as sent.
@@ -780,8 +807,10 @@ impl Unit {
     /// Calls `f(iova, page)` for every 4 KiB page the I/O page tables at
     /// `root` map in `range`, in order (a large page as its 4 KiB pages),
     /// skipping what is not present or malformed and tables that cannot be
-    /// read; at most `budget` pages, returning where to resume if it ran
-    /// out.
+    /// read. The budget counts entries read and pages reported (tables an
+    /// OS points at many times over are read as often); the return is
+    /// where to resume if it ran out, always beyond `range.start` (a
+    /// budget below `2 * levels` counts as that).
     pub fn leaves(
         &self,
         mem: &impl OsMemory,
@@ -792,7 +821,7 @@ impl Unit {
         f: &mut impl FnMut(u64, Page),
     ) -> Option<u64> {
         let top = 12 + 9 * u32::from(levels.clamp(1, 4));
-        let mut left = budget;
+        let mut left = budget.max(2 * u64::from(levels.clamp(1, 4)));
         let walk = Leaves {
             unit: self,
             from: range.start & !0xfff,
@@ -913,6 +942,10 @@ impl Leaves<'_> {
             if at >= self.to {
                 break;
             }
+            if *left == 0 {
+                return Some(at.max(self.from));
+            }
+            *left -= 1;
             let Ok([e]) = read_u64s::<1>(mem, table + i * 8) else {
                 return None;
             };
@@ -1030,6 +1063,34 @@ pub fn sync_table(
         write(index, t);
     }
     (composed, refused)
+}
+
+/// Where the OS aimed the event log's interrupt, where it uses the
+/// IntCapXT register (IntCapXTEn): `None` otherwise (the interrupt then
+/// goes through the unit's MSI capability, whose message thinhv's MSI
+/// mediation judges). Judged as any message of the OS's: the OS may aim
+/// it anywhere.
+pub fn event_target(
+    unit: &Unit,
+    cores: &impl Cores,
+    policy: Policy,
+) -> Option<Result<Target, Refusal>> {
+    if unit.control & ctrl::INT_CAP_XT_EN == 0 {
+        return None;
+    }
+    let r = unit.int_cap_xt[0];
+    let e = OsIrte {
+        logical: r & 4 != 0,
+        level: false,
+        delivery: Delivery::Fixed,
+        vector: (r >> 32) as u8,
+        dest: ((r >> 8) & 0xff_ffff) as u32 | (((r >> 56) as u32) << 24),
+        sid: 0,
+        sq: 0,
+        svt: 1,
+        x2apic: true,
+    };
+    Some(judge(&e, cores, policy))
 }
 
 /// The processor an OS entry of a device's own table may reach, judged as

@@ -691,3 +691,44 @@ fn a_devices_real_table_follows_the_oss_entries_for_it() {
     );
     assert_eq!((c, r), (0, 0));
 }
+
+#[test]
+fn the_event_interrupt_the_os_programs_in_int_cap_xt_reaches_only_its_processors() {
+    let b = Bench::new(OFFER);
+    up(&b);
+    let p = Policy::default();
+    assert_eq!(
+        event_target(&b.unit.borrow(), &OsCores, p),
+        None,
+        "IntCapXTEn clear"
+    );
+    let c = b.r(reg::CONTROL);
+    b.w(reg::CONTROL, 8, c | ctrl::INT_CAP_XT_EN);
+    // Vector 0x61 to x2APIC 0x100 (the OS's), then to 0x0100_0005 (not).
+    b.w(INT_CAP_XT[0], 8, (0x100 << 8) | (0x61 << 32));
+    assert_eq!(b.r(INT_CAP_XT[0]), (0x100 << 8) | (0x61 << 32));
+    let t = event_target(&b.unit.borrow(), &OsCores, p)
+        .unwrap()
+        .unwrap();
+    assert_eq!((t.apic_id, t.vector), (0x100, 0x61));
+    b.w(INT_CAP_XT[0], 8, (5 << 8) | (0x61 << 32) | (1 << 56));
+    assert_eq!(
+        event_target(&b.unit.borrow(), &OsCores, p),
+        Some(Err(Refusal::Foreign))
+    );
+    // A reserved vector.
+    b.w(INT_CAP_XT[0], 8, (2 << 8) | (3 << 32));
+    assert_eq!(
+        event_target(&b.unit.borrow(), &OsCores, p),
+        Some(Err(Refusal::Vector(3)))
+    );
+    // Without x2APIC offered the registers and IntCapXTEn do not exist.
+    let plain = Bench::new(Offer {
+        x2apic: false,
+        ..OFFER
+    });
+    plain.w(INT_CAP_XT[0], 8, u64::MAX);
+    assert_eq!(plain.r(INT_CAP_XT[0]), 0);
+    plain.w(reg::CONTROL, 8, ctrl::INT_CAP_XT_EN);
+    assert_eq!(event_target(&plain.unit.borrow(), &OsCores, p), None);
+}

@@ -281,12 +281,14 @@ pub enum Scope {
     None,
     /// Every entry of a domain.
     Domain(u16),
-    /// One requester's context entry (context cache, device-selective;
-    /// `mask` the function mask FM: how many low bits of the ID to ignore).
+    /// One requester's context entry (context cache, device-selective),
+    /// or on AMD-Vi one device's table entry or interrupt table.
     Device {
         /// Requester ID.
         sid: u16,
-        /// Low bits of the ID ignored (0 to 3).
+        /// The function mask FM (VT-d §6.5.2.1, as SQ in a remapping
+        /// entry): 0 none, 1 ignores function bit 2, 2 bits 2:1, 3 bits
+        /// 2:0 (0 on AMD-Vi).
         mask: u8,
     },
     /// 2^order pages of a domain from `addr` (aligned to the size).
@@ -653,8 +655,14 @@ impl Unit {
                 self.context_command(fx);
             }
             0x34 => {
+                let iqe = self.fsts & fsts::IQE;
                 self.fsts &= !(v & fsts::W1C);
                 self.settle_fault_event();
+                // Fetching resumes at IQH once the OS clears IQE (Linux
+                // replaces the refused descriptor first).
+                if iqe != 0 && self.fsts & fsts::IQE == 0 {
+                    self.run_queue(mem, fx);
+                }
             }
             0x38 => {
                 self.fectl = (self.fectl & IP) | (v & IM);
@@ -901,8 +909,11 @@ impl Unit {
                     2 => fx.iotlb.add(Scope::Domain(did)),
                     3 => {
                         let order = (hi & 0x3f) as u8;
-                        let size = 1u64 << (12 + u32::from(order.min(52)));
-                        if order > MAMV || hi & !0xfff & (size - 1) != 0 {
+                        if order > MAMV {
+                            return Err(QueueError::Reserved);
+                        }
+                        let size = 1u64 << (12 + u32::from(order));
+                        if hi & !0xfff & (size - 1) != 0 {
                             return Err(QueueError::Reserved);
                         }
                         fx.iotlb.add(Scope::Pages {
@@ -1113,8 +1124,9 @@ impl Unit {
 
     /// Translates `iova` through second-level tables: `Ok(None)` where no
     /// entry maps it (a request there faults with [`reason::READ`] or
-    /// [`reason::WRITE`]). Entries: R 0, W 1, PS 7 (no large pages are
-    /// offered: reserved), SNP 11 (ignored), address 51:12.
+    /// [`reason::WRITE`]). Entries: R 0, W 1, PS 7 above the last level (no
+    /// large pages are offered: reserved; ignored in a 4 KiB leaf), SNP 11
+    /// (ignored), address 51:12; bits 62:52 are not looked at.
     pub fn walk(
         &self,
         mem: &impl OsMemory,
@@ -1137,9 +1149,10 @@ impl Unit {
             }
             // Bits 6:2 (ignored by hardware at non-leaf levels; EMT and
             // IPAT at leaves, which thinhv sets itself) are ignored here;
-            // PS (7), bits above the width, and 62:52 save 62 (TM) are
-            // reserved.
-            if e & (1 << 7) != 0 || e & !self.pa_mask() & 0x000f_ffff_ffff_f000 != 0 {
+            // PS above the last level and address bits above the width
+            // are reserved.
+            if (level > 0 && e & (1 << 7) != 0) || e & !self.pa_mask() & 0x000f_ffff_ffff_f000 != 0
+            {
                 return Err(reason::SL_RESERVED);
             }
             read &= e & 1 != 0;
@@ -1157,8 +1170,11 @@ impl Unit {
     /// `root` map in `range`, in order, skipping what is not present.
     /// A table that cannot be read, or an entry with reserved bits, maps
     /// nothing below it (a request there faults; [`Unit::walk`] gives the
-    /// reason). At most `budget` pages are reported; the return is the
-    /// IOVA to resume from if the budget ran out.
+    /// reason). At most `budget` entries are read (tables an OS points at
+    /// many times over are read as often, so the entries read, not the
+    /// pages found, bound the work); the return is the IOVA to resume
+    /// from if the budget ran out, always beyond `range.start` (a budget
+    /// below `2 * levels` counts as that).
     pub fn leaves(
         &self,
         mem: &impl OsMemory,
@@ -1170,7 +1186,7 @@ impl Unit {
     ) -> Option<u64> {
         let top = 12 + 9 * u32::from(levels);
         let (from, to) = (range.start, range.end.min(1 << top));
-        let mut left = budget;
+        let mut left = budget.max(2 * u64::from(levels));
         self.leaves_in(
             mem,
             root,
@@ -1207,19 +1223,22 @@ impl Unit {
             if at >= to {
                 break;
             }
+            if *left == 0 {
+                return Some(at.max(from));
+            }
+            *left -= 1;
             let Ok([e]) = read_u64s::<1>(mem, table + i * 8) else {
                 return None;
             };
-            if e & 3 == 0 || e & (1 << 7) != 0 || e & !self.pa_mask() & 0x000f_ffff_ffff_f000 != 0 {
+            if e & 3 == 0
+                || (level > 1 && e & (1 << 7) != 0)
+                || e & !self.pa_mask() & 0x000f_ffff_ffff_f000 != 0
+            {
                 continue;
             }
             let (r, w) = (read && e & 1 != 0, write && e & 2 != 0);
             let next = e & 0x000f_ffff_ffff_f000;
             if level == 1 {
-                if *left == 0 {
-                    return Some(at);
-                }
-                *left -= 1;
                 f(
                     at,
                     Page {
@@ -1407,7 +1426,8 @@ pub fn compose(
     let target = judge_target(e, cores, policy).map_err(IrteRefusal::Target)?;
     let dst = if x2apic {
         u64::from(target.apic_id)
-    } else if target.apic_id > 0xff {
+    } else if target.apic_id >= 0xff {
+        // 0xFF is the broadcast in an 8-bit destination.
         return Err(IrteRefusal::Target(Refusal::Wide(target.apic_id)));
     } else {
         u64::from(target.apic_id) << 8

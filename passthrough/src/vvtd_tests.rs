@@ -314,10 +314,21 @@ fn the_oss_tables_translate_and_fault_as_hardware_does() {
         u().context(&mem, 0x100),
         Err((reason::ROOT_NOT_PRESENT, false))
     );
-    // A large page (not offered), a reserved context bit, an entry beyond
-    // the OS's width.
-    b.ram.borrow_mut().put(0x23000, &[0x30003 | (1 << 7)]);
+    // A large page (not offered: PS in a directory), a reserved context
+    // bit, an entry beyond the OS's width. Bit 7 of a 4 KiB leaf is
+    // ignored.
+    b.ram.borrow_mut().put(0x22000, &[0x23003 | (1 << 7)]);
     assert_eq!(walk(0x4000_0000), Err(reason::SL_RESERVED));
+    b.ram.borrow_mut().put(0x22000, &[0x23003]);
+    b.ram.borrow_mut().put(0x23000, &[0x30003 | (1 << 7)]);
+    assert_eq!(
+        walk(0x4000_0000),
+        Ok(Some(Page {
+            gpa: 0x30000,
+            read: true,
+            write: true
+        }))
+    );
     b.ram.borrow_mut().put(0x23000, &[(1 << 47) | 0x30003]);
     assert_eq!(walk(0x4000_0000), Err(reason::SL_RESERVED));
     b.ram
@@ -401,13 +412,13 @@ fn the_queue_wraps_and_stops_on_the_descriptor_it_refuses() {
     let fx = b.w(reg::IQT, 8, 7 << 4);
     assert_eq!(fx, Effects::default());
     // The OS fixes the descriptor and clears IQE: the queue resumes from
-    // the head.
+    // the head at once, as Linux expects after replacing the descriptor.
     put_desc(&b, 5, [0x2 | (2 << 4) | (3 << 16), 0]);
-    b.w(reg::FSTS, 4, u64::from(fsts::IQE));
+    let fx = b.w(reg::FSTS, 4, u64::from(fsts::IQE));
     assert_eq!(b.r(reg::FECTL, 4) & (1 << 30), 0);
-    let fx = b.w(reg::IQT, 8, 7 << 4);
     assert_eq!(fx.iotlb.scopes(), &[Scope::Domain(3), Scope::Domain(2)]);
     assert_eq!(b.r(reg::IQH, 8), 7 << 4);
+    assert_eq!(b.w(reg::IQT, 8, 7 << 4), Effects::default());
 
     // Each kind of refusal, each from a fresh queue.
     let cases: [([u64; 2], QueueError); 7] = [
@@ -836,27 +847,37 @@ fn random_programming_never_breaks_the_units_invariants() {
 
 #[test]
 fn the_fuzz_driver_reaches_the_queue_the_tables_and_the_faults() {
-    // A program that turns the queue on and makes it refuse a descriptor:
-    // the driver's invariants hold, and what it reached is seen.
+    // A program in the driver's own encoding (`fuzz::run`): what it
+    // reached is what the program asked for.
     let step = |what: u8, reg_index: u8, value: u64| {
         let mut s = vec![what, reg_index];
         s.extend_from_slice(&value.to_le_bytes());
         s
     };
     let mut p = vec![0x60];
-    p.extend(step(0x30, 11, 0x3000)); // IQA (8 bytes)
-    p.extend(step(0x00, 0, u64::from(gsts::QIES))); // GCMD
-    p.extend(step(0x30, 10, 0x10)); // IQT: one descriptor
-    fuzz::run(&p);
-    // The memory pattern the driver fills RAM with repeats the program,
-    // whose first descriptor (0x60, 0x30, 0x0b, ...) is type 0: refused.
-    let mut u = Unit::new(OFFER);
-    let mut mem = fuzz::Memory::new(&p[1..]);
-    let mut fx = Effects::default();
-    u.write(reg::IQA, 8, 0x3000, &mut mem, &mut fx);
-    u.write(reg::GCMD, 4, u64::from(gsts::QIES), &mut mem, &mut fx);
-    u.write(reg::IQT, 8, 0x10, &mut mem, &mut fx);
-    assert!(fx.queue_error.is_some());
+    // 4: the queue at 0x3000 (256 descriptors), turned on.
+    p.extend(step(0x04, 0, 0x3000));
+    // 0 with 0x80: one descriptor written at the tail (value 0: a global
+    // context-cache invalidation), the tail moved past it.
+    p.extend(step(0x80, 0, 0));
+    // The same with a wait storing its status (value 63).
+    p.extend(step(0x80, 0, 63));
+    let r = fuzz::run(&p);
+    assert_eq!((r.runs, r.errors, r.wraps), (2, 0, 0), "{r:?}");
+    // 5 with 0x20: an 8-byte register write, OFFSETS[10] = IQT, a tail
+    // beyond the queue: refused.
+    p.extend(step(0x25, 10, 256 << 4));
+    let r = fuzz::run(&p);
+    assert_eq!((r.runs, r.errors), (2, 1), "{r:?}");
+    // The OS puts the tail back on the head (an IQT write while IQE is set
+    // runs nothing), clears the error (3; fetching resumes and finds
+    // nothing to do), and the queue is usable again. Clearing IQE with the
+    // tail still beyond the queue would be refused again at once.
+    p.extend(step(0x25, 10, 2 << 4));
+    p.extend(step(0x03, 0, 0));
+    p.extend(step(0x80, 0, 0));
+    let r = fuzz::run(&p);
+    assert_eq!((r.runs, r.errors), (3, 1), "{r:?}");
 }
 
 #[test]
@@ -873,7 +894,7 @@ fn the_oss_leaves_are_walked_in_order_within_range_and_budget() {
     let mem = b.ram.clone();
     let u = b.unit.borrow();
     let mut got = Vec::new();
-    let resume = u.leaves(&mem, 0x20000, 4, 0..u64::MAX, 100, &mut |iova, p| {
+    let resume = u.leaves(&mem, 0x20000, 4, 0..u64::MAX, 100_000, &mut |iova, p| {
         got.push((iova, p.gpa, p.read, p.write));
     });
     assert_eq!(resume, None);
@@ -885,6 +906,7 @@ fn the_oss_leaves_are_walked_in_order_within_range_and_budget() {
             ((1 << 39) + 0x5000, 0x32000, false, true),
         ]
     );
+    let full = got.clone();
     // A range that starts inside: only what is in it.
     got.clear();
     u.leaves(
@@ -892,30 +914,44 @@ fn the_oss_leaves_are_walked_in_order_within_range_and_budget() {
         0x20000,
         4,
         0x4000_1000..1 << 39,
-        100,
+        100_000,
         &mut |iova, _| {
             got.push((iova, 0, false, false));
         },
     );
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].0, 0x4000_1000);
-    // A budget of 2: where to resume, and resuming there finds the rest.
-    got.clear();
-    let resume = u.leaves(&mem, 0x20000, 4, 0..u64::MAX, 2, &mut |iova, _| {
-        got.push((iova, 0, false, false));
+    // Budgets count entries read: with 8 per call (at least twice the
+    // levels), each call moves on, and resuming finds the same pages.
+    let mut again = Vec::new();
+    let (mut from, mut calls) = (Some(0), 0);
+    while let Some(f) = from {
+        from = u.leaves(&mem, 0x20000, 4, f..u64::MAX, 1, &mut |iova, p| {
+            again.push((iova, p.gpa, p.read, p.write));
+        });
+        assert!(from.is_none_or(|r| r > f), "no progress from {f:#x}");
+        calls += 1;
+    }
+    assert_eq!(again, full);
+    assert!(calls > 100, "{calls} calls");
+    // Tables pointed at many times over cost their reads: a top table
+    // whose 512 entries all point at one table whose 512 entries all
+    // point at the same empty table reads 512 * 512 * 512 entries in all,
+    // never more than the budget in one call.
+    {
+        let mut r = b.ram.borrow_mut();
+        for i in 0..512 {
+            r.put(0x60000 + i * 8, &[0x61003]);
+            r.put(0x61000 + i * 8, &[0x62003]);
+        }
+    }
+    let mut reads_bounded = 0;
+    let r = u.leaves(&mem, 0x60000, 3, 0..u64::MAX, 10_000, &mut |_, _| {
+        reads_bounded += 1;
     });
-    assert_eq!(resume, Some((1 << 39) + 0x5000));
-    let again = u.leaves(
-        &mem,
-        0x20000,
-        4,
-        resume.unwrap()..u64::MAX,
-        2,
-        &mut |iova, _| {
-            got.push((iova, 0, false, false));
-        },
-    );
-    assert_eq!((again, got.len()), (None, 3));
+    assert_eq!(reads_bounded, 0);
+    let r = r.expect("the budget ran out");
+    assert!(r > 0 && r < 1 << 39);
     // The same tables entered one level down, as 3-level tables: index 1
     // maps the two pages at 1 GiB; index 2's table is not the OS's memory.
     got.clear();

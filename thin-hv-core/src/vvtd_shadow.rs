@@ -71,13 +71,16 @@ impl Format for Vtd {
 }
 
 /// AMD-Vi I/O page-table entries (AMD 48882 §2.2.3): PR 0, NextLevel 11:9
-/// (the level below, 0 in a leaf), IR 61, IW 62; directories allow both.
+/// (the 1-based level of the table pointed to, 0 in a leaf), IR 61, IW
+/// 62; directories allow both.
 #[derive(Clone, Copy, Debug)]
 pub struct AmdVi;
 
 impl Format for AmdVi {
     fn table(&self, table: u64, level: u32) -> u64 {
-        table | 1 | (u64::from(level - 1) << 9) | (3 << 61)
+        // An entry of the table at 0-based `level` points to the table of
+        // 0-based level `level - 1`, which AMD-Vi numbers `level`.
+        table | 1 | (u64::from(level) << 9) | (3 << 61)
     }
     fn leaf(&self, page: u64, read: bool, write: bool) -> u64 {
         (page & ADDR) | 1 | (u64::from(read) << 61) | (u64::from(write) << 62)
