@@ -442,7 +442,7 @@ pub mod vtd {
     /// no redirection hint; the destination in bits 47:40 (xAPIC) or 63:32
     /// (x2APIC, EIME set).
     pub const fn irte(t: &Target, sid: u16, x2apic: bool) -> Result<[u64; 2], Refusal> {
-        irte_checked(*t, sid, SVT_SID, x2apic)
+        irte_validated(t, sid, 0, SVT_SID, x2apic)
     }
 
     /// SVT 01b: the whole source ID is compared (SQ 00b).
@@ -463,10 +463,20 @@ pub mod vtd {
         if first > last {
             return Err(Refusal::Malformed);
         }
-        irte_checked(*t, (first as u16) << 8 | last as u16, SVT_BUSES, x2apic)
+        irte_validated(t, (first as u16) << 8 | last as u16, 0, SVT_BUSES, x2apic)
     }
 
-    const fn irte_checked(t: Target, sid: u16, svt: u8, x2apic: bool) -> Result<[u64; 2], Refusal> {
+    /// The entry for `t` with source validation `svt` of `sid` qualified by
+    /// `sq` (which low function bits SVT 01b ignores): what [`irte`] and
+    /// [`irte_buses`] write, and what an OS entry is composed into
+    /// (`vvtd::compose`).
+    pub const fn irte_validated(
+        t: &Target,
+        sid: u16,
+        sq: u8,
+        svt: u8,
+        x2apic: bool,
+    ) -> Result<[u64; 2], Refusal> {
         let dst = if x2apic {
             t.apic_id as u64
         } else if t.apic_id >= 0xff {
@@ -480,7 +490,7 @@ pub mod vtd {
             | ((t.delivery.bits() as u64) << 5)
             | ((t.vector as u64) << 16)
             | (dst << 32);
-        let hi = (sid as u64) | ((svt as u64) << 18); // SID, SQ 00b, SVT
+        let hi = (sid as u64) | (((sq & 3) as u64) << 16) | (((svt & 3) as u64) << 18);
         Ok([lo, hi])
     }
 

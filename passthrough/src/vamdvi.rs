@@ -29,7 +29,7 @@
 #![allow(clippy::cast_possible_truncation)]
 
 use crate::irq_remap::{Cores, Delivery, Policy, Refusal, Target};
-use crate::vvtd::{Denied, Flushes, OsIrte, OsMemory, Page, Scope, merge, read_u64s};
+use crate::vvtd::{Denied, Flushes, OsIrte, OsMemory, Page, Scope, merge, part, read_u64s, sized};
 
 /// Register offsets (AMD 48882 chapter 3).
 pub use crate::amdvi::reg;
@@ -252,7 +252,7 @@ impl Unit {
 
     /// Reads `size` (4 or 8) bytes at `offset`.
     pub fn read(&self, offset: u64, size: u8) -> u64 {
-        if !matches!(size, 4 | 8) || !offset.is_multiple_of(u64::from(size)) || offset >= WINDOW {
+        if !sized(offset, size, WINDOW) {
             return 0;
         }
         let q = match offset & !7 {
@@ -273,11 +273,7 @@ impl Unit {
             }
             _ => 0,
         };
-        match (size, offset & 4) {
-            (8, _) => q,
-            (_, 0) => q & 0xffff_ffff,
-            _ => q >> 32,
-        }
+        part(q, offset, size)
     }
 
     /// Writes `size` (4 or 8) bytes at `offset`, with OS memory through
@@ -290,7 +286,7 @@ impl Unit {
         mem: &mut impl OsMemory,
         fx: &mut Effects,
     ) {
-        if !matches!(size, 4 | 8) || !offset.is_multiple_of(u64::from(size)) || offset >= WINDOW {
+        if !sized(offset, size, WINDOW) {
             return;
         }
         let at = offset & !7;

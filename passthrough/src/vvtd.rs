@@ -471,6 +471,23 @@ pub struct Unit {
     pub faults_lost: u64,
 }
 
+/// Whether an access of `size` bytes at `offset` is one a register window
+/// of `window` bytes answers: 4 or 8 bytes, naturally aligned, inside it
+/// (anything else reads 0 and writes nothing, as a reserved register).
+pub(crate) fn sized(offset: u64, size: u8, window: u64) -> bool {
+    matches!(size, 4 | 8) && offset.is_multiple_of(u64::from(size)) && offset < window
+}
+
+/// What a read of `size` bytes at `offset` returns of the quadword
+/// register `q` holding it: the whole of it, or the dword `offset` names.
+pub(crate) const fn part(q: u64, offset: u64, size: u8) -> u64 {
+    match (size, offset & 4) {
+        (8, _) => q,
+        (_, 0) => q & 0xffff_ffff,
+        _ => q >> 32,
+    }
+}
+
 /// A register's new value after a write of `size` bytes at `offset`: the
 /// whole quadword, or the dword `offset` names within it.
 pub(crate) fn merge(old: u64, offset: u64, size: u8, value: u64) -> u64 {
@@ -565,16 +582,11 @@ impl Unit {
     /// Reads `size` (4 or 8) bytes at `offset`; anything else reads 0, as
     /// a reserved register does.
     pub fn read(&self, offset: u64, size: u8) -> u64 {
-        if !matches!(size, 4 | 8) || !offset.is_multiple_of(u64::from(size)) || offset >= WINDOW {
+        if !sized(offset, size, WINDOW) {
             return 0;
         }
         let base = offset & !7;
-        let q = self.read_qword(base);
-        match (size, offset & 4) {
-            (8, _) => q,
-            (_, 0) => q & 0xffff_ffff,
-            _ => q >> 32,
-        }
+        part(self.read_qword(base), offset, size)
     }
 
     fn read_qword(&self, base: u64) -> u64 {
@@ -621,7 +633,7 @@ impl Unit {
         mem: &mut impl OsMemory,
         fx: &mut Effects,
     ) {
-        if !matches!(size, 4 | 8) || !offset.is_multiple_of(u64::from(size)) || offset >= WINDOW {
+        if !sized(offset, size, WINDOW) {
             return;
         }
         let value = if size == 4 {
@@ -1424,21 +1436,7 @@ pub fn compose(
         _ => return Err(IrteRefusal::Unvalidated),
     }
     let target = judge_target(e, cores, policy).map_err(IrteRefusal::Target)?;
-    let dst = if x2apic {
-        u64::from(target.apic_id)
-    } else if target.apic_id >= 0xff {
-        // 0xFF is the broadcast in an 8-bit destination.
-        return Err(IrteRefusal::Target(Refusal::Wide(target.apic_id)));
-    } else {
-        u64::from(target.apic_id) << 8
-    };
-    let lo = 1
-        | (u64::from(target.level) << 4)
-        | (u64::from(target.delivery.bits()) << 5)
-        | (u64::from(target.vector) << 16)
-        | (dst << 32);
-    let hi = u64::from(e.sid) | (u64::from(e.sq & 3) << 16) | (u64::from(e.svt) << 18);
-    Ok([lo, hi])
+    irq_remap::vtd::irte_validated(&target, e.sid, e.sq, e.svt, x2apic).map_err(IrteRefusal::Target)
 }
 
 /// The OS entry's destination judged. From an xAPIC-mode table, an 8-bit

@@ -147,6 +147,60 @@ fn unit_on(ram: &mut Ram) -> Unit {
     u
 }
 
+/// A shadow of the OS's domain at [`ROOT`], with its tables and frames.
+struct Dom {
+    pt: Tables,
+    frames: Frames,
+    shadow: Shadow<Vtd>,
+}
+
+impl Dom {
+    fn new() -> Self {
+        let mut pt = Tables::default();
+        let mut frames = Frames(0x1_0000_0000);
+        let shadow = Shadow::new(Vtd, 1, &mut pt, &mut frames).unwrap();
+        Self { pt, frames, shadow }
+    }
+
+    /// Syncs `range` with the OS's tables, reading at most `budget`
+    /// entries.
+    fn sync(&mut self, unit: &Unit, ram: &Ram, range: core::ops::Range<u64>, budget: u64) {
+        let tables = OsTables {
+            root: ROOT,
+            levels: 4,
+        };
+        self.shadow
+            .sync(
+                unit,
+                ram,
+                tables,
+                &Everything,
+                &mut self.pt,
+                &mut self.frames,
+                range.start,
+                range.end,
+                budget,
+            )
+            .unwrap();
+    }
+}
+
+/// The real table's OS half synced over `scope` (`None`: all of it).
+fn sync_entries(unit: &Unit, ram: &Ram, scope: Option<Scope>) -> vvtd::EntriesSynced {
+    vvtd::sync_entries(
+        unit,
+        ram,
+        scope,
+        &OsSources,
+        &OsCores,
+        Policy::default(),
+        true,
+        &mut |_, e| {
+            std::hint::black_box(e);
+        },
+    )
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -167,31 +221,13 @@ fn time<R>(reps: u32, mut f: impl FnMut() -> R) -> f64 {
 
 fn main() {
     let mut ram = Ram(vec![0; 64 << 20]);
-    let tables = OsTables {
-        root: ROOT,
-        levels: 4,
-    };
 
     // One map and one unmap of a page, each followed by its
     // page-selective sync, in a domain of 4096 mapped pages.
     os_domain(&mut ram, 4096);
     let unit = unit_on(&mut ram);
-    let mut pt = Tables::default();
-    let mut frames = Frames(0x1_0000_0000);
-    let mut shadow = Shadow::new(Vtd, 1, &mut pt, &mut frames).unwrap();
-    shadow
-        .sync(
-            &unit,
-            &ram,
-            tables,
-            &Everything,
-            &mut pt,
-            &mut frames,
-            0,
-            u64::MAX,
-            u64::MAX,
-        )
-        .unwrap();
+    let mut dom = Dom::new();
+    dom.sync(&unit, &ram, 0..u64::MAX, u64::MAX);
     let leaf_at = {
         // The OS leaf table entry of the last page.
         let iova = IOVA + 4095 * 0x1000;
@@ -209,19 +245,7 @@ fn main() {
     let per = time(20_000, || {
         mapped = !mapped;
         ram.put(leaf_at, if mapped { 0x200_0000 | 3 } else { 0 });
-        shadow
-            .sync(
-                &unit,
-                &ram,
-                tables,
-                &Everything,
-                &mut pt,
-                &mut frames,
-                iova,
-                iova + 0x1000,
-                64,
-            )
-            .unwrap()
+        dom.sync(&unit, &ram, iova..iova + 0x1000, 64);
     });
     println!(
         "page-selective sync (one map or unmap): {:.0} ns",
@@ -232,39 +256,11 @@ fn main() {
     // flush over a domain of N mapped pages.
     for pages in [1024u64, 16_384, 131_072] {
         os_domain(&mut ram, pages);
-        let mut pt = Tables::default();
-        let mut frames = Frames(0x1_0000_0000);
-        let mut shadow = Shadow::new(Vtd, 1, &mut pt, &mut frames).unwrap();
+        let mut dom = Dom::new();
         let t = Instant::now();
-        shadow
-            .sync(
-                &unit,
-                &ram,
-                tables,
-                &Everything,
-                &mut pt,
-                &mut frames,
-                0,
-                u64::MAX,
-                u64::MAX,
-            )
-            .unwrap();
+        dom.sync(&unit, &ram, 0..u64::MAX, u64::MAX);
         let first = t.elapsed().as_secs_f64();
-        let again = time(3, || {
-            shadow
-                .sync(
-                    &unit,
-                    &ram,
-                    tables,
-                    &Everything,
-                    &mut pt,
-                    &mut frames,
-                    0,
-                    u64::MAX,
-                    u64::MAX,
-                )
-                .unwrap()
-        });
+        let again = time(3, || dom.sync(&unit, &ram, 0..u64::MAX, u64::MAX));
         println!(
             "domain-wide sync, {pages} pages: first {:.2} ms, unchanged {:.2} ms ({:.0} ns per page)",
             first * 1e3,
@@ -325,37 +321,13 @@ fn main() {
         ram.put(0x80_0000 + i * 16, 1 | (0x30 << 16) | ((i % 64) << 32));
         ram.put(0x80_0000 + i * 16 + 8, 0x10 | (1 << 18));
     }
-    let per = time(5, || {
-        vvtd::sync_entries(
-            &unit,
-            &ram,
-            None,
-            &OsSources,
-            &OsCores,
-            Policy::default(),
-            true,
-            &mut |_, e| {
-                std::hint::black_box(e);
-            },
-        )
-    });
+    let per = time(5, || sync_entries(&unit, &ram, None));
     println!(
         "global interrupt-entry sync (32768 entries, 256 in use): {:.2} ms",
         per * 1e3
     );
     let per = time(100_000, || {
-        vvtd::sync_entries(
-            &unit,
-            &ram,
-            Some(Scope::Entries { index: 7, order: 0 }),
-            &OsSources,
-            &OsCores,
-            Policy::default(),
-            true,
-            &mut |_, e| {
-                std::hint::black_box(e);
-            },
-        )
+        sync_entries(&unit, &ram, Some(Scope::Entries { index: 7, order: 0 }))
     });
     println!(
         "index-selective interrupt-entry sync (one entry): {:.0} ns",
