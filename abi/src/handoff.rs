@@ -304,8 +304,11 @@ pub struct IommuHandoff {
     pub reserved_ranges: [PhysRange; MAX_IOMMU_RESERVED],
     /// Valid `shared`.
     pub shared_count: u32,
+    /// [`IOMMU_OS_NONE`] or [`IOMMU_OS_EMULATED`]: whether the OS gets an
+    /// emulated unit of its own (`docs/os-iommu.md`).
+    pub os: u8,
     /// Reserved.
-    pub reserved1: u32,
+    pub reserved1: [u8; 3],
     /// AMD-Vi: requester IDs whose device table entries name one
     /// interrupt remapping table of thinhv's, shared by the functions
     /// among them whose messages thinhv remaps (each a part of its
@@ -360,6 +363,11 @@ pub const IOMMU_FLAG_BLOCK_COMPAT: u8 = 1;
 /// [`IommuHandoff::interrupts`]: interrupt messages are not remapped
 /// (`[iommu] interrupts = "off"`).
 pub const IOMMU_INTERRUPTS_OFF: u8 = 0;
+/// [`IommuHandoff::os`]: the OS has no IOMMU (its DMAR or IVRS hidden).
+pub const IOMMU_OS_NONE: u8 = 0;
+/// [`IommuHandoff::os`]: the OS programs an emulated unit at the real
+/// one's register window (VT-d), composed with thinhv's protection.
+pub const IOMMU_OS_EMULATED: u8 = 1;
 /// [`IommuHandoff::interrupts`]: remapped (the default).
 pub const IOMMU_INTERRUPTS_REMAP: u8 = 1;
 

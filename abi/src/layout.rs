@@ -58,6 +58,13 @@ pub const fn iommu_pages(kind: u8, device_ids: u64, remap: bool) -> u64 {
     }
 }
 
+/// Pages the OS's emulated VT-d units take from the pool where
+/// `[iommu] os = "emulated"`: the shadows of its domains (4 MiB; a shadow
+/// entry that finds no frame is left out, and the OS's device faults
+/// there) and the context tables of the buses whose requesters it
+/// changes.
+pub const OS_IOMMU_PAGES: u64 = 1024 + 16;
+
 /// Size of the pool for `cpus` processors and a memory map ending at
 /// `phys_top` (the core maps at least 4 GiB), plus `extra_pages` (the
 /// IOMMU's structures, with their own identity table).

@@ -28,7 +28,7 @@ use serde::Deserialize;
 
 pub use appliance::{ApicMode, Appliance, Console, Control, CpuSpec, OnCrash};
 pub use salvage::{Salvaged, salvage};
-pub use value::{InitSipi, IommuInterrupts, IommuMode, LogLevel, OnFatal, Serial};
+pub use value::{InitSipi, IommuInterrupts, IommuMode, IommuOs, LogLevel, OnFatal, Serial};
 
 /// File name the loader looks for beside its own image.
 pub const FILE_NAME: &str = "thinhv.toml";
@@ -180,6 +180,9 @@ pub struct Iommu {
     /// (with appliances, on AMD-Vi: `docs/appliances.md`, "Interrupt
     /// isolation").
     pub interrupts: IommuInterrupts,
+    /// Whether the OS gets an emulated IOMMU of its own where thinhv owns
+    /// the platform's (`docs/os-iommu.md`).
+    pub os: IommuOs,
 }
 
 /// One `[[device]]` table. `match` and `owner` are checked against the
@@ -458,9 +461,10 @@ impl Config {
         }
         let _ = writeln!(
             s,
-            "\n[iommu]\nmode = \"{}\"\ninterrupts = \"{}\"",
+            "\n[iommu]\nmode = \"{}\"\ninterrupts = \"{}\"\nos = \"{}\"",
             self.iommu.mode.name(),
-            self.iommu.interrupts.name()
+            self.iommu.interrupts.name(),
+            self.iommu.os.name()
         );
         for r in &self.device {
             let _ = writeln!(

@@ -404,3 +404,20 @@ fn interrupt_remapping_is_on_unless_turned_off() {
     );
     assert!(Config::parse("[iommu]\ninterrupts = \"filter\"\n").is_err());
 }
+
+#[test]
+fn the_oss_own_iommu_is_off_unless_asked_for() {
+    let c = Config::parse("[iommu]\nmode = \"protect\"\n").unwrap();
+    assert_eq!(c.iommu.os, crate::IommuOs::None);
+    let c = Config::parse("[iommu]\nos = \"emulated\"\n").unwrap();
+    assert_eq!(c.iommu.os, crate::IommuOs::Emulated);
+    assert_eq!(
+        Config::parse(&c.effective()).unwrap().iommu.os,
+        crate::IommuOs::Emulated
+    );
+    let e = Config::parse("[iommu]\nos = \"passthrough\"\n").unwrap_err();
+    assert!(
+        e.to_string().contains("expected `none` or `emulated`"),
+        "{e}"
+    );
+}

@@ -137,6 +137,31 @@ impl IommuInterrupts {
     }
 }
 
+/// `iommu.os`: whether the OS gets an IOMMU of its own, emulated by
+/// thinhv (`docs/os-iommu.md`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IommuOs {
+    /// The OS sees no IOMMU where thinhv owns the platform's (its DMAR or
+    /// IVRS is hidden).
+    #[default]
+    None,
+    /// The OS sees a unit of the platform's kind whose registers thinhv
+    /// emulates, its translation composed with thinhv's protection (VT-d,
+    /// DMA translation; `docs/os-iommu.md` says what is not yet offered).
+    Emulated,
+}
+
+impl IommuOs {
+    /// The spelling in the file.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Emulated => "emulated",
+        }
+    }
+}
+
 /// `hypervisor.serial`: an I/O port (`0x3f8`, `"0x2f8"`, `"com1"`..`"com4"`)
 /// or `"none"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

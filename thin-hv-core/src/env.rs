@@ -18,6 +18,13 @@ pub struct Integrity {
 
 /// Host-side services for exit handlers.
 pub trait Env {
+    /// What the OS's emulated IOMMU borrows of the host for one register
+    /// write ([`crate::os_iommu`]).
+    type OsIommu: crate::os_iommu::OsIommuHw;
+    /// The OS's emulated IOMMU's host side, where the core has one.
+    fn os_iommu(&mut self) -> Option<Self::OsIommu> {
+        None
+    }
     /// Shared hypervisor state.
     fn hv(&self) -> &Hv;
     /// Index of the CPU handling the exit.

@@ -324,6 +324,9 @@ pub struct Hv {
     pub hpet: u64,
     /// Stores of the OS's that asked for a timer's FSB delivery.
     pub refused_fsb: AtomicU64,
+    /// The OS's emulated VT-d units, one per real unit at its register
+    /// page (`[iommu] os = "emulated"`; `crate::os_iommu`).
+    pub os_vtd: spin::Mutex<alloc::vec::Vec<crate::os_iommu::OsVtd>>,
 }
 
 impl Hv {
@@ -417,6 +420,7 @@ impl Hv {
             refused_rtes: AtomicU64::new(0),
             hpet: h.hpet,
             refused_fsb: AtomicU64::new(0),
+            os_vtd: spin::Mutex::new(crate::os_iommu::for_handoff(h)),
             os_msi: spin::Mutex::new(
                 [crate::partition::MsiShadow::default(); thinhv_abi::handoff::MAX_PCI_MEDIATED],
             ),

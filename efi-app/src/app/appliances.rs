@@ -554,12 +554,41 @@ pub fn carve_madt(apic_ids: &[u32]) -> Result<usize, &'static str> {
     let old = find_madt(xsdt_pa, rsdt_pa)?;
     let carved = thinhv_passthrough::madt::without_processors(table(old).ok_or("MADT")?, apic_ids)
         .map_err(|_| "the MADT is malformed")?;
-    let new = copy_to_acpi_memory(&carved.table)?;
+    replace_table(rsdp, xsdt_pa, rsdt_pa, old, &carved.table)?;
+    Ok(carved.processors)
+}
+
+/// The bytes of the first table with `signature` the XSDT (else the
+/// RSDT) lists, and its address.
+pub fn firmware_table(signature: [u8; 4]) -> Result<(u64, &'static [u8]), &'static str> {
+    let (_, xsdt_pa, rsdt_pa) = root_pointers()?;
+    let pa = find_tables(xsdt_pa, rsdt_pa, signature)
+        .first()
+        .copied()
+        .ok_or("not listed")?;
+    Ok((pa, acpi_table(pa).ok_or("malformed")?))
+}
+
+/// Replaces the table at `old` by a copy of `bytes` wherever the RSDP's
+/// root tables list it.
+pub fn replace_firmware_table(old: u64, bytes: &[u8]) -> Result<(), &'static str> {
+    let (rsdp, xsdt_pa, rsdt_pa) = root_pointers()?;
+    replace_table(rsdp, xsdt_pa, rsdt_pa, old, bytes)
+}
+
+fn replace_table(
+    rsdp: &mut [u8],
+    xsdt_pa: u64,
+    rsdt_pa: u64,
+    old: u64,
+    bytes: &[u8],
+) -> Result<(), &'static str> {
+    let new = copy_to_acpi_memory(bytes)?;
     let rewrite = |pa: u64, size: usize| -> Result<Option<u64>, &'static str> {
         if pa == 0 {
             return Ok(None);
         }
-        let t = table(pa).ok_or("root table length")?;
+        let t = acpi_table(pa).ok_or("root table length")?;
         let root = thinhv_passthrough::acpi::root_mapped(t, size, |e| {
             Some(if e == old { new } else { e })
         })
@@ -571,7 +600,7 @@ pub fn carve_madt(apic_ids: &[u32]) -> Result<usize, &'static str> {
     if !thinhv_passthrough::acpi::patch_rsdp(rsdp, rsdt, xsdt) {
         return Err("RSDP malformed");
     }
-    Ok(carved.processors)
+    Ok(())
 }
 
 /// A copy of `bytes` in new ACPI-reclaim memory below 4 GiB (an RSDT entry

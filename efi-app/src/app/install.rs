@@ -526,7 +526,13 @@ pub fn install(config: &Config) -> Result<String, String> {
         },
         u64::from(iommu.device_ids),
         iommu.remaps_interrupts() && !appliances.list.is_empty(),
-    );
+    ) + if iommu.mode == thinhv_abi::handoff::IOMMU_MODE_PROTECT
+        && iommu.os == thinhv_abi::handoff::IOMMU_OS_EMULATED
+    {
+        thinhv_abi::layout::OS_IOMMU_PAGES
+    } else {
+        0
+    };
     let p = plan::plan(
         layout.span,
         cpus.len() as u64,
@@ -836,7 +842,14 @@ pub fn install(config: &Config) -> Result<String, String> {
         carve_for_appliances(&appliances.list);
     }
     if r[0] == Status::OK.0 {
-        super::iommu::after_seal(&h.iommu, r[1], r[2]);
+        let owned = |rid: u16| {
+            !h.pci.is_blocked(rid)
+                && !h
+                    .partitions()
+                    .iter()
+                    .any(|p| p.devices().iter().any(|d| d.rid == rid))
+        };
+        super::iommu::after_seal(&h.iommu, r[1], r[2], owned);
     } else {
         log::warn!("seal returned {}", Status(r[0]).name());
     }

@@ -370,6 +370,7 @@ impl FakeEnv {
 }
 
 impl Env for FakeEnv {
+    type OsIommu = crate::os_iommu::NoHost;
     fn hv(&self) -> &Hv {
         &self.hv
     }

@@ -14,6 +14,7 @@ mod msi_remap;
 pub mod msr;
 pub mod msr_policy;
 mod npf;
+mod os_iommu;
 pub mod partition;
 pub(crate) mod pcicfg;
 pub mod shared_pf;

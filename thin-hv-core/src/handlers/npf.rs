@@ -65,6 +65,12 @@ pub(super) fn handle(
             reason: ExitReason::PCI_CONFIG,
         };
     }
+    if !present && let Some(outcome) = super::os_iommu::access(cpu, env, gpa) {
+        return Handled {
+            outcome,
+            reason: ExitReason::NESTED_FAULT,
+        };
+    }
     if let Some(outcome) = super::apic_reloc::access(cpu, env, gpa, fetch) {
         return Handled {
             outcome,

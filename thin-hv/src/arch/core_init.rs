@@ -85,7 +85,14 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
         &mut frames,
         status,
     )?;
-    hide_iommu_windows(&h, slat, slat_root, pool.blank_pa, &mut frames)?;
+    hide_iommu_windows(
+        &h,
+        slat,
+        slat_root,
+        pool.blank_pa,
+        &mut frames,
+        iommu.os_emulated(),
+    )?;
     hide_appliance_ram(&h, slat, slat_root, pool.blank_pa, &mut frames)?;
     // An appliance's MSI-X tables (where thinhv remaps its functions'
     // messages): out of its second-level tables, emulated
@@ -139,6 +146,7 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
         percpu_base: pool.percpu_base,
         status,
         high_mmio: Mutex::new(reach.high),
+        os_iommu_free: Mutex::new(alloc::vec::Vec::new()),
     });
     if let Some(core) = core_state::get() {
         super::vcpu::publish_appliances(core);
@@ -343,19 +351,30 @@ fn build_slat(
 }
 
 /// The IOMMU's register windows hidden from the guest (reads as zeros,
-/// writes discarded) so that the OS cannot switch it off.
+/// writes discarded) so that the OS cannot switch it off; where the OS has
+/// an emulated unit of its own (`emulated`), each window's first page out
+/// of the OS's tables instead, so that every access exits
+/// (`handlers::os_iommu`), and the rest hidden.
 fn hide_iommu_windows(
     h: &Handoff,
     slat: Slat,
     slat_root: u64,
     blank_pa: u64,
     frames: &mut BumpFrames,
+    emulated: bool,
 ) -> Result<(), CoreError> {
     if h.iommu.mode != thinhv_abi::handoff::IOMMU_MODE_PROTECT {
         return Ok(());
     }
     for u in h.iommu.units() {
         blank_out(slat, slat_root, u.window(), blank_pa, frames)?;
+        if emulated {
+            unmap_from_os(slat, slat_root, u.base & !0xfff, frames)?;
+            log::info!(
+                "IOMMU: unit {:#x}: the OS programs an emulated unit at its registers ([iommu] os = \"emulated\")",
+                u.base
+            );
+        }
     }
     Ok(())
 }

@@ -77,6 +77,9 @@ pub struct Core {
     /// beyond it, the OS's when it enables MSI-X (`Env::apic_page_trap`),
     /// appliances' at `CORE_OP_INIT` (`iommu::appliance_table_pages`).
     pub high_mmio: Mutex<alloc::vec::Vec<u64>>,
+    /// Frames the OS's emulated IOMMU's shadows gave back
+    /// (`arch::os_iommu::Frames`).
+    pub os_iommu_free: Mutex<alloc::vec::Vec<u64>>,
 }
 
 static CORE: Once<Core> = Once::new();

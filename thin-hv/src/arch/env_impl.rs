@@ -113,6 +113,12 @@ impl HwEnv {
 }
 
 impl Env for HwEnv {
+    type OsIommu = super::os_iommu::Host;
+
+    fn os_iommu(&mut self) -> Option<super::os_iommu::Host> {
+        super::os_iommu::Host::new(self.core)
+    }
+
     fn hv(&self) -> &Hv {
         &self.core.hv
     }

@@ -555,7 +555,28 @@ pub struct Iommu {
     /// share (`IommuHandoff::shared`: the OS's functions behind
     /// conventional bridges).
     shared: alloc::vec::Vec<thinhv_abi::handoff::SharedIds>,
+    /// VT-d with `[iommu] os = "emulated"`: what the OS's emulated units
+    /// change in the real tables (`thin_hv_core::os_iommu`).
+    os_real: Option<OsReal>,
 }
+
+/// The real VT-d tables as the OS's emulated units change them.
+struct OsReal {
+    /// The root table.
+    root: u64,
+    /// The context table the buses without blocked or appliance
+    /// requesters share.
+    shared_ctx: u64,
+    /// The context entry of thinhv's domain for the OS.
+    os_entry: [u64; 2],
+    /// Frames for the buses that need a context table of their own once
+    /// the OS changes one of their requesters.
+    stash: Mutex<alloc::vec::Vec<u64>>,
+}
+
+/// Frames kept for the context tables of buses the OS's emulated unit
+/// changes (`OsReal::stash`); a bus beyond them keeps thinhv's domain.
+pub const OS_CONTEXT_TABLES: u64 = 16;
 
 /// Why an AMD-Vi remapping entry was not written.
 #[derive(Clone, Copy, Debug)]
@@ -624,6 +645,7 @@ impl Iommu {
                 .filter_map(thinhv_abi::handoff::IoApicInfo::source_id)
                 .collect(),
             shared: h.shared().to_vec(),
+            os_real: None,
         };
         if protect {
             let outside = h
@@ -634,7 +656,8 @@ impl Iommu {
                 Err("a register window lies outside the core's map")
             } else if h.kind == IOMMU_KIND_VTD {
                 me.build(h, blocked, partitions, holes, top, frames)
-                    .and_then(|root_table| {
+                    .and_then(|(root_table, os_real)| {
+                        me.os_real = os_real;
                         let ir = me.vtd_remapping(h, partitions, frames)?;
                         if ir.is_some() {
                             *me.irt.lock() = Some(irt_slots());
@@ -681,7 +704,7 @@ impl Iommu {
         holes: &Holes,
         top: u64,
         frames: &mut BumpFrames,
-    ) -> Result<u64, &'static str> {
+    ) -> Result<(u64, Option<OsReal>), &'static str> {
         let mut g = self.units.lock();
         let (units, n) = &mut *g;
         let mut aw = 2u8;
@@ -778,7 +801,117 @@ impl Iommu {
             mem.write_entry(root, 2 * usize::from(bus), r[0]);
             mem.write_entry(root, 2 * usize::from(bus) + 1, r[1]);
         }
-        Ok(root)
+        let os_real = if h.os != thinhv_abi::handoff::IOMMU_OS_EMULATED {
+            None
+        } else if aw != 2 {
+            log::error!(
+                "IOMMU: a VT-d unit has no 4-level tables: the OS's emulated unit would need them for its shadows; the OS gets none"
+            );
+            None
+        } else {
+            let mut stash = alloc::vec::Vec::new();
+            for _ in 0..OS_CONTEXT_TABLES {
+                stash.push(frames_take(frames)?);
+            }
+            Some(OsReal {
+                root,
+                shared_ctx: ctx,
+                os_entry: c,
+                stash: Mutex::new(stash),
+            })
+        };
+        Ok((root, os_real))
+    }
+
+    /// Whether the OS's emulated units have the real tables to work on.
+    pub fn os_emulated(&self) -> bool {
+        self.os_real.is_some() && self.protect
+    }
+
+    /// Points requester `rid`'s real context entry where the OS's
+    /// emulated unit says (`thin_hv_core::os_iommu::RealContext`); the
+    /// caller flushes ([`Iommu::os_flush`]).
+    pub fn os_set_context(&self, rid: u16, c: thin_hv_core::os_iommu::RealContext) {
+        use thin_hv_core::os_iommu::RealContext;
+        let Some(o) = &self.os_real else {
+            return;
+        };
+        // SAFETY: the root table, the context tables and the stash frames
+        // are this core's, allocated in `build` from its pool, identity-
+        // mapped, and no reference points into them.
+        let mut mem = unsafe { IdentityMem::new() };
+        let bus = usize::from(rid >> 8);
+        let mut table = mem.read_entry(o.root, 2 * bus) & ADDR_MASK;
+        if table == o.shared_ctx {
+            let Some(t) = o.stash.lock().pop() else {
+                log::error!(
+                    "IOMMU: no frame left for bus {bus:#04x}'s context table: {:02x}:{:02x}.{} keeps thinhv's domain for the OS, whatever the OS's own unit says",
+                    rid >> 8,
+                    (rid >> 3) & 0x1f,
+                    rid & 7
+                );
+                return;
+            };
+            for i in 0..512 {
+                let e = mem.read_entry(o.shared_ctx, i);
+                mem.write_entry(t, i, e);
+            }
+            let r = vtd::root_entry(t);
+            mem.write_entry(o.root, 2 * bus + 1, r[1]);
+            mem.write_entry(o.root, 2 * bus, r[0]);
+            table = t;
+        }
+        let e = match c {
+            RealContext::Os => o.os_entry,
+            RealContext::Blocked => [0, 0],
+            RealContext::Shadow { root, domain } => vtd::context_entry(root, 2, domain),
+        };
+        let df = usize::from(rid & 0xff);
+        // Not present while the upper half changes.
+        mem.write_entry(table, 2 * df, 0);
+        mem.write_entry(table, 2 * df + 1, e[1]);
+        mem.write_entry(table, 2 * df, e[0]);
+    }
+
+    /// Global context-cache and IOTLB invalidation on every VT-d unit
+    /// (through the queue where thinhv runs one).
+    pub fn os_flush(&self) {
+        let Hw::Vtd { ir, .. } = &self.hw else {
+            return;
+        };
+        if !self.started.load(Ordering::SeqCst) {
+            return;
+        }
+        let g = self.units.lock();
+        let (units, n) = &*g;
+        if !units[..*n]
+            .iter()
+            .all(|u| u.caps.is_some_and(|c| c.coherent()))
+        {
+            // Table writes reach memory before a non-coherent unit walks
+            // them.
+            // SAFETY: writing back caches loses nothing.
+            unsafe { core::arch::asm!("wbinvd", options(nostack)) };
+        }
+        for (i, u) in units[..*n].iter().enumerate() {
+            let mut w = Window { base: u.base };
+            let r = match (ir, u.caps) {
+                (Some(ir), _) => vtd::queue_run(
+                    &mut w,
+                    &mut ir.queue(i),
+                    &[vtd::desc::CONTEXT_GLOBAL, vtd::desc::IOTLB_GLOBAL],
+                ),
+                (None, Some(c)) => vtd::invalidate_all(&mut w, &c),
+                (None, None) => Ok(()),
+            };
+            if let Err(e) = r {
+                log::error!(
+                    "IOMMU: unit {:#x}: invalidation for the OS's unit: {}",
+                    u.base,
+                    e.describe()
+                );
+            }
+        }
     }
 
     /// VT-d: thinhv's interrupt remapping table, the units' queues and

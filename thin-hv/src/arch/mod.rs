@@ -19,6 +19,7 @@ pub mod idt;
 pub mod instr;
 pub mod iommu;
 pub mod logger;
+pub mod os_iommu;
 pub mod percpu;
 pub mod phys;
 pub mod status_page;

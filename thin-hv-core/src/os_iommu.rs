@@ -1,0 +1,526 @@
+//! The OS's own VT-d unit, emulated (issue 14, `docs/os-iommu.md`): the
+//! register model ([`thinhv_passthrough::vvtd::Unit`]) behind the real
+//! unit's register page, and what the OS's programming changes in the real
+//! unit: the context entry of each of the OS's requesters and the shadows
+//! ([`crate::vvtd_shadow`]) those entries name.
+//!
+//! * Translation off, or a pass-through context entry: thinhv's domain for
+//!   the OS ([`RealContext::Os`]), everything but thinhv's and the
+//!   appliances' memory, as without the emulation.
+//! * A context entry with second-level tables: the shadow of that domain
+//!   of the OS's, synced at the OS's IOTLB invalidations (the unit offers
+//!   caching mode, so the OS invalidates after every change, a new mapping
+//!   included) and at its context-cache invalidations.
+//! * A requester whose context entry the OS once made present and then
+//!   took away: blocked, every DMA faults. A requester the OS never gave a
+//!   present entry keeps thinhv's domain for the OS (thinhv has no list of
+//!   the OS's functions; its protection applies, the OS's does not).
+//! * Requesters that are not the OS's (an appliance's, hidden functions)
+//!   are never touched.
+//!
+//! Everything is applied before the OS's register write completes: the
+//! real unit's caches are invalidated before the write that asked for it
+//! returns to the OS, as a real unit completes an invalidation.
+use crate::vvtd_shadow::{DmaReach, FreeFrames, OsTables, Shadow, ShadowError, Vtd};
+use alloc::collections::BTreeMap;
+use thinhv_paging::PhysMem;
+use thinhv_passthrough::vvtd::{Context, Effects, Offer, OsMemory, Scope, Unit};
+
+/// What the real unit's context entry for one of the OS's requesters
+/// names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RealContext {
+    /// thinhv's domain for the OS.
+    Os,
+    /// Not present: every DMA of the requester faults.
+    Blocked,
+    /// A shadow (4-level, its top table) under a real domain ID.
+    Shadow {
+        /// The shadow's top table.
+        root: u64,
+        /// Real domain ID ([`real_domain`]).
+        domain: u16,
+    },
+}
+
+/// The real IOMMU as the emulation changes it.
+pub trait RealUnit {
+    /// Points requester `rid`'s context entry at `c` (taking effect at the
+    /// next [`RealUnit::flush`]).
+    fn set_context(&mut self, rid: u16, c: RealContext);
+    /// Invalidates the real units' context caches and IOTLBs.
+    fn flush(&mut self);
+}
+
+/// The real domain ID of the OS's domain `domain` (the OS's unit offers
+/// 256; thinhv's own are below this base).
+pub const fn real_domain(domain: u16) -> u16 {
+    0x100 + (domain & 0xff)
+}
+
+/// Shadow leaves looked at per sync call; a sync goes on until done.
+const SYNC_BUDGET: u64 = 512;
+
+/// The I/O address space a 4-level shadow covers.
+const SPACE: u64 = 1 << 48;
+
+/// Counts for `thinhv status` and the log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Pages mapped into shadows.
+    pub mapped: u64,
+    /// Pages taken out of shadows.
+    pub unmapped: u64,
+    /// Pages the OS mapped that thinhv refused (its or an appliance's).
+    pub refused: u64,
+    /// Shadow entries left out for want of frames.
+    pub short: u64,
+    /// Real flushes.
+    pub flushes: u64,
+}
+
+/// One emulated unit at `base`.
+#[derive(Debug)]
+pub struct OsVtd {
+    /// The register page (the real unit's).
+    pub base: u64,
+    /// The register model.
+    pub unit: Unit,
+    shadows: BTreeMap<u16, (Shadow<Vtd>, OsTables)>,
+    /// Requesters whose real entry is not [`RealContext::Os`], or was
+    /// made so by the OS.
+    real: BTreeMap<u16, RealContext>,
+    /// What the emulation did.
+    pub counts: Counts,
+    /// Fault and completion events not delivered.
+    pub events_dropped: u64,
+}
+
+/// What the emulation reaches of the machine: the OS's memory (through
+/// [`OsMemory`]), which requesters are the OS's, which pages a shadow may
+/// map, thinhv's table memory and frames, and the real unit.
+pub struct Machine<'a, M, R, P, F, U> {
+    /// The OS's memory.
+    pub os: &'a mut M,
+    /// Which pages the OS's devices may reach.
+    pub reach: &'a R,
+    /// Whether a requester is the OS's.
+    pub owned: &'a dyn Fn(u16) -> bool,
+    /// thinhv's memory for shadow tables.
+    pub pt: &'a mut P,
+    /// Frames for shadow tables.
+    pub frames: &'a mut F,
+    /// The real unit.
+    pub real: &'a mut U,
+}
+
+impl OsVtd {
+    /// A unit out of reset at `base`, offering `offer`.
+    pub const fn new(base: u64, offer: Offer) -> Self {
+        Self {
+            base,
+            unit: Unit::new(offer),
+            shadows: BTreeMap::new(),
+            real: BTreeMap::new(),
+            counts: Counts {
+                mapped: 0,
+                unmapped: 0,
+                refused: 0,
+                short: 0,
+                flushes: 0,
+            },
+            events_dropped: 0,
+        }
+    }
+
+    /// Domains shadowed.
+    pub fn domains(&self) -> usize {
+        self.shadows.len()
+    }
+
+    /// A register write, and what it changes in the real unit. Returns
+    /// what the model asked beyond it (events for the caller to deliver).
+    pub fn write<M, R, P, F, U>(
+        &mut self,
+        offset: u64,
+        size: u8,
+        value: u64,
+        m: &mut Machine<'_, M, R, P, F, U>,
+    ) -> Effects
+    where
+        M: OsMemory,
+        R: DmaReach,
+        P: PhysMem,
+        F: FreeFrames,
+        U: RealUnit,
+    {
+        let mut fx = Effects::default();
+        self.unit.write(offset, size, value, m.os, &mut fx);
+        let mut changed = false;
+        if fx.root || fx.translation.is_some() || !fx.context.is_empty() {
+            changed |= self.contexts(m);
+        }
+        if fx.iotlb.all {
+            let domains: alloc::vec::Vec<u16> = self.shadows.keys().copied().collect();
+            for d in domains {
+                changed |= self.sync(d, 0, SPACE, m);
+            }
+        } else {
+            for s in fx.iotlb.scopes() {
+                match *s {
+                    Scope::Domain(d) => changed |= self.sync(d, 0, SPACE, m),
+                    Scope::Pages {
+                        domain,
+                        addr,
+                        order,
+                    } => {
+                        let len = 0x1000u64 << order.min(36);
+                        changed |= self.sync(domain, addr, addr.saturating_add(len), m);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if changed {
+            m.real.flush();
+            self.counts.flushes += 1;
+        }
+        fx
+    }
+
+    /// Syncs `domain`'s shadow over `[from, to)`; whether anything changed.
+    fn sync<M, R, P, F, U>(
+        &mut self,
+        domain: u16,
+        from: u64,
+        to: u64,
+        m: &mut Machine<'_, M, R, P, F, U>,
+    ) -> bool
+    where
+        M: OsMemory,
+        R: DmaReach,
+        P: PhysMem,
+        F: FreeFrames,
+        U: RealUnit,
+    {
+        let Some((shadow, tables)) = self.shadows.get_mut(&domain) else {
+            return false;
+        };
+        let mut at = from;
+        let mut changed = false;
+        loop {
+            match shadow.sync(
+                &self.unit,
+                &*m.os,
+                *tables,
+                m.reach,
+                m.pt,
+                m.frames,
+                at,
+                to,
+                SYNC_BUDGET,
+            ) {
+                Ok(s) => {
+                    self.counts.mapped += s.mapped;
+                    self.counts.unmapped += s.unmapped;
+                    self.counts.refused += s.refused;
+                    changed |= s.mapped + s.unmapped > 0;
+                    match s.resume {
+                        Some(r) if r > at && r < to => at = r,
+                        _ => return changed,
+                    }
+                }
+                Err(ShadowError::OutOfFrames) => {
+                    self.counts.short += 1;
+                    return true;
+                }
+            }
+        }
+    }
+
+    /// Reads the OS's context entries and points the real ones to match;
+    /// whether any changed.
+    fn contexts<M, R, P, F, U>(&mut self, m: &mut Machine<'_, M, R, P, F, U>) -> bool
+    where
+        M: OsMemory,
+        R: DmaReach,
+        P: PhysMem,
+        F: FreeFrames,
+        U: RealUnit,
+    {
+        let mut want: BTreeMap<u16, RealContext> = BTreeMap::new();
+        let mut used: BTreeMap<u16, OsTables> = BTreeMap::new();
+        if let Some(root) = self.unit.root() {
+            let mut re = [0u8; 16];
+            let mut table = [0u8; 4096];
+            for bus in 0..=255u16 {
+                if m.os.read(root + u64::from(bus) * 16, &mut re).is_err() || re[0] & 1 == 0 {
+                    continue;
+                }
+                let ctp = u64::from_le_bytes(re[..8].try_into().unwrap_or([0; 8])) & !0xfff;
+                if m.os.read(ctp, &mut table).is_err() {
+                    continue;
+                }
+                for df in 0..256u16 {
+                    if table[usize::from(df) * 16] & 1 == 0 {
+                        continue;
+                    }
+                    let sid = (bus << 8) | df;
+                    if !(m.owned)(sid) {
+                        continue;
+                    }
+                    let c = match self.unit.context(&*m.os, sid) {
+                        Ok(Context::Off | Context::PassThrough { .. }) => RealContext::Os,
+                        Ok(Context::Tables {
+                            domain,
+                            root,
+                            levels,
+                        }) => {
+                            used.insert(domain, OsTables { root, levels });
+                            RealContext::Shadow {
+                                root: 0,
+                                domain: real_domain(domain),
+                            }
+                        }
+                        Err(_) => RealContext::Blocked,
+                    };
+                    want.insert(sid, c);
+                }
+            }
+        }
+        // Shadows: new ones built, those of domains no longer used freed,
+        // those whose tables moved emptied and rebuilt.
+        let gone: alloc::vec::Vec<u16> = self
+            .shadows
+            .iter()
+            .filter(|(d, (_, t))| used.get(d) != Some(t))
+            .map(|(d, _)| *d)
+            .collect();
+        for d in gone {
+            if let Some((s, _)) = self.shadows.remove(&d) {
+                s.free(m.pt, m.frames);
+            }
+        }
+        let mut fresh = alloc::vec::Vec::new();
+        for (&d, &t) in &used {
+            if self.shadows.contains_key(&d) {
+                continue;
+            }
+            match Shadow::new(Vtd, d, m.pt, m.frames) {
+                Ok(s) => {
+                    self.shadows.insert(d, (s, t));
+                    fresh.push(d);
+                }
+                Err(ShadowError::OutOfFrames) => self.counts.short += 1,
+            }
+        }
+        for d in fresh {
+            self.sync(d, 0, SPACE, m);
+        }
+        // Requesters: the shadow's root filled in; one without a shadow
+        // (no frames) blocked; one the OS had and no longer has blocked.
+        for c in want.values_mut() {
+            if let RealContext::Shadow { domain, .. } = *c {
+                *c = self
+                    .shadows
+                    .get(&(domain & 0xff))
+                    .map_or(RealContext::Blocked, |(s, _)| RealContext::Shadow {
+                        root: s.root(),
+                        domain,
+                    });
+            }
+        }
+        if self.unit.translating() {
+            for &sid in self.real.keys() {
+                want.entry(sid).or_insert(RealContext::Blocked);
+            }
+        }
+        let mut changed = false;
+        for (&sid, &c) in &want {
+            let old = self.real.get(&sid).copied().unwrap_or(RealContext::Os);
+            if old != c {
+                m.real.set_context(sid, c);
+                changed = true;
+            }
+        }
+        // Translation off: every requester back on thinhv's domain.
+        for (&sid, &old) in &self.real {
+            if !want.contains_key(&sid) && old != RealContext::Os {
+                m.real.set_context(sid, RealContext::Os);
+                changed = true;
+            }
+        }
+        self.real = want;
+        changed
+    }
+}
+
+/// The OS's units, where the hand-off asks for them: VT-d that thinhv
+/// protects with, `[iommu] os = "emulated"`, one per real unit.
+pub fn for_handoff(h: &thinhv_abi::handoff::Handoff) -> alloc::vec::Vec<OsVtd> {
+    use thinhv_abi::handoff::{IOMMU_KIND_VTD, IOMMU_MODE_PROTECT, IOMMU_OS_EMULATED};
+    let i = &h.iommu;
+    if i.mode != IOMMU_MODE_PROTECT || i.kind != IOMMU_KIND_VTD || i.os != IOMMU_OS_EMULATED {
+        return alloc::vec::Vec::new();
+    }
+    let offer = Offer {
+        host_width: u8::try_from(h.phys_addr_bits).unwrap_or(52),
+        remapping: false,
+        x2apic: false,
+    };
+    i.units()
+        .iter()
+        .map(|u| OsVtd::new(u.base & !0xfff, offer))
+        .collect()
+}
+
+/// Raw physical memory, read and written bytewise (the OS's, through
+/// [`OsRam`]'s check).
+pub trait PhysBytes {
+    /// Reads `out.len()` bytes at `pa`.
+    fn read(&self, pa: u64, out: &mut [u8]);
+    /// Writes `data` at `pa`.
+    fn write(&mut self, pa: u64, data: &[u8]);
+}
+
+/// What the host side lends the emulation for one register write: its
+/// table memory, frames, raw memory and the real unit.
+pub trait OsIommuHw {
+    /// thinhv's memory for shadow tables.
+    type Tables: PhysMem;
+    /// Frames for shadow tables.
+    type Frames: FreeFrames;
+    /// Raw physical memory.
+    type Ram: PhysBytes;
+    /// The real unit.
+    type Real: RealUnit;
+    /// The four, borrowed at once.
+    fn parts(
+        &mut self,
+    ) -> (
+        &mut Self::Tables,
+        &mut Self::Frames,
+        &mut Self::Ram,
+        &mut Self::Real,
+    );
+}
+
+/// No host side: for an [`crate::env::Env`] without an emulated IOMMU.
+#[derive(Debug)]
+pub enum NoHost {}
+
+impl PhysMem for NoHost {
+    fn read_entry(&self, _: u64, _: usize) -> u64 {
+        match *self {}
+    }
+    fn write_entry(&mut self, _: u64, _: usize, _: u64) {
+        match *self {}
+    }
+    fn zero_frame(&mut self, _: u64) {
+        match *self {}
+    }
+}
+
+impl thinhv_paging::FrameAlloc for NoHost {
+    fn alloc_frame(&mut self) -> Option<u64> {
+        match *self {}
+    }
+}
+
+impl FreeFrames for NoHost {
+    fn free_frame(&mut self, _: u64) {
+        match *self {}
+    }
+}
+
+impl PhysBytes for NoHost {
+    fn read(&self, _: u64, _: &mut [u8]) {
+        match *self {}
+    }
+    fn write(&mut self, _: u64, _: &[u8]) {
+        match *self {}
+    }
+}
+
+impl RealUnit for NoHost {
+    fn set_context(&mut self, _: u16, _: RealContext) {
+        match *self {}
+    }
+    fn flush(&mut self) {
+        match *self {}
+    }
+}
+
+impl OsIommuHw for NoHost {
+    type Tables = Self;
+    type Frames = Self;
+    type Ram = Self;
+    type Real = Self;
+    fn parts(&mut self) -> (&mut Self, &mut Self, &mut Self, &mut Self) {
+        match *self {}
+    }
+}
+
+/// The OS's memory as its emulated unit may touch it: its RAM only, not
+/// thinhv's, not an appliance's, not a device's registers.
+pub struct OsRam<'a, B> {
+    /// The state (the RAM map and what is not the OS's).
+    pub hv: &'a crate::hv::Hv,
+    /// Raw memory.
+    pub ram: &'a mut B,
+}
+
+impl<B> OsRam<'_, B> {
+    fn allowed(&self, gpa: u64, len: usize) -> bool {
+        let len = len as u64;
+        crate::guest_mem::ram_covers(self.hv.ram(), gpa, len)
+            && !self.hv.touches_hypervisor(gpa, len)
+            && !self
+                .hv
+                .foreign_ram(crate::partition::PartitionId::OS, gpa, len)
+    }
+}
+
+impl<B: PhysBytes> OsMemory for OsRam<'_, B> {
+    fn read(&self, gpa: u64, out: &mut [u8]) -> Result<(), thinhv_passthrough::vvtd::Denied> {
+        if !self.allowed(gpa, out.len()) {
+            return Err(thinhv_passthrough::vvtd::Denied);
+        }
+        self.ram.read(gpa, out);
+        Ok(())
+    }
+    fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), thinhv_passthrough::vvtd::Denied> {
+        if !self.allowed(gpa, data.len()) {
+            return Err(thinhv_passthrough::vvtd::Denied);
+        }
+        self.ram.write(gpa, data);
+        Ok(())
+    }
+}
+
+/// Which pages the OS's devices may reach by DMA: anything but thinhv's
+/// memory, an appliance's (RAM, image copy, its functions' registers), a
+/// BAR thinhv keeps, and the units' register pages.
+pub struct OsReach<'a> {
+    /// The state.
+    pub hv: &'a crate::hv::Hv,
+}
+
+impl DmaReach for OsReach<'_> {
+    fn os_may_dma(&self, gpa: u64) -> bool {
+        let page = gpa & !0xfff;
+        !self.hv.touches_hypervisor(page, 0x1000)
+            && !self
+                .hv
+                .foreign_ram(crate::partition::PartitionId::OS, page, 0x1000)
+            && !self
+                .hv
+                .iommu_windows
+                .iter()
+                .any(|w| w.overlaps(page, 0x1000))
+    }
+}
+
+#[cfg(test)]
+#[path = "os_iommu_tests.rs"]
+mod tests;

@@ -1,0 +1,232 @@
+use super::*;
+use std::collections::HashMap;
+use thinhv_paging::FrameAlloc;
+use thinhv_passthrough::vvtd::{Denied, reg};
+
+/// The OS's RAM: 1 MiB at 0.
+struct OsRam(Vec<u8>);
+
+impl OsMemory for OsRam {
+    fn read(&self, gpa: u64, out: &mut [u8]) -> Result<(), Denied> {
+        let at = usize::try_from(gpa).map_err(|_| Denied)?;
+        let src = self.0.get(at..at + out.len()).ok_or(Denied)?;
+        out.copy_from_slice(src);
+        Ok(())
+    }
+    fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), Denied> {
+        let at = usize::try_from(gpa).map_err(|_| Denied)?;
+        self.0
+            .get_mut(at..at + data.len())
+            .ok_or(Denied)?
+            .copy_from_slice(data);
+        Ok(())
+    }
+}
+
+impl OsRam {
+    fn put(&mut self, gpa: u64, v: u64) {
+        let at = usize::try_from(gpa).unwrap();
+        self.0[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+#[derive(Default)]
+struct Tables(HashMap<u64, Box<[u64; 512]>>);
+
+impl PhysMem for Tables {
+    fn read_entry(&self, table: u64, index: usize) -> u64 {
+        self.0.get(&table).map_or(0, |t| t[index])
+    }
+    fn write_entry(&mut self, table: u64, index: usize, value: u64) {
+        self.0.entry(table).or_insert_with(|| Box::new([0; 512]))[index] = value;
+    }
+    fn zero_frame(&mut self, frame: u64) {
+        self.0.insert(frame, Box::new([0; 512]));
+    }
+}
+
+struct Frames(u64, Vec<u64>);
+
+impl FrameAlloc for Frames {
+    fn alloc_frame(&mut self) -> Option<u64> {
+        self.0 += 0x1000;
+        Some(self.0)
+    }
+}
+
+impl FreeFrames for Frames {
+    fn free_frame(&mut self, frame: u64) {
+        self.1.push(frame);
+    }
+}
+
+/// thinhv's page is 0x9_0000; everything else is the OS's (or nothing
+/// refused, for the control).
+struct Reach(bool);
+
+impl DmaReach for Reach {
+    fn os_may_dma(&self, gpa: u64) -> bool {
+        !self.0 || gpa & !0xfff != 0x9_0000
+    }
+}
+
+/// The real unit: the context entries as set, and flushes.
+#[derive(Default)]
+struct Real {
+    ctx: HashMap<u16, RealContext>,
+    set: usize,
+    flushes: usize,
+}
+
+impl RealUnit for Real {
+    fn set_context(&mut self, rid: u16, c: RealContext) {
+        self.ctx.insert(rid, c);
+        self.set += 1;
+    }
+    fn flush(&mut self) {
+        self.flushes += 1;
+    }
+}
+
+struct Bed {
+    os: OsRam,
+    pt: Tables,
+    frames: Frames,
+    real: Real,
+    unit: OsVtd,
+    protect: bool,
+}
+
+/// Requester 00:02.0 (0x10): second-level tables of domain 5 (root at
+/// 0x20000, one leaf table at 0x23000 for IOVA 0x4000_0000..); 00:03.0
+/// (0x18): pass-through; 00:04.0 (0x20): an appliance's (not the OS's),
+/// its entry present in the OS's table all the same.
+fn bed(protect: bool) -> Bed {
+    let mut os = OsRam(vec![0; 0x10_0000]);
+    // Root table at 0x10000, bus 0's context table at 0x11000.
+    os.put(0x10000, 0x11001);
+    let ctx = |os: &mut OsRam, df: u64, lo: u64, hi: u64| {
+        os.put(0x11000 + df * 16, lo);
+        os.put(0x11000 + df * 16 + 8, hi);
+    };
+    ctx(&mut os, 0x10, 0x20001, 2 | (5 << 8));
+    ctx(&mut os, 0x18, 1 | (2 << 2), 2 | (6 << 8));
+    ctx(&mut os, 0x20, 0x20001, 2 | (5 << 8));
+    os.put(0x20000, 0x21003);
+    os.put(0x21000 + 8, 0x22003);
+    os.put(0x22000, 0x23003);
+    os.put(0x23000, 0x5003);
+    Bed {
+        os,
+        pt: Tables::default(),
+        frames: Frames(0x1_0000_0000, Vec::new()),
+        real: Real::default(),
+        unit: OsVtd::new(
+            0xfed9_0000,
+            Offer {
+                host_width: 39,
+                remapping: false,
+                x2apic: false,
+            },
+        ),
+        protect,
+    }
+}
+
+impl Bed {
+    fn write(&mut self, offset: u64, value: u64) {
+        let reach = Reach(self.protect);
+        let owned = |rid: u16| rid != 0x20;
+        let mut m = Machine {
+            os: &mut self.os,
+            reach: &reach,
+            owned: &owned,
+            pt: &mut self.pt,
+            frames: &mut self.frames,
+            real: &mut self.real,
+        };
+        self.unit.write(offset, 8, value, &mut m);
+    }
+    fn leaf(&self, iova: u64) -> u64 {
+        let (s, _) = &self.unit.shadows[&5];
+        s.entry(&self.pt, iova)
+    }
+    fn context_flush(&mut self) {
+        self.write(reg::CCMD, (1 << 63) | (1 << 61));
+    }
+    fn page_flush(&mut self, iova: u64) {
+        self.write(reg::IVA, iova);
+        self.write(reg::IOTLB, (1 << 63) | (3 << 60) | (5 << 32));
+    }
+    fn enable(&mut self) {
+        self.write(reg::RTADDR, 0x10000);
+        self.write(reg::GCMD, 1 << 30);
+        self.write(reg::GCMD, 1 << 31);
+    }
+}
+
+#[test]
+fn the_oss_context_entries_point_its_requesters_at_shadows_and_only_its_own() {
+    let mut b = bed(true);
+    // Before translation: nothing changes in the real unit.
+    b.write(reg::RTADDR, 0x10000);
+    b.write(reg::GCMD, 1 << 30);
+    assert_eq!(b.real.set, 0);
+    b.write(reg::GCMD, 1 << 31);
+    let shadow = b.unit.shadows[&5].0.root();
+    assert_eq!(
+        b.real.ctx.get(&0x10),
+        Some(&RealContext::Shadow {
+            root: shadow,
+            domain: real_domain(5)
+        })
+    );
+    // Pass-through stays on thinhv's domain for the OS (nothing to set);
+    // the appliance's requester is never touched.
+    assert_eq!(b.real.ctx.get(&0x18), None);
+    assert_eq!(b.real.ctx.get(&0x20), None);
+    assert!(b.real.flushes >= 1);
+    // The OS's mapping is in the shadow, with its rights.
+    assert_eq!(b.leaf(0x4000_0000) & !0xfff, 0x5000);
+    assert_eq!(b.leaf(0x4000_0000) & 3, 3);
+    assert_eq!(b.leaf(0x4000_1000), 0);
+}
+
+#[test]
+fn a_mapping_reaches_the_shadow_at_the_oss_invalidation_and_never_thinhvs_page() {
+    for protect in [true, false] {
+        let mut b = bed(protect);
+        b.enable();
+        // Write-only at 0x4000_1000, and thinhv's page at 0x4000_2000.
+        b.os.put(0x23008, 0x6002);
+        b.os.put(0x23010, 0x9_0003);
+        assert_eq!(b.leaf(0x4000_1000), 0, "not before the invalidation");
+        let before = b.real.flushes;
+        b.page_flush(0x4000_1000);
+        assert_eq!(b.leaf(0x4000_1000) & 3, 2, "write-only, as the OS asked");
+        assert_eq!(b.real.flushes, before + 1, "the real IOTLB flushed");
+        b.page_flush(0x4000_2000);
+        // The control: without the check thinhv's page is mapped.
+        assert_eq!(b.leaf(0x4000_2000) != 0, !protect, "protect {protect}");
+        // Unmapped at the next invalidation.
+        b.os.put(0x23008, 0);
+        b.page_flush(0x4000_1000);
+        assert_eq!(b.leaf(0x4000_1000), 0);
+    }
+}
+
+#[test]
+fn a_context_taken_away_blocks_its_requester_and_translation_off_gives_it_back() {
+    let mut b = bed(true);
+    b.enable();
+    b.os.put(0x11000 + 0x10 * 16, 0);
+    b.context_flush();
+    assert_eq!(b.real.ctx.get(&0x10), Some(&RealContext::Blocked));
+    // The shadow of the domain no one uses is freed.
+    assert_eq!(b.unit.domains(), 0);
+    assert!(!b.frames.1.is_empty());
+    // Translation off: back on thinhv's domain for the OS.
+    b.write(reg::GCMD, 0);
+    assert_eq!(b.real.ctx.get(&0x10), Some(&RealContext::Os));
+    assert_eq!(b.real.ctx.get(&0x20), None);
+}

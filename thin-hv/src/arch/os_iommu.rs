@@ -1,0 +1,117 @@
+//! The host side of the OS's emulated VT-d units
+//! (`thin_hv_core::os_iommu`): thinhv's table memory and frames for the
+//! shadows, the OS's memory, and the real unit.
+use super::core_state::Core;
+use super::phys::IdentityMem;
+use thin_hv_core::os_iommu::{OsIommuHw, PhysBytes, RealContext, RealUnit};
+use thin_hv_core::vvtd_shadow::FreeFrames;
+use thinhv_paging::{BumpFrames, FrameAlloc};
+
+/// Frames for shadow tables: those given back first, then the pool's.
+pub struct Frames {
+    bump: spin::MutexGuard<'static, BumpFrames>,
+    free: spin::MutexGuard<'static, alloc::vec::Vec<u64>>,
+}
+
+impl FrameAlloc for Frames {
+    fn alloc_frame(&mut self) -> Option<u64> {
+        self.free.pop().or_else(|| self.bump.alloc_frame())
+    }
+}
+
+impl FreeFrames for Frames {
+    fn free_frame(&mut self, frame: u64) {
+        self.free.push(frame);
+    }
+}
+
+/// The OS's memory, bytewise (the core checks each access is the OS's
+/// RAM first: `thin_hv_core::os_iommu::OsRam`).
+pub struct Ram {
+    top: u64,
+}
+
+impl PhysBytes for Ram {
+    fn read(&self, pa: u64, out: &mut [u8]) {
+        if pa
+            .checked_add(out.len() as u64)
+            .is_none_or(|end| end > self.top)
+        {
+            out.fill(0);
+            return;
+        }
+        // SAFETY: the range is inside the core's identity map (checked
+        // above) and the OS's RAM (`OsRam` checked it is neither the
+        // core's memory nor an appliance's), so the copy neither faults
+        // nor aliases anything the core holds.
+        unsafe { core::ptr::copy_nonoverlapping(pa as *const u8, out.as_mut_ptr(), out.len()) };
+    }
+    fn write(&mut self, pa: u64, data: &[u8]) {
+        if pa
+            .checked_add(data.len() as u64)
+            .is_none_or(|end| end > self.top)
+        {
+            return;
+        }
+        // SAFETY: as for `read`: identity-mapped RAM of the OS's, no
+        // reference of the core's points there.
+        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), pa as *mut u8, data.len()) };
+    }
+}
+
+/// The real units.
+pub struct Real {
+    core: &'static Core,
+}
+
+impl RealUnit for Real {
+    fn set_context(&mut self, rid: u16, c: RealContext) {
+        self.core.iommu.os_set_context(rid, c);
+    }
+    fn flush(&mut self) {
+        self.core.iommu.os_flush();
+    }
+}
+
+/// What one register write of the OS's borrows.
+pub struct Host {
+    tables: IdentityMem,
+    frames: Frames,
+    ram: Ram,
+    real: Real,
+}
+
+impl Host {
+    /// The host side, where the real tables allow the emulation.
+    pub fn new(core: &'static Core) -> Option<Self> {
+        if !core.iommu.os_emulated() {
+            return None;
+        }
+        Some(Self {
+            // SAFETY: the shadows' tables are frames from the core's pool
+            // (`Frames`), identity-mapped, used by the shadows alone.
+            tables: unsafe { IdentityMem::new() },
+            frames: Frames {
+                bump: core.frames.lock(),
+                free: core.os_iommu_free.lock(),
+            },
+            ram: Ram { top: core.host_top },
+            real: Real { core },
+        })
+    }
+}
+
+impl OsIommuHw for Host {
+    type Tables = IdentityMem;
+    type Frames = Frames;
+    type Ram = Ram;
+    type Real = Real;
+    fn parts(&mut self) -> (&mut IdentityMem, &mut Frames, &mut Ram, &mut Real) {
+        (
+            &mut self.tables,
+            &mut self.frames,
+            &mut self.ram,
+            &mut self.real,
+        )
+    }
+}
