@@ -320,9 +320,32 @@ pub struct IommuRecord {
     pub last_fault_write: u8,
     /// Faults lost to overflow of the unit's recording registers (0x1C).
     pub overflows: u32,
+    /// The OS's emulated unit at this base (`[iommu] os = "emulated"`):
+    /// [`OS_UNIT_NONE`], [`OS_UNIT_OFF`] or [`OS_UNIT_TRANSLATING`] (0x20).
+    pub os_state: u8,
+    /// 1 where the OS's unit remaps interrupts (0x21).
+    pub os_remapping: u8,
+    /// Domains of the OS's that thinhv shadows (0x22).
+    pub os_domains: u16,
+    /// Faults recorded in the OS's unit's fault registers (0x24).
+    pub os_faults: u32,
+    /// Pages mapped in the shadows now (0x28).
+    pub os_pages: u64,
+    /// Pages the OS mapped that thinhv refused to map: its own or an
+    /// appliance's (0x30).
+    pub os_refused: u64,
+    /// Real invalidations made for the OS's unit (0x38).
+    pub os_flushes: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<IommuRecord>() == 32);
+const _: () = assert!(core::mem::size_of::<IommuRecord>() == 64);
+
+/// [`IommuRecord::os_state`]: the OS has no unit here.
+pub const OS_UNIT_NONE: u8 = 0;
+/// [`IommuRecord::os_state`]: the OS has a unit, translation off.
+pub const OS_UNIT_OFF: u8 = 1;
+/// [`IommuRecord::os_state`]: the OS's unit translates.
+pub const OS_UNIT_TRANSLATING: u8 = 2;
 
 /// [`IommuRecord::state`]: not translating (mode off, or not yet sealed).
 pub const IOMMU_STATE_OFF: u8 = 0;

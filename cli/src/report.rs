@@ -314,11 +314,27 @@ pub fn iommu_json(units: &[IommuRecord]) -> serde_json::Value {
                 "faults": u.faults,
                 "overflows": u.overflows,
                 "last_fault": last,
+                "os_unit": os_unit_json(u),
             })
         })
         .collect();
     let managed = units.iter().any(|u| u.state == IOMMU_STATE_TRANSLATING);
     json!({"managed": managed, "units": list})
+}
+
+fn os_unit_json(u: &IommuRecord) -> serde_json::Value {
+    if u.os_state == thinhv_abi::status::OS_UNIT_NONE {
+        return serde_json::Value::Null;
+    }
+    json!({
+        "translating": u.os_state == thinhv_abi::status::OS_UNIT_TRANSLATING,
+        "remapping": u.os_remapping != 0,
+        "domains": u.os_domains,
+        "pages": u.os_pages,
+        "refused": u.os_refused,
+        "faults": u.os_faults,
+        "flushes": u.os_flushes,
+    })
 }
 
 /// The IOMMU units as text.
@@ -365,6 +381,22 @@ pub fn iommu_text(units: &[IommuRecord]) -> String {
             );
         }
         s.push('\n');
+        if u.os_state != thinhv_abi::status::OS_UNIT_NONE {
+            let _ = writeln!(
+                s,
+                "  the OS's own unit: {}, {} domain(s) shadowed, {} page(s) mapped, {} refused (thinhv's or an appliance's), {} fault(s) reported to the OS, interrupt remapping {}",
+                if u.os_state == thinhv_abi::status::OS_UNIT_TRANSLATING {
+                    "translating"
+                } else {
+                    "translation off"
+                },
+                u.os_domains,
+                u.os_pages,
+                u.os_refused,
+                u.os_faults,
+                if u.os_remapping != 0 { "on" } else { "off" }
+            );
+        }
     }
     s
 }

@@ -340,3 +340,49 @@ fn linux_devices_do_dma_through_amdvi() {
     let s = g.status.as_ref().expect("status");
     assert_eq!(s["iommu"]["units"][0]["state"], "translating");
 }
+
+/// `[iommu] os = "emulated"` (issue 14, `docs/os-iommu.md`): Linux finds
+/// a VT-d unit of its own, turns DMA translation on with strict
+/// invalidation, and its NVMe and NIC work through it; thinhv's unit
+/// translates the shadows it composes, without a refused DMA.
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn linux_drives_its_own_emulated_vtd_unit_and_its_devices_work_through_it() {
+    let boot = thinhv_tests::linux_under_thinhv_iommu(
+        "iommu-vtd-os",
+        io_machine("intel-iommu", "iommu-vtd-os"),
+        "intel_iommu=on iommu.strict=1",
+        "",
+        "mode = \"protect\"\nos = \"emulated\"",
+    );
+    let g = thinhv_tests::boot_linux(&boot);
+    let tables: Vec<&str> = g.get("acpi_tables").split_whitespace().collect();
+    assert!(tables.contains(&"DMAR"), "{tables:?}");
+    assert!(
+        g.serial.contains("DMAR: IOMMU enabled"),
+        "Linux did not take its unit:\n{}",
+        g.serial
+    );
+    assert!(
+        g.serial.contains("the OS's IOMMU") && g.serial.contains("translation on"),
+        "{}",
+        g.serial
+    );
+    let w = g.get("nvme_written");
+    assert_ne!(w, "none", "no NVMe disk in the guest");
+    assert_eq!(g.get("nvme_read"), w);
+    assert!(g.get("eth0_addr").starts_with("10.0.2."), "{}", g.facts);
+    assert_eq!(g.get("ping_gateway"), "ok");
+    let s = g.status.as_ref().expect("status");
+    let unit = &s["iommu"]["units"][0];
+    assert_eq!(unit["state"], "translating");
+    assert_eq!(unit["faults"], 0, "{s}");
+    // The devices' DMA went through shadows of the OS's domains: pages
+    // mapped there, none refused, invalidations reaching the real unit.
+    let os = &unit["os_unit"];
+    assert_eq!(os["translating"], true, "{s}");
+    assert!(os["domains"].as_u64().unwrap() >= 3, "{s}");
+    assert!(os["pages"].as_u64().unwrap() > 0, "{s}");
+    assert!(os["flushes"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(os["refused"], 0, "{s}");
+}

@@ -25,6 +25,8 @@ pub trait Env {
     fn os_iommu(&mut self) -> Option<Self::OsIommu> {
         None
     }
+    /// Writes the OS's unit `index`'s state into the status page.
+    fn publish_os_iommu(&self, _index: usize, _status: crate::os_iommu::OsUnitStatus) {}
     /// Shared hypervisor state.
     fn hv(&self) -> &Hv;
     /// Index of the CPU handling the exit.

@@ -79,6 +79,25 @@ pub struct Counts {
     pub flushes: u64,
 }
 
+/// The OS's unit as `thinhv status` shows it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OsUnitStatus {
+    /// `thinhv_abi::status::OS_UNIT_*`.
+    pub state: u8,
+    /// Interrupt remapping on.
+    pub remapping: bool,
+    /// Domains shadowed.
+    pub domains: u16,
+    /// Pages in the shadows.
+    pub pages: u64,
+    /// Pages refused.
+    pub refused: u64,
+    /// Faults recorded for the OS.
+    pub faults: u64,
+    /// Real invalidations.
+    pub flushes: u64,
+}
+
 /// One emulated unit at `base`.
 #[derive(Debug)]
 pub struct OsVtd {
@@ -136,6 +155,24 @@ impl OsVtd {
     /// Domains shadowed.
     pub fn domains(&self) -> usize {
         self.shadows.len()
+    }
+
+    /// What `thinhv status` shows of the unit (the `os_*` fields of
+    /// [`thinhv_abi::status::IommuRecord`]).
+    pub fn status(&self) -> OsUnitStatus {
+        OsUnitStatus {
+            state: if self.unit.translating() {
+                thinhv_abi::status::OS_UNIT_TRANSLATING
+            } else {
+                thinhv_abi::status::OS_UNIT_OFF
+            },
+            remapping: self.unit.irt().is_some(),
+            domains: u16::try_from(self.shadows.len()).unwrap_or(u16::MAX),
+            pages: self.shadows.values().map(|(s, _)| s.pages).sum(),
+            refused: self.counts.refused,
+            faults: self.unit.faults_recorded,
+            flushes: self.counts.flushes,
+        }
     }
 
     /// A register write, and what it changes in the real unit. Returns

@@ -84,15 +84,21 @@ pub fn prepare(config: &Config, max_bus: u8, max_apic_id: u32) -> IommuHandoff {
                 thinhv_efi::iommu_plan::describe(&h),
                 config.iommu.mode.name()
             );
-            // The host side is built and host-tested, but its first boot
-            // under Linux stopped the core (`docs/os-iommu.md`, "Status"):
-            // not offered until a QEMU test passes.
-            if config.iommu.os == thinhv_config::IommuOs::Emulated {
-                println!(
-                    "thinhv: IOMMU: [iommu] os = \"emulated\" is not available in this build yet (docs/os-iommu.md); the OS gets no IOMMU"
-                );
-            }
-            h.os = thinhv_abi::handoff::IOMMU_OS_NONE;
+            h.os = match config.iommu.os {
+                thinhv_config::IommuOs::Emulated if h.kind == IOMMU_KIND_VTD => {
+                    println!(
+                        "thinhv: IOMMU: the OS gets an emulated VT-d unit of its own ([iommu] os = \"emulated\"; DMA translation, no interrupt remapping yet)"
+                    );
+                    thinhv_abi::handoff::IOMMU_OS_EMULATED
+                }
+                thinhv_config::IommuOs::Emulated => {
+                    println!(
+                        "thinhv: IOMMU: [iommu] os = \"emulated\" is not built for AMD-Vi yet; the OS gets no IOMMU"
+                    );
+                    thinhv_abi::handoff::IOMMU_OS_NONE
+                }
+                thinhv_config::IommuOs::None => thinhv_abi::handoff::IOMMU_OS_NONE,
+            };
             h.interrupts = match config.iommu.interrupts {
                 thinhv_config::IommuInterrupts::Remap => {
                     thinhv_abi::handoff::IOMMU_INTERRUPTS_REMAP

@@ -95,6 +95,11 @@ fn write(env: &mut impl Env, at: usize, off: u64, size: u8, value: u64) {
             unit.domains()
         );
     }
+    let status = unit.status();
+    drop(units);
+    env.publish_os_iommu(at, status);
+    let mut units = env.hv().os_vtd.lock();
+    let unit = &mut units[at];
     if let Some(e) = fx.queue_error {
         log::warn!(
             "the OS's IOMMU {:#x}: invalidation queue stopped: {}",

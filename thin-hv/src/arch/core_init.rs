@@ -109,6 +109,15 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
     guard_hpet(&h, slat, slat_root, host_top, &mut frames)?;
 
     let hv = Hv::from_handoff(&h, apic_base);
+    if iommu.os_emulated() {
+        for (i, u) in hv.os_vtd.lock().iter().enumerate() {
+            iommu.publish_os(i, u.status());
+        }
+    } else {
+        // No real tables for it (`Iommu::os_emulated`): the OS's accesses
+        // to the register page read the blank page, as without it.
+        hv.os_vtd.lock().clear();
+    }
     for &(part, rid, base, entries) in &msix {
         hv.msix.lock().insert(
             rid,

@@ -823,6 +823,25 @@ impl Iommu {
         Ok((root, os_real))
     }
 
+    /// Writes the state of the OS's emulated unit at unit `index`'s base
+    /// into its status record.
+    pub fn publish_os(&self, index: usize, s: thin_hv_core::os_iommu::OsUnitStatus) {
+        let mut guard = self.units.lock();
+        let (units, count) = &mut *guard;
+        let Some(unit) = units[..*count].get_mut(index) else {
+            return;
+        };
+        let r = &mut unit.record;
+        r.os_state = s.state;
+        r.os_remapping = u8::from(s.remapping);
+        r.os_domains = s.domains;
+        r.os_faults = u32::try_from(s.faults).unwrap_or(u32::MAX);
+        r.os_pages = s.pages;
+        r.os_refused = s.refused;
+        r.os_flushes = s.flushes;
+        self.status.publish_iommu(index, r);
+    }
+
     /// Whether the OS's emulated units have the real tables to work on.
     pub fn os_emulated(&self) -> bool {
         self.os_real.is_some() && self.protect
