@@ -455,6 +455,8 @@ pub struct Unit {
     fectl: u32,
     fe: Event,
     records: [[u64; 2]; FAULT_RECORDS],
+    /// The record the next fault goes to.
+    next_record: usize,
     iqa: u64,
     iqh: u64,
     iqt: u64,
@@ -517,6 +519,7 @@ impl Unit {
             fectl: IM,
             fe: none,
             records: [[0; 2]; FAULT_RECORDS],
+            next_record: 0,
             iqa: 0,
             iqh: 0,
             iqt: 0,
@@ -1017,16 +1020,18 @@ impl Unit {
     }
 
     /// Records a fault the OS's own tables caused, as hardware does: into
-    /// the record FSTS.FRI names if it is free (advancing FRI), else
-    /// overflow (PFO) and the fault is lost. A new fault condition raises
-    /// the fault event.
+    /// the next record in turn if it is free, else overflow (PFO) and the
+    /// fault is lost. FSTS.FRI names the first pending record: it is set
+    /// when a fault is recorded while none is pending (VT-d 4.x §10.4.9),
+    /// and the OS's handler reads the records from there. A new fault
+    /// condition raises the fault event.
     pub fn record(&mut self, f: OsFault, fx: &mut Effects) {
         if self.fsts & fsts::PFO != 0 {
             self.faults_lost += 1;
             return;
         }
         let had = self.ppf();
-        let fri = ((self.fsts >> 8) & 0xff) as usize % FAULT_RECORDS;
+        let fri = self.next_record % FAULT_RECORDS;
         if self.records[fri][1] >> 63 != 0 {
             self.fsts |= fsts::PFO;
             self.faults_lost += 1;
@@ -1042,7 +1047,10 @@ impl Unit {
             | (u64::from(!f.write) << 62)
             | (1 << 63);
         self.records[fri] = [f.info & !0xfff, hi];
-        self.fsts = (self.fsts & !0xff00) | ((((fri + 1) % FAULT_RECORDS) as u32) << 8);
+        if !had {
+            self.fsts = (self.fsts & !0xff00) | ((fri as u32) << 8);
+        }
+        self.next_record = (fri + 1) % FAULT_RECORDS;
         self.faults_recorded += 1;
         if !had {
             self.raise_fault_event(fx);

@@ -385,4 +385,15 @@ fn linux_drives_its_own_emulated_vtd_unit_and_its_devices_work_through_it() {
     assert!(os["pages"].as_u64().unwrap() > 0, "{s}");
     assert!(os["flushes"].as_u64().unwrap() > 0, "{s}");
     assert_eq!(os["refused"], 0, "{s}");
+    // The OS's own protection: edu has no driver, so no mapping in its
+    // domain; its DMA is refused even into the OS's own memory, by the
+    // OS's tables, and the OS hears of it (its DMAR fault handler prints
+    // the record thinhv wrote into its unit). thinhv's region is refused
+    // as ever.
+    let d = dma_section(&g);
+    assert_eq!(get(&d, "dma_ordinary_bytes"), "0", "{d}");
+    assert_eq!(get(&d, "dma_into_status_bytes"), "0");
+    assert_eq!(get(&d, "dma_core_crc_unchanged"), "1");
+    assert_ne!(get(&d, "dmesg_dma_faults"), "0", "{d}");
+    assert!(d.contains("Request device [01:00.0]"), "{d}");
 }

@@ -25,6 +25,12 @@ pub trait Env {
     fn os_iommu(&mut self) -> Option<Self::OsIommu> {
         None
     }
+    /// The real units' DMA faults of the OS's requesters under its
+    /// emulated units, taken since the last call (collected by
+    /// [`Env::iommu_poll`]).
+    fn take_os_iommu_faults(&mut self) -> alloc::vec::Vec<crate::os_iommu::RealFault> {
+        alloc::vec::Vec::new()
+    }
     /// Writes the OS's unit `index`'s state into the status page.
     fn publish_os_iommu(&self, _index: usize, _status: crate::os_iommu::OsUnitStatus) {}
     /// Shared hypervisor state.

@@ -327,6 +327,9 @@ pub struct Hv {
     /// The OS's emulated VT-d units, one per real unit at its register
     /// page (`[iommu] os = "emulated"`; `crate::os_iommu`).
     pub os_vtd: spin::Mutex<alloc::vec::Vec<crate::os_iommu::OsVtd>>,
+    /// The TSC when the real units' faults were last collected for the
+    /// OS's units (`handlers::os_iommu::tick`).
+    pub os_iommu_polled: AtomicU64,
 }
 
 impl Hv {
@@ -421,6 +424,7 @@ impl Hv {
             hpet: h.hpet,
             refused_fsb: AtomicU64::new(0),
             os_vtd: spin::Mutex::new(crate::os_iommu::for_handoff(h)),
+            os_iommu_polled: AtomicU64::new(0),
             os_msi: spin::Mutex::new(
                 [crate::partition::MsiShadow::default(); thinhv_abi::handoff::MAX_PCI_MEDIATED],
             ),

@@ -79,6 +79,21 @@ pub struct Counts {
     pub flushes: u64,
 }
 
+/// A DMA fault the real unit reported for a requester of the OS's under
+/// an emulated unit: whose it is, the OS's tables or thinhv's protection,
+/// is for [`OsVtd::fault`] to tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RealFault {
+    /// The emulated unit (the real unit's index).
+    pub unit: usize,
+    /// Requester.
+    pub sid: u16,
+    /// Page.
+    pub addr: u64,
+    /// A write.
+    pub write: bool,
+}
+
 /// The OS's unit as `thinhv status` shows it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OsUnitStatus {
@@ -155,6 +170,22 @@ impl OsVtd {
     /// Domains shadowed.
     pub fn domains(&self) -> usize {
         self.shadows.len()
+    }
+
+    /// A real DMA fault of one of the OS's requesters: where the OS's own
+    /// tables refused the request, it is recorded in the OS's fault
+    /// registers (the fault event the OS then gets is in the effects);
+    /// where they allowed it, thinhv's protection refused it, and the OS
+    /// is not told (thinhv counts it as any fault of its own).
+    pub fn fault(&mut self, f: RealFault, os: &impl OsMemory) -> Option<Effects> {
+        let mut fx = Effects::default();
+        match self.unit.classify(os, f.sid, f.addr, f.write) {
+            Ok(Some(of)) => {
+                self.unit.record(of, &mut fx);
+                Some(fx)
+            }
+            Ok(None) | Err(_) => None,
+        }
     }
 
     /// What `thinhv status` shows of the unit (the `os_*` fields of

@@ -230,3 +230,35 @@ fn a_context_taken_away_blocks_its_requester_and_translation_off_gives_it_back()
     assert_eq!(b.real.ctx.get(&0x10), Some(&RealContext::Os));
     assert_eq!(b.real.ctx.get(&0x20), None);
 }
+
+#[test]
+fn a_real_fault_the_oss_tables_caused_is_the_oss_and_one_of_thinhvs_protection_is_not() {
+    let mut b = bed(true);
+    b.enable();
+    // The fault event: vector 0x40 to APIC 0, unmasked.
+    b.write(reg::FEDATA & !7, 0x40 << 32);
+    b.write(reg::FEADDR, 0xfee0_0000);
+    let fault = |sid, addr, write| RealFault {
+        unit: 0,
+        sid,
+        addr,
+        write,
+    };
+    // 0x4000_1000 is not in the OS's tables of 00:02.0: its fault, with
+    // an event while unmasked.
+    let fx = b.unit.fault(fault(0x10, 0x4000_1000, true), &b.os);
+    assert!(fx.and_then(|f| f.fault_event).is_some(), "{fx:?}");
+    assert_eq!(b.unit.unit.faults_recorded, 1);
+    // Its tables allow 0x4000_0000 (thinhv refused it, say: its page):
+    // not the OS's to hear about.
+    assert_eq!(b.unit.fault(fault(0x10, 0x4000_0000, true), &b.os), None);
+    // A pass-through requester's fault is always thinhv's protection.
+    assert_eq!(b.unit.fault(fault(0x18, 0x9_0000, false), &b.os), None);
+    assert_eq!(b.unit.unit.faults_recorded, 1);
+    assert_eq!(b.unit.status().faults, 1);
+    // The OS reads its record: requester, reason 5 (write not allowed by
+    // a missing entry), the page.
+    let hi = b.unit.unit.read(reg::FRCD + 8, 8);
+    assert_eq!(hi & 0xffff, 0x10);
+    assert_eq!(b.unit.unit.read(reg::FRCD, 8), 0x4000_1000);
+}

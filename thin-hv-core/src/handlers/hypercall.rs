@@ -23,8 +23,10 @@ fn finish(
 }
 
 pub(super) fn handle(cpu: &mut impl GuestCpu, env: &mut impl Env) -> Outcome {
-    // Any hypercall is an occasion to collect DMA faults.
+    // Any hypercall is an occasion to collect DMA faults (and to report
+    // the OS's own to it).
     env.iommu_poll();
+    super::os_iommu::deliver_faults(env);
     let func = Function(cpu.gpr(Gpr::Rax));
     let (a0, a1, a2) = (cpu.gpr(Gpr::Rbx), cpu.gpr(Gpr::Rcx), cpu.gpr(Gpr::Rdx));
     if cpu.cpl() != 0 {

@@ -9,10 +9,15 @@ use crate::env::Env;
 use crate::guest::{GuestCpu, vector};
 use crate::insn::StoreSource;
 use crate::os_iommu::{Machine, OsIommuHw, OsRam, OsReach};
+use core::sync::atomic::Ordering;
 
 /// Events the OS programmed that thinhv does not deliver yet, logged
 /// this many times.
 const LOG_FIRST: u64 = 4;
+
+/// TSC cycles between two polls of the real units' faults at the OS's
+/// local APIC writes (about a millisecond at 2 GHz).
+const POLL_EVERY: u64 = 2_000_000;
 
 /// An access of the OS's at `gpa` (`None`: not a page of its units).
 pub(super) fn access(cpu: &mut impl GuestCpu, env: &mut impl Env, gpa: u64) -> Option<Outcome> {
@@ -21,6 +26,10 @@ pub(super) fn access(cpu: &mut impl GuestCpu, env: &mut impl Env, gpa: u64) -> O
     if !env.hv().space_of(env.cpu_index()).is_os() {
         return None;
     }
+    // What the real unit refused so far is in the OS's registers before
+    // the OS reads them.
+    env.iommu_poll();
+    deliver_faults(env);
     let Some(d) = super::decode_current(cpu, env) else {
         log::error!(
             "cpu {}: cannot decode the IOMMU register access at rip {:#x}; #GP",
@@ -52,6 +61,118 @@ pub(super) fn access(cpu: &mut impl GuestCpu, env: &mut impl Env, gpa: u64) -> O
     }
     cpu.set_rip(next);
     Some(Outcome::Resume)
+}
+
+/// At the OS's local APIC writes (every timer tick in xAPIC mode): now
+/// and then, the real units' faults are collected and the OS's own
+/// reported to it.
+pub(super) fn tick(env: &mut impl Env) {
+    let hv = env.hv();
+    if hv.os_vtd.lock().is_empty() {
+        return;
+    }
+    let now = env.tsc();
+    let last = hv.os_iommu_polled.load(Ordering::Relaxed);
+    if now.wrapping_sub(last) < POLL_EVERY
+        || hv
+            .os_iommu_polled
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+    {
+        return;
+    }
+    env.iommu_poll();
+    deliver_faults(env);
+}
+
+/// The real units' faults of the OS's requesters: those of the OS's own
+/// making recorded in its units, and their fault events sent.
+pub(super) fn deliver_faults(env: &mut impl Env) {
+    let faults = env.take_os_iommu_faults();
+    if faults.is_empty() {
+        return;
+    }
+    let Some(mut host) = env.os_iommu() else {
+        return;
+    };
+    let mut events = alloc::vec::Vec::new();
+    let mut statuses = alloc::vec::Vec::new();
+    {
+        let hv = env.hv();
+        let (_, _, ram, _) = host.parts();
+        let os = OsRam { hv, ram };
+        let mut units = hv.os_vtd.lock();
+        for f in faults {
+            let Some(unit) = units.get_mut(f.unit) else {
+                continue;
+            };
+            if let Some(fx) = unit.fault(f, &os) {
+                statuses.push((f.unit, unit.status()));
+                if let Some(ev) = fx.fault_event {
+                    events.push((unit.base, unit.unit.offer().x2apic, ev));
+                }
+            }
+        }
+    }
+    drop(host);
+    for (at, status) in statuses {
+        env.publish_os_iommu(at, status);
+    }
+    for (base, x2apic, ev) in events {
+        raise(env, base, x2apic, ev);
+    }
+}
+
+/// Sends the event interrupt the OS programmed. Where appliances run it
+/// is judged as any message of the OS's (to one of its processors, in
+/// physical mode); without them every processor is the OS's, and a
+/// fixed or lowest-priority message is sent as the OS composed it (Linux
+/// aims its fault event at a logical destination in flat mode).
+fn raise(env: &mut impl Env, base: u64, x2apic: bool, ev: thinhv_passthrough::vvtd::Event) {
+    use thinhv_passthrough::irq_remap::{Delivery, Dest};
+    let refused = |why: &str| {
+        log::warn!(
+            "the OS's IOMMU {base:#x}: its fault event ({:#x}/{:#x}) refused: {why}",
+            ev.addr,
+            ev.data
+        );
+    };
+    let (dest, logical, vector) = if env.hv().has_appliances() {
+        let cores = super::msi_remap::PartitionCores {
+            hv: env.hv(),
+            id: crate::partition::PartitionId::OS,
+        };
+        let policy = thinhv_passthrough::irq_remap::Policy {
+            nmi: false,
+            extint: false,
+        };
+        match thinhv_passthrough::vvtd::event_target(ev, x2apic, &cores, policy) {
+            Ok(t) => (t.apic_id, false, t.vector),
+            Err(why) => return refused(why.describe()),
+        }
+    } else {
+        match thinhv_passthrough::irq_remap::decode_msi(u64::from(ev.addr), ev.data) {
+            Ok(r) if matches!(r.delivery, Delivery::Fixed | Delivery::Lowest) && r.vector >= 16 => {
+                match r.dest {
+                    Dest::Physical(d) => (u32::from(d), false, r.vector),
+                    Dest::Logical(d) => (u32::from(d), true, r.vector),
+                }
+            }
+            Ok(_) => return refused("not a fixed interrupt with a vector of 16 or more"),
+            Err(why) => return refused(why.describe()),
+        }
+    };
+    // Fixed, edge; logical destination mode where the OS asked for it.
+    let low = u32::from(vector) | (u32::from(logical) << 11);
+    if env.read_msr(crate::apic::IA32_APIC_BASE) & crate::apic::APIC_BASE_EXTD != 0 {
+        env.x2apic_icr_write((u64::from(dest) << 32) | u64::from(low));
+    } else {
+        // The OS may be between its own ICR writes: its high half back.
+        let high = env.lapic_read(crate::apic::reg::ICR_HIGH);
+        env.lapic_write(crate::apic::reg::ICR_HIGH, dest << 24);
+        env.lapic_write(crate::apic::reg::ICR_LOW, low);
+        env.lapic_write(crate::apic::reg::ICR_HIGH, high);
+    }
 }
 
 fn write(env: &mut impl Env, at: usize, off: u64, size: u8, value: u64) {
@@ -107,13 +228,19 @@ fn write(env: &mut impl Env, at: usize, off: u64, size: u8, value: u64) {
             e.describe()
         );
     }
-    if fx.fault_event.is_some() || fx.completion_event.is_some() {
+    if fx.completion_event.is_some() {
         unit.events_dropped += 1;
         if unit.events_dropped <= LOG_FIRST {
             log::warn!(
-                "the OS's IOMMU {:#x}: an event interrupt the OS asked for is not delivered (not built yet)",
+                "the OS's IOMMU {:#x}: an invalidation completion interrupt the OS asked for is not delivered (not built yet)",
                 unit.base
             );
         }
+    }
+    let (base, x2apic) = (unit.base, unit.unit.offer().x2apic);
+    drop(units);
+    if let Some(ev) = fx.fault_event {
+        // A fault pending when the OS unmasked its event.
+        raise(env, base, x2apic, ev);
     }
 }

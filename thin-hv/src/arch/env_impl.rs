@@ -119,6 +119,10 @@ impl Env for HwEnv {
         super::os_iommu::Host::new(self.core)
     }
 
+    fn take_os_iommu_faults(&mut self) -> alloc::vec::Vec<thin_hv_core::os_iommu::RealFault> {
+        self.core.iommu.take_os_faults()
+    }
+
     fn publish_os_iommu(&self, index: usize, status: thin_hv_core::os_iommu::OsUnitStatus) {
         self.core.iommu.publish_os(index, status);
     }

@@ -558,7 +558,14 @@ pub struct Iommu {
     /// VT-d with `[iommu] os = "emulated"`: what the OS's emulated units
     /// change in the real tables (`thin_hv_core::os_iommu`).
     os_real: Option<OsReal>,
+    /// DMA faults of requesters under the OS's emulated units, for the
+    /// core to tell whose they are (`thin_hv_core::os_iommu::RealFault`);
+    /// at most [`OS_FAULTS_QUEUED`], later ones dropped.
+    os_faults: Mutex<alloc::vec::Vec<thin_hv_core::os_iommu::RealFault>>,
 }
+
+/// Real faults queued for the OS's emulated units between two collections.
+const OS_FAULTS_QUEUED: usize = 64;
 
 /// The real VT-d tables as the OS's emulated units change them.
 struct OsReal {
@@ -646,6 +653,7 @@ impl Iommu {
                 .collect(),
             shared: h.shared().to_vec(),
             os_real: None,
+            os_faults: Mutex::new(alloc::vec::Vec::new()),
         };
         if protect {
             let outside = h
@@ -840,6 +848,11 @@ impl Iommu {
         r.os_refused = s.refused;
         r.os_flushes = s.flushes;
         self.status.publish_iommu(index, r);
+    }
+
+    /// The faults [`Iommu::poll`] queued for the OS's emulated units.
+    pub fn take_os_faults(&self) -> alloc::vec::Vec<thin_hv_core::os_iommu::RealFault> {
+        core::mem::take(&mut *self.os_faults.lock())
     }
 
     /// Whether the OS's emulated units have the real tables to work on.
@@ -1655,6 +1668,19 @@ impl Iommu {
             };
             if faults.is_empty() && !overflow {
                 continue;
+            }
+            if self.os_real.is_some() {
+                let mut q = self.os_faults.lock();
+                for f in faults.iter().filter(|f| f.interrupt_index.is_none()) {
+                    if q.len() < OS_FAULTS_QUEUED {
+                        q.push(thin_hv_core::os_iommu::RealFault {
+                            unit: i,
+                            sid: f.source,
+                            addr: f.address,
+                            write: f.write,
+                        });
+                    }
+                }
             }
             for f in &faults {
                 u.record.faults = u.record.faults.saturating_add(1);
