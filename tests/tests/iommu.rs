@@ -351,7 +351,7 @@ fn linux_drives_its_own_emulated_vtd_unit_and_its_devices_work_through_it() {
     let boot = thinhv_tests::linux_under_thinhv_iommu(
         "iommu-vtd-os",
         io_machine("intel-iommu", "iommu-vtd-os"),
-        "intel_iommu=on iommu.strict=1",
+        "intel_iommu=on iommu.strict=1 thinhv_os_iommu_probe=1",
         "",
         "mode = \"protect\"\nos = \"emulated\"",
     );
@@ -396,4 +396,19 @@ fn linux_drives_its_own_emulated_vtd_unit_and_its_devices_work_through_it() {
     assert_eq!(get(&d, "dma_core_crc_unchanged"), "1");
     assert_ne!(get(&d, "dmesg_dma_faults"), "0", "{d}");
     assert!(d.contains("Request device [01:00.0]"), "{d}");
+    // edu's group made an identity domain: its DMA reaches the OS's
+    // memory (the control: the same probe as above, now allowed) and
+    // never thinhv's, whatever the OS's unit says.
+    let own = section(&g.facts, "THINHV-OSIOMMU-BEGIN", "THINHV-OSIOMMU-END")
+        .unwrap_or_else(|| panic!("no OS IOMMU section:\n{}", g.facts))
+        .to_string();
+    assert_eq!(get(&own, "edu_domain_before"), "DMA", "{own}");
+    assert_eq!(get(&own, "edu_domain"), "identity", "{own}");
+    assert_eq!(get(&own, "identity_dma_ordinary_bytes"), "4096", "{own}");
+    assert_eq!(get(&own, "identity_dma_into_status_bytes"), "0", "{own}");
+    assert_eq!(get(&own, "identity_dma_core_crc_unchanged"), "1", "{own}");
+    // The NVMe rebound in a lazy domain (flush queue: domain-wide
+    // invalidations) still writes and reads back.
+    assert_eq!(get(&own, "nvme_domain"), "DMA-FQ", "{own}");
+    assert_eq!(get(&own, "lazy_nvme_read"), get(&own, "lazy_nvme_written"));
 }
