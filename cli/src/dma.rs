@@ -12,11 +12,11 @@ use std::os::unix::fs::FileExt;
 use std::process::ExitCode;
 use std::ptr::NonNull;
 
-const EDU_BUFFER: u64 = 0x40000;
-const PATTERN: u8 = 0x5a;
-const PAGE: usize = 4096;
+pub(crate) const EDU_BUFFER: u64 = 0x40000;
+pub(crate) const PATTERN: u8 = 0x5a;
+pub(crate) const PAGE: usize = 4096;
 
-fn find_edu() -> Option<String> {
+pub(crate) fn find_edu() -> Option<String> {
     for e in fs::read_dir("/sys/bus/pci/devices").ok()?.flatten() {
         let p = e.path();
         let id = |f: &str| fs::read_to_string(p.join(f)).unwrap_or_default();
@@ -107,7 +107,7 @@ impl Drop for Bar {
 }
 
 /// Two locked pages and their physical addresses (`/proc/self/pagemap`).
-fn pinned_pages() -> std::io::Result<(NonNull<u8>, [u64; 2])> {
+pub(crate) fn pinned_pages() -> std::io::Result<(NonNull<u8>, [u64; 2])> {
     // SAFETY: an anonymous private mapping of two pages.
     let p = unsafe {
         libc::mmap(
@@ -140,7 +140,7 @@ fn pinned_pages() -> std::io::Result<(NonNull<u8>, [u64; 2])> {
     Ok((base, pa))
 }
 
-fn count(b: &[u8]) -> usize {
+pub(crate) fn count(b: &[u8]) -> usize {
     b.iter().filter(|&&x| x == PATTERN).count()
 }
 

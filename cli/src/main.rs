@@ -30,6 +30,7 @@ mod nvme_virt;
 mod offloads;
 mod report;
 mod selftest;
+mod vfio;
 
 use std::process::ExitCode;
 use thinhv_abi::status::ControlOp;
@@ -91,6 +92,8 @@ fn main() -> ExitCode {
         "install" => install::run_install(rest),
         // Test tool for the guest (QEMU's edu device); not for operators.
         "dma-probe" => dma::run(rest),
+        // Test tool for the guest with an IOMMU of its own (issue 14).
+        "vfio-probe" => vfio::run(),
         // Attacks a hostile kernel tries (issue 11); test tools as well.
         "attack" if rest.first().is_some_and(|a| a == "msr") => attack_msr::run(&rest[1..]),
         "attack" => attack_pci::run(rest),

@@ -164,6 +164,14 @@ pub const MODULES: &[&str] = &[
     // only (`/init` skips them).
     "drivers/uio/uio.ko",
     "drivers/uio/uio_pci_generic.ko",
+    // VFIO, for the OS's own IOMMU's test (issue 14): loaded by that
+    // test only, in this order.
+    "virt/lib/irqbypass.ko",
+    "drivers/vfio/vfio.ko",
+    "drivers/vfio/vfio_iommu_type1.ko",
+    "drivers/vfio/vfio_virqfd.ko",
+    "drivers/vfio/pci/vfio-pci-core.ko",
+    "drivers/vfio/pci/vfio-pci.ko",
 ];
 
 /// The modules directory (`.../lib/modules/VERSION/kernel`) of the unpacked

@@ -407,6 +407,17 @@ fn linux_drives_its_own_emulated_vtd_unit_and_its_devices_work_through_it() {
     assert_eq!(get(&own, "identity_dma_ordinary_bytes"), "4096", "{own}");
     assert_eq!(get(&own, "identity_dma_into_status_bytes"), "0", "{own}");
     assert_eq!(get(&own, "identity_dma_core_crc_unchanged"), "1", "{own}");
+    // VFIO (type 1) from user space: edu's DMA lands where mapped, not at
+    // the physical address of an unmapped page (where an identity domain
+    // would put it), and thinhv's image page, which the OS mapped into the
+    // domain through /dev/mem, is refused: left out of the shadow and
+    // unchanged.
+    assert_eq!(get(&own, "vfio_dma_completed"), "1", "{own}");
+    assert_eq!(get(&own, "vfio_dma_bytes"), "4096", "{own}");
+    assert_eq!(get(&own, "vfio_unmapped_bytes"), "0", "{own}");
+    assert_eq!(get(&own, "vfio_thinhv_map"), "ok", "{own}");
+    assert_eq!(get(&own, "vfio_thinhv_crc_unchanged"), "1", "{own}");
+    assert_ne!(get(&own, "vfio_thinhv_refused"), "0", "{own}");
     // The NVMe rebound in a lazy domain (flush queue: domain-wide
     // invalidations) still writes and reads back.
     assert_eq!(get(&own, "nvme_domain"), "DMA-FQ", "{own}");
