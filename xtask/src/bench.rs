@@ -113,18 +113,47 @@ fn nvme_once(
     hv: bool,
     n: usize,
 ) -> Result<f64, String> {
+    let case = NvmeCase {
+        tag: if hv { "hv" } else { "native" },
+        hv,
+        iommu: "",
+        kernel: "",
+    };
+    nvme_case(a, img, &case, n).map(|(s, _)| s)
+}
+
+/// One way of running [`nvme_once`]'s machine: thinhv or not, more
+/// `[iommu]` lines, more kernel options.
+struct NvmeCase {
+    tag: &'static str,
+    hv: bool,
+    iommu: &'static str,
+    kernel: &'static str,
+}
+
+/// [`nvme_once`] for `case`: seconds, and `thinhv status --json` where
+/// thinhv ran.
+fn nvme_case(
+    a: &artifacts::Artifacts,
+    img: &linux::LinuxImage,
+    case: &NvmeCase,
+    n: usize,
+) -> Result<(f64, Option<Value>), String> {
     let build = root().join("build").join("bench");
     std::fs::create_dir_all(&build).map_err(|e| e.to_string())?;
-    let esp_dir = build.join(format!("nvme-{}-{n}", if hv { "hv" } else { "native" }));
+    let esp_dir = build.join(format!("nvme-{}-{n}", case.tag));
     let esp = Esp::create(&esp_dir).map_err(|e| e.to_string())?;
     esp.install_linux(img).map_err(|e| e.to_string())?;
-    let options = esp::kernel_options("quiet thinhv_test=1 thinhv_nvme_bench=1");
+    let options = esp::kernel_options(&format!(
+        "quiet thinhv_test=1 thinhv_nvme_bench=1 {}",
+        case.kernel
+    ));
     let mut config = esp::config_booting(
         esp::KERNEL,
         Some(&options),
-        "\n[iommu]\nmode = \"protect\"\n",
+        &format!("\n[iommu]\nmode = \"protect\"\n{}", case.iommu),
     );
-    if !hv {
+    if !case.hv {
         config = config.replace("[hypervisor]\n", "[hypervisor]\nenabled = false\n");
     }
     esp.install_thinhv(&a.efi, Some(&config))
@@ -153,12 +182,105 @@ fn nvme_once(
         .map_err(|e| format!("{e}\n{}", run.output()))?;
     let out = run.output();
     let _ = run.wait_exit(Duration::from_secs(30));
-    if hv && !out.contains("VT-d units translating") {
+    if case.hv && !out.contains("VT-d units translating") {
         return Err(format!("thinhv did not take the IOMMU:\n{out}"));
     }
-    thinhv_ovmf::runner::value(&out, "nvme_read_512m_seconds")
+    let secs = thinhv_ovmf::runner::value(&out, "nvme_read_512m_seconds")
         .and_then(|v| v.trim().parse::<f64>().ok())
-        .ok_or_else(|| format!("the guest did not time the NVMe read:\n{out}"))
+        .ok_or_else(|| format!("the guest did not time the NVMe read:\n{out}"))?;
+    let status = section(&out, "THINHV-STATUS-JSON-BEGIN", "THINHV-STATUS-JSON-END")
+        .and_then(|j| serde_json::from_str::<Value>(j.trim()).ok());
+    Ok((secs, status))
+}
+
+/// `cargo xtask bench --os-iommu`: the OS's own emulated VT-d unit
+/// (issue 14) against the same machine without it and without thinhv:
+/// the NVMe read of [`nvme_once`], runs of every case alternated, and the
+/// exits by reason of each boot under thinhv (status taken after the
+/// read).
+fn os_iommu_figures(
+    a: &artifacts::Artifacts,
+    img: &linux::LinuxImage,
+    runs: usize,
+) -> Result<Value, String> {
+    const EMULATED: &str = "os = \"emulated\"\n";
+    let cases = [
+        NvmeCase {
+            tag: "native",
+            hv: false,
+            iommu: "",
+            kernel: "",
+        },
+        NvmeCase {
+            tag: "native-iommu-strict",
+            hv: false,
+            iommu: "",
+            kernel: "intel_iommu=on iommu.strict=1",
+        },
+        NvmeCase {
+            tag: "hv",
+            hv: true,
+            iommu: "",
+            kernel: "",
+        },
+        NvmeCase {
+            tag: "hv-os-strict",
+            hv: true,
+            iommu: EMULATED,
+            kernel: "intel_iommu=on iommu.strict=1",
+        },
+        NvmeCase {
+            tag: "hv-os-lazy",
+            hv: true,
+            iommu: EMULATED,
+            kernel: "intel_iommu=on",
+        },
+    ];
+    let mut secs: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    let mut exits: Vec<Option<Value>> = vec![None; cases.len()];
+    for n in 0..runs {
+        for (i, c) in cases.iter().enumerate() {
+            let (s, status) = nvme_case(a, img, c, n)?;
+            println!("run {n}: {:<22} NVMe 512 MiB {s:.2} s", c.tag);
+            secs[i].push(s);
+            if let Some(st) = status {
+                exits[i] = st.get("exits_total").cloned();
+            }
+        }
+    }
+    let base = median(&mut secs[0].clone());
+    println!();
+    println!(
+        "thinhv bench --os-iommu: QEMU TCG, q35 + intel-iommu, -smp 2; NVMe sequential read, 512 MiB, O_DIRECT, 1 MiB blocks; median of {runs} runs, cases alternated"
+    );
+    let mut out = serde_json::Map::new();
+    for (i, c) in cases.iter().enumerate() {
+        let m = median(&mut secs[i].clone());
+        println!(
+            "  {:<22} {:7.1} MiB/s  ratio to native {:5.3}   {:.2?} s",
+            c.tag,
+            512.0 / m,
+            base / m,
+            secs[i]
+        );
+        out.insert(
+            c.tag.to_string(),
+            serde_json::json!({"seconds": secs[i], "median_s": m, "ratio_to_native": base / m,
+                "exits_total": exits[i]}),
+        );
+    }
+    println!("  exits during boot and read, by reason (all CPUs), thinhv cases:");
+    for (i, c) in cases.iter().enumerate() {
+        if let Some(ex) = exits[i].as_ref().and_then(Value::as_object) {
+            let list: Vec<String> = ex
+                .iter()
+                .filter(|(_, v)| v.as_u64().unwrap_or(0) > 0)
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            println!("    {:<22} {}", c.tag, list.join(", "));
+        }
+    }
+    Ok(Value::Object(out))
 }
 
 /// The EFI probe, bare or under thinhv (same QEMU line): its report
@@ -604,6 +726,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let mut only_appliances = false;
     let mut only_nvme = false;
     let mut only_nvme_vf = false;
+    let mut only_os_iommu = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -623,12 +746,16 @@ pub fn run(args: &[String]) -> Result<(), String> {
             "--appliance-nvme" => only_nvme = true,
             "--appliance-nvme-vf" => only_nvme_vf = true,
             "--os-iommu-model" => return os_iommu_model(),
+            "--os-iommu" => only_os_iommu = true,
             other => return Err(format!("unknown option {other:?}")),
         }
     }
     crate::deps::ensure()?;
     let a = artifacts::build()?;
     let img = linux::prepare(&root().join("build/cache"), &a.tool)?;
+    if only_os_iommu {
+        return save("bench-os-iommu.json", &os_iommu_figures(&a, &img, runs)?);
+    }
     if only_nvme {
         return save(
             "bench-appliance-nvme.json",

@@ -193,6 +193,7 @@ fn write(env: &mut impl Env, at: usize, off: u64, size: u8, value: u64) {
     let mut units = hv.os_vtd.lock();
     let unit = &mut units[at];
     let before = unit.unit.translating();
+    let short_before = unit.counts.short;
     let fx = unit.write(
         off,
         size,
@@ -221,6 +222,13 @@ fn write(env: &mut impl Env, at: usize, off: u64, size: u8, value: u64) {
     env.publish_os_iommu(at, status);
     let mut units = env.hv().os_vtd.lock();
     let unit = &mut units[at];
+    if unit.counts.short > short_before && short_before == 0 {
+        log::error!(
+            "the OS's IOMMU {:#x}: no frame left for its shadows ({} KiB kept): pages the OS maps from now on may be missing, and its devices' DMA there faults",
+            unit.base,
+            thinhv_abi::layout::OS_IOMMU_PAGES * 4
+        );
+    }
     if let Some(e) = fx.queue_error {
         log::warn!(
             "the OS's IOMMU {:#x}: invalidation queue stopped: {}",
