@@ -359,6 +359,10 @@ pub struct SharedIds {
 /// interrupts of every requester ID without a remapping table but the
 /// I/O APICs' (the IDs of [`IommuHandoff::shared`] have a table).
 pub const IOMMU_FLAG_BLOCK_COMPAT: u8 = 1;
+/// [`IommuHandoff::flags`]: the OS's emulated VT-d unit offers interrupt
+/// remapping (`[iommu] os = "emulated"`, no appliances, the platform's DMAR
+/// announces it); the core confirms from the units' capabilities.
+pub const IOMMU_FLAG_OS_REMAP: u8 = 2;
 
 /// [`IommuHandoff::interrupts`]: interrupt messages are not remapped
 /// (`[iommu] interrupts = "off"`).

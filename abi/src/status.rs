@@ -335,7 +335,9 @@ pub struct IommuRecord {
     /// appliance's (0x30).
     pub os_refused: u64,
     /// Real invalidations made for the OS's unit (0x38).
-    pub os_flushes: u64,
+    pub os_flushes: u32,
+    /// The OS's remapping entries in the real table (0x3C).
+    pub os_entries: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<IommuRecord>() == 64);

@@ -334,6 +334,7 @@ fn os_unit_json(u: &IommuRecord) -> serde_json::Value {
         "refused": u.os_refused,
         "faults": u.os_faults,
         "flushes": u.os_flushes,
+        "remapping_entries": u.os_entries,
     })
 }
 
@@ -384,7 +385,7 @@ pub fn iommu_text(units: &[IommuRecord]) -> String {
         if u.os_state != thinhv_abi::status::OS_UNIT_NONE {
             let _ = writeln!(
                 s,
-                "  the OS's own unit: {}, {} domain(s) shadowed, {} page(s) mapped, {} refused (thinhv's or an appliance's), {} fault(s) reported to the OS, interrupt remapping {}",
+                "  the OS's own unit: {}, {} domain(s) shadowed, {} page(s) mapped, {} refused (thinhv's or an appliance's), {} fault(s) reported to the OS, interrupt remapping {} ({} entries)",
                 if u.os_state == thinhv_abi::status::OS_UNIT_TRANSLATING {
                     "translating"
                 } else {
@@ -394,7 +395,8 @@ pub fn iommu_text(units: &[IommuRecord]) -> String {
                 u.os_pages,
                 u.os_refused,
                 u.os_faults,
-                if u.os_remapping != 0 { "on" } else { "off" }
+                if u.os_remapping != 0 { "on" } else { "off" },
+                u.os_entries
             );
         }
     }

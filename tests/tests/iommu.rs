@@ -402,6 +402,17 @@ fn linux_drives_its_own_emulated_vtd_unit_and_its_devices_work_through_it() {
     let own = section(&g.facts, "THINHV-OSIOMMU-BEGIN", "THINHV-OSIOMMU-END")
         .unwrap_or_else(|| panic!("no OS IOMMU section:\n{}", g.facts))
         .to_string();
+    // Interrupt remapping: Linux enabled it on its unit, and its devices'
+    // interrupts go through remapping entries (IR-PCI-MSI in
+    // /proc/interrupts) composed into the real unit's table.
+    assert_eq!(
+        get(&own, "dmesg_ir"),
+        "Enabled IRQ remapping in xapic mode",
+        "{own}"
+    );
+    assert_ne!(get(&own, "ir_irqs"), "0", "{own}");
+    assert_eq!(os["remapping"], true, "{s}");
+    assert!(os["remapping_entries"].as_u64().unwrap() > 0, "{s}");
     assert_eq!(get(&own, "edu_domain_before"), "DMA", "{own}");
     assert_eq!(get(&own, "edu_domain"), "identity", "{own}");
     assert_eq!(get(&own, "identity_dma_ordinary_bytes"), "4096", "{own}");

@@ -24,7 +24,59 @@
 use crate::vvtd_shadow::{DmaReach, FreeFrames, OsTables, Shadow, ShadowError, Vtd};
 use alloc::collections::BTreeMap;
 use thinhv_paging::PhysMem;
-use thinhv_passthrough::vvtd::{Context, Effects, Offer, OsMemory, Scope, Unit};
+use thinhv_passthrough::irq_remap::{Cores, Policy};
+use thinhv_passthrough::vvtd::{
+    Context, Effects, Offer, OsMemory, Scope, Sources, Unit, sync_entries,
+};
+
+/// The OS's requesters, for its remapping entries' source validation.
+struct OwnedSources<'a>(&'a dyn Fn(u16) -> bool);
+
+impl Sources for OwnedSources<'_> {
+    fn is_os(&self, sid: u16) -> bool {
+        (self.0)(sid)
+    }
+    fn buses_are_os(&self, first: u8, last: u8) -> bool {
+        (first..=last).all(|b| (0..=255u16).all(|df| (self.0)(u16::from(b) << 8 | df)))
+    }
+}
+
+/// The OS's remapping entries in the real table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EntryCounts {
+    /// Entries refused (written not present) so far.
+    pub refused: u64,
+    /// Refusals logged.
+    logged: u8,
+    /// Which real entries hold one of the OS's (one bit each, as far as
+    /// [`ENTRIES_TRACKED`]).
+    present: alloc::vec::Vec<u64>,
+}
+
+/// Real remapping entries whose use `thinhv status` counts.
+const ENTRIES_TRACKED: u32 = 1 << 13;
+
+impl EntryCounts {
+    fn set(&mut self, index: u32, present: bool) {
+        if index >= ENTRIES_TRACKED {
+            return;
+        }
+        if self.present.is_empty() {
+            self.present = alloc::vec![0; (ENTRIES_TRACKED / 64) as usize];
+        }
+        let (w, b) = ((index / 64) as usize, index % 64);
+        if present {
+            self.present[w] |= 1 << b;
+        } else {
+            self.present[w] &= !(1 << b);
+        }
+    }
+
+    /// Entries in use.
+    pub fn in_use(&self) -> u32 {
+        self.present.iter().map(|w| w.count_ones()).sum()
+    }
+}
 
 /// What the real unit's context entry for one of the OS's requesters
 /// names.
@@ -50,6 +102,15 @@ pub trait RealUnit {
     fn set_context(&mut self, rid: u16, c: RealContext);
     /// Invalidates the real units' context caches and IOTLBs.
     fn flush(&mut self);
+    /// Writes entry `index` of the real remapping table's OS part (an
+    /// index past it is dropped; the OS's messages naming it fault).
+    fn write_irte(&mut self, index: u32, entry: [u64; 2]);
+    /// Invalidates the real units' interrupt entry caches.
+    fn irte_flush(&mut self);
+    /// Turns the real units' interrupt remapping on through the OS's part
+    /// (32-bit destinations where `x2apic`; compatibility-format messages
+    /// passing where `compat`), or off.
+    fn set_remapping(&mut self, on: bool, x2apic: bool, compat: bool);
 }
 
 /// The real domain ID of the OS's domain `domain` (the OS's unit offers
@@ -111,6 +172,8 @@ pub struct OsUnitStatus {
     pub faults: u64,
     /// Real invalidations.
     pub flushes: u64,
+    /// Remapping entries of the OS's in the real table.
+    pub entries: u32,
 }
 
 /// One emulated unit at `base`.
@@ -128,12 +191,16 @@ pub struct OsVtd {
     pub counts: Counts,
     /// Fault and completion events not delivered.
     pub events_dropped: u64,
+    /// The OS's remapping entries.
+    pub entries: EntryCounts,
 }
 
 /// What the emulation reaches of the machine: the OS's memory (through
 /// [`OsMemory`]), which requesters are the OS's, which pages a shadow may
 /// map, thinhv's table memory and frames, and the real unit.
-pub struct Machine<'a, M, R, P, F, U> {
+pub struct Machine<'a, M, R, P, F, U, C> {
+    /// The OS's processors (for its interrupt remapping entries).
+    pub cores: &'a C,
     /// The OS's memory.
     pub os: &'a mut M,
     /// Which pages the OS's devices may reach.
@@ -164,7 +231,18 @@ impl OsVtd {
                 flushes: 0,
             },
             events_dropped: 0,
+            entries: EntryCounts {
+                refused: 0,
+                logged: 0,
+                present: alloc::vec::Vec::new(),
+            },
         }
+    }
+
+    /// What the unit offers, set before the OS first touches it (the
+    /// core learns what the real units can do after the hand-off).
+    pub fn set_offer(&mut self, offer: Offer) {
+        self.unit = Unit::new(offer);
     }
 
     /// Domains shadowed.
@@ -203,17 +281,18 @@ impl OsVtd {
             refused: self.counts.refused,
             faults: self.unit.faults_recorded,
             flushes: self.counts.flushes,
+            entries: self.entries.in_use(),
         }
     }
 
     /// A register write, and what it changes in the real unit. Returns
     /// what the model asked beyond it (events for the caller to deliver).
-    pub fn write<M, R, P, F, U>(
+    pub fn write<M, R, P, F, U, C>(
         &mut self,
         offset: u64,
         size: u8,
         value: u64,
-        m: &mut Machine<'_, M, R, P, F, U>,
+        m: &mut Machine<'_, M, R, P, F, U, C>,
     ) -> Effects
     where
         M: OsMemory,
@@ -221,6 +300,7 @@ impl OsVtd {
         P: PhysMem,
         F: FreeFrames,
         U: RealUnit,
+        C: Cores,
     {
         let mut fx = Effects::default();
         self.unit.write(offset, size, value, m.os, &mut fx);
@@ -253,16 +333,87 @@ impl OsVtd {
             m.real.flush();
             self.counts.flushes += 1;
         }
+        if self.unit.offer().remapping {
+            self.remapping(&fx, m);
+        }
         fx
     }
 
+    /// The OS's interrupt remapping: its entries composed into the real
+    /// table's OS part at its interrupt-entry-cache invalidations (all of
+    /// them when it latches a table or turns remapping on), and the real
+    /// units' remapping turned on and off with its own, after the entries
+    /// and before them respectively.
+    fn remapping<M, R, P, F, U, C>(&mut self, fx: &Effects, m: &mut Machine<'_, M, R, P, F, U, C>)
+    where
+        M: OsMemory,
+        R: DmaReach,
+        P: PhysMem,
+        F: FreeFrames,
+        U: RealUnit,
+        C: Cores,
+    {
+        if fx.remapping == Some(false) {
+            m.real.set_remapping(false, false, false);
+        }
+        let whole = fx.irt || fx.remapping == Some(true) || fx.entries.all;
+        if whole || !fx.entries.is_empty() {
+            let sources = OwnedSources(m.owned);
+            let x2apic = self.unit.irt().is_some_and(|t| t.x2apic);
+            let policy = Policy {
+                nmi: false,
+                extint: false,
+            };
+            let scopes: alloc::vec::Vec<Option<Scope>> = if whole {
+                alloc::vec![None]
+            } else {
+                fx.entries.scopes().iter().map(|s| Some(*s)).collect()
+            };
+            for scope in scopes {
+                let entries = &mut self.entries;
+                let real = &mut *m.real;
+                let r = sync_entries(
+                    &self.unit,
+                    &*m.os,
+                    scope,
+                    &sources,
+                    m.cores,
+                    policy,
+                    x2apic,
+                    &mut |i, e| {
+                        entries.set(i, e[0] & 1 != 0);
+                        real.write_irte(i, e);
+                    },
+                );
+                self.entries.refused += u64::from(r.refused);
+                if let Some((index, why)) = r.first_refusal
+                    && self.entries.logged < 8
+                {
+                    self.entries.logged += 1;
+                    log::warn!(
+                        "the OS's IOMMU {:#x}: its remapping entry {index} refused: {}",
+                        self.base,
+                        why.describe()
+                    );
+                }
+            }
+            m.real.irte_flush();
+        }
+        if (fx.remapping == Some(true) || fx.compat.is_some())
+            && let Some(t) = self.unit.irt()
+        {
+            m.real
+                .set_remapping(true, t.x2apic, self.unit.compat_passes());
+        }
+    }
+
     /// Syncs `domain`'s shadow over `[from, to)`; whether anything changed.
-    fn sync<M, R, P, F, U>(
+    fn sync<M, R, P, F, U, C>(
         &mut self,
         domain: u16,
         from: u64,
         to: u64,
-        m: &mut Machine<'_, M, R, P, F, U>,
+        m: &mut Machine<'_, M, R, P, F, U, C>,
     ) -> bool
     where
         M: OsMemory,
@@ -270,6 +421,7 @@ impl OsVtd {
         P: PhysMem,
         F: FreeFrames,
         U: RealUnit,
+        C: Cores,
     {
         let Some((shadow, tables)) = self.shadows.get_mut(&domain) else {
             return false;
@@ -308,13 +460,14 @@ impl OsVtd {
 
     /// Reads the OS's context entries and points the real ones to match;
     /// whether any changed.
-    fn contexts<M, R, P, F, U>(&mut self, m: &mut Machine<'_, M, R, P, F, U>) -> bool
+    fn contexts<M, R, P, F, U, C>(&mut self, m: &mut Machine<'_, M, R, P, F, U, C>) -> bool
     where
         M: OsMemory,
         R: DmaReach,
         P: PhysMem,
         F: FreeFrames,
         U: RealUnit,
+        C: Cores,
     {
         let mut want: BTreeMap<u16, RealContext> = BTreeMap::new();
         let mut used: BTreeMap<u16, OsTables> = BTreeMap::new();
@@ -433,7 +586,7 @@ pub fn for_handoff(h: &thinhv_abi::handoff::Handoff) -> alloc::vec::Vec<OsVtd> {
     }
     let offer = Offer {
         host_width: u8::try_from(h.phys_addr_bits).unwrap_or(52),
-        remapping: false,
+        remapping: i.flags & thinhv_abi::handoff::IOMMU_FLAG_OS_REMAP != 0,
         x2apic: false,
     };
     i.units()
@@ -515,6 +668,15 @@ impl RealUnit for NoHost {
         match *self {}
     }
     fn flush(&mut self) {
+        match *self {}
+    }
+    fn write_irte(&mut self, _: u32, _: [u64; 2]) {
+        match *self {}
+    }
+    fn irte_flush(&mut self) {
+        match *self {}
+    }
+    fn set_remapping(&mut self, _: bool, _: bool, _: bool) {
         match *self {}
     }
 }

@@ -70,12 +70,16 @@ impl DmaReach for Reach {
     }
 }
 
-/// The real unit: the context entries as set, and flushes.
+/// The real unit: the context entries as set, flushes, the remapping
+/// table's OS part and whether remapping is on.
 #[derive(Default)]
 struct Real {
     ctx: HashMap<u16, RealContext>,
     set: usize,
     flushes: usize,
+    irt: HashMap<u32, [u64; 2]>,
+    irte_flushes: usize,
+    remapping: Option<(bool, bool, bool)>,
 }
 
 impl RealUnit for Real {
@@ -85,6 +89,28 @@ impl RealUnit for Real {
     }
     fn flush(&mut self) {
         self.flushes += 1;
+    }
+    fn write_irte(&mut self, index: u32, entry: [u64; 2]) {
+        self.irt.insert(index, entry);
+    }
+    fn irte_flush(&mut self) {
+        self.irte_flushes += 1;
+    }
+    fn set_remapping(&mut self, on: bool, x2apic: bool, compat: bool) {
+        self.remapping = Some((on, x2apic, compat));
+    }
+}
+
+/// The OS's processors: APIC IDs 0 and 1 (2 is an appliance's).
+struct Cores2;
+
+impl thinhv_passthrough::irq_remap::Cores for Cores2 {
+    fn has(&self, apic_id: u32) -> bool {
+        apic_id < 2
+    }
+    fn logical(&self, dest: u8, out: &mut Vec<u32>) -> bool {
+        out.extend((0..2).filter(|i| dest & (1 << i) != 0));
+        dest & !3 != 0
     }
 }
 
@@ -138,6 +164,7 @@ impl Bed {
         let reach = Reach(self.protect);
         let owned = |rid: u16| rid != 0x20;
         let mut m = Machine {
+            cores: &Cores2,
             os: &mut self.os,
             reach: &reach,
             owned: &owned,
@@ -261,4 +288,53 @@ fn a_real_fault_the_oss_tables_caused_is_the_oss_and_one_of_thinhvs_protection_i
     let hi = b.unit.unit.read(reg::FRCD + 8, 8);
     assert_eq!(hi & 0xffff, 0x10);
     assert_eq!(b.unit.unit.read(reg::FRCD, 8), 0x4000_1000);
+}
+
+#[test]
+fn the_oss_remapping_entries_reach_the_real_table_judged_and_remapping_follows_its_own() {
+    let mut b = bed(true);
+    b.unit.set_offer(Offer {
+        host_width: 39,
+        remapping: true,
+        x2apic: false,
+    });
+    // Its table at 0x30000, 2^(3+1) entries: entry 0 vector 0x41 to APIC
+    // 1 from 00:02.0 (SVT 01b, SQ 0); entry 1 to APIC 2 (an appliance's);
+    // entry 2 from 00:04.0 (not the OS's).
+    let irte =
+        |vector: u64, dest: u64, sid: u64| [1 | (vector << 16) | (dest << 40), sid | (1 << 18)];
+    for (i, e) in [
+        irte(0x41, 1, 0x10),
+        irte(0x42, 2, 0x10),
+        irte(0x43, 0, 0x20),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        b.os.put(0x30000 + 16 * i as u64, e[0]);
+        b.os.put(0x30000 + 16 * i as u64 + 8, e[1]);
+    }
+    b.write(reg::IRTA, 0x30000 | 3);
+    b.write(reg::GCMD, 1 << 24);
+    assert!(b.real.irt.is_empty() || b.real.irt.values().all(|e| e[0] & 1 == 0));
+    // Turning remapping on: the entries first, then the real unit.
+    b.write(reg::GCMD, 1 << 25);
+    assert_eq!(b.real.remapping, Some((true, false, false)));
+    assert!(b.real.irte_flushes >= 1);
+    let e0 = b.real.irt[&0];
+    assert_eq!(e0[0] & 1, 1);
+    assert_eq!((e0[0] >> 16) & 0xff, 0x41);
+    assert_eq!((e0[0] >> 40) & 0xff, 1);
+    assert_eq!(b.real.irt[&1][0] & 1, 0, "an appliance's processor");
+    assert_eq!(b.real.irt[&2][0] & 1, 0, "a source that is not the OS's");
+    assert_eq!(b.unit.status().entries, 1);
+    assert_eq!(b.unit.entries.refused, 2);
+    // The OS changes entry 0: nothing before its invalidation (through
+    // its queue, which the model's own tests drive).
+    b.os.put(0x30000, irte(0x51, 0, 0x10)[0]);
+    b.write(reg::FEDATA & !7, 0);
+    assert_eq!((b.real.irt[&0][0] >> 16) & 0xff, 0x41);
+    // Remapping off: the real unit's too, and first.
+    b.write(reg::GCMD, 1 << 24);
+    assert_eq!(b.real.remapping, Some((false, false, false)));
 }

@@ -209,6 +209,14 @@ pub fn install(config: &Config) -> Result<String, String> {
     let max_bus = functions.iter().map(|f| f.bdf.bus).max().unwrap_or(0);
     let max_apic = cpus.iter().map(|c| c.apic_id).max().unwrap_or(0);
     let mut iommu = super::iommu::prepare(config, max_bus, max_apic);
+    // The OS's own unit remaps interrupts where no appliance shares the
+    // real unit's table with it and the platform remaps (`os-iommu.md`).
+    if iommu.os == thinhv_abi::handoff::IOMMU_OS_EMULATED
+        && appliances.list.is_empty()
+        && super::iommu::dmar_remaps()
+    {
+        iommu.flags |= thinhv_abi::handoff::IOMMU_FLAG_OS_REMAP;
+    }
     // An appliance's functions DMA to its guest-physical addresses, which
     // only its IOMMU domain puts in its own RAM: without the IOMMU they
     // would reach the OS's memory.

@@ -87,7 +87,7 @@ pub fn prepare(config: &Config, max_bus: u8, max_apic_id: u32) -> IommuHandoff {
             h.os = match config.iommu.os {
                 thinhv_config::IommuOs::Emulated if h.kind == IOMMU_KIND_VTD => {
                     println!(
-                        "thinhv: IOMMU: the OS gets an emulated VT-d unit of its own ([iommu] os = \"emulated\"; DMA translation, no interrupt remapping yet)"
+                        "thinhv: IOMMU: the OS gets an emulated VT-d unit of its own ([iommu] os = \"emulated\"; DMA translation, and interrupt remapping where no appliance runs)"
                     );
                     thinhv_abi::handoff::IOMMU_OS_EMULATED
                 }
@@ -117,6 +117,15 @@ pub fn prepare(config: &Config, max_bus: u8, max_apic_id: u32) -> IommuHandoff {
             off
         }
     }
+}
+
+/// Whether the platform's DMAR announces interrupt remapping (flags bit
+/// 0, INTR_REMAP).
+pub fn dmar_remaps() -> bool {
+    tables()
+        .ok()
+        .and_then(|t| table::<RawDmar>(&t))
+        .is_some_and(|d| d.get(37).is_some_and(|f| f & 1 != 0))
 }
 
 /// The I/O APICs' source IDs and the MSI-capable HPETs the DMAR (device
@@ -165,7 +174,10 @@ pub fn after_seal(h: &IommuHandoff, on: u64, total: u64, owned: impl Fn(u16) -> 
         return;
     }
     if h.os == thinhv_abi::handoff::IOMMU_OS_EMULATED && h.kind == IOMMU_KIND_VTD {
-        match os_dmar(owned) {
+        match os_dmar(
+            owned,
+            h.flags & thinhv_abi::handoff::IOMMU_FLAG_OS_REMAP != 0,
+        ) {
             Ok(()) => println!(
                 "thinhv: IOMMU: {on} of {total} {what} translating; DMA into thinhv is blocked; the OS sees an emulated unit at each one's registers"
             ),
@@ -188,8 +200,9 @@ pub fn after_seal(h: &IommuHandoff, on: u64, total: u64, owned: impl Fn(u16) -> 
 
 /// Replaces the firmware's DMAR by the OS's: one unit per real one, only
 /// the scopes of requesters `owned` (a single-hop endpoint's ID; deeper
-/// paths and bridges are kept), no interrupt remapping announced.
-fn os_dmar(owned: impl Fn(u16) -> bool) -> Result<(), &'static str> {
+/// paths and bridges are kept), interrupt remapping announced where
+/// `remap`.
+fn os_dmar(owned: impl Fn(u16) -> bool, remap: bool) -> Result<(), &'static str> {
     let (pa, bytes) = super::appliances::firmware_table(*b"DMAR")?;
     let real = thinhv_passthrough::dmar::parse(bytes).map_err(|_| "the DMAR is malformed")?;
     let keep = |_: u16, s: &thinhv_passthrough::dmar::DeviceScope| match (s.kind, s.path.as_slice())
@@ -199,7 +212,7 @@ fn os_dmar(owned: impl Fn(u16) -> bool) -> Result<(), &'static str> {
         }
         _ => true,
     };
-    let table = thinhv_passthrough::os_tables::os_dmar(&real, false, keep)
+    let table = thinhv_passthrough::os_tables::os_dmar(&real, remap, keep)
         .ok_or("a structure does not fit")?;
     super::appliances::replace_firmware_table(pa, &table)
 }

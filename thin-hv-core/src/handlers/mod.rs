@@ -10,7 +10,7 @@ mod hpet;
 mod hypercall;
 pub mod ioapic;
 mod ipi;
-mod msi_remap;
+pub(crate) mod msi_remap;
 pub mod msr;
 pub mod msr_policy;
 mod npf;

@@ -140,9 +140,9 @@ fn cap(env: &mut impl Env, owner: Owner, rid: u16) -> Option<MsiCap> {
 /// destination resolves against the logical IDs the OS's kernel wrote
 /// (`ipi::logical_match`); an appliance's are refused (Linux programs
 /// physical ones in x2APIC mode without remapping of its own).
-pub(super) struct PartitionCores<'a> {
-    pub(super) hv: &'a Hv,
-    pub(super) id: PartitionId,
+pub(crate) struct PartitionCores<'a> {
+    pub(crate) hv: &'a Hv,
+    pub(crate) id: PartitionId,
 }
 
 impl Cores for PartitionCores<'_> {

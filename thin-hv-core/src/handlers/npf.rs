@@ -237,9 +237,12 @@ pub(super) fn apic_write(cpu: &mut impl GuestCpu, env: &mut impl Env, gpa: u64) 
     let outcome = if offset == reg::ICR_LOW && icr_virtualized(env.hv()) {
         let high = env.lapic_read(reg::ICR_HIGH);
         ipi::icr_write(env, (u64::from(high) << 32) | u64::from(value), false)
-    } else if matches!(offset, reg::LDR | reg::DFR) && env.hv().has_appliances() {
-        // Kept for resolving logical destinations (`ipi`); an appliance's
-        // never reach the hardware, the OS's do as well.
+    } else if matches!(offset, reg::LDR | reg::DFR)
+        && (env.hv().has_appliances() || !env.hv().os_vtd.lock().is_empty())
+    {
+        // Kept for resolving logical destinations (`ipi`, and the OS's
+        // remapping entries where it has a unit of its own); an
+        // appliance's never reach the hardware, the OS's do as well.
         let slot = &env.hv().cpus()[env.cpu_index()];
         if offset == reg::LDR {
             slot.vldr.store(value & 0xff00_0000, Ordering::SeqCst);

@@ -190,6 +190,10 @@ fn write(env: &mut impl Env, at: usize, off: u64, size: u8, value: u64) {
                 .appliances()
                 .any(|(_, p)| p.info.devices().iter().any(|d| d.rid == rid))
     };
+    let cores = super::msi_remap::PartitionCores {
+        hv,
+        id: crate::partition::PartitionId::OS,
+    };
     let mut units = hv.os_vtd.lock();
     let unit = &mut units[at];
     let before = unit.unit.translating();
@@ -199,6 +203,7 @@ fn write(env: &mut impl Env, at: usize, off: u64, size: u8, value: u64) {
         size,
         value,
         &mut Machine {
+            cores: &cores,
             os: &mut os,
             reach: &reach,
             owned: &owned,

@@ -110,7 +110,17 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
 
     let hv = Hv::from_handoff(&h, apic_base);
     if iommu.os_emulated() {
-        for (i, u) in hv.os_vtd.lock().iter().enumerate() {
+        let (remap, eim) = (iommu.os_remapping(), iommu.os_eim());
+        for (i, u) in hv.os_vtd.lock().iter_mut().enumerate() {
+            let mut offer = u.unit.offer();
+            if offer.remapping && !remap {
+                log::warn!(
+                    "IOMMU: the units cannot remap the OS's interrupts (ECAP.IR or QI clear): its unit offers no interrupt remapping"
+                );
+            }
+            offer.remapping &= remap;
+            offer.x2apic = offer.remapping && eim;
+            u.set_offer(offer);
             iommu.publish_os(i, u.status());
         }
     } else {

@@ -562,6 +562,9 @@ pub struct Iommu {
     /// core to tell whose they are (`thin_hv_core::os_iommu::RealFault`);
     /// at most [`OS_FAULTS_QUEUED`], later ones dropped.
     os_faults: Mutex<alloc::vec::Vec<thin_hv_core::os_iommu::RealFault>>,
+    /// VT-d: the real remapping table is the OS's (its emulated unit
+    /// remaps; no appliance runs).
+    os_ir: bool,
 }
 
 /// Real faults queued for the OS's emulated units between two collections.
@@ -654,6 +657,7 @@ impl Iommu {
             shared: h.shared().to_vec(),
             os_real: None,
             os_faults: Mutex::new(alloc::vec::Vec::new()),
+            os_ir: false,
         };
         if protect {
             let outside = h
@@ -667,6 +671,10 @@ impl Iommu {
                     .and_then(|(root_table, os_real)| {
                         me.os_real = os_real;
                         let ir = me.vtd_remapping(h, partitions, frames)?;
+                        me.os_ir = ir.is_some()
+                            && me.os_real.is_some()
+                            && partitions.is_empty()
+                            && h.flags & thinhv_abi::handoff::IOMMU_FLAG_OS_REMAP != 0;
                         if ir.is_some() {
                             *me.irt.lock() = Some(irt_slots());
                         }
@@ -846,13 +854,125 @@ impl Iommu {
         r.os_faults = u32::try_from(s.faults).unwrap_or(u32::MAX);
         r.os_pages = s.pages;
         r.os_refused = s.refused;
-        r.os_flushes = s.flushes;
+        r.os_flushes = u32::try_from(s.flushes).unwrap_or(u32::MAX);
+        r.os_entries = s.entries;
         self.status.publish_iommu(index, r);
     }
 
     /// The faults [`Iommu::poll`] queued for the OS's emulated units.
     pub fn take_os_faults(&self) -> alloc::vec::Vec<thin_hv_core::os_iommu::RealFault> {
         core::mem::take(&mut *self.os_faults.lock())
+    }
+
+    /// Whether the OS's emulated units may offer interrupt remapping:
+    /// the real table is theirs, and every unit remaps with a queue.
+    pub fn os_remapping(&self) -> bool {
+        self.os_ir && self.os_emulated()
+    }
+
+    /// Whether every real unit takes 32-bit destinations (ECAP.EIM).
+    pub fn os_eim(&self) -> bool {
+        let g = self.units.lock();
+        let (units, n) = &*g;
+        units[..*n]
+            .iter()
+            .all(|u| u.caps.is_some_and(|c| c.extended_interrupt_mode()))
+    }
+
+    /// Writes entry `index` of the real remapping table for the OS's unit
+    /// (an index past the table is dropped).
+    pub fn os_write_irte(&self, index: u32, entry: [u64; 2]) {
+        let Hw::Vtd { ir: Some(ir), .. } = &self.hw else {
+            return;
+        };
+        if !self.os_ir || index >= 1 << thinhv_abi::layout::VTD_IRT_ENTRIES_LOG2 {
+            return;
+        }
+        let page = ir.table + u64::from(index / 256) * PAGE;
+        let at = 2 * (index % 256) as usize;
+        // SAFETY: the remapping table's pages are this core's
+        // (`frames_take_run` in `vtd_remapping`), identity-mapped; `index`
+        // is inside it (checked above).
+        let mut mem = unsafe { IdentityMem::new() };
+        if entry[0] & 1 == 0 {
+            mem.write_entry(page, at, entry[0]);
+            mem.write_entry(page, at + 1, entry[1]);
+        } else {
+            mem.write_entry(page, at + 1, entry[1]);
+            mem.write_entry(page, at, entry[0]);
+        }
+    }
+
+    /// Invalidates every unit's interrupt entry cache (the OS's entries
+    /// changed).
+    pub fn os_irte_flush(&self) {
+        let Hw::Vtd { ir: Some(ir), .. } = &self.hw else {
+            return;
+        };
+        if !self.os_ir || !self.started.load(Ordering::SeqCst) {
+            return;
+        }
+        let g = self.units.lock();
+        let (units, n) = &*g;
+        for (i, u) in units[..*n].iter().enumerate() {
+            if let Err(e) = vtd::queue_run(
+                &mut Window { base: u.base },
+                &mut ir.queue(i),
+                &[vtd::desc::IEC_GLOBAL],
+            ) {
+                log::error!(
+                    "IOMMU: unit {:#x}: interrupt entry cache invalidation for the OS's unit: {}",
+                    u.base,
+                    e.describe()
+                );
+            }
+        }
+    }
+
+    /// Turns every unit's interrupt remapping on through the real table
+    /// (the OS's entries), or off.
+    pub fn os_set_remapping(&self, on: bool, x2apic: bool, compat: bool) {
+        let Hw::Vtd { ir: Some(ir), .. } = &self.hw else {
+            return;
+        };
+        if !self.os_ir || !self.started.load(Ordering::SeqCst) {
+            return;
+        }
+        let g = self.units.lock();
+        let (units, n) = &*g;
+        for (i, u) in units[..*n].iter().enumerate() {
+            let mut regs = Window { base: u.base };
+            let result = if on {
+                vtd::enable_remapping(
+                    &mut regs,
+                    &mut ir.queue(i),
+                    ir.table,
+                    thinhv_abi::layout::VTD_IRT_ENTRIES_LOG2,
+                    x2apic,
+                    compat && !x2apic,
+                )
+            } else {
+                vtd::disable_remapping(&mut regs)
+            };
+            match result {
+                Ok(()) => log::info!(
+                    "IOMMU: unit {:#x}: interrupt remapping {} for the OS's unit ({} destinations, compatibility format {})",
+                    u.base,
+                    if on { "on" } else { "off" },
+                    if x2apic { "32-bit" } else { "8-bit" },
+                    if compat && !x2apic {
+                        "passes"
+                    } else {
+                        "blocked"
+                    }
+                ),
+                Err(e) => log::error!(
+                    "IOMMU: unit {:#x}: interrupt remapping for the OS's unit: {}",
+                    u.base,
+                    e.describe()
+                ),
+            }
+        }
     }
 
     /// Whether the OS's emulated units have the real tables to work on.
@@ -956,7 +1076,12 @@ impl Iommu {
         partitions: &[PartitionInfo],
         frames: &mut BumpFrames,
     ) -> Result<Option<VtdIr>, &'static str> {
-        if !h.remaps_interrupts() || partitions.is_empty() {
+        // The OS's own unit remapping through the real table, where no
+        // appliance shares it (`IOMMU_FLAG_OS_REMAP`).
+        let os_ir = h.os == thinhv_abi::handoff::IOMMU_OS_EMULATED
+            && h.flags & thinhv_abi::handoff::IOMMU_FLAG_OS_REMAP != 0
+            && partitions.is_empty();
+        if !os_ir && (!h.remaps_interrupts() || partitions.is_empty()) {
             return Ok(None);
         }
         let g = self.units.lock();

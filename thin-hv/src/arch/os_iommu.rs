@@ -71,6 +71,15 @@ impl RealUnit for Real {
     fn flush(&mut self) {
         self.core.iommu.os_flush();
     }
+    fn write_irte(&mut self, index: u32, entry: [u64; 2]) {
+        self.core.iommu.os_write_irte(index, entry);
+    }
+    fn irte_flush(&mut self) {
+        self.core.iommu.os_irte_flush();
+    }
+    fn set_remapping(&mut self, on: bool, x2apic: bool, compat: bool) {
+        self.core.iommu.os_set_remapping(on, x2apic, compat);
+    }
 }
 
 /// What one register write of the OS's borrows.
