@@ -558,7 +558,7 @@ fn linux_reads_faults(b: &Bench) -> Vec<u64> {
         return pages;
     }
     let mut i = (fsts >> 8) & 0xff;
-    loop {
+    for _ in 0..FAULT_RECORDS {
         let at = reg::FRCD + 16 * i;
         if b.r(at + 12, 4) & (1 << 31) == 0 {
             break;

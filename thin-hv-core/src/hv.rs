@@ -330,6 +330,9 @@ pub struct Hv {
     /// The TSC when the real units' faults were last collected for the
     /// OS's units (`handlers::os_iommu::tick`).
     pub os_iommu_polled: AtomicU64,
+    /// How many units the OS has of its own (`os_vtd.len()` once the core
+    /// is set up), read without the lock.
+    pub os_vtd_count: core::sync::atomic::AtomicUsize,
 }
 
 impl Hv {
@@ -425,6 +428,7 @@ impl Hv {
             refused_fsb: AtomicU64::new(0),
             os_vtd: spin::Mutex::new(crate::os_iommu::for_handoff(h)),
             os_iommu_polled: AtomicU64::new(0),
+            os_vtd_count: core::sync::atomic::AtomicUsize::new(0),
             os_msi: spin::Mutex::new(
                 [crate::partition::MsiShadow::default(); thinhv_abi::handoff::MAX_PCI_MEDIATED],
             ),

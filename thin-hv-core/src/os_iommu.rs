@@ -98,8 +98,9 @@ pub enum RealContext {
 /// The real IOMMU as the emulation changes it.
 pub trait RealUnit {
     /// Points requester `rid`'s context entry at `c` (taking effect at the
-    /// next [`RealUnit::flush`]).
-    fn set_context(&mut self, rid: u16, c: RealContext);
+    /// next [`RealUnit::flush`]); false where it could not (the entry is
+    /// left as it was).
+    fn set_context(&mut self, rid: u16, c: RealContext) -> bool;
     /// Invalidates the real units' context caches and IOTLBs.
     fn flush(&mut self);
     /// Writes entry `index` of the real remapping table's OS part (an
@@ -189,6 +190,11 @@ pub struct OsVtd {
     real: BTreeMap<u16, RealContext>,
     /// What the emulation did.
     pub counts: Counts,
+    /// Domains that fall back to thinhv's domain for the OS, with the
+    /// tables their shadow could not follow.
+    degraded: BTreeMap<u16, OsTables>,
+    /// More requesters than [`MAX_REQUESTERS`] were seen (logged once).
+    too_many: bool,
     /// Fault and completion events not delivered.
     pub events_dropped: u64,
     /// The OS's remapping entries.
@@ -230,6 +236,8 @@ impl OsVtd {
                 short: 0,
                 flushes: 0,
             },
+            degraded: BTreeMap::new(),
+            too_many: false,
             events_dropped: 0,
             entries: EntryCounts {
                 refused: 0,
@@ -304,34 +312,56 @@ impl OsVtd {
     {
         let mut fx = Effects::default();
         self.unit.write(offset, size, value, m.os, &mut fx);
+        let mut w = Work {
+            left: WORK_PER_WRITE,
+            dead: alloc::vec::Vec::new(),
+        };
         let mut changed = false;
         if fx.root || fx.translation.is_some() || !fx.context.is_empty() {
-            changed |= self.contexts(m);
+            changed |= self.contexts(m, &mut w);
         }
+        let mut syncs: alloc::vec::Vec<(u16, u64, u64)> = alloc::vec::Vec::new();
         if fx.iotlb.all {
-            let domains: alloc::vec::Vec<u16> = self.shadows.keys().copied().collect();
-            for d in domains {
-                changed |= self.sync(d, 0, SPACE, m);
-            }
+            syncs.extend(self.shadows.keys().map(|&d| (d, 0, SPACE)));
         } else {
             for s in fx.iotlb.scopes() {
                 match *s {
-                    Scope::Domain(d) => changed |= self.sync(d, 0, SPACE, m),
+                    Scope::Domain(d) => syncs.push((d, 0, SPACE)),
                     Scope::Pages {
                         domain,
                         addr,
                         order,
                     } => {
                         let len = 0x1000u64 << order.min(36);
-                        changed |= self.sync(domain, addr, addr.saturating_add(len), m);
+                        syncs.push((domain, addr, addr.saturating_add(len)));
                     }
                     _ => {}
                 }
             }
         }
-        if changed {
+        let mut degraded = false;
+        for (d, from, to) in syncs {
+            match self.sync(d, from, to, m, &mut w.left) {
+                Ok(c) => changed |= c,
+                Err(why) => {
+                    self.degrade(d, why, &mut w);
+                    degraded = true;
+                }
+            }
+        }
+        if degraded {
+            // Its requesters move to thinhv's domain for the OS.
+            self.contexts(m, &mut w);
+            changed = true;
+        }
+        // The real unit forgets what it cached before a freed table can
+        // be reused.
+        if changed || !w.dead.is_empty() {
             m.real.flush();
             self.counts.flushes += 1;
+        }
+        for s in w.dead {
+            s.free(m.pt, m.frames);
         }
         if self.unit.offer().remapping {
             self.remapping(&fx, m);
@@ -414,7 +444,8 @@ impl OsVtd {
         from: u64,
         to: u64,
         m: &mut Machine<'_, M, R, P, F, U, C>,
-    ) -> bool
+        left: &mut u64,
+    ) -> Result<bool, Degraded>
     where
         M: OsMemory,
         R: DmaReach,
@@ -424,11 +455,16 @@ impl OsVtd {
         C: Cores,
     {
         let Some((shadow, tables)) = self.shadows.get_mut(&domain) else {
-            return false;
+            return Ok(false);
         };
         let mut at = from;
         let mut changed = false;
         loop {
+            // A step reads at most its budget in each of the two passes.
+            let Some(l) = left.checked_sub(2 * SYNC_BUDGET) else {
+                return Err(Degraded::Work);
+            };
+            *left = l;
             match shadow.sync(
                 &self.unit,
                 &*m.os,
@@ -447,20 +483,45 @@ impl OsVtd {
                     changed |= s.mapped + s.unmapped > 0;
                     match s.resume {
                         Some(r) if r > at && r < to => at = r,
-                        _ => return changed,
+                        _ => return Ok(changed),
                     }
                 }
                 Err(ShadowError::OutOfFrames) => {
                     self.counts.short += 1;
-                    return true;
+                    return Err(Degraded::Frames);
                 }
             }
         }
     }
 
+    /// `domain` falls back to thinhv's domain for the OS (its shadow could
+    /// not follow the OS's tables): its shadow goes (freed once the real
+    /// unit no longer uses it), and until the OS points the domain at
+    /// other tables, its requesters keep thinhv's domain for the OS.
+    /// thinhv's and the appliances' memory stay out of reach; the OS loses
+    /// its own isolation of that domain, and thinhv says so.
+    fn degrade(&mut self, domain: u16, why: Degraded, w: &mut Work) {
+        if let Some((s, t)) = self.shadows.remove(&domain) {
+            w.dead.push(s);
+            self.degraded.insert(domain, t);
+            log::error!(
+                "the OS's IOMMU {:#x}: its domain {domain} falls back to thinhv's domain for the OS ({}): the OS's devices in it reach all of the OS's memory",
+                self.base,
+                match why {
+                    Degraded::Frames => "no frame left for its shadow",
+                    Degraded::Work => "its tables take more than a register write's work to follow",
+                }
+            );
+        }
+    }
+
     /// Reads the OS's context entries and points the real ones to match;
     /// whether any changed.
-    fn contexts<M, R, P, F, U, C>(&mut self, m: &mut Machine<'_, M, R, P, F, U, C>) -> bool
+    fn contexts<M, R, P, F, U, C>(
+        &mut self,
+        m: &mut Machine<'_, M, R, P, F, U, C>,
+        w: &mut Work,
+    ) -> bool
     where
         M: OsMemory,
         R: DmaReach,
@@ -474,7 +535,7 @@ impl OsVtd {
         if let Some(root) = self.unit.root() {
             let mut re = [0u8; 16];
             let mut table = [0u8; 4096];
-            for bus in 0..=255u16 {
+            'buses: for bus in 0..=255u16 {
                 if m.os.read(root + u64::from(bus) * 16, &mut re).is_err() || re[0] & 1 == 0 {
                     continue;
                 }
@@ -489,6 +550,16 @@ impl OsVtd {
                     let sid = (bus << 8) | df;
                     if !(m.owned)(sid) {
                         continue;
+                    }
+                    if want.len() == MAX_REQUESTERS {
+                        if !self.too_many {
+                            self.too_many = true;
+                            log::warn!(
+                                "the OS's IOMMU {:#x}: more than {MAX_REQUESTERS} requesters in its context tables; those past them keep thinhv's domain for the OS",
+                                self.base
+                            );
+                        }
+                        break 'buses;
                     }
                     let c = match self.unit.context(&*m.os, sid) {
                         Ok(Context::Off | Context::PassThrough { .. }) => RealContext::Os,
@@ -509,22 +580,26 @@ impl OsVtd {
                 }
             }
         }
-        // Shadows: new ones built, those of domains no longer used freed,
-        // those whose tables moved emptied and rebuilt.
+        // A degraded domain is tried again once the OS points it at other
+        // tables.
+        self.degraded.retain(|d, t| used.get(d) == Some(t));
+        // Shadows: those of domains no longer used, or whose tables moved,
+        // go (freed after the real unit's flush); new ones are built.
         let gone: alloc::vec::Vec<u16> = self
             .shadows
             .iter()
             .filter(|(d, (_, t))| used.get(d) != Some(t))
             .map(|(d, _)| *d)
             .collect();
+        let mut changed = !gone.is_empty();
         for d in gone {
             if let Some((s, _)) = self.shadows.remove(&d) {
-                s.free(m.pt, m.frames);
+                w.dead.push(s);
             }
         }
         let mut fresh = alloc::vec::Vec::new();
         for (&d, &t) in &used {
-            if self.shadows.contains_key(&d) {
+            if self.shadows.contains_key(&d) || self.degraded.contains_key(&d) {
                 continue;
             }
             match Shadow::new(Vtd, d, m.pt, m.frames) {
@@ -532,20 +607,31 @@ impl OsVtd {
                     self.shadows.insert(d, (s, t));
                     fresh.push(d);
                 }
-                Err(ShadowError::OutOfFrames) => self.counts.short += 1,
+                Err(ShadowError::OutOfFrames) => {
+                    self.counts.short += 1;
+                    self.degraded.insert(d, t);
+                    log::error!(
+                        "the OS's IOMMU {:#x}: no frame left for its domain {d}'s shadow: it falls back to thinhv's domain for the OS",
+                        self.base
+                    );
+                }
             }
         }
         for d in fresh {
-            self.sync(d, 0, SPACE, m);
+            changed = true;
+            if let Err(why) = self.sync(d, 0, SPACE, m, &mut w.left) {
+                self.degrade(d, why, w);
+            }
         }
-        // Requesters: the shadow's root filled in; one without a shadow
-        // (no frames) blocked; one the OS had and no longer has blocked.
+        // Requesters: the shadow's root filled in, or thinhv's domain for
+        // the OS where the domain has none (degraded); one the OS had and
+        // no longer has: blocked.
         for c in want.values_mut() {
             if let RealContext::Shadow { domain, .. } = *c {
                 *c = self
                     .shadows
                     .get(&(domain & 0xff))
-                    .map_or(RealContext::Blocked, |(s, _)| RealContext::Shadow {
+                    .map_or(RealContext::Os, |(s, _)| RealContext::Shadow {
                         root: s.root(),
                         domain,
                     });
@@ -553,21 +639,34 @@ impl OsVtd {
         }
         if self.unit.translating() {
             for &sid in self.real.keys() {
-                want.entry(sid).or_insert(RealContext::Blocked);
+                if want.len() < MAX_REQUESTERS {
+                    want.entry(sid).or_insert(RealContext::Blocked);
+                }
             }
         }
-        let mut changed = false;
         for (&sid, &c) in &want {
             let old = self.real.get(&sid).copied().unwrap_or(RealContext::Os);
             if old != c {
-                m.real.set_context(sid, c);
-                changed = true;
+                if m.real.set_context(sid, c) {
+                    changed = true;
+                } else {
+                    // Not applied: the real entry is what it was.
+                    log::error!(
+                        "the OS's IOMMU {:#x}: {:02x}:{:02x}.{}'s real context entry could not be changed",
+                        self.base,
+                        sid >> 8,
+                        (sid >> 3) & 0x1f,
+                        sid & 7
+                    );
+                }
             }
         }
         // Translation off: every requester back on thinhv's domain.
         for (&sid, &old) in &self.real {
-            if !want.contains_key(&sid) && old != RealContext::Os {
-                m.real.set_context(sid, RealContext::Os);
+            if !want.contains_key(&sid)
+                && old != RealContext::Os
+                && m.real.set_context(sid, RealContext::Os)
+            {
                 changed = true;
             }
         }
@@ -576,12 +675,53 @@ impl OsVtd {
     }
 }
 
+/// Why a domain falls back to thinhv's domain for the OS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Degraded {
+    /// No frame for its shadow.
+    Frames,
+    /// Following its tables took more than a register write's work.
+    Work,
+}
+
+/// What one register write may still do, and the shadows it retired.
+struct Work {
+    /// Entries it may still read.
+    left: u64,
+    /// Shadows to free once the real unit is flushed.
+    dead: alloc::vec::Vec<Shadow<Vtd>>,
+}
+
+/// Entries of the OS's tables one register write may read: bounded work
+/// per exit whatever the OS's tables are (a domain of 512 MiB mapped in
+/// 4 KiB pages takes about an eighth of it to sync whole).
+const WORK_PER_WRITE: u64 = 1 << 21;
+
+/// Requesters of the OS's one unit follows.
+pub const MAX_REQUESTERS: usize = 1024;
+
 /// The OS's units, where the hand-off asks for them: VT-d that thinhv
 /// protects with, `[iommu] os = "emulated"`, one per real unit.
 pub fn for_handoff(h: &thinhv_abi::handoff::Handoff) -> alloc::vec::Vec<OsVtd> {
     use thinhv_abi::handoff::{IOMMU_KIND_VTD, IOMMU_MODE_PROTECT, IOMMU_OS_EMULATED};
     let i = &h.iommu;
     if i.mode != IOMMU_MODE_PROTECT || i.kind != IOMMU_KIND_VTD || i.os != IOMMU_OS_EMULATED {
+        return alloc::vec::Vec::new();
+    }
+    // One unit: with several, each would have to keep to the requesters
+    // of its own scope. An NVMe VF shown in its PF's place would get the
+    // translation the OS programs for the PF's ID, which is not the VF's.
+    if i.units().len() != 1 {
+        log::error!(
+            "IOMMU: {} VT-d units: the OS's own unit is built for one; the OS gets none",
+            i.units().len()
+        );
+        return alloc::vec::Vec::new();
+    }
+    if h.pci.shared_count > 0 {
+        log::error!(
+            "IOMMU: a VF shown to the OS in its PF's place: the OS's own unit cannot follow it; the OS gets none"
+        );
         return alloc::vec::Vec::new();
     }
     let offer = Offer {
@@ -664,7 +804,7 @@ impl PhysBytes for NoHost {
 }
 
 impl RealUnit for NoHost {
-    fn set_context(&mut self, _: u16, _: RealContext) {
+    fn set_context(&mut self, _: u16, _: RealContext) -> bool {
         match *self {}
     }
     fn flush(&mut self) {

@@ -45,18 +45,34 @@ impl PhysMem for Tables {
     }
 }
 
-struct Frames(u64, Vec<u64>);
+/// Frames, those given back reused first (as thinhv's pool does), each
+/// return noted with the real unit's flush count at that moment.
+struct Frames {
+    next: u64,
+    free: Vec<u64>,
+    left: u32,
+    flushes: std::rc::Rc<std::cell::Cell<usize>>,
+    freed: Vec<(u64, usize)>,
+}
 
 impl FrameAlloc for Frames {
     fn alloc_frame(&mut self) -> Option<u64> {
-        self.0 += 0x1000;
-        Some(self.0)
+        if let Some(f) = self.free.pop() {
+            return Some(f);
+        }
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        self.next += 0x1000;
+        Some(self.next)
     }
 }
 
 impl FreeFrames for Frames {
     fn free_frame(&mut self, frame: u64) {
-        self.1.push(frame);
+        self.free.push(frame);
+        self.freed.push((frame, self.flushes.get()));
     }
 }
 
@@ -77,18 +93,21 @@ struct Real {
     ctx: HashMap<u16, RealContext>,
     set: usize,
     flushes: usize,
+    flush_count: std::rc::Rc<std::cell::Cell<usize>>,
     irt: HashMap<u32, [u64; 2]>,
     irte_flushes: usize,
     remapping: Option<(bool, bool, bool)>,
 }
 
 impl RealUnit for Real {
-    fn set_context(&mut self, rid: u16, c: RealContext) {
+    fn set_context(&mut self, rid: u16, c: RealContext) -> bool {
         self.ctx.insert(rid, c);
         self.set += 1;
+        true
     }
     fn flush(&mut self) {
         self.flushes += 1;
+        self.flush_count.set(self.flushes);
     }
     fn write_irte(&mut self, index: u32, entry: [u64; 2]) {
         self.irt.insert(index, entry);
@@ -142,11 +161,18 @@ fn bed(protect: bool) -> Bed {
     os.put(0x21000 + 8, 0x22003);
     os.put(0x22000, 0x23003);
     os.put(0x23000, 0x5003);
+    let real = Real::default();
     Bed {
         os,
         pt: Tables::default(),
-        frames: Frames(0x1_0000_0000, Vec::new()),
-        real: Real::default(),
+        frames: Frames {
+            next: 0x1_0000_0000,
+            free: Vec::new(),
+            left: u32::MAX,
+            flushes: real.flush_count.clone(),
+            freed: Vec::new(),
+        },
+        real,
         unit: OsVtd::new(
             0xfed9_0000,
             Offer {
@@ -251,7 +277,7 @@ fn a_context_taken_away_blocks_its_requester_and_translation_off_gives_it_back()
     assert_eq!(b.real.ctx.get(&0x10), Some(&RealContext::Blocked));
     // The shadow of the domain no one uses is freed.
     assert_eq!(b.unit.domains(), 0);
-    assert!(!b.frames.1.is_empty());
+    assert!(!b.frames.freed.is_empty());
     // Translation off: back on thinhv's domain for the OS.
     b.write(reg::GCMD, 0);
     assert_eq!(b.real.ctx.get(&0x10), Some(&RealContext::Os));
@@ -337,4 +363,50 @@ fn the_oss_remapping_entries_reach_the_real_table_judged_and_remapping_follows_i
     // Remapping off: the real unit's too, and first.
     b.write(reg::GCMD, 1 << 24);
     assert_eq!(b.real.remapping, Some((false, false, false)));
+}
+
+#[test]
+fn a_shadow_replaced_under_the_same_domain_is_freed_only_after_the_real_flush() {
+    let mut b = bed(true);
+    b.enable();
+    let flushes = b.real.flushes;
+    // The OS moves domain 5 to new tables (a copy at 0x40000 that maps
+    // 0x4000_0000 to 0x7000) and invalidates the context cache: the old
+    // shadow goes, a new one (on its frames, reused) comes.
+    b.os.put(0x40000, 0x41003);
+    b.os.put(0x41000 + 8, 0x42003);
+    b.os.put(0x42000, 0x43003);
+    b.os.put(0x43000, 0x7003);
+    b.os.put(0x11000 + 0x10 * 16, 0x40001);
+    b.context_flush();
+    assert!(b.real.flushes > flushes, "the real unit flushed");
+    assert!(!b.frames.freed.is_empty());
+    for &(frame, at) in &b.frames.freed {
+        assert!(at > flushes, "frame {frame:#x} freed before the real flush");
+    }
+    assert_eq!(b.leaf(0x4000_0000) & !0xfff, 0x7000);
+}
+
+#[test]
+fn a_domain_without_frames_falls_back_to_thinhvs_domain_for_the_os_never_to_stale_entries() {
+    let mut b = bed(true);
+    // Frames for the root and one table only: the shadow cannot hold the
+    // OS's leaf.
+    b.frames.left = 2;
+    b.enable();
+    assert_eq!(b.unit.domains(), 0);
+    // Its requester keeps (or is given back) thinhv's domain for the OS.
+    assert!(b.real.ctx.get(&0x10).is_none_or(|c| *c == RealContext::Os));
+    // Everything it held is back in the pool, after a flush.
+    assert_eq!(b.frames.free.len(), 2);
+    // Given frames and new tables, the domain is shadowed again.
+    b.frames.left = 100;
+    b.os.put(0x40000, 0x21003);
+    b.os.put(0x11000 + 0x10 * 16, 0x40001);
+    b.context_flush();
+    assert_eq!(b.unit.domains(), 1);
+    assert!(matches!(
+        b.real.ctx.get(&0x10),
+        Some(RealContext::Shadow { .. })
+    ));
 }

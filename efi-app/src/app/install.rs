@@ -857,7 +857,7 @@ pub fn install(config: &Config) -> Result<String, String> {
                     .iter()
                     .any(|p| p.devices().iter().any(|d| d.rid == rid))
         };
-        super::iommu::after_seal(&h.iommu, r[1], r[2], owned);
+        super::iommu::after_seal(&h.iommu, r[1], r[2], r[3], owned);
     } else {
         log::warn!("seal returned {}", Status(r[0]).name());
     }

@@ -157,7 +157,13 @@ pub fn ivrs_aliases() -> alloc::vec::Vec<(u16, u16, u16)> {
 
 /// After seal: report, and hide the table if every unit translates (or,
 /// where the OS has emulated units, replace it by the OS's DMAR).
-pub fn after_seal(h: &IommuHandoff, on: u64, total: u64, owned: impl Fn(u16) -> bool) {
+pub fn after_seal(
+    h: &IommuHandoff,
+    on: u64,
+    total: u64,
+    os_units: u64,
+    owned: impl Fn(u16) -> bool,
+) {
     if h.mode != IOMMU_MODE_PROTECT || total == 0 {
         return;
     }
@@ -173,7 +179,12 @@ pub fn after_seal(h: &IommuHandoff, on: u64, total: u64, owned: impl Fn(u16) -> 
         );
         return;
     }
-    if h.os == thinhv_abi::handoff::IOMMU_OS_EMULATED && h.kind == IOMMU_KIND_VTD {
+    if h.os == thinhv_abi::handoff::IOMMU_OS_EMULATED && h.kind == IOMMU_KIND_VTD && os_units == 0 {
+        println!(
+            "thinhv: IOMMU: the core could not give the OS a unit of its own (see thinhv's log); the OS gets no IOMMU"
+        );
+    }
+    if h.os == thinhv_abi::handoff::IOMMU_OS_EMULATED && h.kind == IOMMU_KIND_VTD && os_units > 0 {
         match os_dmar(
             owned,
             h.flags & thinhv_abi::handoff::IOMMU_FLAG_OS_REMAP != 0,

@@ -164,11 +164,14 @@ pub(super) fn handle(cpu: &mut impl GuestCpu, env: &mut impl Env) -> Outcome {
             }
             log::info!("sealed: the OS is being started; loader-only hypercalls are closed");
             let (on, total) = env.iommu_enable();
+            // How many units the OS has of its own (the loader shows it
+            // their DMAR only then).
+            let os_units = env.hv().os_vtd_count.load(Ordering::SeqCst) as u64;
             finish(
                 cpu,
                 env,
                 Status::OK,
-                [Some(u64::from(on)), Some(u64::from(total)), None],
+                [Some(u64::from(on)), Some(u64::from(total)), Some(os_units)],
             )
         }
         Function::CLAIM_APPLIANCE_CPUS => {

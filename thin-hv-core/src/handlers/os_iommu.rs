@@ -21,11 +21,13 @@ const POLL_EVERY: u64 = 2_000_000;
 
 /// An access of the OS's at `gpa` (`None`: not a page of its units).
 pub(super) fn access(cpu: &mut impl GuestCpu, env: &mut impl Env, gpa: u64) -> Option<Outcome> {
-    let page = gpa & !0xfff;
-    let at = env.hv().os_vtd.lock().iter().position(|u| u.base == page)?;
-    if !env.hv().space_of(env.cpu_index()).is_os() {
+    if env.hv().os_vtd_count.load(Ordering::Relaxed) == 0
+        || !env.hv().space_of(env.cpu_index()).is_os()
+    {
         return None;
     }
+    let page = gpa & !0xfff;
+    let at = env.hv().os_vtd.lock().iter().position(|u| u.base == page)?;
     // What the real unit refused so far is in the OS's registers before
     // the OS reads them.
     env.iommu_poll();
@@ -68,7 +70,7 @@ pub(super) fn access(cpu: &mut impl GuestCpu, env: &mut impl Env, gpa: u64) -> O
 /// reported to it.
 pub(super) fn tick(env: &mut impl Env) {
     let hv = env.hv();
-    if hv.os_vtd.lock().is_empty() {
+    if hv.os_vtd_count.load(Ordering::Relaxed) == 0 {
         return;
     }
     let now = env.tsc();
@@ -88,6 +90,11 @@ pub(super) fn tick(env: &mut impl Env) {
 /// The real units' faults of the OS's requesters: those of the OS's own
 /// making recorded in its units, and their fault events sent.
 pub(super) fn deliver_faults(env: &mut impl Env) {
+    if env.hv().os_vtd_count.load(Ordering::Relaxed) == 0
+        || !env.hv().space_of(env.cpu_index()).is_os()
+    {
+        return;
+    }
     let faults = env.take_os_iommu_faults();
     if faults.is_empty() {
         return;
@@ -103,6 +110,11 @@ pub(super) fn deliver_faults(env: &mut impl Env) {
         let os = OsRam { hv, ram };
         let mut units = hv.os_vtd.lock();
         for f in faults {
+            // Only the OS's own requesters' faults are the OS's to hear of
+            // (an appliance's DMA is not its business).
+            if !owns(hv, f.sid) {
+                continue;
+            }
             let Some(unit) = units.get_mut(f.unit) else {
                 continue;
             };
@@ -164,7 +176,12 @@ fn raise(env: &mut impl Env, base: u64, x2apic: bool, ev: thinhv_passthrough::vv
     };
     // Fixed, edge; logical destination mode where the OS asked for it.
     let low = u32::from(vector) | (u32::from(logical) << 11);
-    if env.read_msr(crate::apic::IA32_APIC_BASE) & crate::apic::APIC_BASE_EXTD != 0 {
+    let x2apic_mode = env.read_msr(crate::apic::IA32_APIC_BASE) & crate::apic::APIC_BASE_EXTD != 0;
+    if x2apic_mode && logical {
+        // An 8-bit flat destination means nothing to x2APIC's cluster IDs.
+        return refused("a logical destination with the local APIC in x2APIC mode");
+    }
+    if x2apic_mode {
         env.x2apic_icr_write((u64::from(dest) << 32) | u64::from(low));
     } else {
         // The OS may be between its own ICR writes: its high half back.
@@ -173,6 +190,14 @@ fn raise(env: &mut impl Env, base: u64, x2apic: bool, ev: thinhv_passthrough::vv
         env.lapic_write(crate::apic::reg::ICR_LOW, low);
         env.lapic_write(crate::apic::reg::ICR_HIGH, high);
     }
+}
+
+/// Whether requester `rid` is the OS's: neither hidden nor an appliance's.
+fn owns(hv: &crate::hv::Hv, rid: u16) -> bool {
+    !hv.pci.is_blocked(rid)
+        && !hv
+            .appliances()
+            .any(|(_, p)| p.info.devices().iter().any(|d| d.rid == rid))
 }
 
 fn write(env: &mut impl Env, at: usize, off: u64, size: u8, value: u64) {
@@ -184,12 +209,7 @@ fn write(env: &mut impl Env, at: usize, off: u64, size: u8, value: u64) {
     let (pt, frames, ram, real) = host.parts();
     let mut os = OsRam { hv, ram };
     let reach = OsReach { hv };
-    let owned = |rid: u16| {
-        !hv.pci.is_blocked(rid)
-            && !hv
-                .appliances()
-                .any(|(_, p)| p.info.devices().iter().any(|d| d.rid == rid))
-    };
+    let owned = |rid: u16| owns(hv, rid);
     let cores = super::msi_remap::PartitionCores {
         hv,
         id: crate::partition::PartitionId::OS,

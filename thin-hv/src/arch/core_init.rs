@@ -109,6 +109,21 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
     guard_hpet(&h, slat, slat_root, host_top, &mut frames)?;
 
     let hv = Hv::from_handoff(&h, apic_base);
+    // The OS's units' own part of the pool: a unit of the OS's can run
+    // out of frames, never take the core's.
+    let mut os_frames = alloc::vec::Vec::new();
+    if iommu.os_emulated() {
+        for _ in 0..thinhv_abi::layout::OS_IOMMU_PAGES {
+            match frames.alloc_frame() {
+                Some(f) => os_frames.push(f),
+                None => break,
+            }
+        }
+        log::info!(
+            "IOMMU: {} KiB set aside for the OS's unit's shadow and context tables",
+            os_frames.len() * 4
+        );
+    }
     if iommu.os_emulated() {
         let (remap, eim) = (iommu.os_remapping(), iommu.os_eim());
         for (i, u) in hv.os_vtd.lock().iter_mut().enumerate() {
@@ -125,9 +140,13 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
         }
     } else {
         // No real tables for it (`Iommu::os_emulated`): the OS's accesses
-        // to the register page read the blank page, as without it.
+        // to the register page read the blank page, as without it, and
+        // the loader hides the DMAR (the seal says there is no unit).
         hv.os_vtd.lock().clear();
     }
+    let os_units = hv.os_vtd.lock().len();
+    hv.os_vtd_count
+        .store(os_units, core::sync::atomic::Ordering::SeqCst);
     for &(part, rid, base, entries) in &msix {
         hv.msix.lock().insert(
             rid,
@@ -165,7 +184,7 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
         percpu_base: pool.percpu_base,
         status,
         high_mmio: Mutex::new(reach.high),
-        os_iommu_free: Mutex::new(alloc::vec::Vec::new()),
+        os_iommu_free: Mutex::new(os_frames),
     });
     if let Some(core) = core_state::get() {
         super::vcpu::publish_appliances(core);

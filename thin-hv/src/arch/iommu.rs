@@ -567,6 +567,15 @@ pub struct Iommu {
     os_ir: bool,
 }
 
+/// The fewest domain IDs (CAP.ND, 2^(4+2ND) IDs) among the first `n` units.
+fn c_nd(units: &[Unit], n: usize) -> u64 {
+    units[..n]
+        .iter()
+        .map(|u| u.caps.map_or(0, |c| c.cap & 7))
+        .min()
+        .unwrap_or(0)
+}
+
 /// Real faults queued for the OS's emulated units between two collections.
 const OS_FAULTS_QUEUED: usize = 64;
 
@@ -579,14 +588,7 @@ struct OsReal {
     shared_ctx: u64,
     /// The context entry of thinhv's domain for the OS.
     os_entry: [u64; 2],
-    /// Frames for the buses that need a context table of their own once
-    /// the OS changes one of their requesters.
-    stash: Mutex<alloc::vec::Vec<u64>>,
 }
-
-/// Frames kept for the context tables of buses the OS's emulated unit
-/// changes (`OsReal::stash`); a bus beyond them keeps thinhv's domain.
-pub const OS_CONTEXT_TABLES: u64 = 16;
 
 /// Why an AMD-Vi remapping entry was not written.
 #[derive(Clone, Copy, Debug)]
@@ -824,16 +826,16 @@ impl Iommu {
                 "IOMMU: a VT-d unit has no 4-level tables: the OS's emulated unit would need them for its shadows; the OS gets none"
             );
             None
+        } else if c_nd(units, *n) < 3 {
+            log::error!(
+                "IOMMU: a VT-d unit has fewer than 1024 domain IDs (CAP.ND < 3): the OS's emulated unit would need 0x100 to 0x1ff for its shadows; the OS gets none"
+            );
+            None
         } else {
-            let mut stash = alloc::vec::Vec::new();
-            for _ in 0..OS_CONTEXT_TABLES {
-                stash.push(frames_take(frames)?);
-            }
             Some(OsReal {
                 root,
                 shared_ctx: ctx,
                 os_entry: c,
-                stash: Mutex::new(stash),
             })
         };
         Ok((root, os_real))
@@ -981,28 +983,35 @@ impl Iommu {
     }
 
     /// Points requester `rid`'s real context entry where the OS's
-    /// emulated unit says (`thin_hv_core::os_iommu::RealContext`); the
-    /// caller flushes ([`Iommu::os_flush`]).
-    pub fn os_set_context(&self, rid: u16, c: thin_hv_core::os_iommu::RealContext) {
+    /// emulated unit says (`thin_hv_core::os_iommu::RealContext`); a bus
+    /// that shares the common context table gets one of its own, a frame
+    /// from `frame`. False where none was left (the entry is as it was).
+    /// The caller flushes ([`Iommu::os_flush`]).
+    pub fn os_set_context(
+        &self,
+        rid: u16,
+        c: thin_hv_core::os_iommu::RealContext,
+        frame: impl FnOnce() -> Option<u64>,
+    ) -> bool {
         use thin_hv_core::os_iommu::RealContext;
         let Some(o) = &self.os_real else {
-            return;
+            return false;
         };
-        // SAFETY: the root table, the context tables and the stash frames
-        // are this core's, allocated in `build` from its pool, identity-
-        // mapped, and no reference points into them.
+        // SAFETY: the root table, the context tables and the frames
+        // `frame` gives are this core's (its pool), identity-mapped, and no
+        // reference points into them.
         let mut mem = unsafe { IdentityMem::new() };
         let bus = usize::from(rid >> 8);
         let mut table = mem.read_entry(o.root, 2 * bus) & ADDR_MASK;
         if table == o.shared_ctx {
-            let Some(t) = o.stash.lock().pop() else {
+            let Some(t) = frame() else {
                 log::error!(
-                    "IOMMU: no frame left for bus {bus:#04x}'s context table: {:02x}:{:02x}.{} keeps thinhv's domain for the OS, whatever the OS's own unit says",
+                    "IOMMU: no frame left for bus {bus:#04x}'s context table: {:02x}:{:02x}.{} keeps its real entry",
                     rid >> 8,
                     (rid >> 3) & 0x1f,
                     rid & 7
                 );
-                return;
+                return false;
             };
             for i in 0..512 {
                 let e = mem.read_entry(o.shared_ctx, i);
@@ -1023,6 +1032,7 @@ impl Iommu {
         mem.write_entry(table, 2 * df, 0);
         mem.write_entry(table, 2 * df + 1, e[1]);
         mem.write_entry(table, 2 * df, e[0]);
+        true
     }
 
     /// Global context-cache and IOTLB invalidation on every VT-d unit

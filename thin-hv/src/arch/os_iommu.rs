@@ -5,23 +5,24 @@ use super::core_state::Core;
 use super::phys::IdentityMem;
 use thin_hv_core::os_iommu::{OsIommuHw, PhysBytes, RealContext, RealUnit};
 use thin_hv_core::vvtd_shadow::FreeFrames;
-use thinhv_paging::{BumpFrames, FrameAlloc};
+use thinhv_paging::FrameAlloc;
 
-/// Frames for shadow tables: those given back first, then the pool's.
+/// Frames for shadow and context tables: the OS's units' own part of the
+/// pool (`Core::os_iommu_free`, `layout::OS_IOMMU_PAGES` frames set
+/// aside at the core's start), locked for each frame only.
 pub struct Frames {
-    bump: spin::MutexGuard<'static, BumpFrames>,
-    free: spin::MutexGuard<'static, alloc::vec::Vec<u64>>,
+    core: &'static Core,
 }
 
 impl FrameAlloc for Frames {
     fn alloc_frame(&mut self) -> Option<u64> {
-        self.free.pop().or_else(|| self.bump.alloc_frame())
+        self.core.os_iommu_free.lock().pop()
     }
 }
 
 impl FreeFrames for Frames {
     fn free_frame(&mut self, frame: u64) {
-        self.free.push(frame);
+        self.core.os_iommu_free.lock().push(frame);
     }
 }
 
@@ -65,8 +66,16 @@ pub struct Real {
 }
 
 impl RealUnit for Real {
-    fn set_context(&mut self, rid: u16, c: RealContext) {
-        self.core.iommu.os_set_context(rid, c);
+    fn set_context(&mut self, rid: u16, c: RealContext) -> bool {
+        let core = self.core;
+        let frame = || {
+            let f = core.os_iommu_free.lock().pop()?;
+            // SAFETY: a frame of the OS's units' part of the pool, taken
+            // just now, identity-mapped, referenced by no one.
+            unsafe { core::ptr::write_bytes(f as *mut u8, 0, 4096) };
+            Some(f)
+        };
+        self.core.iommu.os_set_context(rid, c, frame)
     }
     fn flush(&mut self) {
         self.core.iommu.os_flush();
@@ -100,10 +109,7 @@ impl Host {
             // SAFETY: the shadows' tables are frames from the core's pool
             // (`Frames`), identity-mapped, used by the shadows alone.
             tables: unsafe { IdentityMem::new() },
-            frames: Frames {
-                bump: core.frames.lock(),
-                free: core.os_iommu_free.lock(),
-            },
+            frames: Frames { core },
             ram: Ram { top: core.host_top },
             real: Real { core },
         })
