@@ -26,6 +26,7 @@ const GROUP_SET_CONTAINER: u64 = vfio_io(4);
 const GROUP_GET_DEVICE_FD: u64 = vfio_io(6);
 const DEVICE_GET_REGION_INFO: u64 = vfio_io(8);
 const IOMMU_MAP_DMA: u64 = vfio_io(13);
+const IOMMU_UNMAP_DMA: u64 = vfio_io(14);
 /// VFIO_TYPE1v2_IOMMU.
 const TYPE1V2: u64 = 3;
 /// Regions of a PCI device: BAR0, configuration space.
@@ -64,7 +65,16 @@ struct DmaMap {
     size: u64,
 }
 
+#[repr(C)]
+struct DmaUnmap {
+    argsz: u32,
+    flags: u32,
+    iova: u64,
+    size: u64,
+}
+
 // `argsz` is the structure's size, as the kernel's UAPI lays it out.
+const _: () = assert!(std::mem::size_of::<DmaUnmap>() == 24);
 const _: () = assert!(std::mem::size_of::<RegionInfo>() == 32);
 const _: () = assert!(std::mem::size_of::<DmaMap>() == 32);
 
@@ -229,6 +239,20 @@ fn probe(bdf: &str) -> Result<(), String> {
     let ok = dev.dma(IOVA_SRC, EDU_BUFFER, false) && dev.dma(EDU_BUFFER, IOVA_DST, true);
     println!("vfio_dma_completed={}", u8::from(ok));
     println!("vfio_dma_bytes={}", count(&buf[PAGE..]));
+    // Unmapped, the page is out of the domain at once (the OS's unmap
+    // reached the real unit before it returned): the same DMA lands
+    // nowhere.
+    let mut u = DmaUnmap {
+        argsz: 24,
+        flags: 0,
+        iova: IOVA_DST,
+        size: PAGE as u64,
+    };
+    ioctl(&container, IOMMU_UNMAP_DMA, &raw mut u).map_err(|e| format!("unmap: {e}"))?;
+    buf[PAGE..].fill(0);
+    let ok = dev.dma(EDU_BUFFER, IOVA_DST, true);
+    println!("vfio_after_unmap_completed={}", u8::from(ok));
+    println!("vfio_after_unmap_bytes={}", count(&buf[PAGE..]));
     // Nowhere else: to the physical address of a page of this process
     // that the domain does not map (where the device's addresses were
     // physical ones, it would land there).

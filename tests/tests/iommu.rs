@@ -425,12 +425,14 @@ fn linux_drives_its_own_emulated_vtd_unit_and_its_devices_work_through_it() {
     // unchanged.
     assert_eq!(get(&own, "vfio_dma_completed"), "1", "{own}");
     assert_eq!(get(&own, "vfio_dma_bytes"), "4096", "{own}");
+    assert_eq!(get(&own, "vfio_after_unmap_bytes"), "0", "{own}");
     assert_eq!(get(&own, "vfio_unmapped_bytes"), "0", "{own}");
     assert_eq!(get(&own, "vfio_thinhv_map"), "ok", "{own}");
     assert_eq!(get(&own, "vfio_thinhv_crc_unchanged"), "1", "{own}");
     assert_ne!(get(&own, "vfio_thinhv_refused"), "0", "{own}");
     // The NVMe rebound in a lazy domain (flush queue: domain-wide
     // invalidations) still writes and reads back.
+    assert_eq!(get(&own, "nvme_domain_before"), "DMA", "{own}");
     assert_eq!(get(&own, "nvme_domain"), "DMA-FQ", "{own}");
     assert_eq!(get(&own, "lazy_nvme_read"), get(&own, "lazy_nvme_written"));
 }
