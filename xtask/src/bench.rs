@@ -118,6 +118,7 @@ fn nvme_once(
         hv,
         iommu: "",
         kernel: "",
+        eim: false,
     };
     nvme_case(a, img, &case, n).map(|(s, _)| s)
 }
@@ -129,6 +130,8 @@ struct NvmeCase {
     hv: bool,
     iommu: &'static str,
     kernel: &'static str,
+    /// QEMU's unit with interrupt remapping and 32-bit destinations.
+    eim: bool,
 }
 
 /// [`nvme_once`] for `case`: seconds, and `thinhv status --json` where
@@ -169,7 +172,11 @@ fn nvme_case(
     let mut p = Profile::svm(2);
     p.extra = [
         "-device".to_string(),
-        "intel-iommu".into(),
+        if case.eim {
+            "intel-iommu,intremap=on,eim=on".into()
+        } else {
+            "intel-iommu".into()
+        },
         "-drive".into(),
         format!("file={},if=none,id=nv0,format=raw", disk.display()),
         "-device".into(),
@@ -210,30 +217,35 @@ fn os_iommu_figures(
             hv: false,
             iommu: "",
             kernel: "",
+            eim: true,
         },
         NvmeCase {
             tag: "native-iommu-strict",
             hv: false,
             iommu: "",
             kernel: "intel_iommu=on iommu.strict=1",
+            eim: true,
         },
         NvmeCase {
             tag: "hv",
             hv: true,
             iommu: "",
             kernel: "",
+            eim: true,
         },
         NvmeCase {
             tag: "hv-os-strict",
             hv: true,
             iommu: EMULATED,
             kernel: "intel_iommu=on iommu.strict=1",
+            eim: true,
         },
         NvmeCase {
             tag: "hv-os-lazy",
             hv: true,
             iommu: EMULATED,
             kernel: "intel_iommu=on",
+            eim: true,
         },
     ];
     let mut secs: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
@@ -251,7 +263,7 @@ fn os_iommu_figures(
     let base = median(&mut secs[0].clone());
     println!();
     println!(
-        "thinhv bench --os-iommu: QEMU TCG, q35 + intel-iommu, -smp 2; NVMe sequential read, 512 MiB, O_DIRECT, 1 MiB blocks; median of {runs} runs, cases alternated"
+        "thinhv bench --os-iommu: QEMU TCG, q35 + intel-iommu,intremap=on,eim=on, -smp 2; NVMe sequential read, 512 MiB, O_DIRECT, 1 MiB blocks; median of {runs} runs, cases alternated"
     );
     let mut out = serde_json::Map::new();
     for (i, c) in cases.iter().enumerate() {

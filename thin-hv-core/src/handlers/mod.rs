@@ -110,6 +110,11 @@ pub fn handle(exit: &Exit, cpu: &mut impl GuestCpu, env: &mut impl Env) -> Handl
     let before = debug_trap::before(exit, cpu, env);
     let mut handled = dispatch(exit, cpu, env);
     debug_trap::after(exit, cpu, before, handled.outcome);
+    // Where the OS has an IOMMU of its own, now and then (once a
+    // millisecond at most) the real units' faults are collected and the
+    // OS's own reported to it: at any of its exits, since in x2APIC mode
+    // its EOIs and timer no longer exit.
+    os_iommu::tick(env);
     // A page left the second-level tables (another processor trapped an
     // MSI-X table): this processor's cached translations go before it
     // resumes (`msi_remap::trap_pages_everywhere`).

@@ -264,9 +264,6 @@ pub(super) fn apic_write(cpu: &mut impl GuestCpu, env: &mut impl Env, gpa: u64) 
         cpu.set_gpr(r, u64::from(old));
     }
     cpu.set_rip(next);
-    if !appliance && offset == reg::EOI {
-        super::os_iommu::tick(env);
-    }
     outcome
 }
 

@@ -16,7 +16,7 @@ use core::sync::atomic::Ordering;
 const LOG_FIRST: u64 = 4;
 
 /// TSC cycles between two polls of the real units' faults at the OS's
-/// local APIC writes (about a millisecond at 2 GHz).
+/// exits (about a millisecond at 2 GHz).
 const POLL_EVERY: u64 = 2_000_000;
 
 /// An access of the OS's at `gpa` (`None`: not a page of its units).
@@ -65,12 +65,12 @@ pub(super) fn access(cpu: &mut impl GuestCpu, env: &mut impl Env, gpa: u64) -> O
     Some(Outcome::Resume)
 }
 
-/// At the OS's local APIC writes (every timer tick in xAPIC mode): now
-/// and then, the real units' faults are collected and the OS's own
-/// reported to it.
+/// At the OS's exits: now and then (every [`POLL_EVERY`] TSC cycles at
+/// most), the real units' faults are collected and the OS's own reported
+/// to it.
 pub(super) fn tick(env: &mut impl Env) {
     let hv = env.hv();
-    if hv.os_vtd_count.load(Ordering::Relaxed) == 0 {
+    if hv.os_vtd_count.load(Ordering::Relaxed) == 0 || !hv.space_of(env.cpu_index()).is_os() {
         return;
     }
     let now = env.tsc();
@@ -163,11 +163,13 @@ fn raise(env: &mut impl Env, base: u64, x2apic: bool, ev: thinhv_passthrough::vv
             Err(why) => return refused(why.describe()),
         }
     } else {
+        // In x2APIC mode the upper address holds destination bits 31:8.
+        let high = if x2apic { ev.upper & !0xff } else { 0 };
         match thinhv_passthrough::irq_remap::decode_msi(u64::from(ev.addr), ev.data) {
             Ok(r) if matches!(r.delivery, Delivery::Fixed | Delivery::Lowest) && r.vector >= 16 => {
                 match r.dest {
-                    Dest::Physical(d) => (u32::from(d), false, r.vector),
-                    Dest::Logical(d) => (u32::from(d), true, r.vector),
+                    Dest::Physical(d) => (high | u32::from(d), false, r.vector),
+                    Dest::Logical(d) => (high | u32::from(d), true, r.vector),
                 }
             }
             Ok(_) => return refused("not a fixed interrupt with a vector of 16 or more"),
@@ -177,9 +179,9 @@ fn raise(env: &mut impl Env, base: u64, x2apic: bool, ev: thinhv_passthrough::vv
     // Fixed, edge; logical destination mode where the OS asked for it.
     let low = u32::from(vector) | (u32::from(logical) << 11);
     let x2apic_mode = env.read_msr(crate::apic::IA32_APIC_BASE) & crate::apic::APIC_BASE_EXTD != 0;
-    if x2apic_mode && logical {
+    if x2apic_mode && logical && !x2apic {
         // An 8-bit flat destination means nothing to x2APIC's cluster IDs.
-        return refused("a logical destination with the local APIC in x2APIC mode");
+        return refused("an 8-bit logical destination with the local APIC in x2APIC mode");
     }
     if x2apic_mode {
         env.x2apic_icr_write((u64::from(dest) << 32) | u64::from(low));
