@@ -84,18 +84,38 @@ impl Bar {
         // SAFETY: as in `r64`.
         unsafe { self.base.as_ptr().add(off).cast::<u64>().write_volatile(v) }
     }
+}
+
+/// edu's DMA registers, however they are reached (BAR0 mapped, or VFIO's
+/// device file).
+pub(crate) trait EduDma {
+    /// The 64-bit register at `off`.
+    fn reg(&self, off: u64) -> u64;
+    /// Writes the 64-bit register at `off`.
+    fn set_reg(&self, off: u64, v: u64);
+    /// edu copies a page, `to_ram` from its buffer at `dst`, else from
+    /// `src` into its buffer; whether it completed within 2 s.
     fn dma(&self, src: u64, dst: u64, to_ram: bool) -> bool {
-        self.w64(0x80, src);
-        self.w64(0x88, dst);
-        self.w64(0x90, PAGE as u64);
-        self.w64(0x98, 1 | if to_ram { 2 } else { 0 });
+        self.set_reg(0x80, src);
+        self.set_reg(0x88, dst);
+        self.set_reg(0x90, PAGE as u64);
+        self.set_reg(0x98, 1 | if to_ram { 2 } else { 0 });
         for _ in 0..2000 {
-            if self.r64(0x98) & 1 == 0 {
+            if self.reg(0x98) & 1 == 0 {
                 return true;
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         false
+    }
+}
+
+impl EduDma for Bar {
+    fn reg(&self, off: u64) -> u64 {
+        self.r64(usize::try_from(off).unwrap_or(usize::MAX))
+    }
+    fn set_reg(&self, off: u64, v: u64) {
+        self.w64(usize::try_from(off).unwrap_or(usize::MAX), v);
     }
 }
 

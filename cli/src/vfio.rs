@@ -7,7 +7,7 @@
 //! `/dev/mem` (the OS's own tables then name it; thinhv must refuse it).
 //! Prints `key=value` lines; the host test decides. Root only.
 use crate::cpuid::{cpuid, presence};
-use crate::dma::{EDU_BUFFER, PAGE, PATTERN, count, find_edu, pinned_pages};
+use crate::dma::{EDU_BUFFER, EduDma, PAGE, PATTERN, count, find_edu, pinned_pages};
 use crate::report::read_page;
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -100,28 +100,14 @@ struct Device {
     bar0: u64,
 }
 
-impl Device {
-    fn r64(&self, off: u64) -> u64 {
+impl EduDma for Device {
+    fn reg(&self, off: u64) -> u64 {
         let mut b = [0u8; 8];
         let _ = self.fd.read_at(&mut b, self.bar0 + off);
         u64::from_le_bytes(b)
     }
-    fn w64(&self, off: u64, v: u64) {
+    fn set_reg(&self, off: u64, v: u64) {
         let _ = self.fd.write_at(&v.to_le_bytes(), self.bar0 + off);
-    }
-    /// edu's DMA of a page, `to_ram` from its buffer; whether it completed.
-    fn dma(&self, src: u64, dst: u64, to_ram: bool) -> bool {
-        self.w64(0x80, src);
-        self.w64(0x88, dst);
-        self.w64(0x90, PAGE as u64);
-        self.w64(0x98, 1 | if to_ram { 2 } else { 0 });
-        for _ in 0..2000 {
-            if self.r64(0x98) & 1 == 0 {
-                return true;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        false
     }
 }
 

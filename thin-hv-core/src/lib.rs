@@ -33,6 +33,8 @@ pub mod npt;
 pub mod os_iommu;
 pub mod partition;
 pub mod svm;
+#[cfg(test)]
+mod test_mem;
 pub mod uart;
 pub mod vmx;
 pub mod vvtd_shadow;

@@ -1,49 +1,8 @@
 use super::*;
+use crate::test_mem::{OsRam, Tables};
 use std::collections::HashMap;
 use thinhv_paging::FrameAlloc;
-use thinhv_passthrough::vvtd::{Denied, reg};
-
-/// The OS's RAM: 1 MiB at 0.
-struct OsRam(Vec<u8>);
-
-impl OsMemory for OsRam {
-    fn read(&self, gpa: u64, out: &mut [u8]) -> Result<(), Denied> {
-        let at = usize::try_from(gpa).map_err(|_| Denied)?;
-        let src = self.0.get(at..at + out.len()).ok_or(Denied)?;
-        out.copy_from_slice(src);
-        Ok(())
-    }
-    fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), Denied> {
-        let at = usize::try_from(gpa).map_err(|_| Denied)?;
-        self.0
-            .get_mut(at..at + data.len())
-            .ok_or(Denied)?
-            .copy_from_slice(data);
-        Ok(())
-    }
-}
-
-impl OsRam {
-    fn put(&mut self, gpa: u64, v: u64) {
-        let at = usize::try_from(gpa).unwrap();
-        self.0[at..at + 8].copy_from_slice(&v.to_le_bytes());
-    }
-}
-
-#[derive(Default)]
-struct Tables(HashMap<u64, Box<[u64; 512]>>);
-
-impl PhysMem for Tables {
-    fn read_entry(&self, table: u64, index: usize) -> u64 {
-        self.0.get(&table).map_or(0, |t| t[index])
-    }
-    fn write_entry(&mut self, table: u64, index: usize, value: u64) {
-        self.0.entry(table).or_insert_with(|| Box::new([0; 512]))[index] = value;
-    }
-    fn zero_frame(&mut self, frame: u64) {
-        self.0.insert(frame, Box::new([0; 512]));
-    }
-}
+use thinhv_passthrough::vvtd::reg;
 
 /// Frames, those given back reused first (as thinhv's pool does), each
 /// return noted with the real unit's flush count at that moment.

@@ -1,51 +1,6 @@
 use super::*;
-use std::collections::HashMap;
+use crate::test_mem::{OsRam, Tables};
 use thinhv_passthrough::vvtd::{Denied, Effects, Offer, Unit, reg};
-
-/// The OS's RAM: 1 MiB at 0.
-struct OsRam(Vec<u8>);
-
-impl OsMemory for OsRam {
-    fn read(&self, gpa: u64, out: &mut [u8]) -> Result<(), Denied> {
-        let at = usize::try_from(gpa).map_err(|_| Denied)?;
-        let src = self.0.get(at..at + out.len()).ok_or(Denied)?;
-        out.copy_from_slice(src);
-        Ok(())
-    }
-    fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), Denied> {
-        let at = usize::try_from(gpa).map_err(|_| Denied)?;
-        self.0
-            .get_mut(at..at + data.len())
-            .ok_or(Denied)?
-            .copy_from_slice(data);
-        Ok(())
-    }
-}
-
-impl OsRam {
-    fn put(&mut self, gpa: u64, v: u64) {
-        let at = gpa as usize;
-        self.0[at..at + 8].copy_from_slice(&v.to_le_bytes());
-    }
-}
-
-/// thinhv's memory for shadow tables.
-#[derive(Default)]
-struct Tables {
-    t: HashMap<u64, Box<[u64; 512]>>,
-}
-
-impl PhysMem for Tables {
-    fn read_entry(&self, table: u64, index: usize) -> u64 {
-        self.t.get(&table).map_or(0, |t| t[index])
-    }
-    fn write_entry(&mut self, table: u64, index: usize, value: u64) {
-        self.t.entry(table).or_insert_with(|| Box::new([0; 512]))[index] = value;
-    }
-    fn zero_frame(&mut self, frame: u64) {
-        self.t.insert(frame, Box::new([0; 512]));
-    }
-}
 
 /// Frames at 0x1_0000_0000 and up, at most `left` of them.
 struct Frames {
