@@ -26,7 +26,7 @@ pub const VERSION: u32 = pack_version(0, 1, 0);
 
 /// Version of the interfaces in this crate. Bumped on any incompatible change
 /// of a structure layout or a hypercall's meaning.
-pub const ABI_VERSION: u32 = 12;
+pub const ABI_VERSION: u32 = 13;
 
 /// Packs a version triple the way [`VERSION`] is packed.
 pub const fn pack_version(major: u8, minor: u8, patch: u8) -> u32 {

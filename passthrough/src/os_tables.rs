@@ -78,7 +78,14 @@ pub fn os_dmar(
 ) -> Option<Vec<u8>> {
     let mut t = header(*b"DMAR", 1);
     t.push(real.host_address_width);
-    let flags = (real.flags & DMAR_DMA_CTRL_OPT_IN) | if remapping { DMAR_INTR_REMAP } else { 0 };
+    // The platform's x2APIC opt-out is kept (its firmware may not cope
+    // with x2APIC); it means nothing without remapping.
+    let flags = (real.flags & DMAR_DMA_CTRL_OPT_IN)
+        | if remapping {
+            DMAR_INTR_REMAP | (real.flags & DMAR_X2APIC_OPT_OUT)
+        } else {
+            0
+        };
     t.push(flags);
     t.extend_from_slice(&[0; 10]);
     for d in &real.drhds {
@@ -392,8 +399,8 @@ mod tests {
         let os = dmar::parse(&os_dmar(&real, true, keep).unwrap()).unwrap();
         assert_eq!(
             os.flags,
-            DMAR_INTR_REMAP | DMAR_DMA_CTRL_OPT_IN,
-            "never opted out of x2APIC"
+            DMAR_INTR_REMAP | DMAR_X2APIC_OPT_OUT | DMAR_DMA_CTRL_OPT_IN,
+            "the platform's x2APIC opt-out kept"
         );
         assert_eq!(os.drhds[0].scopes, alloc::vec![ep(0, 2)]);
         assert_eq!(os.drhds[0].size, 0, "one page of registers");

@@ -555,6 +555,12 @@ impl Unit {
         if self.translating() { self.root } else { None }
     }
 
+    /// Interrupt remapping is on (GSTS.IRES), with or without a table
+    /// latched.
+    pub const fn remapping_on(&self) -> bool {
+        self.gsts & gsts::IRES != 0
+    }
+
     /// The latched remapping table, if remapping is on.
     pub const fn irt(&self) -> Option<Irt> {
         if self.gsts & gsts::IRES != 0 {
@@ -1511,6 +1517,34 @@ pub struct EntriesSynced {
     pub first_refusal: Option<(u32, IrteRefusal)>,
 }
 
+/// [`sync_entries`] over the real table's first `limit` entries (at most
+/// 2^[`IRT_MAX_LOG2`]): an OS entry past them is not read, and its
+/// messages find no real entry.
+#[allow(clippy::too_many_arguments)]
+pub fn sync_entries_within(
+    unit: &Unit,
+    mem: &impl OsMemory,
+    scope: Option<Scope>,
+    sources: &impl Sources,
+    cores: &impl Cores,
+    policy: Policy,
+    real_x2apic: bool,
+    limit: u32,
+    write: &mut impl FnMut(u32, [u64; 2]),
+) -> EntriesSynced {
+    sync_upto(
+        unit,
+        mem,
+        scope,
+        sources,
+        cores,
+        policy,
+        real_x2apic,
+        limit.min(1 << IRT_MAX_LOG2),
+        write,
+    )
+}
+
 /// Brings the real table's OS half (entries `0..2^IRT_MAX_LOG2`, one to
 /// one with the OS's) up to date over `scope` (`Scope::Entries`, or every
 /// entry where `all`): each OS entry read, composed ([`compose`]) and
@@ -1528,7 +1562,31 @@ pub fn sync_entries(
     real_x2apic: bool,
     write: &mut impl FnMut(u32, [u64; 2]),
 ) -> EntriesSynced {
-    let limit = 1u32 << IRT_MAX_LOG2;
+    sync_upto(
+        unit,
+        mem,
+        scope,
+        sources,
+        cores,
+        policy,
+        real_x2apic,
+        1 << IRT_MAX_LOG2,
+        write,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sync_upto(
+    unit: &Unit,
+    mem: &impl OsMemory,
+    scope: Option<Scope>,
+    sources: &impl Sources,
+    cores: &impl Cores,
+    policy: Policy,
+    real_x2apic: bool,
+    limit: u32,
+    write: &mut impl FnMut(u32, [u64; 2]),
+) -> EntriesSynced {
     let (first, count) = match scope {
         Some(Scope::Entries { index, order }) => (u32::from(index), 1u32 << order.min(15)),
         _ => (0, limit),

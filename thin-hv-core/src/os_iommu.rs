@@ -26,18 +26,22 @@ use alloc::collections::BTreeMap;
 use thinhv_paging::PhysMem;
 use thinhv_passthrough::irq_remap::{Cores, Policy};
 use thinhv_passthrough::vvtd::{
-    Context, Effects, Offer, OsMemory, Scope, Sources, Unit, sync_entries,
+    Context, Effects, Offer, OsMemory, Scope, Sources, Unit, sync_entries_within,
 };
 
-/// The OS's requesters, for its remapping entries' source validation.
-struct OwnedSources<'a>(&'a dyn Fn(u16) -> bool);
+/// The OS's requesters, for its remapping entries' source validation:
+/// `buses[b]` where every requester on bus `b` is the OS's.
+struct OwnedSources<'a> {
+    owned: &'a dyn Fn(u16) -> bool,
+    buses: &'a [bool; 256],
+}
 
 impl Sources for OwnedSources<'_> {
     fn is_os(&self, sid: u16) -> bool {
-        (self.0)(sid)
+        (self.owned)(sid)
     }
     fn buses_are_os(&self, first: u8, last: u8) -> bool {
-        (first..=last).all(|b| (0..=255u16).all(|df| (self.0)(u16::from(b) << 8 | df)))
+        (first..=last).all(|b| self.buses[usize::from(b)])
     }
 }
 
@@ -72,6 +76,15 @@ impl EntryCounts {
         }
     }
 
+    /// The indices of the entries in use.
+    fn present_indices(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..ENTRIES_TRACKED).filter(|&i| {
+            self.present
+                .get((i / 64) as usize)
+                .is_some_and(|w| w & (1 << (i % 64)) != 0)
+        })
+    }
+
     /// Entries in use.
     pub fn in_use(&self) -> u32 {
         self.present.iter().map(|w| w.count_ones()).sum()
@@ -101,8 +114,9 @@ pub trait RealUnit {
     /// next [`RealUnit::flush`]); false where it could not (the entry is
     /// left as it was).
     fn set_context(&mut self, rid: u16, c: RealContext) -> bool;
-    /// Invalidates the real units' context caches and IOTLBs.
-    fn flush(&mut self);
+    /// Invalidates the real units' context caches and IOTLBs; false where
+    /// an invalidation did not complete.
+    fn flush(&mut self) -> bool;
     /// Writes entry `index` of the real remapping table's OS part (an
     /// index past it is dropped; the OS's messages naming it fault).
     fn write_irte(&mut self, index: u32, entry: [u64; 2]);
@@ -139,6 +153,8 @@ pub struct Counts {
     pub short: u64,
     /// Real flushes.
     pub flushes: u64,
+    /// Times a domain fell back to thinhv's domain for the OS.
+    pub degraded: u64,
 }
 
 /// A DMA fault the real unit reported for a requester of the OS's under
@@ -195,6 +211,12 @@ pub struct OsVtd {
     degraded: BTreeMap<u16, OsTables>,
     /// More requesters than [`MAX_REQUESTERS`] were seen (logged once).
     too_many: bool,
+    /// Retired shadows whose frames wait for a real invalidation that
+    /// completed.
+    parked: alloc::vec::Vec<Shadow<Vtd>>,
+    /// Buses all of whose requesters are the OS's (for its remapping
+    /// entries' bus-range validation), worked out once.
+    buses_os: Option<alloc::boxed::Box<[bool; 256]>>,
     /// Fault and completion events not delivered.
     pub events_dropped: u64,
     /// The OS's remapping entries.
@@ -235,9 +257,12 @@ impl OsVtd {
                 refused: 0,
                 short: 0,
                 flushes: 0,
+                degraded: 0,
             },
             degraded: BTreeMap::new(),
             too_many: false,
+            parked: alloc::vec::Vec::new(),
+            buses_os: None,
             events_dropped: 0,
             entries: EntryCounts {
                 refused: 0,
@@ -322,7 +347,12 @@ impl OsVtd {
         }
         let mut syncs: alloc::vec::Vec<(u16, u64, u64)> = alloc::vec::Vec::new();
         if fx.iotlb.all {
-            syncs.extend(self.shadows.keys().map(|&d| (d, 0, SPACE)));
+            syncs.extend(
+                self.shadows
+                    .keys()
+                    .chain(self.degraded.keys())
+                    .map(|&d| (d, 0, SPACE)),
+            );
         } else {
             for s in fx.iotlb.scopes() {
                 match *s {
@@ -338,6 +368,24 @@ impl OsVtd {
                     _ => {}
                 }
             }
+        }
+        // A domain that fell back is tried again at the OS's next
+        // invalidation of all of it.
+        let retry: alloc::vec::Vec<u16> = self
+            .degraded
+            .keys()
+            .copied()
+            .filter(|d| {
+                syncs
+                    .iter()
+                    .any(|&(s, from, to)| s == *d && from == 0 && to == SPACE)
+            })
+            .collect();
+        if !retry.is_empty() {
+            for d in &retry {
+                self.degraded.remove(d);
+            }
+            changed |= self.contexts(m, &mut w);
         }
         let mut degraded = false;
         for (d, from, to) in syncs {
@@ -355,13 +403,16 @@ impl OsVtd {
             changed = true;
         }
         // The real unit forgets what it cached before a freed table can
-        // be reused.
-        if changed || !w.dead.is_empty() {
-            m.real.flush();
+        // be reused; where its invalidation failed, retired shadows wait
+        // for one that succeeds.
+        self.parked.append(&mut w.dead);
+        if changed || !self.parked.is_empty() {
             self.counts.flushes += 1;
-        }
-        for s in w.dead {
-            s.free(m.pt, m.frames);
+            if m.real.flush() {
+                for s in core::mem::take(&mut self.parked) {
+                    s.free(m.pt, m.frames);
+                }
+            }
         }
         if self.unit.offer().remapping {
             self.remapping(&fx, m);
@@ -384,12 +435,35 @@ impl OsVtd {
         C: Cores,
     {
         if fx.remapping == Some(false) {
+            // Off: the real units' too, first; then the OS's entries go,
+            // so that nothing turns them back on with them in place.
             m.real.set_remapping(false, false, false);
+            self.clear_entries(m.real);
+            return;
         }
+        if !self.unit.remapping_on() {
+            return;
+        }
+        let Some(t) = self.unit.irt() else {
+            // On without a table latched: nothing is delivered; the real
+            // units remap through an empty OS part, compatibility format
+            // blocked.
+            if fx.remapping == Some(true) || fx.irt {
+                self.clear_entries(m.real);
+                m.real.set_remapping(true, false, false);
+            }
+            return;
+        };
         let whole = fx.irt || fx.remapping == Some(true) || fx.entries.all;
         if whole || !fx.entries.is_empty() {
-            let sources = OwnedSources(m.owned);
-            let x2apic = self.unit.irt().is_some_and(|t| t.x2apic);
+            let owned = m.owned;
+            let buses = self.buses_os.get_or_insert_with(|| {
+                alloc::boxed::Box::new(core::array::from_fn(|b| {
+                    let bus = u16::try_from(b).unwrap_or(u16::MAX);
+                    (0..=255u16).all(|df| owned((bus << 8) | df))
+                }))
+            });
+            let sources = OwnedSources { owned, buses };
             let policy = Policy {
                 nmi: false,
                 extint: false,
@@ -402,14 +476,15 @@ impl OsVtd {
             for scope in scopes {
                 let entries = &mut self.entries;
                 let real = &mut *m.real;
-                let r = sync_entries(
+                let r = sync_entries_within(
                     &self.unit,
                     &*m.os,
                     scope,
                     &sources,
                     m.cores,
                     policy,
-                    x2apic,
+                    t.x2apic,
+                    ENTRIES_TRACKED,
                     &mut |i, e| {
                         entries.set(i, e[0] & 1 != 0);
                         real.write_irte(i, e);
@@ -429,12 +504,25 @@ impl OsVtd {
             }
             m.real.irte_flush();
         }
-        if (fx.remapping == Some(true) || fx.compat.is_some())
-            && let Some(t) = self.unit.irt()
-        {
+        // The real units follow the OS's table, its destination format and
+        // its compatibility setting, after the entries are in place.
+        if fx.remapping == Some(true) || fx.irt || fx.compat.is_some() {
             m.real
                 .set_remapping(true, t.x2apic, self.unit.compat_passes());
         }
+    }
+
+    /// Every real entry of the OS's written not present, and invalidated.
+    fn clear_entries(&mut self, real: &mut impl RealUnit) {
+        let present: alloc::vec::Vec<u32> = self.entries.present_indices().collect();
+        if present.is_empty() {
+            return;
+        }
+        for i in present {
+            self.entries.set(i, false);
+            real.write_irte(i, [0, 0]);
+        }
+        real.irte_flush();
     }
 
     /// Syncs `domain`'s shadow over `[from, to)`; whether anything changed.
@@ -504,6 +592,10 @@ impl OsVtd {
         if let Some((s, t)) = self.shadows.remove(&domain) {
             w.dead.push(s);
             self.degraded.insert(domain, t);
+            self.counts.degraded += 1;
+            if self.counts.degraded > 8 {
+                return;
+            }
             log::error!(
                 "the OS's IOMMU {:#x}: its domain {domain} falls back to thinhv's domain for the OS ({}): the OS's devices in it reach all of the OS's memory",
                 self.base,
@@ -644,13 +736,16 @@ impl OsVtd {
                 }
             }
         }
+        let mut kept = alloc::vec::Vec::new();
         for (&sid, &c) in &want {
             let old = self.real.get(&sid).copied().unwrap_or(RealContext::Os);
             if old != c {
                 if m.real.set_context(sid, c) {
                     changed = true;
                 } else {
-                    // Not applied: the real entry is what it was.
+                    // Not applied: the real entry is what it was, and is
+                    // tried again at the next change.
+                    kept.push((sid, old));
                     log::error!(
                         "the OS's IOMMU {:#x}: {:02x}:{:02x}.{}'s real context entry could not be changed",
                         self.base,
@@ -663,13 +758,15 @@ impl OsVtd {
         }
         // Translation off: every requester back on thinhv's domain.
         for (&sid, &old) in &self.real {
-            if !want.contains_key(&sid)
-                && old != RealContext::Os
-                && m.real.set_context(sid, RealContext::Os)
-            {
-                changed = true;
+            if !want.contains_key(&sid) && old != RealContext::Os {
+                if m.real.set_context(sid, RealContext::Os) {
+                    changed = true;
+                } else {
+                    kept.push((sid, old));
+                }
             }
         }
+        want.extend(kept);
         self.real = want;
         changed
     }
@@ -718,7 +815,11 @@ pub fn for_handoff(h: &thinhv_abi::handoff::Handoff) -> alloc::vec::Vec<OsVtd> {
         );
         return alloc::vec::Vec::new();
     }
-    if h.pci.shared_count > 0 {
+    if h.pci
+        .mediated()
+        .iter()
+        .any(|m| m.action == thinhv_abi::handoff::PCI_ACTION_PRESENT_VF)
+    {
         log::error!(
             "IOMMU: a VF shown to the OS in its PF's place: the OS's own unit cannot follow it; the OS gets none"
         );
@@ -807,7 +908,7 @@ impl RealUnit for NoHost {
     fn set_context(&mut self, _: u16, _: RealContext) -> bool {
         match *self {}
     }
-    fn flush(&mut self) {
+    fn flush(&mut self) -> bool {
         match *self {}
     }
     fn write_irte(&mut self, _: u32, _: [u64; 2]) {

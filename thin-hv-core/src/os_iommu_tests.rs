@@ -56,25 +56,41 @@ struct Real {
     irt: HashMap<u32, [u64; 2]>,
     irte_flushes: usize,
     remapping: Option<(bool, bool, bool)>,
+    /// What was done, in order: "irte", "iec", "on", "off", "flush".
+    events: Vec<&'static str>,
+    /// Invalidations and context changes fail.
+    fail_flush: bool,
+    fail_ctx: bool,
 }
 
 impl RealUnit for Real {
     fn set_context(&mut self, rid: u16, c: RealContext) -> bool {
+        if self.fail_ctx {
+            return false;
+        }
         self.ctx.insert(rid, c);
         self.set += 1;
         true
     }
-    fn flush(&mut self) {
+    fn flush(&mut self) -> bool {
+        self.events.push("flush");
+        if self.fail_flush {
+            return false;
+        }
         self.flushes += 1;
         self.flush_count.set(self.flushes);
+        true
     }
     fn write_irte(&mut self, index: u32, entry: [u64; 2]) {
+        self.events.push("irte");
         self.irt.insert(index, entry);
     }
     fn irte_flush(&mut self) {
+        self.events.push("iec");
         self.irte_flushes += 1;
     }
     fn set_remapping(&mut self, on: bool, x2apic: bool, compat: bool) {
+        self.events.push(if on { "on" } else { "off" });
         self.remapping = Some((on, x2apic, compat));
     }
 }
@@ -303,8 +319,16 @@ fn the_oss_remapping_entries_reach_the_real_table_judged_and_remapping_follows_i
     b.write(reg::GCMD, 1 << 24);
     assert!(b.real.irt.is_empty() || b.real.irt.values().all(|e| e[0] & 1 == 0));
     // Turning remapping on: the entries first, then the real unit.
+    b.real.events.clear();
     b.write(reg::GCMD, 1 << 25);
     assert_eq!(b.real.remapping, Some((true, false, false)));
+    let on = b.real.events.iter().position(|e| *e == "on").unwrap();
+    assert!(b.real.events[..on].contains(&"irte"), "{:?}", b.real.events);
+    assert!(
+        !b.real.events[on..].contains(&"irte"),
+        "{:?}",
+        b.real.events
+    );
     assert!(b.real.irte_flushes >= 1);
     let e0 = b.real.irt[&0];
     assert_eq!(e0[0] & 1, 1);
@@ -319,9 +343,49 @@ fn the_oss_remapping_entries_reach_the_real_table_judged_and_remapping_follows_i
     b.os.put(0x30000, irte(0x51, 0, 0x10)[0]);
     b.write(reg::FEDATA & !7, 0);
     assert_eq!((b.real.irt[&0][0] >> 16) & 0xff, 0x41);
-    // Remapping off: the real unit's too, and first.
+    // A new table latched while on: the real units follow it.
+    b.real.remapping = None;
+    b.write(reg::GCMD, (1 << 25) | (1 << 24));
+    assert_eq!(b.real.remapping, Some((true, false, false)));
+    // Remapping off: the real unit's first, then the OS's entries go.
+    b.real.events.clear();
     b.write(reg::GCMD, 1 << 24);
     assert_eq!(b.real.remapping, Some((false, false, false)));
+    assert_eq!(b.real.events.first(), Some(&"off"), "{:?}", b.real.events);
+    assert_eq!(
+        b.real.irt[&0][0] & 1,
+        0,
+        "no OS entry left in the real table"
+    );
+    assert_eq!(b.unit.status().entries, 0);
+}
+
+#[test]
+fn a_failed_real_flush_keeps_retired_shadows_until_one_completes() {
+    let mut b = bed(true);
+    b.enable();
+    b.real.fail_flush = true;
+    b.os.put(0x11000 + 0x10 * 16, 0);
+    b.context_flush();
+    assert_eq!(b.unit.domains(), 0);
+    assert!(b.frames.freed.is_empty(), "nothing freed without a flush");
+    b.real.fail_flush = false;
+    b.write(reg::CCMD, (1 << 63) | (1 << 61));
+    assert!(!b.frames.freed.is_empty(), "freed once a flush completed");
+}
+
+#[test]
+fn a_context_change_the_real_unit_refused_is_tried_again() {
+    let mut b = bed(true);
+    b.real.fail_ctx = true;
+    b.enable();
+    assert_eq!(b.real.ctx.get(&0x10), None);
+    b.real.fail_ctx = false;
+    b.context_flush();
+    assert!(matches!(
+        b.real.ctx.get(&0x10),
+        Some(RealContext::Shadow { .. })
+    ));
 }
 
 #[test]

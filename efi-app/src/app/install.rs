@@ -533,7 +533,9 @@ pub fn install(config: &Config) -> Result<String, String> {
             0
         },
         u64::from(iommu.device_ids),
-        iommu.remaps_interrupts() && !appliances.list.is_empty(),
+        iommu.remaps_interrupts()
+            && (!appliances.list.is_empty()
+                || iommu.flags & thinhv_abi::handoff::IOMMU_FLAG_OS_REMAP != 0),
     ) + if iommu.mode == thinhv_abi::handoff::IOMMU_MODE_PROTECT
         && iommu.os == thinhv_abi::handoff::IOMMU_OS_EMULATED
     {

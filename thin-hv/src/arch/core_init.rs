@@ -113,7 +113,15 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
     // out of frames, never take the core's.
     let mut os_frames = alloc::vec::Vec::new();
     if iommu.os_emulated() {
-        for _ in 0..thinhv_abi::layout::OS_IOMMU_PAGES {
+        // What the core keeps for itself at run time (first touches of
+        // high memory, traps) stays: the OS's unit takes what is left
+        // above it, at most its own pages.
+        let want = thinhv_abi::layout::OS_IOMMU_PAGES.min(
+            frames
+                .remaining()
+                .saturating_sub(thinhv_abi::layout::TABLE_SLACK_PAGES),
+        );
+        for _ in 0..want {
             match frames.alloc_frame() {
                 Some(f) => os_frames.push(f),
                 None => break,

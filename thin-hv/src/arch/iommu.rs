@@ -903,6 +903,14 @@ impl Iommu {
             mem.write_entry(page, at + 1, entry[1]);
             mem.write_entry(page, at, entry[0]);
         }
+        // Written back for a unit that does not snoop (ECAP.C clear)
+        // before the invalidation that follows.
+        // SAFETY: the line is the entry just written, in the core's
+        // identity map.
+        unsafe {
+            core::arch::x86_64::_mm_clflush((page + 8 * at as u64) as *const u8);
+            core::arch::x86_64::_mm_mfence();
+        }
     }
 
     /// Invalidates every unit's interrupt entry cache (the OS's entries
@@ -1037,13 +1045,15 @@ impl Iommu {
 
     /// Global context-cache and IOTLB invalidation on every VT-d unit
     /// (through the queue where thinhv runs one).
-    pub fn os_flush(&self) {
+    pub fn os_flush(&self) -> bool {
         let Hw::Vtd { ir, .. } = &self.hw else {
-            return;
+            return false;
         };
         if !self.started.load(Ordering::SeqCst) {
-            return;
+            // Nothing translates yet, so nothing is cached.
+            return true;
         }
+        let mut all = true;
         let g = self.units.lock();
         let (units, n) = &*g;
         if !units[..*n]
@@ -1067,6 +1077,7 @@ impl Iommu {
                 (None, None) => Ok(()),
             };
             if let Err(e) = r {
+                all = false;
                 log::error!(
                     "IOMMU: unit {:#x}: invalidation for the OS's unit: {}",
                     u.base,
@@ -1074,6 +1085,7 @@ impl Iommu {
                 );
             }
         }
+        all
     }
 
     /// VT-d: thinhv's interrupt remapping table, the units' queues and
@@ -1106,17 +1118,29 @@ impl Iommu {
         // 32-bit destinations only where compatibility format need not
         // pass: with them the unit blocks it whatever CFI says.
         let x2apic = caps().all(|c| c.extended_interrupt_mode()) && self.compat_needed.is_none();
-        let table = frames_take_run(
+        let taken = frames_take_run(
             frames,
             thinhv_abi::layout::VTD_IRT_PAGES,
             "the interrupt remapping table is not contiguous",
-        )?;
-        let queues = frames_take_run(
-            frames,
-            *n as u64,
-            "the invalidation queues are not contiguous",
-        )?;
-        let status = frames_take(frames)?;
+        )
+        .and_then(|table| {
+            let queues = frames_take_run(
+                frames,
+                *n as u64,
+                "the invalidation queues are not contiguous",
+            )?;
+            Ok((table, queues, frames_take(frames)?))
+        });
+        let (table, queues, status) = match taken {
+            Ok(t) => t,
+            // For the OS's unit alone: it offers no remapping, thinhv's
+            // protection stands.
+            Err(why) if os_ir && partitions.is_empty() => {
+                log::error!("IOMMU: no remapping table for the OS's unit ({why}): it offers none");
+                return Ok(None);
+            }
+            Err(why) => return Err(why),
+        };
         log::info!(
             "IOMMU: VT-d interrupt remapping through thinhv's table at {table:#x} ({} entries, {} destinations)",
             1u32 << thinhv_abi::layout::VTD_IRT_ENTRIES_LOG2,
@@ -1560,6 +1584,11 @@ impl Iommu {
         let Hw::Vtd { ir: Some(ir), .. } = self.hw else {
             return;
         };
+        // The real table is the OS's unit's (no appliance runs): remapping
+        // follows the OS's own, never this call's (the OS may make it).
+        if self.os_ir {
+            return;
+        }
         if !self.started.load(Ordering::SeqCst)
             || self.remapping_started.swap(true, Ordering::SeqCst)
         {

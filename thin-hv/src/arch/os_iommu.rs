@@ -77,8 +77,8 @@ impl RealUnit for Real {
         };
         self.core.iommu.os_set_context(rid, c, frame)
     }
-    fn flush(&mut self) {
-        self.core.iommu.os_flush();
+    fn flush(&mut self) -> bool {
+        self.core.iommu.os_flush()
     }
     fn write_irte(&mut self, index: u32, entry: [u64; 2]) {
         self.core.iommu.os_write_irte(index, entry);
