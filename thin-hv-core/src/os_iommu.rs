@@ -369,24 +369,11 @@ impl OsVtd {
                 }
             }
         }
-        // A domain that fell back is tried again at the OS's next
-        // invalidation of all of it.
-        let retry: alloc::vec::Vec<u16> = self
-            .degraded
-            .keys()
-            .copied()
-            .filter(|d| {
-                syncs
-                    .iter()
-                    .any(|&(s, from, to)| s == *d && from == 0 && to == SPACE)
-            })
+        let syncs_whole: alloc::vec::Vec<u16> = syncs
+            .iter()
+            .filter(|&&(_, from, to)| from == 0 && to == SPACE)
+            .map(|&(d, _, _)| d)
             .collect();
-        if !retry.is_empty() {
-            for d in &retry {
-                self.degraded.remove(d);
-            }
-            changed |= self.contexts(m, &mut w);
-        }
         let mut degraded = false;
         for (d, from, to) in syncs {
             match self.sync(d, from, to, m, &mut w.left) {
@@ -397,8 +384,21 @@ impl OsVtd {
                 }
             }
         }
-        if degraded {
-            // Its requesters move to thinhv's domain for the OS.
+        // A domain that fell back before is tried again at the OS's
+        // invalidation of all of it, after the others' syncs (its
+        // rebuild, in `contexts`, syncs it whole once).
+        let retry: alloc::vec::Vec<u16> = self
+            .degraded
+            .keys()
+            .copied()
+            .filter(|d| syncs_whole.contains(d))
+            .collect();
+        for d in &retry {
+            self.degraded.remove(d);
+        }
+        if degraded || !retry.is_empty() {
+            // Requesters of a domain that fell back move to thinhv's
+            // domain for the OS; a retried domain gets its shadow again.
             self.contexts(m, &mut w);
             changed = true;
         }
@@ -409,7 +409,22 @@ impl OsVtd {
         if changed || !self.parked.is_empty() {
             self.counts.flushes += 1;
             if m.real.flush() {
-                for s in core::mem::take(&mut self.parked) {
+                // A shadow a real context entry still names (a change the
+                // real unit refused) stays parked.
+                let named: alloc::vec::Vec<u64> = self
+                    .real
+                    .values()
+                    .filter_map(|c| match c {
+                        RealContext::Shadow { root, .. } => Some(*root),
+                        _ => None,
+                    })
+                    .collect();
+                let (keep, free): (alloc::vec::Vec<_>, alloc::vec::Vec<_>) =
+                    core::mem::take(&mut self.parked)
+                        .into_iter()
+                        .partition(|s| named.contains(&s.root()));
+                self.parked = keep;
+                for s in free {
                     s.free(m.pt, m.frames);
                 }
             }
@@ -702,6 +717,10 @@ impl OsVtd {
                 Err(ShadowError::OutOfFrames) => {
                     self.counts.short += 1;
                     self.degraded.insert(d, t);
+                    self.counts.degraded += 1;
+                    if self.counts.degraded > 8 {
+                        continue;
+                    }
                     log::error!(
                         "the OS's IOMMU {:#x}: no frame left for its domain {d}'s shadow: it falls back to thinhv's domain for the OS",
                         self.base

@@ -433,3 +433,23 @@ fn a_domain_without_frames_falls_back_to_thinhvs_domain_for_the_os_never_to_stal
         Some(RealContext::Shadow { .. })
     ));
 }
+
+#[test]
+fn a_fallen_back_domain_is_shadowed_again_at_its_next_whole_invalidation() {
+    let mut b = bed(true);
+    b.frames.left = 2;
+    b.enable();
+    assert_eq!(b.unit.domains(), 0);
+    // A page-selective invalidation does not retry it.
+    b.frames.left = 100;
+    b.page_flush(0x4000_0000);
+    assert_eq!(b.unit.domains(), 0);
+    // A domain-selective one does, once.
+    b.write(reg::IOTLB, (1 << 63) | (2 << 60) | (5 << 32));
+    assert_eq!(b.unit.domains(), 1);
+    assert!(matches!(
+        b.real.ctx.get(&0x10),
+        Some(RealContext::Shadow { .. })
+    ));
+    assert_eq!(b.leaf(0x4000_0000) & !0xfff, 0x5000);
+}

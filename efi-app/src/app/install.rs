@@ -213,6 +213,7 @@ pub fn install(config: &Config) -> Result<String, String> {
     // real unit's table with it and the platform remaps (`os-iommu.md`).
     if iommu.os == thinhv_abi::handoff::IOMMU_OS_EMULATED
         && appliances.list.is_empty()
+        && iommu.remaps_interrupts()
         && super::iommu::dmar_remaps()
     {
         iommu.flags |= thinhv_abi::handoff::IOMMU_FLAG_OS_REMAP;

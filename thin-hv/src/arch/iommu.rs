@@ -676,6 +676,7 @@ impl Iommu {
                         me.os_ir = ir.is_some()
                             && me.os_real.is_some()
                             && partitions.is_empty()
+                            && h.remaps_interrupts()
                             && h.flags & thinhv_abi::handoff::IOMMU_FLAG_OS_REMAP != 0;
                         if ir.is_some() {
                             *me.irt.lock() = Some(irt_slots());
@@ -1066,6 +1067,10 @@ impl Iommu {
             unsafe { core::arch::asm!("wbinvd", options(nostack)) };
         }
         for (i, u) in units[..*n].iter().enumerate() {
+            // A unit that does not translate caches nothing.
+            if u.record.state != IOMMU_STATE_TRANSLATING {
+                continue;
+            }
             let mut w = Window { base: u.base };
             let r = match (ir, u.caps) {
                 (Some(ir), _) => vtd::queue_run(
@@ -1102,6 +1107,7 @@ impl Iommu {
         // appliance shares it (`IOMMU_FLAG_OS_REMAP`).
         let os_ir = h.os == thinhv_abi::handoff::IOMMU_OS_EMULATED
             && h.flags & thinhv_abi::handoff::IOMMU_FLAG_OS_REMAP != 0
+            && h.remaps_interrupts()
             && partitions.is_empty();
         if !os_ir && (!h.remaps_interrupts() || partitions.is_empty()) {
             return Ok(None);
