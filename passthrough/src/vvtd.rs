@@ -1532,61 +1532,7 @@ pub fn sync_entries_within(
     limit: u32,
     write: &mut impl FnMut(u32, [u64; 2]),
 ) -> EntriesSynced {
-    sync_upto(
-        unit,
-        mem,
-        scope,
-        sources,
-        cores,
-        policy,
-        real_x2apic,
-        limit.min(1 << IRT_MAX_LOG2),
-        write,
-    )
-}
-
-/// Brings the real table's OS half (entries `0..2^IRT_MAX_LOG2`, one to
-/// one with the OS's) up to date over `scope` (`Scope::Entries`, or every
-/// entry where `all`): each OS entry read, composed ([`compose`]) and
-/// handed to `write(index, entry)`, or a not-present entry where there is
-/// none or thinhv refuses it. With remapping off, every entry in scope is
-/// written not present. Bounded by the table: at most 2^15 entries.
-#[allow(clippy::too_many_arguments)]
-pub fn sync_entries(
-    unit: &Unit,
-    mem: &impl OsMemory,
-    scope: Option<Scope>,
-    sources: &impl Sources,
-    cores: &impl Cores,
-    policy: Policy,
-    real_x2apic: bool,
-    write: &mut impl FnMut(u32, [u64; 2]),
-) -> EntriesSynced {
-    sync_upto(
-        unit,
-        mem,
-        scope,
-        sources,
-        cores,
-        policy,
-        real_x2apic,
-        1 << IRT_MAX_LOG2,
-        write,
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn sync_upto(
-    unit: &Unit,
-    mem: &impl OsMemory,
-    scope: Option<Scope>,
-    sources: &impl Sources,
-    cores: &impl Cores,
-    policy: Policy,
-    real_x2apic: bool,
-    limit: u32,
-    write: &mut impl FnMut(u32, [u64; 2]),
-) -> EntriesSynced {
+    let limit = limit.min(1 << IRT_MAX_LOG2);
     let (first, count) = match scope {
         Some(Scope::Entries { index, order }) => (u32::from(index), 1u32 << order.min(15)),
         _ => (0, limit),
@@ -1614,6 +1560,36 @@ fn sync_upto(
         }
     }
     out
+}
+
+/// Brings the real table's OS half (entries `0..2^IRT_MAX_LOG2`, one to
+/// one with the OS's) up to date over `scope` (`Scope::Entries`, or every
+/// entry where `all`): each OS entry read, composed ([`compose`]) and
+/// handed to `write(index, entry)`, or a not-present entry where there is
+/// none or thinhv refuses it. With remapping off, every entry in scope is
+/// written not present. Bounded by the table: at most 2^15 entries.
+#[allow(clippy::too_many_arguments)]
+pub fn sync_entries(
+    unit: &Unit,
+    mem: &impl OsMemory,
+    scope: Option<Scope>,
+    sources: &impl Sources,
+    cores: &impl Cores,
+    policy: Policy,
+    real_x2apic: bool,
+    write: &mut impl FnMut(u32, [u64; 2]),
+) -> EntriesSynced {
+    sync_entries_within(
+        unit,
+        mem,
+        scope,
+        sources,
+        cores,
+        policy,
+        real_x2apic,
+        1 << IRT_MAX_LOG2,
+        write,
+    )
 }
 
 /// Where an event interrupt the OS programmed ([`Event`]) goes: its

@@ -917,38 +917,31 @@ impl Iommu {
     /// Invalidates every unit's interrupt entry cache (the OS's entries
     /// changed).
     pub fn os_irte_flush(&self) {
-        let Hw::Vtd { ir: Some(ir), .. } = &self.hw else {
+        let Some(ir) = self.os_ir_table() else {
             return;
         };
-        if !self.os_ir || !self.started.load(Ordering::SeqCst) {
-            return;
+        if let Err(e) = self.on_every_unit(ir, &[vtd::desc::IEC_GLOBAL]) {
+            log::error!("IOMMU: interrupt entry cache invalidation for the OS's unit: {e}");
         }
-        let g = self.units.lock();
-        let (units, n) = &*g;
-        for (i, u) in units[..*n].iter().enumerate() {
-            if let Err(e) = vtd::queue_run(
-                &mut Window { base: u.base },
-                &mut ir.queue(i),
-                &[vtd::desc::IEC_GLOBAL],
-            ) {
-                log::error!(
-                    "IOMMU: unit {:#x}: interrupt entry cache invalidation for the OS's unit: {}",
-                    u.base,
-                    e.describe()
-                );
+    }
+
+    /// The real remapping table and queues, where they are the OS's
+    /// unit's and the units run.
+    fn os_ir_table(&self) -> Option<VtdIr> {
+        match self.hw {
+            Hw::Vtd { ir: Some(ir), .. } if self.os_ir && self.started.load(Ordering::SeqCst) => {
+                Some(ir)
             }
+            _ => None,
         }
     }
 
     /// Turns every unit's interrupt remapping on through the real table
     /// (the OS's entries), or off.
     pub fn os_set_remapping(&self, on: bool, x2apic: bool, compat: bool) {
-        let Hw::Vtd { ir: Some(ir), .. } = &self.hw else {
+        let Some(ir) = self.os_ir_table() else {
             return;
         };
-        if !self.os_ir || !self.started.load(Ordering::SeqCst) {
-            return;
-        }
         let g = self.units.lock();
         let (units, n) = &*g;
         for (i, u) in units[..*n].iter().enumerate() {
