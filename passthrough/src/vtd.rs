@@ -88,6 +88,9 @@ pub mod gcmd {
 const CCMD_ICC_GLOBAL: u64 = (1 << 63) | (1 << 61);
 /// IOTLB: invalidate, global, drain reads and writes.
 const IOTLB_IVT_GLOBAL: u64 = (1 << 63) | (1 << 60) | (1 << 49) | (1 << 48);
+/// IOTLB: invalidate, domain-selective (the domain in 47:32), drain reads
+/// and writes.
+const IOTLB_IVT_DOMAIN: u64 = (1 << 63) | (2 << 60) | (1 << 49) | (1 << 48);
 /// FSTS: primary fault overflow, primary pending fault.
 const FSTS_PFO: u32 = 1 << 0;
 const FSTS_PPF: u32 = 1 << 1;
@@ -251,6 +254,22 @@ pub fn invalidate_all(m: &mut impl Mmio, c: &Caps) -> Result<(), VtdError> {
     wait64(m, iotlb, 1 << 63, "IOTLB invalidation")
 }
 
+/// Domain-selective IOTLB invalidation of each of `domains` (a
+/// write-buffer flush first where required): the IOTLB and paging-structure
+/// cache entries of those domains go, the context cache and every other
+/// domain's entries stay.
+pub fn invalidate_domains(m: &mut impl Mmio, c: &Caps, domains: &[u16]) -> Result<(), VtdError> {
+    if c.rwbf() {
+        gcmd_set_oneshot(m, gcmd::WBF)?;
+    }
+    let iotlb = c.iotlb_offset() + 8;
+    for &d in domains {
+        m.write64(iotlb, IOTLB_IVT_DOMAIN | (u64::from(d) << 32));
+        wait64(m, iotlb, 1 << 63, "IOTLB invalidation")?;
+    }
+    Ok(())
+}
+
 /// Write-buffer flush: the status bit clears when done.
 fn gcmd_set_oneshot(m: &mut impl Mmio, bit: u32) -> Result<(), VtdError> {
     let status = m.read32(reg::GSTS) & gcmd::ONE_SHOT;
@@ -325,6 +344,14 @@ pub mod desc {
     pub const CONTEXT_GLOBAL: [u64; 2] = [0x1 | (1 << 4), 0];
     /// IOTLB invalidation, global, draining reads and writes.
     pub const IOTLB_GLOBAL: [u64; 2] = [0x2 | (1 << 4) | (1 << 6) | (1 << 7), 0];
+    /// IOTLB invalidation of domain `did` alone (its paging-structure
+    /// cache entries included), draining reads and writes.
+    pub const fn iotlb_domain(did: u16) -> [u64; 2] {
+        [
+            0x2 | (2 << 4) | (1 << 6) | (1 << 7) | ((did as u64) << 16),
+            0,
+        ]
+    }
     /// Interrupt entry cache invalidation, every entry.
     pub const IEC_GLOBAL: [u64; 2] = [0x4, 0];
     /// Interrupt entry cache invalidation of entry `index` alone.

@@ -162,6 +162,11 @@ fn thinhvs_own_driver_brings_the_emulated_unit_up_with_queue_and_remapping() {
     assert!(b.any(|f| f.context.all) && b.any(|f| f.iotlb.all));
     // The token the driver waited for is in OS RAM.
     assert_eq!(q.status(), 1);
+    // A domain-selective IOTLB invalidation through the queue.
+    b.fx.borrow_mut().clear();
+    vtd::queue_run(&mut &b, &mut q, &[vtd::desc::iotlb_domain(0x105)]).expect("completes");
+    assert!(b.any(|f| f.iotlb.scopes() == [Scope::Domain(0x105)]));
+    assert!(!b.any(|f| f.iotlb.all || !f.context.is_empty()));
 
     vtd::enable_remapping(&mut &b, &mut q, 0x6000, 12, true, false).expect("remapping on");
     let t = b.unit.borrow().irt().unwrap();
@@ -169,7 +174,7 @@ fn thinhvs_own_driver_brings_the_emulated_unit_up_with_queue_and_remapping() {
     assert!(b.any(|f| f.irt) && b.any(|f| f.entries.all));
     assert!(b.any(|f| f.remapping == Some(true)));
     assert!(!b.unit.borrow().compat_passes());
-    assert_eq!(q.status(), 2);
+    assert_eq!(q.status(), 3);
 
     // The same unit without remapping offered: IR and EIM clear, and the
     // driver's table pointer never latches.
@@ -512,6 +517,16 @@ fn register_based_invalidation_completes_at_once_with_what_was_done() {
     let c = vtd::caps(&&b);
     vtd::invalidate_all(&mut &b, &c).expect("completes");
     assert!(b.any(|f| f.context.all) && b.any(|f| f.iotlb.all));
+    // thinhv's domain-selective IOTLB invalidation, as a unit reads it.
+    b.fx.borrow_mut().clear();
+    vtd::invalidate_domains(&mut &b, &c, &[0x105, 0x107]).expect("completes");
+    let domains: Vec<Scope> =
+        b.fx.borrow()
+            .iter()
+            .flat_map(|f| f.iotlb.scopes().to_vec())
+            .collect();
+    assert_eq!(domains, [Scope::Domain(0x105), Scope::Domain(0x107)]);
+    assert!(!b.any(|f| f.iotlb.all || !f.context.is_empty()));
     // Domain-selective context, device-selective context.
     let fx = b.w(reg::CCMD, 8, (1 << 63) | (2 << 61) | 5);
     assert_eq!(fx.context.scopes(), &[Scope::Domain(5)]);

@@ -11,10 +11,11 @@
 //!   of the OS's, synced at the OS's IOTLB invalidations (the unit offers
 //!   caching mode, so the OS invalidates after every change, a new mapping
 //!   included) and at its context-cache invalidations.
-//! * A requester whose context entry the OS once made present and then
-//!   took away: blocked, every DMA faults. A requester the OS never gave a
-//!   present entry keeps thinhv's domain for the OS (thinhv has no list of
-//!   the OS's functions; its protection applies, the OS's does not).
+//! * A requester of the OS's without a present context entry while the
+//!   OS translates, whether the OS took its entry away or never gave it
+//!   one: blocked, every DMA faults, as on a real unit
+//!   ([`RealUnit::set_unnamed`]). Past [`MAX_REQUESTERS`] requesters, those
+//!   the OS never named keep thinhv's domain for the OS instead.
 //! * Requesters that are not the OS's (an appliance's, hidden functions)
 //!   are never touched.
 //!
@@ -114,9 +115,11 @@ pub trait RealUnit {
     /// next [`RealUnit::flush`]); false where it could not (the entry is
     /// left as it was).
     fn set_context(&mut self, rid: u16, c: RealContext) -> bool;
-    /// Invalidates the real units' context caches and IOTLBs; false where
-    /// an invalidation did not complete.
-    fn flush(&mut self) -> bool;
+    /// Invalidates the real units' context caches and IOTLBs (`None`), or
+    /// the IOTLBs of the real domains `Some(ids)` alone (their leaves
+    /// changed, nothing else); false where an invalidation did not
+    /// complete.
+    fn flush(&mut self, domains: Option<&[u16]>) -> bool;
     /// Writes entry `index` of the real remapping table's OS part (an
     /// index past it is dropped; the OS's messages naming it fault).
     fn write_irte(&mut self, index: u32, entry: [u64; 2]);
@@ -126,6 +129,12 @@ pub trait RealUnit {
     /// (32-bit destinations where `x2apic`; compatibility-format messages
     /// passing where `compat`), or off.
     fn set_remapping(&mut self, on: bool, x2apic: bool, compat: bool);
+    /// Every requester whose real entry thinhv's own tables give its
+    /// domain for the OS, but those `named` (the emulation sets theirs
+    /// with [`RealUnit::set_context`]): blocked (the OS translates and
+    /// gave them no entry), or back on thinhv's domain for the OS. Takes
+    /// effect at the next [`RealUnit::flush`]; false where it could not.
+    fn set_unnamed(&mut self, blocked: bool, named: &dyn Fn(u16) -> bool) -> bool;
 }
 
 /// The real domain ID of the OS's domain `domain` (the OS's unit offers
@@ -221,6 +230,8 @@ pub struct OsVtd {
     pub events_dropped: u64,
     /// The OS's remapping entries.
     pub entries: EntryCounts,
+    /// Requesters the OS never named are blocked in the real unit.
+    unnamed_blocked: bool,
 }
 
 /// What the emulation reaches of the machine: the OS's memory (through
@@ -269,6 +280,7 @@ impl OsVtd {
                 logged: 0,
                 present: alloc::vec::Vec::new(),
             },
+            unnamed_blocked: false,
         }
     }
 
@@ -375,9 +387,16 @@ impl OsVtd {
             .map(|&(d, _, _)| d)
             .collect();
         let mut degraded = false;
+        // Real domains whose shadow leaves alone changed.
+        let mut leaves: alloc::vec::Vec<u16> = alloc::vec::Vec::new();
         for (d, from, to) in syncs {
             match self.sync(d, from, to, m, &mut w.left) {
-                Ok(c) => changed |= c,
+                Ok(true) => {
+                    if !leaves.contains(&real_domain(d)) {
+                        leaves.push(real_domain(d));
+                    }
+                }
+                Ok(false) => {}
                 Err(why) => {
                     self.degrade(d, why, &mut w);
                     degraded = true;
@@ -406,9 +425,13 @@ impl OsVtd {
         // be reused; where its invalidation failed, retired shadows wait
         // for one that succeeds.
         self.parked.append(&mut w.dead);
-        if changed || !self.parked.is_empty() {
+        if changed || !leaves.is_empty() || !self.parked.is_empty() {
             self.counts.flushes += 1;
-            if m.real.flush() {
+            // Context entries changed or tables retired: everything;
+            // leaves alone: the IOTLBs of their domains.
+            let scope = (!changed && self.parked.is_empty() && leaves.len() <= MAX_DOMAIN_FLUSHES)
+                .then_some(leaves.as_slice());
+            if m.real.flush(scope) {
                 // A shadow a real context entry still names (a change the
                 // real unit refused) stays parked.
                 let named: alloc::vec::Vec<u64> = self
@@ -757,7 +780,14 @@ impl OsVtd {
         }
         let mut kept = alloc::vec::Vec::new();
         for (&sid, &c) in &want {
-            let old = self.real.get(&sid).copied().unwrap_or(RealContext::Os);
+            // A requester not named before is blocked or on thinhv's
+            // domain for the OS with the rest.
+            let unnamed = if self.unnamed_blocked {
+                RealContext::Blocked
+            } else {
+                RealContext::Os
+            };
+            let old = self.real.get(&sid).copied().unwrap_or(unnamed);
             if old != c {
                 if m.real.set_context(sid, c) {
                     changed = true;
@@ -786,6 +816,27 @@ impl OsVtd {
             }
         }
         want.extend(kept);
+        // The requesters the OS never named: blocked while it translates,
+        // as a real unit blocks those without a present context entry
+        // (thinhv's domain for the OS where it named more than this unit
+        // follows: those past the limit are among them).
+        let block = self.unit.translating() && !self.too_many;
+        if block != self.unnamed_blocked {
+            if m.real.set_unnamed(block, &|sid| want.contains_key(&sid)) {
+                self.unnamed_blocked = block;
+                changed = true;
+            } else {
+                log::error!(
+                    "the OS's IOMMU {:#x}: the requesters it gave no context entry could not be {}",
+                    self.base,
+                    if block {
+                        "blocked"
+                    } else {
+                        "let through again"
+                    }
+                );
+            }
+        }
         self.real = want;
         changed
     }
@@ -812,6 +863,9 @@ struct Work {
 /// per exit whatever the OS's tables are (a domain of 512 MiB mapped in
 /// 4 KiB pages takes about an eighth of it to sync whole).
 const WORK_PER_WRITE: u64 = 1 << 21;
+
+/// Real domains one flush invalidates one by one; past them, everything.
+const MAX_DOMAIN_FLUSHES: usize = 16;
 
 /// Requesters of the OS's one unit follows.
 pub const MAX_REQUESTERS: usize = 1024;
@@ -927,7 +981,10 @@ impl RealUnit for NoHost {
     fn set_context(&mut self, _: u16, _: RealContext) -> bool {
         match *self {}
     }
-    fn flush(&mut self) -> bool {
+    fn set_unnamed(&mut self, _: bool, _: &dyn Fn(u16) -> bool) -> bool {
+        match *self {}
+    }
+    fn flush(&mut self, _: Option<&[u16]>) -> bool {
         match *self {}
     }
     fn write_irte(&mut self, _: u32, _: [u64; 2]) {

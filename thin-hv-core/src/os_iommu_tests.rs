@@ -61,7 +61,17 @@ struct Real {
     /// Invalidations and context changes fail.
     fail_flush: bool,
     fail_ctx: bool,
+    /// The requesters thinhv's own tables give its domain for the OS
+    /// (00:01.0, 00:02.0, 00:03.0, 00:05.0; 00:04.0 is an appliance's),
+    /// and which of them [`RealUnit::set_unnamed`] blocked.
+    unnamed_blocked: Vec<u16>,
+    /// What each flush invalidated: `None` everything, else the IOTLBs
+    /// of those real domains.
+    scopes: Vec<Option<Vec<u16>>>,
 }
+
+/// The requesters of [`Real`] on thinhv's domain for the OS.
+const DEFAULTS: [u16; 4] = [0x08, 0x10, 0x18, 0x28];
 
 impl RealUnit for Real {
     fn set_context(&mut self, rid: u16, c: RealContext) -> bool {
@@ -72,8 +82,9 @@ impl RealUnit for Real {
         self.set += 1;
         true
     }
-    fn flush(&mut self) -> bool {
+    fn flush(&mut self, domains: Option<&[u16]>) -> bool {
         self.events.push("flush");
+        self.scopes.push(domains.map(<[u16]>::to_vec));
         if self.fail_flush {
             return false;
         }
@@ -92,6 +103,15 @@ impl RealUnit for Real {
     fn set_remapping(&mut self, on: bool, x2apic: bool, compat: bool) {
         self.events.push(if on { "on" } else { "off" });
         self.remapping = Some((on, x2apic, compat));
+    }
+    fn set_unnamed(&mut self, blocked: bool, named: &dyn Fn(u16) -> bool) -> bool {
+        self.events.push(if blocked { "block" } else { "unblock" });
+        self.unnamed_blocked = if blocked {
+            DEFAULTS.into_iter().filter(|&r| !named(r)).collect()
+        } else {
+            Vec::new()
+        };
+        true
     }
 }
 
@@ -233,6 +253,8 @@ fn a_mapping_reaches_the_shadow_at_the_oss_invalidation_and_never_thinhvs_page()
         b.page_flush(0x4000_1000);
         assert_eq!(b.leaf(0x4000_1000) & 3, 2, "write-only, as the OS asked");
         assert_eq!(b.real.flushes, before + 1, "the real IOTLB flushed");
+        // A new leaf: the IOTLB of its real domain alone.
+        assert_eq!(b.real.scopes.last(), Some(&Some(vec![real_domain(5)])));
         b.page_flush(0x4000_2000);
         // The control: without the check thinhv's page is mapped.
         assert_eq!(b.leaf(0x4000_2000) != 0, !protect, "protect {protect}");
@@ -250,6 +272,8 @@ fn a_context_taken_away_blocks_its_requester_and_translation_off_gives_it_back()
     b.os.put(0x11000 + 0x10 * 16, 0);
     b.context_flush();
     assert_eq!(b.real.ctx.get(&0x10), Some(&RealContext::Blocked));
+    // A context entry changed: everything invalidated.
+    assert_eq!(b.real.scopes.last(), Some(&None));
     // The shadow of the domain no one uses is freed.
     assert_eq!(b.unit.domains(), 0);
     assert!(!b.frames.freed.is_empty());
@@ -257,6 +281,43 @@ fn a_context_taken_away_blocks_its_requester_and_translation_off_gives_it_back()
     b.write(reg::GCMD, 0);
     assert_eq!(b.real.ctx.get(&0x10), Some(&RealContext::Os));
     assert_eq!(b.real.ctx.get(&0x20), None);
+}
+
+#[test]
+fn a_requester_the_os_never_named_is_blocked_while_it_translates_and_its_faults_are_the_oss() {
+    let mut b = bed(true);
+    b.write(reg::RTADDR, 0x10000);
+    b.write(reg::GCMD, 1 << 30);
+    assert!(b.real.unnamed_blocked.is_empty(), "not before translation");
+    b.write(reg::GCMD, 1 << 31);
+    // 00:01.0 and 00:05.0 have no entry in the OS's tables: blocked, as a
+    // real unit blocks them; 00:02.0 (tables) and 00:03.0 (pass-through)
+    // are set one by one, the appliance's 00:04.0 is never thinhv's
+    // domain for the OS.
+    assert_eq!(b.real.unnamed_blocked, [0x08, 0x28]);
+    // The control: a requester the OS names later leaves the blocked set.
+    b.os.put(0x11000 + 0x08 * 16, 1 | (2 << 2));
+    b.os.put(0x11000 + 0x08 * 16 + 8, 2 | (7 << 8));
+    b.context_flush();
+    assert_eq!(b.real.ctx.get(&0x08), Some(&RealContext::Os));
+    // Its faults are the OS's to hear about (no context entry).
+    b.write(reg::FEDATA & !7, 0x40 << 32);
+    b.write(reg::FEADDR, 0xfee0_0000);
+    let f = RealFault {
+        unit: 0,
+        sid: 0x28,
+        addr: 0x1000,
+        write: false,
+    };
+    assert!(
+        b.unit
+            .fault(f, &b.os)
+            .is_some_and(|fx| fx.fault_event.is_some())
+    );
+    // Translation off: no one blocked.
+    b.write(reg::GCMD, 0);
+    assert!(b.real.unnamed_blocked.is_empty());
+    assert_eq!(b.real.events.last(), Some(&"flush"));
 }
 
 #[test]

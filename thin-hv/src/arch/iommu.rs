@@ -588,6 +588,9 @@ struct OsReal {
     shared_ctx: u64,
     /// The context entry of thinhv's domain for the OS.
     os_entry: [u64; 2],
+    /// The requesters thinhv's own tables give its domain for the OS
+    /// (one bit each), whose entries [`Iommu::os_set_unnamed`] blocks.
+    os_default: alloc::boxed::Box<[u64; 1024]>,
 }
 
 /// Why an AMD-Vi remapping entry was not written.
@@ -833,10 +836,17 @@ impl Iommu {
             );
             None
         } else {
+            let mut os_default = alloc::boxed::Box::new([0u64; 1024]);
+            for rid in 0..=u16::MAX {
+                if entry_of(rid) == c {
+                    os_default[usize::from(rid / 64)] |= 1 << (rid % 64);
+                }
+            }
             Some(OsReal {
                 root,
                 shared_ctx: ctx,
                 os_entry: c,
+                os_default,
             })
         };
         Ok((root, os_real))
@@ -1037,9 +1047,48 @@ impl Iommu {
         true
     }
 
+    /// The requesters whose real entries thinhv's own tables give its
+    /// domain for the OS, but those `named`: not present (`blocked`), or
+    /// that domain again. The shared context table holds only such
+    /// entries of requesters never named (a named one's bus has a table of
+    /// its own). The caller flushes ([`Iommu::os_flush`]).
+    pub fn os_set_unnamed(&self, blocked: bool, named: &dyn Fn(u16) -> bool) -> bool {
+        let Some(o) = &self.os_real else {
+            return false;
+        };
+        // SAFETY: the root and context tables are this core's (its pool),
+        // identity-mapped, and no reference points into them.
+        let mut mem = unsafe { IdentityMem::new() };
+        let e = if blocked { [0, 0] } else { o.os_entry };
+        let mut write = |table: u64, df: usize| {
+            // Not present while the upper half changes.
+            mem.write_entry(table, 2 * df, 0);
+            mem.write_entry(table, 2 * df + 1, e[1]);
+            mem.write_entry(table, 2 * df, e[0]);
+        };
+        for df in 0..256 {
+            write(o.shared_ctx, df);
+        }
+        for bus in 0..256u16 {
+            // SAFETY: as above.
+            let table = unsafe { IdentityMem::new() }.read_entry(o.root, 2 * usize::from(bus));
+            if table & 1 == 0 || table & ADDR_MASK == o.shared_ctx {
+                continue;
+            }
+            for df in 0..256u16 {
+                let rid = bus << 8 | df;
+                if o.os_default[usize::from(rid / 64)] & (1 << (rid % 64)) != 0 && !named(rid) {
+                    write(table & ADDR_MASK, usize::from(df));
+                }
+            }
+        }
+        true
+    }
+
     /// Global context-cache and IOTLB invalidation on every VT-d unit
-    /// (through the queue where thinhv runs one).
-    pub fn os_flush(&self) -> bool {
+    /// (`None`), or domain-selective IOTLB invalidation of `Some(ids)`
+    /// alone (through the queue where thinhv runs one).
+    pub fn os_flush(&self, domains: Option<&[u16]>) -> bool {
         let Hw::Vtd { ir, .. } = &self.hw else {
             return false;
         };
@@ -1066,12 +1115,24 @@ impl Iommu {
             }
             let mut w = Window { base: u.base };
             let r = match (ir, u.caps) {
-                (Some(ir), _) => vtd::queue_run(
-                    &mut w,
-                    &mut ir.queue(i),
-                    &[vtd::desc::CONTEXT_GLOBAL, vtd::desc::IOTLB_GLOBAL],
-                ),
-                (None, Some(c)) => vtd::invalidate_all(&mut w, &c),
+                (Some(ir), _) => match domains {
+                    None => vtd::queue_run(
+                        &mut w,
+                        &mut ir.queue(i),
+                        &[vtd::desc::CONTEXT_GLOBAL, vtd::desc::IOTLB_GLOBAL],
+                    ),
+                    Some(ds) => ds.chunks(32).try_for_each(|ds| {
+                        let mut descs = [[0u64; 2]; 32];
+                        for (d, &id) in descs.iter_mut().zip(ds) {
+                            *d = vtd::desc::iotlb_domain(id);
+                        }
+                        vtd::queue_run(&mut w, &mut ir.queue(i), &descs[..ds.len()])
+                    }),
+                },
+                (None, Some(c)) => match domains {
+                    None => vtd::invalidate_all(&mut w, &c),
+                    Some(ds) => vtd::invalidate_domains(&mut w, &c, ds),
+                },
                 (None, None) => Ok(()),
             };
             if let Err(e) = r {

@@ -77,8 +77,11 @@ impl RealUnit for Real {
         };
         self.core.iommu.os_set_context(rid, c, frame)
     }
-    fn flush(&mut self) -> bool {
-        self.core.iommu.os_flush()
+    fn flush(&mut self, domains: Option<&[u16]>) -> bool {
+        self.core.iommu.os_flush(domains)
+    }
+    fn set_unnamed(&mut self, blocked: bool, named: &dyn Fn(u16) -> bool) -> bool {
+        self.core.iommu.os_set_unnamed(blocked, named)
     }
     fn write_irte(&mut self, index: u32, entry: [u64; 2]) {
         self.core.iommu.os_write_irte(index, entry);
