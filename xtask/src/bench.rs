@@ -119,8 +119,10 @@ fn nvme_once(
         iommu: "",
         kernel: "",
         eim: false,
+        nic_port: None,
+        idle: false,
     };
-    nvme_case(a, img, &case, n).map(|(s, _)| s)
+    nvme_case(a, img, &case, n).map(|r| r.nvme_s)
 }
 
 /// One way of running [`nvme_once`]'s machine: thinhv or not, more
@@ -132,25 +134,117 @@ struct NvmeCase {
     kernel: &'static str,
     /// QEMU's unit with interrupt remapping and 32-bit destinations.
     eim: bool,
+    /// An e1000e on QEMU's user network, and the port of the host's
+    /// [`NicServer`] the guest reads from.
+    nic_port: Option<u16>,
+    /// thinhv's status when userspace is up and a minute of idle later.
+    idle: bool,
 }
 
-/// [`nvme_once`] for `case`: seconds, and `thinhv status --json` where
-/// thinhv ran.
+/// What one boot of [`nvme_case`] measured.
+struct CaseRun {
+    /// Seconds of the NVMe read.
+    nvme_s: f64,
+    /// Seconds of the NIC transfer ([`NIC_BYTES`]).
+    nic: Option<f64>,
+    /// `thinhv status --json` after the reads, where thinhv ran.
+    status: Option<Value>,
+    /// Exits by reason (all CPUs) over the idle minute, and the seconds
+    /// of guest uptime it took.
+    idle: Option<(Value, f64)>,
+    /// Exits by reason from start to userspace (before the idle minute).
+    at_userspace: Option<Value>,
+}
+
+/// The host's end of the NIC transfer: a TCP server on the loopback
+/// (QEMU's user network reaches it at 10.0.2.2) that sends `bytes` to
+/// every connection and closes it.
+struct NicServer {
+    port: u16,
+}
+
+impl NicServer {
+    fn start(bytes: usize) -> Result<Self, String> {
+        use std::io::Write;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        let port = l.local_addr().map_err(|e| e.to_string())?.port();
+        std::thread::spawn(move || {
+            let block = vec![0x5a_u8; 64 << 10];
+            for c in l.incoming() {
+                let Ok(mut c) = c else { continue };
+                let mut left = bytes;
+                while left > 0 {
+                    let n = left.min(block.len());
+                    if c.write_all(&block[..n]).is_err() {
+                        break;
+                    }
+                    left -= n;
+                }
+            }
+        });
+        Ok(Self { port })
+    }
+}
+
+/// Bytes the NIC transfer moves.
+const NIC_BYTES: usize = 128 << 20;
+
+/// `exits_total` of a `thinhv status --json` between `begin` and `end`.
+fn exits_between(out: &str, begin: &str, end: &str) -> Option<Value> {
+    section(out, begin, end)
+        .and_then(|j| serde_json::from_str::<Value>(j.trim()).ok())
+        .and_then(|v| v.get("exits_total").cloned())
+}
+
+/// `b - a` for each reason.
+fn exits_delta(a: &Value, b: &Value) -> Value {
+    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+        return Value::Null;
+    };
+    Value::Object(
+        b.iter()
+            .map(|(k, v)| {
+                let before = a.get(k).and_then(Value::as_u64).unwrap_or(0);
+                (
+                    k.clone(),
+                    serde_json::json!(v.as_u64().unwrap_or(0).saturating_sub(before)),
+                )
+            })
+            .collect(),
+    )
+}
+
+/// The reasons with a count, as `name count, ...`.
+fn exits_list(ex: &Value) -> String {
+    ex.as_object().map_or_else(String::new, |m| {
+        m.iter()
+            .filter(|(_, v)| v.as_u64().unwrap_or(0) > 0)
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    })
+}
+
+/// [`nvme_once`] for `case`.
 fn nvme_case(
     a: &artifacts::Artifacts,
     img: &linux::LinuxImage,
     case: &NvmeCase,
     n: usize,
-) -> Result<(f64, Option<Value>), String> {
+) -> Result<CaseRun, String> {
     let build = root().join("build").join("bench");
     std::fs::create_dir_all(&build).map_err(|e| e.to_string())?;
     let esp_dir = build.join(format!("nvme-{}-{n}", case.tag));
     let esp = Esp::create(&esp_dir).map_err(|e| e.to_string())?;
     esp.install_linux(img).map_err(|e| e.to_string())?;
-    let options = esp::kernel_options(&format!(
-        "quiet thinhv_test=1 thinhv_nvme_bench=1 {}",
-        case.kernel
-    ));
+    let mut more = case.kernel.to_string();
+    if let Some(port) = case.nic_port {
+        more = format!("{more} thinhv_nic_bench={port}");
+    }
+    if case.idle {
+        more.push_str(" thinhv_idle_minute=1");
+    }
+    let options = esp::kernel_options(&format!("quiet thinhv_test=1 thinhv_nvme_bench=1 {more}"));
     let mut config = esp::config_booting(
         esp::KERNEL,
         Some(&options),
@@ -169,8 +263,8 @@ fn nvme_case(
     let vars = esp_dir.with_extension("vars.fd");
     std::fs::copy(&ovmf.vars, &vars).map_err(|e| e.to_string())?;
     let serial = esp_dir.with_extension("serial.txt");
-    let mut p = Profile::svm(2);
-    p.extra = [
+    let mut profile = Profile::svm(2);
+    profile.extra = [
         "-device".to_string(),
         if case.eim {
             "intel-iommu,intremap=on,eim=on".into()
@@ -183,9 +277,20 @@ fn nvme_case(
         "nvme,serial=bench0,drive=nv0".into(),
     ]
     .to_vec();
-    let cmd = qemu::command(&ovmf, &vars, &esp_dir, &p, &Serial::File(serial.clone()));
+    if case.nic_port.is_some() {
+        profile
+            .extra
+            .extend(["-netdev", "user,id=n0", "-device", "e1000e,netdev=n0"].map(String::from));
+    }
+    let cmd = qemu::command(
+        &ovmf,
+        &vars,
+        &esp_dir,
+        &profile,
+        &Serial::File(serial.clone()),
+    );
     let mut run = Run::start(cmd, &serial).map_err(|e| e.to_string())?;
-    run.wait_for("THINHV-TEST-END", TIMEOUT)
+    run.wait_for("THINHV-TEST-END", TIMEOUT + Duration::from_secs(90))
         .map_err(|e| format!("{e}\n{}", run.output()))?;
     let out = run.output();
     let _ = run.wait_exit(Duration::from_secs(30));
@@ -197,101 +302,199 @@ fn nvme_case(
         .ok_or_else(|| format!("the guest did not time the NVMe read:\n{out}"))?;
     let status = section(&out, "THINHV-STATUS-JSON-BEGIN", "THINHV-STATUS-JSON-END")
         .and_then(|j| serde_json::from_str::<Value>(j.trim()).ok());
-    Ok((secs, status))
+    let num =
+        |k: &str| thinhv_ovmf::runner::value(&out, k).and_then(|v| v.trim().parse::<f64>().ok());
+    let mut nic = None;
+    if case.nic_port.is_some() {
+        let bytes = thinhv_ovmf::runner::value(&out, "nic_read_bytes")
+            .and_then(|v| v.trim().parse::<usize>().ok());
+        let (Some(bytes), Some(secs)) = (bytes, num("nic_read_seconds")) else {
+            return Err(format!("the guest did not time the NIC transfer:\n{out}"));
+        };
+        if bytes != NIC_BYTES {
+            return Err(format!(
+                "the NIC transfer moved {bytes} bytes, not {NIC_BYTES}:\n{out}"
+            ));
+        }
+        nic = Some(secs);
+    }
+    let mut idle = None;
+    let mut at_userspace = None;
+    if case.idle && case.hv {
+        let a0 = exits_between(&out, "THINHV-IDLE-0-BEGIN", "THINHV-IDLE-0-END");
+        let a1 = exits_between(&out, "THINHV-IDLE-1-BEGIN", "THINHV-IDLE-1-END");
+        let (Some(a0), Some(a1), Some(u0), Some(u1)) =
+            (a0, a1, num("idle_uptime_0"), num("idle_uptime_1"))
+        else {
+            return Err(format!("the guest did not report its idle minute:\n{out}"));
+        };
+        idle = Some((exits_delta(&a0, &a1), u1 - u0));
+        at_userspace = Some(a0);
+    }
+    Ok(CaseRun {
+        nvme_s: secs,
+        nic,
+        status,
+        idle,
+        at_userspace,
+    })
 }
 
 /// `cargo xtask bench --os-iommu`: the OS's own emulated VT-d unit
 /// (issue 14) against the same machine without it and without thinhv:
-/// the NVMe read of [`nvme_once`], runs of every case alternated, and the
-/// exits by reason of each boot under thinhv (status taken after the
-/// read).
+/// the NVMe read of [`nvme_once`] and a NIC transfer ([`NicServer`]) in
+/// every boot, runs of every case alternated, and the exits by reason of
+/// each boot under thinhv (status taken after the reads); then one boot
+/// with and one without the OS's unit that idles a minute at userspace,
+/// with the exits by reason from start to userspace and over the minute.
 fn os_iommu_figures(
     a: &artifacts::Artifacts,
     img: &linux::LinuxImage,
     runs: usize,
 ) -> Result<Value, String> {
     const EMULATED: &str = "os = \"emulated\"\n";
+    let server = NicServer::start(NIC_BYTES)?;
+    let case = |tag, hv, iommu, kernel| NvmeCase {
+        tag,
+        hv,
+        iommu,
+        kernel,
+        eim: true,
+        nic_port: Some(server.port),
+        idle: false,
+    };
     let cases = [
-        NvmeCase {
-            tag: "native",
-            hv: false,
-            iommu: "",
-            kernel: "",
-            eim: true,
-        },
-        NvmeCase {
-            tag: "native-iommu-strict",
-            hv: false,
-            iommu: "",
-            kernel: "intel_iommu=on iommu.strict=1",
-            eim: true,
-        },
-        NvmeCase {
-            tag: "hv",
-            hv: true,
-            iommu: "",
-            kernel: "",
-            eim: true,
-        },
-        NvmeCase {
-            tag: "hv-os-strict",
-            hv: true,
-            iommu: EMULATED,
-            kernel: "intel_iommu=on iommu.strict=1",
-            eim: true,
-        },
-        NvmeCase {
-            tag: "hv-os-lazy",
-            hv: true,
-            iommu: EMULATED,
-            kernel: "intel_iommu=on",
-            eim: true,
-        },
+        case("native", false, "", ""),
+        case(
+            "native-iommu-strict",
+            false,
+            "",
+            "intel_iommu=on iommu.strict=1",
+        ),
+        case("hv", true, "", ""),
+        case(
+            "hv-os-strict",
+            true,
+            EMULATED,
+            "intel_iommu=on iommu.strict=1",
+        ),
+        case("hv-os-lazy", true, EMULATED, "intel_iommu=on"),
     ];
+    // THINHV_BENCH_ONLY=tag,tag: those cases alone (the first one is the
+    // base of the ratios), no idle minute unless "idle" is among them.
+    let only = std::env::var("THINHV_BENCH_ONLY").ok();
+    let wanted = |tag: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|t| t == tag))
+    };
+    let cases: Vec<NvmeCase> = cases.into_iter().filter(|c| wanted(c.tag)).collect();
+    if cases.is_empty() {
+        return Err("THINHV_BENCH_ONLY names no case".into());
+    }
     let mut secs: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    let mut nic: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     let mut exits: Vec<Option<Value>> = vec![None; cases.len()];
+    // Boots that never reached their end marker: counted and reported,
+    // left out of the medians (docs/emulator-faults.md).
+    let mut hung = vec![0usize; cases.len()];
     for n in 0..runs {
         for (i, c) in cases.iter().enumerate() {
-            let (s, status) = nvme_case(a, img, c, n)?;
-            println!("run {n}: {:<22} NVMe 512 MiB {s:.2} s", c.tag);
-            secs[i].push(s);
-            if let Some(st) = status {
+            let r = match nvme_case(a, img, c, n) {
+                Ok(r) => r,
+                Err(e) if e.starts_with("no \"THINHV-TEST-END\"") => {
+                    println!(
+                        "run {n}: {:<22} HUNG: no end marker (serial: build/bench/nvme-{}-{n}.serial.txt)",
+                        c.tag, c.tag
+                    );
+                    hung[i] += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let t = r.nic.ok_or("no NIC figure")?;
+            println!(
+                "run {n}: {:<22} NVMe 512 MiB {:.2} s, NIC 128 MiB {t:.2} s",
+                c.tag, r.nvme_s
+            );
+            secs[i].push(r.nvme_s);
+            nic[i].push(t);
+            if let Some(st) = r.status {
                 exits[i] = st.get("exits_total").cloned();
             }
         }
     }
+    // The idle minute: thinhv alone, and with the OS driving its unit in
+    // Linux's default (lazy) mode.
+    let mut idle = Vec::new();
+    let idle_cases = cases
+        .iter()
+        .filter(|c| c.tag == "hv" || c.tag == "hv-os-lazy");
+    for c in idle_cases.filter(|_| wanted("idle")) {
+        let c = NvmeCase {
+            idle: true,
+            nic_port: None,
+            ..*c
+        };
+        let r = nvme_case(a, img, &c, runs)?;
+        let (ex, secs) = r.idle.ok_or("no idle figures")?;
+        println!("idle: {:<22} {secs:.1} s: {}", c.tag, exits_list(&ex));
+        idle.push((c.tag, ex, secs, r.at_userspace.unwrap_or(Value::Null)));
+    }
+    if secs.iter().any(Vec::is_empty) {
+        return Err(format!(
+            "a case has no completed run (hung: {hung:?}, cases {:?})",
+            cases.iter().map(|c| c.tag).collect::<Vec<_>>()
+        ));
+    }
     let base = median(&mut secs[0].clone());
+    let nic_base = median(&mut nic[0].clone());
     println!();
     println!(
-        "thinhv bench --os-iommu: QEMU TCG, q35 + intel-iommu,intremap=on,eim=on, -smp 2; NVMe sequential read, 512 MiB, O_DIRECT, 1 MiB blocks; median of {runs} runs, cases alternated"
+        "thinhv bench --os-iommu: QEMU TCG, q35 + intel-iommu,intremap=on,eim=on + e1000e on QEMU's user network, -smp 2; NVMe sequential read, 512 MiB, O_DIRECT, 1 MiB blocks; NIC: 128 MiB over TCP from the host (nc); median of {runs} runs, cases alternated"
     );
     let mut out = serde_json::Map::new();
     for (i, c) in cases.iter().enumerate() {
         let m = median(&mut secs[i].clone());
+        let mn = median(&mut nic[i].clone());
         println!(
-            "  {:<22} {:7.1} MiB/s  ratio to native {:5.3}   {:.2?} s",
+            "  {:<22} NVMe {:7.1} MiB/s ratio {:5.3} {:.2?} s | NIC {:6.1} MiB/s ratio {:5.3} {:.2?} s{}",
             c.tag,
             512.0 / m,
             base / m,
-            secs[i]
+            secs[i],
+            128.0 / mn,
+            nic_base / mn,
+            nic[i],
+            if hung[i] > 0 {
+                format!(" | {} of {runs} boots hung", hung[i])
+            } else {
+                String::new()
+            }
         );
         out.insert(
             c.tag.to_string(),
             serde_json::json!({"seconds": secs[i], "median_s": m, "ratio_to_native": base / m,
-                "exits_total": exits[i]}),
+                "nic_seconds": nic[i], "nic_median_s": mn, "nic_ratio_to_native": nic_base / mn,
+                "exits_total": exits[i], "hung": hung[i]}),
         );
     }
-    println!("  exits during boot and read, by reason (all CPUs), thinhv cases:");
+    println!("  exits during boot and reads, by reason (all CPUs), thinhv cases:");
     for (i, c) in cases.iter().enumerate() {
-        if let Some(ex) = exits[i].as_ref().and_then(Value::as_object) {
-            let list: Vec<String> = ex
-                .iter()
-                .filter(|(_, v)| v.as_u64().unwrap_or(0) > 0)
-                .map(|(k, v)| format!("{k} {v}"))
-                .collect();
-            println!("    {:<22} {}", c.tag, list.join(", "));
+        if let Some(ex) = &exits[i] {
+            println!("    {:<22} {}", c.tag, exits_list(ex));
         }
     }
+    println!("  exits from start to userspace, then over a minute at idle (all CPUs):");
+    let mut idle_json = serde_json::Map::new();
+    for (tag, ex, secs, boot) in &idle {
+        println!("    {tag:<22} to userspace: {}", exits_list(boot));
+        println!("    {:<22} idle {secs:.1} s:   {}", "", exits_list(ex));
+        idle_json.insert(
+            (*tag).to_string(),
+            serde_json::json!({"idle_seconds": secs, "idle_exits": ex, "to_userspace_exits": boot}),
+        );
+    }
+    out.insert("idle_minute".into(), Value::Object(idle_json));
     Ok(Value::Object(out))
 }
 
