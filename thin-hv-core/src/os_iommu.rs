@@ -232,6 +232,9 @@ pub struct OsVtd {
     pub entries: EntryCounts,
     /// Requesters the OS never named are blocked in the real unit.
     unnamed_blocked: bool,
+    /// A real invalidation did not complete: the next one is global,
+    /// whatever it is for.
+    flush_owed: bool,
 }
 
 /// What the emulation reaches of the machine: the OS's memory (through
@@ -281,6 +284,7 @@ impl OsVtd {
                 present: alloc::vec::Vec::new(),
             },
             unnamed_blocked: false,
+            flush_owed: false,
         }
     }
 
@@ -429,9 +433,13 @@ impl OsVtd {
             self.counts.flushes += 1;
             // Context entries changed or tables retired: everything;
             // leaves alone: the IOTLBs of their domains.
-            let scope = (!changed && self.parked.is_empty() && leaves.len() <= MAX_DOMAIN_FLUSHES)
+            let scope = (!changed
+                && !self.flush_owed
+                && self.parked.is_empty()
+                && leaves.len() <= MAX_DOMAIN_FLUSHES)
                 .then_some(leaves.as_slice());
-            if m.real.flush(scope) {
+            self.flush_owed = !m.real.flush(scope);
+            if !self.flush_owed {
                 // A shadow a real context entry still names (a change the
                 // real unit refused) stays parked.
                 let named: alloc::vec::Vec<u64> = self
@@ -775,6 +783,10 @@ impl OsVtd {
             for &sid in self.real.keys() {
                 if want.len() < MAX_REQUESTERS {
                     want.entry(sid).or_insert(RealContext::Blocked);
+                } else if !want.contains_key(&sid) {
+                    // Past the limit: the requesters the OS does not name
+                    // go back to thinhv's domain for the OS, below.
+                    self.too_many = true;
                 }
             }
         }
@@ -841,6 +853,111 @@ impl OsVtd {
         changed
     }
 }
+
+/// thinhv's real VT-d tables as the OS's unit changes them: every bus's
+/// root entry present, the buses whose requesters all have thinhv's
+/// domain for the OS sharing one context table, the others (an
+/// appliance's or a blocked requester among them, or one the OS's unit
+/// changed) a table of their own.
+pub struct RealTables<'a> {
+    /// The root table.
+    pub root: u64,
+    /// The context table those buses share.
+    pub shared_ctx: u64,
+    /// The context entry of thinhv's domain for the OS.
+    pub os_entry: [u64; 2],
+    /// The requesters thinhv's own tables give its domain for the OS, one
+    /// bit each (worked out once, before the OS runs).
+    pub defaults: &'a [u64; 1024],
+}
+
+impl RealTables<'_> {
+    /// Bus `bus`'s own context table: where it shares the common one, a
+    /// copy of it in a frame from `frame`, and the root entry pointed at
+    /// the copy (`None` without a frame: nothing changed).
+    pub fn own_table(
+        &self,
+        pt: &mut impl PhysMem,
+        bus: u16,
+        frame: &mut dyn FnMut() -> Option<u64>,
+    ) -> Option<u64> {
+        let b = usize::from(bus & 0xff);
+        let table = pt.read_entry(self.root, 2 * b) & ADDR_MASK;
+        if table != self.shared_ctx {
+            return Some(table);
+        }
+        let t = frame()?;
+        for i in 0..512 {
+            let e = pt.read_entry(self.shared_ctx, i);
+            pt.write_entry(t, i, e);
+        }
+        pt.write_entry(self.root, 2 * b + 1, 0);
+        pt.write_entry(self.root, 2 * b, (t & ADDR_MASK) | 1);
+        Some(t)
+    }
+
+    /// Writes requester `rid`'s context entry in `table` (not present
+    /// while its upper half changes).
+    pub fn write_context(pt: &mut impl PhysMem, table: u64, rid: u16, e: [u64; 2]) {
+        let df = usize::from(rid & 0xff);
+        pt.write_entry(table, 2 * df, 0);
+        pt.write_entry(table, 2 * df + 1, e[1]);
+        pt.write_entry(table, 2 * df, e[0]);
+    }
+
+    /// Whether thinhv's own tables give `rid` its domain for the OS.
+    fn default(&self, rid: u16) -> bool {
+        self.defaults[usize::from(rid / 64)] & (1 << (rid % 64)) != 0
+    }
+
+    /// [`RealUnit::set_unnamed`] on these tables: every requester with a
+    /// [`Self::defaults`] bit that `named` leaves out, blocked or back on
+    /// thinhv's domain for the OS. A bus sharing the common table with a
+    /// named requester on it gets a table of its own first (a named
+    /// requester keeps its entry); without a frame for it nothing is
+    /// blocked (false).
+    pub fn set_unnamed(
+        &self,
+        pt: &mut impl PhysMem,
+        blocked: bool,
+        named: &dyn Fn(u16) -> bool,
+        frame: &mut dyn FnMut() -> Option<u64>,
+    ) -> bool {
+        if blocked {
+            for bus in 0..=255u16 {
+                let shared =
+                    pt.read_entry(self.root, 2 * usize::from(bus)) & ADDR_MASK == self.shared_ctx;
+                if shared
+                    && (0..=255u16).any(|df| named(bus << 8 | df))
+                    && self.own_table(pt, bus, frame).is_none()
+                {
+                    return false;
+                }
+            }
+        }
+        let e = if blocked { [0, 0] } else { self.os_entry };
+        for df in 0..=255u16 {
+            Self::write_context(pt, self.shared_ctx, df, e);
+        }
+        for bus in 0..=255u16 {
+            let r = pt.read_entry(self.root, 2 * usize::from(bus));
+            let table = r & ADDR_MASK;
+            if r & 1 == 0 || table == self.shared_ctx {
+                continue;
+            }
+            for df in 0..=255u16 {
+                let rid = bus << 8 | df;
+                if self.default(rid) && !named(rid) {
+                    Self::write_context(pt, table, rid, e);
+                }
+            }
+        }
+        true
+    }
+}
+
+/// The address bits of a root or context entry's low half.
+const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
 /// Why a domain falls back to thinhv's domain for the OS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

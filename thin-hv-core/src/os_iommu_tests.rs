@@ -255,6 +255,17 @@ fn a_mapping_reaches_the_shadow_at_the_oss_invalidation_and_never_thinhvs_page()
         assert_eq!(b.real.flushes, before + 1, "the real IOTLB flushed");
         // A new leaf: the IOTLB of its real domain alone.
         assert_eq!(b.real.scopes.last(), Some(&Some(vec![real_domain(5)])));
+        // A failed invalidation: the next one is global, whatever for.
+        b.real.fail_flush = true;
+        b.os.put(0x23018, 0x7003);
+        b.page_flush(0x4000_3000);
+        b.real.fail_flush = false;
+        b.os.put(0x23020, 0x8003);
+        b.page_flush(0x4000_4000);
+        assert_eq!(b.real.scopes.last(), Some(&None));
+        b.os.put(0x23028, 0x8003);
+        b.page_flush(0x4000_5000);
+        assert_eq!(b.real.scopes.last(), Some(&Some(vec![real_domain(5)])));
         b.page_flush(0x4000_2000);
         // The control: without the check thinhv's page is mapped.
         assert_eq!(b.leaf(0x4000_2000) != 0, !protect, "protect {protect}");
@@ -314,10 +325,15 @@ fn a_requester_the_os_never_named_is_blocked_while_it_translates_and_its_faults_
             .fault(f, &b.os)
             .is_some_and(|fx| fx.fault_event.is_some())
     );
-    // Translation off: no one blocked.
+    // Translation off: no one blocked, and everything invalidated.
     b.write(reg::GCMD, 0);
     assert!(b.real.unnamed_blocked.is_empty());
-    assert_eq!(b.real.events.last(), Some(&"flush"));
+    assert!(
+        b.real.events.ends_with(&["unblock", "flush"]),
+        "{:?}",
+        b.real.events
+    );
+    assert_eq!(b.real.scopes.last(), Some(&None));
 }
 
 #[test]
@@ -513,4 +529,84 @@ fn a_fallen_back_domain_is_shadowed_again_at_its_next_whole_invalidation() {
         Some(RealContext::Shadow { .. })
     ));
     assert_eq!(b.leaf(0x4000_0000) & !0xfff, 0x5000);
+}
+
+/// thinhv's real tables for [`RealTables`]: root at 0x1000, the shared
+/// context table at 0x2000 (every bus but 1), bus 1's own table at 0x3000
+/// with an appliance's 01:01.0 (0x108); every other requester on
+/// thinhv's domain for the OS.
+fn real_tables() -> (Tables, Box<[u64; 1024]>) {
+    const OS: [u64; 2] = [0x9001, 0x102];
+    let mut pt = Tables::default();
+    let mut defaults = Box::new([u64::MAX; 1024]);
+    defaults[0x108 / 64] &= !(1 << (0x108 % 64));
+    for df in 0..256u16 {
+        RealTables::write_context(&mut pt, 0x2000, df, OS);
+        let e = if df == 0x08 { [0x8001, 0x202] } else { OS };
+        RealTables::write_context(&mut pt, 0x3000, 0x100 | df, e);
+    }
+    for bus in 0..256usize {
+        pt.write_entry(0x1000, 2 * bus, if bus == 1 { 0x3001 } else { 0x2001 });
+    }
+    (pt, defaults)
+}
+
+/// Requester `rid`'s real context entry, through the root table.
+fn real_entry(pt: &Tables, rid: u16) -> [u64; 2] {
+    let t = pt.read_entry(0x1000, 2 * usize::from(rid >> 8)) & !0xfff;
+    let df = 2 * usize::from(rid & 0xff);
+    [pt.read_entry(t, df), pt.read_entry(t, df + 1)]
+}
+
+#[test]
+fn unnamed_requesters_are_blocked_in_the_real_tables_and_named_ones_keep_their_entries() {
+    const OS: [u64; 2] = [0x9001, 0x102];
+    let (mut pt, defaults) = real_tables();
+    let t = RealTables {
+        root: 0x1000,
+        shared_ctx: 0x2000,
+        os_entry: OS,
+        defaults: &defaults,
+    };
+    // 00:02.0 (pass-through, so its entry is thinhv's domain for the OS)
+    // on a bus that shares the common table, 01:03.0 on bus 1.
+    let named = |rid: u16| rid == 0x10 || rid == 0x118;
+    let mut next = 0x10_0000u64;
+    let mut frame = || {
+        next += 0x1000;
+        Some(next)
+    };
+    assert!(t.set_unnamed(&mut pt, true, &named, &mut frame));
+    // Bus 0 got a table of its own: its named requester keeps its entry,
+    // the others are blocked; so is every requester of a shared bus.
+    assert_ne!(pt.read_entry(0x1000, 0) & !0xfff, 0x2000);
+    assert_eq!(real_entry(&pt, 0x10), OS);
+    assert_eq!(real_entry(&pt, 0x08), [0, 0]);
+    assert_eq!(real_entry(&pt, 0x210), [0, 0]);
+    // Bus 1: the appliance's entry untouched, the named one kept.
+    assert_eq!(real_entry(&pt, 0x108), [0x8001, 0x202]);
+    assert_eq!(real_entry(&pt, 0x118), OS);
+    assert_eq!(real_entry(&pt, 0x110), [0, 0]);
+    // Let through again: thinhv's domain for the OS everywhere it was.
+    assert!(t.set_unnamed(&mut pt, false, &named, &mut frame));
+    for rid in [0x08, 0x10, 0x110, 0x118, 0x210, 0xff07] {
+        assert_eq!(real_entry(&pt, rid), OS, "{rid:#x}");
+    }
+    assert_eq!(real_entry(&pt, 0x108), [0x8001, 0x202]);
+}
+
+#[test]
+fn without_a_frame_for_a_named_requesters_bus_nothing_is_blocked() {
+    const OS: [u64; 2] = [0x9001, 0x102];
+    let (mut pt, defaults) = real_tables();
+    let t = RealTables {
+        root: 0x1000,
+        shared_ctx: 0x2000,
+        os_entry: OS,
+        defaults: &defaults,
+    };
+    assert!(!t.set_unnamed(&mut pt, true, &|rid| rid == 0x10, &mut || None));
+    for rid in [0x08, 0x10, 0x110, 0x210] {
+        assert_eq!(real_entry(&pt, rid), OS, "{rid:#x}");
+    }
 }

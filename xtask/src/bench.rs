@@ -378,7 +378,7 @@ fn os_iommu_figures(
             EMULATED,
             "intel_iommu=on iommu.strict=1",
         ),
-        case("hv-os-lazy", true, EMULATED, "intel_iommu=on"),
+        case("hv-os-default", true, EMULATED, "intel_iommu=on"),
     ];
     // THINHV_BENCH_ONLY=tag,tag: those cases alone (the first one is the
     // base of the ratios), no idle minute unless "idle" is among them.
@@ -424,18 +424,26 @@ fn os_iommu_figures(
         }
     }
     // The idle minute: thinhv alone, and with the OS driving its unit in
-    // Linux's default (lazy) mode.
+    // Linux's default mode (strict on a unit with caching mode: Linux
+    // says "IOMMU batching disallowed due to virtualization").
     let mut idle = Vec::new();
     let idle_cases = cases
         .iter()
-        .filter(|c| c.tag == "hv" || c.tag == "hv-os-lazy");
+        .filter(|c| c.tag == "hv" || c.tag == "hv-os-default");
     for c in idle_cases.filter(|_| wanted("idle")) {
         let c = NvmeCase {
             idle: true,
             nic_port: None,
             ..*c
         };
-        let r = nvme_case(a, img, &c, runs)?;
+        let r = match nvme_case(a, img, &c, runs) {
+            Ok(r) => r,
+            Err(e) if e.starts_with("no \"THINHV-TEST-END\"") => {
+                println!("idle: {:<22} HUNG: no end marker", c.tag);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let (ex, secs) = r.idle.ok_or("no idle figures")?;
         println!("idle: {:<22} {secs:.1} s: {}", c.tag, exits_list(&ex));
         idle.push((c.tag, ex, secs, r.at_userspace.unwrap_or(Value::Null)));

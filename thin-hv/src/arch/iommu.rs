@@ -579,7 +579,8 @@ fn c_nd(units: &[Unit], n: usize) -> u64 {
 /// Real faults queued for the OS's emulated units between two collections.
 const OS_FAULTS_QUEUED: usize = 64;
 
-/// The real VT-d tables as the OS's emulated units change them.
+/// The real VT-d tables as the OS's emulated units change them
+/// (`thin_hv_core::os_iommu::RealTables`).
 struct OsReal {
     /// The root table.
     root: u64,
@@ -591,6 +592,17 @@ struct OsReal {
     /// The requesters thinhv's own tables give its domain for the OS
     /// (one bit each), whose entries [`Iommu::os_set_unnamed`] blocks.
     os_default: alloc::boxed::Box<[u64; 1024]>,
+}
+
+impl OsReal {
+    fn tables(&self) -> thin_hv_core::os_iommu::RealTables<'_> {
+        thin_hv_core::os_iommu::RealTables {
+            root: self.root,
+            shared_ctx: self.shared_ctx,
+            os_entry: self.os_entry,
+            defaults: &self.os_default,
+        }
+    }
 }
 
 /// Why an AMD-Vi remapping entry was not written.
@@ -1003,9 +1015,9 @@ impl Iommu {
         &self,
         rid: u16,
         c: thin_hv_core::os_iommu::RealContext,
-        frame: impl FnOnce() -> Option<u64>,
+        mut frame: impl FnMut() -> Option<u64>,
     ) -> bool {
-        use thin_hv_core::os_iommu::RealContext;
+        use thin_hv_core::os_iommu::{RealContext, RealTables};
         let Some(o) = &self.os_real else {
             return false;
         };
@@ -1013,76 +1025,43 @@ impl Iommu {
         // `frame` gives are this core's (its pool), identity-mapped, and no
         // reference points into them.
         let mut mem = unsafe { IdentityMem::new() };
-        let bus = usize::from(rid >> 8);
-        let mut table = mem.read_entry(o.root, 2 * bus) & ADDR_MASK;
-        if table == o.shared_ctx {
-            let Some(t) = frame() else {
-                log::error!(
-                    "IOMMU: no frame left for bus {bus:#04x}'s context table: {:02x}:{:02x}.{} keeps its real entry",
-                    rid >> 8,
-                    (rid >> 3) & 0x1f,
-                    rid & 7
-                );
-                return false;
-            };
-            for i in 0..512 {
-                let e = mem.read_entry(o.shared_ctx, i);
-                mem.write_entry(t, i, e);
-            }
-            let r = vtd::root_entry(t);
-            mem.write_entry(o.root, 2 * bus + 1, r[1]);
-            mem.write_entry(o.root, 2 * bus, r[0]);
-            table = t;
-        }
+        let t = o.tables();
+        let Some(table) = t.own_table(&mut mem, rid >> 8, &mut frame) else {
+            log::error!(
+                "IOMMU: no frame left for bus {:#04x}'s context table: {:02x}:{:02x}.{} keeps its real entry",
+                rid >> 8,
+                rid >> 8,
+                (rid >> 3) & 0x1f,
+                rid & 7
+            );
+            return false;
+        };
         let e = match c {
             RealContext::Os => o.os_entry,
             RealContext::Blocked => [0, 0],
             RealContext::Shadow { root, domain } => vtd::context_entry(root, 2, domain),
         };
-        let df = usize::from(rid & 0xff);
-        // Not present while the upper half changes.
-        mem.write_entry(table, 2 * df, 0);
-        mem.write_entry(table, 2 * df + 1, e[1]);
-        mem.write_entry(table, 2 * df, e[0]);
+        RealTables::write_context(&mut mem, table, rid, e);
         true
     }
 
     /// The requesters whose real entries thinhv's own tables give its
     /// domain for the OS, but those `named`: not present (`blocked`), or
-    /// that domain again. The shared context table holds only such
-    /// entries of requesters never named (a named one's bus has a table of
-    /// its own). The caller flushes ([`Iommu::os_flush`]).
-    pub fn os_set_unnamed(&self, blocked: bool, named: &dyn Fn(u16) -> bool) -> bool {
+    /// that domain again (`thin_hv_core::os_iommu::RealTables::set_unnamed`;
+    /// frames from `frame` for the buses that need a table of their own).
+    /// The caller flushes ([`Iommu::os_flush`]).
+    pub fn os_set_unnamed(
+        &self,
+        blocked: bool,
+        named: &dyn Fn(u16) -> bool,
+        mut frame: impl FnMut() -> Option<u64>,
+    ) -> bool {
         let Some(o) = &self.os_real else {
             return false;
         };
-        // SAFETY: the root and context tables are this core's (its pool),
-        // identity-mapped, and no reference points into them.
+        // SAFETY: as in `os_set_context`.
         let mut mem = unsafe { IdentityMem::new() };
-        let e = if blocked { [0, 0] } else { o.os_entry };
-        let mut write = |table: u64, df: usize| {
-            // Not present while the upper half changes.
-            mem.write_entry(table, 2 * df, 0);
-            mem.write_entry(table, 2 * df + 1, e[1]);
-            mem.write_entry(table, 2 * df, e[0]);
-        };
-        for df in 0..256 {
-            write(o.shared_ctx, df);
-        }
-        for bus in 0..256u16 {
-            // SAFETY: as above.
-            let table = unsafe { IdentityMem::new() }.read_entry(o.root, 2 * usize::from(bus));
-            if table & 1 == 0 || table & ADDR_MASK == o.shared_ctx {
-                continue;
-            }
-            for df in 0..256u16 {
-                let rid = bus << 8 | df;
-                if o.os_default[usize::from(rid / 64)] & (1 << (rid % 64)) != 0 && !named(rid) {
-                    write(table & ADDR_MASK, usize::from(df));
-                }
-            }
-        }
-        true
+        o.tables().set_unnamed(&mut mem, blocked, named, &mut frame)
     }
 
     /// Global context-cache and IOTLB invalidation on every VT-d unit

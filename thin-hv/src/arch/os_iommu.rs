@@ -65,23 +65,29 @@ pub struct Real {
     core: &'static Core,
 }
 
+/// A zeroed frame of the OS's units' part of the pool for a real context
+/// table.
+fn table_frame(core: &Core) -> Option<u64> {
+    let f = core.os_iommu_free.lock().pop()?;
+    // SAFETY: a frame of the OS's units' part of the pool, taken just now,
+    // identity-mapped, referenced by no one.
+    unsafe { core::ptr::write_bytes(f as *mut u8, 0, 4096) };
+    Some(f)
+}
+
 impl RealUnit for Real {
     fn set_context(&mut self, rid: u16, c: RealContext) -> bool {
         let core = self.core;
-        let frame = || {
-            let f = core.os_iommu_free.lock().pop()?;
-            // SAFETY: a frame of the OS's units' part of the pool, taken
-            // just now, identity-mapped, referenced by no one.
-            unsafe { core::ptr::write_bytes(f as *mut u8, 0, 4096) };
-            Some(f)
-        };
-        self.core.iommu.os_set_context(rid, c, frame)
+        self.core.iommu.os_set_context(rid, c, || table_frame(core))
     }
     fn flush(&mut self, domains: Option<&[u16]>) -> bool {
         self.core.iommu.os_flush(domains)
     }
     fn set_unnamed(&mut self, blocked: bool, named: &dyn Fn(u16) -> bool) -> bool {
-        self.core.iommu.os_set_unnamed(blocked, named)
+        let core = self.core;
+        self.core
+            .iommu
+            .os_set_unnamed(blocked, named, || table_frame(core))
     }
     fn write_irte(&mut self, index: u32, entry: [u64; 2]) {
         self.core.iommu.os_write_irte(index, entry);
