@@ -531,12 +531,24 @@ fn a_fallen_back_domain_is_shadowed_again_at_its_next_whole_invalidation() {
     assert_eq!(b.leaf(0x4000_0000) & !0xfff, 0x5000);
 }
 
+/// thinhv's domain for the OS in [`real_tables`].
+const OS: [u64; 2] = [0x9001, 0x102];
+
+/// [`RealTables`] over [`real_tables`].
+fn tables_over(defaults: &[u64; 1024]) -> RealTables<'_> {
+    RealTables {
+        root: 0x1000,
+        shared_ctx: 0x2000,
+        os_entry: OS,
+        defaults,
+    }
+}
+
 /// thinhv's real tables for [`RealTables`]: root at 0x1000, the shared
 /// context table at 0x2000 (every bus but 1), bus 1's own table at 0x3000
 /// with an appliance's 01:01.0 (0x108); every other requester on
 /// thinhv's domain for the OS.
 fn real_tables() -> (Tables, Box<[u64; 1024]>) {
-    const OS: [u64; 2] = [0x9001, 0x102];
     let mut pt = Tables::default();
     let mut defaults = Box::new([u64::MAX; 1024]);
     defaults[0x108 / 64] &= !(1 << (0x108 % 64));
@@ -560,14 +572,8 @@ fn real_entry(pt: &Tables, rid: u16) -> [u64; 2] {
 
 #[test]
 fn unnamed_requesters_are_blocked_in_the_real_tables_and_named_ones_keep_their_entries() {
-    const OS: [u64; 2] = [0x9001, 0x102];
     let (mut pt, defaults) = real_tables();
-    let t = RealTables {
-        root: 0x1000,
-        shared_ctx: 0x2000,
-        os_entry: OS,
-        defaults: &defaults,
-    };
+    let t = tables_over(&defaults);
     // 00:02.0 (pass-through, so its entry is thinhv's domain for the OS)
     // on a bus that shares the common table, 01:03.0 on bus 1.
     let named = |rid: u16| rid == 0x10 || rid == 0x118;
@@ -597,14 +603,8 @@ fn unnamed_requesters_are_blocked_in_the_real_tables_and_named_ones_keep_their_e
 
 #[test]
 fn without_a_frame_for_a_named_requesters_bus_nothing_is_blocked() {
-    const OS: [u64; 2] = [0x9001, 0x102];
     let (mut pt, defaults) = real_tables();
-    let t = RealTables {
-        root: 0x1000,
-        shared_ctx: 0x2000,
-        os_entry: OS,
-        defaults: &defaults,
-    };
+    let t = tables_over(&defaults);
     assert!(!t.set_unnamed(&mut pt, true, &|rid| rid == 0x10, &mut || None));
     for rid in [0x08, 0x10, 0x110, 0x210] {
         assert_eq!(real_entry(&pt, rid), OS, "{rid:#x}");
