@@ -25,6 +25,7 @@
 use crate::vvtd_shadow::{DmaReach, FreeFrames, OsTables, Shadow, ShadowError, Vtd};
 use alloc::collections::BTreeMap;
 use thinhv_paging::PhysMem;
+use thinhv_paging::iommu::ADDR_MASK;
 use thinhv_passthrough::irq_remap::{Cores, Policy};
 use thinhv_passthrough::vvtd::{
     Context, Effects, Offer, OsMemory, Scope, Sources, Unit, sync_entries_within,
@@ -891,8 +892,9 @@ impl RealTables<'_> {
             let e = pt.read_entry(self.shared_ctx, i);
             pt.write_entry(t, i, e);
         }
-        pt.write_entry(self.root, 2 * b + 1, 0);
-        pt.write_entry(self.root, 2 * b, (t & ADDR_MASK) | 1);
+        let r = thinhv_passthrough::vtd::root_entry(t);
+        pt.write_entry(self.root, 2 * b + 1, r[1]);
+        pt.write_entry(self.root, 2 * b, r[0]);
         Some(t)
     }
 
@@ -955,9 +957,6 @@ impl RealTables<'_> {
         true
     }
 }
-
-/// The address bits of a root or context entry's low half.
-const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
 /// Why a domain falls back to thinhv's domain for the OS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -7,7 +7,7 @@ use serde_json::Value;
 use std::time::Duration;
 use thinhv_ovmf::esp::{self, Esp};
 use thinhv_ovmf::qemu::{self, Profile, Serial};
-use thinhv_ovmf::runner::{Run, section};
+use thinhv_ovmf::runner::{Run, WaitError, section};
 use thinhv_ovmf::{firmware, linux};
 
 const TIMEOUT: Duration = Duration::from_mins(5);
@@ -94,8 +94,7 @@ fn boot_once(
         .map_err(|e| format!("{e}\n{}", run.output()))?;
     let out = run.output();
     let _ = run.wait_exit(Duration::from_secs(30));
-    let status = section(&out, "THINHV-BENCH-JSON-BEGIN", "THINHV-BENCH-JSON-END")
-        .and_then(|j| serde_json::from_str::<Value>(j.trim()).ok());
+    let status = json_between(&out, "THINHV-BENCH-JSON-BEGIN", "THINHV-BENCH-JSON-END");
     Ok(Sample {
         hv_start,
         secs: t.as_secs_f64(),
@@ -122,7 +121,9 @@ fn nvme_once(
         nic_port: None,
         idle: false,
     };
-    nvme_case(a, img, &case, n).map(|r| r.nvme_s)
+    nvme_case(a, img, &case, n)?
+        .map(|r| r.nvme_s)
+        .ok_or_else(|| "the NVMe boot never reached THINHV-TEST-END".to_string())
 }
 
 /// One way of running [`nvme_once`]'s machine: thinhv or not, more
@@ -189,11 +190,14 @@ impl NicServer {
 /// Bytes the NIC transfer moves.
 const NIC_BYTES: usize = 128 << 20;
 
+/// The JSON document the guest printed between `begin` and `end`.
+fn json_between(out: &str, begin: &str, end: &str) -> Option<Value> {
+    section(out, begin, end).and_then(|j| serde_json::from_str::<Value>(j.trim()).ok())
+}
+
 /// `exits_total` of a `thinhv status --json` between `begin` and `end`.
 fn exits_between(out: &str, begin: &str, end: &str) -> Option<Value> {
-    section(out, begin, end)
-        .and_then(|j| serde_json::from_str::<Value>(j.trim()).ok())
-        .and_then(|v| v.get("exits_total").cloned())
+    json_between(out, begin, end).and_then(|v| v.get("exits_total").cloned())
 }
 
 /// `b - a` for each reason.
@@ -225,26 +229,32 @@ fn exits_list(ex: &Value) -> String {
     })
 }
 
-/// [`nvme_once`] for `case`.
+/// [`nvme_once`] for `case`; `None` where the boot never reached its end
+/// marker.
 fn nvme_case(
     a: &artifacts::Artifacts,
     img: &linux::LinuxImage,
     case: &NvmeCase,
     n: usize,
-) -> Result<CaseRun, String> {
+) -> Result<Option<CaseRun>, String> {
     let build = root().join("build").join("bench");
     std::fs::create_dir_all(&build).map_err(|e| e.to_string())?;
     let esp_dir = build.join(format!("nvme-{}-{n}", case.tag));
     let esp = Esp::create(&esp_dir).map_err(|e| e.to_string())?;
     esp.install_linux(img).map_err(|e| e.to_string())?;
-    let mut more = case.kernel.to_string();
-    if let Some(port) = case.nic_port {
-        more = format!("{more} thinhv_nic_bench={port}");
-    }
-    if case.idle {
-        more.push_str(" thinhv_idle_minute=1");
-    }
-    let options = esp::kernel_options(&format!("quiet thinhv_test=1 thinhv_nvme_bench=1 {more}"));
+    let nic = case
+        .nic_port
+        .map(|port| format!(" thinhv_nic_bench={port}"))
+        .unwrap_or_default();
+    let idle = if case.idle {
+        " thinhv_idle_minute=1"
+    } else {
+        ""
+    };
+    let options = esp::kernel_options(&format!(
+        "quiet thinhv_test=1 thinhv_nvme_bench=1 {}{nic}{idle}",
+        case.kernel
+    ));
     let mut config = esp::config_booting(
         esp::KERNEL,
         Some(&options),
@@ -263,8 +273,8 @@ fn nvme_case(
     let vars = esp_dir.with_extension("vars.fd");
     std::fs::copy(&ovmf.vars, &vars).map_err(|e| e.to_string())?;
     let serial = esp_dir.with_extension("serial.txt");
-    let mut profile = Profile::svm(2);
-    profile.extra = [
+    let mut p = Profile::svm(2);
+    p.extra = [
         "-device".to_string(),
         if case.eim {
             "intel-iommu,intremap=on,eim=on".into()
@@ -278,20 +288,17 @@ fn nvme_case(
     ]
     .to_vec();
     if case.nic_port.is_some() {
-        profile
-            .extra
+        p.extra
             .extend(["-netdev", "user,id=n0", "-device", "e1000e,netdev=n0"].map(String::from));
     }
-    let cmd = qemu::command(
-        &ovmf,
-        &vars,
-        &esp_dir,
-        &profile,
-        &Serial::File(serial.clone()),
-    );
+    let cmd = qemu::command(&ovmf, &vars, &esp_dir, &p, &Serial::File(serial.clone()));
     let mut run = Run::start(cmd, &serial).map_err(|e| e.to_string())?;
-    run.wait_for("THINHV-TEST-END", TIMEOUT + Duration::from_secs(90))
-        .map_err(|e| format!("{e}\n{}", run.output()))?;
+    match run.wait_for("THINHV-TEST-END", TIMEOUT + Duration::from_secs(90)) {
+        Ok(_) => {}
+        // Hung: the caller decides (the QEMU process ends with `run`).
+        Err(WaitError::Timeout { .. }) => return Ok(None),
+        Err(e) => return Err(format!("{e}\n{}", run.output())),
+    }
     let out = run.output();
     let _ = run.wait_exit(Duration::from_secs(30));
     if case.hv && !out.contains("VT-d units translating") {
@@ -300,8 +307,7 @@ fn nvme_case(
     let secs = thinhv_ovmf::runner::value(&out, "nvme_read_512m_seconds")
         .and_then(|v| v.trim().parse::<f64>().ok())
         .ok_or_else(|| format!("the guest did not time the NVMe read:\n{out}"))?;
-    let status = section(&out, "THINHV-STATUS-JSON-BEGIN", "THINHV-STATUS-JSON-END")
-        .and_then(|j| serde_json::from_str::<Value>(j.trim()).ok());
+    let status = json_between(&out, "THINHV-STATUS-JSON-BEGIN", "THINHV-STATUS-JSON-END");
     let num =
         |k: &str| thinhv_ovmf::runner::value(&out, k).and_then(|v| v.trim().parse::<f64>().ok());
     let mut nic = None;
@@ -331,13 +337,13 @@ fn nvme_case(
         idle = Some((exits_delta(&a0, &a1), u1 - u0));
         at_userspace = Some(a0);
     }
-    Ok(CaseRun {
+    Ok(Some(CaseRun {
         nvme_s: secs,
         nic,
         status,
         idle,
         at_userspace,
-    })
+    }))
 }
 
 /// `cargo xtask bench --os-iommu`: the OS's own emulated VT-d unit
@@ -399,17 +405,13 @@ fn os_iommu_figures(
     let mut hung = vec![0usize; cases.len()];
     for n in 0..runs {
         for (i, c) in cases.iter().enumerate() {
-            let r = match nvme_case(a, img, c, n) {
-                Ok(r) => r,
-                Err(e) if e.starts_with("no \"THINHV-TEST-END\"") => {
-                    println!(
-                        "run {n}: {:<22} HUNG: no end marker (serial: build/bench/nvme-{}-{n}.serial.txt)",
-                        c.tag, c.tag
-                    );
-                    hung[i] += 1;
-                    continue;
-                }
-                Err(e) => return Err(e),
+            let Some(r) = nvme_case(a, img, c, n)? else {
+                println!(
+                    "run {n}: {:<22} HUNG: no end marker (serial: build/bench/nvme-{}-{n}.serial.txt)",
+                    c.tag, c.tag
+                );
+                hung[i] += 1;
+                continue;
             };
             let t = r.nic.ok_or("no NIC figure")?;
             println!(
@@ -436,13 +438,9 @@ fn os_iommu_figures(
             nic_port: None,
             ..*c
         };
-        let r = match nvme_case(a, img, &c, runs) {
-            Ok(r) => r,
-            Err(e) if e.starts_with("no \"THINHV-TEST-END\"") => {
-                println!("idle: {:<22} HUNG: no end marker", c.tag);
-                continue;
-            }
-            Err(e) => return Err(e),
+        let Some(r) = nvme_case(a, img, &c, runs)? else {
+            println!("idle: {:<22} HUNG: no end marker", c.tag);
+            continue;
         };
         let (ex, secs) = r.idle.ok_or("no idle figures")?;
         println!("idle: {:<22} {secs:.1} s: {}", c.tag, exits_list(&ex));
@@ -626,12 +624,11 @@ fn appliance_exits(out: &str, tag: &str) -> Result<(f64, f64, String), String> {
     let mask = first["cpu_mask"].as_u64().unwrap_or(0);
     let reasons = |k: u32| -> std::collections::BTreeMap<String, u64> {
         let mut m = std::collections::BTreeMap::new();
-        let status = section(
+        let status = json_between(
             out,
             &format!("THINHV-BENCH-STATUS{tag}-{k}-BEGIN"),
             &format!("THINHV-BENCH-STATUS{tag}-{k}-END"),
-        )
-        .and_then(|j| serde_json::from_str::<Value>(j.trim()).ok());
+        );
         let cpus = status.as_ref().and_then(|v| v["cpus"].as_array().cloned());
         for (i, c) in cpus.unwrap_or_default().iter().enumerate() {
             if i < 64 && mask & (1 << i) != 0 {
