@@ -463,6 +463,14 @@ pub const PCI_ACTION_BRIDGE_GUARD: u8 = 5;
 /// which requester IDs its remapping entries accept.
 pub const PCI_ACTION_MSI: u8 = 6;
 
+/// The real AMD-Vi unit's own function, where the OS drives an emulated
+/// unit in its place (`[iommu] os = "emulated"`): its IOMMU capability
+/// shows NpCache, its MSI capability is the OS's own copy, and no other
+/// write reaches it (`thinhv_passthrough::mediate::UnitFunction`).
+/// [`PciMediation::sriov_cap`]: the IOMMU capability's offset;
+/// [`PciMediation::source`]: the MSI capability's (0: none).
+pub const PCI_ACTION_AMDVI_UNIT: u8 = 7;
+
 /// [`PciMediation::source_check`]: its own routing ID, all 16 bits (VT-d
 /// SVT 01b).
 pub const MSI_SOURCE_OWN: u8 = 0;

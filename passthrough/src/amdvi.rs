@@ -201,6 +201,12 @@ pub const fn cmd_invalidate_devtab(id: u16) -> [u32; 4] {
     [id as u32, 2 << 28, 0, 0]
 }
 
+/// INVALIDATE_IOMMU_ALL (EFR.IASup): every cached device table entry,
+/// translation and interrupt remapping entry.
+pub const fn cmd_invalidate_all() -> [u32; 4] {
+    [0, 8 << 28, 0, 0]
+}
+
 /// INVALIDATE_INTERRUPT_TABLE for `id`: the unit reads the device's
 /// interrupt remapping entries again.
 pub const fn cmd_invalidate_interrupt_table(id: u16) -> [u32; 4] {

@@ -234,6 +234,139 @@ fn guard_write(pcie_cap: u16, offset: u16, size: u8, value: u32) -> WriteOutcome
     }
 }
 
+/// The OS's view of a real AMD-Vi unit's own PCI function while the OS
+/// drives an emulated unit in its place (`PCI_ACTION_AMDVI_UNIT`):
+///
+/// * reads are the device's, except that the IOMMU capability header
+///   sets NpCache (bit 26): Linux invalidates after creating mappings only
+///   where it is set, and the emulated unit's shadows follow the OS's
+///   tables at its invalidations;
+/// * the MSI capability's Message Control (enable bit), Address, Upper
+///   Address and Data are the OS's own copy ([`Msi`]), never the
+///   device's: the emulated unit's event interrupt is sent as the OS
+///   programmed it there, and the real unit's interrupts stay thinhv's;
+/// * every other write is dropped: the OS may not move the real unit's
+///   register window (the capability's base address), turn its function
+///   off, or reprogram it otherwise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnitFunction {
+    /// Offset of the IOMMU capability.
+    pub cap: u16,
+    /// Offset of the MSI capability (0: none).
+    pub msi: u16,
+}
+
+/// An MSI capability's registers as the OS programmed them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Msi {
+    /// Message Control: the OS's enable bit (0) alone.
+    pub control: u16,
+    /// Message Address.
+    pub addr: u32,
+    /// Message Upper Address (64-bit capabilities).
+    pub upper: u32,
+    /// Message Data.
+    pub data: u16,
+}
+
+impl Msi {
+    /// (address, upper address, data), where the OS enabled it.
+    pub const fn message(&self) -> Option<(u32, u32, u32)> {
+        if self.control & 1 == 0 {
+            return None;
+        }
+        Some((self.addr, self.upper, self.data as u32))
+    }
+}
+
+/// The IOMMU capability header's NpCache bit.
+const NP_CACHE: u32 = 1 << 26;
+
+impl UnitFunction {
+    /// The MSI registers the OS's copy holds: (offset, bytes, which) for
+    /// a capability whose real Message Control is `control` (64-bit
+    /// address in bit 7).
+    fn msi_regs(self, control: u16) -> [(u16, u16, u8); 4] {
+        let m = self.msi;
+        let data = if control & (1 << 7) != 0 { 12 } else { 8 };
+        [
+            (m + 2, 2, 0),
+            (m + 4, 4, 1),
+            (m + 8, if data == 12 { 4 } else { 0 }, 2),
+            (m + data, 2, 3),
+        ]
+    }
+
+    /// Where byte `at` falls in the OS's copy: (register, byte in it).
+    fn msi_byte(self, at: u16, control: u16) -> Option<(u8, u16)> {
+        if self.msi == 0 {
+            return None;
+        }
+        self.msi_regs(control)
+            .iter()
+            .find(|&&(o, len, _)| at >= o && at < o + len)
+            .map(|&(o, _, which)| (which, at - o))
+    }
+
+    /// A read of `size` bytes at `offset`: `real` the device's value,
+    /// `control` its MSI Message Control, `msi` the OS's copy.
+    pub fn read(self, offset: u16, size: u8, real: u32, control: u16, msi: &Msi) -> u32 {
+        let mut b = real.to_le_bytes();
+        let np = NP_CACHE.to_le_bytes();
+        for (i, byte) in b.iter_mut().enumerate().take(usize::from(size)) {
+            let at = offset + i as u16;
+            if let Some(k) = at.checked_sub(self.cap).filter(|&k| k < 4) {
+                *byte |= np[usize::from(k)];
+            }
+            if let Some((which, k)) = self.msi_byte(at, control) {
+                let k = usize::from(k);
+                *byte = match which {
+                    // The enable bit is the OS's; the rest, the device's
+                    // (what it can do), with one message enabled.
+                    0 if k == 0 => (*byte & !0x71) | (msi.control as u8 & 1),
+                    0 => *byte,
+                    1 => msi.addr.to_le_bytes()[k],
+                    2 => msi.upper.to_le_bytes()[k],
+                    _ => msi.data.to_le_bytes()[k],
+                };
+            }
+        }
+        u32::from_le_bytes(b)
+    }
+
+    /// A write of `size` bytes of `value` at `offset`: its bytes in the
+    /// MSI registers go to the OS's copy; nothing reaches the device.
+    pub fn write(self, offset: u16, size: u8, value: u32, control: u16, msi: &mut Msi) {
+        for (i, v) in value
+            .to_le_bytes()
+            .iter()
+            .enumerate()
+            .take(usize::from(size))
+        {
+            let at = offset + i as u16;
+            let Some((which, k)) = self.msi_byte(at, control) else {
+                continue;
+            };
+            let set32 = |r: &mut u32| {
+                let mut b = r.to_le_bytes();
+                b[usize::from(k)] = *v;
+                *r = u32::from_le_bytes(b);
+            };
+            match which {
+                0 if k == 0 => msi.control = u16::from(*v & 1),
+                0 => {}
+                1 => set32(&mut msi.addr),
+                2 => set32(&mut msi.upper),
+                _ => {
+                    let mut b = msi.data.to_le_bytes();
+                    b[usize::from(k)] = *v;
+                    msi.data = u16::from_le_bytes(b);
+                }
+            }
+        }
+    }
+}
+
 /// CONFIG_ADDRESS of configuration mechanism #1 (PCI Local Bus
 /// Specification 3.0 §3.2.2.3.2): the address latch.
 pub const CONFIG_ADDRESS: u16 = 0xcf8;
@@ -431,6 +564,56 @@ mod tests {
         let mut b = [0u8; 4];
         b[..usize::from(size)].copy_from_slice(&space[o..o + usize::from(size)]);
         u32::from_le_bytes(b)
+    }
+
+    /// QEMU's AMD-Vi function: the IOMMU capability at 0x40 (header
+    /// 0x0f, CapType 3, IOTLB and EFRSup, NpCache clear as on hardware),
+    /// a 64-bit MSI capability at 0x54.
+    const UNIT: UnitFunction = UnitFunction {
+        cap: 0x40,
+        msi: 0x54,
+    };
+    const MSI64: u16 = 1 << 7;
+
+    #[test]
+    fn an_amdvi_units_function_shows_npcache_and_keeps_the_oss_msi_to_itself() {
+        let mut msi = Msi::default();
+        // NpCache in the header, whatever the width of the read.
+        let header = 0x0903_000f_u32;
+        assert_eq!(UNIT.read(0x40, 4, header, MSI64, &msi), header | (1 << 26));
+        assert_eq!(UNIT.read(0x43, 1, header >> 24, MSI64, &msi), 0x0d);
+        assert_eq!(UNIT.read(0x40, 2, header & 0xffff, MSI64, &msi), 0x000f);
+        // Linux's pci_enable_msi: address, upper, data, then enable; the
+        // capability reads back what it wrote, the device never sees it.
+        UNIT.write(0x58, 4, 0xfee0_1000, MSI64, &mut msi);
+        UNIT.write(0x5c, 4, 0, MSI64, &mut msi);
+        UNIT.write(0x60, 2, 0x4041, MSI64, &mut msi);
+        assert_eq!(msi.message(), None, "not enabled yet");
+        UNIT.write(0x56, 2, 0x0081, MSI64, &mut msi);
+        assert_eq!(msi.message(), Some((0xfee0_1000, 0, 0x4041)));
+        // Reads: the OS's copy over the device's (which holds thinhv's or
+        // nothing); Message Control's capability bits stay the device's.
+        let real = 0x0080_7005; // control 0x0080 (64-bit), next 0x70, id 5
+        assert_eq!(UNIT.read(0x54, 4, real, MSI64, &msi), 0x0081_7005);
+        assert_eq!(UNIT.read(0x58, 4, 0xdead_beef, MSI64, &msi), 0xfee0_1000);
+        assert_eq!(UNIT.read(0x60, 2, 0xffff, MSI64, &msi), 0x4041);
+        assert_eq!(UNIT.read(0x61, 1, 0xff, MSI64, &msi), 0x40);
+        // Multiple Message Enable is not the OS's: one message.
+        UNIT.write(0x56, 1, 0x71, MSI64, &mut msi);
+        assert_eq!(msi.control, 1);
+        // A 32-bit capability: data right after the address.
+        let mut m32 = Msi::default();
+        UNIT.write(0x5c, 2, 0x22, 0, &mut m32);
+        assert_eq!((m32.data, m32.upper), (0x22, 0));
+        // Everything else: no change to the copy (the caller forwards
+        // nothing), e.g. the capability's base address or Command.
+        let before = msi;
+        UNIT.write(0x44, 4, 0xfed0_0001, MSI64, &mut msi);
+        UNIT.write(0x04, 2, 0, MSI64, &mut msi);
+        assert_eq!(msi, before);
+        // Control off again.
+        UNIT.write(0x56, 1, 0, MSI64, &mut msi);
+        assert_eq!(msi.message(), None);
     }
 
     #[test]

@@ -149,6 +149,7 @@ fn runs(start: u16, end: u16, keep: &impl Fn(u16) -> bool) -> Vec<(u16, u16)> {
 fn ivhd_entries(
     entries: &[crate::ivrs::DeviceEntry],
     keep: &impl Fn(u16) -> bool,
+    remapping: bool,
     out: &mut Vec<u8>,
 ) {
     use crate::ivrs::DeviceEntry as E;
@@ -203,13 +204,15 @@ fn ivhd_entries(
                     entry4(4, b, 0, out);
                 }
             }
-            // The I/O APICs and the HPET are the OS's.
+            // The I/O APICs and the HPET are the OS's, named where its
+            // unit remaps interrupts (without them Linux leaves
+            // remapping off).
             E::Special {
                 handle,
                 source,
                 variety,
                 dte,
-            } => {
+            } if remapping => {
                 entry4(0x48, 0, *dte, out);
                 out.push(*handle);
                 out.extend_from_slice(&source.to_le_bytes());
@@ -249,11 +252,18 @@ fn ivhd_entries(
 /// picks), at the same register base, carrying `efr` as its Extended
 /// Feature Register image (what [`crate::vamdvi`] offers: Linux takes
 /// x2APIC support from it), with the device entries the OS owns
-/// (`keep(device ID)`; ranges split around the others) and the I/O APIC
-/// and HPET entries; the memory definitions of all devices, and of the
-/// OS's devices (a range of devices split like the device entries).
-/// `None` only where a block would not fit its length field.
-pub fn os_ivrs(real: &crate::ivrs::Ivrs, efr: u64, keep: impl Fn(u16) -> bool) -> Option<Vec<u8>> {
+/// (`keep(device ID)`; ranges split around the others) and, where the
+/// unit offers interrupt remapping (`remapping`), the I/O APIC and HPET
+/// entries (Linux turns remapping off where an I/O APIC has none); the
+/// memory definitions of all devices, and of the OS's devices (a range of
+/// devices split like the device entries). `None` only where a block
+/// would not fit its length field.
+pub fn os_ivrs(
+    real: &crate::ivrs::Ivrs,
+    efr: u64,
+    remapping: bool,
+    keep: impl Fn(u16) -> bool,
+) -> Option<Vec<u8>> {
     let mut t = header(*b"IVRS", 2);
     t.extend_from_slice(&(real.iv_info | IVINFO_EFR_SUP).to_le_bytes());
     t.extend_from_slice(&[0; 8]);
@@ -268,7 +278,7 @@ pub fn os_ivrs(real: &crate::ivrs::Ivrs, efr: u64, keep: impl Fn(u16) -> bool) -
         t.extend_from_slice(&0u32.to_le_bytes()); // attributes
         t.extend_from_slice(&efr.to_le_bytes());
         t.extend_from_slice(&[0; 8]);
-        ivhd_entries(&h.entries, &keep, &mut t);
+        ivhd_entries(&h.entries, &keep, remapping, &mut t);
         let len = u16::try_from(t.len() - start).ok()?;
         t[start + 2..start + 4].copy_from_slice(&len.to_le_bytes());
     }
@@ -433,7 +443,7 @@ mod tests {
         .efr();
         for raw in [QEMU_IVRS, QEMU_IVRS_RP] {
             let real = ivrs::parse(raw).unwrap();
-            let os = ivrs::parse(&os_ivrs(&real, efr, |_| true).unwrap()).unwrap();
+            let os = ivrs::parse(&os_ivrs(&real, efr, true, |_| true).unwrap()).unwrap();
             assert_eq!(os.iv_info & 1, 1);
             let (ru, ou) = (real.units(), os.units());
             assert_eq!(ou.len(), ru.len());
@@ -529,8 +539,22 @@ mod tests {
         // The appliance has 00:02.0 (0x10), 01:00.0 (0x100) and bus 2's
         // 02:05.x.
         let keep = |id: u16| id != 0x10 && id != 0x100 && !(0x228..0x230).contains(&id);
-        let os = ivrs::parse(&os_ivrs(&real, 0x44, keep).unwrap()).unwrap();
+        let os = ivrs::parse(&os_ivrs(&real, 0x44, true, keep).unwrap()).unwrap();
         let h = &os.ivhds[0];
+        // Without interrupt remapping on offer, the I/O APIC and HPET
+        // entries go, and nothing else.
+        let bare = ivrs::parse(&os_ivrs(&real, 0x44, false, keep).unwrap()).unwrap();
+        let special = |e: &DeviceEntry| matches!(e, DeviceEntry::Special { .. });
+        assert!(h.entries.iter().any(special));
+        assert!(!bare.ivhds[0].entries.iter().any(special));
+        assert_eq!(
+            bare.ivhds[0].entries,
+            h.entries
+                .iter()
+                .filter(|e| !special(e))
+                .cloned()
+                .collect::<Vec<_>>()
+        );
         assert_eq!(h.flags, 1 << 5, "only Coherent");
         for id in 0..=u16::MAX {
             assert_eq!(

@@ -23,8 +23,10 @@
 //! filters, 5- and 6-level tables (modes 5 and 6 are illegal).
 //!
 //! Read from QEMU's and Linux's use of the specification and not measured
-//! on hardware: a device table entry with V or TV clear passes DMA
-//! untranslated (thinhv's protection still applies to it).
+//! on hardware: a device table entry with V clear passes DMA
+//! untranslated (thinhv's protection still applies to it); one with V
+//! set and TV clear passes none (Linux blocks devices so since 6.13, and
+//! QEMU's model isolates them).
 // Register and entry fields are extracted by mask and shift.
 #![allow(clippy::cast_possible_truncation)]
 
@@ -239,6 +241,16 @@ impl Unit {
     /// Translation is on.
     pub const fn enabled(&self) -> bool {
         self.control & ctrl::IOMMU_EN != 0
+    }
+
+    /// The highest device ID the device table covers.
+    pub const fn last_device(&self) -> u16 {
+        let entries = ((self.devtab & 0x1ff) + 1) * 4096 / 32;
+        if entries > 0x1_0000 {
+            0xffff
+        } else {
+            (entries - 1) as u16
+        }
     }
 
     /// The control register.
@@ -576,7 +588,7 @@ pub struct Device {
 /// domain's shadow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dma {
-    /// Passed untranslated (unit off, V or TV clear, or the exclusion
+    /// Passed untranslated (unit off, V clear, or the exclusion
     /// range).
     Untranslated,
     /// Mode 0: untranslated, with these rights.
@@ -670,8 +682,13 @@ impl Unit {
         let domain = q1 as u16;
         let quiet = q1 & (1 << 34) != 0;
         let (read, write) = (q0 & (1 << 61) != 0, q0 & (1 << 62) != 0);
+        // TV clear with V set: no translation information, so no DMA
+        // (Linux's blocked domain since 6.13; SNP requires it).
         let dma = if q0 & 2 == 0 {
-            Dma::Untranslated
+            Dma::Mode0 {
+                read: false,
+                write: false,
+            }
         } else {
             match (q0 >> 9) & 7 {
                 0 => Dma::Mode0 { read, write },

@@ -352,7 +352,14 @@ fn device_entries_decode_and_refuse_what_is_not_offered() {
     put(6, [1 | 2 | (1 << 55), 0, 0, 0]);
     put(7, [1 | 2, 0, 1 | (12 << 1) | (2 << 60), 0]);
     assert_eq!(dev(1).unwrap().dma, Dma::Untranslated);
-    assert_eq!(dev(2).unwrap().dma, Dma::Untranslated);
+    // V without TV: no translation information, no DMA.
+    assert_eq!(
+        dev(2).unwrap().dma,
+        Dma::Mode0 {
+            read: false,
+            write: false
+        }
+    );
     assert_eq!(
         dev(3).unwrap().dma,
         Dma::Mode0 {

@@ -300,6 +300,107 @@ fn linux_does_not_see_the_amdvi_thinhv_owns() {
     assert_eq!(get(&d, "dma_core_crc_unchanged"), "1");
 }
 
+/// `[iommu] os = "emulated"` on AMD-Vi: Linux finds an AMD-Vi unit of its
+/// own (the real one's window, its function showing NpCache), drives it
+/// through its command buffer, and its NVMe and NIC work through shadows
+/// of its domains; its own protection refuses edu's DMA and it hears of
+/// it in its event log; an identity domain reaches its memory, never
+/// thinhv's; VFIO maps what it maps. No interrupt remapping is offered
+/// on AMD-Vi yet, so Linux says so and VFIO needs allow_unsafe_interrupts.
+#[test]
+#[ignore = "boots QEMU; run with `cargo xtask test`"]
+fn linux_drives_its_own_emulated_amdvi_unit_and_its_devices_work_through_it() {
+    let boot = thinhv_tests::linux_under_thinhv_iommu(
+        "iommu-amdvi-os",
+        amdvi_io_machine("iommu-amdvi-os"),
+        "iommu.strict=1 thinhv_os_iommu_probe=1 vfio_iommu_type1.allow_unsafe_interrupts=1",
+        "",
+        "mode = \"protect\"\nos = \"emulated\"",
+    );
+    let g = thinhv_tests::boot_linux(&boot);
+    let tables: Vec<&str> = g.get("acpi_tables").split_whitespace().collect();
+    assert!(tables.contains(&"IVRS"), "{tables:?}");
+    assert_ne!(
+        g.get("dmesg_dmar_lines"),
+        "0",
+        "Linux did not take its unit:\n{}",
+        g.serial
+    );
+    assert!(
+        g.serial.contains("the OS's IOMMU") && g.serial.contains("translation on"),
+        "{}",
+        g.serial
+    );
+    let w = g.get("nvme_written");
+    assert_ne!(w, "none", "no NVMe disk in the guest");
+    assert_eq!(g.get("nvme_read"), w);
+    assert!(g.get("eth0_addr").starts_with("10.0.2."), "{}", g.facts);
+    assert_eq!(g.get("ping_gateway"), "ok");
+    let s = g.status.as_ref().expect("status");
+    let unit = &s["iommu"]["units"][0];
+    assert_eq!(unit["kind"], "AMD-Vi");
+    assert_eq!(unit["state"], "translating");
+    let os = &unit["os_unit"];
+    assert_eq!(os["translating"], true, "{s}");
+    assert!(os["domains"].as_u64().unwrap() >= 2, "{s}");
+    assert!(os["pages"].as_u64().unwrap() > 0, "{s}");
+    assert!(os["flushes"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(os["refused"], 0, "{s}");
+    assert_eq!(os["remapping"], false, "{s}");
+    // The OS's own protection: edu's DMA refused by the OS's tables, and
+    // logged in the OS's event log (Linux prints the event); thinhv's
+    // region refused as ever.
+    let d = dma_section(&g);
+    assert_eq!(get(&d, "dma_ordinary_bytes"), "0", "{d}");
+    assert_eq!(get(&d, "dma_into_status_bytes"), "0");
+    assert_eq!(get(&d, "dma_core_crc_unchanged"), "1");
+    // The OS hears of it only where the real unit logs the fault: QEMU
+    // 10.0's AMD-Vi logs no IO_PAGE_FAULT for a page that is not present
+    // (`docs/emulator-faults.md`), so there is nothing to pass on; the
+    // host tests carry that path (`os_amdvi_tests`).
+    if unit["faults"] == 0 {
+        thinhv_tests::skipped(
+            "linux_drives_its_own_emulated_amdvi_unit_and_its_devices_work_through_it",
+            "the OS's AMD-Vi event for edu's refused DMA: QEMU's unit logged no IO_PAGE_FAULT to pass on (host tests: os_amdvi)",
+        );
+    } else {
+        assert_ne!(get(&d, "dmesg_dma_faults"), "0", "{d}");
+        assert!(d.contains("IO_PAGE_FAULT"), "{d}");
+    }
+    let own = section(&g.facts, "THINHV-OSIOMMU-BEGIN", "THINHV-OSIOMMU-END")
+        .unwrap_or_else(|| panic!("no OS IOMMU section:\n{}", g.facts))
+        .to_string();
+    assert_eq!(get(&own, "ir_irqs"), "0", "{own}");
+    assert_eq!(get(&own, "edu_domain_before"), "DMA", "{own}");
+    assert_eq!(get(&own, "edu_domain"), "identity", "{own}");
+    assert_eq!(get(&own, "identity_dma_ordinary_bytes"), "4096", "{own}");
+    assert_eq!(get(&own, "identity_dma_into_status_bytes"), "0", "{own}");
+    assert_eq!(get(&own, "identity_dma_core_crc_unchanged"), "1", "{own}");
+    assert_eq!(get(&own, "vfio_dma_completed"), "1", "{own}");
+    assert_eq!(get(&own, "vfio_dma_bytes"), "4096", "{own}");
+    assert_eq!(get(&own, "vfio_after_unmap_bytes"), "0", "{own}");
+    assert_eq!(get(&own, "vfio_unmapped_bytes"), "0", "{own}");
+    assert_eq!(get(&own, "vfio_thinhv_map"), "ok", "{own}");
+    assert_eq!(get(&own, "vfio_thinhv_crc_unchanged"), "1", "{own}");
+    assert_ne!(get(&own, "vfio_thinhv_refused"), "0", "{own}");
+    assert_eq!(get(&own, "nvme_domain_before"), "DMA", "{own}");
+    assert_eq!(get(&own, "lazy_nvme_read"), get(&own, "lazy_nvme_written"));
+}
+
+/// [`io_machine`] with QEMU's AMD-Vi and edu on the root bus: behind a root
+/// port QEMU 10.0 looks edu's DMA up under device 00:00.0's entry
+/// (`docs/emulator-faults.md`), which is not edu's domain in the OS's
+/// unit.
+fn amdvi_io_machine(name: &str) -> Profile {
+    let mut p = io_machine("amd-iommu,pt=off", name);
+    for a in &mut p.extra {
+        if a.starts_with("edu,bus=rp1") {
+            *a = a.replace("edu,bus=rp1", "edu,bus=pcie.0");
+        }
+    }
+    p
+}
+
 /// A machine with the IOMMU, edu, an NVMe disk and an e1000e NIC on QEMU's
 /// user network.
 fn io_machine(iommu: &str, name: &str) -> Profile {

@@ -324,15 +324,17 @@ pub struct Hv {
     pub hpet: u64,
     /// Stores of the OS's that asked for a timer's FSB delivery.
     pub refused_fsb: AtomicU64,
-    /// The OS's emulated VT-d units, one per real unit at its register
-    /// page (`[iommu] os = "emulated"`; `crate::os_iommu`).
-    pub os_vtd: spin::Mutex<alloc::vec::Vec<crate::os_iommu::OsVtd>>,
+    /// The OS's emulated VT-d or AMD-Vi units, one per real unit at its
+    /// register window (`[iommu] os = "emulated"`; `crate::os_iommu`).
+    pub os_units: spin::Mutex<alloc::vec::Vec<crate::os_iommu::OsUnit>>,
     /// The TSC when the real units' faults were last collected for the
     /// OS's units (`handlers::os_iommu::tick`).
     pub os_iommu_polled: AtomicU64,
-    /// How many units the OS has of its own (`os_vtd.len()` once the core
+    /// Interrupts the OS's units did not deliver (the first few logged).
+    pub os_iommu_dropped: AtomicU64,
+    /// How many units the OS has of its own (`os_units.len()` once the core
     /// is set up), read without the lock.
-    pub os_vtd_count: core::sync::atomic::AtomicUsize,
+    pub os_unit_count: core::sync::atomic::AtomicUsize,
 }
 
 impl Hv {
@@ -426,9 +428,10 @@ impl Hv {
             refused_rtes: AtomicU64::new(0),
             hpet: h.hpet,
             refused_fsb: AtomicU64::new(0),
-            os_vtd: spin::Mutex::new(crate::os_iommu::for_handoff(h)),
+            os_units: spin::Mutex::new(crate::os_iommu::for_handoff(h)),
             os_iommu_polled: AtomicU64::new(0),
-            os_vtd_count: core::sync::atomic::AtomicUsize::new(0),
+            os_unit_count: core::sync::atomic::AtomicUsize::new(0),
+            os_iommu_dropped: AtomicU64::new(0),
             os_msi: spin::Mutex::new(
                 [crate::partition::MsiShadow::default(); thinhv_abi::handoff::MAX_PCI_MEDIATED],
             ),

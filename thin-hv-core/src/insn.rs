@@ -161,6 +161,53 @@ impl Decoded {
     }
 }
 
+/// A decoded string move (`movs`, with or without `rep`): `size` bytes
+/// from `seg`:RSI to ES:RDI, RCX times with `rep`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StringMove {
+    /// Bytes per element.
+    pub size: u8,
+    /// `rep` prefix.
+    pub rep: bool,
+    /// The source's segment (DS unless overridden).
+    pub seg: SegReg,
+    /// The address size is 64 bits (RSI, RDI, RCX; else their low 32).
+    pub wide: bool,
+}
+
+impl Decoded {
+    /// If this is `movs` (Linux's `memcpy_toio` writes device registers
+    /// with `rep movsl`), what it moves.
+    pub fn string_move(&self) -> Option<StringMove> {
+        let i = &self.insn;
+        // (`movsd` is also SSE's scalar double move, with registers.)
+        if !matches!(i.op0_kind(), OpKind::MemoryESRDI | OpKind::MemoryESEDI) {
+            return None;
+        }
+        let size = match i.mnemonic() {
+            Mnemonic::Movsb => 1,
+            Mnemonic::Movsw => 2,
+            Mnemonic::Movsd => 4,
+            Mnemonic::Movsq => 8,
+            _ => return None,
+        };
+        let seg = match i.memory_segment() {
+            Register::FS => SegReg::Fs,
+            Register::GS => SegReg::Gs,
+            Register::ES => SegReg::Es,
+            Register::CS => SegReg::Cs,
+            Register::SS => SegReg::Ss,
+            _ => SegReg::Ds,
+        };
+        Some(StringMove {
+            size,
+            rep: i.has_rep_prefix(),
+            seg,
+            wide: i.op0_kind() == OpKind::MemoryESRDI,
+        })
+    }
+}
+
 /// A memory access an instruction makes, as data breakpoints see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemAccess {
@@ -250,6 +297,30 @@ fn gpr_of(r: Register) -> Option<Gpr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn string_moves_decode_and_sse_movsd_does_not() {
+        let d = |b: &[u8]| decode(b, CpuMode::Bits64, 0).unwrap().string_move();
+        let m = |size, rep, seg, wide| {
+            Some(StringMove {
+                size,
+                rep,
+                seg,
+                wide,
+            })
+        };
+        // Linux's memcpy_toio: rep movsl.
+        assert_eq!(d(&[0xf3, 0xa5]), m(4, true, SegReg::Ds, true));
+        assert_eq!(d(&[0xa5]), m(4, false, SegReg::Ds, true));
+        assert_eq!(d(&[0x48, 0xa5]), m(8, false, SegReg::Ds, true));
+        assert_eq!(d(&[0xa4]), m(1, false, SegReg::Ds, true));
+        assert_eq!(d(&[0x66, 0xa5]), m(2, false, SegReg::Ds, true));
+        assert_eq!(d(&[0x67, 0xf3, 0xa5]), m(4, true, SegReg::Ds, false));
+        assert_eq!(d(&[0x64, 0xa5]), m(4, false, SegReg::Fs, true));
+        // movsd xmm0, [rax]; mov [rax], eax.
+        assert_eq!(d(&[0xf2, 0x0f, 0x10, 0x00]), None);
+        assert_eq!(d(&[0x89, 0x00]), None);
+    }
 
     #[test]
     fn lengths_of_exit_instructions() {

@@ -30,6 +30,7 @@ pub mod log_ring;
 pub mod mtrr;
 pub mod nmi;
 pub mod npt;
+pub mod os_amdvi;
 pub mod os_iommu;
 pub mod partition;
 pub mod svm;

@@ -22,13 +22,14 @@
 //! Everything is applied before the OS's register write completes: the
 //! real unit's caches are invalidated before the write that asked for it
 //! returns to the OS, as a real unit completes an invalidation.
-use crate::vvtd_shadow::{DmaReach, FreeFrames, OsTables, Shadow, ShadowError, Vtd};
+use crate::vvtd_shadow::{DmaReach, Format, FreeFrames, OsTables, Shadow, ShadowError, Vtd};
 use alloc::collections::BTreeMap;
 use thinhv_paging::PhysMem;
 use thinhv_paging::iommu::ADDR_MASK;
 use thinhv_passthrough::irq_remap::{Cores, Policy};
 use thinhv_passthrough::vvtd::{
-    Context, Effects, Offer, OsMemory, Scope, Sources, Unit, sync_entries_within,
+    Context, Effects, Flushes, Offer, OsMemory, OsPageTables, Scope, Sources, Unit,
+    sync_entries_within,
 };
 
 /// The OS's requesters, for its remapping entries' source validation:
@@ -101,12 +102,18 @@ pub enum RealContext {
     Os,
     /// Not present: every DMA of the requester faults.
     Blocked,
-    /// A shadow (4-level, its top table) under a real domain ID.
+    /// A shadow (4-level, its top table) under a real domain ID, with the
+    /// requester's own rights on top of the shadow's (AMD-Vi's device
+    /// table entry IR and IW; always both on VT-d).
     Shadow {
         /// The shadow's top table.
         root: u64,
-        /// Real domain ID ([`real_domain`]).
+        /// Real domain ID ([`real_domain`], [`amdvi_real_domain`]).
         domain: u16,
+        /// Reads allowed.
+        read: bool,
+        /// Writes allowed.
+        write: bool,
     },
 }
 
@@ -142,6 +149,17 @@ pub trait RealUnit {
 /// 256; thinhv's own are below this base).
 pub const fn real_domain(domain: u16) -> u16 {
     0x100 + (domain & 0xff)
+}
+
+/// The real domain ID of the OS's AMD-Vi domain `domain`: 0x1000 above
+/// its own (16-bit IDs; thinhv's own are below 0x100); `None` for the IDs
+/// that do not fit (those domains keep thinhv's domain for the OS). The
+/// offset keeps DomainID bit 8 as the OS has it: QEMU 10.0's AMD-Vi
+/// refuses a device table entry with that bit set (it takes it for a
+/// reserved bit; `docs/emulator-faults.md`), and Linux's IDs start at 1,
+/// so in QEMU its first 255 domains work. Hardware takes any ID.
+pub const fn amdvi_real_domain(domain: u16) -> Option<u16> {
+    domain.checked_add(0x1000)
 }
 
 /// Shadow leaves looked at per sync call; a sync goes on until done.
@@ -203,14 +221,37 @@ pub struct OsUnitStatus {
     pub entries: u32,
 }
 
-/// One emulated unit at `base`.
+/// What an OS unit's table entry names for one requester of the OS's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Named {
+    /// thinhv's domain for the OS (translation off, pass-through).
+    Os,
+    /// No DMA (an entry the OS made so, or one the unit refuses).
+    Blocked,
+    /// The OS's tables of its domain `domain`.
+    Tables {
+        /// The OS's domain ID.
+        domain: u16,
+        /// Real domain ID.
+        real: u16,
+        /// Its tables.
+        tables: OsTables,
+        /// The requester's own rights on top of its tables'.
+        read: bool,
+        /// Writes.
+        write: bool,
+    },
+}
+
+/// The DMA side of an OS unit, whatever its kind: the shadows of the
+/// OS's domains in the real unit's format `F`, the real entries of the
+/// OS's requesters, and the real invalidations. The unit's model says
+/// what the OS's tables name ([`Named`]) and when they changed.
 #[derive(Debug)]
-pub struct OsVtd {
-    /// The register page (the real unit's).
-    pub base: u64,
-    /// The register model.
-    pub unit: Unit,
-    shadows: BTreeMap<u16, (Shadow<Vtd>, OsTables)>,
+pub struct Dma<F: Format> {
+    base: u64,
+    fmt: F,
+    shadows: BTreeMap<u16, (Shadow<F>, OsTables, u16)>,
     /// Requesters whose real entry is not [`RealContext::Os`], or was
     /// made so by the OS.
     real: BTreeMap<u16, RealContext>,
@@ -223,19 +264,28 @@ pub struct OsVtd {
     too_many: bool,
     /// Retired shadows whose frames wait for a real invalidation that
     /// completed.
-    parked: alloc::vec::Vec<Shadow<Vtd>>,
-    /// Buses all of whose requesters are the OS's (for its remapping
-    /// entries' bus-range validation), worked out once.
-    buses_os: Option<alloc::boxed::Box<[bool; 256]>>,
-    /// Fault and completion events not delivered.
-    pub events_dropped: u64,
-    /// The OS's remapping entries.
-    pub entries: EntryCounts,
+    parked: alloc::vec::Vec<Shadow<F>>,
     /// Requesters the OS never named are blocked in the real unit.
     unnamed_blocked: bool,
     /// A real invalidation did not complete: the next one is global,
     /// whatever it is for.
     flush_owed: bool,
+}
+
+/// One emulated VT-d unit at `base`.
+#[derive(Debug)]
+pub struct OsVtd {
+    /// The register page (the real unit's).
+    pub base: u64,
+    /// The register model.
+    pub unit: Unit,
+    /// Its DMA translation.
+    pub dma: Dma<Vtd>,
+    /// Buses all of whose requesters are the OS's (for its remapping
+    /// entries' bus-range validation), worked out once.
+    buses_os: Option<alloc::boxed::Box<[bool; 256]>>,
+    /// The OS's remapping entries.
+    pub entries: EntryCounts,
 }
 
 /// What the emulation reaches of the machine: the OS's memory (through
@@ -264,28 +314,13 @@ impl OsVtd {
         Self {
             base,
             unit: Unit::new(offer),
-            shadows: BTreeMap::new(),
-            real: BTreeMap::new(),
-            counts: Counts {
-                mapped: 0,
-                unmapped: 0,
-                refused: 0,
-                short: 0,
-                flushes: 0,
-                degraded: 0,
-            },
-            degraded: BTreeMap::new(),
-            too_many: false,
-            parked: alloc::vec::Vec::new(),
+            dma: Dma::new(base, Vtd),
             buses_os: None,
-            events_dropped: 0,
             entries: EntryCounts {
                 refused: 0,
                 logged: 0,
                 present: alloc::vec::Vec::new(),
             },
-            unnamed_blocked: false,
-            flush_owed: false,
         }
     }
 
@@ -297,7 +332,7 @@ impl OsVtd {
 
     /// Domains shadowed.
     pub fn domains(&self) -> usize {
-        self.shadows.len()
+        self.dma.shadows.len()
     }
 
     /// A real DMA fault of one of the OS's requesters: where the OS's own
@@ -326,12 +361,9 @@ impl OsVtd {
                 thinhv_abi::status::OS_UNIT_OFF
             },
             remapping: self.unit.irt().is_some(),
-            domains: u16::try_from(self.shadows.len()).unwrap_or(u16::MAX),
-            pages: self.shadows.values().map(|(s, _)| s.pages).sum(),
-            refused: self.counts.refused,
             faults: self.unit.faults_recorded,
-            flushes: self.counts.flushes,
             entries: self.entries.in_use(),
+            ..self.dma.status()
         }
     }
 
@@ -354,117 +386,86 @@ impl OsVtd {
     {
         let mut fx = Effects::default();
         self.unit.write(offset, size, value, m.os, &mut fx);
-        let mut w = Work {
-            left: WORK_PER_WRITE,
-            dead: alloc::vec::Vec::new(),
-        };
+        let mut w = Work::new();
         let mut changed = false;
         if fx.root || fx.translation.is_some() || !fx.context.is_empty() {
             changed |= self.contexts(m, &mut w);
         }
-        let mut syncs: alloc::vec::Vec<(u16, u64, u64)> = alloc::vec::Vec::new();
-        if fx.iotlb.all {
-            syncs.extend(
-                self.shadows
-                    .keys()
-                    .chain(self.degraded.keys())
-                    .map(|&d| (d, 0, SPACE)),
-            );
-        } else {
-            for s in fx.iotlb.scopes() {
-                match *s {
-                    Scope::Domain(d) => syncs.push((d, 0, SPACE)),
-                    Scope::Pages {
-                        domain,
-                        addr,
-                        order,
-                    } => {
-                        let len = 0x1000u64 << order.min(36);
-                        syncs.push((domain, addr, addr.saturating_add(len)));
-                    }
-                    _ => {}
-                }
-            }
-        }
-        let syncs_whole: alloc::vec::Vec<u16> = syncs
-            .iter()
-            .filter(|&&(_, from, to)| from == 0 && to == SPACE)
-            .map(|&(d, _, _)| d)
-            .collect();
-        let mut degraded = false;
-        // Real domains whose shadow leaves alone changed.
-        let mut leaves: alloc::vec::Vec<u16> = alloc::vec::Vec::new();
-        for (d, from, to) in syncs {
-            match self.sync(d, from, to, m, &mut w.left) {
-                Ok(true) => {
-                    if !leaves.contains(&real_domain(d)) {
-                        leaves.push(real_domain(d));
-                    }
-                }
-                Ok(false) => {}
-                Err(why) => {
-                    self.degrade(d, why, &mut w);
-                    degraded = true;
-                }
-            }
-        }
-        // A domain that fell back before is tried again at the OS's
-        // invalidation of all of it, after the others' syncs (its
-        // rebuild, in `contexts`, syncs it whole once).
-        let retry: alloc::vec::Vec<u16> = self
-            .degraded
-            .keys()
-            .copied()
-            .filter(|d| syncs_whole.contains(d))
-            .collect();
-        for d in &retry {
-            self.degraded.remove(d);
-        }
-        if degraded || !retry.is_empty() {
-            // Requesters of a domain that fell back move to thinhv's
-            // domain for the OS; a retried domain gets its shadow again.
+        let syncs = self.dma.syncs(&fx.iotlb);
+        let (leaves, redo) = self.dma.invalidate(&self.unit, syncs, m, &mut w);
+        if redo {
             self.contexts(m, &mut w);
             changed = true;
         }
-        // The real unit forgets what it cached before a freed table can
-        // be reused; where its invalidation failed, retired shadows wait
-        // for one that succeeds.
-        self.parked.append(&mut w.dead);
-        if changed || !leaves.is_empty() || !self.parked.is_empty() {
-            self.counts.flushes += 1;
-            // Context entries changed or tables retired: everything;
-            // leaves alone: the IOTLBs of their domains.
-            let scope = (!changed
-                && !self.flush_owed
-                && self.parked.is_empty()
-                && leaves.len() <= MAX_DOMAIN_FLUSHES)
-                .then_some(leaves.as_slice());
-            self.flush_owed = !m.real.flush(scope);
-            if !self.flush_owed {
-                // A shadow a real context entry still names (a change the
-                // real unit refused) stays parked.
-                let named: alloc::vec::Vec<u64> = self
-                    .real
-                    .values()
-                    .filter_map(|c| match c {
-                        RealContext::Shadow { root, .. } => Some(*root),
-                        _ => None,
-                    })
-                    .collect();
-                let (keep, free): (alloc::vec::Vec<_>, alloc::vec::Vec<_>) =
-                    core::mem::take(&mut self.parked)
-                        .into_iter()
-                        .partition(|s| named.contains(&s.root()));
-                self.parked = keep;
-                for s in free {
-                    s.free(m.pt, m.frames);
-                }
-            }
-        }
+        self.dma.finish(changed, &leaves, w, m);
         if self.unit.offer().remapping {
             self.remapping(&fx, m);
         }
         fx
+    }
+
+    /// Reads the OS's context entries and points the real ones to match;
+    /// whether any changed.
+    fn contexts<M, R, P, F, U, C>(
+        &mut self,
+        m: &mut Machine<'_, M, R, P, F, U, C>,
+        w: &mut Work<Vtd>,
+    ) -> bool
+    where
+        M: OsMemory,
+        R: DmaReach,
+        P: PhysMem,
+        F: FreeFrames,
+        U: RealUnit,
+        C: Cores,
+    {
+        let mut want: BTreeMap<u16, Named> = BTreeMap::new();
+        let mut too_many = false;
+        if let Some(root) = self.unit.root() {
+            let mut re = [0u8; 16];
+            let mut table = [0u8; 4096];
+            'buses: for bus in 0..=255u16 {
+                if m.os.read(root + u64::from(bus) * 16, &mut re).is_err() || re[0] & 1 == 0 {
+                    continue;
+                }
+                let ctp = u64::from_le_bytes(re[..8].try_into().unwrap_or([0; 8])) & !0xfff;
+                if m.os.read(ctp, &mut table).is_err() {
+                    continue;
+                }
+                for df in 0..256u16 {
+                    if table[usize::from(df) * 16] & 1 == 0 {
+                        continue;
+                    }
+                    let sid = (bus << 8) | df;
+                    if !(m.owned)(sid) {
+                        continue;
+                    }
+                    if want.len() == MAX_REQUESTERS {
+                        too_many = true;
+                        break 'buses;
+                    }
+                    let c = match self.unit.context(&*m.os, sid) {
+                        Ok(Context::Off | Context::PassThrough { .. }) => Named::Os,
+                        Ok(Context::Tables {
+                            domain,
+                            root,
+                            levels,
+                        }) => Named::Tables {
+                            domain,
+                            real: real_domain(domain),
+                            tables: OsTables { root, levels },
+                            read: true,
+                            write: true,
+                        },
+                        Err(_) => Named::Blocked,
+                    };
+                    want.insert(sid, c);
+                }
+            }
+        }
+        let translating = self.unit.translating();
+        self.dma
+            .contexts(&self.unit, translating, &want, too_many, m, w)
     }
 
     /// The OS's interrupt remapping: its entries composed into the real
@@ -571,26 +572,214 @@ impl OsVtd {
         }
         real.irte_flush();
     }
+}
 
-    /// Syncs `domain`'s shadow over `[from, to)`; whether anything changed.
-    fn sync<M, R, P, F, U, C>(
+impl<F: Format + Copy> Dma<F> {
+    /// No domain shadowed, no real entry changed; `base` names the unit
+    /// in the log.
+    pub const fn new(base: u64, fmt: F) -> Self {
+        Self {
+            base,
+            fmt,
+            shadows: BTreeMap::new(),
+            real: BTreeMap::new(),
+            counts: Counts {
+                mapped: 0,
+                unmapped: 0,
+                refused: 0,
+                short: 0,
+                flushes: 0,
+                degraded: 0,
+            },
+            degraded: BTreeMap::new(),
+            too_many: false,
+            parked: alloc::vec::Vec::new(),
+            unnamed_blocked: false,
+            flush_owed: false,
+        }
+    }
+
+    /// Domains shadowed.
+    pub fn domains(&self) -> usize {
+        self.shadows.len()
+    }
+
+    /// The shadow of the OS's domain `domain` (its top table).
+    pub fn shadow_root(&self, domain: u16) -> Option<u64> {
+        self.shadows.get(&domain).map(|(s, _, _)| s.root())
+    }
+
+    /// The DMA part of `thinhv status`.
+    pub(crate) fn status(&self) -> OsUnitStatus {
+        OsUnitStatus {
+            domains: u16::try_from(self.shadows.len()).unwrap_or(u16::MAX),
+            pages: self.shadows.values().map(|(s, _, _)| s.pages).sum(),
+            refused: self.counts.refused,
+            flushes: self.counts.flushes,
+            ..OsUnitStatus::default()
+        }
+    }
+
+    /// The shadow syncs an IOTLB invalidation asks for: (OS domain, from,
+    /// to).
+    pub(crate) fn syncs(&self, pages: &Flushes) -> alloc::vec::Vec<(u16, u64, u64)> {
+        let mut syncs = alloc::vec::Vec::new();
+        if pages.all {
+            syncs.extend(
+                self.shadows
+                    .keys()
+                    .chain(self.degraded.keys())
+                    .map(|&d| (d, 0, SPACE)),
+            );
+        } else {
+            for s in pages.scopes() {
+                match *s {
+                    Scope::Domain(d) => syncs.push((d, 0, SPACE)),
+                    Scope::Pages {
+                        domain,
+                        addr,
+                        order,
+                    } => {
+                        let len = 0x1000u64 << order.min(36);
+                        syncs.push((domain, addr, addr.saturating_add(len)));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        syncs
+    }
+
+    /// Brings the shadows up to date over `syncs`. Returns the real
+    /// domains whose leaves alone changed, and whether the requesters'
+    /// real entries must be worked out again (a domain fell back, or one
+    /// that had is tried again).
+    pub(crate) fn invalidate<O, M, R, P, Fr, U, C>(
         &mut self,
-        domain: u16,
-        from: u64,
-        to: u64,
-        m: &mut Machine<'_, M, R, P, F, U, C>,
-        left: &mut u64,
-    ) -> Result<bool, Degraded>
+        model: &O,
+        syncs: alloc::vec::Vec<(u16, u64, u64)>,
+        m: &mut Machine<'_, M, R, P, Fr, U, C>,
+        w: &mut Work<F>,
+    ) -> (alloc::vec::Vec<u16>, bool)
     where
+        O: OsPageTables,
         M: OsMemory,
         R: DmaReach,
         P: PhysMem,
-        F: FreeFrames,
+        Fr: FreeFrames,
         U: RealUnit,
         C: Cores,
     {
-        let Some((shadow, tables)) = self.shadows.get_mut(&domain) else {
-            return Ok(false);
+        let syncs_whole: alloc::vec::Vec<u16> = syncs
+            .iter()
+            .filter(|&&(_, from, to)| from == 0 && to == SPACE)
+            .map(|&(d, _, _)| d)
+            .collect();
+        let mut degraded = false;
+        let mut leaves: alloc::vec::Vec<u16> = alloc::vec::Vec::new();
+        for (d, from, to) in syncs {
+            match self.sync(model, d, from, to, m, &mut w.left) {
+                Ok(Some(real)) => {
+                    if !leaves.contains(&real) {
+                        leaves.push(real);
+                    }
+                }
+                Ok(None) => {}
+                Err(why) => {
+                    self.degrade(d, why, w);
+                    degraded = true;
+                }
+            }
+        }
+        // A domain that fell back before is tried again at the OS's
+        // invalidation of all of it, after the others' syncs (its
+        // rebuild, in `contexts`, syncs it whole once).
+        let retry: alloc::vec::Vec<u16> = self
+            .degraded
+            .keys()
+            .copied()
+            .filter(|d| syncs_whole.contains(d))
+            .collect();
+        for d in &retry {
+            self.degraded.remove(d);
+        }
+        (leaves, degraded || !retry.is_empty())
+    }
+
+    /// The real unit forgets what it cached (everything where entries
+    /// changed or tables were retired, else the IOTLBs of the domains in
+    /// `leaves`) before a freed table can be reused; where its
+    /// invalidation failed, retired shadows wait for one that succeeds.
+    pub(crate) fn finish<M, R, P, Fr, U, C>(
+        &mut self,
+        changed: bool,
+        leaves: &[u16],
+        mut w: Work<F>,
+        m: &mut Machine<'_, M, R, P, Fr, U, C>,
+    ) where
+        M: OsMemory,
+        R: DmaReach,
+        P: PhysMem,
+        Fr: FreeFrames,
+        U: RealUnit,
+        C: Cores,
+    {
+        self.parked.append(&mut w.dead);
+        if !changed && leaves.is_empty() && self.parked.is_empty() {
+            return;
+        }
+        self.counts.flushes += 1;
+        let scope = (!changed
+            && !self.flush_owed
+            && self.parked.is_empty()
+            && leaves.len() <= MAX_DOMAIN_FLUSHES)
+            .then_some(leaves);
+        self.flush_owed = !m.real.flush(scope);
+        if self.flush_owed {
+            return;
+        }
+        // A shadow a real entry still names (a change the real unit
+        // refused) stays parked.
+        let named: alloc::vec::Vec<u64> = self
+            .real
+            .values()
+            .filter_map(|c| match c {
+                RealContext::Shadow { root, .. } => Some(*root),
+                _ => None,
+            })
+            .collect();
+        let (keep, free): (alloc::vec::Vec<_>, alloc::vec::Vec<_>) =
+            core::mem::take(&mut self.parked)
+                .into_iter()
+                .partition(|s| named.contains(&s.root()));
+        self.parked = keep;
+        for s in free {
+            s.free(m.pt, m.frames);
+        }
+    }
+
+    /// Syncs `domain`'s shadow over `[from, to)`; its real domain where
+    /// anything changed.
+    fn sync<O, M, R, P, Fr, U, C>(
+        &mut self,
+        model: &O,
+        domain: u16,
+        from: u64,
+        to: u64,
+        m: &mut Machine<'_, M, R, P, Fr, U, C>,
+        left: &mut u64,
+    ) -> Result<Option<u16>, Degraded>
+    where
+        O: OsPageTables,
+        M: OsMemory,
+        R: DmaReach,
+        P: PhysMem,
+        Fr: FreeFrames,
+        U: RealUnit,
+        C: Cores,
+    {
+        let Some((shadow, tables, real)) = self.shadows.get_mut(&domain) else {
+            return Ok(None);
         };
         let mut at = from;
         let mut changed = false;
@@ -601,7 +790,7 @@ impl OsVtd {
             };
             *left = l;
             match shadow.sync(
-                &self.unit,
+                model,
                 &*m.os,
                 *tables,
                 m.reach,
@@ -618,7 +807,7 @@ impl OsVtd {
                     changed |= s.mapped + s.unmapped > 0;
                     match s.resume {
                         Some(r) if r > at && r < to => at = r,
-                        _ => return Ok(changed),
+                        _ => return Ok(changed.then_some(*real)),
                     }
                 }
                 Err(ShadowError::OutOfFrames) => {
@@ -635,8 +824,8 @@ impl OsVtd {
     /// other tables, its requesters keep thinhv's domain for the OS.
     /// thinhv's and the appliances' memory stay out of reach; the OS loses
     /// its own isolation of that domain, and thinhv says so.
-    fn degrade(&mut self, domain: u16, why: Degraded, w: &mut Work) {
-        if let Some((s, t)) = self.shadows.remove(&domain) {
+    fn degrade(&mut self, domain: u16, why: Degraded, w: &mut Work<F>) {
+        if let Some((s, t, _)) = self.shadows.remove(&domain) {
             w.dead.push(s);
             self.degraded.insert(domain, t);
             self.counts.degraded += 1;
@@ -654,96 +843,75 @@ impl OsVtd {
         }
     }
 
-    /// Reads the OS's context entries and points the real ones to match;
-    /// whether any changed.
-    fn contexts<M, R, P, F, U, C>(
+    /// Points the real entries of the OS's requesters at what its unit
+    /// names for them (`want`, complete; `too_many`: it named more than
+    /// [`MAX_REQUESTERS`], those past them left out): shadows built for
+    /// new domains, retired for those gone; whether any real entry
+    /// changed.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn contexts<O, M, R, P, Fr, U, C>(
         &mut self,
-        m: &mut Machine<'_, M, R, P, F, U, C>,
-        w: &mut Work,
+        model: &O,
+        translating: bool,
+        named: &BTreeMap<u16, Named>,
+        too_many: bool,
+        m: &mut Machine<'_, M, R, P, Fr, U, C>,
+        w: &mut Work<F>,
     ) -> bool
     where
+        O: OsPageTables,
         M: OsMemory,
         R: DmaReach,
         P: PhysMem,
-        F: FreeFrames,
+        Fr: FreeFrames,
         U: RealUnit,
         C: Cores,
     {
-        let mut want: BTreeMap<u16, RealContext> = BTreeMap::new();
-        let mut used: BTreeMap<u16, OsTables> = BTreeMap::new();
-        if let Some(root) = self.unit.root() {
-            let mut re = [0u8; 16];
-            let mut table = [0u8; 4096];
-            'buses: for bus in 0..=255u16 {
-                if m.os.read(root + u64::from(bus) * 16, &mut re).is_err() || re[0] & 1 == 0 {
-                    continue;
-                }
-                let ctp = u64::from_le_bytes(re[..8].try_into().unwrap_or([0; 8])) & !0xfff;
-                if m.os.read(ctp, &mut table).is_err() {
-                    continue;
-                }
-                for df in 0..256u16 {
-                    if table[usize::from(df) * 16] & 1 == 0 {
-                        continue;
-                    }
-                    let sid = (bus << 8) | df;
-                    if !(m.owned)(sid) {
-                        continue;
-                    }
-                    if want.len() == MAX_REQUESTERS {
-                        if !self.too_many {
-                            self.too_many = true;
-                            log::warn!(
-                                "the OS's IOMMU {:#x}: more than {MAX_REQUESTERS} requesters in its context tables; those past them keep thinhv's domain for the OS",
-                                self.base
-                            );
-                        }
-                        break 'buses;
-                    }
-                    let c = match self.unit.context(&*m.os, sid) {
-                        Ok(Context::Off | Context::PassThrough { .. }) => RealContext::Os,
-                        Ok(Context::Tables {
-                            domain,
-                            root,
-                            levels,
-                        }) => {
-                            used.insert(domain, OsTables { root, levels });
-                            RealContext::Shadow {
-                                root: 0,
-                                domain: real_domain(domain),
-                            }
-                        }
-                        Err(_) => RealContext::Blocked,
-                    };
-                    want.insert(sid, c);
-                }
+        if too_many && !self.too_many {
+            log::warn!(
+                "the OS's IOMMU {:#x}: more than {MAX_REQUESTERS} requesters in its tables; those past them keep thinhv's domain for the OS",
+                self.base
+            );
+        }
+        self.too_many |= too_many;
+        let mut used: BTreeMap<u16, (OsTables, u16)> = BTreeMap::new();
+        for n in named.values() {
+            if let Named::Tables {
+                domain,
+                real,
+                tables,
+                ..
+            } = *n
+            {
+                used.insert(domain, (tables, real));
             }
         }
         // A degraded domain is tried again once the OS points it at other
         // tables.
-        self.degraded.retain(|d, t| used.get(d) == Some(t));
+        self.degraded
+            .retain(|d, t| used.get(d).map(|u| u.0) == Some(*t));
         // Shadows: those of domains no longer used, or whose tables moved,
         // go (freed after the real unit's flush); new ones are built.
         let gone: alloc::vec::Vec<u16> = self
             .shadows
             .iter()
-            .filter(|(d, (_, t))| used.get(d) != Some(t))
+            .filter(|(d, (_, t, r))| used.get(d) != Some(&(*t, *r)))
             .map(|(d, _)| *d)
             .collect();
         let mut changed = !gone.is_empty();
         for d in gone {
-            if let Some((s, _)) = self.shadows.remove(&d) {
+            if let Some((s, _, _)) = self.shadows.remove(&d) {
                 w.dead.push(s);
             }
         }
         let mut fresh = alloc::vec::Vec::new();
-        for (&d, &t) in &used {
+        for (&d, &(t, r)) in &used {
             if self.shadows.contains_key(&d) || self.degraded.contains_key(&d) {
                 continue;
             }
-            match Shadow::new(Vtd, d, m.pt, m.frames) {
+            match Shadow::new(self.fmt, d, m.pt, m.frames) {
                 Ok(s) => {
-                    self.shadows.insert(d, (s, t));
+                    self.shadows.insert(d, (s, t, r));
                     fresh.push(d);
                 }
                 Err(ShadowError::OutOfFrames) => {
@@ -762,25 +930,39 @@ impl OsVtd {
         }
         for d in fresh {
             changed = true;
-            if let Err(why) = self.sync(d, 0, SPACE, m, &mut w.left) {
+            if let Err(why) = self.sync(model, d, 0, SPACE, m, &mut w.left) {
                 self.degrade(d, why, w);
             }
         }
         // Requesters: the shadow's root filled in, or thinhv's domain for
         // the OS where the domain has none (degraded); one the OS had and
         // no longer has: blocked.
-        for c in want.values_mut() {
-            if let RealContext::Shadow { domain, .. } = *c {
-                *c = self
-                    .shadows
-                    .get(&(domain & 0xff))
-                    .map_or(RealContext::Os, |(s, _)| RealContext::Shadow {
-                        root: s.root(),
+        let mut want: BTreeMap<u16, RealContext> = named
+            .iter()
+            .map(|(&sid, n)| {
+                let c = match *n {
+                    Named::Os => RealContext::Os,
+                    Named::Blocked => RealContext::Blocked,
+                    Named::Tables {
                         domain,
-                    });
-            }
-        }
-        if self.unit.translating() {
+                        real,
+                        read,
+                        write,
+                        ..
+                    } => self
+                        .shadows
+                        .get(&domain)
+                        .map_or(RealContext::Os, |(s, _, _)| RealContext::Shadow {
+                            root: s.root(),
+                            domain: real,
+                            read,
+                            write,
+                        }),
+                };
+                (sid, c)
+            })
+            .collect();
+        if translating {
             for &sid in self.real.keys() {
                 if want.len() < MAX_REQUESTERS {
                     want.entry(sid).or_insert(RealContext::Blocked);
@@ -809,7 +991,7 @@ impl OsVtd {
                     // tried again at the next change.
                     kept.push((sid, old));
                     log::error!(
-                        "the OS's IOMMU {:#x}: {:02x}:{:02x}.{}'s real context entry could not be changed",
+                        "the OS's IOMMU {:#x}: {:02x}:{:02x}.{}'s real entry could not be changed",
                         self.base,
                         sid >> 8,
                         (sid >> 3) & 0x1f,
@@ -830,17 +1012,17 @@ impl OsVtd {
         }
         want.extend(kept);
         // The requesters the OS never named: blocked while it translates,
-        // as a real unit blocks those without a present context entry
-        // (thinhv's domain for the OS where it named more than this unit
-        // follows: those past the limit are among them).
-        let block = self.unit.translating() && !self.too_many;
+        // as a real unit blocks those without a present entry (thinhv's
+        // domain for the OS where it named more than this unit follows:
+        // those past the limit are among them).
+        let block = translating && !self.too_many;
         if block != self.unnamed_blocked {
             if m.real.set_unnamed(block, &|sid| want.contains_key(&sid)) {
                 self.unnamed_blocked = block;
                 changed = true;
             } else {
                 log::error!(
-                    "the OS's IOMMU {:#x}: the requesters it gave no context entry could not be {}",
+                    "the OS's IOMMU {:#x}: the requesters it gave no entry could not be {}",
                     self.base,
                     if block {
                         "blocked"
@@ -854,7 +1036,6 @@ impl OsVtd {
         changed
     }
 }
-
 /// thinhv's real VT-d tables as the OS's unit changes them: every bus's
 /// root entry present, the buses whose requesters all have thinhv's
 /// domain for the OS sharing one context table, the others (an
@@ -960,7 +1141,7 @@ impl RealTables<'_> {
 
 /// Why a domain falls back to thinhv's domain for the OS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Degraded {
+pub(crate) enum Degraded {
     /// No frame for its shadow.
     Frames,
     /// Following its tables took more than a register write's work.
@@ -968,11 +1149,20 @@ enum Degraded {
 }
 
 /// What one register write may still do, and the shadows it retired.
-struct Work {
+pub(crate) struct Work<F: Format> {
     /// Entries it may still read.
     left: u64,
     /// Shadows to free once the real unit is flushed.
-    dead: alloc::vec::Vec<Shadow<Vtd>>,
+    dead: alloc::vec::Vec<Shadow<F>>,
+}
+
+impl<F: Format> Work<F> {
+    pub(crate) const fn new() -> Self {
+        Self {
+            left: WORK_PER_WRITE,
+            dead: alloc::vec::Vec::new(),
+        }
+    }
 }
 
 /// Entries of the OS's tables one register write may read: bounded work
@@ -986,12 +1176,170 @@ const MAX_DOMAIN_FLUSHES: usize = 16;
 /// Requesters of the OS's one unit follows.
 pub const MAX_REQUESTERS: usize = 1024;
 
-/// The OS's units, where the hand-off asks for them: VT-d that thinhv
-/// protects with, `[iommu] os = "emulated"`, one per real unit.
-pub fn for_handoff(h: &thinhv_abi::handoff::Handoff) -> alloc::vec::Vec<OsVtd> {
-    use thinhv_abi::handoff::{IOMMU_KIND_VTD, IOMMU_MODE_PROTECT, IOMMU_OS_EMULATED};
+/// One of the OS's units, of the platform's kind.
+#[derive(Debug)]
+pub enum OsUnit {
+    /// VT-d.
+    Vtd(OsVtd),
+    /// AMD-Vi.
+    AmdVi(crate::os_amdvi::OsAmdVi),
+}
+
+impl OsUnit {
+    /// The register window's base (the real unit's).
+    pub const fn base(&self) -> u64 {
+        match self {
+            Self::Vtd(u) => u.base,
+            Self::AmdVi(u) => u.base,
+        }
+    }
+
+    /// Whether `gpa` is in the unit's register window.
+    pub const fn covers(&self, gpa: u64) -> bool {
+        let len = match self {
+            Self::Vtd(_) => 0x1000,
+            Self::AmdVi(_) => thinhv_passthrough::vamdvi::WINDOW,
+        };
+        gpa >= self.base() && gpa - self.base() < len
+    }
+
+    /// A load of `size` bytes at `offset` in the window.
+    pub fn read(&self, offset: u64, size: u8) -> u64 {
+        match self {
+            Self::Vtd(u) => u.unit.read(offset, size),
+            Self::AmdVi(u) => u.unit.read(offset, size),
+        }
+    }
+
+    /// The OS translates.
+    pub const fn translating(&self) -> bool {
+        match self {
+            Self::Vtd(u) => u.unit.translating(),
+            Self::AmdVi(u) => u.unit.enabled(),
+        }
+    }
+
+    /// Domains shadowed.
+    pub fn domains(&self) -> usize {
+        match self {
+            Self::Vtd(u) => u.dma.domains(),
+            Self::AmdVi(u) => u.dma.domains(),
+        }
+    }
+
+    /// What the emulation did.
+    pub const fn counts(&self) -> Counts {
+        match self {
+            Self::Vtd(u) => u.dma.counts,
+            Self::AmdVi(u) => u.dma.counts,
+        }
+    }
+
+    /// What `thinhv status` shows of it.
+    pub fn status(&self) -> OsUnitStatus {
+        match self {
+            Self::Vtd(u) => u.status(),
+            Self::AmdVi(u) => u.status(),
+        }
+    }
+}
+
+/// What a register write of the OS's leaves for the caller to do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Written {
+    /// Translation turned on (true) or off.
+    pub translation: Option<bool>,
+    /// An interrupt the unit sends, as the OS programmed it (and whether
+    /// its destination is x2APIC's).
+    pub event: Option<(thinhv_passthrough::vvtd::Event, bool)>,
+    /// An interrupt the OS asked for that is not delivered.
+    pub dropped: Option<&'static str>,
+    /// The unit stopped its queue or command buffer (why).
+    pub stopped: Option<&'static str>,
+}
+
+impl OsUnit {
+    /// A store of `size` bytes of `value` at `offset` in the window, and
+    /// what it changes in the real unit.
+    pub fn write<M, R, P, F, U, C>(
+        &mut self,
+        offset: u64,
+        size: u8,
+        value: u64,
+        m: &mut Machine<'_, M, R, P, F, U, C>,
+    ) -> Written
+    where
+        M: OsMemory,
+        R: DmaReach,
+        P: PhysMem,
+        F: FreeFrames,
+        U: RealUnit,
+        C: Cores,
+    {
+        match self {
+            Self::Vtd(u) => {
+                let fx = u.write(offset, size, value, m);
+                let x2apic = u.unit.offer().x2apic;
+                Written {
+                    translation: fx.translation,
+                    // A fault pending when the OS unmasked its event.
+                    event: fx.fault_event.map(|e| (e, x2apic)),
+                    dropped: fx
+                        .completion_event
+                        .map(|_| "an invalidation completion interrupt (not built yet)"),
+                    stopped: fx
+                        .queue_error
+                        .map(thinhv_passthrough::vvtd::QueueError::describe),
+                }
+            }
+            Self::AmdVi(u) => {
+                let fx = u.write(offset, size, value, m);
+                let (event, dropped) = u.event(fx.event_interrupt);
+                Written {
+                    translation: fx.translation,
+                    event,
+                    dropped,
+                    stopped: fx
+                        .stopped
+                        .map(|_| "at a command it refused (logged in its event log)"),
+                }
+            }
+        }
+    }
+
+    /// A real DMA fault of one of the OS's requesters: `None` where it is
+    /// thinhv's (the OS's tables allow the request); else the interrupt
+    /// the OS's unit sends for it, if any.
+    pub fn fault(
+        &mut self,
+        f: RealFault,
+        os: &mut impl OsMemory,
+    ) -> Option<Option<(thinhv_passthrough::vvtd::Event, bool)>> {
+        match self {
+            Self::Vtd(u) => {
+                let fx = u.fault(f, &*os)?;
+                let x2apic = u.unit.offer().x2apic;
+                Some(fx.fault_event.map(|e| (e, x2apic)))
+            }
+            Self::AmdVi(u) => {
+                let fx = u.fault(f, os)?;
+                Some(u.event(fx.event_interrupt).0)
+            }
+        }
+    }
+}
+
+/// The OS's units, where the hand-off asks for them: VT-d or AMD-Vi that
+/// thinhv protects with, `[iommu] os = "emulated"`, one per real unit.
+pub fn for_handoff(h: &thinhv_abi::handoff::Handoff) -> alloc::vec::Vec<OsUnit> {
+    use thinhv_abi::handoff::{
+        IOMMU_KIND_AMDVI, IOMMU_KIND_VTD, IOMMU_MODE_PROTECT, IOMMU_OS_EMULATED,
+    };
     let i = &h.iommu;
-    if i.mode != IOMMU_MODE_PROTECT || i.kind != IOMMU_KIND_VTD || i.os != IOMMU_OS_EMULATED {
+    if i.mode != IOMMU_MODE_PROTECT
+        || (i.kind != IOMMU_KIND_VTD && i.kind != IOMMU_KIND_AMDVI)
+        || i.os != IOMMU_OS_EMULATED
+    {
         return alloc::vec::Vec::new();
     }
     // One unit: with several, each would have to keep to the requesters
@@ -999,7 +1347,7 @@ pub fn for_handoff(h: &thinhv_abi::handoff::Handoff) -> alloc::vec::Vec<OsVtd> {
     // translation the OS programs for the PF's ID, which is not the VF's.
     if i.units().len() != 1 {
         log::error!(
-            "IOMMU: {} VT-d units: the OS's own unit is built for one; the OS gets none",
+            "IOMMU: {} units: the OS's own unit is built for one; the OS gets none",
             i.units().len()
         );
         return alloc::vec::Vec::new();
@@ -1014,14 +1362,29 @@ pub fn for_handoff(h: &thinhv_abi::handoff::Handoff) -> alloc::vec::Vec<OsVtd> {
         );
         return alloc::vec::Vec::new();
     }
-    let offer = Offer {
-        host_width: u8::try_from(h.phys_addr_bits).unwrap_or(52),
-        remapping: i.flags & thinhv_abi::handoff::IOMMU_FLAG_OS_REMAP != 0,
-        x2apic: false,
-    };
+    let host_width = u8::try_from(h.phys_addr_bits).unwrap_or(52);
     i.units()
         .iter()
-        .map(|u| OsVtd::new(u.base & !0xfff, offer))
+        .map(|u| {
+            if i.kind == IOMMU_KIND_VTD {
+                OsUnit::Vtd(OsVtd::new(
+                    u.base & !0xfff,
+                    Offer {
+                        host_width,
+                        remapping: i.flags & thinhv_abi::handoff::IOMMU_FLAG_OS_REMAP != 0,
+                        x2apic: false,
+                    },
+                ))
+            } else {
+                OsUnit::AmdVi(crate::os_amdvi::OsAmdVi::new(
+                    u.base & !0x3fff,
+                    thinhv_passthrough::vamdvi::Offer {
+                        host_width,
+                        x2apic: false,
+                    },
+                ))
+            }
+        })
         .collect()
 }
 

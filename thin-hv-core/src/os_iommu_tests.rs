@@ -196,7 +196,7 @@ impl Bed {
         self.unit.write(offset, 8, value, &mut m);
     }
     fn leaf(&self, iova: u64) -> u64 {
-        let (s, _) = &self.unit.shadows[&5];
+        let (s, _, _) = &self.unit.dma.shadows[&5];
         s.entry(&self.pt, iova)
     }
     fn context_flush(&mut self) {
@@ -221,12 +221,14 @@ fn the_oss_context_entries_point_its_requesters_at_shadows_and_only_its_own() {
     b.write(reg::GCMD, 1 << 30);
     assert_eq!(b.real.set, 0);
     b.write(reg::GCMD, 1 << 31);
-    let shadow = b.unit.shadows[&5].0.root();
+    let shadow = b.unit.dma.shadows[&5].0.root();
     assert_eq!(
         b.real.ctx.get(&0x10),
         Some(&RealContext::Shadow {
             root: shadow,
-            domain: real_domain(5)
+            domain: real_domain(5),
+            read: true,
+            write: true,
         })
     );
     // Pass-through stays on thinhv's domain for the OS (nothing to set);
@@ -609,4 +611,218 @@ fn without_a_frame_for_a_named_requesters_bus_nothing_is_blocked() {
     for rid in [0x08, 0x10, 0x110, 0x210] {
         assert_eq!(real_entry(&pt, rid), OS, "{rid:#x}");
     }
+}
+
+/// The OS's AMD-Vi unit over the same fakes: device table at 0x30000 (one
+/// page, IDs 0 to 127), command buffer at 0x40000, event log at 0x41000.
+/// 00:01.0 (0x08): V without TV (Linux's blocked entry); 00:02.0 (0x10):
+/// 3-level tables of domain 5 (IOVA 0x4000_0000 -> 0x5000), the entry
+/// allowing reads alone; 00:03.0 (0x18): mode 0 with IR and IW (identity);
+/// 00:04.0 (0x20): an appliance's; 00:05.0 (0x28): V clear.
+struct AmdBed {
+    os: OsRam,
+    pt: Tables,
+    frames: Frames,
+    real: Real,
+    unit: crate::os_amdvi::OsAmdVi,
+    commands: u64,
+}
+
+const DTE_V: u64 = 1;
+const DTE_TV: u64 = 2;
+const AMD_R: u64 = 1 << 61;
+const AMD_W: u64 = 1 << 62;
+
+fn amd_bed() -> AmdBed {
+    let mut os = OsRam(vec![0; 0x10_0000]);
+    let dte = |os: &mut OsRam, id: u64, q0: u64, q1: u64| {
+        os.put(0x30000 + id * 32, q0);
+        os.put(0x30000 + id * 32 + 8, q1);
+    };
+    dte(&mut os, 0x08, DTE_V, 9);
+    dte(
+        &mut os,
+        0x10,
+        DTE_V | DTE_TV | (3 << 9) | 0x20000 | AMD_R,
+        5,
+    );
+    dte(&mut os, 0x18, DTE_V | DTE_TV | AMD_R | AMD_W, 6);
+    dte(
+        &mut os,
+        0x20,
+        DTE_V | DTE_TV | (3 << 9) | 0x20000 | AMD_R,
+        5,
+    );
+    // IOVA 0x4000_0000: level-3 index 1, then 0, 0.
+    os.put(0x20000 + 8, 0x21001 | (2 << 9) | AMD_R | AMD_W);
+    os.put(0x21000, 0x22001 | (1 << 9) | AMD_R | AMD_W);
+    os.put(0x22000, 0x5001 | AMD_R | AMD_W);
+    let real = Real::default();
+    AmdBed {
+        os,
+        pt: Tables::default(),
+        frames: Frames {
+            next: 0x1_0000_0000,
+            free: Vec::new(),
+            left: u32::MAX,
+            flushes: real.flush_count.clone(),
+            freed: Vec::new(),
+        },
+        real,
+        unit: crate::os_amdvi::OsAmdVi::new(
+            0xfed8_0000,
+            thinhv_passthrough::vamdvi::Offer {
+                host_width: 39,
+                x2apic: false,
+            },
+        ),
+        commands: 0,
+    }
+}
+
+impl AmdBed {
+    fn write(&mut self, offset: u64, value: u64) -> thinhv_passthrough::vamdvi::Effects {
+        let reach = Reach(true);
+        let owned = |rid: u16| rid != 0x20;
+        let mut m = Machine {
+            cores: &Cores2,
+            os: &mut self.os,
+            reach: &reach,
+            owned: &owned,
+            pt: &mut self.pt,
+            frames: &mut self.frames,
+            real: &mut self.real,
+        };
+        self.unit.write(offset, 8, value, &mut m)
+    }
+    fn enable(&mut self) {
+        use thinhv_passthrough::vamdvi::{ctrl, reg};
+        self.write(reg::DEV_TABLE, 0x30000);
+        self.write(reg::CMD_BUF, 0x40000 | (8 << 56));
+        self.write(reg::EVENT_LOG, 0x41000 | (8 << 56));
+        self.write(
+            reg::CONTROL,
+            ctrl::IOMMU_EN | ctrl::CMD_BUF_EN | ctrl::EVENT_LOG_EN,
+        );
+    }
+    /// One command through the buffer.
+    fn command(&mut self, c: [u32; 4]) {
+        let at = 0x40000 + (self.commands % 256) * 16;
+        self.os.put(at, u64::from(c[0]) | (u64::from(c[1]) << 32));
+        self.os
+            .put(at + 8, u64::from(c[2]) | (u64::from(c[3]) << 32));
+        self.commands += 1;
+        self.write(
+            thinhv_passthrough::vamdvi::reg::CMD_TAIL,
+            (self.commands % 256) << 4,
+        );
+    }
+    fn leaf(&self, iova: u64) -> u64 {
+        let (s, _, _) = &self.unit.dma.shadows[&5];
+        s.entry(&self.pt, iova)
+    }
+}
+
+#[test]
+fn the_oss_amdvi_device_entries_reach_the_real_ones_with_their_rights_and_blocked_ones_block() {
+    use thinhv_passthrough::amdvi as real_cmds;
+    let mut b = amd_bed();
+    b.enable();
+    let shadow = b.unit.dma.shadow_root(5).unwrap();
+    // Tables: the shadow, under the OS's domain 0x1000 above, with the
+    // entry's read-only right on top of the leaves'.
+    assert_eq!(
+        b.real.ctx.get(&0x10),
+        Some(&RealContext::Shadow {
+            root: shadow,
+            domain: 0x1005,
+            read: true,
+            write: false,
+        })
+    );
+    assert_eq!(b.leaf(0x4000_0000) & 0x000f_ffff_ffff_f000, 0x5000);
+    assert_eq!(b.leaf(0x4000_0000) & (AMD_R | AMD_W), AMD_R | AMD_W);
+    // Identity (mode 0, both rights) and V clear: thinhv's domain for the
+    // OS, nothing to set; the appliance's entry never touched.
+    assert_eq!(b.real.ctx.get(&0x18), None);
+    assert_eq!(b.real.ctx.get(&0x28), None);
+    assert_eq!(b.real.ctx.get(&0x20), None);
+    // V without TV names no DMA: blocked with what the OS never named.
+    assert_eq!(b.real.unnamed_blocked, vec![0x08]);
+    // A new mapping reaches the shadow at the OS's page invalidation, and
+    // only that domain's IOTLB is invalidated.
+    b.os.put(0x22000 + 8, 0x6001 | AMD_R | AMD_W);
+    assert_eq!(b.leaf(0x4000_1000), 0, "not before the invalidation");
+    b.command(real_cmds::cmd_invalidate_domain(5));
+    assert_eq!(b.leaf(0x4000_1000) & 0x000f_ffff_ffff_f000, 0x6000);
+    assert_eq!(b.real.scopes.last(), Some(&Some(vec![0x1005])));
+    // The identity device blocked (TV cleared) and its entry invalidated:
+    // its real entry blocks, and the unit forgets everything it cached.
+    b.os.put(0x30000 + 0x18 * 32, DTE_V);
+    b.command(real_cmds::cmd_invalidate_devtab(0x18));
+    assert_eq!(b.real.ctx.get(&0x18), Some(&RealContext::Blocked));
+    assert_eq!(b.real.scopes.last(), Some(&None));
+    // And back to identity.
+    b.os.put(0x30000 + 0x18 * 32, DTE_V | DTE_TV | AMD_R | AMD_W);
+    b.command(real_cmds::cmd_invalidate_devtab(0x18));
+    assert_eq!(b.real.ctx.get(&0x18), Some(&RealContext::Os));
+    // The unit off: every device back on thinhv's domain for the OS.
+    b.write(thinhv_passthrough::vamdvi::reg::CONTROL, 0);
+    assert_eq!(b.real.ctx.get(&0x10), Some(&RealContext::Os));
+    assert!(b.real.unnamed_blocked.is_empty());
+}
+
+#[test]
+fn an_amdvi_fault_the_oss_tables_caused_is_logged_for_it_and_one_of_thinhvs_protection_is_not() {
+    use thinhv_passthrough::vamdvi::{ctrl, reg};
+    let mut b = amd_bed();
+    b.enable();
+    b.write(
+        reg::CONTROL,
+        ctrl::IOMMU_EN | ctrl::CMD_BUF_EN | ctrl::EVENT_LOG_EN | ctrl::EVENT_INT_EN,
+    );
+    let fault = |sid, addr, write| RealFault {
+        unit: 0,
+        sid,
+        addr,
+        write,
+    };
+    let mut unit = OsUnit::AmdVi(b.unit);
+    // Not mapped in 00:02.0's tables: the OS's; its MSI is off, so no
+    // interrupt yet.
+    assert_eq!(
+        unit.fault(fault(0x10, 0x4000_2000, false), &mut b.os),
+        Some(None)
+    );
+    // A write its entry does not allow, to a page its tables map: the
+    // OS's too (a present translation refused).
+    let OsUnit::AmdVi(u) = &mut unit else {
+        unreachable!()
+    };
+    u.msi = thinhv_passthrough::mediate::Msi {
+        control: 1,
+        addr: 0xfee0_0000,
+        upper: 0,
+        data: 0x41,
+    };
+    let ev = unit.fault(fault(0x10, 0x4000_0000, true), &mut b.os);
+    assert_eq!(
+        ev.flatten().map(|(e, _)| (e.addr, e.data)),
+        Some((0xfee0_0000, 0x41))
+    );
+    // A read it allows: thinhv's protection refused it (its page, say);
+    // not the OS's to hear of. V clear: untranslated, thinhv's alike.
+    assert_eq!(unit.fault(fault(0x10, 0x4000_0000, false), &mut b.os), None);
+    assert_eq!(unit.fault(fault(0x28, 0x9_0000, true), &mut b.os), None);
+    assert_eq!(unit.status().faults, 2);
+    // The OS's event log: IO_PAGE_FAULT for 00:02.0 in domain 5, the
+    // second with PR (present) and RW (write).
+    let e0 = u64::from_le_bytes(b.os.0[0x41000..0x41008].try_into().unwrap());
+    let e1 = u64::from_le_bytes(b.os.0[0x41010..0x41018].try_into().unwrap());
+    assert_eq!(e0 & 0xffff, 0x10);
+    assert_eq!((e0 >> 60) & 0xf, 2);
+    assert_eq!((e0 >> 32) & 0xffff, 5);
+    assert_eq!((e1 >> (32 + 20)) & 3, 3, "PR and RW");
+    let a0 = u64::from_le_bytes(b.os.0[0x41008..0x41010].try_into().unwrap());
+    assert_eq!(a0, 0x4000_2000);
 }

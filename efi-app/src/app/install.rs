@@ -314,6 +314,14 @@ pub fn install(config: &Config) -> Result<String, String> {
         present_nvme_vf(&mut pci, &regions, &inventory.functions, s);
         guard_bridges_above(&mut pci, &inventory.functions, s.pf);
     }
+    // The OS drives an emulated AMD-Vi unit in the real one's place: the
+    // real unit's function shows it NpCache and keeps its MSI to itself.
+    if iommu.mode == thinhv_abi::handoff::IOMMU_MODE_PROTECT
+        && iommu.kind == thinhv_abi::handoff::IOMMU_KIND_AMDVI
+        && iommu.os == thinhv_abi::handoff::IOMMU_OS_EMULATED
+    {
+        guard_amdvi_functions(&mut pci, &inventory.functions);
+    }
     // The OS's VFs of each such PF, enabled by the loader's setup from the
     // start (the OS's VF Enable is a view): their interrupts are remapped
     // like its other functions' (`remap_os_msi`).
@@ -860,7 +868,7 @@ pub fn install(config: &Config) -> Result<String, String> {
                     .iter()
                     .any(|p| p.devices().iter().any(|d| d.rid == rid))
         };
-        super::iommu::after_seal(&h.iommu, r[1], r[2], r[3], owned);
+        super::iommu::after_seal(&h.iommu, h.phys_addr_bits, r[1], r[2], r[3], owned);
     } else {
         log::warn!("seal returned {}", Status(r[0]).name());
     }
@@ -1443,6 +1451,58 @@ fn conventional_source(
                 .is_some_and(|m| m.action == thinhv_abi::handoff::PCI_ACTION_HIDE)
     };
     thinhv_efi::iommu_plan::msi_source(f, functions, conventional, not_os, vtd)
+}
+
+/// Each AMD-Vi unit's own function, where the OS drives an emulated unit
+/// in the real one's place (`PCI_ACTION_AMDVI_UNIT`): Linux drives a unit
+/// only through its function, takes NpCache from its capability header,
+/// and programs the unit's interrupt in its MSI capability; none of that
+/// may reach the real unit thinhv drives.
+fn guard_amdvi_functions(
+    pci: &mut thinhv_abi::handoff::PciHandoff,
+    functions: &[thinhv_passthrough::pci::Function],
+) {
+    for (id, cap) in super::iommu::amdvi_functions() {
+        let Some(f) = functions
+            .iter()
+            .find(|f| f.bdf.segment == 0 && f.bdf.rid() == id)
+        else {
+            println!(
+                "thinhv: warning: IOMMU: the AMD-Vi unit's function {:02x}:{:02x}.{} is not on the bus: the OS cannot drive its unit",
+                id >> 8,
+                (id >> 3) & 0x1f,
+                id & 7
+            );
+            continue;
+        };
+        let k = pci.count as usize;
+        if pci.find(f.bdf.bus, f.bdf.devfn()).is_some()
+            || k >= thinhv_abi::handoff::MAX_PCI_MEDIATED
+        {
+            println!(
+                "thinhv: warning: IOMMU: the AMD-Vi unit's function {} is mediated otherwise: the OS cannot drive its unit",
+                f.bdf
+            );
+            continue;
+        }
+        pci.mediated[k] = thinhv_abi::handoff::PciMediation {
+            bus: f.bdf.bus,
+            devfn: f.bdf.devfn(),
+            action: thinhv_abi::handoff::PCI_ACTION_AMDVI_UNIT,
+            sriov_cap: cap,
+            source: f
+                .caps
+                .iter()
+                .find(|c| c.0 == thinhv_passthrough::pci::CAP_ID_MSI)
+                .map_or(0, |c| c.1),
+            ..Default::default()
+        };
+        pci.count += 1;
+        println!(
+            "thinhv: IOMMU: the AMD-Vi unit's function {}: the OS's view (its unit's interrupt, NpCache); nothing it writes reaches the real unit",
+            f.bdf
+        );
+    }
 }
 
 /// The bridges above `bdf` (an NVMe PF thinhv keeps) stay the OS's, but

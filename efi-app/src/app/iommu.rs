@@ -93,9 +93,9 @@ pub fn prepare(config: &Config, max_bus: u8, max_apic_id: u32) -> IommuHandoff {
                 }
                 thinhv_config::IommuOs::Emulated => {
                     println!(
-                        "thinhv: IOMMU: [iommu] os = \"emulated\" is not built for AMD-Vi yet; the OS gets no IOMMU"
+                        "thinhv: IOMMU: the OS gets an emulated AMD-Vi unit of its own ([iommu] os = \"emulated\"; DMA translation; no interrupt remapping on AMD-Vi yet)"
                     );
-                    thinhv_abi::handoff::IOMMU_OS_NONE
+                    thinhv_abi::handoff::IOMMU_OS_EMULATED
                 }
                 thinhv_config::IommuOs::None => thinhv_abi::handoff::IOMMU_OS_NONE,
             };
@@ -159,6 +159,7 @@ pub fn ivrs_aliases() -> alloc::vec::Vec<(u16, u16, u16)> {
 /// where the OS has emulated units, replace it by the OS's DMAR).
 pub fn after_seal(
     h: &IommuHandoff,
+    phys_addr_bits: u32,
     on: u64,
     total: u64,
     os_units: u64,
@@ -179,21 +180,26 @@ pub fn after_seal(
         );
         return;
     }
-    if h.os == thinhv_abi::handoff::IOMMU_OS_EMULATED && h.kind == IOMMU_KIND_VTD && os_units == 0 {
+    if h.os == thinhv_abi::handoff::IOMMU_OS_EMULATED && os_units == 0 {
         println!(
             "thinhv: IOMMU: the core could not give the OS a unit of its own (see thinhv's log); the OS gets no IOMMU"
         );
     }
-    if h.os == thinhv_abi::handoff::IOMMU_OS_EMULATED && h.kind == IOMMU_KIND_VTD && os_units > 0 {
-        match os_dmar(
-            owned,
-            h.flags & thinhv_abi::handoff::IOMMU_FLAG_OS_REMAP != 0,
-        ) {
+    if h.os == thinhv_abi::handoff::IOMMU_OS_EMULATED && os_units > 0 {
+        let written = if h.kind == IOMMU_KIND_VTD {
+            os_dmar(
+                owned,
+                h.flags & thinhv_abi::handoff::IOMMU_FLAG_OS_REMAP != 0,
+            )
+        } else {
+            os_ivrs(owned, phys_addr_bits)
+        };
+        match written {
             Ok(()) => println!(
                 "thinhv: IOMMU: {on} of {total} {what} translating; DMA into thinhv is blocked; the OS sees an emulated unit at each one's registers"
             ),
             Err(e) => {
-                println!("thinhv: IOMMU: the OS's DMAR could not be written ({e}); it is hidden");
+                println!("thinhv: IOMMU: the OS's {name} could not be written ({e}); it is hidden");
                 let _ = hide(&[table]);
             }
         }
@@ -226,6 +232,39 @@ fn os_dmar(owned: impl Fn(u16) -> bool, remap: bool) -> Result<(), &'static str>
     let table = thinhv_passthrough::os_tables::os_dmar(&real, remap, keep)
         .ok_or("a structure does not fit")?;
     super::appliances::replace_firmware_table(pa, &table)
+}
+
+/// Replaces the firmware's IVRS by the OS's: one unit per real one with
+/// the extended features its emulated unit offers, only the device IDs
+/// `owned`, no I/O APIC or HPET entries (its unit does not remap
+/// interrupts, and Linux leaves remapping off without them).
+fn os_ivrs(owned: impl Fn(u16) -> bool, phys_addr_bits: u32) -> Result<(), &'static str> {
+    let (pa, bytes) = super::appliances::firmware_table(*b"IVRS")?;
+    let real = thinhv_passthrough::ivrs::parse(bytes).map_err(|_| "the IVRS is malformed")?;
+    let offer = thinhv_passthrough::vamdvi::Offer {
+        host_width: u8::try_from(phys_addr_bits).unwrap_or(52),
+        x2apic: false,
+    };
+    let table = thinhv_passthrough::os_tables::os_ivrs(&real, offer.efr(), false, owned)
+        .ok_or("a block does not fit")?;
+    super::appliances::replace_firmware_table(pa, &table)
+}
+
+/// The AMD-Vi units' own functions: (device ID, IOMMU capability offset)
+/// as the IVRS names them (none without an IVRS that parses).
+pub fn amdvi_functions() -> alloc::vec::Vec<(u16, u16)> {
+    tables()
+        .ok()
+        .and_then(|t| table::<RawIvrs>(&t))
+        .and_then(|ivrs| thinhv_passthrough::ivrs::parse(&ivrs).ok())
+        .map(|r| {
+            r.units()
+                .iter()
+                .filter(|h| h.segment == 0)
+                .map(|h| (h.device_id, h.capability_offset))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Rewrites the XSDT and RSDT without the tables whose signature is in

@@ -166,7 +166,7 @@ pub(super) fn handle(cpu: &mut impl GuestCpu, env: &mut impl Env) -> Outcome {
             let (on, total) = env.iommu_enable();
             // How many units the OS has of its own (the loader shows it
             // their DMAR only then).
-            let os_units = env.hv().os_vtd_count.load(Ordering::SeqCst) as u64;
+            let os_units = env.hv().os_unit_count.load(Ordering::SeqCst) as u64;
             finish(
                 cpu,
                 env,

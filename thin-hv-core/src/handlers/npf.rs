@@ -238,7 +238,7 @@ pub(super) fn apic_write(cpu: &mut impl GuestCpu, env: &mut impl Env, gpa: u64) 
         let high = env.lapic_read(reg::ICR_HIGH);
         ipi::icr_write(env, (u64::from(high) << 32) | u64::from(value), false)
     } else if matches!(offset, reg::LDR | reg::DFR)
-        && (env.hv().has_appliances() || env.hv().os_vtd_count.load(Ordering::Relaxed) > 0)
+        && (env.hv().has_appliances() || env.hv().os_unit_count.load(Ordering::Relaxed) > 0)
     {
         // Kept for resolving logical destinations (`ipi`, and the OS's
         // remapping entries where it has a unit of its own); an

@@ -1,8 +1,8 @@
-//! Loads and stores of the OS's to the register page of its emulated
-//! VT-d unit (`[iommu] os = "emulated"`, [`crate::os_iommu`]): the real
-//! unit's page, out of the OS's second-level tables where the OS has a
-//! unit of its own, so that every access exits here and the model answers
-//! it. A store is applied in full (contexts, shadows, the real unit's
+//! Loads and stores of the OS's to the register window of its emulated
+//! VT-d or AMD-Vi unit (`[iommu] os = "emulated"`, [`crate::os_iommu`]):
+//! the real unit's window, out of the OS's second-level tables where the
+//! OS has a unit of its own, so that every access exits here and the model
+//! answers it. A store is applied in full (contexts, shadows, the real unit's
 //! invalidation) before the instruction completes.
 use super::Outcome;
 use crate::env::Env;
@@ -21,13 +21,19 @@ const POLL_EVERY: u64 = 2_000_000;
 
 /// An access of the OS's at `gpa` (`None`: not a page of its units).
 pub(super) fn access(cpu: &mut impl GuestCpu, env: &mut impl Env, gpa: u64) -> Option<Outcome> {
-    if env.hv().os_vtd_count.load(Ordering::Relaxed) == 0
+    if env.hv().os_unit_count.load(Ordering::Relaxed) == 0
         || !env.hv().space_of(env.cpu_index()).is_os()
     {
         return None;
     }
-    let page = gpa & !0xfff;
-    let at = env.hv().os_vtd.lock().iter().position(|u| u.base == page)?;
+    let (at, base) = env
+        .hv()
+        .os_units
+        .lock()
+        .iter()
+        .enumerate()
+        .find(|(_, u)| u.covers(gpa))
+        .map(|(i, u)| (i, u.base()))?;
     // What the real unit refused so far is in the OS's registers before
     // the OS reads them.
     env.iommu_poll();
@@ -42,9 +48,9 @@ pub(super) fn access(cpu: &mut impl GuestCpu, env: &mut impl Env, gpa: u64) -> O
         return Some(Outcome::Resume);
     };
     let next = super::wrap_ip(cpu.mode(), cpu.rip().wrapping_add(d.len() as u64));
-    let off = gpa & 0xfff;
+    let off = gpa - base;
     if let Some(load) = d.load().filter(|l| l.size <= 8) {
-        let v = env.hv().os_vtd.lock()[at].unit.read(off, load.size);
+        let v = env.hv().os_units.lock()[at].read(off, load.size);
         let old = cpu.gpr(load.dest);
         cpu.set_gpr(load.dest, load.merge(old, v));
     } else if let Some(store) = d.store().filter(|s| s.size <= 8 && !s.exchange) {
@@ -53,6 +59,11 @@ pub(super) fn access(cpu: &mut impl GuestCpu, env: &mut impl Env, gpa: u64) -> O
             StoreSource::Register(r) => cpu.gpr(r),
         };
         write(env, at, off, store.size, value);
+    } else if let Some(mv) = d.string_move() {
+        // `memcpy_toio` (Linux writes the AMD-Vi base registers so): one
+        // element per exit; a `rep` stays on the instruction until RCX is
+        // spent, so the next element exits again.
+        return Some(string_store(cpu, env, at, base, gpa, mv, next));
     } else {
         log::error!(
             "cpu {}: unsupported IOMMU register access {:?} at {gpa:#x} (rip {:#x}); skipped",
@@ -65,12 +76,93 @@ pub(super) fn access(cpu: &mut impl GuestCpu, env: &mut impl Env, gpa: u64) -> O
     Some(Outcome::Resume)
 }
 
+/// One element of a string move into unit `at`'s window (at `base`),
+/// the destination `gpa`: read from the OS's memory at its source, written
+/// to the unit, RSI and RDI stepped, RCX counted down under `rep` (the
+/// instruction re-executes until it is spent; `next` once it is).
+fn string_store(
+    cpu: &mut impl GuestCpu,
+    env: &mut impl Env,
+    at: usize,
+    base: u64,
+    gpa: u64,
+    mv: crate::insn::StringMove,
+    next: u64,
+) -> Outcome {
+    use crate::guest::Gpr;
+    let mask = if mv.wide { u64::MAX } else { 0xffff_ffff };
+    let size = u64::from(mv.size);
+    let seg = match mv.seg {
+        s @ (crate::guest::SegReg::Fs | crate::guest::SegReg::Gs) => cpu.segment_base(s),
+        s if cpu.mode() != crate::guest::CpuMode::Bits64 => cpu.segment_base(s),
+        _ => 0,
+    };
+    let src = seg.wrapping_add(cpu.gpr(Gpr::Rsi) & mask);
+    let regs = cpu.paging();
+    // Only into the window: a move out of it (`memcpy_fromio`) is not
+    // emulated.
+    let es = if cpu.mode() == crate::guest::CpuMode::Bits64 {
+        0
+    } else {
+        cpu.segment_base(crate::guest::SegReg::Es)
+    };
+    let dst = es.wrapping_add(cpu.gpr(Gpr::Rdi) & mask);
+    if crate::guest_mem::translate(env, &regs, dst) != Some(gpa) {
+        log::error!(
+            "cpu {}: unsupported IOMMU register string move at {gpa:#x} (rip {:#x}); skipped",
+            env.cpu_index(),
+            cpu.rip()
+        );
+        cpu.set_rip(next);
+        return Outcome::Resume;
+    }
+    let mut bytes = [0u8; 8];
+    let buf = &mut bytes[..usize::from(mv.size)];
+    // Byte by byte: an element may straddle a page.
+    for (i, b) in buf.iter_mut().enumerate() {
+        let ok = crate::guest_mem::translate(env, &regs, src.wrapping_add(i as u64))
+            .is_some_and(|pa| crate::guest_mem::read_guest_phys(env, pa, core::slice::from_mut(b)));
+        if !ok {
+            log::error!(
+                "cpu {}: IOMMU register string move from {src:#x}: source not mapped (rip {:#x}); #GP",
+                env.cpu_index(),
+                cpu.rip()
+            );
+            cpu.inject_exception(vector::GP, Some(0));
+            return Outcome::Resume;
+        }
+    }
+    let value = u64::from_le_bytes(bytes);
+    write(env, at, gpa - base, mv.size, value);
+    let step = if cpu.rflags() & (1 << 10) != 0 {
+        size.wrapping_neg()
+    } else {
+        size
+    };
+    for r in [Gpr::Rsi, Gpr::Rdi] {
+        let v = cpu.gpr(r);
+        cpu.set_gpr(r, (v & !mask) | (v.wrapping_add(step) & mask));
+    }
+    let more = if mv.rep {
+        let c = cpu.gpr(Gpr::Rcx);
+        let left = (c & mask).wrapping_sub(1) & mask;
+        cpu.set_gpr(Gpr::Rcx, (c & !mask) | left);
+        left != 0
+    } else {
+        false
+    };
+    if !more {
+        cpu.set_rip(next);
+    }
+    Outcome::Resume
+}
+
 /// At the OS's exits: now and then (every [`POLL_EVERY`] TSC cycles at
 /// most), the real units' faults are collected and the OS's own reported
 /// to it.
 pub(super) fn tick(env: &mut impl Env) {
     let hv = env.hv();
-    if hv.os_vtd_count.load(Ordering::Relaxed) == 0 || !hv.space_of(env.cpu_index()).is_os() {
+    if hv.os_unit_count.load(Ordering::Relaxed) == 0 || !hv.space_of(env.cpu_index()).is_os() {
         return;
     }
     let now = env.tsc();
@@ -90,7 +182,7 @@ pub(super) fn tick(env: &mut impl Env) {
 /// The real units' faults of the OS's requesters: those of the OS's own
 /// making recorded in its units, and their fault events sent.
 pub(super) fn deliver_faults(env: &mut impl Env) {
-    if env.hv().os_vtd_count.load(Ordering::Relaxed) == 0
+    if env.hv().os_unit_count.load(Ordering::Relaxed) == 0
         || !env.hv().space_of(env.cpu_index()).is_os()
     {
         return;
@@ -107,8 +199,8 @@ pub(super) fn deliver_faults(env: &mut impl Env) {
     {
         let hv = env.hv();
         let (_, _, ram, _) = host.parts();
-        let os = OsRam { hv, ram };
-        let mut units = hv.os_vtd.lock();
+        let mut os = OsRam { hv, ram };
+        let mut units = hv.os_units.lock();
         for f in faults {
             // Only the OS's own requesters' faults are the OS's to hear of
             // (an appliance's DMA is not its business).
@@ -118,10 +210,10 @@ pub(super) fn deliver_faults(env: &mut impl Env) {
             let Some(unit) = units.get_mut(f.unit) else {
                 continue;
             };
-            if let Some(fx) = unit.fault(f, &os) {
+            if let Some(event) = unit.fault(f, &mut os) {
                 statuses.push((f.unit, unit.status()));
-                if let Some(ev) = fx.fault_event {
-                    events.push((unit.base, unit.unit.offer().x2apic, ev));
+                if let Some((ev, x2apic)) = event {
+                    events.push((unit.base(), x2apic, ev));
                 }
             }
         }
@@ -216,11 +308,11 @@ fn write(env: &mut impl Env, at: usize, off: u64, size: u8, value: u64) {
         hv,
         id: crate::partition::PartitionId::OS,
     };
-    let mut units = hv.os_vtd.lock();
+    let mut units = hv.os_units.lock();
     let unit = &mut units[at];
-    let before = unit.unit.translating();
-    let short_before = unit.counts.short;
-    let fx = unit.write(
+    let before = unit.translating();
+    let short_before = unit.counts().short;
+    let done = unit.write(
         off,
         size,
         value,
@@ -234,48 +326,37 @@ fn write(env: &mut impl Env, at: usize, off: u64, size: u8, value: u64) {
             real,
         },
     );
-    if let Some(on) = fx.translation
+    let base = unit.base();
+    if let Some(on) = done.translation
         && on != before
     {
         log::info!(
-            "the OS's IOMMU {:#x}: translation {} ({} domain(s) shadowed)",
-            unit.base,
+            "the OS's IOMMU {base:#x}: translation {} ({} domain(s) shadowed)",
             if on { "on" } else { "off" },
             unit.domains()
         );
     }
     let status = unit.status();
+    let short = unit.counts().short;
     drop(units);
+    drop(host);
     env.publish_os_iommu(at, status);
-    let mut units = env.hv().os_vtd.lock();
-    let unit = &mut units[at];
-    if unit.counts.short > short_before && short_before == 0 {
+    if short > short_before && short_before == 0 {
         log::error!(
-            "the OS's IOMMU {:#x}: no frame left for its shadows ({} KiB kept): pages the OS maps from now on may be missing, and its devices' DMA there faults",
-            unit.base,
+            "the OS's IOMMU {base:#x}: no frame left for its shadows ({} KiB kept): pages the OS maps from now on may be missing, and its devices' DMA there faults",
             thinhv_abi::layout::OS_IOMMU_PAGES * 4
         );
     }
-    if let Some(e) = fx.queue_error {
-        log::warn!(
-            "the OS's IOMMU {:#x}: invalidation queue stopped: {}",
-            unit.base,
-            e.describe()
-        );
+    if let Some(why) = done.stopped {
+        log::warn!("the OS's IOMMU {base:#x}: its invalidations stopped: {why}");
     }
-    if fx.completion_event.is_some() {
-        unit.events_dropped += 1;
-        if unit.events_dropped <= LOG_FIRST {
-            log::warn!(
-                "the OS's IOMMU {:#x}: an invalidation completion interrupt the OS asked for is not delivered (not built yet)",
-                unit.base
-            );
+    if let Some(what) = done.dropped {
+        let n = env.hv().os_iommu_dropped.fetch_add(1, Ordering::Relaxed);
+        if n < LOG_FIRST {
+            log::warn!("the OS's IOMMU {base:#x}: {what} is not delivered");
         }
     }
-    let (base, x2apic) = (unit.base, unit.unit.offer().x2apic);
-    drop(units);
-    if let Some(ev) = fx.fault_event {
-        // A fault pending when the OS unmasked its event.
+    if let Some((ev, x2apic)) = done.event {
         raise(env, base, x2apic, ev);
     }
 }

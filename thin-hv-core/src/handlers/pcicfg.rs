@@ -25,8 +25,8 @@ use crate::guest::{Gpr, GuestCpu, vector};
 use crate::insn::{Load, StoreSource};
 use core::sync::atomic::Ordering;
 use thinhv_abi::handoff::{
-    PCI_ACTION_BRIDGE_GUARD, PCI_ACTION_HIDE, PCI_ACTION_PRESENT_VF, PCI_ACTION_VF_BUDGET,
-    PCI_ACTION_VF_SHARED, PciMediation,
+    PCI_ACTION_AMDVI_UNIT, PCI_ACTION_BRIDGE_GUARD, PCI_ACTION_HIDE, PCI_ACTION_PRESENT_VF,
+    PCI_ACTION_VF_BUDGET, PCI_ACTION_VF_SHARED, PciMediation,
 };
 use thinhv_passthrough::mediate::{self, CONFIG_DATA, Policy, PortPiece, PortRole, Refusal};
 
@@ -135,6 +135,9 @@ fn policed<E: Env>(
     write: Option<u32>,
     device: impl FnOnce(&mut E, Option<u32>) -> u32,
 ) -> u32 {
+    if m.action == PCI_ACTION_AMDVI_UNIT {
+        return unit_function(env, m, offset, size, write, device);
+    }
     let policy = policy_of(m);
     let Some(value) = write else {
         return mediate::read(&policy, offset, size, || device(env, None));
@@ -147,6 +150,52 @@ fn policed<E: Env>(
         report(env, m, r);
     }
     0
+}
+
+/// An access to the real AMD-Vi unit's own function where the OS drives
+/// an emulated unit in its place ([`mediate::UnitFunction`]): the MSI
+/// registers are the OS's unit's copy, a load otherwise the device's
+/// (NpCache shown), and no store reaches the device.
+fn unit_function<E: Env>(
+    env: &mut E,
+    m: &PciMediation,
+    offset: u16,
+    size: u8,
+    write: Option<u32>,
+    device: impl FnOnce(&mut E, Option<u32>) -> u32,
+) -> u32 {
+    use crate::os_iommu::OsUnit;
+    let view = mediate::UnitFunction {
+        cap: m.sriov_cap,
+        msi: m.source,
+    };
+    let control = if view.msi == 0 {
+        0
+    } else {
+        read16(env, m, view.msi + 2)
+    };
+    let real = if write.is_none() {
+        device(env, None)
+    } else {
+        0
+    };
+    let hv = env.hv();
+    let mut units = hv.os_units.lock();
+    let mut none = mediate::Msi::default();
+    let msi = units
+        .iter_mut()
+        .find_map(|u| match u {
+            OsUnit::AmdVi(a) => Some(&mut a.msi),
+            OsUnit::Vtd(_) => None,
+        })
+        .unwrap_or(&mut none);
+    match write {
+        None => view.read(offset, size, real, control, msi),
+        Some(v) => {
+            view.write(offset, size, v, control, msi);
+            0
+        }
+    }
 }
 
 /// Reads the 16-bit register `reg` of `m` through ECAM.

@@ -134,7 +134,14 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
     }
     if iommu.os_emulated() {
         let (remap, eim) = (iommu.os_remapping(), iommu.os_eim());
-        for (i, u) in hv.os_vtd.lock().iter_mut().enumerate() {
+        for (i, u) in hv.os_units.lock().iter_mut().enumerate() {
+            let thin_hv_core::os_iommu::OsUnit::Vtd(u) = u else {
+                // AMD-Vi: no interrupt remapping on offer (the OS's
+                // messages stay compatibility-format, remapped by
+                // thinhv as without its unit).
+                iommu.publish_os(i, u.status());
+                continue;
+            };
             let mut offer = u.unit.offer();
             if offer.remapping && !remap {
                 log::warn!(
@@ -150,10 +157,10 @@ pub fn init(handoff_pa: u64) -> Result<(), CoreError> {
         // No real tables for it (`Iommu::os_emulated`): the OS's accesses
         // to the register page read the blank page, as without it, and
         // the loader hides the DMAR (the seal says there is no unit).
-        hv.os_vtd.lock().clear();
+        hv.os_units.lock().clear();
     }
-    let os_units = hv.os_vtd.lock().len();
-    hv.os_vtd_count
+    let os_units = hv.os_units.lock().len();
+    hv.os_unit_count
         .store(os_units, core::sync::atomic::Ordering::SeqCst);
     for &(part, rid, base, entries) in &msix {
         hv.msix.lock().insert(
@@ -415,7 +422,14 @@ fn hide_iommu_windows(
     for u in h.iommu.units() {
         blank_out(slat, slat_root, u.window(), blank_pa, frames)?;
         if emulated {
-            unmap_from_os(slat, slat_root, u.base & !0xfff, frames)?;
+            let len = if h.iommu.kind == thinhv_abi::handoff::IOMMU_KIND_AMDVI {
+                thinhv_passthrough::vamdvi::WINDOW
+            } else {
+                0x1000
+            };
+            for page in (0..len).step_by(0x1000) {
+                unmap_from_os(slat, slat_root, (u.base & !0xfff) + page, frames)?;
+            }
             log::info!(
                 "IOMMU: unit {:#x}: the OS programs an emulated unit at its registers ([iommu] os = \"emulated\")",
                 u.base

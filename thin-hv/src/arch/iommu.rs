@@ -565,6 +565,19 @@ pub struct Iommu {
     /// VT-d: the real remapping table is the OS's (its emulated unit
     /// remaps; no appliance runs).
     os_ir: bool,
+    /// AMD-Vi with `[iommu] os = "emulated"`: the DMA half of thinhv's
+    /// device table entry for the OS, which the OS's emulated unit
+    /// changes per device.
+    os_amd: Option<OsAmdReal>,
+}
+
+/// The DMA half (quadwords 0 and 1) of thinhv's AMD-Vi device table entry
+/// for the OS's devices: what [`Iommu::os_set_context`] writes back for
+/// `RealContext::Os`.
+#[derive(Clone, Copy, Debug)]
+struct OsAmdReal {
+    q0: u64,
+    q1: u64,
 }
 
 /// The fewest domain IDs (CAP.ND, 2^(4+2ND) IDs) among the first `n` units.
@@ -675,6 +688,7 @@ impl Iommu {
             os_real: None,
             os_faults: Mutex::new(alloc::vec::Vec::new()),
             os_ir: false,
+            os_amd: None,
         };
         if protect {
             let outside = h
@@ -711,6 +725,12 @@ impl Iommu {
                     })
             } else {
                 me.build_amdvi(h, blocked, partitions, holes, reach, frames)
+                    .map(|(hw, open)| {
+                        if h.os == thinhv_abi::handoff::IOMMU_OS_EMULATED {
+                            me.os_amd = os_amd_real(&me.units.lock(), open);
+                        }
+                        hw
+                    })
             };
             match built {
                 Ok(hw) => me.hw = hw,
@@ -1003,7 +1023,7 @@ impl Iommu {
 
     /// Whether the OS's emulated units have the real tables to work on.
     pub fn os_emulated(&self) -> bool {
-        self.os_real.is_some() && self.protect
+        (self.os_real.is_some() || self.os_amd.is_some()) && self.protect
     }
 
     /// Points requester `rid`'s real context entry where the OS's
@@ -1018,6 +1038,9 @@ impl Iommu {
         mut frame: impl FnMut() -> Option<u64>,
     ) -> bool {
         use thin_hv_core::os_iommu::{RealContext, RealTables};
+        if let Some(a) = self.os_amd {
+            return self.os_set_dte(rid, c, a);
+        }
         let Some(o) = &self.os_real else {
             return false;
         };
@@ -1039,9 +1062,109 @@ impl Iommu {
         let e = match c {
             RealContext::Os => o.os_entry,
             RealContext::Blocked => [0, 0],
-            RealContext::Shadow { root, domain } => vtd::context_entry(root, 2, domain),
+            RealContext::Shadow { root, domain, .. } => vtd::context_entry(root, 2, domain),
         };
         RealTables::write_context(&mut mem, table, rid, e);
+        true
+    }
+
+    /// AMD-Vi: the DMA half of `rid`'s real device table entry as the
+    /// OS's emulated unit says; its interrupt half stays thinhv's.
+    fn os_set_dte(
+        &self,
+        rid: u16,
+        c: thin_hv_core::os_iommu::RealContext,
+        open: OsAmdReal,
+    ) -> bool {
+        use thin_hv_core::os_iommu::RealContext;
+        let Hw::AmdVi {
+            dev_table,
+            dev_table_pages,
+            ..
+        } = &self.hw
+        else {
+            return false;
+        };
+        if u64::from(rid) * 32 >= dev_table_pages * PAGE {
+            return false;
+        }
+        let (q0, domain) = match c {
+            RealContext::Os => (open.q0, open.q1 & 0xffff),
+            RealContext::Blocked => (amdvi::dte_blocked(0)[0], open.q1 & 0xffff),
+            RealContext::Shadow {
+                root,
+                domain,
+                read,
+                write,
+            } => {
+                let q0 = amdvi::dte(root, domain)[0] & !((1 << 61) | (1 << 62));
+                (
+                    q0 | (u64::from(read) << 61) | (u64::from(write) << 62),
+                    u64::from(domain),
+                )
+            }
+        };
+        let at = (dev_table + u64::from(rid) * 32) as *mut u64;
+        // SAFETY: `at` is `rid`'s entry in the core's device table (its
+        // pool pages, identity-mapped; `rid` is within it, checked above),
+        // which only the core writes. The domain goes in before the
+        // tables it tags; the line is written back before the caller's
+        // invalidation tells the unit.
+        unsafe {
+            let q1 = core::ptr::read_volatile(at.add(1));
+            core::ptr::write_volatile(at.add(1), (q1 & !0xffff) | domain);
+            core::ptr::write_volatile(at, q0);
+            core::arch::x86_64::_mm_clflush(at.cast::<u8>());
+            core::arch::x86_64::_mm_mfence();
+        }
+        true
+    }
+
+    /// AMD-Vi: every device table entry that gives thinhv's domain for
+    /// the OS, but those `named`, made to block DMA (`blocked`; the domain
+    /// ID stays the OS's, which tells them from thinhv's closed entries),
+    /// or those blocked so given that domain again. Interrupt halves stay.
+    fn os_set_unnamed_dtes(
+        &self,
+        blocked: bool,
+        named: &dyn Fn(u16) -> bool,
+        open: OsAmdReal,
+    ) -> bool {
+        let Hw::AmdVi {
+            dev_table,
+            dev_table_pages,
+            ..
+        } = &self.hw
+        else {
+            return false;
+        };
+        let closed = amdvi::dte_blocked(0)[0];
+        let (from, to) = if blocked {
+            (open.q0, closed)
+        } else {
+            (closed, open.q0)
+        };
+        let ids = (dev_table_pages * PAGE / 32).min(0x1_0000);
+        for id in 0..ids {
+            let at = (dev_table + id * 32) as *mut u64;
+            // SAFETY: entry `id` of the core's device table (its pool
+            // pages, identity-mapped, `id` within it), which only the core
+            // writes; each changed line is written back before the
+            // caller's invalidation.
+            unsafe {
+                let (q0, q1) = (
+                    core::ptr::read_volatile(at),
+                    core::ptr::read_volatile(at.add(1)),
+                );
+                if q0 == from && q1 & 0xffff == open.q1 & 0xffff && !named(id as u16) {
+                    core::ptr::write_volatile(at, to);
+                    core::arch::x86_64::_mm_clflush(at.cast::<u8>());
+                }
+            }
+        }
+        // SAFETY: a fence; it orders the write-backs above before the
+        // caller's invalidation.
+        unsafe { core::arch::x86_64::_mm_mfence() };
         true
     }
 
@@ -1056,6 +1179,9 @@ impl Iommu {
         named: &dyn Fn(u16) -> bool,
         mut frame: impl FnMut() -> Option<u64>,
     ) -> bool {
+        if let Some(open) = self.os_amd {
+            return self.os_set_unnamed_dtes(blocked, named, open);
+        }
         let Some(o) = &self.os_real else {
             return false;
         };
@@ -1068,6 +1194,9 @@ impl Iommu {
     /// (`None`), or domain-selective IOTLB invalidation of `Some(ids)`
     /// alone (through the queue where thinhv runs one).
     pub fn os_flush(&self, domains: Option<&[u16]>) -> bool {
+        if let Hw::AmdVi { cmd_buf, sem, .. } = &self.hw {
+            return self.os_flush_amdvi(domains, *cmd_buf, *sem);
+        }
         let Hw::Vtd { ir, .. } = &self.hw else {
             return false;
         };
@@ -1120,6 +1249,37 @@ impl Iommu {
                     "IOMMU: unit {:#x}: invalidation for the OS's unit: {}",
                     u.base,
                     e.describe()
+                );
+            }
+        }
+        all
+    }
+
+    /// AMD-Vi: INVALIDATE_IOMMU_ALL on every unit (`None`), or
+    /// INVALIDATE_IOMMU_PAGES of the domains `Some(ids)`, each followed by
+    /// a completion wait.
+    fn os_flush_amdvi(&self, domains: Option<&[u16]>, cmd_buf: u64, sem: u64) -> bool {
+        if !self.started.load(Ordering::SeqCst) {
+            return true;
+        }
+        let g = self.units.lock();
+        let (units, n) = &*g;
+        let mut all = true;
+        for u in units[..*n]
+            .iter()
+            .filter(|u| u.record.state == IOMMU_STATE_TRANSLATING)
+        {
+            let r = match domains {
+                None => {
+                    invalidate_each(u.base, cmd_buf, sem, &[0], |_| amdvi::cmd_invalidate_all())
+                }
+                Some(ds) => invalidate_each(u.base, cmd_buf, sem, ds, amdvi::cmd_invalidate_domain),
+            };
+            if r.is_err() {
+                all = false;
+                log::error!(
+                    "IOMMU: unit {:#x}: invalidation for the OS's unit did not complete",
+                    u.base
                 );
             }
         }
@@ -1203,7 +1363,7 @@ impl Iommu {
         holes: &Holes,
         reach: &Reach,
         frames: &mut BumpFrames,
-    ) -> Result<Hw, &'static str> {
+    ) -> Result<(Hw, [u64; 4]), &'static str> {
         // The core's identity map's top.
         let top = reach.top;
         {
@@ -1334,14 +1494,17 @@ impl Iommu {
                 mem.write_entry(table, index + k, *q);
             }
         }
-        Ok(Hw::AmdVi {
-            dev_table,
-            dev_table_pages: pages,
-            cmd_buf: frames_take(frames)?,
-            event_log: frames_take(frames)?,
-            sem: frames_take(frames)?,
-            irq,
-        })
+        Ok((
+            Hw::AmdVi {
+                dev_table,
+                dev_table_pages: pages,
+                cmd_buf: frames_take(frames)?,
+                event_log: frames_take(frames)?,
+                sem: frames_take(frames)?,
+                irq,
+            },
+            open,
+        ))
     }
 
     /// Switches translation on (once, at the end of `CORE_OP_INIT`; the
@@ -1872,7 +2035,7 @@ impl Iommu {
             if faults.is_empty() && !overflow {
                 continue;
             }
-            if self.os_real.is_some() {
+            if self.os_real.is_some() || self.os_amd.is_some() {
                 let mut q = self.os_faults.lock();
                 for f in faults.iter().filter(|f| f.interrupt_index.is_none()) {
                     if q.len() < OS_FAULTS_QUEUED {
@@ -2147,6 +2310,28 @@ fn irt_slots() -> irq_remap::Slots {
     let mut slots = irq_remap::Slots::new(1 << thinhv_abi::layout::VTD_IRT_ENTRIES_LOG2);
     let _ = slots.assign(NEVER_PRESENT, Some(0));
     slots
+}
+
+/// The OS's emulated AMD-Vi unit's hold on the real device table, where
+/// every unit can take it: INVALIDATE_IOMMU_ALL (EFR.IASup) for the
+/// changes its entries make, and 4-level tables (EFR.HATS) for its
+/// shadows. `open`: thinhv's entry for the OS.
+fn os_amd_real(units: &([Unit; MAX_IOMMUS], usize), open: [u64; 4]) -> Option<OsAmdReal> {
+    let (units, n) = units;
+    for u in &units[..*n] {
+        let efr = Window { base: u.base }.read64(amdvi::reg::EFR);
+        if efr & (1 << 6) == 0 {
+            log::error!(
+                "IOMMU: AMD-Vi unit {:#x} cannot invalidate everything at once (EFR.IASup clear): the OS's emulated unit needs it; the OS gets none",
+                u.base
+            );
+            return None;
+        }
+    }
+    Some(OsAmdReal {
+        q0: open[0],
+        q1: open[1],
+    })
 }
 
 /// AMD-Vi: `command(id)` for each of `ids` on the unit at `base`, through
