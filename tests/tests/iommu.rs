@@ -326,26 +326,10 @@ fn linux_drives_its_own_emulated_amdvi_unit_and_its_devices_work_through_it() {
         "Linux did not take its unit:\n{}",
         g.serial
     );
-    assert!(
-        g.serial.contains("the OS's IOMMU") && g.serial.contains("translation on"),
-        "{}",
-        g.serial
-    );
-    let w = g.get("nvme_written");
-    assert_ne!(w, "none", "no NVMe disk in the guest");
-    assert_eq!(g.get("nvme_read"), w);
-    assert!(g.get("eth0_addr").starts_with("10.0.2."), "{}", g.facts);
-    assert_eq!(g.get("ping_gateway"), "ok");
     let s = g.status.as_ref().expect("status");
     let unit = &s["iommu"]["units"][0];
     assert_eq!(unit["kind"], "AMD-Vi");
-    assert_eq!(unit["state"], "translating");
-    let os = &unit["os_unit"];
-    assert_eq!(os["translating"], true, "{s}");
-    assert!(os["domains"].as_u64().unwrap() >= 2, "{s}");
-    assert!(os["pages"].as_u64().unwrap() > 0, "{s}");
-    assert!(os["flushes"].as_u64().unwrap() > 0, "{s}");
-    assert_eq!(os["refused"], 0, "{s}");
+    let os = devices_work_through_shadows(&g, 2);
     assert_eq!(os["remapping"], false, "{s}");
     // The OS's own protection: edu's DMA refused by the OS's tables, and
     // logged in the OS's event log (Linux prints the event); thinhv's
@@ -371,20 +355,7 @@ fn linux_drives_its_own_emulated_amdvi_unit_and_its_devices_work_through_it() {
         .unwrap_or_else(|| panic!("no OS IOMMU section:\n{}", g.facts))
         .to_string();
     assert_eq!(get(&own, "ir_irqs"), "0", "{own}");
-    assert_eq!(get(&own, "edu_domain_before"), "DMA", "{own}");
-    assert_eq!(get(&own, "edu_domain"), "identity", "{own}");
-    assert_eq!(get(&own, "identity_dma_ordinary_bytes"), "4096", "{own}");
-    assert_eq!(get(&own, "identity_dma_into_status_bytes"), "0", "{own}");
-    assert_eq!(get(&own, "identity_dma_core_crc_unchanged"), "1", "{own}");
-    assert_eq!(get(&own, "vfio_dma_completed"), "1", "{own}");
-    assert_eq!(get(&own, "vfio_dma_bytes"), "4096", "{own}");
-    assert_eq!(get(&own, "vfio_after_unmap_bytes"), "0", "{own}");
-    assert_eq!(get(&own, "vfio_unmapped_bytes"), "0", "{own}");
-    assert_eq!(get(&own, "vfio_thinhv_map"), "ok", "{own}");
-    assert_eq!(get(&own, "vfio_thinhv_crc_unchanged"), "1", "{own}");
-    assert_ne!(get(&own, "vfio_thinhv_refused"), "0", "{own}");
-    assert_eq!(get(&own, "nvme_domain_before"), "DMA", "{own}");
-    assert_eq!(get(&own, "lazy_nvme_read"), get(&own, "lazy_nvme_written"));
+    os_unit_at_work(&own);
 }
 
 /// [`io_machine`] with QEMU's AMD-Vi and edu on the root bus: behind a root
@@ -449,28 +420,10 @@ fn linux_drives_its_own_emulated_vtd_unit_and_its_devices_work_through_it() {
         "Linux did not take its unit:\n{}",
         g.serial
     );
-    assert!(
-        g.serial.contains("the OS's IOMMU") && g.serial.contains("translation on"),
-        "{}",
-        g.serial
-    );
-    let w = g.get("nvme_written");
-    assert_ne!(w, "none", "no NVMe disk in the guest");
-    assert_eq!(g.get("nvme_read"), w);
-    assert!(g.get("eth0_addr").starts_with("10.0.2."), "{}", g.facts);
-    assert_eq!(g.get("ping_gateway"), "ok");
     let s = g.status.as_ref().expect("status");
     let unit = &s["iommu"]["units"][0];
-    assert_eq!(unit["state"], "translating");
     assert_eq!(unit["faults"], 0, "{s}");
-    // The devices' DMA went through shadows of the OS's domains: pages
-    // mapped there, none refused, invalidations reaching the real unit.
-    let os = &unit["os_unit"];
-    assert_eq!(os["translating"], true, "{s}");
-    assert!(os["domains"].as_u64().unwrap() >= 3, "{s}");
-    assert!(os["pages"].as_u64().unwrap() > 0, "{s}");
-    assert!(os["flushes"].as_u64().unwrap() > 0, "{s}");
-    assert_eq!(os["refused"], 0, "{s}");
+    let os = devices_work_through_shadows(&g, 3);
     // The OS's own protection: edu has no driver, so no mapping in its
     // domain; its DMA is refused even into the OS's own memory, by the
     // OS's tables, and the OS hears of it (its DMAR fault handler prints
@@ -482,9 +435,6 @@ fn linux_drives_its_own_emulated_vtd_unit_and_its_devices_work_through_it() {
     assert_eq!(get(&d, "dma_core_crc_unchanged"), "1");
     assert_ne!(get(&d, "dmesg_dma_faults"), "0", "{d}");
     assert!(d.contains("Request device [01:00.0]"), "{d}");
-    // edu's group made an identity domain: its DMA reaches the OS's
-    // memory (the control: the same probe as above, now allowed) and
-    // never thinhv's, whatever the OS's unit says.
     let own = section(&g.facts, "THINHV-OSIOMMU-BEGIN", "THINHV-OSIOMMU-END")
         .unwrap_or_else(|| panic!("no OS IOMMU section:\n{}", g.facts))
         .to_string();
@@ -504,26 +454,61 @@ fn linux_drives_its_own_emulated_vtd_unit_and_its_devices_work_through_it() {
     assert_ne!(get(&own, "ir_irqs"), "0", "{own}");
     assert_eq!(os["remapping"], true, "{s}");
     assert!(os["remapping_entries"].as_u64().unwrap() > 0, "{s}");
-    assert_eq!(get(&own, "edu_domain_before"), "DMA", "{own}");
-    assert_eq!(get(&own, "edu_domain"), "identity", "{own}");
-    assert_eq!(get(&own, "identity_dma_ordinary_bytes"), "4096", "{own}");
-    assert_eq!(get(&own, "identity_dma_into_status_bytes"), "0", "{own}");
-    assert_eq!(get(&own, "identity_dma_core_crc_unchanged"), "1", "{own}");
-    // VFIO (type 1) from user space: edu's DMA lands where mapped, not at
-    // the physical address of an unmapped page (where an identity domain
-    // would put it), and thinhv's image page, which the OS mapped into the
-    // domain through /dev/mem, is refused: left out of the shadow and
-    // unchanged.
-    assert_eq!(get(&own, "vfio_dma_completed"), "1", "{own}");
-    assert_eq!(get(&own, "vfio_dma_bytes"), "4096", "{own}");
-    assert_eq!(get(&own, "vfio_after_unmap_bytes"), "0", "{own}");
-    assert_eq!(get(&own, "vfio_unmapped_bytes"), "0", "{own}");
-    assert_eq!(get(&own, "vfio_thinhv_map"), "ok", "{own}");
-    assert_eq!(get(&own, "vfio_thinhv_crc_unchanged"), "1", "{own}");
-    assert_ne!(get(&own, "vfio_thinhv_refused"), "0", "{own}");
-    // The NVMe rebound in a lazy domain (flush queue: domain-wide
-    // invalidations) still writes and reads back.
-    assert_eq!(get(&own, "nvme_domain_before"), "DMA", "{own}");
-    assert_eq!(get(&own, "nvme_domain"), "DMA-FQ", "{own}");
-    assert_eq!(get(&own, "lazy_nvme_read"), get(&own, "lazy_nvme_written"));
+    // Identity domain, VFIO, a lazy domain.
+    os_unit_at_work(&own);
+}
+
+/// The OS's unit translates, and its NVMe (written and read back) and NIC
+/// (DHCP, ping) work through shadows of its domains: at least
+/// `min_domains` shadowed, pages mapped there, none refused, invalidations
+/// reaching the real unit. Returns the unit's `os_unit` status.
+fn devices_work_through_shadows(g: &thinhv_tests::Guest, min_domains: u64) -> &serde_json::Value {
+    assert!(
+        g.serial.contains("the OS's IOMMU") && g.serial.contains("translation on"),
+        "{}",
+        g.serial
+    );
+    let w = g.get("nvme_written");
+    assert_ne!(w, "none", "no NVMe disk in the guest");
+    assert_eq!(g.get("nvme_read"), w);
+    assert!(g.get("eth0_addr").starts_with("10.0.2."), "{}", g.facts);
+    assert_eq!(g.get("ping_gateway"), "ok");
+    let s = g.status.as_ref().expect("status");
+    let unit = &s["iommu"]["units"][0];
+    assert_eq!(unit["state"], "translating");
+    let os = &unit["os_unit"];
+    assert_eq!(os["translating"], true, "{s}");
+    assert!(os["domains"].as_u64().unwrap() >= min_domains, "{s}");
+    assert!(os["pages"].as_u64().unwrap() > 0, "{s}");
+    assert!(os["flushes"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(os["refused"], 0, "{s}");
+    os
+}
+
+/// What the guest's OS-IOMMU section shows of the OS's own unit at work,
+/// whatever its kind: edu's group made an identity domain, so its DMA
+/// reaches the OS's memory (the control: the probe its DMA domain
+/// refused, now allowed) and never thinhv's, whatever the OS's unit says;
+/// VFIO (type 1) from user space: edu's DMA lands where mapped, not at the
+/// physical address of an unmapped page (where an identity domain would
+/// put it), and thinhv's image page, which the OS mapped into the domain
+/// through /dev/mem, is refused: left out of the shadow and unchanged;
+/// the NVMe rebound in a lazy domain (flush queue: domain-wide
+/// invalidations) still writes and reads back.
+fn os_unit_at_work(own: &str) {
+    assert_eq!(get(own, "edu_domain_before"), "DMA", "{own}");
+    assert_eq!(get(own, "edu_domain"), "identity", "{own}");
+    assert_eq!(get(own, "identity_dma_ordinary_bytes"), "4096", "{own}");
+    assert_eq!(get(own, "identity_dma_into_status_bytes"), "0", "{own}");
+    assert_eq!(get(own, "identity_dma_core_crc_unchanged"), "1", "{own}");
+    assert_eq!(get(own, "vfio_dma_completed"), "1", "{own}");
+    assert_eq!(get(own, "vfio_dma_bytes"), "4096", "{own}");
+    assert_eq!(get(own, "vfio_after_unmap_bytes"), "0", "{own}");
+    assert_eq!(get(own, "vfio_unmapped_bytes"), "0", "{own}");
+    assert_eq!(get(own, "vfio_thinhv_map"), "ok", "{own}");
+    assert_eq!(get(own, "vfio_thinhv_crc_unchanged"), "1", "{own}");
+    assert_ne!(get(own, "vfio_thinhv_refused"), "0", "{own}");
+    assert_eq!(get(own, "nvme_domain_before"), "DMA", "{own}");
+    assert_eq!(get(own, "nvme_domain"), "DMA-FQ", "{own}");
+    assert_eq!(get(own, "lazy_nvme_read"), get(own, "lazy_nvme_written"));
 }

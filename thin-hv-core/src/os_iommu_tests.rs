@@ -28,6 +28,20 @@ impl FrameAlloc for Frames {
     }
 }
 
+impl Frames {
+    /// As many frames as asked for, their returns noted against `real`'s
+    /// flushes.
+    fn plenty(real: &Real) -> Self {
+        Self {
+            next: 0x1_0000_0000,
+            free: Vec::new(),
+            left: u32::MAX,
+            flushes: real.flush_count.clone(),
+            freed: Vec::new(),
+        }
+    }
+}
+
 impl FreeFrames for Frames {
     fn free_frame(&mut self, frame: u64) {
         self.free.push(frame);
@@ -160,13 +174,7 @@ fn bed(protect: bool) -> Bed {
     Bed {
         os,
         pt: Tables::default(),
-        frames: Frames {
-            next: 0x1_0000_0000,
-            free: Vec::new(),
-            left: u32::MAX,
-            flushes: real.flush_count.clone(),
-            freed: Vec::new(),
-        },
+        frames: Frames::plenty(&real),
         real,
         unit: OsVtd::new(
             0xfed9_0000,
@@ -661,13 +669,7 @@ fn amd_bed() -> AmdBed {
     AmdBed {
         os,
         pt: Tables::default(),
-        frames: Frames {
-            next: 0x1_0000_0000,
-            free: Vec::new(),
-            left: u32::MAX,
-            flushes: real.flush_count.clone(),
-            freed: Vec::new(),
-        },
+        frames: Frames::plenty(&real),
         real,
         unit: crate::os_amdvi::OsAmdVi::new(
             0xfed8_0000,

@@ -1068,6 +1068,18 @@ impl Iommu {
         true
     }
 
+    /// AMD-Vi: the device table and the IDs it holds.
+    fn amd_dev_table(&self) -> Option<(u64, u64)> {
+        match &self.hw {
+            Hw::AmdVi {
+                dev_table,
+                dev_table_pages,
+                ..
+            } => Some((*dev_table, (dev_table_pages * PAGE / 32).min(0x1_0000))),
+            _ => None,
+        }
+    }
+
     /// AMD-Vi: the DMA half of `rid`'s real device table entry as the
     /// OS's emulated unit says; its interrupt half stays thinhv's.
     fn os_set_dte(
@@ -1077,15 +1089,10 @@ impl Iommu {
         open: OsAmdReal,
     ) -> bool {
         use thin_hv_core::os_iommu::RealContext;
-        let Hw::AmdVi {
-            dev_table,
-            dev_table_pages,
-            ..
-        } = &self.hw
-        else {
+        let Some((dev_table, ids)) = self.amd_dev_table() else {
             return false;
         };
-        if u64::from(rid) * 32 >= dev_table_pages * PAGE {
+        if u64::from(rid) >= ids {
             return false;
         }
         let (q0, domain) = match c {
@@ -1130,12 +1137,7 @@ impl Iommu {
         named: &dyn Fn(u16) -> bool,
         open: OsAmdReal,
     ) -> bool {
-        let Hw::AmdVi {
-            dev_table,
-            dev_table_pages,
-            ..
-        } = &self.hw
-        else {
+        let Some((dev_table, ids)) = self.amd_dev_table() else {
             return false;
         };
         let closed = amdvi::dte_blocked(0)[0];
@@ -1144,7 +1146,6 @@ impl Iommu {
         } else {
             (closed, open.q0)
         };
-        let ids = (dev_table_pages * PAGE / 32).min(0x1_0000);
         for id in 0..ids {
             let at = (dev_table + id * 32) as *mut u64;
             // SAFETY: entry `id` of the core's device table (its pool
