@@ -322,9 +322,10 @@ impl UnitFunction {
                 let k = usize::from(k);
                 *byte = match which {
                     // The enable bit is the OS's; the rest, the device's
-                    // (what it can do), with one message enabled.
+                    // (what it can do), with one message enabled and no
+                    // per-vector masking (its registers are not the OS's).
                     0 if k == 0 => (*byte & !0x71) | (msi.control as u8 & 1),
-                    0 => *byte,
+                    0 => *byte & !0x01,
                     1 => msi.addr.to_le_bytes()[k],
                     2 => msi.upper.to_le_bytes()[k],
                     _ => msi.data.to_le_bytes()[k],
@@ -598,9 +599,12 @@ mod tests {
         assert_eq!(UNIT.read(0x58, 4, 0xdead_beef, MSI64, &msi), 0xfee0_1000);
         assert_eq!(UNIT.read(0x60, 2, 0xffff, MSI64, &msi), 0x4041);
         assert_eq!(UNIT.read(0x61, 1, 0xff, MSI64, &msi), 0x40);
-        // Multiple Message Enable is not the OS's: one message.
+        // Multiple Message Enable is not the OS's: one message, whatever
+        // the device can do (Multiple Message Capable 3: eight), and no
+        // per-vector masking shown (bit 8).
         UNIT.write(0x56, 1, 0x71, MSI64, &mut msi);
         assert_eq!(msi.control, 1);
+        assert_eq!(UNIT.read(0x56, 2, 0x01f7, MSI64, &msi), 0x0087);
         // A 32-bit capability: data right after the address.
         let mut m32 = Msi::default();
         UNIT.write(0x5c, 2, 0x22, 0, &mut m32);

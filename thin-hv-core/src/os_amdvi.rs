@@ -55,6 +55,8 @@ pub struct OsAmdVi {
     too_many: bool,
     /// Mode-0 entries with one right alone, logged.
     partial_logged: bool,
+    /// A domain ID too high for a real one, logged.
+    high_logged: bool,
     /// The unit's PCI function's MSI as the OS programmed it.
     pub msi: thinhv_passthrough::mediate::Msi,
 }
@@ -69,6 +71,7 @@ impl OsAmdVi {
             named: BTreeMap::new(),
             too_many: false,
             partial_logged: false,
+            high_logged: false,
             msi: thinhv_passthrough::mediate::Msi {
                 control: 0,
                 addr: 0,
@@ -261,17 +264,27 @@ impl OsAmdVi {
                 levels,
                 read,
                 write,
-            } => Some(match amdvi_real_domain(d.domain) {
-                Some(real) => Named::Tables {
+            } => {
+                let Some(real) = amdvi_real_domain(d.domain) else {
+                    // Too high a domain ID for a real one of its own.
+                    if !self.high_logged {
+                        self.high_logged = true;
+                        log::warn!(
+                            "the OS's IOMMU {:#x}: its domain {:#x} is above 0xefff: its devices keep thinhv's domain for the OS",
+                            self.base,
+                            d.domain
+                        );
+                    }
+                    return Some(Named::Os);
+                };
+                Some(Named::Tables {
                     domain: d.domain,
                     real,
                     tables: OsTables { root, levels },
                     read,
                     write,
-                },
-                // Too high a domain ID for a real one of its own.
-                None => Named::Os,
-            }),
+                })
+            }
         }
     }
 

@@ -260,8 +260,10 @@ pub struct Dma<F: Format> {
     /// Domains that fall back to thinhv's domain for the OS, with the
     /// tables their shadow could not follow.
     degraded: BTreeMap<u16, OsTables>,
-    /// More requesters than [`MAX_REQUESTERS`] were seen (logged once).
+    /// More requesters than [`MAX_REQUESTERS`] are named.
     too_many: bool,
+    /// That was logged.
+    too_many_logged: bool,
     /// Retired shadows whose frames wait for a real invalidation that
     /// completed.
     parked: alloc::vec::Vec<Shadow<F>>,
@@ -593,6 +595,7 @@ impl<F: Format + Copy> Dma<F> {
             },
             degraded: BTreeMap::new(),
             too_many: false,
+            too_many_logged: false,
             parked: alloc::vec::Vec::new(),
             unnamed_blocked: false,
             flush_owed: false,
@@ -867,13 +870,15 @@ impl<F: Format + Copy> Dma<F> {
         U: RealUnit,
         C: Cores,
     {
-        if too_many && !self.too_many {
+        if too_many && !self.too_many_logged {
+            self.too_many_logged = true;
             log::warn!(
                 "the OS's IOMMU {:#x}: more than {MAX_REQUESTERS} requesters in its tables; those past them keep thinhv's domain for the OS",
                 self.base
             );
         }
-        self.too_many |= too_many;
+        // Worked out again from every complete reading of its tables.
+        self.too_many = too_many;
         let mut used: BTreeMap<u16, (OsTables, u16)> = BTreeMap::new();
         for n in named.values() {
             if let Named::Tables {
@@ -1139,6 +1144,94 @@ impl RealTables<'_> {
     }
 }
 
+/// thinhv's real AMD-Vi device table, quadword by quadword.
+pub trait DeviceTable {
+    /// Device IDs the table holds.
+    fn ids(&self) -> u32;
+    /// Quadword `q` (0 to 3) of `id`'s entry.
+    fn read(&self, id: u16, q: usize) -> u64;
+    /// Writes quadword `q` of `id`'s entry; the unit may read it at once.
+    fn write(&mut self, id: u16, q: usize, value: u64);
+}
+
+/// The DMA half of thinhv's real AMD-Vi device table entries as the OS's
+/// emulated unit changes them (quadword 0 and the domain ID in quadword
+/// 1; the interrupt half stays thinhv's). `open_q0` and `open_domain`
+/// are thinhv's entry for the OS. An entry the OS's unit blocks keeps
+/// that domain ID with neither right (`BLOCKED_Q0`), which tells it from
+/// thinhv's closed entries (hidden functions: domain 2) and an
+/// appliance's (its own tables).
+#[derive(Clone, Copy, Debug)]
+pub struct RealDevTable {
+    /// Quadword 0 of thinhv's entry for the OS.
+    pub open_q0: u64,
+    /// Its domain ID.
+    pub open_domain: u16,
+}
+
+impl RealDevTable {
+    /// V and TV, mode 0, neither IR nor IW: no DMA.
+    pub const BLOCKED_Q0: u64 = 0b11;
+
+    /// Points `id`'s entry where `c` says: through a blocked entry first,
+    /// so that the unit never sees the new domain with the old tables or
+    /// the reverse.
+    pub fn set(&self, t: &mut impl DeviceTable, id: u16, c: RealContext) -> bool {
+        if u32::from(id) >= t.ids() {
+            return false;
+        }
+        let (q0, domain) = match c {
+            RealContext::Os => (self.open_q0, self.open_domain),
+            RealContext::Blocked => (Self::BLOCKED_Q0, self.open_domain),
+            RealContext::Shadow {
+                root,
+                domain,
+                read,
+                write,
+            } => (
+                (root & ADDR_MASK)
+                    | Self::BLOCKED_Q0
+                    | (4 << 9)
+                    | (u64::from(read) << 61)
+                    | (u64::from(write) << 62),
+                domain,
+            ),
+        };
+        t.write(id, 0, Self::BLOCKED_Q0);
+        let q1 = t.read(id, 1);
+        t.write(id, 1, (q1 & !0xffff) | u64::from(domain));
+        t.write(id, 0, q0);
+        true
+    }
+
+    /// Every entry that gives thinhv's domain for the OS, but those
+    /// `named`, made to block DMA (`blocked`), or those so blocked given
+    /// that domain again.
+    pub fn set_unnamed(
+        &self,
+        t: &mut impl DeviceTable,
+        blocked: bool,
+        named: &dyn Fn(u16) -> bool,
+    ) {
+        let (from, to) = if blocked {
+            (self.open_q0, Self::BLOCKED_Q0)
+        } else {
+            (Self::BLOCKED_Q0, self.open_q0)
+        };
+        for id in 0..t.ids().min(0x1_0000) {
+            let Ok(id) = u16::try_from(id) else {
+                break;
+            };
+            if t.read(id, 0) == from
+                && t.read(id, 1) & 0xffff == u64::from(self.open_domain)
+                && !named(id)
+            {
+                t.write(id, 0, to);
+            }
+        }
+    }
+}
+
 /// Why a domain falls back to thinhv's domain for the OS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Degraded {
@@ -1359,6 +1452,21 @@ pub fn for_handoff(h: &thinhv_abi::handoff::Handoff) -> alloc::vec::Vec<OsUnit> 
     {
         log::error!(
             "IOMMU: a VF shown to the OS in its PF's place: the OS's own unit cannot follow it; the OS gets none"
+        );
+        return alloc::vec::Vec::new();
+    }
+    // AMD-Vi: the OS drives its unit through the real one's function,
+    // which must be a view (`PCI_ACTION_AMDVI_UNIT`), or its writes
+    // there would reach the real unit.
+    if i.kind == IOMMU_KIND_AMDVI
+        && !h
+            .pci
+            .mediated()
+            .iter()
+            .any(|m| m.action == thinhv_abi::handoff::PCI_ACTION_AMDVI_UNIT)
+    {
+        log::error!(
+            "IOMMU: the AMD-Vi unit's function is not mediated: the OS gets no unit of its own"
         );
         return alloc::vec::Vec::new();
     }

@@ -1,4 +1,5 @@
 use super::*;
+
 use crate::test_mem::{OsRam, Tables};
 use std::collections::HashMap;
 use thinhv_paging::FrameAlloc;
@@ -827,4 +828,93 @@ fn an_amdvi_fault_the_oss_tables_caused_is_logged_for_it_and_one_of_thinhvs_prot
     assert_eq!((e1 >> (32 + 20)) & 3, 3, "PR and RW");
     let a0 = u64::from_le_bytes(b.os.0[0x41008..0x41010].try_into().unwrap());
     assert_eq!(a0, 0x4000_2000);
+}
+
+/// A real AMD-Vi device table of eight entries, with every store logged.
+struct Dtes {
+    e: Vec<[u64; 4]>,
+    stores: Vec<(u16, usize, u64)>,
+}
+
+impl DeviceTable for Dtes {
+    fn ids(&self) -> u32 {
+        u32::try_from(self.e.len()).unwrap()
+    }
+    fn read(&self, id: u16, q: usize) -> u64 {
+        self.e[usize::from(id)][q]
+    }
+    fn write(&mut self, id: u16, q: usize, value: u64) {
+        self.e[usize::from(id)][q] = value;
+        self.stores.push((id, q, value));
+    }
+}
+
+#[test]
+fn the_real_amdvi_entries_change_only_their_dma_half_and_blocking_spares_thinhvs_and_appliances() {
+    use thinhv_passthrough::amdvi::{dte, dte_blocked};
+    let open = dte(0x8_0000, 1);
+    let t = RealDevTable {
+        open_q0: open[0],
+        open_domain: 1,
+    };
+    // 0, 3: the OS's (3 with thinhv's interrupt table); 1: hidden
+    // (thinhv's closed entry, domain 2); 2: an appliance's (its tables,
+    // domain 0x40); 4: the OS's, to be shadowed.
+    let irq = [open[0], open[1], 0xabc0_0001, 0];
+    let mut d = Dtes {
+        e: vec![
+            open,
+            dte_blocked(2),
+            dte(0x9_0000, 0x40),
+            irq,
+            open,
+            open,
+            open,
+            open,
+        ],
+        stores: Vec::new(),
+    };
+    let shadow = RealContext::Shadow {
+        root: 0x7_7000,
+        domain: 0x1005,
+        read: true,
+        write: false,
+    };
+    assert!(t.set(&mut d, 4, shadow));
+    assert_eq!(d.e[4][0], 0x7_7000 | 0b11 | (4 << 9) | (1 << 61));
+    assert_eq!(d.e[4][1] & 0xffff, 0x1005);
+    // Through a blocked entry: the unit never sees the new domain with
+    // the old tables.
+    assert_eq!(
+        d.stores,
+        vec![(4, 0, 0b11), (4, 1, d.e[4][1]), (4, 0, d.e[4][0])]
+    );
+    assert!(!t.set(&mut d, 8, shadow), "past the table");
+    // The OS translates: what it never named is blocked, thinhv's closed
+    // entry and the appliance's are not touched, the interrupt half
+    // stays.
+    let before = d.e.clone();
+    t.set_unnamed(&mut d, true, &|id| id == 4 || id == 7);
+    for id in [0, 3, 5, 6] {
+        assert_eq!(d.e[id][0], RealDevTable::BLOCKED_Q0, "{id}");
+        assert_eq!(d.e[id][1..], before[id][1..], "{id}");
+    }
+    for id in [1, 2, 4, 7] {
+        assert_eq!(d.e[id], before[id], "{id}");
+    }
+    // Off: they get thinhv's domain for the OS again; the closed entry
+    // (blocked too, but domain 2) stays closed.
+    t.set_unnamed(&mut d, false, &|id| id == 4 || id == 7);
+    assert_eq!(d.e, before);
+    // The control: the same blocking without the domain check would
+    // have opened the hidden function.
+    let loose = RealDevTable {
+        open_q0: open[0],
+        open_domain: 2,
+    };
+    loose.set_unnamed(&mut d, false, &|_| false);
+    assert_eq!(
+        d.e[1][0], open[0],
+        "a closed entry with the OS's domain ID opens"
+    );
 }

@@ -319,8 +319,12 @@ pub fn install(config: &Config) -> Result<String, String> {
     if iommu.mode == thinhv_abi::handoff::IOMMU_MODE_PROTECT
         && iommu.kind == thinhv_abi::handoff::IOMMU_KIND_AMDVI
         && iommu.os == thinhv_abi::handoff::IOMMU_OS_EMULATED
+        && !guard_amdvi_functions(&mut pci, &inventory.functions)
     {
-        guard_amdvi_functions(&mut pci, &inventory.functions);
+        // Without its function's view, what the OS writes there would
+        // reach the real unit: no unit for it.
+        println!("thinhv: IOMMU: the OS gets no AMD-Vi unit of its own");
+        iommu.os = thinhv_abi::handoff::IOMMU_OS_NONE;
     }
     // The OS's VFs of each such PF, enabled by the loader's setup from the
     // start (the OS's VF Enable is a view): their interrupts are remapped
@@ -1457,12 +1461,15 @@ fn conventional_source(
 /// in the real one's place (`PCI_ACTION_AMDVI_UNIT`): Linux drives a unit
 /// only through its function, takes NpCache from its capability header,
 /// and programs the unit's interrupt in its MSI capability; none of that
-/// may reach the real unit thinhv drives.
+/// may reach the real unit thinhv drives. False where a unit's function
+/// could not be so mediated (or none is named).
 fn guard_amdvi_functions(
     pci: &mut thinhv_abi::handoff::PciHandoff,
     functions: &[thinhv_passthrough::pci::Function],
-) {
-    for (id, cap) in super::iommu::amdvi_functions() {
+) -> bool {
+    let units = super::iommu::amdvi_functions();
+    let mut all = !units.is_empty();
+    for (id, cap) in units {
         let Some(f) = functions
             .iter()
             .find(|f| f.bdf.segment == 0 && f.bdf.rid() == id)
@@ -1473,6 +1480,7 @@ fn guard_amdvi_functions(
                 (id >> 3) & 0x1f,
                 id & 7
             );
+            all = false;
             continue;
         };
         let k = pci.count as usize;
@@ -1483,6 +1491,7 @@ fn guard_amdvi_functions(
                 "thinhv: warning: IOMMU: the AMD-Vi unit's function {} is mediated otherwise: the OS cannot drive its unit",
                 f.bdf
             );
+            all = false;
             continue;
         }
         pci.mediated[k] = thinhv_abi::handoff::PciMediation {
@@ -1503,6 +1512,7 @@ fn guard_amdvi_functions(
             f.bdf
         );
     }
+    all
 }
 
 /// The bridges above `bdf` (an NVMe PF thinhv keeps) stay the OS's, but

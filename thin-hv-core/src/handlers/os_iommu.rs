@@ -118,13 +118,22 @@ fn string_store(
     }
     let mut bytes = [0u8; 8];
     let buf = &mut bytes[..usize::from(mv.size)];
-    // Byte by byte: an element may straddle a page.
+    // Byte by byte: an element may straddle a page. Only the OS's RAM is
+    // a source: not a register page it cannot read itself (the real
+    // unit's window, a hidden function's), not thinhv's memory nor an
+    // appliance's.
     for (i, b) in buf.iter_mut().enumerate() {
+        let hv = env.hv();
         let ok = crate::guest_mem::translate(env, &regs, src.wrapping_add(i as u64))
+            .filter(|&pa| {
+                crate::guest_mem::ram_covers(hv.ram(), pa, 1)
+                    && !hv.touches_hypervisor(pa, 1)
+                    && !hv.foreign_ram(crate::partition::PartitionId::OS, pa, 1)
+            })
             .is_some_and(|pa| crate::guest_mem::read_guest_phys(env, pa, core::slice::from_mut(b)));
         if !ok {
             log::error!(
-                "cpu {}: IOMMU register string move from {src:#x}: source not mapped (rip {:#x}); #GP",
+                "cpu {}: IOMMU register string move from {src:#x}: source not mapped or not the OS's RAM (rip {:#x}); #GP",
                 env.cpu_index(),
                 cpu.rip()
             );

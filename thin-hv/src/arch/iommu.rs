@@ -568,16 +568,37 @@ pub struct Iommu {
     /// AMD-Vi with `[iommu] os = "emulated"`: the DMA half of thinhv's
     /// device table entry for the OS, which the OS's emulated unit
     /// changes per device.
-    os_amd: Option<OsAmdReal>,
+    os_amd: Option<thin_hv_core::os_iommu::RealDevTable>,
 }
 
-/// The DMA half (quadwords 0 and 1) of thinhv's AMD-Vi device table entry
-/// for the OS's devices: what [`Iommu::os_set_context`] writes back for
-/// `RealContext::Os`.
-#[derive(Clone, Copy, Debug)]
-struct OsAmdReal {
-    q0: u64,
-    q1: u64,
+/// The real AMD-Vi device table, as `thin_hv_core::os_iommu::RealDevTable`
+/// changes it: the core's pool pages, identity-mapped; each store written
+/// back for the unit, which may not snoop.
+struct PhysDevTable {
+    base: u64,
+    ids: u64,
+}
+
+impl thin_hv_core::os_iommu::DeviceTable for PhysDevTable {
+    fn ids(&self) -> u32 {
+        u32::try_from(self.ids).unwrap_or(u32::MAX)
+    }
+    fn read(&self, id: u16, q: usize) -> u64 {
+        let at = (self.base + u64::from(id) * 32) as *const u64;
+        // SAFETY: `id` is below `ids` (the caller's check), so quadword
+        // `q` (0 to 3) of its entry lies in the core's device table.
+        unsafe { core::ptr::read_volatile(at.add(q & 3)) }
+    }
+    fn write(&mut self, id: u16, q: usize, value: u64) {
+        let at = (self.base + u64::from(id) * 32) as *mut u64;
+        // SAFETY: as for `read`; only the core writes the table, and the
+        // line is written back and fenced before the unit is told.
+        unsafe {
+            core::ptr::write_volatile(at.add(q & 3), value);
+            core::arch::x86_64::_mm_clflush(at.cast::<u8>());
+            core::arch::x86_64::_mm_mfence();
+        }
+    }
 }
 
 /// The fewest domain IDs (CAP.ND, 2^(4+2ND) IDs) among the first `n` units.
@@ -1086,86 +1107,28 @@ impl Iommu {
         &self,
         rid: u16,
         c: thin_hv_core::os_iommu::RealContext,
-        open: OsAmdReal,
+        open: thin_hv_core::os_iommu::RealDevTable,
     ) -> bool {
-        use thin_hv_core::os_iommu::RealContext;
-        let Some((dev_table, ids)) = self.amd_dev_table() else {
+        let Some((base, ids)) = self.amd_dev_table() else {
             return false;
         };
-        if u64::from(rid) >= ids {
-            return false;
-        }
-        let (q0, domain) = match c {
-            RealContext::Os => (open.q0, open.q1 & 0xffff),
-            RealContext::Blocked => (amdvi::dte_blocked(0)[0], open.q1 & 0xffff),
-            RealContext::Shadow {
-                root,
-                domain,
-                read,
-                write,
-            } => {
-                let q0 = amdvi::dte(root, domain)[0] & !((1 << 61) | (1 << 62));
-                (
-                    q0 | (u64::from(read) << 61) | (u64::from(write) << 62),
-                    u64::from(domain),
-                )
-            }
-        };
-        let at = (dev_table + u64::from(rid) * 32) as *mut u64;
-        // SAFETY: `at` is `rid`'s entry in the core's device table (its
-        // pool pages, identity-mapped; `rid` is within it, checked above),
-        // which only the core writes. The domain goes in before the
-        // tables it tags; the line is written back before the caller's
-        // invalidation tells the unit.
-        unsafe {
-            let q1 = core::ptr::read_volatile(at.add(1));
-            core::ptr::write_volatile(at.add(1), (q1 & !0xffff) | domain);
-            core::ptr::write_volatile(at, q0);
-            core::arch::x86_64::_mm_clflush(at.cast::<u8>());
-            core::arch::x86_64::_mm_mfence();
-        }
-        true
+        open.set(&mut PhysDevTable { base, ids }, rid, c)
     }
 
     /// AMD-Vi: every device table entry that gives thinhv's domain for
-    /// the OS, but those `named`, made to block DMA (`blocked`; the domain
-    /// ID stays the OS's, which tells them from thinhv's closed entries),
-    /// or those blocked so given that domain again. Interrupt halves stay.
+    /// the OS, but those `named`, made to block DMA (`blocked`), or those
+    /// so blocked given that domain again
+    /// (`thin_hv_core::os_iommu::RealDevTable::set_unnamed`).
     fn os_set_unnamed_dtes(
         &self,
         blocked: bool,
         named: &dyn Fn(u16) -> bool,
-        open: OsAmdReal,
+        open: thin_hv_core::os_iommu::RealDevTable,
     ) -> bool {
-        let Some((dev_table, ids)) = self.amd_dev_table() else {
+        let Some((base, ids)) = self.amd_dev_table() else {
             return false;
         };
-        let closed = amdvi::dte_blocked(0)[0];
-        let (from, to) = if blocked {
-            (open.q0, closed)
-        } else {
-            (closed, open.q0)
-        };
-        for id in 0..ids {
-            let at = (dev_table + id * 32) as *mut u64;
-            // SAFETY: entry `id` of the core's device table (its pool
-            // pages, identity-mapped, `id` within it), which only the core
-            // writes; each changed line is written back before the
-            // caller's invalidation.
-            unsafe {
-                let (q0, q1) = (
-                    core::ptr::read_volatile(at),
-                    core::ptr::read_volatile(at.add(1)),
-                );
-                if q0 == from && q1 & 0xffff == open.q1 & 0xffff && !named(id as u16) {
-                    core::ptr::write_volatile(at, to);
-                    core::arch::x86_64::_mm_clflush(at.cast::<u8>());
-                }
-            }
-        }
-        // SAFETY: a fence; it orders the write-backs above before the
-        // caller's invalidation.
-        unsafe { core::arch::x86_64::_mm_mfence() };
+        open.set_unnamed(&mut PhysDevTable { base, ids }, blocked, named);
         true
     }
 
@@ -2314,10 +2277,12 @@ fn irt_slots() -> irq_remap::Slots {
 }
 
 /// The OS's emulated AMD-Vi unit's hold on the real device table, where
-/// every unit can take it: INVALIDATE_IOMMU_ALL (EFR.IASup) for the
-/// changes its entries make, and 4-level tables (EFR.HATS) for its
-/// shadows. `open`: thinhv's entry for the OS.
-fn os_amd_real(units: &([Unit; MAX_IOMMUS], usize), open: [u64; 4]) -> Option<OsAmdReal> {
+/// every unit can invalidate everything at once (EFR.IASup), which the
+/// changes of its entries need. `open`: thinhv's entry for the OS.
+fn os_amd_real(
+    units: &([Unit; MAX_IOMMUS], usize),
+    open: [u64; 4],
+) -> Option<thin_hv_core::os_iommu::RealDevTable> {
     let (units, n) = units;
     for u in &units[..*n] {
         let efr = Window { base: u.base }.read64(amdvi::reg::EFR);
@@ -2329,9 +2294,9 @@ fn os_amd_real(units: &([Unit; MAX_IOMMUS], usize), open: [u64; 4]) -> Option<Os
             return None;
         }
     }
-    Some(OsAmdReal {
-        q0: open[0],
-        q1: open[1],
+    Some(thin_hv_core::os_iommu::RealDevTable {
+        open_q0: open[0],
+        open_domain: (open[1] & 0xffff) as u16,
     })
 }
 
