@@ -140,13 +140,13 @@ impl OsAmdVi {
         let mut w = Work::new();
         let mut changed = false;
         let reread = if fx.translation.is_some() || fx.device_table || fx.devices.all {
-            self.read_all(m);
+            self.read_all(&*m.os, m.owned);
             true
         } else {
             let mut any = false;
             for s in fx.devices.scopes() {
                 if let Scope::Device { sid, .. } = *s {
-                    self.read_one(sid, m);
+                    self.read_one(sid, &*m.os, m.owned);
                     any = true;
                 }
             }
@@ -189,38 +189,26 @@ impl OsAmdVi {
     }
 
     /// Every device of the OS's read again.
-    fn read_all<M, R, P, F, U, C>(&mut self, m: &Machine<'_, M, R, P, F, U, C>)
-    where
-        M: OsMemory,
-    {
+    fn read_all(&mut self, os: &impl OsMemory, owned: &dyn Fn(u16) -> bool) {
         self.named.clear();
         self.too_many = false;
         if !self.unit.enabled() {
             return;
         }
         for sid in 0..=self.unit.last_device() {
-            if !(m.owned)(sid) {
-                continue;
-            }
-            if let Some(n) = self.named_of(&*m.os, sid) {
-                if self.named.len() == MAX_REQUESTERS {
-                    self.too_many = true;
-                    return;
-                }
-                self.named.insert(sid, n);
+            self.read_one(sid, os, owned);
+            if self.too_many {
+                return;
             }
         }
     }
 
     /// Device `sid` read again.
-    fn read_one<M, R, P, F, U, C>(&mut self, sid: u16, m: &Machine<'_, M, R, P, F, U, C>)
-    where
-        M: OsMemory,
-    {
-        if !(m.owned)(sid) {
+    fn read_one(&mut self, sid: u16, os: &impl OsMemory, owned: &dyn Fn(u16) -> bool) {
+        if !owned(sid) {
             return;
         }
-        match self.named_of(&*m.os, sid) {
+        match self.named_of(os, sid) {
             Some(n) if self.named.contains_key(&sid) || self.named.len() < MAX_REQUESTERS => {
                 self.named.insert(sid, n);
             }
